@@ -1,0 +1,453 @@
+"""The ledger database: many origins' Merkle logs in one SQLite file (aiosqlite, WAL).
+
+Tables:
+  origins     one row per log (this gateway's own, and later replicas of peers' logs)
+  entries     the entry bytes, by (origin, index)
+  nodes       every complete Merkle subtree hash by (origin, level, index); level 0 = leaf
+              hashes. A proof or a root needs O(log n) of these rows, never a rebuild.
+  checkpoints signed checkpoint notes by (origin, size), cosignatures included
+  entry_keys  opaque lookup keys an appender attached to an entry (e.g. a hash to find
+              later); the ledger does not interpret them
+
+Only ``LogWriter`` appends to an origin's log. It group-commits: appenders queue, the
+writer takes everything queued, writes it in one transaction with synchronous=FULL and
+releases each appender only after that commit returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from dicomledger.ledger import merkle
+from dicomledger.ledger.checkpoint import Checkpoint, format_checkpoint
+from dicomledger.ledger.entries import ZERO_HASH, decode_entry, sign_entry
+from dicomledger.ledger.identity import Identity
+from dicomledger.ledger.merkle import NodeID
+from dicomledger.ledger.note import Note, format_note, sign_note_text
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS origins (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    public_key BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    origin_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (origin_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nodes (
+    origin_id INTEGER NOT NULL,
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (origin_id, level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    origin_id INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    note BLOB NOT NULL,
+    PRIMARY KEY (origin_id, size)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entry_keys (
+    key TEXT NOT NULL,
+    origin_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (key, origin_id, idx)
+) WITHOUT ROWID;
+"""
+
+
+class LedgerStoreError(RuntimeError):
+    """The ledger database could not be read or written; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class Appended:
+    origin: str
+    index: int
+    leaf_hash: bytes
+    time_ms: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class OriginInfo:
+    id: int
+    name: str
+    public_key: Ed25519PublicKey
+
+
+def public_key_bytes(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+async def connect(path: Path) -> aiosqlite.Connection:
+    try:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk (WAL fsynced) before it returns; we promise durability.
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=10000")
+    except sqlite3.Error as exc:
+        raise LedgerStoreError(f"cannot open ledger database {path}: {exc}") from None
+    return db
+
+
+class LedgerStore:
+    """Read access to all logs in one database, plus origin and checkpoint bookkeeping."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self.db = db
+        self.path = path
+        self._origins: dict[str, OriginInfo] = {}
+
+    @classmethod
+    async def open(cls, path: Path) -> LedgerStore:
+        db = await connect(path)
+        try:
+            await db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            await db.close()
+            raise LedgerStoreError(f"cannot create tables in ledger database {path}: {exc}") from None
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def ensure_origin(self, name: str, public_key: Ed25519PublicKey) -> OriginInfo:
+        """Register a log's origin and key, or check the stored key matches."""
+        existing = await self.origin(name)
+        if existing is not None:
+            if public_key_bytes(existing.public_key) != public_key_bytes(public_key):
+                raise LedgerStoreError(
+                    f"origin {name!r} is stored with a different public key; "
+                    "the key file does not belong to this ledger database"
+                )
+            return existing
+        await self.db.execute(
+            "INSERT INTO origins (name, public_key) VALUES (?, ?)",
+            (name, public_key_bytes(public_key)),
+        )
+        self._origins.pop(name, None)
+        info = await self.origin(name)
+        assert info is not None
+        return info
+
+    async def origin(self, name: str) -> OriginInfo | None:
+        if name in self._origins:
+            return self._origins[name]
+        async with self.db.execute(
+            "SELECT id, public_key FROM origins WHERE name = ?", (name,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        info = OriginInfo(row[0], name, Ed25519PublicKey.from_public_bytes(row[1]))
+        self._origins[name] = info
+        return info
+
+    async def origins(self) -> list[OriginInfo]:
+        async with self.db.execute("SELECT name FROM origins ORDER BY id") as cur:
+            names = [row[0] for row in await cur.fetchall()]
+        return [info for name in names if (info := await self.origin(name)) is not None]
+
+    async def _origin_id(self, name: str) -> int:
+        info = await self.origin(name)
+        if info is None:
+            raise LedgerStoreError(f"no log for origin {name!r} in {self.path}")
+        return info.id
+
+    async def size(self, origin: str) -> int:
+        oid = await self._origin_id(origin)
+        async with self.db.execute(
+            "SELECT MAX(idx) FROM entries WHERE origin_id = ?", (oid,)
+        ) as cur:
+            row = await cur.fetchone()
+        return 0 if row is None or row[0] is None else row[0] + 1
+
+    async def entry(self, origin: str, index: int) -> bytes:
+        oid = await self._origin_id(origin)
+        async with self.db.execute(
+            "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (oid, index)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise LedgerStoreError(f"{origin} has no entry {index}")
+        return bytes(row[0])
+
+    async def entries(self, origin: str, start: int, end: int) -> list[bytes]:
+        oid = await self._origin_id(origin)
+        async with self.db.execute(
+            "SELECT data FROM entries WHERE origin_id = ? AND idx >= ? AND idx < ? ORDER BY idx",
+            (oid, start, end),
+        ) as cur:
+            return [bytes(row[0]) for row in await cur.fetchall()]
+
+    async def find(self, key: str) -> list[tuple[str, int]]:
+        """(origin, index) of entries an appender attached ``key`` to, oldest first per origin."""
+        async with self.db.execute(
+            "SELECT o.name, k.idx FROM entry_keys k JOIN origins o ON o.id = k.origin_id "
+            "WHERE k.key = ? ORDER BY o.id, k.idx",
+            (key,),
+        ) as cur:
+            return [(row[0], row[1]) for row in await cur.fetchall()]
+
+    async def nodes(self, origin: str, ids: Iterable[NodeID]) -> dict[NodeID, bytes]:
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        oid = await self._origin_id(origin)
+        found: dict[NodeID, bytes] = {}
+        for chunk_start in range(0, len(wanted), 200):
+            chunk = wanted[chunk_start : chunk_start + 200]
+            values = ",".join("(?,?)" for _ in chunk)
+            params: list[int] = [oid]
+            for level, idx in chunk:
+                params += [level, idx]
+            async with self.db.execute(
+                f"SELECT level, idx, hash FROM nodes WHERE origin_id = ? "
+                f"AND (level, idx) IN (VALUES {values})",
+                params,
+            ) as cur:
+                for level, idx, h in await cur.fetchall():
+                    found[(level, idx)] = bytes(h)
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise LedgerStoreError(
+                f"ledger database {self.path} lacks Merkle nodes {missing[:3]} of {origin}; "
+                "run `dicomledger verify`"
+            )
+        return found
+
+    async def _folded(self, origin: str, plans: Sequence[Sequence[NodeID]]) -> list[bytes]:
+        got = await self.nodes(origin, (n for plan in plans for n in plan))
+        return [merkle.fold_range([got[n] for n in plan]) for plan in plans]
+
+    async def root(self, origin: str, size: int) -> bytes:
+        if size == 0:
+            return merkle.root_of_leaf_hashes([])
+        return (await self._folded(origin, [merkle.root_plan(size)]))[0]
+
+    async def inclusion_proof(self, origin: str, index: int, size: int) -> list[bytes]:
+        return await self._folded(origin, merkle.inclusion_proof_plan(index, size))
+
+    async def consistency_proof(self, origin: str, old_size: int, new_size: int) -> list[bytes]:
+        return await self._folded(origin, merkle.consistency_proof_plan(old_size, new_size))
+
+    async def store_checkpoint(self, origin: str, size: int, note: bytes) -> None:
+        oid = await self._origin_id(origin)
+        await self.db.execute(
+            "INSERT OR REPLACE INTO checkpoints (origin_id, size, note) VALUES (?, ?, ?)",
+            (oid, size, note),
+        )
+
+    async def latest_checkpoint(
+        self, origin: str, at_least: int = 0
+    ) -> tuple[int, bytes] | None:
+        """The newest stored checkpoint note of ``origin`` with size >= at_least."""
+        oid = await self._origin_id(origin)
+        async with self.db.execute(
+            "SELECT size, note FROM checkpoints WHERE origin_id = ? AND size >= ? "
+            "ORDER BY size DESC LIMIT 1",
+            (oid, at_least),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (row[0], bytes(row[1]))
+
+
+@dataclass
+class _Pending:
+    kind: str
+    payload: Mapping[str, Any]
+    keys: tuple[str, ...]
+    future: asyncio.Future[Appended]
+
+
+class LogWriter:
+    """The single writer of one origin's log, with group commit."""
+
+    def __init__(self, store: LedgerStore, identity: Identity, max_batch: int = 2000) -> None:
+        self.store = store
+        self.identity = identity
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._db: aiosqlite.Connection | None = None  # own connection: readers never see a half batch
+        self._origin_id = 0
+        self.size = 0
+        self._last_leaf = ZERO_HASH
+        self._last_time = 0
+        # frontier[level] = (idx, hash) of the newest complete node at that level
+        self._frontier: dict[int, tuple[int, bytes]] = {}
+
+    async def start(self) -> None:
+        info = await self.store.ensure_origin(self.identity.origin, self.identity.public_key)
+        self._origin_id = info.id
+        self._db = await connect(self.store.path)
+        await self._load_state()
+        self._task = asyncio.create_task(self._run(), name=f"ledger-writer {info.name}")
+
+    async def _load_state(self) -> None:
+        origin = self.identity.origin
+        self.size = await self.store.size(origin)
+        self._frontier = {}
+        self._last_leaf, self._last_time = ZERO_HASH, 0
+        if self.size == 0:
+            return
+        ids = [(lvl, (self.size >> lvl) - 1) for lvl in range(self.size.bit_length())]
+        got = await self.store.nodes(origin, ids)
+        self._frontier = {lvl: (idx, got[(lvl, idx)]) for lvl, idx in ids}
+        self._last_leaf = self._frontier[0][1]
+        async with self.store.db.execute(
+            "SELECT data FROM entries WHERE origin_id = ? AND idx = ?",
+            (self._origin_id, self.size - 1),
+        ) as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            self._last_time = decode_entry(bytes(row[0])).time_ms
+
+    async def stop(self) -> None:
+        """Finish everything queued, then stop."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def append(
+        self, kind: str, payload: Mapping[str, Any], keys: Sequence[str] = ()
+    ) -> Appended:
+        """Append one entry; returns once it is durable in the database."""
+        if self._task is None:
+            raise LedgerStoreError("ledger writer is not running")
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(kind, payload, tuple(keys), future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        entries_rows: list[tuple[int, int, bytes]] = []
+        node_rows: list[tuple[int, int, int, bytes]] = []
+        key_rows: list[tuple[str, int, int]] = []
+        results: list[tuple[_Pending, Appended | Exception]] = []
+        oid = self._origin_id
+        size, last_leaf, last_time = self.size, self._last_leaf, self._last_time
+        frontier = dict(self._frontier)
+        for item in batch:
+            now = max(int(time.time() * 1000), last_time)
+            try:
+                _, data = sign_entry(
+                    origin=self.identity.origin,
+                    index=size,
+                    prev=last_leaf,
+                    time_ms=now,
+                    kind=item.kind,
+                    payload=item.payload,
+                    private_key=self.identity.private_key,
+                )
+            except ValueError as exc:  # a bad payload fails its own appender only
+                results.append((item, exc))
+                continue
+            leaf = merkle.leaf_hash(data)
+            entries_rows.append((oid, size, data))
+            node_rows.append((oid, 0, size, leaf))
+            # Bottom-up: each new complete node's left child is the previous newest
+            # complete node one level down, its right child the node completed just now.
+            previous = frontier.get(0)
+            frontier[0] = (size, leaf)
+            h = leaf
+            for level, idx in merkle.nodes_added_by_append(size):
+                assert previous is not None and previous[0] == 2 * idx
+                h = merkle.node_hash(previous[1], h)
+                node_rows.append((oid, level, idx, h))
+                previous = frontier.get(level)
+                frontier[level] = (idx, h)
+            key_rows += [(k, oid, size) for k in item.keys]
+            results.append((item, Appended(self.identity.origin, size, leaf, now, data)))
+            size, last_leaf, last_time = size + 1, leaf, now
+        db = self._db
+        assert db is not None
+        try:
+            if entries_rows:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    await db.executemany(
+                        "INSERT INTO entries (origin_id, idx, data) VALUES (?, ?, ?)", entries_rows
+                    )
+                    await db.executemany(
+                        "INSERT INTO nodes (origin_id, level, idx, hash) VALUES (?, ?, ?, ?)",
+                        node_rows,
+                    )
+                    if key_rows:
+                        await db.executemany(
+                            "INSERT OR IGNORE INTO entry_keys (key, origin_id, idx) VALUES (?, ?, ?)",
+                            key_rows,
+                        )
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await db.execute("ROLLBACK")
+                    raise
+        except (sqlite3.Error, OSError) as exc:
+            log.error("ledger commit failed: %s", exc)
+            error = LedgerStoreError(f"ledger write failed ({exc}); check disk space and {self.store.path}")
+            for item, _ in results:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            await self._load_state()
+            return
+        self.size, self._last_leaf, self._last_time = size, last_leaf, last_time
+        self._frontier = frontier
+        for item, result in results:
+            if item.future.done():
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    async def sign_checkpoint(self) -> tuple[int, bytes]:
+        """Sign and store a checkpoint of the log as committed now; returns (size, note)."""
+        size = self.size
+        return size, await sign_checkpoint(self.store, self.identity, size)
+
+
+async def sign_checkpoint(store: LedgerStore, identity: Identity, size: int) -> bytes:
+    """Sign a C2SP checkpoint of ``identity``'s log at ``size`` and store it; returns the note."""
+    root = await store.root(identity.origin, size)
+    text = format_checkpoint(Checkpoint(identity.origin, size, root))
+    sig = sign_note_text(text, identity.origin, identity.private_key)
+    note = format_note(Note(text, (sig,)))
+    await store.store_checkpoint(identity.origin, size, note)
+    return note
