@@ -1,0 +1,283 @@
+"""The `dicomledger` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dicomledger.config import AE_TITLE_RE, Config, ConfigError, load_config
+from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+CONFIG_TEMPLATE = """\
+# dicomledger gateway configuration. Relative paths are relative to this file.
+
+[gateway]
+# Our AE title: modalities and PACS send to this called AE title.
+ae_title = "{ae_title}"
+# Listening address. 127.0.0.1 accepts local senders only; use "0.0.0.0" to accept the network.
+host = "{host}"
+port = {port}
+# Calling AE titles allowed to associate; anyone else is refused at association time.
+# "*" admits any calling AE (not advised outside a test bench).
+allowed_calling_aes = [{allowed}]
+# Concurrent associations (pynetdicom's default is 10).
+max_associations = 64
+# Maximum PDU we advertise: 0 = unlimited, fastest for large images.
+max_pdu_size = 0
+# Accept SOP classes this gateway does not know (private or newer storage classes).
+accept_unknown_sop_classes = false
+# Seconds before an idle or stuck association is dropped.
+network_timeout = 60
+
+[ledger]
+# Origin: the stable, globally unique name of this gateway's log (used in checkpoints).
+origin = "{origin}"
+# Ed25519 private key that signs this gateway's entries and checkpoints (mode 0600).
+key_file = "keys/gateway.key"
+database = "data/ledger.db"
+# Seconds between signed checkpoints while the log grows.
+checkpoint_interval = 2.0
+
+[storage]
+# Received instances, as received, under study/series/instance.
+directory = "data/images"
+# SQLite index of patients/studies/series/instances (holds PHI; stays local).
+index = "data/index.db"
+
+[pseudonyms]
+# Consortium secret for keyed pseudonyms (HMAC-SHA-256) of patient/study/series/instance IDs.
+# Every gateway of a consortium must hold the same secret; keep it as private as the key.
+secret_file = "keys/consortium.secret"
+
+[logging]
+level = "info"
+"""
+
+
+def _fail(message: str, code: int = EXIT_FAIL) -> int:
+    print(f"dicomledger: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    config_path = directory / "config.toml"
+    if config_path.exists():
+        return _fail(f"{config_path} already exists; choose another --dir or remove it")
+    for ae in [args.ae_title, *args.allow]:
+        if ae != "*" and not AE_TITLE_RE.match(ae):
+            return _fail(f"{ae!r} is not a valid AE title (1-16 characters, no backslash)", EXIT_USAGE)
+    origin = args.origin or f"{args.ae_title.lower()}.{os.uname().nodename}/dicomledger"
+    (directory / "data" / "images").mkdir(parents=True, exist_ok=True)
+    key_path = directory / "keys" / "gateway.key"
+    key = create_key_file(key_path)
+    secret_path = directory / "keys" / "consortium.secret"
+    if args.secret_file:
+        secret = Path(args.secret_file).read_bytes().strip()
+    else:
+        secret = secrets.token_hex(32).encode()
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret + b"\n")
+    allowed = ", ".join(f'"{a}"' for a in args.allow)
+    config_path.write_text(
+        CONFIG_TEMPLATE.format(
+            ae_title=args.ae_title, host=args.host, port=args.port, allowed=allowed, origin=origin
+        )
+    )
+    identity = Identity(origin, key)
+    (directory / "trust.txt").write_text(
+        f"# Verifier key of {origin}: give this file to auditors and peers.\n{identity.vkey}\n"
+    )
+    print(f"created {config_path}")
+    print(f"origin: {origin}")
+    print(f"verifier key: {identity.vkey}")
+    print(f"run it: dicomledger serve --config {config_path}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from dicomledger.gateway import serve
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    from dicomledger.ledger.verify import verify_database
+
+    key = load_key_file(config.ledger.key_file)
+    report = verify_database(config.ledger.database, {config.ledger.origin: key.public_key()})
+    for o in report.origins:
+        print(f"{o.origin}: {o.size} entries, {o.checkpoints} checkpoints")
+    if report.problem is not None:
+        print(f"FAILED: {report.problem}")
+        return EXIT_FAIL
+    print("OK: every entry, signature, chain link, Merkle node and checkpoint verifies")
+    return EXIT_OK
+
+
+def cmd_prove(args: argparse.Namespace, config: Config) -> int:
+    from dicomledger.ledger.log import LedgerStore, sign_checkpoint
+    from dicomledger.ledger.proof import InclusionProofFile, format_proof_file
+
+    origin = args.origin or config.ledger.origin
+
+    async def build() -> bytes:
+        store = await LedgerStore.open(config.ledger.database)
+        try:
+            if await store.origin(origin) is None:
+                raise LookupError(f"the ledger holds no log for origin {origin!r}")
+            size = await store.size(origin)
+            if not 0 <= args.entry < size:
+                raise LookupError(f"{origin} has entries 0..{size - 1}; there is no entry {args.entry}")
+            latest = await store.latest_checkpoint(origin, at_least=args.entry + 1)
+            if latest is None:
+                if origin != config.ledger.origin:
+                    raise LookupError(f"no checkpoint of {origin} covers entry {args.entry} yet")
+                identity = Identity(origin, load_key_file(config.ledger.key_file))
+                latest = (size, await sign_checkpoint(store, identity, size))
+            cp_size, note = latest
+            return format_proof_file(
+                InclusionProofFile(
+                    entry=await store.entry(origin, args.entry),
+                    index=args.entry,
+                    proof=tuple(await store.inclusion_proof(origin, args.entry, cp_size)),
+                    checkpoint_note=note,
+                )
+            )
+        finally:
+            await store.close()
+
+    try:
+        data = asyncio.run(build())
+    except LookupError as exc:
+        return _fail(str(exc.args[0]))
+    Path(args.output).write_bytes(data)
+    print(f"wrote proof of {origin} entry {args.entry} to {args.output}")
+    return EXIT_OK
+
+
+def cmd_check_proof(args: argparse.Namespace) -> int:
+    from dicomledger.ledger.entries import EntryError, decode_entry, verify_entry_signature
+    from dicomledger.ledger.note import NoteError
+    from dicomledger.ledger.proof import ProofFileError, check_proof_file, parse_proof_file
+    from dicomledger.ledger.trust import load_trust_text
+
+    try:
+        trusted = load_trust_text(Path(args.trust).read_text())
+        proof = parse_proof_file(Path(args.proof).read_bytes())
+        result = check_proof_file(proof, trusted)
+        entry = decode_entry(proof.entry)
+        if entry.origin != result.origin or entry.index != proof.index:
+            raise EntryError(
+                f"entry says {entry.origin} index {entry.index}, "
+                f"the proof is for {result.origin} index {proof.index}"
+            )
+        verify_entry_signature(entry, trusted[result.origin])
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}")
+    except (ProofFileError, NoteError, EntryError) as exc:
+        print(f"INVALID: {exc}")
+        return EXIT_FAIL
+    when = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
+    print(f"VALID: {entry.kind} entry {entry.index} of {entry.origin}, signed {when}")
+    print(f"included in checkpoint of size {result.size}, root {result.root_hash.hex()}")
+    for name, ts in result.witnesses:
+        print(f"witnessed by {name} at {datetime.fromtimestamp(ts, UTC).isoformat()}")
+    if args.json:
+        print(json.dumps({"entry": json.loads(proof.entry)}, indent=2))
+    return EXIT_OK
+
+
+def cmd_verify_file(args: argparse.Namespace, config: Config) -> int:
+    from dicomledger.verify_file import verify_file
+
+    return verify_file(config, Path(args.path))
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from dicomledger.status import status
+
+    return status(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicomledger", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a gateway directory: config, keys, data folder")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--ae-title", default="DICOMLEDGER")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=11112)
+    p.add_argument("--origin", help="log origin name (default: derived from AE title and host name)")
+    p.add_argument("--allow", action="append", default=None, metavar="AE",
+                   help="calling AE allowed to connect (repeat; default: STORESCU and ECHOSCU)")
+    p.add_argument("--secret-file", help="copy the consortium pseudonym secret from this file")
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("--config", required=True, help="the gateway's config.toml")
+        return q
+
+    with_config("serve", "run the gateway")
+    with_config("verify", "re-check the whole local ledger database")
+    with_config("status", "show the ledger and store state")
+    p = with_config("prove", "write a self-contained inclusion proof of one entry")
+    p.add_argument("--entry", type=int, required=True)
+    p.add_argument("--origin")
+    p.add_argument("-o", "--output", required=True)
+    p = with_config("verify-file", "is this DICOM file's pixel data anchored?")
+    p.add_argument("path")
+    p = sub.add_parser("check-proof", help="verify a proof file offline with a trust file")
+    p.add_argument("proof")
+    p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
+    p.add_argument("--json", action="store_true", help="also print the entry")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "init":
+        args.allow = args.allow or ["STORESCU", "ECHOSCU"]
+        return cmd_init(args)
+    if args.command == "check-proof":
+        return cmd_check_proof(args)
+    try:
+        config = load_config(args.config)
+        from dicomledger import logs
+
+        logs.configure(config.log_level)
+        handler = {
+            "serve": cmd_serve,
+            "verify": cmd_verify,
+            "prove": cmd_prove,
+            "verify-file": cmd_verify_file,
+            "status": cmd_status,
+        }[args.command]
+        return handler(args, config)
+    except (ConfigError, KeyFileError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

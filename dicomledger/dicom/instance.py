@@ -1,0 +1,107 @@
+"""Read what the gateway needs from a received instance's header, without touching pixel data."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+
+class InstanceError(ValueError):
+    """The dataset cannot be stored; the message names the missing or malformed attribute."""
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician: str
+    modality: str
+    series_number: str
+    series_description: str
+    instance_number: str
+    header_sha256: bytes  # SHA-256 of the file bytes before Pixel Data: tells header edits apart
+    has_image_pixel_module: bool  # Rows/Columns present: Pixel Data must be too
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def read_header(path: Path, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
+    """Parse the header of the Part 10 file pynetdicom wrote; InstanceError on a bad dataset.
+
+    The SOP Class/Instance UIDs of the C-STORE request must match the dataset's own.
+    """
+    try:
+        with open(path, "rb") as f:
+            ds = dcmread(f, stop_before_pixels=True)
+            header_end = f.tell()
+            f.seek(0)
+            header_sha256 = hashlib.sha256(f.read(header_end)).digest()
+            # force the lazily parsed elements we use now, so errors surface here
+            values = {
+                kw: _text(ds, kw)
+                for kw in (
+                    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+                    "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+                    "ReferringPhysicianName", "Modality", "SeriesNumber", "SeriesDescription",
+                    "InstanceNumber",
+                )
+            }
+    except InvalidDicomError as exc:
+        raise InstanceError(f"not a DICOM dataset: {exc}") from None
+    except (ValueError, TypeError, KeyError, EOFError, OSError, OverflowError) as exc:
+        raise InstanceError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not values[keyword]:
+            raise InstanceError(f"dataset has no {keyword}")
+    if values["SOPInstanceUID"] != sop_instance_uid.strip("\x00 "):
+        raise InstanceError(
+            f"dataset SOPInstanceUID {values['SOPInstanceUID']} differs from the C-STORE "
+            f"request's Affected SOP Instance UID {sop_instance_uid}"
+        )
+    if values["SOPClassUID"] and values["SOPClassUID"] != sop_class_uid.strip("\x00 "):
+        raise InstanceError(
+            f"dataset SOPClassUID {values['SOPClassUID']} differs from the C-STORE "
+            f"request's Affected SOP Class UID {sop_class_uid}"
+        )
+    return InstanceHeader(
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=values["SOPInstanceUID"],
+        study_uid=values["StudyInstanceUID"],
+        series_uid=values["SeriesInstanceUID"],
+        patient_id=values["PatientID"],
+        patient_name=values["PatientName"],
+        birth_date=values["PatientBirthDate"],
+        sex=values["PatientSex"],
+        study_date=values["StudyDate"],
+        study_time=values["StudyTime"],
+        accession_number=values["AccessionNumber"],
+        study_id=values["StudyID"],
+        study_description=values["StudyDescription"],
+        referring_physician=values["ReferringPhysicianName"],
+        modality=values["Modality"],
+        series_number=values["SeriesNumber"],
+        series_description=values["SeriesDescription"],
+        instance_number=values["InstanceNumber"],
+        header_sha256=header_sha256,
+        has_image_pixel_module="Rows" in ds and "Columns" in ds,
+    )

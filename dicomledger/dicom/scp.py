@@ -1,0 +1,179 @@
+"""The DICOM side of the gateway: a pynetdicom AE with thin event handlers.
+
+Each association runs in its own pynetdicom thread. Handlers only turn the event into a
+``StoreRequest`` and hand it to the ``on_store`` callable the gateway gives us, which blocks
+until the instance is durable and anchored and returns the DIMSE status to send.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+log = structlog.get_logger("dicomledger.scp")
+
+# Status codes we answer with (PS3.4 Annex B.2.3 and PS3.7 C.4.2)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000  # failure range 0xCxxx: "cannot understand"
+PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    dataset_path: Path  # Part 10 file written by pynetdicom's chunked receive
+    calling_ae: str
+    peer: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass
+class _AssocStats:
+    started: float = field(default_factory=time.monotonic)
+    stores: int = 0
+    failures: int = 0
+
+
+class DicomServer:
+    """Storage SCP + Verification SCP, restricted to the configured calling AEs."""
+
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        host: str,
+        port: int,
+        allowed_calling_aes: list[str] | None,  # None: any calling AE
+        on_store: Callable[[StoreRequest], int],
+        temp_dir: Path,
+        max_associations: int = 64,
+        max_pdu_size: int = 0,
+        network_timeout: float = 60.0,
+        accept_unknown_sop_classes: bool = False,
+    ) -> None:
+        self.host, self.port = host, port
+        self._allowed_aes = allowed_calling_aes
+        self._on_store = on_store
+        self._server: ThreadedAssociationServer | None = None
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self._stats: dict[int, _AssocStats] = {}
+
+        # Received datasets stream to a file (never whole in RAM); the file lands in
+        # temp_dir, on the image store's file system, so storing it is one rename.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.UNRESTRICTED_STORAGE_SERVICE = accept_unknown_sop_classes
+        tempfile.tempdir = str(temp_dir)
+
+        ae = AE(ae_title=ae_title)
+        ae.maximum_associations = max_associations
+        ae.maximum_pdu_size = max_pdu_size
+        if allowed_calling_aes is not None:
+            ae.require_calling_aet = list(allowed_calling_aes)  # pynetdicom rejects the rest
+        ae.network_timeout = network_timeout
+        ae.acse_timeout = network_timeout
+        ae.dimse_timeout = network_timeout
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+        self.ae = ae
+
+    def start(self) -> None:
+        handlers: list[Any] = [
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_ended, ["released"]),
+            (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self.port = self._server.server_address[1]
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let in-flight C-STOREs finish and be answered, then close."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        deadline = time.monotonic() + grace
+        with self._idle:
+            while self._in_flight and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+        # Let the last responses leave, and peers release by themselves, before aborting.
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            assoc.abort()
+
+    # Handlers: thin, no logic beyond translating the event.
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        self._stats[id(event.assoc)] = _AssocStats()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        calling = event.assoc.requestor.ae_title
+        log.warning(
+            "association refused",
+            reason="calling AE title not in gateway.allowed_calling_aes"
+            if self._allowed_aes is not None and calling not in self._allowed_aes
+            else "too many associations (gateway.max_associations) or wrong called AE title",
+            calling_ae=calling,
+            called_ae=event.assoc.acceptor.ae_title,
+            peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+        )
+
+    def _on_ended(self, event: evt.Event, how: str) -> None:
+        stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        log.info(
+            "association",
+            calling_ae=event.assoc.requestor.ae_title,
+            peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+            ended=how,
+            stores=stats.stores,
+            failures=stats.failures,
+            duration_ms=round((time.monotonic() - stats.started) * 1000, 1),
+        )
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _on_c_store(self, event: evt.Event) -> int:
+        req = event.request
+        request = StoreRequest(
+            dataset_path=Path(event.dataset_path),
+            calling_ae=event.assoc.requestor.ae_title,
+            peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+            sop_class_uid=str(req.AffectedSOPClassUID),
+            sop_instance_uid=str(req.AffectedSOPInstanceUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+        )
+        with self._idle:
+            self._in_flight += 1
+        try:
+            status = self._on_store(request)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+        stats = self._stats.get(id(event.assoc))
+        if stats is not None:
+            stats.stores += 1
+            stats.failures += status != SUCCESS
+        return status

@@ -1,0 +1,84 @@
+"""Durable file store: temp file -> fsync -> rename into study/series/instance -> fsync dir.
+
+pynetdicom's chunked receive writes each incoming dataset to a temporary Part 10 file; the
+gateway points Python's ``tempfile`` at ``<storage>/tmp`` so that file is on the same file
+system and moves into place with one rename, never a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+_SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class StoreError(OSError):
+    """Writing to the image store failed; the message names the path."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def path_component(uid: str) -> str:
+    """A UID as a file name; anything that is not a plain UID is hashed, never trusted as a path."""
+    uid = uid.strip("\x00 ")
+    if _SAFE_UID.match(uid) and len(uid) <= 64:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+class FileStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.tmp_dir = directory / "tmp"
+
+    def prepare(self) -> int:
+        """Create the folders and remove temp files a killed process left; returns how many."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    @staticmethod
+    def relative_path(study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes) -> str:
+        # The hash prefix keeps an earlier version when the same instance arrives with other pixels.
+        name = f"{path_component(sop_instance_uid)}.{sha256.hex()[:16]}.dcm"
+        return f"{path_component(study_uid)}/{path_component(series_uid)}/{name}"
+
+    def absolute(self, relative: str) -> Path:
+        return self.directory / relative
+
+    def commit(self, temp_file: Path, relative: str) -> None:
+        """Make ``temp_file`` durable under ``relative``; on return it survives a crash."""
+        target = self.directory / relative
+        try:
+            fd = os.open(temp_file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not target.parent.is_dir():
+                self._make_dirs(target.parent)
+            os.replace(temp_file, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise StoreError(exc.errno, f"cannot store {target}: {exc.strerror}") from None
+
+    def _make_dirs(self, directory: Path) -> None:
+        missing = []
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        for d in reversed(missing):
+            d.mkdir(exist_ok=True)
+            _fsync_dir(d.parent)  # the new directory entry itself must be durable

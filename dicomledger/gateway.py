@@ -1,0 +1,360 @@
+"""The gateway: joins the DICOM half and the ledger half. receive -> hash -> store -> anchor.
+
+Threads: pynetdicom runs each association in its own thread; there we parse the header and
+hash the pixel data (CPU work stays off the event loop), then hand the instance to the
+asyncio loop, which stores, indexes and anchors it, and wait. Success goes back to the
+sender only after the file, its index row and its ledger entry are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from dicomledger.config import Config
+from dicomledger.dicom.index import (
+    Index,
+    IndexRecord,
+    IndexStoreError,
+    InstanceRow,
+    PatientRow,
+    SeriesRow,
+    StudyRow,
+)
+from dicomledger.dicom.instance import InstanceError, InstanceHeader, read_header
+from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_instance_file
+from dicomledger.dicom.scp import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    DicomServer,
+    StoreRequest,
+)
+from dicomledger.dicom.store import FileStore, StoreError
+from dicomledger.ledger import merkle
+from dicomledger.ledger.entries import IMAGE_ANCHORED, decode_entry
+from dicomledger.ledger.identity import Identity, load_key_file
+from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
+from dicomledger.ledger.pseudonym import pseudonym
+
+log = structlog.get_logger("dicomledger.gateway")
+
+
+def anchor_keys(hashes_sha256: bytes, decoded: bytes | None, instance_pseudonym: str) -> list[str]:
+    """Lookup keys attached to an anchor entry, so `verify-file` finds it by hash or instance."""
+    keys = [f"sha256:{hashes_sha256.hex()}", f"instance:{instance_pseudonym}"]
+    if decoded is not None:
+        keys.append(f"decoded:{decoded.hex()}")
+    return keys
+
+
+@dataclass(frozen=True)
+class Pseudonyms:
+    patient: str
+    study: str
+    series: str
+    instance: str
+
+    @classmethod
+    def of(cls, secret: bytes, header: InstanceHeader) -> Pseudonyms:
+        return cls(
+            patient=pseudonym(secret, "patient", header.patient_id),
+            study=pseudonym(secret, "study", header.study_uid),
+            series=pseudonym(secret, "series", header.series_uid),
+            instance=pseudonym(secret, "instance", header.sop_instance_uid),
+        )
+
+
+def anchor_payload(
+    p: Pseudonyms, hashes: InstanceHashes, sop_class: str, transfer_syntax: str, calling_ae: str
+) -> dict[str, Any]:
+    """The image-anchored entry payload: pseudonyms and hashes only, never PHI."""
+    return {
+        "patient": p.patient,
+        "study": p.study,
+        "series": p.series,
+        "instance": p.instance,
+        "hash_method": hashes.method,
+        "sha256": hashes.sha256.hex(),
+        "decoded_sha256": hashes.decoded_sha256.hex() if hashes.decoded_sha256 else None,
+        "frames": hashes.number_of_frames,
+        "frame_root": merkle.root_of_leaf_hashes([merkle.leaf_hash(h) for h in hashes.frame_hashes]).hex()
+        if hashes.frame_hashes
+        else None,
+        "sop_class": sop_class,
+        "transfer_syntax": transfer_syntax,
+        "calling_ae": calling_ae,
+    }
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.identity = Identity(config.ledger.origin, load_key_file(config.ledger.key_file))
+        self.secret = config.pseudonym_secret()
+        self.files = FileStore(config.storage.directory)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ledger: LedgerStore | None = None
+        self.writer: LogWriter | None = None
+        self.index: Index | None = None
+        self.server: DicomServer | None = None
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._checkpoint_size = -1
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        cfg = self.config
+        removed = self.files.prepare()
+        if removed:
+            log.info("removed partial uploads left by an earlier run", count=removed)
+        cfg.ledger.database.parent.mkdir(parents=True, exist_ok=True)
+        cfg.storage.index.parent.mkdir(parents=True, exist_ok=True)
+        self.ledger = await LedgerStore.open(cfg.ledger.database)
+        self.writer = LogWriter(self.ledger, self.identity)
+        await self.writer.start()
+        self.index = await Index.open(cfg.storage.index)
+        await self._reconcile()
+        g = cfg.gateway
+        self.server = DicomServer(
+            ae_title=g.ae_title,
+            host=g.host,
+            port=g.port,
+            allowed_calling_aes=None if "*" in g.allowed_calling_aes else list(g.allowed_calling_aes),
+            on_store=self.handle_store,
+            temp_dir=self.files.tmp_dir,
+            max_associations=g.max_associations,
+            max_pdu_size=g.max_pdu_size,
+            network_timeout=g.network_timeout,
+            accept_unknown_sop_classes=g.accept_unknown_sop_classes,
+        )
+        self.server.start()
+        self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+        log.info(
+            "gateway started",
+            ae_title=g.ae_title,
+            address=f"{g.host}:{self.server.port}",
+            origin=self.identity.origin,
+            ledger_size=self.writer.size,
+            vkey=self.identity.vkey,
+        )
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+        if self.writer is not None:
+            await self.writer.stop()
+            await self._checkpoint()
+        if self.index is not None:
+            await self.index.close()
+        if self.ledger is not None:
+            await self.ledger.close()
+        log.info("gateway stopped")
+
+    # -- checkpoints ---------------------------------------------------------
+
+    async def _checkpoint(self) -> None:
+        assert self.writer is not None
+        if self.writer.size != self._checkpoint_size:
+            self._checkpoint_size, _ = await self.writer.sign_checkpoint()
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.ledger.checkpoint_interval)
+            try:
+                await self._checkpoint()
+            except LedgerStoreError as exc:
+                log.error("checkpoint failed", error=str(exc))
+
+    # -- ingest --------------------------------------------------------------
+
+    def handle_store(self, request: StoreRequest) -> int:
+        """Runs in the association's thread; returns the C-STORE status."""
+        started = time.perf_counter()
+        size = -1
+        hashes: InstanceHashes | None = None
+        outcome = "stored"
+        try:
+            size = request.dataset_path.stat().st_size
+            header = read_header(request.dataset_path, request.sop_class_uid, request.sop_instance_uid)
+            hashes = hash_instance_file(request.dataset_path, request.transfer_syntax_uid)
+            if hashes.method == "content" and header.has_image_pixel_module:
+                raise InstanceError("dataset has Rows and Columns but no Pixel Data (truncated?)")
+        except (InstanceError, PixelHashError, OSError) as exc:
+            status, outcome = CANNOT_UNDERSTAND, f"refused: {exc}"
+        else:
+            assert self.loop is not None
+            try:
+                status, outcome = asyncio.run_coroutine_threadsafe(
+                    self.ingest(request, header, hashes), self.loop
+                ).result()
+            except (StoreError, IndexStoreError, LedgerStoreError, OSError) as exc:
+                status, outcome = OUT_OF_RESOURCES, f"failed: {exc}"
+        (log.info if status == SUCCESS else log.error)(
+            "c-store",
+            calling_ae=request.calling_ae,
+            sop_class=request.sop_class_uid,
+            sop_instance=request.sop_instance_uid,
+            transfer_syntax=request.transfer_syntax_uid,
+            bytes=size,
+            hash=hashes.sha256.hex()[:16] if hashes else None,
+            hash_method=hashes.method if hashes else None,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            status=f"0x{status:04X}",
+            outcome=outcome,
+        )
+        return status
+
+    async def ingest(
+        self, request: StoreRequest, header: InstanceHeader, hashes: InstanceHashes
+    ) -> tuple[int, str]:
+        """Store, index and anchor one instance; returns (status, outcome for the log)."""
+        assert self.index is not None and self.writer is not None
+        uid = header.sop_instance_uid
+        lock = self._locks[uid]
+        async with lock:
+            try:
+                return await self._ingest_locked(request, header, hashes)
+            finally:
+                if not lock._waiters:  # type: ignore[attr-defined]
+                    self._locks.pop(uid, None)
+
+    async def _ingest_locked(
+        self, request: StoreRequest, header: InstanceHeader, hashes: InstanceHashes
+    ) -> tuple[int, str]:
+        assert self.index is not None and self.writer is not None
+        existing = await self.index.instance(header.sop_instance_uid)
+        same = (
+            existing is not None
+            and existing.sha256 == hashes.sha256
+            and existing.header_sha256 == header.header_sha256
+        )
+        if same and existing is not None and existing.ledger_index is not None:
+            return SUCCESS, f"duplicate of anchored entry {existing.ledger_index}"
+        p = Pseudonyms.of(self.secret, header)
+        payload = anchor_payload(
+            p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae
+        )
+        outcome = "stored"
+        if not same:
+            relative = FileStore.relative_path(
+                header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256
+            )
+            replaces_file = existing is not None and existing.path == relative
+            await asyncio.to_thread(self.files.commit, request.dataset_path, relative)
+            row = _instance_row(header, hashes, request, relative, size=self.files.absolute(relative).stat().st_size)
+            superseded = existing if existing is not None and not replaces_file else None
+            try:
+                await self.index.put(_record(header, row), superseded=superseded)
+            except IndexStoreError:
+                if not replaces_file:  # leave nothing unindexed behind
+                    self.files.absolute(relative).unlink(missing_ok=True)
+                raise
+            if existing is not None and existing.sha256 != hashes.sha256:
+                payload["pixels_changed_from"] = {
+                    "origin": existing.ledger_origin,
+                    "index": existing.ledger_index,
+                    "sha256": existing.sha256.hex(),
+                }
+                outcome = "stored: PIXELS CHANGED for an instance received before"
+                log.warning(
+                    "changed pixels",
+                    sop_instance=header.sop_instance_uid,
+                    previous_hash=existing.sha256.hex()[:16],
+                    new_hash=hashes.sha256.hex()[:16],
+                    previous_entry=existing.ledger_index,
+                )
+            elif existing is not None:
+                payload["header_changed_from"] = {
+                    "origin": existing.ledger_origin,
+                    "index": existing.ledger_index,
+                }
+                outcome = "stored: header changed, same pixels"
+        appended = await self.writer.append(
+            IMAGE_ANCHORED, payload, anchor_keys(hashes.sha256, hashes.decoded_sha256, p.instance)
+        )
+        await self.index.set_anchor(header.sop_instance_uid, appended.origin, appended.index)
+        return SUCCESS, f"{outcome}; anchored as entry {appended.index}"
+
+    async def _reconcile(self) -> None:
+        """Anchor index rows a crash left unanchored (stored, but no Success was sent)."""
+        assert self.index is not None and self.ledger is not None and self.writer is not None
+        for row in await self.index.unanchored():
+            found = None
+            for origin, idx in await self.ledger.find(f"instance:{pseudonym(self.secret, 'instance', row.sop_instance_uid)}"):
+                if origin != self.identity.origin:
+                    continue
+                entry = decode_entry(await self.ledger.entry(origin, idx))
+                if entry.payload.get("sha256") == row.sha256.hex():
+                    found = idx
+            if found is None:
+                log.warning("anchoring an instance stored before a crash", sop_instance=row.sop_instance_uid)
+                found = await self._anchor_recovered(row)
+            await self.index.set_anchor(row.sop_instance_uid, self.identity.origin, found)
+
+    async def _anchor_recovered(self, row: InstanceRow) -> int:
+        assert self.writer is not None
+        path = self.files.absolute(row.path)
+        header = await asyncio.to_thread(read_header, path, row.sop_class_uid, row.sop_instance_uid)
+        hashes = await asyncio.to_thread(hash_instance_file, path, row.transfer_syntax_uid)
+        p = Pseudonyms.of(self.secret, header)
+        payload = anchor_payload(p, hashes, row.sop_class_uid, row.transfer_syntax_uid, row.calling_ae)
+        payload["recovered"] = True
+        appended = await self.writer.append(
+            IMAGE_ANCHORED, payload, anchor_keys(hashes.sha256, hashes.decoded_sha256, p.instance)
+        )
+        return appended.index
+
+
+def _instance_row(
+    header: InstanceHeader, hashes: InstanceHashes, request: StoreRequest, relative: str, size: int
+) -> InstanceRow:
+    return InstanceRow(
+        sop_instance_uid=header.sop_instance_uid,
+        series_uid=header.series_uid,
+        sop_class_uid=request.sop_class_uid,
+        instance_number=header.instance_number,
+        transfer_syntax_uid=request.transfer_syntax_uid,
+        path=relative,
+        size=size,
+        hash_method=hashes.method,
+        sha256=hashes.sha256,
+        header_sha256=header.header_sha256,
+        decoded_sha256=hashes.decoded_sha256,
+        number_of_frames=hashes.number_of_frames,
+        calling_ae=request.calling_ae,
+        received_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+    )
+
+
+def _record(header: InstanceHeader, row: InstanceRow) -> IndexRecord:
+    return IndexRecord(
+        patient=PatientRow(header.patient_id, header.patient_name, header.birth_date, header.sex),
+        study=StudyRow(
+            header.study_uid, header.patient_id, header.study_date, header.study_time,
+            header.accession_number, header.study_id, header.study_description,
+            header.referring_physician,
+        ),
+        series=SeriesRow(
+            header.series_uid, header.study_uid, header.modality, header.series_number,
+            header.series_description,
+        ),
+        instance=row,
+    )
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()

@@ -1,0 +1,101 @@
+"""Fixtures that run real gateways as processes on loopback, driven by real DCMTK tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # see shared/DICOM-TOOLS.md
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dicomledger(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomledger.cli", *args],
+        capture_output=True, text=True, timeout=timeout, check=check, cwd=ROOT,
+    )
+
+
+def dcmtk(tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    if shutil.which(tool) is None:
+        pytest.fail(f"{tool} not installed: run ./scripts/test, which installs DCMTK")
+    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
+
+
+class GatewayProcess:
+    def __init__(self, directory: Path, ae_title: str = "GATEWAY", allow: tuple[str, ...] = ("STORESCU", "ECHOSCU")) -> None:
+        self.dir = directory
+        self.ae_title = ae_title
+        self.port = free_port()
+        args = ["init", "--dir", str(directory), "--ae-title", ae_title, "--port", str(self.port),
+                "--origin", f"{ae_title.lower()}.test/dicomledger"]
+        for ae in allow:
+            args += ["--allow", ae]
+        dicomledger(*args, check=True)
+        self.config = directory / "config.toml"
+        self.log_path = directory / "gateway.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(self.config)],
+            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited at start:\n{self.log()}")
+            if b'"gateway started"' in self.log_path.read_bytes():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway did not start:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log_file.close()
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, command: str, *args: str) -> subprocess.CompletedProcess:
+        return dicomledger(command, "--config", str(self.config), *args)
+
+    def storescu(self, *paths: Path | str, aet: str = "STORESCU", options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        return dcmtk("storescu", "-v", "-aet", aet, "-aec", self.ae_title, *options,
+                     "127.0.0.1", str(self.port), *map(str, paths))
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+    gw = GatewayProcess(tmp_path / "gw")
+    gw.start()
+    yield gw
+    if gw.proc is not None and gw.proc.poll() is None:
+        gw.stop()

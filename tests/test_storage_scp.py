@@ -1,0 +1,273 @@
+"""The Storage SCP end to end: real DCMTK senders against a running gateway process."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from tests import dicomdata
+from tests.conftest import GatewayProcess, dcmtk
+
+PATIENT_NAMES = ["Testperson^Alice", "Fakename^Bob"]
+
+
+def index_rows(gw: GatewayProcess, sql: str) -> list[tuple]:
+    con = sqlite3.connect(gw.dir / "data" / "index.db")
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def ledger_payloads(gw: GatewayProcess) -> list[dict]:
+    con = sqlite3.connect(gw.dir / "data" / "ledger.db")
+    try:
+        rows = con.execute("SELECT data FROM entries ORDER BY idx").fetchall()
+    finally:
+        con.close()
+    return [json.loads(r[0])["payload"] for r in rows]
+
+
+def log_lines(gw: GatewayProcess) -> list[dict]:
+    out = []
+    for line in gw.log().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def successes(storescu_output: str) -> int:
+    return storescu_output.count("Received Store Response (Success)")
+
+
+def test_echo(gateway):
+    result = dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", gateway.ae_title, "127.0.0.1", str(gateway.port))
+    assert result.returncode == 0, result.stderr
+
+
+def test_ct_series_is_stored_indexed_anchored_and_verifiable(gateway, tmp_path):
+    files = dicomdata.make_ct_series(tmp_path / "ct", 12, rows=128, cols=128)
+    result = gateway.storescu(*files)
+    assert result.returncode == 0, result.stderr
+    assert successes(result.stdout + result.stderr) == 12
+    assert index_rows(gateway, "SELECT COUNT(*) FROM instances WHERE ledger_index IS NOT NULL") == [(12,)]
+    payloads = ledger_payloads(gateway)
+    assert len(payloads) == 12
+    for f in files:
+        ds = pydicom.dcmread(f)
+        (path,) = index_rows(gateway, f"SELECT path FROM instances WHERE sop_instance_uid = '{ds.SOPInstanceUID}'")[0]
+        stored = pydicom.dcmread(gateway.dir / "data" / "images" / path)
+        assert stored.PixelData == ds.PixelData
+        check = gateway.cli("verify-file", str(f))
+        assert check.returncode == 0 and "ANCHORED" in check.stdout, check.stdout
+    assert gateway.cli("verify").returncode == 0
+    stores = [line for line in log_lines(gateway) if line.get("event") == "c-store"]
+    assert len(stores) == 12
+    assert {"calling_ae", "sop_class", "transfer_syntax", "bytes", "hash", "duration_ms", "status"} <= set(stores[0])
+
+
+def test_multiframe_gets_per_frame_hashes_and_a_frame_root(gateway, tmp_path):
+    (f,) = [dicomdata.make_multiframe(tmp_path / "mf", frames=7, rows=64, cols=64)]
+    result = gateway.storescu(f)
+    assert result.returncode == 0, result.stderr
+    (payload,) = ledger_payloads(gateway)
+    assert payload["frames"] == 7 and payload["frame_root"] and payload["hash_method"] == "pixel"
+
+
+OPTION_FOR_SYNTAX = {
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs", "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
+}
+
+
+def test_compressed_wheel_files_are_stored_as_received(gateway):
+    by_option: dict[str, list[Path]] = {}
+    for path, syntax in dicomdata.wheel_test_files(compressed_only=True):
+        if syntax in OPTION_FOR_SYNTAX:
+            by_option.setdefault(OPTION_FOR_SYNTAX[syntax], []).append(path)
+    assert {"-xy", "-xs", "-xt", "-xv", "-xr"} <= set(by_option)
+    sent = 0
+    for option, paths in by_option.items():
+        result = gateway.storescu(*paths, options=(option, "--no-halt"))
+        sent += successes(result.stdout + result.stderr)
+    # (several wheel files share a SOP Instance UID: the ledger has every version, the index the newest)
+    syntaxes = {p["transfer_syntax"] for p in ledger_payloads(gateway)}
+    for wanted in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+                   "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"):
+        assert wanted in syntaxes, f"no instance stored in {wanted}"
+    assert sent >= 10
+    # stored as received: byte-identical Pixel Data, and lossless ones got a decoded-pixel hash
+    for uid, syntax, path, decoded in index_rows(
+        gateway, "SELECT sop_instance_uid, transfer_syntax_uid, path, decoded_sha256 FROM instances"
+    ):
+        if syntax in ("1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80"):
+            assert decoded is not None, f"{uid} ({syntax}) has no decoded-pixel hash"
+    assert gateway.cli("verify").returncode == 0
+
+
+def test_sr_gets_a_content_hash(gateway, tmp_path):
+    f = dicomdata.make_sr(tmp_path / "sr")
+    result = gateway.storescu(f)
+    assert result.returncode == 0, result.stderr
+    (payload,) = ledger_payloads(gateway)
+    assert payload["hash_method"] == "content" and payload["frames"] == 0
+    assert gateway.cli("verify-file", str(f)).returncode == 0
+
+
+def test_unknown_calling_ae_is_refused_and_logged(gateway, tmp_path):
+    files = dicomdata.make_mr_series(tmp_path / "mr", 1)
+    result = gateway.storescu(*files, aet="INTRUDER")
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stdout + result.stderr
+    refused = [line for line in log_lines(gateway) if line.get("event") == "association refused"]
+    assert refused and refused[0]["calling_ae"] == "INTRUDER"
+    assert "allowed_calling_aes" in refused[0]["reason"]
+    assert ledger_payloads(gateway) == []
+
+
+def test_malformed_dataset_fails_and_next_good_one_succeeds(gateway, tmp_path):
+    good = dicomdata.make_mr_series(tmp_path / "mr", 2)
+    bad = tmp_path / "bad.dcm"
+    ds = pydicom.dcmread(good[0])
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PixelData = ds.PixelData[:1000]  # shorter than Rows x Columns x 2
+    ds.save_as(bad)
+    result = gateway.storescu(bad, good[1], options=("--no-halt",))
+    out = result.stdout + result.stderr
+    assert "Received Store Response (Error: CannotUnderstand)" in out, out
+    assert successes(out) == 1
+    failed = [line for line in log_lines(gateway) if line.get("event") == "c-store" and line["status"] != "0x0000"]
+    assert failed and failed[0]["status"].startswith("0xC") and "Pixel Data" in failed[0]["outcome"], failed
+    assert len(ledger_payloads(gateway)) == 1
+
+    # Garbage dataset bytes over pynetdicom (storescu will not send an unparsable file)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")
+    assoc = ae.associate("127.0.0.1", gateway.port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    raw = tmp_path / "garbage.dcm"
+    meta_ds = pydicom.dcmread(good[0])
+    meta_ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    meta_ds.file_meta.MediaStorageSOPInstanceUID = meta_ds.SOPInstanceUID
+    meta_ds.save_as(raw)
+    data = raw.read_bytes()
+    cut = data.index(b"\xe0\x7f\x10\x00")  # Pixel Data tag: replace the rest by garbage
+    raw.write_bytes(data[: cut - 40] + b"\xff\xee" * 50)
+    status = assoc.send_c_store(raw)
+    assert 0xC000 <= status.Status <= 0xCFFF
+    status = assoc.send_c_store(pydicom.dcmread(good[0]))
+    assert status.Status == 0x0000
+    assoc.release()
+    assert len(ledger_payloads(gateway)) == 2
+
+
+def test_duplicates_header_edits_and_changed_pixels(gateway, tmp_path):
+    (f,) = dicomdata.make_mr_series(tmp_path / "mr", 1)
+    assert gateway.storescu(f).returncode == 0
+    assert gateway.storescu(f).returncode == 0  # identical again: nothing new
+    assert len(ledger_payloads(gateway)) == 1
+
+    ds = pydicom.dcmread(f)
+    ds.PatientName = "Corrected^Name"
+    header_edit = tmp_path / "header.dcm"
+    ds.save_as(header_edit)
+    check = gateway.cli("verify-file", str(header_edit))
+    assert check.returncode == 0 and "ANCHORED" in check.stdout
+
+    pixels = bytearray(ds.PixelData)
+    pixels[10] ^= 0x01
+    ds.PixelData = bytes(pixels)
+    altered = tmp_path / "altered.dcm"
+    ds.save_as(altered)
+    check = gateway.cli("verify-file", str(altered))
+    assert check.returncode == 1 and "MISMATCH" in check.stdout
+
+    assert gateway.storescu(altered).returncode == 0
+    payloads = ledger_payloads(gateway)
+    assert len(payloads) == 2
+    assert payloads[1]["pixels_changed_from"]["index"] == 0
+    assert any(line.get("event") == "changed pixels" for line in log_lines(gateway))
+    assert index_rows(gateway, "SELECT COUNT(*) FROM superseded_instances") == [(1,)]
+
+
+def test_no_phi_on_the_ledger(gateway, tmp_path):
+    patients = [
+        dicomdata.FakePatient(name=name, patient_id=f"PID-{i}-77341", birth_date=f"19{50 + i}0412",
+                              accession=f"ACC{i}99812")
+        for i, name in enumerate(PATIENT_NAMES)
+    ]
+    files = []
+    for i, p in enumerate(patients):
+        files += dicomdata.make_mr_series(tmp_path / f"mr{i}", 3, patient=p, seed=f"phi{i}")
+    assert gateway.storescu(*files).returncode == 0
+    gateway.stop()
+    raw = b"".join(p.read_bytes() for p in (gateway.dir / "data").glob("ledger.db*"))
+    assert len(ledger_payloads(gateway)) == 6
+    for p in patients:
+        for value in (p.name, p.name.split("^")[0], p.patient_id, p.birth_date, p.accession):
+            assert value.encode() not in raw, f"{value} found in the ledger database"
+    # ...while the local index (which is not the ledger) does hold them, so the search is real
+    index_raw = b"".join(p.read_bytes() for p in (gateway.dir / "data").glob("index.db*"))
+    assert patients[0].patient_id.encode() in index_raw
+
+
+@pytest.mark.slow
+def test_sigkill_during_500_image_send_loses_nothing_acknowledged(tmp_path):
+    gw = GatewayProcess(tmp_path / "gw")
+    gw.start()
+    files = dicomdata.make_mr_series(tmp_path / "mr", 500)
+    import subprocess
+
+    from tests.conftest import DCMTK_ENV
+
+    out_path = tmp_path / "storescu.out"
+    with open(out_path, "w") as out:
+        sender = subprocess.Popen(
+            ["storescu", "-v", "-aet", "STORESCU", "-aec", gw.ae_title, "127.0.0.1", str(gw.port),
+             *map(str, files)], stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and successes(out_path.read_text()) < 150:
+            time.sleep(0.01)
+        gw.kill()
+        sender.wait(timeout=60)
+    output = out_path.read_text()
+    acknowledged = []
+    current = None
+    for line in output.splitlines():
+        m = re.search(r"Sending file: (.+)$", line)
+        if m:
+            current = m.group(1).strip()
+        elif "Received Store Response (Success)" in line and current:
+            acknowledged.append(Path(current))
+    assert 150 <= len(acknowledged) < 500, output[-2000:]
+
+    gw.start()
+    try:
+        for f in acknowledged:
+            uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+            rows = index_rows(gw, f"SELECT path, ledger_index FROM instances WHERE sop_instance_uid = '{uid}'")
+            assert rows and rows[0][1] is not None, f"{f.name} acknowledged but not indexed+anchored"
+            assert (gw.dir / "data" / "images" / rows[0][0]).exists()
+        for f in acknowledged[:: max(1, len(acknowledged) // 10)]:
+            assert gw.cli("verify-file", str(f)).returncode == 0
+        unanchored = index_rows(gw, "SELECT COUNT(*) FROM instances WHERE ledger_index IS NULL")
+        assert unanchored == [(0,)]
+        assert list((gw.dir / "data" / "images" / "tmp").iterdir()) == []
+    finally:
+        gw.stop()
+    verify = gw.cli("verify")
+    assert verify.returncode == 0, verify.stdout
