@@ -15,6 +15,9 @@ from typing import Any
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no controls
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+
+
 class ConfigError(ValueError):
     """A config mistake; str() is one line naming the file, the key and the fix."""
 
@@ -98,7 +101,7 @@ class _Section:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self._fail(key, f"must be a {kind.__name__}, got {value!r}")
+            raise self._fail(key, f"must be {_KIND_NAMES[kind]}, got {value!r}")
         return value
 
     def int_in(self, key: str, low: int, high: int, default: Any = ...) -> int:

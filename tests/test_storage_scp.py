@@ -108,10 +108,12 @@ def test_compressed_wheel_files_are_stored_as_received(gateway):
                    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"):
         assert wanted in syntaxes, f"no instance stored in {wanted}"
     assert sent >= 10
-    # stored as received: byte-identical Pixel Data, and lossless ones got a decoded-pixel hash
+    # stored as received (no transcoding), and lossless ones got a decoded-pixel hash
     for uid, syntax, path, decoded in index_rows(
         gateway, "SELECT sop_instance_uid, transfer_syntax_uid, path, decoded_sha256 FROM instances"
     ):
+        stored = pydicom.dcmread(gateway.dir / "data" / "images" / path, stop_before_pixels=True)
+        assert stored.file_meta.TransferSyntaxUID == syntax
         if syntax in ("1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80"):
             assert decoded is not None, f"{uid} ({syntax}) has no decoded-pixel hash"
     assert gateway.cli("verify").returncode == 0

@@ -216,13 +216,13 @@ class LedgerStore:
         for chunk_start in range(0, len(wanted), 200):
             chunk = wanted[chunk_start : chunk_start + 200]
             values = ",".join("(?,?)" for _ in chunk)
-            params: list[int] = [oid]
-            for level, idx in chunk:
-                params += [level, idx]
+            params: list[int] = [level_or_idx for node in chunk for level_or_idx in node]
+            # Drive the lookup from the wanted list so each node is one primary-key probe.
             async with self.db.execute(
-                f"SELECT level, idx, hash FROM nodes WHERE origin_id = ? "
-                f"AND (level, idx) IN (VALUES {values})",
-                params,
+                f"WITH wanted(level, idx) AS (VALUES {values}) "
+                "SELECT n.level, n.idx, n.hash FROM wanted w JOIN nodes n "
+                "ON n.origin_id = ? AND n.level = w.level AND n.idx = w.idx",
+                [*params, oid],
             ) as cur:
                 for level, idx, h in await cur.fetchall():
                     found[(level, idx)] = bytes(h)
