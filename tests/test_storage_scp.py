@@ -273,3 +273,54 @@ def test_sigkill_during_500_image_send_loses_nothing_acknowledged(tmp_path):
         gw.stop()
     verify = gw.cli("verify")
     assert verify.returncode == 0, verify.stdout
+
+
+def test_disk_error_answers_out_of_resources_and_leaves_nothing_behind(gateway, tmp_path):
+    files = dicomdata.make_mr_series(tmp_path / "mr", 2)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    blocker = gateway.dir / "data" / "images" / study
+    blocker.write_text("a file where the study folder must go: mkdir fails")
+    result = gateway.storescu(files[0])
+    out = result.stdout + result.stderr
+    assert "Received Store Response (Refused: OutOfResources)" in out, out
+    errors = [line for line in log_lines(gateway) if line.get("event") == "c-store"]
+    assert errors[-1]["status"] == "0xA700" and "cannot store" in errors[-1]["outcome"]
+    assert ledger_payloads(gateway) == []
+    assert index_rows(gateway, "SELECT COUNT(*) FROM instances") == [(0,)]
+    assert list((gateway.dir / "data" / "images" / "tmp").iterdir()) == []
+    blocker.unlink()
+    assert gateway.storescu(*files).returncode == 0
+    assert len(ledger_payloads(gateway)) == 2
+
+
+def test_sigterm_finishes_in_flight_stores_and_stops_cleanly(tmp_path):
+    import signal
+    import subprocess
+
+    from tests.conftest import DCMTK_ENV
+
+    gw = GatewayProcess(tmp_path / "gw")
+    gw.start()
+    files = dicomdata.make_mr_series(tmp_path / "mr", 300)
+    out_path = tmp_path / "storescu.out"
+    with open(out_path, "w") as out:
+        sender = subprocess.Popen(
+            ["storescu", "-v", "-aet", "STORESCU", "-aec", gw.ae_title, "127.0.0.1", str(gw.port),
+             *map(str, files)], stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and successes(out_path.read_text()) < 50:
+            time.sleep(0.01)
+        assert gw.stop(signal.SIGTERM) == 0
+        sender.wait(timeout=60)
+    acknowledged = successes(out_path.read_text())
+    assert acknowledged >= 50
+    lines = log_lines(gw)
+    assert lines[-1]["event"] == "gateway stopped"
+    anchored = index_rows(gw, "SELECT COUNT(*) FROM instances WHERE ledger_index IS NOT NULL")[0][0]
+    assert anchored >= acknowledged
+    assert index_rows(gw, "SELECT COUNT(*) FROM instances WHERE ledger_index IS NULL") == [(0,)]
+    assert gw.cli("verify").returncode == 0
+    # the clean stop signed a checkpoint covering everything
+    status = gw.cli("status").stdout
+    assert f"{anchored} entries, newest checkpoint at size {anchored}" in status, status
