@@ -51,10 +51,10 @@ async def test_group_commit_batches_concurrent_appends(tmp_path):
     commits = 0
     original = writer._commit
 
-    async def counting(batch):
+    def counting(batch):
         nonlocal commits
         commits += 1
-        await original(batch)
+        return original(batch)
 
     writer._commit = counting
     await asyncio.gather(*(writer.append("config", {"n": i}) for i in range(500)))
@@ -122,7 +122,7 @@ async def test_commit_failure_fails_appenders_and_recovers(tmp_path):
     # Another connection holds the write lock past the busy timeout: the commit fails.
     blocker = sqlite3.connect(path, timeout=0)
     blocker.execute("BEGIN IMMEDIATE")
-    await writer._db.execute("PRAGMA busy_timeout=100")
+    writer._db.execute("PRAGMA busy_timeout=100")
     with pytest.raises(Exception, match="ledger write failed"):
         await writer.append("config", {"i": 1})
     blocker.rollback()
