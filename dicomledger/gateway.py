@@ -27,7 +27,7 @@ from dicomledger.dicom.index import (
     SeriesRow,
     StudyRow,
 )
-from dicomledger.dicom.instance import InstanceError, InstanceHeader, read_header
+from dicomledger.dicom.instance import InstanceError, InstanceHeader, instance_header
 from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_instance_file
 from dicomledger.dicom.scp import (
     CANNOT_UNDERSTAND,
@@ -177,24 +177,34 @@ class Gateway:
     # -- ingest --------------------------------------------------------------
 
     def handle_store(self, request: StoreRequest) -> int:
-        """Runs in the association's thread; returns the C-STORE status."""
+        """Runs in the association's thread; returns the C-STORE status.
+
+        Parse, hash and make the file durable here (CPU and fsync stay off the event loop),
+        then let the loop index and anchor it. The file's place depends only on its UIDs and
+        pixel hash, so storing it never waits for the index: an identical re-send replaces
+        a file with the same bytes.
+        """
         started = time.perf_counter()
         size = -1
         hashes: InstanceHashes | None = None
-        outcome = "stored"
         try:
             size = request.dataset_path.stat().st_size
-            header = read_header(request.dataset_path, request.sop_class_uid, request.sop_instance_uid)
             hashes = hash_instance_file(request.dataset_path, request.transfer_syntax_uid)
-            if hashes.method == "content" and header.has_image_pixel_module:
-                raise InstanceError("dataset has Rows and Columns but no Pixel Data (truncated?)")
-        except (InstanceError, PixelHashError, OSError) as exc:
+            assert hashes.header is not None
+            header = instance_header(
+                hashes.header, hashes.header_sha256, request.sop_class_uid, request.sop_instance_uid
+            )
+        except (InstanceError, PixelHashError) as exc:
             status, outcome = CANNOT_UNDERSTAND, f"refused: {exc}"
         else:
             assert self.loop is not None
+            relative = FileStore.relative_path(
+                header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256
+            )
             try:
+                replaced = self.files.commit(request.dataset_path, relative)
                 status, outcome = asyncio.run_coroutine_threadsafe(
-                    self.ingest(request, header, hashes), self.loop
+                    self.ingest(request, header, hashes, relative, size, replaced), self.loop
                 ).result()
             except (StoreError, IndexStoreError, LedgerStoreError, OSError) as exc:
                 status, outcome = OUT_OF_RESOURCES, f"failed: {exc}"
@@ -214,70 +224,71 @@ class Gateway:
         return status
 
     async def ingest(
-        self, request: StoreRequest, header: InstanceHeader, hashes: InstanceHashes
+        self,
+        request: StoreRequest,
+        header: InstanceHeader,
+        hashes: InstanceHashes,
+        relative: str,
+        size: int,
+        replaced_file: bool,
     ) -> tuple[int, str]:
-        """Store, index and anchor one instance; returns (status, outcome for the log)."""
+        """Index and anchor one stored instance; returns (status, outcome for the log)."""
         assert self.index is not None and self.writer is not None
         uid = header.sop_instance_uid
         lock = self._locks[uid]
         async with lock:
             try:
-                return await self._ingest_locked(request, header, hashes)
+                row = _instance_row(header, hashes, request, relative, size)
+                try:
+                    previous = await self.index.record_received(_record(header, row))
+                except IndexStoreError:
+                    if not replaced_file:  # leave nothing unindexed behind
+                        self.files.absolute(relative).unlink(missing_ok=True)
+                    raise
+                return await self._anchor(request, header, hashes, previous)
             finally:
                 if not lock._waiters:  # type: ignore[attr-defined]
                     self._locks.pop(uid, None)
 
-    async def _ingest_locked(
-        self, request: StoreRequest, header: InstanceHeader, hashes: InstanceHashes
+    async def _anchor(
+        self,
+        request: StoreRequest,
+        header: InstanceHeader,
+        hashes: InstanceHashes,
+        previous: InstanceRow | None,
     ) -> tuple[int, str]:
         assert self.index is not None and self.writer is not None
-        existing = await self.index.instance(header.sop_instance_uid)
-        same = (
-            existing is not None
-            and existing.sha256 == hashes.sha256
-            and existing.header_sha256 == header.header_sha256
+        same = previous is not None and (previous.sha256, previous.header_sha256) == (
+            hashes.sha256,
+            header.header_sha256,
         )
-        if same and existing is not None and existing.ledger_index is not None:
-            return SUCCESS, f"duplicate of anchored entry {existing.ledger_index}"
+        if same and previous is not None and previous.ledger_index is not None:
+            return SUCCESS, f"duplicate of anchored entry {previous.ledger_index}"
         p = Pseudonyms.of(self.secret, header)
         payload = anchor_payload(
             p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae
         )
         outcome = "stored"
-        if not same:
-            relative = FileStore.relative_path(
-                header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256
+        if previous is not None and previous.sha256 != hashes.sha256:
+            payload["pixels_changed_from"] = {
+                "origin": previous.ledger_origin,
+                "index": previous.ledger_index,
+                "sha256": previous.sha256.hex(),
+            }
+            outcome = "stored: PIXELS CHANGED for an instance received before"
+            log.warning(
+                "changed pixels",
+                sop_instance=header.sop_instance_uid,
+                previous_hash=previous.sha256.hex()[:16],
+                new_hash=hashes.sha256.hex()[:16],
+                previous_entry=previous.ledger_index,
             )
-            replaces_file = existing is not None and existing.path == relative
-            await asyncio.to_thread(self.files.commit, request.dataset_path, relative)
-            row = _instance_row(header, hashes, request, relative, size=self.files.absolute(relative).stat().st_size)
-            superseded = existing if existing is not None and not replaces_file else None
-            try:
-                await self.index.put(_record(header, row), superseded=superseded)
-            except IndexStoreError:
-                if not replaces_file:  # leave nothing unindexed behind
-                    self.files.absolute(relative).unlink(missing_ok=True)
-                raise
-            if existing is not None and existing.sha256 != hashes.sha256:
-                payload["pixels_changed_from"] = {
-                    "origin": existing.ledger_origin,
-                    "index": existing.ledger_index,
-                    "sha256": existing.sha256.hex(),
-                }
-                outcome = "stored: PIXELS CHANGED for an instance received before"
-                log.warning(
-                    "changed pixels",
-                    sop_instance=header.sop_instance_uid,
-                    previous_hash=existing.sha256.hex()[:16],
-                    new_hash=hashes.sha256.hex()[:16],
-                    previous_entry=existing.ledger_index,
-                )
-            elif existing is not None:
-                payload["header_changed_from"] = {
-                    "origin": existing.ledger_origin,
-                    "index": existing.ledger_index,
-                }
-                outcome = "stored: header changed, same pixels"
+        elif previous is not None and not same:
+            payload["header_changed_from"] = {
+                "origin": previous.ledger_origin,
+                "index": previous.ledger_index,
+            }
+            outcome = "stored: header changed, same pixels"
         appended = await self.writer.append(
             IMAGE_ANCHORED, payload, anchor_keys(hashes.sha256, hashes.decoded_sha256, p.instance)
         )
@@ -303,8 +314,9 @@ class Gateway:
     async def _anchor_recovered(self, row: InstanceRow) -> int:
         assert self.writer is not None
         path = self.files.absolute(row.path)
-        header = await asyncio.to_thread(read_header, path, row.sop_class_uid, row.sop_instance_uid)
         hashes = await asyncio.to_thread(hash_instance_file, path, row.transfer_syntax_uid)
+        assert hashes.header is not None
+        header = instance_header(hashes.header, hashes.header_sha256, row.sop_class_uid, row.sop_instance_uid)
         p = Pseudonyms.of(self.secret, header)
         payload = anchor_payload(p, hashes, row.sop_class_uid, row.transfer_syntax_uid, row.calling_ae)
         payload["recovered"] = True
@@ -317,6 +329,7 @@ class Gateway:
 def _instance_row(
     header: InstanceHeader, hashes: InstanceHashes, request: StoreRequest, relative: str, size: int
 ) -> InstanceRow:
+    """The index row of a received instance, not yet anchored."""
     return InstanceRow(
         sop_instance_uid=header.sop_instance_uid,
         series_uid=header.series_uid,

@@ -3,19 +3,22 @@
 It holds PHI (names, IDs, dates), so it lives beside the images, never on the ledger. It is
 rebuildable from the stored files, so commits use synchronous=NORMAL in WAL mode: durable
 across a killed process; after a power loss the gateway reconciles it with the ledger.
-Writes are batched: concurrent C-STOREs share one transaction.
+Writes are batched: concurrent C-STOREs share one transaction. The index runs on its own
+thread with the standard sqlite3 module: a lookup-and-write is one thread hop, where
+aiosqlite would take one per statement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
+_T = TypeVar("_T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (
@@ -132,115 +135,144 @@ _INSTANCE_MARKS = ", ".join("?" for _ in InstanceRow.__dataclass_fields__)
 
 
 class Index:
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
-        self.db = db
+    """The index, on its own thread and SQLite connection: each call is one thread hop."""
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._pending: list[tuple[str, Any, asyncio.Future[None]]] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="index")
+        self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._lock = asyncio.Lock()
+
+    async def _on_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     @classmethod
     async def open(cls, path: Path) -> Index:
+        index = cls(path)
+        await index._on_thread(index._open)
+        return index
+
+    def _open(self) -> None:
         try:
-            db = await aiosqlite.connect(path, isolation_level=None)
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA busy_timeout=10000")
-            await db.executescript(SCHEMA)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=10000")
+            db.executescript(SCHEMA)
         except sqlite3.Error as exc:
-            raise IndexStoreError(f"cannot open index database {path}: {exc}") from None
-        return cls(db, path)
+            raise IndexStoreError(f"cannot open index database {self.path}: {exc}") from None
+        self._db = db
 
     async def close(self) -> None:
-        await self.db.close()
+        if self._db is not None:
+            await self._on_thread(self._db.close)
+            self._db = None
+        self._thread.shutdown()
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        assert self._db is not None
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise IndexStoreError(f"index read failed ({exc}); check {self.path}") from None
 
     async def instance(self, sop_instance_uid: str) -> InstanceRow | None:
-        async with self.db.execute(
+        rows = await self._on_thread(
+            self._query,
             f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_instance_uid = ?",
             (sop_instance_uid,),
-        ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else _instance_row(row)
+        )
+        return _instance_row(rows[0]) if rows else None
 
     async def unanchored(self) -> list[InstanceRow]:
-        async with self.db.execute(
-            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE ledger_index IS NULL"
-        ) as cur:
-            return [_instance_row(r) for r in await cur.fetchall()]
+        rows = await self._on_thread(
+            self._query, f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE ledger_index IS NULL"
+        )
+        return [_instance_row(r) for r in rows]
 
     async def count_instances(self) -> int:
-        async with self.db.execute("SELECT COUNT(*) FROM instances") as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self._on_thread(self._query, "SELECT COUNT(*) FROM instances")
+        return int(rows[0][0])
 
-    # Writes: queued and committed together by whichever caller takes the lock first.
+    # Writes: queued, and committed together by whichever caller takes the lock first.
 
-    async def put(self, record: IndexRecord, superseded: InstanceRow | None = None) -> None:
-        await self._write(("put", (record, superseded)))
+    async def record_received(self, record: IndexRecord) -> InstanceRow | None:
+        """Index a received instance (not yet anchored); returns the row it replaces.
+
+        An instance identical to the current row (same content hash and header hash) is
+        not written again: the current row, and its anchor, stay.
+        """
+        return await self._write("received", record)
 
     async def set_anchor(self, sop_instance_uid: str, origin: str, index: int) -> None:
-        await self._write(("anchor", (sop_instance_uid, origin, index)))
+        await self._write("anchor", (sop_instance_uid, origin, index))
 
-    async def _write(self, op: tuple[str, Any]) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((op[0], op[1], future))
+    async def _write(self, kind: str, arg: Any) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((kind, arg, future))
         async with self._lock:
-            if future.done():
-                return await future
-            batch, self._pending = self._pending, []
-            try:
-                await self._commit(batch)
-            except (sqlite3.Error, OSError) as exc:
-                error = IndexStoreError(f"index write failed ({exc}); check disk space and {self.path}")
-                for *_, f in batch:
-                    f.set_exception(error)
-            else:
-                for *_, f in batch:
-                    f.set_result(None)
-        await future
+            if not future.done():
+                batch, self._pending = self._pending, []
+                try:
+                    results = await self._on_thread(self._commit, [(k, a) for k, a, _ in batch])
+                except (sqlite3.Error, OSError) as exc:
+                    error = IndexStoreError(f"index write failed ({exc}); check disk space and {self.path}")
+                    for *_, f in batch:
+                        f.set_exception(error)
+                else:
+                    for (*_, f), result in zip(batch, results, strict=True):
+                        f.set_result(result)
+        return await future
 
-    async def _commit(self, batch: Sequence[tuple[str, Any, asyncio.Future[None]]]) -> None:
-        patients, studies, series, instances, superseded, anchors = [], [], [], [], [], []
-        for kind, arg, _ in batch:
-            if kind == "put":
-                record, old = arg
-                patients.append(astuple(record.patient))
-                studies.append(astuple(record.study))
-                series.append(astuple(record.series))
-                instances.append(astuple(record.instance))
-                if old is not None:
-                    superseded.append(
-                        (old.sop_instance_uid, old.path, old.sha256, old.ledger_origin,
-                         old.ledger_index, record.instance.received_at)
-                    )
-            else:
-                anchors.append((arg[1], arg[2], arg[0]))
-        db = self.db
-        await db.execute("BEGIN IMMEDIATE")
+    def _commit(self, batch: Sequence[tuple[str, Any]]) -> list[Any]:
+        db = self._db
+        assert db is not None
+        results: list[Any] = []
+        db.execute("BEGIN IMMEDIATE")
         try:
-            if patients:
-                # Latest header wins for descriptive attributes (demographic corrections).
-                await db.executemany("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?)", patients)
-                await db.executemany(
-                    "INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?)", studies
-                )
-                await db.executemany("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)", series)
-                await db.executemany(
-                    f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) VALUES ({_INSTANCE_MARKS})",
-                    instances,
-                )
-            if superseded:
-                await db.executemany(
-                    "INSERT INTO superseded_instances VALUES (?, ?, ?, ?, ?, ?)", superseded
-                )
-            if anchors:
-                await db.executemany(
-                    "UPDATE instances SET ledger_origin = ?, ledger_index = ? WHERE sop_instance_uid = ?",
-                    anchors,
-                )
-            await db.execute("COMMIT")
+            for kind, arg in batch:
+                if kind == "received":
+                    results.append(self._received(db, arg))
+                else:
+                    uid, origin, index = arg
+                    db.execute(
+                        "UPDATE instances SET ledger_origin = ?, ledger_index = ? WHERE sop_instance_uid = ?",
+                        (origin, index, uid),
+                    )
+                    results.append(None)
+            db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+        return results
+
+    @staticmethod
+    def _received(db: sqlite3.Connection, record: IndexRecord) -> InstanceRow | None:
+        new = record.instance
+        row = db.execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_instance_uid = ?",
+            (new.sop_instance_uid,),
+        ).fetchone()
+        previous = _instance_row(row) if row else None
+        if previous and (previous.sha256, previous.header_sha256) == (new.sha256, new.header_sha256):
+            return previous
+        # Latest header wins for descriptive attributes (demographic corrections).
+        db.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?)", astuple(record.patient))
+        db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?)", astuple(record.study))
+        db.execute("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)", astuple(record.series))
+        db.execute(
+            f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) VALUES ({_INSTANCE_MARKS})",
+            astuple(new),
+        )
+        if previous is not None and previous.path != new.path:
+            db.execute(
+                "INSERT INTO superseded_instances VALUES (?, ?, ?, ?, ?, ?)",
+                (previous.sop_instance_uid, previous.path, previous.sha256, previous.ledger_origin,
+                 previous.ledger_index, new.received_at),
+            )
+        return previous
 
 
 def _instance_row(row: Sequence[Any]) -> InstanceRow:

@@ -1,14 +1,10 @@
-"""Read what the gateway needs from a received instance's header, without touching pixel data."""
+"""What the gateway needs from a received instance's header."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 
 class InstanceError(ValueError):
@@ -35,8 +31,7 @@ class InstanceHeader:
     series_number: str
     series_description: str
     instance_number: str
-    header_sha256: bytes  # SHA-256 of the file bytes before Pixel Data: tells header edits apart
-    has_image_pixel_module: bool  # Rows/Columns present: Pixel Data must be too
+    header_sha256: bytes  # SHA-256 of the dataset bytes before Pixel Data: tells header edits apart
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -44,31 +39,26 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def read_header(path: Path, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
-    """Parse the header of the Part 10 file pynetdicom wrote; InstanceError on a bad dataset.
+def instance_header(
+    ds: Dataset, header_sha256: bytes, sop_class_uid: str, sop_instance_uid: str
+) -> InstanceHeader:
+    """The attributes the gateway needs from a received dataset's parsed header.
 
-    The SOP Class/Instance UIDs of the C-STORE request must match the dataset's own.
+    ``ds`` is the header pixelhash parsed (no second parse); the C-STORE request's SOP
+    Class/Instance UIDs must match the dataset's own. InstanceError says what is wrong.
     """
     try:
-        with open(path, "rb") as f:
-            ds = dcmread(f, stop_before_pixels=True)
-            header_end = f.tell()
-            f.seek(0)
-            header_sha256 = hashlib.sha256(f.read(header_end)).digest()
-            # force the lazily parsed elements we use now, so errors surface here
-            values = {
-                kw: _text(ds, kw)
-                for kw in (
-                    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
-                    "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-                    "ReferringPhysicianName", "Modality", "SeriesNumber", "SeriesDescription",
-                    "InstanceNumber",
-                )
-            }
-    except InvalidDicomError as exc:
-        raise InstanceError(f"not a DICOM dataset: {exc}") from None
-    except (ValueError, TypeError, KeyError, EOFError, OSError, OverflowError) as exc:
+        values = {
+            kw: _text(ds, kw)
+            for kw in (
+                "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+                "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+                "ReferringPhysicianName", "Modality", "SeriesNumber", "SeriesDescription",
+                "InstanceNumber",
+            )
+        }
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise InstanceError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not values[keyword]:
@@ -103,5 +93,4 @@ def read_header(path: Path, sop_class_uid: str, sop_instance_uid: str) -> Instan
         series_description=values["SeriesDescription"],
         instance_number=values["InstanceNumber"],
         header_sha256=header_sha256,
-        has_image_pixel_module="Rows" in ds and "Columns" in ds,
     )

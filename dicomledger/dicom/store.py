@@ -58,8 +58,11 @@ class FileStore:
     def absolute(self, relative: str) -> Path:
         return self.directory / relative
 
-    def commit(self, temp_file: Path, relative: str) -> None:
-        """Make ``temp_file`` durable under ``relative``; on return it survives a crash."""
+    def commit(self, temp_file: Path, relative: str) -> bool:
+        """Make ``temp_file`` durable under ``relative``; on return it survives a crash.
+
+        Returns whether a file was already there (and is now replaced).
+        """
         target = self.directory / relative
         try:
             fd = os.open(temp_file, os.O_RDONLY)
@@ -69,10 +72,12 @@ class FileStore:
                 os.close(fd)
             if not target.parent.is_dir():
                 self._make_dirs(target.parent)
+            replaced = target.exists()
             os.replace(temp_file, target)
             _fsync_dir(target.parent)
         except OSError as exc:
             raise StoreError(exc.errno, f"cannot store {target}: {exc.strerror}") from None
+        return replaced
 
     def _make_dirs(self, directory: Path) -> None:
         missing = []

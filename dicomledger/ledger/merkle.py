@@ -19,9 +19,8 @@ in-memory list, for tests and small trees.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import hashlib
+from collections.abc import Sequence
 
 NodeID = tuple[int, int]
 
