@@ -324,3 +324,73 @@ def test_sigterm_finishes_in_flight_stores_and_stops_cleanly(tmp_path):
     # the clean stop signed a checkpoint covering everything
     status = gw.cli("status").stdout
     assert f"{anchored} entries, newest checkpoint at size {anchored}" in status, status
+
+
+def test_verify_file_recognises_a_losslessly_transcoded_copy(gateway, tmp_path):
+    (f,) = dicomdata.make_mr_series(tmp_path / "mr", 1)
+    assert gateway.storescu(f).returncode == 0
+    copies = dicomdata.make_compressed_copies(f, tmp_path / "copies", ["jpeg-ls", "rle"])
+    for label, copy in copies.items():
+        check = gateway.cli("verify-file", str(copy))
+        assert check.returncode == 0, (label, check.stdout)
+        assert "decoded pixel values match" in check.stdout
+
+
+def _private_sop_dataset(sop_class: str):
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.PatientID = "DLFAKE-PRIVATE"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return ds
+
+
+def test_unknown_sop_classes_only_when_configured(tmp_path):
+    private = "1.2.826.0.1.3680043.9.9999.1.1"  # not a standard storage SOP class
+    for accept in (False, True):
+        gw = GatewayProcess(tmp_path / f"gw-{accept}")
+        if accept:
+            text = gw.config.read_text().replace(
+                "accept_unknown_sop_classes = false", "accept_unknown_sop_classes = true"
+            )
+            gw.config.write_text(text)
+        gw.start()
+        try:
+            ae = AE(ae_title="STORESCU")
+            ae.add_requested_context(private, pydicom.uid.ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title)
+            if not accept:
+                assert not assoc.is_established or not assoc.accepted_contexts
+                if assoc.is_established:
+                    assoc.release()
+                assert ledger_payloads(gw) == []
+                continue
+            assert assoc.is_established and assoc.accepted_contexts
+            status = assoc.send_c_store(_private_sop_dataset(private))
+            assoc.release()
+            assert status.Status == 0x0000
+            (payload,) = ledger_payloads(gw)
+            assert payload["sop_class"] == private and payload["hash_method"] == "content"
+        finally:
+            gw.stop()
+
+
+def test_more_concurrent_associations_than_pynetdicoms_default_of_ten(gateway, tmp_path):
+    files = dicomdata.make_mr_series(tmp_path / "mr", 15)
+    associations = []
+    for _ in files:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", pydicom.uid.ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", gateway.port, ae_title=gateway.ae_title)
+        assert assoc.is_established
+        associations.append(assoc)
+    statuses = [assoc.send_c_store(pydicom.dcmread(f)).Status for assoc, f in zip(associations, files, strict=True)]
+    for assoc in associations:
+        assoc.release()
+    assert statuses == [0x0000] * 15
+    assert len(ledger_payloads(gateway)) == 15
