@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -104,7 +103,8 @@ class Gateway:
         self.writer: LogWriter | None = None
         self.index: Index | None = None
         self.server: DicomServer | None = None
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
+        self._locks = [asyncio.Lock() for _ in range(64)]
         self._checkpointer: asyncio.Task[None] | None = None
         self._checkpoint_size = -1
 
@@ -234,21 +234,15 @@ class Gateway:
     ) -> tuple[int, str]:
         """Index and anchor one stored instance; returns (status, outcome for the log)."""
         assert self.index is not None and self.writer is not None
-        uid = header.sop_instance_uid
-        lock = self._locks[uid]
-        async with lock:
+        async with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
+            row = _instance_row(header, hashes, request, relative, size)
             try:
-                row = _instance_row(header, hashes, request, relative, size)
-                try:
-                    previous = await self.index.record_received(_record(header, row))
-                except IndexStoreError:
-                    if not replaced_file:  # leave nothing unindexed behind
-                        self.files.absolute(relative).unlink(missing_ok=True)
-                    raise
-                return await self._anchor(request, header, hashes, previous)
-            finally:
-                if not lock._waiters:  # type: ignore[attr-defined]
-                    self._locks.pop(uid, None)
+                previous = await self.index.record_received(_record(header, row))
+            except IndexStoreError:
+                if not replaced_file:  # leave nothing unindexed behind
+                    self.files.absolute(relative).unlink(missing_ok=True)
+                raise
+            return await self._anchor(request, header, hashes, previous)
 
     async def _anchor(
         self,
@@ -308,7 +302,14 @@ class Gateway:
                     found = idx
             if found is None:
                 log.warning("anchoring an instance stored before a crash", sop_instance=row.sop_instance_uid)
-                found = await self._anchor_recovered(row)
+                try:
+                    found = await self._anchor_recovered(row)
+                except (OSError, PixelHashError, InstanceError) as exc:
+                    log.error(
+                        "cannot anchor an instance stored before a crash; left unanchored",
+                        sop_instance=row.sop_instance_uid, file=row.path, error=str(exc),
+                    )
+                    continue
             await self.index.set_anchor(row.sop_instance_uid, self.identity.origin, found)
 
     async def _anchor_recovered(self, row: InstanceRow) -> int:

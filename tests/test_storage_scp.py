@@ -394,3 +394,12 @@ def test_more_concurrent_associations_than_pynetdicoms_default_of_ten(gateway, t
         assoc.release()
     assert statuses == [0x0000] * 15
     assert len(ledger_payloads(gateway)) == 15
+
+
+def test_wrong_called_ae_title_is_refused_and_logged(gateway, tmp_path):
+    files = dicomdata.make_mr_series(tmp_path / "mr", 1)
+    result = dcmtk("storescu", "-aet", "STORESCU", "-aec", "NOT_THE_GATEWAY", "127.0.0.1", str(gateway.port), str(files[0]))
+    assert result.returncode != 0 and "Association Rejected" in result.stdout + result.stderr
+    refused = [line for line in log_lines(gateway) if line.get("event") == "association refused"]
+    assert refused and "NOT_THE_GATEWAY" in refused[0]["reason"]
+    assert ledger_payloads(gateway) == []

@@ -7,6 +7,7 @@ until the instance is durable and anchored and returns the DIMSE status to send.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import threading
 import time
@@ -17,8 +18,8 @@ from typing import Any
 
 import structlog
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -29,6 +30,28 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000  # failure range 0xCxxx: "cannot understand"
 PROCESSING_FAILURE = 0x0110
+
+
+class _TemplateContext(PresentationContext):
+    """A supported context whose per-association copy is shallow.
+
+    pynetdicom deep-copies the server's supported contexts for every association; with
+    every storage SOP class times every transfer syntax that is ~70 ms of UID copying per
+    association (a PACS often sends one image per association). UIDs are immutable, so a
+    copy of the object and its list is all a negotiation needs.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _TemplateContext:
+        clone = copy.copy(self)
+        clone._transfer_syntax = list(self._transfer_syntax)
+        return clone
+
+
+def _context(abstract_syntax: str, transfer_syntaxes: list[str]) -> _TemplateContext:
+    cx = _TemplateContext()
+    cx.abstract_syntax = abstract_syntax
+    cx.transfer_syntax = transfer_syntaxes
+    return cx
 
 
 @dataclass(frozen=True)
@@ -84,12 +107,15 @@ class DicomServer:
         ae.maximum_pdu_size = max_pdu_size
         if allowed_calling_aes is not None:
             ae.require_calling_aet = list(allowed_calling_aes)  # pynetdicom rejects the rest
+        ae.require_called_aet = True  # a sender addressing another AE title is refused
         ae.network_timeout = network_timeout
         ae.acse_timeout = network_timeout
         ae.dimse_timeout = network_timeout
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+        syntaxes = list(AllTransferSyntaxes)
+        self._contexts = [_context(Verification, DEFAULT_TRANSFER_SYNTAXES)] + [
+            _context(cx.abstract_syntax, syntaxes)  # type: ignore[arg-type]
+            for cx in AllStoragePresentationContexts
+        ]
         self.ae = ae
 
     def start(self) -> None:
@@ -101,7 +127,9 @@ class DicomServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
-        self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self._server = self.ae.start_server(
+            (self.host, self.port), block=False, evt_handlers=handlers, contexts=self._contexts
+        )
         self.port = self._server.server_address[1]
 
     def stop(self, grace: float = 10.0) -> None:
@@ -126,15 +154,20 @@ class DicomServer:
         self._stats[id(event.assoc)] = _AssocStats()
 
     def _on_rejected(self, event: evt.Event) -> None:
-        calling = event.assoc.requestor.ae_title
+        requestor = event.assoc.requestor
+        calling, called = requestor.ae_title, event.assoc.acceptor.ae_title
+        if self._allowed_aes is not None and calling not in self._allowed_aes:
+            reason = "calling AE title not in gateway.allowed_calling_aes"
+        elif requestor.primitive is not None and requestor.primitive.called_ae_title.strip() != self.ae.ae_title:
+            reason = f"called AE title {requestor.primitive.called_ae_title.strip()!r} is not this gateway's ({self.ae.ae_title})"
+        else:
+            reason = "too many associations (gateway.max_associations)"
         log.warning(
             "association refused",
-            reason="calling AE title not in gateway.allowed_calling_aes"
-            if self._allowed_aes is not None and calling not in self._allowed_aes
-            else "too many associations (gateway.max_associations) or wrong called AE title",
+            reason=reason,
             calling_ae=calling,
-            called_ae=event.assoc.acceptor.ae_title,
-            peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+            called_ae=called,
+            peer=f"{requestor.address}:{requestor.port}",
         )
 
     def _on_ended(self, event: evt.Event, how: str) -> None:
