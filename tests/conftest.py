@@ -87,6 +87,15 @@ class GatewayProcess:
     def cli(self, command: str, *args: str) -> subprocess.CompletedProcess:
         return dicomledger(command, "--config", str(self.config), *args)
 
+    def storescu_in_background(self, paths: list[Path], output: Path) -> subprocess.Popen:
+        """storescu -v sending ``paths`` in one association, its output going to ``output``."""
+        with open(output, "w") as out:
+            return subprocess.Popen(
+                ["storescu", "-v", "-aet", "STORESCU", "-aec", self.ae_title, "127.0.0.1",
+                 str(self.port), *map(str, paths)],
+                stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV,
+            )
+
     def storescu(self, *paths: Path | str, aet: str = "STORESCU", options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         return dcmtk("storescu", "-v", "-aet", aet, "-aec", self.ae_title, *options,
                      "127.0.0.1", str(self.port), *map(str, paths))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -47,6 +48,12 @@ def log_lines(gw: GatewayProcess) -> list[dict]:
 
 def successes(storescu_output: str) -> int:
     return storescu_output.count("Received Store Response (Success)")
+
+
+def wait_for_successes(output: Path, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and successes(output.read_text()) < count:
+        time.sleep(0.01)
 
 
 def test_echo(gateway):
@@ -231,21 +238,11 @@ def test_sigkill_during_500_image_send_loses_nothing_acknowledged(tmp_path):
     gw = GatewayProcess(tmp_path / "gw")
     gw.start()
     files = dicomdata.make_mr_series(tmp_path / "mr", 500)
-    import subprocess
-
-    from tests.conftest import DCMTK_ENV
-
     out_path = tmp_path / "storescu.out"
-    with open(out_path, "w") as out:
-        sender = subprocess.Popen(
-            ["storescu", "-v", "-aet", "STORESCU", "-aec", gw.ae_title, "127.0.0.1", str(gw.port),
-             *map(str, files)], stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and successes(out_path.read_text()) < 150:
-            time.sleep(0.01)
-        gw.kill()
-        sender.wait(timeout=60)
+    sender = gw.storescu_in_background(files, out_path)
+    wait_for_successes(out_path, 150)
+    gw.kill()
+    sender.wait(timeout=60)
     output = out_path.read_text()
     acknowledged = []
     current = None
@@ -294,25 +291,14 @@ def test_disk_error_answers_out_of_resources_and_leaves_nothing_behind(gateway, 
 
 
 def test_sigterm_finishes_in_flight_stores_and_stops_cleanly(tmp_path):
-    import signal
-    import subprocess
-
-    from tests.conftest import DCMTK_ENV
-
     gw = GatewayProcess(tmp_path / "gw")
     gw.start()
     files = dicomdata.make_mr_series(tmp_path / "mr", 300)
     out_path = tmp_path / "storescu.out"
-    with open(out_path, "w") as out:
-        sender = subprocess.Popen(
-            ["storescu", "-v", "-aet", "STORESCU", "-aec", gw.ae_title, "127.0.0.1", str(gw.port),
-             *map(str, files)], stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and successes(out_path.read_text()) < 50:
-            time.sleep(0.01)
-        assert gw.stop(signal.SIGTERM) == 0
-        sender.wait(timeout=60)
+    sender = gw.storescu_in_background(files, out_path)
+    wait_for_successes(out_path, 50)
+    assert gw.stop(signal.SIGTERM) == 0
+    sender.wait(timeout=60)
     acknowledged = successes(out_path.read_text())
     assert acknowledged >= 50
     lines = log_lines(gw)
