@@ -96,3 +96,9 @@ def test_payload_rules():
         make(kind="nonsense")
     with pytest.raises(E.EntryError, match="above the limit"):
         make(payload={"big": "x" * E.MAX_ENTRY_BYTES})
+
+
+@pytest.mark.parametrize("payload", [{}, {"sig": "x"}, {"nested": {"sig": "AAAA", "list": [1, {"sig": None}]}}, {"text": "naïve ✓"}])
+def test_signing_bytes_cut_from_canonical_equal_reencoded(payload):
+    entry, data = make(payload=payload)
+    assert E._signing_bytes_of_canonical(data, entry) == E.signing_bytes(entry)

@@ -185,9 +185,25 @@ def decode_entry(data: bytes) -> Entry:
     return entry
 
 
-def verify_entry_signature(entry: Entry, public_key: Ed25519PublicKey) -> None:
+def _signing_bytes_of_canonical(data: bytes, entry: Entry) -> bytes:
+    """signing_bytes(entry) cut out of its canonical encoding instead of re-encoding it.
+
+    Keys are sorted, so the top-level "sig" member is the last string member before "time"
+    and "v" (integers): removing it from the right leaves the canonical unsigned object.
+    """
+    member = b',"sig":"' + base64.b64encode(entry.sig) + b'"'
+    head, found, tail = data.rpartition(member)
+    return SIGNING_PREFIX + head + tail if found else signing_bytes(entry)
+
+
+def verify_entry_signature(
+    entry: Entry, public_key: Ed25519PublicKey, canonical: bytes | None = None
+) -> None:
+    """EntryError unless the signature verifies; ``canonical`` (the entry's checked
+    canonical bytes) saves re-encoding it."""
+    message = signing_bytes(entry) if canonical is None else _signing_bytes_of_canonical(canonical, entry)
     try:
-        public_key.verify(entry.sig, signing_bytes(entry))
+        public_key.verify(entry.sig, message)
     except InvalidSignature:
         raise EntryError(
             f"signature of {entry.origin} entry {entry.index} does not verify with the origin's key"
@@ -213,7 +229,7 @@ def check_entry(
             f"entry {index} has a wrong previous hash {entry.prev.hex()[:16]}…, "
             f"expected {prev.hex()[:16]}…"
         )
-    verify_entry_signature(entry, public_key)
+    verify_entry_signature(entry, public_key, canonical=data)
     return entry
 
 
