@@ -31,11 +31,30 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dicomledger.ledger import merkle
-from dicomledger.ledger.checkpoint import Checkpoint, format_checkpoint
-from dicomledger.ledger.entries import ZERO_HASH, decode_entry, sign_entry
+from dicomledger.ledger.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    format_checkpoint,
+    parse_checkpoint,
+)
+from dicomledger.ledger.entries import (
+    ZERO_HASH,
+    Entry,
+    EntryError,
+    check_entry,
+    decode_entry,
+    sign_entry,
+)
 from dicomledger.ledger.identity import Identity
-from dicomledger.ledger.merkle import NodeID
-from dicomledger.ledger.note import Note, format_note, sign_note_text
+from dicomledger.ledger.merkle import Frontier, NodeID
+from dicomledger.ledger.note import (
+    Note,
+    NoteError,
+    format_note,
+    parse_note,
+    sign_note_text,
+    verify_note_signature,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -280,40 +299,23 @@ class _Pending:
     future: asyncio.Future[Appended]
 
 
-class LogWriter:
-    """The single writer of one origin's log, with group commit.
+class _ThreadWriter:
+    """A writer with its own thread and plain sqlite3 connection.
 
-    Appenders queue on the event loop. Each batch is signed, hashed and committed on the
-    writer's own thread and SQLite connection in one hop (five aiosqlite round trips per
-    commit cost more than the commit's fsync), so the loop never blocks on it and readers,
-    on the store's connection, never see half a batch.
+    A batch is written in one thread hop (aiosqlite would take one per statement and let
+    other coroutines' statements interleave); readers, on the store's aiosqlite
+    connection, never see half a batch.
     """
 
-    def __init__(self, store: LedgerStore, identity: Identity, max_batch: int = 2000) -> None:
+    def __init__(self, store: LedgerStore, name: str) -> None:
         self.store = store
-        self.identity = identity
-        self.max_batch = max_batch
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
-        self._db: sqlite3.Connection | None = None  # used on the writer thread only
-        self._origin_id = 0
-        self.size = 0  # committed entries
-        self._last_leaf = ZERO_HASH
-        self._last_time = 0
-        # frontier[level] = (idx, hash) of the newest complete node at that level
-        self._frontier: dict[int, tuple[int, bytes]] = {}
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._db: sqlite3.Connection | None = None  # used on self._thread only
 
     async def _on_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
-    async def start(self) -> None:
-        info = await self.store.ensure_origin(self.identity.origin, self.identity.public_key)
-        self._origin_id = info.id
-        await self._on_thread(self._open)
-        self._task = asyncio.create_task(self._run(), name=f"ledger-writer {info.name}")
-
-    def _open(self) -> None:
+    def _connect(self) -> None:
         try:
             db = sqlite3.connect(self.store.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -322,32 +324,101 @@ class LogWriter:
         except sqlite3.Error as exc:
             raise LedgerStoreError(f"cannot open ledger database {self.store.path}: {exc}") from None
         self._db = db
-        self._load_state()
 
-    def _load_state(self) -> None:
+    async def _close(self) -> None:
+        if self._db is not None:
+            await self._on_thread(self._db.close)
+            self._db = None
+        self._thread.shutdown()
+
+    def _frontier(self, origin_id: int, origin: str) -> tuple[Frontier, bytes | None]:
+        """Writer thread: the stored tree's frontier and the last entry's bytes."""
         assert self._db is not None
-        oid = self._origin_id
-        row = self._db.execute("SELECT MAX(idx) FROM entries WHERE origin_id = ?", (oid,)).fetchone()
+        row = self._db.execute("SELECT MAX(idx) FROM entries WHERE origin_id = ?", (origin_id,)).fetchone()
         size = 0 if row[0] is None else row[0] + 1
-        self._frontier, self._last_leaf, self._last_time = {}, ZERO_HASH, 0
-        for level in range(size.bit_length()):
-            idx = (size >> level) - 1
+        nodes: dict[NodeID, bytes] = {}
+        for level, idx in Frontier.needed_nodes(size):
             node = self._db.execute(
-                "SELECT hash FROM nodes WHERE origin_id = ? AND level = ? AND idx = ?", (oid, level, idx)
+                "SELECT hash FROM nodes WHERE origin_id = ? AND level = ? AND idx = ?",
+                (origin_id, level, idx),
             ).fetchone()
             if node is None:
                 raise LedgerStoreError(
                     f"ledger database {self.store.path} lacks Merkle node ({level}, {idx}) of "
-                    f"{self.identity.origin}; run `dicomledger verify`"
+                    f"{origin}; run `dicomledger verify`"
                 )
-            self._frontier[level] = (idx, bytes(node[0]))
+            nodes[(level, idx)] = bytes(node[0])
+        last = None
         if size:
-            self._last_leaf = self._frontier[0][1]
-            (data,) = self._db.execute(
-                "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (oid, size - 1)
+            (last,) = self._db.execute(
+                "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (origin_id, size - 1)
             ).fetchone()
-            self._last_time = decode_entry(bytes(data)).time_ms
-        self.size = size
+        return Frontier.from_nodes(size, nodes), None if last is None else bytes(last)
+
+    def _write(
+        self,
+        entries_rows: list[tuple[int, int, bytes]],
+        node_rows: list[tuple[int, int, int, bytes]],
+        key_rows: list[tuple[str, int, int]],
+        checkpoint_row: tuple[int, int, bytes] | None = None,
+    ) -> None:
+        """Writer thread: one transaction; sqlite3.Error/OSError propagate after rollback."""
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO entries (origin_id, idx, data) VALUES (?, ?, ?)", entries_rows)
+            db.executemany("INSERT INTO nodes (origin_id, level, idx, hash) VALUES (?, ?, ?, ?)", node_rows)
+            if key_rows:
+                db.executemany(
+                    "INSERT OR IGNORE INTO entry_keys (key, origin_id, idx) VALUES (?, ?, ?)", key_rows
+                )
+            if checkpoint_row is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO checkpoints (origin_id, size, note) VALUES (?, ?, ?)",
+                    checkpoint_row,
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+
+class LogWriter(_ThreadWriter):
+    """The single writer of this gateway's own log, with group commit: appenders queue on
+    the event loop; each batch is signed, hashed and committed on the writer's thread."""
+
+    def __init__(self, store: LedgerStore, identity: Identity, max_batch: int = 2000) -> None:
+        super().__init__(store, "ledger-writer")
+        self.identity = identity
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._origin_id = 0
+        self._tree = Frontier()  # committed entries only
+        self._last_leaf = ZERO_HASH
+        self._last_time = 0
+
+    @property
+    def size(self) -> int:
+        """Entries committed so far."""
+        return self._tree.size
+
+    async def start(self) -> None:
+        info = await self.store.ensure_origin(self.identity.origin, self.identity.public_key)
+        self._origin_id = info.id
+        await self._on_thread(self._open)
+        self._task = asyncio.create_task(self._run(), name=f"ledger-writer {info.name}")
+
+    def _open(self) -> None:
+        self._connect()
+        self._load_state()
+
+    def _load_state(self) -> None:
+        self._tree, last = self._frontier(self._origin_id, self.identity.origin)
+        self._last_leaf = self._tree.newest[0][1] if self._tree.size else ZERO_HASH
+        self._last_time = decode_entry(last).time_ms if last is not None else 0
 
     async def stop(self) -> None:
         """Finish everything queued, then stop."""
@@ -360,10 +431,7 @@ class LogWriter:
         except asyncio.CancelledError:
             pass
         self._task = None
-        if self._db is not None:
-            await self._on_thread(self._db.close)
-            self._db = None
-        self._thread.shutdown()
+        await self._close()
 
     async def append(
         self, kind: str, payload: Mapping[str, Any], keys: Sequence[str] = ()
@@ -401,21 +469,20 @@ class LogWriter:
         self, items: list[tuple[str, Mapping[str, Any], tuple[str, ...]]]
     ) -> list[Appended | Exception]:
         """Writer thread: sign, hash and commit a batch; per-item results in order."""
-        db = self._db
-        assert db is not None
         entries_rows: list[tuple[int, int, bytes]] = []
         node_rows: list[tuple[int, int, int, bytes]] = []
         key_rows: list[tuple[str, int, int]] = []
         results: list[Appended | Exception] = []
         oid = self._origin_id
-        size, last_leaf, last_time = self.size, self._last_leaf, self._last_time
-        frontier = dict(self._frontier)
+        tree = self._tree.copy()
+        last_leaf, last_time = self._last_leaf, self._last_time
         for kind, payload, keys in items:
             now = max(int(time.time() * 1000), last_time)
+            index = tree.size
             try:
                 _, data = sign_entry(
                     origin=self.identity.origin,
-                    index=size,
+                    index=index,
                     prev=last_leaf,
                     time_ms=now,
                     kind=kind,
@@ -426,55 +493,102 @@ class LogWriter:
                 results.append(exc)
                 continue
             leaf = merkle.leaf_hash(data)
-            entries_rows.append((oid, size, data))
-            node_rows.append((oid, 0, size, leaf))
-            # Bottom-up: each new complete node's left child is the previous newest
-            # complete node one level down, its right child the node completed just now.
-            previous = frontier.get(0)
-            frontier[0] = (size, leaf)
-            h = leaf
-            for level, idx in merkle.nodes_added_by_append(size):
-                assert previous is not None and previous[0] == 2 * idx
-                h = merkle.node_hash(previous[1], h)
-                node_rows.append((oid, level, idx, h))
-                previous = frontier.get(level)
-                frontier[level] = (idx, h)
-            key_rows += [(k, oid, size) for k in keys]
-            results.append(Appended(self.identity.origin, size, leaf, now, data))
-            size, last_leaf, last_time = size + 1, leaf, now
+            entries_rows.append((oid, index, data))
+            node_rows += [(oid, level, idx, h) for (level, idx), h in tree.append(leaf)]
+            key_rows += [(k, oid, index) for k in keys]
+            results.append(Appended(self.identity.origin, index, leaf, now, data))
+            last_leaf, last_time = leaf, now
         if not entries_rows:
             return results
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("INSERT INTO entries (origin_id, idx, data) VALUES (?, ?, ?)", entries_rows)
-                db.executemany(
-                    "INSERT INTO nodes (origin_id, level, idx, hash) VALUES (?, ?, ?, ?)", node_rows
-                )
-                if key_rows:
-                    db.executemany(
-                        "INSERT OR IGNORE INTO entry_keys (key, origin_id, idx) VALUES (?, ?, ?)",
-                        key_rows,
-                    )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            self._write(entries_rows, node_rows, key_rows)
         except (sqlite3.Error, OSError) as exc:
             log.error("ledger commit failed: %s", exc)
             self._load_state()
             raise LedgerStoreError(
                 f"ledger write failed ({exc}); check disk space and {self.store.path}"
             ) from None
-        self.size, self._last_leaf, self._last_time = size, last_leaf, last_time
-        self._frontier = frontier
+        self._tree, self._last_leaf, self._last_time = tree, last_leaf, last_time
         return results
 
     async def sign_checkpoint(self) -> tuple[int, bytes]:
         """Sign and store a checkpoint of the log as committed now; returns (size, note)."""
         size = self.size
         return size, await sign_checkpoint(self.store, self.identity, size)
+
+
+class ReplicaError(ValueError):
+    """Entries offered for another origin's log were refused; nothing was stored."""
+
+
+class ReplicaWriter(_ThreadWriter):
+    """Appends other origins' entries to their replica logs, verified before anything is stored.
+
+    Entries must extend the local copy exactly up to a checkpoint signed by the origin:
+    each entry is checked (canonical, in sequence, chained, signed by the origin) and the
+    extended tree's root must equal the checkpoint's. Any failure stores nothing.
+    """
+
+    def __init__(
+        self, store: LedgerStore, keys_of: Callable[[Entry], Sequence[str]] | None = None
+    ) -> None:
+        super().__init__(store, "replica-writer")
+        self._keys_of = keys_of
+
+    async def start(self) -> None:
+        await self._on_thread(self._connect)
+
+    async def stop(self) -> None:
+        await self._close()
+
+    async def append_verified(self, origin: str, entries: Sequence[bytes], checkpoint_note: bytes) -> int:
+        """Store ``entries`` (the next ones of ``origin``'s log) and the checkpoint they
+        reach; returns the replica's new size. ReplicaError says why it refused."""
+        info = await self.store.origin(origin)
+        if info is None:
+            raise ReplicaError(f"origin {origin!r} is not a known log; add its key before replicating it")
+        return await self._on_thread(self._append, info, list(entries), checkpoint_note)
+
+    def _append(self, info: OriginInfo, entries: list[bytes], checkpoint_note: bytes) -> int:
+        try:
+            note = parse_note(checkpoint_note)
+            cp = parse_checkpoint(note.text)
+        except (NoteError, CheckpointError) as exc:
+            raise ReplicaError(f"checkpoint of {info.name} is malformed: {exc}") from None
+        if cp.origin != info.name:
+            raise ReplicaError(f"checkpoint is for {cp.origin!r}, not {info.name!r}")
+        if not verify_note_signature(note, info.name, info.public_key):
+            raise ReplicaError(f"checkpoint of {info.name} is not signed by its key")
+        tree, last = self._frontier(info.id, info.name)
+        if tree.size + len(entries) != cp.size:
+            raise ReplicaError(
+                f"{len(entries)} entries after our {tree.size} of {info.name} do not reach "
+                f"its checkpoint size {cp.size}"
+            )
+        prev = merkle.leaf_hash(last) if last is not None else ZERO_HASH
+        entries_rows, node_rows, key_rows = [], [], []
+        for data in entries:
+            index = tree.size
+            try:
+                entry = check_entry(data, origin=info.name, index=index, prev=prev, public_key=info.public_key)
+            except EntryError as exc:
+                raise ReplicaError(f"{info.name} entry {index}: {exc}") from None
+            prev = merkle.leaf_hash(data)
+            entries_rows.append((info.id, index, data))
+            node_rows += [(info.id, level, idx, h) for (level, idx), h in tree.append(prev)]
+            if self._keys_of is not None:
+                key_rows += [(k, info.id, index) for k in self._keys_of(entry)]
+        if tree.root() != cp.root_hash:
+            raise ReplicaError(
+                f"entries of {info.name} up to {cp.size} do not match its signed checkpoint's root"
+            )
+        try:
+            self._write(entries_rows, node_rows, key_rows, (info.id, cp.size, checkpoint_note))
+        except sqlite3.IntegrityError:
+            raise ReplicaError(f"entries of {info.name} were stored meanwhile; retry from the new size") from None
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerStoreError(f"ledger write failed ({exc}); check disk space and {self.store.path}") from None
+        return cp.size
 
 
 async def sign_checkpoint(store: LedgerStore, identity: Identity, size: int) -> bytes:

@@ -20,7 +20,8 @@ in-memory list, for tests and small trees.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 NodeID = tuple[int, int]
 
@@ -203,6 +204,55 @@ def nodes_added_by_append(size_before: int) -> list[NodeID]:
         out.append((level, size_before >> level))
         level += 1
     return out
+
+
+@dataclass
+class Frontier:
+    """The right edge of a growing tree: for each level, the newest complete node.
+
+    Enough to append leaves and to compute the root without reading anything else; the
+    nodes appending creates are returned so storage can keep them for later proofs.
+    """
+
+    size: int = 0
+    newest: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # level -> (index, hash)
+
+    def copy(self) -> Frontier:
+        return Frontier(self.size, dict(self.newest))
+
+    def append(self, leaf: bytes) -> list[tuple[NodeID, bytes]]:
+        """Add leaf number ``size``; returns every node it completes, the leaf first."""
+        index = self.size
+        created: list[tuple[NodeID, bytes]] = [((0, index), leaf)]
+        # Bottom-up: each new node's left child is the previous newest node one level
+        # down, its right child the node completed just now.
+        previous = self.newest.get(0)
+        self.newest[0] = (index, leaf)
+        h = leaf
+        for level, idx in nodes_added_by_append(index):
+            assert previous is not None and previous[0] == 2 * idx
+            h = node_hash(previous[1], h)
+            created.append(((level, idx), h))
+            previous = self.newest.get(level)
+            self.newest[level] = (idx, h)
+        self.size += 1
+        return created
+
+    def root(self) -> bytes:
+        """MTH of the first ``size`` leaves: the complete nodes of root_plan(size) are
+        exactly the newest nodes at the levels of size's set bits."""
+        if self.size == 0:
+            return EMPTY_ROOT
+        return fold_range([self.newest[level][1] for level, _ in root_plan(self.size)])
+
+    @classmethod
+    def needed_nodes(cls, size: int) -> list[NodeID]:
+        """The stored nodes a frontier of a tree of ``size`` leaves is made of."""
+        return [(level, (size >> level) - 1) for level in range(size.bit_length())]
+
+    @classmethod
+    def from_nodes(cls, size: int, nodes: Mapping[NodeID, bytes]) -> Frontier:
+        return cls(size, {level: (idx, nodes[(level, idx)]) for level, idx in cls.needed_nodes(size)})
 
 
 def _check_hash(what: str, h: bytes) -> None:
