@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dicomledger.config import AE_TITLE_RE, Config, ConfigError, load_config
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
+from dicomledger.ledger.peer_tls import create_tls_identity
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -60,6 +61,25 @@ secret_file = "keys/consortium.secret"
 
 [logging]
 level = "info"
+
+[peering]
+# The peer API the other gateways of the consortium reach: HTTPS with mutual TLS, each side
+# pinning the other's certificate. Peers not listed below cannot connect.
+host = "{host}"
+port = {peer_port}
+tls_cert = "keys/peer-tls.crt"
+tls_key = "keys/peer-tls.key"
+# Seconds between gossip rounds, and how many peers one round contacts.
+gossip_interval = 1.0
+fanout = 3
+
+# One [[peers]] table per other gateway: its origin, peer API address, verifier key (the line
+# in its trust.txt) and pinned TLS certificate (a copy of its keys/peer-tls.crt).
+# [[peers]]
+# origin = "hospital-b.example/dicomledger"
+# address = "192.0.2.20:12112"
+# vkey = "hospital-b.example/dicomledger+1234abcd+AW..."
+# tls_cert = "peers/hospital-b.crt"
 """
 
 
@@ -88,10 +108,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secret + b"\n")
+    create_tls_identity(directory / "keys" / "peer-tls.crt", directory / "keys" / "peer-tls.key", origin)
     allowed = ", ".join(f'"{a}"' for a in args.allow)
+    peer_port = args.peer_port or (args.port + 1000 if args.port + 1000 <= 65535 else args.port - 1000)
     config_path.write_text(
         CONFIG_TEMPLATE.format(
-            ae_title=args.ae_title, host=args.host, port=args.port, allowed=allowed, origin=origin
+            ae_title=args.ae_title, host=args.host, port=args.port, allowed=allowed, origin=origin,
+            peer_port=peer_port,
         )
     )
     identity = Identity(origin, key)
@@ -231,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", action="append", default=None, metavar="AE",
                    help="calling AE allowed to connect (repeat; default: STORESCU and ECHOSCU)")
     p.add_argument("--secret-file", help="copy the consortium pseudonym secret from this file")
+    p.add_argument("--peer-port", type=int, help="port of the peer API (default: DICOM port + 1000)")
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help_)

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from dicomledger.ledger.note import NoteError, parse_verifier_key
+
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no controls
 
 
@@ -52,6 +56,27 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class PeerConfig:
+    origin: str  # the peer's log origin, also its signed-note key name
+    host: str
+    port: int
+    public_key: Ed25519PublicKey  # from its verifier key (vkey)
+    tls_cert: bytes  # its pinned TLS certificate (PEM)
+
+
+@dataclass(frozen=True)
+class PeeringConfig:
+    host: str
+    port: int
+    tls_cert: Path
+    tls_key: Path
+    gossip_interval: float
+    fanout: int
+    max_message_bytes: int
+    peers: tuple[PeerConfig, ...]
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     gateway: GatewayConfig
@@ -59,6 +84,7 @@ class Config:
     storage: StorageConfig
     pseudonym_secret_file: Path
     log_level: str
+    peering: PeeringConfig | None = None
 
     def pseudonym_secret(self) -> bytes:
         try:
@@ -138,7 +164,7 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
-    known = {"gateway", "ledger", "storage", "pseudonyms", "logging"}
+    known = {"gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers"}
     for table in raw:
         if table not in known:
             raise ConfigError(f"{path}: [{table}] is not a known section; known: {', '.join(sorted(known))}")
@@ -190,4 +216,53 @@ def load_config(path: str | Path) -> Config:
         raise lo._fail("level", f"is {level!r}; use debug, info, warning or error")
     lo.done()
 
-    return Config(path, gateway, ledger, storage, secret_file, level)
+    return Config(path, gateway, ledger, storage, secret_file, level, _peering(path, raw, ledger.origin))
+
+
+def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig | None:
+    if "peering" not in raw:
+        if raw.get("peers"):
+            raise ConfigError(f"{path}: [[peers]] are listed but there is no [peering] section to reach them from")
+        return None
+    pe = _Section(path, "peering", raw["peering"])
+    peering = PeeringConfig(
+        host=pe.get("host", str, "127.0.0.1"),
+        port=pe.int_in("port", 1, 65535),
+        tls_cert=pe.path_("tls_cert"),
+        tls_key=pe.path_("tls_key"),
+        gossip_interval=pe.get("gossip_interval", float, 1.0),
+        fanout=pe.int_in("fanout", 1, 100, 3),
+        max_message_bytes=pe.int_in("max_message_bytes", 1024, 2**30, 8 * 2**20),
+        peers=(),
+    )
+    pe.done()
+    if peering.gossip_interval <= 0:
+        raise pe._fail("gossip_interval", "must be positive seconds")
+    peers_raw = raw.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError(f"{path}: peers must be an array of tables: write [[peers]]")
+    peers = []
+    for i, item in enumerate(peers_raw):
+        sec = _Section(path, f"peers[{i}]", item)
+        origin = sec.get("origin", str)
+        host, _, port = sec.get("address", str).rpartition(":")
+        if not host or not port.isdigit():
+            raise sec._fail("address", "must be host:port, e.g. 192.0.2.10:7443")
+        try:
+            name, public_key = parse_verifier_key(sec.get("vkey", str))
+        except NoteError as exc:
+            raise sec._fail("vkey", f"is not a verifier key ({exc}); copy the peer's trust.txt line") from None
+        if name != origin:
+            raise sec._fail("vkey", f"names {name!r} but origin is {origin!r}")
+        if origin == own_origin:
+            raise sec._fail("origin", "is this gateway's own origin")
+        cert_path = sec.path_("tls_cert")
+        try:
+            cert = cert_path.read_bytes()
+        except OSError as exc:
+            raise sec._fail("tls_cert", f"{cert_path} cannot be read ({exc.strerror}); copy the peer's peer-tls.crt there") from None
+        sec.done()
+        peers.append(PeerConfig(origin, host, int(port), public_key, cert))
+    if len({p.origin for p in peers}) != len(peers):
+        raise ConfigError(f"{path}: the same origin is listed twice under [[peers]]")
+    return PeeringConfig(**{**peering.__dict__, "peers": tuple(peers)})
