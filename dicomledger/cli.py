@@ -241,6 +241,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return status(config)
 
 
+def cmd_peers(args: argparse.Namespace, config: Config) -> int:
+    from dicomledger.status import peers
+
+    return peers(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomledger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("serve", "run the gateway")
     with_config("verify", "re-check the whole local ledger database")
     with_config("status", "show the ledger and store state")
+    with_config("peers", "show each peer: reachable, last contact, how much of its log we hold, flagged")
     p = with_config("prove", "write a self-contained inclusion proof of one entry")
     p.add_argument("--entry", type=int, required=True)
     p.add_argument("--origin")
@@ -295,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "prove": cmd_prove,
             "verify-file": cmd_verify_file,
             "status": cmd_status,
+            "peers": cmd_peers,
         }[args.command]
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:

@@ -37,7 +37,8 @@ from dicomledger.dicom.scp import (
 )
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.ledger import merkle
-from dicomledger.ledger.entries import IMAGE_ANCHORED, decode_entry
+from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, decode_entry
+from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.pseudonym import pseudonym
@@ -50,6 +51,20 @@ def anchor_keys(hashes_sha256: bytes, decoded: bytes | None, instance_pseudonym:
     keys = [f"sha256:{hashes_sha256.hex()}", f"instance:{instance_pseudonym}"]
     if decoded is not None:
         keys.append(f"decoded:{decoded.hex()}")
+    return keys
+
+
+def replica_keys(entry: Entry) -> list[str]:
+    """Lookup keys for another gateway's entry, as its author attached them to its own."""
+    p = entry.payload
+    if entry.kind != IMAGE_ANCHORED or not isinstance(p.get("sha256"), str):
+        return []
+    decoded = p.get("decoded_sha256")
+    keys = [f"sha256:{p['sha256']}"]
+    if isinstance(p.get("instance"), str):
+        keys.append(f"instance:{p['instance']}")
+    if isinstance(decoded, str):
+        keys.append(f"decoded:{decoded}")
     return keys
 
 
@@ -103,6 +118,7 @@ class Gateway:
         self.writer: LogWriter | None = None
         self.index: Index | None = None
         self.server: DicomServer | None = None
+        self.peers: PeerService | None = None
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
         self._locks = [asyncio.Lock() for _ in range(64)]
         self._checkpointer: asyncio.Task[None] | None = None
@@ -121,6 +137,9 @@ class Gateway:
         await self.writer.start()
         self.index = await Index.open(cfg.storage.index)
         await self._reconcile()
+        if cfg.peering is not None:
+            self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer, replica_keys)
+            await self.peers.start()
         g = cfg.gateway
         self.server = DicomServer(
             ae_title=g.ae_title,
@@ -148,6 +167,8 @@ class Gateway:
     async def stop(self) -> None:
         if self.server is not None:
             await asyncio.to_thread(self.server.stop)
+        if self.peers is not None:
+            await self.peers.stop()
         if self._checkpointer is not None:
             self._checkpointer.cancel()
         if self.writer is not None:

@@ -38,3 +38,39 @@ def status(config: Config) -> int:
     for line in asyncio.run(_status(config)):
         print(line)
     return 0
+
+
+async def _peers(config: Config) -> list[str]:
+    from dicomledger.ledger.log import ConsortiumState
+
+    if config.peering is None:
+        return ["no [peering] section: this gateway runs alone"]
+    store = await LedgerStore.open(config.ledger.database)
+    try:
+        state = ConsortiumState(store)
+        flagged = await state.flagged()
+        lines = []
+        for peer in config.peering.peers:
+            status = await state.peer_status(peer.origin)
+            known = await store.origin(peer.origin) is not None
+            held = await store.size(peer.origin) if known else 0
+            cp = await store.latest_checkpoint(peer.origin) if known else None
+            reach = "never contacted" if status is None else ("reachable" if status.reachable else "UNREACHABLE")
+            parts = [
+                f"{peer.origin} at {peer.host}:{peer.port}: {reach}",
+                f"last contact {status.last_contact}" if status and status.last_contact else "",
+                f"we hold {held} entries of its newest checkpoint {cp[0] if cp else 'none'}",
+                f"its own checkpoint size {status.their_size}" if status and status.their_size is not None else "",
+                "FLAGGED: equivocation evidence held" if peer.origin in flagged else "not flagged",
+                f"last error: {status.error}" if status and status.error else "",
+            ]
+            lines.append("; ".join(p for p in parts if p))
+        return lines
+    finally:
+        await store.close()
+
+
+def peers(config: Config) -> int:
+    for line in asyncio.run(_peers(config)):
+        print(line)
+    return 0

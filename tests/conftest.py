@@ -38,18 +38,45 @@ def dcmtk(tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedPr
 
 
 class GatewayProcess:
-    def __init__(self, directory: Path, ae_title: str = "GATEWAY", allow: tuple[str, ...] = ("STORESCU", "ECHOSCU")) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ae_title: str = "GATEWAY",
+        allow: tuple[str, ...] = ("STORESCU", "ECHOSCU"),
+        secret_file: Path | None = None,
+    ) -> None:
         self.dir = directory
         self.ae_title = ae_title
         self.port = free_port()
+        self.peer_port = free_port()
+        self.origin = f"{ae_title.lower()}.test/dicomledger"
         args = ["init", "--dir", str(directory), "--ae-title", ae_title, "--port", str(self.port),
-                "--origin", f"{ae_title.lower()}.test/dicomledger"]
+                "--origin", self.origin, "--peer-port", str(self.peer_port)]
+        if secret_file is not None:
+            args += ["--secret-file", str(secret_file)]
         for ae in allow:
             args += ["--allow", ae]
         dicomledger(*args, check=True)
         self.config = directory / "config.toml"
         self.log_path = directory / "gateway.log"
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def vkey(self) -> str:
+        return (self.dir / "trust.txt").read_text().splitlines()[1]
+
+    def add_peer(self, other: GatewayProcess) -> None:
+        """List ``other`` under [[peers]] in this gateway's config (restart to apply)."""
+        with open(self.config, "a") as f:
+            f.write(
+                f'\n[[peers]]\norigin = "{other.origin}"\naddress = "127.0.0.1:{other.peer_port}"\n'
+                f'vkey = "{other.vkey}"\ntls_cert = "{other.dir / "keys" / "peer-tls.crt"}"\n'
+            )
+
+    def set(self, old: str, new: str) -> None:
+        text = self.config.read_text()
+        assert old in text, old
+        self.config.write_text(text.replace(old, new, 1))
 
     def start(self) -> None:
         self.log_file = open(self.log_path, "ab")
@@ -99,6 +126,21 @@ class GatewayProcess:
     def storescu(self, *paths: Path | str, aet: str = "STORESCU", options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         return dcmtk("storescu", "-v", "-aet", aet, "-aec", self.ae_title, *options,
                      "127.0.0.1", str(self.port), *map(str, paths))
+
+
+def consortium(tmp_path: Path, n: int, gossip_interval: float = 0.2) -> list[GatewayProcess]:
+    """n gateways (not started) that list each other as peers and share a pseudonym secret."""
+    secret = tmp_path / "consortium.secret"
+    secret.write_text("ab" * 32)
+    names = [f"GW{chr(ord('A') + i)}" for i in range(n)]
+    gateways = [GatewayProcess(tmp_path / name, ae_title=name, secret_file=secret) for name in names]
+    for gw in gateways:
+        gw.set("gossip_interval = 1.0", f"gossip_interval = {gossip_interval}")
+        gw.set("checkpoint_interval = 2.0", "checkpoint_interval = 0.3")
+        for other in gateways:
+            if other is not gw:
+                gw.add_peer(other)
+    return gateways
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ from dicomledger.ledger.merkle import Frontier, NodeID
 from dicomledger.ledger.note import (
     Note,
     NoteError,
+    Signature,
     format_note,
     parse_note,
     sign_note_text,
@@ -84,6 +85,25 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     note BLOB NOT NULL,
     PRIMARY KEY (origin_id, size)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS witness_state (
+    origin TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    root BLOB NOT NULL,
+    note BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evidence (
+    origin TEXT NOT NULL,
+    data BLOB NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (origin, data)
+);
+CREATE TABLE IF NOT EXISTS peer_status (
+    origin TEXT PRIMARY KEY,
+    reachable INTEGER NOT NULL,
+    last_contact TEXT,
+    their_size INTEGER,
+    error TEXT
+);
 CREATE TABLE IF NOT EXISTS entry_keys (
     key TEXT NOT NULL,
     origin_id INTEGER NOT NULL,
@@ -277,6 +297,22 @@ class LedgerStore:
             (oid, size, note),
         )
 
+    async def add_cosignature(self, origin: str, size: int, cosignature: Signature) -> bool:
+        """Add a witness's cosignature line to the stored checkpoint note; True if added."""
+        oid = await self._origin_id(origin)
+        async with self.db.execute(
+            "SELECT note FROM checkpoints WHERE origin_id = ? AND size = ?", (oid, size)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return False
+        note = parse_note(bytes(row[0]))
+        if any(s.name == cosignature.name and s.key_id == cosignature.key_id for s in note.signatures):
+            return False
+        updated = format_note(Note(note.text, (*note.signatures, cosignature)))
+        await self.store_checkpoint(origin, size, updated)
+        return True
+
     async def latest_checkpoint(
         self, origin: str, at_least: int = 0
     ) -> tuple[int, bytes] | None:
@@ -289,6 +325,66 @@ class LedgerStore:
         ) as cur:
             row = await cur.fetchone()
         return None if row is None else (row[0], bytes(row[1]))
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    origin: str
+    reachable: bool
+    last_contact: str | None
+    their_size: int | None
+    error: str | None
+
+
+class ConsortiumState:
+    """What a gateway remembers about its peers: witness state per origin, equivocation
+    evidence (an origin with evidence is flagged), and each peer's last known status."""
+
+    def __init__(self, store: LedgerStore) -> None:
+        self.db = store.db
+
+    async def witness_state(self, origin: str) -> tuple[int, bytes, bytes] | None:
+        async with self.db.execute(
+            "SELECT size, root, note FROM witness_state WHERE origin = ?", (origin,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else (row[0], bytes(row[1]), bytes(row[2]))
+
+    async def save_witness_state(self, origin: str, size: int, root: bytes, note: bytes) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO witness_state (origin, size, root, note) VALUES (?, ?, ?, ?)",
+            (origin, size, root, note),
+        )
+
+    async def add_evidence(self, origin: str, data: bytes, now: str) -> bool:
+        """Keep evidence against ``origin``; True if it was new."""
+        async with self.db.execute(
+            "INSERT OR IGNORE INTO evidence (origin, data, received_at) VALUES (?, ?, ?)",
+            (origin, data, now),
+        ) as cur:
+            return cur.rowcount == 1
+
+    async def evidence(self) -> list[tuple[str, bytes]]:
+        async with self.db.execute("SELECT origin, data FROM evidence ORDER BY received_at") as cur:
+            return [(row[0], bytes(row[1])) for row in await cur.fetchall()]
+
+    async def flagged(self) -> set[str]:
+        return {origin for origin, _ in await self.evidence()}
+
+    async def set_peer_status(self, status: PeerStatus) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO peer_status (origin, reachable, last_contact, their_size, error) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (status.origin, int(status.reachable), status.last_contact, status.their_size, status.error),
+        )
+
+    async def peer_status(self, origin: str) -> PeerStatus | None:
+        async with self.db.execute(
+            "SELECT reachable, last_contact, their_size, error FROM peer_status WHERE origin = ?",
+            (origin,),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else PeerStatus(origin, bool(row[0]), row[1], row[2], row[3])
 
 
 @dataclass

@@ -1,0 +1,440 @@
+"""Replication, witnessing and equivocation detection between the gateways of a consortium.
+
+Peer API (HTTPS, mutual TLS, each side pinning the other's certificate; JSON bodies):
+
+  GET  /v1/checkpoints                   newest checkpoint note we hold per origin (with
+                                         cosignatures), and the equivocation evidence we hold
+  GET  /v1/entries?origin=O&start=S&end=E   entries [S, E) of O's log we hold (at most 1000)
+  GET  /v1/consistency?origin=O&old=M&new=N consistency proof of O's log from M to N
+  POST /v1/add-checkpoint                {"note", "old_size", "proof"}: C2SP tlog-witness
+                                         semantics; 200 {"cosignature"} or an error status
+
+Anti-entropy: every ``gossip_interval`` seconds a gateway asks ``fanout`` random peers for
+their checkpoints, pulls whatever entries it lacks (from that peer, which may relay any
+origin's log), stores them only if they verify (``ReplicaWriter``), asks each peer to cosign
+its own newest checkpoint, and checks every signed checkpoint it sees against the ones it
+holds: two that cannot both be true become evidence, which is kept, served to every peer
+and flags the origin (its new entries are no longer replicated).
+
+Nothing a peer sends is stored before it verifies; bad input is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from dicomledger.config import PeerConfig, PeeringConfig
+from dicomledger.ledger.checkpoint import CheckpointError, parse_checkpoint
+from dicomledger.ledger.entries import Entry
+from dicomledger.ledger.identity import Identity
+from dicomledger.ledger.log import (
+    ConsortiumState,
+    LedgerStore,
+    LedgerStoreError,
+    LogWriter,
+    PeerStatus,
+    ReplicaError,
+    ReplicaWriter,
+)
+from dicomledger.ledger.note import (
+    NoteError,
+    Signature,
+    parse_note,
+    verify_cosignature,
+    verify_note_signature,
+)
+from dicomledger.ledger.peer_tls import client_context, fingerprint, pem_fingerprint, server_context
+from dicomledger.ledger.witness import (
+    InconsistentError,
+    WitnessError,
+    WitnessState,
+    check_equivocation,
+    format_evidence,
+    parse_evidence,
+    witness_checkpoint,
+)
+
+log = structlog.get_logger("dicomledger.gossip")
+
+MAX_ENTRIES_PER_REQUEST = 1000
+
+
+class PeerProtocolError(ValueError):
+    """A peer's message was malformed, oversized or did not verify."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise PeerProtocolError(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise PeerProtocolError(f"{what} is not valid base64") from None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class _Peer:
+    config: PeerConfig
+    cosigned_size: int = 0  # the size this peer last cosigned for our log
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.config.host}:{self.config.port}"
+
+
+class PeerService:
+    def __init__(
+        self,
+        config: PeeringConfig,
+        identity: Identity,
+        store: LedgerStore,
+        own_log: LogWriter,
+        keys_of: Callable[[Entry], Sequence[str]] | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.store = store
+        self.own_log = own_log
+        self.state = ConsortiumState(store)
+        self.replicas = ReplicaWriter(store, keys_of)
+        self.peers = {p.origin: _Peer(p) for p in config.peers}
+        self._by_fingerprint = {pem_fingerprint(p.tls_cert): p.origin for p in config.peers}
+        self._keys = {p.origin: p.public_key for p in config.peers}
+        self._keys[identity.origin] = identity.public_key
+        self._witness_lock = asyncio.Lock()
+        self._origin_locks: dict[str, asyncio.Lock] = {}
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port = config.port
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for peer in self.config.peers:
+            await self.store.ensure_origin(peer.origin, peer.public_key)
+        await self.replicas.start()
+        certs = [p.tls_cert for p in self.config.peers]
+        app = web.Application(client_max_size=self.config.max_message_bytes)
+        app.router.add_get("/v1/checkpoints", self._get_checkpoints)
+        app.router.add_get("/v1/entries", self._get_entries)
+        app.router.add_get("/v1/consistency", self._get_consistency)
+        app.router.add_post("/v1/add-checkpoint", self._post_add_checkpoint)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            self.config.host,
+            self.config.port,
+            ssl_context=server_context(self.config.tls_cert, self.config.tls_key, certs),
+        )
+        await site.start()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                ssl=client_context(self.config.tls_cert, self.config.tls_key, certs), limit=32
+            ),
+            timeout=aiohttp.ClientTimeout(total=30, connect=3),
+        )
+        self._task = asyncio.create_task(self._gossip_loop(), name="gossip")
+        log.info("peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.replicas.stop()
+
+    # -- server side -------------------------------------------------------------------
+
+    def _caller(self, request: web.Request) -> str:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        origin = self._by_fingerprint.get(fingerprint(der)) if der else None
+        if origin is None:  # TLS already refuses unknown certificates; belt and braces
+            raise web.HTTPForbidden(text="unknown peer certificate")
+        return origin
+
+    def _refuse(self, caller: str, status: int, reason: str) -> web.Response:
+        log.warning("peer request refused", peer=caller, status=status, reason=reason)
+        return web.json_response({"error": reason}, status=status)
+
+    async def _get_checkpoints(self, request: web.Request) -> web.Response:
+        self._caller(request)
+        checkpoints = {}
+        for info in await self.store.origins():
+            latest = await self.store.latest_checkpoint(info.name)
+            if latest is not None:
+                checkpoints[info.name] = _b64(latest[1])
+        evidence = [_b64(data) for _, data in await self.state.evidence()]
+        return web.json_response({"checkpoints": checkpoints, "evidence": evidence})
+
+    def _query_ints(self, request: web.Request, *names: str) -> list[int]:
+        try:
+            values = [int(request.query[n]) for n in names]
+        except (KeyError, ValueError):
+            raise PeerProtocolError(f"query needs integer {', '.join(names)}") from None
+        if any(v < 0 for v in values):
+            raise PeerProtocolError("negative sizes")
+        return values
+
+    async def _get_entries(self, request: web.Request) -> web.Response:
+        caller = self._caller(request)
+        try:
+            origin = request.query.get("origin", "")
+            start, end = self._query_ints(request, "start", "end")
+            if await self.store.origin(origin) is None:
+                return self._refuse(caller, 404, f"no log for origin {origin!r}")
+            end = min(end, start + MAX_ENTRIES_PER_REQUEST, await self.store.size(origin))
+            entries = await self.store.entries(origin, start, end) if end > start else []
+        except PeerProtocolError as exc:
+            return self._refuse(caller, 400, str(exc))
+        return web.json_response({"entries": [_b64(e) for e in entries]})
+
+    async def _get_consistency(self, request: web.Request) -> web.Response:
+        caller = self._caller(request)
+        try:
+            origin = request.query.get("origin", "")
+            old, new = self._query_ints(request, "old", "new")
+            if await self.store.origin(origin) is None or not 0 < old <= new <= await self.store.size(origin):
+                return self._refuse(caller, 404, "no such sizes held")
+            proof = await self.store.consistency_proof(origin, old, new)
+        except PeerProtocolError as exc:
+            return self._refuse(caller, 400, str(exc))
+        return web.json_response({"proof": [_b64(h) for h in proof]})
+
+    async def _post_add_checkpoint(self, request: web.Request) -> web.Response:
+        """C2SP tlog-witness add-checkpoint: a peer asks us to cosign its checkpoint."""
+        caller = self._caller(request)
+        try:
+            body = json.loads(await request.read())
+            if not isinstance(body, dict):
+                raise PeerProtocolError("body must be a JSON object")
+            note = _unb64(body.get("note"), "note")
+            old_size = body.get("old_size")
+            if not isinstance(old_size, int) or isinstance(old_size, bool) or old_size < 0:
+                raise PeerProtocolError("old_size must be a non-negative integer")
+            proof_raw = body.get("proof")
+            if not isinstance(proof_raw, list) or len(proof_raw) > 63:
+                raise PeerProtocolError("proof must be a list of at most 63 hashes")
+            proof = [_unb64(h, "proof hash") for h in proof_raw]
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return self._refuse(caller, 400, "body is not JSON")
+        except PeerProtocolError as exc:
+            return self._refuse(caller, 400, str(exc))
+        async with self._witness_lock:  # read, check and update the state atomically
+            stored = await self.state.witness_state(caller)
+            state = WitnessState(caller, *stored) if stored else None
+            try:
+                cosignature, new_state = witness_checkpoint(
+                    note=note,
+                    old_size=old_size,
+                    consistency_proof=proof,
+                    state=state,
+                    logs={caller: self._keys[caller]},  # a peer submits its own checkpoints
+                    witness_name=self.identity.origin,
+                    witness_key=self.identity.private_key,
+                    now=int(time.time()),
+                )
+            except InconsistentError as exc:
+                if exc.evidence is not None:
+                    await self._evidence_found(format_evidence(exc.evidence), exc.evidence.origin, caller)
+                return self._refuse(caller, exc.status, str(exc))
+            except WitnessError as exc:
+                body = {"error": str(exc)}
+                if getattr(exc, "size", None) is not None:
+                    body["size"] = exc.size  # type: ignore[attr-defined]
+                log.warning("peer request refused", peer=caller, status=exc.status, reason=str(exc))
+                return web.json_response(body, status=exc.status)
+            await self.state.save_witness_state(caller, new_state.size, new_state.root_hash, new_state.note)
+        return web.json_response(
+            {"name": cosignature.name, "cosignature": _b64(cosignature.key_id + cosignature.data)}
+        )
+
+    # -- client side -------------------------------------------------------------------
+
+    async def _fetch(self, peer: _Peer, path: str, *, post: Any = None) -> tuple[int, Any]:
+        assert self._session is not None
+        method = self._session.post if post is not None else self._session.get
+        async with method(peer.url + path, json=post) as resp:
+            raw = bytearray()
+            async for chunk in resp.content.iter_chunked(65536):
+                raw += chunk
+                if len(raw) > self.config.max_message_bytes:
+                    raise PeerProtocolError(f"response above {self.config.max_message_bytes} bytes")
+            try:
+                return resp.status, json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise PeerProtocolError(f"{path}: response is not JSON (status {resp.status})") from None
+
+    async def _gossip_loop(self) -> None:
+        while True:
+            peers = list(self.peers.values())
+            for peer in random.sample(peers, min(self.config.fanout, len(peers))):
+                await self.gossip_with(peer)
+            await asyncio.sleep(self.config.gossip_interval)
+
+    async def gossip_with(self, peer: _Peer) -> None:
+        origin = peer.config.origin
+        try:
+            status, body = await self._fetch(peer, "/v1/checkpoints")
+            if status != 200 or not isinstance(body, dict):
+                raise PeerProtocolError(f"checkpoints: status {status}")
+            for data in body.get("evidence", []) if isinstance(body.get("evidence"), list) else []:
+                await self._consider_evidence(_unb64(data, "evidence"), origin)
+            checkpoints = body.get("checkpoints")
+            if not isinstance(checkpoints, dict):
+                raise PeerProtocolError("checkpoints must be an object")
+            for cp_origin, note in checkpoints.items():
+                if cp_origin in self._keys and cp_origin != self.identity.origin:
+                    await self._consider_checkpoint(cp_origin, _unb64(note, "checkpoint"), peer)
+            their = checkpoints.get(origin)
+            await self._ask_cosignature(peer)
+            size = parse_checkpoint(parse_note(_unb64(their, "checkpoint")).text).size if their else None
+            await self.state.set_peer_status(PeerStatus(origin, True, _now(), size, None))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            await self.state.set_peer_status(PeerStatus(origin, False, None, None, f"unreachable: {exc!s}"[:300]))
+            log.info("peer unreachable", peer=origin, error=str(exc)[:200])
+        except (PeerProtocolError, NoteError, CheckpointError, LedgerStoreError) as exc:
+            await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
+            log.warning("peer message rejected", peer=origin, reason=str(exc))
+        except Exception as exc:  # a bug must not end gossip: log it loudly and go on
+            log.exception("gossip round failed", peer=origin, error=f"{type(exc).__name__}: {exc}")
+
+    def _lock(self, origin: str) -> asyncio.Lock:
+        return self._origin_locks.setdefault(origin, asyncio.Lock())
+
+    async def _consider_checkpoint(self, origin: str, note_bytes: bytes, source: _Peer) -> None:
+        """A signed checkpoint of ``origin`` seen at ``source``: check it, catch up to it."""
+        note = parse_note(note_bytes)
+        cp = parse_checkpoint(note.text)
+        if cp.origin != origin or not verify_note_signature(note, origin, self._keys[origin]):
+            raise PeerProtocolError(f"checkpoint offered as {origin}'s is not signed by its key")
+        async with self._lock(origin):
+            held = await self.store.latest_checkpoint(origin)
+            if held is not None:
+                held_size = held[0]
+                if held_size == cp.size:
+                    await self._check_pair(origin, held[1], note_bytes, None, source)
+                    return
+                if held_size > cp.size and cp.size > 0:
+                    proof = await self.store.consistency_proof(origin, cp.size, held_size)
+                    await self._check_pair(origin, note_bytes, held[1], proof, source)
+                    return
+            if origin in await self.state.flagged():
+                return  # a proven liar's new entries are not replicated
+            have = await self.store.size(origin)
+            if cp.size <= have:
+                return
+            entries: list[bytes] = []
+            while have + len(entries) < cp.size:
+                start = have + len(entries)
+                status, body = await self._fetch(
+                    source, f"/v1/entries?origin={origin}&start={start}&end={cp.size}"
+                )
+                chunk = body.get("entries") if status == 200 and isinstance(body, dict) else None
+                if not isinstance(chunk, list) or not chunk:
+                    raise PeerProtocolError(f"{source.config.origin} did not serve {origin} entries from {start}")
+                entries += [_unb64(e, "entry") for e in chunk]
+            entries = entries[: cp.size - have]
+            try:
+                size = await self.replicas.append_verified(origin, entries, note_bytes)
+            except ReplicaError as exc:
+                if held is not None and have == held[0]:
+                    status, body = await self._fetch(
+                        source, f"/v1/consistency?origin={origin}&old={have}&new={cp.size}"
+                    )
+                    if status == 200 and isinstance(body, dict) and isinstance(body.get("proof"), list):
+                        proof = [_unb64(h, "proof hash") for h in body["proof"]]
+                        await self._check_pair(origin, held[1], note_bytes, proof, source)
+                raise PeerProtocolError(f"entries of {origin} from {source.config.origin} refused: {exc}") from None
+            log.info("replicated", origin=origin, size=size, source=source.config.origin, new=len(entries))
+
+    async def _check_pair(
+        self, origin: str, note_a: bytes, note_b: bytes, proof: Sequence[bytes] | None, source: _Peer
+    ) -> None:
+        try:
+            found = check_equivocation(note_a, note_b, proof, self._keys[origin])
+        except WitnessError as exc:
+            raise PeerProtocolError(str(exc)) from None
+        if found is not None:
+            await self._evidence_found(format_evidence(found), origin, source.config.origin)
+
+    async def _consider_evidence(self, data: bytes, source: str) -> None:
+        try:
+            claimed = parse_evidence(data)
+            if claimed.origin not in self._keys:
+                return
+            real = check_equivocation(
+                claimed.note_a, claimed.note_b, claimed.consistency_proof or None, self._keys[claimed.origin]
+            )
+        except WitnessError as exc:
+            raise PeerProtocolError(f"evidence refused: {exc}") from None
+        if real is None:
+            raise PeerProtocolError("evidence refused: the two checkpoints are consistent")
+        await self._evidence_found(data, claimed.origin, source)
+
+    async def _evidence_found(self, data: bytes, origin: str, source: str) -> None:
+        if await self.state.add_evidence(origin, data, _now()):
+            log.error(
+                "EQUIVOCATION: a peer signed two checkpoints that cannot both be true; origin flagged",
+                origin=origin,
+                reported_by=source,
+            )
+
+    async def _ask_cosignature(self, peer: _Peer) -> None:
+        """Ask ``peer`` to witness our newest checkpoint (tlog-witness add-checkpoint)."""
+        own = self.identity.origin
+        latest = await self.store.latest_checkpoint(own)
+        if latest is None:
+            return
+        size, note_bytes = latest
+        note = parse_note(note_bytes)
+        if any(s.name == peer.config.origin for s in note.signatures):
+            return  # already cosigned by this peer
+        for _ in range(2):  # one retry after a 409 tells us the size the witness holds
+            old = min(peer.cosigned_size, size)
+            proof = await self.store.consistency_proof(own, old, size) if 0 < old < size else []
+            status, body = await self._fetch(
+                peer, "/v1/add-checkpoint",
+                post={"note": _b64(note_bytes), "old_size": old, "proof": [_b64(h) for h in proof]},
+            )
+            if status == 409 and isinstance(body, dict) and isinstance(body.get("size"), int):
+                peer.cosigned_size = body["size"]
+                continue
+            if status != 200 or not isinstance(body, dict):
+                raise PeerProtocolError(f"{peer.config.origin} did not cosign size {size}: {body}")
+            raw = _unb64(body.get("cosignature"), "cosignature")
+            sig = Signature(peer.config.origin, raw[:4], raw[4:])
+            if verify_cosignature(note.text, sig, peer.config.origin, peer.config.public_key) is None:
+                raise PeerProtocolError(f"cosignature from {peer.config.origin} does not verify")
+            await self.store.add_cosignature(own, size, sig)
+            peer.cosigned_size = size
+            return
