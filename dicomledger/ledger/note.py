@@ -51,14 +51,16 @@ def _raw(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _b64decode(s: str, what: str) -> bytes:
-    """Standard, padded, canonical base64 (RFC 4648 section 4), or NoteError."""
+def canonical_b64decode(s: str, what: str, error: type[ValueError] = NoteError) -> bytes:
+    """Standard, padded, canonical base64 (RFC 4648 section 4), or ``error`` naming ``what``.
+
+    Shared by every ledger text format (notes, proof files, evidence)."""
     try:
         raw = base64.b64decode(s.encode("ascii"), validate=True)
     except (UnicodeEncodeError, binascii.Error):
-        raise NoteError(f"{what} is not valid base64") from None
+        raise error(f"{what} is not valid base64") from None
     if base64.b64encode(raw).decode("ascii") != s:
-        raise NoteError(f"{what} is not canonical base64")
+        raise error(f"{what} is not canonical base64")
     return raw
 
 
@@ -122,7 +124,7 @@ def parse_verifier_key(vkey: str) -> tuple[str, Ed25519PublicKey]:
     check_key_name(name)
     if len(hex_id) != 8 or any(c not in "0123456789abcdef" for c in hex_id):
         raise NoteError(f"verifier key {name!r}: key ID {hex_id!r} is not 8 lowercase hex digits")
-    material = _b64decode(b64, f"verifier key {name!r}: key material")
+    material = canonical_b64decode(b64, f"verifier key {name!r}: key material")
     if not material or material[0] not in (SIG_ED25519, SIG_COSIGNATURE_V1):
         kind = f"0x{material[0]:02x}" if material else "none"
         raise NoteError(
@@ -204,7 +206,7 @@ def parse_note(data: bytes) -> Note:
         if not sep:
             raise NoteError(f"signature line {n} has no space between key name and signature")
         check_key_name(name)
-        raw = _b64decode(b64, f"signature line {n}")
+        raw = canonical_b64decode(b64, f"signature line {n}")
         if len(raw) < 5:
             raise NoteError(f"signature line {n} is too short for a key ID and a signature")
         sigs.append(Signature(name, raw[:4], raw[4:]))

@@ -23,7 +23,6 @@ signature and meaning is the entry format's business.
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from dicomledger.ledger.note import (
     SIG_COSIGNATURE_V1,
     Note,
     NoteError,
+    canonical_b64decode,
     key_id,
     parse_note,
     verify_cosignature,
@@ -77,13 +77,7 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(s: str, what: str) -> bytes:
-    try:
-        raw = base64.b64decode(s.encode("ascii"), validate=True)
-    except (UnicodeEncodeError, binascii.Error):
-        raise ProofFileError(f"{what} is not valid base64") from None
-    if _b64(raw) != s:
-        raise ProofFileError(f"{what} is not canonical base64")
-    return raw
+    return canonical_b64decode(s, what, ProofFileError)
 
 
 def _read_checkpoint(note_bytes: bytes) -> tuple[Note, Checkpoint]:

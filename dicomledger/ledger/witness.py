@@ -57,7 +57,6 @@ before believing or forwarding anything.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -78,6 +77,7 @@ from dicomledger.ledger.note import (
     Note,
     NoteError,
     Signature,
+    canonical_b64decode,
     cosign_checkpoint,
     parse_note,
     verify_note_signature,
@@ -372,13 +372,7 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(s: str, what: str) -> bytes:
-    try:
-        raw = base64.b64decode(s.encode("ascii"), validate=True)
-    except (UnicodeEncodeError, binascii.Error):
-        raise WitnessError(f"{what} is not valid base64") from None
-    if _b64(raw) != s:
-        raise WitnessError(f"{what} is not canonical base64")
-    return raw
+    return canonical_b64decode(s, what, WitnessError)
 
 
 def format_evidence(e: Equivocation) -> bytes:
