@@ -194,6 +194,8 @@ class Gateway:
                 await self._checkpoint()
             except LedgerStoreError as exc:
                 log.error("checkpoint failed", error=str(exc))
+            except Exception as exc:  # a bug must not end checkpointing (and so witnessing)
+                log.exception("checkpoint failed", error=f"{type(exc).__name__}: {exc}")
 
     # -- ingest --------------------------------------------------------------
 

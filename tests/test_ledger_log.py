@@ -185,3 +185,40 @@ def test_sigkill_during_appends_keeps_every_acknowledged_entry(tmp_path):
     con.close()
     for index, i in acked.items():
         assert decode_entry(bytes(rows[index])).payload == {"i": i}
+
+
+async def test_reads_and_state_writes_interleave_with_commits(tmp_path):
+    """Regression: a SELECT left open across an await pinned a stale read snapshot, so a
+    state write on the shared connection failed with "database is locked" after the writer
+    thread committed, and the checkpoint loop died with it."""
+    from dicomledger.ledger.log import ConsortiumState, PeerStatus
+
+    identity, store, writer = await open_log(tmp_path / "l.db")
+    state = ConsortiumState(store)
+    await writer.append("config", {"n": -1})
+    stop = asyncio.Event()
+
+    async def appender():
+        n = 0
+        while not stop.is_set():
+            await writer.append("config", {"n": n})
+            n += 1
+
+    async def reader_writer(i: int):
+        for k in range(300):
+            await store.latest_checkpoint(ORIGIN)
+            await store.size(ORIGIN)
+            await state.set_peer_status(PeerStatus(f"p{i}", True, str(k), k, None))
+            await writer.sign_checkpoint()
+
+    task = asyncio.create_task(appender())
+    try:
+        await asyncio.gather(*(reader_writer(i) for i in range(4)))
+    finally:
+        stop.set()
+        await task
+    assert (await state.peer_status("p3")).their_size == 299
+    size, _ = await store.latest_checkpoint(ORIGIN)
+    assert size > 1
+    await writer.stop()
+    await store.close()

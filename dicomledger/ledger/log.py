@@ -149,6 +149,18 @@ async def connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
+async def _one_row(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+    """The first row of a query, run to completion in one thread hop.
+
+    A SELECT left open between awaits (``async with execute() ... fetchone()``) keeps a
+    read snapshot on the shared connection; another coroutine's write on that connection
+    then fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT) once the writer
+    thread has committed. ``execute_fetchall`` finishes the statement before returning.
+    """
+    rows = await db.execute_fetchall(sql, params)
+    return next(iter(rows), None)
+
+
 class LedgerStore:
     """Read access to all logs in one database, plus origin and checkpoint bookkeeping."""
 
@@ -192,10 +204,7 @@ class LedgerStore:
     async def origin(self, name: str) -> OriginInfo | None:
         if name in self._origins:
             return self._origins[name]
-        async with self.db.execute(
-            "SELECT id, public_key FROM origins WHERE name = ?", (name,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await _one_row(self.db, "SELECT id, public_key FROM origins WHERE name = ?", (name,))
         if row is None:
             return None
         info = OriginInfo(row[0], name, Ed25519PublicKey.from_public_bytes(row[1]))
@@ -203,8 +212,7 @@ class LedgerStore:
         return info
 
     async def origins(self) -> list[OriginInfo]:
-        async with self.db.execute("SELECT name FROM origins ORDER BY id") as cur:
-            names = [row[0] for row in await cur.fetchall()]
+        names = [row[0] for row in await self.db.execute_fetchall("SELECT name FROM origins ORDER BY id")]
         return [info for name in names if (info := await self.origin(name)) is not None]
 
     async def _origin_id(self, name: str) -> int:
@@ -215,38 +223,32 @@ class LedgerStore:
 
     async def size(self, origin: str) -> int:
         oid = await self._origin_id(origin)
-        async with self.db.execute(
-            "SELECT MAX(idx) FROM entries WHERE origin_id = ?", (oid,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await _one_row(self.db, "SELECT MAX(idx) FROM entries WHERE origin_id = ?", (oid,))
         return 0 if row is None or row[0] is None else row[0] + 1
 
     async def entry(self, origin: str, index: int) -> bytes:
         oid = await self._origin_id(origin)
-        async with self.db.execute(
-            "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (oid, index)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await _one_row(self.db, "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (oid, index))
         if row is None:
             raise LedgerStoreError(f"{origin} has no entry {index}")
         return bytes(row[0])
 
     async def entries(self, origin: str, start: int, end: int) -> list[bytes]:
         oid = await self._origin_id(origin)
-        async with self.db.execute(
+        rows = await self.db.execute_fetchall(
             "SELECT data FROM entries WHERE origin_id = ? AND idx >= ? AND idx < ? ORDER BY idx",
             (oid, start, end),
-        ) as cur:
-            return [bytes(row[0]) for row in await cur.fetchall()]
+        )
+        return [bytes(row[0]) for row in rows]
 
     async def find(self, key: str) -> list[tuple[str, int]]:
         """(origin, index) of entries an appender attached ``key`` to, oldest first per origin."""
-        async with self.db.execute(
+        rows = await self.db.execute_fetchall(
             "SELECT o.name, k.idx FROM entry_keys k JOIN origins o ON o.id = k.origin_id "
             "WHERE k.key = ? ORDER BY o.id, k.idx",
             (key,),
-        ) as cur:
-            return [(row[0], row[1]) for row in await cur.fetchall()]
+        )
+        return [(row[0], row[1]) for row in rows]
 
     async def nodes(self, origin: str, ids: Iterable[NodeID]) -> dict[NodeID, bytes]:
         wanted = sorted(set(ids))
@@ -259,14 +261,14 @@ class LedgerStore:
             values = ",".join("(?,?)" for _ in chunk)
             params: list[int] = [level_or_idx for node in chunk for level_or_idx in node]
             # Drive the lookup from the wanted list so each node is one primary-key probe.
-            async with self.db.execute(
+            rows = await self.db.execute_fetchall(
                 f"WITH wanted(level, idx) AS (VALUES {values}) "
                 "SELECT n.level, n.idx, n.hash FROM wanted w JOIN nodes n "
                 "ON n.origin_id = ? AND n.level = w.level AND n.idx = w.idx",
                 [*params, oid],
-            ) as cur:
-                for level, idx, h in await cur.fetchall():
-                    found[(level, idx)] = bytes(h)
+            )
+            for level, idx, h in rows:
+                found[(level, idx)] = bytes(h)
         missing = [n for n in wanted if n not in found]
         if missing:
             raise LedgerStoreError(
@@ -300,10 +302,7 @@ class LedgerStore:
     async def add_cosignature(self, origin: str, size: int, cosignature: Signature) -> bool:
         """Add a witness's cosignature line to the stored checkpoint note; True if added."""
         oid = await self._origin_id(origin)
-        async with self.db.execute(
-            "SELECT note FROM checkpoints WHERE origin_id = ? AND size = ?", (oid, size)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await _one_row(self.db, "SELECT note FROM checkpoints WHERE origin_id = ? AND size = ?", (oid, size))
         if row is None:
             return False
         note = parse_note(bytes(row[0]))
@@ -318,12 +317,11 @@ class LedgerStore:
     ) -> tuple[int, bytes] | None:
         """The newest stored checkpoint note of ``origin`` with size >= at_least."""
         oid = await self._origin_id(origin)
-        async with self.db.execute(
-            "SELECT size, note FROM checkpoints WHERE origin_id = ? AND size >= ? "
-            "ORDER BY size DESC LIMIT 1",
+        row = await _one_row(
+            self.db,
+            "SELECT size, note FROM checkpoints WHERE origin_id = ? AND size >= ? ORDER BY size DESC LIMIT 1",
             (oid, at_least),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else (row[0], bytes(row[1]))
 
 
@@ -344,10 +342,7 @@ class ConsortiumState:
         self.db = store.db
 
     async def witness_state(self, origin: str) -> tuple[int, bytes, bytes] | None:
-        async with self.db.execute(
-            "SELECT size, root, note FROM witness_state WHERE origin = ?", (origin,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await _one_row(self.db, "SELECT size, root, note FROM witness_state WHERE origin = ?", (origin,))
         return None if row is None else (row[0], bytes(row[1]), bytes(row[2]))
 
     async def save_witness_state(self, origin: str, size: int, root: bytes, note: bytes) -> None:
@@ -358,15 +353,17 @@ class ConsortiumState:
 
     async def add_evidence(self, origin: str, data: bytes, now: str) -> bool:
         """Keep evidence against ``origin``; True if it was new."""
-        async with self.db.execute(
+        cur = await self.db.execute(
             "INSERT OR IGNORE INTO evidence (origin, data, received_at) VALUES (?, ?, ?)",
             (origin, data, now),
-        ) as cur:
-            return cur.rowcount == 1
+        )
+        added = cur.rowcount == 1  # the INSERT has finished: no statement stays open
+        await cur.close()
+        return added
 
     async def evidence(self) -> list[tuple[str, bytes]]:
-        async with self.db.execute("SELECT origin, data FROM evidence ORDER BY received_at") as cur:
-            return [(row[0], bytes(row[1])) for row in await cur.fetchall()]
+        rows = await self.db.execute_fetchall("SELECT origin, data FROM evidence ORDER BY received_at")
+        return [(row[0], bytes(row[1])) for row in rows]
 
     async def flagged(self) -> set[str]:
         return {origin for origin, _ in await self.evidence()}
@@ -379,11 +376,11 @@ class ConsortiumState:
         )
 
     async def peer_status(self, origin: str) -> PeerStatus | None:
-        async with self.db.execute(
+        row = await _one_row(
+            self.db,
             "SELECT reachable, last_contact, their_size, error FROM peer_status WHERE origin = ?",
             (origin,),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else PeerStatus(origin, bool(row[0]), row[1], row[2], row[3])
 
 
