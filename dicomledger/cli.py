@@ -46,7 +46,7 @@ origin = "{origin}"
 key_file = "keys/gateway.key"
 database = "data/ledger.db"
 # Seconds between signed checkpoints while the log grows.
-checkpoint_interval = 2.0
+checkpoint_interval = 1.0
 
 [storage]
 # Received instances, as received, under study/series/instance.
@@ -69,9 +69,13 @@ host = "{host}"
 port = {peer_port}
 tls_cert = "keys/peer-tls.crt"
 tls_key = "keys/peer-tls.key"
-# Seconds between gossip rounds, and how many peers one round contacts.
+# Seconds between gossip rounds (anti-entropy), and how many peers one round contacts. A new
+# checkpoint is also announced to every peer at once, so entries spread faster than this.
 gossip_interval = 1.0
 fanout = 3
+# Seconds after which peers are asked to cosign our unchanged checkpoint again: a fresh
+# cosignature timestamp shows auditors the log was alive and unchanged while idle.
+heartbeat_interval = 60.0
 
 # One [[peers]] table per other gateway: its origin, peer API address, verifier key (the line
 # in its trust.txt) and pinned TLS certificate (a copy of its keys/peer-tls.crt).

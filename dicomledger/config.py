@@ -74,6 +74,8 @@ class PeeringConfig:
     fanout: int
     max_message_bytes: int
     peers: tuple[PeerConfig, ...]
+    # Seconds after which a witness's cosignature on our (unchanged) checkpoint is renewed.
+    heartbeat_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ def load_config(path: str | Path) -> Config:
     origin = lg.get("origin", str)
     if not origin or any(c.isspace() or c == "+" for c in origin):
         raise lg._fail("origin", f"is {origin!r}; use a name like hospital-a.example/dicomledger (no spaces or '+')")
-    checkpoint_interval = lg.get("checkpoint_interval", float, 2.0)
+    checkpoint_interval = lg.get("checkpoint_interval", float, 1.0)
     if checkpoint_interval <= 0:
         raise lg._fail("checkpoint_interval", f"must be positive seconds, got {checkpoint_interval}")
     ledger = LedgerConfig(
@@ -234,10 +236,13 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         fanout=pe.int_in("fanout", 1, 100, 3),
         max_message_bytes=pe.int_in("max_message_bytes", 1024, 2**30, 8 * 2**20),
         peers=(),
+        heartbeat_interval=pe.get("heartbeat_interval", float, 60.0),
     )
     pe.done()
     if peering.gossip_interval <= 0:
         raise pe._fail("gossip_interval", "must be positive seconds")
+    if peering.heartbeat_interval <= 0:
+        raise pe._fail("heartbeat_interval", "must be positive seconds")
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError(f"{path}: peers must be an array of tables: write [[peers]]")

@@ -186,6 +186,8 @@ class Gateway:
         assert self.writer is not None
         if self.writer.size != self._checkpoint_size:
             self._checkpoint_size, _ = await self.writer.sign_checkpoint()
+            if self.peers is not None:
+                self.peers.checkpoint_signed()
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from dicomledger.config import Config
 from dicomledger.dicom.index import Index
 from dicomledger.ledger.log import LedgerStore
+from dicomledger.ledger.note import Signature, cosignature_timestamp, parse_note
 
 
 async def _status(config: Config) -> list[str]:
@@ -34,6 +37,15 @@ async def _status(config: Config) -> list[str]:
     return lines
 
 
+def _cosigned(own: tuple[int, bytes] | None, sigs: Sequence[Signature], peer: str) -> str:
+    """When ``peer`` last cosigned our newest checkpoint (a heartbeat renews it while idle)."""
+    stamps = [cosignature_timestamp(s) for s in sigs if s.name == peer]
+    if own is None or not stamps or stamps[0] is None:
+        return "has not cosigned our newest checkpoint" if own else ""
+    when = datetime.fromtimestamp(stamps[0], UTC).isoformat()
+    return f"cosigned our checkpoint {own[0]} at {when}"
+
+
 def status(config: Config) -> int:
     for line in asyncio.run(_status(config)):
         print(line)
@@ -49,6 +61,8 @@ async def _peers(config: Config) -> list[str]:
     try:
         state = ConsortiumState(store)
         flagged = await state.flagged()
+        own = await store.latest_checkpoint(config.ledger.origin)
+        own_sigs = parse_note(own[1]).signatures if own else ()
         lines = []
         for peer in config.peering.peers:
             status = await state.peer_status(peer.origin)
@@ -61,6 +75,7 @@ async def _peers(config: Config) -> list[str]:
                 f"last contact {status.last_contact}" if status and status.last_contact else "",
                 f"we hold {held} entries of its newest checkpoint {cp[0] if cp else 'none'}",
                 f"its own checkpoint size {status.their_size}" if status and status.their_size is not None else "",
+                _cosigned(own, own_sigs, peer.origin),
                 "FLAGGED: equivocation evidence held" if peer.origin in flagged else "not flagged",
                 f"last error: {status.error}" if status and status.error else "",
             ]

@@ -79,6 +79,7 @@ class GatewayProcess:
         self.config.write_text(text.replace(old, new, 1))
 
     def start(self) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(self.config)],
@@ -88,7 +89,7 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited at start:\n{self.log()}")
-            if b'"gateway started"' in self.log_path.read_bytes():
+            if b'"gateway started"' in self.log_path.read_bytes()[offset:]:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
@@ -136,7 +137,7 @@ def consortium(tmp_path: Path, n: int, gossip_interval: float = 0.2) -> list[Gat
     gateways = [GatewayProcess(tmp_path / name, ae_title=name, secret_file=secret) for name in names]
     for gw in gateways:
         gw.set("gossip_interval = 1.0", f"gossip_interval = {gossip_interval}")
-        gw.set("checkpoint_interval = 2.0", "checkpoint_interval = 0.3")
+        gw.set("checkpoint_interval = 1.0", "checkpoint_interval = 0.3")
         for other in gateways:
             if other is not gw:
                 gw.add_peer(other)

@@ -34,8 +34,9 @@ def test_example_config_loads_with_relative_paths_resolved():
         ('origin = "hospital-a.example/dicomledger"', 'origin = "has space"', r"ledger\.origin"),
         ('key_file = "keys/gateway.key"\n', "", r"ledger\.key_file is missing"),
         ("[storage]", "[storrage]", r"\[storrage\] is not a known section"),
-        ("checkpoint_interval = 2.0", "checkpoint_interval = -1", r"checkpoint_interval must be positive"),
+        ("checkpoint_interval = 1.0", "checkpoint_interval = -1", r"checkpoint_interval must be positive"),
         ('level = "info"', 'level = "loud"', r"logging\.level"),
+        ("heartbeat_interval = 60.0", "heartbeat_interval = 0", r"peering\.heartbeat_interval must be positive"),
         ("port = 11112", "port = ", r"not valid TOML"),
     ],
 )

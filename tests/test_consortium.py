@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import time
 
-import pytest
-
+from dicomledger.ledger.checkpoint import parse_checkpoint
+from dicomledger.ledger.note import cosignature_timestamp, parse_note, parse_verifier_key
+from dicomledger.ledger.witness import check_equivocation, parse_evidence
 from tests import dicomdata
-from tests.conftest import GatewayProcess, consortium, dicomledger
+from tests.conftest import GatewayProcess, consortium, dicomledger, free_port
 
 
 def log_size(gw: GatewayProcess, origin: str) -> int:
@@ -61,6 +63,7 @@ def test_entries_replicate_to_every_peer_and_are_witnessed(tmp_path):
     finally:
         for gw in gateways:
             gw.stop()
+    assert_no_unhandled_errors(*gateways)
     for gw in gateways:
         assert gw.cli("verify").returncode == 0
 
@@ -84,7 +87,116 @@ def test_a_stopped_gateway_catches_up_by_itself(tmp_path):
     finally:
         for gw in gateways:
             gw.stop()
+    assert_no_unhandled_errors(*gateways)
     for gw in gateways:
         result = gw.cli("verify")
         assert result.returncode == 0, result.stdout
         assert "500 entries" in result.stdout
+
+
+def newest_checkpoint(gw: GatewayProcess, origin: str) -> tuple[int, bytes] | None:
+    con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)
+    try:
+        return con.execute(
+            "SELECT c.size, c.note FROM checkpoints c JOIN origins o ON o.id = c.origin_id "
+            "WHERE o.name = ? ORDER BY c.size DESC LIMIT 1",
+            (origin,),
+        ).fetchone()
+    finally:
+        con.close()
+
+
+def test_idle_log_gets_heartbeat_cosignatures(tmp_path):
+    a, b = consortium(tmp_path, 2)
+    a.set("heartbeat_interval = 60.0", "heartbeat_interval = 1.0")
+    for gw in (a, b):
+        gw.start()
+    try:
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "mr", 1)).returncode == 0
+
+        def b_cosignature_time() -> int | None:
+            held = newest_checkpoint(a, a.origin)
+            if held is None or held[0] != 1:
+                return None
+            sigs = [s for s in parse_note(bytes(held[1])).signatures if s.name == b.origin]
+            return cosignature_timestamp(sigs[0]) if sigs else None
+
+        wait_until(lambda: b_cosignature_time() is not None, what="B's first cosignature of A's checkpoint")
+        first = b_cosignature_time()
+        # the log stays at size 1; B's cosignature on it is renewed with a later timestamp
+        wait_until(lambda: (b_cosignature_time() or 0) >= first + 2, timeout=20, what="a heartbeat cosignature")
+        assert newest_checkpoint(a, a.origin)[0] == 1
+        note = parse_note(bytes(newest_checkpoint(a, a.origin)[1]))
+        assert [s.name for s in note.signatures].count(b.origin) == 1  # replaced, not piled up
+    finally:
+        for gw in (a, b):
+            gw.stop()
+
+
+def evidence_rows(gw: GatewayProcess) -> list[tuple[str, bytes]]:
+    con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT origin, data FROM evidence").fetchall()
+    finally:
+        con.close()
+
+
+def assert_no_unhandled_errors(*gateways: GatewayProcess) -> None:
+    for gw in gateways:
+        text = gw.log()
+        assert "gossip round failed" not in text and "Traceback" not in text, text[-3000:]
+
+
+def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
+    """A restores an old backup of its ledger and appends other entries: it has now signed two
+    checkpoints of size 4 with different roots. B, which witnessed the first, catches it; C, which
+    cannot reach A and follows A's log only through B, learns it from B's gossiped evidence."""
+    a, b, c = consortium(tmp_path, 3)
+    c.set(f'address = "127.0.0.1:{a.peer_port}"', f'address = "127.0.0.1:{free_port()}"')
+    for gw in (a, b, c):
+        gw.start()
+    try:
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "one", 2, seed="one")).returncode == 0
+        wait_until(lambda: log_size(b, a.origin) == 2 and log_size(c, a.origin) == 2, what="A's first 2 entries")
+        a.stop()
+        shutil.copytree(a.dir / "data", tmp_path / "a-backup")
+        a.start()
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "two", 2, seed="two")).returncode == 0
+        wait_until(lambda: (newest_checkpoint(b, a.origin) or (0,))[0] == 4, what="B to witness A at size 4")
+        wait_until(lambda: log_size(c, a.origin) == 4, what="C to follow A through B")
+        assert not evidence_rows(b) and not evidence_rows(c)
+
+        a.stop()  # the rewrite: back to size 2, then two different entries
+        shutil.rmtree(a.dir / "data")
+        shutil.copytree(tmp_path / "a-backup", a.dir / "data")
+        a.start()
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "forked", 2, seed="forked")).returncode == 0
+
+        for gw in (b, c):
+            wait_until(lambda gw=gw: bool(evidence_rows(gw)), timeout=20, what=f"{gw.origin} to hold evidence")
+            peers = gw.cli("peers").stdout
+            line = next(ln for ln in peers.splitlines() if ln.startswith(a.origin))
+            assert "FLAGGED: equivocation evidence held" in line, peers
+            assert "EQUIVOCATION" in gw.log()
+            assert {origin for origin, _ in evidence_rows(gw)} == {a.origin}
+        # the evidence is two checkpoints signed by A: same size, different roots
+        evidence = parse_evidence(evidence_rows(b)[0][1])
+        _, a_key = parse_verifier_key(a.vkey)
+        proven = check_equivocation(evidence.note_a, evidence.note_b, evidence.consistency_proof or None, a_key)
+        assert proven is not None and proven.origin == a.origin
+        sizes = {parse_checkpoint(parse_note(n).text).size for n in (evidence.note_a, evidence.note_b)}
+        assert sizes == {4} and evidence.note_a != evidence.note_b
+        # C never talked to A: it must have been told by B, and checked the evidence itself
+        assert f"reported_by\": \"{b.origin}\"" in c.log()
+
+        # A flagged origin's new entries are no longer replicated
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "more", 3, seed="more")).returncode == 0
+        time.sleep(3)
+        assert log_size(b, a.origin) == 4 and log_size(c, a.origin) == 4
+        assert "you are flagged for equivocation" in b.log()  # and no longer cosigned
+    finally:
+        for gw in (a, b, c):
+            gw.stop()
+    assert_no_unhandled_errors(a, b, c)
+    for gw in (b, c):
+        assert gw.cli("verify").returncode == 0

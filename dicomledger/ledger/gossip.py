@@ -9,6 +9,15 @@ Peer API (HTTPS, mutual TLS, each side pinning the other's certificate; JSON bod
   POST /v1/add-checkpoint                {"note", "old_size", "proof"}: C2SP tlog-witness
                                          semantics; 200 {"cosignature"} or an error status
 
+Announcements: when this gateway signs a new checkpoint it asks every peer at once to cosign
+it; a peer that cosigns a checkpoint larger than its copy of our log pulls the new entries
+from us straight away. So entries spread within about one checkpoint interval, and the
+gossip rounds below repair whatever an announcement missed (a peer down, a lost request).
+
+Heartbeat: a peer's cosignature on our newest checkpoint is renewed once it is older than
+``heartbeat_interval``, even when the log has not grown: a fresh cosignature timestamp
+shows that the log was alive and unchanged at that time.
+
 Anti-entropy: every ``gossip_interval`` seconds a gateway asks ``fanout`` random peers for
 their checkpoints, pulls whatever entries it lacks (from that peer, which may relay any
 origin's log), stores them only if they verify (``ReplicaWriter``), asks each peer to cosign
@@ -27,7 +36,7 @@ import binascii
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +61,7 @@ from dicomledger.ledger.log import (
 from dicomledger.ledger.note import (
     NoteError,
     Signature,
+    cosignature_timestamp,
     parse_note,
     verify_cosignature,
     verify_note_signature,
@@ -94,6 +104,16 @@ def _now() -> str:
 
 
 @dataclass
+class Traffic:
+    """Peer API payload bytes (JSON bodies; HTTP headers and TLS framing not counted)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    requests_served: int = 0
+    requests_made: int = 0
+
+
+@dataclass
 class _Peer:
     config: PeerConfig
     cosigned_size: int = 0  # the size this peer last cosigned for our log
@@ -127,6 +147,11 @@ class PeerService:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._announcer: asyncio.Task[None] | None = None
+        self._checkpoint_signed = asyncio.Event()
+        self._pull_wanted: dict[str, tuple[_Peer, bytes]] = {}
+        self._pulls: dict[str, asyncio.Task[None]] = {}
+        self.traffic = Traffic()
         self.port = config.port
 
     # -- lifecycle -------------------------------------------------------------------
@@ -136,7 +161,9 @@ class PeerService:
             await self.store.ensure_origin(peer.origin, peer.public_key)
         await self.replicas.start()
         certs = [p.tls_cert for p in self.config.peers]
-        app = web.Application(client_max_size=self.config.max_message_bytes)
+        app = web.Application(
+            client_max_size=self.config.max_message_bytes, middlewares=[self._count_traffic]
+        )
         app.router.add_get("/v1/checkpoints", self._get_checkpoints)
         app.router.add_get("/v1/entries", self._get_entries)
         app.router.add_get("/v1/consistency", self._get_consistency)
@@ -157,22 +184,39 @@ class PeerService:
             timeout=aiohttp.ClientTimeout(total=30, connect=3),
         )
         self._task = asyncio.create_task(self._gossip_loop(), name="gossip")
+        self._announcer = asyncio.create_task(self._announce_loop(), name="announce")
         log.info("peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._task, self._announcer, *self._pulls.values()):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        log.info("peer API traffic", **vars(self.traffic))
         if self._session is not None:
             await self._session.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.replicas.stop()
 
+    def checkpoint_signed(self) -> None:
+        """The gateway signed a new checkpoint of its own log: announce it to every peer."""
+        self._checkpoint_signed.set()
+
     # -- server side -------------------------------------------------------------------
+
+    @web.middleware
+    async def _count_traffic(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        response = await handler(request)
+        self.traffic.requests_served += 1
+        self.traffic.bytes_received += request.content_length or 0
+        body = getattr(response, "body", None)
+        if isinstance(body, bytes | bytearray):
+            self.traffic.bytes_sent += len(body)
+        return response
 
     def _caller(self, request: web.Request) -> str:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
@@ -249,6 +293,8 @@ class PeerService:
             return self._refuse(caller, 400, "body is not JSON")
         except PeerProtocolError as exc:
             return self._refuse(caller, 400, str(exc))
+        if caller in await self.state.flagged():
+            return self._refuse(caller, 403, "you are flagged for equivocation: this gateway no longer cosigns your checkpoints")
         async with self._witness_lock:  # read, check and update the state atomically
             stored = await self.state.witness_state(caller)
             state = WitnessState(caller, *stored) if stored else None
@@ -274,6 +320,8 @@ class PeerService:
                 log.warning("peer request refused", peer=caller, status=exc.status, reason=str(exc))
                 return web.json_response(body, status=exc.status)
             await self.state.save_witness_state(caller, new_state.size, new_state.root_hash, new_state.note)
+        if new_state.size > await self.store.size(caller):
+            self._schedule_pull(caller, note)  # an announcement: fetch the new entries now
         return web.json_response(
             {"name": cosignature.name, "cosignature": _b64(cosignature.key_id + cosignature.data)}
         )
@@ -282,13 +330,18 @@ class PeerService:
 
     async def _fetch(self, peer: _Peer, path: str, *, post: Any = None) -> tuple[int, Any]:
         assert self._session is not None
+        self.traffic.requests_made += 1
+        data = None if post is None else json.dumps(post).encode()
+        self.traffic.bytes_sent += len(data or b"")
+        headers = None if data is None else {"Content-Type": "application/json"}
         method = self._session.post if post is not None else self._session.get
-        async with method(peer.url + path, json=post) as resp:
+        async with method(peer.url + path, data=data, headers=headers) as resp:
             raw = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
                 raw += chunk
                 if len(raw) > self.config.max_message_bytes:
                     raise PeerProtocolError(f"response above {self.config.max_message_bytes} bytes")
+            self.traffic.bytes_received += len(raw)
             try:
                 return resp.status, json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
@@ -301,32 +354,65 @@ class PeerService:
                 await self.gossip_with(peer)
             await asyncio.sleep(self.config.gossip_interval)
 
+    async def _announce_loop(self) -> None:
+        while True:
+            await self._checkpoint_signed.wait()
+            self._checkpoint_signed.clear()
+            await asyncio.gather(
+                *(self._guarded(peer, self._ask_cosignature(peer)) for peer in self.peers.values())
+            )
+
+    def _schedule_pull(self, origin: str, note: bytes) -> None:
+        """Pull ``origin``'s entries up to its checkpoint ``note`` from ``origin`` itself, in
+        the background; announcements arriving meanwhile coalesce into one more pull."""
+        self._pull_wanted[origin] = (self.peers[origin], note)
+        task = self._pulls.get(origin)
+        if task is None or task.done():
+            self._pulls[origin] = asyncio.create_task(self._pull_loop(origin), name=f"pull {origin}")
+
+    async def _pull_loop(self, origin: str) -> None:
+        while (wanted := self._pull_wanted.pop(origin, None)) is not None:
+            peer, note = wanted
+            await self._guarded(peer, self._consider_checkpoint(origin, note, peer))
+
     async def gossip_with(self, peer: _Peer) -> None:
+        await self._guarded(peer, self._gossip_round(peer))
+
+    async def _guarded(self, peer: _Peer, work: Awaitable[None]) -> None:
+        """Run one exchange with ``peer``; failures are logged and kept in its status."""
         origin = peer.config.origin
         try:
-            status, body = await self._fetch(peer, "/v1/checkpoints")
-            if status != 200 or not isinstance(body, dict):
-                raise PeerProtocolError(f"checkpoints: status {status}")
-            for data in body.get("evidence", []) if isinstance(body.get("evidence"), list) else []:
-                await self._consider_evidence(_unb64(data, "evidence"), origin)
-            checkpoints = body.get("checkpoints")
-            if not isinstance(checkpoints, dict):
-                raise PeerProtocolError("checkpoints must be an object")
-            for cp_origin, note in checkpoints.items():
-                if cp_origin in self._keys and cp_origin != self.identity.origin:
-                    await self._consider_checkpoint(cp_origin, _unb64(note, "checkpoint"), peer)
-            their = checkpoints.get(origin)
-            await self._ask_cosignature(peer)
-            size = parse_checkpoint(parse_note(_unb64(their, "checkpoint")).text).size if their else None
-            await self.state.set_peer_status(PeerStatus(origin, True, _now(), size, None))
+            await work
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            await self.state.set_peer_status(PeerStatus(origin, False, None, None, f"unreachable: {exc!s}"[:300]))
+            before = await self.state.peer_status(origin)
+            last_contact = before.last_contact if before else None  # keep when we last reached it
+            await self.state.set_peer_status(
+                PeerStatus(origin, False, last_contact, None, f"unreachable: {exc!s}"[:300])
+            )
             log.info("peer unreachable", peer=origin, error=str(exc)[:200])
         except (PeerProtocolError, NoteError, CheckpointError, LedgerStoreError) as exc:
             await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
             log.warning("peer message rejected", peer=origin, reason=str(exc))
         except Exception as exc:  # a bug must not end gossip: log it loudly and go on
             log.exception("gossip round failed", peer=origin, error=f"{type(exc).__name__}: {exc}")
+
+    async def _gossip_round(self, peer: _Peer) -> None:
+        origin = peer.config.origin
+        status, body = await self._fetch(peer, "/v1/checkpoints")
+        if status != 200 or not isinstance(body, dict):
+            raise PeerProtocolError(f"checkpoints: status {status}")
+        for data in body.get("evidence", []) if isinstance(body.get("evidence"), list) else []:
+            await self._consider_evidence(_unb64(data, "evidence"), origin)
+        checkpoints = body.get("checkpoints")
+        if not isinstance(checkpoints, dict):
+            raise PeerProtocolError("checkpoints must be an object")
+        for cp_origin, note in checkpoints.items():
+            if cp_origin in self._keys and cp_origin != self.identity.origin:
+                await self._consider_checkpoint(cp_origin, _unb64(note, "checkpoint"), peer)
+        their = checkpoints.get(origin)
+        await self._ask_cosignature(peer)
+        size = parse_checkpoint(parse_note(_unb64(their, "checkpoint")).text).size if their else None
+        await self.state.set_peer_status(PeerStatus(origin, True, _now(), size, None))
 
     def _lock(self, origin: str) -> asyncio.Lock:
         return self._origin_locks.setdefault(origin, asyncio.Lock())
@@ -417,8 +503,12 @@ class PeerService:
             return
         size, note_bytes = latest
         note = parse_note(note_bytes)
-        if any(s.name == peer.config.origin for s in note.signatures):
-            return  # already cosigned by this peer
+        fresh_after = time.time() - self.config.heartbeat_interval
+        if any(
+            s.name == peer.config.origin and (cosignature_timestamp(s) or 0) > fresh_after
+            for s in note.signatures
+        ):
+            return  # cosigned by this peer, recently enough
         for _ in range(2):  # one retry after a 409 tells us the size the witness holds
             old = min(peer.cosigned_size, size)
             proof = await self.store.consistency_proof(own, old, size) if 0 < old < size else []

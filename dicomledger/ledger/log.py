@@ -300,15 +300,17 @@ class LedgerStore:
         )
 
     async def add_cosignature(self, origin: str, size: int, cosignature: Signature) -> bool:
-        """Add a witness's cosignature line to the stored checkpoint note; True if added."""
+        """Put a witness's cosignature line on the stored checkpoint note, replacing that
+        witness's older one (a fresher timestamp is a heartbeat); True if stored."""
         oid = await self._origin_id(origin)
         row = await _one_row(self.db, "SELECT note FROM checkpoints WHERE origin_id = ? AND size = ?", (oid, size))
         if row is None:
             return False
         note = parse_note(bytes(row[0]))
-        if any(s.name == cosignature.name and s.key_id == cosignature.key_id for s in note.signatures):
+        if cosignature in note.signatures:
             return False
-        updated = format_note(Note(note.text, (*note.signatures, cosignature)))
+        kept = [s for s in note.signatures if (s.name, s.key_id) != (cosignature.name, cosignature.key_id)]
+        updated = format_note(Note(note.text, (*kept, cosignature)))
         await self.store_checkpoint(origin, size, updated)
         return True
 
