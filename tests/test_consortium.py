@@ -150,9 +150,11 @@ def assert_no_unhandled_errors(*gateways: GatewayProcess) -> None:
 def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
     """A restores an old backup of its ledger and appends other entries: it has now signed two
     checkpoints of size 4 with different roots. B, which witnessed the first, catches it; C, which
-    cannot reach A and follows A's log only through B, learns it from B's gossiped evidence."""
+    cannot reach A (nor A it) and follows A's log only through B, learns it from B's gossiped evidence."""
     a, b, c = consortium(tmp_path, 3)
+    # A and C cannot reach each other (wrong addresses): C follows A only through B
     c.set(f'address = "127.0.0.1:{a.peer_port}"', f'address = "127.0.0.1:{free_port()}"')
+    a.set(f'address = "127.0.0.1:{c.peer_port}"', f'address = "127.0.0.1:{free_port()}"')
     for gw in (a, b, c):
         gw.start()
     try:

@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,6 +60,7 @@ from dicomledger.ledger.log import (
 from dicomledger.ledger.note import (
     NoteError,
     Signature,
+    canonical_b64decode,
     cosignature_timestamp,
     parse_note,
     verify_cosignature,
@@ -69,6 +69,7 @@ from dicomledger.ledger.note import (
 from dicomledger.ledger.peer_tls import client_context, fingerprint, pem_fingerprint, server_context
 from dicomledger.ledger.witness import (
     InconsistentError,
+    StaleError,
     WitnessError,
     WitnessState,
     check_equivocation,
@@ -93,10 +94,7 @@ def _b64(data: bytes) -> str:
 def _unb64(value: Any, what: str) -> bytes:
     if not isinstance(value, str):
         raise PeerProtocolError(f"{what} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise PeerProtocolError(f"{what} is not valid base64") from None
+    return canonical_b64decode(value, what, PeerProtocolError)
 
 
 def _now() -> str:
@@ -117,6 +115,7 @@ class Traffic:
 class _Peer:
     config: PeerConfig
     cosigned_size: int = 0  # the size this peer last cosigned for our log
+    cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # announce vs gossip round
 
     @property
     def url(self) -> str:
@@ -278,7 +277,11 @@ class PeerService:
         """C2SP tlog-witness add-checkpoint: a peer asks us to cosign its checkpoint."""
         caller = self._caller(request)
         try:
-            body = json.loads(await request.read())
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._refuse(caller, 413, f"body above {self.config.max_message_bytes} bytes")
+            body = json.loads(raw)
             if not isinstance(body, dict):
                 raise PeerProtocolError("body must be a JSON object")
             note = _unb64(body.get("note"), "note")
@@ -289,7 +292,7 @@ class PeerService:
             if not isinstance(proof_raw, list) or len(proof_raw) > 63:
                 raise PeerProtocolError("proof must be a list of at most 63 hashes")
             proof = [_unb64(h, "proof hash") for h in proof_raw]
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
             return self._refuse(caller, 400, "body is not JSON")
         except PeerProtocolError as exc:
             return self._refuse(caller, 400, str(exc))
@@ -317,7 +320,9 @@ class PeerService:
                 body = {"error": str(exc)}
                 if getattr(exc, "size", None) is not None:
                     body["size"] = exc.size  # type: ignore[attr-defined]
-                log.warning("peer request refused", peer=caller, status=exc.status, reason=str(exc))
+                # a stale old size is the protocol's normal "here is my size, retry"
+                level = log.info if isinstance(exc, StaleError) else log.warning
+                level("peer request refused", peer=caller, status=exc.status, reason=str(exc))
                 return web.json_response(body, status=exc.status)
             await self.state.save_witness_state(caller, new_state.size, new_state.root_hash, new_state.note)
         if new_state.size > await self.store.size(caller):
@@ -344,7 +349,7 @@ class PeerService:
             self.traffic.bytes_received += len(raw)
             try:
                 return resp.status, json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise PeerProtocolError(f"{path}: response is not JSON (status {resp.status})") from None
 
     async def _gossip_loop(self) -> None:
@@ -497,6 +502,10 @@ class PeerService:
 
     async def _ask_cosignature(self, peer: _Peer) -> None:
         """Ask ``peer`` to witness our newest checkpoint (tlog-witness add-checkpoint)."""
+        async with peer.cosign_lock:  # one request at a time, so old_size is never stale
+            await self._ask_cosignature_locked(peer)
+
+    async def _ask_cosignature_locked(self, peer: _Peer) -> None:
         own = self.identity.origin
         latest = await self.store.latest_checkpoint(own)
         if latest is None:
