@@ -19,7 +19,10 @@ from dicomledger.ledger.note import NoteError, parse_verifier_key
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no controls
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+_KIND_NAMES = {
+    int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+    dict: "a table",
+}
 
 
 class ConfigError(ValueError):
@@ -79,6 +82,55 @@ class PeeringConfig:
 
 
 @dataclass(frozen=True)
+class PermissionsConfig:
+    # A gateway whose log anchored images of a patient may sign grants and revocations for
+    # that patient with its own key (the custodian).
+    custodian_may_sign: bool = True
+    # Consent authorities trusted consortium-wide: issuer name -> public key (from vkeys).
+    authorities: tuple[tuple[str, Ed25519PublicKey], ...] = ()
+    # Issuer keys this gateway holds and may sign with (`grant --issuer NAME`): name -> key file.
+    issuer_keys: tuple[tuple[str, Path], ...] = ()
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    ae_title: str
+    host: str
+    port: int
+    site: str | None  # the gateway origin this AE belongs to (grants "AE@site", "@site")
+    concurrency: int  # parallel associations to it
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    to: tuple[str, ...]  # destination AE titles
+    calling_aes: tuple[str, ...] = ()  # empty: any
+    modalities: tuple[str, ...] = ()
+    sop_classes: tuple[str, ...] = ()
+
+    def matches(self, calling_ae: str, modality: str | None, sop_class: str) -> bool:
+        return (
+            (not self.calling_aes or calling_ae in self.calling_aes)
+            and (not self.modalities or (modality or "") in self.modalities)
+            and (not self.sop_classes or sop_class in self.sop_classes)
+        )
+
+
+@dataclass(frozen=True)
+class ForwardingConfig:
+    queue: Path  # SQLite file of the durable forward queue
+    calling_ae: str  # our AE title towards destinations
+    max_attempts: int  # then the job is parked as failed
+    retry_initial: float  # seconds; doubles per attempt up to retry_max
+    retry_max: float
+    destinations: tuple[DestinationConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+
+    def destination(self, ae_title: str) -> DestinationConfig | None:
+        return next((d for d in self.destinations if d.ae_title == ae_title), None)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     gateway: GatewayConfig
@@ -87,6 +139,9 @@ class Config:
     pseudonym_secret_file: Path
     log_level: str
     peering: PeeringConfig | None = None
+    permissions: PermissionsConfig = PermissionsConfig()
+    forwarding: ForwardingConfig | None = None
+    admin_socket: Path | None = None  # local admin interface (grant, revoke, permissions)
 
     def pseudonym_secret(self) -> bytes:
         try:
@@ -166,7 +221,10 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
-    known = {"gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers"}
+    known = {
+        "gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers",
+        "permissions", "forwarding", "destinations", "routes",
+    }
     for table in raw:
         if table not in known:
             raise ConfigError(f"{path}: [{table}] is not a known section; known: {', '.join(sorted(known))}")
@@ -187,6 +245,9 @@ def load_config(path: str | Path) -> Config:
         accept_unknown_sop_classes=g.get("accept_unknown_sop_classes", bool, False),
         network_timeout=g.get("network_timeout", float, 60.0),
     )
+    admin_socket = g.path_("admin_socket", "data/admin.sock")
+    if len(str(admin_socket)) > 100:  # AF_UNIX paths are limited to 108 bytes
+        raise g._fail("admin_socket", f"path {admin_socket} is too long for a Unix socket; use a shorter one")
     g.done()
 
     lg = _Section(path, "ledger", raw.get("ledger"))
@@ -218,7 +279,100 @@ def load_config(path: str | Path) -> Config:
         raise lo._fail("level", f"is {level!r}; use debug, info, warning or error")
     lo.done()
 
-    return Config(path, gateway, ledger, storage, secret_file, level, _peering(path, raw, ledger.origin))
+    return Config(
+        path, gateway, ledger, storage, secret_file, level, _peering(path, raw, ledger.origin),
+        permissions=_permissions(path, raw), forwarding=_forwarding(path, raw, gateway.ae_title),
+        admin_socket=admin_socket,
+    )
+
+
+def _permissions(path: Path, raw: dict[str, Any]) -> PermissionsConfig:
+    pm = _Section(path, "permissions", raw.get("permissions"))
+    authorities = []
+    for vkey in pm.get("authorities", list, []):
+        try:
+            if not isinstance(vkey, str):
+                raise NoteError("not a string")
+            authorities.append(parse_verifier_key(vkey))
+        except NoteError as exc:
+            raise pm._fail("authorities", f"has {vkey!r}, not a verifier key ({exc})") from None
+    keys_raw = pm.get("issuer_keys", dict, {})
+    issuer_keys = []
+    for name, file in keys_raw.items():
+        if not isinstance(file, str):
+            raise pm._fail("issuer_keys", f"{name} must be the path of a key file")
+        key_path = Path(file) if Path(file).is_absolute() else path.parent / file
+        issuer_keys.append((name, key_path))
+    config = PermissionsConfig(
+        custodian_may_sign=pm.get("custodian_may_sign", bool, True),
+        authorities=tuple(authorities),
+        issuer_keys=tuple(issuer_keys),
+    )
+    pm.done()
+    return config
+
+
+def _strings(sec: _Section, key: str) -> tuple[str, ...]:
+    value = sec.get(key, object, [])  # a string or a list of strings
+    items = [value] if isinstance(value, str) else value
+    if not all(isinstance(v, str) and v for v in items):
+        raise sec._fail(key, "must be a string or a list of non-empty strings")
+    return tuple(items)
+
+
+def _forwarding(path: Path, raw: dict[str, Any], own_ae: str) -> ForwardingConfig | None:
+    if not raw.get("destinations") and not raw.get("routes") and "forwarding" not in raw:
+        return None
+    fw = _Section(path, "forwarding", raw.get("forwarding"))
+    calling_ae = fw.get("calling_ae", str, own_ae)
+    config = ForwardingConfig(
+        queue=fw.path_("queue", "data/forward.db"),
+        calling_ae=fw.ae_title("calling_ae", calling_ae),
+        max_attempts=fw.int_in("max_attempts", 1, 10**6, 50),
+        retry_initial=fw.get("retry_initial", float, 2.0),
+        retry_max=fw.get("retry_max", float, 600.0),
+    )
+    if not 0 < config.retry_initial <= config.retry_max:
+        raise fw._fail("retry_initial", "must be positive seconds and at most retry_max")
+    fw.done()
+    destinations = []
+    for i, item in enumerate(_tables(path, raw, "destinations")):
+        sec = _Section(path, f"destinations[{i}]", item)
+        host, _, port = sec.get("address", str).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise sec._fail("address", "must be host:port, e.g. 192.0.2.30:104")
+        site = sec.get("site", str, None)
+        destinations.append(DestinationConfig(
+            ae_title=sec.ae_title("ae_title", sec.get("ae_title", str)),
+            host=host, port=int(port), site=site,
+            concurrency=sec.int_in("concurrency", 1, 32, 1),
+        ))
+        sec.done()
+    titles = [d.ae_title for d in destinations]
+    if len(set(titles)) != len(titles):
+        raise ConfigError(f"{path}: the same ae_title is listed twice under [[destinations]]")
+    routes = []
+    for i, item in enumerate(_tables(path, raw, "routes")):
+        sec = _Section(path, f"routes[{i}]", item)
+        to = _strings(sec, "to")
+        for ae in to:
+            if ae not in titles:
+                raise sec._fail("to", f"names {ae!r}, which is not under [[destinations]]; add it there")
+        if not to:
+            raise sec._fail("to", "is empty; name the destination AE titles this route sends to")
+        routes.append(RouteConfig(
+            to=to, calling_aes=_strings(sec, "calling_ae"),
+            modalities=_strings(sec, "modality"), sop_classes=_strings(sec, "sop_class"),
+        ))
+        sec.done()
+    return ForwardingConfig(**{**config.__dict__, "destinations": tuple(destinations), "routes": tuple(routes)})
+
+
+def _tables(path: Path, raw: dict[str, Any], name: str) -> list[Any]:
+    items = raw.get(name, [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: {name} must be an array of tables: write [[{name}]]")
+    return items
 
 
 def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig | None:

@@ -1,0 +1,380 @@
+"""Forwarding: received instances go to the destination AEs the routes name, and only to those
+the patient's permissions on the ledger authorise. Joins the DICOM half (``dicom.scu``) and the
+ledger half (``ledger.permission_book``), like ``gateway.py``.
+
+Per anchored instance and matching destination (``route``, awaited before the C-STORE's
+Success so that nothing acknowledged is lost):
+
+* not authorised: nothing is queued, a ``forward-refused`` entry goes on the ledger;
+* authorised: a job is written to the durable queue (SQLite, ``synchronous=FULL``).
+
+Workers (``concurrency`` per destination, each with its own reused association) take due jobs
+in order, check the permission again at that moment (a revocation that arrived meanwhile,
+locally or by gossip, stops the job: ``forward-refused``), send the file as stored and, after
+the destination's Success, put a ``forwarded`` entry on the ledger and mark the job done.
+Failures retry with exponential backoff (``retry_initial`` doubling up to ``retry_max``); after
+``max_attempts``, or at once for a permanent failure (the destination does not accept the SOP
+class), the job is parked as failed and shown by ``dicomledger status``. A restart resumes the
+queue. A crash after the destination's Success but before the job is marked done sends that
+instance once more (at least once; a PACS keeps one copy of a SOP instance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from dicomledger.config import DestinationConfig, ForwardingConfig
+from dicomledger.dicom.scu import Destination, StoreSCU
+from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
+from dicomledger.ledger.log import LogWriter
+from dicomledger.ledger.permission_book import PermissionBook
+
+log = structlog.get_logger("dicomledger.forwarding")
+
+_T = TypeVar("_T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    patient TEXT NOT NULL,
+    study TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    state TEXT NOT NULL,            -- queued, done, refused, failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,     -- Unix time
+    last_error TEXT,
+    created_at TEXT NOT NULL,
+    finished_at TEXT,
+    UNIQUE (destination, sop_instance_uid, sha256)
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, state, next_attempt, id);
+"""
+
+
+class ForwardQueueError(RuntimeError):
+    """The forward queue database failed; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ForwardItem:
+    """An anchored instance to route: where its file is and its pseudonyms (no PHI)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str  # relative to the storage directory
+    calling_ae: str
+    modality: str | None
+    patient: str
+    study: str
+    instance: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    destination: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    patient: str
+    study: str
+    instance: str
+    sha256: str
+    attempts: int
+
+
+_JOB_COLUMNS = (
+    "id, destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, path, patient, "
+    "study, instance, sha256, attempts"
+)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class ForwardQueue:
+    """The durable job queue: one SQLite file, used on its own thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward-queue")
+        self._db: sqlite3.Connection | None = None
+
+    async def _on_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        except sqlite3.Error as exc:
+            raise ForwardQueueError(f"forward queue {self.path} failed ({exc}); check disk space") from None
+
+    @classmethod
+    async def open(cls, path: Path) -> ForwardQueue:
+        queue = cls(path)
+        await queue._on_thread(queue._open)
+        return queue
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a queued job survives power loss
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._on_thread(self._db.close)
+            self._db = None
+        self._thread.shutdown()
+
+    def _run(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        assert self._db is not None
+        return self._db.execute(sql, params).fetchall()
+
+    async def add(self, destination: str, item: ForwardItem) -> bool:
+        """Queue ``item`` for ``destination``; False if that exact instance is already queued."""
+
+        def add() -> bool:
+            assert self._db is not None
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO jobs (destination, sop_instance_uid, sop_class_uid, "
+                "transfer_syntax_uid, path, patient, study, instance, sha256, state, next_attempt, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                (destination, item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid,
+                 item.path, item.patient, item.study, item.instance, item.sha256, 0.0, _now_iso()),
+            )
+            return cur.rowcount == 1
+
+        return await self._on_thread(add)
+
+    async def due(self, destination: str, now: float, exclude: Sequence[int], limit: int = 1) -> list[Job]:
+        """The oldest due queued jobs of ``destination`` not in ``exclude`` (being sent)."""
+        marks = ",".join("?" for _ in exclude) or "NULL"
+        rows = await self._on_thread(
+            self._run,
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE destination = ? AND state = 'queued' "
+            f"AND next_attempt <= ? AND id NOT IN ({marks}) ORDER BY next_attempt, id LIMIT ?",
+            (destination, now, *exclude, limit),
+        )
+        return [Job(*row) for row in rows]
+
+    async def next_due_time(self, destination: str) -> float | None:
+        rows = await self._on_thread(
+            self._run,
+            "SELECT MIN(next_attempt) FROM jobs WHERE destination = ? AND state = 'queued'",
+            (destination,),
+        )
+        return rows[0][0]
+
+    async def finish(self, job: Job, state: str, error: str | None = None) -> None:
+        await self._on_thread(
+            self._run,
+            "UPDATE jobs SET state = ?, last_error = ?, finished_at = ?, attempts = ? WHERE id = ?",
+            (state, error, _now_iso(), job.attempts, job.id),
+        )
+
+    async def retry_later(self, job: Job, at: float, error: str) -> None:
+        await self._on_thread(
+            self._run,
+            "UPDATE jobs SET attempts = ?, next_attempt = ?, last_error = ? WHERE id = ?",
+            (job.attempts, at, error, job.id),
+        )
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        rows = await self._on_thread(
+            self._run, "SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state"
+        )
+        return {(d, s): n for d, s, n in rows}
+
+    async def parked(self, limit: int = 20) -> list[tuple[str, str, int, str | None, str | None]]:
+        """Failed (parked) jobs, newest first: destination, SOP instance, attempts, error, when."""
+        return await self._on_thread(
+            self._run,
+            "SELECT destination, sop_instance_uid, attempts, last_error, finished_at FROM jobs "
+            "WHERE state = 'failed' ORDER BY finished_at DESC LIMIT ?",
+            (limit,),
+        )
+
+
+def backoff(attempts: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after ``attempts`` failed attempts: initial, 2x, 4x, ... up to maximum."""
+    return min(maximum, initial * 2 ** max(0, attempts - 1))
+
+
+class Forwarder:
+    def __init__(
+        self,
+        config: ForwardingConfig,
+        queue: ForwardQueue,
+        book: PermissionBook,
+        writer: LogWriter,
+        storage_dir: Path,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.book = book
+        self.writer = writer
+        self.storage_dir = storage_dir
+        self._wake = {d.ae_title: asyncio.Event() for d in config.destinations}
+        self._sending: set[int] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._stop_event = asyncio.Event()
+
+    # -- routing (in the ingest path) ------------------------------------------------------
+
+    def destinations_for(self, item: ForwardItem) -> list[DestinationConfig]:
+        titles: list[str] = []
+        for route in self.config.routes:
+            if route.matches(item.calling_ae, item.modality, item.sop_class_uid):
+                titles += [t for t in route.to if t not in titles]
+        return [d for t in titles if (d := self.config.destination(t)) is not None]
+
+    async def route(self, item: ForwardItem) -> list[str]:
+        """Decide for each matching destination now: queue it, or record the refusal."""
+        outcomes = []
+        for dest in self.destinations_for(item):
+            decision = await self.book.decide(
+                item.patient, study=item.study, ae=dest.ae_title, site=dest.site, today=_today()
+            )
+            if not decision.allowed:
+                await self._refused(dest, item.patient, item.study, item.instance, item.sha256, decision.reason)
+                outcomes.append(f"{dest.ae_title}: refused ({decision.reason})")
+                continue
+            if await self.queue.add(dest.ae_title, item):
+                self._wake[dest.ae_title].set()
+            outcomes.append(f"{dest.ae_title}: queued")
+        return outcomes
+
+    async def _refused(
+        self, dest: DestinationConfig, patient: str, study: str, instance: str, sha256: str, reason: str
+    ) -> None:
+        await self.writer.append(
+            FORWARD_REFUSED,
+            {"destination": dest.ae_title, "site": dest.site, "patient": patient, "study": study,
+             "instance": instance, "sha256": sha256, "reason": reason},
+        )
+        log.info("forward refused", destination=dest.ae_title, reason=reason)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for dest in self.config.destinations:
+            for n in range(dest.concurrency):
+                self._tasks.append(asyncio.create_task(self._worker(dest), name=f"forward {dest.ae_title} {n}"))
+
+    async def stop(self) -> None:
+        """Let each worker finish the send in progress, then stop."""
+        self._stopping = True
+        self._stop_event.set()
+        for event in self._wake.values():
+            event.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _worker(self, dest: DestinationConfig) -> None:
+        scu = StoreSCU(self.config.calling_ae, Destination(dest.ae_title, dest.host, dest.port))
+        thread = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{dest.ae_title}")
+        loop = asyncio.get_running_loop()
+        wake = self._wake[dest.ae_title]
+        failures = 0  # consecutive retryable failures: the destination is down or refusing
+        try:
+            while not self._stopping:
+                try:
+                    jobs = await self.queue.due(dest.ae_title, time.time(), sorted(self._sending))
+                except ForwardQueueError as exc:
+                    log.error("forward queue unreadable", destination=dest.ae_title, error=str(exc))
+                    jobs = []
+                if not jobs:
+                    # nothing due: keep the association for a burst, release it once idle
+                    await loop.run_in_executor(thread, scu.release_if_idle)
+                    wake.clear()
+                    next_due = await self.queue.next_due_time(dest.ae_title)
+                    timeout = 5.0 if next_due is None else max(0.05, min(5.0, next_due - time.time()))
+                    try:
+                        await asyncio.wait_for(wake.wait(), timeout)
+                    except TimeoutError:
+                        pass
+                    continue
+                job = jobs[0]
+                self._sending.add(job.id)
+                try:
+                    retry = await self._process(dest, job, scu, thread)
+                except Exception as exc:  # a bug must not stop forwarding; the job stays queued
+                    log.exception("forward job failed unexpectedly", destination=dest.ae_title, job=job.id, error=str(exc))
+                    retry = True
+                finally:
+                    self._sending.discard(job.id)
+                failures = failures + 1 if retry else 0
+                if retry:  # back off the whole destination, not only this job: one probe at a time
+                    pause = backoff(failures, self.config.retry_initial, self.config.retry_max)
+                    try:
+                        await asyncio.wait_for(self._stop_event.wait(), pause)
+                    except TimeoutError:
+                        pass
+        finally:
+            await loop.run_in_executor(thread, scu.close)
+            thread.shutdown()
+
+    async def _process(self, dest: DestinationConfig, job: Job, scu: StoreSCU, thread: ThreadPoolExecutor) -> bool:
+        """Send one job; True if it failed in a way worth retrying later."""
+        decision = await self.book.decide(job.patient, study=job.study, ae=dest.ae_title, site=dest.site, today=_today())
+        if not decision.allowed:  # e.g. revoked after it was queued
+            reason = f"no longer authorised when due to be sent: {decision.reason}"
+            await self._refused(dest, job.patient, job.study, job.instance, job.sha256, reason)
+            await self.queue.finish(job, "refused", reason)
+            return False
+        path = self.storage_dir / job.path
+        result = await asyncio.get_running_loop().run_in_executor(
+            thread, scu.send, path, job.sop_class_uid, job.transfer_syntax_uid
+        )
+        job = Job(*astuple(job)[:-1], job.attempts + 1)
+        if result.ok:
+            await self.writer.append(
+                FORWARDED,
+                {"destination": dest.ae_title, "site": dest.site, "patient": job.patient,
+                 "study": job.study, "instance": job.instance, "sha256": job.sha256,
+                 "grant": decision.grant.ref if decision.grant else None,
+                 "status": f"0x{result.status or 0:04X}"},
+            )
+            await self.queue.finish(job, "done")
+            log.info("forwarded", destination=dest.ae_title, sop_instance=job.sop_instance_uid, attempts=job.attempts)
+            return False
+        if result.retryable and job.attempts < self.config.max_attempts:
+            wait = backoff(job.attempts, self.config.retry_initial, self.config.retry_max)
+            await self.queue.retry_later(job, time.time() + wait, result.error)
+            log.warning(
+                "forward failed; will retry", destination=dest.ae_title, sop_instance=job.sop_instance_uid,
+                attempts=job.attempts, retry_in_s=round(wait, 2), error=result.error,
+            )
+            return True
+        await self.queue.finish(job, "failed", result.error)
+        log.error(
+            "forward failed; job parked", destination=dest.ae_title, sop_instance=job.sop_instance_uid,
+            attempts=job.attempts, error=result.error, file=str(path),
+        )
+        return result.retryable
+
+
+def _today() -> str:
+    return datetime.now(UTC).date().isoformat()

@@ -1,0 +1,202 @@
+"""A patient's permission history as held in the local ledger database (this gateway's log
+and every replica), and decisions on it. The rules are the pure ``permissions`` module; this
+file only finds the records and knows who may sign them.
+
+Who may sign a grant or revocation (the *issuer*):
+
+* a consent authority listed in config by verifier key (``[permissions] authorities``);
+* the custodian: a gateway whose log anchored images of that patient, signing with its own
+  key, when ``custodian_may_sign`` is true.
+
+Records from anyone else are ignored for decisions and reported with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from dicomledger.ledger import merkle
+from dicomledger.ledger.entries import GRANT, IMAGE_ANCHORED, REVOKE, Entry, decode_entry
+from dicomledger.ledger.log import LedgerStore, LogWriter
+from dicomledger.ledger.permissions import (
+    Decision,
+    Grant,
+    Grantee,
+    PermissionFormatError,
+    PermissionState,
+    Revoke,
+    decide,
+    evaluate,
+    heads_of,
+    issuer_signature_ok,
+    make_grant_payload,
+    make_revoke_payload,
+    order_history,
+    parse_permission,
+)
+
+log = structlog.get_logger("dicomledger.permissions")
+
+Record = Grant | Revoke
+
+
+def permission_keys(entry: Entry) -> list[str]:
+    """Lookup keys that find a patient's permission records and custodians in any log."""
+    patient = entry.payload.get("patient")
+    if not isinstance(patient, str):
+        return []
+    if entry.kind in (GRANT, REVOKE):
+        return [f"perm:{patient}"]
+    if entry.kind == IMAGE_ANCHORED:
+        return [f"patient:{patient}"]
+    return []
+
+
+def today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+@dataclass(frozen=True)
+class History:
+    records: list[Record]  # in the deterministic order every gateway shows
+    state: PermissionState
+    malformed: dict[str, str]  # ref -> why the entry is not a valid permission record
+
+
+class PermissionBook:
+    def __init__(
+        self,
+        store: LedgerStore,
+        *,
+        custodian_may_sign: bool,
+        authorities: Mapping[str, Ed25519PublicKey],
+        issuer_keys: Mapping[str, Ed25519PrivateKey],
+        own_origin: str,
+        own_key: Ed25519PrivateKey,
+    ) -> None:
+        self.store = store
+        self.custodian_may_sign = custodian_may_sign
+        self.authorities = dict(authorities)
+        # keys this gateway signs with: its own (as custodian) and the configured issuers
+        self.issuer_keys = {own_origin: own_key, **issuer_keys}
+        self.own_origin = own_origin
+
+    async def _records(self, patient: str) -> tuple[list[Record], dict[str, str]]:
+        records: list[Record] = []
+        malformed: dict[str, str] = {}
+        for origin, idx in await self.store.find(f"perm:{patient}"):
+            data = await self.store.entry(origin, idx)
+            try:
+                record = parse_permission(decode_entry(data), data)
+            except (PermissionFormatError, ValueError) as exc:
+                malformed[merkle.leaf_hash(data).hex()] = f"{origin} entry {idx}: {exc}"
+                continue
+            records.append(record)
+        return records, malformed
+
+    async def history(self, patient: str, on: str | None = None) -> History:
+        records, malformed = await self._records(patient)
+        custodians = (
+            {origin for origin, _ in await self.store.find(f"patient:{patient}")}
+            if self.custodian_may_sign
+            else set()
+        )
+        keys: dict[str, Ed25519PublicKey] = {}
+        for name in custodians:
+            info = await self.store.origin(name)
+            if info is not None:
+                keys[name] = info.public_key
+
+        def is_authorised(record: Record) -> str | None:
+            key = self.authorities.get(record.issuer)
+            if key is None and record.issuer == record.origin and record.origin in custodians:
+                key = keys.get(record.origin)
+            if key is None:
+                return (
+                    f"issuer {record.issuer} may not sign for this patient: not a consent authority "
+                    "in [permissions] authorities, nor a custodian gateway that anchored the patient's images"
+                )
+            if not issuer_signature_ok(record, key):
+                return f"the issuer signature of {record.issuer} does not verify"
+            return None
+
+        state = evaluate(records, is_authorised=is_authorised, today=on or today())
+        for ref, reason in state.ignored.items():
+            log.warning("permission record ignored", patient=patient[:12], record=ref[:16], reason=reason)
+        return History(order_history(records), state, malformed)
+
+    async def decide(self, patient: str, *, study: str | None, ae: str, site: str | None, today: str) -> Decision:
+        return decide((await self.history(patient, today)).state, ae=ae, site=site, study=study)
+
+    # -- issuing -------------------------------------------------------------------------
+
+    def _issuer(self, name: str | None) -> tuple[str, Ed25519PrivateKey]:
+        name = name or self.own_origin
+        key = self.issuer_keys.get(name)
+        if key is None:
+            known = ", ".join(sorted(self.issuer_keys))
+            raise PermissionFormatError(f"this gateway holds no key for issuer {name!r}; it can sign as: {known}")
+        return name, key
+
+    async def grant(
+        self,
+        writer: LogWriter,
+        *,
+        patient: str,
+        grantee: Grantee,
+        study: str | None,
+        until: str | None,
+        purpose: str,
+        consent: str,
+        issuer: str | None,
+    ) -> dict[str, Any]:
+        name, key = self._issuer(issuer)
+        records, _ = await self._records(patient)
+        payload = make_grant_payload(
+            patient=patient, grantee=grantee, study=study, until=until, purpose=purpose,
+            consent=consent, heads=heads_of(records), issuer_name=name, issuer_key=key,
+        )
+        return await self._append(writer, GRANT, payload)
+
+    async def revoke(
+        self,
+        writer: LogWriter,
+        *,
+        patient: str,
+        grants: Sequence[str],
+        grantee: Grantee | None,
+        reason: str,
+        issuer: str | None,
+    ) -> dict[str, Any]:
+        name, key = self._issuer(issuer)
+        records, _ = await self._records(patient)
+        refs = [self._resolve(r, records) for r in grants]
+        payload = make_revoke_payload(
+            patient=patient, grants=sorted(set(refs)), grantee=grantee, reason=reason,
+            heads=heads_of(records), issuer_name=name, issuer_key=key,
+        )
+        return await self._append(writer, REVOKE, payload)
+
+    @staticmethod
+    def _resolve(prefix: str, records: Sequence[Record]) -> str:
+        """A grant ref from its first hex digits, as `permissions` prints them."""
+        prefix = prefix.lower()
+        found = [r.ref for r in records if isinstance(r, Grant) and r.ref.startswith(prefix)]
+        if len(prefix) < 8 or len(found) != 1:
+            raise PermissionFormatError(
+                f"grant {prefix!r} {'is ambiguous' if found else 'is not a grant of this patient'}; "
+                "give at least 8 hex digits of a ref shown by `dicomledger permissions`"
+            )
+        return found[0]
+
+    async def _append(self, writer: LogWriter, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        appended = await writer.append(kind, payload, [f"perm:{payload['patient']}"])
+        ref = appended.leaf_hash.hex()
+        log.info(f"{kind} issued", patient=payload["patient"][:12], ref=ref[:16], entry=appended.index)
+        return {"ref": ref, "origin": appended.origin, "index": appended.index}
