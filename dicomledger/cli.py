@@ -245,6 +245,80 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return status(config)
 
 
+def _admin(config: Config, action: str, body: dict) -> dict | int:
+    """Send one admin request to the running gateway; an int is the exit code of a failure."""
+    from dicomledger.admin import AdminError, GatewayNotRunning, call
+
+    assert config.admin_socket is not None
+    try:
+        return asyncio.run(call(config.admin_socket, action, body, config.path))
+    except GatewayNotRunning as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except AdminError as exc:
+        return _fail(f"refused by the gateway: {exc}")
+
+
+def _pseudonyms(args: argparse.Namespace, config: Config) -> dict:
+    """Patient ID and Study UID leave this process only as keyed pseudonyms."""
+    from dicomledger.ledger.pseudonym import pseudonym
+
+    secret = config.pseudonym_secret()
+    body = {"patient": pseudonym(secret, "patient", args.patient_id)}
+    if getattr(args, "study", None):
+        body["study"] = pseudonym(secret, "study", args.study)
+    return body
+
+
+def cmd_grant(args: argparse.Namespace, config: Config) -> int:
+    body = {**_pseudonyms(args, config), "to": args.to, "until": args.until, "purpose": args.purpose,
+            "consent": args.consent, "issuer": args.issuer}
+    answer = _admin(config, "grant", body)
+    if isinstance(answer, int):
+        return answer
+    print(f"granted: ref {answer['ref']} ({answer['origin']} entry {answer['index']})")
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace, config: Config) -> int:
+    if not args.grant and not args.to:
+        return _fail("name what to revoke: --grant REF (from `dicomledger permissions`) or --to AE[@GATEWAY]", EXIT_USAGE)
+    body = {**_pseudonyms(args, config), "grants": args.grant or [], "to": args.to, "reason": args.reason,
+            "issuer": args.issuer}
+    answer = _admin(config, "revoke", body)
+    if isinstance(answer, int):
+        return answer
+    print(f"revoked: ref {answer['ref']} ({answer['origin']} entry {answer['index']})")
+    return EXIT_OK
+
+
+def cmd_permissions(args: argparse.Namespace, config: Config) -> int:
+    answer = _admin(config, "permissions", _pseudonyms(args, config))
+    if isinstance(answer, int):
+        return answer
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return EXIT_OK
+
+    def where(r: dict) -> str:
+        return f"{r['origin']} entry {r['index']}"
+
+    print("effective grants:" if answer["effective"] else "effective grants: none (default: deny)")
+    for g in answer["effective"]:
+        scope = f"study {g['study'][:12]}" if g.get("study") else "all studies"
+        until = f" until {g['until']}" if g.get("until") else ""
+        print(f"  {g['ref'][:16]} to {g['grantee']}, {scope}{until}; purpose {g['purpose']!r}; "
+              f"consent {g['consent']!r}; issued by {g['issuer']} ({where(g)})")
+    for title, key in (("ended", "ended"), ("ignored", "ignored"), ("malformed", "malformed")):
+        if answer[key]:
+            print(f"{title}:")
+            for ref, reason in sorted(answer[key].items()):
+                print(f"  {ref[:16]}: {reason}")
+    print(f"history ({len(answer['history'])} records, in the order every gateway uses):")
+    for r in answer["history"]:
+        print(f"  {r['ref'][:16]} {r['kind']} by {r['issuer']} ({where(r)})")
+    return EXIT_OK
+
+
 def cmd_peers(args: argparse.Namespace, config: Config) -> int:
     from dicomledger.status import peers
 
@@ -275,6 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("verify", "re-check the whole local ledger database")
     with_config("status", "show the ledger and store state")
     with_config("peers", "show each peer: reachable, last contact, how much of its log we hold, flagged")
+    p = with_config("grant", "record a patient's permission on the ledger (through the running gateway)")
+    p.add_argument("--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written")
+    p.add_argument("--to", required=True, metavar="AE[@GATEWAY]", help="grantee: an AE title, AE@origin, or @origin")
+    p.add_argument("--study", metavar="UID", help="limit to one study (default: all the patient's studies)")
+    p.add_argument("--until", metavar="YYYY-MM-DD", help="last day the grant is valid")
+    p.add_argument("--purpose", default="", help="why (free text, no PHI)")
+    p.add_argument("--consent", default="", help="reference to the consent evidence (no PHI)")
+    p.add_argument("--issuer", help="issuer key name (default: this gateway, as custodian)")
+    p = with_config("revoke", "end grants of a patient (through the running gateway)")
+    p.add_argument("--patient-id", required=True)
+    p.add_argument("--grant", action="append", metavar="REF", help="a grant ref (8+ hex digits); repeat")
+    p.add_argument("--to", metavar="AE[@GATEWAY]", help="end every grant to this grantee")
+    p.add_argument("--reason", default="")
+    p.add_argument("--issuer")
+    p = with_config("permissions", "show a patient's effective grants and permission history")
+    p.add_argument("--patient-id", required=True)
+    p.add_argument("--json", action="store_true")
     p = with_config("prove", "write a self-contained inclusion proof of one entry")
     p.add_argument("--entry", type=int, required=True)
     p.add_argument("--origin")
@@ -307,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             "verify-file": cmd_verify_file,
             "status": cmd_status,
             "peers": cmd_peers,
+            "grant": cmd_grant,
+            "revoke": cmd_revoke,
+            "permissions": cmd_permissions,
         }[args.command]
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:

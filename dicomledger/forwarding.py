@@ -169,7 +169,7 @@ class ForwardQueue:
 
     async def due(self, destination: str, now: float, exclude: Sequence[int], limit: int = 1) -> list[Job]:
         """The oldest due queued jobs of ``destination`` not in ``exclude`` (being sent)."""
-        marks = ",".join("?" for _ in exclude) or "NULL"
+        marks = ",".join("?" for _ in exclude)  # SQLite accepts an empty list; NOT IN (NULL) matches nothing
         rows = await self._on_thread(
             self._run,
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE destination = ? AND state = 'queued' "

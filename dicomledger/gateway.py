@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from dicomledger.admin import AdminServer, record_json
 from dicomledger.config import Config
 from dicomledger.dicom.index import (
     Index,
@@ -36,19 +37,25 @@ from dicomledger.dicom.scp import (
     StoreRequest,
 )
 from dicomledger.dicom.store import FileStore, StoreError
+from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue
 from dicomledger.ledger import merkle
 from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, decode_entry
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
+from dicomledger.ledger.permission_book import PermissionBook, permission_keys
+from dicomledger.ledger.permissions import Grantee
 from dicomledger.ledger.pseudonym import pseudonym
 
 log = structlog.get_logger("dicomledger.gateway")
 
 
-def anchor_keys(hashes_sha256: bytes, decoded: bytes | None, instance_pseudonym: str) -> list[str]:
-    """Lookup keys attached to an anchor entry, so `verify-file` finds it by hash or instance."""
-    keys = [f"sha256:{hashes_sha256.hex()}", f"instance:{instance_pseudonym}"]
+def anchor_keys(
+    hashes_sha256: bytes, decoded: bytes | None, instance_pseudonym: str, patient_pseudonym: str
+) -> list[str]:
+    """Lookup keys attached to an anchor entry, so `verify-file` finds it by hash or instance
+    and permissions find the patient's custodians."""
+    keys = [f"sha256:{hashes_sha256.hex()}", f"instance:{instance_pseudonym}", f"patient:{patient_pseudonym}"]
     if decoded is not None:
         keys.append(f"decoded:{decoded.hex()}")
     return keys
@@ -58,14 +65,14 @@ def replica_keys(entry: Entry) -> list[str]:
     """Lookup keys for another gateway's entry, as its author attached them to its own."""
     p = entry.payload
     if entry.kind != IMAGE_ANCHORED or not isinstance(p.get("sha256"), str):
-        return []
+        return permission_keys(entry)
     decoded = p.get("decoded_sha256")
     keys = [f"sha256:{p['sha256']}"]
     if isinstance(p.get("instance"), str):
         keys.append(f"instance:{p['instance']}")
     if isinstance(decoded, str):
         keys.append(f"decoded:{decoded}")
-    return keys
+    return keys + permission_keys(entry)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,9 @@ class Gateway:
         self.index: Index | None = None
         self.server: DicomServer | None = None
         self.peers: PeerService | None = None
+        self.book: PermissionBook | None = None
+        self.forwarder: Forwarder | None = None
+        self.admin: AdminServer | None = None
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
         self._locks = [asyncio.Lock() for _ in range(64)]
         self._checkpointer: asyncio.Task[None] | None = None
@@ -137,6 +147,24 @@ class Gateway:
         await self.writer.start()
         self.index = await Index.open(cfg.storage.index)
         await self._reconcile()
+        pm = cfg.permissions
+        self.book = PermissionBook(
+            self.ledger,
+            custodian_may_sign=pm.custodian_may_sign,
+            authorities=dict(pm.authorities),
+            issuer_keys={name: load_key_file(path) for name, path in pm.issuer_keys},
+            own_origin=self.identity.origin,
+            own_key=self.identity.private_key,
+        )
+        if cfg.forwarding is not None:
+            queue = await ForwardQueue.open(cfg.forwarding.queue)
+            self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory)
+            await self.forwarder.start()
+        if cfg.admin_socket is not None:
+            self.admin = AdminServer(cfg.admin_socket, {
+                "grant": self._admin_grant, "revoke": self._admin_revoke, "permissions": self._admin_permissions,
+            })
+            await self.admin.start()
         if cfg.peering is not None:
             self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer, replica_keys)
             await self.peers.start()
@@ -167,6 +195,11 @@ class Gateway:
     async def stop(self) -> None:
         if self.server is not None:
             await asyncio.to_thread(self.server.stop)
+        if self.admin is not None:
+            await self.admin.stop()
+        if self.forwarder is not None:
+            await self.forwarder.stop()  # finishes the sends in progress
+            await self.forwarder.queue.close()
         if self.peers is not None:
             await self.peers.stop()
         if self._checkpointer is not None:
@@ -267,7 +300,50 @@ class Gateway:
                 if not replaced_file:  # leave nothing unindexed behind
                     self.files.absolute(relative).unlink(missing_ok=True)
                 raise
-            return await self._anchor(request, header, hashes, previous)
+            status, outcome = await self._anchor(request, header, hashes, previous)
+            if self.forwarder is not None and not outcome.startswith("duplicate"):
+                routed = await self.forwarder.route(ForwardItem(
+                    sop_instance_uid=header.sop_instance_uid, sop_class_uid=request.sop_class_uid,
+                    transfer_syntax_uid=request.transfer_syntax_uid, path=relative,
+                    calling_ae=request.calling_ae, modality=header.modality,
+                    patient=pseudonym(self.secret, "patient", header.patient_id),
+                    study=pseudonym(self.secret, "study", header.study_uid),
+                    instance=pseudonym(self.secret, "instance", header.sop_instance_uid),
+                    sha256=hashes.sha256.hex(),
+                ))
+                if routed:
+                    outcome += "; forwarding: " + ", ".join(routed)
+            return status, outcome
+
+    # -- admin interface (grant, revoke, permissions) ----------------------------------
+
+    async def _admin_grant(self, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.book is not None and self.writer is not None
+        return await self.book.grant(
+            self.writer, patient=body["patient"], grantee=Grantee.parse(body["to"]),
+            study=body.get("study"), until=body.get("until"), purpose=body.get("purpose", ""),
+            consent=body.get("consent", ""), issuer=body.get("issuer"),
+        )
+
+    async def _admin_revoke(self, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.book is not None and self.writer is not None
+        to = body.get("to")
+        return await self.book.revoke(
+            self.writer, patient=body["patient"], grants=body.get("grants", []),
+            grantee=Grantee.parse(to) if to else None, reason=body.get("reason", ""),
+            issuer=body.get("issuer"),
+        )
+
+    async def _admin_permissions(self, body: dict[str, Any]) -> dict[str, Any]:
+        assert self.book is not None
+        history = await self.book.history(body["patient"])
+        return {
+            "effective": [record_json(g) for g in history.state.effective],
+            "ended": history.state.ended,
+            "ignored": history.state.ignored,
+            "malformed": history.malformed,
+            "history": [record_json(r) for r in history.records],
+        }
 
     async def _anchor(
         self,
@@ -309,7 +385,7 @@ class Gateway:
             }
             outcome = "stored: header changed, same pixels"
         appended = await self.writer.append(
-            IMAGE_ANCHORED, payload, anchor_keys(hashes.sha256, hashes.decoded_sha256, p.instance)
+            IMAGE_ANCHORED, payload, anchor_keys(hashes.sha256, hashes.decoded_sha256, p.instance, p.patient)
         )
         await self.index.set_anchor(header.sop_instance_uid, appended.origin, appended.index)
         return SUCCESS, f"{outcome}; anchored as entry {appended.index}"
@@ -347,7 +423,7 @@ class Gateway:
         payload = anchor_payload(p, hashes, row.sop_class_uid, row.transfer_syntax_uid, row.calling_ae)
         payload["recovered"] = True
         appended = await self.writer.append(
-            IMAGE_ANCHORED, payload, anchor_keys(hashes.sha256, hashes.decoded_sha256, p.instance)
+            IMAGE_ANCHORED, payload, anchor_keys(hashes.sha256, hashes.decoded_sha256, p.instance, p.patient)
         )
         return appended.index
 

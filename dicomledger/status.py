@@ -34,6 +34,22 @@ async def _status(config: Config) -> list[str]:
             lines.append(f"instances awaiting an anchor: {len(unanchored)}")
     finally:
         await index.close()
+    if config.forwarding is not None:
+        from dicomledger.forwarding import ForwardQueue
+
+        queue = await ForwardQueue.open(config.forwarding.queue)
+        try:
+            counts = await queue.counts()
+            for dest in config.forwarding.destinations:
+                by_state = {state: counts.get((dest.ae_title, state), 0) for state in ("queued", "done", "refused", "failed")}
+                lines.append(
+                    f"forwarding to {dest.ae_title} at {dest.host}:{dest.port}: "
+                    + ", ".join(f"{n} {state}" for state, n in by_state.items())
+                )
+            for destination, uid, attempts, error, when in await queue.parked():
+                lines.append(f"  PARKED {destination} {uid} after {attempts} attempts at {when}: {error}")
+        finally:
+            await queue.close()
     return lines
 
 

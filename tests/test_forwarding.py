@@ -1,0 +1,140 @@
+"""Forwarding gated by patient permissions: a gateway process forwards to DCMTK storescp only
+what a grant on its ledger authorises, and records every forward and refusal."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicomledger.ledger.entries import decode_entry
+from tests import dicomdata
+from tests.conftest import DCMTK_ENV, GatewayProcess, free_port
+from tests.test_consortium import wait_until
+
+
+def entries_of_kind(gw: GatewayProcess, kind: str) -> list[dict]:
+    con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? ORDER BY e.idx",
+            (gw.origin,),
+        ).fetchall()
+    finally:
+        con.close()
+    return [e.payload for e in map(lambda r: decode_entry(bytes(r[0])), rows) if e.kind == kind]
+
+
+@pytest.fixture
+def pacs(tmp_path: Path):
+    out = tmp_path / "pacs"
+    out.mkdir()
+    port = free_port()
+    log = open(tmp_path / "storescp.log", "w")
+    proc = subprocess.Popen(
+        ["storescp", "-v", "-aet", "PACS", "-od", str(out), "+uf", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV,
+    )
+    time.sleep(0.5)
+    yield port, out
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+
+
+def forwarding_gateway(tmp_path: Path, pacs_port: int) -> GatewayProcess:
+    gw = GatewayProcess(tmp_path / "gw")
+    with open(gw.config, "a") as f:
+        f.write(
+            "\n[forwarding]\nretry_initial = 0.2\nretry_max = 1.0\n"
+            f'\n[[destinations]]\nae_title = "PACS"\naddress = "127.0.0.1:{pacs_port}"\n'
+            '\n[[routes]]\nto = ["PACS"]\nmodality = "MR"\n'
+        )
+    return gw
+
+
+def test_forwarded_only_while_a_grant_authorises_it(tmp_path, pacs):
+    pacs_port, received = pacs
+    gw = forwarding_gateway(tmp_path, pacs_port)
+    patient = dicomdata.fake_patient("fw")
+    # the admin commands need the running gateway, and say so
+    down = gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS")
+    assert down.returncode == 2 and "not running" in down.stderr, down.stderr
+    gw.start()
+    try:
+        before = dicomdata.make_mr_series(tmp_path / "before", 2, seed="before", patient=patient)
+        assert gw.storescu(*before).returncode == 0
+        refused = entries_of_kind(gw, "forward-refused")
+        assert len(refused) == 2 and all(r["destination"] == "PACS" for r in refused)
+        assert "no grant" in refused[0]["reason"] or "deny" in refused[0]["reason"].lower(), refused[0]
+
+        granted = gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS", "--purpose", "follow-up")
+        assert granted.returncode == 0, granted.stderr
+        shown = gw.cli("permissions", "--patient-id", patient.patient_id)
+        assert "to PACS, all studies" in shown.stdout, shown.stdout
+
+        during = dicomdata.make_mr_series(tmp_path / "during", 3, seed="during", patient=patient)
+        assert gw.storescu(*during).returncode == 0
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 3, what="3 forwarded entries")
+        for path in during:
+            sent = pydicom.dcmread(path)
+            copies = [p for p in received.iterdir() if pydicom.dcmread(p).SOPInstanceUID == sent.SOPInstanceUID]
+            assert len(copies) == 1
+            assert pydicom.dcmread(copies[0]).PixelData == sent.PixelData
+        assert len(list(received.iterdir())) == 3  # nothing from before the grant
+
+        revoked = gw.cli("revoke", "--patient-id", patient.patient_id, "--to", "PACS", "--reason", "withdrawn")
+        assert revoked.returncode == 0, revoked.stderr
+        after = dicomdata.make_mr_series(tmp_path / "after", 2, seed="after", patient=patient)
+        assert gw.storescu(*after).returncode == 0
+        time.sleep(1)
+        assert len(list(received.iterdir())) == 3
+        assert len(entries_of_kind(gw, "forward-refused")) == 4
+        shown = gw.cli("permissions", "--patient-id", patient.patient_id)
+        assert "effective grants: none" in shown.stdout and "revoked by" in shown.stdout, shown.stdout
+    finally:
+        gw.stop()
+    # no PHI went onto the ledger with the permissions
+    ledger = (gw.dir / "data" / "ledger.db").read_bytes()
+    assert patient.patient_id.encode() not in ledger
+    assert gw.cli("verify").returncode == 0
+
+
+def test_destination_down_then_up_with_a_restart_delivers_each_once(tmp_path):
+    pacs_port = free_port()
+    received = tmp_path / "pacs"
+    received.mkdir()
+    gw = forwarding_gateway(tmp_path, pacs_port)
+    patient = dicomdata.fake_patient("down")
+    gw.start()
+    storescp = None
+    try:
+        assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        files = dicomdata.make_mr_series(tmp_path / "mr", 200, seed="down", patient=patient)
+        assert gw.storescu(*files).returncode == 0  # the PACS is down: all 200 wait in the queue
+        time.sleep(1)
+        assert "forward failed; will retry" in gw.log()
+        assert gw.stop() == 0
+        gw.start()  # the queue survives the restart
+        log = open(tmp_path / "storescp.log", "w")
+        storescp = subprocess.Popen(
+            ["storescp", "-v", "-aet", "PACS", "-od", str(received), "+uf", str(pacs_port)],
+            stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV,
+        )
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 200, timeout=60, what="200 forwarded entries")
+        time.sleep(1)
+        stored = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in received.iterdir()]
+        assert len(stored) == 200 and len(set(stored)) == 200  # each exactly once
+        assert {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files} == set(stored)
+    finally:
+        gw.stop()
+        if storescp is not None:
+            storescp.terminate()
+            storescp.wait(timeout=10)
+    status = gw.cli("status").stdout
+    assert "forwarding to PACS" in status and "200 done, 0 refused, 0 failed" in status, status
+    assert gw.cli("verify").returncode == 0
