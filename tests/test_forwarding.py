@@ -13,8 +13,8 @@ import pytest
 
 from dicomledger.ledger.entries import decode_entry
 from tests import dicomdata
-from tests.conftest import DCMTK_ENV, GatewayProcess, free_port
-from tests.test_consortium import wait_until
+from tests.conftest import DCMTK_ENV, GatewayProcess, consortium, free_port
+from tests.test_consortium import log_size, wait_until
 
 
 def entries_of_kind(gw: GatewayProcess, kind: str) -> list[dict]:
@@ -138,3 +138,77 @@ def test_destination_down_then_up_with_a_restart_delivers_each_once(tmp_path):
     status = gw.cli("status").stdout
     assert "forwarding to PACS" in status and "200 done, 0 refused, 0 failed" in status, status
     assert gw.cli("verify").returncode == 0
+
+
+def add_forwarding(gw: GatewayProcess, pacs_port: int) -> None:
+    with open(gw.config, "a") as f:
+        f.write(
+            "\n[forwarding]\nretry_initial = 0.2\nretry_max = 1.0\n"
+            f'\n[[destinations]]\nae_title = "PACS"\naddress = "127.0.0.1:{pacs_port}"\n'
+            '\n[[routes]]\nto = ["PACS"]\n'
+        )
+
+
+def effective(gw: GatewayProcess, patient_id: str) -> str:
+    return gw.cli("permissions", "--patient-id", patient_id).stdout
+
+
+def test_a_revoke_at_one_gateway_stops_forwarding_at_another(tmp_path, pacs):
+    pacs_port, received = pacs
+    a, b = consortium(tmp_path, 2)
+    add_forwarding(b, pacs_port)
+    patient = dicomdata.fake_patient("consortium")
+    for gw in (a, b):
+        gw.start()
+    try:
+        # A anchors the patient's first image: A is the custodian and may sign for the patient
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "a", 1, seed="a", patient=patient)).returncode == 0
+        wait_until(lambda: log_size(b, a.origin) == 1, what="B to hold A's anchor")
+        assert a.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        wait_until(lambda: "to PACS" in effective(b, patient.patient_id), what="the grant to reach B")
+        assert b.storescu(*dicomdata.make_mr_series(tmp_path / "b1", 2, seed="b1", patient=patient)).returncode == 0
+        wait_until(lambda: len(entries_of_kind(b, "forwarded")) == 2, what="B to forward 2 images")
+
+        assert a.cli("revoke", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        wait_until(lambda: "effective grants: none" in effective(b, patient.patient_id), what="the revoke to reach B")
+        assert b.storescu(*dicomdata.make_mr_series(tmp_path / "b2", 3, seed="b2", patient=patient)).returncode == 0
+        time.sleep(1)
+        assert len(entries_of_kind(b, "forwarded")) == 2 and len(list(received.iterdir())) == 2
+        assert len(entries_of_kind(b, "forward-refused")) == 3
+    finally:
+        for gw in (a, b):
+            gw.stop()
+
+
+def test_concurrent_grant_and_revoke_give_deny_on_every_gateway(tmp_path):
+    """B revokes while cut off from A; A grants without having seen the revoke. Once they meet,
+    every gateway (also C, which saw them in whatever order) decides deny: revoke wins."""
+    a, b, c = consortium(tmp_path, 3)
+    patient = dicomdata.fake_patient("concurrent")
+    for gw in (a, b, c):
+        gw.start()
+    try:
+        # both A and B anchor images of the patient: both are custodians
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "a", 1, seed="a", patient=patient)).returncode == 0
+        assert b.storescu(*dicomdata.make_mr_series(tmp_path / "b", 1, seed="b", patient=patient)).returncode == 0
+        for gw in (a, b, c):
+            wait_until(lambda gw=gw: log_size(gw, a.origin) == 1 and log_size(gw, b.origin) == 1, what="anchors")
+        a.stop()
+        assert b.cli("revoke", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        b.stop()
+        c.stop()
+        a.start()  # A alone: it has not seen B's revoke
+        assert a.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        assert "to PACS" in effective(a, patient.patient_id)
+        b.start()
+        c.start()
+        for gw in (a, b, c):
+            wait_until(
+                lambda gw=gw: "effective grants: none" in (out := effective(gw, patient.patient_id))
+                and "2 records" in out,
+                what=f"{gw.origin} to hold both records and deny",
+            )
+            assert "revoked by" in effective(gw, patient.patient_id)
+    finally:
+        for gw in (a, b, c):
+            gw.stop()
