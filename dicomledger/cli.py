@@ -272,10 +272,13 @@ def _pseudonyms(args: argparse.Namespace, config: Config) -> dict:
 def cmd_grant(args: argparse.Namespace, config: Config) -> int:
     body = {**_pseudonyms(args, config), "to": args.to, "until": args.until, "purpose": args.purpose,
             "consent": args.consent, "issuer": args.issuer}
-    answer = _admin(config, "grant", body)
+    return _issued("granted", _admin(config, "grant", body))
+
+
+def _issued(what: str, answer: dict | int) -> int:
     if isinstance(answer, int):
         return answer
-    print(f"granted: ref {answer['ref']} ({answer['origin']} entry {answer['index']})")
+    print(f"{what}: ref {answer['ref']} ({answer['origin']} entry {answer['index']})")
     return EXIT_OK
 
 
@@ -284,11 +287,7 @@ def cmd_revoke(args: argparse.Namespace, config: Config) -> int:
         return _fail("name what to revoke: --grant REF (from `dicomledger permissions`) or --to AE[@GATEWAY]", EXIT_USAGE)
     body = {**_pseudonyms(args, config), "grants": args.grant or [], "to": args.to, "reason": args.reason,
             "issuer": args.issuer}
-    answer = _admin(config, "revoke", body)
-    if isinstance(answer, int):
-        return answer
-    print(f"revoked: ref {answer['ref']} ({answer['origin']} entry {answer['index']})")
-    return EXIT_OK
+    return _issued("revoked", _admin(config, "revoke", body))
 
 
 def cmd_permissions(args: argparse.Namespace, config: Config) -> int:

@@ -26,7 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -348,7 +348,7 @@ class Forwarder:
         result = await asyncio.get_running_loop().run_in_executor(
             thread, scu.send, path, job.sop_class_uid, job.transfer_syntax_uid
         )
-        job = Job(*astuple(job)[:-1], job.attempts + 1)
+        job = replace(job, attempts=job.attempts + 1)
         if result.ok:
             await self.writer.append(
                 FORWARDED,

@@ -300,15 +300,14 @@ class Gateway:
                 if not replaced_file:  # leave nothing unindexed behind
                     self.files.absolute(relative).unlink(missing_ok=True)
                 raise
-            status, outcome = await self._anchor(request, header, hashes, previous)
+            p = Pseudonyms.of(self.secret, header)
+            status, outcome = await self._anchor(request, header, hashes, previous, p)
             if self.forwarder is not None and not outcome.startswith("duplicate"):
                 routed = await self.forwarder.route(ForwardItem(
                     sop_instance_uid=header.sop_instance_uid, sop_class_uid=request.sop_class_uid,
                     transfer_syntax_uid=request.transfer_syntax_uid, path=relative,
                     calling_ae=request.calling_ae, modality=header.modality,
-                    patient=pseudonym(self.secret, "patient", header.patient_id),
-                    study=pseudonym(self.secret, "study", header.study_uid),
-                    instance=pseudonym(self.secret, "instance", header.sop_instance_uid),
+                    patient=p.patient, study=p.study, instance=p.instance,
                     sha256=hashes.sha256.hex(),
                 ))
                 if routed:
@@ -351,6 +350,7 @@ class Gateway:
         header: InstanceHeader,
         hashes: InstanceHashes,
         previous: InstanceRow | None,
+        p: Pseudonyms,
     ) -> tuple[int, str]:
         assert self.index is not None and self.writer is not None
         same = previous is not None and (previous.sha256, previous.header_sha256) == (
@@ -359,7 +359,6 @@ class Gateway:
         )
         if same and previous is not None and previous.ledger_index is not None:
             return SUCCESS, f"duplicate of anchored entry {previous.ledger_index}"
-        p = Pseudonyms.of(self.secret, header)
         payload = anchor_payload(
             p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae
         )

@@ -356,7 +356,7 @@ class PeerService:
         while True:
             peers = list(self.peers.values())
             for peer in random.sample(peers, min(self.config.fanout, len(peers))):
-                await self.gossip_with(peer)
+                await self._guarded(peer, self._gossip_round(peer))
             await asyncio.sleep(self.config.gossip_interval)
 
     async def _announce_loop(self) -> None:
@@ -379,9 +379,6 @@ class PeerService:
         while (wanted := self._pull_wanted.pop(origin, None)) is not None:
             peer, note = wanted
             await self._guarded(peer, self._consider_checkpoint(origin, note, peer))
-
-    async def gossip_with(self, peer: _Peer) -> None:
-        await self._guarded(peer, self._gossip_round(peer))
 
     async def _guarded(self, peer: _Peer, work: Awaitable[None]) -> None:
         """Run one exchange with ``peer``; failures are logged and kept in its status."""

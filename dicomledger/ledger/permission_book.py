@@ -86,6 +86,7 @@ class PermissionBook:
         # keys this gateway signs with: its own (as custodian) and the configured issuers
         self.issuer_keys = {own_origin: own_key, **issuer_keys}
         self.own_origin = own_origin
+        self._reported: set[str] = set()
 
     async def _records(self, patient: str) -> tuple[list[Record], dict[str, str]]:
         records: list[Record] = []
@@ -128,7 +129,9 @@ class PermissionBook:
 
         state = evaluate(records, is_authorised=is_authorised, today=on or today())
         for ref, reason in state.ignored.items():
-            log.warning("permission record ignored", patient=patient[:12], record=ref[:16], reason=reason)
+            if ref not in self._reported:  # once per record, not on every decision
+                self._reported.add(ref)
+                log.warning("permission record ignored", patient=patient[:12], record=ref[:16], reason=reason)
         return History(order_history(records), state, malformed)
 
     async def decide(self, patient: str, *, study: str | None, ae: str, site: str | None, today: str) -> Decision:
