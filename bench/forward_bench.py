@@ -41,16 +41,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import psutil
+from benchlib import (  # bench/ is sys.path[0] when run as a script
+    DCMTK_ENV,
+    HOST,
+    ROOT,
+    BenchError,
+    end_all_processes,
+    end_process,
+    free_port,
+    interrupt,
+    mark,
+    parse_time,
+    percentile,
+    spawn,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
 import pydicom  # noqa: E402
 import pynetdicom  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
@@ -59,8 +69,6 @@ from pynetdicom.association import Association  # noqa: E402
 
 from tests.dicomdata import MR_IMAGE, fake_patient, make_mr_series  # noqa: E402
 
-HOST = "127.0.0.1"
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # see /work/shared/DICOM-TOOLS.md
 SENDER_AE = "STORESCU"  # storescu's and the probe SCU's calling AE
 BASELINE_AE = "BENCHSCU"
 PACS_AE = "PACS"
@@ -79,45 +87,16 @@ TARGET_P99_S = 2.0
 
 # --- processes: every child is tracked and ended by its id -----------------------------
 
-_LIVE: set[subprocess.Popen[bytes]] = set()
-_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
 
 
-def spawn(args: Sequence[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start a child in its own session (a terminal's Ctrl-C reaches only us; we stop it)."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [*_WITH_PARENT, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=env, cwd=ROOT, start_new_session=True,
-        )
-    _LIVE.add(proc)
-    return proc
 
 
-def end_process(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    _LIVE.discard(proc)
 
 
-def end_all_processes() -> None:
-    for proc in list(_LIVE):
-        end_process(proc, grace=10.0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
-class BenchError(RuntimeError):
-    pass
 
 
 def wait_for(condition: Any, timeout: float, what: str, poll: float = 0.05) -> float:
@@ -129,9 +108,6 @@ def wait_for(condition: Any, timeout: float, what: str, poll: float = 0.05) -> f
     return time.monotonic() - began
 
 
-def parse_time(stamp: str) -> float:
-    """A structlog ISO UTC timestamp -> seconds since the epoch."""
-    return datetime.fromisoformat(stamp).timestamp()
 
 
 def log_lines(path: Path, offset: int = 0) -> list[dict[str, Any]]:
@@ -543,15 +519,8 @@ def measure_revokes(work: Path, n_gateways: int, reps: int) -> tuple[list[float]
 # --- report ----------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def mark(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
 
 
 def machine_facts() -> str:
@@ -601,8 +570,6 @@ def report(args: argparse.Namespace, n: int, walls: Walls,
     return "\n".join(lines)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -625,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reps, --images, --revokes must be >= 1, --gateways >= 2")
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, interrupt)
     work = Path(tempfile.mkdtemp(prefix="forward-bench-", dir=args.work_dir))
     began = time.perf_counter()
     try:

@@ -43,7 +43,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -53,16 +52,25 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import psutil
+from benchlib import (  # bench/ is sys.path[0] when run as a script
+    HOST,
+    ROOT,
+    BenchError,
+    end_all_processes,
+    end_process,
+    free_port,
+    interrupt,
+    mark,
+    parse_time,
+    percentile,
+    spawn,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
 import pynetdicom  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE, _config  # noqa: E402
@@ -73,7 +81,6 @@ from dicomledger.ledger.identity import Identity, load_key_file  # noqa: E402
 from dicomledger.ledger.log import LedgerStore, LogWriter  # noqa: E402
 from tests.dicomdata import MR_IMAGE, make_mr_series  # noqa: E402
 
-HOST = "127.0.0.1"
 SENDER_AE = "BENCHSCU"
 
 # Targets from the issue
@@ -98,55 +105,23 @@ QUICK = Plan(senders=2, images=30, seconds=15.0, warmup=2, idle_seconds=0.0, cat
 
 # --- processes: every child is tracked and ended by its id -----------------------------
 
-_LIVE: set[subprocess.Popen[bytes]] = set()
 # setpriv (util-linux) execs the command with a parent-death signal: children get SIGTERM
 # even if the benchmark itself is killed with SIGKILL.
-_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
 
 
-def spawn(args: Sequence[str], *, log: Path) -> subprocess.Popen[bytes]:
-    """Start a child in its own session (a terminal's Ctrl-C reaches only us; we stop it)."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [*_WITH_PARENT, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            cwd=ROOT, start_new_session=True,
-        )
-    _LIVE.add(proc)
-    return proc
 
 
-def end_process(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    _LIVE.discard(proc)
 
 
-def end_all_processes() -> None:
-    for proc in list(_LIVE):
-        end_process(proc, grace=10.0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
-class BenchError(RuntimeError):
-    pass
 
 
 # --- gateways --------------------------------------------------------------------------
 
 
-def parse_time(stamp: str) -> float:
-    """A structlog ISO UTC timestamp -> seconds since the epoch."""
-    return datetime.fromisoformat(stamp).timestamp()
 
 
 def log_lines(path: Path, offset: int = 0) -> list[dict[str, Any]]:
@@ -392,11 +367,6 @@ def poisson_offsets(n: int, seconds: float, seed: str) -> list[float]:
 # --- measurements ----------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 @dataclass
@@ -631,8 +601,6 @@ def machine_facts() -> str:
             f"pynetdicom {pynetdicom.__version__}")
 
 
-def mark(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
 
 
 def report(
@@ -741,8 +709,6 @@ def report(
 # --- main ------------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -766,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--gateways must be at least {max(plan.senders + 2, 2 * plan.reps + plan.senders)}")
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, interrupt)
     work = Path(tempfile.mkdtemp(prefix="gossip-bench-", dir=args.work_dir))
     began = time.perf_counter()
     gateways: list[Gateway] = []

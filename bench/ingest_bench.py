@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,13 +37,22 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import psutil
+from benchlib import (  # bench/ is sys.path[0] when run as a script
+    DCMTK_ENV,
+    HOST,
+    ROOT,
+    end_all_processes,
+    end_process,
+    free_port,
+    interrupt,
+    mark,
+    percentile,
+    spawn,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
 import pydicom  # noqa: E402
 import pynetdicom  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
@@ -53,8 +61,6 @@ from pynetdicom.association import Association  # noqa: E402
 
 from tests.dicomdata import CT_IMAGE, MR_IMAGE, make_ct_series, make_mr_series, make_multiframe  # noqa: E402
 
-HOST = "127.0.0.1"
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # see /work/shared/DICOM-TOOLS.md
 SENDER_AE = "STORESCU"  # storescu's calling AE
 LATENCY_AE = "BENCHSCU"  # the pynetdicom SCU's calling AE
 MB = 1_000_000
@@ -68,52 +74,16 @@ TARGET_PEAK_RSS_MB = 400
 
 # --- processes: every child is tracked and ended by its id -----------------------------
 
-_LIVE: set[subprocess.Popen[bytes]] = set()
 # setpriv (util-linux) execs the command with a parent-death signal: children get SIGTERM
 # even if the benchmark itself is killed with SIGKILL.
-_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
 
 
-def spawn(args: Sequence[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start a child in its own session (a terminal's Ctrl-C reaches only us; we stop it)."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [*_WITH_PARENT, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=env, cwd=ROOT, start_new_session=True,
-        )
-    _LIVE.add(proc)
-    return proc
 
 
-def end_process(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
-    """SIGTERM, wait, SIGKILL; then kill any descendant it left (storescp --fork children)."""
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for child in descendants:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if child.is_running():  # psutil checks the start time: never a reused pid
-                child.kill()
-    _LIVE.discard(proc)
 
 
-def end_all_processes() -> None:
-    for proc in list(_LIVE):
-        end_process(proc, grace=10.0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def tree_rss(pid: int) -> int:
@@ -416,11 +386,6 @@ def measure(kind: str, scenario: Scenario, warm: DataSet, work: Path) -> Sample:
     return Sample(wall, peak, handler)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def latency_round(files: Sequence[Path], warm: DataSet, run_dir: Path) -> dict[str, list[float]]:
@@ -486,8 +451,6 @@ def machine_facts() -> list[str]:
     ]
 
 
-def mark(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
 
 
 def num(value: float) -> str:
@@ -562,8 +525,6 @@ def report(
 # --- main ------------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -581,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reps and --latency-rounds must be at least 1")
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, interrupt)
     sizes = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=args.work_dir))
     began = time.perf_counter()
