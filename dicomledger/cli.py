@@ -318,6 +318,51 @@ def cmd_permissions(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace, config: Config) -> int:
+    """Everything the ledger database holds about a patient and/or a study, newest first.
+
+    Reads the database directly (WAL: works while the gateway runs, and while it is stopped).
+    The Patient ID and Study UID are turned into pseudonyms at once and never printed."""
+    from dicomledger.ledger.audit import (
+        AuditError,
+        AuditEvent,
+        audit_events,
+        event_json,
+        report_lines,
+    )
+    from dicomledger.ledger.log import LedgerStore, LedgerStoreError
+    from dicomledger.ledger.pseudonym import pseudonym
+
+    if args.patient_id is None and args.study is None:
+        return _fail("name what to audit: --patient-id ID and/or --study UID", EXIT_USAGE)
+    secret = config.pseudonym_secret()
+    patient = None if args.patient_id is None else pseudonym(secret, "patient", args.patient_id)
+    study = None if args.study is None else pseudonym(secret, "study", args.study)
+    database = config.ledger.database
+    if not database.exists():
+        return _fail(f"no ledger database at {database}: this gateway has not run yet")
+
+    async def read() -> tuple[list[AuditEvent], int]:
+        store = await LedgerStore.open(database)
+        try:
+            events = await audit_events(store, patient=patient, study=study)
+            return events, len(await store.origins())
+        finally:
+            await store.close()
+
+    try:
+        events, logs_held = asyncio.run(read())
+    except (AuditError, LedgerStoreError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps({"patient": patient, "study": study, "events": [event_json(e) for e in events]},
+                         indent=2))
+        return EXIT_OK
+    for line in report_lines(events, patient=patient, study=study, logs_held=logs_held):
+        print(line)
+    return EXIT_OK
+
+
 def cmd_peers(args: argparse.Namespace, config: Config) -> int:
     from dicomledger.status import peers
 
@@ -365,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("permissions", "show a patient's effective grants and permission history")
     p.add_argument("--patient-id", required=True)
     p.add_argument("--json", action="store_true")
+    p = with_config("audit", "list every ledger entry about a patient and/or a study, newest first")
+    p.add_argument("--patient-id", help="the Patient ID; only its pseudonym is used or printed")
+    p.add_argument("--study", metavar="UID", help="a Study Instance UID; only its pseudonym is used or printed")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p = with_config("prove", "write a self-contained inclusion proof of one entry")
     p.add_argument("--entry", type=int, required=True)
     p.add_argument("--origin")
@@ -400,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             "grant": cmd_grant,
             "revoke": cmd_revoke,
             "permissions": cmd_permissions,
+            "audit": cmd_audit,
         }[args.command]
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:

@@ -35,6 +35,7 @@ import structlog
 
 from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.scu import Destination, StoreSCU
+from dicomledger.ledger.audit import audit_keys
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
@@ -269,11 +270,9 @@ class Forwarder:
     async def _refused(
         self, dest: DestinationConfig, patient: str, study: str, instance: str, sha256: str, reason: str
     ) -> None:
-        await self.writer.append(
-            FORWARD_REFUSED,
-            {"destination": dest.ae_title, "site": dest.site, "patient": patient, "study": study,
-             "instance": instance, "sha256": sha256, "reason": reason},
-        )
+        payload = {"destination": dest.ae_title, "site": dest.site, "patient": patient, "study": study,
+                   "instance": instance, "sha256": sha256, "reason": reason}
+        await self.writer.append(FORWARD_REFUSED, payload, audit_keys(FORWARD_REFUSED, payload))
         log.info("forward refused", destination=dest.ae_title, reason=reason)
 
     # -- workers ---------------------------------------------------------------------------
@@ -350,13 +349,11 @@ class Forwarder:
         )
         job = replace(job, attempts=job.attempts + 1)
         if result.ok:
-            await self.writer.append(
-                FORWARDED,
-                {"destination": dest.ae_title, "site": dest.site, "patient": job.patient,
-                 "study": job.study, "instance": job.instance, "sha256": job.sha256,
-                 "grant": decision.grant.ref if decision.grant else None,
-                 "status": f"0x{result.status or 0:04X}"},
-            )
+            payload = {"destination": dest.ae_title, "site": dest.site, "patient": job.patient,
+                       "study": job.study, "instance": job.instance, "sha256": job.sha256,
+                       "grant": decision.grant.ref if decision.grant else None,
+                       "status": f"0x{result.status or 0:04X}"}
+            await self.writer.append(FORWARDED, payload, audit_keys(FORWARDED, payload))
             await self.queue.finish(job, "done")
             log.info("forwarded", destination=dest.ae_title, sop_instance=job.sop_instance_uid, attempts=job.attempts)
             return False

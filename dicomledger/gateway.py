@@ -39,6 +39,7 @@ from dicomledger.dicom.scp import (
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue
 from dicomledger.ledger import merkle
+from dicomledger.ledger.audit import audit_keys
 from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, decode_entry
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
@@ -46,33 +47,32 @@ from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook, permission_keys
 from dicomledger.ledger.permissions import Grantee
 from dicomledger.ledger.pseudonym import pseudonym
+from dicomledger.retrieval import QueryRetrieve
 
 log = structlog.get_logger("dicomledger.gateway")
 
 
-def anchor_keys(
-    hashes_sha256: bytes, decoded: bytes | None, instance_pseudonym: str, patient_pseudonym: str
-) -> list[str]:
-    """Lookup keys attached to an anchor entry, so `verify-file` finds it by hash or instance
-    and permissions find the patient's custodians."""
-    keys = [f"sha256:{hashes_sha256.hex()}", f"instance:{instance_pseudonym}", f"patient:{patient_pseudonym}"]
-    if decoded is not None:
-        keys.append(f"decoded:{decoded.hex()}")
-    return keys
+def anchor_keys(payload: dict[str, Any]) -> list[str]:
+    """Lookup keys attached to an anchor entry, so `verify-file` finds it by hash or instance,
+    permissions find the patient's custodians and `audit` finds the study."""
+    keys = [f"sha256:{payload['sha256']}", f"instance:{payload['instance']}", f"patient:{payload['patient']}"]
+    if payload["decoded_sha256"] is not None:
+        keys.append(f"decoded:{payload['decoded_sha256']}")
+    return keys + audit_keys(IMAGE_ANCHORED, payload)
 
 
 def replica_keys(entry: Entry) -> list[str]:
     """Lookup keys for another gateway's entry, as its author attached them to its own."""
     p = entry.payload
     if entry.kind != IMAGE_ANCHORED or not isinstance(p.get("sha256"), str):
-        return permission_keys(entry)
+        return permission_keys(entry) + audit_keys(entry.kind, p)
     decoded = p.get("decoded_sha256")
     keys = [f"sha256:{p['sha256']}"]
     if isinstance(p.get("instance"), str):
         keys.append(f"instance:{p['instance']}")
     if isinstance(decoded, str):
         keys.append(f"decoded:{decoded}")
-    return keys + permission_keys(entry)
+    return keys + permission_keys(entry) + audit_keys(entry.kind, p)
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,12 @@ class Gateway:
             self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer, replica_keys)
             await self.peers.start()
         g = cfg.gateway
+        query_retrieve = QueryRetrieve(
+            loop=self.loop, index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
+            book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
+            origin=self.identity.origin, origin_key=self.identity.public_key,
+            destinations=cfg.forwarding,
+        )
         self.server = DicomServer(
             ae_title=g.ae_title,
             host=g.host,
@@ -180,6 +186,7 @@ class Gateway:
             max_pdu_size=g.max_pdu_size,
             network_timeout=g.network_timeout,
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
+            query_retrieve=query_retrieve,
         )
         self.server.start()
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
@@ -384,7 +391,7 @@ class Gateway:
             }
             outcome = "stored: header changed, same pixels"
         appended = await self.writer.append(
-            IMAGE_ANCHORED, payload, anchor_keys(hashes.sha256, hashes.decoded_sha256, p.instance, p.patient)
+            IMAGE_ANCHORED, payload, anchor_keys(payload)
         )
         await self.index.set_anchor(header.sop_instance_uid, appended.origin, appended.index)
         return SUCCESS, f"{outcome}; anchored as entry {appended.index}"
@@ -422,7 +429,7 @@ class Gateway:
         payload = anchor_payload(p, hashes, row.sop_class_uid, row.transfer_syntax_uid, row.calling_ae)
         payload["recovered"] = True
         appended = await self.writer.append(
-            IMAGE_ANCHORED, payload, anchor_keys(hashes.sha256, hashes.decoded_sha256, p.instance, p.patient)
+            IMAGE_ANCHORED, payload, anchor_keys(payload)
         )
         return appended.index
 

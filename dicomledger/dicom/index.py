@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -191,6 +191,30 @@ class Index:
         )
         return [_instance_row(r) for r in rows]
 
+    async def query_records(self, grain: str, exact: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
+        """Records for C-FIND and retrieval at ``grain`` (STUDY, SERIES or IMAGE), flattened
+        with every level above and keyed by DICOM keyword; ``exact`` pre-filters on
+        PatientID / StudyInstanceUID / SeriesInstanceUID / SOPInstanceUID values.
+
+        STUDY records carry ModalitiesInStudy and the study's series/instance counts, SERIES
+        records their instance count, IMAGE records the ``InstanceRow`` under ``"_row"``.
+        """
+        if grain not in _GRAIN_SQL:
+            raise ValueError(f"no query records at level {grain}")
+        where, params = [], []
+        for keyword, values in exact.items():
+            column = _EXACT_COLUMNS.get(keyword)
+            if column is None or (keyword == "SOPInstanceUID" and grain != "IMAGE") or (
+                keyword == "SeriesInstanceUID" and grain == "STUDY"
+            ):
+                continue
+            where.append(f"{column} IN ({', '.join('?' for _ in values)})")
+            params += list(values)
+        select, group = _GRAIN_SQL[grain]
+        sql = select + (" WHERE " + " AND ".join(where) if where else "") + group
+        rows = await self._on_thread(self._query, sql, params)
+        return [_record(grain, row) for row in rows]
+
     async def count_instances(self) -> int:
         rows = await self._on_thread(self._query, "SELECT COUNT(*) FROM instances")
         return int(rows[0][0])
@@ -273,6 +297,63 @@ class Index:
                  previous.ledger_index, new.received_at),
             )
         return previous
+
+
+_EXACT_COLUMNS = {
+    "PatientID": "p.patient_id",
+    "StudyInstanceUID": "s.study_uid",
+    "SeriesInstanceUID": "se.series_uid",
+    "SOPInstanceUID": "i.sop_instance_uid",
+}
+_UPPER = (
+    ("PatientID", "p.patient_id"), ("PatientName", "p.patient_name"),
+    ("PatientBirthDate", "p.birth_date"), ("PatientSex", "p.sex"),
+    ("StudyInstanceUID", "s.study_uid"), ("StudyDate", "s.study_date"), ("StudyTime", "s.study_time"),
+    ("AccessionNumber", "s.accession_number"), ("StudyID", "s.study_id"),
+    ("StudyDescription", "s.study_description"), ("ReferringPhysicianName", "s.referring_physician"),
+)
+_SERIES = (
+    ("SeriesInstanceUID", "se.series_uid"), ("Modality", "se.modality"),
+    ("SeriesNumber", "se.series_number"), ("SeriesDescription", "se.series_description"),
+)
+_JOINS = (
+    " FROM instances i JOIN series se ON se.series_uid = i.series_uid"
+    " JOIN studies s ON s.study_uid = se.study_uid JOIN patients p ON p.patient_id = s.patient_id"
+)
+_GRAIN_SQL = {
+    "STUDY": (
+        "SELECT " + ", ".join(c for _, c in _UPPER)
+        + ", COUNT(DISTINCT se.series_uid), COUNT(*), GROUP_CONCAT(DISTINCT se.modality)" + _JOINS,
+        " GROUP BY s.study_uid ORDER BY MIN(i.rowid)",
+    ),
+    "SERIES": (
+        "SELECT " + ", ".join(c for _, c in _UPPER + _SERIES) + ", COUNT(*)" + _JOINS,
+        " GROUP BY se.series_uid ORDER BY MIN(i.rowid)",
+    ),
+    "IMAGE": (
+        "SELECT " + ", ".join(c for _, c in _UPPER + _SERIES)
+        + ", " + ", ".join(f"i.{c}" for c in InstanceRow.__dataclass_fields__) + _JOINS,
+        " ORDER BY s.study_uid, se.series_uid, CAST(i.instance_number AS INTEGER), i.sop_instance_uid",
+    ),
+}
+
+
+def _record(grain: str, row: Sequence[Any]) -> dict[str, Any]:
+    names = _UPPER if grain == "STUDY" else _UPPER + _SERIES
+    record: dict[str, Any] = {k: v or "" for (k, _), v in zip(names, row, strict=False)}
+    rest = row[len(names):]
+    if grain == "STUDY":
+        record["NumberOfStudyRelatedSeries"], record["NumberOfStudyRelatedInstances"] = rest[0], rest[1]
+        record["ModalitiesInStudy"] = sorted(m for m in (rest[2] or "").split(",") if m)
+    elif grain == "SERIES":
+        record["NumberOfSeriesRelatedInstances"] = rest[0]
+    else:
+        instance = _instance_row(rest)
+        record.update(
+            SOPInstanceUID=instance.sop_instance_uid, SOPClassUID=instance.sop_class_uid,
+            InstanceNumber=instance.instance_number or "", _row=instance,
+        )
+    return record
 
 
 def _instance_row(row: Sequence[Any]) -> InstanceRow:

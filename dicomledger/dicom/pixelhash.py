@@ -92,12 +92,18 @@ def hash_instance_file(
     """Hash the DICOM file at `path` (Part 10, or a bare dataset when `transfer_syntax_uid`
     is given). Raises PixelHashError for malformed or truncated data, OSError for I/O."""
     with open(path, "rb") as f:
-        try:
-            return _hash_file(f, transfer_syntax_uid)
-        except (PixelHashError, OSError, MemoryError):
-            raise
-        except Exception as exc:  # pydicom/struct/zlib parse failures: say so, never crash
-            raise PixelHashError(f"malformed dataset: {type(exc).__name__}: {exc}") from exc
+        return hash_instance_stream(f, transfer_syntax_uid)
+
+
+def hash_instance_stream(f: IO[bytes], transfer_syntax_uid: str | None = None) -> InstanceHashes:
+    """hash_instance_file for an open binary file or an in-memory copy (``io.BytesIO``): a
+    retrieval hashes the very bytes it is about to send."""
+    try:
+        return _hash_file(f, transfer_syntax_uid)
+    except (PixelHashError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # pydicom/struct/zlib parse failures: say so, never crash
+        raise PixelHashError(f"malformed dataset: {type(exc).__name__}: {exc}") from exc
 
 
 # --- file structure ---------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Each association runs in its own pynetdicom thread. Handlers only turn the event into a
 ``StoreRequest`` and hand it to the ``on_store`` callable the gateway gives us, which blocks
-until the instance is durable and anchored and returns the DIMSE status to send.
+until the instance is durable and anchored and returns the DIMSE status to send; or, for
+C-FIND / C-MOVE / C-GET, into a ``QRRequest`` for the Query/Retrieve core (``qr.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,19 @@ import structlog
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomledger.dicom.qr import QRRequest, RetrieveCore, find_responses, retrieve_responses
+from dicomledger.dicom.query import QueryError
 
 log = structlog.get_logger("dicomledger.scp")
 
@@ -47,11 +59,23 @@ class _TemplateContext(PresentationContext):
         return clone
 
 
-def _context(abstract_syntax: str, transfer_syntaxes: list[str]) -> _TemplateContext:
+def _context(abstract_syntax: str, transfer_syntaxes: list[str], both_roles: bool = False) -> _TemplateContext:
     cx = _TemplateContext()
     cx.abstract_syntax = abstract_syntax
     cx.transfer_syntax = transfer_syntaxes
+    if both_roles:  # accept SCP/SCU role selection: a C-GET requestor takes the storage SCP role
+        cx.scu_role = cx.scp_role = True
     return cx
+
+
+QR_MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: ("C-FIND", "patient"),
+    StudyRootQueryRetrieveInformationModelFind: ("C-FIND", "study"),
+    PatientRootQueryRetrieveInformationModelMove: ("C-MOVE", "patient"),
+    StudyRootQueryRetrieveInformationModelMove: ("C-MOVE", "study"),
+    PatientRootQueryRetrieveInformationModelGet: ("C-GET", "patient"),
+    StudyRootQueryRetrieveInformationModelGet: ("C-GET", "study"),
+}
 
 
 @dataclass(frozen=True)
@@ -87,10 +111,12 @@ class DicomServer:
         max_pdu_size: int = 0,
         network_timeout: float = 60.0,
         accept_unknown_sop_classes: bool = False,
+        query_retrieve: RetrieveCore | None = None,
     ) -> None:
         self.host, self.port = host, port
         self._allowed_aes = allowed_calling_aes
         self._on_store = on_store
+        self._qr = query_retrieve
         self._server: ThreadedAssociationServer | None = None
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -113,9 +139,11 @@ class DicomServer:
         ae.dimse_timeout = network_timeout
         syntaxes = list(AllTransferSyntaxes)
         self._contexts = [_context(Verification, DEFAULT_TRANSFER_SYNTAXES)] + [
-            _context(cx.abstract_syntax, syntaxes)  # type: ignore[arg-type]
+            _context(cx.abstract_syntax, syntaxes, both_roles=query_retrieve is not None)  # type: ignore[arg-type]
             for cx in AllStoragePresentationContexts
         ]
+        if query_retrieve is not None:
+            self._contexts += [_context(uid, DEFAULT_TRANSFER_SYNTAXES) for uid in QR_MODELS]
         self.ae = ae
 
     def start(self) -> None:
@@ -127,6 +155,12 @@ class DicomServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
+        if self._qr is not None:
+            handlers += [
+                (evt.EVT_C_FIND, self._on_query),
+                (evt.EVT_C_MOVE, self._on_query),
+                (evt.EVT_C_GET, self._on_query),
+            ]
         self._server = self.ae.start_server(
             (self.host, self.port), block=False, evt_handlers=handlers, contexts=self._contexts
         )
@@ -210,3 +244,30 @@ class DicomServer:
             stats.stores += 1
             stats.failures += status != SUCCESS
         return status
+
+    def _on_query(self, event: evt.Event) -> Any:
+        """C-FIND, C-MOVE, C-GET: the core decides, qr.py answers. Returns pynetdicom's generator."""
+        assert self._qr is not None
+        service, model = QR_MODELS[str(event.request.AffectedSOPClassUID)]
+        requestor = event.assoc.requestor
+        peer = f"{requestor.address}:{requestor.port}"
+        try:
+            identifier = event.identifier
+        except Exception as exc:  # pynetdicom/pydicom decoding: any error means a malformed identifier
+            log.warning("query refused", service=service, calling_ae=requestor.ae_title, peer=peer,
+                        reason=f"identifier cannot be decoded: {type(exc).__name__}: {exc}")
+            return iter([(CANNOT_UNDERSTAND, None)])
+        request = QRRequest(
+            service=service, model=model, identifier=identifier, calling_ae=requestor.ae_title,
+            peer=peer, move_destination=event.move_destination if service == "C-MOVE" else None,
+        )
+        cancelled = lambda: event.is_cancelled  # noqa: E731
+        if service == "C-FIND":
+            try:
+                return find_responses(self._qr.find(request), cancelled)
+            except QueryError as exc:  # the core logged why
+                return iter([(exc.status, None)])
+        # A QueryError from plan() propagates: pynetdicom then answers 0xC511 / 0xC411
+        # (unable to process), the only failure it lets a retrieve handler give before it
+        # has yielded the destination and the count; the core logged why.
+        return retrieve_responses(self._qr, request, self._qr.plan(request), cancelled, event.assoc)

@@ -1,0 +1,214 @@
+"""Query/Retrieve on the wire: the response generators pynetdicom drives for C-FIND, C-MOVE
+and C-GET. What matches, who may see it and whether a file may leave is decided by the core
+(``retrieval.py``) through the ``RetrieveCore`` protocol; this file only speaks DIMSE:
+pending responses, C-CANCEL, sub-operation counts and the Failed SOP Instance UID List.
+
+pynetdicom counts a sub-operation as done only when it sends the C-STORE itself, so
+instances we refuse or stop (permission, tamper check) are simply never yielded: they stay
+"remaining" until our final response, where pynetdicom reports them as failed
+(PS3.4 C.4.2.1.5 / C.4.3.1.4), and we list their UIDs.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydicom.dataset import Dataset
+from pynetdicom import build_context, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+
+PENDING = 0xFF00
+CANCEL = 0xFE00
+SUCCESS = 0x0000
+SUB_OPERATIONS_FAILED = 0xB000  # warning: sub-operations complete, one or more failures
+UNABLE_TO_PERFORM = 0xA702  # failure: no sub-operation could be performed
+MAX_CONTEXTS = 128  # presentation context IDs are odd numbers 1..255
+LOOKAHEAD = 4  # instances read and checked ahead of the one being sent
+
+
+@dataclass(frozen=True)
+class QRRequest:
+    service: str  # "C-FIND", "C-MOVE" or "C-GET"
+    model: str  # "patient" or "study" (root)
+    identifier: Dataset
+    calling_ae: str
+    peer: str
+    move_destination: str | None = None
+
+
+@dataclass(frozen=True)
+class SubOperation:
+    """One instance a retrieval will send, if it passes the check just before."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    ref: Any  # the core's own handle on it
+
+
+@dataclass(frozen=True)
+class Loaded:
+    dataset: Dataset | None  # None: do not send
+    problem: str = ""  # why not
+
+
+@dataclass
+class RetrievePlan:
+    to_send: list[SubOperation]
+    refused: dict[str, str]  # SOP Instance UID -> why it is not sent (never attempted)
+    destination: tuple[str, int] | None = None  # C-MOVE: where the move destination AE listens
+    unknown_destination: bool = False  # C-MOVE: answer 0xA801
+    context: Any = None  # the core's own state, handed back to finish()
+
+
+@dataclass
+class RetrieveOutcome:
+    """What happened to a retrieval's sub-operations, for the core's audit record."""
+
+    completed: list[str] = field(default_factory=list)
+    warning: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # the destination's C-STORE failed
+    not_sent: dict[str, str] = field(default_factory=dict)  # stopped by the check: uid -> why
+    associated: bool = False  # C-MOVE: the association with the destination was made
+    cancelled: bool = False
+    status: int | None = None  # the final status we sent; None if pynetdicom decided it
+
+
+class RetrieveCore(Protocol):
+    def find(self, request: QRRequest) -> list[Dataset]: ...
+    def plan(self, request: QRRequest) -> RetrievePlan: ...
+    def load(self, sub: SubOperation) -> Loaded: ...
+    def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None: ...
+
+
+def find_responses(matches: list[Dataset], is_cancelled: Callable[[], bool]) -> Iterator[tuple[int, Dataset | None]]:
+    for identifier in matches:
+        if is_cancelled():
+            yield CANCEL, None
+            return
+        yield PENDING, identifier
+
+
+class StoreResponses:
+    """Collects the C-STORE responses of sub-operations (from EVT_DIMSE_RECV)."""
+
+    def __init__(self, outcome: RetrieveOutcome) -> None:
+        self._outcome = outcome
+        self._lock = threading.Lock()
+
+    def on_dimse_recv(self, event: evt.Event) -> None:
+        message = event.message
+        if not isinstance(message, C_STORE_RSP):
+            return
+        command = message.command_set
+        uid = str(command.get("AffectedSOPInstanceUID", ""))
+        status = int(command.get("Status", 0xC000))
+        category = code_to_category(status)
+        with self._lock:
+            if category == STATUS_SUCCESS:
+                self._outcome.completed.append(uid)
+            elif category == STATUS_WARNING:
+                self._outcome.warning.append(uid)
+            else:
+                self._outcome.failed.append(uid)
+
+
+def _no_delay(event: evt.Event) -> None:
+    # pynetdicom writes a C-STORE as several small PDUs; with Nagle's algorithm each one
+    # waits for the receiver's delayed ACK (~40 ms per instance against DCMTK storescp).
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def move_association_kwargs(plan: RetrievePlan, responses: StoreResponses) -> dict[str, Any]:
+    """associate() arguments for the sub-association: one context per (SOP class, transfer
+    syntax) to send, each with that one syntax, so files leave as stored."""
+    pairs = list(dict.fromkeys((s.sop_class_uid, s.transfer_syntax_uid) for s in plan.to_send))
+    # nothing to send (all refused): pynetdicom still associates before our final response
+    contexts = [build_context(*pair) for pair in pairs[:MAX_CONTEXTS]] or [build_context(Verification)]
+    return {
+        "contexts": contexts,
+        "evt_handlers": [(evt.EVT_CONN_OPEN, _no_delay), (evt.EVT_DIMSE_RECV, responses.on_dimse_recv)],
+    }
+
+
+def retrieve_responses(
+    core: RetrieveCore,
+    request: QRRequest,
+    plan: RetrievePlan,
+    is_cancelled: Callable[[], bool],
+    assoc: Any,  # the requestor's association (C-GET sends on it)
+) -> Iterator[Any]:
+    """The C-MOVE / C-GET generator: (destination,) count, then one pending per instance sent."""
+    outcome = RetrieveOutcome()
+    responses = StoreResponses(outcome)
+    finished = False
+
+    def finish(status: int | None) -> None:
+        nonlocal finished
+        if not finished:
+            finished = True
+            outcome.status = status
+            core.finish(request, plan, outcome)
+
+    is_get = request.service == "C-GET"
+    if is_get:
+        assoc.bind(evt.EVT_DIMSE_RECV, responses.on_dimse_recv)
+    pool = ThreadPoolExecutor(2, thread_name_prefix="retrieve-check")
+    try:
+        if not is_get:
+            if plan.unknown_destination or plan.destination is None:
+                finish(0xA801)
+                yield None, None  # pynetdicom answers 0xA801: move destination unknown
+                return
+            yield (*plan.destination, move_association_kwargs(plan, responses))
+        total = len(plan.to_send) + len(plan.refused)
+        if total == 0:
+            finish(SUCCESS)  # pynetdicom answers Success with no sub-operations
+        yield total
+        outcome.associated = True  # resumed: the sub-association exists (C-MOVE) or is not needed
+        ahead: deque[Future[Loaded]] = deque()
+        todo = iter(plan.to_send)
+        for sub in todo:
+            ahead.append(pool.submit(core.load, sub))
+            if len(ahead) >= LOOKAHEAD:
+                break
+        for sub in plan.to_send:
+            loaded = ahead.popleft().result()
+            if (nxt := next(todo, None)) is not None:
+                ahead.append(pool.submit(core.load, nxt))
+            if is_cancelled():
+                outcome.cancelled = True
+                finish(CANCEL)
+                yield CANCEL, _failed_list(plan, outcome)
+                return
+            if loaded.dataset is None:
+                outcome.not_sent[sub.sop_instance_uid] = loaded.problem
+                continue
+            yield PENDING, loaded.dataset
+        if plan.refused or outcome.not_sent:
+            # unsent instances are still "remaining": pynetdicom reports them as failed
+            sent = len(outcome.completed) + len(outcome.warning)
+            status = SUB_OPERATIONS_FAILED if sent else UNABLE_TO_PERFORM
+            finish(status)
+            yield status, _failed_list(plan, outcome)
+        else:
+            finish(None)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if is_get:
+            assoc.unbind(evt.EVT_DIMSE_RECV, responses.on_dimse_recv)
+        finish(None)  # pynetdicom stopped early (destination unreachable, peer aborted)
+
+
+def _failed_list(plan: RetrievePlan, outcome: RetrieveOutcome) -> Dataset:
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = [*outcome.failed, *outcome.not_sent, *plan.refused]
+    return ds

@@ -1,0 +1,367 @@
+"""The auditor's view of the ledger: which entries concern a patient or a study.
+
+Lookup keys (attached by the appender to its own entries, and by every replica to the
+entries it stores) that find a patient's or a study's history in every gateway's log:
+
+* ``study:<study pseudonym>`` on every entry whose payload names a study;
+* ``activity:<patient pseudonym>`` on forwards, retrievals, refusals and tamper alarms;
+  receipts are found by ``patient:<P>`` and permission records by ``perm:<P>``
+  (see ``permission_book.permission_keys``).
+
+``audit_events`` reads those entries from a ledger database (this gateway's log and every
+replica it holds); ``summary``, ``event_json`` and ``report_lines`` are pure functions that
+turn them into what `dicomledger audit` prints. Like the ledger, all of it deals in
+pseudonyms only: a Patient ID or Study UID never reaches this module.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from dicomledger.ledger import merkle
+from dicomledger.ledger.entries import (
+    FORWARD_REFUSED,
+    FORWARDED,
+    GRANT,
+    IMAGE_ANCHORED,
+    RETRIEVE_REFUSED,
+    RETRIEVED,
+    REVOKE,
+    TAMPER_ALARM,
+    ZERO_HASH,
+    Entry,
+    EntryError,
+    decode_entry,
+    encode_entry,
+)
+from dicomledger.ledger.permissions import Grant, PermissionFormatError, Revoke, parse_permission
+
+if TYPE_CHECKING:
+    from dicomledger.ledger.log import LedgerStore
+
+ACTIVITY_KINDS = frozenset({FORWARDED, FORWARD_REFUSED, RETRIEVED, RETRIEVE_REFUSED, TAMPER_ALARM})
+
+
+def audit_keys(kind: str, payload: Mapping[str, Any]) -> list[str]:
+    """Lookup keys an entry of ``kind`` with ``payload`` carries for `dicomledger audit`."""
+    keys = []
+    if isinstance(payload.get("study"), str):
+        keys.append(f"study:{payload['study']}")
+    if kind in ACTIVITY_KINDS and isinstance(payload.get("patient"), str):
+        keys.append(f"activity:{payload['patient']}")
+    return keys
+
+
+# -- the auditor's view: events, one-line summaries, JSON ----------------------------------------
+
+SHORT = 12  # hex digits of a pseudonym, hash or ref shown in a summary
+MAX_TEXT = 256  # characters of free text (reasons, problems) shown in a summary
+
+
+class AuditError(RuntimeError):
+    """An entry the lookup keys point to cannot be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One ledger entry as the auditor sees it."""
+
+    time_ms: int  # the author's clock, milliseconds since the Unix epoch (UTC)
+    origin: str  # the gateway whose log holds the entry
+    index: int
+    kind: str
+    payload: Mapping[str, Any]
+    leaf_hash: str  # hex RFC 6962 leaf hash of the entry bytes (a permission record's ref)
+
+
+def _clean(text: str, limit: int = MAX_TEXT) -> str:
+    """Text from a ledger entry, safe on one terminal line: control, format (bidi) and
+    surrogate characters escaped, cut at ``limit`` characters."""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return "".join(
+        f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf", "Cs") else c for c in text
+    )
+
+
+def _text(payload: Mapping[str, Any], key: str) -> str:
+    """A string field, cleaned; "?" when missing or not a string (a malformed entry must
+    still be shown, not crash the audit)."""
+    value = payload.get(key)
+    return _clean(value) if isinstance(value, str) else "?"
+
+
+def _short(value: Any) -> str:
+    """A pseudonym, hash or ref shortened to SHORT characters."""
+    if not isinstance(value, str):
+        return "?"
+    return _clean(value[:SHORT]) + ("…" if len(value) > SHORT else "")
+
+
+def _count(payload: Mapping[str, Any], key: str) -> str:
+    value = payload.get(key)
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else "?"
+
+
+def _at(where: Any) -> str:
+    """``origin #index`` of an entry reference {origin, index}."""
+    if not isinstance(where, Mapping):
+        return "?"
+    return f"{_text(where, 'origin')} #{_count(where, 'index')}"
+
+
+def _destination(payload: Mapping[str, Any]) -> str:
+    site = payload.get("site")
+    dest = _text(payload, "destination")
+    return f"{dest}@{_clean(site)}" if isinstance(site, str) and site else dest
+
+
+def _summary_anchored(p: Mapping[str, Any]) -> str:
+    what = "sha256" if p.get("hash_method") != "content" else "content sha256"
+    text = f"received from {_text(p, 'calling_ae')} (instance {_short(p.get('instance'))}, {what} {_short(p.get('sha256'))}"
+    frames = p.get("frames")
+    if isinstance(frames, int) and not isinstance(frames, bool) and frames > 1:
+        text += f", {frames} frames"
+    text += ")"
+    pixels = p.get("pixels_changed_from")
+    if pixels is not None:
+        old = pixels.get("sha256") if isinstance(pixels, Mapping) else None
+        text += f"; PIXELS CHANGED since {_at(pixels)} (sha256 was {_short(old)})"
+    if p.get("header_changed_from") is not None:
+        text += f"; header changed since {_at(p['header_changed_from'])}"
+    if p.get("recovered") is True:
+        text += "; recovered at restart (no Success had been sent)"
+    return text
+
+
+def _summary_forwarded(p: Mapping[str, Any]) -> str:
+    grant = p.get("grant")
+    why = f"grant {_short(grant)}" if grant is not None else "no grant"
+    status = p.get("status")
+    done = "" if status in (None, "0x0000") else f", status {_text(p, 'status')}"
+    return f"forwarded to {_destination(p)} (instance {_short(p.get('instance'))}, {why}{done})"
+
+
+def _summary_forward_refused(p: Mapping[str, Any]) -> str:
+    return (
+        f"forward refused to {_destination(p)} (instance {_short(p.get('instance'))}): "
+        f"{_text(p, 'reason')}"
+    )
+
+
+def _retrieve_route(p: Mapping[str, Any]) -> str:
+    """``C-MOVE by WS1 to WS2`` (``to`` omitted for a C-GET to its own caller)."""
+    caller, dest = _text(p, "calling_ae"), _text(p, "destination")
+    route = f"{_text(p, 'service')} by {caller}"
+    if p.get("service") != "C-GET" or dest != caller:
+        route += f" to {_destination(p)}"
+    return route
+
+
+def _summary_retrieved(p: Mapping[str, Any]) -> str:
+    counts = (
+        f"{_count(p, 'completed')} sent, {_count(p, 'failed')} failed, "
+        f"{_count(p, 'refused')} refused, {_count(p, 'tampered')} tampered"
+    )
+    if p.get("warning") not in (0, None):
+        counts += f", {_count(p, 'warning')} with warnings"
+    if p.get("not_sent") not in (0, None):
+        counts += f", {_count(p, 'not_sent')} not sent"
+    if p.get("cancelled") is True:
+        counts += ", CANCELLED"
+    grant = p.get("grant")
+    why = f"grant {_short(grant)}" if grant is not None else "no grant"
+    return (
+        f"retrieved by {_text(p, 'calling_ae')} via {_text(p, 'service')} to {_destination(p)}: "
+        f"{counts} (status {_text(p, 'status')}, {why})"
+    )
+
+
+def _summary_retrieve_refused(p: Mapping[str, Any]) -> str:
+    return (
+        f"retrieve refused: {_retrieve_route(p)} for {_count(p, 'instances')} instances: "
+        f"{_text(p, 'reason')}"
+    )
+
+
+def _summary_tamper_alarm(p: Mapping[str, Any]) -> str:
+    expected, found = p.get("expected_sha256"), p.get("found_sha256")
+    expected_text = _short(expected) if expected is not None else "unknown (anchor not held)"
+    found_text = _short(found) if found is not None else "no pixel data"
+    context = f"anchor {_at(p.get('anchor'))}"
+    if "service" in p:  # the retrieval that found it, when the alarm names one
+        context = f"{_retrieve_route(p)}; {context}"
+    return (
+        f"TAMPER ALARM: instance {_short(p.get('instance'))}, expected sha256 {expected_text}, "
+        f"found {found_text} ({context}): {_text(p, 'problem')}"
+    )
+
+
+def _permission(event: AuditEvent) -> Grant | Revoke:
+    """The grant or revoke in ``event``'s payload, checked by the permissions module's rules.
+
+    ``parse_permission`` wants the entry and its bytes only to compute the record's ref, which
+    the event already has (``leaf_hash``); a stand-in entry around the payload gives it those.
+    """
+    stand_in = Entry(event.origin, event.index, ZERO_HASH, event.time_ms, event.kind, event.payload, bytes(64))
+    return parse_permission(stand_in, encode_entry(stand_in))
+
+
+def _summary_permission(event: AuditEvent) -> str:
+    try:
+        record = _permission(event)
+    except (PermissionFormatError, EntryError) as exc:
+        return f"MALFORMED {event.kind} (ref {_short(event.leaf_hash)}): {_clean(str(exc))}"
+    ref = f"ref {_short(event.leaf_hash)}"
+    if isinstance(record, Grant):
+        scope = f"study {_short(record.study)}" if record.study is not None else "all studies"
+        until = f" until {record.until}" if record.until is not None else ""
+        return (
+            f"grant to {_clean(str(record.grantee))}, {scope}{until}, purpose {record.purpose!r}, "
+            f"consent {record.consent!r}; issued by {_clean(record.issuer)} ({ref})"
+        )
+    targets = []
+    if record.grants:
+        targets.append("grants " + ", ".join(_short(g) for g in record.grants))
+    if record.grantee is not None:
+        targets.append(f"every grant to {_clean(str(record.grantee))}")
+    return (
+        f"revoke {' and '.join(targets)}, reason {record.reason!r}; "
+        f"issued by {_clean(record.issuer)} ({ref})"
+    )
+
+
+def summary(event: AuditEvent) -> str:
+    """One line, for humans, saying what the entry records. Pseudonyms, hashes and refs are
+    shortened to their first 12 hex digits; free text from the entry is cleaned of control
+    characters, so a line from any peer's log is safe to print."""
+    p = event.payload
+    if event.kind == IMAGE_ANCHORED:
+        return _summary_anchored(p)
+    if event.kind in (GRANT, REVOKE):
+        return _summary_permission(event)
+    if event.kind == FORWARDED:
+        return _summary_forwarded(p)
+    if event.kind == FORWARD_REFUSED:
+        return _summary_forward_refused(p)
+    if event.kind == RETRIEVED:
+        return _summary_retrieved(p)
+    if event.kind == RETRIEVE_REFUSED:
+        return _summary_retrieve_refused(p)
+    if event.kind == TAMPER_ALARM:
+        return _summary_tamper_alarm(p)
+    return f"{_clean(event.kind)} entry"
+
+
+def iso_time(time_ms: int) -> str:
+    """``2026-11-23T18:00:01.123Z``: ISO 8601 UTC with milliseconds."""
+    try:
+        when = datetime.fromtimestamp(time_ms // 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"(time {time_ms} ms out of range)"
+    return f"{when:%Y-%m-%dT%H:%M:%S}.{time_ms % 1000:03d}Z"
+
+
+def event_json(e: AuditEvent) -> dict[str, Any]:
+    """An event for `dicomledger audit --json` (pseudonyms only, like the ledger)."""
+    return {
+        "time": iso_time(e.time_ms),
+        "time_ms": e.time_ms,
+        "gateway": e.origin,
+        "index": e.index,
+        "kind": e.kind,
+        "entry_hash": e.leaf_hash,
+        "summary": summary(e),
+        "payload": dict(e.payload),
+    }
+
+
+def subject_text(*, patient: str | None, study: str | None) -> str:
+    """What an audit was about, by pseudonym: ``study S of patient P``."""
+    if patient is not None and study is not None:
+        return f"study {study} of patient {patient}"
+    return f"patient {patient}" if patient is not None else f"study {study}"
+
+
+def report_lines(
+    events: Sequence[AuditEvent], *, patient: str | None, study: str | None, logs_held: int
+) -> list[str]:
+    """The text `dicomledger audit` prints: a header line, then one aligned line per event
+    (time, gateway, #index, kind, summary). ``logs_held``: how many gateways' logs the
+    database holds, said when nothing was found (a log not replicated here is not searched)."""
+    subject = subject_text(patient=patient, study=study)
+    if not events:
+        return [
+            f"audit of {subject}: no events; none of the {logs_held} gateway log(s) held in "
+            "this ledger database has an entry about it"
+        ]
+    gateways = {e.origin for e in events}
+    lines = [
+        f"audit of {subject}: {len(events)} event(s) from {len(gateways)} gateway(s), newest first"
+    ]
+    origin_w = max(len(e.origin) for e in events)
+    index_w = max(len(str(e.index)) for e in events) + 1
+    kind_w = max(len(e.kind) for e in events)
+    for e in events:
+        lines.append(
+            f"{iso_time(e.time_ms)}  {_clean(e.origin):<{origin_w}}  {'#' + str(e.index):<{index_w}}  "
+            f"{e.kind:<{kind_w}}  {summary(e)}"
+        )
+    return lines
+
+
+# -- reading the ledger database --------------------------------------------------------------
+
+
+def _keys_for(patient: str | None, study: str | None) -> list[str]:
+    if study is not None:
+        return [f"study:{study}"]
+    return [f"patient:{patient}", f"perm:{patient}", f"activity:{patient}"]
+
+
+async def audit_events(
+    store: LedgerStore, *, patient: str | None = None, study: str | None = None
+) -> list[AuditEvent]:
+    """Every entry, in every log the database holds, about a patient and/or a study (by
+    pseudonym), newest first (time desc, then origin, then index desc).
+
+    ``patient``: its receipts (``patient:``), permission records (``perm:``) and activity
+    (``activity:``). ``study``: entries naming the study (``study:``). Both: the entries of
+    that study of that patient. An entry found by key is kept only if its payload names the
+    pseudonym(s) asked for, so a stray lookup key cannot pull in another patient's entry.
+    Signatures are not re-checked here (`dicomledger verify` does); an entry that does not
+    decode raises AuditError naming it.
+    """
+    if patient is None and study is None:
+        raise ValueError("audit_events needs a patient or a study pseudonym")
+    found: dict[tuple[str, int], None] = {}
+    for key in _keys_for(patient, study):
+        found.update(dict.fromkeys(await store.find(key)))
+    events = []
+    for origin, index in found:
+        data = await store.entry(origin, index)
+        try:
+            entry = decode_entry(data)
+        except EntryError as exc:
+            raise AuditError(
+                f"{origin} entry {index} cannot be read ({exc}); run `dicomledger verify`"
+            ) from None
+        if (entry.origin, entry.index) != (origin, index):
+            raise AuditError(
+                f"{origin} entry {index} says it is {entry.origin} entry {entry.index}; "
+                "run `dicomledger verify`"
+            )
+        p = entry.payload
+        if study is not None and p.get("study") != study:
+            continue
+        if patient is not None and p.get("patient") != patient and (study is None or "patient" in p):
+            continue
+        events.append(
+            AuditEvent(entry.time_ms, origin, index, entry.kind, p, merkle.leaf_hash(data).hex())
+        )
+    events.sort(key=lambda e: (-e.time_ms, e.origin, -e.index))
+    return events

@@ -1,0 +1,381 @@
+"""Query/Retrieve for workstations: C-FIND, C-MOVE and C-GET answered only with what the
+patients' permissions on the ledger allow, and no image leaves before its pixel hash, read
+from the stored file, matches the anchored one. Joins the DICOM half (index, stored files,
+``dicom.qr``) and the ledger half (permission book, log writer), like ``forwarding.py``.
+
+Who is asked about:
+
+* C-FIND and C-GET: the calling AE; C-MOVE: the move destination, which must be one of the
+  ``[[destinations]]`` in the config (else 0xA801).
+* Its *site* for grants "AE@GATEWAY" / "@GATEWAY": the destination's configured ``site``; a
+  calling AE that is not a configured destination is a workstation of this gateway, so its
+  site is this gateway's origin.
+
+C-FIND shows a patient or study only if the AE may receive that study; counts of related
+studies, series and instances count only what it may see. A retrieval sends each authorised
+instance after the check, and records on the ledger: ``retrieve-refused`` (per study: how
+many instances were refused and why), ``tamper-alarm`` (per instance whose stored pixels no
+longer match the anchor) and ``retrieved`` (per study: who, to where, the counts).
+
+Methods are called from pynetdicom's association threads; database and ledger work runs on
+the gateway's asyncio loop and is waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections import defaultdict
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicomledger.config import ForwardingConfig
+from dicomledger.dicom.index import Index, InstanceRow
+from dicomledger.dicom.pixelhash import PixelHashError, hash_instance_stream
+from dicomledger.dicom.qr import Loaded, QRRequest, RetrieveOutcome, RetrievePlan, SubOperation
+from dicomledger.dicom.query import UNIQUE_KEY, Query, QueryError, parse_query, response_identifier
+from dicomledger.ledger.audit import audit_keys
+from dicomledger.ledger.entries import (
+    IMAGE_ANCHORED,
+    RETRIEVE_REFUSED,
+    RETRIEVED,
+    TAMPER_ALARM,
+    EntryError,
+    decode_entry,
+    verify_entry_signature,
+)
+from dicomledger.ledger.log import LedgerStore, LogWriter
+from dicomledger.ledger.permission_book import PermissionBook, today
+from dicomledger.ledger.permissions import Decision, PermissionState, decide
+from dicomledger.ledger.pseudonym import pseudonym
+
+log = structlog.get_logger("dicomledger.retrieval")
+
+_T = TypeVar("_T")
+
+_UIDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The AE the images would go to, as permissions name it."""
+
+    ae_title: str
+    site: str | None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One matched instance of a retrieval, with its pseudonyms and what it was anchored as."""
+
+    row: InstanceRow
+    patient: str
+    study: str
+    instance: str
+    grant: str | None = None
+    anchor: bytes | None = None  # the anchoring entry's bytes
+
+
+@dataclass
+class PlanState:
+    request: QRRequest
+    target: Target
+    items: dict[str, Item]  # SOP Instance UID -> item, every matched instance
+    refused: dict[str, str]  # SOP Instance UID -> reason
+
+
+class QueryRetrieve:
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        index: Index,
+        storage_dir: Path,
+        ledger: LedgerStore,
+        book: PermissionBook,
+        writer: LogWriter,
+        secret: bytes,
+        ae_title: str,
+        origin: str,
+        origin_key: Ed25519PublicKey,
+        destinations: ForwardingConfig | None,
+    ) -> None:
+        self.loop = loop
+        self.index = index
+        self.storage_dir = storage_dir
+        self.ledger = ledger
+        self.book = book
+        self.writer = writer
+        self.secret = secret
+        self.ae_title = ae_title
+        self.origin = origin
+        self.origin_key = origin_key
+        self.destinations = destinations
+
+    def _wait(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _target(self, ae_title: str) -> Target:
+        dest = self.destinations.destination(ae_title) if self.destinations else None
+        return Target(ae_title, dest.site if dest is not None else self.origin)
+
+    def _parse(self, request: QRRequest) -> Query:
+        try:
+            return parse_query(request.identifier, request.model)
+        except QueryError as exc:
+            log.warning(
+                "query refused", service=request.service, calling_ae=request.calling_ae,
+                peer=request.peer, status=f"0x{exc.status:04X}", reason=str(exc),
+            )
+            raise
+
+    async def _decisions(self, pairs: Iterable[tuple[str, str]], target: Target) -> dict[tuple[str, str], Decision]:
+        """The permission decision for each (patient, study) pseudonym pair; one history read per patient."""
+        states: dict[str, PermissionState] = {}
+        decisions = {}
+        day = today()
+        for patient, study in pairs:
+            if (patient, study) in decisions:
+                continue
+            if patient not in states:
+                states[patient] = (await self.book.history(patient, day)).state
+            decisions[patient, study] = decide(states[patient], ae=target.ae_title, site=target.site, study=study)
+        return decisions
+
+    def _pseudonyms(self, record: dict[str, Any]) -> tuple[str, str]:
+        return (
+            pseudonym(self.secret, "patient", record["PatientID"]),
+            pseudonym(self.secret, "study", record["StudyInstanceUID"]),
+        )
+
+    # -- C-FIND ------------------------------------------------------------------------------
+
+    def find(self, request: QRRequest) -> list[Dataset]:
+        query = self._parse(request)
+        return self._wait(self._find(request, query))
+
+    async def _find(self, request: QRRequest, query: Query) -> list[Dataset]:
+        grain = "STUDY" if query.level == "PATIENT" else query.level
+        exact = {k: v for k in _UIDS if (v := query.exact(k)) is not None}
+        matched = [r for r in await self.index.query_records(grain, exact) if query.matches(r)]
+        target = self._target(request.calling_ae)
+        keys = [self._pseudonyms(r) for r in matched]
+        decisions = await self._decisions(keys, target)
+        visible = [r for r, k in zip(matched, keys, strict=True) if decisions[k].allowed]
+        if query.level == "PATIENT":
+            visible = _patients(visible)
+        hidden = len({k for k in keys if not decisions[k].allowed})
+        log.info(
+            "c-find", calling_ae=request.calling_ae, peer=request.peer, model=request.model,
+            level=query.level, keys=len(query.matchers), results=len(visible),
+            studies_hidden=hidden,
+        )
+        return [response_identifier(query, r, self.ae_title) for r in visible]
+
+    # -- C-MOVE / C-GET ----------------------------------------------------------------------
+
+    def plan(self, request: QRRequest) -> RetrievePlan:
+        query = self._parse(request)
+        unique = UNIQUE_KEY[query.level]
+        if unique not in query.matchers:
+            exc = QueryError(f"a {request.service} at level {query.level} must name the {unique} value(s) to retrieve")
+            log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
+                        peer=request.peer, reason=str(exc))
+            raise exc
+        return self._wait(self._plan(request, query))
+
+    async def _plan(self, request: QRRequest, query: Query) -> RetrievePlan:
+        exact = {k: v for k in _UIDS if (v := query.exact(k)) is not None}
+        matched = [r for r in await self.index.query_records("IMAGE", exact) if query.matches(r)]
+        items = {}
+        for r in matched:
+            patient, study = self._pseudonyms(r)
+            row: InstanceRow = r["_row"]
+            items[row.sop_instance_uid] = Item(
+                row, patient, study, pseudonym(self.secret, "instance", row.sop_instance_uid)
+            )
+        ae = request.move_destination if request.service == "C-MOVE" else request.calling_ae
+        assert ae is not None
+        target = self._target(ae)
+        dest = self.destinations.destination(ae) if self.destinations else None
+        if request.service == "C-MOVE" and dest is None:
+            reason = f"unknown move destination {ae}: not under [[destinations]] in the config"
+            state = PlanState(request, target, items, dict.fromkeys(items, reason))
+            await self._record_refused(request, state)
+            log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
+                        destination=ae, peer=request.peer, instances=len(items), reason=reason)
+            return RetrievePlan([], {}, unknown_destination=True, context=state)
+        decisions = await self._decisions(((i.patient, i.study) for i in items.values()), target)
+        to_send, refused = [], {}
+        state = PlanState(request, target, items, refused)
+        for uid, item in items.items():
+            decision = decisions[item.patient, item.study]
+            if not decision.allowed:
+                refused[uid] = decision.reason
+                continue
+            row = item.row
+            anchor = None
+            if row.ledger_origin is not None and row.ledger_index is not None:
+                anchor = await self.ledger.entry(row.ledger_origin, row.ledger_index)
+            items[uid] = item = Item(
+                row, item.patient, item.study, item.instance,
+                decision.grant.ref if decision.grant else None, anchor,
+            )
+            to_send.append(SubOperation(uid, row.sop_class_uid, row.transfer_syntax_uid, (state, item)))
+        if refused:
+            await self._record_refused(request, state)
+        log.info(
+            "retrieve", service=request.service, calling_ae=request.calling_ae, destination=ae,
+            peer=request.peer, level=query.level, matched=len(items), to_send=len(to_send),
+            refused=len(refused),
+        )
+        return RetrievePlan(
+            to_send, {uid: f"not authorised: {why}" for uid, why in refused.items()},
+            destination=(dest.host, dest.port) if dest is not None else None, context=state,
+        )
+
+    async def _record_refused(self, request: QRRequest, state: PlanState) -> None:
+        by_study: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for uid, reason in state.refused.items():
+            item = state.items[uid]
+            by_study[item.patient, item.study].append(reason)
+        for (patient, study), reasons in by_study.items():
+            await self._append(RETRIEVE_REFUSED, {
+                "service": request.service, "calling_ae": request.calling_ae,
+                "destination": state.target.ae_title, "site": state.target.site,
+                "patient": patient, "study": study, "instances": len(reasons), "reason": reasons[0],
+            })
+
+    async def _append(self, kind: str, payload: dict[str, Any]) -> None:
+        await self.writer.append(kind, payload, audit_keys(kind, payload))
+
+    def load(self, sub: SubOperation) -> Loaded:
+        """Read the stored file once, check its pixel hash against the anchor, and parse those
+        same bytes for sending (no window to swap the file between check and send)."""
+        state, item = sub.ref
+        path = self.storage_dir / item.row.path
+        problem, found = self._check(item, path)
+        if problem is None:
+            try:
+                data = path.read_bytes()
+                hashes = hash_instance_stream(io.BytesIO(data), item.row.transfer_syntax_uid)
+                found = hashes.sha256.hex()
+                if found != self._anchored_sha256(item):
+                    problem = "pixel hash of the stored file differs from the anchored hash"
+                else:
+                    return Loaded(dcmread(io.BytesIO(data)))
+            except FileNotFoundError:
+                problem = "stored file is missing"
+            except (OSError, PixelHashError) as exc:
+                problem = f"stored file cannot be read or hashed: {exc}"
+            except Exception as exc:  # pydicom parse failure of bytes we hashed: still tampering
+                problem = f"stored file cannot be parsed: {type(exc).__name__}: {exc}"
+        self._tamper_alarm(state, item, path, problem, found)
+        return Loaded(None, f"tamper check failed: {problem}")
+
+    def _check(self, item: Item, path: Path) -> tuple[str | None, str | None]:
+        """A problem with the anchor itself (before reading the file), if any."""
+        if item.anchor is None:
+            return "instance has no anchoring ledger entry", None
+        try:
+            entry = decode_entry(item.anchor)
+            verify_entry_signature(entry, self.origin_key, canonical=item.anchor)
+        except EntryError as exc:
+            return f"anchoring entry is invalid: {exc}", None
+        if entry.kind != IMAGE_ANCHORED or entry.payload.get("instance") != item.instance:
+            return f"ledger entry {entry.index} does not anchor this instance", None
+        return None, None
+
+    @staticmethod
+    def _anchored_sha256(item: Item) -> str | None:
+        try:
+            return decode_entry(item.anchor).payload.get("sha256") if item.anchor else None
+        except EntryError:
+            return None
+
+    def _tamper_alarm(self, state: PlanState, item: Item, path: Path, problem: str, found: str | None) -> None:
+        row, request = item.row, state.request
+        log.error(
+            "TAMPER ALARM: stored instance not sent", file=str(path), sop_instance=row.sop_instance_uid,
+            service=request.service, calling_ae=request.calling_ae, destination=state.target.ae_title,
+            anchored_sha256=row.sha256.hex(), found_sha256=found, problem=problem,
+            anchor=f"{row.ledger_origin} entry {row.ledger_index}",
+        )
+        expected = self._anchored_sha256(item)
+        payload = {
+            "service": request.service, "calling_ae": request.calling_ae,
+            "destination": state.target.ae_title,
+            "patient": item.patient, "study": item.study, "instance": item.instance,
+            "expected_sha256": expected, "found_sha256": found,
+            "anchor": {"origin": row.ledger_origin, "index": row.ledger_index}, "problem": problem,
+        }
+        self._wait(self._append(TAMPER_ALARM, payload))
+
+    def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None:
+        state: PlanState = plan.context
+        if plan.unknown_destination or not plan.to_send:
+            return  # nothing was to leave: the refusal is on the ledger already
+        status = _final_status(plan, outcome)
+        sent = {sub.sop_instance_uid for sub in plan.to_send}
+        results = {
+            **dict.fromkeys(outcome.completed, "completed"), **dict.fromkeys(outcome.warning, "warning"),
+            **dict.fromkeys(outcome.failed, "failed"), **dict.fromkeys(outcome.not_sent, "tampered"),
+        }
+        studies: dict[tuple[str, str], dict[str, int]] = {}
+        for uid, item in state.items.items():
+            counts = studies.setdefault((item.patient, item.study), dict.fromkeys(
+                ("completed", "warning", "failed", "refused", "tampered", "not_sent"), 0
+            ))
+            if uid in state.refused:
+                counts["refused"] += 1
+            elif uid in sent:
+                counts[results.get(uid, "not_sent")] += 1
+        grants = {(i.patient, i.study): i.grant for i in state.items.values() if i.grant}
+        for (patient, study), counts in studies.items():
+            if counts["refused"] == sum(counts.values()):
+                continue  # nothing of this study was to leave: retrieve-refused says it all
+            payload = {
+                "service": request.service, "calling_ae": request.calling_ae,
+                "destination": state.target.ae_title, "site": state.target.site,
+                "patient": patient, "study": study, **counts, "cancelled": outcome.cancelled,
+                "status": status, "grant": grants.get((patient, study)),
+            }
+            self._wait(self._append(RETRIEVED, payload))
+        log.info(
+            "retrieved", service=request.service, calling_ae=request.calling_ae,
+            destination=state.target.ae_title, status=status, completed=len(outcome.completed),
+            warning=len(outcome.warning), failed=len(outcome.failed), refused=len(state.refused),
+            tampered=len(outcome.not_sent), cancelled=outcome.cancelled,
+        )
+
+
+def _final_status(plan: RetrievePlan, outcome: RetrieveOutcome) -> str:
+    if outcome.status is not None:
+        return f"0x{outcome.status:04X}"
+    if not outcome.associated:
+        return "destination unreachable (0xA801)"
+    if outcome.failed or outcome.warning:
+        return "0xB000" if outcome.completed or outcome.warning else "0xA702"
+    sent = len(outcome.completed)
+    return "0x0000" if sent == len(plan.to_send) else f"ended after {sent} of {len(plan.to_send)}"
+
+
+def _patients(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """PATIENT-level records from the visible study records: counts of what is visible."""
+    patients: dict[str, dict[str, Any]] = {}
+    for s in studies:
+        p = patients.setdefault(s["PatientID"], {
+            k: s[k] for k in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
+        } | {"NumberOfPatientRelatedStudies": 0, "NumberOfPatientRelatedSeries": 0,
+             "NumberOfPatientRelatedInstances": 0})
+        p["NumberOfPatientRelatedStudies"] += 1
+        p["NumberOfPatientRelatedSeries"] += s["NumberOfStudyRelatedSeries"]
+        p["NumberOfPatientRelatedInstances"] += s["NumberOfStudyRelatedInstances"]
+    return list(patients.values())
