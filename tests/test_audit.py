@@ -353,12 +353,16 @@ async def test_audit_events_by_patient_study_and_both(tmp_path, clock):
         assert where(await audit_events(store, patient=P2)) == expect(
             "grant P2 all", "refused fwd P2 S3", "anchor P2 S3"
         )
+        # a study's audit includes its patient's permission records that cover it (all studies)
         assert where(await audit_events(store, study=S1)) == expect(
-            "anchor P1 S1 #2", "refused get P1 S1", "forward P1 S1", "anchor P1 S1", "grant P1 S1"
+            "anchor P1 S1 #2", "grant P1 all", "revoke P1", "refused get P1 S1", "forward P1 S1",
+            "anchor P1 S1", "grant P1 S1",
         )
-        assert where(await audit_events(store, study=S3)) == expect("refused fwd P2 S3", "anchor P2 S3")
+        assert where(await audit_events(store, study=S3)) == expect(
+            "grant P2 all", "refused fwd P2 S3", "anchor P2 S3"
+        )
         assert where(await audit_events(store, patient=P1, study=S2)) == expect(
-            "tamper P1 S2 again", "tamper P1 S2", "retrieve P1 S2", "anchor P1 S2"
+            "grant P1 all", "revoke P1", "tamper P1 S2 again", "tamper P1 S2", "retrieve P1 S2", "anchor P1 S2"
         )
         assert await audit_events(store, patient=P2, study=S1) == []
         assert await audit_events(store, patient=h("nobody")) == []
@@ -462,7 +466,7 @@ async def test_cli_audit(tmp_path):
         assert both.returncode == 0, both.stderr
         answer = json.loads(both.stdout)
         assert answer["patient"] == patient and answer["study"] == study
-        assert [e["index"] for e in answer["events"]] == [5, 4, 2, 0]
+        assert [e["index"] for e in answer["events"]] == [5, 4, 2, 1, 0]  # 1: the all-studies grant
         first = answer["events"][0]
         assert set(first) == {"time", "time_ms", "gateway", "index", "kind", "entry_hash", "summary", "payload"}
         assert first["kind"] == TAMPER_ALARM and first["gateway"] == ORIGIN_A
@@ -471,7 +475,7 @@ async def test_cli_audit(tmp_path):
 
         by_study = await asyncio.to_thread(audit, "--study", RAW_STUDY_UID)
         assert by_study.returncode == 0
-        assert by_study.stdout.splitlines()[0] == f"audit of study {study}: 4 event(s) from 1 gateway(s), newest first"
+        assert by_study.stdout.splitlines()[0] == f"audit of study {study}: 5 event(s) from 1 gateway(s), newest first"
 
         nobody = await asyncio.to_thread(audit, "--patient-id", "SOMEONE-ELSE")
         assert nobody.returncode == 0, nobody.stderr

@@ -16,7 +16,8 @@ import pydicom
 import pytest
 
 from tests import dicomdata
-from tests.conftest import DCMTK_ENV, GatewayProcess, dcmtk, free_port
+from tests.conftest import DCMTK_ENV, GatewayProcess, consortium, dcmtk, free_port
+from tests.test_consortium import wait_until
 from tests.test_forwarding import entries_of_kind
 
 
@@ -170,6 +171,13 @@ def test_authorised_move_and_get_deliver_the_whole_study_unchanged(site, tmp_pat
     got = tmp_path / "got"
     output = getscu(site, "WS1", got, *study_key(site, site.study_a))
     assert pixels_by_uid(received(got)) == expected, output
+    # Patient Root, PATIENT level: everything of the patient WS1 may have
+    by_patient = tmp_path / "by-patient"
+    by_patient.mkdir()
+    result = dcmtk("getscu", "-v", "-aet", "WS1", "-aec", site.gw.ae_title, "-od", str(by_patient), "-P",
+                   "-k", "QueryRetrieveLevel=PATIENT", "-k", f"PatientID={site.patient_a.patient_id}",
+                   "127.0.0.1", str(site.gw.port))
+    assert pixels_by_uid(received(by_patient)) == expected, result.stdout + result.stderr
     retrieved = [e for e in entries_of_kind(site.gw, "retrieved") if e["calling_ae"] == "WS1"]
     services = {e["service"] for e in retrieved if e["completed"] == 7}
     assert services == {"C-MOVE", "C-GET"}, retrieved
@@ -296,3 +304,40 @@ def test_storescp_as_move_destination(site, tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+def test_audit_at_another_gateway_shows_the_whole_history(tmp_path):
+    """The auditor at B sees what happened at A (replicated log): receipt, grant, retrieval,
+    refusal and tamper alarm, newest first, with A named as the gateway."""
+    a, b = consortium(tmp_path, 2)
+    a.set('allowed_calling_aes = ["STORESCU", "ECHOSCU"]', 'allowed_calling_aes = ["STORESCU", "ECHOSCU", "WS1", "WS2"]')
+    patient = dicomdata.fake_patient("audit")
+    study = dicomdata.fake_uid("study", "audit")
+    files = dicomdata.make_mr_series(tmp_path / "mr", 3, patient=patient, study_uid=study, seed="audit")
+    for gw in (a, b):
+        gw.start()
+    try:
+        assert a.storescu(*files).returncode == 0
+        assert a.cli("grant", "--patient-id", patient.patient_id, "--to", "WS1").returncode == 0
+        uid = str(pydicom.dcmread(files[0]).SOPInstanceUID)
+        site = gw_site(a, 0)
+        path = stored_path(site, uid)
+        path.write_bytes(path.read_bytes()[:-4] + b"\x00\x01\x02\x03")  # last pixel bytes
+        getscu(site, "WS1", tmp_path / "ws1", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
+        getscu(site, "WS2", tmp_path / "ws2", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
+        wanted = {"image-anchored", "grant", "retrieved", "retrieve-refused", "tamper-alarm"}
+
+        def audit_at_b() -> list[dict]:
+            out = b.cli("audit", "--study", study, "--json")
+            return json.loads(out.stdout)["events"] if out.returncode == 0 else []
+
+        wait_until(lambda: wanted <= {e["kind"] for e in audit_at_b()}, 30, "A's history replicated to B")
+        events = audit_at_b()
+        assert {e["gateway"] for e in events} == {a.origin}
+        retrieved = next(e for e in events if e["kind"] == "retrieved")["payload"]
+        assert (retrieved["calling_ae"], retrieved["completed"], retrieved["tampered"]) == ("WS1", 2, 1)
+        text = b.cli("audit", "--patient-id", patient.patient_id).stdout
+        assert a.origin in text and "TAMPER" in text and patient.patient_id not in text and study not in text
+    finally:
+        for gw in (a, b):
+            gw.stop()

@@ -330,38 +330,44 @@ async def audit_events(
     pseudonym), newest first (time desc, then origin, then index desc).
 
     ``patient``: its receipts (``patient:``), permission records (``perm:``) and activity
-    (``activity:``). ``study``: entries naming the study (``study:``). Both: the entries of
-    that study of that patient. An entry found by key is kept only if its payload names the
+    (``activity:``). ``study``: entries naming the study (``study:``), plus the permission
+    records of its patient that cover it (those for all studies). Both: the entries of that
+    study of that patient. An entry found by key is kept only if its payload names the
     pseudonym(s) asked for, so a stray lookup key cannot pull in another patient's entry.
     Signatures are not re-checked here (`dicomledger verify` does); an entry that does not
     decode raises AuditError naming it.
     """
     if patient is None and study is None:
         raise ValueError("audit_events needs a patient or a study pseudonym")
-    found: dict[tuple[str, int], None] = {}
+    events: dict[tuple[str, int], AuditEvent] = {}
     for key in _keys_for(patient, study):
-        found.update(dict.fromkeys(await store.find(key)))
-    events = []
-    for origin, index in found:
-        data = await store.entry(origin, index)
-        try:
-            entry = decode_entry(data)
-        except EntryError as exc:
-            raise AuditError(
-                f"{origin} entry {index} cannot be read ({exc}); run `dicomledger verify`"
-            ) from None
-        if (entry.origin, entry.index) != (origin, index):
-            raise AuditError(
-                f"{origin} entry {index} says it is {entry.origin} entry {entry.index}; "
-                "run `dicomledger verify`"
-            )
-        p = entry.payload
-        if study is not None and p.get("study") != study:
-            continue
-        if patient is not None and p.get("patient") != patient and (study is None or "patient" in p):
-            continue
-        events.append(
-            AuditEvent(entry.time_ms, origin, index, entry.kind, p, merkle.leaf_hash(data).hex())
+        for origin, index in await store.find(key):
+            event = await _event(store, origin, index)
+            p = event.payload
+            if study is not None and p.get("study") != study:
+                continue
+            if patient is not None and p.get("patient") != patient and (study is None or "patient" in p):
+                continue
+            events[origin, index] = event
+    if study is not None:  # grants and revokes for all of the patient's studies cover this one too
+        patients = {e.payload.get("patient") for e in events.values()}  # of the study's own entries
+        for who in sorted(p for p in patients if isinstance(p, str)):
+            for origin, index in await store.find(f"perm:{who}"):
+                event = await _event(store, origin, index)
+                if event.payload.get("patient") == who and event.payload.get("study") in (None, study):
+                    events[origin, index] = event
+    return sorted(events.values(), key=lambda e: (-e.time_ms, e.origin, -e.index))
+
+
+async def _event(store: LedgerStore, origin: str, index: int) -> AuditEvent:
+    data = await store.entry(origin, index)
+    try:
+        entry = decode_entry(data)
+    except EntryError as exc:
+        raise AuditError(f"{origin} entry {index} cannot be read ({exc}); run `dicomledger verify`") from None
+    if (entry.origin, entry.index) != (origin, index):
+        raise AuditError(
+            f"{origin} entry {index} says it is {entry.origin} entry {entry.index}; run `dicomledger verify`"
         )
-    events.sort(key=lambda e: (-e.time_ms, e.origin, -e.index))
-    return events
+    return AuditEvent(entry.time_ms, origin, index, entry.kind, entry.payload, merkle.leaf_hash(data).hex())
+
