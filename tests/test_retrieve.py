@@ -341,3 +341,17 @@ def test_audit_at_another_gateway_shows_the_whole_history(tmp_path):
     finally:
         for gw in (a, b):
             gw.stop()
+
+
+def test_bad_retrieve_identifiers_get_a_failure_status_and_a_logged_reason(site, tmp_path):
+    # no StudyInstanceUID at STUDY level: a retrieve must name what it retrieves
+    output = movescu(site, "WS1", "WS1", site.ws1_port, tmp_path / "m", "QueryRetrieveLevel=STUDY", "PatientID=*")
+    assert "Received Final Move Response (Failed: UnableToProcess)" in output, output
+    output = getscu(site, "WS1", tmp_path / "g", "QueryRetrieveLevel=BOGUS", f"StudyInstanceUID={site.study_a}")
+    assert "Failed" in output and received(tmp_path / "g") == [], output
+    # C-FIND answers the identifier's own failure status
+    result = dcmtk("findscu", "-v", "-aet", "WS1", "-aec", site.gw.ae_title, "-S", "-k", "QueryRetrieveLevel=PATIENT",
+                   "127.0.0.1", str(site.gw.port))
+    assert "Received Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in result.stdout + result.stderr  # 0xA900
+    log = site.gw.log()
+    assert "must name the StudyInstanceUID" in log and "Traceback" not in log

@@ -9,6 +9,7 @@ C-FIND / C-MOVE / C-GET, into a ``QRRequest`` for the Query/Retrieve core (``qr.
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 import threading
 import time
@@ -67,6 +68,21 @@ def _context(abstract_syntax: str, transfer_syntaxes: list[str], both_roles: boo
         cx.scu_role = cx.scp_role = True
     return cx
 
+
+class _AnsweredFilter(logging.Filter):
+    """Drops pynetdicom's two log records (message, then traceback) about a QueryError the
+    core has already logged with its reason, in the thread that raised it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_ANSWERED, "active", False):
+            return True
+        if record.exc_info is not None:
+            _ANSWERED.active = False  # the traceback record comes last
+        return False
+
+
+_ANSWERED = threading.local()
+logging.getLogger("pynetdicom.service_class").addFilter(_AnsweredFilter())
 
 QR_MODELS = {
     PatientRootQueryRetrieveInformationModelFind: ("C-FIND", "patient"),
@@ -267,7 +283,12 @@ class DicomServer:
                 return find_responses(self._qr.find(request), cancelled)
             except QueryError as exc:  # the core logged why
                 return iter([(exc.status, None)])
-        # A QueryError from plan() propagates: pynetdicom then answers 0xC511 / 0xC411
-        # (unable to process), the only failure it lets a retrieve handler give before it
-        # has yielded the destination and the count; the core logged why.
-        return retrieve_responses(self._qr, request, self._qr.plan(request), cancelled, event.assoc)
+        try:
+            plan = self._qr.plan(request)
+        except QueryError:
+            # pynetdicom answers a retrieve handler's exception with 0xC511 / 0xC411 (unable to
+            # process): the only failure it lets us give before the destination and the count.
+            # The core logged why; keep pynetdicom's traceback of it out of the log.
+            _ANSWERED.active = True
+            raise
+        return retrieve_responses(self._qr, request, plan, cancelled, event.assoc)
