@@ -38,7 +38,7 @@ from pydicom.dataset import Dataset
 
 from dicomledger.config import ForwardingConfig
 from dicomledger.dicom.index import Index, InstanceRow
-from dicomledger.dicom.pixelhash import PixelHashError, hash_instance_stream
+from dicomledger.dicom.pixelhash import PixelHashError, hash_instance_stream, native_pixel_sha256
 from dicomledger.dicom.qr import Loaded, QRRequest, RetrieveOutcome, RetrievePlan, SubOperation
 from dicomledger.dicom.query import UNIQUE_KEY, Query, QueryError, parse_query, response_identifier
 from dicomledger.ledger.audit import audit_keys
@@ -265,17 +265,21 @@ class QueryRetrieve:
         if problem is None:
             try:
                 data = path.read_bytes()
-                hashes = hash_instance_stream(io.BytesIO(data), item.row.transfer_syntax_uid)
-                found = hashes.sha256.hex()
+                dataset = dcmread(io.BytesIO(data))
+                ts = item.row.transfer_syntax_uid
+                digest = native_pixel_sha256(dataset, ts) if item.row.hash_method == "pixel" else None
+                if digest is None:  # compressed, big endian, ...: the full pixel hash
+                    digest = hash_instance_stream(io.BytesIO(data), ts).sha256
+                found = digest.hex()
                 if found != self._anchored_sha256(item):
                     problem = "pixel hash of the stored file differs from the anchored hash"
                 else:
-                    return Loaded(dcmread(io.BytesIO(data)))
+                    return Loaded(dataset)
             except FileNotFoundError:
                 problem = "stored file is missing"
             except (OSError, PixelHashError) as exc:
                 problem = f"stored file cannot be read or hashed: {exc}"
-            except Exception as exc:  # pydicom parse failure of bytes we hashed: still tampering
+            except Exception as exc:  # pydicom cannot parse what we stored: tampered or damaged
                 problem = f"stored file cannot be parsed: {type(exc).__name__}: {exc}"
         self._tamper_alarm(state, item, path, problem, found)
         return Loaded(None, f"tamper check failed: {problem}")

@@ -27,6 +27,7 @@ from dicomledger.dicom.pixelhash import (
     InstanceHashes,
     PixelHashError,
     hash_instance_file,
+    native_pixel_sha256,
 )
 from tests import dicomdata
 from tests.dicomdata import (
@@ -727,3 +728,39 @@ def test_generators_are_deterministic_and_images_differ(tmp_path):
     ds = pydicom.dcmread(ct[1])
     assert ds.Modality == "CT" and ds.BitsStored == 12 and ds.InstanceNumber == 2
     assert ds.StudyInstanceUID == pydicom.dcmread(ct[0]).StudyInstanceUID
+
+
+@pytest.mark.parametrize(
+    "path,tsyntax",
+    dicomdata.wheel_test_files(compressed_only=False),
+    ids=lambda v: v.name if isinstance(v, Path) else None,
+)
+def test_native_pixel_sha256_agrees_with_the_full_hash(path, tsyntax):
+    """The retrieval's quick check gives the anchored sha256 wherever it answers at all."""
+    try:
+        full = hash_instance_file(path)
+        ds = pydicom.dcmread(path)
+    except Exception:  # files the gateway would not store are not retrieved either
+        return
+    quick = native_pixel_sha256(ds, str(tsyntax))
+    if full.method != "pixel" or tsyntax.is_encapsulated or tsyntax.is_deflated or not tsyntax.is_little_endian:
+        assert quick is None or full.method == "pixel" and quick == full.sha256
+    else:
+        assert quick == full.sha256
+
+
+def test_native_pixel_sha256_on_generated_images(tmp_path):
+    paths = [
+        *dicomdata.make_ct_series(tmp_path / "ct", 1, 32, 32, seed="q"),
+        *dicomdata.make_mr_series(tmp_path / "mr", 1, seed="q"),
+        *dicomdata.make_mr_series(tmp_path / "imp", 1, seed="i", transfer_syntax=uid.ImplicitVRLittleEndian),
+        dicomdata.make_multiframe(tmp_path / "mf", 3, 16, 16),
+    ]
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        quick = native_pixel_sha256(ds, str(ds.file_meta.TransferSyntaxUID))
+        assert quick is not None and quick == hash_instance_file(p).sha256
+        ds.PixelData = ds.PixelData[:-2] + b"\x00\x01"  # another pixel value
+        assert native_pixel_sha256(ds, str(ds.file_meta.TransferSyntaxUID)) != quick
+    big = pydicom.dcmread(paths[0])
+    assert native_pixel_sha256(big, uid.ExplicitVRBigEndian) is None

@@ -106,6 +106,23 @@ def hash_instance_stream(f: IO[bytes], transfer_syntax_uid: str | None = None) -
         raise PixelHashError(f"malformed dataset: {type(exc).__name__}: {exc}") from exc
 
 
+def native_pixel_sha256(ds: Dataset, transfer_syntax_uid: str) -> bytes | None:
+    """The ``sha256`` that hash_instance_* gives (method "pixel") for an instance already
+    parsed by pydicom, when that is just the SHA-256 of the Pixel Data value: native pixel
+    data in a little-endian, non-deflated syntax, whose value pydicom holds as read. None
+    otherwise (compressed, big endian, deflated, no Pixel Data): use hash_instance_stream.
+    A retrieval's tamper check needs only this hash, not the frame and decoded hashes."""
+    tsyntax = uid.UID(transfer_syntax_uid)
+    if not tsyntax.is_transfer_syntax or tsyntax.is_encapsulated or tsyntax.is_deflated:
+        return None
+    if not tsyntax.is_little_endian or any(k in ds for k in _PIXEL_KEYWORDS.values() if k != "PixelData"):
+        return None
+    value = ds.get("PixelData")
+    if not isinstance(value, bytes):
+        return None
+    return hashlib.sha256(value).digest()  # releases the GIL while it hashes
+
+
 # --- file structure ---------------------------------------------------------------------
 
 

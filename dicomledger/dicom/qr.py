@@ -25,6 +25,8 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
+from dicomledger.dicom import reactor
+
 PENDING = 0xFF00
 CANCEL = 0xFE00
 SUCCESS = 0x0000
@@ -121,10 +123,11 @@ class StoreResponses:
                 self._outcome.failed.append(uid)
 
 
-def _no_delay(event: evt.Event) -> None:
+def _on_connect(event: evt.Event) -> None:
     # pynetdicom writes a C-STORE as several small PDUs; with Nagle's algorithm each one
     # waits for the receiver's delayed ACK (~40 ms per instance against DCMTK storescp).
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reactor.install(event)
 
 
 def move_association_kwargs(plan: RetrievePlan, responses: StoreResponses) -> dict[str, Any]:
@@ -135,7 +138,7 @@ def move_association_kwargs(plan: RetrievePlan, responses: StoreResponses) -> di
     contexts = [build_context(*pair) for pair in pairs[:MAX_CONTEXTS]] or [build_context(Verification)]
     return {
         "contexts": contexts,
-        "evt_handlers": [(evt.EVT_CONN_OPEN, _no_delay), (evt.EVT_DIMSE_RECV, responses.on_dimse_recv)],
+        "evt_handlers": [(evt.EVT_CONN_OPEN, _on_connect), (evt.EVT_DIMSE_RECV, responses.on_dimse_recv)],
     }
 
 
@@ -161,7 +164,8 @@ def retrieve_responses(
     is_get = request.service == "C-GET"
     if is_get:
         assoc.bind(evt.EVT_DIMSE_RECV, responses.on_dimse_recv)
-    pool = ThreadPoolExecutor(2, thread_name_prefix="retrieve-check")
+    # One checker: more threads only compete with the sending ones for the GIL.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="retrieve-check")
     try:
         if not is_get:
             if plan.unknown_destination or plan.destination is None:

@@ -36,6 +36,8 @@ from pynetdicom.status import (
     code_to_category,
 )
 
+from dicomledger.dicom import reactor
+
 log = structlog.get_logger("dicomledger.scu")
 
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1..255
@@ -169,6 +171,7 @@ class StoreSCU:
             # pynetdicom writes a C-STORE as several small PDUs; with Nagle's algorithm on, each
             # waits for the peer's delayed ACK (~40 ms per file against storescp).
             event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reactor.install(event)
             connected.set()
 
         started = time.monotonic()
