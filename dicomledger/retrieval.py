@@ -261,7 +261,8 @@ class QueryRetrieve:
         same bytes for sending (no window to swap the file between check and send)."""
         state, item = sub.ref
         path = self.storage_dir / item.row.path
-        problem, found = self._check(item, path)
+        problem, expected = self._anchored(item)
+        found = None
         if problem is None:
             try:
                 data = path.read_bytes()
@@ -271,7 +272,7 @@ class QueryRetrieve:
                 if digest is None:  # compressed, big endian, ...: the full pixel hash
                     digest = hash_instance_stream(io.BytesIO(data), ts).sha256
                 found = digest.hex()
-                if found != self._anchored_sha256(item):
+                if found != expected:
                     problem = "pixel hash of the stored file differs from the anchored hash"
                 else:
                     return Loaded(dataset)
@@ -281,30 +282,29 @@ class QueryRetrieve:
                 problem = f"stored file cannot be read or hashed: {exc}"
             except Exception as exc:  # pydicom cannot parse what we stored: tampered or damaged
                 problem = f"stored file cannot be parsed: {type(exc).__name__}: {exc}"
-        self._tamper_alarm(state, item, path, problem, found)
+        self._tamper_alarm(state, item, path, problem, expected, found)
         return Loaded(None, f"tamper check failed: {problem}")
 
-    def _check(self, item: Item, path: Path) -> tuple[str | None, str | None]:
-        """A problem with the anchor itself (before reading the file), if any."""
+    def _anchored(self, item: Item) -> tuple[str | None, str | None]:
+        """(problem with the anchoring entry or None, the sha256 it anchored if readable)."""
         if item.anchor is None:
             return "instance has no anchoring ledger entry", None
         try:
             entry = decode_entry(item.anchor)
-            verify_entry_signature(entry, self.origin_key, canonical=item.anchor)
         except EntryError as exc:
             return f"anchoring entry is invalid: {exc}", None
-        if entry.kind != IMAGE_ANCHORED or entry.payload.get("instance") != item.instance:
-            return f"ledger entry {entry.index} does not anchor this instance", None
-        return None, None
-
-    @staticmethod
-    def _anchored_sha256(item: Item) -> str | None:
+        sha256 = entry.payload.get("sha256")
         try:
-            return decode_entry(item.anchor).payload.get("sha256") if item.anchor else None
-        except EntryError:
-            return None
+            verify_entry_signature(entry, self.origin_key, canonical=item.anchor)
+        except EntryError as exc:
+            return f"anchoring entry is invalid: {exc}", sha256
+        if entry.kind != IMAGE_ANCHORED or entry.payload.get("instance") != item.instance:
+            return f"ledger entry {entry.index} does not anchor this instance", sha256
+        return None, sha256
 
-    def _tamper_alarm(self, state: PlanState, item: Item, path: Path, problem: str, found: str | None) -> None:
+    def _tamper_alarm(
+        self, state: PlanState, item: Item, path: Path, problem: str, expected: str | None, found: str | None
+    ) -> None:
         row, request = item.row, state.request
         log.error(
             "TAMPER ALARM: stored instance not sent", file=str(path), sop_instance=row.sop_instance_uid,
@@ -312,7 +312,6 @@ class QueryRetrieve:
             anchored_sha256=row.sha256.hex(), found_sha256=found, problem=problem,
             anchor=f"{row.ledger_origin} entry {row.ledger_index}",
         )
-        expected = self._anchored_sha256(item)
         payload = {
             "service": request.service, "calling_ae": request.calling_ae,
             "destination": state.target.ae_title,

@@ -4,6 +4,7 @@ retrieve and the alarm shows in `dicomledger audit`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import subprocess
@@ -239,6 +240,22 @@ def test_tampered_pixels_are_not_sent_and_raise_an_alarm(site, tmp_path):
         assert times == sorted(times, reverse=True)  # newest first
     finally:
         path.write_bytes(original)
+
+
+def test_a_missing_stored_file_is_an_alarm_not_a_crash(site, tmp_path):
+    uid = str(pydicom.dcmread(site.files_a[3]).SOPInstanceUID)
+    path = stored_path(site, uid)
+    moved_away = path.with_suffix(".away")
+    path.rename(moved_away)
+    try:
+        got = tmp_path / "got"
+        output = getscu(site, "WS1", got, *study_key(site, site.study_a))
+        assert uid not in pixels_by_uid(received(got)) and len(received(got)) == 6, output
+        alarm = entries_of_kind(site.gw, "tamper-alarm")[-1]
+        assert alarm["problem"] == "stored file is missing" and alarm["found_sha256"] is None
+        assert alarm["expected_sha256"] == hashlib.sha256(pydicom.dcmread(site.files_a[3]).PixelData).hexdigest()
+    finally:
+        moved_away.rename(path)
 
 
 def test_header_only_change_is_still_served(site, tmp_path):
