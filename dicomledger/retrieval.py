@@ -174,7 +174,7 @@ class QueryRetrieve:
         hidden = len({k for k in keys if not decisions[k].allowed})
         log.info(
             "c-find", calling_ae=request.calling_ae, peer=request.peer, model=request.model,
-            level=query.level, keys=len(query.matchers), results=len(visible),
+            query_level=query.level, keys=len(query.matchers), results=len(visible),
             studies_hidden=hidden,
         )
         return [response_identifier(query, r, self.ae_title) for r in visible]
@@ -233,7 +233,7 @@ class QueryRetrieve:
             await self._record_refused(request, state)
         log.info(
             "retrieve", service=request.service, calling_ae=request.calling_ae, destination=ae,
-            peer=request.peer, level=query.level, matched=len(items), to_send=len(to_send),
+            peer=request.peer, query_level=query.level, matched=len(items), to_send=len(to_send),
             refused=len(refused),
         )
         return RetrievePlan(

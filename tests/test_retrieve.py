@@ -158,7 +158,8 @@ def test_matching_rules_on_the_wire(site, tmp_path):
 def test_unauthorised_workstation_sees_nothing(site, tmp_path):
     assert findscu(site, "WS2", tmp_path / "s", "QueryRetrieveLevel=STUDY", "StudyInstanceUID") == []
     assert findscu(site, "WS2", tmp_path / "p", "QueryRetrieveLevel=PATIENT", "PatientID", model="-P") == []
-    assert "studies_hidden=1" in site.gw.log() or '"studies_hidden": 1' in site.gw.log()
+    log = site.gw.log()
+    assert '"studies_hidden": 1' in log and '"query_level": "PATIENT"' in log
 
 
 # -- C-MOVE / C-GET ------------------------------------------------------------------------
