@@ -52,6 +52,11 @@ from dicomledger.retrieval import QueryRetrieve
 log = structlog.get_logger("dicomledger.gateway")
 
 
+# Raised whenever the lookup keys attached to entries change (1: study:/activity: for `audit`);
+# the gateway then attaches them to the entries stored before, once, at start.
+LOOKUP_KEYS_VERSION = 1
+
+
 def anchor_keys(payload: dict[str, Any]) -> list[str]:
     """Lookup keys attached to an anchor entry, so `verify-file` finds it by hash or instance,
     permissions find the patient's custodians and `audit` finds the study."""
@@ -143,6 +148,8 @@ class Gateway:
         cfg.ledger.database.parent.mkdir(parents=True, exist_ok=True)
         cfg.storage.index.parent.mkdir(parents=True, exist_ok=True)
         self.ledger = await LedgerStore.open(cfg.ledger.database)
+        if read := await self.ledger.add_lookup_keys(LOOKUP_KEYS_VERSION, replica_keys):
+            log.info("lookup keys brought up to date", version=LOOKUP_KEYS_VERSION, entries=read)
         self.writer = LogWriter(self.ledger, self.identity)
         await self.writer.start()
         self.index = await Index.open(cfg.storage.index)

@@ -241,6 +241,33 @@ class LedgerStore:
         )
         return [bytes(row[0]) for row in rows]
 
+    async def add_lookup_keys(self, version: int, keys_of: Callable[[Entry], Sequence[str]]) -> int:
+        """Once per lookup-key scheme ``version``: attach ``keys_of(entry)`` to every stored
+        entry, so entries stored before the scheme gained a key are found by it too. Returns
+        how many entries were read (0 when the database is at ``version`` already)."""
+        row = await _one_row(self.db, "PRAGMA user_version")
+        if row is not None and row[0] >= version:
+            return 0
+        read = 0
+        for info in await self.origins():
+            size = await self.size(info.name)
+            for start in range(0, size, 5000):
+                rows = await self.entries(info.name, start, min(size, start + 5000))
+                keys = []
+                for idx, data in enumerate(rows, start):
+                    try:
+                        entry = decode_entry(data)
+                    except EntryError as exc:  # `dicomledger verify` names it; keep going
+                        log.error("%s entry %d cannot be read for its lookup keys: %s", info.name, idx, exc)
+                        continue
+                    keys += [(key, info.id, idx) for key in keys_of(entry)]
+                await self.db.executemany(
+                    "INSERT OR IGNORE INTO entry_keys (key, origin_id, idx) VALUES (?, ?, ?)", keys
+                )
+                read += len(rows)
+        await self.db.execute(f"PRAGMA user_version = {int(version)}")
+        return read
+
     async def find(self, key: str) -> list[tuple[str, int]]:
         """(origin, index) of entries an appender attached ``key`` to, oldest first per origin."""
         rows = await self.db.execute_fetchall(
