@@ -35,7 +35,6 @@ import structlog
 
 from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.scu import Destination, StoreSCU
-from dicomledger.ledger.audit import audit_keys
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
@@ -272,7 +271,7 @@ class Forwarder:
     ) -> None:
         payload = {"destination": dest.ae_title, "site": dest.site, "patient": patient, "study": study,
                    "instance": instance, "sha256": sha256, "reason": reason}
-        await self.writer.append(FORWARD_REFUSED, payload, audit_keys(FORWARD_REFUSED, payload))
+        await self.writer.append(FORWARD_REFUSED, payload)
         log.info("forward refused", destination=dest.ae_title, reason=reason)
 
     # -- workers ---------------------------------------------------------------------------
@@ -353,7 +352,7 @@ class Forwarder:
                        "study": job.study, "instance": job.instance, "sha256": job.sha256,
                        "grant": decision.grant.ref if decision.grant else None,
                        "status": f"0x{result.status or 0:04X}"}
-            await self.writer.append(FORWARDED, payload, audit_keys(FORWARDED, payload))
+            await self.writer.append(FORWARDED, payload)
             await self.queue.finish(job, "done")
             log.info("forwarded", destination=dest.ae_title, sop_instance=job.sop_instance_uid, attempts=job.attempts)
             return False

@@ -39,45 +39,16 @@ from dicomledger.dicom.scp import (
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue
 from dicomledger.ledger import merkle
-from dicomledger.ledger.audit import audit_keys
-from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, decode_entry
+from dicomledger.ledger.entries import IMAGE_ANCHORED, decode_entry
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
-from dicomledger.ledger.permission_book import PermissionBook, permission_keys
+from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.ledger.permissions import Grantee
 from dicomledger.ledger.pseudonym import pseudonym
 from dicomledger.retrieval import QueryRetrieve
 
 log = structlog.get_logger("dicomledger.gateway")
-
-
-# Raised whenever the lookup keys attached to entries change (1: study:/activity: for `audit`);
-# the gateway then attaches them to the entries stored before, once, at start.
-LOOKUP_KEYS_VERSION = 1
-
-
-def anchor_keys(payload: dict[str, Any]) -> list[str]:
-    """Lookup keys attached to an anchor entry, so `verify-file` finds it by hash or instance,
-    permissions find the patient's custodians and `audit` finds the study."""
-    keys = [f"sha256:{payload['sha256']}", f"instance:{payload['instance']}", f"patient:{payload['patient']}"]
-    if payload["decoded_sha256"] is not None:
-        keys.append(f"decoded:{payload['decoded_sha256']}")
-    return keys + audit_keys(IMAGE_ANCHORED, payload)
-
-
-def replica_keys(entry: Entry) -> list[str]:
-    """Lookup keys for another gateway's entry, as its author attached them to its own."""
-    p = entry.payload
-    if entry.kind != IMAGE_ANCHORED or not isinstance(p.get("sha256"), str):
-        return permission_keys(entry) + audit_keys(entry.kind, p)
-    decoded = p.get("decoded_sha256")
-    keys = [f"sha256:{p['sha256']}"]
-    if isinstance(p.get("instance"), str):
-        keys.append(f"instance:{p['instance']}")
-    if isinstance(decoded, str):
-        keys.append(f"decoded:{decoded}")
-    return keys + permission_keys(entry) + audit_keys(entry.kind, p)
 
 
 @dataclass(frozen=True)
@@ -148,8 +119,8 @@ class Gateway:
         cfg.ledger.database.parent.mkdir(parents=True, exist_ok=True)
         cfg.storage.index.parent.mkdir(parents=True, exist_ok=True)
         self.ledger = await LedgerStore.open(cfg.ledger.database)
-        if read := await self.ledger.add_lookup_keys(LOOKUP_KEYS_VERSION, replica_keys):
-            log.info("lookup keys brought up to date", version=LOOKUP_KEYS_VERSION, entries=read)
+        if read := await self.ledger.add_lookup_keys():
+            log.info("lookup keys brought up to date", entries=read)
         self.writer = LogWriter(self.ledger, self.identity)
         await self.writer.start()
         self.index = await Index.open(cfg.storage.index)
@@ -173,7 +144,7 @@ class Gateway:
             })
             await self.admin.start()
         if cfg.peering is not None:
-            self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer, replica_keys)
+            self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer)
             await self.peers.start()
         g = cfg.gateway
         query_retrieve = QueryRetrieve(
@@ -397,9 +368,7 @@ class Gateway:
                 "index": previous.ledger_index,
             }
             outcome = "stored: header changed, same pixels"
-        appended = await self.writer.append(
-            IMAGE_ANCHORED, payload, anchor_keys(payload)
-        )
+        appended = await self.writer.append(IMAGE_ANCHORED, payload)
         await self.index.set_anchor(header.sop_instance_uid, appended.origin, appended.index)
         return SUCCESS, f"{outcome}; anchored as entry {appended.index}"
 
@@ -435,9 +404,7 @@ class Gateway:
         p = Pseudonyms.of(self.secret, header)
         payload = anchor_payload(p, hashes, row.sop_class_uid, row.transfer_syntax_uid, row.calling_ae)
         payload["recovered"] = True
-        appended = await self.writer.append(
-            IMAGE_ANCHORED, payload, anchor_keys(payload)
-        )
+        appended = await self.writer.append(IMAGE_ANCHORED, payload)
         return appended.index
 
 

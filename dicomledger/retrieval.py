@@ -41,7 +41,6 @@ from dicomledger.dicom.index import Index, InstanceRow
 from dicomledger.dicom.pixelhash import PixelHashError, hash_instance_stream, native_pixel_sha256
 from dicomledger.dicom.qr import Loaded, QRRequest, RetrieveOutcome, RetrievePlan, SubOperation
 from dicomledger.dicom.query import UNIQUE_KEY, Query, QueryError, parse_query, response_identifier
-from dicomledger.ledger.audit import audit_keys
 from dicomledger.ledger.entries import (
     IMAGE_ANCHORED,
     RETRIEVE_REFUSED,
@@ -254,7 +253,7 @@ class QueryRetrieve:
             })
 
     async def _append(self, kind: str, payload: dict[str, Any]) -> None:
-        await self.writer.append(kind, payload, audit_keys(kind, payload))
+        await self.writer.append(kind, payload)
 
     def load(self, sub: SubOperation) -> Loaded:
         """Read the stored file once, check its pixel hash against the anchor, and parse those

@@ -19,7 +19,6 @@ from dicomledger.ledger.audit import (
     AuditError,
     AuditEvent,
     audit_events,
-    audit_keys,
     event_json,
     iso_time,
     report_lines,
@@ -36,6 +35,7 @@ from dicomledger.ledger.entries import (
     TAMPER_ALARM,
 )
 from dicomledger.ledger.identity import Identity, load_key_file
+from dicomledger.ledger.keys import audit_keys
 from dicomledger.ledger.log import LedgerStore, LogWriter
 from dicomledger.ledger.permissions import Grantee, make_grant_payload, make_revoke_payload
 from dicomledger.ledger.pseudonym import pseudonym
@@ -499,20 +499,18 @@ async def test_cli_audit(tmp_path):
 async def test_entries_stored_before_the_audit_keys_get_them_once(tmp_path):
     """A ledger written before `study:`/`activity:` keys existed: the gateway attaches them
     at start (LOOKUP_KEYS_VERSION), once, so the auditor still sees old forwards."""
-    from dicomledger.gateway import LOOKUP_KEYS_VERSION, replica_keys
-
     db = tmp_path / "ledger.db"
     store = await LedgerStore.open(db)
     writer = LogWriter(store, Identity(ORIGIN_A, key(ORIGIN_A)))
     await writer.start()
-    await writer.append(FORWARDED, forwarded(P1, S1))  # as an older gateway wrote it: no keys
+    await writer.append(FORWARDED, forwarded(P1, S1), keys=())  # as an older gateway wrote it: no keys
     await writer.append(IMAGE_ANCHORED, anchored(P1, S1), [f"patient:{P1}"])
     await writer.stop()
     assert await audit_events(store, study=S1) == []
     assert [e.kind for e in await audit_events(store, patient=P1)] == [IMAGE_ANCHORED]
 
-    assert await store.add_lookup_keys(LOOKUP_KEYS_VERSION, replica_keys) == 2
+    assert await store.add_lookup_keys() == 2
     assert [e.kind for e in await audit_events(store, study=S1)] == [IMAGE_ANCHORED, FORWARDED]
     assert [e.kind for e in await audit_events(store, patient=P1)] == [IMAGE_ANCHORED, FORWARDED]
-    assert await store.add_lookup_keys(LOOKUP_KEYS_VERSION, replica_keys) == 0  # done once
+    assert await store.add_lookup_keys() == 0  # done once
     await store.close()

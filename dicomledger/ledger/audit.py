@@ -1,12 +1,8 @@
 """The auditor's view of the ledger: which entries concern a patient or a study.
 
-Lookup keys (attached by the appender to its own entries, and by every replica to the
-entries it stores) that find a patient's or a study's history in every gateway's log:
-
-* ``study:<study pseudonym>`` on every entry whose payload names a study;
-* ``activity:<patient pseudonym>`` on forwards, retrievals, refusals and tamper alarms;
-  receipts are found by ``patient:<P>`` and permission records by ``perm:<P>``
-  (see ``permission_book.permission_keys``).
+A patient's or a study's history is found in every gateway's log by lookup keys
+(``keys.py``): ``patient:<P>`` (receipts), ``perm:<P>`` (permission records), ``activity:<P>``
+(forwards, retrievals, refusals, alarms) and ``study:<S>``.
 
 ``audit_events`` reads those entries from a ledger database (this gateway's log and every
 replica it holds); ``summary``, ``event_json`` and ``report_lines`` are pure functions that
@@ -42,19 +38,6 @@ from dicomledger.ledger.permissions import Grant, PermissionFormatError, Revoke,
 
 if TYPE_CHECKING:
     from dicomledger.ledger.log import LedgerStore
-
-ACTIVITY_KINDS = frozenset({FORWARDED, FORWARD_REFUSED, RETRIEVED, RETRIEVE_REFUSED, TAMPER_ALARM})
-
-
-def audit_keys(kind: str, payload: Mapping[str, Any]) -> list[str]:
-    """Lookup keys an entry of ``kind`` with ``payload`` carries for `dicomledger audit`."""
-    keys = []
-    if isinstance(payload.get("study"), str):
-        keys.append(f"study:{payload['study']}")
-    if kind in ACTIVITY_KINDS and isinstance(payload.get("patient"), str):
-        keys.append(f"activity:{payload['patient']}")
-    return keys
-
 
 # -- the auditor's view: events, one-line summaries, JSON ----------------------------------------
 

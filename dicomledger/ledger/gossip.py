@@ -46,7 +46,6 @@ from aiohttp import web
 
 from dicomledger.config import PeerConfig, PeeringConfig
 from dicomledger.ledger.checkpoint import CheckpointError, parse_checkpoint
-from dicomledger.ledger.entries import Entry
 from dicomledger.ledger.identity import Identity
 from dicomledger.ledger.log import (
     ConsortiumState,
@@ -129,14 +128,13 @@ class PeerService:
         identity: Identity,
         store: LedgerStore,
         own_log: LogWriter,
-        keys_of: Callable[[Entry], Sequence[str]] | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
         self.store = store
         self.own_log = own_log
         self.state = ConsortiumState(store)
-        self.replicas = ReplicaWriter(store, keys_of)
+        self.replicas = ReplicaWriter(store)
         self.peers = {p.origin: _Peer(p) for p in config.peers}
         self._by_fingerprint = {pem_fingerprint(p.tls_cert): p.origin for p in config.peers}
         self._keys = {p.origin: p.public_key for p in config.peers}

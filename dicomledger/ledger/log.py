@@ -46,6 +46,8 @@ from dicomledger.ledger.entries import (
     sign_entry,
 )
 from dicomledger.ledger.identity import Identity
+from dicomledger.ledger.keys import VERSION as LOOKUP_KEYS_VERSION
+from dicomledger.ledger.keys import lookup_keys
 from dicomledger.ledger.merkle import Frontier, NodeID
 from dicomledger.ledger.note import (
     Note,
@@ -241,31 +243,31 @@ class LedgerStore:
         )
         return [bytes(row[0]) for row in rows]
 
-    async def add_lookup_keys(self, version: int, keys_of: Callable[[Entry], Sequence[str]]) -> int:
-        """Once per lookup-key scheme ``version``: attach ``keys_of(entry)`` to every stored
+    async def add_lookup_keys(self) -> int:
+        """Once per lookup-key scheme (``keys.VERSION``): attach the keys to every stored
         entry, so entries stored before the scheme gained a key are found by it too. Returns
-        how many entries were read (0 when the database is at ``version`` already)."""
+        how many entries were read (0 when the database is at that version already)."""
         row = await _one_row(self.db, "PRAGMA user_version")
-        if row is not None and row[0] >= version:
+        if row is not None and row[0] >= LOOKUP_KEYS_VERSION:
             return 0
         read = 0
         for info in await self.origins():
             size = await self.size(info.name)
             for start in range(0, size, 5000):
                 rows = await self.entries(info.name, start, min(size, start + 5000))
-                keys = []
+                found = []
                 for idx, data in enumerate(rows, start):
                     try:
                         entry = decode_entry(data)
                     except EntryError as exc:  # `dicomledger verify` names it; keep going
                         log.error("%s entry %d cannot be read for its lookup keys: %s", info.name, idx, exc)
                         continue
-                    keys += [(key, info.id, idx) for key in keys_of(entry)]
+                    found += [(key, info.id, idx) for key in lookup_keys(entry.kind, entry.payload)]
                 await self.db.executemany(
-                    "INSERT OR IGNORE INTO entry_keys (key, origin_id, idx) VALUES (?, ?, ?)", keys
+                    "INSERT OR IGNORE INTO entry_keys (key, origin_id, idx) VALUES (?, ?, ?)", found
                 )
                 read += len(rows)
-        await self.db.execute(f"PRAGMA user_version = {int(version)}")
+        await self.db.execute(f"PRAGMA user_version = {LOOKUP_KEYS_VERSION}")
         return read
 
     async def find(self, key: str) -> list[tuple[str, int]]:
@@ -556,13 +558,15 @@ class LogWriter(_ThreadWriter):
         await self._close()
 
     async def append(
-        self, kind: str, payload: Mapping[str, Any], keys: Sequence[str] = ()
+        self, kind: str, payload: Mapping[str, Any], keys: Sequence[str] | None = None
     ) -> Appended:
-        """Append one entry; returns once it is durable in the database."""
+        """Append one entry; returns once it is durable in the database. Its lookup keys are
+        ``keys.lookup_keys`` unless ``keys`` says otherwise."""
         if self._task is None:
             raise LedgerStoreError("ledger writer is not running")
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(kind, payload, tuple(keys), future))
+        found = lookup_keys(kind, payload) if keys is None else keys
+        self._queue.put_nowait(_Pending(kind, payload, tuple(found), future))
         return await future
 
     async def _run(self) -> None:
@@ -655,7 +659,7 @@ class ReplicaWriter(_ThreadWriter):
         self, store: LedgerStore, keys_of: Callable[[Entry], Sequence[str]] | None = None
     ) -> None:
         super().__init__(store, "replica-writer")
-        self._keys_of = keys_of
+        self._keys_of = keys_of or (lambda entry: lookup_keys(entry.kind, entry.payload))
 
     async def start(self) -> None:
         await self._on_thread(self._connect)
@@ -698,8 +702,7 @@ class ReplicaWriter(_ThreadWriter):
             prev = merkle.leaf_hash(data)
             entries_rows.append((info.id, index, data))
             node_rows += [(info.id, level, idx, h) for (level, idx), h in tree.append(prev)]
-            if self._keys_of is not None:
-                key_rows += [(k, info.id, index) for k in self._keys_of(entry)]
+            key_rows += [(k, info.id, index) for k in self._keys_of(entry)]
         if tree.root() != cp.root_hash:
             raise ReplicaError(
                 f"entries of {info.name} up to {cp.size} do not match its signed checkpoint's root"

@@ -22,8 +22,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dicomledger.ledger import merkle
-from dicomledger.ledger.audit import audit_keys
-from dicomledger.ledger.entries import GRANT, IMAGE_ANCHORED, REVOKE, Entry, decode_entry
+from dicomledger.ledger.entries import GRANT, REVOKE, decode_entry
 from dicomledger.ledger.log import LedgerStore, LogWriter
 from dicomledger.ledger.permissions import (
     Decision,
@@ -45,18 +44,6 @@ from dicomledger.ledger.permissions import (
 log = structlog.get_logger("dicomledger.permissions")
 
 Record = Grant | Revoke
-
-
-def permission_keys(entry: Entry) -> list[str]:
-    """Lookup keys that find a patient's permission records and custodians in any log."""
-    patient = entry.payload.get("patient")
-    if not isinstance(patient, str):
-        return []
-    if entry.kind in (GRANT, REVOKE):
-        return [f"perm:{patient}"]
-    if entry.kind == IMAGE_ANCHORED:
-        return [f"patient:{patient}"]
-    return []
 
 
 def today() -> str:
@@ -200,7 +187,7 @@ class PermissionBook:
         return found[0]
 
     async def _append(self, writer: LogWriter, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
-        appended = await writer.append(kind, payload, [f"perm:{payload['patient']}", *audit_keys(kind, payload)])
+        appended = await writer.append(kind, payload)
         ref = appended.leaf_hash.hex()
         log.info(f"{kind} issued", patient=payload["patient"][:12], ref=ref[:16], entry=appended.index)
         return {"ref": ref, "origin": appended.origin, "index": appended.index}
