@@ -11,7 +11,6 @@ instances we refuse or stop (permission, tamper check) are simply never yielded:
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from dicomledger.dicom import reactor
+from dicomledger.dicom.scu import on_sending_connection
 
 PENDING = 0xFF00
 CANCEL = 0xFE00
@@ -123,13 +122,6 @@ class StoreResponses:
                 self._outcome.failed.append(uid)
 
 
-def _on_connect(event: evt.Event) -> None:
-    # pynetdicom writes a C-STORE as several small PDUs; with Nagle's algorithm each one
-    # waits for the receiver's delayed ACK (~40 ms per instance against DCMTK storescp).
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    reactor.install(event)
-
-
 def move_association_kwargs(plan: RetrievePlan, responses: StoreResponses) -> dict[str, Any]:
     """associate() arguments for the sub-association: one context per (SOP class, transfer
     syntax) to send, each with that one syntax, so files leave as stored."""
@@ -138,7 +130,7 @@ def move_association_kwargs(plan: RetrievePlan, responses: StoreResponses) -> di
     contexts = [build_context(*pair) for pair in pairs[:MAX_CONTEXTS]] or [build_context(Verification)]
     return {
         "contexts": contexts,
-        "evt_handlers": [(evt.EVT_CONN_OPEN, _on_connect), (evt.EVT_DIMSE_RECV, responses.on_dimse_recv)],
+        "evt_handlers": [(evt.EVT_CONN_OPEN, on_sending_connection), (evt.EVT_DIMSE_RECV, responses.on_dimse_recv)],
     }
 
 

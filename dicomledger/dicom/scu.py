@@ -64,6 +64,14 @@ class SendResult:
     error: str = ""  # what went wrong (or the warning), for logs and `dicomledger status`
 
 
+def on_sending_connection(event: evt.Event) -> None:
+    """EVT_CONN_OPEN of an association we send C-STOREs on (forwarding, C-MOVE sub-operations)."""
+    # pynetdicom writes a C-STORE as several small PDUs; with Nagle's algorithm on, each
+    # waits for the peer's delayed ACK (~40 ms per file against storescp).
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    reactor.install(event)
+
+
 def _pair(cx: PresentationContext) -> Pair:
     return str(cx.abstract_syntax), str(cx.transfer_syntax[0])
 
@@ -168,10 +176,7 @@ class StoreSCU:
         connected = threading.Event()
 
         def on_connect(event: evt.Event) -> None:
-            # pynetdicom writes a C-STORE as several small PDUs; with Nagle's algorithm on, each
-            # waits for the peer's delayed ACK (~40 ms per file against storescp).
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reactor.install(event)
+            on_sending_connection(event)
             connected.set()
 
         started = time.monotonic()
