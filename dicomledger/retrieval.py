@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import io
 from collections import defaultdict
-from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ from pydicom.dataset import Dataset
 
 from dicomledger.config import ForwardingConfig
 from dicomledger.dicom.index import Index, InstanceRow
-from dicomledger.dicom.pixelhash import PixelHashError, hash_instance_stream, native_pixel_sha256
+from dicomledger.dicom.pixelhash import PixelHashError, stored_sha256
 from dicomledger.dicom.qr import Loaded, QRRequest, RetrieveOutcome, RetrievePlan, SubOperation
 from dicomledger.dicom.query import UNIQUE_KEY, Query, QueryError, parse_query, response_identifier
 from dicomledger.ledger.entries import (
@@ -52,7 +52,6 @@ from dicomledger.ledger.entries import (
 )
 from dicomledger.ledger.log import LedgerStore, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook, today
-from dicomledger.ledger.permissions import Decision, PermissionState, decide
 from dicomledger.ledger.pseudonym import pseudonym
 
 log = structlog.get_logger("dicomledger.retrieval")
@@ -135,19 +134,6 @@ class QueryRetrieve:
             )
             raise
 
-    async def _decisions(self, pairs: Iterable[tuple[str, str]], target: Target) -> dict[tuple[str, str], Decision]:
-        """The permission decision for each (patient, study) pseudonym pair; one history read per patient."""
-        states: dict[str, PermissionState] = {}
-        decisions = {}
-        day = today()
-        for patient, study in pairs:
-            if (patient, study) in decisions:
-                continue
-            if patient not in states:
-                states[patient] = (await self.book.history(patient, day)).state
-            decisions[patient, study] = decide(states[patient], ae=target.ae_title, site=target.site, study=study)
-        return decisions
-
     def _pseudonyms(self, record: dict[str, Any]) -> tuple[str, str]:
         return (
             pseudonym(self.secret, "patient", record["PatientID"]),
@@ -166,7 +152,7 @@ class QueryRetrieve:
         matched = [r for r in await self.index.query_records(grain, exact) if query.matches(r)]
         target = self._target(request.calling_ae)
         keys = [self._pseudonyms(r) for r in matched]
-        decisions = await self._decisions(keys, target)
+        decisions = await self.book.decide_all(keys, ae=target.ae_title, site=target.site, today=today())
         visible = [r for r, k in zip(matched, keys, strict=True) if decisions[k].allowed]
         if query.level == "PATIENT":
             visible = _patients(visible)
@@ -211,7 +197,9 @@ class QueryRetrieve:
             log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
                         destination=ae, peer=request.peer, instances=len(items), reason=reason)
             return RetrievePlan([], {}, unknown_destination=True, context=state)
-        decisions = await self._decisions(((i.patient, i.study) for i in items.values()), target)
+        decisions = await self.book.decide_all(
+            ((i.patient, i.study) for i in items.values()), ae=target.ae_title, site=target.site, today=today()
+        )
         to_send, refused = [], {}
         state = PlanState(request, target, items, refused)
         for uid, item in items.items():
@@ -223,10 +211,7 @@ class QueryRetrieve:
             anchor = None
             if row.ledger_origin is not None and row.ledger_index is not None:
                 anchor = await self.ledger.entry(row.ledger_origin, row.ledger_index)
-            items[uid] = item = Item(
-                row, item.patient, item.study, item.instance,
-                decision.grant.ref if decision.grant else None, anchor,
-            )
+            items[uid] = item = replace(item, grant=decision.grant.ref if decision.grant else None, anchor=anchor)
             to_send.append(SubOperation(uid, row.sop_class_uid, row.transfer_syntax_uid, (state, item)))
         if refused:
             await self._record_refused(request, state)
@@ -266,11 +251,7 @@ class QueryRetrieve:
             try:
                 data = path.read_bytes()
                 dataset = dcmread(io.BytesIO(data))
-                ts = item.row.transfer_syntax_uid
-                digest = native_pixel_sha256(dataset, ts) if item.row.hash_method == "pixel" else None
-                if digest is None:  # compressed, big endian, ...: the full pixel hash
-                    digest = hash_instance_stream(io.BytesIO(data), ts).sha256
-                found = digest.hex()
+                found = stored_sha256(data, dataset, item.row.transfer_syntax_uid).hex()
                 if found != expected:
                     problem = "pixel hash of the stored file differs from the anchored hash"
                 else:

@@ -8,6 +8,7 @@ bounded by CHUNK or one frame, never by the size of the object.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 import tempfile
@@ -121,6 +122,13 @@ def native_pixel_sha256(ds: Dataset, transfer_syntax_uid: str) -> bytes | None:
     if not isinstance(value, bytes):
         return None
     return hashlib.sha256(value).digest()  # releases the GIL while it hashes
+
+
+def stored_sha256(data: bytes, dataset: Dataset, transfer_syntax_uid: str) -> bytes:
+    """The ``sha256`` hash_instance_* gives for a file's ``data``, already parsed as
+    ``dataset``: quick for native little-endian pixel data, the full hash otherwise."""
+    quick = native_pixel_sha256(dataset, transfer_syntax_uid)
+    return quick if quick is not None else hash_instance_stream(io.BytesIO(data), transfer_syntax_uid).sha256
 
 
 # --- file structure ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ Records from anyone else are ignored for decisions and reported with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -124,6 +124,19 @@ class PermissionBook:
 
     async def decide(self, patient: str, *, study: str | None, ae: str, site: str | None, today: str) -> Decision:
         return decide((await self.history(patient, today)).state, ae=ae, site=site, study=study)
+
+    async def decide_all(
+        self, pairs: Iterable[tuple[str, str]], *, ae: str, site: str | None, today: str
+    ) -> dict[tuple[str, str], Decision]:
+        """``decide`` for many (patient, study) pairs, reading each patient's history once."""
+        states: dict[str, PermissionState] = {}
+        decisions: dict[tuple[str, str], Decision] = {}
+        for patient, study in pairs:
+            if (patient, study) not in decisions:
+                if patient not in states:
+                    states[patient] = (await self.history(patient, today)).state
+                decisions[patient, study] = decide(states[patient], ae=ae, site=site, study=study)
+        return decisions
 
     # -- issuing -------------------------------------------------------------------------
 
