@@ -38,6 +38,7 @@ from dicomledger.dicom.scu import Destination, StoreSCU
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
+from dicomledger.sqlite_thread import ThreadedSqlite
 
 log = structlog.get_logger("dicomledger.forwarding")
 
@@ -112,17 +113,15 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-class ForwardQueue:
+class ForwardQueue(ThreadedSqlite):
     """The durable job queue: one SQLite file, used on its own thread."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward-queue")
-        self._db: sqlite3.Connection | None = None
+        super().__init__(path, "forward-queue")
 
     async def _on_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+            return await super()._on_thread(fn, *args)
         except sqlite3.Error as exc:
             raise ForwardQueueError(f"forward queue {self.path} failed ({exc}); check disk space") from None
 
@@ -134,22 +133,7 @@ class ForwardQueue:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a queued job survives power loss
-        db.execute("PRAGMA busy_timeout=10000")
-        db.executescript(SCHEMA)
-        self._db = db
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._on_thread(self._db.close)
-            self._db = None
-        self._thread.shutdown()
-
-    def _run(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        assert self._db is not None
-        return self._db.execute(sql, params).fetchall()
+        self._connect("FULL", SCHEMA)  # FULL: a queued job survives power loss
 
     async def add(self, destination: str, item: ForwardItem) -> bool:
         """Queue ``item`` for ``destination``; False if that exact instance is already queued."""
@@ -171,7 +155,7 @@ class ForwardQueue:
         """The oldest due queued jobs of ``destination`` not in ``exclude`` (being sent)."""
         marks = ",".join("?" for _ in exclude)  # SQLite accepts an empty list; NOT IN (NULL) matches nothing
         rows = await self._on_thread(
-            self._run,
+            self._fetchall,
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE destination = ? AND state = 'queued' "
             f"AND next_attempt <= ? AND id NOT IN ({marks}) ORDER BY next_attempt, id LIMIT ?",
             (destination, now, *exclude, limit),
@@ -180,7 +164,7 @@ class ForwardQueue:
 
     async def next_due_time(self, destination: str) -> float | None:
         rows = await self._on_thread(
-            self._run,
+            self._fetchall,
             "SELECT MIN(next_attempt) FROM jobs WHERE destination = ? AND state = 'queued'",
             (destination,),
         )
@@ -188,28 +172,28 @@ class ForwardQueue:
 
     async def finish(self, job: Job, state: str, error: str | None = None) -> None:
         await self._on_thread(
-            self._run,
+            self._fetchall,
             "UPDATE jobs SET state = ?, last_error = ?, finished_at = ?, attempts = ? WHERE id = ?",
             (state, error, _now_iso(), job.attempts, job.id),
         )
 
     async def retry_later(self, job: Job, at: float, error: str) -> None:
         await self._on_thread(
-            self._run,
+            self._fetchall,
             "UPDATE jobs SET attempts = ?, next_attempt = ?, last_error = ? WHERE id = ?",
             (job.attempts, at, error, job.id),
         )
 
     async def counts(self) -> dict[tuple[str, str], int]:
         rows = await self._on_thread(
-            self._run, "SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state"
+            self._fetchall, "SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state"
         )
         return {(d, s): n for d, s, n in rows}
 
     async def parked(self, limit: int = 20) -> list[tuple[str, str, int, str | None, str | None]]:
         """Failed (parked) jobs, newest first: destination, SOP instance, attempts, error, when."""
         return await self._on_thread(
-            self._run,
+            self._fetchall,
             "SELECT destination, sop_instance_uid, attempts, last_error, finished_at FROM jobs "
             "WHERE state = 'failed' ORDER BY finished_at DESC LIMIT ?",
             (limit,),

@@ -4,21 +4,19 @@ It holds PHI (names, IDs, dates), so it lives beside the images, never on the le
 rebuildable from the stored files, so commits use synchronous=NORMAL in WAL mode: durable
 across a killed process; after a power loss the gateway reconciles it with the ledger.
 Writes are batched: concurrent C-STOREs share one transaction. The index runs on its own
-thread with the standard sqlite3 module: a lookup-and-write is one thread hop, where
-aiosqlite would take one per statement.
+thread (``sqlite_thread.py``): a lookup-and-write is one thread hop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-_T = TypeVar("_T")
+from dicomledger.sqlite_thread import ThreadedSqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (
@@ -134,18 +132,13 @@ _INSTANCE_COLUMNS = ", ".join(InstanceRow.__dataclass_fields__)
 _INSTANCE_MARKS = ", ".join("?" for _ in InstanceRow.__dataclass_fields__)
 
 
-class Index:
+class Index(ThreadedSqlite):
     """The index, on its own thread and SQLite connection: each call is one thread hop."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="index")
-        self._db: sqlite3.Connection | None = None
+        super().__init__(path, "index")
         self._pending: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._lock = asyncio.Lock()
-
-    async def _on_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     @classmethod
     async def open(cls, path: Path) -> Index:
@@ -155,25 +148,13 @@ class Index:
 
     def _open(self) -> None:
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=10000")
-            db.executescript(SCHEMA)
+            self._connect("NORMAL", SCHEMA)
         except sqlite3.Error as exc:
             raise IndexStoreError(f"cannot open index database {self.path}: {exc}") from None
-        self._db = db
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._on_thread(self._db.close)
-            self._db = None
-        self._thread.shutdown()
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        assert self._db is not None
         try:
-            return self._db.execute(sql, params).fetchall()
+            return self._fetchall(sql, params)
         except sqlite3.Error as exc:
             raise IndexStoreError(f"index read failed ({exc}); check {self.path}") from None
 
