@@ -267,28 +267,26 @@ class DicomServer:
         service, model = QR_MODELS[str(event.request.AffectedSOPClassUID)]
         requestor = event.assoc.requestor
         peer = f"{requestor.address}:{requestor.port}"
-        try:
-            identifier = event.identifier
-        except Exception as exc:  # pynetdicom/pydicom decoding: any error means a malformed identifier
-            log.warning("query refused", service=service, calling_ae=requestor.ae_title, peer=peer,
-                        reason=f"identifier cannot be decoded: {type(exc).__name__}: {exc}")
-            return iter([(CANNOT_UNDERSTAND, None)])
-        request = QRRequest(
-            service=service, model=model, identifier=identifier, calling_ae=requestor.ae_title,
-            peer=peer, move_destination=event.move_destination if service == "C-MOVE" else None,
-        )
         cancelled = lambda: event.is_cancelled  # noqa: E731
-        if service == "C-FIND":
-            try:
-                return find_responses(self._qr.find(request), cancelled)
-            except QueryError as exc:  # the core logged why
-                return iter([(exc.status, None)])
         try:
-            plan = self._qr.plan(request)
-        except QueryError:
+            try:
+                identifier = event.identifier
+            except Exception as exc:  # pynetdicom/pydicom decoding: any error means a malformed identifier
+                reason = f"identifier cannot be decoded: {type(exc).__name__}: {exc}"
+                log.warning("query refused", service=service, calling_ae=requestor.ae_title, peer=peer, reason=reason)
+                raise QueryError(reason, CANNOT_UNDERSTAND) from None
+            request = QRRequest(
+                service=service, model=model, identifier=identifier, calling_ae=requestor.ae_title,
+                peer=peer, move_destination=event.move_destination if service == "C-MOVE" else None,
+            )
+            if service == "C-FIND":
+                return find_responses(self._qr.find(request), cancelled)
+            return retrieve_responses(self._qr, request, self._qr.plan(request), cancelled, event.assoc)
+        except QueryError as exc:  # why is logged already
+            if service == "C-FIND":
+                return iter([(exc.status, None)])
             # pynetdicom answers a retrieve handler's exception with 0xC511 / 0xC411 (unable to
             # process): the only failure it lets us give before the destination and the count.
-            # The core logged why; keep pynetdicom's traceback of it out of the log.
+            # Keep pynetdicom's traceback of it out of the log.
             _ANSWERED.active = True
             raise
-        return retrieve_responses(self._qr, request, plan, cancelled, event.assoc)
