@@ -58,7 +58,6 @@ log = structlog.get_logger("dicomledger.retrieval")
 
 _T = TypeVar("_T")
 
-_UIDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 @dataclass(frozen=True)
@@ -148,8 +147,7 @@ class QueryRetrieve:
 
     async def _find(self, request: QRRequest, query: Query) -> list[Dataset]:
         grain = "STUDY" if query.level == "PATIENT" else query.level
-        exact = {k: v for k in _UIDS if (v := query.exact(k)) is not None}
-        matched = [r for r in await self.index.query_records(grain, exact) if query.matches(r)]
+        matched = await self.index.matching(grain, query)
         target = self._target(request.calling_ae)
         keys = [self._pseudonyms(r) for r in matched]
         decisions = await self.book.decide_all(keys, ae=target.ae_title, site=target.site, today=today())
@@ -177,8 +175,7 @@ class QueryRetrieve:
         return self._wait(self._plan(request, query))
 
     async def _plan(self, request: QRRequest, query: Query) -> RetrievePlan:
-        exact = {k: v for k in _UIDS if (v := query.exact(k)) is not None}
-        matched = [r for r in await self.index.query_records("IMAGE", exact) if query.matches(r)]
+        matched = await self.index.matching("IMAGE", query)
         items = {}
         for r in matched:
             patient, study = self._pseudonyms(r)

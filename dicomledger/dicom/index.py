@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomledger.dicom.query import Query
 from dicomledger.sqlite_thread import ThreadedSqlite
 
 SCHEMA = """
@@ -172,10 +173,10 @@ class Index(ThreadedSqlite):
         )
         return [_instance_row(r) for r in rows]
 
-    async def query_records(self, grain: str, exact: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
-        """Records for C-FIND and retrieval at ``grain`` (STUDY, SERIES or IMAGE), flattened
-        with every level above and keyed by DICOM keyword; ``exact`` pre-filters on
-        PatientID / StudyInstanceUID / SeriesInstanceUID / SOPInstanceUID values.
+    async def matching(self, grain: str, query: Query) -> list[dict[str, Any]]:
+        """The records at ``grain`` (STUDY, SERIES or IMAGE) that match ``query``, flattened
+        with every level above and keyed by DICOM keyword; pre-filtered in SQL on the query's
+        exact PatientID / StudyInstanceUID / SeriesInstanceUID / SOPInstanceUID values.
 
         STUDY records carry ModalitiesInStudy and the study's series/instance counts, SERIES
         records their instance count, IMAGE records the ``InstanceRow`` under ``"_row"``.
@@ -183,18 +184,14 @@ class Index(ThreadedSqlite):
         if grain not in _GRAIN_SQL:
             raise ValueError(f"no query records at level {grain}")
         where, params = [], []
-        for keyword, values in exact.items():
-            column = _EXACT_COLUMNS.get(keyword)
-            if column is None or (keyword == "SOPInstanceUID" and grain != "IMAGE") or (
-                keyword == "SeriesInstanceUID" and grain == "STUDY"
-            ):
-                continue
-            where.append(f"{column} IN ({', '.join('?' for _ in values)})")
-            params += list(values)
+        for keyword, column in _EXACT_COLUMNS.items():
+            if (values := query.exact(keyword)) is not None:
+                where.append(f"{column} IN ({', '.join('?' for _ in values)})")
+                params += list(values)
         select, group = _GRAIN_SQL[grain]
         sql = select + (" WHERE " + " AND ".join(where) if where else "") + group
         rows = await self._on_thread(self._query, sql, params)
-        return [_record(grain, row) for row in rows]
+        return [record for row in rows if query.matches(record := _record(grain, row))]
 
     async def count_instances(self) -> int:
         rows = await self._on_thread(self._query, "SELECT COUNT(*) FROM instances")

@@ -34,7 +34,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomledger.dicom.qr import QRRequest, RetrieveCore, find_responses, retrieve_responses
-from dicomledger.dicom.query import QueryError
+from dicomledger.dicom.query import UNABLE_TO_PROCESS, QueryError
 
 log = structlog.get_logger("dicomledger.scp")
 
@@ -274,7 +274,7 @@ class DicomServer:
             except Exception as exc:  # pynetdicom/pydicom decoding: any error means a malformed identifier
                 reason = f"identifier cannot be decoded: {type(exc).__name__}: {exc}"
                 log.warning("query refused", service=service, calling_ae=requestor.ae_title, peer=peer, reason=reason)
-                raise QueryError(reason, CANNOT_UNDERSTAND) from None
+                raise QueryError(reason, UNABLE_TO_PROCESS) from None
             request = QRRequest(
                 service=service, model=model, identifier=identifier, calling_ae=requestor.ae_title,
                 peer=peer, move_destination=event.move_destination if service == "C-MOVE" else None,
