@@ -341,10 +341,7 @@ def _final_status(plan: RetrievePlan, outcome: RetrieveOutcome) -> str:
         return f"0x{outcome.status:04X}"
     if not outcome.associated:
         return "destination unreachable (0xA801)"
-    if outcome.failed or outcome.warning:
-        return "0xB000" if outcome.completed or outcome.warning else "0xA702"
-    sent = len(outcome.completed)
-    return "0x0000" if sent == len(plan.to_send) else f"ended after {sent} of {len(plan.to_send)}"
+    return f"ended after {len(outcome.completed) + len(outcome.warning)} of {len(plan.to_send)}"
 
 
 def _patients(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -80,7 +80,7 @@ class RetrieveOutcome:
     not_sent: dict[str, str] = field(default_factory=dict)  # stopped by the check: uid -> why
     associated: bool = False  # C-MOVE: the association with the destination was made
     cancelled: bool = False
-    status: int | None = None  # the final status we sent; None if pynetdicom decided it
+    status: int | None = None  # the final status; None if the operation was cut short
 
 
 class RetrieveCore(Protocol):
@@ -189,14 +189,14 @@ def retrieve_responses(
                 outcome.not_sent[sub.sop_instance_uid] = loaded.problem
                 continue
             yield PENDING, loaded.dataset
-        if plan.refused or outcome.not_sent:
-            # unsent instances are still "remaining": pynetdicom reports them as failed
-            sent = len(outcome.completed) + len(outcome.warning)
-            status = SUB_OPERATIONS_FAILED if sent else UNABLE_TO_PERFORM
-            finish(status)
+        # The final status, by pynetdicom's rule (which it applies itself when we send nothing).
+        sent = len(outcome.completed) + len(outcome.warning)
+        unsent = plan.refused or outcome.not_sent
+        problems = unsent or outcome.failed or outcome.warning
+        status = (SUB_OPERATIONS_FAILED if sent else UNABLE_TO_PERFORM) if problems else SUCCESS
+        finish(status)
+        if unsent:  # still "remaining" to pynetdicom, which reports them as failed
             yield status, _failed_list(plan, outcome)
-        else:
-            finish(None)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if is_get:
