@@ -85,7 +85,6 @@ class PlanState:
     request: QRRequest
     target: Target
     items: dict[str, Item]  # SOP Instance UID -> item, every matched instance
-    refused: dict[str, str]  # SOP Instance UID -> reason
 
 
 class QueryRetrieve:
@@ -189,8 +188,8 @@ class QueryRetrieve:
         dest = self.destinations.destination(ae) if self.destinations else None
         if request.service == "C-MOVE" and dest is None:
             reason = f"unknown move destination {ae}: not under [[destinations]] in the config"
-            state = PlanState(request, target, items, dict.fromkeys(items, reason))
-            await self._record_refused(request, state)
+            state = PlanState(request, target, items)
+            await self._record_refused(state, dict.fromkeys(items, reason))
             log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
                         destination=ae, peer=request.peer, instances=len(items), reason=reason)
             return RetrievePlan([], {}, unknown_destination=True, context=state)
@@ -198,7 +197,7 @@ class QueryRetrieve:
             ((i.patient, i.study) for i in items.values()), ae=target.ae_title, site=target.site, today=today()
         )
         to_send, refused = [], {}
-        state = PlanState(request, target, items, refused)
+        state = PlanState(request, target, items)
         for uid, item in items.items():
             decision = decisions[item.patient, item.study]
             if not decision.allowed:
@@ -211,31 +210,28 @@ class QueryRetrieve:
             items[uid] = item = replace(item, grant=decision.grant.ref if decision.grant else None, anchor=anchor)
             to_send.append(SubOperation(uid, row.sop_class_uid, row.transfer_syntax_uid, (state, item)))
         if refused:
-            await self._record_refused(request, state)
+            await self._record_refused(state, refused)
         log.info(
             "retrieve", service=request.service, calling_ae=request.calling_ae, destination=ae,
             peer=request.peer, query_level=query.level, matched=len(items), to_send=len(to_send),
             refused=len(refused),
         )
         return RetrievePlan(
-            to_send, {uid: f"not authorised: {why}" for uid, why in refused.items()},
+            to_send, refused,
             destination=(dest.host, dest.port) if dest is not None else None, context=state,
         )
 
-    async def _record_refused(self, request: QRRequest, state: PlanState) -> None:
+    async def _record_refused(self, state: PlanState, refused: dict[str, str]) -> None:
         by_study: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for uid, reason in state.refused.items():
+        for uid, reason in refused.items():
             item = state.items[uid]
             by_study[item.patient, item.study].append(reason)
         for (patient, study), reasons in by_study.items():
-            await self._append(RETRIEVE_REFUSED, {
-                "service": request.service, "calling_ae": request.calling_ae,
+            await self.writer.append(RETRIEVE_REFUSED, {
+                "service": state.request.service, "calling_ae": state.request.calling_ae,
                 "destination": state.target.ae_title, "site": state.target.site,
                 "patient": patient, "study": study, "instances": len(reasons), "reason": reasons[0],
             })
-
-    async def _append(self, kind: str, payload: dict[str, Any]) -> None:
-        await self.writer.append(kind, payload)
 
     def load(self, sub: SubOperation) -> Loaded:
         """Read the stored file once, check its pixel hash against the anchor, and parse those
@@ -296,7 +292,7 @@ class QueryRetrieve:
             "expected_sha256": expected, "found_sha256": found,
             "anchor": {"origin": row.ledger_origin, "index": row.ledger_index}, "problem": problem,
         }
-        self._wait(self._append(TAMPER_ALARM, payload))
+        self._wait(self.writer.append(TAMPER_ALARM, payload))
 
     def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None:
         state: PlanState = plan.context
@@ -313,7 +309,7 @@ class QueryRetrieve:
             counts = studies.setdefault((item.patient, item.study), dict.fromkeys(
                 ("completed", "warning", "failed", "refused", "tampered", "not_sent"), 0
             ))
-            if uid in state.refused:
+            if uid in plan.refused:
                 counts["refused"] += 1
             elif uid in sent:
                 counts[results.get(uid, "not_sent")] += 1
@@ -327,11 +323,11 @@ class QueryRetrieve:
                 "patient": patient, "study": study, **counts, "cancelled": outcome.cancelled,
                 "status": status, "grant": grants.get((patient, study)),
             }
-            self._wait(self._append(RETRIEVED, payload))
+            self._wait(self.writer.append(RETRIEVED, payload))
         log.info(
             "retrieved", service=request.service, calling_ae=request.calling_ae,
             destination=state.target.ae_title, status=status, completed=len(outcome.completed),
-            warning=len(outcome.warning), failed=len(outcome.failed), refused=len(state.refused),
+            warning=len(outcome.warning), failed=len(outcome.failed), refused=len(plan.refused),
             tampered=len(outcome.not_sent), cancelled=outcome.cancelled,
         )
 
