@@ -28,13 +28,10 @@ from dicomledger.ledger.entries import (
     RETRIEVED,
     REVOKE,
     TAMPER_ALARM,
-    ZERO_HASH,
-    Entry,
     EntryError,
     decode_entry,
-    encode_entry,
 )
-from dicomledger.ledger.permissions import Grant, PermissionFormatError, Revoke, parse_permission
+from dicomledger.ledger.permissions import Grant, PermissionFormatError, parse_record
 
 if TYPE_CHECKING:
     from dicomledger.ledger.log import LedgerStore
@@ -184,20 +181,13 @@ def _summary_tamper_alarm(p: Mapping[str, Any]) -> str:
     )
 
 
-def _permission(event: AuditEvent) -> Grant | Revoke:
-    """The grant or revoke in ``event``'s payload, checked by the permissions module's rules.
-
-    ``parse_permission`` wants the entry and its bytes only to compute the record's ref, which
-    the event already has (``leaf_hash``); a stand-in entry around the payload gives it those.
-    """
-    stand_in = Entry(event.origin, event.index, ZERO_HASH, event.time_ms, event.kind, event.payload, bytes(64))
-    return parse_permission(stand_in, encode_entry(stand_in))
-
-
 def _summary_permission(event: AuditEvent) -> str:
     try:
-        record = _permission(event)
-    except (PermissionFormatError, EntryError) as exc:
+        record = parse_record(
+            event.kind, event.payload, ref=event.leaf_hash, origin=event.origin, index=event.index,
+            time_ms=event.time_ms,
+        )
+    except PermissionFormatError as exc:
         return f"MALFORMED {event.kind} (ref {_short(event.leaf_hash)}): {_clean(str(exc))}"
     ref = f"ref {_short(event.leaf_hash)}"
     if isinstance(record, Grant):

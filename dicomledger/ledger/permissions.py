@@ -428,15 +428,24 @@ def parse_permission(entry: Entry, entry_bytes: bytes) -> Record:
         raise PermissionFormatError(f"{entry.kind} payload: {exc}") from None
     if not same:
         raise PermissionFormatError("entry bytes are not the encoding of this entry")
-    f = _parse_fields(entry.kind, entry.payload, signed=True)
-    ref = leaf_hash(bytes(entry_bytes)).hex()
-    if entry.kind == GRANT:
+    return parse_record(
+        entry.kind, entry.payload, ref=leaf_hash(bytes(entry_bytes)).hex(), origin=entry.origin,
+        index=entry.index, time_ms=entry.time_ms,
+    )
+
+
+def parse_record(kind: str, payload: Mapping[str, Any], *, ref: str, origin: str, index: int, time_ms: int) -> Record:
+    """parse_permission for a payload whose entry is known by its ``ref`` (leaf hash) already."""
+    if kind not in (GRANT, REVOKE):
+        raise PermissionFormatError(f"entry kind {kind!r} is not a permission record")
+    f = _parse_fields(kind, payload, signed=True)
+    if kind == GRANT:
         return Grant(
-            ref, entry.origin, entry.index, entry.time_ms, f["patient"], f["grantee"], f["study"],
+            ref, origin, index, time_ms, f["patient"], f["grantee"], f["study"],
             f["until"], f["purpose"], f["consent"], f["heads"], f["issuer"], f["issuer_sig"],
         )
     return Revoke(
-        ref, entry.origin, entry.index, entry.time_ms, f["patient"], f["grants"], f["grantee"],
+        ref, origin, index, time_ms, f["patient"], f["grants"], f["grantee"],
         f["reason"], f["heads"], f["issuer"], f["issuer_sig"],
     )
 
