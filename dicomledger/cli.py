@@ -263,7 +263,9 @@ def _pseudonyms(args: argparse.Namespace, config: Config) -> dict:
     from dicomledger.ledger.pseudonym import pseudonym
 
     secret = config.pseudonym_secret()
-    body = {"patient": pseudonym(secret, "patient", args.patient_id)}
+    body = {}
+    if getattr(args, "patient_id", None) is not None:
+        body["patient"] = pseudonym(secret, "patient", args.patient_id)
     if getattr(args, "study", None):
         body["study"] = pseudonym(secret, "study", args.study)
     return body
@@ -331,13 +333,11 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
         report_lines,
     )
     from dicomledger.ledger.log import LedgerStore, LedgerStoreError
-    from dicomledger.ledger.pseudonym import pseudonym
 
     if args.patient_id is None and args.study is None:
         return _fail("name what to audit: --patient-id ID and/or --study UID", EXIT_USAGE)
-    secret = config.pseudonym_secret()
-    patient = None if args.patient_id is None else pseudonym(secret, "patient", args.patient_id)
-    study = None if args.study is None else pseudonym(secret, "study", args.study)
+    subject = _pseudonyms(args, config)
+    patient, study = subject.get("patient"), subject.get("study")
     database = config.ledger.database
     if not database.exists():
         return _fail(f"no ledger database at {database}: this gateway has not run yet")
