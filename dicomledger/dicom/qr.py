@@ -11,7 +11,6 @@ instances we refuse or stop (permission, tamper check) are simply never yielded:
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -99,11 +98,11 @@ def find_responses(matches: list[Dataset], is_cancelled: Callable[[], bool]) -> 
 
 
 class StoreResponses:
-    """Collects the C-STORE responses of sub-operations (from EVT_DIMSE_RECV)."""
+    """Collects the C-STORE responses of sub-operations (from EVT_DIMSE_RECV, on the one DUL
+    thread of the association; pynetdicom triggers it before the sender gets the response)."""
 
     def __init__(self, outcome: RetrieveOutcome) -> None:
         self._outcome = outcome
-        self._lock = threading.Lock()
 
     def on_dimse_recv(self, event: evt.Event) -> None:
         message = event.message
@@ -113,13 +112,12 @@ class StoreResponses:
         uid = str(command.get("AffectedSOPInstanceUID", ""))
         status = int(command.get("Status", 0xC000))
         category = code_to_category(status)
-        with self._lock:
-            if category == STATUS_SUCCESS:
-                self._outcome.completed.append(uid)
-            elif category == STATUS_WARNING:
-                self._outcome.warning.append(uid)
-            else:
-                self._outcome.failed.append(uid)
+        if category == STATUS_SUCCESS:
+            self._outcome.completed.append(uid)
+        elif category == STATUS_WARNING:
+            self._outcome.warning.append(uid)
+        else:
+            self._outcome.failed.append(uid)
 
 
 def move_association_kwargs(plan: RetrievePlan, responses: StoreResponses) -> dict[str, Any]:
