@@ -1,19 +1,38 @@
-"""Helpers the benchmark scripts share: child processes that never outlive the bench,
-free ports, percentiles and the ok/MISSED mark. Not a test helper; the suite does not use it."""
+"""What the benchmark scripts share: child processes that never outlive the bench, free
+ports, polling (wait_for), gateway JSON logs (log_lines), the `dicomledger` CLI, the machine
+facts line of every report, percentiles and the ok/MISSED mark, pynetdicom association
+helpers, the main() frame (work dir, signals, clean-up), and Gateway: one `dicomledger
+serve` process with its init arguments, config, peers, log and ledger, started and stopped
+in parallel by init_gateways / start_all / stop_all. Bench-specific config edits stay in
+their bench. Not a test helper; the suite does not use it."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
 import shutil
+import signal
 import socket
+import sqlite3
 import subprocess
-from collections.abc import Sequence
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import psutil
+import pydicom
+import pynetdicom
+from pynetdicom import evt
+from pynetdicom.association import Association
+
+from dicomledger.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -88,3 +107,246 @@ def mark(ok: bool) -> str:
 
 def interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, poll: float = 0.05) -> float:
+    """Poll ``condition`` until true; returns the seconds waited; BenchError on timeout."""
+    began = time.monotonic()
+    while not condition():
+        if time.monotonic() - began > timeout:
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+    return time.monotonic() - began
+
+
+def log_lines(path: Path, offset: int = 0) -> list[dict[str, Any]]:
+    """The JSON lines of a gateway log from byte ``offset`` (non-JSON lines skipped)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    found = []
+    for line in data.splitlines():
+        if line.startswith(b"{"):
+            with contextlib.suppress(ValueError):
+                found.append(json.loads(line))
+    return found
+
+
+def dicomledger_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`dicomledger ARGS` (this checkout, this Python), output captured; the caller checks the code."""
+    return subprocess.run(
+        [sys.executable, "-m", "dicomledger.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def machine_facts() -> str:
+    """One report line: the box, its load, and the versions of what the bench runs."""
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    dcmtk = ""
+    if shutil.which("storescp"):
+        out = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.splitlines()
+        dcmtk = ", DCMTK " + next((ln.strip("$ ").removeprefix("dcmtk: ") for ln in out if "dcmtk" in ln), "?")
+    return (f"machine: nproc {os.cpu_count()} ({cpu}), RAM {psutil.virtual_memory().total / 2**30:.1f} GiB, "
+            f"{platform.system()} {platform.release()}, load avg at end {load}; Python {platform.python_version()}, "
+            f"pydicom {pydicom.__version__}, pynetdicom {pynetdicom.__version__}{dcmtk}")
+
+
+def run_in_work_dir(prefix: str, work_dir: Path | None, keep: bool, body: Callable[[Path], int]) -> int:
+    """main()'s frame: ``body(work)`` in a fresh temp dir, SIGTERM/SIGHUP handled as Ctrl-C
+    (exit code 130); afterwards every child is ended and the dir deleted unless ``keep``."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))
+    try:
+        return body(work)
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        end_all_processes()
+        if keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# --- pynetdicom associations -------------------------------------------------------------
+
+
+def nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: TCP_NODELAY on the association's socket (as dicomledger/dicom/scu.py)."""
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def close_association(assoc: Association) -> None:
+    """Release if still established; abort whatever is left."""
+    if assoc.is_established:
+        assoc.release()
+    if assoc.is_alive():
+        assoc.abort()
+
+
+# --- gateways ------------------------------------------------------------------------------
+
+
+class Gateway:
+    """One `dicomledger serve` process; its log (stdout+stderr) in <dir>/gateway.log."""
+
+    def __init__(
+        self, directory: Path, name: str, *, secret: Path | None = None, allow: Sequence[str] = ("STORESCU",)
+    ) -> None:
+        self.dir = directory
+        self.name = name
+        self.port = free_port()
+        self.peer_port = free_port()
+        self.origin = f"{name.lower()}.bench/dicomledger"
+        self.config_path = directory / "config.toml"
+        self.log_path = directory / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.init_args = [
+            "init", "--dir", str(directory), "--ae-title", name, "--host", HOST, "--port", str(self.port),
+            "--origin", self.origin, "--peer-port", str(self.peer_port),
+            *(["--secret-file", str(secret)] if secret else []),
+            *(arg for ae in allow for arg in ("--allow", ae)),
+        ]
+        self.spawned_at = 0.0  # time.time() of the last start
+        self.log_offset = 0  # log size before the last start
+
+    @property
+    def vkey(self) -> str:
+        return (self.dir / "trust.txt").read_text().splitlines()[1]
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def add_peer(self, other: Gateway) -> None:
+        with open(self.config_path, "a") as f:
+            f.write(
+                f'\n[[peers]]\norigin = "{other.origin}"\naddress = "{HOST}:{other.peer_port}"\n'
+                f'vkey = "{other.vkey}"\ntls_cert = "{other.dir / "keys" / "peer-tls.crt"}"\n'
+            )
+
+    def spawn(self) -> None:
+        self.log_offset = self.log_size()  # a restart appends
+        self.spawned_at = time.time()
+        self.proc = spawn(
+            [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(self.config_path)], log=self.log_path
+        )
+
+    def started(self) -> bool:
+        """Whether it logged "gateway started" since the last spawn; BenchError if it exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise BenchError(f"{self.name} exited at start ({self.proc.returncode}):\n{self.log_tail()}")
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            return b'"gateway started"' in f.read()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            end_process(self.proc)
+            if self.proc.returncode not in (0, -signal.SIGTERM):
+                print(f"  warning: {self.name} exited with {self.proc.returncode}", flush=True)
+            self.proc = None
+
+    def cpu_seconds(self) -> float:
+        try:
+            assert self.proc is not None
+            t = psutil.Process(self.proc.pid).cpu_times()
+        except (AssertionError, psutil.NoSuchProcess):
+            return 0.0
+        return float(t.user + t.system)
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def cli(self, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """`dicomledger COMMAND --config <this gateway's> ARGS`; BenchError unless it succeeds."""
+        result = dicomledger_cli(command, "--config", str(self.config_path), *args)
+        if result.returncode != 0:
+            raise BenchError(f"{self.name}: dicomledger {command} failed ({result.returncode}):\n"
+                             f"{result.stdout}{result.stderr}")
+        return result
+
+    def holds(self, origin: str) -> int:
+        """Entries of ``origin``'s log in this gateway's ledger.db (read-only)."""
+        db = self.dir / "data" / "ledger.db"
+        if not db.exists():
+            return 0
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            row = con.execute(
+                "SELECT MAX(e.idx) FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ?",
+                (origin,),
+            ).fetchone()
+        except sqlite3.OperationalError:  # tables not created yet
+            return 0
+        finally:
+            con.close()
+        return 0 if row is None or row[0] is None else row[0] + 1
+
+    def own_entries(self) -> list[bytes]:
+        """The encoded entries of this gateway's own log, in order."""
+        con = sqlite3.connect(f"file:{self.dir / 'data' / 'ledger.db'}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = con.execute(
+                "SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? ORDER BY e.idx",
+                (self.origin,),
+            ).fetchall()
+        finally:
+            con.close()
+        return [bytes(r[0]) for r in rows]
+
+
+def init_gateways(gateways: Sequence[Gateway]) -> None:
+    """`dicomledger init` of all the gateways at once; BenchError if one fails."""
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "dicomledger.cli", *gw.init_args], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for gw in gateways
+    ]
+    for gw, proc in zip(gateways, procs, strict=True):
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise BenchError(f"dicomledger init of {gw.name} failed:\n{out.decode(errors='replace')}")
+
+
+def start_all(gateways: Sequence[Gateway], timeout: float = 120.0) -> float:
+    """Start the gateways at once; returns seconds until all logged "gateway started"."""
+    began = time.monotonic()
+    for gw in gateways:
+        gw.spawn()
+    waiting = list(gateways)
+    deadline = began + timeout
+    while waiting:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{waiting[0].name} not started after {timeout:.0f} s:\n{waiting[0].log_tail()}")
+        waiting = [gw for gw in waiting if not gw.started()]
+        time.sleep(0.05)
+    return time.monotonic() - began
+
+
+def stop_all(gateways: Sequence[Gateway]) -> None:
+    """SIGTERM to all at once, then wait for each (a peer's stop is not held up by the others)."""
+    for gw in gateways:
+        if gw.running:
+            assert gw.proc is not None
+            gw.proc.terminate()
+    for gw in gateways:
+        gw.stop()

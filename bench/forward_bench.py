@@ -28,41 +28,40 @@ Not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
 from benchlib import (  # bench/ is sys.path[0] when run as a script
     DCMTK_ENV,
     HOST,
     ROOT,
     BenchError,
-    end_all_processes,
+    Gateway,
+    close_association,
     end_process,
     free_port,
-    interrupt,
+    init_gateways,
+    log_lines,
+    machine_facts,
     mark,
+    nodelay,
     parse_time,
     percentile,
+    run_in_work_dir,
     spawn,
+    start_all,
+    stop_all,
+    wait_for,
 )
 
 sys.path.insert(0, str(ROOT))
-import pydicom  # noqa: E402
-import pynetdicom  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE, _config, evt  # noqa: E402
 from pynetdicom.association import Association  # noqa: E402
@@ -85,43 +84,6 @@ TARGET_RATIO = 0.9
 TARGET_P99_S = 2.0
 
 
-# --- processes: every child is tracked and ended by its id -----------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-def wait_for(condition: Any, timeout: float, what: str, poll: float = 0.05) -> float:
-    began = time.monotonic()
-    while not condition():
-        if time.monotonic() - began > timeout:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll)
-    return time.monotonic() - began
-
-
-
-
-def log_lines(path: Path, offset: int = 0) -> list[dict[str, Any]]:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    found = []
-    for line in data.splitlines():
-        if line.startswith(b"{"):
-            with contextlib.suppress(ValueError):
-                found.append(json.loads(line))
-    return found
-
-
 def count_in_log(path: Path, needle: bytes, offset: int = 0) -> int:
     with open(path, "rb") as f:
         f.seek(offset)
@@ -131,122 +93,15 @@ def count_in_log(path: Path, needle: bytes, offset: int = 0) -> int:
 # --- gateways and storescp ------------------------------------------------------------
 
 
-def dicomledger_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomledger.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-
-
-class Gateway:
-    """One `dicomledger serve` process; its log (stdout+stderr) in <dir>/gateway.log."""
-
-    def __init__(self, directory: Path, name: str, secret: Path | None = None) -> None:
-        self.dir = directory
-        self.name = name
-        self.port = free_port()
-        self.peer_port = free_port()
-        self.origin = f"{name.lower()}.bench/dicomledger"
-        self.config_path = directory / "config.toml"
-        self.log_path = directory / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.init_args = [
-            "init", "--dir", str(directory), "--ae-title", name, "--host", HOST, "--port", str(self.port),
-            "--origin", self.origin, "--peer-port", str(self.peer_port), "--allow", SENDER_AE,
-            *(["--secret-file", str(secret)] if secret else []),
-        ]
-
-    @property
-    def vkey(self) -> str:
-        return (self.dir / "trust.txt").read_text().splitlines()[1]
-
-    def add_peer(self, other: Gateway) -> None:
-        with open(self.config_path, "a") as f:
-            f.write(
-                f'\n[[peers]]\norigin = "{other.origin}"\naddress = "{HOST}:{other.peer_port}"\n'
-                f'vkey = "{other.vkey}"\ntls_cert = "{other.dir / "keys" / "peer-tls.crt"}"\n'
-            )
-
-    def add_forwarding(self, pacs_port: int) -> None:
-        with open(self.config_path, "a") as f:
-            f.write(
-                f"\n[forwarding]\nretry_initial = {RETRY_INITIAL}\nretry_max = {RETRY_MAX}\n"
-                f"max_attempts = {MAX_ATTEMPTS}\n"
-                f'\n[[destinations]]\nae_title = "{PACS_AE}"\naddress = "{HOST}:{pacs_port}"\n'
-                f'\n[[routes]]\nto = ["{PACS_AE}"]\nmodality = "MR"\n'
-            )
-
-    def spawn(self) -> None:
-        self.proc = spawn(
-            [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(self.config_path)], log=self.log_path
+def add_forwarding(gw: Gateway, pacs_port: int) -> None:
+    """[forwarding] with the bench's retry settings, destination PACS and a route for MR."""
+    with open(gw.config_path, "a") as f:
+        f.write(
+            f"\n[forwarding]\nretry_initial = {RETRY_INITIAL}\nretry_max = {RETRY_MAX}\n"
+            f"max_attempts = {MAX_ATTEMPTS}\n"
+            f'\n[[destinations]]\nae_title = "{PACS_AE}"\naddress = "{HOST}:{pacs_port}"\n'
+            f'\n[[routes]]\nto = ["{PACS_AE}"]\nmodality = "MR"\n'
         )
-
-    def started(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited at start ({self.proc.returncode}):\n{self.log_tail()}")
-        return b'"gateway started"' in self.log_path.read_bytes()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            end_process(self.proc)
-            self.proc = None
-
-    def log_size(self) -> int:
-        return self.log_path.stat().st_size
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def cli(self, command: str, *args: str) -> subprocess.CompletedProcess[str]:
-        result = dicomledger_cli(command, "--config", str(self.config_path), *args)
-        if result.returncode != 0:
-            raise BenchError(f"{self.name}: dicomledger {command} failed ({result.returncode}):\n"
-                             f"{result.stdout}{result.stderr}")
-        return result
-
-    def holds(self, origin: str) -> int:
-        import sqlite3
-
-        db = self.dir / "data" / "ledger.db"
-        if not db.exists():
-            return 0
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            row = con.execute(
-                "SELECT MAX(e.idx) FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ?",
-                (origin,),
-            ).fetchone()
-        except sqlite3.OperationalError:
-            return 0
-        finally:
-            con.close()
-        return 0 if row is None or row[0] is None else row[0] + 1
-
-
-def init_gateways(gateways: Sequence[Gateway]) -> None:
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "dicomledger.cli", *gw.init_args], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for gw in gateways
-    ]
-    for gw, proc in zip(gateways, procs, strict=True):
-        out, _ = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            raise BenchError(f"dicomledger init of {gw.name} failed:\n{out.decode(errors='replace')}")
-
-
-def start_all(gateways: Sequence[Gateway], timeout: float = 120.0) -> None:
-    for gw in gateways:
-        gw.spawn()
-    wait_for(lambda: all(gw.started() for gw in gateways), timeout, "the gateways to start")
-
-
-def stop_all(gateways: Sequence[Gateway]) -> None:
-    for gw in gateways:
-        if gw.proc is not None and gw.proc.poll() is None:
-            gw.proc.terminate()
-    for gw in gateways:
-        gw.stop()
 
 
 def start_storescp(port: int, out: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -267,10 +122,6 @@ def storescu(gw: Gateway, files: Sequence[Path], log: Path) -> None:
 # --- pynetdicom SCU -------------------------------------------------------------------
 
 
-def _nodelay(event: evt.Event) -> None:
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def make_ae(ae_title: str) -> AE:
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream from the file, as the gateway's StoreSCU
     ae = AE(ae_title=ae_title)
@@ -279,14 +130,7 @@ def make_ae(ae_title: str) -> AE:
 
 
 def associate(ae: AE, port: int, ae_title: str) -> Association:
-    return ae.associate(HOST, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
-
-
-def close(assoc: Association) -> None:
-    if assoc.is_established:
-        assoc.release()
-    if assoc.is_alive():
-        assoc.abort()
+    return ae.associate(HOST, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
 
 
 def store(assoc: Association, path: Path) -> None:
@@ -326,7 +170,7 @@ def baseline_run(ae: AE, files: Sequence[Path], run_dir: Path) -> tuple[float, f
                 if k == 0:
                     first = time.perf_counter()
         finally:
-            close(assoc)
+            close_association(assoc)
         wall = time.perf_counter() - started
         steady = time.perf_counter() - first
     finally:
@@ -377,10 +221,10 @@ def measure_throughput(work: Path, n: int, reps: int) -> Walls:
     tdir = work / "throughput"
     (tdir / "run").mkdir(parents=True)
     patient = fake_patient("forward-bench")
-    gw = Gateway(tdir / "gw", "GATEWAY")
+    gw = Gateway(tdir / "gw", "GATEWAY", allow=(SENDER_AE,))
     init_gateways([gw])
     pacs_port = free_port()
-    gw.add_forwarding(pacs_port)
+    add_forwarding(gw, pacs_port)
     start_all([gw])
     ae = make_ae(BASELINE_AE)
     walls: Walls = {"gateway": [], "bare": []}
@@ -432,7 +276,7 @@ class Prober:
 
     def close(self) -> None:
         if self.assoc is not None:
-            close(self.assoc)
+            close_association(self.assoc)
             self.assoc = None
 
 
@@ -472,7 +316,10 @@ def measure_revokes(work: Path, n_gateways: int, reps: int) -> tuple[list[float]
     rdir.mkdir()
     secret = rdir / "consortium.secret"
     secret.write_text("ab" * 32)
-    gateways = [Gateway(rdir / f"GW{chr(ord('A') + i)}", f"GW{chr(ord('A') + i)}", secret) for i in range(n_gateways)]
+    gateways = [
+        Gateway(rdir / f"GW{chr(ord('A') + i)}", f"GW{chr(ord('A') + i)}", secret=secret, allow=(SENDER_AE,))
+        for i in range(n_gateways)
+    ]
     init_gateways(gateways)
     for gw in gateways:
         for other in gateways:
@@ -480,7 +327,7 @@ def measure_revokes(work: Path, n_gateways: int, reps: int) -> tuple[list[float]
                 gw.add_peer(other)
     a, b = gateways[0], gateways[1]
     pacs_port = free_port()
-    b.add_forwarding(pacs_port)
+    add_forwarding(b, pacs_port)
     cfg = b.config_path.read_text()
     intervals = {
         key: next((ln.split("=", 1)[1].strip() for ln in cfg.splitlines() if ln.strip().startswith(key)), "default")
@@ -519,24 +366,6 @@ def measure_revokes(work: Path, n_gateways: int, reps: int) -> tuple[list[float]
 # --- report ----------------------------------------------------------------------------
 
 
-
-
-
-
-def machine_facts() -> str:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.splitlines()
-    version = next((ln.strip("$ ").removeprefix("dcmtk: ") for ln in dcmtk if "dcmtk" in ln), "?")
-    return (f"machine: nproc {os.cpu_count()} ({cpu}), RAM {psutil.virtual_memory().total / 2**30:.1f} GiB, "
-            f"{platform.system()} {platform.release()}; Python {platform.python_version()}, pydicom "
-            f"{pydicom.__version__}, pynetdicom {pynetdicom.__version__}, DCMTK {version}")
-
-
 def report(args: argparse.Namespace, n: int, walls: Walls,
            times: list[float], probes: list[int], intervals: dict[str, str], elapsed: float) -> str:
     lines = [""]
@@ -570,8 +399,6 @@ def report(args: argparse.Namespace, n: int, walls: Walls,
     return "\n".join(lines)
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100 images, 5 revokes")
@@ -591,33 +418,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1 or n < 1 or revokes < 1 or args.gateways < 2:
         parser.error("--reps, --images, --revokes must be >= 1, --gateways >= 2")
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupt)
-    work = Path(tempfile.mkdtemp(prefix="forward-bench-", dir=args.work_dir))
+    return run_in_work_dir("forward-bench-", args.work_dir, args.keep, lambda work: run(args, n, revokes, work))
+
+
+def run(args: argparse.Namespace, n: int, revokes: int, work: Path) -> int:
     began = time.perf_counter()
-    try:
-        print(f"work dir {work}", flush=True)
-        walls: Walls = {"gateway": [], "bare": []}
-        times: list[float] = []
-        probes: list[int] = []
-        intervals: dict[str, str] = {}
-        if args.skip != "throughput":
-            walls = measure_throughput(work, n, args.reps)
-        if args.skip != "revoke":
-            times, probes, intervals = measure_revokes(work, args.gateways, revokes)
-        print(report(args, n, walls, times, probes, intervals, time.perf_counter() - began))
-        return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        end_all_processes()
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    print(f"work dir {work}", flush=True)
+    walls: Walls = {"gateway": [], "bare": []}
+    times: list[float] = []
+    probes: list[int] = []
+    intervals: dict[str, str] = {}
+    if args.skip != "throughput":
+        walls = measure_throughput(work, n, args.reps)
+    if args.skip != "revoke":
+        times, probes, intervals = measure_revokes(work, args.gateways, revokes)
+    print(report(args, n, walls, times, probes, intervals, time.perf_counter() - began))
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,19 +35,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
-import json
 import os
-import platform
 import random
 import re
-import shutil
-import signal
-import sqlite3
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -55,27 +47,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 from benchlib import (  # bench/ is sys.path[0] when run as a script
     HOST,
     ROOT,
     BenchError,
-    end_all_processes,
-    end_process,
-    free_port,
-    interrupt,
+    Gateway,
+    close_association,
+    init_gateways,
+    log_lines,
+    machine_facts,
     mark,
     parse_time,
     percentile,
-    spawn,
+    run_in_work_dir,
+    start_all,
+    stop_all,
+    wait_for,
 )
 
 sys.path.insert(0, str(ROOT))
-import pynetdicom  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE, _config  # noqa: E402
 
-from dicomledger.config import Config, load_config  # noqa: E402
+from dicomledger.config import Config  # noqa: E402
 from dicomledger.ledger.entries import CONFIG, IMAGE_ANCHORED, decode_entry  # noqa: E402
 from dicomledger.ledger.identity import Identity, load_key_file  # noqa: E402
 from dicomledger.ledger.log import LedgerStore, LogWriter  # noqa: E402
@@ -103,185 +97,20 @@ FULL = Plan(senders=2, images=150, seconds=60.0, warmup=3, idle_seconds=30.0, ca
 QUICK = Plan(senders=2, images=30, seconds=15.0, warmup=2, idle_seconds=0.0, catchup_entries=10_000, reps=1)
 
 
-# --- processes: every child is tracked and ended by its id -----------------------------
-
-# setpriv (util-linux) execs the command with a parent-death signal: children get SIGTERM
-# even if the benchmark itself is killed with SIGKILL.
-
-
-
-
-
-
-
-
-
-
-
-
 # --- gateways --------------------------------------------------------------------------
-
-
-
-
-def log_lines(path: Path, offset: int = 0) -> list[dict[str, Any]]:
-    """The JSON lines of a gateway log from byte ``offset`` (non-JSON lines skipped)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    found = []
-    for line in data.splitlines():
-        if line.startswith(b"{"):
-            with contextlib.suppress(ValueError):
-                found.append(json.loads(line))
-    return found
-
-
-class Gateway:
-    """One `dicomledger serve` process; its log (stdout+stderr) in <dir>/gateway.log."""
-
-    def __init__(self, directory: Path, name: str, secret: Path) -> None:
-        self.dir = directory
-        self.name = name
-        self.port = free_port()
-        self.peer_port = free_port()
-        self.origin = f"{name.lower()}.bench/dicomledger"
-        self.config_path = directory / "config.toml"
-        self.log_path = directory / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.init_args = [
-            "init", "--dir", str(directory), "--ae-title", name, "--host", HOST, "--port", str(self.port),
-            "--origin", self.origin, "--peer-port", str(self.peer_port), "--secret-file", str(secret),
-            "--allow", SENDER_AE,
-        ]
-        self.spawned_at = 0.0  # time.time() of the last start
-        self.log_offset = 0  # log size before the last start
-
-    @property
-    def vkey(self) -> str:
-        return (self.dir / "trust.txt").read_text().splitlines()[1]
-
-    @property
-    def config(self) -> Config:
-        return load_config(self.config_path)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def add_peer(self, other: Gateway) -> None:
-        with open(self.config_path, "a") as f:
-            f.write(
-                f'\n[[peers]]\norigin = "{other.origin}"\naddress = "{HOST}:{other.peer_port}"\n'
-                f'vkey = "{other.vkey}"\ntls_cert = "{other.dir / "keys" / "peer-tls.crt"}"\n'
-            )
-
-    def spawn(self) -> None:
-        self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
-        self.spawned_at = time.time()
-        self.proc = spawn(
-            [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(self.config_path)], log=self.log_path
-        )
-
-    def started(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited at start ({self.proc.returncode}):\n{self.log_tail()}")
-        with open(self.log_path, "rb") as f:
-            f.seek(self.log_offset)
-            return b'"gateway started"' in f.read()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            end_process(self.proc)
-            if self.proc.returncode not in (0, -signal.SIGTERM):
-                print(f"  warning: {self.name} exited with {self.proc.returncode}", flush=True)
-            self.proc = None
-
-    def cpu_seconds(self) -> float:
-        try:
-            assert self.proc is not None
-            t = psutil.Process(self.proc.pid).cpu_times()
-        except (AssertionError, psutil.NoSuchProcess):
-            return 0.0
-        return float(t.user + t.system)
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def holds(self, origin: str) -> int:
-        """Entries of ``origin``'s log in this gateway's ledger.db (read-only)."""
-        db = self.dir / "data" / "ledger.db"
-        if not db.exists():
-            return 0
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            row = con.execute(
-                "SELECT MAX(e.idx) FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ?",
-                (origin,),
-            ).fetchone()
-        except sqlite3.OperationalError:  # tables not created yet
-            return 0
-        finally:
-            con.close()
-        return 0 if row is None or row[0] is None else row[0] + 1
-
-    def own_entries(self) -> list[bytes]:
-        con = sqlite3.connect(f"file:{self.dir / 'data' / 'ledger.db'}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = con.execute(
-                "SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? ORDER BY e.idx",
-                (self.origin,),
-            ).fetchall()
-        finally:
-            con.close()
-        return [bytes(r[0]) for r in rows]
 
 
 def create_consortium(work: Path, n: int) -> list[Gateway]:
     secret = work / "consortium.secret"
     secret.write_text("ab" * 32)
     names = [f"GW{chr(ord('A') + i)}" for i in range(n)]
-    gateways = [Gateway(work / name, name, secret) for name in names]
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "dicomledger.cli", *gw.init_args], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for gw in gateways
-    ]
-    for gw, proc in zip(gateways, procs, strict=True):
-        out, _ = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            raise BenchError(f"dicomledger init of {gw.name} failed:\n{out.decode(errors='replace')}")
+    gateways = [Gateway(work / name, name, secret=secret, allow=(SENDER_AE,)) for name in names]
+    init_gateways(gateways)
     for gw in gateways:
         for other in gateways:
             if other is not gw:
                 gw.add_peer(other)
     return gateways
-
-
-def start_all(gateways: Sequence[Gateway], timeout: float = 120.0) -> float:
-    """Start the gateways at once; returns seconds until all logged "gateway started"."""
-    began = time.monotonic()
-    for gw in gateways:
-        gw.spawn()
-    waiting = list(gateways)
-    deadline = began + timeout
-    while waiting:
-        if time.monotonic() > deadline:
-            raise BenchError(f"{waiting[0].name} not started after {timeout:.0f} s:\n{waiting[0].log_tail()}")
-        waiting = [gw for gw in waiting if not gw.started()]
-        time.sleep(0.05)
-    return time.monotonic() - began
-
-
-def stop_all(gateways: Sequence[Gateway]) -> None:
-    """SIGTERM to all at once, then wait for each (a peer's stop is not held up by the others)."""
-    for gw in gateways:
-        if gw.running:
-            assert gw.proc is not None
-            gw.proc.terminate()
-    for gw in gateways:
-        gw.stop()
 
 
 def cpu_of(gateways: Sequence[Gateway]) -> tuple[float, float]:
@@ -292,16 +121,6 @@ def cpu_of(gateways: Sequence[Gateway]) -> tuple[float, float]:
 def cpu_share(before: tuple[float, float], after: tuple[float, float]) -> float:
     """CPU used between two cpu_of() snapshots, in cores (1.0 = one core busy)."""
     return (after[0] - before[0]) / max(1e-9, after[1] - before[1])
-
-
-def wait_for(condition: Any, timeout: float, what: str, poll: float = 0.1) -> float:
-    """Poll ``condition`` until true; returns the seconds waited; BenchError on timeout."""
-    began = time.monotonic()
-    while not condition():
-        if time.monotonic() - began > timeout:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll)
-    return time.monotonic() - began
 
 
 def all_hold(gateways: Sequence[Gateway], origin_sizes: dict[str, int]) -> bool:
@@ -330,10 +149,7 @@ def send_paced(gw: Gateway, files: Sequence[Path], offsets: Sequence[float], t0:
                 errors.append(f"{gw.name}: C-STORE of {path.name} answered {status!r}")
                 return
     finally:
-        if assoc.is_established:
-            assoc.release()
-        if assoc.is_alive():
-            assoc.abort()
+        close_association(assoc)
 
 
 def send_all(jobs: Sequence[tuple[Gateway, Sequence[Path], Sequence[float]]]) -> None:
@@ -365,8 +181,6 @@ def poisson_offsets(n: int, seconds: float, seed: str) -> list[float]:
 
 
 # --- measurements ----------------------------------------------------------------------
-
-
 
 
 @dataclass
@@ -588,21 +402,6 @@ def log_problems(gateways: Sequence[Gateway]) -> collections.Counter[str]:
 # --- report ----------------------------------------------------------------------------
 
 
-def machine_facts() -> str:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"machine: nproc {os.cpu_count()} ({cpu}), RAM {psutil.virtual_memory().total / 2**30:.1f} GiB, "
-            f"{platform.system()} {platform.release()}, load avg at end {load}; Python {platform.python_version()}, "
-            f"pynetdicom {pynetdicom.__version__}")
-
-
-
-
 def report(
     args: argparse.Namespace,
     plan: Plan,
@@ -709,8 +508,6 @@ def report(
 # --- main ------------------------------------------------------------------------------
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"smoke run (~1 min): {QUICK}")
@@ -731,9 +528,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.gateways < plan.senders + 2 or args.gateways < 2 * plan.reps + plan.senders:
         parser.error(f"--gateways must be at least {max(plan.senders + 2, 2 * plan.reps + plan.senders)}")
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupt)
-    work = Path(tempfile.mkdtemp(prefix="gossip-bench-", dir=args.work_dir))
+    return run_in_work_dir("gossip-bench-", args.work_dir, args.keep, lambda work: run(args, plan, work))
+
+
+def run(args: argparse.Namespace, plan: Plan, work: Path) -> int:
     began = time.perf_counter()
     gateways: list[Gateway] = []
     try:
@@ -766,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         took = start_all(gateways)
         print(f"propagation: {len(gateways)} gateways started in {took:.1f} s; warm-up ...", flush=True)
         send_all([(gw, data[gw.name][: plan.warmup], [0.0] * plan.warmup) for gw in senders])
-        wait_for(lambda: all_hold(gateways, {gw.origin: plan.warmup for gw in senders}), 60, "warm-up entries")
+        wait_for(lambda: all_hold(gateways, {gw.origin: plan.warmup for gw in senders}), 60, "warm-up entries",
+                 poll=0.1)
         print(f"  sending {plan.senders} x {plan.images} images over {plan.seconds:.0f} s ...", flush=True)
         before = cpu_of(gateways)
         send_all([
@@ -775,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         ])
         cpu["sending"] = cpu_share(before, cpu_of(gateways))
         expected = {gw.origin: plan.warmup + plan.images for gw in senders}
-        waited = wait_for(lambda: all_hold(gateways, expected), 120, "every peer to hold every entry")
+        waited = wait_for(lambda: all_hold(gateways, expected), 120, "every peer to hold every entry", poll=0.1)
         print(f"  all peers hold everything {waited:.1f} s after the last image; quiet 3 s, stopping", flush=True)
         time.sleep(3.0)
         traffic = traffic_since(gateways, stop_and_time(gateways))
@@ -800,20 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report(args, plan, gateways, settings, prop, traffic, idle, cpu, catchups, problems,
                      time.perf_counter() - began))
         return 1 if prop.missing else 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
     except BenchError as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        end_all_processes()
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,10 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -43,18 +40,18 @@ from benchlib import (  # bench/ is sys.path[0] when run as a script
     DCMTK_ENV,
     HOST,
     ROOT,
-    end_all_processes,
+    close_association,
+    dicomledger_cli,
     end_process,
     free_port,
-    interrupt,
+    machine_facts,
     mark,
     percentile,
+    run_in_work_dir,
     spawn,
 )
 
 sys.path.insert(0, str(ROOT))
-import pydicom  # noqa: E402
-import pynetdicom  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 from pynetdicom import AE, _config  # noqa: E402
 from pynetdicom.association import Association  # noqa: E402
@@ -76,14 +73,6 @@ TARGET_PEAK_RSS_MB = 400
 
 # setpriv (util-linux) execs the command with a parent-death signal: children get SIGTERM
 # even if the benchmark itself is killed with SIGKILL.
-
-
-
-
-
-
-
-
 
 
 def tree_rss(pid: int) -> int:
@@ -218,9 +207,7 @@ LABELS = {"gateway": "gateway", "bare": "bare pynetdicom", "storescp": "DCMTK st
 
 
 def dicomledger(*args: str, log: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "dicomledger.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    result = dicomledger_cli(*args)
     log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         raise ReceiverError(f"dicomledger {args[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
@@ -386,8 +373,6 @@ def measure(kind: str, scenario: Scenario, warm: DataSet, work: Path) -> Sample:
     return Sample(wall, peak, handler)
 
 
-
-
 def latency_round(files: Sequence[Path], warm: DataSet, run_dir: Path) -> dict[str, list[float]]:
     """One fresh gateway and one fresh bare SCP; send each file to both (alternating who goes
     first) over one association each; returns the send_c_store round trips in ms."""
@@ -403,7 +388,7 @@ def latency_round(files: Sequence[Path], warm: DataSet, run_dir: Path) -> dict[s
             assoc = ae.associate(HOST, server.port, ae_title=server.ae_title)
             if not assoc.is_established:
                 raise ReceiverError(f"{kind}: association from {LATENCY_AE} refused:\n{server.log_tail()}")
-            stack.callback(_close, assoc)
+            stack.callback(close_association, assoc)
             assocs[kind] = assoc
         for path in warm.files:
             for kind in assocs:
@@ -424,33 +409,7 @@ def _store(assoc: Association, path: Path, kind: str) -> None:
         raise ReceiverError(f"{kind}: C-STORE of {path.name} answered {status!r}")
 
 
-def _close(assoc: Association) -> None:
-    if assoc.is_established:
-        assoc.release()
-    if assoc.is_alive():
-        assoc.abort()
-
-
 # --- report ----------------------------------------------------------------------------
-
-
-def machine_facts() -> list[str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.splitlines()
-    dcmtk_version = next((ln.strip("$ ").removeprefix("dcmtk: ") for ln in dcmtk if "dcmtk" in ln), "?")
-    return [
-        f"machine: nproc {os.cpu_count()} ({cpu}), RAM {psutil.virtual_memory().total / 2**30:.1f} GiB, "
-        f"{platform.system()} {platform.release()}",
-        f"software: Python {platform.python_version()}, pydicom {pydicom.__version__}, "
-        f"pynetdicom {pynetdicom.__version__}, DCMTK {dcmtk_version} (storescu sender, TCP_NODELAY=1)",
-    ]
-
-
 
 
 def num(value: float) -> str:
@@ -476,9 +435,9 @@ def report(
     add("")
     add(f"dicomledger ingest benchmark ({mode}; median of {args.reps} runs per cell, receivers in rotating "
         f"order; {elapsed / 60:.1f} min)")
-    lines += machine_facts()
-    add("sender: DCMTK storescu, all files of a set in one association per sender; wall time of the storescu "
-        "run(s). MB = 10^6 bytes")
+    add(machine_facts())
+    add("sender: DCMTK storescu (TCP_NODELAY=1), all files of a set in one association per sender; wall time "
+        "of the storescu run(s). MB = 10^6 bytes")
     add("receivers: gateway = dicomledger serve (fresh init per run); bare = bench/bare_scp.py (pynetdicom, "
         "rename only);")
     add(f"           storescp {' '.join(storescp_options(False))} (with --fork for the x4 rows)")
@@ -525,8 +484,6 @@ def report(
 # --- main ------------------------------------------------------------------------------
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"small sets: {QUICK}")
@@ -541,62 +498,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1 or args.latency_rounds < 1:
         parser.error("--reps and --latency-rounds must be at least 1")
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupt)
     sizes = QUICK if args.quick else FULL
-    work = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=args.work_dir))
+    return run_in_work_dir("ingest-bench-", args.work_dir, args.keep, lambda work: run(args, sizes, work))
+
+
+def run(args: argparse.Namespace, sizes: Sizes, work: Path) -> int:
     began = time.perf_counter()
-    try:
-        print(f"work dir {work}; generating data ...", flush=True)
-        mr, ct, mf, warm = generate(work / "data", sizes)
-        scenarios = [
-            Scenario("MR", mr.label, mr, 1),
-            Scenario("CT", ct.label, ct, 1),
-            Scenario("MF", mf.label, mf, 1),
-            Scenario("MRx4", f"{mr.label}, 4 senders", mr, 4),
-            Scenario("CTx4", f"{ct.label}, 4 senders", ct, 4),
-        ]
-        print(f"generated in {time.perf_counter() - began:.0f} s: "
-              + ", ".join(f"{d.label} = {d.nbytes / MB:,.0f} MB" for d in (mr, ct, mf)), flush=True)
+    print(f"work dir {work}; generating data ...", flush=True)
+    mr, ct, mf, warm = generate(work / "data", sizes)
+    scenarios = [
+        Scenario("MR", mr.label, mr, 1),
+        Scenario("CT", ct.label, ct, 1),
+        Scenario("MF", mf.label, mf, 1),
+        Scenario("MRx4", f"{mr.label}, 4 senders", mr, 4),
+        Scenario("CTx4", f"{ct.label}, 4 senders", ct, 4),
+    ]
+    print(f"generated in {time.perf_counter() - began:.0f} s: "
+          + ", ".join(f"{d.label} = {d.nbytes / MB:,.0f} MB" for d in (mr, ct, mf)), flush=True)
 
-        # Warm-up: every receiver once, untimed
-        for kind in RECEIVERS:
-            with receiver(kind, work / "run" / "srv") as server:
-                storescu(server, warm.files, 1, work / "run")
-                storescu(server, ct.files[: max(1, len(ct.files) // 4)], 1, work / "run")
+    # Warm-up: every receiver once, untimed
+    for kind in RECEIVERS:
+        with receiver(kind, work / "run" / "srv") as server:
+            storescu(server, warm.files, 1, work / "run")
+            storescu(server, ct.files[: max(1, len(ct.files) // 4)], 1, work / "run")
 
-        results: dict[tuple[str, str], list[Sample]] = {}
-        for sc in scenarios:
-            for rep in range(args.reps):
-                order = RECEIVERS[rep % 3 :] + RECEIVERS[: rep % 3]
-                for kind in order:
-                    sample = measure(kind, sc, warm, work)
-                    results.setdefault((sc.key, kind), []).append(sample)
-                    rss = f", peak RSS {sample.peak_rss / MB:,.0f} MB" if sample.peak_rss else ""
-                    print(f"  {sc.label:<30} run {rep + 1} {kind:<9} {num(len(sc.data.files) / sample.wall)} img/s "
-                          f"{num(sc.data.nbytes / MB / sample.wall)} MB/s ({sample.wall:.2f} s){rss}", flush=True)
+    results: dict[tuple[str, str], list[Sample]] = {}
+    for sc in scenarios:
+        for rep in range(args.reps):
+            order = RECEIVERS[rep % 3 :] + RECEIVERS[: rep % 3]
+            for kind in order:
+                sample = measure(kind, sc, warm, work)
+                results.setdefault((sc.key, kind), []).append(sample)
+                rss = f", peak RSS {sample.peak_rss / MB:,.0f} MB" if sample.peak_rss else ""
+                print(f"  {sc.label:<30} run {rep + 1} {kind:<9} {num(len(sc.data.files) / sample.wall)} img/s "
+                      f"{num(sc.data.nbytes / MB / sample.wall)} MB/s ({sample.wall:.2f} s){rss}", flush=True)
 
-        latency: dict[str, list[float]] = {"gateway": [], "bare": []}
-        for r in range(args.latency_rounds):
-            got = latency_round(ct.files, warm, work / "latency")
-            for kind, values in got.items():
-                latency[kind] += values
-            print(f"  latency round {r + 1}: p50 gateway {percentile(got['gateway'], 0.5):.2f} ms, "
-                  f"bare {percentile(got['bare'], 0.5):.2f} ms", flush=True)
+    latency: dict[str, list[float]] = {"gateway": [], "bare": []}
+    for r in range(args.latency_rounds):
+        got = latency_round(ct.files, warm, work / "latency")
+        for kind, values in got.items():
+            latency[kind] += values
+        print(f"  latency round {r + 1}: p50 gateway {percentile(got['gateway'], 0.5):.2f} ms, "
+              f"bare {percentile(got['bare'], 0.5):.2f} ms", flush=True)
 
-        print(report(args, scenarios, results, latency, args.latency_rounds, time.perf_counter() - began))
-        return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        end_all_processes()
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    print(report(args, scenarios, results, latency, args.latency_rounds, time.perf_counter() - began))
+    return 0
 
 
 if __name__ == "__main__":

@@ -32,12 +32,9 @@ import argparse
 import logging
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,19 +46,17 @@ from benchlib import (  # bench/ is sys.path[0] when run as a script
     HOST,
     ROOT,
     BenchError,
-    end_all_processes,
+    Gateway,
     end_process,
     free_port,
-    interrupt,
-    mark,
-    parse_time,
-    spawn,
-)
-from forward_bench import (
-    Gateway,
     init_gateways,
     log_lines,
     machine_facts,
+    mark,
+    nodelay,
+    parse_time,
+    run_in_work_dir,
+    spawn,
     start_all,
     stop_all,
     wait_for,
@@ -205,10 +200,6 @@ def movescu(gw: Gateway, study: Study, log: Path) -> float:
     return seconds
 
 
-def _nodelay(event: evt.Event) -> None:
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def bare_send(variant: str, study: Study, port: int) -> float:
     """One association to storescp sending the study's stored files; association request -> release."""
     _config.STORE_SEND_CHUNKED_DATASET = variant == "chunked"
@@ -217,7 +208,7 @@ def bare_send(variant: str, study: Study, port: int) -> float:
     for ts in sorted(study.syntaxes):
         ae.add_requested_context(CT_IMAGE, ts)
     started = time.perf_counter()
-    assoc = ae.associate(HOST, port, ae_title=DEST_AE, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+    assoc = ae.associate(HOST, port, ae_title=DEST_AE, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
     if not assoc.is_established:
         raise BenchError(f"storescp refused the bare association on port {port}")
     try:
@@ -309,8 +300,7 @@ def setup(work: Path, n: int, dest_port: int) -> tuple[Gateway, Study, Study]:
         files = make_ct_series(data / key, count, 512, 512, patient=patient, study_uid=uid, seed=f"rb-{key}")
         studies.append(Study(patient.patient_id, uid, files))
     big, warm = studies
-    gw = Gateway(work / "gw", "GATEWAY")
-    gw.init_args += ["--allow", MOVE_AE]
+    gw = Gateway(work / "gw", "GATEWAY", allow=(SENDER_AE, MOVE_AE))
     init_gateways([gw])
     add_destination(gw, dest_port)
     start_all([gw])
@@ -388,9 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1 or n < 1:
         parser.error("--reps and --images must be >= 1")
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupt)
-    work = Path(tempfile.mkdtemp(prefix="retrieve-bench-", dir=args.work_dir))
+    return run_in_work_dir("retrieve-bench-", args.work_dir, args.keep, lambda work: run(args, n, work))
+
+
+def run(args: argparse.Namespace, n: int, work: Path) -> int:
     began = time.perf_counter()
     gw: Gateway | None = None
     try:
@@ -421,19 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         stop_all([gw])
         print(report(args, big, runs, races, tamper, time.perf_counter() - began))
         return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if gw is not None:
             stop_all([gw])
-        end_all_processes()
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
