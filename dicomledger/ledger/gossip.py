@@ -25,6 +25,13 @@ its own newest checkpoint, and checks every signed checkpoint it sees against th
 holds: two that cannot both be true become evidence, which is kept, served to every peer
 and flags the origin (its new entries are no longer replicated).
 
+Pulls are bounded: entries are fetched in chunks of about ``max_message_bytes``; each chunk is
+verified against the signed checkpoint (a consistency proof from the chunk's end when it stops
+short of it) and stored before the next is fetched, so a peer announcing a huge checkpoint
+makes us hold one chunk at a time, never its whole log. A peer whose entries do not verify is
+backed off: no pull from it (nor gossip round with it) for ``gossip_interval`` seconds,
+doubling with each consecutive failure up to ``backoff_max``; one log line per back-off.
+
 Nothing a peer sends is stored before it verifies; bad input is logged with its reason.
 """
 
@@ -86,6 +93,11 @@ class PeerProtocolError(ValueError):
     """A peer's message was malformed, oversized or did not verify."""
 
 
+class EntriesRefused(PeerProtocolError):
+    """Entries a peer served did not verify against the signed checkpoint (or could not be
+    verified: no usable consistency proof). The peer is backed off."""
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -115,6 +127,8 @@ class _Peer:
     config: PeerConfig
     cosigned_size: int = 0  # the size this peer last cosigned for our log
     cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # announce vs gossip round
+    failures: int = 0  # consecutive pulls whose entries did not verify
+    backoff_until: float = 0.0  # time.monotonic() before which we do not pull from this peer
 
     @property
     def url(self) -> str:
@@ -352,7 +366,7 @@ class PeerService:
 
     async def _gossip_loop(self) -> None:
         while True:
-            peers = list(self.peers.values())
+            peers = [p for p in self.peers.values() if not self._backing_off(p)]
             for peer in random.sample(peers, min(self.config.fanout, len(peers))):
                 await self._guarded(peer, self._gossip_round(peer))
             await asyncio.sleep(self.config.gossip_interval)
@@ -365,9 +379,23 @@ class PeerService:
                 *(self._guarded(peer, self._ask_cosignature(peer)) for peer in self.peers.values())
             )
 
+    def _backing_off(self, peer: _Peer) -> bool:
+        return time.monotonic() < peer.backoff_until
+
+    def _back_off(self, peer: _Peer) -> float:
+        """Start the next back-off for ``peer``: gossip_interval seconds, doubled for each
+        consecutive failure, at most backoff_max. Returns its length."""
+        delay = min(self.config.backoff_max, self.config.gossip_interval * 2.0 ** min(peer.failures, 40))
+        peer.failures += 1
+        peer.backoff_until = time.monotonic() + delay
+        return delay
+
     def _schedule_pull(self, origin: str, note: bytes) -> None:
         """Pull ``origin``'s entries up to its checkpoint ``note`` from ``origin`` itself, in
-        the background; announcements arriving meanwhile coalesce into one more pull."""
+        the background; announcements arriving meanwhile coalesce into one more pull. None
+        while ``origin`` is backed off."""
+        if self._backing_off(self.peers[origin]):
+            return
         self._pull_wanted[origin] = (self.peers[origin], note)
         task = self._pulls.get(origin)
         if task is None or task.done():
@@ -390,6 +418,10 @@ class PeerService:
                 PeerStatus(origin, False, last_contact, None, f"unreachable: {exc!s}"[:300])
             )
             log.info("peer unreachable", peer=origin, error=str(exc)[:200])
+        except EntriesRefused as exc:
+            delay = self._back_off(peer)
+            await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
+            log.warning("peer message rejected", peer=origin, reason=str(exc), backoff_seconds=round(delay, 3))
         except (PeerProtocolError, NoteError, CheckpointError, LedgerStoreError) as exc:
             await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
             log.warning("peer message rejected", peer=origin, reason=str(exc))
@@ -437,31 +469,93 @@ class PeerService:
             if origin in await self.state.flagged():
                 return  # a proven liar's new entries are not replicated
             have = await self.store.size(origin)
-            if cp.size <= have:
+            if cp.size <= have:  # a prefix pulled in chunks reaches it: check it, keep it
+                await self._checkpoint_within(origin, cp.size, cp.root_hash, note_bytes, held, have)
                 return
-            entries: list[bytes] = []
-            while have + len(entries) < cp.size:
-                start = have + len(entries)
-                status, body = await self._fetch(
-                    source, f"/v1/entries?origin={origin}&start={start}&end={cp.size}"
-                )
-                chunk = body.get("entries") if status == 200 and isinstance(body, dict) else None
-                if not isinstance(chunk, list) or not chunk:
-                    raise PeerProtocolError(f"{source.config.origin} did not serve {origin} entries from {start}")
-                entries += [_unb64(e, "entry") for e in chunk]
-            entries = entries[: cp.size - have]
+            if self._backing_off(source):
+                return  # a pull that waited for the lock while another backed this peer off
+            await self._pull(origin, note_bytes, cp.size, have, held, source)
+
+    async def _checkpoint_within(
+        self, origin: str, size: int, root: bytes, note_bytes: bytes, held: tuple[int, bytes] | None, have: int
+    ) -> None:
+        """A signed checkpoint of a size we hold entries for but no checkpoint: store it if it
+        is the root of those entries (they were stored as a prefix of a larger checkpoint)."""
+        if size == 0 or (held is not None and size <= held[0]):
+            return
+        if await self.store.root(origin, size) != root:
+            raise PeerProtocolError(
+                f"checkpoint of {origin} at size {size} does not match the {have} entries we hold, "
+                "which a larger checkpoint signed by the same origin commits to"
+            )
+        await self.store.store_checkpoint(origin, size, note_bytes)
+
+    async def _pull(
+        self, origin: str, note_bytes: bytes, target: int, have: int, held: tuple[int, bytes] | None, source: _Peer
+    ) -> None:
+        """Replicate ``origin``'s entries ``have``..``target`` from ``source`` in chunks: each
+        chunk (about ``max_message_bytes`` of entries) is verified against the checkpoint and
+        stored before the next is fetched, so one pull never holds more than one chunk."""
+        while have < target:
+            chunk = await self._fetch_entries(source, origin, have, target)
+            end = have + len(chunk)
+            proof = await self._fetch_prefix_proof(source, origin, end, target) if end < target else None
             try:
-                size = await self.replicas.append_verified(origin, entries, note_bytes)
+                have = await self.replicas.append_verified(origin, chunk, note_bytes, proof)
             except ReplicaError as exc:
+                reason = f"entries of {origin} from {source.config.origin} refused: {exc}"
                 if held is not None and have == held[0]:
-                    status, body = await self._fetch(
-                        source, f"/v1/consistency?origin={origin}&old={have}&new={cp.size}"
-                    )
-                    if status == 200 and isinstance(body, dict) and isinstance(body.get("proof"), list):
-                        proof = [_unb64(h, "proof hash") for h in body["proof"]]
-                        await self._check_pair(origin, held[1], note_bytes, proof, source)
-                raise PeerProtocolError(f"entries of {origin} from {source.config.origin} refused: {exc}") from None
-            log.info("replicated", origin=origin, size=size, source=source.config.origin, new=len(entries))
+                    try:
+                        await self._check_fork(origin, held, note_bytes, target, source)
+                    except PeerProtocolError as proof_exc:
+                        reason += f"; its consistency proof: {proof_exc}"
+                raise EntriesRefused(reason) from None
+            source.failures = 0
+            log.info(
+                "replicated", origin=origin, size=have, source=source.config.origin,
+                new=len(chunk), held_bytes=sum(map(len, chunk)),
+            )
+
+    async def _fetch_entries(self, source: _Peer, origin: str, start: int, target: int) -> list[bytes]:
+        """The next chunk of ``origin``'s entries from ``start``: responses are added until
+        the checkpoint's size or about ``max_message_bytes`` of entries is reached."""
+        entries: list[bytes] = []
+        held_bytes = 0
+        while start + len(entries) < target and held_bytes < self.config.max_message_bytes:
+            at = start + len(entries)
+            status, body = await self._fetch(source, f"/v1/entries?origin={origin}&start={at}&end={target}")
+            chunk = body.get("entries") if status == 200 and isinstance(body, dict) else None
+            if not isinstance(chunk, list) or not chunk:
+                raise PeerProtocolError(f"{source.config.origin} did not serve {origin} entries from {at}")
+            for item in chunk:
+                entries.append(_unb64(item, "entry"))
+                held_bytes += len(entries[-1])
+        return entries[: target - start]
+
+    async def _fetch_prefix_proof(self, source: _Peer, origin: str, old: int, new: int) -> list[bytes]:
+        """The consistency proof that a chunk ending at ``old`` is a prefix of the size-``new``
+        checkpoint; without one the chunk cannot be verified (EntriesRefused)."""
+        status, body = await self._fetch(source, f"/v1/consistency?origin={origin}&old={old}&new={new}")
+        proof = body.get("proof") if status == 200 and isinstance(body, dict) else None
+        if not isinstance(proof, list):
+            raise EntriesRefused(
+                f"{source.config.origin} did not serve a consistency proof of {origin} from {old} "
+                f"to {new} (status {status}): its entries cannot be verified"
+            )
+        try:
+            return [_unb64(h, "proof hash") for h in proof]
+        except PeerProtocolError as exc:
+            raise EntriesRefused(f"consistency proof of {origin} from {source.config.origin}: {exc}") from None
+
+    async def _check_fork(
+        self, origin: str, held: tuple[int, bytes], note_bytes: bytes, target: int, source: _Peer
+    ) -> None:
+        """Entries toward ``note_bytes`` did not verify from our checkpoint ``held``: a fork
+        proof between the two checkpoints, if ``source`` serves one, is evidence."""
+        status, body = await self._fetch(source, f"/v1/consistency?origin={origin}&old={held[0]}&new={target}")
+        if status == 200 and isinstance(body, dict) and isinstance(body.get("proof"), list):
+            proof = [_unb64(h, "proof hash") for h in body["proof"]]
+            await self._check_pair(origin, held[1], note_bytes, proof, source)
 
     async def _check_pair(
         self, origin: str, note_a: bytes, note_b: bytes, proof: Sequence[bytes] | None, source: _Peer
