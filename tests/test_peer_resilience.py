@@ -5,6 +5,7 @@ witnessing with the others, and says in its log whom it refused.
   are real entries (and the rest hashes nobody can serve) is pulled in bounded chunks: the
   verified prefix is stored, chunk by chunk; the first chunk that cannot be shown a prefix
   of the checkpoint is refused; the peer is backed off, exponentially, one log line each.
+* A peer that never answers does not delay another peer's cosignature.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from dicomledger.ledger.entries import sign_entry
 from dicomledger.ledger.identity import load_key_file
 from dicomledger.ledger.note import Note, format_note, parse_note, sign_note_text
 from dicomledger.ledger.peer_tls import client_context, server_context
+from tests import dicomdata
 from tests.conftest import GatewayProcess, consortium
-from tests.test_consortium import wait_until
+from tests.test_consortium import newest_checkpoint, wait_until
 from tests.test_peer_forgery import log_events, log_of, query
 
 HUGE = 2**40  # the size the hostile peer's checkpoint claims
@@ -319,6 +321,51 @@ def test_a_checkpoint_inside_a_pulled_prefix_is_checked_against_it(tmp_path):
     assert stored == huge.entries[:len(stored)]
     assert query(b, "SELECT COUNT(*) FROM evidence") == [(0,)]
     assert b.cli("verify").returncode == 0
+
+
+# -- 15: a peer that never answers --------------------------------------------------------------
+
+
+def cosigned_by(gw: GatewayProcess, witness: str, size: int) -> bool:
+    held = newest_checkpoint(gw, gw.origin)
+    return held is not None and held[0] >= size and any(
+        s.name == witness for s in parse_note(bytes(held[1])).signatures)
+
+
+def test_a_silent_peer_does_not_delay_another_peers_cosignature(tmp_path):
+    a, b, s = consortium(tmp_path, 3)
+    release = threading.Event()
+    asked: list[str] = []
+
+    async def never(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        while not release.is_set():  # A gives up first (its request timeout is 30 s)
+            await asyncio.sleep(0.1)
+        return web.json_response({"error": "too late"}, status=503)
+
+    routes = [web.get("/v1/checkpoints", never), web.get("/v1/entries", never),
+              web.get("/v1/consistency", never), web.post("/v1/add-checkpoint", never)]
+    silent = PeerServer(s.peer_port, peer_identity(s, a)[0], routes)
+    silent.start()
+    try:
+        a.start()
+        b.start()
+        for size in (1, 2):  # each new checkpoint of A: B cosigns it promptly, S sits on it
+            started = time.monotonic()
+            files = dicomdata.make_mr_series(tmp_path / f"mr{size}", 1, seed=f"mr{size}")
+            assert a.storescu(*files).returncode == 0
+            wait_until(lambda size=size: cosigned_by(a, b.origin, size), timeout=45,
+                       what=f"B's cosignature on A's checkpoint of size {size}")
+            took = time.monotonic() - started
+            assert took < 8, f"B's cosignature took {took:.1f} s while S sat on A's requests (30 s timeout)"
+        assert "/v1/add-checkpoint" in asked  # S was asked too
+    finally:
+        release.set()
+        for gw in (a, b):
+            if gw.proc is not None and gw.proc.poll() is None:
+                gw.stop()
+        silent.stop()
+    assert "Traceback" not in a.log() and "gossip round failed" not in a.log()
 
 
 @pytest.fixture(autouse=True)

@@ -13,17 +13,20 @@ Announcements: when this gateway signs a new checkpoint it asks every peer at on
 it; a peer that cosigns a checkpoint larger than its copy of our log pulls the new entries
 from us straight away. So entries spread within about one checkpoint interval, and the
 gossip rounds below repair whatever an announcement missed (a peer down, a lost request).
+Every peer has its own announcer task, and gossip rounds run side by side, each request with
+its own timeout: a slow or silent peer delays only its own exchanges, never another peer's
+cosignature.
 
 Heartbeat: a peer's cosignature on our newest checkpoint is renewed once it is older than
 ``heartbeat_interval``, even when the log has not grown: a fresh cosignature timestamp
 shows that the log was alive and unchanged at that time.
 
-Anti-entropy: every ``gossip_interval`` seconds a gateway asks ``fanout`` random peers for
-their checkpoints, pulls whatever entries it lacks (from that peer, which may relay any
-origin's log), stores them only if they verify (``ReplicaWriter``), asks each peer to cosign
-its own newest checkpoint, and checks every signed checkpoint it sees against the ones it
-holds: two that cannot both be true become evidence, which is kept, served to every peer
-and flags the origin (its new entries are no longer replicated).
+Anti-entropy: every ``gossip_interval`` seconds a gateway asks ``fanout`` random peers (not
+already in a round with us) for their checkpoints, pulls whatever entries it lacks (from that
+peer, which may relay any origin's log), stores them only if they verify (``ReplicaWriter``),
+asks each peer to cosign its own newest checkpoint, and checks every signed checkpoint it sees
+against the ones it holds: two that cannot both be true become evidence, which is kept,
+served to every peer and flags the origin (its new entries are no longer replicated).
 
 Pulls are bounded: entries are fetched in chunks of about ``max_message_bytes``; each chunk is
 verified against the signed checkpoint (a consistency proof from the chunk's end when it stops
@@ -127,6 +130,9 @@ class _Peer:
     config: PeerConfig
     cosigned_size: int = 0  # the size this peer last cosigned for our log
     cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # announce vs gossip round
+    announce: asyncio.Event = field(default_factory=asyncio.Event)  # a new checkpoint to announce
+    announcer: asyncio.Task[None] | None = None
+    gossip_round: asyncio.Task[None] | None = None  # the round in progress with this peer
     failures: int = 0  # consecutive pulls whose entries did not verify
     backoff_until: float = 0.0  # time.monotonic() before which we do not pull from this peer
 
@@ -158,8 +164,6 @@ class PeerService:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
-        self._announcer: asyncio.Task[None] | None = None
-        self._checkpoint_signed = asyncio.Event()
         self._pull_wanted: dict[str, tuple[_Peer, bytes]] = {}
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self.traffic = Traffic()
@@ -195,11 +199,13 @@ class PeerService:
             timeout=aiohttp.ClientTimeout(total=30, connect=3),
         )
         self._task = asyncio.create_task(self._gossip_loop(), name="gossip")
-        self._announcer = asyncio.create_task(self._announce_loop(), name="announce")
+        for peer in self.peers.values():
+            peer.announcer = asyncio.create_task(self._announce_loop(peer), name=f"announce {peer.config.origin}")
         log.info("peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers))
 
     async def stop(self) -> None:
-        for task in (self._task, self._announcer, *self._pulls.values()):
+        peer_tasks = [t for p in self.peers.values() for t in (p.announcer, p.gossip_round)]
+        for task in (self._task, *peer_tasks, *self._pulls.values()):
             if task is not None:
                 task.cancel()
                 try:
@@ -215,7 +221,8 @@ class PeerService:
 
     def checkpoint_signed(self) -> None:
         """The gateway signed a new checkpoint of its own log: announce it to every peer."""
-        self._checkpoint_signed.set()
+        for peer in self.peers.values():
+            peer.announce.set()
 
     # -- server side -------------------------------------------------------------------
 
@@ -365,19 +372,26 @@ class PeerService:
                 raise PeerProtocolError(f"{path}: response is not JSON (status {resp.status})") from None
 
     async def _gossip_loop(self) -> None:
+        """Start a round with up to ``fanout`` random peers every interval, side by side; a
+        peer still in its previous round, or backed off, is left out of this one."""
         while True:
-            peers = [p for p in self.peers.values() if not self._backing_off(p)]
-            for peer in random.sample(peers, min(self.config.fanout, len(peers))):
-                await self._guarded(peer, self._gossip_round(peer))
+            idle = [
+                p for p in self.peers.values()
+                if (p.gossip_round is None or p.gossip_round.done()) and not self._backing_off(p)
+            ]
+            for peer in random.sample(idle, min(self.config.fanout, len(idle))):
+                peer.gossip_round = asyncio.create_task(
+                    self._guarded(peer, self._gossip_round(peer)), name=f"gossip {peer.config.origin}"
+                )
             await asyncio.sleep(self.config.gossip_interval)
 
-    async def _announce_loop(self) -> None:
+    async def _announce_loop(self, peer: _Peer) -> None:
+        """Ask ``peer`` to cosign each new checkpoint; announcements made while it is busy
+        coalesce into one (the newest checkpoint)."""
         while True:
-            await self._checkpoint_signed.wait()
-            self._checkpoint_signed.clear()
-            await asyncio.gather(
-                *(self._guarded(peer, self._ask_cosignature(peer)) for peer in self.peers.values())
-            )
+            await peer.announce.wait()
+            peer.announce.clear()
+            await self._guarded(peer, self._ask_cosignature(peer))
 
     def _backing_off(self, peer: _Peer) -> bool:
         return time.monotonic() < peer.backoff_until
