@@ -6,6 +6,8 @@ witnessing with the others, and says in its log whom it refused.
   verified prefix is stored, chunk by chunk; the first chunk that cannot be shown a prefix
   of the checkpoint is refused; the peer is backed off, exponentially, one log line each.
 * A peer that never answers does not delay another peer's cosignature.
+* A TLS handshake the peer API refuses (unknown certificate, none, plain TCP, a probe that
+  hangs up) is logged once, with the client's address.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import socket
 import ssl
 import threading
 import time
@@ -28,7 +31,7 @@ from dicomledger.ledger.checkpoint import Checkpoint, format_checkpoint
 from dicomledger.ledger.entries import sign_entry
 from dicomledger.ledger.identity import load_key_file
 from dicomledger.ledger.note import Note, format_note, parse_note, sign_note_text
-from dicomledger.ledger.peer_tls import client_context, server_context
+from dicomledger.ledger.peer_tls import client_context, create_tls_identity, server_context
 from tests import dicomdata
 from tests.conftest import GatewayProcess, consortium
 from tests.test_consortium import newest_checkpoint, wait_until
@@ -366,6 +369,81 @@ def test_a_silent_peer_does_not_delay_another_peers_cosignature(tmp_path):
                 gw.stop()
         silent.stop()
     assert "Traceback" not in a.log() and "gossip round failed" not in a.log()
+
+
+# -- 22: refused TLS handshakes are logged ------------------------------------------------------
+
+
+def attempt(port: int, ctx: ssl.SSLContext | None, send: bytes | None) -> str:
+    """One connection to the peer API from a port we know; returns our address."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    host, port_ = sock.getsockname()[:2]
+    address = f"{host}:{port_}"
+    try:
+        if ctx is not None:
+            try:
+                tls = ctx.wrap_socket(sock)
+                tls.sendall(b"GET /v1/checkpoints HTTP/1.1\r\nHost: peer\r\n\r\n")
+                tls.recv(1024)  # the server's alert, or EOF
+            except (ssl.SSLError, OSError):
+                pass
+        elif send is not None:
+            sock.sendall(send)
+            try:
+                sock.recv(1024)
+            except OSError:
+                pass
+    finally:
+        sock.close()
+    return address
+
+
+def test_refused_peer_tls_handshakes_are_logged_with_the_address(tmp_path):
+    b, c = consortium(tmp_path, 2)
+    b_cert = (b.dir / "keys" / "peer-tls.crt").read_bytes()
+    stranger_cert, stranger_key = tmp_path / "stranger.crt", tmp_path / "stranger.key"
+    create_tls_identity(stranger_cert, stranger_key, c.origin)  # even one naming a real peer
+    no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_cert.check_hostname, no_cert.verify_mode = False, ssl.CERT_NONE
+    cases: list[tuple[str, Callable[[], str], str]] = [
+        ("unknown certificate", lambda: attempt(b.peer_port, client_context(stranger_cert, stranger_key, [b_cert]), None),
+         "client certificate not accepted"),
+        ("no certificate", lambda: attempt(b.peer_port, no_cert, None), "no client certificate"),
+        ("plain HTTP", lambda: attempt(b.peer_port, None, b"GET /v1/checkpoints HTTP/1.1\r\nHost: peer\r\n\r\n"),
+         "plain HTTP, not TLS"),
+        ("connect and hang up", lambda: attempt(b.peer_port, None, None), "connection closed during the TLS handshake"),
+    ]
+    b.start()
+    try:
+        addresses = {name: (run(), reason) for name, run, reason in cases}
+
+        def refused() -> list[dict]:
+            return [e for e in log_events(b)[0] if e.get("event") == "peer TLS handshake refused"]
+
+        wanted = {address for address, _ in addresses.values()}
+        wait_until(lambda: wanted <= {e.get("address") for e in refused()}, timeout=20,
+                   what="a refusal line for every attempt")
+        # the real peer C still gets in, and is not reported
+        _, c_client = peer_identity(c, b)
+
+        async def as_c() -> int:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=c_client)) as session:
+                async with session.get(f"https://127.0.0.1:{b.peer_port}/v1/checkpoints") as resp:
+                    await resp.read()
+                    return resp.status
+
+        assert asyncio.run(as_c()) == 200
+        time.sleep(0.5)
+    finally:
+        b.stop()
+    lines = refused()
+    for name, (address, reason) in addresses.items():
+        mine = [e for e in lines if e.get("address") == address]
+        assert len(mine) == 1, (name, address, mine)
+        assert mine[0]["level"] == "warning" and reason in mine[0]["reason"], (name, mine[0])
+    assert len(lines) == len(addresses), lines  # C's connection was not reported
+    events, other = log_events(b)
+    assert not other and "Traceback" not in b.log()
 
 
 @pytest.fixture(autouse=True)

@@ -75,7 +75,13 @@ from dicomledger.ledger.note import (
     verify_cosignature,
     verify_note_signature,
 )
-from dicomledger.ledger.peer_tls import client_context, fingerprint, pem_fingerprint, server_context
+from dicomledger.ledger.peer_tls import (
+    HandshakeFirstSite,
+    client_context,
+    fingerprint,
+    pem_fingerprint,
+    server_context,
+)
 from dicomledger.ledger.witness import (
     InconsistentError,
     StaleError,
@@ -185,11 +191,12 @@ class PeerService:
         app.router.add_post("/v1/add-checkpoint", self._post_add_checkpoint)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(
+        site = HandshakeFirstSite(
             self._runner,
             self.config.host,
             self.config.port,
-            ssl_context=server_context(self.config.tls_cert, self.config.tls_key, certs),
+            tls=server_context(self.config.tls_cert, self.config.tls_key, certs),
+            on_refused=self._handshake_refused,
         )
         await site.start()
         self._session = aiohttp.ClientSession(
@@ -243,6 +250,10 @@ class PeerService:
         if origin is None:  # TLS already refuses unknown certificates; belt and braces
             raise web.HTTPForbidden(text="unknown peer certificate")
         return origin
+
+    @staticmethod
+    def _handshake_refused(address: str, reason: str) -> None:
+        log.warning("peer TLS handshake refused", address=address, reason=reason)
 
     def _refuse(self, caller: str, status: int, reason: str) -> web.Response:
         log.warning("peer request refused", peer=caller, status=status, reason=reason)
