@@ -25,9 +25,15 @@ from dicomledger.dicom.index import (
     InstanceRow,
     PatientRow,
     SeriesRow,
+    StudyPatientConflict,
     StudyRow,
 )
-from dicomledger.dicom.instance import InstanceError, InstanceHeader, instance_header
+from dicomledger.dicom.instance import (
+    InstanceError,
+    InstanceHeader,
+    instance_header,
+    read_instance_header,
+)
 from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_instance_file
 from dicomledger.dicom.scp import (
     CANNOT_UNDERSTAND,
@@ -281,9 +287,11 @@ class Gateway:
             row = _instance_row(header, hashes, request, relative, size)
             try:
                 previous = await self.index.record_received(_record(header, row))
-            except IndexStoreError:
+            except (IndexStoreError, StudyPatientConflict) as exc:
                 if not replaced_file:  # leave nothing unindexed behind
                     self.files.absolute(relative).unlink(missing_ok=True)
+                if isinstance(exc, StudyPatientConflict):  # another patient's study: refused
+                    return exc.status, f"refused: {exc}"
                 raise
             p = Pseudonyms.of(self.secret, header)
             status, outcome = await self._anchor(request, header, hashes, previous, p)
@@ -373,6 +381,11 @@ class Gateway:
         return SUCCESS, f"{outcome}; anchored as entry {appended.index}"
 
     async def _reconcile(self) -> None:
+        """Bring the index in line with the stored files and this gateway's anchors, at start."""
+        await self._anchor_unanchored()
+        await self._identify_rows()
+
+    async def _anchor_unanchored(self) -> None:
         """Anchor index rows a crash left unanchored (stored, but no Success was sent)."""
         assert self.index is not None and self.ledger is not None and self.writer is not None
         for row in await self.index.unanchored():
@@ -406,6 +419,41 @@ class Gateway:
         payload["recovered"] = True
         appended = await self.writer.append(IMAGE_ANCHORED, payload)
         return appended.index
+
+    async def _identify_rows(self) -> None:
+        """Give rows indexed before the index kept each instance's own study and patient
+        (schema version 1) those values, read from each stored file's header; a row whose
+        file cannot be read stays out of every query and retrieval."""
+        assert self.index is not None
+        rows = await self.index.without_identity()
+        mixed: set[str] = set()
+        unreadable = 0
+        for start in range(0, len(rows), 256):
+            records = []
+            for row in rows[start:start + 256]:
+                try:
+                    header = await asyncio.to_thread(
+                        read_instance_header, self.files.absolute(row.path), row.header_sha256,
+                        row.sop_class_uid, row.sop_instance_uid,
+                    )
+                except InstanceError as exc:
+                    unreadable += 1
+                    log.error("index row hidden: its stored file cannot be read for its patient and study",
+                              sop_instance=row.sop_instance_uid, file=row.path, error=str(exc))
+                    continue
+                records.append(_record(header, row))
+            for record, shared in zip(
+                records, await asyncio.gather(*map(self.index.restore, records)), strict=True
+            ):
+                if shared:
+                    mixed.add(record.study.study_uid)
+        if rows:
+            log.info("index rows given their own patient and study from the stored files",
+                     instances=len(rows) - unreadable, unreadable=unreadable)
+        for study_uid in sorted(mixed):
+            log.warning("a study UID holds instances of more than one patient (stored before such "
+                        "instances were refused): each instance is shown and retrieved only as its own "
+                        "patient's", study_uid=study_uid)
 
 
 def _instance_row(
