@@ -12,6 +12,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -45,7 +46,7 @@ from dicomledger.dicom.scp import (
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue
 from dicomledger.ledger import merkle
-from dicomledger.ledger.entries import IMAGE_ANCHORED, decode_entry
+from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, decode_entry
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
@@ -384,6 +385,7 @@ class Gateway:
         """Bring the index in line with the stored files and this gateway's anchors, at start."""
         await self._anchor_unanchored()
         await self._identify_rows()
+        await self._rebuild_lost_rows()
 
     async def _anchor_unanchored(self) -> None:
         """Anchor index rows a crash left unanchored (stored, but no Success was sent)."""
@@ -454,6 +456,71 @@ class Gateway:
             log.warning("a study UID holds instances of more than one patient (stored before such "
                         "instances were refused): each instance is shown and retrieved only as its own "
                         "patient's", study_uid=study_uid)
+
+    async def _rebuild_lost_rows(self) -> None:
+        """Rebuild the index row of every instance this gateway anchored whose row is missing
+        (the index commits with synchronous=NORMAL: a power loss can drop its last rows), from
+        the stored file, found by the anchor's pixel hash (in the file name) and instance
+        pseudonym."""
+        assert self.index is not None and self.ledger is not None
+        own = self.identity.origin
+        cited = await self.index.anchored_indexes(own)
+        lost = sorted(i for i in (await self.ledger.newest_by_key(own, "instance:")).values() if i not in cited)
+        if not lost:
+            return
+        anchors = [decode_entry(await self.ledger.entry(own, i)) for i in lost]
+        wanted = {str(e.payload.get("sha256", ""))[:16] for e in anchors}
+        files = await asyncio.to_thread(self.files.by_hash_prefix, wanted)
+        not_found = 0
+        for entry in anchors:
+            payload = entry.payload
+            try:
+                record = await asyncio.to_thread(self._rebuilt_record, entry, files)
+            except (OSError, PixelHashError, InstanceError, KeyError, TypeError, ValueError) as exc:
+                log.error("index row lost and its stored file cannot be read; not rebuilt",
+                          anchor=entry.index, instance=payload.get("instance"), error=f"{type(exc).__name__}: {exc}")
+                continue
+            if record is None:
+                not_found += 1
+                continue
+            shared = await self.index.restore(record)
+            row = record.instance
+            log.warning("index row rebuilt from the stored file: its anchor had no index row",
+                        sop_instance=row.sop_instance_uid, file=row.path, anchor=entry.index,
+                        study_shared_with_another_patient=shared)
+        if not_found:
+            log.warning("anchored instances with neither an index row nor a stored file: not rebuilt",
+                        count=not_found)
+
+    def _rebuilt_record(self, entry: Entry, files: dict[str, list[Path]]) -> IndexRecord | None:
+        """The index record of the instance ``entry`` anchored, from its stored file (None if
+        no stored file is that instance). Hashes and anchor are the entry's, as at receipt;
+        patient, study and series the file's header."""
+        payload = entry.payload
+        sha256 = str(payload["sha256"])
+        for path in files.get(sha256[:16], []):
+            hashes = hash_instance_file(path)
+            assert hashes.header is not None
+            uid = str(hashes.header.get("SOPInstanceUID", "")).strip()
+            if pseudonym(self.secret, "instance", uid) != payload["instance"]:
+                continue  # another instance with the same pixels
+            header = instance_header(hashes.header, hashes.header_sha256, str(payload["sop_class"]), uid)
+            if hashes.method == payload["hash_method"] and hashes.sha256.hex() != sha256:
+                log.warning("rebuilt index row's stored file differs from its anchor: a retrieval "
+                            "will refuse it with a tamper alarm", sop_instance=uid, file=str(path))
+            decoded = payload.get("decoded_sha256")
+            return _record(header, InstanceRow(
+                sop_instance_uid=uid, series_uid=header.series_uid, sop_class_uid=header.sop_class_uid,
+                instance_number=header.instance_number, transfer_syntax_uid=str(payload["transfer_syntax"]),
+                path=path.relative_to(self.files.directory).as_posix(), size=path.stat().st_size,
+                hash_method=str(payload["hash_method"]), sha256=bytes.fromhex(sha256),
+                header_sha256=hashes.header_sha256,
+                decoded_sha256=bytes.fromhex(decoded) if isinstance(decoded, str) else None,
+                number_of_frames=int(payload["frames"]), calling_ae=str(payload["calling_ae"]),
+                received_at=datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="milliseconds"),
+                ledger_origin=entry.origin, ledger_index=entry.index,
+            ))
+        return None
 
 
 def _instance_row(
