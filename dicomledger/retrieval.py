@@ -11,9 +11,12 @@ Who is asked about:
   calling AE that is not a configured destination is a workstation of this gateway, so its
   site is this gateway's origin.
 
-C-FIND shows a patient or study only if the AE may receive that study; counts of related
-studies, series and instances count only what it may see. A retrieval sends each authorised
-instance after the check, and records on the ledger: ``retrieve-refused`` (per study: how
+Every decision is per instance, on the instance's own patient and study (the index keeps
+them per instance). C-FIND shows a patient or study only if the AE may receive that study;
+counts of related studies, series and instances count only what it may see. A retrieval
+sends each authorised instance after the check; the instances the AE may not have are
+answered as if they did not exist (no sub-operation, no failed UID), so a refused study is
+indistinguishable from an unknown one. On the ledger: ``retrieve-refused`` (per study: how
 many instances were refused and why), ``tamper-alarm`` (per instance whose stored pixels no
 longer match the anchor) and ``retrieved`` (per study: who, to where, the counts).
 

@@ -3,8 +3,12 @@ and C-GET. What matches, who may see it and whether a file may leave is decided 
 (``retrieval.py``) through the ``RetrieveCore`` protocol; this file only speaks DIMSE:
 pending responses, C-CANCEL, sub-operation counts and the Failed SOP Instance UID List.
 
+Instances the caller may not have are not sub-operations at all: a retrieval of a study the
+caller may not see is answered exactly like one of a study that does not exist (Success, no
+sub-operations), so the answer never tells that it exists; the core records the refusal.
+
 pynetdicom counts a sub-operation as done only when it sends the C-STORE itself, so
-instances we refuse or stop (permission, tamper check) are simply never yielded: they stay
+instances we stop (tamper check, unreadable file) are simply never yielded: they stay
 "remaining" until our final response, where pynetdicom reports them as failed
 (PS3.4 C.4.2.1.5 / C.4.3.1.4), and we list their UIDs.
 """
@@ -63,7 +67,7 @@ class Loaded:
 @dataclass
 class RetrievePlan:
     to_send: list[SubOperation]
-    refused: dict[str, str]  # SOP Instance UID -> why it is not sent (never attempted)
+    refused: dict[str, str]  # SOP Instance UID -> why the caller may not have it (not a sub-operation)
     destination: tuple[str, int] | None = None  # C-MOVE: where the move destination AE listens
     unknown_destination: bool = False  # C-MOVE: answer 0xA801
     context: Any = None  # the core's own state, handed back to finish()
@@ -163,7 +167,7 @@ def retrieve_responses(
                 yield None, None  # pynetdicom answers 0xA801: move destination unknown
                 return
             yield (*plan.destination, move_association_kwargs(plan, responses))
-        total = len(plan.to_send) + len(plan.refused)
+        total = len(plan.to_send)  # what the caller may not have is not counted, as if absent
         if total == 0:
             finish(SUCCESS)  # pynetdicom answers Success with no sub-operations
         yield total
@@ -181,7 +185,7 @@ def retrieve_responses(
             if is_cancelled():
                 outcome.cancelled = True
                 finish(CANCEL)
-                yield CANCEL, _failed_list(plan, outcome)
+                yield CANCEL, _failed_list(outcome)
                 return
             if loaded.dataset is None:
                 outcome.not_sent[sub.sop_instance_uid] = loaded.problem
@@ -189,12 +193,11 @@ def retrieve_responses(
             yield PENDING, loaded.dataset
         # The final status, by pynetdicom's rule (which it applies itself when we send nothing).
         sent = len(outcome.completed) + len(outcome.warning)
-        unsent = plan.refused or outcome.not_sent
-        problems = unsent or outcome.failed or outcome.warning
+        problems = outcome.not_sent or outcome.failed or outcome.warning
         status = (SUB_OPERATIONS_FAILED if sent else UNABLE_TO_PERFORM) if problems else SUCCESS
         finish(status)
-        if unsent:  # still "remaining" to pynetdicom, which reports them as failed
-            yield status, _failed_list(plan, outcome)
+        if outcome.not_sent:  # still "remaining" to pynetdicom, which reports them as failed
+            yield status, _failed_list(outcome)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if is_get:
@@ -202,7 +205,7 @@ def retrieve_responses(
         finish(None)  # pynetdicom stopped early (destination unreachable, peer aborted)
 
 
-def _failed_list(plan: RetrievePlan, outcome: RetrieveOutcome) -> Dataset:
+def _failed_list(outcome: RetrieveOutcome) -> Dataset:
     ds = Dataset()
-    ds.FailedSOPInstanceUIDList = [*outcome.failed, *outcome.not_sent, *plan.refused]
+    ds.FailedSOPInstanceUIDList = [*outcome.failed, *outcome.not_sent]
     return ds
