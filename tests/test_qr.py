@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.dimse_messages import C_STORE_RSP
 
@@ -14,6 +15,7 @@ from dicomledger.dicom.qr import (
     PENDING,
     SUB_OPERATIONS_FAILED,
     SUCCESS,
+    UNABLE_TO_PERFORM,
     Loaded,
     QRRequest,
     RetrieveOutcome,
@@ -93,6 +95,31 @@ def test_get_sends_checked_instances_and_fails_the_rest():
     assert len(core.finished) == 1 and outcome.not_sent == {"1.2.1": "tamper check failed"}
     assert outcome.completed == ["1.2.0", "1.2.2"] and outcome.status == SUB_OPERATIONS_FAILED
     assert assoc.bound == []  # the response tracker is unbound again
+
+
+def test_sub_operations_pynetdicom_could_not_send_count_as_failed():
+    """A yielded instance that gets no C-STORE response (pynetdicom found no presentation
+    context the receiver accepted, or could not encode it) is failed, as pynetdicom counts it
+    on the wire, and the final status follows pynetdicom's rule."""
+    core, assoc = Core(), Assoc()
+    gen = retrieve_responses(core, request(), RetrievePlan(subs(3), {}), lambda: False, assoc)
+    assert next(gen) == 3
+    _, first = next(gen)
+    assoc.bound[0](stored(str(first.SOPInstanceUID)))  # answered
+    assert gen.send(None)[0] == PENDING  # 1.2.1: pynetdicom could not send it, no response
+    assert gen.send(None)[0] == PENDING  # 1.2.2: neither
+    with pytest.raises(StopIteration):
+        gen.send(None)  # no final from us: pynetdicom sends 0xB000 itself, by the same rule
+    outcome = core.finished[0]
+    assert outcome.completed == ["1.2.0"] and outcome.failed == outcome.no_response == ["1.2.1", "1.2.2"]
+    assert outcome.status == SUB_OPERATIONS_FAILED
+
+    core = Core()
+    gen = retrieve_responses(core, request(), RetrievePlan(subs(1), {}), lambda: False, Assoc())
+    assert next(gen) == 1 and next(gen)[0] == PENDING
+    with pytest.raises(StopIteration):
+        gen.send(None)
+    assert core.finished[0].status == UNABLE_TO_PERFORM  # all failed: 0xA702
 
 
 def test_all_refused_is_answered_as_nothing_found_and_cancel_stops_sending():

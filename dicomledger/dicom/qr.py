@@ -10,7 +10,11 @@ sub-operations), so the answer never tells that it exists; the core records the 
 pynetdicom counts a sub-operation as done only when it sends the C-STORE itself, so
 instances we stop (tamper check, unreadable file) are simply never yielded: they stay
 "remaining" until our final response, where pynetdicom reports them as failed
-(PS3.4 C.4.2.1.5 / C.4.3.1.4), and we list their UIDs.
+(PS3.4 C.4.2.1.5 / C.4.3.1.4), and we list their UIDs. pynetdicom also fails sub-operations
+on its own, without a C-STORE response (no presentation context the receiver accepted for
+the stored transfer syntax, a dataset it cannot encode, a lost association): each time it
+resumes us we count the instance it just handled by the response it got, or as failed if
+none came, so our counts are the ones the requestor is told.
 """
 
 from __future__ import annotations
@@ -75,11 +79,13 @@ class RetrievePlan:
 
 @dataclass
 class RetrieveOutcome:
-    """What happened to a retrieval's sub-operations, for the core's audit record."""
+    """What happened to a retrieval's sub-operations, as the requestor is told, for the
+    core's audit record."""
 
     completed: list[str] = field(default_factory=list)
     warning: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)  # the destination's C-STORE failed
+    failed: list[str] = field(default_factory=list)  # sent by pynetdicom, and failed (response or none)
+    no_response: list[str] = field(default_factory=list)  # of failed: pynetdicom got no C-STORE response
     not_sent: dict[str, str] = field(default_factory=dict)  # stopped by the check: uid -> why
     associated: bool = False  # C-MOVE: the association with the destination was made
     cancelled: bool = False
@@ -102,26 +108,34 @@ def find_responses(matches: list[Dataset], is_cancelled: Callable[[], bool]) -> 
 
 
 class StoreResponses:
-    """Collects the C-STORE responses of sub-operations (from EVT_DIMSE_RECV, on the one DUL
-    thread of the association; pynetdicom triggers it before the sender gets the response)."""
+    """The C-STORE responses of sub-operations (from EVT_DIMSE_RECV, on the one DUL thread of
+    the association; pynetdicom triggers it before the sender gets the response), and each
+    sub-operation counted once pynetdicom is done with it."""
 
     def __init__(self, outcome: RetrieveOutcome) -> None:
         self._outcome = outcome
+        self._statuses: dict[str, int] = {}
 
     def on_dimse_recv(self, event: evt.Event) -> None:
         message = event.message
         if not isinstance(message, C_STORE_RSP):
             return
         command = message.command_set
-        uid = str(command.get("AffectedSOPInstanceUID", ""))
-        status = int(command.get("Status", 0xC000))
-        category = code_to_category(status)
+        self._statuses[str(command.get("AffectedSOPInstanceUID", ""))] = int(command.get("Status", 0xC000))
+
+    def settle(self, uid: str) -> None:
+        """Count the sub-operation of ``uid``, which pynetdicom has just sent or given up on:
+        as its response says, or failed without one, as pynetdicom counts it."""
+        status = self._statuses.pop(uid, None)
+        category = code_to_category(status) if status is not None else None
         if category == STATUS_SUCCESS:
             self._outcome.completed.append(uid)
         elif category == STATUS_WARNING:
             self._outcome.warning.append(uid)
         else:
             self._outcome.failed.append(uid)
+            if status is None:
+                self._outcome.no_response.append(uid)
 
 
 def move_association_kwargs(plan: RetrievePlan, responses: StoreResponses) -> dict[str, Any]:
@@ -191,6 +205,7 @@ def retrieve_responses(
                 outcome.not_sent[sub.sop_instance_uid] = loaded.problem
                 continue
             yield PENDING, loaded.dataset
+            responses.settle(sub.sop_instance_uid)  # resumed: pynetdicom is done with it
         # The final status, by pynetdicom's rule (which it applies itself when we send nothing).
         sent = len(outcome.completed) + len(outcome.warning)
         problems = outcome.not_sent or outcome.failed or outcome.warning
