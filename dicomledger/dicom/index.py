@@ -67,8 +67,8 @@ CREATE TABLE IF NOT EXISTS instances (
     study_uid TEXT,  -- NULL only for rows of schema version 1 not yet read from their file
     patient_id TEXT
 );
-CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
-CREATE INDEX IF NOT EXISTS instances_study ON instances (study_uid);
+CREATE INDEX IF NOT EXISTS instances_series_patient ON instances (series_uid, patient_id);
+CREATE INDEX IF NOT EXISTS instances_study_patient ON instances (study_uid, patient_id);
 CREATE INDEX IF NOT EXISTS instances_patient ON instances (patient_id);
 CREATE INDEX IF NOT EXISTS instances_unanchored ON instances (ledger_index) WHERE ledger_index IS NULL;
 CREATE TABLE IF NOT EXISTS superseded_instances (
@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS superseded_instances (
 _MIGRATE_FROM_V1 = """
 DROP INDEX IF EXISTS studies_patient;
 DROP INDEX IF EXISTS series_study;
+DROP INDEX IF EXISTS instances_series;
 ALTER TABLE studies RENAME TO studies_v1;
 ALTER TABLE series RENAME TO series_v1;
 ALTER TABLE instances ADD COLUMN study_uid TEXT;
@@ -396,18 +397,21 @@ class Index(ThreadedSqlite):
 
 def _conflict(db: sqlite3.Connection, record: IndexRecord) -> StudyPatientConflict | None:
     """Another patient's instance under the record's study or series UID, if any. The
-    instance itself does not count: a re-send may correct its own Patient ID."""
+    instance itself does not count: a re-send may correct its own Patient ID.
+
+    Two index range probes per level (Patient IDs below and above this one), each reading at
+    most two rows, one of which may be the instance itself: cheap however large the study."""
     patient, uid = record.patient.patient_id, record.instance.sop_instance_uid
     for level, column, value in (
         ("study", "study_uid", record.study.study_uid), ("series", "series_uid", record.series.series_uid)
     ):
-        other = db.execute(
-            f"SELECT sop_instance_uid FROM instances WHERE {column} = ? AND patient_id != ?"
-            " AND sop_instance_uid != ? LIMIT 1",
-            (value, patient, uid),
-        ).fetchone()
-        if other is not None:
-            return StudyPatientConflict(level, value, other[0])
+        for other in ("<", ">"):
+            rows = db.execute(
+                f"SELECT sop_instance_uid FROM instances WHERE {column} = ? AND patient_id {other} ? LIMIT 2",
+                (value, patient),
+            ).fetchall()
+            if found := [r[0] for r in rows if r[0] != uid]:
+                return StudyPatientConflict(level, value, found[0])
     return None
 
 
