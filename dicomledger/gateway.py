@@ -46,7 +46,7 @@ from dicomledger.dicom.scp import (
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue
 from dicomledger.ledger import merkle
-from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, decode_entry
+from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, EntryError, decode_entry
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
@@ -468,7 +468,12 @@ class Gateway:
         lost = sorted(i for i in (await self.ledger.newest_by_key(own, "instance:")).values() if i not in cited)
         if not lost:
             return
-        anchors = [decode_entry(await self.ledger.entry(own, i)) for i in lost]
+        anchors = []
+        for i in lost:
+            try:
+                anchors.append(decode_entry(await self.ledger.entry(own, i)))
+            except EntryError as exc:  # `dicomledger verify` names it; the others still get rebuilt
+                log.error("index row lost and its anchor cannot be read; not rebuilt", anchor=i, error=str(exc))
         wanted = {str(e.payload.get("sha256", ""))[:16] for e in anchors}
         files = await asyncio.to_thread(self.files.by_hash_prefix, wanted)
         not_found = 0
@@ -499,6 +504,9 @@ class Gateway:
         payload = entry.payload
         sha256 = str(payload["sha256"])
         for path in files.get(sha256[:16], []):
+            name = path.name.rsplit(".", 2)[0]  # the SOP Instance UID, unless it had to be hashed
+            if not name.startswith("x") and pseudonym(self.secret, "instance", name) != payload["instance"]:
+                continue  # another instance with the same pixels
             hashes = hash_instance_file(path)
             assert hashes.header is not None
             uid = str(hashes.header.get("SOPInstanceUID", "")).strip()

@@ -202,7 +202,6 @@ class Index(ThreadedSqlite):
         super().__init__(path, "index")
         self._pending: list[tuple[str, Any, asyncio.Future[Any]]] = []
         self._lock = asyncio.Lock()
-        self.migrated_from: int | None = None  # the schema version found at open, if older
 
     @classmethod
     async def open(cls, path: Path) -> Index:
@@ -219,12 +218,14 @@ class Index(ThreadedSqlite):
             has_instances = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
             ).fetchone()
-            if has_instances and version < SCHEMA_VERSION:
-                self._script(_MIGRATE_FROM_V1)
-                self.migrated_from = version or 1
-            else:
+            # The version is set in the same transaction as the tables it describes.
+            stamp = f"PRAGMA user_version = {SCHEMA_VERSION};"
+            if version >= SCHEMA_VERSION:
                 db.executescript(SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif has_instances:
+                self._script(_MIGRATE_FROM_V1 + stamp)
+            else:
+                self._script(SCHEMA + stamp)
         except sqlite3.Error as exc:
             raise IndexStoreError(f"cannot open index database {self.path}: {exc}") from None
 
