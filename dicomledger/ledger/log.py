@@ -279,6 +279,20 @@ class LedgerStore:
         )
         return [(row[0], row[1]) for row in rows]
 
+    async def newest_by_key(self, origin: str, prefix: str) -> dict[str, int]:
+        """Each lookup key starting with ``prefix`` that ``origin``'s entries carry, with the
+        index of the newest entry carrying it (e.g. prefix ``instance:``: the latest anchor
+        of every instance). One range scan of the key index."""
+        info = await self.origin(origin)
+        if info is None or not prefix:
+            return {}
+        after = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = await self.db.execute_fetchall(
+            "SELECT key, MAX(idx) FROM entry_keys WHERE key >= ? AND key < ? AND origin_id = ? GROUP BY key",
+            (prefix, after, info.id),
+        )
+        return {row[0]: row[1] for row in rows}
+
     async def nodes(self, origin: str, ids: Iterable[NodeID]) -> dict[NodeID, bytes]:
         wanted = sorted(set(ids))
         if not wanted:
