@@ -11,6 +11,7 @@ the data dictionary does not allow for a standard element) raises NotCanonical, 
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 from pydicom.datadict import dictionary_VR
 
@@ -76,7 +77,9 @@ class _Reader:
 def _dataset(r: _Reader, pos: int, end: int, depth: int, delimited: bool) -> tuple[bytes, int]:
     """Canonical bytes of the elements from `pos` up to `end`, or (`delimited`, an item of
     undefined length) up to its Item Delimitation Item; returns them and where it stopped."""
-    elements: dict[int, bytes] = {}
+    elements: list[tuple[int, bytes]] = []  # (tag, canonical element)
+    last_tag, in_order = -1, True
+    buf, endian, implicit = r.buf, r.endian, r.implicit
     while True:
         if pos == end:
             if delimited:
@@ -89,38 +92,48 @@ def _dataset(r: _Reader, pos: int, end: int, depth: int, delimited: bool) -> tup
             pos += 8
             break
         if tag >> 16 == 0xFFFE:
-            raise NotCanonical(f"item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) among data elements")
+            raise NotCanonical(f"item tag {_show(tag)} among data elements")
         vr: bytes | None = None
-        if r.implicit:
+        if implicit:
             pos += 8
         else:
-            vr = bytes(r.buf[pos + 4 : pos + 6])
+            vr = bytes(buf[pos + 4 : pos + 6])
             if vr in _LONG_VRS:
                 if pos + 12 > end:
                     raise NotCanonical(f"header cut at offset {pos}")
-                (length,) = struct.unpack_from(r.endian + "L", r.buf, pos + 8)
+                (length,) = struct.unpack_from(endian + "L", buf, pos + 8)
                 pos += 12
             elif vr in _SHORT_VRS:
-                (length,) = struct.unpack_from(r.endian + "H", r.buf, pos + 6)
+                (length,) = struct.unpack_from(endian + "H", buf, pos + 6)
                 pos += 8
             else:
                 raise NotCanonical(f"unknown VR {vr!r} at offset {pos}")
-            _check_vr(tag, vr)
-        if tag in elements:
-            raise NotCanonical(f"tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) appears twice")
+        if tag > last_tag:
+            last_tag = tag
+        else:
+            in_order = False
         value, undefined, pos = _value(r, tag, vr, length, pos, end, depth)
         if tag & 0xFFFF == 0 or tag in (_LENGTH_TO_END, _TRAILING_PADDING):
             continue  # describes the encoding, not the content
-        header = struct.pack("<HHL", tag >> 16, tag & 0xFFFF, _UNDEFINED if undefined else len(value))
-        elements[tag] = header + value
-    return b"".join(elements[tag] for tag in sorted(elements)), pos
+        n = _UNDEFINED if undefined else len(value)
+        elements.append((tag, struct.pack("<HHL", tag >> 16, tag & 0xFFFF, n) + value))
+    if not in_order:  # the standard wants ascending tags; a re-encoder sorts them
+        elements.sort(key=lambda e: e[0])
+        for (tag, _), (following, _) in zip(elements, elements[1:], strict=False):
+            if tag == following:
+                raise NotCanonical(f"tag {_show(tag)} appears twice")
+    return b"".join([e for _, e in elements]), pos
 
 
 def _value(
     r: _Reader, tag: int, vr: bytes | None, length: int, pos: int, end: int, depth: int
 ) -> tuple[bytes, bool, int]:
     """(canonical value, keeps undefined length, position after the value)."""
-    vr_name = _dictionary_vr(tag) if vr is None else vr.decode()  # implicit VR: the dictionary
+    if vr is None:
+        vr_name = _dictionary_vr(tag)  # implicit VR: the dictionary's
+    else:
+        vr_name = vr.decode()
+        _check_vr(tag, vr_name)
     if length == _UNDEFINED:
         if vr == b"SQ" or vr is None:
             value, pos = _items(r, pos, end, depth, delimited=True)
@@ -205,17 +218,16 @@ def _to_little_endian(raw: memoryview, width: int) -> bytes:
     return bytes(swapped)
 
 
-def _check_vr(tag: int, vr: bytes) -> None:
+def _check_vr(tag: int, vr: str) -> None:
     """The canonical form has no VR (Implicit VR has none), so an explicit VR must be one
     the data dictionary allows for a standard element (or UN): a VR changed to make a
     reader see other values in the same bytes (US -> SS) is then not hidden."""
     allowed = _dictionary_vr(tag)
-    if allowed is not None and vr != b"UN" and vr.decode() not in allowed.split(" or "):
-        raise NotCanonical(
-            f"VR {vr.decode()} of ({tag >> 16:04X},{tag & 0xFFFF:04X}) is not its dictionary VR {allowed}"
-        )
+    if allowed is not None and vr != "UN" and vr not in allowed.split(" or "):
+        raise NotCanonical(f"VR {vr} of {_show(tag)} is not its dictionary VR {allowed}")
 
 
+@lru_cache(maxsize=4096)
 def _dictionary_vr(tag: int) -> str | None:
     """The standard data dictionary's VR of a tag, None for private or unknown tags."""
     if tag >> 16 & 1:
@@ -224,3 +236,7 @@ def _dictionary_vr(tag: int) -> str | None:
         return str(dictionary_VR(tag))
     except KeyError:
         return None
+
+
+def _show(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
