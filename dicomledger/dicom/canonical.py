@@ -5,7 +5,8 @@ padding), different bytes for any change of an element's value.
 
 A pure function of the dataset bytes. The parse is strict: anything it cannot read exactly
 (a cut header, an item that does not fill its length, a duplicate tag, an unknown VR or one
-the data dictionary does not allow for a standard element) raises NotCanonical, and the caller falls back to hashing the bytes as received.
+the data dictionary does not allow for a standard element) raises NotCanonical, and the
+caller falls back to hashing the bytes as received.
 """
 
 from __future__ import annotations
