@@ -357,7 +357,9 @@ class Gateway:
             p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae
         )
         outcome = "stored"
-        if previous is not None and previous.sha256 != hashes.sha256:
+        # (by the previous anchor's hash method: an instance anchored before the canonical
+        # content hash existed, arriving again, has unchanged content and a new anchor)
+        if previous is not None and previous.sha256 != (hashes.sha256_for(previous.hash_method) or hashes.sha256):
             payload["pixels_changed_from"] = {
                 "origin": previous.ledger_origin,
                 "index": previous.ledger_index,

@@ -250,13 +250,13 @@ class QueryRetrieve:
         same bytes for sending (no window to swap the file between check and send)."""
         state, item = sub.ref
         path = self.storage_dir / item.row.path
-        problem, expected = self._anchored(item)
+        problem, expected, method = self._anchored(item)
         found = None
         if problem is None:
             try:
                 data = path.read_bytes()
                 dataset = dcmread(io.BytesIO(data))
-                found = stored_sha256(data, dataset, item.row.transfer_syntax_uid).hex()
+                found = stored_sha256(data, dataset, item.row.transfer_syntax_uid, method).hex()
                 if found != expected:
                     problem = "pixel hash of the stored file differs from the anchored hash"
                 else:
@@ -270,22 +270,25 @@ class QueryRetrieve:
         self._tamper_alarm(state, item, path, problem, expected, found)
         return Loaded(None, f"tamper check failed: {problem}")
 
-    def _anchored(self, item: Item) -> tuple[str | None, str | None]:
-        """(problem with the anchoring entry or None, the sha256 it anchored if readable)."""
+    def _anchored(self, item: Item) -> tuple[str | None, str | None, str | None]:
+        """(problem with the anchoring entry or None, the sha256 it anchored if readable,
+        the hash method it names: the stored file is hashed the same way)."""
         if item.anchor is None:
-            return "instance has no anchoring ledger entry", None
+            return "instance has no anchoring ledger entry", None, None
         try:
             entry = decode_entry(item.anchor)
         except EntryError as exc:
-            return f"anchoring entry is invalid: {exc}", None
+            return f"anchoring entry is invalid: {exc}", None, None
         sha256 = entry.payload.get("sha256")
+        method = entry.payload.get("hash_method")
+        method = method if isinstance(method, str) else None
         try:
             verify_entry_signature(entry, self.origin_key, canonical=item.anchor)
         except EntryError as exc:
-            return f"anchoring entry is invalid: {exc}", sha256
+            return f"anchoring entry is invalid: {exc}", sha256, method
         if entry.kind != IMAGE_ANCHORED or entry.payload.get("instance") != item.instance:
-            return f"ledger entry {entry.index} does not anchor this instance", sha256
-        return None, sha256
+            return f"ledger entry {entry.index} does not anchor this instance", sha256, method
+        return None, sha256, method
 
     def _tamper_alarm(
         self, state: PlanState, item: Item, path: Path, problem: str, expected: str | None, found: str | None
