@@ -8,11 +8,13 @@ import json
 import os
 import secrets
 import signal
+import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from dicomledger.config import AE_TITLE_RE, Config, ConfigError, load_config
+from dicomledger.datadir import set_private_umask
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
 from dicomledger.ledger.peer_tls import create_tls_identity
 
@@ -101,7 +103,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         if ae != "*" and not AE_TITLE_RE.match(ae):
             return _fail(f"{ae!r} is not a valid AE title (1-16 characters, no backslash)", EXIT_USAGE)
     origin = args.origin or f"{args.ae_title.lower()}.{os.uname().nodename}/dicomledger"
-    (directory / "data" / "images").mkdir(parents=True, exist_ok=True)
+    set_private_umask()  # the config, keys and data tree: 0600 files, 0700 folders
+    (directory / "data" / "images").mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path = directory / "keys" / "gateway.key"
     key = create_key_file(key_path)
     secret_path = directory / "keys" / "consortium.secret"
@@ -133,16 +136,45 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    from dicomledger.gateway import serve
+    """Run the gateway until SIGTERM/SIGINT. Start-up failures end in one log line naming the
+    problem and exit 1: the data directory in use by another gateway (nothing touched), a
+    port in use, a host that does not resolve, a database that cannot be opened."""
+    import structlog
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
+    from dicomledger.datadir import DataDirInUse, DataDirLock, data_directories, make_private
+    from dicomledger.gateway import StartupError, serve
 
-    asyncio.run(main())
+    log = structlog.get_logger("dicomledger.cli")
+    lock = DataDirLock(data_directories(config))
+    try:
+        lock.acquire()
+    except DataDirInUse as exc:
+        log.error("gateway cannot start", reason=str(exc))
+        return EXIT_FAIL
+    try:
+        changed = make_private(config)
+        if changed:
+            outside = [str(p) for p in changed if not p.is_relative_to(config.storage.directory)]
+            log.warning(
+                "took group and other access off the gateway's files (now 0600 files, 0700 folders)",
+                count=len(changed), in_image_store=len(changed) - len(outside), paths=outside[:10],
+            )
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await serve(config, stop)
+
+        asyncio.run(main())
+    except Exception as exc:
+        if not isinstance(exc, StartupError) and not _is_data_error(exc):
+            raise
+        log.error("gateway cannot start", reason=_reason(exc))
+        return EXIT_FAIL
+    finally:
+        lock.release()
     return EXIT_OK
 
 
@@ -427,6 +459,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_data_error(exc: BaseException) -> bool:
+    """What reading or writing a database or file can raise: reported as one line, never a
+    traceback. (Imported here: the modules are slow to import and only needed on failure.)"""
+    from dicomledger.dicom.index import IndexStoreError
+    from dicomledger.forwarding import ForwardQueueError
+    from dicomledger.ledger.log import LedgerStoreError
+
+    return isinstance(exc, OSError | sqlite3.Error | LedgerStoreError | IndexStoreError | ForwardQueueError)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
@@ -439,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         from dicomledger import logs
 
         logs.configure(config.log_level)
+        set_private_umask()  # whatever a command creates (a database, a proof file) is private
         handler = {
             "serve": cmd_serve,
             "verify": cmd_verify,

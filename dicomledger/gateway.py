@@ -51,6 +51,16 @@ from dicomledger.retrieval import QueryRetrieve
 log = structlog.get_logger("dicomledger.gateway")
 
 
+class StartupError(RuntimeError):
+    """The gateway cannot start (a port in use, a host that does not resolve); the message
+    names the listener and the reason."""
+
+
+def _listener_failed(what: str, host: str, port: int, exc: OSError) -> StartupError:
+    reason = exc.strerror or str(exc)
+    return StartupError(f"cannot start the {what} on {host}:{port}: {reason}")
+
+
 @dataclass(frozen=True)
 class Pseudonyms:
     patient: str
@@ -145,7 +155,10 @@ class Gateway:
             await self.admin.start()
         if cfg.peering is not None:
             self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer)
-            await self.peers.start()
+            try:
+                await self.peers.start()
+            except OSError as exc:
+                raise _listener_failed("peer API", cfg.peering.host, cfg.peering.port, exc) from None
         g = cfg.gateway
         query_retrieve = QueryRetrieve(
             loop=self.loop, index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
@@ -166,7 +179,10 @@ class Gateway:
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
         )
-        self.server.start()
+        try:
+            self.server.start()
+        except OSError as exc:
+            raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
         log.info(
             "gateway started",
@@ -191,7 +207,8 @@ class Gateway:
             self._checkpointer.cancel()
         if self.writer is not None:
             await self.writer.stop()
-            await self._checkpoint()
+            if self._checkpointer is not None:  # not after a failed start
+                await self._checkpoint()
         if self.index is not None:
             await self.index.close()
         if self.ledger is not None:
@@ -448,8 +465,8 @@ def _record(header: InstanceHeader, row: InstanceRow) -> IndexRecord:
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     gateway = Gateway(config)
-    await gateway.start()
-    try:
+    try:  # stop() also after a failed start: an open database's thread would keep us alive
+        await gateway.start()
         await stop.wait()
     finally:
         await gateway.stop()
