@@ -305,13 +305,19 @@ def _pseudonyms(args: argparse.Namespace, config: Config) -> dict:
 
 def cmd_grant(args: argparse.Namespace, config: Config) -> int:
     body = {**_pseudonyms(args, config), "to": args.to, "until": args.until, "purpose": args.purpose,
-            "consent": args.consent, "issuer": args.issuer}
+            "consent": args.consent, "issuer": args.issuer, "force": args.force, "dry_run": args.dry_run}
     return _issued("granted", _admin(config, "grant", body))
 
 
 def _issued(what: str, answer: dict | int) -> int:
     if isinstance(answer, int):
         return answer
+    for warning in answer.get("warnings", []):
+        print(f"dicomledger: warning: {warning}", file=sys.stderr)
+    if answer.get("dry_run"):
+        print(f"dry run, nothing signed: {answer['origin']} would sign and append this {answer['kind']}:")
+        print(json.dumps(answer["payload"], indent=2, sort_keys=True))
+        return EXIT_OK
     print(f"{what}: ref {answer['ref']} ({answer['origin']} entry {answer['index']})")
     return EXIT_OK
 
@@ -320,7 +326,7 @@ def cmd_revoke(args: argparse.Namespace, config: Config) -> int:
     if not args.grant and not args.to:
         return _fail("name what to revoke: --grant REF (from `dicomledger permissions`) or --to AE[@GATEWAY]", EXIT_USAGE)
     body = {**_pseudonyms(args, config), "grants": args.grant or [], "to": args.to, "reason": args.reason,
-            "issuer": args.issuer}
+            "issuer": args.issuer, "force": args.force, "dry_run": args.dry_run}
     return _issued("revoked", _admin(config, "revoke", body))
 
 
@@ -401,6 +407,14 @@ def cmd_peers(args: argparse.Namespace, config: Config) -> int:
     return peers(config)
 
 
+def _signing_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true",
+                   help=f"sign even a {what} that names no configured destination, allowed "
+                   "calling AE or consortium gateway")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check and print the record that would be signed; sign nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomledger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -433,12 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purpose", default="", help="why (free text, no PHI)")
     p.add_argument("--consent", default="", help="reference to the consent evidence (no PHI)")
     p.add_argument("--issuer", help="issuer key name (default: this gateway, as custodian)")
+    _signing_options(p, "grantee")
     p = with_config("revoke", "end grants of a patient (through the running gateway)")
     p.add_argument("--patient-id", required=True)
     p.add_argument("--grant", action="append", metavar="REF", help="a grant ref (8+ hex digits); repeat")
     p.add_argument("--to", metavar="AE[@GATEWAY]", help="end every grant to this grantee")
     p.add_argument("--reason", default="")
     p.add_argument("--issuer")
+    _signing_options(p, "grantee (when no grant of the patient names it)")
     p = with_config("permissions", "show a patient's effective grants and permission history")
     p.add_argument("--patient-id", required=True)
     p.add_argument("--json", action="store_true")

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from dicomledger.admin import AdminServer, record_json
+from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.config import Config
 from dicomledger.dicom.index import (
     Index,
@@ -44,7 +44,6 @@ from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
-from dicomledger.ledger.permissions import Grantee
 from dicomledger.ledger.pseudonym import pseudonym
 from dicomledger.retrieval import QueryRetrieve
 
@@ -149,9 +148,7 @@ class Gateway:
             self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory)
             await self.forwarder.start()
         if cfg.admin_socket is not None:
-            self.admin = AdminServer(cfg.admin_socket, {
-                "grant": self._admin_grant, "revoke": self._admin_revoke, "permissions": self._admin_permissions,
-            })
+            self.admin = AdminServer(cfg.admin_socket, PermissionAdmin(cfg, self.book, self.writer).handlers())
             await self.admin.start()
         if cfg.peering is not None:
             self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer)
@@ -315,36 +312,6 @@ class Gateway:
                 if routed:
                     outcome += "; forwarding: " + ", ".join(routed)
             return status, outcome
-
-    # -- admin interface (grant, revoke, permissions) ----------------------------------
-
-    async def _admin_grant(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None and self.writer is not None
-        return await self.book.grant(
-            self.writer, patient=body["patient"], grantee=Grantee.parse(body["to"]),
-            study=body.get("study"), until=body.get("until"), purpose=body.get("purpose", ""),
-            consent=body.get("consent", ""), issuer=body.get("issuer"),
-        )
-
-    async def _admin_revoke(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None and self.writer is not None
-        to = body.get("to")
-        return await self.book.revoke(
-            self.writer, patient=body["patient"], grants=body.get("grants", []),
-            grantee=Grantee.parse(to) if to else None, reason=body.get("reason", ""),
-            issuer=body.get("issuer"),
-        )
-
-    async def _admin_permissions(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None
-        history = await self.book.history(body["patient"])
-        return {
-            "effective": [record_json(g) for g in history.state.effective],
-            "ended": history.state.ended,
-            "ignored": history.state.ignored,
-            "malformed": history.malformed,
-            "history": [record_json(r) for r in history.records],
-        }
 
     async def _anchor(
         self,
