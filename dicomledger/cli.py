@@ -19,6 +19,7 @@ from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file,
 from dicomledger.ledger.peer_tls import create_tls_identity
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool whose reader went away (`| head`)
 
 CONFIG_TEMPLATE = """\
 # dicomledger gateway configuration. Relative paths are relative to this file.
@@ -182,7 +183,11 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     from dicomledger.ledger.verify import verify_database
 
     key = load_key_file(config.ledger.key_file)
-    report = verify_database(config.ledger.database, {config.ledger.origin: key.public_key()})
+    database = config.ledger.database
+    try:
+        report = verify_database(database, {config.ledger.origin: key.public_key()})
+    except sqlite3.Error as exc:
+        return _fail(f"cannot read ledger database {database}: {exc}")
     for o in report.origins:
         print(f"{o.origin}: {o.size} entries, {o.checkpoints} checkpoints")
     if report.problem is not None:
@@ -253,15 +258,26 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (ProofFileError, NoteError, EntryError) as exc:
-        print(f"INVALID: {exc}")
+        if args.json:
+            print(json.dumps({"valid": False, "problem": str(exc)}, indent=2))
+        else:
+            print(f"INVALID: {exc}")
         return EXIT_FAIL
-    when = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
-    print(f"VALID: {entry.kind} entry {entry.index} of {entry.origin}, signed {when}")
+    signed = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
+    witnesses = [(name, datetime.fromtimestamp(ts, UTC).isoformat()) for name, ts in result.witnesses]
+    if args.json:  # one JSON document and nothing else on stdout
+        print(json.dumps({
+            "valid": True, "origin": entry.origin, "index": entry.index, "kind": entry.kind,
+            "signed": signed,
+            "checkpoint": {"size": result.size, "root": result.root_hash.hex()},
+            "witnesses": [{"name": name, "time": when} for name, when in witnesses],
+            "entry": json.loads(proof.entry),
+        }, indent=2))
+        return EXIT_OK
+    print(f"VALID: {entry.kind} entry {entry.index} of {entry.origin}, signed {signed}")
     print(f"included in checkpoint of size {result.size}, root {result.root_hash.hex()}")
-    for name, ts in result.witnesses:
-        print(f"witnessed by {name} at {datetime.fromtimestamp(ts, UTC).isoformat()}")
-    if args.json:
-        print(json.dumps({"entry": json.loads(proof.entry)}, indent=2))
+    for name, when in witnesses:
+        print(f"witnessed by {name} at {when}")
     return EXIT_OK
 
 
@@ -471,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-proof", help="verify a proof file offline with a trust file")
     p.add_argument("proof")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
-    p.add_argument("--json", action="store_true", help="also print the entry")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (verdict, checkpoint, witnesses, entry) instead of text")
     return parser
 
 
@@ -492,6 +509,18 @@ def _reason(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader gone shows here, not as a message at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`dicomledger audit | head`): stop quietly. Point stdout at
+        # /dev/null so the interpreter's final flush does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
         args.allow = args.allow or ["STORESCU", "ECHOSCU"]
@@ -519,8 +548,13 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except FileNotFoundError as exc:
-        return _fail(str(exc))
+    except BrokenPipeError:
+        raise
+    except Exception as exc:
+        if not _is_data_error(exc):
+            raise
+        # a database that is corrupt, locked or unreadable, a file that vanished: one line
+        return _fail(_reason(exc))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ def test_a_second_serve_on_the_same_data_refuses_and_touches_nothing(gateway: Ga
     assert gateway.cli("permissions", "--patient-id", "P-1").returncode == 0
     (f,) = dicomdata.make_mr_series(tmp_path / "mr", 1)
     assert gateway.storescu(f).returncode == 0
+    status = gateway.cli("status").stdout
+    assert f"running (process {gateway.proc.pid})" in status, status
 
 
 def test_a_killed_gateway_leaves_no_lock_behind(tmp_path):
