@@ -138,8 +138,10 @@ def test_init_and_serve_create_everything_private(tmp_path, usual_umask):
 def test_serve_makes_an_open_tree_private_and_says_so(tmp_path, usual_umask):
     gw = GatewayProcess(tmp_path / "gw")
     gw.start()
-    assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "mr", 2)).returncode == 0
-    gw.stop()
+    try:
+        assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "mr", 2)).returncode == 0
+    finally:
+        gw.stop()
     # as an earlier version left it: 0644 / 0755, and no mark that the image store was checked
     (gw.dir / "data" / "images" / "dicomledger.private").unlink(missing_ok=True)
     for p in [gw.dir, *gw.dir.rglob("*")]:
