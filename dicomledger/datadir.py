@@ -7,8 +7,8 @@ there. The kernel drops the lock when the process ends, even on ``kill -9``, so 
 file never blocks a restart. ``status`` asks the same lock whether a gateway runs.
 
 Modes: the index and the images hold PHI, the ledger and keys are the gateway's own secrets.
-``serve`` and ``init`` run with umask 077 (every file the process creates is 0600, every
-directory 0700), and ``serve`` first takes group and other access off what an earlier version
+``init``, ``serve`` and every other command run with umask 077 (every file the process
+creates is 0600, every directory 0700), and ``serve`` first takes group and other access off what an earlier version
 left open (the whole image store on the first start only, see ``PRIVATE_MARKER``).
 """
 
