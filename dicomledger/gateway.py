@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from dicomledger.admin import AdminServer, record_json
+from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.config import Config
 from dicomledger.dicom.index import (
     Index,
@@ -51,11 +51,20 @@ from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
-from dicomledger.ledger.permissions import Grantee
 from dicomledger.ledger.pseudonym import pseudonym
 from dicomledger.retrieval import QueryRetrieve
 
 log = structlog.get_logger("dicomledger.gateway")
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start (a port in use, a host that does not resolve); the message
+    names the listener and the reason."""
+
+
+def _listener_failed(what: str, host: str, port: int, exc: OSError) -> StartupError:
+    reason = exc.strerror or str(exc)
+    return StartupError(f"cannot start the {what} on {host}:{port}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -146,13 +155,14 @@ class Gateway:
             self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory)
             await self.forwarder.start()
         if cfg.admin_socket is not None:
-            self.admin = AdminServer(cfg.admin_socket, {
-                "grant": self._admin_grant, "revoke": self._admin_revoke, "permissions": self._admin_permissions,
-            })
+            self.admin = AdminServer(cfg.admin_socket, PermissionAdmin(cfg, self.book, self.writer).handlers())
             await self.admin.start()
         if cfg.peering is not None:
             self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer)
-            await self.peers.start()
+            try:
+                await self.peers.start()
+            except OSError as exc:
+                raise _listener_failed("peer API", cfg.peering.host, cfg.peering.port, exc) from None
         g = cfg.gateway
         query_retrieve = QueryRetrieve(
             loop=self.loop, index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
@@ -173,7 +183,10 @@ class Gateway:
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
         )
-        self.server.start()
+        try:
+            self.server.start()
+        except OSError as exc:
+            raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
         log.info(
             "gateway started",
@@ -198,7 +211,8 @@ class Gateway:
             self._checkpointer.cancel()
         if self.writer is not None:
             await self.writer.stop()
-            await self._checkpoint()
+            if self._checkpointer is not None:  # not after a failed start
+                await self._checkpoint()
         if self.index is not None:
             await self.index.close()
         if self.ledger is not None:
@@ -307,36 +321,6 @@ class Gateway:
                 if routed:
                     outcome += "; forwarding: " + ", ".join(routed)
             return status, outcome
-
-    # -- admin interface (grant, revoke, permissions) ----------------------------------
-
-    async def _admin_grant(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None and self.writer is not None
-        return await self.book.grant(
-            self.writer, patient=body["patient"], grantee=Grantee.parse(body["to"]),
-            study=body.get("study"), until=body.get("until"), purpose=body.get("purpose", ""),
-            consent=body.get("consent", ""), issuer=body.get("issuer"),
-        )
-
-    async def _admin_revoke(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None and self.writer is not None
-        to = body.get("to")
-        return await self.book.revoke(
-            self.writer, patient=body["patient"], grants=body.get("grants", []),
-            grantee=Grantee.parse(to) if to else None, reason=body.get("reason", ""),
-            issuer=body.get("issuer"),
-        )
-
-    async def _admin_permissions(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None
-        history = await self.book.history(body["patient"])
-        return {
-            "effective": [record_json(g) for g in history.state.effective],
-            "ended": history.state.ended,
-            "ignored": history.state.ignored,
-            "malformed": history.malformed,
-            "history": [record_json(r) for r in history.records],
-        }
 
     async def _anchor(
         self,
@@ -573,8 +557,8 @@ def _record(header: InstanceHeader, row: InstanceRow) -> IndexRecord:
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     gateway = Gateway(config)
-    await gateway.start()
-    try:
+    try:  # stop() also after a failed start: an open database's thread would keep us alive
+        await gateway.start()
         await stop.wait()
     finally:
         await gateway.stop()
