@@ -332,9 +332,7 @@ def test_a_gateway_answers_add_checkpoint_as_the_spec_says(tmp_path):
 
 @dataclass
 class StandardWitness:
-    """A tlog-witness written from the spec: one log, its latest cosigned size and root.
-    (Plus an empty answer to our gossip's checkpoint request, so the gateway, which takes
-    it for a peer, has nothing else to do with it.)"""
+    """A tlog-witness written from the spec: one log, its latest cosigned size and root."""
 
     name: str
     key: Ed25519PrivateKey
@@ -344,26 +342,24 @@ class StandardWitness:
     root: bytes = b""
     seen: list[tuple[bytes, int]] = field(default_factory=list)  # (request body, status)
 
-    def answer(self, body: bytes) -> web.Response:
-        status, response = self._answer(body)
+    def answer(self, body: bytes) -> tuple[int, bytes]:
+        """(status, body): a cosignature line (200), the size (409), nothing otherwise."""
+        status, answer = self._answer(body)
         self.seen.append((body, status))
-        return response
+        return status, answer
 
-    def _answer(self, body: bytes) -> tuple[int, web.Response]:
-        def error(status: int) -> tuple[int, web.Response]:
-            return status, web.Response(status=status)
-
+    def _answer(self, body: bytes) -> tuple[int, bytes]:
         head, sep, note = body.partition(b"\n\n")
         lines = head.decode().split("\n")
         if not sep or not lines[0].startswith("old "):
-            return error(400)
+            return 400, b""
         old, proof = int(lines[0][4:]), [base64.b64decode(h, validate=True) for h in lines[1:]]
         text, sep, sigs = note.decode().rpartition("\n\n")
         text += "\n"
         origin, size, root = text.split("\n")[:3]
         size, root = int(size), base64.b64decode(root, validate=True)
         if origin != self.log_origin:
-            return error(404)
+            return 404, b""
         kid = key_id(origin, 0x01, self.log_key)
         mine = [base64.b64decode(s.split(" ")[2]) for s in sigs.splitlines() if s.split(" ")[1] == origin]
         try:
@@ -371,42 +367,76 @@ class StandardWitness:
             for s in mine:
                 Ed25519PublicKey.from_public_bytes(self.log_key).verify(s[4:], text.encode())
         except Exception:
-            return error(403)
+            return 403, b""
         if old > size:
-            return error(400)
+            return 400, b""
         if old != self.size:
-            return 409, web.Response(status=409, body=f"{self.size}\n".encode(),
-                                     headers={"Content-Type": "text/x.tlog.size"})
+            return 409, f"{self.size}\n".encode()
         if size == old:
             if self.root and root != self.root:
-                return error(422)
+                return 422, b""
         elif old == 0:
             if proof:
-                return error(422)
+                return 422, b""
         elif not verify_consistency(old, size, self.root, root, proof):
-            return error(422)
+            return 422, b""
         self.size, self.root = size, root
-        return 200, web.Response(text=cosignature_line(self.name, self.key, text, int(time.time())))
+        return 200, cosignature_line(self.name, self.key, text, int(time.time())).encode()
 
 
 class WitnessServer:
-    """``witness`` served over HTTPS (pinning the gateway's certificate) from its own thread."""
+    """``witness`` over HTTPS (pinning the gateway's certificate), from its own thread: as a
+    standard witness (``/add-checkpoint``), or as a gateway from before the text protocol
+    (JSON ``/v1/add-checkpoint`` only). Either also answers our gossip's checkpoint request,
+    empty, so the gateway, which takes it for a peer, has nothing else to do with it."""
 
-    def __init__(self, witness: StandardWitness, port: int, ctx: ssl.SSLContext) -> None:
-        self.witness, self.port, self.ctx = witness, port, ctx
+    def __init__(self, witness: StandardWitness, port: int, ctx: ssl.SSLContext, legacy: bool = False) -> None:
+        self.witness, self.port, self.ctx, self.legacy = witness, port, ctx, legacy
+        self.requests: list[tuple[str, int]] = []  # (path, status) of every POST
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.runner: web.AppRunner | None = None
 
+    @web.middleware
+    async def _record(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = exc
+        if request.method == "POST":
+            self.requests.append((request.path, response.status))
+        if isinstance(response, web.HTTPException):
+            raise response
+        return response
+
     async def _add_checkpoint(self, request: web.Request) -> web.Response:
-        return self.witness.answer(await request.read())
+        status, body = self.witness.answer(await request.read())
+        if status == 409:
+            return web.Response(status=409, body=body, headers={"Content-Type": "text/x.tlog.size"})
+        return web.Response(status=status, body=body, content_type="text/plain")
+
+    async def _add_checkpoint_json(self, request: web.Request) -> web.Response:
+        """The JSON exchange of the gateways before the text one, as its docs had it."""
+        req = await request.json()
+        proof = [base64.b64decode(h) for h in req["proof"]]
+        body = f"old {req['old_size']}\n".encode() + b"".join(b64(h).encode() + b"\n" for h in proof)
+        status, answer = self.witness.answer(body + b"\n" + base64.b64decode(req["note"]))
+        if status == 200:
+            name, _, data = answer.decode().removeprefix(f"{DASH} ").strip().partition(" ")
+            return web.json_response({"name": name, "cosignature": data})
+        if status == 409:
+            return web.json_response({"error": "stale", "size": int(answer)}, status=409)
+        return web.json_response({"error": "refused"}, status=status)
 
     async def _checkpoints(self, request: web.Request) -> web.Response:
         return web.json_response({"checkpoints": {}, "evidence": []})
 
     async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/add-checkpoint", self._add_checkpoint)
+        app = web.Application(middlewares=[self._record])
+        if self.legacy:
+            app.router.add_post("/v1/add-checkpoint", self._add_checkpoint_json)
+        else:
+            app.router.add_post("/add-checkpoint", self._add_checkpoint)
         app.router.add_get("/v1/checkpoints", self._checkpoints)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self.runner.setup()
@@ -423,39 +453,48 @@ class WitnessServer:
         self.thread.join(timeout=10)
 
 
+def gateway_with_witness(tmp_path: Path, w_name: str, w_key: Ed25519PrivateKey, w_vkey: str,
+                         legacy: bool = False) -> tuple[GatewayProcess, StandardWitness, WitnessServer]:
+    """Gateway A (not started) with the witness listed under [[peers]]: what the hospital
+    configures, its address, published vkey and TLS certificate."""
+    a = GatewayProcess(tmp_path / "GWA", ae_title="GWA")
+    a.set("checkpoint_interval = 1.0", "checkpoint_interval = 0.3")
+    a.set("gossip_interval = 1.0", "gossip_interval = 0.2")
+    w_cert, w_tls_key, w_port = tmp_path / "w.crt", tmp_path / "w.key", free_port()
+    create_tls_identity(w_cert, w_tls_key, w_name)
+    with open(a.config, "a") as f:
+        f.write(f'\n[[peers]]\norigin = "{w_name}"\naddress = "127.0.0.1:{w_port}"\n'
+                f'vkey = "{w_vkey}"\ntls_cert = "{w_cert}"\n')
+    a_name, _, a_key = read_vkey(a.vkey)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(w_cert, w_tls_key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=(a.dir / "keys" / "peer-tls.crt").read_text())
+    witness = StandardWitness(w_name, w_key, a_name, a_key)
+    return a, witness, WitnessServer(witness, w_port, ctx, legacy)
+
+
 def cosigned_by(gw: GatewayProcess, name: str, size: int) -> bool:
     held = newest_checkpoint(gw, gw.origin)
     return held is not None and held[0] == size and f"\n{DASH} {name} ".encode() in bytes(held[1])
 
 
 def test_a_standard_witness_cosigns_a_gateways_log(tmp_path):
-    a = GatewayProcess(tmp_path / "GWA", ae_title="GWA")
-    a.set("checkpoint_interval = 1.0", "checkpoint_interval = 0.3")
-    a.set("gossip_interval = 1.0", "gossip_interval = 0.2")
     # the witness: its name, key and vkey as a standard witness publishes them (type 0x04)
-    w_key = Ed25519PrivateKey.generate()
-    w_name = "witness.example.org/w1"
+    w_name, w_key = "witness.example.org/w1", Ed25519PrivateKey.generate()
     w_raw = raw_key(w_key.public_key())
     w_vkey = f"{w_name}+{key_id(w_name, 0x04, w_raw).hex()}+{b64(bytes([0x04]) + w_raw)}"
-    w_cert, w_tls_key, w_port = tmp_path / "w.crt", tmp_path / "w.key", free_port()
-    create_tls_identity(w_cert, w_tls_key, w_name)
-    with open(a.config, "a") as f:  # what the hospital configures: the witness's address, vkey, cert
-        f.write(f'\n[[peers]]\norigin = "{w_name}"\naddress = "127.0.0.1:{w_port}"\n'
-                f'vkey = "{w_vkey}"\ntls_cert = "{w_cert}"\n')
-    a_name, _, a_key = read_vkey(a.vkey)
-    witness = StandardWitness(w_name, w_key, a_name, a_key)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(w_cert, w_tls_key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=(a.dir / "keys" / "peer-tls.crt").read_text())
-    server = WitnessServer(witness, w_port, ctx)
+    a, witness, server = gateway_with_witness(tmp_path, w_name, w_key, w_vkey)
+    a_name = a.origin
     server.start()
     try:
         a.start()
         # 1. first checkpoint: "old 0", no proof, TOFU; the cosignature lands on A's checkpoint
         assert a.storescu(*dicomdata.make_mr_series(tmp_path / "one", 2, seed="one")).returncode == 0
         wait_until(lambda: cosigned_by(a, w_name, 2), what="the witness's cosignature on size 2")
-        assert witness.seen[0][0].startswith(b"old 0\n\n" + f"{a_name}\n2\n".encode())
+        # (A's empty log may have been cosigned at size 0 first: the empty tree proves nothing)
+        assert (b"old 0\n\n" + f"{a_name}\n2\n".encode(), 200) in [(body[:len(a_name) + 10], status)
+                                                                  for body, status in witness.seen]
         # 2. growth: "old 2", an RFC 6962 proof the witness checked by hand
         assert a.storescu(*dicomdata.make_mr_series(tmp_path / "two", 1, seed="two")).returncode == 0
         wait_until(lambda: cosigned_by(a, w_name, 3), what="the witness's cosignature on size 3")
@@ -470,6 +509,7 @@ def test_a_standard_witness_cosigns_a_gateways_log(tmp_path):
         after_restart = [(body.split(b"\n", 1)[0], status) for body, status in witness.seen[seen_before:]]
         assert after_restart[:2] == [(b"old 0", 409), (b"old 3", 200)], after_restart
         assert all(status in (200, 409) for _, status in witness.seen), witness.seen
+        assert {path for path, _ in server.requests} == {"/add-checkpoint"}
         assert a.stop() == 0
     finally:
         if a.proc is not None and a.proc.poll() is None:
@@ -484,3 +524,27 @@ def test_a_standard_witness_cosigns_a_gateways_log(tmp_path):
     checked = dicomledger("check-proof", str(proof), "--trust", str(trust))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert f"witnessed by {w_name}" in checked.stdout
+
+
+def test_a_gateway_from_before_the_text_protocol_still_cosigns(tmp_path):
+    """L speaks only the JSON add-checkpoint of earlier gateways: A's text request gets a 404,
+    A asks in JSON from then on, and L's cosignatures keep landing on A's checkpoints."""
+    l_name, l_key = "gwl.test/dicomledger", Ed25519PrivateKey.generate()
+    l_raw = raw_key(l_key.public_key())
+    l_vkey = f"{l_name}+{key_id(l_name, 0x01, l_raw).hex()}+{b64(bytes([0x01]) + l_raw)}"  # as init writes it
+    a, _, server = gateway_with_witness(tmp_path, l_name, l_key, l_vkey, legacy=True)
+    server.start()
+    try:
+        a.start()
+        for size, seed, images in ((2, "one", 2), (3, "two", 1)):
+            assert a.storescu(*dicomdata.make_mr_series(tmp_path / seed, images, seed=seed)).returncode == 0
+            wait_until(lambda size=size: cosigned_by(a, l_name, size), what=f"L's cosignature on size {size}")
+        assert a.stop() == 0
+    finally:
+        if a.proc is not None and a.proc.poll() is None:
+            a.stop()
+        server.stop()
+    assert server.requests[0] == ("/add-checkpoint", 404)
+    assert server.requests[1:] and {path for path, _ in server.requests[1:]} == {"/v1/add-checkpoint"}
+    assert {status for _, status in server.requests[1:]} == {200}
+    assert "Traceback" not in a.log()
