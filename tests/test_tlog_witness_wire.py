@@ -385,13 +385,13 @@ class StandardWitness:
 
 
 class WitnessServer:
-    """``witness`` over HTTPS (pinning the gateway's certificate), from its own thread: as a
-    standard witness (``/add-checkpoint``), or as a gateway from before the text protocol
-    (JSON ``/v1/add-checkpoint`` only). Either also answers our gossip's checkpoint request,
-    empty, so the gateway, which takes it for a peer, has nothing else to do with it."""
+    """``witness`` over HTTPS from its own thread: as a standard witness
+    (``<prefix>/add-checkpoint``), or as a gateway from before the text protocol (JSON
+    ``/v1/add-checkpoint`` only, and an empty answer to gossip's checkpoint request)."""
 
-    def __init__(self, witness: StandardWitness, port: int, ctx: ssl.SSLContext, legacy: bool = False) -> None:
-        self.witness, self.port, self.ctx, self.legacy = witness, port, ctx, legacy
+    def __init__(self, witness: StandardWitness, port: int, ctx: ssl.SSLContext, legacy: bool = False,
+                 prefix: str = "") -> None:
+        self.witness, self.port, self.ctx, self.legacy, self.prefix = witness, port, ctx, legacy, prefix
         self.requests: list[tuple[str, int]] = []  # (path, status) of every POST
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -436,7 +436,7 @@ class WitnessServer:
         if self.legacy:
             app.router.add_post("/v1/add-checkpoint", self._add_checkpoint_json)
         else:
-            app.router.add_post("/add-checkpoint", self._add_checkpoint)
+            app.router.add_post(self.prefix + "/add-checkpoint", self._add_checkpoint)
         app.router.add_get("/v1/checkpoints", self._checkpoints)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
         await self.runner.setup()
@@ -455,23 +455,32 @@ class WitnessServer:
 
 def gateway_with_witness(tmp_path: Path, w_name: str, w_key: Ed25519PrivateKey, w_vkey: str,
                          legacy: bool = False) -> tuple[GatewayProcess, StandardWitness, WitnessServer]:
-    """Gateway A (not started) with the witness listed under [[peers]]: what the hospital
-    configures, its address, published vkey and TLS certificate."""
+    """Gateway A (not started) and a witness, configured as a hospital would: a standard
+    witness under [[witnesses]] (its published vkey, its URL, here a pinned certificate; it
+    asks no client certificate), a gateway from before under [[peers]] (mutual TLS)."""
     a = GatewayProcess(tmp_path / "GWA", ae_title="GWA")
     a.set("checkpoint_interval = 1.0", "checkpoint_interval = 0.3")
     a.set("gossip_interval = 1.0", "gossip_interval = 0.2")
     w_cert, w_tls_key, w_port = tmp_path / "w.crt", tmp_path / "w.key", free_port()
     create_tls_identity(w_cert, w_tls_key, w_name)
-    with open(a.config, "a") as f:
-        f.write(f'\n[[peers]]\norigin = "{w_name}"\naddress = "127.0.0.1:{w_port}"\n'
-                f'vkey = "{w_vkey}"\ntls_cert = "{w_cert}"\n')
-    a_name, _, a_key = read_vkey(a.vkey)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(w_cert, w_tls_key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=(a.dir / "keys" / "peer-tls.crt").read_text())
+    with open(a.config, "a") as f:
+        if legacy:
+            f.write(f'\n[[peers]]\norigin = "{w_name}"\naddress = "127.0.0.1:{w_port}"\n'
+                    f'vkey = "{w_vkey}"\ntls_cert = "{w_cert}"\n')
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cadata=(a.dir / "keys" / "peer-tls.crt").read_text())
+        else:
+            f.write(f'\n[[witnesses]]\nvkey = "{w_vkey}"\nurl = "https://127.0.0.1:{w_port}/w1"\n'
+                    f'tls_cert = "{w_cert}"\n')
+    a_name, _, a_key = read_vkey(a.vkey)
     witness = StandardWitness(w_name, w_key, a_name, a_key)
-    return a, witness, WitnessServer(witness, w_port, ctx, legacy)
+    return a, witness, WitnessServer(witness, w_port, ctx, legacy, prefix="" if legacy else "/w1")
+
+
+def witness_warnings(gw: GatewayProcess) -> list[dict]:
+    return [e for e in log_events(gw)[0] if e.get("event") == "witness did not cosign"]
 
 
 def cosigned_by(gw: GatewayProcess, name: str, size: int) -> bool:
@@ -486,9 +495,14 @@ def test_a_standard_witness_cosigns_a_gateways_log(tmp_path):
     w_vkey = f"{w_name}+{key_id(w_name, 0x04, w_raw).hex()}+{b64(bytes([0x04]) + w_raw)}"
     a, witness, server = gateway_with_witness(tmp_path, w_name, w_key, w_vkey)
     a_name = a.origin
+    witness.log_origin = "another.example/log"  # its operator has not added A's log yet
     server.start()
     try:
         a.start()
+        # 0. the witness does not follow A yet (404): one warning per try, retried, no harm
+        wait_until(lambda: len(witness_warnings(a)) >= 2, what="two refused tries")
+        assert all("status 404" in e["reason"] for e in witness_warnings(a)), witness_warnings(a)
+        witness.log_origin = a_name
         # 1. first checkpoint: "old 0", no proof, TOFU; the cosignature lands on A's checkpoint
         assert a.storescu(*dicomdata.make_mr_series(tmp_path / "one", 2, seed="one")).returncode == 0
         wait_until(lambda: cosigned_by(a, w_name, 2), what="the witness's cosignature on size 2")
@@ -508,8 +522,9 @@ def test_a_standard_witness_cosigns_a_gateways_log(tmp_path):
         wait_until(lambda: cosigned_by(a, w_name, 4), what="the witness's cosignature on size 4")
         after_restart = [(body.split(b"\n", 1)[0], status) for body, status in witness.seen[seen_before:]]
         assert after_restart[:2] == [(b"old 0", 409), (b"old 3", 200)], after_restart
-        assert all(status in (200, 409) for _, status in witness.seen), witness.seen
-        assert {path for path, _ in server.requests} == {"/add-checkpoint"}
+        statuses = [status for _, status in witness.seen]
+        assert set(statuses[statuses.index(200):]) == {200, 409}, statuses  # once it follows A
+        assert {path for path, _ in server.requests} == {"/w1/add-checkpoint"}
         assert a.stop() == 0
     finally:
         if a.proc is not None and a.proc.poll() is None:

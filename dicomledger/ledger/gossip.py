@@ -50,6 +50,7 @@ import asyncio
 import base64
 import json
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from dicomledger.config import PeerConfig, PeeringConfig
+from dicomledger.config import PeerConfig, PeeringConfig, WitnessConfig
 from dicomledger.ledger.checkpoint import CheckpointError, parse_checkpoint
 from dicomledger.ledger.identity import Identity
 from dicomledger.ledger.log import (
@@ -150,6 +151,17 @@ class _Witnessed:
     size: int | None = None
 
 
+def _witness_tls(witness: WitnessConfig) -> ssl.SSLContext | bool:
+    """TLS for a standard witness: its pinned certificate, or the system's CAs (and its host
+    name); no client certificate, the spec authenticates nothing but the checkpoint."""
+    if witness.tls_cert is None:
+        return True  # aiohttp's default: system CAs, host name checked
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # identity is the pinned certificate, as for peers
+    ctx.load_verify_locations(cadata=witness.tls_cert.decode())
+    return ctx
+
+
 def _read_text_answer(status: int, content_type: str, raw: bytes) -> _Witnessed:
     """A tlog-witness add-checkpoint answer: signature lines (200), the witness's size in
     ``text/x.tlog.size`` (409), or an error status with whatever text came with it."""
@@ -197,10 +209,47 @@ class _Peer:
     failures: int = 0  # consecutive pulls whose entries did not verify
     backoff_until: float = 0.0  # time.monotonic() before which we do not pull from this peer
     json_witness: bool = False  # it answered 404 to the text add-checkpoint: a gateway from before it
+    session: None = None  # peers share the service's pinned mutual-TLS session
+
+    @property
+    def name(self) -> str:
+        return self.config.origin
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.config.public_key
 
     @property
     def url(self) -> str:
         return f"https://{self.config.host}:{self.config.port}"
+
+
+@dataclass
+class _Witness:
+    """A standard tlog-witness outside the consortium ([[witnesses]]): asked to cosign each
+    new checkpoint of ours, and again once its cosignature is older than heartbeat_interval.
+    It holds no log: no gossip, no pulls."""
+
+    config: WitnessConfig
+    session: aiohttp.ClientSession | None = None  # its own: system CAs or its pinned certificate
+    cosigned_size: int = 0
+    cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    announce: asyncio.Event = field(default_factory=asyncio.Event)
+    announcer: asyncio.Task[None] | None = None
+    failures: int = 0  # consecutive requests that got no cosignature
+    json_witness: bool = False  # standard witnesses speak the text protocol only
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.config.public_key
+
+    @property
+    def url(self) -> str:
+        return self.config.url
 
 
 class PeerService:
@@ -218,6 +267,7 @@ class PeerService:
         self.state = ConsortiumState(store)
         self.replicas = ReplicaWriter(store)
         self.peers = {p.origin: _Peer(p) for p in config.peers}
+        self.witnesses = [_Witness(w) for w in config.witnesses]
         self._by_fingerprint = {pem_fingerprint(p.tls_cert): p.origin for p in config.peers}
         self._keys = {p.origin: p.public_key for p in config.peers}
         self._witnessed = {p.origin: p.public_key for p in config.peers}  # the logs we witness
@@ -266,10 +316,21 @@ class PeerService:
         self._task = asyncio.create_task(self._gossip_loop(), name="gossip")
         for peer in self.peers.values():
             peer.announcer = asyncio.create_task(self._announce_loop(peer), name=f"announce {peer.config.origin}")
-        log.info("peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers))
+        for witness in self.witnesses:
+            witness.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=_witness_tls(witness.config), limit=4),
+                timeout=aiohttp.ClientTimeout(total=30, connect=3),
+            )
+            witness.announce.set()  # our newest checkpoint may lack its (fresh) cosignature
+            witness.announcer = asyncio.create_task(self._witness_loop(witness), name=f"witness {witness.name}")
+        log.info(
+            "peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers),
+            witnesses=len(self.witnesses),
+        )
 
     async def stop(self) -> None:
         peer_tasks = [t for p in self.peers.values() for t in (p.announcer, p.gossip_round)]
+        peer_tasks += [w.announcer for w in self.witnesses]
         for task in (self._task, *peer_tasks, *self._pulls.values()):
             if task is not None:
                 task.cancel()
@@ -280,6 +341,9 @@ class PeerService:
         log.info("peer API traffic", **vars(self.traffic))
         if self._session is not None:
             await self._session.close()
+        for witness in self.witnesses:
+            if witness.session is not None:
+                await witness.session.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.replicas.stop()
@@ -288,6 +352,8 @@ class PeerService:
         """The gateway signed a new checkpoint of its own log: announce it to every peer."""
         for peer in self.peers.values():
             peer.announce.set()
+        for witness in self.witnesses:
+            witness.announce.set()
 
     # -- server side -------------------------------------------------------------------
 
@@ -469,15 +535,16 @@ class PeerService:
     # -- client side -------------------------------------------------------------------
 
     async def _request(
-        self, peer: _Peer, path: str, data: bytes | None = None, content_type: str | None = None
+        self, peer: _Peer | _Witness, path: str, data: bytes | None = None, content_type: str | None = None
     ) -> tuple[int, str, bytes]:
         """GET ``path`` (or POST ``data``) on ``peer``: (status, Content-Type, body), the body
         refused above ``max_message_bytes``."""
-        assert self._session is not None
+        session = peer.session or self._session
+        assert session is not None
         self.traffic.requests_made += 1
         self.traffic.bytes_sent += len(data or b"")
         headers = None if content_type is None else {"Content-Type": content_type}
-        method = self._session.get if data is None else self._session.post
+        method = session.get if data is None else session.post
         async with method(peer.url + path, data=data, headers=headers) as resp:
             raw = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
@@ -516,6 +583,33 @@ class PeerService:
             await peer.announce.wait()
             peer.announce.clear()
             await self._guarded(peer, self._ask_cosignature(peer))
+
+    async def _witness_loop(self, witness: _Witness) -> None:
+        """Ask a standard witness to cosign each new checkpoint, and to renew its cosignature
+        every heartbeat_interval; after a failure (one log line) try again after
+        gossip_interval, doubling with each consecutive failure up to backoff_max."""
+        while True:
+            try:
+                await asyncio.wait_for(witness.announce.wait(), timeout=self.config.heartbeat_interval)
+            except TimeoutError:
+                pass
+            witness.announce.clear()
+            try:
+                await self._ask_cosignature(witness)
+                witness.failures = 0
+                continue
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                problem = f"unreachable: {exc!s}"
+            except (PeerProtocolError, NoteError, LedgerStoreError) as exc:
+                problem = str(exc)
+            except Exception as exc:  # a bug must not end witnessing: log it loudly and go on
+                log.exception("witness request failed", witness=witness.name, error=f"{type(exc).__name__}: {exc}")
+                problem = "internal error"
+            delay = min(self.config.backoff_max, self.config.gossip_interval * 2.0 ** min(witness.failures, 40))
+            witness.failures += 1
+            log.warning("witness did not cosign", witness=witness.name, reason=problem[:300], retry_seconds=round(delay, 3))
+            await asyncio.sleep(delay)
+            witness.announce.set()  # try again, whether or not we signed another checkpoint
 
     def _backing_off(self, peer: _Peer) -> bool:
         return time.monotonic() < peer.backoff_until
@@ -727,12 +821,13 @@ class PeerService:
                 reported_by=source,
             )
 
-    async def _ask_cosignature(self, peer: _Peer) -> None:
-        """Ask ``peer`` to witness our newest checkpoint (tlog-witness add-checkpoint)."""
+    async def _ask_cosignature(self, peer: _Peer | _Witness) -> None:
+        """Ask ``peer`` (or a standard witness) to witness our newest checkpoint (tlog-witness
+        add-checkpoint)."""
         async with peer.cosign_lock:  # one request at a time, so old_size is never stale
             await self._ask_cosignature_locked(peer)
 
-    async def _ask_cosignature_locked(self, peer: _Peer) -> None:
+    async def _ask_cosignature_locked(self, peer: _Peer | _Witness) -> None:
         own = self.identity.origin
         latest = await self.store.latest_checkpoint(own)
         if latest is None:
@@ -741,7 +836,7 @@ class PeerService:
         note = parse_note(note_bytes)
         fresh_after = time.time() - self.config.heartbeat_interval
         if any(
-            s.name == peer.config.origin and (cosignature_timestamp(s) or 0) > fresh_after
+            s.name == peer.name and (cosignature_timestamp(s) or 0) > fresh_after
             for s in note.signatures
         ):
             return  # cosigned by this peer, recently enough
@@ -754,26 +849,26 @@ class PeerService:
                 continue
             if answer.status != 200:
                 raise PeerProtocolError(
-                    f"{peer.config.origin} did not cosign size {size}: status {answer.status}: {answer.reason}"
+                    f"{peer.name} did not cosign size {size}: status {answer.status}: {answer.reason}"
                 )
             sig = next(
                 (c for c in answer.cosignatures
-                 if verify_cosignature(note.text, c, peer.config.origin, peer.config.public_key) is not None),
+                 if verify_cosignature(note.text, c, peer.name, peer.public_key) is not None),
                 None,
             )
             if sig is None:
-                raise PeerProtocolError(f"cosignature from {peer.config.origin} does not verify")
+                raise PeerProtocolError(f"cosignature from {peer.name} does not verify")
             await self.store.add_cosignature(own, size, sig)
             peer.cosigned_size = size
             return
 
-    async def _add_checkpoint(self, peer: _Peer, note: bytes, old: int, proof: Sequence[bytes]) -> _Witnessed:
+    async def _add_checkpoint(self, peer: _Peer | _Witness, note: bytes, old: int, proof: Sequence[bytes]) -> _Witnessed:
         """One tlog-witness add-checkpoint request to ``peer``, in the standard text encoding;
         a gateway from before it (404 for the path) is asked in JSON from then on."""
         if not peer.json_witness:
             body = format_add_checkpoint(old, proof, note)
             status, content_type, raw = await self._request(peer, ADD_CHECKPOINT_PATH, body, "text/plain; charset=utf-8")
-            if status != 404:
+            if status != 404 or isinstance(peer, _Witness):  # a standard witness: 404 is "unknown log"
                 return _read_text_answer(status, content_type, raw)
         json_body = {"note": _b64(note), "old_size": old, "proof": [_b64(h) for h in proof]}
         status, body = await self._fetch(peer, "/v1/add-checkpoint", post=json_body)
