@@ -75,6 +75,9 @@ class WitnessConfig:
     url: str  # its submission prefix: add-checkpoint is POSTed to url + "/add-checkpoint"
     public_key: Ed25519PublicKey  # from its vkey (type 0x04 as witnesses publish it, or 0x01)
     tls_cert: bytes | None = None  # pinned certificate (PEM); None: the system's CAs
+    # At most one request per interval seconds (the newest checkpoint then): public witnesses
+    # budget each log's requests per day.
+    interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -471,6 +474,9 @@ def _witnesses(path: Path, raw: dict[str, Any], taken: set[str]) -> tuple[Witnes
                 cert = cert_path.read_bytes()
             except OSError as exc:
                 raise sec._fail("tls_cert", f"{cert_path} cannot be read ({exc.strerror})") from None
+        interval = sec.get("interval", float, 60.0)
+        if interval < 0:
+            raise sec._fail("interval", "must be zero or more seconds")
         sec.done()
-        witnesses.append(WitnessConfig(name, url, public_key, cert))
+        witnesses.append(WitnessConfig(name, url, public_key, cert, interval))
     return tuple(witnesses)

@@ -454,7 +454,8 @@ class WitnessServer:
 
 
 def gateway_with_witness(tmp_path: Path, w_name: str, w_key: Ed25519PrivateKey, w_vkey: str,
-                         legacy: bool = False) -> tuple[GatewayProcess, StandardWitness, WitnessServer]:
+                         legacy: bool = False, interval: float = 0.1
+                         ) -> tuple[GatewayProcess, StandardWitness, WitnessServer]:
     """Gateway A (not started) and a witness, configured as a hospital would: a standard
     witness under [[witnesses]] (its published vkey, its URL, here a pinned certificate; it
     asks no client certificate), a gateway from before under [[peers]] (mutual TLS)."""
@@ -473,7 +474,7 @@ def gateway_with_witness(tmp_path: Path, w_name: str, w_key: Ed25519PrivateKey, 
             ctx.load_verify_locations(cadata=(a.dir / "keys" / "peer-tls.crt").read_text())
         else:
             f.write(f'\n[[witnesses]]\nvkey = "{w_vkey}"\nurl = "https://127.0.0.1:{w_port}/w1"\n'
-                    f'tls_cert = "{w_cert}"\n')
+                    f'tls_cert = "{w_cert}"\ninterval = {interval}\n')
     a_name, _, a_key = read_vkey(a.vkey)
     witness = StandardWitness(w_name, w_key, a_name, a_key)
     return a, witness, WitnessServer(witness, w_port, ctx, legacy, prefix="" if legacy else "/w1")
@@ -539,6 +540,37 @@ def test_a_standard_witness_cosigns_a_gateways_log(tmp_path):
     checked = dicomledger("check-proof", str(proof), "--trust", str(trust))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert f"witnessed by {w_name}" in checked.stdout
+
+
+def published_vkey(name: str, key: Ed25519PrivateKey) -> str:
+    """A witness's vkey as standard witnesses publish it: type 0x04."""
+    raw = raw_key(key.public_key())
+    return f"{name}+{key_id(name, 0x04, raw).hex()}+{b64(bytes([0x04]) + raw)}"
+
+
+def test_a_standard_witness_is_asked_at_most_once_per_interval(tmp_path):
+    w_name, w_key = "witness.example.org/w2", Ed25519PrivateKey.generate()
+    a, witness, server = gateway_with_witness(tmp_path, w_name, w_key, published_vkey(w_name, w_key), interval=4)
+    server.start()
+    try:
+        a.start()
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "first", 1, seed="first")).returncode == 0
+        wait_until(lambda: cosigned_by(a, w_name, 1), what="the witness's cosignature on size 1")
+        asked, started = len(witness.seen), time.monotonic()
+        for i in range(3):  # three more checkpoints (one per 0.3 s checkpoint interval)
+            assert a.storescu(*dicomdata.make_mr_series(tmp_path / f"more{i}", 1, seed=f"more{i}")).returncode == 0
+            time.sleep(0.4)
+        wait_until(lambda: cosigned_by(a, w_name, 4), what="the witness's cosignature on size 4")
+        elapsed = time.monotonic() - started
+        assert a.stop() == 0
+    finally:
+        if a.proc is not None and a.proc.poll() is None:
+            a.stop()
+        server.stop()
+    # the later checkpoints coalesced: no more requests than whole intervals allow
+    later = [body.split(b"\n\n", 1)[1].split(b"\n")[1] for body, _ in witness.seen[asked:]]
+    assert 1 <= len(later) <= 1 + int(elapsed / 4), (later, elapsed)
+    assert later[-1] == b"4"
 
 
 def test_a_gateway_from_before_the_text_protocol_still_cosigns(tmp_path):

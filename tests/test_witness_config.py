@@ -29,12 +29,14 @@ def test_witnesses_load(tmp_path):
     cfg = load_config(config(
         tmp_path,
         f'vkey = "{VKEY}"\nurl = "https://witness.example.org/w1/"',
-        f'vkey = "{other}"\nurl = "http://192.0.2.7:8080"\ntls_cert = "{cert}"',
+        f'vkey = "{other}"\nurl = "http://192.0.2.7:8080"\ntls_cert = "{cert}"\ninterval = 0',
     ))
     assert cfg.peering is not None
     w1, w2 = cfg.peering.witnesses
-    assert (w1.name, w1.url, w1.tls_cert) == ("witness.example.org/w1", "https://witness.example.org/w1", None)
-    assert (w2.name, w2.url, w2.tls_cert) == ("witness.example.net", "http://192.0.2.7:8080", cert.read_bytes())
+    assert (w1.name, w1.url, w1.tls_cert, w1.interval) == (
+        "witness.example.org/w1", "https://witness.example.org/w1", None, 60.0)
+    assert (w2.name, w2.url, w2.tls_cert, w2.interval) == (
+        "witness.example.net", "http://192.0.2.7:8080", cert.read_bytes(), 0.0)
     assert w1.public_key.public_bytes_raw() == w2.public_key.public_bytes_raw() == KEY.public_bytes_raw()
     assert load_config(EXAMPLE).peering.witnesses == ()  # type: ignore[union-attr]
 
@@ -49,6 +51,8 @@ def test_witnesses_load(tmp_path):
         (f'vkey = "{VKEY}"\nurl = "https://w.example/w1?x=1"', r"witnesses\[0\]\.url must be"),
         (f'vkey = "{VKEY}"\nurl = "https://w.example"\ntls_cert = "nowhere.crt"', r"witnesses\[0\]\.tls_cert .* cannot be read"),
         (f'vkey = "{VKEY}"\nurl = "https://w.example"\nurll = "x"', r"witnesses\[0\]\.urll is not a known setting"),
+        (f'vkey = "{VKEY}"\nurl = "https://w.example"\ninterval = -1', r"witnesses\[0\]\.interval must be zero or more"),
+        (f'vkey = "{VKEY}"\nurl = "https://w.example"\ninterval = "1m"', r"witnesses\[0\]\.interval must be"),
         (f'vkey = "{verifier_key("hospital-a.example/dicomledger", KEY)}"\nurl = "https://w.example"',
          r"witnesses\[0\]\.vkey names 'hospital-a.example/dicomledger', already this gateway"),
     ],

@@ -585,9 +585,10 @@ class PeerService:
             await self._guarded(peer, self._ask_cosignature(peer))
 
     async def _witness_loop(self, witness: _Witness) -> None:
-        """Ask a standard witness to cosign each new checkpoint, and to renew its cosignature
-        every heartbeat_interval; after a failure (one log line) try again after
-        gossip_interval, doubling with each consecutive failure up to backoff_max."""
+        """Ask a standard witness to cosign our newest checkpoint when there is a new one, at
+        most once per its ``interval``, and to renew its cosignature every heartbeat_interval;
+        after a failure (one log line) try again after gossip_interval, doubling with each
+        consecutive failure up to backoff_max."""
         while True:
             try:
                 await asyncio.wait_for(witness.announce.wait(), timeout=self.config.heartbeat_interval)
@@ -597,6 +598,7 @@ class PeerService:
             try:
                 await self._ask_cosignature(witness)
                 witness.failures = 0
+                await asyncio.sleep(witness.config.interval)  # its budget; newer checkpoints coalesce
                 continue
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 problem = f"unreachable: {exc!s}"
