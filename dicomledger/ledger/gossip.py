@@ -14,6 +14,8 @@ Peer API (HTTPS, mutual TLS, each side pinning the other's certificate; JSON bod
 
 A gateway asks its peers to cosign with the text request, as any tlog-witness client would,
 and falls back to JSON, for good, for a peer that answers 404 to it (a gateway from before).
+Standard witnesses outside the consortium (``[[witnesses]]``) get the same text requests, at
+most one per their ``interval``, over ordinary HTTPS; they hold no log, so nothing else.
 
 Announcements: when this gateway signs a new checkpoint it asks every peer at once to cosign
 it; a peer that cosigns a checkpoint larger than its copy of our log pulls the new entries
