@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from dicomledger import logs
 from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.config import Config
 from dicomledger.dicom.index import (
@@ -556,9 +557,13 @@ def _record(header: InstanceHeader, row: InstanceRow) -> IndexRecord:
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
-    gateway = Gateway(config)
-    try:  # stop() also after a failed start: an open database's thread would keep us alive
-        await gateway.start()
-        await stop.wait()
+    restore_output = logs.capture_native_output()  # every line JSON, even a decoder's panic
+    try:
+        gateway = Gateway(config)
+        try:  # stop() also after a failed start: an open database's thread would keep us alive
+            await gateway.start()
+            await stop.wait()
+        finally:
+            await gateway.stop()
     finally:
-        await gateway.stop()
+        restore_output()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from pydicom import config as pydicom_config
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
@@ -182,6 +183,9 @@ class DicomServer:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = accept_unknown_sop_classes
         tempfile.tempdir = str(temp_dir)
+        # pydicom checks each value as it reads it and warns quoting the value, which can be
+        # PHI; we act on parse errors, never on those warnings.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
         ae = AE(ae_title=ae_title)
         ae.maximum_associations = max_associations
