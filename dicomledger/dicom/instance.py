@@ -60,7 +60,8 @@ def instance_header(
                 "InstanceNumber",
             )
         }
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+    except Exception as exc:  # pydicom converts values lazily, here, and fails any way on bad ones
+        # (ValueError, NotImplementedError for an unknown VR, BytesLengthException, OSError, ...)
         raise InstanceError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not values[keyword]:

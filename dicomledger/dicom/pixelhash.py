@@ -125,7 +125,12 @@ def hash_instance_stream(f: IO[bytes], transfer_syntax_uid: str | None = None) -
     retrieval hashes the very bytes it is about to send."""
     try:
         return _hash_file(f, transfer_syntax_uid)
-    except (PixelHashError, OSError, MemoryError):
+    except OSError as exc:
+        if exc.errno is not None:  # reading the file failed
+            raise
+        # pydicom's reader reports malformed data as an OSError without an errno
+        raise PixelHashError(f"malformed dataset: {exc}") from exc
+    except (PixelHashError, MemoryError):
         raise
     except Exception as exc:  # pydicom/struct/zlib parse failures: say so, never crash
         raise PixelHashError(f"malformed dataset: {type(exc).__name__}: {exc}") from exc

@@ -36,6 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomledger.dicom.qr import QRRequest, RetrieveCore, find_responses, retrieve_responses
 from dicomledger.dicom.query import UNABLE_TO_PROCESS, QueryError
+from dicomledger.dicom.receive_files import RECEIVE_FILES
 
 log = structlog.get_logger("dicomledger.scp")
 
@@ -142,6 +143,8 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    # Writing the received dataset failed (e.g. a full disk): nothing usable is at dataset_path
+    receive_error: OSError | None = None
 
 
 @dataclass
@@ -183,6 +186,7 @@ class DicomServer:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = accept_unknown_sop_classes
         tempfile.tempdir = str(temp_dir)
+        RECEIVE_FILES.install(temp_dir)
         # pydicom checks each value as it reads it and warns quoting the value, which can be
         # PHI; we act on parse errors, never on those warnings.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -207,6 +211,7 @@ class DicomServer:
 
     def start(self) -> None:
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -243,6 +248,22 @@ class DicomServer:
             assoc.abort()
 
     # Handlers: thin, no logic beyond translating the event.
+
+    def _on_connection(self, event: evt.Event) -> None:
+        """Before the association's thread starts: when it ends (released, aborted, reset,
+        timed out, its DUL thread dead), remove the dataset files no store took."""
+        assoc = event.assoc
+        run = assoc.run
+
+        def run_then_discard() -> None:
+            try:
+                run()
+            finally:
+                if removed := RECEIVE_FILES.discard_association(assoc):
+                    log.info("removed partial uploads", files=removed,
+                             peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
+
+        assoc.run = run_then_discard
 
     def _on_requested(self, event: evt.Event) -> None:
         """Before negotiation: order this association's supported transfer syntaxes by the
@@ -295,19 +316,26 @@ class DicomServer:
 
     def _on_c_store(self, event: evt.Event) -> int:
         req = event.request
+        path = Path(event.dataset_path)
         request = StoreRequest(
-            dataset_path=Path(event.dataset_path),
+            dataset_path=path,
             calling_ae=event.assoc.requestor.ae_title,
             peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
             sop_class_uid=str(req.AffectedSOPClassUID),
             sop_instance_uid=str(req.AffectedSOPInstanceUID),
             transfer_syntax_uid=str(event.context.transfer_syntax),
+            receive_error=RECEIVE_FILES.write_error(path),
         )
         with self._idle:
             self._in_flight += 1
         try:
             status = self._on_store(request)
+        except Exception as exc:  # on_store answers every request; a bug must not reach pynetdicom
+            log.error("c-store handler failed", sop_instance=request.sop_instance_uid,
+                      error=type(exc).__name__)
+            status = PROCESSING_FAILURE
         finally:
+            RECEIVE_FILES.discard(path)  # stored files were renamed away; the rest goes
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
