@@ -21,6 +21,7 @@ from tests import dicomdata
 from tests.conftest import GatewayProcess
 from tests.dimse import associate, send_as_is
 from tests.test_logs import assert_json_log_without
+from tests.test_storage_scp import ledger_payloads
 
 MR, SR = "1.2.840.10008.5.1.4.1.1.4", dicomdata.BASIC_TEXT_SR
 PATIENT = dicomdata.FakePatient(name="Phiname-QX7ZK^Wilhelmina", patient_id="DLFAKE-QX7ZK44",
@@ -204,3 +205,34 @@ def test_fuzzed_and_malformed_datasets_get_a_status_and_a_clean_log(gateway, tmp
         print(f"{name}: {stores[sent.index(path)]['outcome']}")
     # the decoder's panic message became a JSON line too
     assert any(r.get("event") == "native panic" for r in records), "no native panic line"
+
+
+def nested_sequences(directory: Path, depth: int) -> Path:
+    """An SR whose content tree nests ``depth`` sequences (defined lengths, written by hand:
+    pydicom cannot write 5,000 levels)."""
+    (sr,) = [dicomdata.make_sr(directory, seed=f"deep{depth}", patient=PATIENT)]
+    ds = pydicom.dcmread(sr)
+    del ds.ContentSequence
+    ds.save_as(sr)
+    value = struct.pack("<HH2sH", 0x0040, 0xA040, b"CS", 4) + b"TEXT"
+    for _ in range(depth):
+        item = struct.pack("<HHL", 0xFFFE, 0xE000, len(value)) + value
+        value = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, len(item)) + item
+    sr.write_bytes(sr.read_bytes() + value)  # (0040,A730) sorts after every element of the SR
+    return sr
+
+
+def test_deeply_nested_sequences_are_refused_at_receive(gateway, tmp_path):
+    from dicomledger.dicom import instance
+
+    limit = getattr(instance, "MAX_SEQUENCE_DEPTH", 64)
+    deep = nested_sequences(tmp_path / "deep", 5000)
+    fine = nested_sequences(tmp_path / "fine", limit)
+    assoc = associate(gateway.port, gateway.ae_title, SR, [ExplicitVRLittleEndian])
+    assert send_as_is(assoc, deep) == 0xC000
+    assert send_as_is(assoc, fine) == 0x0000
+    assoc.release()
+    stores = c_stores(assert_clean_log(gateway))
+    assert stores[0]["status"] == "0xC000" and f"deeper than {limit}" in stores[0]["outcome"]
+    assert len(ledger_payloads(gateway)) == 1  # only the one within the limit is anchored
+    assert list((gateway.dir / "data" / "images" / "tmp").iterdir()) == []
