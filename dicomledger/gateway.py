@@ -323,7 +323,10 @@ class Gateway:
                     f"{request.receive_error.strerror or request.receive_error}",
                 )
             size = request.dataset_path.stat().st_size
-            hashes = hash_instance_file(request.dataset_path, request.transfer_syntax_uid)
+            hashes = hash_instance_file(
+                request.dataset_path, request.transfer_syntax_uid,
+                max_inflated_size=self.config.gateway.max_inflated_size,
+            )
             assert hashes.header is not None
             header = instance_header(
                 hashes.header, hashes.header_sha256, request.sop_class_uid, request.sop_instance_uid

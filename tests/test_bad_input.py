@@ -12,6 +12,7 @@ from pathlib import Path
 import pydicom
 from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
@@ -21,7 +22,7 @@ from tests import dicomdata
 from tests.conftest import GatewayProcess
 from tests.dimse import associate, send_as_is
 from tests.test_logs import assert_json_log_without
-from tests.test_storage_scp import ledger_payloads
+from tests.test_storage_scp import index_rows, ledger_payloads
 
 MR, SR = "1.2.840.10008.5.1.4.1.1.4", dicomdata.BASIC_TEXT_SR
 PATIENT = dicomdata.FakePatient(name="Phiname-QX7ZK^Wilhelmina", patient_id="DLFAKE-QX7ZK44",
@@ -236,3 +237,40 @@ def test_deeply_nested_sequences_are_refused_at_receive(gateway, tmp_path):
     assert stores[0]["status"] == "0xC000" and f"deeper than {limit}" in stores[0]["outcome"]
     assert len(ledger_payloads(gateway)) == 1  # only the one within the limit is anchored
     assert list((gateway.dir / "data" / "images" / "tmp").iterdir()) == []
+
+
+def deflated_bomb(directory: Path, inflated: int) -> Path:
+    """A Deflated Explicit VR Little Endian file of about 1 MB that inflates to ``inflated``
+    bytes: an SR with a long private OB value (mostly zeros, 900 kB of noise)."""
+    (sr,) = [dicomdata.make_sr(directory, seed="bomb", patient=PATIENT)]
+    ds = pydicom.dcmread(sr)
+    noise = random.Random(7).randbytes(900_000)
+    blob = noise + bytes(inflated - len(noise))
+    block = ds.private_block(0x0009, "DLTEST", create=True)
+    block.add_new(0x10, "OB", blob)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = directory / "bomb.dcm"
+    ds.save_as(path, enforce_file_format=True)  # pydicom deflates it
+    return path
+
+
+def test_a_deflate_bomb_is_refused_beyond_the_configured_cap(tmp_path):
+    gw = GatewayProcess(tmp_path / "gw")
+    gw.set("max_inflated_size = 536870912", "max_inflated_size = 8388608")  # 8 MiB
+    gw.start()
+    try:
+        bomb = deflated_bomb(tmp_path / "bomb", 64 * 2**20)
+        assert 0.8e6 < bomb.stat().st_size < 1.5e6
+        small = deflated_bomb(tmp_path / "small", 2 * 2**20)
+        assoc = associate(gw.port, gw.ae_title, SR, [DeflatedExplicitVRLittleEndian])
+        assert send_as_is(assoc, bomb) == 0xC000
+        assert send_as_is(assoc, small) == 0x0000  # within the cap: stored as received
+        assoc.release()
+        stores = c_stores(assert_clean_log(gw))
+        assert stores[0]["status"] == "0xC000"
+        assert "inflates to more than 8388608 bytes" in stores[0]["outcome"], stores[0]
+        assert len(ledger_payloads(gw)) == 1
+        assert index_rows(gw, "SELECT transfer_syntax_uid FROM instances") == [(DeflatedExplicitVRLittleEndian,)]
+        assert list((gw.dir / "data" / "images" / "tmp").iterdir()) == []
+    finally:
+        gw.stop()
