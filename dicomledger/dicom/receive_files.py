@@ -32,13 +32,20 @@ log = structlog.get_logger("dicomledger.receive")
 
 class ReceiveFile:
     """A received dataset's temporary file: the file-object calls pynetdicom makes on it
-    (``write``, ``file.flush``, ``name``, ``close``), never raising an I/O error."""
+    (``write``, ``file.flush``, ``name``, ``close``), never raising an I/O error.
+
+    pynetdicom writes the File Meta element by element, then each dataset fragment followed
+    by a flush: small writes wait in a buffer for the flush, fragments go straight through.
+    """
+
+    _SMALL = 1 << 16
 
     def __init__(self, directory: Path, owner: Any) -> None:
         self.owner = owner  # the Association whose DUL thread receives into this file
         self.error: OSError | None = None
         self.file = self  # pynetdicom flushes through ``.file``
         self._fd: int | None = None
+        self._pending = bytearray()
         try:
             self._fd, self.name = tempfile.mkstemp(suffix=".dcm", dir=directory)
         except OSError as exc:  # no inode, no descriptor: still receive (and discard) it
@@ -47,23 +54,35 @@ class ReceiveFile:
 
     def write(self, data: bytes) -> int:
         if self._fd is not None and self.error is None:
-            view = memoryview(data)
-            try:
-                while view:
-                    view = view[os.write(self._fd, view):]
-            except OSError as exc:
-                self._give_up(exc)
+            if len(data) < self._SMALL or self._pending:
+                self._pending += data
+                if len(self._pending) >= self._SMALL:
+                    self.flush()
+            else:
+                self._write(memoryview(data))
         return len(data)
 
-    def flush(self) -> None:  # writes are unbuffered
-        pass
+    def flush(self) -> None:
+        if self._pending and self._fd is not None and self.error is None:
+            pending, self._pending = self._pending, bytearray()
+            self._write(memoryview(pending))
+
+    def _write(self, view: memoryview) -> None:
+        assert self._fd is not None
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self._give_up(exc)
 
     def close(self) -> None:
+        self.flush()  # (a failing flush gives up, which closes)
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
 
     def remove(self) -> None:
+        self._pending = bytearray()
         self.close()
         try:
             os.unlink(self.name)
