@@ -391,6 +391,7 @@ def test_wrong_called_ae_title_is_refused_and_logged(gateway, tmp_path):
     assert ledger_payloads(gateway) == []
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom reading the wheel's odd files
 def test_the_senders_preferred_transfer_syntax_is_accepted(gateway, tmp_path):
     # storescu +C proposes one context per SOP class: [Explicit LE, Explicit BE, Implicit]
     (f,) = dicomdata.make_mr_series(tmp_path / "mr", 1)
