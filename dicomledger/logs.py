@@ -112,11 +112,10 @@ def _show_warning(
     message: Warning | str, category: type[Warning], filename: str, lineno: int,
     file: TextIO | None = None, line: str | None = None,
 ) -> None:
-    text = str(message)
-    from_pydicom = f"{os.sep}pydicom{os.sep}" in filename
+    # (cut like pydicom's: a warning raised elsewhere can still carry pydicom's text)
     structlog.get_logger("py.warnings").warning(
         "warning", category=category.__name__, where=f"{os.path.basename(filename)}:{lineno}",
-        message=redact_pydicom(text) if from_pydicom else redact(text),
+        message=redact_pydicom(str(message)),
     )
 
 
