@@ -116,6 +116,8 @@ class Negotiator:
                       f"too many associations (max_associations = {limit})", calling_ae, called_ae)
 
     def _negotiate(self, body: bytes) -> Accepted | Rejected:
+        if len(body) < 68:  # protocol version, reserved, called and calling AE, reserved
+            raise AssociateRqError(f"A-ASSOCIATE-RQ of {len(body)} bytes, shorter than its fixed fields")
         rq = AssociateRqPdu()
         try:
             rq.decode(pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_RQ, len(body)) + body)
