@@ -171,10 +171,10 @@ class Association(asyncio.Protocol):
         if not isinstance(answer, Rejected) and server.associations >= server.max_associations:
             answer = server.negotiator.local_limit_exceeded(answer.calling_ae, answer.called_ae,
                                                             server.max_associations)
-        if isinstance(answer, Rejected):
-            self._write(answer.pdu)
+        if isinstance(answer, Rejected):  # (logged first: the line is there when the peer reads)
             log.warning("association refused", reason=answer.reason, calling_ae=answer.calling_ae,
                         called_ae=answer.called_ae, peer=self.address)
+            self._write(answer.pdu)
             self._closing()
             return
         self._write(answer.pdu)
@@ -192,8 +192,8 @@ class Association(asyncio.Protocol):
             self._release_deferred = True
             self._reader.halt()
             return
-        self._write(pdu.A_RELEASE_RP_PDU)
         self._end("association", ended="released")
+        self._write(pdu.A_RELEASE_RP_PDU)
         self._closing()
 
     def _peer_aborted(self, body: bytes) -> None:
@@ -212,12 +212,12 @@ class Association(asyncio.Protocol):
                source: int = pdu.ABORT_SOURCE_PROVIDER) -> None:
         """We abort: bad input (PS3.8 AA-1 before association, AA-8 after) or a timeout."""
         if self.state is State.AWAITING_RQ:
-            self._write(pdu.a_abort(pdu.ABORT_SOURCE_USER, pdu.REASON_NOT_SPECIFIED))  # AA-1
             log.warning("association aborted", reason=reason, peer=self.address, state="awaiting A-ASSOCIATE-RQ")
+            self._write(pdu.a_abort(pdu.ABORT_SOURCE_USER, pdu.REASON_NOT_SPECIFIED))  # AA-1
         elif self.state is State.ESTABLISHED:
-            self._write(pdu.a_abort(source, provider_reason if source == pdu.ABORT_SOURCE_PROVIDER else 0))
             note = self._drop_partial_data_set()
             self._end("association aborted", reason=reason + note)
+            self._write(pdu.a_abort(source, provider_reason if source == pdu.ABORT_SOURCE_PROVIDER else 0))  # AA-8
         else:
             return
         self._closing()
@@ -310,11 +310,11 @@ class Association(asyncio.Protocol):
         refusal = op.refusal
         if refusal is not None or op.service is None:
             assert refusal is not None
-            op.respond(dimse.failure_response(op.command, refusal.status, refusal.reason), refusal.status)
             name = SERVICE_NAMES.get(op.command.field, f"0x{op.command.field:04X}")
-            self._count(op)
             log.warning("request refused", service=name, status=f"0x{refusal.status:04X}", reason=refusal.reason,
                         calling_ae=self.peer.calling_ae, peer=self.address)
+            op.respond(dimse.failure_response(op.command, refusal.status, refusal.reason), refusal.status)
+            self._count(op)
             return
         self.busy = op
         if not op.service.cancellable:

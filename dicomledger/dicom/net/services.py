@@ -7,6 +7,7 @@ registered under its Command Field in server.py."""
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -164,7 +165,7 @@ class FindService:
                                            comment=comment), status)
 
         try:
-            identifier = decode(op.data_set, syntax.is_implicit_VR, syntax.is_little_endian,  # type: ignore[arg-type]
+            identifier = decode(io.BytesIO(op.data_set or b""), syntax.is_implicit_VR, syntax.is_little_endian,
                                 syntax.is_deflated)
             identifier.keys()  # pydicom parses lazily: make it fail here
         except Exception as exc:  # pydicom's decoders raise many kinds: all mean a malformed identifier
