@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 import structlog
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPdu
 from pynetdicom.pdu_primitives import (
@@ -37,6 +37,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomledger.dicom.net import DicomServer, dimse, pdu
 from dicomledger.dicom.scp import StoreRequest
+from tests.dicomdata import MF_GRAY_WORD_SC, fake_uid
 
 HOST = "127.0.0.1"
 AE_TITLE = "NETSCP"
@@ -128,9 +129,8 @@ async def _value(get: Callable[[], Any]) -> Any:
     return get()
 
 
-@pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
-    """structlog events of the test (all threads), as dicts."""
+def captured_logs() -> Iterator[list[dict[str, Any]]]:
+    """For a test module's ``logs`` fixture: structlog events of the test (all threads)."""
     with structlog.testing.capture_logs() as captured:
         yield captured
 
@@ -164,6 +164,33 @@ def rss(pid: int | None = None) -> int:
 def copy_files(paths: Sequence[Path], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     return [Path(shutil.copy(p, directory / f"{i:03d}-{p.name}")) for i, p in enumerate(paths)]
+
+
+def write_large_multiframe(path: Path, frames: int, rows: int = 512, cols: int = 512) -> int:
+    """A valid multi-frame secondary capture of frames x rows x cols x 16 bit, written in
+    chunks (pydicom would hold the pixels in memory). Returns the file size."""
+    ds = Dataset()
+    ds.SOPClassUID = MF_GRAY_WORD_SC
+    ds.SOPInstanceUID = fake_uid("large-mf", frames)
+    ds.StudyInstanceUID = fake_uid("large-mf-study")
+    ds.SeriesInstanceUID = fake_uid("large-mf-series")
+    ds.PatientID = "DLFAKE-LARGE"
+    ds.Modality = "OT"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    size = frames * rows * cols * 2
+    frame = bytes(range(256)) * (rows * cols * 2 // 256)
+    with open(path, "ab") as f:
+        f.write(b"\xe0\x7f\x10\x00OW\x00\x00" + size.to_bytes(4, "little"))
+        for k in range(frames):
+            f.write(frame[k % 256 :] + frame[: k % 256])
+    return path.stat().st_size
 
 
 # --- a raw DICOM client ----------------------------------------------------------------------

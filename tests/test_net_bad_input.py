@@ -31,9 +31,9 @@ from tests.netharness import (
     NetServer,
     RawClient,
     associate_rq,
+    captured_logs,
     established,
     events,
-    logs,  # noqa: F401 - fixture
     rss,
     run_in_threads,
     wait_until,
@@ -41,6 +41,11 @@ from tests.netharness import (
 from tests.test_net_codecs import rq_with_context_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    yield from captured_logs()
 
 CT_CONTEXTS = ((1, VERIFICATION, (IMPLICIT,)), (3, CT_IMAGE, (EXPLICIT,)))
 STORE_RQ = associate_rq(CT_CONTEXTS)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,22 @@ from tests.netharness import (
     AE_TITLE,
     HOST,
     NetServer,
+    captured_logs,
     dataset_bytes,
     established,
     events,
-    logs,  # noqa: F401 - fixture
     rss,
     wait_until,
+    write_large_multiframe,
 )
 from tests.test_storage_scp import OPTION_FOR_SYNTAX
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    yield from captured_logs()
 
 
 @pytest.fixture
@@ -299,33 +306,6 @@ def test_c_find_with_findscu_pynetdicom_and_cancel(tmp_path: Path, logs: list[di
 
 
 # --- a 1 GB multi-frame object: streamed, never in memory ----------------------------------
-
-
-def write_large_multiframe(path: Path, frames: int, rows: int = 512, cols: int = 512) -> int:
-    """A valid multi-frame secondary capture of frames x rows x cols x 16 bit, written in
-    chunks (pydicom would hold the pixels in memory). Returns the file size."""
-    ds = Dataset()
-    ds.SOPClassUID = dicomdata.MF_GRAY_WORD_SC
-    ds.SOPInstanceUID = dicomdata.fake_uid("large-mf", frames)
-    ds.StudyInstanceUID = dicomdata.fake_uid("large-mf-study")
-    ds.SeriesInstanceUID = dicomdata.fake_uid("large-mf-series")
-    ds.PatientID = "DLFAKE-LARGE"
-    ds.Modality = "OT"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
-    size = frames * rows * cols * 2
-    frame = bytes(range(256)) * (rows * cols * 2 // 256)
-    with open(path, "ab") as f:
-        f.write(b"\xe0\x7f\x10\x00OW\x00\x00" + size.to_bytes(4, "little"))
-        for k in range(frames):
-            f.write(frame[k % 256 :] + frame[: k % 256])
-    return path.stat().st_size
 
 
 @pytest.mark.slow

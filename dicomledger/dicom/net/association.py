@@ -398,6 +398,10 @@ class Association(asyncio.Protocol):
         self._transport.write(data)
 
     def _drop_partial_data_set(self) -> str:
+        """The association ends: a data set being received is dropped (with its temp file),
+        an operation being served is told to stop where it can (C-FIND between matches)."""
+        if self.busy is not None:
+            self.busy.cancelled = True
         op, self._receiving = self._receiving, None
         if op is None:
             return ""
