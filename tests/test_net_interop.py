@@ -21,6 +21,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
+from dicomledger.dicom.net import dimse, pdu
+from dicomledger.dicom.net.operation import MemorySink, Operation, Sink
 from dicomledger.dicom.qr import QRRequest
 from dicomledger.dicom.query import QueryError
 from tests import dicomdata
@@ -28,7 +30,9 @@ from tests.conftest import DCMTK_ENV, dcmtk, free_port
 from tests.netharness import (
     AE_TITLE,
     HOST,
+    VERIFICATION,
     NetServer,
+    associate_rq,
     captured_logs,
     dataset_bytes,
     established,
@@ -40,6 +44,7 @@ from tests.netharness import (
 from tests.test_storage_scp import OPTION_FOR_SYNTAX
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 
 @pytest.fixture
@@ -222,8 +227,6 @@ def test_refusals_over_the_wire(tmp_path: Path, logs: list[dict[str, Any]]) -> N
         assert [r["calling_ae"] for r in refused] == ["INTRUDER", "STORESCU"]
         assert "allowed_calling_aes" in refused[0]["reason"] and "'SOMEONE'" in refused[1]["reason"]
 
-        from tests.netharness import associate_rq
-
         holders = [established(server.port, associate_rq(calling="STORESCU")) for _ in range(2)]
         result = dcmtk("storescu", "-v", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port), str(f))
         out = result.stdout + result.stderr
@@ -351,3 +354,46 @@ def dataset_digest(path: Path) -> str:
         while chunk := f.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- the shape of C-GET (phase 2): a service that sends requests on the requestor's association
+
+
+class AskBack:
+    """Sends a C-ECHO-RQ of its own to the requestor on the same association and answers
+    the request with the status the requestor gave it: what C-GET does with C-STOREs."""
+
+    name = "C-GET"
+    cancellable = True  # reads go on: the responses to our requests must reach us
+    abstract_syntaxes = {STUDY_ROOT_GET: ("1.2.840.10008.1.2",)}
+
+    def check(self, op: Operation) -> None:
+        pass
+
+    def open_sink(self, op: Operation, temp_name: str) -> Sink:
+        return MemorySink()
+
+    async def serve(self, op: Operation) -> None:
+        op.expect_responses()
+        verification = next(cx for cx in op.contexts.values() if cx.abstract_syntax == VERIFICATION)
+        op.send_request(verification.context_id, dimse.request(dimse.C_ECHO_RQ, 77, VERIFICATION.encode(),
+                                                               has_data_set=False))
+        answer = await op.response()
+        assert answer is not None and answer.message_id == 77
+        status = answer.us(dimse.STATUS) or 0
+        op.respond(dimse.failure_response(op.command, status), status)
+
+
+def test_a_service_can_send_requests_on_the_association_and_read_their_responses(tmp_path: Path) -> None:
+    with NetServer(tmp_path / "srv", services={dimse.C_GET_RQ: AskBack()}) as server:
+        rq = associate_rq([(1, VERIFICATION, ("1.2.840.10008.1.2",)), (3, STUDY_ROOT_GET, ("1.2.840.10008.1.2",))])
+        with established(server.port, rq) as client:
+            client.send_message(3, dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True),
+                                b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
+            asked = client.read_response()  # the server's own C-ECHO-RQ
+            assert (asked.field, asked.message_id) == (dimse.C_ECHO_RQ, 77)
+            client.send_message(1, dimse.echo_response(77, VERIFICATION.encode(), 0xABCD))
+            answer = client.read_response()
+            assert (answer.field, answer.message_id, answer.us(dimse.STATUS)) == (dimse.C_GET_RSP, 5, 0xABCD)
+            assert client.echo() == 0
+            assert client.release() == pdu.A_RELEASE_RP

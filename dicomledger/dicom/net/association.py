@@ -258,11 +258,14 @@ class Association(asyncio.Protocol):
             self._message_context = None
             if command.has_data_set:
                 raise _DimseError(f"command 0x{field:04X} with a data set")
+            busy = self.busy
             if field == dimse.C_CANCEL_RQ:
-                busy = self.busy
                 if busy is not None and busy.command.message_id == command.message_id:
                     busy.cancelled = True
                 return  # a late C-CANCEL (the operation already ended) is normal
+            if busy is not None and busy.responses is not None:
+                busy.responses.put_nowait(command)  # to the service that sent the request
+                return
             raise _DimseError(f"unexpected DIMSE response 0x{field:04X} (we sent no request)")
         if field not in dimse.REQUESTS:
             raise _DimseError(f"unknown command field 0x{field:04X}")
@@ -274,7 +277,7 @@ class Association(asyncio.Protocol):
 
     def _request(self, command: Command, context: AcceptedContext) -> None:
         service = self._server.services.get(command.field)
-        op = Operation(self.peer, context, command, service, self._send, self._drain)
+        op = Operation(self.peer, context, self._contexts, command, service, self._send, self._drain)
         try:
             name = SERVICE_NAMES.get(command.field, "operation")
             if service is None:
@@ -402,6 +405,8 @@ class Association(asyncio.Protocol):
         an operation being served is told to stop where it can (C-FIND between matches)."""
         if self.busy is not None:
             self.busy.cancelled = True
+            if self.busy.responses is not None:
+                self.busy.responses.put_nowait(None)
         op, self._receiving = self._receiving, None
         if op is None:
             return ""

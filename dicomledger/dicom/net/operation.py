@@ -5,6 +5,7 @@ one operation at a time)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -147,13 +148,15 @@ class Peer:
 class Operation:
     """A request as the service sees it, and its way to answer."""
 
-    __slots__ = ("peer", "context", "command", "service", "sink", "data_set", "data_set_path",
-                 "refusal", "cancelled", "status", "_send", "_drain")
+    __slots__ = ("peer", "context", "contexts", "command", "service", "sink", "data_set", "data_set_path",
+                 "refusal", "cancelled", "status", "responses", "_send", "_drain")
 
-    def __init__(self, peer: Peer, context: AcceptedContext, command: Command, service: Service | None,
-                 send: Callable[[int, bytes, bytes | None], None], drain: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, peer: Peer, context: AcceptedContext, contexts: Mapping[int, AcceptedContext],
+                 command: Command, service: Service | None, send: Callable[[int, bytes, bytes | None], None],
+                 drain: Callable[[], Awaitable[None]]) -> None:
         self.peer = peer
-        self.context = context
+        self.context = context  # the request's
+        self.contexts = contexts  # all the association's (C-GET sends on its storage contexts)
         self.command = command
         self.service = service
         self.sink: Sink = DiscardSink()
@@ -162,6 +165,9 @@ class Operation:
         self.refusal: Refusal | None = None
         self.cancelled = False  # a C-CANCEL-RQ for it arrived
         self.status: int | None = None  # the last status sent
+        # Responses to requests the service sends on this association (C-GET's C-STOREs);
+        # None until expect_responses(); a None item means the association ended.
+        self.responses: asyncio.Queue[Command | None] | None = None
         self._send = send
         self._drain = drain
 
@@ -174,6 +180,19 @@ class Operation:
         """Wait until the peer has taken what was sent (flow control), and let C-CANCEL in."""
         await self._drain()
 
+    def expect_responses(self) -> None:
+        """Before sending requests of our own (a service with ``cancellable``, so reads go on)."""
+        self.responses = asyncio.Queue()
+
+    def send_request(self, context_id: int, command: bytes, data_set: bytes | None = None) -> None:
+        """A request to the peer on one of the association's contexts (C-GET: a C-STORE-RQ)."""
+        self._send(context_id, command, data_set)
+
+    async def response(self) -> Command | None:
+        """The next response the peer sent to our requests; None if the association ended."""
+        assert self.responses is not None, "expect_responses() first"
+        return await self.responses.get()
+
     def cleanup(self) -> None:
         """After the service: a temp file it did not move away is removed."""
         if self.data_set_path is not None:
@@ -185,7 +204,9 @@ class Service(Protocol):
     """A DIMSE service: one handler per request Command Field."""
 
     name: str  # for logs: "C-STORE", ...
-    cancellable: bool  # reads go on while it runs, so a C-CANCEL-RQ can reach it
+    # Reads go on while it runs, so a C-CANCEL-RQ, or the responses to requests it sends, can
+    # reach it; otherwise nothing is read until it has answered (the 1/1 operations window).
+    cancellable: bool
     abstract_syntaxes: Mapping[str, tuple[str, ...]]  # the contexts it serves, with their transfer syntaxes
 
     def check(self, op: Operation) -> None:
