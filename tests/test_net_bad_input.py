@@ -164,6 +164,42 @@ def test_invalid_associate_requests_are_aborted(server: NetServer, bystander: Ra
     assert rss() - before < 20e6  # nothing was buffered for the declared length
 
 
+def big_rq(k: int) -> bytes:
+    """A valid A-ASSOCIATE-RQ of about 200 KiB, distinct for each k (pynetdicom needs a few
+    tenths of a second of Python to decode one)."""
+    syntaxes = [f"1.2.826.0.1.3680043.10.{k}.{n}" for n in range(50)] + [str(EXPLICIT)]
+    return associate_rq([(2 * i + 1, f"1.2.840.10008.5.1.4.1.1.{i}", syntaxes) for i in range(60)])
+
+
+def test_decoding_large_requests_does_not_stall_other_associations(tmp_path: Path) -> None:
+    """Six never-seen 200 KiB A-ASSOCIATE-RQs at once: they are decoded one after the other
+    in a worker thread, and the bystander's C-ECHO is answered before the last of them."""
+    answered: list[tuple[str, float]] = []
+    server = NetServer(tmp_path / "srv", artim_timeout=60).__enter__()
+    bystander = established(server.port)
+    flood = [RawClient(server.port, timeout=60) for _ in range(6)]
+    for k, client in enumerate(flood):
+        client.send(big_rq(k))
+
+    def flood_answer(client: RawClient) -> None:
+        assert client.read_pdu()[0] == pdu.A_ASSOCIATE_AC
+        answered.append(("flood", time.monotonic()))
+
+    def echo() -> None:
+        time.sleep(0.05)  # after the flood has arrived
+        assert bystander.echo() == 0
+        answered.append(("echo", time.monotonic()))
+
+    try:
+        run_in_threads([*(lambda c=c: flood_answer(c) for c in flood), echo])
+    finally:
+        for client in [*flood, bystander]:
+            client.close()
+        server.__exit__(None, None, None)
+    order = [who for who, _ in sorted(answered, key=lambda x: x[1])]
+    assert order.index("echo") < len(order) - 1, order
+
+
 @pytest.mark.parametrize("patch, code", [
     (lambda rq: rq[:6] + b"\x00\x02" + rq[8:], (1, 2, 2)),  # protocol version without bit 0
     (lambda rq: rq.replace(b"1.2.840.10008.3.1.1.1", b"1.2.840.10008.3.1.1.9"), (1, 1, 2)),

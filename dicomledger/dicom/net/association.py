@@ -18,7 +18,7 @@ import structlog
 
 from dicomledger.dicom.net import dimse, pdu
 from dicomledger.dicom.net.dimse import RESPONSE_BIT, Command, CommandError, parse_command
-from dicomledger.dicom.net.negotiation import AcceptedContext, AssociateRqError, Rejected
+from dicomledger.dicom.net.negotiation import Accepted, AcceptedContext, AssociateRqError, Rejected
 from dicomledger.dicom.net.operation import DiscardSink, Operation, Peer, Refusal
 from dicomledger.dicom.net.pdu import FramingError, PduReader
 
@@ -162,12 +162,36 @@ class Association(asyncio.Protocol):
     # --- association -------------------------------------------------------------------------
 
     def _associate(self, body: bytes) -> None:
-        server = self._server
+        negotiator = self._server.negotiator
         try:
-            answer = server.negotiator.negotiate(body)
+            answer = negotiator.cached(body) or negotiator.precheck(body)
         except AssociateRqError as exc:
             self._abort(str(exc), pdu.REASON_INVALID_PARAMETER)
             return
+        if answer is None:  # decode and negotiate in the server's worker thread
+            self._reader.halt()
+            self.task = self._loop.create_task(self._negotiate_elsewhere(body))
+            self._server.operation_started(self.task)
+            return
+        self._answer(answer)
+
+    async def _negotiate_elsewhere(self, body: bytes) -> None:
+        negotiator = self._server.negotiator
+        try:
+            answer = await self._loop.run_in_executor(self._server.negotiation_pool, negotiator.decide, body)
+        except AssociateRqError as exc:
+            if self.state is State.AWAITING_RQ:
+                self._abort(str(exc), pdu.REASON_INVALID_PARAMETER)
+            return
+        finally:
+            self.task = None
+        negotiator.remember(body, answer)
+        if self.state is State.AWAITING_RQ:  # not closed meanwhile (ARTIM, the peer)
+            self._answer(answer)
+            self._run_reader(self._reader.resume)
+
+    def _answer(self, answer: Accepted | Rejected) -> None:
+        server = self._server
         if not isinstance(answer, Rejected) and server.associations >= server.max_associations:
             answer = server.negotiator.local_limit_exceeded(answer.calling_ae, answer.called_ae,
                                                             server.max_associations)

@@ -101,23 +101,56 @@ class Negotiator:
 
     def negotiate(self, body: bytes) -> Accepted | Rejected:
         """The answer to an A-ASSOCIATE-RQ PDU body; AssociateRqError if it is invalid."""
-        cached = self._cache.get(body)
-        if cached is not None:
+        answer = self.cached(body) or self.precheck(body)
+        if answer is None:
+            answer = self.decide(body)
+            self.remember(body, answer)
+        return answer
+
+    # The server splits negotiate() in three: cached() and precheck() on the event loop
+    # (cheap), decide() in a worker thread (pynetdicom's decoding of a large RQ takes up to
+    # half a second of Python, which must not stall other associations), remember() back
+    # on the loop.
+
+    def cached(self, body: bytes) -> Accepted | Rejected | None:
+        answer = self._cache.get(body)
+        if answer is not None:
             self._cache.move_to_end(body)
-            return cached
-        answer = self._negotiate(body)
+        return answer
+
+    def remember(self, body: bytes, answer: Accepted | Rejected) -> None:
         self._cache[body] = answer
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
-        return answer
+
+    def precheck(self, body: bytes) -> Rejected | None:
+        """The checks that need only the RQ's fixed fields (PS3.8 Table 9-11), so a sender
+        we refuse costs no decoding: protocol version, called and calling AE title."""
+        if len(body) < 68:  # protocol version, reserved, called and calling AE, reserved
+            raise AssociateRqError(f"A-ASSOCIATE-RQ of {len(body)} bytes, shorter than its fixed fields")
+        version = int.from_bytes(body[0:2], "big")
+        called = body[4:20].decode("ascii", "replace").strip(" \x00")
+        calling = body[20:36].decode("ascii", "replace").strip(" \x00")
+        if not version & 0x0001:
+            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_ACSE, 2,
+                          f"protocol version 0x{version:04X} not supported (bit 0 unset)", calling, called)
+        if self._allowed is not None and calling not in self._allowed:
+            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 3,
+                          "calling AE title not in gateway.allowed_calling_aes", calling, called)
+        if called != self.ae_title:
+            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 7,
+                          f"called AE title {called!r} is not this gateway's ({self.ae_title})", calling, called)
+        return None
+
+    def decide(self, body: bytes) -> Accepted | Rejected:
+        """Decode with pynetdicom and negotiate; thread-safe (touches no shared state)."""
+        return self.precheck(body) or self._negotiate(body)
 
     def local_limit_exceeded(self, calling_ae: str, called_ae: str, limit: int) -> Rejected:
         return reject(pdu.REJECTED_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, 2,
                       f"too many associations (max_associations = {limit})", calling_ae, called_ae)
 
     def _negotiate(self, body: bytes) -> Accepted | Rejected:
-        if len(body) < 68:  # protocol version, reserved, called and calling AE, reserved
-            raise AssociateRqError(f"A-ASSOCIATE-RQ of {len(body)} bytes, shorter than its fixed fields")
         rq = AssociateRqPdu()
         try:
             rq.decode(pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_RQ, len(body)) + body)
@@ -125,19 +158,10 @@ class Negotiator:
             application_context = rq.application_context_name
         except Exception as exc:  # pynetdicom's decoders raise many kinds; any of them: invalid PDU
             raise AssociateRqError(f"A-ASSOCIATE-RQ cannot be decoded ({type(exc).__name__}: {exc})") from None
-        if not rq.protocol_version & 0x0001:
-            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_ACSE, 2,
-                          f"protocol version 0x{rq.protocol_version:04X} not supported (bit 0 unset)", calling, called)
         if application_context != APPLICATION_CONTEXT_NAME:
             return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 2,
                           f"application context name {str(application_context)[:64]!r} not supported",
                           calling, called)
-        if self._allowed is not None and calling not in self._allowed:
-            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 3,
-                          "calling AE title not in gateway.allowed_calling_aes", calling, called)
-        if called != self.ae_title:
-            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 7,
-                          f"called AE title {called!r} is not this gateway's ({self.ae_title})", calling, called)
         _check_context_ids([item.context_id for item in rq.presentation_context])
         try:
             primitive = rq.to_primitive()

@@ -9,6 +9,7 @@ import itertools
 import os
 import resource
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -89,6 +90,8 @@ class DicomServer:
         )
 
         self.loop: asyncio.AbstractEventLoop  # the running loop, from start()
+        # A-ASSOCIATE-RQs not seen before are decoded here, one at a time, off the loop
+        self.negotiation_pool: ThreadPoolExecutor
         self._server: asyncio.Server | None = None
         self._connections: set[Association] = set()
         self._waiting: dict[Association, None] = {}  # not yet associated, oldest first
@@ -98,6 +101,7 @@ class DicomServer:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.negotiation_pool = ThreadPoolExecutor(1, thread_name_prefix="dicom-negotiation")
         limit = raise_descriptor_limit()
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         self._server = await self.loop.create_server(
@@ -125,6 +129,7 @@ class DicomServer:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5)
+        self.negotiation_pool.shutdown(wait=False, cancel_futures=True)
         await server.wait_closed()
 
     @property
