@@ -452,3 +452,20 @@ def test_fuzz_sessions_on_the_wire(tmp_path: Path, logs: list[dict[str, Any]]) -
     failures = [e for e in logs if e.get("log_level") in ("error", "critical") or e.get("exc_info")]
     assert failures == [], failures[:3]
     assert len(events(logs, "association aborted")) > 50  # the fuzz did reach the checks
+
+
+def test_an_identifier_that_does_not_decode_gets_0xc000(tmp_path: Path, logs: list[dict[str, Any]]) -> None:
+    from tests.test_net_interop import ListCore
+
+    find = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root C-FIND
+    core = ListCore(3)
+    rq = associate_rq([(1, VERIFICATION, (IMPLICIT,)), (3, find, (EXPLICIT,))])
+    with NetServer(tmp_path / "srv", query_retrieve=core) as server, established(server.port, rq) as client:
+        garbage = b"\x08\x00\x52\x00CS\x06\x00STUDY \x10\x00\x20\x00XX\x04\x00ABCD"  # an unknown VR
+        client.send_message(3, dimse.request(dimse.C_FIND_RQ, 9, find.encode(), has_data_set=True), garbage)
+        response = client.read_response()
+        assert (response.field, response.message_id, response.us(dimse.STATUS)) == (dimse.C_FIND_RSP, 9, 0xC000)
+        assert client.echo() == 0
+    assert core.requests == []
+    line = one_line(logs, "query refused", "identifier cannot be decoded")
+    assert line["calling_ae"] == "RAWSCU"

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
+from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.dsutils import decode, encode
@@ -164,20 +165,11 @@ class FindService:
             op.respond(dimse.find_response(message_id, sop_class, status, with_identifier=False,
                                            comment=comment), status)
 
-        try:
-            identifier = decode(io.BytesIO(op.data_set or b""), syntax.is_implicit_VR, syntax.is_little_endian,
-                                syntax.is_deflated)
-            identifier.keys()  # pydicom parses lazily: make it fail here
-        except Exception as exc:  # pydicom's decoders raise many kinds: all mean a malformed identifier
-            reason = f"identifier cannot be decoded: {type(exc).__name__}"
-            log.warning("query refused", service="C-FIND", calling_ae=op.peer.calling_ae, peer=op.peer.address,
-                        reason=reason)
-            final(UNABLE_TO_PROCESS, reason)
+        try:  # decoding (up to 1 MiB) and the core's query: in a thread, off the event loop
+            matches = await asyncio.get_running_loop().run_in_executor(None, self._find, op, syntax)
+        except Refusal as refusal:
+            final(refusal.status, refusal.reason)
             return
-        request = QRRequest(service="C-FIND", model=FIND_MODELS[op.context.abstract_syntax], identifier=identifier,
-                            calling_ae=op.peer.calling_ae, peer=op.peer.address)
-        try:
-            matches = await asyncio.get_running_loop().run_in_executor(None, self._core.find, request)
         except QueryError as exc:  # the core has logged why
             final(exc.status, str(exc)[:64])
             return
@@ -193,3 +185,17 @@ class FindService:
             op.respond(dimse.find_response(message_id, sop_class, PENDING, with_identifier=True), PENDING, data)
         await op.drain()
         final(CANCEL if op.cancelled else SUCCESS)
+
+    def _find(self, op: Operation, syntax: UID) -> list[Dataset]:
+        try:
+            identifier = decode(io.BytesIO(op.data_set or b""), syntax.is_implicit_VR, syntax.is_little_endian,
+                                syntax.is_deflated)
+            list(identifier)  # pydicom converts values lazily: make any of them fail here
+        except Exception as exc:  # pydicom's decoders raise many kinds: all mean a malformed identifier
+            reason = f"identifier cannot be decoded: {type(exc).__name__}"
+            log.warning("query refused", service="C-FIND", calling_ae=op.peer.calling_ae, peer=op.peer.address,
+                        reason=reason)
+            raise Refusal(UNABLE_TO_PROCESS, reason) from None
+        request = QRRequest(service="C-FIND", model=FIND_MODELS[op.context.abstract_syntax], identifier=identifier,
+                            calling_ae=op.peer.calling_ae, peer=op.peer.address)
+        return self._core.find(request)
