@@ -168,7 +168,12 @@ class Negotiator:
             proposed = primitive.presentation_context_definition_list
         except Exception as exc:  # as above: a context pynetdicom cannot represent
             raise AssociateRqError(f"A-ASSOCIATE-RQ cannot be decoded ({type(exc).__name__}: {exc})") from None
-        return self._accept(primitive, proposed, calling, called)
+        try:
+            return self._accept(primitive, proposed, calling, called)
+        except AssociateRqError:
+            raise
+        except Exception as exc:  # values pynetdicom decoded but will not encode back: an invalid RQ too
+            raise AssociateRqError(f"A-ASSOCIATE-RQ cannot be negotiated ({type(exc).__name__}: {exc})") from None
 
     def _accept(self, rq: A_ASSOCIATE, proposed: list[PresentationContext], calling: str, called: str) -> Accepted:
         peer_max, implementation, version, async_ops = 0, "", "", False
