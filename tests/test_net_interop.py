@@ -338,6 +338,8 @@ def test_a_1_gb_multiframe_streams_to_disk_with_flat_memory(tmp_path: Path) -> N
         assert result.returncode == 0, result.stdout + result.stderr
         (got,) = server.received
         assert dataset_digest(got.path) == dataset_digest(big)
+        got.path.unlink()  # 2 GB in pytest's kept temp dirs otherwise
+        big.unlink()
     grown = (peak - baseline) / 1e6
     print(f"1 GB multi-frame: {size / 1e6 / elapsed:.0f} MB/s, server RSS grew {grown:.0f} MB "
           f"(peak {peak / 1e6:.0f} MB)")
