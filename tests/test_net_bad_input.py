@@ -178,9 +178,10 @@ def test_decoding_large_requests_does_not_stall_other_associations(tmp_path: Pat
     answered: list[tuple[str, float]] = []
     server = NetServer(tmp_path / "srv", artim_timeout=60).__enter__()
     bystander = established(server.port)
+    requests = [big_rq(k) for k in range(6)]  # built first: they arrive together
     flood = [RawClient(server.port, timeout=60) for _ in range(6)]
-    for k, client in enumerate(flood):
-        client.send(big_rq(k))
+    for client, rq in zip(flood, requests, strict=True):
+        client.send(rq)
 
     def flood_answer(client: RawClient) -> None:
         assert client.read_pdu()[0] == pdu.A_ASSOCIATE_AC
