@@ -3,9 +3,9 @@
     .venv/bin/python bench/bare_scp.py --port 11113 --output-dir /tmp/out [--ae-title BARESCP]
                                        [--allow STORESCU --allow BENCHSCU]
 
-Same pynetdicom settings as the gateway (dicomledger/dicom/scp.py): chunked receive into a
-temp file on the output file system, maximum PDU 0 (unlimited), 64 associations, 60 s
-timeouts, all storage SOP classes with all transfer syntaxes, Verification. The C-STORE
+The pynetdicom settings the gateway used before its own DICOM layer (dicomledger/dicom/net):
+chunked receive into a temp file on the output file system, maximum PDU 0 (unlimited), 64
+associations, 60 s timeouts, all storage SOP classes with all transfer syntaxes, Verification. The C-STORE
 handler only moves pynetdicom's temp file into the output folder (os.replace: no fsync, no
 parsing, no hashing) and answers Success.
 

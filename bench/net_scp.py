@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 from bare_scp import file_name  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
-from dicomledger.dicom.net import DicomServer  # noqa: E402
-from dicomledger.dicom.scp import StoreRequest  # noqa: E402
+from dicomledger.dicom.net import (
+    DicomServer,  # noqa: E402
+    StoreRequest,  # noqa: E402
+)
 
 SUCCESS = 0x0000
 

@@ -1,15 +1,17 @@
 """The gateway: joins the DICOM half and the ledger half. receive -> hash -> store -> anchor.
 
-Threads: pynetdicom runs each association in its own thread; there we parse the header and
-hash the pixel data (CPU work stays off the event loop), then hand the instance to the
-asyncio loop, which stores, indexes and anchors it, and wait. Success goes back to the
-sender only after the file, its index row and its ledger entry are durable.
+Threads: the DICOM layer (``dicom/net``) serves every association on the event loop and
+hands each received instance to ``handle_store``; its header parse, pixel hash and durable
+file commit (CPU and fsync) run in the ingest thread pool, never on the loop; then the
+loop indexes and anchors it. Success goes back to the sender only after the file, its index
+row and its ledger entry are durable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from pydicom import config as pydicom_config
 
 from dicomledger import logs
 from dicomledger.admin import AdminServer, PermissionAdmin
@@ -37,15 +40,14 @@ from dicomledger.dicom.instance import (
     instance_header,
     read_instance_header,
 )
-from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_instance_file
-from dicomledger.dicom.scp import (
+from dicomledger.dicom.net import DicomServer, StoreRequest
+from dicomledger.dicom.net.dimse import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     SUCCESS,
-    DicomServer,
-    StoreRequest,
 )
+from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_instance_file
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue, ForwardQueueError
 from dicomledger.ledger import merkle
@@ -185,12 +187,18 @@ class Gateway:
         self.admin: AdminServer | None = None
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
         self._locks = [asyncio.Lock() for _ in range(64)]
+        # Parse, hash and the file's fsyncs of received instances: off the event loop. A few
+        # threads, so one store's fsync does not hold up the next one's hashing.
+        self._ingest_pool = ThreadPoolExecutor(8, thread_name_prefix="ingest")
         self._checkpointer: asyncio.Task[None] | None = None
         self._checkpoint_size = -1
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
+        # pydicom checks each value as it reads it and warns quoting the value, which can be
+        # PHI; we act on parse errors, never on those warnings.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         removed = self.files.prepare()
         if removed:
             log.info("removed partial uploads left by an earlier run", count=removed)
@@ -227,7 +235,7 @@ class Gateway:
                 raise _listener_failed("peer API", cfg.peering.host, cfg.peering.port, exc) from None
         g = cfg.gateway
         query_retrieve = QueryRetrieve(
-            loop=self.loop, index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
+            index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
             book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
             origin=self.identity.origin, origin_key=self.identity.public_key,
             destinations=cfg.forwarding,
@@ -246,7 +254,7 @@ class Gateway:
             query_retrieve=query_retrieve,
         )
         try:
-            self.server.start()
+            await self.server.start()
         except OSError as exc:
             raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
@@ -261,7 +269,8 @@ class Gateway:
 
     async def stop(self) -> None:
         if self.server is not None:
-            await asyncio.to_thread(self.server.stop)
+            await self.server.stop()  # in-flight stores finish and are answered
+        self._ingest_pool.shutdown(wait=False)
         if self.admin is not None:
             await self.admin.stop()
         if self.forwarder is not None:
@@ -302,31 +311,25 @@ class Gateway:
 
     # -- ingest --------------------------------------------------------------
 
-    def handle_store(self, request: StoreRequest) -> int:
-        """Runs in the association's thread; returns the C-STORE status. Never raises: every
-        request gets a status and one ``c-store`` log line saying what became of it.
+    async def handle_store(self, request: StoreRequest) -> int:
+        """The C-STORE status for a received instance. Never raises: every request gets a
+        status and one ``c-store`` log line saying what became of it.
 
-        Parse, hash and make the file durable here (CPU and fsync stay off the event loop),
-        then let the loop index and anchor it. The file's place depends only on its UIDs and
-        pixel hash, so storing it never waits for the index: an identical re-send replaces
+        Parse, hash and make the file durable in the ingest pool (CPU and fsync stay off the
+        event loop), then index and anchor it here. The file's place depends only on its UIDs
+        and pixel hash, so storing it never waits for the index: an identical re-send replaces
         a file with the same bytes. Whatever fails, the received file is not kept in tmp (the
-        DICOM side removes it once we return).
+        DICOM layer removes it once we return).
         """
         started = time.perf_counter()
         size = -1
         hashes: InstanceHashes | None = None
-        try:
-            if request.receive_error is not None:
-                raise StoreError(
-                    request.receive_error.errno or 0,
-                    f"cannot write the received dataset to {self.files.tmp_dir}: "
-                    f"{request.receive_error.strerror or request.receive_error}",
-                )
+
+        def parse_hash_commit() -> tuple[InstanceHeader, str, bool]:  # in the ingest pool
+            nonlocal size, hashes
             size = request.dataset_path.stat().st_size
-            hashes = hash_instance_file(
-                request.dataset_path, request.transfer_syntax_uid,
-                max_inflated_size=self.config.gateway.max_inflated_size,
-            )
+            hashes = hash_instance_file(request.dataset_path, request.transfer_syntax_uid,
+                                        max_inflated_size=self.config.gateway.max_inflated_size)
             assert hashes.header is not None
             header = instance_header(
                 hashes.header, hashes.header_sha256, request.sop_class_uid, request.sop_instance_uid
@@ -334,11 +337,21 @@ class Gateway:
             relative = FileStore.relative_path(
                 header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256
             )
-            replaced = self.files.commit(request.dataset_path, relative)
+            return header, relative, self.files.commit(request.dataset_path, relative)
+
+        try:
+            if request.receive_error is not None:
+                raise StoreError(
+                    request.receive_error.errno or 0,
+                    f"cannot write the received dataset to {self.files.tmp_dir}: "
+                    f"{request.receive_error.strerror or request.receive_error}",
+                )
             assert self.loop is not None
-            result = asyncio.run_coroutine_threadsafe(
-                self.ingest(request, header, hashes, relative, size, replaced), self.loop
-            ).result()
+            header, relative, replaced = await self.loop.run_in_executor(self._ingest_pool, parse_hash_commit)
+            assert hashes is not None
+            result = await self.ingest(request, header, hashes, relative, size, replaced)
+        except asyncio.CancelledError:  # the server is stopping and gave up waiting: no answer goes out
+            raise
         except BaseException as exc:  # (a Rust decoder's PanicException is no Exception)
             failure = store_failure(exc)
             status, outcome = failure.status, failure.describe()

@@ -21,8 +21,8 @@ many instances were refused and why), ``tamper-alarm`` (per instance whose store
 longer match the anchor) and ``retrieved`` (per study: who, to where, the sub-operation
 counts and the final status exactly as the requestor was told them).
 
-Methods are called from pynetdicom's association threads; database and ledger work runs on
-the gateway's asyncio loop and is waited for.
+Methods are coroutines, called on the gateway's event loop by the DICOM layer's services
+(``dicom/net``); reading, hashing and parsing a stored file runs in a thread of its own.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from __future__ import annotations
 import asyncio
 import io
 from collections import defaultdict
-from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -51,6 +51,7 @@ from dicomledger.dicom.qr import (
     RetrieveOutcome,
     RetrievePlan,
     SubOperation,
+    data_set_start,
 )
 from dicomledger.dicom.query import UNIQUE_KEY, Query, QueryError, parse_query, response_identifier
 from dicomledger.ledger.entries import (
@@ -67,9 +68,6 @@ from dicomledger.ledger.permission_book import PermissionBook, today
 from dicomledger.ledger.pseudonym import pseudonym
 
 log = structlog.get_logger("dicomledger.retrieval")
-
-_T = TypeVar("_T")
-
 
 
 @dataclass(frozen=True)
@@ -103,7 +101,6 @@ class QueryRetrieve:
     def __init__(
         self,
         *,
-        loop: asyncio.AbstractEventLoop,
         index: Index,
         storage_dir: Path,
         ledger: LedgerStore,
@@ -115,7 +112,6 @@ class QueryRetrieve:
         origin_key: Ed25519PublicKey,
         destinations: ForwardingConfig | None,
     ) -> None:
-        self.loop = loop
         self.index = index
         self.storage_dir = storage_dir
         self.ledger = ledger
@@ -126,9 +122,9 @@ class QueryRetrieve:
         self.origin = origin
         self.origin_key = origin_key
         self.destinations = destinations
-
-    def _wait(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        # One checker: files are read, hashed and parsed here, off the event loop; more
+        # threads would only compete for the GIL with the loop that sends.
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="retrieve-check")
 
     def _target(self, ae_title: str) -> Target:
         dest = self.destinations.destination(ae_title) if self.destinations else None
@@ -152,11 +148,8 @@ class QueryRetrieve:
 
     # -- C-FIND ------------------------------------------------------------------------------
 
-    def find(self, request: QRRequest) -> list[Dataset]:
+    async def find(self, request: QRRequest) -> list[Dataset]:
         query = self._parse(request)
-        return self._wait(self._find(request, query))
-
-    async def _find(self, request: QRRequest, query: Query) -> list[Dataset]:
         grain = "STUDY" if query.level == "PATIENT" else query.level
         matched = await self.index.matching(grain, query)
         target = self._target(request.calling_ae)
@@ -175,7 +168,7 @@ class QueryRetrieve:
 
     # -- C-MOVE / C-GET ----------------------------------------------------------------------
 
-    def plan(self, request: QRRequest) -> RetrievePlan:
+    async def plan(self, request: QRRequest) -> RetrievePlan:
         query = self._parse(request)
         unique = UNIQUE_KEY[query.level]
         if unique not in query.matchers:
@@ -183,9 +176,6 @@ class QueryRetrieve:
             log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
                         peer=request.peer, reason=str(exc))
             raise exc
-        return self._wait(self._plan(request, query))
-
-    async def _plan(self, request: QRRequest, query: Query) -> RetrievePlan:
         matched = await self.index.matching("IMAGE", query)
         items = {}
         for r in matched:
@@ -245,11 +235,22 @@ class QueryRetrieve:
                 "patient": patient, "study": study, "instances": len(reasons), "reason": reasons[0],
             })
 
-    def load(self, sub: SubOperation) -> Loaded:
+    async def load(self, sub: SubOperation) -> Loaded:
         """Read the stored file once, check its pixel hash against the anchor, and parse those
-        same bytes for sending (no window to swap the file between check and send)."""
+        same bytes for sending (no window to swap the file between check and send); a file
+        that fails the check is not sent and raises a tamper alarm."""
         state, item = sub.ref
         path = self.storage_dir / item.row.path
+        loop = asyncio.get_running_loop()
+        loaded, problem, expected, found = await loop.run_in_executor(self._checker, self._check, item, path)
+        if loaded is not None:
+            return loaded
+        await self._tamper_alarm(state, item, path, problem, expected, found)
+        return Loaded(None, f"tamper check failed: {problem}")
+
+    def _check(self, item: Item, path: Path) -> tuple[Loaded | None, str, str | None, str | None]:
+        """In the checker thread: (the instance to send, or None and the problem; the anchored
+        and the found hash)."""
         problem, expected, method = self._anchored(item)
         found = None
         if problem is None:
@@ -257,18 +258,16 @@ class QueryRetrieve:
                 data = path.read_bytes()
                 dataset = dcmread(io.BytesIO(data))
                 found = stored_sha256(data, dataset, item.row.transfer_syntax_uid, method).hex()
-                if found != expected:
-                    problem = "pixel hash of the stored file differs from the anchored hash"
-                else:
-                    return Loaded(dataset)
+                if found == expected:
+                    return Loaded(dataset, data_set=memoryview(data)[data_set_start(data):]), "", expected, found
+                problem = "pixel hash of the stored file differs from the anchored hash"
             except FileNotFoundError:
                 problem = "stored file is missing"
             except (OSError, PixelHashError) as exc:
                 problem = f"stored file cannot be read or hashed: {exc}"
             except Exception as exc:  # pydicom cannot parse what we stored: tampered or damaged
                 problem = f"stored file cannot be parsed: {type(exc).__name__}: {exc}"
-        self._tamper_alarm(state, item, path, problem, expected, found)
-        return Loaded(None, f"tamper check failed: {problem}")
+        return None, problem, expected, found
 
     def _anchored(self, item: Item) -> tuple[str | None, str | None, str | None]:
         """(problem with the anchoring entry or None, the sha256 it anchored if readable,
@@ -290,7 +289,7 @@ class QueryRetrieve:
             return f"ledger entry {entry.index} does not anchor this instance", sha256, method
         return None, sha256, method
 
-    def _tamper_alarm(
+    async def _tamper_alarm(
         self, state: PlanState, item: Item, path: Path, problem: str, expected: str | None, found: str | None
     ) -> None:
         row, request = item.row, state.request
@@ -307,11 +306,11 @@ class QueryRetrieve:
             "expected_sha256": expected, "found_sha256": found,
             "anchor": {"origin": row.ledger_origin, "index": row.ledger_index}, "problem": problem,
         }
-        self._wait(self.writer.append(TAMPER_ALARM, payload))
+        await self.writer.append(TAMPER_ALARM, payload)
 
-    def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None:
+    async def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None:
         """Record what the requestor was told: per study, how many sub-operations completed,
-        warned, failed (the receiver's C-STORE failed, pynetdicom could not send it, or the
+        warned, failed (the receiver's C-STORE failed, it could not be sent, or the
         check stopped it) or were never attempted, and the final status on the wire."""
         state: PlanState = plan.context
         if plan.unknown_destination or not plan.to_send:
@@ -340,7 +339,7 @@ class QueryRetrieve:
                 "patient": patient, "study": study, **counts, "cancelled": outcome.cancelled,
                 "status": status, "grant": grants.get((patient, study)),
             }
-            self._wait(self.writer.append(RETRIEVED, payload))
+            await self.writer.append(RETRIEVED, payload)
         for uid in outcome.no_response:
             row = state.items[uid].row
             log.warning(
@@ -361,8 +360,6 @@ def _final_status(plan: RetrievePlan, outcome: RetrieveOutcome) -> str:
     """The final status that went on the wire, as ``0x....``, or why none did."""
     if outcome.status is not None:
         return f"0x{outcome.status:04X}"
-    if not outcome.associated:
-        return "0xA801"  # pynetdicom could not associate with the move destination
     done = len(outcome.completed) + len(outcome.warning) + len(outcome.failed)
     return f"none: the association ended after {done} of {len(plan.to_send)} sub-operations"
 

@@ -35,8 +35,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from dicomledger.dicom.net import DicomServer, dimse, pdu
-from dicomledger.dicom.scp import StoreRequest
+from dicomledger.dicom.net import DicomServer, StoreRequest, dimse, pdu
 from tests.dicomdata import MF_GRAY_WORD_SC, fake_uid
 
 HOST = "127.0.0.1"

@@ -102,9 +102,13 @@ def test_partial_uploads_are_removed_while_the_gateway_runs(gateway, tmp_path):
     assoc.release()
     assert tmp_files(gateway) == []
     assert index_rows(gateway, f"SELECT COUNT(*) FROM instances WHERE sop_instance_uid = '{sop_instance}'") == [(1,)]
-    # pynetdicom's DUL thread died of the bad command set: a JSON line too, no traceback
+    # The bad command set is refused before its data set, which is read and dropped (the old
+    # pynetdicom server's DUL thread died of it; issue 12 changes that): no thread ends, and
+    # each of the four cut-off stores is named in its association's one JSON line
     records = assert_json_log_without(gateway)
-    assert any(r.get("event") == "exception ended a thread" for r in records)
+    assert not any(r.get("event") == "exception ended a thread" for r in records)
+    ended = [r for r in records if r.get("event") == "association"]
+    assert sum("data set incomplete" in str(r.get("reason")) for r in ended) == 4, ended
 
 
 # --- a full image disk (item 16) ---------------------------------------------------------

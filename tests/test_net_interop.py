@@ -252,7 +252,7 @@ class ListCore:
         self.count = count
         self.requests: list[QRRequest] = []
 
-    def find(self, request: QRRequest) -> list[Dataset]:
+    async def find(self, request: QRRequest) -> list[Dataset]:
         self.requests.append(request)
         if "PatientID" in request.identifier and request.identifier.PatientID == "REFUSE":
             raise QueryError("refused by the core", 0xA900)
@@ -265,13 +265,13 @@ class ListCore:
             out.append(ds)
         return out
 
-    def plan(self, request: QRRequest) -> Any:
+    async def plan(self, request: QRRequest) -> Any:
         raise NotImplementedError
 
-    def load(self, sub: Any) -> Any:
+    async def load(self, sub: Any) -> Any:
         raise NotImplementedError
 
-    def finish(self, request: QRRequest, plan: Any, outcome: Any) -> None:
+    async def finish(self, request: QRRequest, plan: Any, outcome: Any) -> None:
         raise NotImplementedError
 
 

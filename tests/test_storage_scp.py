@@ -431,14 +431,25 @@ def test_the_senders_preferred_transfer_syntax_is_accepted(gateway, tmp_path):
         assert wanted in checked, f"no file in {wanted.name} was checked"
 
 
-def test_requestor_preference_gives_each_context_its_own_first_choice():
-    from dicomledger.dicom.scp import requestor_preference
+def test_requestor_preference_gives_each_context_its_own_first_choice(tmp_path):
+    """The gateway's negotiation (its DICOM layer configured as `serve` configures it) gives
+    each proposed context the requestor's first syntax among those we support."""
+    from dicomledger.dicom.net import DicomServer
+    from tests.netharness import associate_rq
+
+    server = DicomServer(ae_title="GATEWAY", host="127.0.0.1", port=0, allowed_calling_aes=None,
+                         on_store=None, temp_dir=tmp_path)  # type: ignore[arg-type]  (never started)
+
+    def chosen(*proposals: list[str]) -> list[str]:
+        rq = associate_rq([(2 * i + 1, dicomdata.MR_IMAGE, p) for i, p in enumerate(proposals)], called="GATEWAY")
+        answer = server.negotiator.negotiate(rq[6:])
+        return [answer.contexts[2 * i + 1].transfer_syntax for i in range(len(proposals))]
 
     ex, be, im, jls, rle = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"
-    ours = {ex, be, im, jls, rle}
-    assert requestor_preference([[ex, be, im]], ours) == [ex, be, im]
+    assert chosen([ex, be, im]) == [ex]
     # dcmsend: one context per file syntax, each with the uncompressed ones after it
-    assert requestor_preference([[jls, ex, be, im], [rle, ex, be, im], [ex, be, im]], ours) == [jls, rle, ex, be, im]
-    assert requestor_preference([[im], [ex, im]], ours) == [ex, im]
-    assert requestor_preference([["1.2.3.4.5", be, im]], ours) == [be, im]  # first one we support
-    assert requestor_preference([[ex, im], [im, ex]], ours)[0] == ex  # contradictory: the earlier wins
+    assert chosen([jls, ex, be, im], [rle, ex, be, im], [ex, be, im]) == [jls, rle, ex]
+    assert chosen([im], [ex, im]) == [im, ex]
+    assert chosen(["1.2.3.4.5", be, im]) == [be]  # first one we support
+    assert chosen([ex, im], [im, ex])[0] == ex  # the earlier context gets its own choice...
+    assert chosen([ex, im], [im, ex])[1] == im  # ...and so does the later one (per context, issue 12)

@@ -5,11 +5,13 @@
     await server.start(); ...; await server.stop()
 
 Layout: pdu.py (framing, fixed PDUs), negotiation.py (A-ASSOCIATE with pynetdicom's codecs),
-dimse.py (command sets), filemeta.py (Part 10 header), operation.py (a request being
-served, sinks, the Service interface), services.py (C-ECHO, C-STORE, C-FIND),
-association.py (the per-connection state machine), server.py (the listener).
+dimse.py (command sets, statuses), filemeta.py (Part 10 header), operation.py (a request
+being served, sinks, the Service interface), services.py (C-ECHO, C-STORE, C-FIND,
+StoreRequest), retrieve.py (C-MOVE, C-GET), association.py (the per-connection state
+machine), server.py (the listener).
 """
 
 from dicomledger.dicom.net.server import DicomServer
+from dicomledger.dicom.net.services import StoreRequest
 
-__all__ = ["DicomServer"]
+__all__ = ["DicomServer", "StoreRequest"]

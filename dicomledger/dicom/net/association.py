@@ -18,7 +18,13 @@ import structlog
 
 from dicomledger.dicom.net import dimse, pdu
 from dicomledger.dicom.net.dimse import RESPONSE_BIT, Command, CommandError, parse_command
-from dicomledger.dicom.net.negotiation import Accepted, AcceptedContext, AssociateRqError, Rejected
+from dicomledger.dicom.net.negotiation import (
+    Accepted,
+    AcceptedContext,
+    AssociateRqError,
+    Rejected,
+    reject,
+)
 from dicomledger.dicom.net.operation import DiscardSink, Operation, Peer, Refusal
 from dicomledger.dicom.net.pdu import FramingError, PduReader
 
@@ -192,6 +198,9 @@ class Association(asyncio.Protocol):
 
     def _answer(self, answer: Accepted | Rejected) -> None:
         server = self._server
+        if not isinstance(answer, Rejected) and server.stopping:
+            answer = reject(pdu.REJECTED_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, 1, "the server is stopping",
+                            answer.calling_ae, answer.called_ae)
         if not isinstance(answer, Rejected) and server.associations >= server.max_associations:
             answer = server.negotiator.local_limit_exceeded(answer.calling_ae, answer.called_ae,
                                                             server.max_associations)
@@ -263,6 +272,10 @@ class Association(asyncio.Protocol):
               failures=self.failures, duration_ms=round((self._loop.time() - self.opened) * 1000, 1),
               **{k: v for k, v in fields.items() if v is not None})
 
+    def _abort_for_service(self, reason: str) -> None:
+        if self.state is State.ESTABLISHED:
+            self._abort(reason)
+
     def abort_for_shutdown(self) -> None:
         if self.state is State.ESTABLISHED:
             self._abort("the server is stopping", source=pdu.ABORT_SOURCE_USER)
@@ -301,7 +314,8 @@ class Association(asyncio.Protocol):
 
     def _request(self, command: Command, context: AcceptedContext) -> None:
         service = self._server.services.get(command.field)
-        op = Operation(self.peer, context, self._contexts, command, service, self._send, self._drain)
+        op = Operation(self.peer, context, self._contexts, command, service, self._send, self._drain,
+                       self._abort_for_service)
         try:
             name = SERVICE_NAMES.get(command.field, "operation")
             if service is None:
@@ -334,6 +348,10 @@ class Association(asyncio.Protocol):
         self._begin(op)
 
     def _begin(self, op: Operation) -> None:
+        if self._server.stopping:  # in-flight operations finish; new ones are not started
+            op.cleanup()
+            self._abort("the server is stopping: request not served", source=pdu.ABORT_SOURCE_USER)
+            return
         refusal = op.refusal
         if refusal is not None or op.service is None:
             assert refusal is not None
@@ -428,7 +446,7 @@ class Association(asyncio.Protocol):
         """The association ends: a data set being received is dropped (with its temp file),
         an operation being served is told to stop where it can (C-FIND between matches)."""
         if self.busy is not None:
-            self.busy.cancelled = True
+            self.busy.cancelled = self.busy.ended = True
             if self.busy.responses is not None:
                 self.busy.responses.put_nowait(None)
         op, self._receiving = self._receiving, None

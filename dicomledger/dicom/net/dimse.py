@@ -35,6 +35,10 @@ COMMAND_DATA_SET_TYPE = 0x0800
 STATUS = 0x0900
 ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE_UID = 0x1000
+NUMBER_OF_REMAINING_SUBOPERATIONS = 0x1020
+NUMBER_OF_COMPLETED_SUBOPERATIONS = 0x1021
+NUMBER_OF_FAILED_SUBOPERATIONS = 0x1022
+NUMBER_OF_WARNING_SUBOPERATIONS = 0x1023
 MOVE_ORIGINATOR_AE_TITLE = 0x1030
 MOVE_ORIGINATOR_MESSAGE_ID = 0x1031
 
@@ -204,6 +208,24 @@ def find_response(message_id: int, sop_class_uid: bytes, status: int, *, with_id
     )
 
 
+def retrieve_response(field: int, message_id: int, sop_class_uid: bytes, status: int, *,
+                      remaining: int | None = None, completed: int | None = None, failed: int | None = None,
+                      warning: int | None = None, with_identifier: bool = False) -> bytes:
+    """C-MOVE-RSP or C-GET-RSP (PS3.7 9.3.4.2, 9.3.3.2): the sub-operation counts given (a
+    final response has no Remaining); a Failed SOP Instance UID List follows if
+    ``with_identifier``."""
+    counts = ((NUMBER_OF_REMAINING_SUBOPERATIONS, remaining), (NUMBER_OF_COMPLETED_SUBOPERATIONS, completed),
+              (NUMBER_OF_FAILED_SUBOPERATIONS, failed), (NUMBER_OF_WARNING_SUBOPERATIONS, warning))
+    return _group(
+        _ui(AFFECTED_SOP_CLASS_UID, sop_class_uid)
+        + _FIELD[field]
+        + _US.pack(0, MESSAGE_ID_BEING_RESPONDED_TO, 2, message_id)
+        + (_WITH_DATA_SET if with_identifier else _NO_DATA_SET)
+        + _US.pack(0, STATUS, 2, status)
+        + b"".join(_US.pack(0, element, 2, value) for element, value in counts if value is not None)
+    )
+
+
 def failure_response(request: Command, status: int, comment: str | None = None) -> bytes:
     """The response to any request this layer refuses before a service ran (unrecognised
     operation, wrong SOP class, unusable UID): its command field with the status and,
@@ -225,7 +247,7 @@ def failure_response(request: Command, status: int, comment: str | None = None) 
 
 def request(field: int, message_id: int, sop_class_uid: bytes, *, has_data_set: bool,
             sop_instance_uid: bytes | None = None, priority: int = 0) -> bytes:
-    """A C-xxx-RQ command set (tests, and the sending side of later services)."""
+    """A C-xxx-RQ command set (C-GET's C-STORE sub-operations, tests)."""
     return _group(
         _ui(AFFECTED_SOP_CLASS_UID, sop_class_uid)
         + _US.pack(0, COMMAND_FIELD, 2, field)

@@ -76,19 +76,28 @@ class MemorySink:
 
 
 class FileSink:
-    """Streams a data set into a new temp file behind ``header`` (its Part 10 header)."""
+    """Streams a data set into a new temp file behind ``header`` (its Part 10 header).
+
+    It never raises: a file that cannot be created or written (a full disk) is removed at
+    once, so the space is free again, the rest of the data set is read and dropped, and
+    ``finish`` hands the error to the operation (``data_set_error``): the service answers it
+    (the gateway's C-STORE: 0xA700 and its c-store line)."""
 
     def __init__(self, directory: Path, name: str, header: bytes) -> None:
         self.path = directory / name
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            self._fd = os.open(self.path, flags, 0o600)
-        except FileExistsError:  # left by an earlier process with our pid
-            fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
-            self._fd, self.path = fd, Path(name)
+        self._fd = -1
         self._pieces: list[bytes | memoryview] = [header]
         self._buffered = len(header)
         self._error: OSError | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            try:
+                self._fd = os.open(self.path, flags, 0o600)
+            except FileExistsError:  # left by an earlier process with our pid
+                self._fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
+                self.path = Path(name)
+        except OSError as exc:  # no inode, no descriptor, no directory
+            self._give_up(exc)
 
     def write(self, piece: memoryview) -> None:
         if self._error is not None:
@@ -100,22 +109,27 @@ class FileSink:
 
     def _flush(self) -> None:
         pieces, self._pieces, self._buffered = self._pieces, [], 0
+        if self._error is not None:
+            return
         try:
             _writev_all(self._fd, pieces)
         except OSError as exc:
-            self._error = exc
+            self._give_up(exc)
+
+    def _give_up(self, exc: OSError) -> None:
+        self._error = exc
+        self.discard()
 
     def finish(self, op: Operation) -> None:
         self._flush()
-        fd, self._fd = self._fd, -1
-        try:
-            os.close(fd)
-        except OSError as exc:
-            self._error = self._error or exc
-        if self._error is not None:
-            self.discard()
-            raise Refusal(OUT_OF_RESOURCES, f"cannot write the received data set: {self._error.strerror}")
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError as exc:
+                self._give_up(exc)
         op.data_set_path = self.path
+        op.data_set_error = self._error
 
     def discard(self) -> None:
         self._pieces = []
@@ -123,7 +137,8 @@ class FileSink:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
 
 
 def _writev_all(fd: int, pieces: list[bytes | memoryview]) -> None:
@@ -149,11 +164,12 @@ class Operation:
     """A request as the service sees it, and its way to answer."""
 
     __slots__ = ("peer", "context", "contexts", "command", "service", "sink", "data_set", "data_set_path",
-                 "refusal", "cancelled", "status", "responses", "_send", "_drain")
+                 "data_set_error", "refusal", "cancelled", "ended", "status", "responses", "_send", "_drain",
+                 "_abort")
 
     def __init__(self, peer: Peer, context: AcceptedContext, contexts: Mapping[int, AcceptedContext],
                  command: Command, service: Service | None, send: Callable[[int, bytes, bytes | None], None],
-                 drain: Callable[[], Awaitable[None]]) -> None:
+                 drain: Callable[[], Awaitable[None]], abort: Callable[[str], None]) -> None:
         self.peer = peer
         self.context = context  # the request's
         self.contexts = contexts  # all the association's (C-GET sends on its storage contexts)
@@ -162,14 +178,17 @@ class Operation:
         self.sink: Sink = DiscardSink()
         self.data_set: bytes | None = None  # data set held in memory (non-streaming services)
         self.data_set_path: Path | None = None  # temp Part 10 file (streaming services)
+        self.data_set_error: OSError | None = None  # the temp file could not be written: nothing usable at the path
         self.refusal: Refusal | None = None
-        self.cancelled = False  # a C-CANCEL-RQ for it arrived
+        self.cancelled = False  # a C-CANCEL-RQ for it arrived, or the association ended
+        self.ended = False  # the association ended (released, aborted, reset) while it ran
         self.status: int | None = None  # the last status sent
         # Responses to requests the service sends on this association (C-GET's C-STOREs);
         # None until expect_responses(); a None item means the association ended.
         self.responses: asyncio.Queue[Command | None] | None = None
         self._send = send
         self._drain = drain
+        self._abort = abort
 
     def respond(self, command: bytes, status: int, data_set: bytes | None = None) -> None:
         """Send a response command set (and data set) on the request's context."""
@@ -192,6 +211,10 @@ class Operation:
         """The next response the peer sent to our requests; None if the association ended."""
         assert self.responses is not None, "expect_responses() first"
         return await self.responses.get()
+
+    def abort(self, reason: str) -> None:
+        """A-ABORT the association (e.g. the peer did not answer a request we sent in time)."""
+        self._abort(reason)
 
     def cleanup(self) -> None:
         """After the service: a temp file it did not move away is removed."""

@@ -1,6 +1,6 @@
 """The asyncio DICOM acceptor: one listening socket, one ``Association`` protocol per
-connection, the services by Command Field. Construct it with what ``dicom.scp.DicomServer``
-takes; ``on_store`` is a coroutine function here."""
+connection, the services by Command Field: C-ECHO, C-STORE (to the gateway's ``on_store``
+coroutine function) and, given a Query/Retrieve core, C-FIND, C-MOVE and C-GET."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dicomledger.dicom.net import dimse
 from dicomledger.dicom.net.association import Association
 from dicomledger.dicom.net.negotiation import Negotiator
 from dicomledger.dicom.net.operation import Service
+from dicomledger.dicom.net.retrieve import GetService, MoveService
 from dicomledger.dicom.net.services import (
     STORAGE_TRANSFER_SYNTAXES,
     EchoService,
@@ -33,9 +34,9 @@ ARTIM_DEFAULT = 30.0  # seconds, as DCMTK's and pynetdicom's ACSE timeout
 
 
 class DicomServer:
-    """Verification and Storage SCP (and C-FIND when given a Query/Retrieve core) on asyncio.
+    """Verification and Storage SCP (and Query/Retrieve SCP when given a core) on asyncio.
 
-    ``services`` adds or replaces services by request Command Field (phase 2: C-MOVE, C-GET).
+    ``services`` adds or replaces services by request Command Field.
     """
 
     def __init__(
@@ -71,6 +72,8 @@ class DicomServer:
         }
         if query_retrieve is not None:
             self.services[dimse.C_FIND_RQ] = FindService(query_retrieve)
+            self.services[dimse.C_MOVE_RQ] = MoveService(query_retrieve, ae_title, network_timeout)
+            self.services[dimse.C_GET_RQ] = GetService(query_retrieve, ae_title, network_timeout)
         self.services.update(services or {})
         supported: dict[str, tuple[str, ...]] = {}
         self.owners: dict[str, set[int]] = {}  # abstract syntax -> the Command Fields served on it
@@ -98,6 +101,7 @@ class DicomServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._names = itertools.count(1)
         self.associations = 0
+        self.stopping = False  # stop() was called: no new association or operation
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -117,6 +121,7 @@ class DicomServer:
         if self._server is None:
             return
         server, self._server = self._server, None
+        self.stopping = True
         server.close()
         deadline = self.loop.time() + grace
         if self._tasks:

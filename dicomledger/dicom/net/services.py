@@ -1,7 +1,7 @@
-"""The DIMSE services on the asyncio layer: C-ECHO, C-STORE and C-FIND. Thin: C-STORE hands
-a ``StoreRequest`` to the gateway's ``on_store`` and answers the status it returns; C-FIND
-asks the Query/Retrieve core (``RetrieveCore.find``) and sends what it returns. C-MOVE and
-C-GET are added the same way: one class with ``check``, ``open_sink`` and ``serve``,
+"""The DIMSE services on the asyncio layer: C-ECHO, C-STORE and C-FIND (C-MOVE and C-GET:
+retrieve.py). Thin: C-STORE hands a ``StoreRequest`` to the gateway's ``on_store`` and
+answers the status it returns; C-FIND asks the Query/Retrieve core (``RetrieveCore.find``)
+and sends what it returns. Each is one class with ``check``, ``open_sink`` and ``serve``,
 registered under its Command Field in server.py."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -38,9 +39,23 @@ from dicomledger.dicom.net.filemeta import part10_header
 from dicomledger.dicom.net.operation import FileSink, MemorySink, Operation, Refusal, Sink
 from dicomledger.dicom.qr import QRRequest, RetrieveCore
 from dicomledger.dicom.query import UNABLE_TO_PROCESS, QueryError
-from dicomledger.dicom.scp import StoreRequest
 
 log = structlog.get_logger("dicomledger.net")
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A received C-STORE, as the gateway's ``on_store`` gets it."""
+
+    dataset_path: Path  # the temp Part 10 file; on_store moves what it keeps, the rest is removed
+    calling_ae: str
+    peer: str  # "host:port"
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    # Writing the received data set failed (e.g. a full disk): nothing usable is at dataset_path
+    receive_error: OSError | None = None
+
 
 OnStore = Callable[[StoreRequest], Awaitable[int]]
 
@@ -52,7 +67,7 @@ STORAGE_SOP_CLASSES = tuple(str(cx.abstract_syntax) for cx in AllStoragePresenta
 DEFAULT_SYNTAXES = tuple(DEFAULT_TRANSFER_SYNTAXES)
 
 
-def _check_sop_class(op: Operation, service: str) -> bytes:
+def check_sop_class(op: Operation, service: str) -> bytes:
     sop_class = op.command.uid(AFFECTED_SOP_CLASS_UID)
     problem = uid_problem(sop_class, "Affected SOP Class UID")
     if problem:
@@ -70,7 +85,7 @@ class EchoService:
     abstract_syntaxes = {str(Verification): DEFAULT_SYNTAXES}
 
     def check(self, op: Operation) -> None:
-        _check_sop_class(op, self.name)
+        check_sop_class(op, self.name)
 
     def open_sink(self, op: Operation, temp_name: str) -> Sink:
         raise Refusal(CANNOT_UNDERSTAND, "C-ECHO-RQ with a data set")
@@ -94,7 +109,7 @@ class StoreService:
         self._temp_dir = temp_dir
 
     def check(self, op: Operation) -> None:
-        _check_sop_class(op, self.name)
+        check_sop_class(op, self.name)
         problem = uid_problem(op.command.uid(AFFECTED_SOP_INSTANCE_UID), "Affected SOP Instance UID")
         if problem:
             raise Refusal(CANNOT_UNDERSTAND, problem)
@@ -108,10 +123,7 @@ class StoreService:
             op.context.transfer_syntax_bytes,
             op.peer.calling_ae.encode("ascii", "replace"),
         )
-        try:
-            return FileSink(self._temp_dir, temp_name, header)
-        except OSError as exc:
-            raise Refusal(dimse.OUT_OF_RESOURCES, f"cannot create a temp file: {exc.strerror}") from None
+        return FileSink(self._temp_dir, temp_name, header)  # a write error goes to on_store
 
     async def serve(self, op: Operation) -> None:
         assert op.data_set_path is not None
@@ -124,6 +136,7 @@ class StoreService:
             sop_class_uid=sop_class.decode("ascii"),
             sop_instance_uid=sop_instance.decode("ascii"),
             transfer_syntax_uid=op.context.transfer_syntax,
+            receive_error=op.data_set_error,
         )
         status = await self._on_store(request)
         op.respond(dimse.store_response(op.command.message_id, sop_class, sop_instance, status), status)
@@ -136,8 +149,8 @@ FIND_MODELS = {
 
 
 class FindService:
-    """C-FIND against ``RetrieveCore.find`` (run in a thread: the core may block on its
-    database): a Pending response per match, C-CANCEL between matches, then the final one."""
+    """C-FIND against ``RetrieveCore.find``: a Pending response per match, C-CANCEL between
+    matches, then the final one."""
 
     name = "C-FIND"
     cancellable = True
@@ -147,7 +160,7 @@ class FindService:
         self._core = core
 
     def check(self, op: Operation) -> None:
-        _check_sop_class(op, self.name)
+        check_sop_class(op, self.name)
         if op.context.abstract_syntax not in FIND_MODELS:  # e.g. C-FIND on a storage context
             raise Refusal(SOP_CLASS_NOT_SUPPORTED, f"C-FIND for {op.context.abstract_syntax} is not served")
         if not op.command.has_data_set:
@@ -165,8 +178,9 @@ class FindService:
             op.respond(dimse.find_response(message_id, sop_class, status, with_identifier=False,
                                            comment=comment), status)
 
-        try:  # decoding (up to 1 MiB) and the core's query: in a thread, off the event loop
-            matches = await asyncio.get_running_loop().run_in_executor(None, self._find, op, syntax)
+        try:
+            request = await qr_request(op, "C-FIND", FIND_MODELS[op.context.abstract_syntax])
+            matches = await self._core.find(request)
         except Refusal as refusal:
             final(refusal.status, refusal.reason)
             return
@@ -186,16 +200,26 @@ class FindService:
         await op.drain()
         final(CANCEL if op.cancelled else SUCCESS)
 
-    def _find(self, op: Operation, syntax: UID) -> list[Dataset]:
-        try:
-            identifier = decode(io.BytesIO(op.data_set or b""), syntax.is_implicit_VR, syntax.is_little_endian,
-                                syntax.is_deflated)
-            list(identifier)  # pydicom converts values lazily: make any of them fail here
-        except Exception as exc:  # pydicom's decoders raise many kinds: all mean a malformed identifier
-            reason = f"identifier cannot be decoded: {type(exc).__name__}"
-            log.warning("query refused", service="C-FIND", calling_ae=op.peer.calling_ae, peer=op.peer.address,
-                        reason=reason)
-            raise Refusal(UNABLE_TO_PROCESS, reason) from None
-        request = QRRequest(service="C-FIND", model=FIND_MODELS[op.context.abstract_syntax], identifier=identifier,
-                            calling_ae=op.peer.calling_ae, peer=op.peer.address)
-        return self._core.find(request)
+
+async def qr_request(op: Operation, service: str, model: str, move_destination: str | None = None) -> QRRequest:
+    """The request's identifier decoded (up to 1 MiB: in a thread, off the event loop) into a
+    QRRequest; Refusal 0xC000 with one 'query refused' line if it does not decode."""
+    syntax = UID(op.context.transfer_syntax)
+    identifier = await asyncio.get_running_loop().run_in_executor(None, _decode_identifier, op.data_set or b"", syntax)
+    if isinstance(identifier, str):
+        reason = f"identifier cannot be decoded: {identifier}"
+        log.warning("query refused", service=service, calling_ae=op.peer.calling_ae, peer=op.peer.address,
+                    reason=reason)
+        raise Refusal(UNABLE_TO_PROCESS, reason)
+    return QRRequest(service=service, model=model, identifier=identifier, calling_ae=op.peer.calling_ae,
+                     peer=op.peer.address, move_destination=move_destination)
+
+
+def _decode_identifier(data: bytes, syntax: UID) -> Dataset | str:
+    """The identifier, or why it does not decode (the exception's type: its text may quote values)."""
+    try:
+        identifier = decode(io.BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        list(identifier)  # pydicom converts values lazily: make any of them fail here
+        return identifier
+    except Exception as exc:  # pydicom's decoders raise many kinds: all mean a malformed identifier
+        return type(exc).__name__
