@@ -33,13 +33,15 @@ port = {port}
 # Calling AE titles allowed to associate; anyone else is refused at association time.
 # "*" admits any calling AE (not advised outside a test bench).
 allowed_calling_aes = [{allowed}]
-# Concurrent associations (pynetdicom's default is 10).
+# Concurrent associations; more are refused (transient, local limit exceeded). A connection
+# holds no place until it sends its A-ASSOCIATE-RQ.
 max_associations = 64
 # Maximum PDU we advertise: 0 = unlimited, fastest for large images.
 max_pdu_size = 0
 # Accept SOP classes this gateway does not know (private or newer storage classes).
 accept_unknown_sop_classes = false
-# Seconds before an idle or stuck association is dropped.
+# Seconds before an idle or stuck association is aborted; a connection that sends no
+# A-ASSOCIATE-RQ is closed after min(30, this) seconds.
 network_timeout = 60
 # Largest size in bytes a Deflated Explicit VR Little Endian dataset may inflate to (512 MiB);
 # a larger one is refused with 0xC000 (a deflate bomb: 1 MB can inflate to 1 GB).

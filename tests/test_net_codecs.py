@@ -23,8 +23,16 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEGLSLossless,
 )
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_FIND_RSP, C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_STORE
+from pynetdicom.dimse_messages import (
+    C_ECHO_RQ,
+    C_ECHO_RSP,
+    C_FIND_RSP,
+    C_GET_RSP,
+    C_MOVE_RSP,
+    C_STORE_RQ,
+    C_STORE_RSP,
+)
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP, P_DATA_TF
 from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPdu
@@ -112,6 +120,59 @@ def test_c_find_rsp_is_byte_identical_to_pynetdicom(status: int) -> None:
     if pending:
         ours += pdu.p_data(5, data, command=False, max_pdu_length=16384)
     assert ours == theirs
+
+
+MOVE_ROOT, GET_ROOT = "1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"
+
+
+@pytest.mark.parametrize("kind", ["C-MOVE", "C-GET"])
+@pytest.mark.parametrize("status, counts, failed", [
+    (0xFF00, (3, 1, 0, 0), None),  # pending, after a sub-operation
+    (0x0000, (None, 4, 0, 0), None),  # final Success
+    (0xB000, (None, 2, 1, 1), ["1.2.3.4", "1.2.3.5"]),  # final, with the Failed SOP Instance UID List
+    (0xFE00, (2, 1, 1, 0), ["1.2.3.4"]),  # cancelled
+    (0xA801, (None, None, None, None), None),  # move destination unknown: no counts
+    (0xC511, (None, None, None, None), None),
+])
+def test_c_move_and_c_get_rsp_are_byte_identical_to_pynetdicom(kind: str, status: int, counts: tuple[int | None, ...],
+                                                               failed: list[str] | None) -> None:
+    sop_class = MOVE_ROOT if kind == "C-MOVE" else GET_ROOT
+    primitive = C_MOVE() if kind == "C-MOVE" else C_GET()
+    primitive.MessageIDBeingRespondedTo = 11
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.Status = status
+    remaining, completed, failures, warning = counts
+    primitive.NumberOfRemainingSuboperations = remaining
+    primitive.NumberOfCompletedSuboperations = completed
+    primitive.NumberOfFailedSuboperations = failures
+    primitive.NumberOfWarningSuboperations = warning
+    data = None
+    if failed is not None:
+        identifier = Dataset()
+        identifier.FailedSOPInstanceUIDList = failed
+        data = encode(identifier, True, True)
+        primitive.Identifier = io.BytesIO(data)
+    theirs = pynetdicom_pdus(C_MOVE_RSP() if kind == "C-MOVE" else C_GET_RSP(), primitive, 1, 16384)
+    field = dimse.C_MOVE_RSP if kind == "C-MOVE" else dimse.C_GET_RSP
+    ours = pdu.p_data(1, dimse.retrieve_response(field, 11, sop_class.encode(), status, remaining=remaining,
+                                                 completed=completed, failed=failures, warning=warning,
+                                                 with_identifier=data is not None),
+                      command=True, max_pdu_length=16384)
+    if data is not None:
+        ours += pdu.p_data(1, data, command=False, max_pdu_length=16384)
+    assert ours == theirs
+
+
+def test_c_get_sub_operation_c_store_rq_is_byte_identical_to_pynetdicom() -> None:
+    primitive = C_STORE()
+    primitive.MessageID = 12
+    primitive.AffectedSOPClassUID = CT_IMAGE
+    primitive.AffectedSOPInstanceUID = SOP_INSTANCE
+    primitive.Priority = 2
+    primitive.DataSet = io.BytesIO(b"\x08\x00\x18\x00\x02\x00\x00\x001\x00")
+    theirs = command_set_of(pynetdicom_pdus(C_STORE_RQ(), primitive, 3, 16384))
+    assert dimse.request(dimse.C_STORE_RQ, 12, CT_IMAGE.encode(), has_data_set=True,
+                         sop_instance_uid=SOP_INSTANCE.encode(), priority=2) == theirs
 
 
 def test_data_set_fragments_are_byte_identical_to_pynetdicom() -> None:
