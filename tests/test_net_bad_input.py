@@ -6,6 +6,7 @@ fuzz of whole sessions on the wire."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import resource
 import socket
@@ -349,6 +350,26 @@ def test_release_sent_while_storing_is_answered_after_the_store(tmp_path: Path) 
         assert (response.field, response.us(dimse.STATUS)) == (dimse.C_STORE_RSP, 0)
         assert client.read_pdu()[0] == pdu.A_RELEASE_RP
     assert [r.sop_instance_uid for r in server.received] == [sop]
+
+
+def test_stopping_answers_the_store_in_flight_and_serves_nothing_new(tmp_path: Path,
+                                                                     logs: list[dict[str, Any]]) -> None:
+    """SIGTERM's path: the store being served finishes and is answered; a request already
+    waiting behind it is not served (A-ABORT), and nothing of it stays in tmp."""
+    sop, data = small_ct(tmp_path)
+    with NetServer(tmp_path / "srv", store_delay=0.5) as server, established(server.port, STORE_RQ) as client:
+        client.send_message(3, store_command(1, sop.encode()), data)
+        client.send_message(3, store_command(2, b"1.2.3.4.5"), data)  # pipelined: waits for the first
+        wait_until(lambda: server.temp_files(), what="the first store to be served")
+        assert server.server is not None
+        stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace=5.0), server.loop)
+        response = client.read_response()
+        assert (response.field, response.message_id, response.us(dimse.STATUS)) == (dimse.C_STORE_RSP, 1, 0)
+        expect_abort(client, pdu.ABORT_SOURCE_USER)
+        stopping.result(10)
+        assert [r.sop_instance_uid for r in server.received] == [sop]
+        assert server.temp_files() == []
+    one_line(logs, "association aborted", "the server is stopping")
 
 
 def test_more_than_1024_descriptors(tmp_path: Path) -> None:

@@ -6,12 +6,13 @@ small in-memory one; tests/test_retrieve.py drives the gateway's core with DCMTK
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
@@ -39,6 +40,7 @@ from tests.netharness import (
     RawClient,
     associate_rq,
     established,
+    wait_until,
 )
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -73,6 +75,9 @@ class Core:
         ds = Dataset()
         ds.SOPClassUID = sub.sop_class_uid
         ds.SOPInstanceUID = sub.sop_instance_uid
+        ds.file_meta = FileMetaDataset()  # as read from a stored file
+        ds.file_meta.TransferSyntaxUID = sub.transfer_syntax_uid
+        ds.set_original_encoding(False, True)
         # (the stored data set's bytes, as the gateway's core hands them on)
         data = b"\x08\x00\x16\x00" + _ui(sub.sop_class_uid, explicit=True) + b"\x08\x00\x18\x00" + _ui(
             sub.sop_instance_uid, explicit=True)
@@ -303,7 +308,7 @@ def test_all_refused_is_answered_as_nothing_found_and_cancel_stops_sending(serve
         core = Core(RetrievePlan(subs(5), {}, destination=(HOST, destination.port)))
         server = serve(core)
         responses = move(server, "DEST", cancel_after=1)
-        assert responses[0].Status == PENDING
+        assert responses[0].Status == PENDING and responses[0].NumberOfCompletedSuboperations == 1
         assert responses[-1].Status == CANCEL and responses[-1].NumberOfRemainingSuboperations >= 1
         assert len(destination.received) < 5
     assert core.finished[0].cancelled and core.finished[0].status == CANCEL
@@ -319,3 +324,22 @@ def test_unknown_destination_and_unreachable_destination_are_recorded(serve):
     (final,) = move(serve(core), "DEST")
     assert final.Status == 0xA801
     assert len(core.finished) == 1 and not core.finished[0].associated
+
+
+def test_a_c_get_requestor_that_does_not_answer_its_c_store_is_aborted(serve):
+    """No C-STORE response within network_timeout: the association is aborted (a C-GET must not
+    hang on a silent requestor), and the core records a retrieval cut short."""
+    core = Core(RetrievePlan(subs(2), {}))
+    server = serve(core, network_timeout=1.0)
+    with get_association(server) as client:
+        client.send_message(1, dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True),
+                            IDENTIFIER)
+        command, _ = read_message(client)
+        assert command.field == dimse.C_STORE_RQ  # never answered
+        started = time.monotonic()
+        pdu_type, body = client.read_pdu()
+        assert pdu_type == pdu.A_ABORT and body[2] == pdu.ABORT_SOURCE_PROVIDER, body.hex()
+        assert 0.5 < time.monotonic() - started < 5
+    wait_until(lambda: core.finished, what="the core's record")
+    (outcome,) = core.finished
+    assert outcome.status is None and outcome.completed == outcome.failed == []
