@@ -39,6 +39,8 @@ class GatewayConfig:
     max_pdu_size: int  # 0 = unlimited
     accept_unknown_sop_classes: bool
     network_timeout: float
+    # Largest size a Deflated Explicit VR dataset may inflate to (bytes); beyond it: 0xC000
+    max_inflated_size: int = 512 * 2**20
 
     def allows(self, calling_ae: str) -> bool:
         return "*" in self.allowed_calling_aes or calling_ae in self.allowed_calling_aes
@@ -263,6 +265,7 @@ def load_config(path: str | Path) -> Config:
         max_pdu_size=g.int_in("max_pdu_size", 0, 2**32 - 1, 0),
         accept_unknown_sop_classes=g.get("accept_unknown_sop_classes", bool, False),
         network_timeout=g.get("network_timeout", float, 60.0),
+        max_inflated_size=g.int_in("max_inflated_size", 1024, 2**42, 512 * 2**20),
     )
     admin_socket = g.path_("admin_socket", "data/admin.sock")
     if len(str(admin_socket)) > 100:  # AF_UNIX paths are limited to 108 bytes
