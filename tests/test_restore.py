@@ -134,7 +134,6 @@ def test_a_gateway_restored_from_an_older_copy_fetches_its_lost_entries_back(tmp
 
 def test_with_no_peer_reachable_a_gateway_starts_only_with_accept_local_tip(tmp_path):
     a, b = consortium(tmp_path, 2)
-    a.set("startup_wait = 60.0", "startup_wait = 3")
     for gw in (a, b):
         gw.start()
     try:
@@ -147,6 +146,7 @@ def test_with_no_peer_reachable_a_gateway_starts_only_with_accept_local_tip(tmp_
         query(a, "SELECT origin_id, size, note FROM checkpoints")
 
     # B is down: A waits for it (its DICOM listener closed) and then refuses to start
+    a.set("startup_wait = 60.0", "startup_wait = 3")
     offset = a.log_path.stat().st_size
     with open(a.log_path, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(a.config)],
