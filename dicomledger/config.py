@@ -97,6 +97,9 @@ class PeeringConfig:
     # Longest pause, in seconds, before pulling again from a peer whose entries did not verify.
     backoff_max: float = 300.0
     witnesses: tuple[WitnessConfig, ...] = ()
+    # Seconds a start waits for a peer to confirm this gateway's own log (and hand back any
+    # entries it lost, e.g. to a restore) before it refuses to start without --accept-local-tip.
+    startup_wait: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -412,6 +415,7 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         peers=(),
         heartbeat_interval=pe.get("heartbeat_interval", float, 60.0),
         backoff_max=pe.get("backoff_max", float, 300.0),
+        startup_wait=pe.get("startup_wait", float, 60.0),
     )
     pe.done()
     if peering.gossip_interval <= 0:
@@ -420,6 +424,8 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         raise pe._fail("heartbeat_interval", "must be positive seconds")
     if peering.backoff_max < 0:
         raise pe._fail("backoff_max", "must be zero or more seconds")
+    if peering.startup_wait <= 0:
+        raise pe._fail("startup_wait", "must be positive seconds")
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError(f"{path}: peers must be an array of tables: write [[peers]]")
