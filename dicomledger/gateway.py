@@ -12,12 +12,14 @@ import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from dicomledger.admin import AdminServer, PermissionAdmin
+from dicomledger.atna import AuditSink, AuditTrail
 from dicomledger.config import Config
 from dicomledger.dicom.index import (
     Index,
@@ -121,6 +123,8 @@ class Gateway:
         self.book: PermissionBook | None = None
         self.forwarder: Forwarder | None = None
         self.admin: AdminServer | None = None
+        g = config.gateway
+        self.audit = AuditTrail(config.atna, g.ae_title, g.host) if config.atna else AuditSink()
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
         self._locks = [asyncio.Lock() for _ in range(64)]
         self._checkpointer: asyncio.Task[None] | None = None
@@ -129,6 +133,7 @@ class Gateway:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
+        await self.audit.start()
         removed = self.files.prepare()
         if removed:
             log.info("removed partial uploads left by an earlier run", count=removed)
@@ -152,13 +157,16 @@ class Gateway:
         )
         if cfg.forwarding is not None:
             queue = await ForwardQueue.open(cfg.forwarding.queue)
-            self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory)
+            self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory,
+                                       audit=self.audit)
             await self.forwarder.start()
         if cfg.admin_socket is not None:
             self.admin = AdminServer(cfg.admin_socket, PermissionAdmin(cfg, self.book, self.writer).handlers())
             await self.admin.start()
         if cfg.peering is not None:
-            self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer)
+            self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer,
+                                     on_equivocation=self.audit.equivocation,
+                                     on_tls_refused=partial(self.audit.tls_refused, "peer API"))
             try:
                 await self.peers.start()
             except OSError as exc:
@@ -168,7 +176,7 @@ class Gateway:
             loop=self.loop, index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
             book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
             origin=self.identity.origin, origin_key=self.identity.public_key,
-            destinations=cfg.forwarding,
+            destinations=cfg.forwarding, audit=self.audit,
         )
         self.server = DicomServer(
             ae_title=g.ae_title,
@@ -182,6 +190,7 @@ class Gateway:
             network_timeout=g.network_timeout,
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
+            on_refused=self.audit.association_refused,
         )
         try:
             self.server.start()
@@ -196,6 +205,7 @@ class Gateway:
             ledger_size=self.writer.size,
             vkey=self.identity.vkey,
         )
+        self.audit.application_started()
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -217,6 +227,7 @@ class Gateway:
             await self.index.close()
         if self.ledger is not None:
             await self.ledger.close()
+        await self.audit.stop()  # Application Stop, then what the repository takes in a few seconds
         log.info("gateway stopped")
 
     # -- checkpoints ---------------------------------------------------------
@@ -272,6 +283,8 @@ class Gateway:
                 ).result()
             except (StoreError, IndexStoreError, LedgerStoreError, OSError) as exc:
                 status, outcome = OUT_OF_RESOURCES, f"failed: {exc}"
+            if status == SUCCESS:
+                self.audit.instance_received(request.calling_ae, request.peer, request.sop_class_uid, header)
         (log.info if status == SUCCESS else log.error)(
             "c-store",
             calling_ae=request.calling_ae,
