@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from dicomledger.admin import AdminServer, PermissionAdmin
-from dicomledger.atna import AuditSink, AuditTrail
+from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
 from dicomledger.config import Config
 from dicomledger.dicom.index import (
     Index,
@@ -124,7 +124,8 @@ class Gateway:
         self.forwarder: Forwarder | None = None
         self.admin: AdminServer | None = None
         g = config.gateway
-        self.audit = AuditTrail(config.atna, g.ae_title, g.host) if config.atna else AuditSink()
+        patients = PatientDirectory(config.storage.index, self.secret)  # for grants, which name pseudonyms
+        self.audit = AuditTrail(config.atna, g.ae_title, g.host, patients) if config.atna else AuditSink()
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
         self._locks = [asyncio.Lock() for _ in range(64)]
         self._checkpointer: asyncio.Task[None] | None = None
@@ -161,7 +162,7 @@ class Gateway:
                                        audit=self.audit)
             await self.forwarder.start()
         if cfg.admin_socket is not None:
-            self.admin = AdminServer(cfg.admin_socket, PermissionAdmin(cfg, self.book, self.writer).handlers())
+            self.admin = AdminServer(cfg.admin_socket, PermissionAdmin(cfg, self.book, self.writer, self.audit).handlers())
             await self.admin.start()
         if cfg.peering is not None:
             self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer,

@@ -189,6 +189,13 @@ def _event_rules(root: ET.Element, out: list[str]) -> None:
             out.append("Instances Transferred: >= 1 study object (110180) with its SOP classes")
         if len(_objects(root, "1", "1", "2")) != 1:
             out.append("Instances Transferred: exactly one patient (ID type 2, RFC-3881)")
+    elif event_id == "110110":  # A.5.3.9 Patient Record
+        if action not in ("C", "R", "U", "D"):
+            out.append(f"Patient Record: EventActionCode C, R, U or D, not {action}")
+        if not requestors:
+            out.append("Patient Record: the process or person that changed it is the requestor")
+        if len(_objects(root, "1", "1", "2")) != 1:
+            out.append("Patient Record: exactly one patient (ID type 2, RFC-3881)")
     elif event_id == "110112":  # A.5.3.10 Query
         if action != "E":
             out.append("Query: EventActionCode E")

@@ -348,7 +348,10 @@ def test_a_full_queue_drops_new_messages_and_says_how_many(tmp_path):
 # -- forwarding, retrieval, tamper alarm ----------------------------------------------------------
 
 
-def test_forward_move_get_and_tamper_alarm_are_audited(tmp_path, syslog):
+def test_forward_move_get_tamper_alarm_and_grants_are_audited(tmp_path, syslog):
+    """Forwarding to a DCMTK storescp, a C-MOVE and a C-GET by a workstation, a move after a
+    stored file was tampered with, grants and a revocation: Instances Transferred messages with
+    the roles of each case, a Security Alert naming the instance, Patient Record messages."""
     received = tmp_path / "pacs"
     received.mkdir()
     pacs_port, ws1_port = free_port(), free_port()
@@ -365,9 +368,9 @@ def test_forward_move_get_and_tamper_alarm_are_audited(tmp_path, syslog):
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=DCMTK_ENV)
     gw.start()
     try:
-        for grantee in ("PACS", "WS1"):
-            assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", grantee).returncode == 0
+        assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0  # before the images
         assert gw.storescu(*files).returncode == 0
+        assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "WS1").returncode == 0
         wait_until(lambda: len(list(received.iterdir())) == 3, what="three forwards")
         keys = ("-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}")
         for out in ("moved", "got", "moved2"):
@@ -389,14 +392,20 @@ def test_forward_move_get_and_tamper_alarm_are_audited(tmp_path, syslog):
         stored.write_bytes(bytes(data))
         dcmtk("movescu", "-aet", "WS1", "-aec", gw.ae_title, "-aem", "WS1", "+P", str(ws1_port), "-S",
               "-od", str(tmp_path / "moved2"), *keys, "127.0.0.1", str(gw.port))
+        assert gw.cli("revoke", "--patient-id", patient.patient_id, "--to", "WS1").returncode == 0
         messages = syslog.wait_for(
             lambda ms: sum(event_name(x["body"]) == "DICOM Instances Transferred" for x in ms) >= 5
-            and any("Stored Instance" in event_name(x["body"]) for x in ms), what="forward, move, get and alarm")
+            and any("Stored Instance" in event_name(x["body"]) for x in ms)
+            and sum(event_name(x["body"]) == "Patient Record" for x in ms) == 3, what="forward, move, get and alarm")
     finally:
         gw.stop()
         pacs.terminate()
         pacs.wait(timeout=10)
-    bodies(messages)
+    # the grant to PACS came before any image of the patient: the gateway knows it only by its
+    # pseudonym (the command sends no Patient ID), which A.5.3.9's patient ID type cannot carry
+    first_record = next(x for x in messages if event_name(x["body"]) == "Patient Record")
+    assert atna_schema.problems(first_record["body"]) == ["Patient Record: exactly one patient (ID type 2, RFC-3881)"]
+    bodies([x for x in messages if x is not first_record])
     transfers = named(messages, "DICOM Instances Transferred")
     received_here = [r for r in transfers if r.find("EventIdentification").get("EventActionCode") == "C"]
     sent = [r for r in transfers if r.find("EventIdentification").get("EventActionCode") == "R"]
@@ -424,6 +433,18 @@ def test_forward_move_get_and_tamper_alarm_are_audited(tmp_path, syslog):
     assert [i.get("UID") for i in alarm.iter("Instance")] == [uid]
     assert patient_ids(alarm) == [patient.patient_id]
     assert "pixel hash" in alarm.find("EventIdentification/EventOutcomeDescription").text
+    # grants and the revocation: Patient Record, naming the patient by Patient ID (the gateway got
+    # only the pseudonym from the command and found the patient in its index)
+    records = [ET.fromstring(x["body"]) for x in messages if event_name(x["body"]) == "Patient Record"]
+    assert [patient_ids(r) for r in records][1:] == [[patient.patient_id]] * 2
+    pseudonymous = records[0].find("ParticipantObjectIdentification")
+    assert pseudonymous.find("ParticipantObjectIDTypeCode").get("csd-code") == "DL-PATIENT-PSEUDONYM"
+    assert patient.patient_id not in ET.tostring(records[0]).decode()
+    assert [r.find("EventIdentification").get("EventActionCode") for r in records] == ["U"] * 3
+    texts = [r.find("ParticipantObjectIdentification/ParticipantObjectDescription").text for r in records]
+    assert texts[0].startswith("grant of access to all the patient's images for PACS (ledger entry"), texts
+    assert texts[1].startswith("grant of access to all the patient's images for WS1"), texts
+    assert texts[2].startswith("revocation of access to all the patient's images for WS1"), texts
 
 
 # -- the consortium: equivocation ------------------------------------------------------------------

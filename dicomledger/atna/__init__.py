@@ -5,6 +5,6 @@ over syslog (RFC 5424) on TLS (RFC 5425) or UDP (RFC 5426), through a durable qu
 calls: ``AuditSink`` (off: drops every event) or ``AuditTrail`` (on).
 """
 
-from dicomledger.atna.trail import AuditSink, AuditTrail, SentInstance
+from dicomledger.atna.trail import AuditSink, AuditTrail, PatientDirectory, SentInstance
 
-__all__ = ["AuditSink", "AuditTrail", "SentInstance"]
+__all__ = ["AuditSink", "AuditTrail", "PatientDirectory", "SentInstance"]

@@ -327,6 +327,22 @@ def query(
     )
 
 
+def patient_record(
+    *, action: str, changed_by: Node, patient: Patient, study: str | None, description: str, source: AuditSource,
+    time: datetime,
+) -> AuditMessage:
+    """A.5.3.9 Patient Record: the patient's record here changed (C create, U update, D delete);
+    for this gateway, the patient's access permissions (a grant or a revocation), of one study
+    if ``study`` names it."""
+    objects = (patient.participant_object((description,)),)
+    if study is not None:
+        objects = (Study(study).participant_object((description,)),) + objects
+    return AuditMessage(
+        event_id=PATIENT_RECORD, action=action, time=time, outcome=SUCCESS, source=source,
+        participants=(changed_by.participant(ROLE_APPLICATION, True),), objects=objects,
+    )
+
+
 def security_alert(
     *,
     alert: Code,

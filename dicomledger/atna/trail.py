@@ -57,6 +57,7 @@ from dicomledger.atna.syslog import (
     syslog_message,
 )
 from dicomledger.config import AtnaConfig
+from dicomledger.ledger.pseudonym import pseudonym
 
 if TYPE_CHECKING:
     from dicomledger.dicom.scp import RefusedAssociation
@@ -138,6 +139,10 @@ class AuditSink:
 
     def equivocation(self, origin: str, reported_by: str) -> None: ...
 
+    def permissions_changed(self, kind: str, *, patient: str, study: str | None, grantee: str | None, entry: int) -> None:
+        """A grant or revocation signed here (``patient``/``study``: pseudonyms, all the gateway
+        is given: the command pseudonymises the Patient ID before it reaches us)."""
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -164,9 +169,48 @@ class _Pending:
     at: float
 
 
+@dataclass(frozen=True)
+class _PermissionChange:
+    kind: str
+    patient: str  # pseudonyms
+    study: str | None
+    grantee: str | None
+    entry: int
+    time: datetime
+
+
+class PatientDirectory:
+    """The Patient ID, name and study UID behind ledger pseudonyms, from the index (read only),
+    for Patient Record messages: a grant reaches the gateway with pseudonyms only."""
+
+    def __init__(self, index: Path, secret: bytes) -> None:
+        self.index, self.secret = index, secret
+
+    def lookup(self, patient: str, study: str | None) -> tuple[m.Patient, str | None] | None:
+        try:
+            con = sqlite3.connect(f"file:{self.index}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return None
+        try:
+            for patient_id, name in con.execute("SELECT patient_id, patient_name FROM patients"):
+                if pseudonym(self.secret, "patient", patient_id) != patient:
+                    continue
+                study_uid = None
+                if study is not None:
+                    uids = [r[0] for r in con.execute("SELECT study_uid FROM studies WHERE patient_id = ?", (patient_id,))]
+                    study_uid = next((u for u in uids if pseudonym(self.secret, "study", u) == study), None)
+                return m.Patient(patient_id, name or None), study_uid
+        except sqlite3.Error:
+            return None
+        finally:
+            con.close()
+        return None
+
+
 class AuditTrail(AuditSink):
-    def __init__(self, config: AtnaConfig, ae_title: str, host: str) -> None:
+    def __init__(self, config: AtnaConfig, ae_title: str, host: str, patients: PatientDirectory | None = None) -> None:
         self.config = config
+        self.patients = patients
         self.ae_title = ae_title
         self.hostname = config.hostname or socket.getfqdn() or socket.gethostname()
         own_address = host if host not in ("", "0.0.0.0", "::") else self.hostname
@@ -263,6 +307,9 @@ class AuditTrail(AuditSink):
             subjects=(m.node_subject(origin, text),), description=text, source=self.source, time=_now(),
         ))
 
+    def permissions_changed(self, kind: str, *, patient: str, study: str | None, grantee: str | None, entry: int) -> None:
+        self._put(_PermissionChange(kind, patient, study, grantee, entry, _now()))
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -349,6 +396,8 @@ class AuditTrail(AuditSink):
         with db:
             db.execute("BEGIN IMMEDIATE")
             for item in items:
+                if isinstance(item, _PermissionChange):
+                    item = _Message(self._patient_record(item))
                 if isinstance(item, _Message):
                     self._insert(db, item.message)
                 elif isinstance(item, _Pending) and self._room():
@@ -398,6 +447,19 @@ class AuditTrail(AuditSink):
                 alert=m.AUDIT_RECORDING_STOPPED, outcome=m.SERIOUS_FAILURE, reporter=self.node,
                 description=text, source=self.source, time=_now(),
             ))
+
+    def _patient_record(self, change: _PermissionChange) -> m.AuditMessage:
+        """The Patient Record message of a grant or revocation, naming the patient by Patient ID
+        if the index knows the pseudonym (else by the pseudonym, with our private ID type)."""
+        found = self.patients.lookup(change.patient, change.study) if self.patients is not None else None
+        patient, study = found if found is not None else (m.Patient(change.patient, pseudonym_only=True), None)
+        scope = f"the images of study {study or change.study}" if change.study else "all the patient's images"
+        whom = f" for {change.grantee}" if change.grantee else ""
+        return m.patient_record(
+            action="U", changed_by=self.node, patient=patient, study=study,
+            description=f"{change.kind} of access to {scope}{whom} (ledger entry {change.entry})",
+            source=self.source, time=change.time,
+        )
 
     def _fold(self, db: sqlite3.Connection, everything: bool) -> None:
         """Turn each group of pending rows quiet for transfer_window seconds (all of them if
