@@ -19,7 +19,7 @@ import pytest
 
 from dicomledger.atna import messages as m
 from dicomledger.atna.syslog import octet_counted, syslog_message
-from dicomledger.config import ConfigError, load_config
+from dicomledger.config import AtnaConfig, ConfigError, load_config
 from tests import atna_schema, dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, dcmtk, free_port
 from tests.syslogd import Rsyslog, event_name
@@ -119,6 +119,24 @@ def test_atna_config_is_off_by_default_and_checked(tmp_path):
     atna = load_config(gw.config).atna
     assert atna is not None and (atna.host, atna.port, atna.transport) == ("audit.example", 6514, "udp")
     assert atna.queue == gw.dir / "data" / "atna.db" and atna.source_id == gw.origin
+
+
+def test_the_example_config_documents_every_atna_setting(tmp_path):
+    """Uncommented, config/gateway.example.toml's [atna] block loads, and names every setting."""
+    example = Path(__file__).resolve().parent.parent / "config" / "gateway.example.toml"
+    head, _, block = example.read_text().partition("# [atna]\n")
+    lines = ["[atna]"] + [ln[2:] for ln in block.splitlines() if ln.startswith("# ") and " = " in ln.split("#")[1]]
+    for name in ("audit-ca.pem", "audit-client.pem", "audit-client.key"):
+        (tmp_path / "keys").mkdir(exist_ok=True)
+        (tmp_path / "keys" / name).write_text("test")
+    config = tmp_path / "config.toml"
+    config.write_text(head + "\n".join(lines) + "\n")
+    atna = load_config(config).atna
+    assert atna is not None and (atna.host, atna.port, atna.transport) == ("audit.hospital-a.example", 6514, "tls")
+    assert (atna.max_queued, atna.retry_initial, atna.retry_max, atna.transfer_window) == (100000, 1.0, 60.0, 2.0)
+    documented = {ln.split(" = ")[0] for ln in lines[1:]}
+    settings = set(AtnaConfig.__dataclass_fields__) - {"host", "port"} | {"enabled", "repository"}
+    assert settings <= documented, settings - documented
 
 
 # -- a gateway and a real syslog daemon ------------------------------------------------------------
