@@ -21,6 +21,8 @@ import structlog
 from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
 from dicomledger.config import Config
+from dicomledger.daemon import notify
+from dicomledger.dicom.codecs import missing_lossless_decoders
 from dicomledger.dicom.index import (
     Index,
     IndexRecord,
@@ -198,6 +200,10 @@ class Gateway:
         except OSError as exc:
             raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+        if missing := missing_lossless_decoders():
+            log.warning("no decoder installed for these lossless transfer syntaxes: their instances are stored, "
+                        "anchored and served by their bytes as received, without a decoded-pixel hash "
+                        "(install the jpeg-gpl extra or python-gdcm: README, Licences)", transfer_syntaxes=missing)
         log.info(
             "gateway started",
             ae_title=g.ae_title,
@@ -573,6 +579,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     gateway = Gateway(config)
     try:  # stop() also after a failed start: an open database's thread would keep us alive
         await gateway.start()
+        notify("READY=1")  # systemd Type=notify: started only now (deploy/dicomledger.service)
         await stop.wait()
     finally:
+        notify("STOPPING=1")
         await gateway.stop()
