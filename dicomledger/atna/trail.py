@@ -26,6 +26,7 @@ lines (they count, name AE titles, addresses and reasons) or the ledger.
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
 import json
 import os
@@ -35,7 +36,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,6 +208,20 @@ class PatientDirectory:
         return None
 
 
+def _never_raises(method: Callable[..., None]) -> Callable[..., None]:
+    """An event method: a bug in building a message is logged, never raised into the DICOM
+    handler, peer API or ingest path that reported the event."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception as exc:
+            log.exception("audit event not recorded", event=method.__name__, error=f"{type(exc).__name__}: {exc}")
+
+    return wrapper
+
+
 class AuditTrail(AuditSink):
     def __init__(self, config: AtnaConfig, ae_title: str, host: str, patients: PatientDirectory | None = None) -> None:
         self.config = config
@@ -232,22 +247,27 @@ class AuditTrail(AuditSink):
     # -- events (any thread; never block, never raise) ---------------------------------------
 
     def _put(self, item: Any) -> None:
+        if self._writer is not None and not self._writer.is_alive() and not isinstance(item, _Stop):
+            return  # the writer failed (logged): do not pile events up in memory
         self._inbox.put(item)
 
     def _message(self, message: m.AuditMessage) -> None:
         self._put(_Message(message))
 
+    @_never_raises
     def application_started(self) -> None:
         self._started = True
         self._message(m.application_activity(
             started=True, application=self.node, launcher=_user(), source=self.source, time=_now()))
 
+    @_never_raises
     def instance_received(self, calling_ae: str, peer: str, sop_class_uid: str, header: Any) -> None:
         group = {"kind": "received", "ae": calling_ae, "address": address_of(peer),
                  "patient_id": header.patient_id, "patient_name": header.patient_name}
         self._put(_Pending(group, header.study_uid, header.accession_number or None, sop_class_uid,
                            header.sop_instance_uid, None, time.time()))
 
+    @_never_raises
     def instances_sent(
         self, service: str, *, our_ae: str, destination: str, destination_address: str | None,
         instances: Iterable[SentInstance], requestor: str | None = None, requestor_address: str | None = None,
@@ -259,6 +279,7 @@ class AuditTrail(AuditSink):
                      "requestor_address": requestor_address, "patient": i.patient, "delivered": i.delivered}
             self._put(_Pending(group, i.study, None, i.sop_class_uid, i.sop_instance_uid, str(i.path), now))
 
+    @_never_raises
     def query(self, calling_ae: str, peer: str, model: str, identifier: Dataset) -> None:
         try:
             encoded = _encode(identifier)
@@ -271,6 +292,7 @@ class AuditTrail(AuditSink):
             transfer_syntax_uid=IMPLICIT_VR_LITTLE_ENDIAN, source=self.source, time=_now(),
         ))
 
+    @_never_raises
     def tamper_alarm(
         self, service: str, *, calling_ae: str, peer: str, destination: str, instance: SentInstance, problem: str,
     ) -> None:
@@ -280,6 +302,7 @@ class AuditTrail(AuditSink):
         self._put(_Pending(group, instance.study, None, instance.sop_class_uid, instance.sop_instance_uid,
                            str(instance.path), time.time()))
 
+    @_never_raises
     def association_refused(self, refusal: RefusedAssociation) -> None:
         self._message(m.security_alert(
             alert=m.NODE_AUTHENTICATION if refusal.unauthorised else m.ASSOCIATION_LIMIT,
@@ -290,6 +313,7 @@ class AuditTrail(AuditSink):
             description=f"association refused: {refusal.reason}", source=self.source, time=_now(),
         ))
 
+    @_never_raises
     def tls_refused(self, listener: str, address: str, reason: str) -> None:
         host = address_of(address)
         self._message(m.security_alert(
@@ -299,6 +323,7 @@ class AuditTrail(AuditSink):
             description=f"TLS handshake refused on the {listener}: {reason}", source=self.source, time=_now(),
         ))
 
+    @_never_raises
     def equivocation(self, origin: str, reported_by: str) -> None:
         text = (f"gateway {origin} signed two checkpoints that cannot both be true (evidence held, "
                 f"reported by {reported_by}); it is flagged and its new entries are not replicated")
@@ -307,6 +332,7 @@ class AuditTrail(AuditSink):
             subjects=(m.node_subject(origin, text),), description=text, source=self.source, time=_now(),
         ))
 
+    @_never_raises
     def permissions_changed(self, kind: str, *, patient: str, study: str | None, grantee: str | None, entry: int) -> None:
         self._put(_PermissionChange(kind, patient, study, grantee, entry, _now()))
 
