@@ -166,7 +166,7 @@ def test_jpeg_instances_are_stored_and_hashed_without_the_gpl_decoder(tmp_path):
 UNIT = ROOT / "deploy" / "dicomledger.service"
 
 
-def test_the_systemd_unit_is_a_notify_service_for_an_unprivileged_user():
+def test_the_systemd_unit_is_a_notify_service_for_an_unprivileged_user(tmp_path):
     text = UNIT.read_text()
     settings = dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Za-z]+=", line))
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
@@ -174,12 +174,9 @@ def test_the_systemd_unit_is_a_notify_service_for_an_unprivileged_user():
     assert " serve --config " in settings["ExecStart"]
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed: the unit's syntax is not checked here")
-    runnable = tmp = ROOT / "deploy" / ".verify-dicomledger.service"
-    try:  # (verify wants an executable ExecStart: point it at this Python)
-        tmp.write_text(text.replace(settings["ExecStart"].split()[0], f"{sys.executable} -m dicomledger.cli"))
-        result = subprocess.run(["systemd-analyze", "verify", str(runnable)], capture_output=True, text=True)
-    finally:
-        tmp.unlink(missing_ok=True)
+    runnable = tmp_path / "dicomledger.service"  # (verify wants an executable ExecStart: this Python)
+    runnable.write_text(text.replace(settings["ExecStart"].split()[0], f"{sys.executable} -m dicomledger.cli"))
+    result = subprocess.run(["systemd-analyze", "verify", str(runnable)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "Unknown" not in result.stderr and "Ignoring" not in result.stderr, result.stderr
 
