@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,10 @@ import structlog
 
 from dicomledger import logs
 from dicomledger.admin import AdminServer, PermissionAdmin
+from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
 from dicomledger.config import Config
+from dicomledger.daemon import notify
+from dicomledger.dicom.codecs import missing_lossless_decoders
 from dicomledger.dicom.index import (
     Index,
     IndexRecord,
@@ -198,6 +202,9 @@ class Gateway:
         self.book: PermissionBook | None = None
         self.forwarder: Forwarder | None = None
         self.admin: AdminServer | None = None
+        g = config.gateway
+        patients = PatientDirectory(config.storage.index, self.secret)  # for grants, which name pseudonyms
+        self.audit = AuditTrail(config.atna, g.ae_title, g.host, patients) if config.atna else AuditSink()
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
         self._locks = [asyncio.Lock() for _ in range(64)]
         self._checkpointer: asyncio.Task[None] | None = None
@@ -210,6 +217,7 @@ class Gateway:
         any restart, and its queue retries. ``stop`` ends a wait for peers early."""
         self.loop = asyncio.get_running_loop()
         cfg = self.config
+        await self.audit.start()
         removed = self.files.prepare()
         if removed:
             log.info("removed partial uploads left by an earlier run", count=removed)
@@ -238,10 +246,11 @@ class Gateway:
         )
         if cfg.forwarding is not None:
             queue = await ForwardQueue.open(cfg.forwarding.queue)
-            self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory)
+            self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory,
+                                       audit=self.audit)
             await self.forwarder.start()
         if cfg.admin_socket is not None:
-            handlers = PermissionAdmin(cfg, self.book, self.writer).handlers()
+            handlers = PermissionAdmin(cfg, self.book, self.writer, self.audit).handlers()
             if self.peers is not None:  # `peers --clear-flag`: its entry goes through our writer
                 peers = self.peers
                 handlers["clear-flag"] = lambda body: peers.clear_flag(body["origin"], body["reason"], body["by"])
@@ -254,7 +263,7 @@ class Gateway:
             loop=self.loop, index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
             book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
             origin=self.identity.origin, origin_key=self.identity.public_key,
-            destinations=cfg.forwarding,
+            destinations=cfg.forwarding, audit=self.audit,
         )
         self.server = DicomServer(
             ae_title=g.ae_title,
@@ -268,12 +277,17 @@ class Gateway:
             network_timeout=g.network_timeout,
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
+            on_refused=self.audit.association_refused,
         )
         try:
             self.server.start()
         except OSError as exc:
             raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+        if missing := missing_lossless_decoders():
+            log.warning("no decoder installed for these lossless transfer syntaxes: their instances are stored, "
+                        "anchored and served by their bytes as received, without a decoded-pixel hash "
+                        "(install the jpeg-gpl extra or python-gdcm: README, Licences)", transfer_syntaxes=missing)
         log.info(
             "gateway started",
             ae_title=g.ae_title,
@@ -282,6 +296,7 @@ class Gateway:
             ledger_size=self.writer.size,
             vkey=self.identity.vkey,
         )
+        self.audit.application_started()
 
     async def _confirm_own_tip(self, stop: asyncio.Event | None) -> OwnTip | None:
         """Open the peer API and, with peers configured, have them confirm our log's tip,
@@ -292,7 +307,9 @@ class Gateway:
         if cfg.peering is None:
             return None
         assert self.ledger is not None and self.writer is not None
-        self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer)
+        self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer,
+                                 on_equivocation=self.audit.equivocation,
+                                 on_tls_refused=partial(self.audit.tls_refused, "peer API"))
         try:
             await self.peers.start()
         except OSError as exc:
@@ -337,6 +354,7 @@ class Gateway:
             await self.index.close()
         if self.ledger is not None:
             await self.ledger.close()
+        await self.audit.stop()  # Application Stop, then what the repository takes in a few seconds
         log.info("gateway stopped")
 
     # -- checkpoints ---------------------------------------------------------
@@ -402,6 +420,7 @@ class Gateway:
             status, outcome = failure.status, failure.describe()
         else:
             status, outcome = SUCCESS, result.describe()
+            self.audit.instance_received(request.calling_ae, request.peer, request.sop_class_uid, header)
         (log.info if status == SUCCESS else log.error)(
             "c-store",
             calling_ae=request.calling_ae,
@@ -700,10 +719,12 @@ async def serve(config: Config, stop: asyncio.Event, *, accept_local_tip: bool =
         gateway = Gateway(config, accept_local_tip=accept_local_tip)
         try:  # stop() also after a failed start: an open database's thread would keep us alive
             await gateway.start(stop)
+            notify("READY=1")  # systemd Type=notify: started only now (deploy/dicomledger.service)
             await stop.wait()
         except StartupInterrupted as exc:
             log.info("gateway not started", reason=str(exc))
         finally:
+            notify("STOPPING=1")
             await gateway.stop()
     finally:
         restore_output()

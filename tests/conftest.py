@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # see shared/DICOM-TOOLS.md
 
 
+def jpeg_lossless_decoder_installed() -> bool:
+    """pylibjpeg-libjpeg (the jpeg-gpl extra, GPLv3) or python-gdcm: pydicom can decode JPEG Lossless."""
+    from pydicom import uid
+    from pydicom.pixels import get_decoder
+
+    return get_decoder(uid.JPEGLosslessSV1).is_available
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("jpeg_gpl") and not jpeg_lossless_decoder_installed():
+        pytest.skip("needs a JPEG Lossless decoder: pip install -e '.[jpeg-gpl]' (pylibjpeg-libjpeg, GPLv3) "
+                    "or python-gdcm; ./scripts/test installs the extra")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,6 +77,7 @@ class GatewayProcess:
         self.serve_module = "dicomledger.cli"  # `python -m <this> serve`: a test may wrap it
         self.group: list[GatewayProcess] = [self]  # the gateways of its consortium (``consortium``)
         self._waiting_from: int | None = None  # log offset of a start still waiting for a peer
+        self.python = sys.executable  # a test may run the gateway in another environment
 
     @property
     def vkey(self) -> str:
@@ -92,7 +107,7 @@ class GatewayProcess:
         self.log_file = open(self.log_path, "ab")
         extra = ["--accept-local-tip"] if accept_local_tip else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.serve_module, "serve", "--config", str(self.config), *extra],
+            [self.python, "-m", self.serve_module, "serve", "--config", str(self.config), *extra],
             stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         self._waiting_from = None

@@ -285,8 +285,13 @@ class PeerService:
         identity: Identity,
         store: LedgerStore,
         own_log: LogWriter,
+        *,
+        on_equivocation: Callable[[str, str], None] | None = None,  # (origin, reported by)
+        on_tls_refused: Callable[[str, str], None] | None = None,  # (address, reason)
     ) -> None:
         self.config = config
+        self._on_equivocation = on_equivocation
+        self._on_tls_refused = on_tls_refused
         self.identity = identity
         self.store = store
         self.own_log = own_log
@@ -564,9 +569,10 @@ class PeerService:
             raise web.HTTPForbidden(text="unknown peer certificate")
         return origin
 
-    @staticmethod
-    def _handshake_refused(address: str, reason: str) -> None:
+    def _handshake_refused(self, address: str, reason: str) -> None:
         log.warning("peer TLS handshake refused", address=address, reason=reason)
+        if self._on_tls_refused is not None:
+            self._on_tls_refused(address, reason)
 
     def _refuse(self, caller: str, status: int, reason: str) -> web.Response:
         log.warning("peer request refused", peer=caller, status=status, reason=reason)
@@ -1018,6 +1024,8 @@ class PeerService:
                 origin=origin,
                 reported_by=source,
             )
+            if self._on_equivocation is not None:
+                self._on_equivocation(origin, source)
 
     async def _ask_cosignature(self, peer: _Peer | _Witness) -> None:
         """Ask ``peer`` (or a standard witness) to witness our newest checkpoint (tlog-witness
