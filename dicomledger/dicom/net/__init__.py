@@ -11,7 +11,7 @@ StoreRequest), retrieve.py (C-MOVE, C-GET), association.py (the per-connection s
 machine), server.py (the listener).
 """
 
-from dicomledger.dicom.net.server import DicomServer
+from dicomledger.dicom.net.server import DicomServer, RefusedAssociation
 from dicomledger.dicom.net.services import StoreRequest
 
-__all__ = ["DicomServer", "StoreRequest"]
+__all__ = ["DicomServer", "RefusedAssociation", "StoreRequest"]

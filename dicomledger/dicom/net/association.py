@@ -22,6 +22,7 @@ from dicomledger.dicom.net.negotiation import (
     Accepted,
     AcceptedContext,
     AssociateRqError,
+    RefusedAssociation,
     Rejected,
     reject,
 )
@@ -207,6 +208,9 @@ class Association(asyncio.Protocol):
         if isinstance(answer, Rejected):  # (logged first: the line is there when the peer reads)
             log.warning("association refused", reason=answer.reason, calling_ae=answer.calling_ae,
                         called_ae=answer.called_ae, peer=self.address)
+            server.association_refused(RefusedAssociation(
+                answer.calling_ae, answer.called_ae, self.address.rsplit(":", 1)[0], answer.reason,
+                unauthorised=not answer.transient))
             self._write(answer.pdu)
             self._closing()
             return

@@ -71,11 +71,24 @@ class Rejected:
     reason: str
     calling_ae: str
     called_ae: str
+    transient: bool = False  # at capacity or stopping: the same request may succeed later
+
+
+@dataclass(frozen=True)
+class RefusedAssociation:
+    """An association we refused, as told to ``on_refused`` (the audit trail's Security Alert)."""
+
+    calling_ae: str
+    called_ae: str
+    address: str  # the peer's host
+    reason: str
+    unauthorised: bool  # refused for the AE titles it claimed (or what it proposed); False: at capacity
 
 
 def reject(result: int, source: int, reason_code: int, reason: str, calling_ae: str = "",
            called_ae: str = "") -> Rejected:
-    return Rejected(pdu.a_associate_rj(result, source, reason_code), reason, calling_ae, called_ae)
+    return Rejected(pdu.a_associate_rj(result, source, reason_code), reason, calling_ae, called_ae,
+                    transient=result == pdu.REJECTED_TRANSIENT)
 
 
 class Negotiator:

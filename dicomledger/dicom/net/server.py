@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import os
 import resource
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import structlog
 
 from dicomledger.dicom.net import dimse
 from dicomledger.dicom.net.association import Association
-from dicomledger.dicom.net.negotiation import Negotiator
+from dicomledger.dicom.net.negotiation import Negotiator, RefusedAssociation
 from dicomledger.dicom.net.operation import Service
 from dicomledger.dicom.net.retrieve import GetService, MoveService
 from dicomledger.dicom.net.services import (
@@ -55,9 +55,11 @@ class DicomServer:
         query_retrieve: RetrieveCore | None = None,
         artim_timeout: float | None = None,
         services: Mapping[int, Service] | None = None,
+        on_refused: Callable[[RefusedAssociation], None] | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.ae_title = ae_title
+        self._on_refused = on_refused
         self.temp_dir = temp_dir
         self.max_associations = max_associations
         self.network_timeout = network_timeout
@@ -150,6 +152,13 @@ class DicomServer:
             oldest = next(iter(self._waiting))
             self._waiting.pop(oldest)
             oldest.evict()
+
+    def association_refused(self, refusal: RefusedAssociation) -> None:
+        if self._on_refused is not None:
+            try:
+                self._on_refused(refusal)
+            except Exception:  # the listener's bug must not reach the association
+                log.exception("on_refused failed", calling_ae=refusal.calling_ae, peer=refusal.address)
 
     def association_started(self, assoc: Association) -> None:
         self._waiting.pop(assoc, None)

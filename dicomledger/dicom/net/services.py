@@ -59,7 +59,7 @@ class StoreRequest:
 
 OnStore = Callable[[StoreRequest], Awaitable[int]]
 
-# What we accept, as today's pynetdicom server does: every storage SOP class with every
+# What we accept, as the pynetdicom server did before: every storage SOP class with every
 # transfer syntax pydicom knows (the sender's choice wins, negotiation.py); Verification and
 # Query/Retrieve with pynetdicom's defaults.
 STORAGE_TRANSFER_SYNTAXES = tuple(str(ts) for ts in AllTransferSyntaxes)
