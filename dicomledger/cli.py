@@ -78,7 +78,7 @@ fanout = 3
 # cosignature timestamp shows auditors the log was alive and unchanged while idle.
 heartbeat_interval = 60.0
 
-# One [[peers]] table per other gateway: its origin, peer API address, verifier key (the line
+# One [[peers]] table per other gateway: its origin, peer API address, verifier key (line 2
 # in its trust.txt) and pinned TLS certificate (a copy of its keys/peer-tls.crt).
 # [[peers]]
 # origin = "hospital-b.example/dicomledger"
@@ -152,7 +152,8 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
         return _fail("verify takes either --config, or --ledger and --trust", EXIT_USAGE)
     key = load_key_file(config.ledger.key_file)
     ok = verify_and_report(
-        config.ledger.database, expected_keys={config.ledger.origin: key.public_key()}, origin=args.origin
+        config.ledger.database, expected_keys={config.ledger.origin: key.public_key()}, origin=args.origin,
+        every_signature=args.every_signature,
     )
     return EXIT_OK if ok else EXIT_FAIL
 
@@ -173,7 +174,8 @@ def cmd_verify_copy(args: argparse.Namespace) -> int:
         return _fail(str(exc), EXIT_USAGE)
     if not Path(args.ledger).is_file():
         return _fail(f"ledger database {args.ledger} does not exist", EXIT_USAGE)
-    return EXIT_OK if verify_and_report(Path(args.ledger), trust=trust, origin=args.origin) else EXIT_FAIL
+    ok = verify_and_report(Path(args.ledger), trust=trust, origin=args.origin, every_signature=args.every_signature)
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 def cmd_prove(args: argparse.Namespace, config: Config) -> int:
@@ -417,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", metavar="POLICY", help="a C2SP tlog-policy file (witness keys and quorum), "
                    "when the trust file has none")
     p.add_argument("--origin", help="check only this origin's log")
+    p.add_argument("--every-signature", action="store_true", help="also check the own signature of "
+                   "entries a signed checkpoint already authenticates (slower)")
     with_config("status", "show the ledger and store state")
     with_config("peers", "show each peer: reachable, last contact, how much of its log we hold, flagged")
     p = with_config("grant", "record a patient's permission on the ledger (through the running gateway)")

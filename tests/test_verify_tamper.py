@@ -165,3 +165,40 @@ def test_checkpoint_whose_root_does_not_match_is_named(pristine, tmp_path):
 def test_odd_values_in_a_tampered_database_are_named_not_crashed_on(pristine, tmp_path, sql, where, what):
     problem = verify_database(tampered(pristine, tmp_path, sql)).problem
     assert (problem.where, problem.what) == (where, what)
+
+
+def test_an_entry_the_key_holder_signed_badly_but_checkpointed_needs_every_signature(tmp_path):
+    """The one thing the checkpoint shortcut gives up (docs/ledger-formats.md, "What a
+    checkpoint pins"): only the key holder can make it, and --every-signature finds it."""
+    from dicomledger.ledger import merkle
+    from dicomledger.ledger.checkpoint import Checkpoint, format_checkpoint
+    from dicomledger.ledger.note import Note, format_note, sign_note_text
+
+    path = tmp_path / "holder.db"
+
+    async def build():
+        store = await LedgerStore.open(path)
+        writer = LogWriter(store, Identity(ORIGIN, KEY))
+        await writer.start()
+        for i in range(10):
+            await writer.append("image-anchored", {"sha256": f"{i:064x}"})
+        await writer.sign_checkpoint()
+        await writer.stop()
+        await store.close()
+
+    asyncio.run(build())
+    con = sqlite3.connect(path)
+    (data,) = con.execute("SELECT data FROM entries WHERE idx = 9").fetchone()
+    con.execute("UPDATE entries SET data = ? WHERE idx = 9", (bytes(data).replace(b'"sha256":"0', b'"sha256":"1', 1),))
+    tree = merkle.Frontier()
+    con.execute("DELETE FROM nodes")
+    for (data,) in con.execute("SELECT data FROM entries ORDER BY idx").fetchall():
+        for (level, idx), h in tree.append(merkle.leaf_hash(bytes(data))):
+            con.execute("INSERT INTO nodes (origin_id, level, idx, hash) VALUES (1, ?, ?, ?)", (level, idx, h))
+    text = format_checkpoint(Checkpoint(ORIGIN, 10, tree.root()))
+    con.execute("UPDATE checkpoints SET note = ? WHERE size = 10", (format_note(Note(text, (sign_note_text(text, ORIGIN, KEY),))),))
+    con.commit()
+    con.close()
+    assert verify_database(path, {ORIGIN: KEY.public_key()}).ok
+    problem = verify_database(path, {ORIGIN: KEY.public_key()}, every_signature=True).problem
+    assert problem.where == "entry 9" and "signature" in problem.what

@@ -274,8 +274,8 @@ class _Run:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
-    def origin(self, o: _Origin) -> tuple[Problem | None, OriginReport | None]:
-        covered = _newest_signed_checkpoint(o)
+    def origin(self, o: _Origin, every_signature: bool) -> tuple[Problem | None, OriginReport | None]:
+        covered = 0 if every_signature else _newest_signed_checkpoint(o)
         problem, report = self._check(o, sign_from=covered)
         if problem is not None and report is None and covered > 0:
             # Something stored is wrong: name the first bad place as a check of every
@@ -431,12 +431,14 @@ def verify_database(
     trust: Trust | None = None,
     origin: str | None = None,
     progress: Progress | None = None,
+    every_signature: bool = False,
 ) -> VerifyReport:
     """Check everything (or the log of ``origin`` only).
 
     ``trust``: the auditor's trust file: every origin checked needs a key there, equal to the
     stored one; its witness keys and policy apply. Otherwise ``expected_keys`` pins some
     origins' keys (e.g. this gateway's own) and the stored keys serve for the rest.
+    ``every_signature``: also check the own signature of entries a checkpoint authenticates.
     """
     db = _connect(path)
     reports: list[OriginReport] = []
@@ -483,7 +485,7 @@ def verify_database(
                 sum(o.size for o in origins),
             )
             for o in origins:
-                problem, report = run.origin(o)
+                problem, report = run.origin(o, every_signature)
                 if report is not None:
                     reports.append(report)
                 if problem is not None:
@@ -555,6 +557,7 @@ def verify_and_report(
     trust: Trust | None = None,
     expected_keys: Mapping[str, Ed25519PublicKey] | None = None,
     origin: str | None = None,
+    every_signature: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> bool:
@@ -562,7 +565,9 @@ def verify_and_report(
     out, err = out or sys.stdout, err or sys.stderr
     progress = ProgressLine(err)
     try:
-        report = verify_database(path, expected_keys, trust=trust, origin=origin, progress=progress)
+        report = verify_database(
+            path, expected_keys, trust=trust, origin=origin, progress=progress, every_signature=every_signature
+        )
     except sqlite3.DatabaseError as exc:  # not a ledger database, or its file is damaged
         report = VerifyReport((), Problem(str(path), "database", f"cannot be read as a ledger: {exc}"))
     progress.finish(report)
