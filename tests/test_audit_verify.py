@@ -8,6 +8,9 @@ import io
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from dicomledger.ledger.note import format_note, parse_note
 from dicomledger.ledger.policy import cosigner_vkey
 from dicomledger.ledger.verify import ProgressLine, VerifyReport
 from tests import dicomdata
-from tests.conftest import GatewayProcess, consortium, dicomledger
+from tests.conftest import ROOT, GatewayProcess, consortium, dicomledger
 
 SUMMARY = re.compile(r"^verified \d+ entries of \d+ log\(s\) in \d+\.\d s \([\d,]+ entries/s\)$")
 
@@ -297,3 +300,52 @@ def test_progress_on_a_terminal_shows_rate_and_time_left():
     assert stream.getvalue() == shown
     progress.finish(VerifyReport((), None))
     assert stream.getvalue().endswith("\r\033[Kverified 0 entries of 0 log(s) in 2.0 s (0 entries/s)\n")
+
+
+def test_a_copy_on_read_only_media(cosigned, tmp_path):
+    """An auditor's copy in a folder the verifier cannot write (here: run as user nobody)."""
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to run verify as another user")
+    outside = Path(tempfile.mkdtemp(prefix="auditor-media-"))  # pytest's tmp folders are root-only
+    outside.chmod(0o755)
+    try:
+        read_only_media(cosigned, outside / "media", tmp_path)
+    finally:
+        shutil.rmtree(outside)
+
+
+def read_only_media(cosigned: Consortium, media: Path, tmp_path: Path) -> None:
+    media.mkdir()
+    shutil.copy(ledger_path(cosigned.a), media / "ledger.db")
+    trust = media / "trust.txt"
+    shutil.copy(cosigned.trust(), trust)
+    for path in (media / "ledger.db", trust):
+        path.chmod(0o444)
+    media.chmod(0o555)
+
+    def as_nobody() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "dicomledger.cli",
+             "verify", "--ledger", str(media / "ledger.db"), "--trust", str(trust)],
+            capture_output=True, text=True, cwd=ROOT, timeout=120,
+        )
+
+    result = as_nobody()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in media.iterdir()) == ["ledger.db", "trust.txt"]
+    # a copy with a -wal file holding part of the database cannot be read from there: said so
+    media.chmod(0o755)
+    con = sqlite3.connect(media / "ledger.db")
+    con.execute("PRAGMA wal_autocheckpoint = 0")
+    con.execute("CREATE TABLE auditor_note (x)")  # a commit that stays in the -wal file
+    con.commit()
+    shutil.copy(media / "ledger.db-wal", tmp_path / "wal")
+    con.close()  # (closing checkpoints the -wal away: put it back, as a copy would have it)
+    shutil.copy(tmp_path / "wal", media / "ledger.db-wal")
+    (media / "ledger.db-wal").chmod(0o444)
+    for leftover in media.glob("ledger.db-shm"):
+        leftover.unlink()
+    media.chmod(0o555)
+    result = as_nobody()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the folder is not writable and ledger.db-wal holds part of the database" in result.stdout

@@ -88,12 +88,35 @@ class VerifyReport:
         return sum(o.size for o in self.origins)
 
 
+class UnreadableCopy(sqlite3.OperationalError):
+    """A WAL database in a folder SQLite cannot write its -shm index to."""
+
+
 def _connect(path: Path) -> sqlite3.Connection:
+    """Read-only: never writes the database (SQLite may add empty -wal/-shm files beside it);
+    WAL readers do not block the gateway's writer."""
     if not path.exists():
         raise FileNotFoundError(f"ledger database {path} does not exist")
-    # Read-only (never writes the file; SQLite may add empty -wal/-shm files beside it);
-    # WAL readers do not block the gateway's writer.
-    return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return db
+    except sqlite3.OperationalError as exc:
+        db.close()
+        if "readonly" not in str(exc) and "unable to open" not in str(exc):
+            raise
+        # A copy on read-only media: SQLite cannot create the -wal/-shm files a WAL
+        # database needs. With no -wal file beside it the file alone is the whole database
+        # (and nothing is writing it: a running writer keeps its -wal file), so it can be
+        # read as immutable; a -wal file would be ignored that way, so that case is refused.
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise UnreadableCopy(
+                f"{exc}: the folder is not writable and {wal.name} holds part of the database; "
+                "copy both files to a writable folder"
+            ) from None
+        return sqlite3.connect(f"{uri}&immutable=1", uri=True)
 
 
 def _blob(value: object) -> bytes | None:
