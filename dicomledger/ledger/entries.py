@@ -20,9 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -145,23 +146,32 @@ def sign_entry(
     return entry, encode_entry(entry)
 
 
-def _reject_float(text: str) -> NoReturn:
-    raise EntryError(f"floats are not allowed in ledger entries (use integers or strings), got {text}")
+class _Parsing(threading.local):
+    inexact = False  # the entry being parsed has a float, NaN/Infinity or an integer >= 2**53
 
 
-def _exact_int(text: str) -> int:
+_PARSING = _Parsing()
+
+
+def _float(text: str) -> float:
+    _PARSING.inexact = True
+    return float(text)
+
+
+def _int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:  # more digits than Python converts
-        raise EntryError("an integer is outside the exact JSON range (2**53)") from None
+        raise EntryError("entry: an integer is outside the exact JSON range (2**53)") from None
     if abs(value) >= 2**53:
-        raise EntryError(f"integer {value} is outside the exact JSON range (2**53)")
+        _PARSING.inexact = True
     return value
 
 
-# Parsing refuses floats, NaN/Infinity and inexact integers on the way in, so the parsed
-# object needs no second walk before it is re-encoded for the canonical-form check.
-_DECODER = json.JSONDecoder(parse_float=_reject_float, parse_int=_exact_int, parse_constant=_reject_float)
+# Parsing notes floats, NaN/Infinity and inexact integers on the way in, so the parsed object
+# needs the walk of ``_check_json_value`` (which names the offending field) only when it has
+# one, or non-ASCII text that may be in a key, before it is re-encoded for the canonical check.
+_DECODER = json.JSONDecoder(parse_float=_float, parse_int=_int, parse_constant=_float)
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -169,6 +179,7 @@ def decode_entry(data: bytes) -> Entry:
     """Parse entry bytes, rejecting anything that is not the canonical form. No signature check."""
     if len(data) > MAX_ENTRY_BYTES:
         raise EntryError(f"entry is {len(data)} bytes, above the limit of {MAX_ENTRY_BYTES}")
+    _PARSING.inexact = False
     try:
         obj = _DECODER.decode(data.decode("utf-8"))
     except EntryError:
@@ -180,7 +191,7 @@ def decode_entry(data: bytes) -> Entry:
     if set(obj) != _FIELDS:
         missing, extra = _FIELDS - set(obj), set(obj) - _FIELDS
         raise EntryError(f"entry fields wrong: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    if type(obj["v"]) is not int or obj["v"] != FORMAT_VERSION:
+    if obj["v"] != FORMAT_VERSION or obj["v"] is True:
         raise EntryError(f"entry format version {obj['v']!r} is not supported (expected 1)")
     origin, index, time_ms, kind = obj["origin"], obj["index"], obj["time"], obj["kind"]
     if not isinstance(origin, str) or not origin:
@@ -201,8 +212,8 @@ def decode_entry(data: bytes) -> Entry:
         raise EntryError("entry prev must be 64 lower-case hex digits")
     if len(sig) != 64:
         raise EntryError("entry signature missing or not 64 bytes")
-    if not data.isascii():
-        _check_json_value(obj["payload"], "entry.payload")  # object keys must be ASCII
+    if _PARSING.inexact or not data.isascii():
+        _check_json_value(obj, "entry")  # floats, inexact integers, non-ASCII keys: named
     # Equal to encode_entry(entry): every field above is as encode_entry writes it.
     if base64.b64encode(sig).decode("ascii") != obj["sig"] or _CANONICAL.encode(obj).encode() != data:
         raise EntryError("entry is not in canonical form (key order, spacing, escaping or numbers)")
