@@ -79,6 +79,8 @@ class PeeringConfig:
     peers: tuple[PeerConfig, ...]
     # Seconds after which a witness's cosignature on our (unchanged) checkpoint is renewed.
     heartbeat_interval: float = 60.0
+    # Longest pause, in seconds, before pulling again from a peer whose entries did not verify.
+    backoff_max: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -391,12 +393,15 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         max_message_bytes=pe.int_in("max_message_bytes", 1024, 2**30, 8 * 2**20),
         peers=(),
         heartbeat_interval=pe.get("heartbeat_interval", float, 60.0),
+        backoff_max=pe.get("backoff_max", float, 300.0),
     )
     pe.done()
     if peering.gossip_interval <= 0:
         raise pe._fail("gossip_interval", "must be positive seconds")
     if peering.heartbeat_interval <= 0:
         raise pe._fail("heartbeat_interval", "must be positive seconds")
+    if peering.backoff_max < 0:
+        raise pe._fail("backoff_max", "must be zero or more seconds")
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError(f"{path}: peers must be an array of tables: write [[peers]]")

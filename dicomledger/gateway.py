@@ -12,11 +12,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from dicomledger.admin import AdminServer, record_json
+from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.config import Config
 from dicomledger.dicom.index import (
     Index,
@@ -25,9 +26,15 @@ from dicomledger.dicom.index import (
     InstanceRow,
     PatientRow,
     SeriesRow,
+    StudyPatientConflict,
     StudyRow,
 )
-from dicomledger.dicom.instance import InstanceError, InstanceHeader, instance_header
+from dicomledger.dicom.instance import (
+    InstanceError,
+    InstanceHeader,
+    instance_header,
+    read_instance_header,
+)
 from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_instance_file
 from dicomledger.dicom.scp import (
     CANNOT_UNDERSTAND,
@@ -39,16 +46,25 @@ from dicomledger.dicom.scp import (
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue
 from dicomledger.ledger import merkle
-from dicomledger.ledger.entries import IMAGE_ANCHORED, decode_entry
+from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, EntryError, decode_entry
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
-from dicomledger.ledger.permissions import Grantee
 from dicomledger.ledger.pseudonym import pseudonym
 from dicomledger.retrieval import QueryRetrieve
 
 log = structlog.get_logger("dicomledger.gateway")
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start (a port in use, a host that does not resolve); the message
+    names the listener and the reason."""
+
+
+def _listener_failed(what: str, host: str, port: int, exc: OSError) -> StartupError:
+    reason = exc.strerror or str(exc)
+    return StartupError(f"cannot start the {what} on {host}:{port}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -139,13 +155,14 @@ class Gateway:
             self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory)
             await self.forwarder.start()
         if cfg.admin_socket is not None:
-            self.admin = AdminServer(cfg.admin_socket, {
-                "grant": self._admin_grant, "revoke": self._admin_revoke, "permissions": self._admin_permissions,
-            })
+            self.admin = AdminServer(cfg.admin_socket, PermissionAdmin(cfg, self.book, self.writer).handlers())
             await self.admin.start()
         if cfg.peering is not None:
             self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer)
-            await self.peers.start()
+            try:
+                await self.peers.start()
+            except OSError as exc:
+                raise _listener_failed("peer API", cfg.peering.host, cfg.peering.port, exc) from None
         g = cfg.gateway
         query_retrieve = QueryRetrieve(
             loop=self.loop, index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
@@ -166,7 +183,10 @@ class Gateway:
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
         )
-        self.server.start()
+        try:
+            self.server.start()
+        except OSError as exc:
+            raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
         log.info(
             "gateway started",
@@ -191,7 +211,8 @@ class Gateway:
             self._checkpointer.cancel()
         if self.writer is not None:
             await self.writer.stop()
-            await self._checkpoint()
+            if self._checkpointer is not None:  # not after a failed start
+                await self._checkpoint()
         if self.index is not None:
             await self.index.close()
         if self.ledger is not None:
@@ -281,9 +302,11 @@ class Gateway:
             row = _instance_row(header, hashes, request, relative, size)
             try:
                 previous = await self.index.record_received(_record(header, row))
-            except IndexStoreError:
+            except (IndexStoreError, StudyPatientConflict) as exc:
                 if not replaced_file:  # leave nothing unindexed behind
                     self.files.absolute(relative).unlink(missing_ok=True)
+                if isinstance(exc, StudyPatientConflict):  # another patient's study: refused
+                    return exc.status, f"refused: {exc}"
                 raise
             p = Pseudonyms.of(self.secret, header)
             status, outcome = await self._anchor(request, header, hashes, previous, p)
@@ -298,36 +321,6 @@ class Gateway:
                 if routed:
                     outcome += "; forwarding: " + ", ".join(routed)
             return status, outcome
-
-    # -- admin interface (grant, revoke, permissions) ----------------------------------
-
-    async def _admin_grant(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None and self.writer is not None
-        return await self.book.grant(
-            self.writer, patient=body["patient"], grantee=Grantee.parse(body["to"]),
-            study=body.get("study"), until=body.get("until"), purpose=body.get("purpose", ""),
-            consent=body.get("consent", ""), issuer=body.get("issuer"),
-        )
-
-    async def _admin_revoke(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None and self.writer is not None
-        to = body.get("to")
-        return await self.book.revoke(
-            self.writer, patient=body["patient"], grants=body.get("grants", []),
-            grantee=Grantee.parse(to) if to else None, reason=body.get("reason", ""),
-            issuer=body.get("issuer"),
-        )
-
-    async def _admin_permissions(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None
-        history = await self.book.history(body["patient"])
-        return {
-            "effective": [record_json(g) for g in history.state.effective],
-            "ended": history.state.ended,
-            "ignored": history.state.ignored,
-            "malformed": history.malformed,
-            "history": [record_json(r) for r in history.records],
-        }
 
     async def _anchor(
         self,
@@ -348,7 +341,9 @@ class Gateway:
             p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae
         )
         outcome = "stored"
-        if previous is not None and previous.sha256 != hashes.sha256:
+        # (by the previous anchor's hash method: an instance anchored before the canonical
+        # content hash existed, arriving again, has unchanged content and a new anchor)
+        if previous is not None and previous.sha256 != (hashes.sha256_for(previous.hash_method) or hashes.sha256):
             payload["pixels_changed_from"] = {
                 "origin": previous.ledger_origin,
                 "index": previous.ledger_index,
@@ -373,6 +368,12 @@ class Gateway:
         return SUCCESS, f"{outcome}; anchored as entry {appended.index}"
 
     async def _reconcile(self) -> None:
+        """Bring the index in line with the stored files and this gateway's anchors, at start."""
+        await self._anchor_unanchored()
+        await self._identify_rows()
+        await self._rebuild_lost_rows()
+
+    async def _anchor_unanchored(self) -> None:
         """Anchor index rows a crash left unanchored (stored, but no Success was sent)."""
         assert self.index is not None and self.ledger is not None and self.writer is not None
         for row in await self.index.unanchored():
@@ -406,6 +407,114 @@ class Gateway:
         payload["recovered"] = True
         appended = await self.writer.append(IMAGE_ANCHORED, payload)
         return appended.index
+
+    async def _identify_rows(self) -> None:
+        """Give rows indexed before the index kept each instance's own study and patient
+        (schema version 1) those values, read from each stored file's header; a row whose
+        file cannot be read stays out of every query and retrieval."""
+        assert self.index is not None
+        rows = await self.index.without_identity()
+        mixed: set[str] = set()
+        unreadable = 0
+        for start in range(0, len(rows), 256):
+            records = []
+            for row in rows[start:start + 256]:
+                try:
+                    header = await asyncio.to_thread(
+                        read_instance_header, self.files.absolute(row.path), row.header_sha256,
+                        row.sop_class_uid, row.sop_instance_uid,
+                    )
+                except InstanceError as exc:
+                    unreadable += 1
+                    log.error("index row hidden: its stored file cannot be read for its patient and study",
+                              sop_instance=row.sop_instance_uid, file=row.path, error=str(exc))
+                    continue
+                records.append(_record(header, row))
+            for record, shared in zip(
+                records, await asyncio.gather(*map(self.index.restore, records)), strict=True
+            ):
+                if shared:
+                    mixed.add(record.study.study_uid)
+        if rows:
+            log.info("index rows given their own patient and study from the stored files",
+                     instances=len(rows) - unreadable, unreadable=unreadable)
+        for study_uid in sorted(mixed):
+            log.warning("a study UID holds instances of more than one patient (stored before such "
+                        "instances were refused): each instance is shown and retrieved only as its own "
+                        "patient's", study_uid=study_uid)
+
+    async def _rebuild_lost_rows(self) -> None:
+        """Rebuild the index row of every instance this gateway anchored whose row is missing
+        (the index commits with synchronous=NORMAL: a power loss can drop its last rows), from
+        the stored file, found by the anchor's pixel hash (in the file name) and instance
+        pseudonym."""
+        assert self.index is not None and self.ledger is not None
+        own = self.identity.origin
+        cited = await self.index.anchored_indexes(own)
+        lost = sorted(i for i in (await self.ledger.newest_by_key(own, "instance:")).values() if i not in cited)
+        if not lost:
+            return
+        anchors = []
+        for i in lost:
+            try:
+                anchors.append(decode_entry(await self.ledger.entry(own, i)))
+            except EntryError as exc:  # `dicomledger verify` names it; the others still get rebuilt
+                log.error("index row lost and its anchor cannot be read; not rebuilt", anchor=i, error=str(exc))
+        wanted = {str(e.payload.get("sha256", ""))[:16] for e in anchors}
+        files = await asyncio.to_thread(self.files.by_hash_prefix, wanted)
+        not_found = 0
+        for entry in anchors:
+            payload = entry.payload
+            try:
+                record = await asyncio.to_thread(self._rebuilt_record, entry, files)
+            except (OSError, PixelHashError, InstanceError, KeyError, TypeError, ValueError) as exc:
+                log.error("index row lost and its stored file cannot be read; not rebuilt",
+                          anchor=entry.index, instance=payload.get("instance"), error=f"{type(exc).__name__}: {exc}")
+                continue
+            if record is None:
+                not_found += 1
+                continue
+            shared = await self.index.restore(record)
+            row = record.instance
+            log.warning("index row rebuilt from the stored file: its anchor had no index row",
+                        sop_instance=row.sop_instance_uid, file=row.path, anchor=entry.index,
+                        study_shared_with_another_patient=shared)
+        if not_found:
+            log.warning("anchored instances with neither an index row nor a stored file: not rebuilt",
+                        count=not_found)
+
+    def _rebuilt_record(self, entry: Entry, files: dict[str, list[Path]]) -> IndexRecord | None:
+        """The index record of the instance ``entry`` anchored, from its stored file (None if
+        no stored file is that instance). Hashes and anchor are the entry's, as at receipt;
+        patient, study and series the file's header."""
+        payload = entry.payload
+        sha256 = str(payload["sha256"])
+        for path in files.get(sha256[:16], []):
+            name = path.name.rsplit(".", 2)[0]  # the SOP Instance UID, unless it had to be hashed
+            if not name.startswith("x") and pseudonym(self.secret, "instance", name) != payload["instance"]:
+                continue  # another instance with the same pixels
+            hashes = hash_instance_file(path)
+            assert hashes.header is not None
+            uid = str(hashes.header.get("SOPInstanceUID", "")).strip()
+            if pseudonym(self.secret, "instance", uid) != payload["instance"]:
+                continue  # another instance with the same pixels
+            header = instance_header(hashes.header, hashes.header_sha256, str(payload["sop_class"]), uid)
+            if hashes.method == payload["hash_method"] and hashes.sha256.hex() != sha256:
+                log.warning("rebuilt index row's stored file differs from its anchor: a retrieval "
+                            "will refuse it with a tamper alarm", sop_instance=uid, file=str(path))
+            decoded = payload.get("decoded_sha256")
+            return _record(header, InstanceRow(
+                sop_instance_uid=uid, series_uid=header.series_uid, sop_class_uid=header.sop_class_uid,
+                instance_number=header.instance_number, transfer_syntax_uid=str(payload["transfer_syntax"]),
+                path=path.relative_to(self.files.directory).as_posix(), size=path.stat().st_size,
+                hash_method=str(payload["hash_method"]), sha256=bytes.fromhex(sha256),
+                header_sha256=hashes.header_sha256,
+                decoded_sha256=bytes.fromhex(decoded) if isinstance(decoded, str) else None,
+                number_of_frames=int(payload["frames"]), calling_ae=str(payload["calling_ae"]),
+                received_at=datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="milliseconds"),
+                ledger_origin=entry.origin, ledger_index=entry.index,
+            ))
+        return None
 
 
 def _instance_row(
@@ -448,8 +557,8 @@ def _record(header: InstanceHeader, row: InstanceRow) -> IndexRecord:
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     gateway = Gateway(config)
-    await gateway.start()
-    try:
+    try:  # stop() also after a failed start: an open database's thread would keep us alive
+        await gateway.start()
         await stop.wait()
     finally:
         await gateway.stop()

@@ -11,11 +11,15 @@ Who is asked about:
   calling AE that is not a configured destination is a workstation of this gateway, so its
   site is this gateway's origin.
 
-C-FIND shows a patient or study only if the AE may receive that study; counts of related
-studies, series and instances count only what it may see. A retrieval sends each authorised
-instance after the check, and records on the ledger: ``retrieve-refused`` (per study: how
+Every decision is per instance, on the instance's own patient and study (the index keeps
+them per instance). C-FIND shows a patient or study only if the AE may receive that study;
+counts of related studies, series and instances count only what it may see. A retrieval
+sends each authorised instance after the check; the instances the AE may not have are
+answered as if they did not exist (no sub-operation, no failed UID), so a refused study is
+indistinguishable from an unknown one. On the ledger: ``retrieve-refused`` (per study: how
 many instances were refused and why), ``tamper-alarm`` (per instance whose stored pixels no
-longer match the anchor) and ``retrieved`` (per study: who, to where, the counts).
+longer match the anchor) and ``retrieved`` (per study: who, to where, the sub-operation
+counts and the final status exactly as the requestor was told them).
 
 Methods are called from pynetdicom's association threads; database and ledger work runs on
 the gateway's asyncio loop and is waited for.
@@ -39,7 +43,15 @@ from pydicom.dataset import Dataset
 from dicomledger.config import ForwardingConfig
 from dicomledger.dicom.index import Index, InstanceRow
 from dicomledger.dicom.pixelhash import PixelHashError, stored_sha256
-from dicomledger.dicom.qr import Loaded, QRRequest, RetrieveOutcome, RetrievePlan, SubOperation
+from dicomledger.dicom.qr import (
+    SUB_OPERATIONS_FAILED,
+    UNABLE_TO_PERFORM,
+    Loaded,
+    QRRequest,
+    RetrieveOutcome,
+    RetrievePlan,
+    SubOperation,
+)
 from dicomledger.dicom.query import UNIQUE_KEY, Query, QueryError, parse_query, response_identifier
 from dicomledger.ledger.entries import (
     IMAGE_ANCHORED,
@@ -238,13 +250,13 @@ class QueryRetrieve:
         same bytes for sending (no window to swap the file between check and send)."""
         state, item = sub.ref
         path = self.storage_dir / item.row.path
-        problem, expected = self._anchored(item)
+        problem, expected, method = self._anchored(item)
         found = None
         if problem is None:
             try:
                 data = path.read_bytes()
                 dataset = dcmread(io.BytesIO(data))
-                found = stored_sha256(data, dataset, item.row.transfer_syntax_uid).hex()
+                found = stored_sha256(data, dataset, item.row.transfer_syntax_uid, method).hex()
                 if found != expected:
                     problem = "pixel hash of the stored file differs from the anchored hash"
                 else:
@@ -258,22 +270,25 @@ class QueryRetrieve:
         self._tamper_alarm(state, item, path, problem, expected, found)
         return Loaded(None, f"tamper check failed: {problem}")
 
-    def _anchored(self, item: Item) -> tuple[str | None, str | None]:
-        """(problem with the anchoring entry or None, the sha256 it anchored if readable)."""
+    def _anchored(self, item: Item) -> tuple[str | None, str | None, str | None]:
+        """(problem with the anchoring entry or None, the sha256 it anchored if readable,
+        the hash method it names: the stored file is hashed the same way)."""
         if item.anchor is None:
-            return "instance has no anchoring ledger entry", None
+            return "instance has no anchoring ledger entry", None, None
         try:
             entry = decode_entry(item.anchor)
         except EntryError as exc:
-            return f"anchoring entry is invalid: {exc}", None
+            return f"anchoring entry is invalid: {exc}", None, None
         sha256 = entry.payload.get("sha256")
+        method = entry.payload.get("hash_method")
+        method = method if isinstance(method, str) else None
         try:
             verify_entry_signature(entry, self.origin_key, canonical=item.anchor)
         except EntryError as exc:
-            return f"anchoring entry is invalid: {exc}", sha256
+            return f"anchoring entry is invalid: {exc}", sha256, method
         if entry.kind != IMAGE_ANCHORED or entry.payload.get("instance") != item.instance:
-            return f"ledger entry {entry.index} does not anchor this instance", sha256
-        return None, sha256
+            return f"ledger entry {entry.index} does not anchor this instance", sha256, method
+        return None, sha256, method
 
     def _tamper_alarm(
         self, state: PlanState, item: Item, path: Path, problem: str, expected: str | None, found: str | None
@@ -295,28 +310,30 @@ class QueryRetrieve:
         self._wait(self.writer.append(TAMPER_ALARM, payload))
 
     def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None:
+        """Record what the requestor was told: per study, how many sub-operations completed,
+        warned, failed (the receiver's C-STORE failed, pynetdicom could not send it, or the
+        check stopped it) or were never attempted, and the final status on the wire."""
         state: PlanState = plan.context
         if plan.unknown_destination or not plan.to_send:
             return  # nothing was to leave: the refusal is on the ledger already
         status = _final_status(plan, outcome)
-        sent = {sub.sop_instance_uid for sub in plan.to_send}
+        # Our own final response (0xB000 / 0xA702) counts the instances the check stopped as
+        # failed; after a cancel they stay "remaining", and without a final response nothing.
+        stopped_count_as = "failed" if outcome.status in (SUB_OPERATIONS_FAILED, UNABLE_TO_PERFORM) else "not_sent"
         results = {
             **dict.fromkeys(outcome.completed, "completed"), **dict.fromkeys(outcome.warning, "warning"),
-            **dict.fromkeys(outcome.failed, "failed"), **dict.fromkeys(outcome.not_sent, "tampered"),
+            **dict.fromkeys(outcome.failed, "failed"), **dict.fromkeys(outcome.not_sent, stopped_count_as),
         }
         studies: dict[tuple[str, str], dict[str, int]] = {}
-        for uid, item in state.items.items():
+        for sub in plan.to_send:
+            item = state.items[sub.sop_instance_uid]
             counts = studies.setdefault((item.patient, item.study), dict.fromkeys(
                 ("completed", "warning", "failed", "refused", "tampered", "not_sent"), 0
             ))
-            if uid in plan.refused:
-                counts["refused"] += 1
-            elif uid in sent:
-                counts[results.get(uid, "not_sent")] += 1
+            counts[results.get(sub.sop_instance_uid, "not_sent")] += 1
+            counts["tampered"] += sub.sop_instance_uid in outcome.not_sent
         grants = {(i.patient, i.study): i.grant for i in state.items.values() if i.grant}
         for (patient, study), counts in studies.items():
-            if counts["refused"] == sum(counts.values()):
-                continue  # nothing of this study was to leave: retrieve-refused says it all
             payload = {
                 "service": request.service, "calling_ae": request.calling_ae,
                 "destination": state.target.ae_title, "site": state.target.site,
@@ -324,20 +341,30 @@ class QueryRetrieve:
                 "status": status, "grant": grants.get((patient, study)),
             }
             self._wait(self.writer.append(RETRIEVED, payload))
+        for uid in outcome.no_response:
+            row = state.items[uid].row
+            log.warning(
+                "retrieve sub-operation failed without a C-STORE response: the receiver accepted no "
+                "presentation context for its SOP class in the stored transfer syntax, or it could "
+                "not be encoded or sent", service=request.service, destination=state.target.ae_title,
+                sop_instance=uid, sop_class=row.sop_class_uid, transfer_syntax=row.transfer_syntax_uid,
+            )
+        total = {k: sum(c[k] for c in studies.values()) for k in ("completed", "warning", "failed", "not_sent")}
         log.info(
             "retrieved", service=request.service, calling_ae=request.calling_ae,
-            destination=state.target.ae_title, status=status, completed=len(outcome.completed),
-            warning=len(outcome.warning), failed=len(outcome.failed), refused=len(plan.refused),
-            tampered=len(outcome.not_sent), cancelled=outcome.cancelled,
+            destination=state.target.ae_title, status=status, **total, refused=len(plan.refused),
+            tampered=len(outcome.not_sent), no_response=len(outcome.no_response), cancelled=outcome.cancelled,
         )
 
 
 def _final_status(plan: RetrievePlan, outcome: RetrieveOutcome) -> str:
+    """The final status that went on the wire, as ``0x....``, or why none did."""
     if outcome.status is not None:
         return f"0x{outcome.status:04X}"
     if not outcome.associated:
-        return "destination unreachable (0xA801)"
-    return f"ended after {len(outcome.completed) + len(outcome.warning)} of {len(plan.to_send)}"
+        return "0xA801"  # pynetdicom could not associate with the move destination
+    done = len(outcome.completed) + len(outcome.warning) + len(outcome.failed)
+    return f"none: the association ended after {done} of {len(plan.to_send)} sub-operations"
 
 
 def _patients(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,75 +1,178 @@
-"""`dicomledger verify-file`: is this DICOM file's pixel data anchored on the ledger?
+"""`dicomledger verify-file`: is this DICOM file anchored on the ledger, and as which instance?
 
-Looks the file's hashes up among the anchors of every log in the local ledger: the hash of
-the pixel data as stored (survives header edits), then the canonical hash of the decoded
-pixel values (survives lossless transcoding). If neither is found but the instance itself
-was anchored, its pixels were altered: MISMATCH.
+Looks the file's hashes up among the anchors of every log in the local ledger, each anchor
+compared under the hash method it names (docs/pixel-hash.md): the pixel data as stored
+(survives header edits) or the content hash of an object without pixel data, then the
+canonical hash of the decoded pixel values (survives lossless transcoding). A match counts
+for this file only if the anchor is of this file's SOP Instance UID; pixels anchored only as
+another instance get their own verdict. No match, but the instance itself was anchored: its
+pixels (or content) were altered, MISMATCH.
+
+Verdicts and exit codes (README.md):
+
+* 0 ANCHORED: anchored as this SOP instance
+* 1 MISMATCH: this SOP instance was anchored with other pixel data (or content)
+* 2 ERROR: the file cannot be read or hashed
+* 3 NOT ANCHORED: neither this pixel data (or content) nor this SOP instance is anchored
+* 4 ANCHORED AS ANOTHER INSTANCE: this pixel data is anchored, but only for other SOP
+  instances; this file's SOP Instance UID was never received
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomledger.config import Config
-from dicomledger.dicom.pixelhash import PixelHashError, hash_instance_file
-from dicomledger.ledger.entries import Entry, decode_entry
+from dicomledger.dicom.pixelhash import (
+    CONTENT,
+    CONTENT_CANONICAL,
+    PIXEL,
+    InstanceHashes,
+    PixelHashError,
+    hash_instance_file,
+)
+from dicomledger.dicom.store import FileStore
+from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, decode_entry
 from dicomledger.ledger.log import LedgerStore
 from dicomledger.ledger.pseudonym import pseudonym
 
-ANCHORED, MISMATCH, ERROR, NOT_ANCHORED = 0, 1, 2, 3
+ANCHORED, MISMATCH, ERROR, NOT_ANCHORED, ANCHORED_AS_ANOTHER_INSTANCE = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """The image-anchored entries that concern one file."""
+
+    same_hash: list[Entry]  # its sha256 under the method the entry names
+    same_decoded: list[Entry]  # its decoded pixel values
+    same_instance: list[Entry]  # its SOP Instance UID
 
 
 def _when(entry: Entry) -> str:
     return datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
-async def _lookup(db: Path, keys: list[str]) -> list[Entry]:
+def _where(entry: Entry) -> str:
+    return f"{entry.origin} as entry {entry.index} at {_when(entry)}"
+
+
+def _entry(entry: Entry) -> str:
+    return f"entry {entry.index} of {entry.origin} at {_when(entry)}"
+
+
+async def _anchors(db: Path, hashes: InstanceHashes, instance: str) -> Anchors:
     store = await LedgerStore.open(db)
+
+    async def entries(key: str) -> list[Entry]:
+        found = [decode_entry(await store.entry(origin, index)) for origin, index in await store.find(key)]
+        return [e for e in found if e.kind == IMAGE_ANCHORED]
+
     try:
-        found: list[Entry] = []
-        for key in keys:
-            for origin, index in await store.find(key):
-                found.append(decode_entry(await store.entry(origin, index)))
-        return found
+        same_hash = []
+        for method in (PIXEL, CONTENT_CANONICAL, CONTENT):
+            digest = hashes.sha256_for(method)
+            if digest is not None:
+                same_hash += [e for e in await entries(f"sha256:{digest.hex()}")
+                              if e.payload.get("hash_method") == method]
+        decoded = []
+        if hashes.decoded_sha256 is not None:
+            decoded = await entries(f"decoded:{hashes.decoded_sha256.hex()}")
+        return Anchors(same_hash, decoded, await entries(f"instance:{instance}"))
     finally:
         await store.close()
 
 
 def verify_file(config: Config, path: Path) -> int:
     try:
-        sop_instance_uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        header = dcmread(path, stop_before_pixels=True)
+        sop_instance_uid = str(header.SOPInstanceUID)
         hashes = hash_instance_file(path)
     except (OSError, InvalidDicomError, AttributeError, PixelHashError) as exc:
         print(f"ERROR: cannot read {path} as DICOM: {exc}")
         return ERROR
     instance = pseudonym(config.pseudonym_secret(), "instance", sop_instance_uid)
-    what = "pixel data" if hashes.method == "pixel" else "content"
-    exact = asyncio.run(_lookup(config.ledger.database, [f"sha256:{hashes.sha256.hex()}"]))
-    if exact:
-        for e in exact:
-            print(f"ANCHORED: {what} hash {hashes.sha256.hex()} recorded by {e.origin} "
-                  f"as entry {e.index} at {_when(e)}")
+    what = "pixel data" if hashes.method == PIXEL else "content"
+    found = asyncio.run(_anchors(config.ledger.database, hashes, instance))
+    mine = [e for e in found.same_hash if e.payload.get("instance") == instance]
+    mine_decoded = [e for e in found.same_decoded if e.payload.get("instance") == instance]
+    others = [(e, what) for e in found.same_hash if e.payload.get("instance") != instance]
+    others += [(e, "decoded pixel values") for e in found.same_decoded
+               if e.payload.get("instance") != instance]
+
+    if mine:
+        for e in mine:
+            print(f"ANCHORED: {what} hash {e.payload.get('sha256')} recorded by {_where(e)}")
         return ANCHORED
-    if hashes.decoded_sha256 is not None:
-        decoded = asyncio.run(
-            _lookup(config.ledger.database, [f"decoded:{hashes.decoded_sha256.hex()}"])
-        )
-        if decoded:
-            for e in decoded:
-                print(f"ANCHORED: decoded pixel values match (lossless transcoding) entry "
-                      f"{e.index} of {e.origin} at {_when(e)}")
+    if mine_decoded:
+        for e in mine_decoded:
+            print(f"ANCHORED: decoded pixel values match (lossless transcoding) entry "
+                  f"{e.index} of {e.origin} at {_when(e)}")
+        return ANCHORED
+    if found.same_instance:
+        via_stored = _matches_a_stored_copy(config, header, hashes, found.same_instance)
+        if via_stored:
+            for e in via_stored:
+                print(f"ANCHORED: content equal (canonical encoding) to the stored copy anchored "
+                      f"by {_where(e)}, whose bytes match that entry's content hash")
             return ANCHORED
-    same_instance = asyncio.run(_lookup(config.ledger.database, [f"instance:{instance}"]))
-    if same_instance:
-        for e in same_instance:
-            print(f"MISMATCH: this instance was anchored by {e.origin} as entry {e.index} at "
-                  f"{_when(e)} with {what} hash {e.payload.get('sha256')}; "
-                  f"this file's {what} hash is {hashes.sha256.hex()}")
+        for e in found.same_instance:
+            method = e.payload.get("hash_method")
+            ours = hashes.sha256_for(method) if isinstance(method, str) else None
+            print(f"MISMATCH: this instance was anchored by {_where(e)} with "
+                  f"{_method_label(method)} hash {e.payload.get('sha256')}; this file's is "
+                  + (ours.hex() if ours is not None else f"a {hashes.method} hash, {hashes.sha256.hex()}"))
+            if method == CONTENT and ours is not None:
+                print("  (that anchor hashed the dataset bytes as received: a copy re-encoded on "
+                      "its way differs from it unless the gateway's stored copy is at hand)")
+        for e, label in others:
+            print(f"  this file's {label} hash matches {_entry(e)}, which anchored another SOP "
+                  f"instance, {e.payload.get('instance')}")
         return MISMATCH
+    if others:
+        for e, label in others:
+            print(f"ANCHORED AS ANOTHER INSTANCE: this file's {label} hash matches {_entry(e)}, "
+                  f"which anchored SOP instance {e.payload.get('instance')}; this file's SOP "
+                  f"Instance UID {sop_instance_uid} was never received")
+        return ANCHORED_AS_ANOTHER_INSTANCE
     print(f"NOT ANCHORED: no anchor of this {what} or of instance {sop_instance_uid} in the ledger")
     return NOT_ANCHORED
+
+
+def _method_label(method: object) -> str:
+    labels = {PIXEL: "pixel data", CONTENT_CANONICAL: "content", CONTENT: "content (bytes as received)"}
+    return labels.get(method, f"{method!r}") if isinstance(method, str) else "unknown"
+
+
+def _matches_a_stored_copy(
+    config: Config, header: Dataset, hashes: InstanceHashes, anchors: list[Entry]
+) -> list[Entry]:
+    """Anchors of this instance made with the CONTENT method (bytes as received) cannot
+    recognise a copy re-encoded on its way. The gateway's stored copy can: if its bytes
+    still match the anchor, and its canonical encoding equals this file's, the file's
+    content is the anchored content."""
+    if hashes.method != CONTENT_CANONICAL:
+        return []
+    matched = []
+    for entry in anchors:
+        anchored = entry.payload.get("sha256")
+        if entry.payload.get("hash_method") != CONTENT or not isinstance(anchored, str):
+            continue
+        try:
+            relative = FileStore.relative_path(
+                str(header.StudyInstanceUID), str(header.SeriesInstanceUID),
+                str(header.SOPInstanceUID), bytes.fromhex(anchored),
+            )
+            stored = hash_instance_file(FileStore(config.storage.directory).absolute(relative))
+        except (OSError, ValueError, AttributeError):
+            continue  # no stored copy here, or not readable: nothing to add
+        untouched = stored.sha256_for(CONTENT) == bytes.fromhex(anchored)
+        if untouched and (stored.method, stored.sha256) == (hashes.method, hashes.sha256):
+            matched.append(entry)
+    return matched

@@ -60,6 +60,7 @@ class GatewayProcess:
         self.config = directory / "config.toml"
         self.log_path = directory / "gateway.log"
         self.proc: subprocess.Popen | None = None
+        self.serve_module = "dicomledger.cli"  # `python -m <this> serve`: a test may wrap it
 
     @property
     def vkey(self) -> str:
@@ -82,7 +83,7 @@ class GatewayProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(self.config)],
+            [sys.executable, "-m", self.serve_module, "serve", "--config", str(self.config)],
             stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
         )
         deadline = time.monotonic() + 30
@@ -92,6 +93,7 @@ class GatewayProcess:
             if b'"gateway started"' in self.log_path.read_bytes()[offset:]:
                 return
             time.sleep(0.05)
+        self.stop(signal.SIGKILL)  # leave no process behind
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

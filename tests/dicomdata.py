@@ -421,7 +421,9 @@ def make_compressed_copies(
 def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
     tsyntax = uid.UID(transfer_syntax)
     if tsyntax.is_encapsulated:
-        ds.compress(tsyntax)  # pydicom: RLE natively, JPEG-LS via pyjpegls, J2K via openjpeg
+        # pydicom: RLE natively, JPEG-LS via pyjpegls, J2K via openjpeg. A lossless
+        # transcoding is the same instance: keep its SOP Instance UID (pydicom makes a new one)
+        ds.compress(tsyntax, generate_instance_uid=False)
     elif "PixelData" in ds:
         big = not tsyntax.is_little_endian
         was_big = not ds.file_meta.TransferSyntaxUID.is_little_endian

@@ -37,6 +37,7 @@ def test_example_config_loads_with_relative_paths_resolved():
         ("checkpoint_interval = 1.0", "checkpoint_interval = -1", r"checkpoint_interval must be positive"),
         ('level = "info"', 'level = "loud"', r"logging\.level"),
         ("heartbeat_interval = 60.0", "heartbeat_interval = 0", r"peering\.heartbeat_interval must be positive"),
+        ("backoff_max = 300.0", "backoff_max = -1", r"peering\.backoff_max must be zero or more seconds"),
         ("port = 11112", "port = ", r"not valid TOML"),
     ],
 )

@@ -23,6 +23,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.pixels import pixel_array
 
 from dicomledger.dicom.pixelhash import (
+    CONTENT,
+    CONTENT_CANONICAL,
     LOSSLESS_TRANSFER_SYNTAXES,
     InstanceHashes,
     PixelHashError,
@@ -248,7 +250,7 @@ def new_dataset(tsyntax: str = uid.ExplicitVRLittleEndian) -> Dataset:
 )
 def test_every_compressed_wheel_file_hashes(path, tsyntax):
     h = hash_instance_file(path)
-    if h.method == "content":  # UN_sequence.dcm: a JPEG lossless syntax but no pixel data
+    if h.method == CONTENT_CANONICAL:  # UN_sequence.dcm: a JPEG lossless syntax but no pixel data
         assert path.name == "UN_sequence.dcm"
         return
     assert len(h.frame_hashes) == h.number_of_frames >= 1
@@ -390,10 +392,11 @@ def test_float_pixel_data_counts_as_pixel_data(tmp_path, keyword, dtype):
 def test_sr_gets_a_content_hash(tmp_path):
     path = make_sr(tmp_path)
     h = hash_instance_file(path)
-    assert h == InstanceHashes("content", h.sha256, (), None, None, 0)
+    assert h == InstanceHashes(CONTENT_CANONICAL, h.sha256, (), None, None, 0)
     data = path.read_bytes()
     meta_end = 132 + 12 + struct.unpack("<L", data[140:144])[0]  # group length value
-    assert h.sha256 == sha(data[meta_end:])
+    # the bytes as received: the method of anchors made before the canonical encoding
+    assert h.header_sha256 == h.sha256_for(CONTENT) == sha(data[meta_end:]) != h.sha256
     ds = pydicom.dcmread(path)
     ds.file_meta.ImplementationVersionName = "OTHER_PACS"  # File Meta: not content
     ds.save_as(tmp_path / "meta.dcm")
@@ -412,7 +415,7 @@ def test_nested_icon_pixel_data_is_not_the_image(tmp_path):
     sr = pydicom.dcmread(make_sr(tmp_path))
     sr.IconImageSequence = [icon]
     sr.save_as(tmp_path / "sr-icon.dcm")
-    assert hash_instance_file(tmp_path / "sr-icon.dcm").method == "content"
+    assert hash_instance_file(tmp_path / "sr-icon.dcm").method == CONTENT_CANONICAL
     (mr,) = make_mr_series(tmp_path, 1)
     ds = pydicom.dcmread(mr)
     ds.IconImageSequence = [icon]
@@ -605,7 +608,7 @@ def test_truncated_files_raise_at_every_cut(tmp_path):
                 h = hash_instance_file(cut)
             except PixelHashError:
                 continue
-            assert h.method == "content" and h.sha256 != hash_instance_file(path).sha256
+            assert h.method in (CONTENT, CONTENT_CANONICAL) and h.sha256 != hash_instance_file(path).sha256
             assert path == sr or size < sop_class_end, size  # (deflated: always an error)
     with pytest.raises(PixelHashError, match="truncated"):
         hash_instance_file(WHEEL / "MR_truncated.dcm")

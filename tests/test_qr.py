@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.dimse_messages import C_STORE_RSP
 
@@ -13,6 +14,7 @@ from dicomledger.dicom.qr import (
     CANCEL,
     PENDING,
     SUB_OPERATIONS_FAILED,
+    SUCCESS,
     UNABLE_TO_PERFORM,
     Loaded,
     QRRequest,
@@ -77,7 +79,7 @@ def test_get_sends_checked_instances_and_fails_the_rest():
     core, assoc = Core(bad={"1.2.1"}), Assoc()
     plan = RetrievePlan(subs(3), {"1.2.9": "not authorised: no grant"})
     gen = retrieve_responses(core, request(), plan, lambda: False, assoc)
-    assert next(gen) == 4  # sub-operations: 3 to send + 1 refused
+    assert next(gen) == 3  # sub-operations: the 3 to send; the refused one is not one
     sent = []
     item = next(gen)
     while item[0] == PENDING:
@@ -87,7 +89,7 @@ def test_get_sends_checked_instances_and_fails_the_rest():
     assert sent == ["1.2.0", "1.2.2"]  # 1.2.1 failed the check
     status, failed = item
     assert status == SUB_OPERATIONS_FAILED
-    assert sorted(failed.FailedSOPInstanceUIDList) == ["1.2.1", "1.2.9"]
+    assert failed.FailedSOPInstanceUIDList == "1.2.1"  # one value; never the refused one
     gen.close()
     outcome = core.finished[0]
     assert len(core.finished) == 1 and outcome.not_sent == {"1.2.1": "tamper check failed"}
@@ -95,13 +97,37 @@ def test_get_sends_checked_instances_and_fails_the_rest():
     assert assoc.bound == []  # the response tracker is unbound again
 
 
-def test_all_refused_is_a_failure_and_cancel_stops_sending():
+def test_sub_operations_pynetdicom_could_not_send_count_as_failed():
+    """A yielded instance that gets no C-STORE response (pynetdicom found no presentation
+    context the receiver accepted, or could not encode it) is failed, as pynetdicom counts it
+    on the wire, and the final status follows pynetdicom's rule."""
+    core, assoc = Core(), Assoc()
+    gen = retrieve_responses(core, request(), RetrievePlan(subs(3), {}), lambda: False, assoc)
+    assert next(gen) == 3
+    _, first = next(gen)
+    assoc.bound[0](stored(str(first.SOPInstanceUID)))  # answered
+    assert gen.send(None)[0] == PENDING  # 1.2.1: pynetdicom could not send it, no response
+    assert gen.send(None)[0] == PENDING  # 1.2.2: neither
+    with pytest.raises(StopIteration):
+        gen.send(None)  # no final from us: pynetdicom sends 0xB000 itself, by the same rule
+    outcome = core.finished[0]
+    assert outcome.completed == ["1.2.0"] and outcome.failed == outcome.no_response == ["1.2.1", "1.2.2"]
+    assert outcome.status == SUB_OPERATIONS_FAILED
+
+    core = Core()
+    gen = retrieve_responses(core, request(), RetrievePlan(subs(1), {}), lambda: False, Assoc())
+    assert next(gen) == 1 and next(gen)[0] == PENDING
+    with pytest.raises(StopIteration):
+        gen.send(None)
+    assert core.finished[0].status == UNABLE_TO_PERFORM  # all failed: 0xA702
+
+
+def test_all_refused_is_answered_as_nothing_found_and_cancel_stops_sending():
     core = Core()
     plan = RetrievePlan([], {"1.2.5": "not authorised"})
     gen = retrieve_responses(core, request(), plan, lambda: False, Assoc())
-    assert next(gen) == 1
-    status, _ = next(gen)
-    assert status == UNABLE_TO_PERFORM
+    assert next(gen) == 0  # pynetdicom then answers Success, as for an unknown study
+    assert core.finished[0].status == SUCCESS
 
     core = Core()
     cancelled = iter([False, True])

@@ -134,3 +134,70 @@ async def test_replaying_held_entries_is_refused_and_harmless(tmp_path):
     await a_writer.stop()
     await a_store.close()
     assert verify_database(tmp_path / "b.db").ok
+
+
+async def test_stores_a_prefix_shown_consistent_with_a_larger_checkpoint(tmp_path):
+    """A chunk that stops short of the checkpoint is stored (without a checkpoint) when a
+    consistency proof shows it a prefix of the checkpoint's tree; the last chunk brings the
+    checkpoint."""
+    a_store, a_writer = await origin_log(tmp_path)
+    b_store, rep = await replica(tmp_path)
+    note = await checkpoint_at(a_store, 50)
+    for start, end in ((0, 16), (16, 35)):  # a power of two, and not
+        proof = await a_store.consistency_proof(A, end, 50)
+        assert await rep.append_verified(A, await a_store.entries(A, start, end), note, proof) == end
+        assert await b_store.latest_checkpoint(A) is None
+        assert await b_store.root(A, end) == await a_store.root(A, end)
+    assert await rep.append_verified(A, await a_store.entries(A, 35, 50), note) == 50
+    assert await b_store.latest_checkpoint(A) == (50, note)
+    await rep.stop()
+    await b_store.close()
+    await a_writer.stop()
+    await a_store.close()
+    report = verify_database(tmp_path / "b.db", {A: KEY_A.public_key()})
+    assert report.ok and report.origins[0].size == 50 and report.origins[0].checkpoints == 1
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no proof", "do not reach its checkpoint size"),
+        ("proof for another size", "not shown to be a prefix"),
+        ("flipped proof hash", "not shown to be a prefix"),
+        ("proof of another history", "not shown to be a prefix"),
+        ("entries past the checkpoint", "do not reach its checkpoint size"),
+        ("no entries", "do not reach its checkpoint size"),
+    ],
+)
+async def test_refuses_a_prefix_that_is_not_shown_consistent(tmp_path, case, message):
+    a_store, a_writer = await origin_log(tmp_path)
+    b_store, rep = await replica(tmp_path)
+    note = await checkpoint_at(a_store, 30)
+    entries = await a_store.entries(A, 0, 20)
+    proof: list[bytes] | None = await a_store.consistency_proof(A, 20, 30)
+    if case == "no proof":
+        proof = None
+    elif case == "proof for another size":
+        proof = await a_store.consistency_proof(A, 20, 40)
+    elif case == "flipped proof hash":
+        proof[0] = flip(proof[0], 5)
+    elif case == "proof of another history":  # entries 0..19 of a fork, with the fork's proof
+        fork = await LedgerStore.open(tmp_path / "fork.db")
+        fork_writer = LogWriter(fork, Identity(A, KEY_A))
+        await fork_writer.start()
+        for i in range(30):
+            await fork_writer.append("image-anchored", {"sha256": f"{i + 7:064x}"})
+        entries, proof = await fork.entries(A, 0, 20), await fork.consistency_proof(A, 20, 30)
+        await fork_writer.stop()
+        await fork.close()
+    elif case == "entries past the checkpoint":
+        entries = await a_store.entries(A, 0, 31)
+    elif case == "no entries":
+        entries = []
+    with pytest.raises(ReplicaError, match=message):
+        await rep.append_verified(A, entries, note, proof)
+    assert await b_store.size(A) == 0
+    await rep.stop()
+    await b_store.close()
+    await a_writer.stop()
+    await a_store.close()

@@ -189,13 +189,20 @@ def test_authorised_move_and_get_deliver_the_whole_study_unchanged(site, tmp_pat
 
 
 def test_unauthorised_move_and_get_are_refused(site, tmp_path):
+    """Answered exactly as for a study that does not exist (issue 11, item 2: the answer
+    must not tell that the study exists), while the refusal goes on the ledger."""
+    unknown = site.study_a[:-1] + ("1" if site.study_a[-1] != "1" else "2")  # same length: same output
     moved = tmp_path / "moved"
     output = movescu(site, "WS2", "WS2", site.ws2_port, moved, *study_key(site, site.study_a))
     assert received(moved) == [], output
-    assert "Received Final Move Response (Refused: OutOfResourcesSubOperations)" in output, output  # 0xA702
+    absent = movescu(site, "WS2", "WS2", site.ws2_port, tmp_path / "absent-m", *study_key(site, unknown))
+    assert output.replace(site.study_a, "S") == absent.replace(unknown, "S"), output + absent
+    assert "Received Final Move Response (Success)" in output, output
     got = tmp_path / "got"
     output = getscu(site, "WS2", got, *study_key(site, site.study_a))
     assert received(got) == [], output
+    absent = getscu(site, "WS2", tmp_path / "absent-g", *study_key(site, unknown))
+    assert output.replace(site.study_a, "S") == absent.replace(unknown, "S"), output + absent
     refused = [e for e in entries_of_kind(site.gw, "retrieve-refused") if e["destination"] == "WS2"]
     assert {e["service"] for e in refused} == {"C-MOVE", "C-GET"}
     assert all(e["instances"] == 7 and "no grant" in e["reason"] for e in refused), refused

@@ -131,7 +131,7 @@ def test_sr_gets_a_content_hash(gateway, tmp_path):
     result = gateway.storescu(f)
     assert result.returncode == 0, result.stderr
     (payload,) = ledger_payloads(gateway)
-    assert payload["hash_method"] == "content" and payload["frames"] == 0
+    assert payload["hash_method"] == "content-canonical" and payload["frames"] == 0
     assert gateway.cli("verify-file", str(f)).returncode == 0
 
 
@@ -361,7 +361,7 @@ def test_unknown_sop_classes_only_when_configured(tmp_path):
             assoc.release()
             assert status.Status == 0x0000
             (payload,) = ledger_payloads(gw)
-            assert payload["sop_class"] == private and payload["hash_method"] == "content"
+            assert payload["sop_class"] == private and payload["hash_method"] == "content-canonical"
         finally:
             gw.stop()
 

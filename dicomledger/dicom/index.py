@@ -5,6 +5,13 @@ rebuildable from the stored files, so commits use synchronous=NORMAL in WAL mode
 across a killed process; after a power loss the gateway reconciles it with the ledger.
 Writes are batched: concurrent C-STOREs share one transaction. The index runs on its own
 thread (``sqlite_thread.py``): a lookup-and-write is one thread hop.
+
+Every instance row names its own study and patient (``study_uid``, ``patient_id``, from its
+own header): queries group and decide by those, never by another instance's patient. A study
+(or series) UID that already holds another patient's instances is a conflict: the new
+instance is refused (``StudyPatientConflict``), so one study never mixes patients. Studies
+and series are keyed by (UID, patient): data indexed before that rule (schema version 1,
+migrated at open) may still mix them, and is kept apart per patient.
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from dicomledger.dicom.query import Query
 from dicomledger.sqlite_thread import ThreadedSqlite
+
+SCHEMA_VERSION = 2  # 2: per-instance study and patient; studies and series keyed by patient
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (
@@ -25,18 +34,19 @@ CREATE TABLE IF NOT EXISTS patients (
     patient_name TEXT, birth_date TEXT, sex TEXT
 );
 CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
     patient_id TEXT NOT NULL,
     study_date TEXT, study_time TEXT, accession_number TEXT, study_id TEXT,
-    study_description TEXT, referring_physician TEXT
+    study_description TEXT, referring_physician TEXT,
+    PRIMARY KEY (study_uid, patient_id)
 );
-CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_id);
 CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
     study_uid TEXT NOT NULL,
-    modality TEXT, series_number TEXT, series_description TEXT
+    patient_id TEXT NOT NULL,
+    modality TEXT, series_number TEXT, series_description TEXT,
+    PRIMARY KEY (series_uid, study_uid, patient_id)
 );
-CREATE INDEX IF NOT EXISTS series_study ON series (study_uid);
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
     series_uid TEXT NOT NULL,
@@ -53,9 +63,13 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_ae TEXT NOT NULL,
     received_at TEXT NOT NULL,
     ledger_origin TEXT,
-    ledger_index INTEGER
+    ledger_index INTEGER,
+    study_uid TEXT,  -- NULL only for rows of schema version 1 not yet read from their file
+    patient_id TEXT
 );
-CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
+CREATE INDEX IF NOT EXISTS instances_series_patient ON instances (series_uid, patient_id);
+CREATE INDEX IF NOT EXISTS instances_study_patient ON instances (study_uid, patient_id);
+CREATE INDEX IF NOT EXISTS instances_patient ON instances (patient_id);
 CREATE INDEX IF NOT EXISTS instances_unanchored ON instances (ledger_index) WHERE ledger_index IS NULL;
 CREATE TABLE IF NOT EXISTS superseded_instances (
     sop_instance_uid TEXT NOT NULL,
@@ -67,9 +81,51 @@ CREATE TABLE IF NOT EXISTS superseded_instances (
 );
 """
 
+# Schema version 1 kept one patient per study (studies keyed by study_uid alone, instances
+# without their own study and patient). Its studies and series move to the new keys; its
+# instances get NULL study/patient until the gateway reads them from the stored files.
+_MIGRATE_FROM_V1 = """
+DROP INDEX IF EXISTS studies_patient;
+DROP INDEX IF EXISTS series_study;
+DROP INDEX IF EXISTS instances_series;
+ALTER TABLE studies RENAME TO studies_v1;
+ALTER TABLE series RENAME TO series_v1;
+ALTER TABLE instances ADD COLUMN study_uid TEXT;
+ALTER TABLE instances ADD COLUMN patient_id TEXT;
+""" + SCHEMA + """
+INSERT INTO studies SELECT * FROM studies_v1;
+INSERT INTO series
+    SELECT se.series_uid, se.study_uid, s.patient_id, se.modality, se.series_number, se.series_description
+    FROM series_v1 se JOIN studies_v1 s ON s.study_uid = se.study_uid;
+DROP TABLE studies_v1;
+DROP TABLE series_v1;
+"""
+
 
 class IndexStoreError(RuntimeError):
     """The index database failed; the message says what to check."""
+
+
+# The status dcm4chee-arc answers for the same conflict (CONFLICTING_PID_NOT_ACCEPTED), in the
+# C-STORE "Refused" range of PS3.4 Table B.2-1: the dataset is valid, we decline to file it.
+CONFLICTING_PATIENT = 0xA778
+
+
+class StudyPatientConflict(Exception):
+    """A received instance names a study (or series) UID that already holds instances of
+    another patient: filing it would put two patients under one UID. The message names the
+    UIDs, never a Patient ID (PHI)."""
+
+    status = CONFLICTING_PATIENT
+
+    def __init__(self, level: str, uid: str, other_instance: str) -> None:
+        super().__init__(
+            f"{level} UID {uid} already holds instances of another patient (e.g. SOP instance "
+            f"{other_instance}): Patient ID differs, instance not filed under that {level}"
+        )
+        self.level = level
+        self.uid = uid
+        self.other_instance = other_instance
 
 
 @dataclass(frozen=True)
@@ -119,10 +175,16 @@ class InstanceRow:
     received_at: str
     ledger_origin: str | None = None
     ledger_index: int | None = None
+    # The instance's own study and patient; the index fills them from its IndexRecord.
+    # None only for a row indexed before schema version 2 and not yet read from its file.
+    study_uid: str | None = None
+    patient_id: str | None = None
 
 
 @dataclass(frozen=True)
 class IndexRecord:
+    """An instance with the patient, study and series rows its own header gives."""
+
     patient: PatientRow
     study: StudyRow
     series: SeriesRow
@@ -149,9 +211,33 @@ class Index(ThreadedSqlite):
 
     def _open(self) -> None:
         try:
-            self._connect("NORMAL", SCHEMA)
+            self._connect("NORMAL", "")
+            db = self._db
+            assert db is not None
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            has_instances = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
+            ).fetchone()
+            # The version is set in the same transaction as the tables it describes.
+            stamp = f"PRAGMA user_version = {SCHEMA_VERSION};"
+            if version >= SCHEMA_VERSION:
+                db.executescript(SCHEMA)
+            elif has_instances:
+                self._script(_MIGRATE_FROM_V1 + stamp)
+            else:
+                self._script(SCHEMA + stamp)
         except sqlite3.Error as exc:
             raise IndexStoreError(f"cannot open index database {self.path}: {exc}") from None
+
+    def _script(self, script: str) -> None:
+        db = self._db
+        assert db is not None
+        try:
+            db.executescript("BEGIN IMMEDIATE;\n" + script + "\nCOMMIT;")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         try:
@@ -173,13 +259,36 @@ class Index(ThreadedSqlite):
         )
         return [_instance_row(r) for r in rows]
 
+    async def without_identity(self) -> list[InstanceRow]:
+        """Rows indexed before schema version 2 whose own study and patient are not yet known
+        (read them from the stored file, then ``restore``); invisible to queries until then."""
+        rows = await self._on_thread(
+            self._query, f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE patient_id IS NULL"
+        )
+        return [_instance_row(r) for r in rows]
+
+    async def anchored_indexes(self, origin: str) -> set[int]:
+        """The ledger indexes of ``origin`` that index rows (current or superseded) cite."""
+        rows = await self._on_thread(
+            self._query,
+            "SELECT ledger_index FROM instances WHERE ledger_origin = ? AND ledger_index IS NOT NULL"
+            " UNION SELECT ledger_index FROM superseded_instances WHERE ledger_origin = ?"
+            " AND ledger_index IS NOT NULL",
+            (origin, origin),
+        )
+        return {int(r[0]) for r in rows}
+
     async def matching(self, grain: str, query: Query) -> list[dict[str, Any]]:
         """The records at ``grain`` (STUDY, SERIES or IMAGE) that match ``query``, flattened
         with every level above and keyed by DICOM keyword; pre-filtered in SQL on the query's
         exact PatientID / StudyInstanceUID / SeriesInstanceUID / SOPInstanceUID values.
 
-        STUDY records carry ModalitiesInStudy and the study's series/instance counts, SERIES
-        records their instance count, IMAGE records the ``InstanceRow`` under ``"_row"``.
+        A record is one patient's: a study or series UID holding instances of two patients
+        (indexed before the conflict rule) gives one record per patient, each with the
+        counts of that patient's instances, so an instance is always shown and decided under
+        its own Patient ID. STUDY records carry ModalitiesInStudy and the study's
+        series/instance counts, SERIES records their instance count, IMAGE records the
+        ``InstanceRow`` under ``"_row"``.
         """
         if grain not in _GRAIN_SQL:
             raise ValueError(f"no query records at level {grain}")
@@ -203,9 +312,17 @@ class Index(ThreadedSqlite):
         """Index a received instance (not yet anchored); returns the row it replaces.
 
         An instance identical to the current row (same content hash and header hash) is
-        not written again: the current row, and its anchor, stay.
+        not written again: the current row, and its anchor, stay. Raises
+        StudyPatientConflict (and writes nothing) if the instance's study or series UID
+        already holds instances of another patient.
         """
         return await self._write("received", record)
+
+    async def restore(self, record: IndexRecord) -> bool:
+        """Write a row rebuilt from a stored file (anchor included), whatever the study
+        holds: the instance is stored and anchored already, and keeps its own patient.
+        Returns whether its study or series UID also holds another patient's instances."""
+        return await self._write("restore", record)
 
     async def set_anchor(self, sop_instance_uid: str, origin: str, index: int) -> None:
         await self._write("anchor", (sop_instance_uid, origin, index))
@@ -224,7 +341,10 @@ class Index(ThreadedSqlite):
                         f.set_exception(error)
                 else:
                     for (*_, f), result in zip(batch, results, strict=True):
-                        f.set_result(result)
+                        if isinstance(result, StudyPatientConflict):
+                            f.set_exception(result)
+                        else:
+                            f.set_result(result)
         return await future
 
     def _commit(self, batch: Sequence[tuple[str, Any]]) -> list[Any]:
@@ -236,6 +356,10 @@ class Index(ThreadedSqlite):
             for kind, arg in batch:
                 if kind == "received":
                     results.append(self._received(db, arg))
+                elif kind == "restore":
+                    record = arg
+                    results.append(_conflict(db, record) is not None)
+                    _write_record(db, record)
                 else:
                     uid, origin, index = arg
                     db.execute(
@@ -251,7 +375,7 @@ class Index(ThreadedSqlite):
         return results
 
     @staticmethod
-    def _received(db: sqlite3.Connection, record: IndexRecord) -> InstanceRow | None:
+    def _received(db: sqlite3.Connection, record: IndexRecord) -> InstanceRow | StudyPatientConflict | None:
         new = record.instance
         row = db.execute(
             f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_instance_uid = ?",
@@ -260,14 +384,9 @@ class Index(ThreadedSqlite):
         previous = _instance_row(row) if row else None
         if previous and (previous.sha256, previous.header_sha256) == (new.sha256, new.header_sha256):
             return previous
-        # Latest header wins for descriptive attributes (demographic corrections).
-        db.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?)", astuple(record.patient))
-        db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?)", astuple(record.study))
-        db.execute("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)", astuple(record.series))
-        db.execute(
-            f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) VALUES ({_INSTANCE_MARKS})",
-            astuple(new),
-        )
+        if (conflict := _conflict(db, record)) is not None:
+            return conflict
+        _write_record(db, record)
         if previous is not None and previous.path != new.path:
             db.execute(
                 "INSERT INTO superseded_instances VALUES (?, ?, ?, ?, ?, ?)",
@@ -277,10 +396,47 @@ class Index(ThreadedSqlite):
         return previous
 
 
+def _conflict(db: sqlite3.Connection, record: IndexRecord) -> StudyPatientConflict | None:
+    """Another patient's instance under the record's study or series UID, if any. The
+    instance itself does not count: a re-send may correct its own Patient ID.
+
+    Two index range probes per level (Patient IDs below and above this one), each reading at
+    most two rows, one of which may be the instance itself: cheap however large the study."""
+    patient, uid = record.patient.patient_id, record.instance.sop_instance_uid
+    for level, column, value in (
+        ("study", "study_uid", record.study.study_uid), ("series", "series_uid", record.series.series_uid)
+    ):
+        for other in ("<", ">"):
+            rows = db.execute(
+                f"SELECT sop_instance_uid FROM instances WHERE {column} = ? AND patient_id {other} ? LIMIT 2",
+                (value, patient),
+            ).fetchall()
+            if found := [r[0] for r in rows if r[0] != uid]:
+                return StudyPatientConflict(level, value, found[0])
+    return None
+
+
+def _write_record(db: sqlite3.Connection, record: IndexRecord) -> None:
+    # Latest header wins for descriptive attributes (demographic corrections).
+    patient, study, series = record.patient, record.study, record.series
+    instance = replace(record.instance, study_uid=study.study_uid, patient_id=patient.patient_id)
+    db.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?)", astuple(patient))
+    db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?)", astuple(study))
+    db.execute(
+        "INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?, ?)",
+        (series.series_uid, series.study_uid, patient.patient_id, series.modality,
+         series.series_number, series.series_description),
+    )
+    db.execute(
+        f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) VALUES ({_INSTANCE_MARKS})",
+        astuple(instance),
+    )
+
+
 _EXACT_COLUMNS = {
-    "PatientID": "p.patient_id",
-    "StudyInstanceUID": "s.study_uid",
-    "SeriesInstanceUID": "se.series_uid",
+    "PatientID": "i.patient_id",
+    "StudyInstanceUID": "i.study_uid",
+    "SeriesInstanceUID": "i.series_uid",
     "SOPInstanceUID": "i.sop_instance_uid",
 }
 _UPPER = (
@@ -294,19 +450,23 @@ _SERIES = (
     ("SeriesInstanceUID", "se.series_uid"), ("Modality", "se.modality"),
     ("SeriesNumber", "se.series_number"), ("SeriesDescription", "se.series_description"),
 )
+# Every level is joined on the instance's own study and patient, never through another
+# instance's: one patient's instances are never shown under another's Patient ID.
 _JOINS = (
-    " FROM instances i JOIN series se ON se.series_uid = i.series_uid"
-    " JOIN studies s ON s.study_uid = se.study_uid JOIN patients p ON p.patient_id = s.patient_id"
+    " FROM instances i"
+    " JOIN series se ON se.series_uid = i.series_uid AND se.study_uid = i.study_uid AND se.patient_id = i.patient_id"
+    " JOIN studies s ON s.study_uid = i.study_uid AND s.patient_id = i.patient_id"
+    " JOIN patients p ON p.patient_id = i.patient_id"
 )
 _GRAIN_SQL = {
     "STUDY": (
         "SELECT " + ", ".join(c for _, c in _UPPER)
         + ", COUNT(DISTINCT se.series_uid), COUNT(*), GROUP_CONCAT(DISTINCT se.modality)" + _JOINS,
-        " GROUP BY s.study_uid ORDER BY MIN(i.rowid)",
+        " GROUP BY i.study_uid, i.patient_id ORDER BY MIN(i.rowid)",
     ),
     "SERIES": (
         "SELECT " + ", ".join(c for _, c in _UPPER + _SERIES) + ", COUNT(*)" + _JOINS,
-        " GROUP BY se.series_uid ORDER BY MIN(i.rowid)",
+        " GROUP BY i.series_uid, i.study_uid, i.patient_id ORDER BY MIN(i.rowid)",
     ),
     "IMAGE": (
         "SELECT " + ", ".join(c for _, c in _UPPER + _SERIES)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 
@@ -94,3 +96,16 @@ def instance_header(
         instance_number=values["InstanceNumber"],
         header_sha256=header_sha256,
     )
+
+
+def read_instance_header(
+    path: Path, header_sha256: bytes, sop_class_uid: str, sop_instance_uid: str
+) -> InstanceHeader:
+    """instance_header of a stored file, read up to its pixel data only (the index rebuilds
+    what it lost from the files). InstanceError if the file is missing, damaged or not that
+    instance."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # missing, damaged, not DICOM: say which, never crash a start
+        raise InstanceError(f"stored file cannot be read: {type(exc).__name__}: {exc}") from None
+    return instance_header(ds, header_sha256, sop_class_uid, sop_instance_uid)

@@ -26,12 +26,24 @@ from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_datase
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
+from dicomledger.dicom.canonical import NotCanonical, canonical_dataset
+
 __all__ = [
+    "CONTENT",
+    "CONTENT_CANONICAL",
     "LOSSLESS_TRANSFER_SYNTAXES",
+    "PIXEL",
     "InstanceHashes",
     "PixelHashError",
     "hash_instance_file",
 ]
+
+# Hash methods (the ledger's `hash_method`), docs/pixel-hash.md
+PIXEL = "pixel"  # the top-level pixel data element's value as received
+CONTENT_CANONICAL = "content-canonical"  # no pixel data: the dataset's canonical encoding
+# No pixel data: the dataset bytes as received. The only content method of anchors written
+# before CONTENT_CANONICAL existed; now the fallback for a dataset it is not defined for.
+CONTENT = "content"
 
 CHUNK = 8 << 20  # bytes read per step: a multiple of every sample size
 # Largest frame we decode (or unpack) in memory. A header can claim any Rows x Columns over
@@ -75,16 +87,28 @@ class PixelHashError(ValueError):
 
 @dataclass(frozen=True)
 class InstanceHashes:
-    method: str  # "pixel" (top-level pixel data element) or "content" (none)
-    sha256: bytes  # pixel data value as received, or the dataset as received (content)
+    method: str  # PIXEL (top-level pixel data element), else CONTENT_CANONICAL or CONTENT
+    sha256: bytes  # pixel data value as received, or the dataset's content hash
     frame_hashes: tuple[bytes, ...]  # each frame's bytes as received; () for content
     decoded_sha256: bytes | None  # canonical decoded pixel values (lossless syntaxes only)
-    decode_note: str | None  # why decoded_sha256 is None
+    # why decoded_sha256 is None; for CONTENT, why the canonical encoding is not defined
+    decode_note: str | None
     number_of_frames: int  # Number of Frames (1 if absent); 0 for content
     # The parsed header (everything before the pixel data) and the SHA-256 of its bytes as
-    # received, so the caller needs no second parse and can tell header edits apart.
+    # received, so the caller needs no second parse and can tell header edits apart. For
+    # content methods the header is the whole dataset, so header_sha256 is its CONTENT hash.
     header: Dataset | None = field(default=None, compare=False, repr=False)
     header_sha256: bytes = field(default=b"", compare=False)
+
+    def sha256_for(self, method: str) -> bytes | None:
+        """This file's ``sha256`` under hash method `method` (what an anchor names), None
+        when that method does not apply to it: an instance anchored as CONTENT before the
+        canonical encoding existed is checked against the bytes as received."""
+        if method == self.method:
+            return self.sha256
+        if method == CONTENT and self.method == CONTENT_CANONICAL:
+            return self.header_sha256
+        return None
 
 
 def hash_instance_file(
@@ -124,11 +148,22 @@ def native_pixel_sha256(ds: Dataset, transfer_syntax_uid: str) -> bytes | None:
     return hashlib.sha256(value).digest()  # releases the GIL while it hashes
 
 
-def stored_sha256(data: bytes, dataset: Dataset, transfer_syntax_uid: str) -> bytes:
+def stored_sha256(
+    data: bytes, dataset: Dataset, transfer_syntax_uid: str, method: str | None = None
+) -> bytes:
     """The ``sha256`` hash_instance_* gives for a file's ``data``, already parsed as
-    ``dataset``: quick for native little-endian pixel data, the full hash otherwise."""
-    quick = native_pixel_sha256(dataset, transfer_syntax_uid)
-    return quick if quick is not None else hash_instance_stream(io.BytesIO(data), transfer_syntax_uid).sha256
+    ``dataset``, under hash method `method` (the anchor's; None: the file's own method):
+    quick for native little-endian pixel data, the full hash otherwise. Raises
+    PixelHashError when `method` does not apply to the file (pixel data where the anchor
+    hashed content, or the reverse)."""
+    quick = native_pixel_sha256(dataset, transfer_syntax_uid) if method in (None, PIXEL) else None
+    if quick is not None:
+        return quick
+    hashes = hash_instance_stream(io.BytesIO(data), transfer_syntax_uid)
+    found = hashes.sha256 if method is None else hashes.sha256_for(method)
+    if found is None:
+        raise PixelHashError(f"the file has {hashes.method} hashes, the anchor names {method!r}")
+    return found
 
 
 # --- file structure ---------------------------------------------------------------------
@@ -199,8 +234,15 @@ def _hash_dataset(
             raise PixelHashError("the dataset has no data elements")
         _check_complete(header, src_end)
         _check_not_an_image(header)
-        digest = _sha256_range(f, dataset_start, file_end)
-        return InstanceHashes("content", digest, (), None, None, 0, header, digest)
+        received = _sha256_range(f, dataset_start, file_end)
+        src.seek(parse_start)
+        try:
+            canonical = canonical_dataset(src.read(src_end - parse_start), implicit, little)
+        except NotCanonical as exc:
+            note = f"no canonical encoding: {exc}"
+            return InstanceHashes(CONTENT, received, (), None, note, 0, header, received)
+        digest = hashlib.sha256(canonical).digest()
+        return InstanceHashes(CONTENT_CANONICAL, digest, (), None, None, 0, header, received)
 
     keyword = _PIXEL_KEYWORDS[tag]
     name = _NAMES[keyword]
@@ -444,7 +486,7 @@ def _hash_native(
         decoded, note = None, problem or _too_big(lay)
         if note is None:
             decoded, note = _decode_native(src, offset, lay, tsyntax, vr, header)
-    return InstanceHashes("pixel", value_hash, frame_hashes, decoded, note, n)
+    return InstanceHashes(PIXEL, value_hash, frame_hashes, decoded, note, n)
 
 
 def _stream_native(
@@ -612,7 +654,7 @@ def _hash_encapsulated(
             stream.update(_read_range(src, item_offset + 8, size))
         note = f"{tsyntax.name} is a video transfer syntax: not decoded"
         return value_end, InstanceHashes(
-            "pixel", value_hash, (stream.digest(),), None, note, nframes
+            PIXEL, value_hash, (stream.digest(),), None, note, nframes
         )
 
     lay = _layout(header, "PixelData", nframes, required=False)
@@ -648,7 +690,7 @@ def _hash_encapsulated(
         )
     result = decoded.digest() if note is None else None
     return value_end, InstanceHashes(
-        "pixel", value_hash, tuple(frame_hashes), result, note, nframes
+        PIXEL, value_hash, tuple(frame_hashes), result, note, nframes
     )
 
 

@@ -3,10 +3,18 @@ and C-GET. What matches, who may see it and whether a file may leave is decided 
 (``retrieval.py``) through the ``RetrieveCore`` protocol; this file only speaks DIMSE:
 pending responses, C-CANCEL, sub-operation counts and the Failed SOP Instance UID List.
 
+Instances the caller may not have are not sub-operations at all: a retrieval of a study the
+caller may not see is answered exactly like one of a study that does not exist (Success, no
+sub-operations), so the answer never tells that it exists; the core records the refusal.
+
 pynetdicom counts a sub-operation as done only when it sends the C-STORE itself, so
-instances we refuse or stop (permission, tamper check) are simply never yielded: they stay
+instances we stop (tamper check, unreadable file) are simply never yielded: they stay
 "remaining" until our final response, where pynetdicom reports them as failed
-(PS3.4 C.4.2.1.5 / C.4.3.1.4), and we list their UIDs.
+(PS3.4 C.4.2.1.5 / C.4.3.1.4), and we list their UIDs. pynetdicom also fails sub-operations
+on its own, without a C-STORE response (no presentation context the receiver accepted for
+the stored transfer syntax, a dataset it cannot encode, a lost association): each time it
+resumes us we count the instance it just handled by the response it got, or as failed if
+none came, so our counts are the ones the requestor is told.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ class Loaded:
 @dataclass
 class RetrievePlan:
     to_send: list[SubOperation]
-    refused: dict[str, str]  # SOP Instance UID -> why it is not sent (never attempted)
+    refused: dict[str, str]  # SOP Instance UID -> why the caller may not have it (not a sub-operation)
     destination: tuple[str, int] | None = None  # C-MOVE: where the move destination AE listens
     unknown_destination: bool = False  # C-MOVE: answer 0xA801
     context: Any = None  # the core's own state, handed back to finish()
@@ -71,11 +79,13 @@ class RetrievePlan:
 
 @dataclass
 class RetrieveOutcome:
-    """What happened to a retrieval's sub-operations, for the core's audit record."""
+    """What happened to a retrieval's sub-operations, as the requestor is told, for the
+    core's audit record."""
 
     completed: list[str] = field(default_factory=list)
     warning: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)  # the destination's C-STORE failed
+    failed: list[str] = field(default_factory=list)  # sent by pynetdicom, and failed (response or none)
+    no_response: list[str] = field(default_factory=list)  # of failed: pynetdicom got no C-STORE response
     not_sent: dict[str, str] = field(default_factory=dict)  # stopped by the check: uid -> why
     associated: bool = False  # C-MOVE: the association with the destination was made
     cancelled: bool = False
@@ -98,26 +108,34 @@ def find_responses(matches: list[Dataset], is_cancelled: Callable[[], bool]) -> 
 
 
 class StoreResponses:
-    """Collects the C-STORE responses of sub-operations (from EVT_DIMSE_RECV, on the one DUL
-    thread of the association; pynetdicom triggers it before the sender gets the response)."""
+    """The C-STORE responses of sub-operations (from EVT_DIMSE_RECV, on the one DUL thread of
+    the association; pynetdicom triggers it before the sender gets the response), and each
+    sub-operation counted once pynetdicom is done with it."""
 
     def __init__(self, outcome: RetrieveOutcome) -> None:
         self._outcome = outcome
+        self._statuses: dict[str, int] = {}
 
     def on_dimse_recv(self, event: evt.Event) -> None:
         message = event.message
         if not isinstance(message, C_STORE_RSP):
             return
         command = message.command_set
-        uid = str(command.get("AffectedSOPInstanceUID", ""))
-        status = int(command.get("Status", 0xC000))
-        category = code_to_category(status)
+        self._statuses[str(command.get("AffectedSOPInstanceUID", ""))] = int(command.get("Status", 0xC000))
+
+    def settle(self, uid: str) -> None:
+        """Count the sub-operation of ``uid``, which pynetdicom has just sent or given up on:
+        as its response says, or failed without one, as pynetdicom counts it."""
+        status = self._statuses.pop(uid, None)
+        category = code_to_category(status) if status is not None else None
         if category == STATUS_SUCCESS:
             self._outcome.completed.append(uid)
         elif category == STATUS_WARNING:
             self._outcome.warning.append(uid)
         else:
             self._outcome.failed.append(uid)
+            if status is None:
+                self._outcome.no_response.append(uid)
 
 
 def move_association_kwargs(plan: RetrievePlan, responses: StoreResponses) -> dict[str, Any]:
@@ -163,7 +181,7 @@ def retrieve_responses(
                 yield None, None  # pynetdicom answers 0xA801: move destination unknown
                 return
             yield (*plan.destination, move_association_kwargs(plan, responses))
-        total = len(plan.to_send) + len(plan.refused)
+        total = len(plan.to_send)  # what the caller may not have is not counted, as if absent
         if total == 0:
             finish(SUCCESS)  # pynetdicom answers Success with no sub-operations
         yield total
@@ -181,20 +199,20 @@ def retrieve_responses(
             if is_cancelled():
                 outcome.cancelled = True
                 finish(CANCEL)
-                yield CANCEL, _failed_list(plan, outcome)
+                yield CANCEL, _failed_list(outcome)
                 return
             if loaded.dataset is None:
                 outcome.not_sent[sub.sop_instance_uid] = loaded.problem
                 continue
             yield PENDING, loaded.dataset
+            responses.settle(sub.sop_instance_uid)  # resumed: pynetdicom is done with it
         # The final status, by pynetdicom's rule (which it applies itself when we send nothing).
         sent = len(outcome.completed) + len(outcome.warning)
-        unsent = plan.refused or outcome.not_sent
-        problems = unsent or outcome.failed or outcome.warning
+        problems = outcome.not_sent or outcome.failed or outcome.warning
         status = (SUB_OPERATIONS_FAILED if sent else UNABLE_TO_PERFORM) if problems else SUCCESS
         finish(status)
-        if unsent:  # still "remaining" to pynetdicom, which reports them as failed
-            yield status, _failed_list(plan, outcome)
+        if outcome.not_sent:  # still "remaining" to pynetdicom, which reports them as failed
+            yield status, _failed_list(outcome)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if is_get:
@@ -202,7 +220,7 @@ def retrieve_responses(
         finish(None)  # pynetdicom stopped early (destination unreachable, peer aborted)
 
 
-def _failed_list(plan: RetrievePlan, outcome: RetrieveOutcome) -> Dataset:
+def _failed_list(outcome: RetrieveOutcome) -> Dataset:
     ds = Dataset()
-    ds.FailedSOPInstanceUIDList = [*outcome.failed, *outcome.not_sent, *plan.refused]
+    ds.FailedSOPInstanceUIDList = [*outcome.failed, *outcome.not_sent]
     return ds

@@ -58,6 +58,20 @@ class FileStore:
     def absolute(self, relative: str) -> Path:
         return self.directory / relative
 
+    def by_hash_prefix(self, prefixes: set[str]) -> dict[str, list[Path]]:
+        """The stored files whose name carries one of these pixel-hash prefixes (see
+        ``relative_path``), by prefix: one walk of the store."""
+        found: dict[str, list[Path]] = {}
+        for study in self.directory.iterdir():
+            if study == self.tmp_dir or not study.is_dir():
+                continue
+            for series in filter(Path.is_dir, study.iterdir()):
+                for f in series.iterdir():
+                    parts = f.name.rsplit(".", 2)
+                    if len(parts) == 3 and parts[2] == "dcm" and parts[1] in prefixes:
+                        found.setdefault(parts[1], []).append(f)
+        return found
+
     def commit(self, temp_file: Path, relative: str) -> bool:
         """Make ``temp_file`` durable under ``relative``; on return it survives a crash.
 

@@ -101,7 +101,7 @@ def _destination(payload: Mapping[str, Any]) -> str:
 
 
 def _summary_anchored(p: Mapping[str, Any]) -> str:
-    what = "sha256" if p.get("hash_method") != "content" else "content sha256"
+    what = "content sha256" if p.get("hash_method") in ("content", "content-canonical") else "sha256"
     text = f"received from {_text(p, 'calling_ae')} (instance {_short(p.get('instance'))}, {what} {_short(p.get('sha256'))}"
     frames = p.get("frames")
     if isinstance(frames, int) and not isinstance(frames, bool) and frames > 1:

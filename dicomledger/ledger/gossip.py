@@ -13,17 +13,27 @@ Announcements: when this gateway signs a new checkpoint it asks every peer at on
 it; a peer that cosigns a checkpoint larger than its copy of our log pulls the new entries
 from us straight away. So entries spread within about one checkpoint interval, and the
 gossip rounds below repair whatever an announcement missed (a peer down, a lost request).
+Every peer has its own announcer task, and gossip rounds run side by side, each request with
+its own timeout: a slow or silent peer delays only its own exchanges, never another peer's
+cosignature.
 
 Heartbeat: a peer's cosignature on our newest checkpoint is renewed once it is older than
 ``heartbeat_interval``, even when the log has not grown: a fresh cosignature timestamp
 shows that the log was alive and unchanged at that time.
 
-Anti-entropy: every ``gossip_interval`` seconds a gateway asks ``fanout`` random peers for
-their checkpoints, pulls whatever entries it lacks (from that peer, which may relay any
-origin's log), stores them only if they verify (``ReplicaWriter``), asks each peer to cosign
-its own newest checkpoint, and checks every signed checkpoint it sees against the ones it
-holds: two that cannot both be true become evidence, which is kept, served to every peer
-and flags the origin (its new entries are no longer replicated).
+Anti-entropy: every ``gossip_interval`` seconds a gateway asks ``fanout`` random peers (not
+already in a round with us) for their checkpoints, pulls whatever entries it lacks (from that
+peer, which may relay any origin's log), stores them only if they verify (``ReplicaWriter``),
+asks each peer to cosign its own newest checkpoint, and checks every signed checkpoint it sees
+against the ones it holds: two that cannot both be true become evidence, which is kept,
+served to every peer and flags the origin (its new entries are no longer replicated).
+
+Pulls are bounded: entries are fetched in chunks of about ``max_message_bytes``; each chunk is
+verified against the signed checkpoint (a consistency proof from the chunk's end when it stops
+short of it) and stored before the next is fetched, so a peer announcing a huge checkpoint
+makes us hold one chunk at a time, never its whole log. A peer whose entries do not verify is
+backed off: no pull from it (nor gossip round with it) for ``gossip_interval`` seconds,
+doubling with each consecutive failure up to ``backoff_max``; one log line per back-off.
 
 Nothing a peer sends is stored before it verifies; bad input is logged with its reason.
 """
@@ -65,7 +75,13 @@ from dicomledger.ledger.note import (
     verify_cosignature,
     verify_note_signature,
 )
-from dicomledger.ledger.peer_tls import client_context, fingerprint, pem_fingerprint, server_context
+from dicomledger.ledger.peer_tls import (
+    HandshakeFirstSite,
+    client_context,
+    fingerprint,
+    pem_fingerprint,
+    server_context,
+)
 from dicomledger.ledger.witness import (
     InconsistentError,
     StaleError,
@@ -84,6 +100,11 @@ MAX_ENTRIES_PER_REQUEST = 1000
 
 class PeerProtocolError(ValueError):
     """A peer's message was malformed, oversized or did not verify."""
+
+
+class EntriesRefused(PeerProtocolError):
+    """Entries a peer served did not verify against the signed checkpoint (or could not be
+    verified: no usable consistency proof). The peer is backed off."""
 
 
 def _b64(data: bytes) -> str:
@@ -115,6 +136,11 @@ class _Peer:
     config: PeerConfig
     cosigned_size: int = 0  # the size this peer last cosigned for our log
     cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # announce vs gossip round
+    announce: asyncio.Event = field(default_factory=asyncio.Event)  # a new checkpoint to announce
+    announcer: asyncio.Task[None] | None = None
+    gossip_round: asyncio.Task[None] | None = None  # the round in progress with this peer
+    failures: int = 0  # consecutive pulls whose entries did not verify
+    backoff_until: float = 0.0  # time.monotonic() before which we do not pull from this peer
 
     @property
     def url(self) -> str:
@@ -144,8 +170,6 @@ class PeerService:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
-        self._announcer: asyncio.Task[None] | None = None
-        self._checkpoint_signed = asyncio.Event()
         self._pull_wanted: dict[str, tuple[_Peer, bytes]] = {}
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self.traffic = Traffic()
@@ -167,11 +191,12 @@ class PeerService:
         app.router.add_post("/v1/add-checkpoint", self._post_add_checkpoint)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(
+        site = HandshakeFirstSite(
             self._runner,
             self.config.host,
             self.config.port,
-            ssl_context=server_context(self.config.tls_cert, self.config.tls_key, certs),
+            tls=server_context(self.config.tls_cert, self.config.tls_key, certs),
+            on_refused=self._handshake_refused,
         )
         await site.start()
         self._session = aiohttp.ClientSession(
@@ -181,11 +206,13 @@ class PeerService:
             timeout=aiohttp.ClientTimeout(total=30, connect=3),
         )
         self._task = asyncio.create_task(self._gossip_loop(), name="gossip")
-        self._announcer = asyncio.create_task(self._announce_loop(), name="announce")
+        for peer in self.peers.values():
+            peer.announcer = asyncio.create_task(self._announce_loop(peer), name=f"announce {peer.config.origin}")
         log.info("peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers))
 
     async def stop(self) -> None:
-        for task in (self._task, self._announcer, *self._pulls.values()):
+        peer_tasks = [t for p in self.peers.values() for t in (p.announcer, p.gossip_round)]
+        for task in (self._task, *peer_tasks, *self._pulls.values()):
             if task is not None:
                 task.cancel()
                 try:
@@ -201,7 +228,8 @@ class PeerService:
 
     def checkpoint_signed(self) -> None:
         """The gateway signed a new checkpoint of its own log: announce it to every peer."""
-        self._checkpoint_signed.set()
+        for peer in self.peers.values():
+            peer.announce.set()
 
     # -- server side -------------------------------------------------------------------
 
@@ -222,6 +250,10 @@ class PeerService:
         if origin is None:  # TLS already refuses unknown certificates; belt and braces
             raise web.HTTPForbidden(text="unknown peer certificate")
         return origin
+
+    @staticmethod
+    def _handshake_refused(address: str, reason: str) -> None:
+        log.warning("peer TLS handshake refused", address=address, reason=reason)
 
     def _refuse(self, caller: str, status: int, reason: str) -> web.Response:
         log.warning("peer request refused", peer=caller, status=status, reason=reason)
@@ -351,23 +383,44 @@ class PeerService:
                 raise PeerProtocolError(f"{path}: response is not JSON (status {resp.status})") from None
 
     async def _gossip_loop(self) -> None:
+        """Start a round with up to ``fanout`` random peers every interval, side by side; a
+        peer still in its previous round, or backed off, is left out of this one."""
         while True:
-            peers = list(self.peers.values())
-            for peer in random.sample(peers, min(self.config.fanout, len(peers))):
-                await self._guarded(peer, self._gossip_round(peer))
+            idle = [
+                p for p in self.peers.values()
+                if (p.gossip_round is None or p.gossip_round.done()) and not self._backing_off(p)
+            ]
+            for peer in random.sample(idle, min(self.config.fanout, len(idle))):
+                peer.gossip_round = asyncio.create_task(
+                    self._guarded(peer, self._gossip_round(peer)), name=f"gossip {peer.config.origin}"
+                )
             await asyncio.sleep(self.config.gossip_interval)
 
-    async def _announce_loop(self) -> None:
+    async def _announce_loop(self, peer: _Peer) -> None:
+        """Ask ``peer`` to cosign each new checkpoint; announcements made while it is busy
+        coalesce into one (the newest checkpoint)."""
         while True:
-            await self._checkpoint_signed.wait()
-            self._checkpoint_signed.clear()
-            await asyncio.gather(
-                *(self._guarded(peer, self._ask_cosignature(peer)) for peer in self.peers.values())
-            )
+            await peer.announce.wait()
+            peer.announce.clear()
+            await self._guarded(peer, self._ask_cosignature(peer))
+
+    def _backing_off(self, peer: _Peer) -> bool:
+        return time.monotonic() < peer.backoff_until
+
+    def _back_off(self, peer: _Peer) -> float:
+        """Start the next back-off for ``peer``: gossip_interval seconds, doubled for each
+        consecutive failure, at most backoff_max. Returns its length."""
+        delay = min(self.config.backoff_max, self.config.gossip_interval * 2.0 ** min(peer.failures, 40))
+        peer.failures += 1
+        peer.backoff_until = time.monotonic() + delay
+        return delay
 
     def _schedule_pull(self, origin: str, note: bytes) -> None:
         """Pull ``origin``'s entries up to its checkpoint ``note`` from ``origin`` itself, in
-        the background; announcements arriving meanwhile coalesce into one more pull."""
+        the background; announcements arriving meanwhile coalesce into one more pull. None
+        while ``origin`` is backed off."""
+        if self._backing_off(self.peers[origin]):
+            return
         self._pull_wanted[origin] = (self.peers[origin], note)
         task = self._pulls.get(origin)
         if task is None or task.done():
@@ -390,6 +443,10 @@ class PeerService:
                 PeerStatus(origin, False, last_contact, None, f"unreachable: {exc!s}"[:300])
             )
             log.info("peer unreachable", peer=origin, error=str(exc)[:200])
+        except EntriesRefused as exc:
+            delay = self._back_off(peer)
+            await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
+            log.warning("peer message rejected", peer=origin, reason=str(exc), backoff_seconds=round(delay, 3))
         except (PeerProtocolError, NoteError, CheckpointError, LedgerStoreError) as exc:
             await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
             log.warning("peer message rejected", peer=origin, reason=str(exc))
@@ -437,31 +494,93 @@ class PeerService:
             if origin in await self.state.flagged():
                 return  # a proven liar's new entries are not replicated
             have = await self.store.size(origin)
-            if cp.size <= have:
+            if cp.size <= have:  # a prefix pulled in chunks reaches it: check it, keep it
+                await self._checkpoint_within(origin, cp.size, cp.root_hash, note_bytes, held, have)
                 return
-            entries: list[bytes] = []
-            while have + len(entries) < cp.size:
-                start = have + len(entries)
-                status, body = await self._fetch(
-                    source, f"/v1/entries?origin={origin}&start={start}&end={cp.size}"
-                )
-                chunk = body.get("entries") if status == 200 and isinstance(body, dict) else None
-                if not isinstance(chunk, list) or not chunk:
-                    raise PeerProtocolError(f"{source.config.origin} did not serve {origin} entries from {start}")
-                entries += [_unb64(e, "entry") for e in chunk]
-            entries = entries[: cp.size - have]
+            if self._backing_off(source):
+                return  # a pull that waited for the lock while another backed this peer off
+            await self._pull(origin, note_bytes, cp.size, have, held, source)
+
+    async def _checkpoint_within(
+        self, origin: str, size: int, root: bytes, note_bytes: bytes, held: tuple[int, bytes] | None, have: int
+    ) -> None:
+        """A signed checkpoint of a size we hold entries for but no checkpoint: store it if it
+        is the root of those entries (they were stored as a prefix of a larger checkpoint)."""
+        if size == 0 or (held is not None and size <= held[0]):
+            return
+        if await self.store.root(origin, size) != root:
+            raise PeerProtocolError(
+                f"checkpoint of {origin} at size {size} does not match the {have} entries we hold, "
+                "which a larger checkpoint signed by the same origin commits to"
+            )
+        await self.store.store_checkpoint(origin, size, note_bytes)
+
+    async def _pull(
+        self, origin: str, note_bytes: bytes, target: int, have: int, held: tuple[int, bytes] | None, source: _Peer
+    ) -> None:
+        """Replicate ``origin``'s entries ``have``..``target`` from ``source`` in chunks: each
+        chunk (about ``max_message_bytes`` of entries) is verified against the checkpoint and
+        stored before the next is fetched, so one pull never holds more than one chunk."""
+        while have < target:
+            chunk = await self._fetch_entries(source, origin, have, target)
+            end = have + len(chunk)
+            proof = await self._fetch_prefix_proof(source, origin, end, target) if end < target else None
             try:
-                size = await self.replicas.append_verified(origin, entries, note_bytes)
+                have = await self.replicas.append_verified(origin, chunk, note_bytes, proof)
             except ReplicaError as exc:
+                reason = f"entries of {origin} from {source.config.origin} refused: {exc}"
                 if held is not None and have == held[0]:
-                    status, body = await self._fetch(
-                        source, f"/v1/consistency?origin={origin}&old={have}&new={cp.size}"
-                    )
-                    if status == 200 and isinstance(body, dict) and isinstance(body.get("proof"), list):
-                        proof = [_unb64(h, "proof hash") for h in body["proof"]]
-                        await self._check_pair(origin, held[1], note_bytes, proof, source)
-                raise PeerProtocolError(f"entries of {origin} from {source.config.origin} refused: {exc}") from None
-            log.info("replicated", origin=origin, size=size, source=source.config.origin, new=len(entries))
+                    try:
+                        await self._check_fork(origin, held, note_bytes, target, source)
+                    except PeerProtocolError as proof_exc:
+                        reason += f"; its consistency proof: {proof_exc}"
+                raise EntriesRefused(reason) from None
+            source.failures = 0
+            log.info(
+                "replicated", origin=origin, size=have, source=source.config.origin,
+                new=len(chunk), held_bytes=sum(map(len, chunk)),
+            )
+
+    async def _fetch_entries(self, source: _Peer, origin: str, start: int, target: int) -> list[bytes]:
+        """The next chunk of ``origin``'s entries from ``start``: responses are added until
+        the checkpoint's size or about ``max_message_bytes`` of entries is reached."""
+        entries: list[bytes] = []
+        held_bytes = 0
+        while start + len(entries) < target and held_bytes < self.config.max_message_bytes:
+            at = start + len(entries)
+            status, body = await self._fetch(source, f"/v1/entries?origin={origin}&start={at}&end={target}")
+            chunk = body.get("entries") if status == 200 and isinstance(body, dict) else None
+            if not isinstance(chunk, list) or not chunk:
+                raise PeerProtocolError(f"{source.config.origin} did not serve {origin} entries from {at}")
+            for item in chunk:
+                entries.append(_unb64(item, "entry"))
+                held_bytes += len(entries[-1])
+        return entries[: target - start]
+
+    async def _fetch_prefix_proof(self, source: _Peer, origin: str, old: int, new: int) -> list[bytes]:
+        """The consistency proof that a chunk ending at ``old`` is a prefix of the size-``new``
+        checkpoint; without one the chunk cannot be verified (EntriesRefused)."""
+        status, body = await self._fetch(source, f"/v1/consistency?origin={origin}&old={old}&new={new}")
+        proof = body.get("proof") if status == 200 and isinstance(body, dict) else None
+        if not isinstance(proof, list):
+            raise EntriesRefused(
+                f"{source.config.origin} did not serve a consistency proof of {origin} from {old} "
+                f"to {new} (status {status}): its entries cannot be verified"
+            )
+        try:
+            return [_unb64(h, "proof hash") for h in proof]
+        except PeerProtocolError as exc:
+            raise EntriesRefused(f"consistency proof of {origin} from {source.config.origin}: {exc}") from None
+
+    async def _check_fork(
+        self, origin: str, held: tuple[int, bytes], note_bytes: bytes, target: int, source: _Peer
+    ) -> None:
+        """Entries toward ``note_bytes`` did not verify from our checkpoint ``held``: a fork
+        proof between the two checkpoints, if ``source`` serves one, is evidence."""
+        status, body = await self._fetch(source, f"/v1/consistency?origin={origin}&old={held[0]}&new={target}")
+        if status == 200 and isinstance(body, dict) and isinstance(body.get("proof"), list):
+            proof = [_unb64(h, "proof hash") for h in body["proof"]]
+            await self._check_pair(origin, held[1], note_bytes, proof, source)
 
     async def _check_pair(
         self, origin: str, note_a: bytes, note_b: bytes, proof: Sequence[bytes] | None, source: _Peer

@@ -142,11 +142,15 @@ def public_key_bytes(key: Ed25519PublicKey) -> bytes:
 async def connect(path: Path) -> aiosqlite.Connection:
     try:
         db = await aiosqlite.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise LedgerStoreError(f"cannot open ledger database {path}: {exc}") from None
+    try:
         await db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (WAL fsynced) before it returns; we promise durability.
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA busy_timeout=10000")
     except sqlite3.Error as exc:
+        await db.close()  # its thread would otherwise keep the process alive
         raise LedgerStoreError(f"cannot open ledger database {path}: {exc}") from None
     return db
 
@@ -278,6 +282,20 @@ class LedgerStore:
             (key,),
         )
         return [(row[0], row[1]) for row in rows]
+
+    async def newest_by_key(self, origin: str, prefix: str) -> dict[str, int]:
+        """Each lookup key starting with ``prefix`` that ``origin``'s entries carry, with the
+        index of the newest entry carrying it (e.g. prefix ``instance:``: the latest anchor
+        of every instance). One range scan of the key index."""
+        info = await self.origin(origin)
+        if info is None or not prefix:
+            return {}
+        after = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = await self.db.execute_fetchall(
+            "SELECT key, MAX(idx) FROM entry_keys WHERE key >= ? AND key < ? AND origin_id = ? GROUP BY key",
+            (prefix, after, info.id),
+        )
+        return {row[0]: row[1] for row in rows}
 
     async def nodes(self, origin: str, ids: Iterable[NodeID]) -> dict[NodeID, bytes]:
         wanted = sorted(set(ids))
@@ -650,9 +668,11 @@ class ReplicaError(ValueError):
 class ReplicaWriter(_ThreadWriter):
     """Appends other origins' entries to their replica logs, verified before anything is stored.
 
-    Entries must extend the local copy exactly up to a checkpoint signed by the origin:
-    each entry is checked (canonical, in sequence, chained, signed by the origin) and the
-    extended tree's root must equal the checkpoint's. Any failure stores nothing.
+    Entries must extend the local copy towards a checkpoint signed by the origin: each entry
+    is checked (canonical, in sequence, chained, signed by the origin), and the extended tree
+    must be the checkpoint's tree (same root) or, for a chunk that stops short of it, be shown
+    a prefix of it by a consistency proof. So a replica is pulled in bounded chunks, and every
+    stored prefix is committed to by a signed checkpoint. Any failure stores nothing.
     """
 
     def __init__(
@@ -667,15 +687,29 @@ class ReplicaWriter(_ThreadWriter):
     async def stop(self) -> None:
         await self._close()
 
-    async def append_verified(self, origin: str, entries: Sequence[bytes], checkpoint_note: bytes) -> int:
-        """Store ``entries`` (the next ones of ``origin``'s log) and the checkpoint they
-        reach; returns the replica's new size. ReplicaError says why it refused."""
+    async def append_verified(
+        self,
+        origin: str,
+        entries: Sequence[bytes],
+        checkpoint_note: bytes,
+        consistency_proof: Sequence[bytes] | None = None,
+    ) -> int:
+        """Store ``entries`` (the next ones of ``origin``'s log); returns the replica's new size.
+
+        Entries that reach the size of ``checkpoint_note`` are stored with it when the tree's
+        root is the checkpoint's. Entries that stop short of it are stored (without a
+        checkpoint) when ``consistency_proof`` proves the extended tree, at its new size, a
+        prefix of the checkpoint's tree (RFC 9162 consistency from the new size to the
+        checkpoint's). ReplicaError says why it refused; then nothing was stored."""
         info = await self.store.origin(origin)
         if info is None:
             raise ReplicaError(f"origin {origin!r} is not a known log; add its key before replicating it")
-        return await self._on_thread(self._append, info, list(entries), checkpoint_note)
+        proof = None if consistency_proof is None else list(consistency_proof)
+        return await self._on_thread(self._append, info, list(entries), checkpoint_note, proof)
 
-    def _append(self, info: OriginInfo, entries: list[bytes], checkpoint_note: bytes) -> int:
+    def _append(
+        self, info: OriginInfo, entries: list[bytes], checkpoint_note: bytes, proof: list[bytes] | None
+    ) -> int:
         try:
             note = parse_note(checkpoint_note)
             cp = parse_checkpoint(note.text)
@@ -686,7 +720,8 @@ class ReplicaWriter(_ThreadWriter):
         if not verify_note_signature(note, info.name, info.public_key):
             raise ReplicaError(f"checkpoint of {info.name} is not signed by its key")
         tree, last = self._frontier(info.id, info.name)
-        if tree.size + len(entries) != cp.size:
+        end = tree.size + len(entries)
+        if end > cp.size or (end < cp.size and (proof is None or not entries)):
             raise ReplicaError(
                 f"{len(entries)} entries after our {tree.size} of {info.name} do not reach "
                 f"its checkpoint size {cp.size}"
@@ -703,17 +738,29 @@ class ReplicaWriter(_ThreadWriter):
             entries_rows.append((info.id, index, data))
             node_rows += [(info.id, level, idx, h) for (level, idx), h in tree.append(prev)]
             key_rows += [(k, info.id, index) for k in self._keys_of(entry)]
-        if tree.root() != cp.root_hash:
-            raise ReplicaError(
-                f"entries of {info.name} up to {cp.size} do not match its signed checkpoint's root"
-            )
+        checkpoint_row: tuple[int, int, bytes] | None = None
+        if end == cp.size:
+            if tree.root() != cp.root_hash:
+                raise ReplicaError(
+                    f"entries of {info.name} up to {cp.size} do not match its signed checkpoint's root"
+                )
+            checkpoint_row = (info.id, cp.size, checkpoint_note)
+        else:
+            assert proof is not None
+            try:
+                merkle.verify_consistency(end, cp.size, tree.root(), cp.root_hash, proof)
+            except merkle.ProofError as exc:
+                raise ReplicaError(
+                    f"entries of {info.name} up to {end} are not shown to be a prefix of its signed "
+                    f"checkpoint of size {cp.size}: {exc}"
+                ) from None
         try:
-            self._write(entries_rows, node_rows, key_rows, (info.id, cp.size, checkpoint_note))
+            self._write(entries_rows, node_rows, key_rows, checkpoint_row)
         except sqlite3.IntegrityError:
             raise ReplicaError(f"entries of {info.name} were stored meanwhile; retry from the new size") from None
         except (sqlite3.Error, OSError) as exc:
             raise LedgerStoreError(f"ledger write failed ({exc}); check disk space and {self.store.path}") from None
-        return cp.size
+        return end
 
 
 async def sign_checkpoint(store: LedgerStore, identity: Identity, size: int) -> bytes:

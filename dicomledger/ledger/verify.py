@@ -584,15 +584,13 @@ def verify_and_report(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> bool:
-    """`dicomledger verify`: progress on ``err``, the report on ``out``; True if all is well."""
+    """`dicomledger verify`: progress on ``err``, the report on ``out``; True if all is well.
+    sqlite3.Error if the file is not a ledger database or cannot be read."""
     out, err = out or sys.stdout, err or sys.stderr
     progress = ProgressLine(err)
-    try:
-        report = verify_database(
-            path, expected_keys, trust=trust, origin=origin, progress=progress, every_signature=every_signature
-        )
-    except sqlite3.DatabaseError as exc:  # not a ledger database, or its file is damaged
-        report = VerifyReport((), Problem(str(path), "database", f"cannot be read as a ledger: {exc}"))
+    report = verify_database(
+        path, expected_keys, trust=trust, origin=origin, progress=progress, every_signature=every_signature
+    )
     progress.finish(report)
     for line in report_lines(report):
         print(line, file=out)
