@@ -39,8 +39,12 @@ from dicomledger.ledger import merkle  # noqa: E402
 from dicomledger.ledger.entries import decode_entry, verify_entry_signature  # noqa: E402
 from dicomledger.ledger.identity import Identity  # noqa: E402
 from dicomledger.ledger.log import LedgerStore, LogWriter  # noqa: E402
-from dicomledger.ledger.note import cosign_checkpoint, parse_note, verifier_key  # noqa: E402
-from dicomledger.ledger.policy import cosigner_vkey  # noqa: E402
+from dicomledger.ledger.note import (  # noqa: E402
+    SIG_COSIGNATURE_V1,
+    cosign_checkpoint,
+    parse_note,
+    verifier_key,
+)
 from dicomledger.ledger.proof import (  # noqa: E402
     InclusionProofFile,
     check_proof_file,
@@ -134,7 +138,7 @@ def witnessed(path: Path, key: Ed25519PrivateKey) -> str:
     asyncio.run(cosign())
     return "".join([
         verifier_key(ORIGIN, key.public_key()) + "\n",
-        *(f"witness {w} {cosigner_vkey(f'{w.lower()}.example', k.public_key())}\n" for w, k in WITNESSES.items()),
+        *(f"witness {w} {verifier_key(f'{w.lower()}.example', k.public_key(), SIG_COSIGNATURE_V1)}\n" for w, k in WITNESSES.items()),
         "group consortium 2 B C D\nquorum consortium\n",
     ])
 

@@ -42,6 +42,9 @@ max_pdu_size = 0
 accept_unknown_sop_classes = false
 # Seconds before an idle or stuck association is dropped.
 network_timeout = 60
+# Largest size in bytes a Deflated Explicit VR Little Endian dataset may inflate to (512 MiB);
+# a larger one is refused with 0xC000 (a deflate bomb: 1 MB can inflate to 1 GB).
+max_inflated_size = 536870912
 
 [ledger]
 # Origin: the stable, globally unique name of this gateway's log (used in checkpoints).

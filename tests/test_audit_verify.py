@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dicomledger.ledger.note import format_note, parse_note
-from dicomledger.ledger.policy import cosigner_vkey
+from dicomledger.ledger.note import SIG_COSIGNATURE_V1, format_note, parse_note, verifier_key
 from dicomledger.ledger.verify import ProgressLine, VerifyReport
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess, consortium, dicomledger
@@ -72,7 +71,7 @@ class Consortium:
     def policy(self, quorum: str, *, d: bool = False) -> str:
         lines = [f"witness B {witness_vkey(self.b)}", f"witness C {witness_vkey(self.c)}"]
         if d:
-            lines.append(f"witness D {cosigner_vkey('d.test/dicomledger', self.d_key.public_key())}")
+            lines.append(f"witness D {verifier_key('d.test/dicomledger', self.d_key.public_key(), SIG_COSIGNATURE_V1)}")
         return "\n".join([*lines, quorum, ""])
 
 

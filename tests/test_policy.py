@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dicomledger.ledger.checkpoint import Checkpoint, format_checkpoint
 from dicomledger.ledger.merkle import inclusion_proof, leaf_hash, root_of_leaf_hashes
 from dicomledger.ledger.note import (
+    SIG_COSIGNATURE_V1,
     Note,
     NoteError,
     cosign_checkpoint,
@@ -21,7 +22,7 @@ from dicomledger.ledger.note import (
     sign_note_text,
     verifier_key,
 )
-from dicomledger.ledger.policy import PolicyError, cosigner_vkey, parse_policy
+from dicomledger.ledger.policy import PolicyError, parse_policy
 from dicomledger.ledger.proof import InclusionProofFile, ProofFileError, check_proof_file
 from dicomledger.ledger.trust import load_trust, render_trust_file
 
@@ -35,7 +36,7 @@ def key_name(w: str) -> str:
 
 
 def witness_line(w: str) -> str:
-    return f"witness {w} {cosigner_vkey(key_name(w), KEYS[w].public_key())}"
+    return f"witness {w} {verifier_key(key_name(w), KEYS[w].public_key(), SIG_COSIGNATURE_V1)}"
 
 
 def two_of_bcd() -> str:
@@ -81,7 +82,7 @@ def test_spec_example_two_levels_of_groups():
 
 
 def test_whitespace_comments_urls_and_quorum_none():
-    text = f"\n# comment\n\t # another\n\twitness \t w1  {cosigner_vkey('w1.example', KEYS['B'].public_key())}   https://w1.example/  \n\n  quorum\tw1"
+    text = f"\n# comment\n\t # another\n\twitness \t w1  {verifier_key('w1.example', KEYS['B'].public_key(), SIG_COSIGNATURE_V1)}   https://w1.example/  \n\n  quorum\tw1"
     policy = parse_policy(text)
     assert policy.witnesses[0].url == "https://w1.example/" and policy.quorum == "w1"
     assert policy.shortfall(set()) == "missing cosignatures from w1 (w1.example)"
@@ -101,12 +102,12 @@ def test_whitespace_comments_urls_and_quorum_none():
         ("log garbage\nquorum none\n", "invalid log vkey"),
         ("witness w1\nquorum none\n", "a witness line is"),
         (f"witness w1 {verifier_key('w1.example', KEYS['B'].public_key())}\nquorum w1\n", "key type 0x01; a witness needs a cosignature key"),
-        (f"log {cosigner_vkey(ORIGIN, LOG.public_key())}\nquorum none\n", "key type 0x04; a log needs an Ed25519 note key"),
+        (f"log {verifier_key(ORIGIN, LOG.public_key(), SIG_COSIGNATURE_V1)}\nquorum none\n", "key type 0x04; a log needs an Ed25519 note key"),
         (f"log {verifier_key(ORIGIN, LOG.public_key())}\nlog {verifier_key('other', LOG.public_key())}\nquorum none\n", "duplicate log public key"),
         (f"{witness_line('B')} https://b.example/ # comment\nquorum B\n", "a witness line is"),
-        (f"witness none {cosigner_vkey('n', KEYS['B'].public_key())}\nquorum none\n", "'none' is reserved"),
+        (f"witness none {verifier_key('n', KEYS['B'].public_key(), SIG_COSIGNATURE_V1)}\nquorum none\n", "'none' is reserved"),
         (f"{witness_line('B')}\n{witness_line('C').replace(' C ', ' B ')}\nquorum B\n", "name 'B' is already defined"),
-        (f"{witness_line('B')}\nwitness B2 {cosigner_vkey('impostor.example', KEYS['B'].public_key())}\nquorum B\n", "duplicate witness public key"),
+        (f"{witness_line('B')}\nwitness B2 {verifier_key('impostor.example', KEYS['B'].public_key(), SIG_COSIGNATURE_V1)}\nquorum B\n", "duplicate witness public key"),
         (f"{witness_line('B')}\ngroup B any B\nquorum B\n", "already defined"),
         (f"{witness_line('B')}\ngroup g1 1\nquorum B\n", "a group line is"),
         (f"{witness_line('B')}\ngroup g1 0 B\nquorum g1\n", "threshold '0'"),
@@ -129,8 +130,8 @@ def test_malformed_policies_are_refused_with_the_line_and_reason(text, reason):
         parse_policy(text)
 
 
-def test_cosigner_vkey_names_the_key_of_cosignature_lines():
-    vkey = cosigner_vkey(key_name("B"), KEYS["B"].public_key())
+def test_a_witness_vkey_names_the_key_of_cosignature_lines():
+    vkey = verifier_key(key_name("B"), KEYS["B"].public_key(), SIG_COSIGNATURE_V1)
     name, key = parse_verifier_key(vkey)
     assert name == key_name("B") and key.public_bytes_raw() == KEYS["B"].public_key().public_bytes_raw()
     assert base64.b64decode(vkey.split("+")[2])[0] == 0x04
@@ -163,7 +164,7 @@ def test_init_trust_file_policy_section_works_once_uncommented():
     assert text.splitlines()[1] == verifier_key(ORIGIN, LOG.public_key())  # line 2: the vkey, as before
     assert load_trust(text).policy is None  # all commented out
     own = next(line for line in text.splitlines() if line.startswith("# witness this-gateway "))
-    assert own == f"# witness this-gateway {cosigner_vkey(ORIGIN, LOG.public_key())}"
+    assert own == f"# witness this-gateway {verifier_key(ORIGIN, LOG.public_key(), SIG_COSIGNATURE_V1)}"
     completed = text.replace(
         "# witness B <the witness line's vkey from gateway B's trust.txt>", witness_line("B")
     ).replace("# witness C <the witness line's vkey from gateway C's trust.txt>", witness_line("C")).replace(

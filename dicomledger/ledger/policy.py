@@ -22,7 +22,6 @@ Only Ed25519 is supported (no ML-DSA-44 witnesses yet): other key types are refu
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -255,14 +254,6 @@ def _check_new_name(name: str, defined: set[str]) -> None:
 def parse_policy(text: str) -> WitnessPolicy:
     """Parse a whole tlog-policy file (a str decoded from UTF-8)."""
     return parse_policy_lines(enumerate(text.split("\n"), 1))
-
-
-def cosigner_vkey(name: str, public_key: Ed25519PublicKey) -> str:
-    """The vkey of an Ed25519 tlog-cosignature/v1 cosigner: ``name+keyid+base64(0x04 || key)``,
-    what a policy's ``witness`` line names (tlog-cosignature "Format")."""
-    kid = key_id(name, public_key, SIG_COSIGNATURE_V1)
-    material = bytes([SIG_COSIGNATURE_V1]) + public_key.public_bytes_raw()
-    return f"{name}+{kid.hex()}+{base64.b64encode(material).decode('ascii')}"
 
 
 class CosignatureError(ValueError):

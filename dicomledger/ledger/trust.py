@@ -20,11 +20,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from dicomledger.ledger.note import NoteError, parse_verifier_key, verifier_key
+from dicomledger.ledger.note import SIG_COSIGNATURE_V1, NoteError, parse_verifier_key, verifier_key
 from dicomledger.ledger.policy import (
     PolicyError,
     WitnessPolicy,
-    cosigner_vkey,
     is_policy_line,
     parse_policy_lines,
 )
@@ -112,7 +111,7 @@ def render_trust_file(origin: str, public_key: Ed25519PublicKey) -> str:
     commented witness policy to complete, and the line other gateways' policies need to
     name this gateway as a witness."""
     vkey = verifier_key(origin, public_key)
-    witness = cosigner_vkey(origin, public_key)
+    witness = verifier_key(origin, public_key, SIG_COSIGNATURE_V1)
     return f"""\
 # Verifier key of {origin}: give this file to auditors and peers.
 {vkey}
