@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +136,19 @@ def read_message(client: RawClient) -> tuple[Command, bytes | None]:
                     return parsed, bytes(data)
 
 
-def get_association(server: NetServer, syntax: str = ExplicitVRLittleEndian) -> RawClient:
-    """A C-GET requestor that takes the Storage SCP role for CT in ``syntax`` only."""
+@contextmanager
+def get_association(server: NetServer, syntax: str = ExplicitVRLittleEndian) -> Iterator[RawClient]:
+    """A C-GET requestor that takes the Storage SCP role for CT in ``syntax`` only; released
+    at the end unless the test ended the association itself."""
     rq = associate_rq([(1, STUDY_ROOT_GET, (ImplicitVRLittleEndian,)), (3, CT_IMAGE, (syntax,))],
                       roles=[(CT_IMAGE, False, True)])
-    return established(server.port, rq)
+    client = established(server.port, rq)
+    try:
+        yield client
+        with suppress(OSError, EOFError):
+            client.release()
+    finally:
+        client.close()
 
 
 def c_get(client: RawClient, answer: dict[str, int] | None = None) -> tuple[list[tuple[str, bytes]], list[Command]]:
@@ -206,7 +215,6 @@ def test_get_sends_checked_instances_and_fails_the_rest(serve):
         assert final.us(dimse.STATUS) == SUB_OPERATIONS_FAILED
         assert counts(final) == (None, 2, 1, 0)  # the unsent one counts as failed
         assert final.has_data_set
-        assert client.release() == pdu.A_RELEASE_RP
     (outcome,) = core.finished
     assert outcome.not_sent == {"1.2.1": "tamper check failed"}
     assert outcome.completed == ["1.2.0", "1.2.2"] and outcome.status == SUB_OPERATIONS_FAILED
