@@ -24,7 +24,9 @@ from pydicom.dataset import FileMetaDataset
 from dicomledger.dicom.fastread import FAST, PYDICOM, Deferred, read_instance, read_instance_fast
 from dicomledger.dicom.instance import MAX_SEQUENCE_DEPTH, InstanceError, instance_header
 from dicomledger.dicom.pixelhash import PixelHashError, hash_instance_file
+from dicomledger.ledger import merkle
 from tests import dicomdata
+from tests.test_storage_scp import ledger_payloads, log_lines
 
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 EXPLICIT, IMPLICIT = uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian
@@ -552,3 +554,47 @@ def test_fuzzed_files_fast_or_deferred_never_different(tmp_path):
             path.unlink()
     # the mutations reach both: fast answers (equal to pydicom's) and deferrals
     assert outcomes[FAST] > 200 and outcomes[PYDICOM] > 200, outcomes
+
+
+# --- (d) end to end: a real gateway, DCMTK storescu -------------------------------------------
+
+
+def test_gateway_parses_plain_images_on_the_fast_path_and_anchors_the_same(gateway, tmp_path):
+    plain = [
+        *dicomdata.make_mr_series(tmp_path / "mr", 3),
+        *dicomdata.make_ct_series(tmp_path / "ct", 2, rows=128, cols=128),
+        dicomdata.make_multiframe(tmp_path / "mf", 4, 32, 32),
+        dicomdata.make_sr(tmp_path / "sr"),
+    ]
+    (big_endian,) = dicomdata.make_mr_series(tmp_path / "be", 1, seed="big", transfer_syntax=uid.ExplicitVRBigEndian)
+    result = gateway.storescu(*plain)
+    assert result.returncode == 0, result.stderr
+    result = gateway.storescu(big_endian, options=("-xb", "+C"))
+    assert result.returncode == 0, result.stderr
+
+    stores = {line["sop_instance"]: line for line in log_lines(gateway) if line.get("event") == "c-store"}
+    assert len(stores) == len(plain) + 1
+    for path in plain:
+        assert stores[own_uids(path)[1]]["parse"] == FAST
+    assert stores[own_uids(big_endian)[1]]["parse"] == PYDICOM
+    assert {line["status"] for line in stores.values()} == {"0x0000"}
+
+    # the anchors are what the pydicom path gives for the same files
+    anchors = {p["instance"]: p for p in ledger_payloads(gateway)}
+    assert len(anchors) == len(plain) + 1
+    for path in [*plain, big_endian]:
+        hashes = hash_instance_file(path)
+        expected = {
+            "hash_method": hashes.method,
+            "sha256": hashes.sha256.hex(),
+            "decoded_sha256": hashes.decoded_sha256.hex() if hashes.decoded_sha256 else None,
+            "frames": hashes.number_of_frames,
+            "frame_root": merkle.root_of_leaf_hashes([merkle.leaf_hash(h) for h in hashes.frame_hashes]).hex()
+            if hashes.frame_hashes else None,
+        }
+        matching = [p for p in anchors.values() if {k: p[k] for k in expected} == expected]
+        assert len(matching) == 1, path
+    assert gateway.cli("verify").returncode == 0
+    for path in plain:
+        check = gateway.cli("verify-file", str(path))
+        assert check.returncode == 0 and "ANCHORED" in check.stdout, check.stdout
