@@ -135,7 +135,7 @@ def test_generated_images_and_reports_take_the_fast_path(tmp_path):
 
 
 def test_refusals_are_the_pydicom_paths(tmp_path):
-    """A request that contradicts the dataset, a missing UID, a cut file: the fast path
+    """A request that contradicts the dataset, another transfer syntax, a cut file: the fast path
     defers and read_instance raises what the pydicom path raises."""
     (mr,) = dicomdata.make_mr_series(tmp_path / "mr", 1)
     sop_class, sop_instance = own_uids(mr)
