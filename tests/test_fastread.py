@@ -481,7 +481,7 @@ def image_pixel_module(draw, odd_rate: int) -> list[El]:
     return elements
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=datasets())
 def test_generated_datasets_fast_or_deferred_never_different(tmp_path_factory, case):
     data, ts, given_ts, sop_class, sop_instance = case
