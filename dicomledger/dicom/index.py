@@ -396,6 +396,76 @@ class Index(ThreadedSqlite):
         return previous
 
 
+class IngestRows:
+    """The index as the ingest path writes it: its own connection, used only on the thread
+    that commits the ledger (``gateway.IndexCompanion``), so a received instance's lookup,
+    conflict check and row share that thread's one hop with its ledger entry, and its row is
+    written (with its anchor) right after the entry is durable. synchronous=NORMAL as the rest
+    of the index: a row a power loss drops is rebuilt from the ledger at start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            try:
+                db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA busy_timeout=10000")
+            except sqlite3.Error as exc:
+                raise IndexStoreError(f"cannot open index database {self.path}: {exc}") from None
+            self._db = db
+        return self._db
+
+    def previous(self, sop_instance_uid: str) -> InstanceRow | None:
+        """The current row of this SOP instance, if any."""
+        try:
+            row = self._conn().execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise IndexStoreError(f"index read failed ({exc}); check {self.path}") from None
+        return _instance_row(row) if row else None
+
+    def conflict(self, record: IndexRecord) -> StudyPatientConflict | None:
+        """Another patient's instance under the record's study or series UID, if any."""
+        try:
+            return _conflict(self._conn(), record)
+        except sqlite3.Error as exc:
+            raise IndexStoreError(f"index read failed ({exc}); check {self.path}") from None
+
+    def write(self, received: Sequence[tuple[IndexRecord, InstanceRow | None]]) -> None:
+        """Write the rows of received instances (anchors set) in one transaction; an earlier
+        version's file is recorded as superseded. ``received``: (record, the row it replaces)."""
+        db = self._conn()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for record, previous in received:
+                    _write_record(db, record)
+                    new = record.instance
+                    if previous is not None and previous.path != new.path:
+                        db.execute(
+                            "INSERT INTO superseded_instances VALUES (?, ?, ?, ?, ?, ?)",
+                            (previous.sop_instance_uid, previous.path, previous.sha256,
+                             previous.ledger_origin, previous.ledger_index, new.received_at),
+                        )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise IndexStoreError(f"index write failed ({exc}); check disk space and {self.path}") from None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
 def _conflict(db: sqlite3.Connection, record: IndexRecord) -> StudyPatientConflict | None:
     """Another patient's instance under the record's study or series UID, if any. The
     instance itself does not count: a re-send may correct its own Patient ID.

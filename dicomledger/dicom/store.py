@@ -50,10 +50,25 @@ class FileStore:
         return removed
 
     @staticmethod
-    def relative_path(study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes) -> str:
-        # The hash prefix keeps an earlier version when the same instance arrives with other pixels.
-        name = f"{path_component(sop_instance_uid)}.{sha256.hex()[:16]}.dcm"
+    def relative_path(
+        study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes, header_sha256: bytes | None = None
+    ) -> str:
+        """``<study>/<series>/<instance>.<pixel hash 16>-<header hash 8>.dcm``: each version of
+        an instance that arrives with other pixels or another header gets a file of its own, so
+        storing one never overwrites another (an earlier anchor's file, or, for an instance then
+        refused, the copy already held). Files stored before the header part existed are named
+        ``<instance>.<pixel hash 16>.dcm``."""
+        version = sha256.hex()[:16] + (f"-{header_sha256.hex()[:8]}" if header_sha256 is not None else "")
+        name = f"{path_component(sop_instance_uid)}.{version}.dcm"
         return f"{path_component(study_uid)}/{path_component(series_uid)}/{name}"
+
+    @staticmethod
+    def name_parts(name: str) -> tuple[str, str] | None:
+        """(instance part, pixel hash prefix) of a stored file's name, None if not one."""
+        parts = name.rsplit(".", 2)
+        if len(parts) != 3 or parts[2] != "dcm":
+            return None
+        return parts[0], parts[1].split("-", 1)[0]
 
     def absolute(self, relative: str) -> Path:
         return self.directory / relative
@@ -67,8 +82,8 @@ class FileStore:
                 continue
             for series in filter(Path.is_dir, study.iterdir()):
                 for f in series.iterdir():
-                    parts = f.name.rsplit(".", 2)
-                    if len(parts) == 3 and parts[2] == "dcm" and parts[1] in prefixes:
+                    parts = self.name_parts(f.name)
+                    if parts is not None and parts[1] in prefixes:
                         found.setdefault(parts[1], []).append(f)
         return found
 
