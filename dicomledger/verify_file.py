@@ -165,14 +165,19 @@ def _matches_a_stored_copy(
         if entry.payload.get("hash_method") != CONTENT or not isinstance(anchored, str):
             continue
         try:
-            relative = FileStore.relative_path(
+            copies = FileStore(config.storage.directory).versions(
                 str(header.StudyInstanceUID), str(header.SeriesInstanceUID),
                 str(header.SOPInstanceUID), bytes.fromhex(anchored),
             )
-            stored = hash_instance_file(FileStore(config.storage.directory).absolute(relative))
-        except (OSError, ValueError, AttributeError):
-            continue  # no stored copy here, or not readable: nothing to add
-        untouched = stored.sha256_for(CONTENT) == bytes.fromhex(anchored)
-        if untouched and (stored.method, stored.sha256) == (hashes.method, hashes.sha256):
-            matched.append(entry)
+        except (ValueError, AttributeError):
+            continue
+        for copy in copies:
+            try:
+                stored = hash_instance_file(copy)
+            except (OSError, ValueError):
+                continue  # not readable: nothing to add
+            untouched = stored.sha256_for(CONTENT) == bytes.fromhex(anchored)
+            if untouched and (stored.method, stored.sha256) == (hashes.method, hashes.sha256):
+                matched.append(entry)
+                break
     return matched

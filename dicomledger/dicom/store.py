@@ -70,6 +70,15 @@ class FileStore:
             return None
         return parts[0], parts[1].split("-", 1)[0]
 
+    def versions(self, study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes) -> list[Path]:
+        """The stored files of this instance with these pixels (one per header version)."""
+        folder = self.directory / path_component(study_uid) / path_component(series_uid)
+        want = (path_component(sop_instance_uid), sha256.hex()[:16])
+        try:
+            return sorted(f for f in folder.iterdir() if self.name_parts(f.name) == want)
+        except OSError:
+            return []
+
     def absolute(self, relative: str) -> Path:
         return self.directory / relative
 
