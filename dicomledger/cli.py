@@ -17,6 +17,7 @@ from dicomledger.config import AE_TITLE_RE, Config, ConfigError, load_config
 from dicomledger.datadir import set_private_umask
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
 from dicomledger.ledger.peer_tls import create_tls_identity
+from dicomledger.ledger.trust import render_trust_file
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool whose reader went away (`| head`)
@@ -87,7 +88,7 @@ heartbeat_interval = 60.0
 # peer answering within this many seconds `serve` stops, unless given --accept-local-tip.
 startup_wait = 60.0
 
-# One [[peers]] table per other gateway: its origin, peer API address, verifier key (the line
+# One [[peers]] table per other gateway: its origin, peer API address, verifier key (line 2
 # in its trust.txt) and pinned TLS certificate (a copy of its keys/peer-tls.crt).
 # [[peers]]
 # origin = "hospital-b.example/dicomledger"
@@ -133,9 +134,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     )
     identity = Identity(origin, key)
-    (directory / "trust.txt").write_text(
-        f"# Verifier key of {origin}: give this file to auditors and peers.\n{identity.vkey}\n"
-    )
+    (directory / "trust.txt").write_text(render_trust_file(origin, key.public_key()))
     print(f"created {config_path}")
     print(f"origin: {origin}")
     print(f"verifier key: {identity.vkey}")
@@ -187,21 +186,43 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
-    from dicomledger.ledger.verify import verify_database
+    from dicomledger.ledger.verify import verify_and_report
 
+    if args.ledger or args.trust or args.policy:
+        return _fail("verify takes either --config, or --ledger and --trust", EXIT_USAGE)
     key = load_key_file(config.ledger.key_file)
     database = config.ledger.database
     try:
-        report = verify_database(database, {config.ledger.origin: key.public_key()})
+        ok = verify_and_report(
+            database, expected_keys={config.ledger.origin: key.public_key()}, origin=args.origin,
+            every_signature=args.every_signature,
+        )
     except sqlite3.Error as exc:
         return _fail(f"cannot read ledger database {database}: {exc}")
-    for o in report.origins:
-        print(f"{o.origin}: {o.size} entries, {o.checkpoints} checkpoints")
-    if report.problem is not None:
-        print(f"FAILED: {report.problem}")
-        return EXIT_FAIL
-    print("OK: every entry, signature, chain link, Merkle node and checkpoint verifies")
-    return EXIT_OK
+    return EXIT_OK if ok else EXIT_FAIL
+
+
+def cmd_verify_copy(args: argparse.Namespace) -> int:
+    """The auditor's verify: a ledger database (or a copy), public keys only, read-only."""
+    from dicomledger.ledger.note import NoteError
+    from dicomledger.ledger.trust import read_trust
+    from dicomledger.ledger.verify import verify_and_report
+
+    if not args.ledger or not args.trust:
+        return _fail("verify needs --config, or --ledger LEDGER.db and --trust TRUST", EXIT_USAGE)
+    try:
+        trust = read_trust(Path(args.trust), Path(args.policy) if args.policy else None)
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}", EXIT_USAGE)
+    except NoteError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    if not Path(args.ledger).is_file():
+        return _fail(f"ledger database {args.ledger} does not exist", EXIT_USAGE)
+    try:
+        ok = verify_and_report(Path(args.ledger), trust=trust, origin=args.origin, every_signature=args.every_signature)
+    except sqlite3.Error as exc:
+        return _fail(f"cannot read ledger database {args.ledger}: {exc}")
+    return EXIT_OK if ok else EXIT_FAIL
 
 
 def cmd_prove(args: argparse.Namespace, config: Config) -> int:
@@ -249,10 +270,10 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
     from dicomledger.ledger.entries import EntryError, decode_entry, verify_entry_signature
     from dicomledger.ledger.note import NoteError
     from dicomledger.ledger.proof import ProofFileError, check_proof_file, parse_proof_file
-    from dicomledger.ledger.trust import load_trust_text
+    from dicomledger.ledger.trust import read_trust
 
     try:
-        trusted = load_trust_text(Path(args.trust).read_text())
+        trusted = read_trust(Path(args.trust), Path(args.policy) if args.policy else None)
         proof = parse_proof_file(Path(args.proof).read_bytes())
         result = check_proof_file(proof, trusted)
         entry = decode_entry(proof.entry)
@@ -261,7 +282,7 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
                 f"entry says {entry.origin} index {entry.index}, "
                 f"the proof is for {result.origin} index {proof.index}"
             )
-        verify_entry_signature(entry, trusted[result.origin])
+        verify_entry_signature(entry, trusted.logs[result.origin])
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (ProofFileError, NoteError, EntryError) as exc:
@@ -278,6 +299,7 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
             "signed": signed,
             "checkpoint": {"size": result.size, "root": result.root_hash.hex()},
             "witnesses": [{"name": name, "time": when} for name, when in witnesses],
+            "quorum": result.quorum,  # the witness policy's quorum, met; null without a policy
             "entry": json.loads(proof.entry),
         }, indent=2))
         return EXIT_OK
@@ -285,6 +307,8 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
     print(f"included in checkpoint of size {result.size}, root {result.root_hash.hex()}")
     for name, when in witnesses:
         print(f"witnessed by {name} at {when}")
+    if result.quorum is not None:
+        print(f"witness quorum met: {result.quorum}")
     return EXIT_OK
 
 
@@ -518,7 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-local-tip", action="store_true",
                    help="start even if no peer confirms this gateway's own log (none reachable, or "
                    "entries it signed that no peer can give back); recorded on the ledger")
-    with_config("verify", "re-check the whole local ledger database")
+    p = sub.add_parser("verify", help="re-check a ledger database: this gateway's (--config), or any "
+                       "copy with public keys only (--ledger, --trust); read-only")
+    p.add_argument("--config", help="the gateway's config.toml: check its database with its own key")
+    p.add_argument("--ledger", metavar="LEDGER.db", help="a ledger database, or a copy of one")
+    p.add_argument("--trust", metavar="TRUST", help="trust file: the logs' verifier keys, witnesses, "
+                   "and optionally a witness policy (C2SP tlog-policy lines)")
+    p.add_argument("--policy", metavar="POLICY", help="a C2SP tlog-policy file (witness keys and quorum), "
+                   "when the trust file has none")
+    p.add_argument("--origin", help="check only this origin's log")
+    p.add_argument("--every-signature", action="store_true", help="also check the own signature of "
+                   "entries a signed checkpoint already authenticates (slower)")
     with_config("status", "show the ledger and store state")
     p = with_config("peers", "show each peer: reachable, last contact, how much of its log we hold, flagged")
     p.add_argument("--evidence", metavar="ORIGIN",
@@ -562,7 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
     p = sub.add_parser("check-proof", help="verify a proof file offline with a trust file")
     p.add_argument("proof")
-    p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
+    p.add_argument("--trust", required=True, help="trust file: verifier keys, one per line, and "
+                   "optionally a witness policy (C2SP tlog-policy lines)")
+    p.add_argument("--policy", help="a C2SP tlog-policy file (witness keys and quorum) the checkpoint "
+                   "must meet, when the trust file has none")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (verdict, checkpoint, witnesses, entry) instead of text")
     return parser
@@ -603,6 +640,8 @@ def _main(argv: list[str] | None) -> int:
         return cmd_init(args)
     if args.command == "check-proof":
         return cmd_check_proof(args)
+    if args.command == "verify" and args.config is None:
+        return cmd_verify_copy(args)
     if args.command == "check-evidence":
         return cmd_check_evidence(args)
     try:

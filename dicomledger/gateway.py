@@ -28,6 +28,7 @@ from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
 from dicomledger.config import Config
 from dicomledger.daemon import notify
 from dicomledger.dicom.codecs import missing_lossless_decoders
+from dicomledger.dicom.fastread import ReadInstance, read_instance
 from dicomledger.dicom.index import (
     Index,
     IndexRecord,
@@ -483,6 +484,7 @@ class Gateway:
         started = time.perf_counter()
         size = -1
         hashes: InstanceHashes | None = None
+        read: ReadInstance | None = None
         try:
             if request.receive_error is not None:
                 raise StoreError(
@@ -491,14 +493,12 @@ class Gateway:
                     f"{request.receive_error.strerror or request.receive_error}",
                 )
             size = request.dataset_path.stat().st_size
-            hashes = hash_instance_file(
+            read = read_instance(
                 request.dataset_path, request.transfer_syntax_uid,
                 max_inflated_size=self.config.gateway.max_inflated_size,
+                sop_class_uid=request.sop_class_uid, sop_instance_uid=request.sop_instance_uid,
             )
-            assert hashes.header is not None
-            header = instance_header(
-                hashes.header, hashes.header_sha256, request.sop_class_uid, request.sop_instance_uid
-            )
+            header, hashes = read.header, read.hashes
             relative = FileStore.relative_path(
                 header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256, header.header_sha256
             )
@@ -522,6 +522,7 @@ class Gateway:
             bytes=size,
             hash=hashes.sha256.hex()[:16] if hashes else None,
             hash_method=hashes.method if hashes else None,
+            parse=read.parser if read else None,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             status=f"0x{status:04X}",
             outcome=outcome,

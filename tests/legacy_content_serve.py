@@ -5,7 +5,7 @@ dataset bytes as received), so tests can check that such anchors still verify.""
 import sys
 
 from dicomledger.cli import main
-from dicomledger.dicom import pixelhash
+from dicomledger.dicom import fastread, pixelhash
 from dicomledger.dicom.canonical import NotCanonical
 
 
@@ -13,7 +13,8 @@ def _bytes_as_received(*args: object) -> bytes:
     raise NotCanonical("a gateway from before content-canonical")
 
 
-pixelhash.canonical_dataset = _bytes_as_received  # every content object falls back to `content`
+# every content object falls back to `content`, on either of the ingest's paths
+pixelhash.canonical_dataset = fastread.canonical_dataset = _bytes_as_received
 
 if __name__ == "__main__":
     sys.exit(main())

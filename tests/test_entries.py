@@ -48,6 +48,17 @@ def _other_signature(data):
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _non_canonical_base64_signature(data):
+    """The same signature bytes, base64 with non-zero padding bits (still decodes)."""
+    obj = json.loads(data)
+    sig = obj["sig"]
+    assert sig.endswith("==")
+    last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".index(sig[-3])
+    obj["sig"] = sig[:-3] + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[last | 1] + "=="
+    assert base64.b64decode(obj["sig"]) == base64.b64decode(sig)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -63,6 +74,16 @@ def _other_signature(data):
         (lambda d: b"[]", "not a JSON object"),
         (lambda d: b"\xff", "UTF-8"),
         (lambda d: d[: len(d) // 2], "JSON"),
+        (lambda d: d.replace(b'"v":1', b'"v":true'), "version"),
+        (lambda d: d.replace(b'"n":3', b'"n":9007199254740992'), "exact JSON range"),
+        (lambda d: d.replace(b'"n":3', b'"n":' + b"9" * 5000), "exact JSON range"),
+        (lambda d: d.replace(b'"n":3', b'"n":NaN'), "floats"),
+        (lambda d: d.replace(b'"n":3', b'"n":3e0'), "floats"),
+        (lambda d: d.replace(b'"n":3', b'"n":' + b"[" * 5000 + b"]" * 5000), "JSON"),
+        (lambda d: d.replace(b'"kind":"image-anchored"', b'"kind":["image-anchored"]'), "kind"),
+        (lambda d: d.replace(b'"ok":true', b'"\\u00f6k":true'), "canonical"),
+        (lambda d: d.replace(b'"ok":true', '"ök":true'.encode()), "ASCII"),
+        (lambda d: _non_canonical_base64_signature(d), "canonical"),
     ],
 )
 def test_decoding_rejects_with_reason(mutate, message):

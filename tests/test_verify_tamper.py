@@ -125,3 +125,80 @@ def test_swapped_origin_key_is_caught(pristine, tmp_path):
     path = tampered(pristine, tmp_path, "UPDATE origins SET public_key = ?", other)
     assert verify_database(path, {ORIGIN: KEY.public_key()}).problem.where == "origin key"
     assert verify_database(path).problem.where == "entry 0"
+
+
+def test_entry_after_the_newest_checkpoint_is_checked_by_its_own_signature(pristine, tmp_path):
+    data = entry(pristine, 35).replace(b'"sha256":"0', b'"sha256":"1', 1)
+    path = tampered(pristine, tmp_path, "UPDATE entries SET data = ? WHERE idx = 35", data)
+    problem = verify_database(path).problem
+    assert problem.where == "entry 35" and "signature" in problem.what
+
+
+def test_checkpoint_whose_root_does_not_match_is_named(pristine, tmp_path):
+    """The newest checkpoint, signed by the origin, over other entries: the entries it would
+    authenticate are checked one by one instead, and the checkpoint is named."""
+    from dicomledger.ledger.checkpoint import Checkpoint, format_checkpoint
+    from dicomledger.ledger.note import Note, format_note, sign_note_text
+
+    text = format_checkpoint(Checkpoint(ORIGIN, 30, bytes(32)))
+    note = format_note(Note(text, (sign_note_text(text, ORIGIN, KEY),)))
+    path = tampered(pristine, tmp_path, "UPDATE checkpoints SET note = ? WHERE size = 30", note)
+    problem = verify_database(path).problem
+    assert (problem.where, problem.what) == ("checkpoint at size 30", "root hash does not match the stored entries")
+
+
+@pytest.mark.parametrize(
+    "sql, where, what",
+    [
+        ("UPDATE entries SET data = 'text' WHERE idx = 4", "entry 4", "entry is not stored as bytes"),
+        ("UPDATE nodes SET hash = 'text' WHERE level = 1 AND idx = 3", "node (1, 3)", "stored Merkle node hash is wrong"),
+        ("UPDATE origins SET public_key = 'text'", "origin key", "stored public key is not an Ed25519 key"),
+        ("INSERT INTO entries (origin_id, idx, data) SELECT origin_id, -1, data FROM entries WHERE idx = 0",
+         "entry -1", "unexpected entry (negative index)"),
+        ("INSERT INTO nodes (origin_id, level, idx, hash) SELECT origin_id, 2, -1, hash FROM nodes WHERE level = 2 AND idx = 0",
+         "node (2, -1)", "unexpected stored Merkle node"),
+        ("INSERT INTO nodes (origin_id, level, idx, hash) SELECT origin_id, 70, 0, hash FROM nodes WHERE level = 2 AND idx = 0",
+         "node (70, 0)", "unexpected stored Merkle node"),
+        ("UPDATE checkpoints SET note = 'text' WHERE size = 10", "checkpoint at size 10", "malformed: the note is not stored as bytes"),
+    ],
+)
+def test_odd_values_in_a_tampered_database_are_named_not_crashed_on(pristine, tmp_path, sql, where, what):
+    problem = verify_database(tampered(pristine, tmp_path, sql)).problem
+    assert (problem.where, problem.what) == (where, what)
+
+
+def test_an_entry_the_key_holder_signed_badly_but_checkpointed_needs_every_signature(tmp_path):
+    """The one thing the checkpoint shortcut gives up (docs/ledger-formats.md, "What a
+    checkpoint pins"): only the key holder can make it, and --every-signature finds it."""
+    from dicomledger.ledger import merkle
+    from dicomledger.ledger.checkpoint import Checkpoint, format_checkpoint
+    from dicomledger.ledger.note import Note, format_note, sign_note_text
+
+    path = tmp_path / "holder.db"
+
+    async def build():
+        store = await LedgerStore.open(path)
+        writer = LogWriter(store, Identity(ORIGIN, KEY))
+        await writer.start()
+        for i in range(10):
+            await writer.append("image-anchored", {"sha256": f"{i:064x}"})
+        await writer.sign_checkpoint()
+        await writer.stop()
+        await store.close()
+
+    asyncio.run(build())
+    con = sqlite3.connect(path)
+    (data,) = con.execute("SELECT data FROM entries WHERE idx = 9").fetchone()
+    con.execute("UPDATE entries SET data = ? WHERE idx = 9", (bytes(data).replace(b'"sha256":"0', b'"sha256":"1', 1),))
+    tree = merkle.Frontier()
+    con.execute("DELETE FROM nodes")
+    for (data,) in con.execute("SELECT data FROM entries ORDER BY idx").fetchall():
+        for (level, idx), h in tree.append(merkle.leaf_hash(bytes(data))):
+            con.execute("INSERT INTO nodes (origin_id, level, idx, hash) VALUES (1, ?, ?, ?)", (level, idx, h))
+    text = format_checkpoint(Checkpoint(ORIGIN, 10, tree.root()))
+    con.execute("UPDATE checkpoints SET note = ? WHERE size = 10", (format_note(Note(text, (sign_note_text(text, ORIGIN, KEY),))),))
+    con.commit()
+    con.close()
+    assert verify_database(path, {ORIGIN: KEY.public_key()}).ok
+    problem = verify_database(path, {ORIGIN: KEY.public_key()}, every_signature=True).problem
+    assert problem.where == "entry 9" and "signature" in problem.what

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,16 @@ def _raw_depth_exceeds(value: bytes, depth: int, implicit: bool, little: bool, l
     return False
 
 
+# The attributes InstanceHeader is made of, by pydicom keyword
+HEADER_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
+    "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "Modality", "SeriesNumber", "SeriesDescription",
+    "InstanceNumber",
+)
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     return "" if value is None else str(value).strip()
@@ -143,23 +154,27 @@ def instance_header(
     Class/Instance UIDs must match the dataset's own. InstanceError says what is wrong.
     """
     try:
-        values = {
-            kw: _text(ds, kw)
-            for kw in (
-                "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-                "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
-                "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-                "ReferringPhysicianName", "Modality", "SeriesNumber", "SeriesDescription",
-                "InstanceNumber",
-            )
-        }
+        values = {kw: _text(ds, kw) for kw in HEADER_KEYWORDS}
     except Exception as exc:  # pydicom converts values lazily, here, and fails any way on bad ones
         # (ValueError, NotImplementedError for an unknown VR, BytesLengthException, OSError, ...)
         raise InstanceError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
+    return checked_header(values, header_sha256, sop_class_uid, sop_instance_uid, lambda: sequence_depth_exceeds(ds))
+
+
+def checked_header(
+    values: dict[str, str],
+    header_sha256: bytes,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    too_deep: Callable[[], bool],
+) -> InstanceHeader:
+    """InstanceHeader from the text of each of HEADER_KEYWORDS (as ``str(value).strip()``
+    gives it), after the checks instance_header makes: UIDs present, sequences not nested
+    deeper than MAX_SEQUENCE_DEPTH (`too_deep`), the request's UIDs are the dataset's own."""
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not values[keyword]:
             raise InstanceError(f"dataset has no {keyword}")
-    if sequence_depth_exceeds(ds):
+    if too_deep():
         raise InstanceError(
             f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels: such an instance could not be served"
         )

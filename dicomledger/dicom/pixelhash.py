@@ -85,6 +85,11 @@ class PixelHashError(ValueError):
     """The file is not a dataset whose hashes can be defined (malformed or truncated)."""
 
 
+class NeedsDecoder(Exception):
+    """The canonical hash of this native pixel data needs pydicom's decoder, hence the
+    header as a pydicom Dataset, which the caller did not give (fastread defers)."""
+
+
 @dataclass(frozen=True)
 class InstanceHashes:
     method: str  # PIXEL (top-level pixel data element), else CONTENT_CANONICAL or CONTENT
@@ -457,7 +462,7 @@ def _hash_native(
     lay: _Layout,
     tsyntax: uid.UID,
     vr: str | None,
-    header: Dataset,
+    header: Dataset | None,
 ) -> InstanceHashes:
     n, ba = lay.frames, lay.bits_allocated
     data_len = ceil(n * lay.frame_bits / 8)
@@ -494,6 +499,8 @@ def _hash_native(
     elif not fast:
         decoded, note = None, problem or _too_big(lay)
         if note is None:
+            if header is None:
+                raise NeedsDecoder(f"{_NAMES[lay.keyword]} needs decoding for its canonical hash")
             decoded, note = _decode_native(src, offset, lay, tsyntax, vr, header)
     return InstanceHashes(PIXEL, value_hash, frame_hashes, decoded, note, n)
 

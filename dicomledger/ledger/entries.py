@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -149,20 +150,52 @@ def sign_entry(
     return entry, encode_entry(entry)
 
 
+class _Parsing(threading.local):
+    inexact = False  # the entry being parsed has a float, NaN/Infinity or an integer >= 2**53
+
+
+_PARSING = _Parsing()
+
+
+def _float(text: str) -> float:
+    _PARSING.inexact = True
+    return float(text)
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:  # more digits than Python converts
+        raise EntryError("entry: an integer is outside the exact JSON range (2**53)") from None
+    if abs(value) >= 2**53:
+        _PARSING.inexact = True
+    return value
+
+
+# Parsing notes floats, NaN/Infinity and inexact integers on the way in, so the parsed object
+# needs the walk of ``_check_json_value`` (which names the offending field) only when it has
+# one, or non-ASCII text that may be in a key, before it is re-encoded for the canonical check.
+_DECODER = json.JSONDecoder(parse_float=_float, parse_int=_int, parse_constant=_float)
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def decode_entry(data: bytes) -> Entry:
     """Parse entry bytes, rejecting anything that is not the canonical form. No signature check."""
     if len(data) > MAX_ENTRY_BYTES:
         raise EntryError(f"entry is {len(data)} bytes, above the limit of {MAX_ENTRY_BYTES}")
+    _PARSING.inexact = False
     try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = _DECODER.decode(data.decode("utf-8"))
+    except EntryError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EntryError(f"entry is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise EntryError("entry is not a JSON object")
     if set(obj) != _FIELDS:
         missing, extra = _FIELDS - set(obj), set(obj) - _FIELDS
         raise EntryError(f"entry fields wrong: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    if obj["v"] != FORMAT_VERSION:
+    if obj["v"] != FORMAT_VERSION or obj["v"] is True:
         raise EntryError(f"entry format version {obj['v']!r} is not supported (expected 1)")
     origin, index, time_ms, kind = obj["origin"], obj["index"], obj["time"], obj["kind"]
     if not isinstance(origin, str) or not origin:
@@ -170,7 +203,7 @@ def decode_entry(data: bytes) -> Entry:
     for name, number in (("index", index), ("time", time_ms)):
         if not isinstance(number, int) or isinstance(number, bool) or number < 0:
             raise EntryError(f"entry {name} must be a non-negative integer")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise EntryError(f"entry kind {kind!r} is unknown")
     if not isinstance(obj["payload"], dict):
         raise EntryError("entry payload must be a JSON object")
@@ -183,10 +216,12 @@ def decode_entry(data: bytes) -> Entry:
         raise EntryError("entry prev must be 64 lower-case hex digits")
     if len(sig) != 64:
         raise EntryError("entry signature missing or not 64 bytes")
-    entry = Entry(origin, index, prev, time_ms, kind, obj["payload"], sig)
-    if encode_entry(entry) != data:
+    if _PARSING.inexact or not data.isascii():
+        _check_json_value(obj, "entry")  # floats, inexact integers, non-ASCII keys: named
+    # Equal to encode_entry(entry): every field above is as encode_entry writes it.
+    if base64.b64encode(sig).decode("ascii") != obj["sig"] or _CANONICAL.encode(obj).encode() != data:
         raise EntryError("entry is not in canonical form (key order, spacing, escaping or numbers)")
-    return entry
+    return Entry(origin, index, prev, time_ms, kind, obj["payload"], sig)
 
 
 def _signing_bytes_of_canonical(data: bytes, entry: Entry) -> bytes:
@@ -220,9 +255,12 @@ def check_entry(
     origin: str,
     index: int,
     prev: bytes,
-    public_key: Ed25519PublicKey,
+    public_key: Ed25519PublicKey | None,
 ) -> Entry:
-    """Decode and check one entry in its place in an origin's log; EntryError says what is wrong."""
+    """Decode and check one entry in its place in an origin's log; EntryError says what is wrong.
+
+    ``public_key`` None skips the entry's own signature: only for a caller that authenticates
+    the entry otherwise (``verify``: a checkpoint signed by the origin whose root commits to it)."""
     entry = decode_entry(data)
     if entry.origin != origin:
         raise EntryError(f"entry names origin {entry.origin!r}, expected {origin!r}")
@@ -233,7 +271,8 @@ def check_entry(
             f"entry {index} has a wrong previous hash {entry.prev.hex()[:16]}…, "
             f"expected {prev.hex()[:16]}…"
         )
-    verify_entry_signature(entry, public_key, canonical=data)
+    if public_key is not None:
+        verify_entry_signature(entry, public_key, canonical=data)
     return entry
 
 

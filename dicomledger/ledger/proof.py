@@ -32,15 +32,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
 from dicomledger.ledger.merkle import MAX_TREE_SIZE, ProofError, leaf_hash, verify_inclusion
 from dicomledger.ledger.note import (
-    SIG_COSIGNATURE_V1,
     Note,
     NoteError,
     canonical_b64decode,
     key_id,
     parse_note,
-    verify_cosignature,
     verify_note_signature,
 )
+from dicomledger.ledger.policy import CosignatureError, verified_cosigners
+from dicomledger.ledger.trust import Trust
 
 MAGIC = "c2sp.org/tlog-proof@v1"
 MAX_ENTRY_BYTES = 1 << 20
@@ -70,6 +70,7 @@ class ProofCheck:
     log_signature_ok: bool  # always True: a proof that fails raises instead
     witnesses: tuple[tuple[str, int], ...]  # (trusted cosigner name, cosignature timestamp)
     unverified: tuple[str, ...] = ()  # names on signature lines by keys not in `trusted`
+    quorum: str | None = None  # the witness policy's quorum, met; None without a policy
 
 
 def _b64(data: bytes) -> str:
@@ -155,23 +156,29 @@ def parse_proof_file(data: bytes) -> InclusionProofFile:
     return p
 
 
-def check_proof_file(p: InclusionProofFile, trusted: Mapping[str, Ed25519PublicKey]) -> ProofCheck:
+def check_proof_file(
+    p: InclusionProofFile, trusted: Mapping[str, Ed25519PublicKey] | Trust
+) -> ProofCheck:
     """Verify a proof file offline (c2sp.org/tlog-proof "Verifying a tlog proof").
 
     1. leaf hash = RFC 6962 leaf hash of the entry;
     2. the checkpoint carries a valid Ed25519 note signature by the key named after its
-       origin, which must be in ``trusted``;
+       origin, which must be a trusted log key;
     3. the inclusion proof binds the leaf hash at ``index`` to the checkpoint's root;
-    4. cosignatures (tlog-cosignature/v1) by other trusted names are verified and listed;
+    4. cosignatures (tlog-cosignature/v1) by trusted witness keys are verified and listed;
        one that fails is an error (signed-note: a failing signature from a known key SHOULD
-       reject the note); signature lines by keys not in ``trusted`` are listed as unverified.
+       reject the note); signature lines by other keys are listed as unverified;
+    5. with a witness policy (a ``Trust`` holding one), the verified cosigners must meet
+       its quorum, else the error names the witnesses that are missing.
 
-    Returns a ProofCheck; raises ProofFileError with the exact reason otherwise. Policy
-    (how many witnesses, how fresh) is the caller's.
+    ``trusted`` is a ``Trust`` or, as before policies, one mapping of names to keys that
+    are trusted both as logs and as witnesses. Returns a ProofCheck; raises ProofFileError
+    with the exact reason otherwise. Freshness (how old a cosignature may be) is the caller's.
     """
+    trust = trusted if isinstance(trusted, Trust) else Trust(trusted, trusted)
     _check_fields(p)
     note, cp = _read_checkpoint(p.checkpoint_note)
-    log_key = trusted.get(cp.origin)
+    log_key = trust.logs.get(cp.origin)
     if log_key is None:
         raise ProofFileError(f"no trusted key for log origin {cp.origin!r}")
     log_kid = key_id(cp.origin, log_key)
@@ -185,25 +192,14 @@ def check_proof_file(p: InclusionProofFile, trusted: Mapping[str, Ed25519PublicK
         raise ProofFileError(
             f"entry not included at index {p.index} of size {cp.size}: {exc}"
         ) from None
-
-    witnesses: dict[str, int] = {}
-    unverified: list[str] = []
-    for sig in note.signatures:
-        if sig.name == cp.origin and sig.key_id == log_kid:
-            continue
-        key = trusted.get(sig.name)
-        if (
-            sig.name == cp.origin
-            or key is None
-            or sig.key_id != key_id(sig.name, key, SIG_COSIGNATURE_V1)
-        ):
-            if sig.name not in unverified:
-                unverified.append(sig.name)
-            continue
-        ts = verify_cosignature(note.text, sig, sig.name, key)
-        if ts is None:
-            raise ProofFileError(f"cosignature by {sig.name} does not verify")
-        witnesses[sig.name] = max(ts, witnesses.get(sig.name, ts))
+    try:
+        witnesses, unverified = verified_cosigners(note, (cp.origin, log_kid), trust.witnesses)
+    except CosignatureError as exc:
+        raise ProofFileError(str(exc)) from None
+    if trust.policy is not None:
+        shortfall = trust.policy.shortfall(witnesses)
+        if shortfall is not None:
+            raise ProofFileError(f"checkpoint of size {cp.size} is below the witness quorum: {shortfall}")
     return ProofCheck(
         origin=cp.origin,
         size=cp.size,
@@ -212,4 +208,5 @@ def check_proof_file(p: InclusionProofFile, trusted: Mapping[str, Ed25519PublicK
         log_signature_ok=True,
         witnesses=tuple(witnesses.items()),
         unverified=tuple(unverified),
+        quorum=None if trust.policy is None else trust.policy.describe(),
     )
