@@ -15,6 +15,8 @@ from pathlib import Path
 from dicomledger.config import AE_TITLE_RE, Config, ConfigError, load_config
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
 from dicomledger.ledger.peer_tls import create_tls_identity
+from dicomledger.lifecycle_cli import HANDLERS as LIFECYCLE_HANDLERS
+from dicomledger.lifecycle_cli import add_parsers as add_lifecycle_parsers
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -420,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p = with_config("verify-file", "is this DICOM file's pixel data anchored?")
     p.add_argument("path")
+    add_lifecycle_parsers(sub, with_config)
     p = sub.add_parser("check-proof", help="verify a proof file offline with a trust file")
     p.add_argument("proof")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
@@ -450,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             "revoke": cmd_revoke,
             "permissions": cmd_permissions,
             "audit": cmd_audit,
+            **LIFECYCLE_HANDLERS,
         }[args.command]
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:

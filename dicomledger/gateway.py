@@ -53,6 +53,7 @@ from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.ledger.permissions import Grantee
 from dicomledger.ledger.pseudonym import pseudonym
+from dicomledger.lifecycle import Lifecycle
 from dicomledger.retrieval import QueryRetrieve
 
 log = structlog.get_logger("dicomledger.gateway")
@@ -112,6 +113,7 @@ class Gateway:
         self.book: PermissionBook | None = None
         self.forwarder: Forwarder | None = None
         self.admin: AdminServer | None = None
+        self.lifecycle: Lifecycle | None = None  # erasure, retention, scrub
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
         self._locks = [asyncio.Lock() for _ in range(64)]
         self._checkpointer: asyncio.Task[None] | None = None
@@ -131,6 +133,9 @@ class Gateway:
         self.writer = LogWriter(self.ledger, self.identity)
         await self.writer.start()
         self.index = await Index.open(cfg.storage.index)
+        self.lifecycle = Lifecycle(cfg, index=self.index, ledger=self.ledger, writer=self.writer, files=self.files,
+                                   secret=self.secret, identity=self.identity)
+        await self.lifecycle.open()
         await self._reconcile()
         pm = cfg.permissions
         self.book = PermissionBook(
@@ -145,9 +150,11 @@ class Gateway:
             queue = await ForwardQueue.open(cfg.forwarding.queue)
             self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory)
             await self.forwarder.start()
+        await self.lifecycle.start(self.forwarder.queue if self.forwarder is not None else None)
         if cfg.admin_socket is not None:
             self.admin = AdminServer(cfg.admin_socket, {
                 "grant": self._admin_grant, "revoke": self._admin_revoke, "permissions": self._admin_permissions,
+                **self.lifecycle.handlers(),
             })
             await self.admin.start()
         if cfg.peering is not None:
@@ -189,6 +196,8 @@ class Gateway:
             await asyncio.to_thread(self.server.stop)
         if self.admin is not None:
             await self.admin.stop()
+        if self.lifecycle is not None:
+            await self.lifecycle.stop()
         if self.forwarder is not None:
             await self.forwarder.stop()  # finishes the sends in progress
             await self.forwarder.queue.close()
@@ -476,6 +485,8 @@ class Gateway:
                 anchors.append(decode_entry(await self.ledger.entry(own, i)))
             except EntryError as exc:  # `dicomledger verify` names it; the others still get rebuilt
                 log.error("index row lost and its anchor cannot be read; not rebuilt", anchor=i, error=str(exc))
+        assert self.lifecycle is not None
+        anchors = await self.lifecycle.not_erased(anchors)  # an erasure's leftover files stay unindexed
         wanted = {str(e.payload.get("sha256", ""))[:16] for e in anchors}
         files = await asyncio.to_thread(self.files.by_hash_prefix, wanted)
         not_found = 0

@@ -50,7 +50,9 @@ async def _status(config: Config) -> list[str]:
                 lines.append(f"  PARKED {destination} {uid} after {attempts} attempts at {when}: {error}")
         finally:
             await queue.close()
-    return lines
+    from dicomledger.lifecycle import status_lines
+
+    return lines + status_lines(config)
 
 
 def _cosigned(own: tuple[int, bytes] | None, sigs: Sequence[Signature], peer: str) -> str:

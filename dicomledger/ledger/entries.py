@@ -43,6 +43,7 @@ RETRIEVED = "retrieved"
 RETRIEVE_REFUSED = "retrieve-refused"
 TAMPER_ALARM = "tamper-alarm"
 CONFIG = "config"
+ERASED = "erased"
 KINDS = frozenset(
     {
         IMAGE_ANCHORED,
@@ -54,6 +55,7 @@ KINDS = frozenset(
         RETRIEVE_REFUSED,
         TAMPER_ALARM,
         CONFIG,
+        ERASED,
     }
 )
 _FIELDS = frozenset({"v", "origin", "index", "prev", "time", "kind", "payload", "sig"})
