@@ -35,8 +35,8 @@ from dicomledger.forwarding import ForwardQueue
 from dicomledger.ledger.entries import ERASED
 from dicomledger.ledger.erasure import (
     CUSTODIAN_ERASURE,
-    Erasure,
     EntryRef,
+    Erasure,
     ErasureFormatError,
     erasures_of,
     make_erased_payload,

@@ -53,7 +53,13 @@ from dicomledger.dicom.qr import (
     SubOperation,
 )
 from dicomledger.dicom.query import UNIQUE_KEY, Query, QueryError, parse_query, response_identifier
-from dicomledger.ledger.entries import ERASED, RETRIEVE_REFUSED, RETRIEVED, TAMPER_ALARM, decode_entry
+from dicomledger.ledger.entries import (
+    ERASED,
+    RETRIEVE_REFUSED,
+    RETRIEVED,
+    TAMPER_ALARM,
+    decode_entry,
+)
 from dicomledger.ledger.log import LedgerStore, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook, today
 from dicomledger.ledger.pseudonym import pseudonym

@@ -15,7 +15,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from dicomledger.ledger.entries import IMAGE_ANCHORED, EntryError, decode_entry, verify_entry_signature
+from dicomledger.ledger.entries import (
+    IMAGE_ANCHORED,
+    EntryError,
+    decode_entry,
+    verify_entry_signature,
+)
 
 # The problems, word for word in the alarm entries and log lines.
 NO_ANCHOR = "instance has no anchoring ledger entry"
