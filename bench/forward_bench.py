@@ -344,7 +344,7 @@ def measure_revokes(work: Path, n_gateways: int, reps: int) -> tuple[list[float]
         wait_for(lambda: b.holds(a.origin) >= a.holds(a.origin) > 0, 60, "B to hold A's anchor")
         for rep in range(reps):
             offset = b.log_size()
-            a.cli("grant", "--patient-id", patient.patient_id, "--to", PACS_AE)
+            a.cli("grant", "--patient-id", patient.patient_id, "--to", PACS_AE, "--force")  # B's destination
             probe_until(prober, lambda offset=offset: first_forwarded(b, offset), 60, "B to forward after the grant")
             offset = b.log_size()
             a.cli("revoke", "--patient-id", patient.patient_id, "--to", PACS_AE)

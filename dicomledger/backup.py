@@ -22,8 +22,8 @@ The backup is built in a hidden ``.<name>.partial-<pid>`` directory beside the t
 renamed into place only once complete and synced: a killed backup leaves no directory that
 `restore` would take (the next backup removes the leftover).
 
-`restore` refuses while a gateway runs on the data (its admin socket answers, or it holds a
-data directory's lock), refuses a backup whose manifest signature, origin, key or any file
+`restore` refuses while a gateway runs on the data (it holds the data directories' lock,
+``datadir.py``, which `restore` takes itself while it works), refuses a backup whose manifest signature, origin, key or any file
 hash does not match, and moves existing data aside (``--replace``) rather than deleting it.
 """
 
@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import base64
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,12 +45,19 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 
 from dicomledger.config import Config
+from dicomledger.datadir import (
+    LOCK_NAME,
+    PRIVATE_MARKER,
+    DataDirInUse,
+    DataDirLock,
+    data_directories,
+    running_gateway,
+)
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import public_key_bytes
 
 FORMAT = "dicomledger-backup/v1"
 SIGNING_PREFIX = b"dicomledger/backup/v1\n"
-LOCK_NAME = "dicomledger.lock"  # a running gateway holds it in each data directory (flock)
 CHUNK = 1 << 20
 
 
@@ -250,39 +255,6 @@ def _log_sizes(ledger: Path) -> dict[str, int]:
 # -- restore -----------------------------------------------------------------------------------
 
 
-def running_gateway(config: Config) -> str | None:
-    """Why we think a gateway runs on this data (None if none does): its admin socket
-    answers, or a process holds the lock of one of its data directories."""
-    if config.admin_socket is not None and config.admin_socket.exists():
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(config.admin_socket))
-                return f"its admin socket {config.admin_socket} answers"
-            except OSError:
-                pass
-    for directory in _data_dirs(config):
-        lock = directory / LOCK_NAME
-        if not lock.exists():
-            continue
-        fd = os.open(lock, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return f"a process holds {lock}"
-        finally:
-            os.close(fd)
-    return None
-
-
-def _data_dirs(config: Config) -> list[Path]:
-    dirs = [p.parent for p in Databases.of(config).paths.values()] + [config.storage.directory]
-    unique: list[Path] = []
-    for d in dirs:
-        if d.resolve() not in [u.resolve() for u in unique]:
-            unique.append(d)
-    return unique
-
-
 def check_backup(config: Config, source: Path) -> dict[str, Any]:
     """The backup's manifest, once its signature, origin, key and every file check out;
     BackupError naming what does not."""
@@ -336,7 +308,7 @@ def _held_data(config: Config) -> list[Path]:
     for path in Databases.of(config).paths.values():
         found += [p for p in (path, path.with_name(path.name + "-wal")) if p.exists()]
     images = config.storage.directory
-    if images.is_dir() and any(p.name not in ("tmp", "dicomledger.private", LOCK_NAME) for p in images.iterdir()):
+    if images.is_dir() and any(p.name not in ("tmp", PRIVATE_MARKER, LOCK_NAME) for p in images.iterdir()):
         found.append(images)
     return found
 
@@ -344,8 +316,8 @@ def _held_data(config: Config) -> list[Path]:
 def restore(config: Config, source: Path, *, replace: bool = False, link: bool = False, report: Report = print) -> dict[str, Any]:
     """Put the backup in ``source`` back as this gateway's data (the gateway stopped)."""
     source = source.absolute()
-    if (why := running_gateway(config)) is not None:
-        raise BackupError(f"a gateway is running on this data ({why}); stop it before restoring")
+    if (pid := running_gateway(config)) is not None:
+        raise BackupError(f"a gateway is running on this data (process {pid}); stop it before restoring")
     manifest = check_backup(config, source)
     held = _held_data(config)
     if held and not replace:
@@ -353,7 +325,11 @@ def restore(config: Config, source: Path, *, replace: bool = False, link: bool =
             "the data directory already holds data (" + ", ".join(map(str, held)) + "); restore --replace "
             "moves it aside (nothing is deleted)"
         )
-    locks = _lock_data_dirs(config)
+    lock = DataDirLock(data_directories(config))  # a gateway started meanwhile stops at once
+    try:
+        lock.acquire()
+    except DataDirInUse as exc:
+        raise BackupError(str(exc)) from None
     try:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         dbs = Databases.of(config)
@@ -389,28 +365,10 @@ def restore(config: Config, source: Path, *, replace: bool = False, link: bool =
         os.rename(building, images)
         _fsync_dir(images.parent)
     finally:
-        for fd in locks:
-            os.close(fd)
+        lock.release()
     own = manifest["logs"].get(config.ledger.origin, 0)
     report(f"restored the backup of {manifest['created']}: {len(manifest['images'])} images, "
            f"{own} entries of this gateway's log")
     report("entries this gateway wrote after the backup are held by its peers; erasures on the ledger "
            "are applied again when the gateway starts")
     return manifest
-
-
-def _lock_data_dirs(config: Config) -> list[int]:
-    """Hold each data directory's lock while restoring: a gateway started meanwhile stops."""
-    fds = []
-    for directory in _data_dirs(config):
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            for other in fds:
-                os.close(other)
-            raise BackupError(f"a process holds {directory / LOCK_NAME}: a gateway is starting on this data") from None
-        fds.append(fd)
-    return fds

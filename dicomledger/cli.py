@@ -8,17 +8,20 @@ import json
 import os
 import secrets
 import signal
+import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from dicomledger.config import AE_TITLE_RE, Config, ConfigError, load_config
+from dicomledger.datadir import set_private_umask
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
 from dicomledger.ledger.peer_tls import create_tls_identity
 from dicomledger.lifecycle_cli import HANDLERS as LIFECYCLE_HANDLERS
 from dicomledger.lifecycle_cli import add_parsers as add_lifecycle_parsers
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool whose reader went away (`| head`)
 
 CONFIG_TEMPLATE = """\
 # dicomledger gateway configuration. Relative paths are relative to this file.
@@ -40,6 +43,9 @@ max_pdu_size = 0
 accept_unknown_sop_classes = false
 # Seconds before an idle or stuck association is dropped.
 network_timeout = 60
+# Largest size in bytes a Deflated Explicit VR Little Endian dataset may inflate to (512 MiB);
+# a larger one is refused with 0xC000 (a deflate bomb: 1 MB can inflate to 1 GB).
+max_inflated_size = 536870912
 
 [ledger]
 # Origin: the stable, globally unique name of this gateway's log (used in checkpoints).
@@ -103,7 +109,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         if ae != "*" and not AE_TITLE_RE.match(ae):
             return _fail(f"{ae!r} is not a valid AE title (1-16 characters, no backslash)", EXIT_USAGE)
     origin = args.origin or f"{args.ae_title.lower()}.{os.uname().nodename}/dicomledger"
-    (directory / "data" / "images").mkdir(parents=True, exist_ok=True)
+    set_private_umask()  # the config, keys and data tree: 0600 files, 0700 folders
+    (directory / "data" / "images").mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path = directory / "keys" / "gateway.key"
     key = create_key_file(key_path)
     secret_path = directory / "keys" / "consortium.secret"
@@ -135,16 +142,45 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    from dicomledger.gateway import serve
+    """Run the gateway until SIGTERM/SIGINT. Start-up failures end in one log line naming the
+    problem and exit 1: the data directory in use by another gateway (nothing touched), a
+    port in use, a host that does not resolve, a database that cannot be opened."""
+    import structlog
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
+    from dicomledger.datadir import DataDirInUse, DataDirLock, data_directories, make_private
+    from dicomledger.gateway import StartupError, serve
 
-    asyncio.run(main())
+    log = structlog.get_logger("dicomledger.cli")
+    lock = DataDirLock(data_directories(config))
+    try:
+        lock.acquire()
+    except DataDirInUse as exc:
+        log.error("gateway cannot start", reason=str(exc))
+        return EXIT_FAIL
+    try:
+        changed = make_private(config)
+        if changed:
+            outside = [str(p) for p in changed if not p.is_relative_to(config.storage.directory)]
+            log.warning(
+                "took group and other access off the gateway's files (now 0600 files, 0700 folders)",
+                count=len(changed), in_image_store=len(changed) - len(outside), paths=outside[:10],
+            )
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await serve(config, stop)
+
+        asyncio.run(main())
+    except Exception as exc:
+        if not isinstance(exc, StartupError) and not _is_data_error(exc):
+            raise
+        log.error("gateway cannot start", reason=_reason(exc))
+        return EXIT_FAIL
+    finally:
+        lock.release()
     return EXIT_OK
 
 
@@ -152,7 +188,11 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     from dicomledger.ledger.verify import verify_database
 
     key = load_key_file(config.ledger.key_file)
-    report = verify_database(config.ledger.database, {config.ledger.origin: key.public_key()})
+    database = config.ledger.database
+    try:
+        report = verify_database(database, {config.ledger.origin: key.public_key()})
+    except sqlite3.Error as exc:
+        return _fail(f"cannot read ledger database {database}: {exc}")
     for o in report.origins:
         print(f"{o.origin}: {o.size} entries, {o.checkpoints} checkpoints")
     if report.problem is not None:
@@ -223,15 +263,26 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (ProofFileError, NoteError, EntryError) as exc:
-        print(f"INVALID: {exc}")
+        if args.json:
+            print(json.dumps({"valid": False, "problem": str(exc)}, indent=2))
+        else:
+            print(f"INVALID: {exc}")
         return EXIT_FAIL
-    when = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
-    print(f"VALID: {entry.kind} entry {entry.index} of {entry.origin}, signed {when}")
+    signed = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
+    witnesses = [(name, datetime.fromtimestamp(ts, UTC).isoformat()) for name, ts in result.witnesses]
+    if args.json:  # one JSON document and nothing else on stdout
+        print(json.dumps({
+            "valid": True, "origin": entry.origin, "index": entry.index, "kind": entry.kind,
+            "signed": signed,
+            "checkpoint": {"size": result.size, "root": result.root_hash.hex()},
+            "witnesses": [{"name": name, "time": when} for name, when in witnesses],
+            "entry": json.loads(proof.entry),
+        }, indent=2))
+        return EXIT_OK
+    print(f"VALID: {entry.kind} entry {entry.index} of {entry.origin}, signed {signed}")
     print(f"included in checkpoint of size {result.size}, root {result.root_hash.hex()}")
-    for name, ts in result.witnesses:
-        print(f"witnessed by {name} at {datetime.fromtimestamp(ts, UTC).isoformat()}")
-    if args.json:
-        print(json.dumps({"entry": json.loads(proof.entry)}, indent=2))
+    for name, when in witnesses:
+        print(f"witnessed by {name} at {when}")
     return EXIT_OK
 
 
@@ -275,13 +326,19 @@ def _pseudonyms(args: argparse.Namespace, config: Config) -> dict:
 
 def cmd_grant(args: argparse.Namespace, config: Config) -> int:
     body = {**_pseudonyms(args, config), "to": args.to, "until": args.until, "purpose": args.purpose,
-            "consent": args.consent, "issuer": args.issuer}
+            "consent": args.consent, "issuer": args.issuer, "force": args.force, "dry_run": args.dry_run}
     return _issued("granted", _admin(config, "grant", body))
 
 
 def _issued(what: str, answer: dict | int) -> int:
     if isinstance(answer, int):
         return answer
+    for warning in answer.get("warnings", []):
+        print(f"dicomledger: warning: {warning}", file=sys.stderr)
+    if answer.get("dry_run"):
+        print(f"dry run, nothing signed: {answer['origin']} would sign and append this {answer['kind']}:")
+        print(json.dumps(answer["payload"], indent=2, sort_keys=True))
+        return EXIT_OK
     print(f"{what}: ref {answer['ref']} ({answer['origin']} entry {answer['index']})")
     return EXIT_OK
 
@@ -290,7 +347,7 @@ def cmd_revoke(args: argparse.Namespace, config: Config) -> int:
     if not args.grant and not args.to:
         return _fail("name what to revoke: --grant REF (from `dicomledger permissions`) or --to AE[@GATEWAY]", EXIT_USAGE)
     body = {**_pseudonyms(args, config), "grants": args.grant or [], "to": args.to, "reason": args.reason,
-            "issuer": args.issuer}
+            "issuer": args.issuer, "force": args.force, "dry_run": args.dry_run}
     return _issued("revoked", _admin(config, "revoke", body))
 
 
@@ -371,6 +428,14 @@ def cmd_peers(args: argparse.Namespace, config: Config) -> int:
     return peers(config)
 
 
+def _signing_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true",
+                   help=f"sign even a {what} that names no configured destination, allowed "
+                   "calling AE or consortium gateway")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check and print the record that would be signed; sign nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomledger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -403,12 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purpose", default="", help="why (free text, no PHI)")
     p.add_argument("--consent", default="", help="reference to the consent evidence (no PHI)")
     p.add_argument("--issuer", help="issuer key name (default: this gateway, as custodian)")
+    _signing_options(p, "grantee")
     p = with_config("revoke", "end grants of a patient (through the running gateway)")
     p.add_argument("--patient-id", required=True)
     p.add_argument("--grant", action="append", metavar="REF", help="a grant ref (8+ hex digits); repeat")
     p.add_argument("--to", metavar="AE[@GATEWAY]", help="end every grant to this grantee")
     p.add_argument("--reason", default="")
     p.add_argument("--issuer")
+    _signing_options(p, "grantee (when no grant of the patient names it)")
     p = with_config("permissions", "show a patient's effective grants and permission history")
     p.add_argument("--patient-id", required=True)
     p.add_argument("--json", action="store_true")
@@ -426,11 +493,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-proof", help="verify a proof file offline with a trust file")
     p.add_argument("proof")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
-    p.add_argument("--json", action="store_true", help="also print the entry")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (verdict, checkpoint, witnesses, entry) instead of text")
     return parser
 
 
+def _is_data_error(exc: BaseException) -> bool:
+    """What reading or writing a database or file can raise: reported as one line, never a
+    traceback. (Imported here: the modules are slow to import and only needed on failure.)"""
+    from dicomledger.dicom.index import IndexStoreError
+    from dicomledger.forwarding import ForwardQueueError
+    from dicomledger.ledger.log import LedgerStoreError
+
+    return isinstance(exc, OSError | sqlite3.Error | LedgerStoreError | IndexStoreError | ForwardQueueError)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader gone shows here, not as a message at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`dicomledger audit | head`): stop quietly. Point stdout at
+        # /dev/null so the interpreter's final flush does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init":
         args.allow = args.allow or ["STORESCU", "ECHOSCU"]
@@ -442,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         from dicomledger import logs
 
         logs.configure(config.log_level)
+        set_private_umask()  # whatever a command creates (a database, a proof file) is private
         handler = {
             "serve": cmd_serve,
             "verify": cmd_verify,
@@ -458,8 +555,13 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:
         return _fail(str(exc), EXIT_USAGE)
-    except FileNotFoundError as exc:
-        return _fail(str(exc))
+    except BrokenPipeError:
+        raise
+    except Exception as exc:
+        if not _is_data_error(exc):
+            raise
+        # a database that is corrupt, locked or unreadable, a file that vanished: one line
+        return _fail(_reason(exc))
 
 
 if __name__ == "__main__":

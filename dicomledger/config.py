@@ -39,6 +39,8 @@ class GatewayConfig:
     max_pdu_size: int  # 0 = unlimited
     accept_unknown_sop_classes: bool
     network_timeout: float
+    # Largest size a Deflated Explicit VR dataset may inflate to (bytes); beyond it: 0xC000
+    max_inflated_size: int = 512 * 2**20
 
     def allows(self, calling_ae: str) -> bool:
         return "*" in self.allowed_calling_aes or calling_ae in self.allowed_calling_aes
@@ -70,6 +72,19 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class WitnessConfig:
+    """A standard C2SP tlog-witness outside the consortium, asked to cosign our checkpoints."""
+
+    name: str  # its cosigner name (the name in its vkey)
+    url: str  # its submission prefix: add-checkpoint is POSTed to url + "/add-checkpoint"
+    public_key: Ed25519PublicKey  # from its vkey (type 0x04 as witnesses publish it, or 0x01)
+    tls_cert: bytes | None = None  # pinned certificate (PEM); None: the system's CAs
+    # At most one request per interval seconds (the newest checkpoint then): public witnesses
+    # budget each log's requests per day.
+    interval: float = 60.0
+
+
+@dataclass(frozen=True)
 class PeeringConfig:
     host: str
     port: int
@@ -83,6 +98,7 @@ class PeeringConfig:
     heartbeat_interval: float = 60.0
     # Longest pause, in seconds, before pulling again from a peer whose entries did not verify.
     backoff_max: float = 300.0
+    witnesses: tuple[WitnessConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,7 +278,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
     known = {
-        "gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers",
+        "gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers", "witnesses",
         "permissions", "forwarding", "destinations", "routes", "erasure", "retention", "scrub",
     }
     for table in raw:
@@ -284,6 +300,7 @@ def load_config(path: str | Path) -> Config:
         max_pdu_size=g.int_in("max_pdu_size", 0, 2**32 - 1, 0),
         accept_unknown_sop_classes=g.get("accept_unknown_sop_classes", bool, False),
         network_timeout=g.get("network_timeout", float, 60.0),
+        max_inflated_size=g.int_in("max_inflated_size", 1024, 2**42, 512 * 2**20),
     )
     admin_socket = g.path_("admin_socket", "data/admin.sock")
     if len(str(admin_socket)) > 100:  # AF_UNIX paths are limited to 108 bytes
@@ -466,8 +483,9 @@ def _tables(path: Path, raw: dict[str, Any], name: str) -> list[Any]:
 
 def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig | None:
     if "peering" not in raw:
-        if raw.get("peers"):
-            raise ConfigError(f"{path}: [[peers]] are listed but there is no [peering] section to reach them from")
+        for listed in ("peers", "witnesses"):
+            if raw.get(listed):
+                raise ConfigError(f"{path}: [[{listed}]] are listed but there is no [peering] section to reach them from")
         return None
     pe = _Section(path, "peering", raw["peering"])
     peering = PeeringConfig(
@@ -516,4 +534,39 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         peers.append(PeerConfig(origin, host, int(port), public_key, cert))
     if len({p.origin for p in peers}) != len(peers):
         raise ConfigError(f"{path}: the same origin is listed twice under [[peers]]")
-    return PeeringConfig(**{**peering.__dict__, "peers": tuple(peers)})
+    witnesses = _witnesses(path, raw, {own_origin, *(p.origin for p in peers)})
+    return PeeringConfig(**{**peering.__dict__, "peers": tuple(peers), "witnesses": witnesses})
+
+
+def _witnesses(path: Path, raw: dict[str, Any], taken: set[str]) -> tuple[WitnessConfig, ...]:
+    """[[witnesses]]: standard tlog-witnesses, each a vkey (its name), a URL, a pinned cert
+    or none (the system's certificate authorities then vouch for its HTTPS server)."""
+    items = raw.get("witnesses", [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: witnesses must be an array of tables: write [[witnesses]]")
+    witnesses = []
+    for i, item in enumerate(items):
+        sec = _Section(path, f"witnesses[{i}]", item)
+        try:
+            name, public_key = parse_verifier_key(sec.get("vkey", str))
+        except NoteError as exc:
+            raise sec._fail("vkey", f"is not a verifier key ({exc}); copy the key the witness publishes") from None
+        if name in taken:
+            raise sec._fail("vkey", f"names {name!r}, already this gateway, one of its [[peers]] or [[witnesses]]")
+        taken.add(name)
+        url = sec.get("url", str).rstrip("/")
+        if not url.startswith(("https://", "http://")) or any(c.isspace() or c in "?#" for c in url):
+            raise sec._fail("url", "must be the witness's submission prefix, e.g. https://witness.example/w1")
+        cert = None
+        if "tls_cert" in sec.data:
+            cert_path = sec.path_("tls_cert")
+            try:
+                cert = cert_path.read_bytes()
+            except OSError as exc:
+                raise sec._fail("tls_cert", f"{cert_path} cannot be read ({exc.strerror})") from None
+        interval = sec.get("interval", float, 60.0)
+        if interval < 0:
+            raise sec._fail("interval", "must be zero or more seconds")
+        sec.done()
+        witnesses.append(WitnessConfig(name, url, public_key, cert, interval))
+    return tuple(witnesses)

@@ -65,6 +65,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE (destination, sop_instance_uid, sha256)
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, state, next_attempt, id);
+-- image-anchored entries whose forwards are decided (queued or refused): a re-sent duplicate
+-- of an instance whose routing failed after it was anchored is routed then
+CREATE TABLE IF NOT EXISTS routed (
+    anchor_origin TEXT NOT NULL,
+    anchor_index INTEGER NOT NULL,
+    PRIMARY KEY (anchor_origin, anchor_index)
+) WITHOUT ROWID;
 """
 
 
@@ -135,21 +142,41 @@ class ForwardQueue(ThreadedSqlite):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connect("FULL", SCHEMA)  # FULL: a queued job survives power loss
 
-    async def add(self, destination: str, item: ForwardItem) -> bool:
-        """Queue ``item`` for ``destination``; False if that exact instance is already queued."""
+    async def add(self, destinations: Sequence[str], item: ForwardItem, anchor: tuple[str, int]) -> list[str]:
+        """Queue ``item`` for ``destinations`` and record that the forwards of the entry
+        ``anchor`` (origin, index) are decided, in one transaction; returns the destinations
+        it was newly queued for (not those where that exact instance already was)."""
 
-        def add() -> bool:
+        def add() -> list[str]:
             assert self._db is not None
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO jobs (destination, sop_instance_uid, sop_class_uid, "
-                "transfer_syntax_uid, path, patient, study, instance, sha256, state, next_attempt, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                (destination, item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid,
-                 item.path, item.patient, item.study, item.instance, item.sha256, 0.0, _now_iso()),
-            )
-            return cur.rowcount == 1
+            queued = []
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for destination in destinations:
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO jobs (destination, sop_instance_uid, sop_class_uid, "
+                        "transfer_syntax_uid, path, patient, study, instance, sha256, state, "
+                        "next_attempt, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
+                        (destination, item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid,
+                         item.path, item.patient, item.study, item.instance, item.sha256, 0.0, _now_iso()),
+                    )
+                    if cur.rowcount == 1:
+                        queued.append(destination)
+                self._db.execute("INSERT OR IGNORE INTO routed (anchor_origin, anchor_index) VALUES (?, ?)", anchor)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return queued
 
         return await self._on_thread(add)
+
+    async def routed(self, anchor: tuple[str, int]) -> bool:
+        """Whether the forwards of the image-anchored entry ``anchor`` were decided."""
+        rows = await self._on_thread(
+            self._fetchall, "SELECT 1 FROM routed WHERE anchor_origin = ? AND anchor_index = ?", anchor
+        )
+        return bool(rows)
 
     async def due(self, destination: str, now: float, exclude: Sequence[int], limit: int = 1) -> list[Job]:
         """The oldest due queued jobs of ``destination`` not in ``exclude`` (being sent)."""
@@ -279,9 +306,12 @@ class Forwarder:
                 titles += [t for t in route.to if t not in titles]
         return [d for t in titles if (d := self.config.destination(t)) is not None]
 
-    async def route(self, item: ForwardItem) -> list[str]:
-        """Decide for each matching destination now: queue it, or record the refusal."""
-        outcomes = []
+    async def route(self, item: ForwardItem, anchor: tuple[str, int]) -> list[str]:
+        """Decide for each matching destination now: queue it, or record the refusal; then
+        ``anchor`` (the instance's image-anchored entry) counts as routed. If this fails
+        midway nothing is queued and the anchor is not marked: routing it again (the sender
+        re-sends after our failure status) queues it then, or records a refusal again."""
+        outcomes, allowed = [], []
         for dest in self.destinations_for(item):
             decision = await self.book.decide(
                 item.patient, study=item.study, ae=dest.ae_title, site=dest.site, today=_today()
@@ -289,11 +319,16 @@ class Forwarder:
             if not decision.allowed:
                 await self._refused(dest, item.patient, item.study, item.instance, item.sha256, decision.reason)
                 outcomes.append(f"{dest.ae_title}: refused ({decision.reason})")
-                continue
-            if await self.queue.add(dest.ae_title, item):
-                self._wake[dest.ae_title].set()
-            outcomes.append(f"{dest.ae_title}: queued")
+            else:
+                allowed.append(dest.ae_title)
+                outcomes.append(f"{dest.ae_title}: queued")
+        if outcomes:  # nothing to decide when no route matches
+            for title in await self.queue.add(allowed, item, anchor):
+                self._wake[title].set()
         return outcomes
+
+    async def routed(self, anchor: tuple[str, int]) -> bool:
+        return await self.queue.routed(anchor)
 
     async def _refused(
         self, dest: DestinationConfig, patient: str, study: str, instance: str, sha256: str, reason: str

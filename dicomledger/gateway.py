@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from dicomledger.admin import AdminServer, record_json
+from dicomledger import logs
+from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.config import Config
 from dicomledger.dicom.index import (
     Index,
@@ -39,24 +41,34 @@ from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_ins
 from dicomledger.dicom.scp import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
     SUCCESS,
     DicomServer,
     StoreRequest,
 )
 from dicomledger.dicom.store import FileStore, StoreError
-from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue
+from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue, ForwardQueueError
 from dicomledger.ledger import merkle
 from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, EntryError, decode_entry
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
-from dicomledger.ledger.permissions import Grantee
 from dicomledger.ledger.pseudonym import pseudonym
 from dicomledger.lifecycle import Lifecycle
 from dicomledger.retrieval import QueryRetrieve
 
 log = structlog.get_logger("dicomledger.gateway")
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start (a port in use, a host that does not resolve); the message
+    names the listener and the reason."""
+
+
+def _listener_failed(what: str, host: str, port: int, exc: OSError) -> StartupError:
+    reason = exc.strerror or str(exc)
+    return StartupError(f"cannot start the {what} on {host}:{port}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,65 @@ def anchor_payload(
         "transfer_syntax": transfer_syntax,
         "calling_ae": calling_ae,
     }
+
+
+class Received(Enum):
+    """What an accepted instance was, next to what the index held of its SOP instance."""
+
+    NEW = "stored"
+    HEADER_CHANGED = "stored: header changed, same pixels"
+    PIXELS_CHANGED = "stored: PIXELS CHANGED for an instance received before"
+    DUPLICATE = "duplicate"  # same pixels and header as an anchored copy: nothing new
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """A stored instance: what it was, its image-anchored entry (a duplicate's is the one
+    anchored before) and the forwarding decided for it now (none for a decided duplicate)."""
+
+    received: Received
+    anchor: int
+    forwarding: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.received is Received.DUPLICATE:
+            text = f"duplicate of anchored entry {self.anchor}"
+        else:
+            text = f"{self.received.value}; anchored as entry {self.anchor}"
+        return text + ("; forwarding: " + ", ".join(self.forwarding) if self.forwarding else "")
+
+
+@dataclass(frozen=True)
+class StoreFailure:
+    """Why a C-STORE failed, and the status it is answered with: refused (what was sent is
+    wrong, sending it again will not help) or failed (on our side)."""
+
+    status: int
+    reason: str
+    refused: bool
+
+    def describe(self) -> str:
+        return ("refused: " if self.refused else "failed: ") + self.reason
+
+
+def store_failure(exc: BaseException) -> StoreFailure:
+    """The one place a failed store's exception becomes its DIMSE status.
+
+    Bad data (the dataset cannot be parsed or hashed, or contradicts the request) is 0xC000,
+    an instance under another patient's study or series UID 0xA778 (index.py says why);
+    our disks, databases (image store, index, ledger, forward queue) and memory are 0xA700,
+    Out of Resources, which tells the sender to try again later; anything else is a bug: 0x0110.
+    Reasons never carry element values (they may be PHI): see logs.safe_reason.
+    """
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        raise exc
+    if isinstance(exc, InstanceError | PixelHashError):
+        return StoreFailure(CANNOT_UNDERSTAND, logs.safe_reason(exc), refused=True)
+    if isinstance(exc, StudyPatientConflict):  # another patient's study or series: its own status
+        return StoreFailure(exc.status, logs.safe_reason(exc), refused=True)
+    if isinstance(exc, StoreError | IndexStoreError | LedgerStoreError | ForwardQueueError | OSError | MemoryError):
+        return StoreFailure(OUT_OF_RESOURCES, logs.safe_reason(exc), refused=False)
+    return StoreFailure(PROCESSING_FAILURE, f"unexpected {logs.safe_reason(exc, with_type=True)}", refused=False)
 
 
 class Gateway:
@@ -153,13 +224,15 @@ class Gateway:
         await self.lifecycle.start(self.forwarder.queue if self.forwarder is not None else None)
         if cfg.admin_socket is not None:
             self.admin = AdminServer(cfg.admin_socket, {
-                "grant": self._admin_grant, "revoke": self._admin_revoke, "permissions": self._admin_permissions,
-                **self.lifecycle.handlers(),
+                **PermissionAdmin(cfg, self.book, self.writer).handlers(), **self.lifecycle.handlers(),
             })
             await self.admin.start()
         if cfg.peering is not None:
             self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer)
-            await self.peers.start()
+            try:
+                await self.peers.start()
+            except OSError as exc:
+                raise _listener_failed("peer API", cfg.peering.host, cfg.peering.port, exc) from None
         g = cfg.gateway
         query_retrieve = QueryRetrieve(
             loop=self.loop, index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
@@ -180,7 +253,10 @@ class Gateway:
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
         )
-        self.server.start()
+        try:
+            self.server.start()
+        except OSError as exc:
+            raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
         log.info(
             "gateway started",
@@ -207,7 +283,8 @@ class Gateway:
             self._checkpointer.cancel()
         if self.writer is not None:
             await self.writer.stop()
-            await self._checkpoint()
+            if self._checkpointer is not None:  # not after a failed start
+                await self._checkpoint()
         if self.index is not None:
             await self.index.close()
         if self.ledger is not None:
@@ -236,37 +313,47 @@ class Gateway:
     # -- ingest --------------------------------------------------------------
 
     def handle_store(self, request: StoreRequest) -> int:
-        """Runs in the association's thread; returns the C-STORE status.
+        """Runs in the association's thread; returns the C-STORE status. Never raises: every
+        request gets a status and one ``c-store`` log line saying what became of it.
 
         Parse, hash and make the file durable here (CPU and fsync stay off the event loop),
         then let the loop index and anchor it. The file's place depends only on its UIDs and
         pixel hash, so storing it never waits for the index: an identical re-send replaces
-        a file with the same bytes.
+        a file with the same bytes. Whatever fails, the received file is not kept in tmp (the
+        DICOM side removes it once we return).
         """
         started = time.perf_counter()
         size = -1
         hashes: InstanceHashes | None = None
         try:
+            if request.receive_error is not None:
+                raise StoreError(
+                    request.receive_error.errno or 0,
+                    f"cannot write the received dataset to {self.files.tmp_dir}: "
+                    f"{request.receive_error.strerror or request.receive_error}",
+                )
             size = request.dataset_path.stat().st_size
-            hashes = hash_instance_file(request.dataset_path, request.transfer_syntax_uid)
+            hashes = hash_instance_file(
+                request.dataset_path, request.transfer_syntax_uid,
+                max_inflated_size=self.config.gateway.max_inflated_size,
+            )
             assert hashes.header is not None
             header = instance_header(
                 hashes.header, hashes.header_sha256, request.sop_class_uid, request.sop_instance_uid
             )
-        except (InstanceError, PixelHashError) as exc:
-            status, outcome = CANNOT_UNDERSTAND, f"refused: {exc}"
-        else:
-            assert self.loop is not None
             relative = FileStore.relative_path(
                 header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256
             )
-            try:
-                replaced = self.files.commit(request.dataset_path, relative)
-                status, outcome = asyncio.run_coroutine_threadsafe(
-                    self.ingest(request, header, hashes, relative, size, replaced), self.loop
-                ).result()
-            except (StoreError, IndexStoreError, LedgerStoreError, OSError) as exc:
-                status, outcome = OUT_OF_RESOURCES, f"failed: {exc}"
+            replaced = self.files.commit(request.dataset_path, relative)
+            assert self.loop is not None
+            result = asyncio.run_coroutine_threadsafe(
+                self.ingest(request, header, hashes, relative, size, replaced), self.loop
+            ).result()
+        except BaseException as exc:  # (a Rust decoder's PanicException is no Exception)
+            failure = store_failure(exc)
+            status, outcome = failure.status, failure.describe()
+        else:
+            status, outcome = SUCCESS, result.describe()
         (log.info if status == SUCCESS else log.error)(
             "c-store",
             calling_ae=request.calling_ae,
@@ -290,62 +377,33 @@ class Gateway:
         relative: str,
         size: int,
         replaced_file: bool,
-    ) -> tuple[int, str]:
-        """Index and anchor one stored instance; returns (status, outcome for the log)."""
+    ) -> Ingested:
+        """Index, anchor and route one stored instance."""
         assert self.index is not None and self.writer is not None
         async with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
             row = _instance_row(header, hashes, request, relative, size)
             try:
                 previous = await self.index.record_received(_record(header, row))
-            except (IndexStoreError, StudyPatientConflict) as exc:
+            except (IndexStoreError, StudyPatientConflict):  # (a conflict: store_failure refuses it)
                 if not replaced_file:  # leave nothing unindexed behind
                     self.files.absolute(relative).unlink(missing_ok=True)
-                if isinstance(exc, StudyPatientConflict):  # another patient's study: refused
-                    return exc.status, f"refused: {exc}"
                 raise
             p = Pseudonyms.of(self.secret, header)
-            status, outcome = await self._anchor(request, header, hashes, previous, p)
-            if self.forwarder is not None and not outcome.startswith("duplicate"):
-                routed = await self.forwarder.route(ForwardItem(
-                    sop_instance_uid=header.sop_instance_uid, sop_class_uid=request.sop_class_uid,
-                    transfer_syntax_uid=request.transfer_syntax_uid, path=relative,
-                    calling_ae=request.calling_ae, modality=header.modality,
-                    patient=p.patient, study=p.study, instance=p.instance,
-                    sha256=hashes.sha256.hex(),
-                ))
-                if routed:
-                    outcome += "; forwarding: " + ", ".join(routed)
-            return status, outcome
-
-    # -- admin interface (grant, revoke, permissions) ----------------------------------
-
-    async def _admin_grant(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None and self.writer is not None
-        return await self.book.grant(
-            self.writer, patient=body["patient"], grantee=Grantee.parse(body["to"]),
-            study=body.get("study"), until=body.get("until"), purpose=body.get("purpose", ""),
-            consent=body.get("consent", ""), issuer=body.get("issuer"),
-        )
-
-    async def _admin_revoke(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None and self.writer is not None
-        to = body.get("to")
-        return await self.book.revoke(
-            self.writer, patient=body["patient"], grants=body.get("grants", []),
-            grantee=Grantee.parse(to) if to else None, reason=body.get("reason", ""),
-            issuer=body.get("issuer"),
-        )
-
-    async def _admin_permissions(self, body: dict[str, Any]) -> dict[str, Any]:
-        assert self.book is not None
-        history = await self.book.history(body["patient"])
-        return {
-            "effective": [record_json(g) for g in history.state.effective],
-            "ended": history.state.ended,
-            "ignored": history.state.ignored,
-            "malformed": history.malformed,
-            "history": [record_json(r) for r in history.records],
-        }
+            ingested = await self._anchor(request, header, hashes, previous, p)
+            if self.forwarder is not None:
+                anchor = (self.identity.origin, ingested.anchor)
+                # A duplicate is routed too if its forward was never decided: the first copy
+                # failed between anchoring and routing, and the sender sent it again.
+                if ingested.received is not Received.DUPLICATE or not await self.forwarder.routed(anchor):
+                    routed = await self.forwarder.route(ForwardItem(
+                        sop_instance_uid=header.sop_instance_uid, sop_class_uid=request.sop_class_uid,
+                        transfer_syntax_uid=request.transfer_syntax_uid, path=relative,
+                        calling_ae=request.calling_ae, modality=header.modality,
+                        patient=p.patient, study=p.study, instance=p.instance,
+                        sha256=hashes.sha256.hex(),
+                    ), anchor)
+                    ingested = replace(ingested, forwarding=tuple(routed))
+            return ingested
 
     async def _anchor(
         self,
@@ -354,18 +412,18 @@ class Gateway:
         hashes: InstanceHashes,
         previous: InstanceRow | None,
         p: Pseudonyms,
-    ) -> tuple[int, str]:
+    ) -> Ingested:
         assert self.index is not None and self.writer is not None
         same = previous is not None and (previous.sha256, previous.header_sha256) == (
             hashes.sha256,
             header.header_sha256,
         )
         if same and previous is not None and previous.ledger_index is not None:
-            return SUCCESS, f"duplicate of anchored entry {previous.ledger_index}"
+            return Ingested(Received.DUPLICATE, previous.ledger_index)
         payload = anchor_payload(
             p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae
         )
-        outcome = "stored"
+        received = Received.NEW
         # (by the previous anchor's hash method: an instance anchored before the canonical
         # content hash existed, arriving again, has unchanged content and a new anchor)
         if previous is not None and previous.sha256 != (hashes.sha256_for(previous.hash_method) or hashes.sha256):
@@ -374,7 +432,7 @@ class Gateway:
                 "index": previous.ledger_index,
                 "sha256": previous.sha256.hex(),
             }
-            outcome = "stored: PIXELS CHANGED for an instance received before"
+            received = Received.PIXELS_CHANGED
             log.warning(
                 "changed pixels",
                 sop_instance=header.sop_instance_uid,
@@ -387,10 +445,10 @@ class Gateway:
                 "origin": previous.ledger_origin,
                 "index": previous.ledger_index,
             }
-            outcome = "stored: header changed, same pixels"
+            received = Received.HEADER_CHANGED
         appended = await self.writer.append(IMAGE_ANCHORED, payload)
         await self.index.set_anchor(header.sop_instance_uid, appended.origin, appended.index)
-        return SUCCESS, f"{outcome}; anchored as entry {appended.index}"
+        return Ingested(received, appended.index)
 
     async def _reconcile(self) -> None:
         """Bring the index in line with the stored files and this gateway's anchors, at start."""
@@ -583,9 +641,13 @@ def _record(header: InstanceHeader, row: InstanceRow) -> IndexRecord:
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
-    gateway = Gateway(config)
-    await gateway.start()
+    restore_output = logs.capture_native_output()  # every line JSON, even a decoder's panic
     try:
-        await stop.wait()
+        gateway = Gateway(config)
+        try:  # stop() also after a failed start: an open database's thread would keep us alive
+            await gateway.start()
+            await stop.wait()
+        finally:
+            await gateway.stop()
     finally:
-        await gateway.stop()
+        restore_output()

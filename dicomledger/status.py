@@ -1,20 +1,55 @@
-"""`dicomledger status`: the ledger and store at a glance."""
+"""`dicomledger status` and `dicomledger peers`: the gateway, its ledger and store at a glance.
+
+Both read the databases directly, so they answer the same whether the gateway runs or not;
+whether it runs is asked of its data-directory lock (``datadir.running_gateway``). They
+create nothing: a database that does not exist yet is reported as such.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from dicomledger.config import Config
+from dicomledger.datadir import running_gateway
 from dicomledger.dicom.index import Index
+from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
 from dicomledger.ledger.log import LedgerStore
 from dicomledger.ledger.note import Signature, cosignature_timestamp, parse_note
 
 
+def running_line(config: Config) -> str:
+    g = config.gateway
+    pid = running_gateway(config)
+    where = f"gateway {g.ae_title} on {g.host}:{g.port}"
+    if pid is None:
+        return f"{where}: NOT RUNNING (start it with `dicomledger serve --config {config.path}`)"
+    return f"{where}: running (process {pid})"
+
+
+async def forward_entry_counts(store: LedgerStore, origin: str) -> Counter[tuple[str, str]]:
+    """(destination, kind) -> how many ``forwarded`` / ``forward-refused`` entries ``origin``'s
+    log holds: the ledger, not the queue, is the record of what was sent and refused."""
+    info = await store.origin(origin)
+    if info is None:
+        return Counter()
+    rows = await store.db.execute_fetchall(
+        "SELECT json_extract(t, '$.payload.destination'), json_extract(t, '$.kind'), COUNT(*) "
+        "FROM (SELECT CAST(data AS TEXT) AS t FROM entries WHERE origin_id = ?) "
+        "WHERE json_extract(t, '$.kind') IN (?, ?) GROUP BY 1, 2",
+        (info.id, FORWARDED, FORWARD_REFUSED),
+    )
+    return Counter({(dest, kind): n for dest, kind, n in rows})
+
+
 async def _status(config: Config) -> list[str]:
-    lines = [f"gateway {config.gateway.ae_title} on {config.gateway.host}:{config.gateway.port}"]
-    store = await LedgerStore.open(config.ledger.database)
+    lines = [running_line(config)]
+    database = config.ledger.database
+    if not database.exists():
+        return [*lines, f"no ledger database at {database} yet: the gateway has never run"]
+    store = await LedgerStore.open(database)
     try:
         for origin in await store.origins():
             size = await store.size(origin.name)
@@ -24,35 +59,58 @@ async def _status(config: Config) -> list[str]:
                 f"log {origin.name}{mark}: {size} entries, newest checkpoint at size "
                 f"{cp[0] if cp else 'none'}"
             )
+        forwards = await forward_entry_counts(store, config.ledger.origin)
     finally:
         await store.close()
-    index = await Index.open(config.storage.index)
-    try:
-        lines.append(f"stored instances: {await index.count_instances()}")
-        unanchored = await index.unanchored()
-        if unanchored:
-            lines.append(f"instances awaiting an anchor: {len(unanchored)}")
-    finally:
-        await index.close()
-    if config.forwarding is not None:
-        from dicomledger.forwarding import ForwardQueue
-
-        queue = await ForwardQueue.open(config.forwarding.queue)
+    if config.storage.index.exists():
+        index = await Index.open(config.storage.index)
         try:
-            counts = await queue.counts()
-            for dest in config.forwarding.destinations:
-                by_state = {state: counts.get((dest.ae_title, state), 0) for state in ("queued", "done", "refused", "failed")}
-                lines.append(
-                    f"forwarding to {dest.ae_title} at {dest.host}:{dest.port}: "
-                    + ", ".join(f"{n} {state}" for state, n in by_state.items())
-                )
-            for destination, uid, attempts, error, when in await queue.parked():
-                lines.append(f"  PARKED {destination} {uid} after {attempts} attempts at {when}: {error}")
+            lines.append(f"stored instances: {await index.count_instances()}")
+            unanchored = await index.unanchored()
+            if unanchored:
+                lines.append(f"instances awaiting an anchor: {len(unanchored)}")
         finally:
-            await queue.close()
+            await index.close()
+    else:
+        lines.append("stored instances: 0 (no index database yet)")
+    if config.forwarding is not None:
+        lines += await _forwarding_lines(config, forwards)
     from dicomledger.lifecycle import status_lines
 
     return lines + status_lines(config)
+
+
+async def _forwarding_lines(config: Config, forwards: Counter[tuple[str, str]]) -> list[str]:
+    """Per destination: done and refused as the ledger has them, queued and failed (parked)
+    as the forward queue has them."""
+    from dicomledger.forwarding import ForwardQueue
+
+    assert config.forwarding is not None
+    fw = config.forwarding
+    counts: dict[tuple[str, str], int] = {}
+    parked: list[tuple[str, str, int, str | None, str | None]] = []
+    if fw.queue.exists():
+        queue = await ForwardQueue.open(fw.queue)
+        try:
+            counts = await queue.counts()
+            parked = await queue.parked()
+        finally:
+            await queue.close()
+    lines = []
+    for dest in fw.destinations:
+        by_state = {
+            "queued": counts.get((dest.ae_title, "queued"), 0),
+            "done": forwards[dest.ae_title, FORWARDED],
+            "refused": forwards[dest.ae_title, FORWARD_REFUSED],
+            "failed": counts.get((dest.ae_title, "failed"), 0),
+        }
+        lines.append(
+            f"forwarding to {dest.ae_title} at {dest.host}:{dest.port}: "
+            + ", ".join(f"{n} {state}" for state, n in by_state.items())
+        )
+    for destination, uid, attempts, error, when in parked:
+        lines.append(f"  PARKED {destination} {uid} after {attempts} attempts at {when}: {error}")
+    return lines
 
 
 def _cosigned(own: tuple[int, bytes] | None, sigs: Sequence[Signature], peer: str) -> str:
@@ -75,6 +133,8 @@ async def _peers(config: Config) -> list[str]:
 
     if config.peering is None:
         return ["no [peering] section: this gateway runs alone"]
+    if not config.ledger.database.exists():
+        return [f"no ledger database at {config.ledger.database} yet: the gateway has never run"]
     store = await LedgerStore.open(config.ledger.database)
     try:
         state = ConsortiumState(store)

@@ -93,6 +93,7 @@ class GatewayProcess:
             if b'"gateway started"' in self.log_path.read_bytes()[offset:]:
                 return
             time.sleep(0.05)
+        self.stop(signal.SIGKILL)  # leave no process behind
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:

@@ -1,11 +1,16 @@
-"""prove / check-proof / verify from the command line, against a gateway that anchored real images."""
+"""prove / check-proof / verify / status / audit from the command line, against a gateway that
+anchored real images; each failure is one line and an exit code, never a traceback."""
 
+import json
+import shutil
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
 from tests import dicomdata
-from tests.conftest import GatewayProcess, dicomledger
+from tests.conftest import ROOT, GatewayProcess, dicomledger, free_port
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +69,108 @@ def test_check_proof_with_a_foreign_trust_file_fails(anchored, tmp_path):
 def test_prove_unknown_entry_is_a_clear_error(anchored, tmp_path):
     result = anchored.cli("prove", "--entry", "99", "-o", str(tmp_path / "x"))
     assert result.returncode == 1 and "there is no entry 99" in result.stderr
+
+
+def test_check_proof_json_prints_one_json_document(anchored, tmp_path):
+    proof = tmp_path / "e2.proof"
+    assert anchored.cli("prove", "--entry", "2", "-o", str(proof)).returncode == 0
+    trust = str(anchored.dir / "trust.txt")
+    check = dicomledger("check-proof", str(proof), "--trust", trust, "--json")
+    assert check.returncode == 0, check.stderr
+    verdict = json.loads(check.stdout)  # nothing before or after the JSON
+    assert verdict["valid"] is True and verdict["kind"] == "image-anchored"
+    assert verdict["origin"] == anchored.origin and verdict["index"] == 2
+    assert verdict["checkpoint"]["size"] == 5 and verdict["entry"]["index"] == 2
+    bad = tmp_path / "bad.proof"
+    bad.write_text(proof.read_text().replace("index 2", "index 3", 1))
+    invalid = dicomledger("check-proof", str(bad), "--trust", trust, "--json")
+    assert invalid.returncode == 1
+    assert json.loads(invalid.stdout)["valid"] is False
+
+
+def copy_of(gw: GatewayProcess, tmp_path) -> GatewayProcess:
+    """A stopped copy of a gateway's directory (its config uses relative paths)."""
+    copy = object.__new__(GatewayProcess)
+    copy.__dict__.update(gw.__dict__)
+    copy.dir = tmp_path / "copy"
+    shutil.copytree(gw.dir, copy.dir)
+    copy.config = copy.dir / "config.toml"
+    return copy
+
+
+def assert_one_line(result, *needles: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("dicomledger: ") and result.stderr.count("\n") == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_a_broken_ledger_database_is_one_line_in_every_command(anchored, tmp_path):
+    gw = copy_of(anchored, tmp_path)
+    ledger = gw.dir / "data" / "ledger.db"
+    ledger.write_bytes(b"not an SQLite database; " * 1000)
+    for command in (("status",), ("peers",), ("prove", "--entry", "1", "-o", str(tmp_path / "p")),
+                    ("audit", "--patient-id", "P-1"), ("verify",)):
+        assert_one_line(gw.cli(*command), str(ledger))
+
+
+def test_a_broken_index_database_is_one_line_in_status(anchored, tmp_path):
+    gw = copy_of(anchored, tmp_path)
+    index = gw.dir / "data" / "index.db"
+    index.write_bytes(b"\x00garbage" * 1000)
+    assert_one_line(gw.cli("status"), str(index))
+
+
+def test_audit_into_a_closed_pipe_stops_quietly(anchored):
+    """`dicomledger audit | head`: the reader goes away before the report is written."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicomledger.cli", "audit", "--config", str(anchored.config),
+         "--patient-id", dicomdata.fake_patient(0).patient_id],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    proc.stdout.close()  # like `head` that has read its lines and exited
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, stderr
+    assert stderr == ""
+
+
+def test_status_says_whether_the_gateway_runs(tmp_path):
+    gw = GatewayProcess(tmp_path / "gw")
+    never = gw.cli("status")
+    assert never.returncode == 0, never.stderr
+    assert "NOT RUNNING" in never.stdout and "has never run" in never.stdout
+    assert not (gw.dir / "data" / "ledger.db").exists()  # status created nothing
+    gw.start()
+    try:
+        assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "mr", 2)).returncode == 0
+        up = gw.cli("status").stdout
+    finally:
+        gw.stop()
+    down = gw.cli("status").stdout
+    head = f"gateway GATEWAY on 127.0.0.1:{gw.port}"
+    assert f"{head}: running (process {gw.proc.pid})" in up, up
+    assert f"{head}: NOT RUNNING" in down, down
+    assert "stored instances: 2" in up and "stored instances: 2" in down
+
+
+def test_status_counts_forwards_and_refusals_as_the_ledger_records_them(tmp_path):
+    gw = GatewayProcess(tmp_path / "gw")
+    with open(gw.config, "a") as f:  # a destination nobody granted: every forward is refused
+        f.write(f'\n[[destinations]]\nae_title = "PACS"\naddress = "127.0.0.1:{free_port()}"\n'
+                '\n[[routes]]\nto = ["PACS"]\n')
+    gw.start()
+    try:
+        assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "mr", 4)).returncode == 0
+    finally:
+        gw.stop()
+    con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)
+    refused = sum(b'"kind":"forward-refused"' in bytes(row[0]) for row in con.execute("SELECT data FROM entries"))
+    con.close()
+    assert refused == 4
+    status = gw.cli("status").stdout
+    assert "forwarding to PACS at 127.0.0.1:" in status
+    assert "0 queued, 0 done, 4 refused, 0 failed" in status, status
 
 
 def test_verify_cli_passes_then_names_a_tampered_entry(anchored, tmp_path):

@@ -164,7 +164,8 @@ def test_a_revoke_at_one_gateway_stops_forwarding_at_another(tmp_path, pacs):
         # A anchors the patient's first image: A is the custodian and may sign for the patient
         assert a.storescu(*dicomdata.make_mr_series(tmp_path / "a", 1, seed="a", patient=patient)).returncode == 0
         wait_until(lambda: log_size(b, a.origin) == 1, what="B to hold A's anchor")
-        assert a.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        # PACS is B's destination, not A's: A signs a grant to it only with --force
+        assert a.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS", "--force").returncode == 0
         wait_until(lambda: "to PACS" in effective(b, patient.patient_id), what="the grant to reach B")
         assert b.storescu(*dicomdata.make_mr_series(tmp_path / "b1", 2, seed="b1", patient=patient)).returncode == 0
         wait_until(lambda: len(entries_of_kind(b, "forwarded")) == 2, what="B to forward 2 images")
@@ -194,11 +195,12 @@ def test_concurrent_grant_and_revoke_give_deny_on_every_gateway(tmp_path):
         for gw in (a, b, c):
             wait_until(lambda gw=gw: log_size(gw, a.origin) == 1 and log_size(gw, b.origin) == 1, what="anchors")
         a.stop()
-        assert b.cli("revoke", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        # no gateway here has a PACS destination: grant and revoke to it need --force
+        assert b.cli("revoke", "--patient-id", patient.patient_id, "--to", "PACS", "--force").returncode == 0
         b.stop()
         c.stop()
         a.start()  # A alone: it has not seen B's revoke
-        assert a.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        assert a.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS", "--force").returncode == 0
         assert "to PACS" in effective(a, patient.patient_id)
         b.start()
         c.start()

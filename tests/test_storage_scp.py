@@ -389,3 +389,56 @@ def test_wrong_called_ae_title_is_refused_and_logged(gateway, tmp_path):
     refused = [line for line in log_lines(gateway) if line.get("event") == "association refused"]
     assert refused and "NOT_THE_GATEWAY" in refused[0]["reason"]
     assert ledger_payloads(gateway) == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom reading the wheel's odd files
+def test_the_senders_preferred_transfer_syntax_is_accepted(gateway, tmp_path):
+    # storescu +C proposes one context per SOP class: [Explicit LE, Explicit BE, Implicit]
+    (f,) = dicomdata.make_mr_series(tmp_path / "mr", 1)
+    ds = pydicom.dcmread(f)
+    block = ds.private_block(0x0009, "DLTEST", create=True)
+    block.add_new(0x10, "LO", "kept with its VR")
+    ds.save_as(f)
+    result = gateway.storescu(f, options=("+C",))
+    assert result.returncode == 0, result.stdout + result.stderr
+    ((path, syntax),) = index_rows(gateway, "SELECT path, transfer_syntax_uid FROM instances")
+    assert syntax == pydicom.uid.ExplicitVRLittleEndian
+    stored = pydicom.dcmread(gateway.dir / "data" / "images" / path)
+    assert stored.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert stored.private_block(0x0009, "DLTEST")[0x10].VR == "LO"  # not UN, as after Implicit VR
+
+    # dcmsend proposes [file's syntax, Explicit LE, Explicit BE, Implicit] per file syntax: it
+    # sends JPEG, JPEG-LS, RLE and deflated files as they are only if we accept their syntax
+    by_uid: dict[str, list[tuple[Path, str]]] = {}
+    for p, syntax in dicomdata.wheel_test_files(compressed_only=True):
+        uid = pydicom.dcmread(p, stop_before_pixels=True).get("SOPInstanceUID")
+        if uid:
+            by_uid.setdefault(str(uid), []).append((p, str(syntax)))
+    checked = set()
+    rounds = max(len(versions) for versions in by_uid.values())
+    for n in range(rounds):  # several wheel files share a UID: one version of each per round
+        batch = {uid: versions[n] for uid, versions in by_uid.items() if n < len(versions)}
+        before = {uid: row for uid, *row in index_rows(gateway, "SELECT sop_instance_uid, path, transfer_syntax_uid FROM instances")}
+        dcmtk("dcmsend", "--no-halt", "-aet", "STORESCU", "-aec", gateway.ae_title,
+              "127.0.0.1", str(gateway.port), *(str(p) for p, _ in batch.values()))
+        after = {uid: row for uid, *row in index_rows(gateway, "SELECT sop_instance_uid, path, transfer_syntax_uid FROM instances")}
+        for uid, (p, syntax) in batch.items():
+            if uid in after and after[uid] != before.get(uid):  # stored now (a few wheel files are refused)
+                assert after[uid][1] == syntax, f"{p.name} sent as {syntax}, stored as {after[uid][1]}"
+                checked.add(syntax)
+    for wanted in (pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGLSLossless, pydicom.uid.RLELossless,
+                   pydicom.uid.DeflatedExplicitVRLittleEndian):
+        assert wanted in checked, f"no file in {wanted.name} was checked"
+
+
+def test_requestor_preference_gives_each_context_its_own_first_choice():
+    from dicomledger.dicom.scp import requestor_preference
+
+    ex, be, im, jls, rle = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"
+    ours = {ex, be, im, jls, rle}
+    assert requestor_preference([[ex, be, im]], ours) == [ex, be, im]
+    # dcmsend: one context per file syntax, each with the uncompressed ones after it
+    assert requestor_preference([[jls, ex, be, im], [rle, ex, be, im], [ex, be, im]], ours) == [jls, rle, ex, be, im]
+    assert requestor_preference([[im], [ex, im]], ours) == [ex, im]
+    assert requestor_preference([["1.2.3.4.5", be, im]], ours) == [be, im]  # first one we support
+    assert requestor_preference([[ex, im], [im, ex]], ours)[0] == ex  # contradictory: the earlier wins

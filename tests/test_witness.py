@@ -150,7 +150,7 @@ def test_empty_tree_first_sight() -> None:
     assert new.size == 0 and new.root_hash == EMPTY_ROOT
     with pytest.raises(WitnessError, match="empty tree's root") as exc:
         witness(signed(0, root(A, 1)), 0, [], None)
-    assert exc.value.status == 400
+    assert exc.value.status == 422  # tlog-witness since July 2026 (was 400 here)
 
 
 def test_cosigned_note_may_carry_other_signatures() -> None:
@@ -209,7 +209,7 @@ def test_same_size_different_root_is_equivocation() -> None:
     st_ = state(A, 7)
     with pytest.raises(InconsistentError, match="two roots for size 7") as exc:
         witness(cp(B, 7), 7, [], st_)
-    assert exc.value.status == 409
+    assert exc.value.status == 422  # tlog-witness since July 2026 (was 409): every 409 means "retry"
     ev = exc.value.evidence
     assert ev is not None and ev.consistency_proof == ()
     assert check_equivocation(cp(A, 7), cp(B, 7), None, LOG_KEY.public_key()) == ev

@@ -1,12 +1,25 @@
-"""What the gateway needs from a received instance's header."""
+"""What the gateway needs from a received instance's header, and what it refuses in one."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+
+# Deepest nesting of sequences we accept (a top-level sequence is depth 1). Retrieval has
+# pydicom read and write the whole dataset, recursively, and a few hundred levels exhaust
+# Python's recursion limit: an instance we could not serve is refused at receive (0xC000).
+# Real objects stay far below this (structured report content trees: about ten levels).
+MAX_SEQUENCE_DEPTH = 64
+
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
 class InstanceError(ValueError):
@@ -36,6 +49,86 @@ class InstanceHeader:
     header_sha256: bytes  # SHA-256 of the dataset bytes before Pixel Data: tells header edits apart
 
 
+def sequence_depth_exceeds(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> bool:
+    """Whether sequences in ``ds`` nest deeper than ``limit``, without recursion: pydicom
+    keeps a defined-length sequence as raw bytes until asked, so those are walked as bytes."""
+    datasets: list[tuple[Dataset, int]] = [(ds, 0)]
+    while datasets:
+        current, depth = datasets.pop()
+        for elem in current._dict.values():
+            if isinstance(elem, RawDataElement):
+                if _raw_is_sequence(elem) and elem.value:
+                    if depth + 1 > limit or _raw_depth_exceeds(
+                        elem.value, depth + 1, elem.is_implicit_VR, elem.is_little_endian, limit
+                    ):
+                        return True
+            elif isinstance(elem, DataElement) and elem.VR == "SQ":
+                if depth + 1 > limit:
+                    return True
+                datasets += [(item, depth + 1) for item in elem.value]
+    return False
+
+
+def _raw_is_sequence(elem: RawDataElement) -> bool:
+    vr = elem.VR
+    if vr is None:  # implicit VR: as the data dictionary says
+        try:
+            vr = dictionary_VR(elem.tag)
+        except KeyError:
+            return False
+    return vr == "SQ"
+
+
+def _raw_depth_exceeds(value: bytes, depth: int, implicit: bool, little: bool, limit: int) -> bool:
+    """Walk the raw value of a sequence at ``depth``: items, their elements, and nested
+    sequences (explicit VR SQ; implicit VR: the dictionary's SQ or an undefined length).
+    Malformed bytes end the walk: parsing them is not this check's business."""
+    endian = "<" if little else ">"
+    # open containers: (end offset, or None until a delimiter; sequence depth inside it)
+    open_: list[tuple[int | None, int]] = [(len(value), depth)]
+    pos = 0
+    while open_ and pos + 8 <= len(value):
+        end, level = open_[-1]
+        if end is not None and pos >= end:
+            open_.pop()
+            continue
+        group, element = struct.unpack_from(endian + "HH", value, pos)
+        tag = group << 16 | element
+        if group == 0xFFFE:
+            length = struct.unpack_from(endian + "L", value, pos + 4)[0]
+            pos += 8
+            if tag == _ITEM:
+                open_.append((None if length == _UNDEFINED else pos + length, level))
+            elif tag in (_ITEM_END, _SEQUENCE_END) and len(open_) > 1:
+                open_.pop()
+            continue
+        if implicit:
+            length = struct.unpack_from(endian + "L", value, pos + 4)[0]
+            try:
+                nested = length == _UNDEFINED or dictionary_VR(tag) == "SQ"
+            except KeyError:
+                nested = False
+            pos += 8
+        else:
+            vr = value[pos + 4 : pos + 6]
+            if vr in _LONG_LENGTH_VRS:
+                if pos + 12 > len(value):
+                    return False
+                length = struct.unpack_from(endian + "L", value, pos + 8)[0]
+                pos += 12
+            else:
+                length = struct.unpack_from(endian + "H", value, pos + 6)[0]
+                pos += 8
+            nested = vr == b"SQ" or length == _UNDEFINED
+        if nested:
+            if level + 1 > limit:
+                return True
+            open_.append((None if length == _UNDEFINED else pos + length, level + 1))
+        else:
+            pos += length
+    return False
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     return "" if value is None else str(value).strip()
@@ -60,11 +153,16 @@ def instance_header(
                 "InstanceNumber",
             )
         }
-    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+    except Exception as exc:  # pydicom converts values lazily, here, and fails any way on bad ones
+        # (ValueError, NotImplementedError for an unknown VR, BytesLengthException, OSError, ...)
         raise InstanceError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not values[keyword]:
             raise InstanceError(f"dataset has no {keyword}")
+    if sequence_depth_exceeds(ds):
+        raise InstanceError(
+            f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels: such an instance could not be served"
+        )
     if values["SOPInstanceUID"] != sop_instance_uid.strip("\x00 "):
         raise InstanceError(
             f"dataset SOPInstanceUID {values['SOPInstanceUID']} differs from the C-STORE "

@@ -112,20 +112,29 @@ class InstanceHashes:
 
 
 def hash_instance_file(
-    path: str | os.PathLike[str], transfer_syntax_uid: str | None = None
+    path: str | os.PathLike[str], transfer_syntax_uid: str | None = None,
+    *, max_inflated_size: int | None = None,
 ) -> InstanceHashes:
     """Hash the DICOM file at `path` (Part 10, or a bare dataset when `transfer_syntax_uid`
-    is given). Raises PixelHashError for malformed or truncated data, OSError for I/O."""
+    is given). Raises PixelHashError for malformed or truncated data, and for a deflated
+    dataset that inflates beyond `max_inflated_size` bytes; OSError for I/O."""
     with open(path, "rb") as f:
-        return hash_instance_stream(f, transfer_syntax_uid)
+        return hash_instance_stream(f, transfer_syntax_uid, max_inflated_size=max_inflated_size)
 
 
-def hash_instance_stream(f: IO[bytes], transfer_syntax_uid: str | None = None) -> InstanceHashes:
+def hash_instance_stream(
+    f: IO[bytes], transfer_syntax_uid: str | None = None, *, max_inflated_size: int | None = None
+) -> InstanceHashes:
     """hash_instance_file for an open binary file or an in-memory copy (``io.BytesIO``): a
     retrieval hashes the very bytes it is about to send."""
     try:
-        return _hash_file(f, transfer_syntax_uid)
-    except (PixelHashError, OSError, MemoryError):
+        return _hash_file(f, transfer_syntax_uid, max_inflated_size)
+    except OSError as exc:
+        if exc.errno is not None:  # reading the file failed
+            raise
+        # pydicom's reader reports malformed data as an OSError without an errno
+        raise PixelHashError(f"malformed dataset: {exc}") from exc
+    except (PixelHashError, MemoryError):
         raise
     except Exception as exc:  # pydicom/struct/zlib parse failures: say so, never crash
         raise PixelHashError(f"malformed dataset: {type(exc).__name__}: {exc}") from exc
@@ -169,12 +178,12 @@ def stored_sha256(
 # --- file structure ---------------------------------------------------------------------
 
 
-def _hash_file(f: IO[bytes], ts_given: str | None) -> InstanceHashes:
+def _hash_file(f: IO[bytes], ts_given: str | None, max_inflated_size: int | None = None) -> InstanceHashes:
     tsyntax, dataset_start = _read_meta(f, ts_given)
     file_end = _size(f)
     src: IO[bytes] = f
     if tsyntax.is_deflated:
-        src = _inflate(f)  # parse the inflated copy; the content hash still covers f
+        src = _inflate(f, max_inflated_size)  # parse the inflated copy; the content hash still covers f
     try:
         return _hash_dataset(f, src, tsyntax, dataset_start, file_end)
     finally:
@@ -826,18 +835,31 @@ def _update_from(digest: Any, f: IO[bytes], size: int) -> None:
         size -= n
 
 
-def _inflate(f: IO[bytes]) -> IO[bytes]:
+def _inflate(f: IO[bytes], limit: int | None = None) -> IO[bytes]:
     """Inflate a deflated dataset into a spooled temporary file, in bounded steps
-    (pydicom would inflate it whole into memory)."""
+    (pydicom would inflate it whole into memory); refuse one that inflates beyond `limit`
+    bytes (a deflate bomb: 1 MB can inflate to 1 GB) before writing much more than that."""
     out = tempfile.SpooledTemporaryFile(max_size=4 * CHUNK)  # the caller closes it
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    while data := f.read(CHUNK):
-        while data:
-            out.write(inflater.decompress(data, CHUNK))
-            data = inflater.unconsumed_tail
-    out.write(inflater.flush())
-    if not inflater.eof:
+    try:
+        while data := f.read(CHUNK):
+            while data:
+                out.write(inflater.decompress(data, CHUNK))
+                data = inflater.unconsumed_tail
+                _check_inflated(out, limit)
+        out.write(inflater.flush())
+        _check_inflated(out, limit)
+        if not inflater.eof:
+            raise PixelHashError("deflated dataset stream is truncated")
+    except BaseException:
         out.close()
-        raise PixelHashError("deflated dataset stream is truncated")
+        raise
     out.seek(0)
     return out  # type: ignore[return-value]
+
+
+def _check_inflated(out: IO[bytes], limit: int | None) -> None:
+    if limit is not None and out.tell() > limit:
+        raise PixelHashError(
+            f"the deflated dataset inflates to more than {limit} bytes (gateway.max_inflated_size)"
+        )

@@ -13,12 +13,13 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
+from pydicom import config as pydicom_config
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
@@ -35,6 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomledger.dicom.qr import QRRequest, RetrieveCore, find_responses, retrieve_responses
 from dicomledger.dicom.query import UNABLE_TO_PROCESS, QueryError
+from dicomledger.dicom.receive_files import RECEIVE_FILES
 
 log = structlog.get_logger("dicomledger.scp")
 
@@ -59,6 +61,12 @@ class _TemplateContext(PresentationContext):
         clone._transfer_syntax = list(self._transfer_syntax)
         return clone
 
+    def prefer(self, proposals: list[list[str]]) -> None:
+        """Order our syntaxes by the requestor's preference in its ``proposals`` (the
+        transfer syntax lists of its contexts for our abstract syntax), the rest after."""
+        first = requestor_preference(proposals, set(self._transfer_syntax))
+        self._transfer_syntax = first + [ts for ts in self._transfer_syntax if ts not in first]
+
 
 def _context(abstract_syntax: str, transfer_syntaxes: list[str], both_roles: bool = False) -> _TemplateContext:
     cx = _TemplateContext()
@@ -67,6 +75,39 @@ def _context(abstract_syntax: str, transfer_syntaxes: list[str], both_roles: boo
     if both_roles:  # accept SCP/SCU role selection: a C-GET requestor takes the storage SCP role
         cx.scu_role = cx.scp_role = True
     return cx
+
+
+def requestor_preference(proposals: list[list[str]], supported: Collection[str]) -> list[str]:
+    """One order of our ``supported`` transfer syntaxes for all the contexts a requestor
+    proposed for one abstract syntax (pynetdicom negotiates an abstract syntax with one
+    list of ours, taking in each context the first of our list that the context offers).
+
+    Each context wants its first supported syntax ranked above the others it offers; those
+    constraints are met in a topological order (ties: best place in any context, then first
+    appearance). Only contradictory contexts ([Explicit, Implicit] next to [Implicit,
+    Explicit]) cannot all be met; the earlier one wins. dcmsend's [JPEG-LS, Explicit,
+    Implicit], [RLE, Explicit, Implicit] and [Explicit, Implicit] get JPEG-LS, RLE, Explicit.
+    """
+    rank: dict[str, tuple[int, int]] = {}
+    above: dict[str, set[str]] = {}  # syntax -> syntaxes some context wants ranked above it
+    for syntaxes in proposals:
+        offered = [ts for ts in syntaxes if ts in supported]
+        for place, ts in enumerate(offered):
+            if ts not in rank:
+                rank[ts] = (place, len(rank))
+            elif place < rank[ts][0]:
+                rank[ts] = (place, rank[ts][1])
+            above.setdefault(ts, set())
+        for ts in offered[1:]:
+            above[ts].add(offered[0])
+    order: list[str] = []
+    left = sorted(rank, key=rank.__getitem__)
+    while left:
+        free = [ts for ts in left if not above[ts] & set(left)]
+        pick = free[0] if free else left[0]  # a cycle: contradictory contexts, keep the earlier
+        order.append(pick)
+        left.remove(pick)
+    return order
 
 
 class _AnsweredFilter(logging.Filter):
@@ -102,6 +143,8 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    # Writing the received dataset failed (e.g. a full disk): nothing usable is at dataset_path
+    receive_error: OSError | None = None
 
 
 @dataclass
@@ -143,6 +186,10 @@ class DicomServer:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = accept_unknown_sop_classes
         tempfile.tempdir = str(temp_dir)
+        RECEIVE_FILES.install(temp_dir)
+        # pydicom checks each value as it reads it and warns quoting the value, which can be
+        # PHI; we act on parse errors, never on those warnings.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
         ae = AE(ae_title=ae_title)
         ae.maximum_associations = max_associations
@@ -164,6 +211,8 @@ class DicomServer:
 
     def start(self) -> None:
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
@@ -199,6 +248,34 @@ class DicomServer:
             assoc.abort()
 
     # Handlers: thin, no logic beyond translating the event.
+
+    def _on_connection(self, event: evt.Event) -> None:
+        """Before the association's thread starts: when it ends (released, aborted, reset,
+        timed out, its DUL thread dead), remove the dataset files no store took."""
+        assoc = event.assoc
+        run = assoc.run
+
+        def run_then_discard() -> None:
+            try:
+                run()
+            finally:
+                if removed := RECEIVE_FILES.discard_association(assoc):
+                    log.info("removed partial uploads", files=removed,
+                             peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
+
+        assoc.run = run_then_discard
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Before negotiation: order this association's supported transfer syntaxes by the
+        requestor's own preference (its order within each presentation context), so an image
+        is stored as the modality made it (compressed stays compressed, Explicit VR stays
+        explicit) instead of being converted by the sender to our first choice."""
+        proposed: dict[str, list[list[str]]] = {}
+        for rq in event.assoc.requestor.requested_contexts:
+            proposed.setdefault(str(rq.abstract_syntax), []).append([str(ts) for ts in rq.transfer_syntax])
+        for cx in event.assoc.acceptor.supported_contexts:
+            if isinstance(cx, _TemplateContext) and str(cx.abstract_syntax) in proposed:
+                cx.prefer(proposed[str(cx.abstract_syntax)])
 
     def _on_accepted(self, event: evt.Event) -> None:
         self._stats[id(event.assoc)] = _AssocStats()
@@ -239,19 +316,26 @@ class DicomServer:
 
     def _on_c_store(self, event: evt.Event) -> int:
         req = event.request
+        path = Path(event.dataset_path)
         request = StoreRequest(
-            dataset_path=Path(event.dataset_path),
+            dataset_path=path,
             calling_ae=event.assoc.requestor.ae_title,
             peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
             sop_class_uid=str(req.AffectedSOPClassUID),
             sop_instance_uid=str(req.AffectedSOPInstanceUID),
             transfer_syntax_uid=str(event.context.transfer_syntax),
+            receive_error=RECEIVE_FILES.write_error(path),
         )
         with self._idle:
             self._in_flight += 1
         try:
             status = self._on_store(request)
+        except Exception as exc:  # on_store answers every request; a bug must not reach pynetdicom
+            log.error("c-store handler failed", sop_instance=request.sop_instance_uid,
+                      error=type(exc).__name__)
+            status = PROCESSING_FAILURE
         finally:
+            RECEIVE_FILES.discard(path)  # stored files were renamed away; the rest goes
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()

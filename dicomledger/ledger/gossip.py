@@ -1,13 +1,21 @@
 """Replication, witnessing and equivocation detection between the gateways of a consortium.
 
-Peer API (HTTPS, mutual TLS, each side pinning the other's certificate; JSON bodies):
+Peer API (HTTPS, mutual TLS, each side pinning the other's certificate; JSON bodies but one):
 
   GET  /v1/checkpoints                   newest checkpoint note we hold per origin (with
                                          cosignatures), and the equivocation evidence we hold
   GET  /v1/entries?origin=O&start=S&end=E   entries [S, E) of O's log we hold (at most 1000)
   GET  /v1/consistency?origin=O&old=M&new=N consistency proof of O's log from M to N
-  POST /v1/add-checkpoint                {"note", "old_size", "proof"}: C2SP tlog-witness
-                                         semantics; 200 {"cosignature"} or an error status
+  POST /add-checkpoint                   C2SP tlog-witness add-checkpoint, byte for byte (text
+                                         body and answers, ``witness.parse_add_checkpoint``)
+  POST /v1/add-checkpoint                the same in JSON, {"note", "old_size", "proof"}: 200
+                                         {"cosignature"} or an error status; kept for gateways
+                                         from before the text one
+
+A gateway asks its peers to cosign with the text request, as any tlog-witness client would,
+and falls back to JSON, for good, for a peer that answers 404 to it (a gateway from before).
+Standard witnesses outside the consortium (``[[witnesses]]``) get the same text requests, at
+most one per their ``interval``, over ordinary HTTPS; they hold no log, so nothing else.
 
 Announcements: when this gateway signs a new checkpoint it asks every peer at once to cosign
 it; a peer that cosigns a checkpoint larger than its copy of our log pulls the new entries
@@ -44,6 +52,7 @@ import asyncio
 import base64
 import json
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,8 +62,9 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from dicomledger.config import PeerConfig, PeeringConfig
+from dicomledger.config import PeerConfig, PeeringConfig, WitnessConfig
 from dicomledger.ledger.checkpoint import CheckpointError, parse_checkpoint
 from dicomledger.ledger.identity import Identity
 from dicomledger.ledger.log import (
@@ -71,7 +81,9 @@ from dicomledger.ledger.note import (
     Signature,
     canonical_b64decode,
     cosignature_timestamp,
+    format_signature_lines,
     parse_note,
+    parse_signature_lines,
     verify_cosignature,
     verify_note_signature,
 )
@@ -83,19 +95,28 @@ from dicomledger.ledger.peer_tls import (
     server_context,
 )
 from dicomledger.ledger.witness import (
+    SIZE_CONTENT_TYPE,
     InconsistentError,
     StaleError,
     WitnessError,
     WitnessState,
     check_equivocation,
+    checkpoint_origin,
+    format_add_checkpoint,
     format_evidence,
+    format_size,
+    parse_add_checkpoint,
     parse_evidence,
+    parse_size,
     witness_checkpoint,
 )
 
 log = structlog.get_logger("dicomledger.gossip")
 
 MAX_ENTRIES_PER_REQUEST = 1000
+# tlog-witness "POST <submission prefix>/add-checkpoint": the submission prefix is the peer
+# API's base URL, https://<host>:<peer port>
+ADD_CHECKPOINT_PATH = "/add-checkpoint"
 
 
 class PeerProtocolError(ValueError):
@@ -121,6 +142,54 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+@dataclass(frozen=True)
+class _Witnessed:
+    """One add-checkpoint answer, whichever encoding carried it: a status, the reason of a
+    refusal, the cosignature lines of a 200, the witness's size in a 409."""
+
+    status: int
+    reason: str = ""
+    cosignatures: tuple[Signature, ...] = ()
+    size: int | None = None
+
+
+def _witness_tls(witness: WitnessConfig) -> ssl.SSLContext | bool:
+    """TLS for a standard witness: its pinned certificate, or the system's CAs (and its host
+    name); no client certificate, the spec authenticates nothing but the checkpoint."""
+    if witness.tls_cert is None:
+        return True  # aiohttp's default: system CAs, host name checked
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # identity is the pinned certificate, as for peers
+    ctx.load_verify_locations(cadata=witness.tls_cert.decode())
+    return ctx
+
+
+def _read_text_answer(status: int, content_type: str, raw: bytes) -> _Witnessed:
+    """A tlog-witness add-checkpoint answer: signature lines (200), the witness's size in
+    ``text/x.tlog.size`` (409), or an error status with whatever text came with it."""
+    try:
+        if status == 200:
+            return _Witnessed(200, cosignatures=parse_signature_lines(raw))
+        if status == 409 and content_type == SIZE_CONTENT_TYPE:
+            return _Witnessed(409, size=parse_size(raw))
+    except (NoteError, WitnessError) as exc:
+        raise PeerProtocolError(f"add-checkpoint answer {status}: {exc}") from None
+    return _Witnessed(status, raw[:300].decode("utf-8", errors="replace").strip())
+
+
+def _read_json_answer(status: int, body: Any) -> _Witnessed:
+    """Our earlier JSON add-checkpoint answer (kept for gateways from before the text one)."""
+    if not isinstance(body, dict):
+        return _Witnessed(status, f"{body!r}"[:300])
+    if status == 200:
+        raw = _unb64(body.get("cosignature"), "cosignature")
+        return _Witnessed(200, cosignatures=(Signature(str(body.get("name")), raw[:4], raw[4:]),))
+    size = body.get("size")
+    if status == 409 and isinstance(size, int) and not isinstance(size, bool):
+        return _Witnessed(409, size=size)
+    return _Witnessed(status, str(body.get("error"))[:300])
+
+
 @dataclass
 class Traffic:
     """Peer API payload bytes (JSON bodies; HTTP headers and TLS framing not counted)."""
@@ -141,10 +210,48 @@ class _Peer:
     gossip_round: asyncio.Task[None] | None = None  # the round in progress with this peer
     failures: int = 0  # consecutive pulls whose entries did not verify
     backoff_until: float = 0.0  # time.monotonic() before which we do not pull from this peer
+    json_witness: bool = False  # it answered 404 to the text add-checkpoint: a gateway from before it
+    session: None = None  # peers share the service's pinned mutual-TLS session
+
+    @property
+    def name(self) -> str:
+        return self.config.origin
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.config.public_key
 
     @property
     def url(self) -> str:
         return f"https://{self.config.host}:{self.config.port}"
+
+
+@dataclass
+class _Witness:
+    """A standard tlog-witness outside the consortium ([[witnesses]]): asked to cosign each
+    new checkpoint of ours, and again once its cosignature is older than heartbeat_interval.
+    It holds no log: no gossip, no pulls."""
+
+    config: WitnessConfig
+    session: aiohttp.ClientSession | None = None  # its own: system CAs or its pinned certificate
+    cosigned_size: int = 0
+    cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    announce: asyncio.Event = field(default_factory=asyncio.Event)
+    announcer: asyncio.Task[None] | None = None
+    failures: int = 0  # consecutive requests that got no cosignature
+    json_witness: bool = False  # standard witnesses speak the text protocol only
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.config.public_key
+
+    @property
+    def url(self) -> str:
+        return self.config.url
 
 
 class PeerService:
@@ -162,8 +269,10 @@ class PeerService:
         self.state = ConsortiumState(store)
         self.replicas = ReplicaWriter(store)
         self.peers = {p.origin: _Peer(p) for p in config.peers}
+        self.witnesses = [_Witness(w) for w in config.witnesses]
         self._by_fingerprint = {pem_fingerprint(p.tls_cert): p.origin for p in config.peers}
         self._keys = {p.origin: p.public_key for p in config.peers}
+        self._witnessed = {p.origin: p.public_key for p in config.peers}  # the logs we witness
         self._keys[identity.origin] = identity.public_key
         self._witness_lock = asyncio.Lock()
         self._origin_locks: dict[str, asyncio.Lock] = {}
@@ -189,6 +298,7 @@ class PeerService:
         app.router.add_get("/v1/entries", self._get_entries)
         app.router.add_get("/v1/consistency", self._get_consistency)
         app.router.add_post("/v1/add-checkpoint", self._post_add_checkpoint)
+        app.router.add_post(ADD_CHECKPOINT_PATH, self._post_add_checkpoint_text)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = HandshakeFirstSite(
@@ -208,10 +318,21 @@ class PeerService:
         self._task = asyncio.create_task(self._gossip_loop(), name="gossip")
         for peer in self.peers.values():
             peer.announcer = asyncio.create_task(self._announce_loop(peer), name=f"announce {peer.config.origin}")
-        log.info("peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers))
+        for witness in self.witnesses:
+            witness.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=_witness_tls(witness.config), limit=4),
+                timeout=aiohttp.ClientTimeout(total=30, connect=3),
+            )
+            witness.announce.set()  # our newest checkpoint may lack its (fresh) cosignature
+            witness.announcer = asyncio.create_task(self._witness_loop(witness), name=f"witness {witness.name}")
+        log.info(
+            "peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers),
+            witnesses=len(self.witnesses),
+        )
 
     async def stop(self) -> None:
         peer_tasks = [t for p in self.peers.values() for t in (p.announcer, p.gossip_round)]
+        peer_tasks += [w.announcer for w in self.witnesses]
         for task in (self._task, *peer_tasks, *self._pulls.values()):
             if task is not None:
                 task.cancel()
@@ -222,6 +343,9 @@ class PeerService:
         log.info("peer API traffic", **vars(self.traffic))
         if self._session is not None:
             await self._session.close()
+        for witness in self.witnesses:
+            if witness.session is not None:
+                await witness.session.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.replicas.stop()
@@ -230,6 +354,8 @@ class PeerService:
         """The gateway signed a new checkpoint of its own log: announce it to every peer."""
         for peer in self.peers.values():
             peer.announce.set()
+        for witness in self.witnesses:
+            witness.announce.set()
 
     # -- server side -------------------------------------------------------------------
 
@@ -328,16 +454,61 @@ class PeerService:
             return self._refuse(caller, 400, str(exc))
         if caller in await self.state.flagged():
             return self._refuse(caller, 403, "you are flagged for equivocation: this gateway no longer cosigns your checkpoints")
+        outcome = await self._witness(caller, note, old_size, proof, {caller: self._keys[caller]})  # its own checkpoints
+        self._log_refusal(caller, outcome)
+        if outcome.status == 200:
+            (cosignature,) = outcome.cosignatures
+            return web.json_response({"name": cosignature.name, "cosignature": _b64(cosignature.key_id + cosignature.data)})
+        body: dict[str, Any] = {"error": outcome.reason}
+        if outcome.size is not None:
+            body["size"] = outcome.size  # a stale old size: here is the size we hold, retry
+        return web.json_response(body, status=outcome.status)
+
+    async def _post_add_checkpoint_text(self, request: web.Request) -> web.Response:
+        """C2SP tlog-witness add-checkpoint, byte for byte (text body and answers). As the
+        spec has it, the checkpoint's signature is what counts, not who sends it: any peer
+        may submit any peer's checkpoint. Our own log is not one we witness (404)."""
+        caller = self._caller(request)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            outcome = _Witnessed(413, f"body above {self.config.max_message_bytes} bytes")
+        else:
+            try:
+                req = parse_add_checkpoint(raw)
+            except WitnessError as exc:
+                outcome = _Witnessed(400, str(exc))
+            else:
+                outcome = await self._witness(caller, req.note, req.old_size, req.consistency_proof, self._witnessed)
+        self._log_refusal(caller, outcome)
+        if outcome.status == 200:
+            return web.Response(body=format_signature_lines(outcome.cosignatures), content_type="text/plain", charset="utf-8")
+        if outcome.size is not None:
+            return web.Response(status=409, body=format_size(outcome.size), headers={"Content-Type": SIZE_CONTENT_TYPE})
+        return web.Response(status=outcome.status, text=outcome.reason + "\n")
+
+    async def _witness(
+        self, caller: str, note: bytes, old_size: int, proof: Sequence[bytes], logs: dict[str, Ed25519PublicKey]
+    ) -> _Witnessed:
+        """Check ``note`` as a witness of the ``logs`` given and cosign it (tlog-witness
+        add-checkpoint); the state is read, checked and saved under one lock."""
+        try:
+            origin = checkpoint_origin(note)
+        except WitnessError as exc:
+            return _Witnessed(exc.status, str(exc))
+        if origin in logs and origin in await self.state.flagged():
+            who = "you are" if origin == caller else f"{origin} is"
+            return _Witnessed(403, f"{who} flagged for equivocation: this gateway no longer cosigns its checkpoints")
         async with self._witness_lock:  # read, check and update the state atomically
-            stored = await self.state.witness_state(caller)
-            state = WitnessState(caller, *stored) if stored else None
+            stored = await self.state.witness_state(origin) if origin in logs else None
+            state = WitnessState(origin, *stored) if stored else None
             try:
                 cosignature, new_state = witness_checkpoint(
                     note=note,
                     old_size=old_size,
                     consistency_proof=proof,
                     state=state,
-                    logs={caller: self._keys[caller]},  # a peer submits its own checkpoints
+                    logs=logs,
                     witness_name=self.identity.origin,
                     witness_key=self.identity.private_key,
                     now=int(time.time()),
@@ -345,31 +516,37 @@ class PeerService:
             except InconsistentError as exc:
                 if exc.evidence is not None:
                     await self._evidence_found(format_evidence(exc.evidence), exc.evidence.origin, caller)
-                return self._refuse(caller, exc.status, str(exc))
+                return _Witnessed(exc.status, str(exc))
+            except StaleError as exc:
+                return _Witnessed(exc.status, str(exc), size=exc.size)
             except WitnessError as exc:
-                body = {"error": str(exc)}
-                if getattr(exc, "size", None) is not None:
-                    body["size"] = exc.size  # type: ignore[attr-defined]
-                # a stale old size is the protocol's normal "here is my size, retry"
-                level = log.info if isinstance(exc, StaleError) else log.warning
-                level("peer request refused", peer=caller, status=exc.status, reason=str(exc))
-                return web.json_response(body, status=exc.status)
-            await self.state.save_witness_state(caller, new_state.size, new_state.root_hash, new_state.note)
-        if new_state.size > await self.store.size(caller):
-            self._schedule_pull(caller, note)  # an announcement: fetch the new entries now
-        return web.json_response(
-            {"name": cosignature.name, "cosignature": _b64(cosignature.key_id + cosignature.data)}
-        )
+                return _Witnessed(exc.status, str(exc))
+            await self.state.save_witness_state(origin, new_state.size, new_state.root_hash, new_state.note)
+        if new_state.size > await self.store.size(origin):
+            self._schedule_pull(origin, note)  # an announcement: fetch the new entries now
+        return _Witnessed(200, cosignatures=(cosignature,))
+
+    @staticmethod
+    def _log_refusal(caller: str, outcome: _Witnessed) -> None:
+        if outcome.status == 200:
+            return
+        # a stale old size is the protocol's normal "here is my size, retry"
+        level = log.info if outcome.size is not None else log.warning
+        level("peer request refused", peer=caller, status=outcome.status, reason=outcome.reason)
 
     # -- client side -------------------------------------------------------------------
 
-    async def _fetch(self, peer: _Peer, path: str, *, post: Any = None) -> tuple[int, Any]:
-        assert self._session is not None
+    async def _request(
+        self, peer: _Peer | _Witness, path: str, data: bytes | None = None, content_type: str | None = None
+    ) -> tuple[int, str, bytes]:
+        """GET ``path`` (or POST ``data``) on ``peer``: (status, Content-Type, body), the body
+        refused above ``max_message_bytes``."""
+        session = peer.session or self._session
+        assert session is not None
         self.traffic.requests_made += 1
-        data = None if post is None else json.dumps(post).encode()
         self.traffic.bytes_sent += len(data or b"")
-        headers = None if data is None else {"Content-Type": "application/json"}
-        method = self._session.post if post is not None else self._session.get
+        headers = None if content_type is None else {"Content-Type": content_type}
+        method = session.get if data is None else session.post
         async with method(peer.url + path, data=data, headers=headers) as resp:
             raw = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
@@ -377,10 +554,15 @@ class PeerService:
                 if len(raw) > self.config.max_message_bytes:
                     raise PeerProtocolError(f"response above {self.config.max_message_bytes} bytes")
             self.traffic.bytes_received += len(raw)
-            try:
-                return resp.status, json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-                raise PeerProtocolError(f"{path}: response is not JSON (status {resp.status})") from None
+            return resp.status, resp.content_type, bytes(raw)
+
+    async def _fetch(self, peer: _Peer, path: str, *, post: Any = None) -> tuple[int, Any]:
+        data = None if post is None else json.dumps(post).encode()
+        status, _, raw = await self._request(peer, path, data, None if data is None else "application/json")
+        try:
+            return status, json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise PeerProtocolError(f"{path}: response is not JSON (status {status})") from None
 
     async def _gossip_loop(self) -> None:
         """Start a round with up to ``fanout`` random peers every interval, side by side; a
@@ -403,6 +585,35 @@ class PeerService:
             await peer.announce.wait()
             peer.announce.clear()
             await self._guarded(peer, self._ask_cosignature(peer))
+
+    async def _witness_loop(self, witness: _Witness) -> None:
+        """Ask a standard witness to cosign our newest checkpoint when there is a new one, at
+        most once per its ``interval``, and to renew its cosignature every heartbeat_interval;
+        after a failure (one log line) try again after gossip_interval, doubling with each
+        consecutive failure up to backoff_max."""
+        while True:
+            try:
+                await asyncio.wait_for(witness.announce.wait(), timeout=self.config.heartbeat_interval)
+            except TimeoutError:
+                pass
+            witness.announce.clear()
+            try:
+                await self._ask_cosignature(witness)
+                witness.failures = 0
+                await asyncio.sleep(witness.config.interval)  # its budget; newer checkpoints coalesce
+                continue
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                problem = f"unreachable: {exc!s}"
+            except (PeerProtocolError, NoteError, LedgerStoreError) as exc:
+                problem = str(exc)
+            except Exception as exc:  # a bug must not end witnessing: log it loudly and go on
+                log.exception("witness request failed", witness=witness.name, error=f"{type(exc).__name__}: {exc}")
+                problem = "internal error"
+            delay = min(self.config.backoff_max, self.config.gossip_interval * 2.0 ** min(witness.failures, 40))
+            witness.failures += 1
+            log.warning("witness did not cosign", witness=witness.name, reason=problem[:300], retry_seconds=round(delay, 3))
+            await asyncio.sleep(delay)
+            witness.announce.set()  # try again, whether or not we signed another checkpoint
 
     def _backing_off(self, peer: _Peer) -> bool:
         return time.monotonic() < peer.backoff_until
@@ -614,12 +825,13 @@ class PeerService:
                 reported_by=source,
             )
 
-    async def _ask_cosignature(self, peer: _Peer) -> None:
-        """Ask ``peer`` to witness our newest checkpoint (tlog-witness add-checkpoint)."""
+    async def _ask_cosignature(self, peer: _Peer | _Witness) -> None:
+        """Ask ``peer`` (or a standard witness) to witness our newest checkpoint (tlog-witness
+        add-checkpoint)."""
         async with peer.cosign_lock:  # one request at a time, so old_size is never stale
             await self._ask_cosignature_locked(peer)
 
-    async def _ask_cosignature_locked(self, peer: _Peer) -> None:
+    async def _ask_cosignature_locked(self, peer: _Peer | _Witness) -> None:
         own = self.identity.origin
         latest = await self.store.latest_checkpoint(own)
         if latest is None:
@@ -628,26 +840,41 @@ class PeerService:
         note = parse_note(note_bytes)
         fresh_after = time.time() - self.config.heartbeat_interval
         if any(
-            s.name == peer.config.origin and (cosignature_timestamp(s) or 0) > fresh_after
+            s.name == peer.name and (cosignature_timestamp(s) or 0) > fresh_after
             for s in note.signatures
         ):
             return  # cosigned by this peer, recently enough
         for _ in range(2):  # one retry after a 409 tells us the size the witness holds
             old = min(peer.cosigned_size, size)
             proof = await self.store.consistency_proof(own, old, size) if 0 < old < size else []
-            status, body = await self._fetch(
-                peer, "/v1/add-checkpoint",
-                post={"note": _b64(note_bytes), "old_size": old, "proof": [_b64(h) for h in proof]},
-            )
-            if status == 409 and isinstance(body, dict) and isinstance(body.get("size"), int):
-                peer.cosigned_size = body["size"]
+            answer = await self._add_checkpoint(peer, note_bytes, old, proof)
+            if answer.status == 409 and answer.size is not None:
+                peer.cosigned_size = answer.size
                 continue
-            if status != 200 or not isinstance(body, dict):
-                raise PeerProtocolError(f"{peer.config.origin} did not cosign size {size}: {body}")
-            raw = _unb64(body.get("cosignature"), "cosignature")
-            sig = Signature(peer.config.origin, raw[:4], raw[4:])
-            if verify_cosignature(note.text, sig, peer.config.origin, peer.config.public_key) is None:
-                raise PeerProtocolError(f"cosignature from {peer.config.origin} does not verify")
+            if answer.status != 200:
+                raise PeerProtocolError(
+                    f"{peer.name} did not cosign size {size}: status {answer.status}: {answer.reason}"
+                )
+            sig = next(
+                (c for c in answer.cosignatures
+                 if verify_cosignature(note.text, c, peer.name, peer.public_key) is not None),
+                None,
+            )
+            if sig is None:
+                raise PeerProtocolError(f"cosignature from {peer.name} does not verify")
             await self.store.add_cosignature(own, size, sig)
             peer.cosigned_size = size
             return
+
+    async def _add_checkpoint(self, peer: _Peer | _Witness, note: bytes, old: int, proof: Sequence[bytes]) -> _Witnessed:
+        """One tlog-witness add-checkpoint request to ``peer``, in the standard text encoding;
+        a gateway from before it (404 for the path) is asked in JSON from then on."""
+        if not peer.json_witness:
+            body = format_add_checkpoint(old, proof, note)
+            status, content_type, raw = await self._request(peer, ADD_CHECKPOINT_PATH, body, "text/plain; charset=utf-8")
+            if status != 404 or isinstance(peer, _Witness):  # a standard witness: 404 is "unknown log"
+                return _read_text_answer(status, content_type, raw)
+        json_body = {"note": _b64(note), "old_size": old, "proof": [_b64(h) for h in proof]}
+        status, body = await self._fetch(peer, "/v1/add-checkpoint", post=json_body)
+        peer.json_witness = peer.json_witness or status != 404
+        return _read_json_answer(status, body)

@@ -142,11 +142,15 @@ def public_key_bytes(key: Ed25519PublicKey) -> bytes:
 async def connect(path: Path) -> aiosqlite.Connection:
     try:
         db = await aiosqlite.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise LedgerStoreError(f"cannot open ledger database {path}: {exc}") from None
+    try:
         await db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (WAL fsynced) before it returns; we promise durability.
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA busy_timeout=10000")
     except sqlite3.Error as exc:
+        await db.close()  # its thread would otherwise keep the process alive
         raise LedgerStoreError(f"cannot open ledger database {path}: {exc}") from None
     return db
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -99,11 +100,17 @@ def key_id(name: str, public_key: Ed25519PublicKey, sig_type: int = SIG_ED25519)
     return h.finalize()[:4]
 
 
-def verifier_key(name: str, public_key: Ed25519PublicKey) -> str:
-    """signed-note "Verifier keys": ``name+hex8(key ID)+base64(0x01 || public key)``."""
+def verifier_key(name: str, public_key: Ed25519PublicKey, sig_type: int = SIG_ED25519) -> str:
+    """signed-note "Verifier keys": ``name+hex8(key ID)+base64(type || public key)``.
+
+    Type 0x01 (the default) verifies note signatures; type 0x04 is the same key as a
+    tlog-cosignature/v1 cosigner, the form standard witnesses publish their keys in.
+    """
     check_key_name(name)
-    kid = key_id(name, public_key)
-    material = bytes([SIG_ED25519]) + _raw(public_key)
+    if sig_type not in (SIG_ED25519, SIG_COSIGNATURE_V1):
+        raise NoteError(f"signature type 0x{sig_type:02x} is not Ed25519 (0x01 or 0x04)")
+    kid = key_id(name, public_key, sig_type)
+    material = bytes([sig_type]) + _raw(public_key)
     return f"{name}+{kid.hex()}+{base64.b64encode(material).decode('ascii')}"
 
 
@@ -155,6 +162,14 @@ def _signature_line(sig: Signature) -> str:
     return f"{_DASH}{sig.name} {base64.b64encode(sig.key_id + sig.data).decode('ascii')}\n"
 
 
+def format_signature_lines(signatures: Sequence[Signature]) -> bytes:
+    """Note signature lines alone, each ``— name base64(key ID || signature)\n``: the body of
+    a tlog-witness add-checkpoint answer (c2sp.org/tlog-witness)."""
+    if not signatures:
+        raise NoteError("no signature lines to format")
+    return "".join(_signature_line(s) for s in signatures).encode()
+
+
 def format_note(note: Note) -> bytes:
     """signed-note "Format": text, a blank line, one signature line per signature."""
     check_note_text(note.text)
@@ -195,6 +210,11 @@ def parse_note(data: bytes) -> Note:
     text, block = s[: split + 1], s[split + 2 :]
     if not block:
         raise NoteError("note has no signature lines")
+    return Note(text, _parse_signature_block(block))
+
+
+def _parse_signature_block(block: str) -> tuple[Signature, ...]:
+    """Signature lines, each ending in a newline, at least one and at most MAX_SIGNATURES."""
     lines = block[:-1].split("\n")
     if len(lines) > MAX_SIGNATURES:
         raise NoteError(f"note has more than {MAX_SIGNATURES} signatures")
@@ -210,7 +230,27 @@ def parse_note(data: bytes) -> Note:
         if len(raw) < 5:
             raise NoteError(f"signature line {n} is too short for a key ID and a signature")
         sigs.append(Signature(name, raw[:4], raw[4:]))
-    return Note(text, tuple(sigs))
+    return tuple(sigs)
+
+
+def parse_signature_lines(data: bytes) -> tuple[Signature, ...]:
+    """Parse note signature lines alone (a tlog-witness add-checkpoint answer) as strictly as
+    the signature block of ``parse_note``; signatures are not verified. NoteError if the
+    bytes are not one or more lines ``— name base64``, each ending in a newline."""
+    if not isinstance(data, bytes | bytearray):
+        raise NoteError("signature lines must be bytes")
+    if len(data) > MAX_NOTE_BYTES:
+        raise NoteError(f"signature lines are longer than {MAX_NOTE_BYTES} bytes")
+    try:
+        s = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NoteError(f"signature lines are not valid UTF-8 (byte {exc.start})") from None
+    for c in s:
+        if ord(c) < 0x20 and c != "\n":
+            raise NoteError(f"signature lines contain control character U+{ord(c):04X}")
+    if not s or not s.endswith("\n"):
+        raise NoteError("signature lines must be one or more lines, each ending in a newline")
+    return _parse_signature_block(s)
 
 
 def _ed25519_ok(public_key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:

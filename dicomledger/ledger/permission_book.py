@@ -35,10 +35,11 @@ from dicomledger.ledger.permissions import (
     evaluate,
     heads_of,
     issuer_signature_ok,
-    make_grant_payload,
-    make_revoke_payload,
     order_history,
     parse_permission,
+    sign_payload,
+    unsigned_grant_payload,
+    unsigned_revoke_payload,
 )
 
 log = structlog.get_logger("dicomledger.permissions")
@@ -148,6 +149,13 @@ class PermissionBook:
             raise PermissionFormatError(f"this gateway holds no key for issuer {name!r}; it can sign as: {known}")
         return name, key
 
+    async def anchored_images(self, patient: str, study: str | None = None) -> int:
+        """How many image anchors of ``patient`` (in ``study``) the logs we hold have."""
+        anchors = set(await self.store.find(f"patient:{patient}"))
+        if study is not None:
+            anchors &= set(await self.store.find(f"study:{study}"))
+        return len(anchors)
+
     async def grant(
         self,
         writer: LogWriter,
@@ -159,13 +167,24 @@ class PermissionBook:
         purpose: str,
         consent: str,
         issuer: str | None,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
+        """Sign and append a grant; with ``dry_run``, only say what would be signed."""
         name, key = self._issuer(issuer)
         records, _ = await self._records(patient)
-        payload = make_grant_payload(
+        unsigned = unsigned_grant_payload(
             patient=patient, grantee=grantee, study=study, until=until, purpose=purpose,
-            consent=consent, heads=heads_of(records), issuer_name=name, issuer_key=key,
+            consent=consent, heads=heads_of(records), issuer_name=name,
         )
+        now = today()
+        if until is not None and until < now:  # both YYYY-MM-DD, checked above
+            raise PermissionFormatError(
+                f"grant until: {until} is in the past (today is {now}, UTC); "
+                "such a grant would never be in force"
+            )
+        if dry_run:
+            return self._dry_run(GRANT, unsigned)
+        payload = sign_payload(GRANT, unsigned, key)
         return await self._append(writer, GRANT, payload)
 
     async def revoke(
@@ -177,15 +196,24 @@ class PermissionBook:
         grantee: Grantee | None,
         reason: str,
         issuer: str | None,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
+        """Sign and append a revocation; with ``dry_run``, only say what would be signed."""
         name, key = self._issuer(issuer)
         records, _ = await self._records(patient)
         refs = [self._resolve(r, records) for r in grants]
-        payload = make_revoke_payload(
+        unsigned = unsigned_revoke_payload(
             patient=patient, grants=sorted(set(refs)), grantee=grantee, reason=reason,
-            heads=heads_of(records), issuer_name=name, issuer_key=key,
+            heads=heads_of(records), issuer_name=name,
         )
+        if dry_run:
+            return self._dry_run(REVOKE, unsigned)
+        payload = sign_payload(REVOKE, unsigned, key)
         return await self._append(writer, REVOKE, payload)
+
+    def _dry_run(self, kind: str, unsigned: dict[str, Any]) -> dict[str, Any]:
+        """The record that would be signed (the issuer signature is left out: nothing is signed)."""
+        return {"dry_run": True, "kind": kind, "origin": self.own_origin, "payload": unsigned}
 
     @staticmethod
     def _resolve(prefix: str, records: Sequence[Record]) -> str:

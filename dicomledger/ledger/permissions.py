@@ -347,8 +347,8 @@ def _message(unsigned: Mapping[str, Any]) -> bytes:
     return PERMISSION_PREFIX + canonical_json(unsigned)
 
 
-def _sign(kind: str, unsigned: dict[str, Any], issuer_key: Ed25519PrivateKey) -> dict[str, Any]:
-    _parse_fields(kind, unsigned, signed=False)
+def sign_payload(kind: str, unsigned: dict[str, Any], issuer_key: Ed25519PrivateKey) -> dict[str, Any]:
+    """``unsigned`` (checked by ``unsigned_*_payload``) with the issuer's signature added."""
     if not isinstance(issuer_key, Ed25519PrivateKey):
         raise PermissionFormatError(f"{kind} issuer key: must be an Ed25519 private key")
     sig = issuer_key.sign(_message(unsigned))
@@ -359,6 +359,35 @@ def _sorted_refs(refs: Iterable[str], where: str) -> list[str]:
     if isinstance(refs, str):  # a lone ref would otherwise be read as 64 one-character refs
         raise PermissionFormatError(f"{where}: must be a list of refs, not a string")
     return sorted(set(refs))
+
+
+def unsigned_grant_payload(
+    *,
+    patient: str,
+    grantee: Grantee,
+    study: str | None,
+    until: str | None,
+    purpose: str,
+    consent: str,
+    heads: Iterable[str],
+    issuer_name: str,
+) -> dict[str, Any]:
+    """A checked grant payload without its issuer signature: what the issuer signs (and what
+    `grant --dry-run` shows). ``heads`` is sorted and deduplicated."""
+    if not isinstance(grantee, Grantee):
+        raise PermissionFormatError("grant grantee: must be a Grantee")
+    unsigned = {
+        "patient": patient,
+        "grantee": grantee.to_json(),
+        "study": study,
+        "until": until,
+        "purpose": purpose,
+        "consent": consent,
+        "heads": _sorted_refs(heads, "grant heads"),
+        "issuer": issuer_name,
+    }
+    _parse_fields(GRANT, unsigned, signed=False)
+    return unsigned
 
 
 def make_grant_payload(
@@ -374,19 +403,36 @@ def make_grant_payload(
     issuer_key: Ed25519PrivateKey,
 ) -> dict[str, Any]:
     """A checked grant payload signed by the issuer. ``heads`` is sorted and deduplicated."""
-    if not isinstance(grantee, Grantee):
-        raise PermissionFormatError("grant grantee: must be a Grantee")
+    unsigned = unsigned_grant_payload(
+        patient=patient, grantee=grantee, study=study, until=until, purpose=purpose,
+        consent=consent, heads=heads, issuer_name=issuer_name,
+    )
+    return sign_payload(GRANT, unsigned, issuer_key)
+
+
+def unsigned_revoke_payload(
+    *,
+    patient: str,
+    grants: Iterable[str],
+    grantee: Grantee | None,
+    reason: str,
+    heads: Iterable[str],
+    issuer_name: str,
+) -> dict[str, Any]:
+    """A checked revoke payload without its issuer signature. ``grants`` and ``heads`` are
+    sorted and deduplicated."""
+    if grantee is not None and not isinstance(grantee, Grantee):
+        raise PermissionFormatError("revoke grantee: must be a Grantee or None")
     unsigned = {
         "patient": patient,
-        "grantee": grantee.to_json(),
-        "study": study,
-        "until": until,
-        "purpose": purpose,
-        "consent": consent,
-        "heads": _sorted_refs(heads, "grant heads"),
+        "grants": _sorted_refs(grants, "revoke grants"),
+        "grantee": None if grantee is None else grantee.to_json(),
+        "reason": reason,
+        "heads": _sorted_refs(heads, "revoke heads"),
         "issuer": issuer_name,
     }
-    return _sign(GRANT, unsigned, issuer_key)
+    _parse_fields(REVOKE, unsigned, signed=False)
+    return unsigned
 
 
 def make_revoke_payload(
@@ -401,17 +447,11 @@ def make_revoke_payload(
 ) -> dict[str, Any]:
     """A checked revoke payload signed by the issuer. ``grants`` and ``heads`` are sorted and
     deduplicated."""
-    if grantee is not None and not isinstance(grantee, Grantee):
-        raise PermissionFormatError("revoke grantee: must be a Grantee or None")
-    unsigned = {
-        "patient": patient,
-        "grants": _sorted_refs(grants, "revoke grants"),
-        "grantee": None if grantee is None else grantee.to_json(),
-        "reason": reason,
-        "heads": _sorted_refs(heads, "revoke heads"),
-        "issuer": issuer_name,
-    }
-    return _sign(REVOKE, unsigned, issuer_key)
+    unsigned = unsigned_revoke_payload(
+        patient=patient, grants=grants, grantee=grantee, reason=reason, heads=heads,
+        issuer_name=issuer_name,
+    )
+    return sign_payload(REVOKE, unsigned, issuer_key)
 
 
 def parse_permission(entry: Entry, entry_bytes: bytes) -> Record:

@@ -13,15 +13,31 @@ in ``.status`` for a witness endpoint:
 ====================  ======  ============================================================
 error                 status  when
 ====================  ======  ============================================================
-WitnessError          400     malformed note or checkpoint, old size > checkpoint size, more
-                              than 63 proof hashes, a size-0 checkpoint whose root is not
-                              the empty tree's
+WitnessError          400     malformed request body, note or checkpoint, old size >
+                              checkpoint size, more than 63 proof hashes
 UnknownLogError       404     origin not among the logs this witness follows
-BadSignatureError     403     no valid signature by the origin's key
+BadSignatureError     403     no valid signature by the origin's key, or a signature line
+                              with its name and key ID that does not verify
 StaleError            409     old size != the size last cosigned (0 if none); ``.size`` is it
-InconsistentError     422     the consistency proof does not verify
-InconsistentError     409     same size as the last cosigned checkpoint, different root
+InconsistentError     422     the consistency proof does not verify; a non-empty proof from
+                              size 0; same size as the last cosigned checkpoint with another
+                              root; a size-0 checkpoint whose root is not the empty tree's
 ====================  ======  ============================================================
+
+(The spec moved "same size, other root" from 409 to 422 in July 2026, so that every 409
+means "retry from this size"; the transparency-dev witness still answers 409 there.)
+
+The HTTP request and answer bodies of add-checkpoint (``format_add_checkpoint``,
+``parse_add_checkpoint``, ``format_size``, ``parse_size``; the cosignature lines are
+``note.format_signature_lines``)::
+
+    old <old size, ASCII decimal>\n
+    <base64 of a consistency proof hash>\n      (0 to 63 lines, RFC 6962 section 2.1.2 order)
+    \n
+    <the signed checkpoint note, verbatim>
+
+    200: "— <witness name> base64(key ID || u64 timestamp || Ed25519 signature)\n"
+    409: "<size last cosigned>\n", Content-Type text/x.tlog.size
 
 Evidence. Two checkpoints of one origin, both validly signed by its key, prove that the origin
 lied when they cannot both be true (``check_equivocation``):
@@ -57,6 +73,7 @@ before believing or forwarding anything.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -89,6 +106,8 @@ MAX_FORK_PROOF_HASHES = MAX_PROOF_HASHES + 1  # plus MTH(D[0:m]) for a power-of-
 EVIDENCE_MAGIC = "dicomledger-equivocation/v1"
 MAX_REASON_CHARS = 1024
 MAX_EVIDENCE_BYTES = 3 * MAX_NOTE_BYTES  # two base64 notes (4/3 each) plus small lines
+SIZE_CONTENT_TYPE = "text/x.tlog.size"  # tlog-witness: the 409 answer's Content-Type
+_DECIMAL = re.compile(rb"0|[1-9][0-9]{0,18}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +148,8 @@ class UnknownLogError(WitnessError):
 
 
 class BadSignatureError(WitnessError):
-    """tlog-witness: "If none of the signatures verify against a trusted public key ... 403"."""
+    """tlog-witness 403: no signature from a trusted key for the origin, or one whose key name
+    and ID match a trusted key but that fails to verify."""
 
     status = 403
 
@@ -146,16 +166,15 @@ class StaleError(WitnessError):
 
 
 class InconsistentError(WitnessError):
-    """The new checkpoint does not provably extend the last one cosigned (tlog-witness 422, or
-    409 for the same size with another root). ``evidence`` is set only when the failure proves
-    equivocation (see the module docstring); gossip it, never a bare failure."""
+    """tlog-witness 422: the new checkpoint does not provably extend the last one cosigned.
+    ``evidence`` is set only when the failure proves equivocation (see the module docstring);
+    gossip it, never a bare failure."""
 
     status = 422
 
-    def __init__(self, message: str, evidence: Equivocation | None, status: int = 422) -> None:
+    def __init__(self, message: str, evidence: Equivocation | None) -> None:
         super().__init__(message)
         self.evidence = evidence
-        self.status = status
 
 
 def _read_note(data: bytes, what: str) -> tuple[Note, Checkpoint]:
@@ -333,7 +352,7 @@ def witness_checkpoint(
             current,
         )
     if cp.size == 0 and cp.root_hash != EMPTY_ROOT:
-        raise WitnessError("a checkpoint of size 0 must have the empty tree's root")
+        raise InconsistentError("a checkpoint of size 0 must have the empty tree's root", None)
     if state is None:
         if consistency_proof:
             raise InconsistentError(
@@ -345,7 +364,6 @@ def witness_checkpoint(
             raise InconsistentError(
                 f"{cp.origin} signed two roots for size {cp.size}",
                 _evidence_or_none(state, note, None, key),
-                409,
             )
         if consistency_proof:
             raise InconsistentError("consistency proof between equal sizes must be empty", None)
@@ -365,6 +383,90 @@ def witness_checkpoint(
     except NoteError as exc:
         raise WitnessError(f"cannot cosign: {exc}") from None
     return sig, WitnessState(cp.origin, cp.size, cp.root_hash, bytes(note))
+
+
+@dataclass(frozen=True)
+class AddCheckpointRequest:
+    """A tlog-witness add-checkpoint request body, parsed (``parse_add_checkpoint``)."""
+
+    old_size: int
+    consistency_proof: tuple[bytes, ...]
+    note: bytes  # the signed checkpoint note, verbatim: witness_checkpoint checks it
+
+
+def _decimal(text: bytes, what: str) -> int:
+    """ASCII decimal without leading zeroes, at most 2**63-1 (tlog-witness "old size line")."""
+    if not _DECIMAL.fullmatch(text) or int(text) > MAX_TREE_SIZE:
+        raise WitnessError(f"{what} {text[:24]!r} is not a decimal in 0..2**63-1 without leading zeroes")
+    return int(text)
+
+
+def format_add_checkpoint(old_size: int, consistency_proof: Sequence[bytes], note: bytes) -> bytes:
+    """tlog-witness add-checkpoint request body: the old size line, one base64 line per proof
+    hash, an empty line, the signed checkpoint note. WitnessError on what would not parse."""
+    if isinstance(old_size, bool) or not isinstance(old_size, int) or not 0 <= old_size <= MAX_TREE_SIZE:
+        raise WitnessError(f"old size {old_size!r} is not an integer in 0..2**63-1")
+    if len(consistency_proof) > MAX_PROOF_HASHES:
+        raise WitnessError(f"more than {MAX_PROOF_HASHES} consistency proof hashes")
+    if any(not isinstance(h, bytes) or len(h) != HASH_SIZE for h in consistency_proof):
+        raise WitnessError(f"consistency proof hashes must be {HASH_SIZE} bytes")
+    lines = [f"old {old_size}", *(_b64(h) for h in consistency_proof), ""]
+    return "".join(line + "\n" for line in lines).encode("ascii") + bytes(note)
+
+
+def parse_add_checkpoint(body: bytes) -> AddCheckpointRequest:
+    """Parse a tlog-witness add-checkpoint request body strictly; WitnessError (400) names the
+    first fault. The note itself is parsed and checked by ``witness_checkpoint``.
+
+    Refused: no ``old N`` first line (decimal without leading zeroes, at most 2**63-1), a
+    proof line that is not canonical base64 of a 32-byte hash, more than 63 proof lines, no
+    empty line after them, nothing after the empty line.
+    """
+    if not isinstance(body, bytes | bytearray):
+        raise WitnessError("request body must be bytes")
+    data = bytes(body)
+    end = data.find(b"\n")
+    if end < 0 or not data.startswith(b"old "):
+        raise WitnessError("request body does not start with an old size line 'old <size>'")
+    old_size = _decimal(data[4:end], "old size")
+    proof: list[bytes] = []
+    at = end + 1
+    while True:
+        end = data.find(b"\n", at)
+        if end < 0:
+            raise WitnessError("request body has no empty line before the checkpoint")
+        line = data[at:end]
+        at = end + 1
+        if not line:
+            break
+        if len(proof) == MAX_PROOF_HASHES:
+            raise WitnessError(f"more than {MAX_PROOF_HASHES} consistency proof lines")
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            raise WitnessError(f"consistency proof line {len(proof) + 1} is not base64") from None
+        h = _unb64(text, f"consistency proof line {len(proof) + 1}")
+        if len(h) != HASH_SIZE:
+            raise WitnessError(f"consistency proof line {len(proof) + 1} is {len(h)} bytes, not {HASH_SIZE}")
+        proof.append(h)
+    if at == len(data):
+        raise WitnessError("request body has no checkpoint after the empty line")
+    return AddCheckpointRequest(old_size, tuple(proof), data[at:])
+
+
+def format_size(size: int) -> bytes:
+    """tlog-witness 409 answer body (Content-Type ``text/x.tlog.size``): the size last
+    cosigned, in decimal, and a newline."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_TREE_SIZE:
+        raise WitnessError(f"size {size!r} is not an integer in 0..2**63-1")
+    return b"%d\n" % size
+
+
+def parse_size(body: bytes) -> int:
+    """The size in a tlog-witness 409 answer body; WitnessError if it is not ``<decimal>\\n``."""
+    if not isinstance(body, bytes | bytearray) or not bytes(body).endswith(b"\n"):
+        raise WitnessError("size body must be a decimal and a newline")
+    return _decimal(bytes(body)[:-1], "size")
 
 
 def _b64(data: bytes) -> str:
