@@ -15,7 +15,6 @@ from pathlib import Path
 
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess
-from tests.test_consortium import wait_until
 from tests.test_erasure import index_count, stored_files
 
 
