@@ -211,6 +211,9 @@ def test_erase_one_study_keeps_the_other(tmp_path, gateway):
     bad = gateway.cli("erase", "--patient-id", x.patient_id, "--reason", "because I said so")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
     gateway.stop()
+    down = gateway.cli("erase", "--patient-id", x.patient_id, "--reason", "patient-request")
+    assert down.returncode == 2 and "not running" in down.stderr, down.stderr  # the gateway erases, or nobody
+    assert index_count(gateway, x.patient_id) == 3
     data = gateway.dir / "data"
     assert files_holding(data, [b"ACCCT0002"]) == []
     assert files_holding(data, [b"ACCMR0001", x.patient_id.encode()]) != []  # the MR study stays
