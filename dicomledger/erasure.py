@@ -181,7 +181,7 @@ class Eraser:
         await self.state.forget_instances(uids)
         if not truncated:
             log.warning("the index WAL could not be truncated after an erasure (a reader kept it busy): "
-                        "deleted rows may stay in it until the next erasure or restart")
+                        "deleted rows may stay in it until the next erasure or the next start")
 
     async def _remove_files(self) -> bool:
         """Remove every file listed in the index's ``erasing`` table."""

@@ -89,6 +89,8 @@ class Lifecycle:
         """Finish what the ledger says is erased, then run the follower, retention and scrub."""
         assert self.eraser is not None and self.retention is not None and self.scrubber is not None
         self.eraser.queue = queue
+        if not await self.index.truncate_wal():  # after an erasure that could not truncate it
+            log.warning("the index WAL could not be truncated at start (a reader kept it busy)")
         await self.eraser.catch_up()
         self._tasks = [
             asyncio.create_task(self._follow(), name="erasure follower"),
