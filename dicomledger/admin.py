@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -32,6 +32,9 @@ from dicomledger.config import Config
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.ledger.permissions import Grant, Grantee, PermissionFormatError
+
+if TYPE_CHECKING:  # (the CLI imports this module for `call`: keep pydicom out of its start-up)
+    from dicomledger.atna import AuditSink
 
 log = structlog.get_logger("dicomledger.admin")
 
@@ -100,7 +103,8 @@ def _flag(body: dict[str, Any], name: str) -> bool:
 class PermissionAdmin:
     """The `grant`, `revoke` and `permissions` actions, checked against this gateway's config."""
 
-    def __init__(self, config: Config, book: PermissionBook, writer: LogWriter) -> None:
+    def __init__(self, config: Config, book: PermissionBook, writer: LogWriter, audit: AuditSink | None = None) -> None:
+        self.audit = audit  # the ATNA trail: a Patient Record message per signed grant or revocation
         self.config = config
         self.book = book
         self.writer = writer
@@ -128,6 +132,8 @@ class PermissionAdmin:
             purpose=body.get("purpose", ""), consent=body.get("consent", ""),
             issuer=body.get("issuer"), dry_run=_flag(body, "dry_run"),
         )
+        if self.audit is not None and "index" in answer:  # signed, not a dry run
+            self.audit.permissions_changed("grant", patient=patient, study=study, grantee=str(grantee), entry=answer["index"])
         return {**answer, "warnings": await self._warnings(patient, study)}
 
     async def revoke(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +150,8 @@ class PermissionAdmin:
             self.writer, patient=patient, grants=body.get("grants", []), grantee=grantee,
             reason=body.get("reason", ""), issuer=body.get("issuer"), dry_run=_flag(body, "dry_run"),
         )
+        if self.audit is not None and "index" in answer:
+            self.audit.permissions_changed("revocation", patient=patient, study=None, grantee=to, entry=answer["index"])
         return {**answer, "warnings": await self._warnings(patient, None)}
 
     async def permissions(self, body: dict[str, Any]) -> dict[str, Any]:

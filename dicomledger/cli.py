@@ -84,6 +84,10 @@ fanout = 3
 # Seconds after which peers are asked to cosign our unchanged checkpoint again: a fresh
 # cosignature timestamp shows auditors the log was alive and unchanged while idle.
 heartbeat_interval = 60.0
+# With [[peers]] listed, a start appends nothing (and opens no DICOM listener) until a peer has
+# confirmed this gateway's own log, giving back entries it lost, e.g. to a restore. With no
+# peer answering within this many seconds `serve` stops, unless given --accept-local-tip.
+startup_wait = 60.0
 
 # One [[peers]] table per other gateway: its origin, peer API address, verifier key (the line
 # in its trust.txt) and pinned TLS certificate (a copy of its keys/peer-tls.crt).
@@ -171,7 +175,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            await serve(config, stop)
+            await serve(config, stop, accept_local_tip=args.accept_local_tip)
 
         asyncio.run(main())
     except Exception as exc:
@@ -423,9 +427,65 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_peers(args: argparse.Namespace, config: Config) -> int:
-    from dicomledger.status import peers
+    from dicomledger.status import export_evidence, peers
 
+    if args.evidence and args.clear_flag:
+        return _fail("give --evidence or --clear-flag, not both", EXIT_USAGE)
+    if args.evidence:
+        if not args.output:
+            return _fail("--evidence ORIGIN needs -o FILE", EXIT_USAGE)
+        return export_evidence(config, args.evidence, Path(args.output))
+    if args.clear_flag:
+        if not args.reason:
+            return _fail("--clear-flag ORIGIN needs --reason TEXT: it goes on the ledger", EXIT_USAGE)
+        return _clear_flag(args, config)
     return peers(config)
+
+
+def _clear_flag(args: argparse.Namespace, config: Config) -> int:
+    """Through the running gateway: the flag-cleared entry goes through its log writer, after
+    its start-up check (an offline append to a restored log could sign a second history)."""
+    import getpass
+
+    try:
+        by = args.by or getpass.getuser()
+    except (KeyError, OSError):
+        by = f"uid {os.getuid()}"
+    answer = _admin(config, "clear-flag", {"origin": args.clear_flag, "reason": args.reason, "by": by})
+    if isinstance(answer, int):
+        return answer
+    print(f"flag on {answer['origin']} cleared ({answer['evidence']} evidence file(s) no longer in force): "
+          f"{config.ledger.origin} entry {answer['index']}")
+    return EXIT_OK
+
+
+def cmd_check_evidence(args: argparse.Namespace) -> int:
+    """Offline: does an evidence file prove that its origin signed two histories?"""
+    from dicomledger.ledger.checkpoint import parse_checkpoint
+    from dicomledger.ledger.note import NoteError, parse_note
+    from dicomledger.ledger.trust import load_trust_text
+    from dicomledger.ledger.witness import WitnessError, check_equivocation, parse_evidence
+
+    try:
+        trusted = load_trust_text(Path(args.trust).read_text())
+        evidence = parse_evidence(Path(args.evidence).read_bytes())
+        if evidence.origin not in trusted:
+            raise WitnessError(f"the trust file has no key for {evidence.origin}")
+        found = check_equivocation(evidence.note_a, evidence.note_b, evidence.consistency_proof or None,
+                                   trusted[evidence.origin])
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}")
+    except (WitnessError, NoteError) as exc:
+        print(f"INVALID: {exc}")
+        return EXIT_FAIL
+    if found is None:
+        print(f"INVALID: the two checkpoints of {evidence.origin} are consistent (or not shown otherwise)")
+        return EXIT_FAIL
+    print(f"VALID: {evidence.origin} signed two checkpoints that cannot both be true: {found.reason}")
+    for label, note in (("a", evidence.note_a), ("b", evidence.note_b)):
+        cp = parse_checkpoint(parse_note(note).text)
+        print(f"{label}: size {cp.size}, root {cp.root_hash.hex()}")
+    return EXIT_OK
 
 
 def _signing_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -456,10 +516,20 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--config", required=True, help="the gateway's config.toml")
         return q
 
-    with_config("serve", "run the gateway")
+    p = with_config("serve", "run the gateway")
+    p.add_argument("--accept-local-tip", action="store_true",
+                   help="start even if no peer confirms this gateway's own log (none reachable, or "
+                   "entries it signed that no peer can give back); recorded on the ledger")
     with_config("verify", "re-check the whole local ledger database")
     with_config("status", "show the ledger and store state")
-    with_config("peers", "show each peer: reachable, last contact, how much of its log we hold, flagged")
+    p = with_config("peers", "show each peer: reachable, last contact, how much of its log we hold, flagged")
+    p.add_argument("--evidence", metavar="ORIGIN",
+                   help="write the equivocation evidence held against ORIGIN to -o FILE")
+    p.add_argument("-o", "--output", metavar="FILE")
+    p.add_argument("--clear-flag", metavar="ORIGIN",
+                   help="clear the equivocation flag on ORIGIN (through the running gateway; a ledger entry)")
+    p.add_argument("--reason", help="why the flag is cleared (goes on the ledger; no PHI)")
+    p.add_argument("--by", help="who clears it (default: the operating-system account running this)")
     p = with_config("grant", "record a patient's permission on the ledger (through the running gateway)")
     p.add_argument("--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written")
     p.add_argument("--to", required=True, metavar="AE[@GATEWAY]", help="grantee: an AE title, AE@origin, or @origin")
@@ -490,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("verify-file", "is this DICOM file's pixel data anchored?")
     p.add_argument("path")
     add_lifecycle_parsers(sub, with_config)
+    p = sub.add_parser("check-evidence", help="verify an equivocation evidence file offline with a trust file")
+    p.add_argument("evidence")
+    p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
     p = sub.add_parser("check-proof", help="verify a proof file offline with a trust file")
     p.add_argument("proof")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
@@ -533,6 +606,8 @@ def _main(argv: list[str] | None) -> int:
         return cmd_init(args)
     if args.command == "check-proof":
         return cmd_check_proof(args)
+    if args.command == "check-evidence":
+        return cmd_check_evidence(args)
     try:
         config = load_config(args.config)
         from dicomledger import logs

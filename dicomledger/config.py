@@ -99,6 +99,9 @@ class PeeringConfig:
     # Longest pause, in seconds, before pulling again from a peer whose entries did not verify.
     backoff_max: float = 300.0
     witnesses: tuple[WitnessConfig, ...] = ()
+    # Seconds a start waits for a peer to confirm this gateway's own log (and hand back any
+    # entries it lost, e.g. to a restore) before it refuses to start without --accept-local-tip.
+    startup_wait: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,28 @@ class ForwardingConfig:
 
 
 @dataclass(frozen=True)
+class AtnaConfig:
+    """The ATNA audit trail: DICOM audit messages (PS3.15 A.5) to the hospital's audit
+    repository over syslog, TLS (RFC 5425) or UDP (RFC 5426), through a durable queue."""
+
+    host: str
+    port: int
+    transport: str  # "tls" or "udp"
+    tls_ca: Path | None  # CA certificates that vouch for the repository (None: the system's)
+    tls_cert: Path | None  # our client certificate (mutual node authentication)
+    tls_key: Path | None
+    tls_server_name: str  # the name the repository's certificate must carry
+    queue: Path  # SQLite file of the durable message queue (holds PHI: private)
+    max_queued: int  # messages; beyond it new ones are dropped, counted and reported
+    retry_initial: float  # seconds; doubles per failed attempt up to retry_max
+    retry_max: float
+    source_id: str  # AuditSourceID
+    enterprise_site: str | None  # AuditEnterpriseSiteID
+    hostname: str | None  # syslog HOSTNAME; None: this machine's name
+    transfer_window: float  # seconds a study's received instances gather into one message
+
+
+@dataclass(frozen=True)
 class ErasureConfig:
     # Gateways whose `erased` entries this gateway applies to the copies it holds of the
     # instances they anchored (received from them by forwarding); others are shown in status.
@@ -191,6 +216,7 @@ class Config:
     permissions: PermissionsConfig = PermissionsConfig()
     forwarding: ForwardingConfig | None = None
     admin_socket: Path | None = None  # local admin interface (grant, revoke, permissions)
+    atna: AtnaConfig | None = None  # None: no audit messages (the default)
     erasure: ErasureConfig = ErasureConfig()
     retention: RetentionConfig = RetentionConfig()
     scrub: ScrubConfig = ScrubConfig()
@@ -279,7 +305,7 @@ def load_config(path: str | Path) -> Config:
 
     known = {
         "gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers", "witnesses",
-        "permissions", "forwarding", "destinations", "routes", "erasure", "retention", "scrub",
+        "permissions", "forwarding", "destinations", "routes", "atna", "erasure", "retention", "scrub",
     }
     for table in raw:
         if table not in known:
@@ -342,9 +368,50 @@ def load_config(path: str | Path) -> Config:
     return Config(
         path, gateway, ledger, storage, secret_file, level, _peering(path, raw, ledger.origin),
         permissions=_permissions(path, raw), forwarding=_forwarding(path, raw, gateway.ae_title),
-        admin_socket=admin_socket, erasure=_erasure(path, raw), retention=_retention(path, raw),
-        scrub=_scrub(path, raw),
+        admin_socket=admin_socket, atna=_atna(path, raw, ledger.origin), erasure=_erasure(path, raw),
+        retention=_retention(path, raw), scrub=_scrub(path, raw),
     )
+
+
+def _atna(path: Path, raw: dict[str, Any], origin: str) -> AtnaConfig | None:
+    if "atna" not in raw:
+        return None
+    at = _Section(path, "atna", raw["atna"])
+    enabled = at.get("enabled", bool, False)
+    repository = at.get("repository", str, ... if enabled else "")
+    transport = at.get("transport", str, "tls")
+    if transport not in ("tls", "udp"):
+        raise at._fail("transport", f'is {transport!r}; use "tls" (RFC 5425) or "udp" (RFC 5426)')
+    host, _, port = repository.rpartition(":")
+    if enabled and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+        raise at._fail("repository", "must be host:port of the audit repository's syslog, e.g. audit.example:6514")
+    optional = {key: at.path_(key) if at.get(key, str, None) else None for key in ("tls_ca", "tls_cert", "tls_key")}
+    if (optional["tls_cert"] is None) != (optional["tls_key"] is None):
+        raise at._fail("tls_cert", "and tls_key go together: set both (our client certificate and its key) or neither")
+    for key, file in optional.items():
+        if enabled and transport == "tls" and file is not None and not file.is_file():
+            raise at._fail(key, f"{file} is not a readable file")
+    config = AtnaConfig(
+        host=host.strip("[]"), port=int(port) if port.isdigit() else 0, transport=transport,
+        tls_ca=optional["tls_ca"], tls_cert=optional["tls_cert"], tls_key=optional["tls_key"],
+        tls_server_name=at.get("tls_server_name", str, host.strip("[]")),
+        queue=at.path_("queue", "data/atna.db"),
+        max_queued=at.int_in("max_queued", 1, 10**9, 100_000),
+        retry_initial=at.get("retry_initial", float, 1.0),
+        retry_max=at.get("retry_max", float, 60.0),
+        source_id=at.get("source_id", str, origin),
+        enterprise_site=at.get("enterprise_site", str, None),
+        hostname=at.get("hostname", str, None),
+        transfer_window=at.get("transfer_window", float, 2.0),
+    )
+    at.done()
+    if not 0 < config.retry_initial <= config.retry_max:
+        raise at._fail("retry_initial", "must be positive seconds and at most retry_max")
+    if not 0 <= config.transfer_window <= 3600:
+        raise at._fail("transfer_window", "must be between 0 and 3600 seconds")
+    if not config.source_id.strip():
+        raise at._fail("source_id", "is empty; name this gateway as the audit repository should know it")
+    return config if enabled else None
 
 
 def _positive(sec: _Section, key: str, default: float, zero_ok: bool = False) -> float:
@@ -499,6 +566,7 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         peers=(),
         heartbeat_interval=pe.get("heartbeat_interval", float, 60.0),
         backoff_max=pe.get("backoff_max", float, 300.0),
+        startup_wait=pe.get("startup_wait", float, 60.0),
     )
     pe.done()
     if peering.gossip_interval <= 0:
@@ -507,6 +575,8 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         raise pe._fail("heartbeat_interval", "must be positive seconds")
     if peering.backoff_max < 0:
         raise pe._fail("backoff_max", "must be zero or more seconds")
+    if peering.startup_wait <= 0:
+        raise pe._fail("startup_wait", "must be positive seconds")
     peers_raw = raw.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError(f"{path}: peers must be an array of tables: write [[peers]]")

@@ -46,6 +46,8 @@ def data_directories(config: Config) -> list[Path]:
         dirs.append(config.admin_socket.parent)
     if config.forwarding is not None:
         dirs.append(config.forwarding.queue.parent)
+    if config.atna is not None:
+        dirs.append(config.atna.queue.parent)
     unique: list[Path] = []
     for d in dirs:
         if d.resolve() not in (u.resolve() for u in unique):
@@ -126,11 +128,14 @@ def _private_files(config: Config) -> list[Path]:
     """The gateway's own files outside the image store (which is walked whole)."""
     files = [config.path, config.ledger.key_file, config.pseudonym_secret_file]
     for db in (config.ledger.database, config.storage.index, config.lifecycle_db,
-               config.forwarding.queue if config.forwarding is not None else None):
+               config.forwarding.queue if config.forwarding is not None else None,
+               config.atna.queue if config.atna is not None else None):  # audit messages name patients
         if db is not None:
             files += [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
     if config.peering is not None:
         files.append(config.peering.tls_key)
+    if config.atna is not None and config.atna.tls_key is not None:
+        files.append(config.atna.tls_key)
     files += [path for _, path in config.permissions.issuer_keys]
     return files
 

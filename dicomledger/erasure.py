@@ -23,8 +23,10 @@ request is kept for `dicomledger status` (``lifecycle_state.py``).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -50,6 +52,21 @@ from dicomledger.lifecycle_state import ErasureRequest, LifecycleState
 log = structlog.get_logger("dicomledger.erasure")
 
 
+def truncate_wal(database: Path) -> bool:
+    """Checkpoint another component's SQLite database and cut its WAL to zero bytes (its old
+    page images hold what was deleted); False if a reader kept it busy."""
+    db = sqlite3.connect(database, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+    except sqlite3.Error as exc:
+        log.warning("cannot truncate the WAL after an erasure", database=str(database), error=str(exc))
+        return False
+    finally:
+        db.close()
+
+
 class NothingToErase(ValueError):
     """No stored instance matches the erasure; nothing was written."""
 
@@ -72,7 +89,7 @@ class Eraser:
     def __init__(
         self, *, index: Index, ledger: LedgerStore, writer: LogWriter, files: FileStore,
         queue: ForwardQueue | None, state: LifecycleState, secret: bytes, origin: str,
-        lock: asyncio.Lock, honour_from: tuple[str, ...],
+        lock: asyncio.Lock, honour_from: tuple[str, ...], audit_queue: Path | None = None,
     ) -> None:
         self.index = index
         self.ledger = ledger
@@ -84,6 +101,8 @@ class Eraser:
         self.origin = origin
         self.lock = lock  # shared with the scrub: an instance is never checked while it is erased
         self.honour_from = honour_from
+        # The ATNA queue: its sent messages, which name patients, must not stay in its WAL.
+        self.audit_queue = audit_queue
 
     def _pseudonym(self, kind: str, value: str) -> str:
         return pseudonym(self.secret, kind, value)
@@ -179,9 +198,11 @@ class Eraser:
         log.info("erased instances are out of the index; removing their files", entry=before, files=len(paths))
         truncated = await self._remove_files() and truncated
         await self.state.forget_instances(uids)
+        if self.audit_queue is not None and self.audit_queue.exists():
+            truncated = await asyncio.to_thread(truncate_wal, self.audit_queue) and truncated
         if not truncated:
-            log.warning("the index WAL could not be truncated after an erasure (a reader kept it busy): "
-                        "deleted rows may stay in it until the next erasure or the next start")
+            log.warning("a WAL could not be truncated after an erasure (a reader kept it busy): deleted "
+                        "rows may stay in it until the next erasure or the next start")
 
     async def _remove_files(self) -> bool:
         """Remove every file listed in the index's ``erasing`` table."""

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from dicomledger.atna import AuditSink, SentInstance
 from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.scu import Destination, StoreSCU
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
@@ -285,8 +286,10 @@ class Forwarder:
         book: PermissionBook,
         writer: LogWriter,
         storage_dir: Path,
+        audit: AuditSink | None = None,
     ) -> None:
         self.config = config
+        self.audit = audit or AuditSink()
         self.queue = queue
         self.book = book
         self.writer = writer
@@ -418,6 +421,9 @@ class Forwarder:
                        "status": f"0x{result.status or 0:04X}"}
             await self.writer.append(FORWARDED, payload)
             await self.queue.finish(job, "done")
+            self.audit.instances_sent("forward", our_ae=self.config.calling_ae, destination=dest.ae_title,
+                                      destination_address=dest.host, instances=[
+                                          SentInstance(job.sop_class_uid, job.sop_instance_uid, path, job.patient, job.study)])
             log.info("forwarded", destination=dest.ae_title, sop_instance=job.sop_instance_uid, attempts=job.attempts)
             return False
         if result.retryable and job.attempts < self.config.max_attempts:

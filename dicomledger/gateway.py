@@ -9,10 +9,13 @@ sender only after the file, its index row and its ledger entry are durable.
 from __future__ import annotations
 
 import asyncio
+import getpass
+import os
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,10 @@ import structlog
 
 from dicomledger import logs
 from dicomledger.admin import AdminServer, PermissionAdmin
+from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
 from dicomledger.config import Config
+from dicomledger.daemon import notify
+from dicomledger.dicom.codecs import missing_lossless_decoders
 from dicomledger.dicom.index import (
     Index,
     IndexRecord,
@@ -49,12 +55,19 @@ from dicomledger.dicom.scp import (
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue, ForwardQueueError
 from dicomledger.ledger import merkle
-from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, EntryError, decode_entry
+from dicomledger.ledger.entries import (
+    IMAGE_ANCHORED,
+    LOCAL_TIP_ACCEPTED,
+    Entry,
+    EntryError,
+    decode_entry,
+)
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.ledger.pseudonym import pseudonym
+from dicomledger.ledger.tip import OwnTip, local_tip_accepted_payload
 from dicomledger.lifecycle import Lifecycle
 from dicomledger.retrieval import QueryRetrieve
 
@@ -62,8 +75,12 @@ log = structlog.get_logger("dicomledger.gateway")
 
 
 class StartupError(RuntimeError):
-    """The gateway cannot start (a port in use, a host that does not resolve); the message
-    names the listener and the reason."""
+    """The gateway cannot start (a port in use, a host that does not resolve, a log its peers
+    cannot confirm); the message names the listener or the problem and the reason."""
+
+
+class StartupInterrupted(RuntimeError):
+    """Told to stop while waiting for a peer to confirm its log: nothing was appended."""
 
 
 def _listener_failed(what: str, host: str, port: int, exc: OSError) -> StartupError:
@@ -170,8 +187,10 @@ def store_failure(exc: BaseException) -> StoreFailure:
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, accept_local_tip: bool = False) -> None:
         self.config = config
+        # start even when no peer confirms our log's tip (recorded as a ledger entry)
+        self.accept_local_tip = accept_local_tip
         self.identity = Identity(config.ledger.origin, load_key_file(config.ledger.key_file))
         self.secret = config.pseudonym_secret()
         self.files = FileStore(config.storage.directory)
@@ -185,14 +204,22 @@ class Gateway:
         self.forwarder: Forwarder | None = None
         self.admin: AdminServer | None = None
         self.lifecycle: Lifecycle | None = None  # erasure, retention, scrub
+        g = config.gateway
+        patients = PatientDirectory(config.storage.index, self.secret)  # for grants, which name pseudonyms
+        self.audit = AuditTrail(config.atna, g.ae_title, g.host, patients) if config.atna else AuditSink()
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
         self._locks = [asyncio.Lock() for _ in range(64)]
         self._checkpointer: asyncio.Task[None] | None = None
         self._checkpoint_size = -1
 
-    async def start(self) -> None:
+    async def start(self, stop: asyncio.Event | None = None) -> None:
+        """Open everything and start serving. Nothing is appended to the ledger before
+        ``_confirm_own_tip`` (a restored gateway first gets back the entries it lost), and the
+        DICOM listener opens last: until then a modality finds the gateway down, as during
+        any restart, and its queue retries. ``stop`` ends a wait for peers early."""
         self.loop = asyncio.get_running_loop()
         cfg = self.config
+        await self.audit.start()
         removed = self.files.prepare()
         if removed:
             log.info("removed partial uploads left by an earlier run", count=removed)
@@ -202,10 +229,15 @@ class Gateway:
         if read := await self.ledger.add_lookup_keys():
             log.info("lookup keys brought up to date", entries=read)
         self.writer = LogWriter(self.ledger, self.identity)
-        await self.writer.start()
+        tip = await self._confirm_own_tip(stop)
+        await self.writer.start()  # after the check: it loads the tip the check may have moved
+        if tip is not None and not tip.confirmed:
+            accepted = await self.writer.append(LOCAL_TIP_ACCEPTED, local_tip_accepted_payload(
+                _operator(), tip.problem or "", tip.unreachable))
+            log.warning("recorded on the ledger: started on an unconfirmed local tip", entry=accepted.index)
         self.index = await Index.open(cfg.storage.index)
         self.lifecycle = Lifecycle(cfg, index=self.index, ledger=self.ledger, writer=self.writer, files=self.files,
-                                   secret=self.secret, identity=self.identity)
+                                   secret=self.secret, identity=self.identity, audit=self.audit)
         await self.lifecycle.open()
         await self._reconcile()
         pm = cfg.permissions
@@ -219,26 +251,26 @@ class Gateway:
         )
         if cfg.forwarding is not None:
             queue = await ForwardQueue.open(cfg.forwarding.queue)
-            self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory)
+            self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory,
+                                       audit=self.audit)
             await self.forwarder.start()
         await self.lifecycle.start(self.forwarder.queue if self.forwarder is not None else None)
         if cfg.admin_socket is not None:
-            self.admin = AdminServer(cfg.admin_socket, {
-                **PermissionAdmin(cfg, self.book, self.writer).handlers(), **self.lifecycle.handlers(),
-            })
+            handlers = PermissionAdmin(cfg, self.book, self.writer, self.audit).handlers()
+            if self.peers is not None:  # `peers --clear-flag`: its entry goes through our writer
+                peers = self.peers
+                handlers["clear-flag"] = lambda body: peers.clear_flag(body["origin"], body["reason"], body["by"])
+            handlers.update(self.lifecycle.handlers())
+            self.admin = AdminServer(cfg.admin_socket, handlers)
             await self.admin.start()
-        if cfg.peering is not None:
-            self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer)
-            try:
-                await self.peers.start()
-            except OSError as exc:
-                raise _listener_failed("peer API", cfg.peering.host, cfg.peering.port, exc) from None
+        if self.peers is not None:
+            self.peers.start_gossip()
         g = cfg.gateway
         query_retrieve = QueryRetrieve(
             loop=self.loop, index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
             book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
             origin=self.identity.origin, origin_key=self.identity.public_key,
-            destinations=cfg.forwarding,
+            destinations=cfg.forwarding, audit=self.audit,
         )
         self.server = DicomServer(
             ae_title=g.ae_title,
@@ -252,12 +284,17 @@ class Gateway:
             network_timeout=g.network_timeout,
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
+            on_refused=self.audit.association_refused,
         )
         try:
             self.server.start()
         except OSError as exc:
             raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+        if missing := missing_lossless_decoders():
+            log.warning("no decoder installed for these lossless transfer syntaxes: their instances are stored, "
+                        "anchored and served by their bytes as received, without a decoded-pixel hash "
+                        "(install the jpeg-gpl extra or python-gdcm: README, Licences)", transfer_syntaxes=missing)
         log.info(
             "gateway started",
             ae_title=g.ae_title,
@@ -266,6 +303,43 @@ class Gateway:
             ledger_size=self.writer.size,
             vkey=self.identity.vkey,
         )
+        self.audit.application_started()
+
+    async def _confirm_own_tip(self, stop: asyncio.Event | None) -> OwnTip | None:
+        """Open the peer API and, with peers configured, have them confirm our log's tip,
+        fetching back entries a restore lost (``PeerService.confirm_own_tip``). Returns None
+        with no peers (a single site starts as before), the OwnTip otherwise; StartupError
+        when the tip is not confirmed and no --accept-local-tip was given."""
+        cfg = self.config
+        if cfg.peering is None:
+            return None
+        assert self.ledger is not None and self.writer is not None
+        self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer,
+                                 on_equivocation=self.audit.equivocation,
+                                 on_tls_refused=partial(self.audit.tls_refused, "peer API"))
+        try:
+            await self.peers.start()
+        except OSError as exc:
+            raise _listener_failed("peer API", cfg.peering.host, cfg.peering.port, exc) from None
+        if not cfg.peering.peers:
+            return None
+        await self.ledger.ensure_origin(self.identity.origin, self.identity.public_key)
+        tip = await self.peers.confirm_own_tip(
+            wait=cfg.peering.startup_wait, accept_local_tip=self.accept_local_tip, stop=stop)
+        if tip.stopped:
+            raise StartupInterrupted("told to stop while waiting for a peer to confirm this gateway's log")
+        if tip.confirmed:
+            log.info("this gateway's log is confirmed by its peers", size=tip.size, fetched=tip.fetched,
+                     answered=list(tip.answered), unreachable=dict(tip.unreachable))
+            return tip
+        if not self.accept_local_tip:
+            raise StartupError(
+                f"{tip.problem}. Appending now could make this gateway sign a second history of its "
+                "log, which its peers would flag as equivocation. Bring a peer back, or start with "
+                "`serve --accept-local-tip` to continue from the local tip anyway (recorded on the ledger)")
+        log.warning("starting on an unconfirmed local tip (--accept-local-tip)", problem=tip.problem,
+                    size=tip.size, unreachable=dict(tip.unreachable))
+        return tip
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -289,6 +363,7 @@ class Gateway:
             await self.index.close()
         if self.ledger is not None:
             await self.ledger.close()
+        await self.audit.stop()  # Application Stop, then what the repository takes in a few seconds
         log.info("gateway stopped")
 
     # -- checkpoints ---------------------------------------------------------
@@ -354,6 +429,7 @@ class Gateway:
             status, outcome = failure.status, failure.describe()
         else:
             status, outcome = SUCCESS, result.describe()
+            self.audit.instance_received(request.calling_ae, request.peer, request.sop_class_uid, header)
         (log.info if status == SUCCESS else log.error)(
             "c-store",
             calling_ae=request.calling_ae,
@@ -640,14 +716,26 @@ def _record(header: InstanceHeader, row: InstanceRow) -> IndexRecord:
     )
 
 
-async def serve(config: Config, stop: asyncio.Event) -> None:
+def _operator() -> str:
+    """Who runs this process: its operating-system account."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (e.g. an arbitrary container uid)
+        return f"uid {os.getuid()}"
+
+
+async def serve(config: Config, stop: asyncio.Event, *, accept_local_tip: bool = False) -> None:
     restore_output = logs.capture_native_output()  # every line JSON, even a decoder's panic
     try:
-        gateway = Gateway(config)
+        gateway = Gateway(config, accept_local_tip=accept_local_tip)
         try:  # stop() also after a failed start: an open database's thread would keep us alive
-            await gateway.start()
+            await gateway.start(stop)
+            notify("READY=1")  # systemd Type=notify: started only now (deploy/dicomledger.service)
             await stop.wait()
+        except StartupInterrupted as exc:
+            log.info("gateway not started", reason=str(exc))
         finally:
+            notify("STOPPING=1")
             await gateway.stop()
     finally:
         restore_output()

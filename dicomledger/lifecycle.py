@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from dicomledger.atna.trail import AuditSink
 from dicomledger.config import Config
 from dicomledger.dicom.index import Index
 from dicomledger.dicom.store import FileStore
@@ -47,7 +48,7 @@ def _pseudonym_field(body: dict[str, Any], key: str, required: bool) -> str | No
 class Lifecycle:
     def __init__(
         self, config: Config, *, index: Index, ledger: LedgerStore, writer: LogWriter, files: FileStore,
-        secret: bytes, identity: Identity,
+        secret: bytes, identity: Identity, audit: AuditSink | None = None,
     ) -> None:
         self.config = config
         self.index = index
@@ -56,6 +57,7 @@ class Lifecycle:
         self.files = files
         self.secret = secret
         self.identity = identity
+        self.audit = audit or AuditSink()
         self.lock = asyncio.Lock()
         self.state: LifecycleState | None = None
         self.eraser: Eraser | None = None
@@ -70,13 +72,14 @@ class Lifecycle:
         self.eraser = Eraser(
             index=self.index, ledger=self.ledger, writer=self.writer, files=self.files, queue=None,
             state=self.state, secret=self.secret, origin=self.identity.origin, lock=self.lock,
-            honour_from=cfg.erasure.honour_from,
+            honour_from=cfg.erasure.honour_from, audit_queue=cfg.atna.queue if cfg.atna is not None else None,
         )
         self.retention = Retention(cfg.retention, self.eraser, self.secret)
         self.scrubber = Scrubber(
             config=cfg.scrub, index=self.index, ledger=self.ledger, writer=self.writer,
             storage_dir=cfg.storage.directory, state=self.state, secret=self.secret,
             origin=self.identity.origin, origin_key=self.identity.public_key, lock=self.lock,
+            audit=self.audit, ae_title=cfg.gateway.ae_title, host=cfg.gateway.host,
         )
 
     async def not_erased(self, anchors: list[Entry]) -> list[Entry]:

@@ -40,6 +40,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicomledger.atna import AuditSink, SentInstance
+from dicomledger.atna.trail import address_of
 from dicomledger.config import ForwardingConfig
 from dicomledger.dicom.index import Index, InstanceRow
 from dicomledger.dicom.pixelhash import PixelHashError, stored_sha256
@@ -115,7 +117,9 @@ class QueryRetrieve:
         origin: str,
         origin_key: Ed25519PublicKey,
         destinations: ForwardingConfig | None,
+        audit: AuditSink | None = None,
     ) -> None:
+        self.audit = audit or AuditSink()
         self.loop = loop
         self.index = index
         self.storage_dir = storage_dir
@@ -155,7 +159,9 @@ class QueryRetrieve:
 
     def find(self, request: QRRequest) -> list[Dataset]:
         query = self._parse(request)
-        return self._wait(self._find(request, query))
+        results = self._wait(self._find(request, query))
+        self.audit.query(request.calling_ae, request.peer, request.model, request.identifier)
+        return results
 
     async def _find(self, request: QRRequest, query: Query) -> list[Dataset]:
         grain = "STUDY" if query.level == "PATIENT" else query.level
@@ -322,6 +328,9 @@ class QueryRetrieve:
                      "destination": state.target.ae_title},
         )
         self._wait(self.writer.append(TAMPER_ALARM, payload))
+        self.audit.tamper_alarm(request.service, calling_ae=request.calling_ae, peer=request.peer,
+                                destination=state.target.ae_title, instance=_sent(self.storage_dir, item, False),
+                                problem=problem)
 
     def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None:
         """Record what the requestor was told: per study, how many sub-operations completed,
@@ -355,6 +364,16 @@ class QueryRetrieve:
                 "status": status, "grant": grants.get((patient, study)),
             }
             self._wait(self.writer.append(RETRIEVED, payload))
+        # The audit trail: what reached the receiver, and what failed on the way (the tamper
+        # check's refusals have their own alarm).
+        attempted = [s.sop_instance_uid for s in plan.to_send if s.sop_instance_uid not in outcome.not_sent
+                     and results.get(s.sop_instance_uid) in ("completed", "warning", "failed")]
+        self.audit.instances_sent(
+            request.service, our_ae=self.ae_title, destination=state.target.ae_title,
+            destination_address=plan.destination[0] if plan.destination else address_of(request.peer),
+            requestor=request.calling_ae, requestor_address=address_of(request.peer),
+            instances=[_sent(self.storage_dir, state.items[uid], results[uid] != "failed") for uid in attempted],
+        )
         for uid in outcome.no_response:
             row = state.items[uid].row
             log.warning(
@@ -369,6 +388,11 @@ class QueryRetrieve:
             destination=state.target.ae_title, status=status, **total, refused=len(plan.refused),
             tampered=sum(p != ERASED_MEANWHILE for p in outcome.not_sent.values()), no_response=len(outcome.no_response), cancelled=outcome.cancelled,
         )
+
+
+def _sent(storage_dir: Path, item: Item, delivered: bool) -> SentInstance:
+    row = item.row
+    return SentInstance(row.sop_class_uid, row.sop_instance_uid, storage_dir / row.path, item.patient, item.study, delivered)
 
 
 def _final_status(plan: RetrievePlan, outcome: RetrieveOutcome) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dicomledger.atna.trail import AuditSink, SentInstance
 from dicomledger.config import ScrubConfig
 from dicomledger.dicom.index import Index, InstanceRow
 from dicomledger.dicom.pixelhash import PixelHashError, hash_instance_file
@@ -83,6 +84,7 @@ class Scrubber:
     def __init__(
         self, *, config: ScrubConfig, index: Index, ledger: LedgerStore, writer: LogWriter, storage_dir: Path,
         state: LifecycleState, secret: bytes, origin: str, origin_key: Ed25519PublicKey, lock: asyncio.Lock,
+        audit: AuditSink | None = None, ae_title: str = "", host: str = "127.0.0.1",
     ) -> None:
         self.config = config
         self.index = index
@@ -94,6 +96,9 @@ class Scrubber:
         self.origin = origin
         self.origin_key = origin_key
         self.lock = lock  # shared with erasure
+        self.audit = audit or AuditSink()  # the ATNA trail gets a Security Alert, as for a retrieval's alarm
+        self.ae_title = ae_title
+        self.host = host
         self.running: dict[int, Progress] = {}
         self._tasks: set[asyncio.Task[Progress]] = set()
 
@@ -280,6 +285,12 @@ class Scrubber:
             context={"found_by": "scrub"},
         )
         appended = await self.writer.append(TAMPER_ALARM, payload)
+        self.audit.tamper_alarm(
+            "scrub", calling_ae=self.ae_title, peer=f"{self.host}:0", destination=self.ae_title,
+            instance=SentInstance(row.sop_class_uid, row.sop_instance_uid, self.storage_dir / row.path,
+                                  payload["patient"], payload["study"], delivered=False),
+            problem=p.problem,
+        )
         return appended.index
 
     # -- on demand and in the background -------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`dicomledger status` and `dicomledger peers`: the gateway, its ledger and store at a glance.
+"""`dicomledger status` and `dicomledger peers`: the gateway, its ledger and store at a glance;
+`peers --evidence` writes out the equivocation evidence held against a peer.
 
 Both read the databases directly, so they answer the same whether the gateway runs or not;
 whether it runs is asked of its data-directory lock (``datadir.running_gateway``). They
@@ -8,15 +9,17 @@ create nothing: a database that does not exist yet is reported as such.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from dicomledger.config import Config
 from dicomledger.datadir import running_gateway
 from dicomledger.dicom.index import Index
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
-from dicomledger.ledger.log import LedgerStore
+from dicomledger.ledger.log import ConsortiumState, LedgerStore
 from dicomledger.ledger.note import Signature, cosignature_timestamp, parse_note
 
 
@@ -129,8 +132,6 @@ def status(config: Config) -> int:
 
 
 async def _peers(config: Config) -> list[str]:
-    from dicomledger.ledger.log import ConsortiumState
-
     if config.peering is None:
         return ["no [peering] section: this gateway runs alone"]
     if not config.ledger.database.exists():
@@ -140,8 +141,11 @@ async def _peers(config: Config) -> list[str]:
         state = ConsortiumState(store)
         flagged = await state.flagged()
         own = await store.latest_checkpoint(config.ledger.origin)
-        own_sigs = parse_note(own[1]).signatures if own else ()
         lines = []
+        if config.ledger.origin in flagged:  # a peer's evidence against us, checked, reached us
+            lines.append(f"{config.ledger.origin} (this gateway): FLAGGED: evidence that it signed two "
+                         "histories of its log is held (`peers --evidence` writes it out)")
+        own_sigs = parse_note(own[1]).signatures if own else ()
         for peer in config.peering.peers:
             status = await state.peer_status(peer.origin)
             known = await store.origin(peer.origin) is not None
@@ -155,12 +159,53 @@ async def _peers(config: Config) -> list[str]:
                 f"its own checkpoint size {status.their_size}" if status and status.their_size is not None else "",
                 _cosigned(own, own_sigs, peer.origin),
                 "FLAGGED: equivocation evidence held" if peer.origin in flagged else "not flagged",
+                await _cleared(state, peer.origin),
                 f"last error: {status.error}" if status and status.error else "",
             ]
             lines.append("; ".join(p for p in parts if p))
         return lines
     finally:
         await store.close()
+
+
+async def _cleared(state: ConsortiumState, origin: str) -> str:
+    cleared = [e for e in await state.evidence_held(origin) if e.cleared_at is not None]
+    if not cleared:
+        return ""
+    last = max(cleared, key=lambda e: e.cleared_at or "")
+    return f"flag cleared at {last.cleared_at} (our entry {last.cleared_by_entry})"
+
+
+async def _evidence(config: Config, origin: str) -> tuple[bytes, str] | str:
+    """The evidence to export against ``origin`` (the oldest in force, else the oldest whose
+    flag was cleared) and a line about it; or why there is none."""
+    if not config.ledger.database.exists():
+        return f"no ledger database at {config.ledger.database} yet: the gateway has never run"
+    store = await LedgerStore.open(config.ledger.database)
+    try:
+        held = await ConsortiumState(store).evidence_held(origin)
+    finally:
+        await store.close()
+    if not held:
+        return f"no equivocation evidence against {origin} is held here"
+    chosen = next((e for e in held if e.cleared_at is None), held[0])
+    flag = "in force" if chosen.cleared_at is None else f"flag cleared at {chosen.cleared_at}"
+    more = f"; {len(held) - 1} more held" if len(held) > 1 else ""
+    return chosen.data, f"received {chosen.received_at}, {flag}{more}"
+
+
+def export_evidence(config: Config, origin: str, output: Path) -> int:
+    """`peers --evidence ORIGIN -o FILE`: the evidence file, as peers exchange it
+    (docs/ledger-formats.md); `check-evidence` or any verifier checks it offline."""
+    found = asyncio.run(_evidence(config, origin))
+    if isinstance(found, str):
+        print(f"dicomledger: {found}", file=sys.stderr)
+        return 1
+    data, about = found
+    output.write_bytes(data)
+    print(f"wrote the equivocation evidence against {origin} to {output} ({about})")
+    print(f"check it offline: dicomledger check-evidence {output} --trust <file with {origin}'s verifier key>")
+    return 0
 
 
 def peers(config: Config) -> int:

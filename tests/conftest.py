@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # see shared/DICOM-TOOLS.md
 
 
+def jpeg_lossless_decoder_installed() -> bool:
+    """pylibjpeg-libjpeg (the jpeg-gpl extra, GPLv3) or python-gdcm: pydicom can decode JPEG Lossless."""
+    from pydicom import uid
+    from pydicom.pixels import get_decoder
+
+    return get_decoder(uid.JPEGLosslessSV1).is_available
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("jpeg_gpl") and not jpeg_lossless_decoder_installed():
+        pytest.skip("needs a JPEG Lossless decoder: pip install -e '.[jpeg-gpl]' (pylibjpeg-libjpeg, GPLv3) "
+                    "or python-gdcm; ./scripts/test installs the extra")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,6 +75,9 @@ class GatewayProcess:
         self.log_path = directory / "gateway.log"
         self.proc: subprocess.Popen | None = None
         self.serve_module = "dicomledger.cli"  # `python -m <this> serve`: a test may wrap it
+        self.group: list[GatewayProcess] = [self]  # the gateways of its consortium (``consortium``)
+        self._waiting_from: int | None = None  # log offset of a start still waiting for a peer
+        self.python = sys.executable  # a test may run the gateway in another environment
 
     @property
     def vkey(self) -> str:
@@ -79,25 +96,48 @@ class GatewayProcess:
         assert old in text, old
         self.config.write_text(text.replace(old, new, 1))
 
-    def start(self) -> None:
+    def start(self, accept_local_tip: bool = False) -> None:
+        """Start ``serve`` and wait until it logs "gateway started".
+
+        A gateway with peers waits at start for one of them to confirm its log. Started while
+        none of its consortium runs yet, it says so in its log ("waiting for a peer"): then
+        this returns at once, and the next gateway of its group to start waits until this one
+        has started too, so ``for gw in gateways: gw.start()`` leaves them all started."""
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
         self.log_file = open(self.log_path, "ab")
+        extra = ["--accept-local-tip"] if accept_local_tip else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.serve_module, "serve", "--config", str(self.config)],
+            [self.python, "-m", self.serve_module, "serve", "--config", str(self.config), *extra],
             stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
         )
+        self._waiting_from = None
+        if self._wait_started(offset, may_wait_for_peers=len(self.group) > 1):
+            for other in self.group:
+                if other is not self and other._waiting_from is not None and other.proc is not None:
+                    other._wait_started(other._waiting_from, may_wait_for_peers=False)
+        else:
+            self._waiting_from = offset
+
+    def _wait_started(self, offset: int, may_wait_for_peers: bool) -> bool:
+        """True once it logged "gateway started"; False if it waits for a peer (and may)."""
+        assert self.proc is not None
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited at start:\n{self.log()}")
-            if b'"gateway started"' in self.log_path.read_bytes()[offset:]:
-                return
+            logged = self.log_path.read_bytes()[offset:]
+            if b'"gateway started"' in logged:
+                self._waiting_from = None
+                return True
+            if may_wait_for_peers and b'"waiting for a peer to confirm' in logged:
+                return False
             time.sleep(0.05)
         self.stop(signal.SIGKILL)  # leave no process behind
         raise RuntimeError(f"gateway did not start:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
+        self._waiting_from = None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
@@ -138,6 +178,7 @@ def consortium(tmp_path: Path, n: int, gossip_interval: float = 0.2) -> list[Gat
     names = [f"GW{chr(ord('A') + i)}" for i in range(n)]
     gateways = [GatewayProcess(tmp_path / name, ae_title=name, secret_file=secret) for name in names]
     for gw in gateways:
+        gw.group = gateways
         gw.set("gossip_interval = 1.0", f"gossip_interval = {gossip_interval}")
         gw.set("checkpoint_interval = 1.0", "checkpoint_interval = 0.3")
         for other in gateways:

@@ -20,7 +20,9 @@ from tests.test_erasure import index_count, stored_files
 
 def backup_consistency(backup: Path) -> tuple[int, int]:
     """(index rows, entries of the gateway's own log) of a backup; asserts that each row's
-    file is in the backup and its anchor in the backup's ledger."""
+    file is in the backup and its anchor, if it had one yet, in the backup's ledger (a row
+    copied between its receipt and its anchor is anchored when the restored gateway starts,
+    as after a crash: no Success had been sent for it)."""
     manifest = json.loads((backup / "manifest.json").read_text())
     images = {i["path"] for i in manifest["images"]}
     index = sqlite3.connect(backup / "db" / "index.db")
@@ -30,7 +32,7 @@ def backup_consistency(backup: Path) -> tuple[int, int]:
         for path, origin, idx in rows:
             assert path in images, path
             assert (backup / "images" / path).is_file()
-            assert idx is not None and ledger.execute(
+            assert idx is None or ledger.execute(
                 "SELECT 1 FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? AND e.idx = ?",
                 (origin, idx),
             ).fetchone(), (origin, idx)
@@ -82,6 +84,7 @@ def test_online_backup_while_storing_then_restore(tmp_path):
     assert index_count(gw) == rows and len(stored_files(gw)) == rows
     gw.start()
     try:
+        assert "awaiting an anchor" not in gw.cli("status").stdout
         assert gw.cli("verify").returncode == 0
         assert gw.cli("verify-file", str(first[0])).returncode == 0
         scrub = gw.cli("scrub")

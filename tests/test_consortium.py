@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sqlite3
 import time
 
 from dicomledger.ledger.checkpoint import parse_checkpoint
+from dicomledger.ledger.entries import decode_entry
 from dicomledger.ledger.note import cosignature_timestamp, parse_note, parse_verifier_key
 from dicomledger.ledger.witness import check_equivocation, parse_evidence
 from tests import dicomdata
@@ -133,6 +135,16 @@ def test_idle_log_gets_heartbeat_cosignatures(tmp_path):
             gw.stop()
 
 
+def log_entries(gw: GatewayProcess, origin: str) -> list[bytes]:
+    con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id "
+                           "WHERE o.name = ? ORDER BY e.idx", (origin,)).fetchall()
+    finally:
+        con.close()
+    return [bytes(r[0]) for r in rows]
+
+
 def evidence_rows(gw: GatewayProcess) -> list[tuple[str, bytes]]:
     con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)
     try:
@@ -148,9 +160,11 @@ def assert_no_unhandled_errors(*gateways: GatewayProcess) -> None:
 
 
 def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
-    """A restores an old backup of its ledger and appends other entries: it has now signed two
-    checkpoints of size 4 with different roots. B, which witnessed the first, catches it; C, which
-    cannot reach A (nor A it) and follows A's log only through B, learns it from B's gossiped evidence."""
+    """A restores an old backup of its ledger while no peer is reachable, is started anyway
+    (--accept-local-tip) and appends other entries: it has now signed two checkpoints of size 4
+    with different roots. B, which witnessed the first, catches it; C, which cannot reach A (nor
+    A it) and follows A's log only through B, learns it from B's gossiped evidence. Then the
+    evidence is exported and checked offline, and B's administrator clears the flag."""
     a, b, c = consortium(tmp_path, 3)
     # A and C cannot reach each other (wrong addresses): C follows A only through B
     c.set(f'address = "127.0.0.1:{a.peer_port}"', f'address = "127.0.0.1:{free_port()}"')
@@ -168,11 +182,14 @@ def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
         wait_until(lambda: log_size(c, a.origin) == 4, what="C to follow A through B")
         assert not evidence_rows(b) and not evidence_rows(c)
 
-        a.stop()  # the rewrite: back to size 2, then two different entries
+        a.stop()  # the rewrite: back to size 2 while cut off from B (C it never reaches), then
+        b.stop()  # two different entries: its local-tip-accepted entry and one image
         shutil.rmtree(a.dir / "data")
         shutil.copytree(tmp_path / "a-backup", a.dir / "data")
-        a.start()
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "forked", 2, seed="forked")).returncode == 0
+        a.start(accept_local_tip=True)
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "forked", 1, seed="forked")).returncode == 0
+        wait_until(lambda: (newest_checkpoint(a, a.origin) or (0,))[0] == 4, what="A to sign its other size 4")
+        b.start()
 
         for gw in (b, c):
             wait_until(lambda gw=gw: bool(evidence_rows(gw)), timeout=20, what=f"{gw.origin} to hold evidence")
@@ -196,9 +213,53 @@ def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
         time.sleep(3)
         assert log_size(b, a.origin) == 4 and log_size(c, a.origin) == 4
         assert "you are flagged for equivocation" in b.log()  # and no longer cosigned
+
+        # the evidence, written out by C (which never talked to A), checks offline with A's key
+        exported = tmp_path / "a.evidence"
+        out = c.cli("peers", "--evidence", a.origin, "-o", str(exported))
+        assert out.returncode == 0, out.stderr
+        assert parse_evidence(exported.read_bytes()).origin == a.origin
+        trust_a = tmp_path / "trust-a.txt"
+        trust_a.write_text(a.vkey + "\n")
+        checked = dicomledger("check-evidence", str(exported), "--trust", str(trust_a))
+        assert checked.returncode == 0 and checked.stdout.startswith(f"VALID: {a.origin} signed two"), checked.stdout
+        one_sided = tmp_path / "one-sided.evidence"  # both lines the same checkpoint: proves nothing
+        text = exported.read_text().splitlines(keepends=True)
+        one_sided.write_text(text[0] + text[1] + text[2] + "b " + text[2][2:] + "".join(text[4:]))
+        refuted = dicomledger("check-evidence", str(one_sided), "--trust", str(trust_a))
+        assert refuted.returncode == 1 and refuted.stdout.startswith("INVALID"), refuted.stdout
+        trust_b = tmp_path / "trust-b.txt"
+        trust_b.write_text(b.vkey + "\n")
+        unkeyed = dicomledger("check-evidence", str(exported), "--trust", str(trust_b))
+        assert unkeyed.returncode == 1 and "no key for" in unkeyed.stdout, unkeyed.stdout
+
+        # the consortium deals with A (it stops); B's administrator clears the flag: an entry
+        # in B's log says who and why; C, still holding the evidence, does not re-flag A at B
+        a.stop()
+        assert b.cli("peers", "--clear-flag", a.origin).returncode == 2  # no --reason
+        not_flagged = b.cli("peers", "--clear-flag", c.origin, "--reason", "mistaken")
+        assert not_flagged.returncode == 1 and "not flagged here" in not_flagged.stderr, not_flagged.stderr
+        cleared = b.cli("peers", "--clear-flag", a.origin, "--reason", "A restored a backup; re-keyed")
+        assert cleared.returncode == 0, cleared.stderr
+        b_entries = [decode_entry(e) for e in log_entries(b, b.origin)]
+        (entry,) = [e for e in b_entries if e.kind == "flag-cleared"]
+        assert entry.payload == {
+            "origin": a.origin, "reason": "A restored a backup; re-keyed", "by": entry.payload["by"],
+            "evidence": sorted(hashlib.sha256(data).hexdigest() for _, data in evidence_rows(b)),
+        } and entry.payload["by"]
+        assert f"entry {entry.index}" in cleared.stdout
+        time.sleep(2)  # ten gossip rounds with C, which serves the same evidence
+        line = next(ln for ln in b.cli("peers").stdout.splitlines() if ln.startswith(a.origin))
+        assert "not flagged" in line and "flag cleared at" in line, line
+        assert "FLAGGED" in next(ln for ln in c.cli("peers").stdout.splitlines() if ln.startswith(a.origin))
+        wait_until(lambda: log_size(c, b.origin) == len(b_entries), what="C to hold B's flag-cleared entry")
+        assert b.cli("peers", "--evidence", a.origin, "-o", str(tmp_path / "again")).returncode == 0
+        assert (tmp_path / "again").read_bytes() in {data for _, data in evidence_rows(b)}  # kept, for auditors
     finally:
         for gw in (a, b, c):
             gw.stop()
     assert_no_unhandled_errors(a, b, c)
     for gw in (b, c):
         assert gw.cli("verify").returncode == 0
+    stopped = b.cli("peers", "--clear-flag", a.origin, "--reason", "again")
+    assert stopped.returncode == 2 and "not running" in stopped.stderr

@@ -5,6 +5,7 @@ a consortium gateway that holds forwarded copies honours the erasure if configur
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -277,3 +278,37 @@ def test_kill_9_during_an_erasure_leaves_a_consistent_state(tmp_path):
         gw.stop()
     assert gw.cli("verify").returncode == 0
     assert files_holding(gw.dir / "data", phi_of(x) + phi_of(z)) == []
+
+
+def test_audit_messages_already_sent_leave_no_trace_of_an_erased_patient(tmp_path):
+    """With the ATNA trail on, the audit queue (data/atna.db) held messages naming the patient;
+    once they are sent, an erasure leaves nothing of them in that file or its WAL."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the audit repository, over UDP
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(30)
+    gw = GatewayProcess(tmp_path / "gw")
+    with open(gw.config, "a") as f:
+        f.write(f'\n[atna]\nenabled = true\nrepository = "127.0.0.1:{receiver.getsockname()[1]}"\n'
+                'transport = "udp"\ntransfer_window = 0.2\n')
+    x, y = dicomdata.fake_patient("atna-x"), dicomdata.fake_patient("atna-y")
+    gw.start()
+    try:
+        assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "x", 3, patient=x, seed="atna-x"),
+                           *dicomdata.make_mr_series(tmp_path / "y", 2, patient=y, seed="atna-y")).returncode == 0
+        while x.patient_id.encode() not in receiver.recv(65536):
+            pass  # the repository got the message naming X
+
+        def queue_empty() -> bool:
+            con = sqlite3.connect(gw.dir / "data" / "atna.db")
+            try:
+                return con.execute("SELECT (SELECT COUNT(*) FROM messages) + (SELECT COUNT(*) FROM pending)").fetchone()[0] == 0
+            finally:
+                con.close()
+
+        wait_until(queue_empty, what="the audit queue to be sent")
+        assert files_holding(gw.dir / "data", [x.patient_id.encode()]) != []  # still in the queue's files
+        assert gw.cli("erase", "--patient-id", x.patient_id, "--reason", "patient-request").returncode == 0
+        assert files_holding(gw.dir / "data", phi_of(x)) == []
+    finally:
+        gw.stop()
+        receiver.close()

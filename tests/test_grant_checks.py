@@ -54,7 +54,7 @@ def site(tmp_path_factory) -> Iterator[Site]:
         )
     patient = dicomdata.fake_patient("grant-checks")
     study = dicomdata.fake_uid("study", "grant-checks")
-    gw.start()
+    gw.start(accept_local_tip=True)  # its one peer never runs to confirm its log
     try:
         files = dicomdata.make_mr_series(tmp / "mr", 2, patient=patient, study_uid=study, seed="grant-checks")
         assert gw.storescu(*files).returncode == 0

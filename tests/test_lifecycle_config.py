@@ -12,10 +12,12 @@ from tests.test_config import EXAMPLE, write
 def uncommented() -> str:
     """The example with its erasure, retention and scrub sections switched on."""
     text = EXAMPLE.read_text()
-    head, tail = text[:text.index("# [erasure]")], text[text.index("# [erasure]"):]
+    start = text.index("# [erasure]")
+    end = text.find("\n# ATNA audit trail", start)  # the next section stays commented
+    end = len(text) if end < 0 else end
     lines = [line[2:] if line.startswith("# ") and ("=" in line or line.startswith("# [")) else line
-             for line in tail.splitlines()]
-    return head + "\n".join(lines) + "\n"
+             for line in text[start:end].splitlines()]
+    return text[:start] + "\n".join(lines) + "\n" + text[end:]
 
 
 def test_example_sections_parse(tmp_path):
@@ -37,7 +39,7 @@ def test_example_sections_parse(tmp_path):
         ("check_interval_hours = 24", "check_interval_hours = -1", r"retention\.check_interval_hours must be zero or more"),
         ("max_rate_mb_s = 20.0", "max_rate_mb_s = 0", r"scrub\.max_rate_mb_s must be a positive number"),
         ("full_pass_days = 7.0", "full_pass_days = -7", r"scrub\.full_pass_days must be a positive number"),
-        ("enabled = true", "enabled = 1", r"scrub\.enabled must be true or false"),
+        ("[scrub]\nenabled = true", "[scrub]\nenabled = 1", r"scrub\.enabled must be true or false"),
         ('honour_from = ["hospital-a.example/dicomledger"]', 'honour_from = ["has space"]', r"erasure\.honour_from"),
         ("poll_interval = 2.0", "poll_intervall = 2.0", r"erasure\.poll_intervall is not a known setting"),
     ],

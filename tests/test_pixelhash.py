@@ -44,6 +44,7 @@ from tests.dicomdata import (
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
+JPEG_LOSSLESS = (uid.JPEGLossless, uid.JPEGLosslessSV1)  # decoding them needs the jpeg-gpl extra (or GDCM)
 NATIVE_LE = {"explicit", "implicit", "deflated"}  # same value bytes after inflation
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
@@ -146,6 +147,7 @@ IMAGES = {
 }
 
 
+@pytest.mark.jpeg_gpl  # decodes the JPEG Lossless copies
 @pytest.mark.parametrize("name", IMAGES)
 def test_same_pixels_give_same_decoded_hash_in_every_lossless_encoding(tmp_path, name):
     pixels, photometric, bits = IMAGES[name]
@@ -246,7 +248,10 @@ def new_dataset(tsyntax: str = uid.ExplicitVRLittleEndian) -> Dataset:
 
 
 @pytest.mark.parametrize(
-    "path,tsyntax", wheel_test_files(compressed_only=True), ids=lambda v: getattr(v, "name", "")
+    "path,tsyntax",
+    [pytest.param(p, t, marks=pytest.mark.jpeg_gpl if t in JPEG_LOSSLESS else ())  # decodes them
+     for p, t in wheel_test_files(compressed_only=True)],
+    ids=lambda v: getattr(v, "name", ""),
 )
 def test_every_compressed_wheel_file_hashes(path, tsyntax):
     h = hash_instance_file(path)
@@ -293,7 +298,8 @@ def test_wheel_files_match_the_reference_computation():
         ["rtdose.dcm", "rtdose_expb.dcm", "rtdose_rle.dcm"],
         ["liver_1frame.dcm", "liver_expb_1frame.dcm"],
         ["SC_rgb_small_odd.dcm", "SC_rgb_small_odd_big_endian.dcm"],
-        ["SC_rgb_rle.dcm", "SC_rgb_jpeg_gdcm.dcm"],  # RLE and JPEG lossless of one RGB image
+        pytest.param(["SC_rgb_rle.dcm", "SC_rgb_jpeg_gdcm.dcm"],  # RLE and JPEG lossless of one RGB image
+                     marks=pytest.mark.jpeg_gpl),
     ],
     ids=lambda family: family[0],
 )  # fmt: skip

@@ -99,6 +99,7 @@ OPTION_FOR_SYNTAX = {
 }
 
 
+@pytest.mark.jpeg_gpl  # the JPEG Lossless files' decoded-pixel hash
 def test_compressed_wheel_files_are_stored_as_received(gateway):
     by_option: dict[str, list[Path]] = {}
     for path, syntax in dicomdata.wheel_test_files(compressed_only=True):

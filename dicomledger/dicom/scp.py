@@ -147,6 +147,17 @@ class StoreRequest:
     receive_error: OSError | None = None
 
 
+@dataclass(frozen=True)
+class RefusedAssociation:
+    """An association we refused, as told to ``on_refused`` (the audit trail's Security Alert)."""
+
+    calling_ae: str
+    called_ae: str
+    address: str
+    reason: str
+    unauthorised: bool  # refused for the AE titles it claimed; False: at capacity
+
+
 @dataclass
 class _AssocStats:
     started: float = field(default_factory=time.monotonic)
@@ -171,8 +182,10 @@ class DicomServer:
         network_timeout: float = 60.0,
         accept_unknown_sop_classes: bool = False,
         query_retrieve: RetrieveCore | None = None,
+        on_refused: Callable[[RefusedAssociation], None] | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self._on_refused = on_refused
         self._allowed_aes = allowed_calling_aes
         self._on_store = on_store
         self._qr = query_retrieve
@@ -289,6 +302,9 @@ class DicomServer:
             reason = f"called AE title {requestor.primitive.called_ae_title.strip()!r} is not this gateway's ({self.ae.ae_title})"
         else:
             reason = "too many associations (gateway.max_associations)"
+        if self._on_refused is not None:
+            unauthorised = not reason.startswith("too many")  # refused for who it claims to be
+            self._on_refused(RefusedAssociation(calling, called, requestor.address, reason, unauthorised))
         log.warning(
             "association refused",
             reason=reason,

@@ -43,6 +43,8 @@ RETRIEVED = "retrieved"
 RETRIEVE_REFUSED = "retrieve-refused"
 TAMPER_ALARM = "tamper-alarm"
 CONFIG = "config"
+LOCAL_TIP_ACCEPTED = "local-tip-accepted"  # started on an unconfirmed tip (serve --accept-local-tip)
+FLAG_CLEARED = "flag-cleared"  # an equivocation flag cleared (peers --clear-flag)
 ERASED = "erased"
 KINDS = frozenset(
     {
@@ -55,6 +57,8 @@ KINDS = frozenset(
         RETRIEVE_REFUSED,
         TAMPER_ALARM,
         CONFIG,
+        LOCAL_TIP_ACCEPTED,
+        FLAG_CLEARED,
         ERASED,
     }
 )

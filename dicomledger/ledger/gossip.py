@@ -3,7 +3,8 @@
 Peer API (HTTPS, mutual TLS, each side pinning the other's certificate; JSON bodies but one):
 
   GET  /v1/checkpoints                   newest checkpoint note we hold per origin (with
-                                         cosignatures), and the equivocation evidence we hold
+                                         cosignatures), the equivocation evidence in force,
+                                         and the checkpoint we last cosigned per origin
   GET  /v1/entries?origin=O&start=S&end=E   entries [S, E) of O's log we hold (at most 1000)
   GET  /v1/consistency?origin=O&old=M&new=N consistency proof of O's log from M to N
   POST /add-checkpoint                   C2SP tlog-witness add-checkpoint, byte for byte (text
@@ -43,6 +44,13 @@ makes us hold one chunk at a time, never its whole log. A peer whose entries do 
 backed off: no pull from it (nor gossip round with it) for ``gossip_interval`` seconds,
 doubling with each consecutive failure up to ``backoff_max``; one log line per back-off.
 
+Start-up (``confirm_own_tip``): before a gateway appends anything after a start, its peers
+confirm its own log's tip: each is asked for the newest checkpoint of our origin it holds and
+the one it last cosigned (signed by our key, so no peer can invent one); entries we lack (a
+restore from a backup loses them) are fetched back and verified like any replica; every
+checkpoint seen must then be of the log we hold. Gossip, announcements and witnesses start
+only after it (``start_gossip``), so no checkpoint of a stale tip is ever offered.
+
 Nothing a peer sends is stored before it verifies; bad input is logged with its reason.
 """
 
@@ -65,7 +73,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dicomledger.config import PeerConfig, PeeringConfig, WitnessConfig
-from dicomledger.ledger.checkpoint import CheckpointError, parse_checkpoint
+from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
+from dicomledger.ledger.entries import FLAG_CLEARED
 from dicomledger.ledger.identity import Identity
 from dicomledger.ledger.log import (
     ConsortiumState,
@@ -75,6 +84,7 @@ from dicomledger.ledger.log import (
     PeerStatus,
     ReplicaError,
     ReplicaWriter,
+    evidence_digest,
 )
 from dicomledger.ledger.note import (
     NoteError,
@@ -94,6 +104,7 @@ from dicomledger.ledger.peer_tls import (
     pem_fingerprint,
     server_context,
 )
+from dicomledger.ledger.tip import OwnTip, flag_cleared_payload
 from dicomledger.ledger.witness import (
     SIZE_CONTENT_TYPE,
     InconsistentError,
@@ -114,6 +125,9 @@ from dicomledger.ledger.witness import (
 log = structlog.get_logger("dicomledger.gossip")
 
 MAX_ENTRIES_PER_REQUEST = 1000
+# Seconds one peer gets to answer while a start confirms our own log's tip: a silent peer
+# must not hold the start for the 30 s of an ordinary request.
+STARTUP_REQUEST_TIMEOUT = 5.0
 # tlog-witness "POST <submission prefix>/add-checkpoint": the submission prefix is the peer
 # API's base URL, https://<host>:<peer port>
 ADD_CHECKPOINT_PATH = "/add-checkpoint"
@@ -140,6 +154,16 @@ def _unb64(value: Any, what: str) -> bytes:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+async def _first_of(events: Sequence[asyncio.Event], timeout: float) -> None:
+    """Return when any of ``events`` is set, or after ``timeout`` seconds."""
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 @dataclass(frozen=True)
@@ -261,8 +285,13 @@ class PeerService:
         identity: Identity,
         store: LedgerStore,
         own_log: LogWriter,
+        *,
+        on_equivocation: Callable[[str, str], None] | None = None,  # (origin, reported by)
+        on_tls_refused: Callable[[str, str], None] | None = None,  # (address, reason)
     ) -> None:
         self.config = config
+        self._on_equivocation = on_equivocation
+        self._on_tls_refused = on_tls_refused
         self.identity = identity
         self.store = store
         self.own_log = own_log
@@ -287,6 +316,8 @@ class PeerService:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the peer API (peers may ask us while we start) and the client session. Nothing
+        is asked of peers until ``start_gossip``, once our own log's tip is confirmed."""
         for peer in self.config.peers:
             await self.store.ensure_origin(peer.origin, peer.public_key)
         await self.replicas.start()
@@ -315,6 +346,15 @@ class PeerService:
             ),
             timeout=aiohttp.ClientTimeout(total=30, connect=3),
         )
+        log.info(
+            "peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers),
+            witnesses=len(self.witnesses),
+        )
+
+    def start_gossip(self) -> None:
+        """Start gossip rounds, announcements and standard witnesses' requests. Only after
+        ``confirm_own_tip``: asking anyone to cosign a checkpoint of a stale tip would serve
+        no one (peers refuse it, an auditor would read a restored log's old size as current)."""
         self._task = asyncio.create_task(self._gossip_loop(), name="gossip")
         for peer in self.peers.values():
             peer.announcer = asyncio.create_task(self._announce_loop(peer), name=f"announce {peer.config.origin}")
@@ -325,10 +365,6 @@ class PeerService:
             )
             witness.announce.set()  # our newest checkpoint may lack its (fresh) cosignature
             witness.announcer = asyncio.create_task(self._witness_loop(witness), name=f"witness {witness.name}")
-        log.info(
-            "peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers),
-            witnesses=len(self.witnesses),
-        )
 
     async def stop(self) -> None:
         peer_tasks = [t for p in self.peers.values() for t in (p.announcer, p.gossip_round)]
@@ -357,6 +393,162 @@ class PeerService:
         for witness in self.witnesses:
             witness.announce.set()
 
+    # -- start-up: our own log's tip ---------------------------------------------------------
+
+    async def confirm_own_tip(
+        self, *, wait: float, accept_local_tip: bool = False, stop: asyncio.Event | None = None
+    ) -> OwnTip:
+        """Before this gateway appends anything after a start: ask every peer for the newest
+        checkpoint of our own log it holds or cosigned, fetch back the entries we lack (a
+        restore from a backup loses them) and check every such checkpoint against the log we
+        then hold. Waits up to ``wait`` seconds for a first answer; once one peer answered,
+        waits only for each other peer's first try. With ``accept_local_tip`` it waits for
+        nothing beyond each peer's first try. ``OwnTip.problem`` says why the tip is not
+        confirmed; nothing is appended here (what was fetched is stored: it is ours)."""
+        answers: dict[str, list[tuple[Checkpoint, bytes, str]]] = {}
+        failures: dict[str, str] = {}
+        changed = asyncio.Event()
+
+        async def ask(peer: _Peer) -> None:
+            while True:
+                try:
+                    answers[peer.name] = await self._own_checkpoints_at(peer)
+                    failures.pop(peer.name, None)
+                    changed.set()
+                    return
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    failures[peer.name] = f"unreachable: {str(exc) or type(exc).__name__}"[:300]
+                except (PeerProtocolError, NoteError, CheckpointError) as exc:
+                    failures[peer.name] = str(exc)[:300]
+                    log.warning("peer answer refused while confirming this gateway's log",
+                                source=peer.name, reason=str(exc)[:300])
+                changed.set()
+                await asyncio.sleep(self.config.gossip_interval)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        tasks = [asyncio.create_task(ask(p), name=f"own tip at {p.name}") for p in self.peers.values()]
+        said_waiting = False
+        try:
+            while True:
+                tried = len(set(answers) | set(failures)) == len(self.peers)
+                if len(answers) == len(self.peers) or (tried and (answers or accept_local_tip)):
+                    break
+                if stop is not None and stop.is_set():
+                    return OwnTip(await self.store.size(self.identity.origin), stopped=True)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                if tried and not said_waiting:
+                    said_waiting = True
+                    log.warning(
+                        "waiting for a peer to confirm this gateway's log before it appends anything",
+                        wait_seconds=wait, unreachable=dict(failures),
+                    )
+                changed.clear()
+                await _first_of([changed, *([stop] if stop is not None else [])], remaining)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        unreachable = {name: why for name, why in failures.items() if name not in answers}
+        if not answers:
+            size = await self.store.size(self.identity.origin)
+            return OwnTip(size, unreachable=unreachable,
+                          problem=f"no peer answered within {wait:g} s, so none could confirm that this "
+                                  f"gateway's {size} entries are all it has signed")
+        fetched, size, problem = await self._catch_up_own(answers)
+        return OwnTip(size, fetched, tuple(sorted(answers)), unreachable, problem)
+
+    async def _own_checkpoints_at(self, peer: _Peer) -> list[tuple[Checkpoint, bytes, str]]:
+        """The checkpoints of our own log ``peer`` holds (``holds``: with its entries) and
+        last cosigned (``cosigned``), each checked to be signed by our key."""
+        own = self.identity.origin
+        status, body = await self._fetch(peer, "/v1/checkpoints", timeout=STARTUP_REQUEST_TIMEOUT)
+        if status != 200 or not isinstance(body, dict):
+            raise PeerProtocolError(f"checkpoints: status {status}")
+        found = []
+        for section, kind in (("checkpoints", "holds"), ("witnessed", "cosigned")):
+            notes = body.get(section)
+            if not isinstance(notes, dict) or own not in notes:
+                continue  # a gateway from before "witnessed" simply has none
+            data = _unb64(notes[own], "checkpoint")
+            note = parse_note(data)
+            cp = parse_checkpoint(note.text)
+            if cp.origin != own or not verify_note_signature(note, own, self.identity.public_key):
+                raise PeerProtocolError("a checkpoint it offers as this gateway's is not signed by this gateway's key")
+            found.append((cp, data, kind))
+        return found
+
+    async def _catch_up_own(
+        self, answers: dict[str, list[tuple[Checkpoint, bytes, str]]]
+    ) -> tuple[int, int, str | None]:
+        """Fetch back our own entries from the peers holding the most, checked against
+        their checkpoints (signed by us), then check every checkpoint seen against the log
+        now held. Returns (entries fetched, size now, problem or None)."""
+        own = self.identity.origin
+        start = have = await self.store.size(own)
+        failed: list[str] = []
+        holders = sorted(
+            ((cp.size, name, note) for name, found in answers.items() for cp, note, kind in found if kind == "holds"),
+            reverse=True,
+        )
+        for target, name, note in holders:
+            if target <= have:
+                break
+            try:
+                have = await self._pull_own(self.peers[name], note, target, have)
+            except (TimeoutError, aiohttp.ClientError, OSError, PeerProtocolError, ReplicaError) as exc:
+                failed.append(f"{name}: {exc!s}"[:300])
+                log.warning("could not fetch this gateway's own entries back from a peer", source=name,
+                            error=str(exc)[:300])
+                have = await self.store.size(own)  # chunks verified before the failure stay
+        if have > start:
+            log.warning("fetched this gateway's own entries back from its peers", local_size=start, size=have,
+                        fetched=have - start, why="its local log was behind what it had signed (restored from a backup?)")
+        for name, found in sorted(answers.items()):
+            for cp, _, kind in found:
+                if cp.size > have:
+                    why = f" ({'; '.join(failed)})" if failed else ""
+                    return have - start, have, (
+                        f"{name} {kind} a checkpoint of this gateway's log at size {cp.size}, signed by "
+                        f"this gateway, but only {have} of its entries could be had{why}")
+                if await self.store.root(own, cp.size) != cp.root_hash:
+                    return have - start, have, (
+                        f"{name} {kind} a checkpoint of this gateway's log at size {cp.size}, signed by "
+                        "this gateway, of another history than the local log's: this gateway has "
+                        "already signed two histories")
+        return have - start, have, None
+
+    async def _pull_own(self, source: _Peer, note: bytes, target: int, have: int) -> int:
+        """Our own entries ``have``..``target`` from ``source``, chunk by chunk, each verified
+        against ``note`` (our signed checkpoint of size ``target``) before it is stored."""
+        own = self.identity.origin
+        while have < target:
+            chunk = await self._fetch_entries(source, own, have, target)
+            end = have + len(chunk)
+            proof = await self._fetch_prefix_proof(source, own, end, target) if end < target else None
+            have = await self.replicas.append_verified(own, chunk, note, proof)
+        return have
+
+    # -- operator decisions --------------------------------------------------------------
+
+    async def clear_flag(self, origin: str, reason: str, by: str) -> dict[str, Any]:
+        """Clear the equivocation flag on ``origin`` (``peers --clear-flag``): a flag-cleared
+        entry in our log says who and why and names the evidence; the evidence is kept but no
+        longer flags the origin nor goes to peers. New evidence flags it again."""
+        if origin not in self.peers:
+            raise ValueError(f"{origin!r} is not one of this gateway's [[peers]]")
+        held = [e for e in await self.state.evidence_held(origin) if e.cleared_at is None]
+        digests = [evidence_digest(e.data) for e in held]
+        if not digests:
+            raise ValueError(f"{origin} is not flagged here: no equivocation evidence against it is in force")
+        appended = await self.own_log.append(FLAG_CLEARED, flag_cleared_payload(origin, digests, by, reason))
+        await self.state.mark_cleared(origin, digests, appended.index, _now())
+        log.warning("equivocation flag cleared", flagged_origin=origin, by=by, reason=reason,
+                    evidence=len(digests), entry=appended.index)
+        return {"origin": origin, "evidence": len(digests), "index": appended.index}
+
     # -- server side -------------------------------------------------------------------
 
     @web.middleware
@@ -377,9 +569,10 @@ class PeerService:
             raise web.HTTPForbidden(text="unknown peer certificate")
         return origin
 
-    @staticmethod
-    def _handshake_refused(address: str, reason: str) -> None:
+    def _handshake_refused(self, address: str, reason: str) -> None:
         log.warning("peer TLS handshake refused", address=address, reason=reason)
+        if self._on_tls_refused is not None:
+            self._on_tls_refused(address, reason)
 
     def _refuse(self, caller: str, status: int, reason: str) -> web.Response:
         log.warning("peer request refused", peer=caller, status=status, reason=reason)
@@ -393,7 +586,10 @@ class PeerService:
             if latest is not None:
                 checkpoints[info.name] = _b64(latest[1])
         evidence = [_b64(data) for _, data in await self.state.evidence()]
-        return web.json_response({"checkpoints": checkpoints, "evidence": evidence})
+        # the checkpoint we last cosigned per origin: a restarted origin learns from it its
+        # true size even when we had not pulled its entries yet
+        witnessed = {origin: _b64(note) for origin, note in await self.state.witnessed_notes()}
+        return web.json_response({"checkpoints": checkpoints, "evidence": evidence, "witnessed": witnessed})
 
     def _query_ints(self, request: web.Request, *names: str) -> list[int]:
         try:
@@ -537,17 +733,19 @@ class PeerService:
     # -- client side -------------------------------------------------------------------
 
     async def _request(
-        self, peer: _Peer | _Witness, path: str, data: bytes | None = None, content_type: str | None = None
+        self, peer: _Peer | _Witness, path: str, data: bytes | None = None, content_type: str | None = None,
+        timeout: float | None = None,
     ) -> tuple[int, str, bytes]:
         """GET ``path`` (or POST ``data``) on ``peer``: (status, Content-Type, body), the body
-        refused above ``max_message_bytes``."""
+        refused above ``max_message_bytes``; ``timeout`` seconds instead of the session's."""
         session = peer.session or self._session
         assert session is not None
         self.traffic.requests_made += 1
         self.traffic.bytes_sent += len(data or b"")
         headers = None if content_type is None else {"Content-Type": content_type}
         method = session.get if data is None else session.post
-        async with method(peer.url + path, data=data, headers=headers) as resp:
+        options = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))}
+        async with method(peer.url + path, data=data, headers=headers, **options) as resp:
             raw = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
                 raw += chunk
@@ -556,9 +754,11 @@ class PeerService:
             self.traffic.bytes_received += len(raw)
             return resp.status, resp.content_type, bytes(raw)
 
-    async def _fetch(self, peer: _Peer, path: str, *, post: Any = None) -> tuple[int, Any]:
+    async def _fetch(
+        self, peer: _Peer, path: str, *, post: Any = None, timeout: float | None = None
+    ) -> tuple[int, Any]:
         data = None if post is None else json.dumps(post).encode()
-        status, _, raw = await self._request(peer, path, data, None if data is None else "application/json")
+        status, _, raw = await self._request(peer, path, data, None if data is None else "application/json", timeout)
         try:
             return status, json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -824,6 +1024,8 @@ class PeerService:
                 origin=origin,
                 reported_by=source,
             )
+            if self._on_equivocation is not None:
+                self._on_equivocation(origin, source)
 
     async def _ask_cosignature(self, peer: _Peer | _Witness) -> None:
         """Ask ``peer`` (or a standard witness) to witness our newest checkpoint (tlog-witness

@@ -8,6 +8,8 @@ Tables:
   checkpoints signed checkpoint notes by (origin, size), cosignatures included
   entry_keys  opaque lookup keys an appender attached to an entry (e.g. a hash to find
               later); the ledger does not interpret them
+  witness_state, evidence, evidence_cleared, peer_status
+              the consortium's state (``ConsortiumState``)
 
 Only ``LogWriter`` appends to an origin's log. It group-commits: appenders queue, the
 writer takes everything queued, writes it in one transaction with synchronous=FULL and
@@ -17,6 +19,7 @@ releases each appender only after that commit returned.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import sqlite3
 import time
@@ -99,6 +102,12 @@ CREATE TABLE IF NOT EXISTS evidence (
     received_at TEXT NOT NULL,
     PRIMARY KEY (origin, data)
 );
+CREATE TABLE IF NOT EXISTS evidence_cleared (
+    digest BLOB PRIMARY KEY,
+    origin TEXT NOT NULL,
+    cleared_at TEXT NOT NULL,
+    entry INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS peer_status (
     origin TEXT PRIMARY KEY,
     reachable INTEGER NOT NULL,
@@ -375,6 +384,23 @@ class LedgerStore:
 
 
 @dataclass(frozen=True)
+class HeldEvidence:
+    """Equivocation evidence held against an origin, and whether (when, by which entry of
+    this gateway's log) its flag was cleared."""
+
+    origin: str
+    data: bytes
+    received_at: str
+    cleared_at: str | None = None
+    cleared_by_entry: int | None = None
+
+
+def evidence_digest(data: bytes) -> bytes:
+    """SHA-256 of an evidence file's bytes: how a ``flag-cleared`` entry names it."""
+    return hashlib.sha256(data).digest()
+
+
+@dataclass(frozen=True)
 class PeerStatus:
     origin: str
     reachable: bool
@@ -385,7 +411,8 @@ class PeerStatus:
 
 class ConsortiumState:
     """What a gateway remembers about its peers: witness state per origin, equivocation
-    evidence (an origin with evidence is flagged), and each peer's last known status."""
+    evidence (an origin with evidence whose flag was not cleared is flagged), and each peer's
+    last known status."""
 
     def __init__(self, store: LedgerStore) -> None:
         self.db = store.db
@@ -393,6 +420,11 @@ class ConsortiumState:
     async def witness_state(self, origin: str) -> tuple[int, bytes, bytes] | None:
         row = await _one_row(self.db, "SELECT size, root, note FROM witness_state WHERE origin = ?", (origin,))
         return None if row is None else (row[0], bytes(row[1]), bytes(row[2]))
+
+    async def witnessed_notes(self) -> list[tuple[str, bytes]]:
+        """(origin, note) of the checkpoint last cosigned, per origin."""
+        rows = await self.db.execute_fetchall("SELECT origin, note FROM witness_state ORDER BY origin")
+        return [(row[0], bytes(row[1])) for row in rows]
 
     async def save_witness_state(self, origin: str, size: int, root: bytes, note: bytes) -> None:
         await self.db.execute(
@@ -411,11 +443,37 @@ class ConsortiumState:
         return added
 
     async def evidence(self) -> list[tuple[str, bytes]]:
+        """(origin, evidence) of every flag in force: evidence not cleared, oldest first."""
         rows = await self.db.execute_fetchall("SELECT origin, data FROM evidence ORDER BY received_at")
-        return [(row[0], bytes(row[1])) for row in rows]
+        cleared = await self._cleared_digests()
+        return [(row[0], bytes(row[1])) for row in rows if evidence_digest(bytes(row[1])) not in cleared]
+
+    async def evidence_held(self, origin: str) -> list[HeldEvidence]:
+        """All evidence held against ``origin``, cleared or not, oldest first."""
+        rows = await self.db.execute_fetchall(
+            "SELECT data, received_at FROM evidence WHERE origin = ? ORDER BY received_at", (origin,)
+        )
+        cleared = await self._cleared_digests()
+        return [
+            HeldEvidence(origin, bytes(data), received_at, *cleared.get(evidence_digest(bytes(data)), (None, None)))
+            for data, received_at in rows
+        ]
+
+    async def _cleared_digests(self) -> dict[bytes, tuple[str, int]]:
+        rows = await self.db.execute_fetchall("SELECT digest, cleared_at, entry FROM evidence_cleared")
+        return {bytes(row[0]): (row[1], row[2]) for row in rows}
 
     async def flagged(self) -> set[str]:
         return {origin for origin, _ in await self.evidence()}
+
+    async def mark_cleared(self, origin: str, digests: Sequence[bytes], entry: int, now: str) -> None:
+        """Clear the flag these pieces of evidence raised against ``origin``: the evidence is
+        kept (for export and audit) but no longer flags the origin nor is served to peers;
+        ``entry`` is the ``flag-cleared`` entry of this gateway's log that records it."""
+        await self.db.executemany(
+            "INSERT OR IGNORE INTO evidence_cleared (digest, origin, cleared_at, entry) VALUES (?, ?, ?, ?)",
+            [(d, origin, now, entry) for d in digests],
+        )
 
     async def set_peer_status(self, status: PeerStatus) -> None:
         await self.db.execute(
