@@ -13,6 +13,7 @@ import asyncio
 import getpass
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from dicomledger.dicom.index import (
     Index,
     IndexRecord,
     IndexStoreError,
+    IngestRows,
     InstanceRow,
     PatientRow,
     SeriesRow,
@@ -67,10 +69,11 @@ from dicomledger.ledger.entries import (
 )
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
-from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
+from dicomledger.ledger.log import Appended, Declined, LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.ledger.pseudonym import pseudonym
 from dicomledger.ledger.tip import OwnTip, local_tip_accepted_payload
+from dicomledger.lifecycle import Lifecycle
 from dicomledger.retrieval import QueryRetrieve
 
 log = structlog.get_logger("dicomledger.gateway")
@@ -188,6 +191,94 @@ def store_failure(exc: BaseException) -> StoreFailure:
     return StoreFailure(PROCESSING_FAILURE, f"unexpected {logs.safe_reason(exc, with_type=True)}", refused=False)
 
 
+class AnchoredButNotIndexed(IndexStoreError):
+    """The instance's entry is durable on the ledger but its index row could not be written:
+    the sender gets 0xA700 and sends again (a duplicate then), and the row is rebuilt from the
+    anchor and the stored file at the next start."""
+
+
+@dataclass
+class Receipt:
+    """A stored instance on its way to the ledger (the companion's ticket): its index record,
+    its hashes, and what the companion found and decided for it."""
+
+    record: IndexRecord
+    hashes: InstanceHashes
+    previous: InstanceRow | None = None  # the row it replaces
+    received: Received = Received.NEW
+
+
+def changes_from(previous: InstanceRow | None, hashes: InstanceHashes, header_sha256: bytes) -> tuple[Received, dict[str, Any]]:
+    """What a received instance is next to the row held for its SOP instance, and what its
+    anchor says about that (``pixels_changed_from`` / ``header_changed_from``)."""
+    if previous is None:
+        return Received.NEW, {}
+    # (by the previous anchor's hash method: an instance anchored before the canonical
+    # content hash existed, arriving again, has unchanged content and a new anchor)
+    if previous.sha256 != (hashes.sha256_for(previous.hash_method) or hashes.sha256):
+        return Received.PIXELS_CHANGED, {"pixels_changed_from": {
+            "origin": previous.ledger_origin, "index": previous.ledger_index, "sha256": previous.sha256.hex(),
+        }}
+    if (previous.sha256, previous.header_sha256) != (hashes.sha256, header_sha256):
+        return Received.HEADER_CHANGED, {"header_changed_from": {
+            "origin": previous.ledger_origin, "index": previous.ledger_index,
+        }}
+    return Received.NEW, {}  # the same instance, stored before a crash but never anchored
+
+
+class IndexCompanion:
+    """The index's part of a received instance's one hop to the ledger writer's thread
+    (``ledger.log.Companion``): before the batch is signed, each instance's current row,
+    study/patient conflicts (against the index and the batch itself) and duplicates; after
+    the batch is durable, the rows with their anchors, in one index transaction."""
+
+    def __init__(self, rows: IngestRows) -> None:
+        self.rows = rows
+
+    def before(self, tickets: Sequence[Receipt]) -> list[dict[str, Any] | Declined | BaseException]:
+        claims: dict[tuple[str, str], tuple[str, str]] = {}  # (level, UID) -> (patient, instance)
+        verdicts: list[dict[str, Any] | Declined | BaseException] = []
+        for receipt in tickets:
+            try:
+                verdicts.append(self._decide(receipt, claims))
+            except IndexStoreError as exc:
+                verdicts.append(exc)
+        return verdicts
+
+    def _decide(
+        self, receipt: Receipt, claims: dict[tuple[str, str], tuple[str, str]]
+    ) -> dict[str, Any] | Declined | BaseException:
+        record, new = receipt.record, receipt.record.instance
+        previous = self.rows.previous(new.sop_instance_uid)
+        receipt.previous = previous
+        if (previous is not None and previous.ledger_index is not None
+                and (previous.sha256, previous.header_sha256) == (new.sha256, new.header_sha256)):
+            return Declined(previous)
+        conflict = self.rows.conflict(record)
+        if conflict is not None:
+            return conflict
+        patient = record.patient.patient_id
+        mine = (("study", record.study.study_uid), ("series", record.series.series_uid))
+        for level, uid in mine:  # another instance of this batch, not yet in the index
+            other = claims.get((level, uid))
+            if other is not None and other[0] != patient:
+                return StudyPatientConflict(level, uid, other[1])
+        for key in mine:
+            claims[key] = (patient, new.sop_instance_uid)
+        receipt.received, extras = changes_from(previous, receipt.hashes, new.header_sha256)
+        return extras
+
+    def after(self, appended: Sequence[tuple[Receipt, Appended]]) -> None:
+        rows = []
+        for receipt, entry in appended:
+            instance = replace(receipt.record.instance, ledger_origin=entry.origin, ledger_index=entry.index)
+            rows.append((replace(receipt.record, instance=instance), receipt.previous))
+        try:
+            self.rows.write(rows)
+        except IndexStoreError as exc:
+            raise AnchoredButNotIndexed(str(exc)) from None
+
+
 class Gateway:
     def __init__(self, config: Config, *, accept_local_tip: bool = False) -> None:
         self.config = config
@@ -196,6 +287,7 @@ class Gateway:
         self.identity = Identity(config.ledger.origin, load_key_file(config.ledger.key_file))
         self.secret = config.pseudonym_secret()
         self.files = FileStore(config.storage.directory)
+        self.rows = IngestRows(config.storage.index)  # written on the ledger writer's thread
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ledger: LedgerStore | None = None
         self.writer: LogWriter | None = None
@@ -205,6 +297,7 @@ class Gateway:
         self.book: PermissionBook | None = None
         self.forwarder: Forwarder | None = None
         self.admin: AdminServer | None = None
+        self.lifecycle: Lifecycle | None = None  # erasure, retention, scrub
         g = config.gateway
         patients = PatientDirectory(config.storage.index, self.secret)  # for grants, which name pseudonyms
         self.audit = AuditTrail(config.atna, g.ae_title, g.host, patients) if config.atna else AuditSink()
@@ -235,7 +328,7 @@ class Gateway:
         self.ledger = await LedgerStore.open(cfg.ledger.database)
         if read := await self.ledger.add_lookup_keys():
             log.info("lookup keys brought up to date", entries=read)
-        self.writer = LogWriter(self.ledger, self.identity)
+        self.writer = LogWriter(self.ledger, self.identity, companion=IndexCompanion(self.rows))
         tip = await self._confirm_own_tip(stop)
         await self.writer.start()  # after the check: it loads the tip the check may have moved
         if tip is not None and not tip.confirmed:
@@ -243,6 +336,9 @@ class Gateway:
                 _operator(), tip.problem or "", tip.unreachable))
             log.warning("recorded on the ledger: started on an unconfirmed local tip", entry=accepted.index)
         self.index = await Index.open(cfg.storage.index)
+        self.lifecycle = Lifecycle(cfg, index=self.index, ledger=self.ledger, writer=self.writer, files=self.files,
+                                   secret=self.secret, identity=self.identity, audit=self.audit)
+        await self.lifecycle.open()
         await self._reconcile()
         pm = cfg.permissions
         self.book = PermissionBook(
@@ -258,11 +354,13 @@ class Gateway:
             self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory,
                                        audit=self.audit)
             await self.forwarder.start()
+        await self.lifecycle.start(self.forwarder.queue if self.forwarder is not None else None)
         if cfg.admin_socket is not None:
             handlers = PermissionAdmin(cfg, self.book, self.writer, self.audit).handlers()
             if self.peers is not None:  # `peers --clear-flag`: its entry goes through our writer
                 peers = self.peers
                 handlers["clear-flag"] = lambda body: peers.clear_flag(body["origin"], body["reason"], body["by"])
+            handlers.update(self.lifecycle.handlers())
             self.admin = AdminServer(cfg.admin_socket, handlers)
             await self.admin.start()
         if self.peers is not None:
@@ -349,6 +447,8 @@ class Gateway:
         self._ingest_pool.shutdown(wait=False)
         if self.admin is not None:
             await self.admin.stop()
+        if self.lifecycle is not None:
+            await self.lifecycle.stop()
         if self.forwarder is not None:
             await self.forwarder.stop()  # finishes the sends in progress
             await self.forwarder.queue.close()
@@ -360,6 +460,7 @@ class Gateway:
             await self.writer.stop()
             if self._checkpointer is not None:  # not after a failed start
                 await self._checkpoint()
+        self.rows.close()  # (the writer's thread, its only user, has ended)
         if self.index is not None:
             await self.index.close()
         if self.ledger is not None:
@@ -413,7 +514,7 @@ class Gateway:
             )
             header, hashes = read.header, read.hashes
             relative = FileStore.relative_path(
-                header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256
+                header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256, header.header_sha256
             )
             return header, relative, self.files.commit(request.dataset_path, relative)
 
@@ -461,18 +562,38 @@ class Gateway:
         size: int,
         replaced_file: bool,
     ) -> Ingested:
-        """Index, anchor and route one stored instance."""
-        assert self.index is not None and self.writer is not None
+        """Index, anchor and route one stored (durable) instance.
+
+        One hop to the ledger writer's thread does it all (``IndexCompanion``): look up the
+        instance's current row, refuse a study/patient conflict, decide new / changed /
+        duplicate, sign and commit the entry with the batch (synchronous=FULL), then write the
+        row with its anchor. docs/design.md, "One durable commit per image", says why that
+        order is crash-safe."""
+        assert self.writer is not None
         async with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
-            row = _instance_row(header, hashes, request, relative, size)
+            receipt = Receipt(_record(header, _instance_row(header, hashes, request, relative, size)), hashes)
+            p = Pseudonyms.of(self.secret, header)
+            payload = anchor_payload(p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae)
             try:
-                previous = await self.index.record_received(_record(header, row))
-            except (IndexStoreError, StudyPatientConflict):  # (a conflict: store_failure refuses it)
-                if not replaced_file:  # leave nothing unindexed behind
+                result = await self.writer.append_guarded(IMAGE_ANCHORED, payload, receipt)
+            except AnchoredButNotIndexed:
+                raise  # the anchor cites the file: keep it (the row is rebuilt at start)
+            except (IndexStoreError, StudyPatientConflict, LedgerStoreError):
+                if not replaced_file:  # nothing anchored it: leave nothing unindexed behind
                     self.files.absolute(relative).unlink(missing_ok=True)
                 raise
-            p = Pseudonyms.of(self.secret, header)
-            ingested = await self._anchor(request, header, hashes, previous, p)
+            if isinstance(result, Declined):
+                previous: InstanceRow = result.value
+                assert previous.ledger_index is not None
+                ingested = Ingested(Received.DUPLICATE, previous.ledger_index)
+            else:
+                ingested = Ingested(receipt.received, result.index)
+                if receipt.received is Received.PIXELS_CHANGED and receipt.previous is not None:
+                    log.warning(
+                        "changed pixels", sop_instance=header.sop_instance_uid,
+                        previous_hash=receipt.previous.sha256.hex()[:16], new_hash=hashes.sha256.hex()[:16],
+                        previous_entry=receipt.previous.ledger_index,
+                    )
             if self.forwarder is not None:
                 anchor = (self.identity.origin, ingested.anchor)
                 # A duplicate is routed too if its forward was never decided: the first copy
@@ -487,51 +608,6 @@ class Gateway:
                     ), anchor)
                     ingested = replace(ingested, forwarding=tuple(routed))
             return ingested
-
-    async def _anchor(
-        self,
-        request: StoreRequest,
-        header: InstanceHeader,
-        hashes: InstanceHashes,
-        previous: InstanceRow | None,
-        p: Pseudonyms,
-    ) -> Ingested:
-        assert self.index is not None and self.writer is not None
-        same = previous is not None and (previous.sha256, previous.header_sha256) == (
-            hashes.sha256,
-            header.header_sha256,
-        )
-        if same and previous is not None and previous.ledger_index is not None:
-            return Ingested(Received.DUPLICATE, previous.ledger_index)
-        payload = anchor_payload(
-            p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae
-        )
-        received = Received.NEW
-        # (by the previous anchor's hash method: an instance anchored before the canonical
-        # content hash existed, arriving again, has unchanged content and a new anchor)
-        if previous is not None and previous.sha256 != (hashes.sha256_for(previous.hash_method) or hashes.sha256):
-            payload["pixels_changed_from"] = {
-                "origin": previous.ledger_origin,
-                "index": previous.ledger_index,
-                "sha256": previous.sha256.hex(),
-            }
-            received = Received.PIXELS_CHANGED
-            log.warning(
-                "changed pixels",
-                sop_instance=header.sop_instance_uid,
-                previous_hash=previous.sha256.hex()[:16],
-                new_hash=hashes.sha256.hex()[:16],
-                previous_entry=previous.ledger_index,
-            )
-        elif previous is not None and not same:
-            payload["header_changed_from"] = {
-                "origin": previous.ledger_origin,
-                "index": previous.ledger_index,
-            }
-            received = Received.HEADER_CHANGED
-        appended = await self.writer.append(IMAGE_ANCHORED, payload)
-        await self.index.set_anchor(header.sop_instance_uid, appended.origin, appended.index)
-        return Ingested(received, appended.index)
 
     async def _reconcile(self) -> None:
         """Bring the index in line with the stored files and this gateway's anchors, at start."""
@@ -626,6 +702,8 @@ class Gateway:
                 anchors.append(decode_entry(await self.ledger.entry(own, i)))
             except EntryError as exc:  # `dicomledger verify` names it; the others still get rebuilt
                 log.error("index row lost and its anchor cannot be read; not rebuilt", anchor=i, error=str(exc))
+        assert self.lifecycle is not None
+        anchors = await self.lifecycle.not_erased(anchors)  # an erasure's leftover files stay unindexed
         wanted = {str(e.payload.get("sha256", ""))[:16] for e in anchors}
         files = await asyncio.to_thread(self.files.by_hash_prefix, wanted)
         not_found = 0

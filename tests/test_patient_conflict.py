@@ -119,6 +119,25 @@ def test_second_patients_instance_under_a_study_uid_is_refused_with_a778(mixed, 
     assert not list((gw.dir / "data" / "images").rglob(f"{refused_uid}.*"))
 
 
+
+def test_a_refused_copy_of_a_stored_instance_leaves_the_stored_file_as_it_was(mixed, tmp_path):
+    """A's instance sent again with B's Patient ID (same SOP Instance UID, study, series and
+    pixels) is refused: the copy of A's instance already stored must not be overwritten
+    by the refused one's header."""
+    gw = mixed.gw
+    uid = str(pydicom.dcmread(mixed.files_a[0]).SOPInstanceUID)
+    (stored,) = [p for p in (gw.dir / "data" / "images").rglob(f"{uid}.*") if p.suffix == ".dcm"]
+    before = stored.read_bytes()
+    relabelled = pydicom.dcmread(mixed.files_a[0])
+    relabelled.PatientID, relabelled.PatientName = mixed.b.patient_id, mixed.b.name
+    relabelled.save_as(tmp_path / "relabelled.dcm", enforce_file_format=True)
+    output = gw.storescu(tmp_path / "relabelled.dcm").stdout
+    assert "Received Store Response (Success)" not in output, output
+    assert stored.read_bytes() == before
+    assert pydicom.dcmread(stored).PatientID == mixed.a.patient_id
+    assert [p.name for p in (gw.dir / "data" / "images").rglob(f"{uid}.*")] == [stored.name]
+    assert gw.cli("verify-file", str(mixed.files_a[0])).returncode == 0
+
 def test_patient_b_grantee_gets_and_finds_nothing_of_patient_a(mixed, tmp_path):
     gw = mixed.gw
     gw.storescu(mixed.file_b)  # the colliding instance (refused), and B's own study

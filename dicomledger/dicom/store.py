@@ -50,10 +50,34 @@ class FileStore:
         return removed
 
     @staticmethod
-    def relative_path(study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes) -> str:
-        # The hash prefix keeps an earlier version when the same instance arrives with other pixels.
-        name = f"{path_component(sop_instance_uid)}.{sha256.hex()[:16]}.dcm"
+    def relative_path(
+        study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes, header_sha256: bytes | None = None
+    ) -> str:
+        """``<study>/<series>/<instance>.<pixel hash 16>-<header hash 8>.dcm``: each version of
+        an instance that arrives with other pixels or another header gets a file of its own, so
+        storing one never overwrites another (an earlier anchor's file, or, for an instance then
+        refused, the copy already held). Files stored before the header part existed are named
+        ``<instance>.<pixel hash 16>.dcm``."""
+        version = sha256.hex()[:16] + (f"-{header_sha256.hex()[:8]}" if header_sha256 is not None else "")
+        name = f"{path_component(sop_instance_uid)}.{version}.dcm"
         return f"{path_component(study_uid)}/{path_component(series_uid)}/{name}"
+
+    @staticmethod
+    def name_parts(name: str) -> tuple[str, str] | None:
+        """(instance part, pixel hash prefix) of a stored file's name, None if not one."""
+        parts = name.rsplit(".", 2)
+        if len(parts) != 3 or parts[2] != "dcm":
+            return None
+        return parts[0], parts[1].split("-", 1)[0]
+
+    def versions(self, study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes) -> list[Path]:
+        """The stored files of this instance with these pixels (one per header version)."""
+        folder = self.directory / path_component(study_uid) / path_component(series_uid)
+        want = (path_component(sop_instance_uid), sha256.hex()[:16])
+        try:
+            return sorted(f for f in folder.iterdir() if self.name_parts(f.name) == want)
+        except OSError:
+            return []
 
     def absolute(self, relative: str) -> Path:
         return self.directory / relative
@@ -67,10 +91,43 @@ class FileStore:
                 continue
             for series in filter(Path.is_dir, study.iterdir()):
                 for f in series.iterdir():
-                    parts = f.name.rsplit(".", 2)
-                    if len(parts) == 3 and parts[2] == "dcm" and parts[1] in prefixes:
+                    parts = self.name_parts(f.name)
+                    if parts is not None and parts[1] in prefixes:
                         found.setdefault(parts[1], []).append(f)
         return found
+
+    def remove(self, relatives: list[str]) -> int:
+        """Remove these stored files (an erasure) and the study and series folders left
+        empty, durably (every changed folder fsynced); returns how many files were there. A
+        missing file is not an error: a crash may have removed it already."""
+        removed = 0
+        changed: set[Path] = set()
+        for relative in relatives:
+            target = self.directory / relative
+            try:
+                target.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreError(exc.errno, f"cannot remove {target}: {exc.strerror}") from None
+            changed.add(target.parent)
+        try:
+            while changed:  # deepest folders first: a series, then its study
+                folder = max(changed, key=lambda f: len(f.parts))
+                changed.discard(folder)
+                if folder == self.directory or not folder.is_relative_to(self.directory) or not folder.exists():
+                    if folder.exists():
+                        _fsync_dir(folder)
+                    continue
+                try:
+                    folder.rmdir()
+                    changed.add(folder.parent)
+                except OSError:  # not empty: its entries changed
+                    _fsync_dir(folder)
+        except OSError as exc:
+            raise StoreError(exc.errno, f"cannot remove folders under {self.directory}: {exc.strerror}") from None
+        return removed
 
     def commit(self, temp_file: Path, relative: str) -> bool:
         """Make ``temp_file`` durable under ``relative``; on return it survives a crash.

@@ -46,6 +46,7 @@ TAMPER_ALARM = "tamper-alarm"
 CONFIG = "config"
 LOCAL_TIP_ACCEPTED = "local-tip-accepted"  # started on an unconfirmed tip (serve --accept-local-tip)
 FLAG_CLEARED = "flag-cleared"  # an equivocation flag cleared (peers --clear-flag)
+ERASED = "erased"
 KINDS = frozenset(
     {
         IMAGE_ANCHORED,
@@ -59,6 +60,7 @@ KINDS = frozenset(
         CONFIG,
         LOCAL_TIP_ACCEPTED,
         FLAG_CLEARED,
+        ERASED,
     }
 )
 _FIELDS = frozenset({"v", "origin", "index", "prev", "time", "kind", "payload", "sig"})

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 from cryptography.hazmat.primitives import serialization
@@ -495,8 +495,33 @@ class ConsortiumState:
 class _Pending:
     kind: str
     payload: Mapping[str, Any]
-    keys: tuple[str, ...]
-    future: asyncio.Future[Appended]
+    keys: tuple[str, ...] | None  # None: keys.lookup_keys of the payload as appended
+    future: asyncio.Future[Any]
+    ticket: Any = None  # for the companion (append_guarded)
+
+
+@dataclass(frozen=True)
+class Declined:
+    """A guarded append the companion answered itself, appending nothing (e.g. a duplicate)."""
+
+    value: Any
+
+
+class Companion(Protocol):
+    """Work on another store that rides on the ledger writer's thread hop, around the commit of
+    each batch (``LogWriter(companion=...)``, ``append_guarded``). Both methods run on the
+    writer's thread, in batch order, so what ``before`` decides cannot race with another
+    batch.
+
+    ``before`` gets the tickets of the batch's guarded appends and returns, per ticket, a
+    mapping to add to its payload (append it), a ``Declined`` (answer its appender with that,
+    append nothing) or an exception (raise it to its appender, append nothing). ``after`` gets
+    (ticket, Appended) for those appended, once the batch is durable in the ledger; an
+    exception from it goes to each of their appenders (the entries stay appended)."""
+
+    def before(self, tickets: Sequence[Any]) -> Sequence[Mapping[str, Any] | Declined | BaseException]: ...
+
+    def after(self, appended: Sequence[tuple[Any, Appended]]) -> None: ...
 
 
 class _ThreadWriter:
@@ -589,10 +614,13 @@ class LogWriter(_ThreadWriter):
     """The single writer of this gateway's own log, with group commit: appenders queue on
     the event loop; each batch is signed, hashed and committed on the writer's thread."""
 
-    def __init__(self, store: LedgerStore, identity: Identity, max_batch: int = 2000) -> None:
+    def __init__(
+        self, store: LedgerStore, identity: Identity, max_batch: int = 2000, companion: Companion | None = None
+    ) -> None:
         super().__init__(store, "ledger-writer")
         self.identity = identity
         self.max_batch = max_batch
+        self.companion = companion
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._origin_id = 0
@@ -638,11 +666,22 @@ class LogWriter(_ThreadWriter):
     ) -> Appended:
         """Append one entry; returns once it is durable in the database. Its lookup keys are
         ``keys.lookup_keys`` unless ``keys`` says otherwise."""
+        result: Appended = await self._enqueue(kind, payload, None if keys is None else tuple(keys), None)
+        return result
+
+    async def append_guarded(self, kind: str, payload: Mapping[str, Any], ticket: Any) -> Appended | Declined:
+        """Append one entry as the companion decides for ``ticket`` (see ``Companion``), in
+        the same writer-thread hop as the batch's commit and the companion's own work."""
+        if self.companion is None:
+            raise LedgerStoreError("ledger writer has no companion for a guarded append")
+        result: Appended | Declined = await self._enqueue(kind, payload, None, ticket)
+        return result
+
+    async def _enqueue(self, kind: str, payload: Mapping[str, Any], keys: tuple[str, ...] | None, ticket: Any) -> Any:
         if self._task is None:
             raise LedgerStoreError("ledger writer is not running")
-        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        found = lookup_keys(kind, payload) if keys is None else keys
-        self._queue.put_nowait(_Pending(kind, payload, tuple(found), future))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(kind, payload, keys, future, ticket))
         return await future
 
     async def _run(self) -> None:
@@ -651,15 +690,14 @@ class LogWriter(_ThreadWriter):
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                items = [(p.kind, p.payload, p.keys) for p in batch]
                 try:
-                    results: list[Appended | Exception] = await self._on_thread(self._commit, items)
+                    results: list[Any] = await self._on_thread(self._commit, batch)
                 except LedgerStoreError as exc:
                     results = [exc] * len(batch)
                 for pending, result in zip(batch, results, strict=True):
                     if pending.future.done():  # the appender was cancelled
                         continue
-                    if isinstance(result, Exception):
+                    if isinstance(result, BaseException):
                         pending.future.set_exception(result)
                     else:
                         pending.future.set_result(result)
@@ -667,18 +705,36 @@ class LogWriter(_ThreadWriter):
                 for _ in batch:
                     self._queue.task_done()
 
-    def _commit(
-        self, items: list[tuple[str, Mapping[str, Any], tuple[str, ...]]]
-    ) -> list[Appended | Exception]:
-        """Writer thread: sign, hash and commit a batch; per-item results in order."""
+    def _admit(self, batch: list[_Pending]) -> list[Mapping[str, Any] | Declined | BaseException]:
+        """Writer thread: each item's payload to append, or what answers it instead (the
+        companion's verdict on a guarded append)."""
+        payloads: list[Mapping[str, Any] | Declined | BaseException] = [p.payload for p in batch]
+        guarded = [i for i, p in enumerate(batch) if p.ticket is not None]
+        if not guarded:
+            return payloads
+        assert self.companion is not None
+        try:
+            verdicts = self.companion.before([batch[i].ticket for i in guarded])
+        except Exception as exc:  # the companion's store failed: its appends fail, the others go on
+            verdicts = [exc] * len(guarded)
+        for i, verdict in zip(guarded, verdicts, strict=True):
+            payloads[i] = verdict if isinstance(verdict, Declined | BaseException) else {**batch[i].payload, **verdict}
+        return payloads
+
+    def _commit(self, batch: list[_Pending]) -> list[Any]:
+        """Writer thread: sign, hash and commit a batch (with the companion's work around it);
+        per-item results in order: Appended, Declined or an exception."""
         entries_rows: list[tuple[int, int, bytes]] = []
         node_rows: list[tuple[int, int, int, bytes]] = []
         key_rows: list[tuple[str, int, int]] = []
-        results: list[Appended | Exception] = []
+        results: list[Any] = []
         oid = self._origin_id
         tree = self._tree.copy()
         last_leaf, last_time = self._last_leaf, self._last_time
-        for kind, payload, keys in items:
+        for pending, payload in zip(batch, self._admit(batch), strict=True):
+            if isinstance(payload, Declined | BaseException):
+                results.append(payload)
+                continue
             now = max(int(time.time() * 1000), last_time)
             index = tree.size
             try:
@@ -687,7 +743,7 @@ class LogWriter(_ThreadWriter):
                     index=index,
                     prev=last_leaf,
                     time_ms=now,
-                    kind=kind,
+                    kind=pending.kind,
                     payload=payload,
                     private_key=self.identity.private_key,
                 )
@@ -695,6 +751,7 @@ class LogWriter(_ThreadWriter):
                 results.append(exc)
                 continue
             leaf = merkle.leaf_hash(data)
+            keys = lookup_keys(pending.kind, payload) if pending.keys is None else pending.keys
             entries_rows.append((oid, index, data))
             node_rows += [(oid, level, idx, h) for (level, idx), h in tree.append(leaf)]
             key_rows += [(k, oid, index) for k in keys]
@@ -707,11 +764,24 @@ class LogWriter(_ThreadWriter):
         except (sqlite3.Error, OSError) as exc:
             log.error("ledger commit failed: %s", exc)
             self._load_state()
-            raise LedgerStoreError(
-                f"ledger write failed ({exc}); check disk space and {self.store.path}"
-            ) from None
+            error = LedgerStoreError(f"ledger write failed ({exc}); check disk space and {self.store.path}")
+            return [r if isinstance(r, Declined | BaseException) else error for r in results]
         self._tree, self._last_leaf, self._last_time = tree, last_leaf, last_time
+        self._after(batch, results)
         return results
+
+    def _after(self, batch: list[_Pending], results: list[Any]) -> None:
+        """Writer thread, after the commit: the companion's work on the guarded appends made."""
+        done = [(i, batch[i].ticket, r) for i, r in enumerate(results)
+                if batch[i].ticket is not None and isinstance(r, Appended)]
+        if not done:
+            return
+        assert self.companion is not None
+        try:
+            self.companion.after([(ticket, appended) for _, ticket, appended in done])
+        except Exception as exc:  # appended and durable, but the companion's part failed
+            for i, _, _ in done:
+                results[i] = exc
 
     async def sign_checkpoint(self) -> tuple[int, bytes]:
         """Sign and store a checkpoint of the log as committed now; returns (size, note)."""
