@@ -87,6 +87,7 @@ from dicomledger.ledger.log import (
     evidence_digest,
 )
 from dicomledger.ledger.note import (
+    Note,
     NoteError,
     Signature,
     canonical_b64decode,
@@ -897,6 +898,7 @@ class PeerService:
                 held_size = held[0]
                 if held_size == cp.size:
                     await self._check_pair(origin, held[1], note_bytes, None, source)
+                    await self._merge_cosignatures(origin, cp.size, note)
                     return
                 if held_size > cp.size and cp.size > 0:
                     proof = await self.store.consistency_proof(origin, cp.size, held_size)
@@ -911,6 +913,26 @@ class PeerService:
             if self._backing_off(source):
                 return  # a pull that waited for the lock while another backed this peer off
             await self._pull(origin, note_bytes, cp.size, have, held, source)
+
+    async def _merge_cosignatures(self, origin: str, size: int, note: Note) -> None:
+        """Cosignatures on a checkpoint we hold (same size, same root: checked by the caller)
+        that a peer's copy carries and ours lacks, or carries with a newer timestamp: each is
+        verified with the witness's key first; lines by unknown keys are not taken. So a
+        replica's copy collects the cosignatures its origin gathered after we pulled it."""
+        for sig in note.signatures:
+            if sig.name == origin:
+                continue
+            key = self._witness_key(sig.name)
+            if key is None or verify_cosignature(note.text, sig, sig.name, key) is None:
+                continue
+            await self.store.add_cosignature(origin, size, sig)
+
+    def _witness_key(self, name: str) -> Ed25519PublicKey | None:
+        """The cosigner key of a gateway of the consortium (ourselves included) or of a
+        configured standard witness, by its key name."""
+        if name in self._keys:
+            return self._keys[name]
+        return next((w.public_key for w in self.witnesses if w.name == name), None)
 
     async def _checkpoint_within(
         self, origin: str, size: int, root: bytes, note_bytes: bytes, held: tuple[int, bytes] | None, have: int

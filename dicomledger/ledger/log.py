@@ -56,6 +56,7 @@ from dicomledger.ledger.note import (
     Note,
     NoteError,
     Signature,
+    cosignature_timestamp,
     format_note,
     parse_note,
     sign_note_text,
@@ -365,7 +366,10 @@ class LedgerStore:
         note = parse_note(bytes(row[0]))
         if cosignature in note.signatures:
             return False
-        kept = [s for s in note.signatures if (s.name, s.key_id) != (cosignature.name, cosignature.key_id)]
+        same = [s for s in note.signatures if (s.name, s.key_id) == (cosignature.name, cosignature.key_id)]
+        if any((cosignature_timestamp(s) or 0) >= (cosignature_timestamp(cosignature) or 0) for s in same):
+            return False  # we hold a fresher line by this witness
+        kept = [s for s in note.signatures if s not in same]
         updated = format_note(Note(note.text, (*kept, cosignature)))
         await self.store_checkpoint(origin, size, updated)
         return True
