@@ -193,9 +193,10 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     key = load_key_file(config.ledger.key_file)
     database = config.ledger.database
     try:
-        ok = verify_and_report(
-            database, expected_keys={config.ledger.origin: key.public_key()}, origin=args.origin,
+        ok = verify_and_report(  # the key file's key is the one in force at the log's tip (it rotates)
+            database, current_keys={config.ledger.origin: key.public_key()}, origin=args.origin,
             every_signature=args.every_signature,
+            key_policy=config.peering.witness_policy if config.peering is not None else None,
         )
     except sqlite3.Error as exc:
         return _fail(f"cannot read ledger database {database}: {exc}")
@@ -282,7 +283,9 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
                 f"entry says {entry.origin} index {entry.index}, "
                 f"the proof is for {result.origin} index {proof.index}"
             )
-        verify_entry_signature(entry, trusted.logs[result.origin])
+        chain = trusted.log_chain(result.origin)
+        assert chain is not None  # check_proof_file found it
+        verify_entry_signature(entry, chain.entry_key(entry.index))
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (ProofFileError, NoteError, EntryError) as exc:
@@ -290,6 +293,9 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
             print(json.dumps({"valid": False, "problem": str(exc)}, indent=2))
         else:
             print(f"INVALID: {exc}")
+            if str(exc).startswith("checkpoint has no signature by "):
+                print("(a log that changed its key signs with its new key: add the key-change lines of its "
+                      "trust.txt to the trust file)", file=sys.stderr)
         return EXIT_FAIL
     signed = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
     witnesses = [(name, datetime.fromtimestamp(ts, UTC).isoformat()) for name, ts in result.witnesses]
@@ -481,20 +487,37 @@ def _clear_flag(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_rotate_key(args: argparse.Namespace, config: Config) -> int:
+    """Through the running gateway: a key-rotation entry, then the new key signs its log."""
+    answer = _admin(config, "rotate-key", {})
+    if isinstance(answer, int):
+        return answer
+    print(f"rotated: {config.ledger.origin} entry {answer['index']} is the key-rotation entry; "
+          f"later entries and checkpoints are signed by {answer['vkey']}")
+    print("peers follow the rotation through the log itself; their [[peers]] vkey stays as it is")
+    if answer.get("trust_file"):
+        print(f"for auditors: {answer['trust_file']} now ends with this line (give them the file or the line):")
+    else:
+        print("for auditors, add this line to their trust files:")
+    print(answer["trust_line"])
+    print(f"this gateway now cosigns with witness key {answer['witness_vkey']}")
+    return EXIT_OK
+
+
 def cmd_check_evidence(args: argparse.Namespace) -> int:
     """Offline: does an evidence file prove that its origin signed two histories?"""
     from dicomledger.ledger.checkpoint import parse_checkpoint
     from dicomledger.ledger.note import NoteError, parse_note
-    from dicomledger.ledger.trust import load_trust_text
+    from dicomledger.ledger.trust import read_trust
     from dicomledger.ledger.witness import WitnessError, check_equivocation, parse_evidence
 
     try:
-        trusted = load_trust_text(Path(args.trust).read_text())
+        trusted = read_trust(Path(args.trust))
         evidence = parse_evidence(Path(args.evidence).read_bytes())
-        if evidence.origin not in trusted:
+        chain = trusted.log_chain(evidence.origin)  # each note checked with the key in force at its size
+        if chain is None:
             raise WitnessError(f"the trust file has no key for {evidence.origin}")
-        found = check_equivocation(evidence.note_a, evidence.note_b, evidence.consistency_proof or None,
-                                   trusted[evidence.origin])
+        found = check_equivocation(evidence.note_a, evidence.note_b, evidence.consistency_proof or None, chain)
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (WitnessError, NoteError) as exc:
@@ -591,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p = with_config("verify-file", "is this DICOM file's pixel data anchored?")
     p.add_argument("path")
+    with_config("rotate-key", "sign this gateway's log with a new key from a key-rotation entry on "
+                "(through the running gateway)")
     p = sub.add_parser("check-evidence", help="verify an equivocation evidence file offline with a trust file")
     p.add_argument("evidence")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
@@ -661,6 +686,7 @@ def _main(argv: list[str] | None) -> int:
             "revoke": cmd_revoke,
             "permissions": cmd_permissions,
             "audit": cmd_audit,
+            "rotate-key": cmd_rotate_key,
         }[args.command]
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:

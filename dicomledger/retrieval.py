@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -114,7 +113,6 @@ class QueryRetrieve:
         secret: bytes,
         ae_title: str,
         origin: str,
-        origin_key: Ed25519PublicKey,
         destinations: ForwardingConfig | None,
         audit: AuditSink | None = None,
     ) -> None:
@@ -128,7 +126,6 @@ class QueryRetrieve:
         self.secret = secret
         self.ae_title = ae_title
         self.origin = origin
-        self.origin_key = origin_key
         self.destinations = destinations
 
     def _wait(self, coro: Coroutine[Any, Any, _T]) -> _T:
@@ -289,7 +286,8 @@ class QueryRetrieve:
         method = entry.payload.get("hash_method")
         method = method if isinstance(method, str) else None
         try:
-            verify_entry_signature(entry, self.origin_key, canonical=item.anchor)
+            # the key this gateway's log had in force at that entry (it may have rotated since)
+            verify_entry_signature(entry, self.writer.chain.entry_key(entry.index), canonical=item.anchor)
         except EntryError as exc:
             return f"anchoring entry is invalid: {exc}", sha256, method
         if entry.kind != IMAGE_ANCHORED or entry.payload.get("instance") != item.instance:

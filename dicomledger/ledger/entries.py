@@ -46,6 +46,8 @@ TAMPER_ALARM = "tamper-alarm"
 CONFIG = "config"
 LOCAL_TIP_ACCEPTED = "local-tip-accepted"  # started on an unconfirmed tip (serve --accept-local-tip)
 FLAG_CLEARED = "flag-cleared"  # an equivocation flag cleared (peers --clear-flag)
+KEY_ROTATION = "key-rotation"  # the log's signing key changes (rotate-key; keychain.py)
+KEY_REPLACEMENT = "key-replacement"  # a lost or stolen key replaced by a consortium quorum (keychain.py)
 KINDS = frozenset(
     {
         IMAGE_ANCHORED,
@@ -59,6 +61,8 @@ KINDS = frozenset(
         CONFIG,
         LOCAL_TIP_ACCEPTED,
         FLAG_CLEARED,
+        KEY_ROTATION,
+        KEY_REPLACEMENT,
     }
 )
 _FIELDS = frozenset({"v", "origin", "index", "prev", "time", "kind", "payload", "sig"})
