@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import secrets
@@ -504,6 +505,82 @@ def cmd_rotate_key(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_replace_key(args: argparse.Namespace, config: Config) -> int:
+    """A lost or stolen key, replaced by a quorum of the consortium (docs/keys.md):
+    ``request`` at the gateway whose key it is (stopped), ``sign`` at each other gateway,
+    ``submit`` to each running gateway that records it, ``install`` at the first one."""
+    from dicomledger.datadir import running_gateway
+    from dicomledger.ledger.keychain import (
+        KeyChangeError,
+        add_statement_signature,
+        format_request,
+        parse_request,
+    )
+    from dicomledger.ledger.log import LedgerStore
+    from dicomledger.ledger.note import parse_note
+    from dicomledger.ledger.rotation import check_for_signing, install_replacement, make_request
+
+    origin = config.ledger.origin
+    peers = [p.origin for p in config.peering.peers] if config.peering is not None else []
+    policy = config.peering.witness_policy if config.peering is not None else None
+    path = Path(args.request)
+    if args.action in ("request", "install") and (pid := running_gateway(config)) is not None:
+        return _fail(f"the gateway runs (process {pid}): stop it first, its log must not grow meanwhile")
+    if args.action == "request" and not args.reason:
+        return _fail("replace-key request needs --reason TEXT: it goes on the ledger", EXIT_USAGE)
+    if args.action == "submit":
+        try:
+            data = parse_request(path.read_bytes()).statement
+        except OSError as exc:
+            return _fail(f"cannot read {exc.filename}: {exc.strerror}")
+        except KeyChangeError as exc:
+            return _fail(str(exc))
+        answer = _admin(config, "replace-key-submit", {"statement": base64.b64encode(data).decode()})
+        if isinstance(answer, int):
+            return answer
+        print(f"accepted: {answer['origin']}'s key is replaced from its entry {answer['size']} on "
+              f"(signed by {', '.join(answer['signers'])}); recorded as {origin} entry {answer['index']}")
+        return EXIT_OK
+
+    async def run() -> str:
+        store = await LedgerStore.open(config.ledger.database)
+        try:
+            if args.action == "request":
+                request = await make_request(store, origin, config.ledger.key_file, args.reason)
+                path.write_bytes(format_request(request))
+                return (f"wrote the replacement request for {origin} at size {len(request.tail) + request.tail_start} "
+                        f"to {path}; the new key is {config.ledger.key_file}.new. Have a quorum of the other "
+                        "gateways sign it (`replace-key sign`), then `replace-key install` it here")
+            request = parse_request(path.read_bytes())
+            if args.action == "sign":
+                statement = await check_for_signing(store, request, peers)
+                key = load_key_file(config.ledger.key_file)
+                if origin in [o.name for o in await store.origins()]:
+                    current = (await store.key_chain(origin)).current
+                    if current.public_bytes_raw() != key.public_key().public_bytes_raw():
+                        raise KeyChangeError("this gateway's key file is not the key its own log has in force")
+                signed = add_statement_signature(request.statement, origin, key)
+                path.write_bytes(format_request(type(request)(request.tail_start, request.tail, signed)))
+                return (f"signed: {origin} consents that {statement.origin}'s key is replaced from its entry "
+                        f"{statement.size} on; {path} carries the signatures of "
+                        f"{', '.join(sorted({s.name for s in parse_note(signed).signatures} - {statement.origin}))}")
+            signer_keys = {o.name: (await store.key_chain(o.name)).trusted_keys() for o in await store.origins()}
+            statement = await install_replacement(
+                store, origin, config.ledger.key_file, request, policy, lambda name: signer_keys.get(name, []))
+            return (f"installed: the next `serve` appends the replacement at entry {statement.size} of {origin}, "
+                    f"signed by {', '.join(statement.signers)}, and signs with the new key from then on")
+        finally:
+            await store.close()
+
+    try:
+        print(asyncio.run(run()))
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+    except (KeyChangeError, KeyFileError) as exc:
+        return _fail(str(exc))
+    return EXIT_OK
+
+
 def cmd_check_evidence(args: argparse.Namespace) -> int:
     """Offline: does an evidence file prove that its origin signed two histories?"""
     from dicomledger.ledger.checkpoint import parse_checkpoint
@@ -616,6 +693,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     with_config("rotate-key", "sign this gateway's log with a new key from a key-rotation entry on "
                 "(through the running gateway)")
+    p = with_config("replace-key", "replace a lost or stolen key with a quorum of the consortium: "
+                    "request (here, stopped), sign (each other gateway), submit (each running gateway), "
+                    "install (here, stopped)")
+    p.add_argument("action", choices=("request", "sign", "submit", "install"))
+    p.add_argument("request", metavar="REQUEST", help="the request file (written by request, signed in place)")
+    p.add_argument("--reason", help="why the key is replaced (request; goes on the ledger; no PHI)")
     p = sub.add_parser("check-evidence", help="verify an equivocation evidence file offline with a trust file")
     p.add_argument("evidence")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
@@ -687,6 +770,7 @@ def _main(argv: list[str] | None) -> int:
             "permissions": cmd_permissions,
             "audit": cmd_audit,
             "rotate-key": cmd_rotate_key,
+            "replace-key": cmd_replace_key,
         }[args.command]
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:

@@ -70,7 +70,7 @@ from dicomledger.ledger.keychain import replacement_payload
 from dicomledger.ledger.log import LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.ledger.policy import WitnessPolicy
-from dicomledger.ledger.pseudonym import pseudonym
+from dicomledger.ledger.pseudonym import pseudonym, secret_check
 from dicomledger.ledger.rotation import own_key_check, resume_rotation, statement_file
 from dicomledger.ledger.tip import OwnTip, local_tip_accepted_payload
 from dicomledger.retrieval import QueryRetrieve
@@ -319,7 +319,8 @@ class Gateway:
         assert self.ledger is not None and self.writer is not None
         self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer,
                                  on_equivocation=self.audit.equivocation,
-                                 on_tls_refused=partial(self.audit.tls_refused, "peer API"))
+                                 on_tls_refused=partial(self.audit.tls_refused, "peer API"),
+                                 secret_check=secret_check(self.secret))
         try:
             await self.peers.start()
         except OSError as exc:

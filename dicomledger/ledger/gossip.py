@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import random
 import ssl
@@ -91,9 +92,11 @@ from dicomledger.ledger.keychain import (
     changes_key_of,
     check_rotation,
     check_statement,
+    parse_statement,
     statement_of,
 )
 from dicomledger.ledger.log import (
+    ConsortiumCheck,
     ConsortiumState,
     LedgerStore,
     LedgerStoreError,
@@ -123,6 +126,7 @@ from dicomledger.ledger.peer_tls import (
     pem_fingerprint,
     server_context,
 )
+from dicomledger.ledger.policy import WitnessPolicy, canonical_text
 from dicomledger.ledger.tip import OwnTip, flag_cleared_payload
 from dicomledger.ledger.witness import (
     SIZE_CONTENT_TYPE,
@@ -155,6 +159,45 @@ ADD_CHECKPOINT_PATH = "/add-checkpoint"
 
 class PeerProtocolError(ValueError):
     """A peer's message was malformed, oversized or did not verify."""
+
+
+class ConsortiumMismatch(PeerProtocolError):
+    """A peer holds another pseudonym secret or witness policy: nothing is exchanged with it."""
+
+
+# Every request between gateways and every answer carries the sender's consortium settings:
+# "secret-check=<hex>; policy=<hex>|none", the keyed check value of its pseudonym secret
+# (pseudonym.secret_check) and the SHA-256 of its witness policy's canonical text.
+CONSORTIUM_HEADER = "Dicomledger-Consortium"
+
+
+def consortium_value(secret_check: str, policy: WitnessPolicy | None) -> str:
+    digest = "none" if policy is None else hashlib.sha256(canonical_text(policy).encode()).hexdigest()
+    return f"secret-check={secret_check}; policy={digest}"
+
+
+def parse_consortium_value(value: str) -> dict[str, str]:
+    fields = {}
+    for part in value.split(";"):
+        name, sep, field_value = part.strip().partition("=")
+        if sep:
+            fields[name] = field_value
+    return fields
+
+
+def consortium_mismatch(ours: str, theirs: str) -> str | None:
+    """How a peer's consortium settings differ from ours, in words; None if they match."""
+    mine, other = parse_consortium_value(ours), parse_consortium_value(theirs)
+    problems = []
+    if mine.get("secret-check") != other.get("secret-check"):
+        problems.append(
+            f"its pseudonym secret differs from ours (check value {str(other.get('secret-check'))[:16]}…, ours "
+            f"{str(mine.get('secret-check'))[:16]}…): one patient would have two pseudonyms")
+    if mine.get("policy") != other.get("policy"):
+        what = lambda d: "none" if d in (None, "none") else f"{d[:16]}…"  # noqa: E731
+        problems.append(f"its witness policy differs from ours (digest {what(other.get('policy'))}, ours "
+                        f"{what(mine.get('policy'))})")
+    return "; ".join(problems) or None
 
 
 class EntriesRefused(PeerProtocolError):
@@ -308,8 +351,11 @@ class PeerService:
         *,
         on_equivocation: Callable[[str, str], None] | None = None,  # (origin, reported by)
         on_tls_refused: Callable[[str, str], None] | None = None,  # (address, reason)
+        secret_check: str | None = None,  # pseudonym.secret_check of our secret; None: not exchanged
     ) -> None:
         self.config = config
+        self._consortium = None if secret_check is None else consortium_value(secret_check, config.witness_policy)
+        self._mismatch_logged: dict[str, str | None] = {}
         self._on_equivocation = on_equivocation
         self._on_tls_refused = on_tls_refused
         self.identity = identity
@@ -345,7 +391,7 @@ class PeerService:
         await self.replicas.start()
         certs = [p.tls_cert for p in self.config.peers]
         app = web.Application(
-            client_max_size=self.config.max_message_bytes, middlewares=[self._count_traffic]
+            client_max_size=self.config.max_message_bytes, middlewares=[self._count_traffic, self._consortium_guard]
         )
         app.router.add_get("/v1/checkpoints", self._get_checkpoints)
         app.router.add_get("/v1/entries", self._get_entries)
@@ -591,6 +637,42 @@ class PeerService:
             self.traffic.bytes_sent += len(body)
         return response
 
+    @web.middleware
+    async def _consortium_guard(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        """A peer whose request says it holds another pseudonym secret or witness policy is
+        refused (403, nothing served or stored); every answer says what we hold. A request
+        without the header (a standard witness client, a gateway from before the check) is
+        served as before."""
+        theirs = request.headers.get(CONSORTIUM_HEADER)
+        problem = None
+        if theirs is not None and self._consortium is not None:
+            problem = await self._note_consortium(self._caller(request), theirs)
+        response: web.StreamResponse
+        if problem is not None:
+            response = web.Response(status=403, text=f"consortium mismatch: {problem}\n")
+        else:
+            response = await handler(request)
+        if self._consortium is not None:
+            response.headers[CONSORTIUM_HEADER] = self._consortium
+        return response
+
+    async def _note_consortium(self, peer: str, theirs: str) -> str | None:
+        """Compare a peer's consortium settings with ours, keep what it said (`peers` shows
+        it) and say so in one log line when that changes; returns the mismatch, if any."""
+        assert self._consortium is not None
+        problem = consortium_mismatch(self._consortium, theirs)
+        fields = parse_consortium_value(theirs)
+        await self.state.set_consortium_check(
+            ConsortiumCheck(peer, fields.get("secret-check"), fields.get("policy"), problem, _now()))
+        if peer not in self._mismatch_logged or self._mismatch_logged[peer] != problem:
+            if problem is not None:
+                log.error("peer refused: consortium settings differ; nothing is exchanged with it until they match",
+                          peer=peer, mismatch=problem)
+            elif self._mismatch_logged.get(peer) is not None:
+                log.info("consortium settings of a peer match ours again", peer=peer)
+            self._mismatch_logged[peer] = problem
+        return problem
+
     def _caller(self, request: web.Request) -> str:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
@@ -794,10 +876,18 @@ class PeerService:
         assert session is not None
         self.traffic.requests_made += 1
         self.traffic.bytes_sent += len(data or b"")
-        headers = None if content_type is None else {"Content-Type": content_type}
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        ours = self._consortium if isinstance(peer, _Peer) else None  # standard witnesses: none
+        if ours is not None:
+            headers[CONSORTIUM_HEADER] = ours
         method = session.get if data is None else session.post
         options = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))}
-        async with method(peer.url + path, data=data, headers=headers, **options) as resp:
+        async with method(peer.url + path, data=data, headers=headers or None, **options) as resp:
+            theirs = resp.headers.get(CONSORTIUM_HEADER)
+            if ours is not None and theirs is not None:
+                problem = await self._note_consortium(peer.name, theirs)
+                if problem is not None:
+                    raise ConsortiumMismatch(f"consortium mismatch: {problem}")
             raw = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
                 raw += chunk
@@ -906,6 +996,8 @@ class PeerService:
                 PeerStatus(origin, False, last_contact, None, f"unreachable: {exc!s}"[:300])
             )
             log.info("peer unreachable", peer=origin, error=str(exc)[:200])
+        except ConsortiumMismatch as exc:  # logged once when found
+            await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
         except EntriesRefused as exc:
             delay = self._back_off(peer)
             await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
@@ -1023,8 +1115,11 @@ class PeerService:
 
     async def accept_statement(self, data: bytes, source: str) -> Statement | None:
         """A replacement statement for a consortium gateway's key, seen on another gateway's
-        log: ``apply_statement``, with one log line if it does not apply here."""
+        log: ``apply_statement``, with one log line if it does not apply here. (Our own
+        replacement, recorded by the gateways that submitted it, is ours already.)"""
         try:
+            if parse_statement(data).origin == self.identity.origin:
+                return None
             return await self.apply_statement(data, source)
         except KeyChangeError as exc:
             log.error("key replacement statement not accepted", source=source, reason=str(exc))

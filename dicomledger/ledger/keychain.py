@@ -337,6 +337,7 @@ def check_statement(
                 break
     shortfall = policy.shortfall(signed)
     if shortfall is not None:
+        shortfall = shortfall.replace("missing cosignatures from", "missing signatures from")
         raise KeyChangeError(f"replacement statement for {statement.origin} lacks a quorum: {shortfall}")
     return statement
 
@@ -451,3 +452,50 @@ def chain_from_entries(
                 entry, chain, root=lambda index=entry.index: (roots or {})[index], policy=policy, signer_keys=signer_keys,
             )
     return chain
+
+
+# -- the request file that travels between the consortium's administrators ------------------
+
+REQUEST_MAGIC = "dicomledger-key-replacement-request/v1"
+MAX_REQUEST_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Request:
+    """A replacement statement on its way round the consortium, with the origin's entries
+    from ``tail_start`` to the statement's size: a signer that holds fewer of them than the
+    statement keeps checks the rest against its own copy (each signed by the key in force,
+    chained, and together giving the statement's root)."""
+
+    tail_start: int
+    tail: tuple[bytes, ...]
+    statement: bytes  # the statement note, with the signatures gathered so far
+
+
+def format_request(request: Request) -> bytes:
+    """``REQUEST_MAGIC``, ``tail <start>``, one base64 entry per line, an empty line, then
+    the statement note verbatim."""
+    lines = [REQUEST_MAGIC, f"tail {request.tail_start}", *(base64.b64encode(e).decode("ascii") for e in request.tail)]
+    return "".join(line + "\n" for line in lines).encode("ascii") + b"\n" + request.statement
+
+
+def parse_request(data: bytes) -> Request:
+    """Parse a request file strictly; the statement is parsed (not checked) too."""
+    if len(data) > MAX_REQUEST_BYTES:
+        raise KeyChangeError(f"request file is longer than {MAX_REQUEST_BYTES} bytes")
+    head, sep, statement = data.partition(b"\n\n")
+    try:
+        lines = head.decode("ascii").split("\n")
+    except UnicodeDecodeError:
+        raise KeyChangeError("request file: the lines before the statement are not ASCII") from None
+    if not sep or lines[0] != REQUEST_MAGIC or len(lines) < 2 or not lines[1].startswith("tail "):
+        raise KeyChangeError(f"not a key replacement request: it must start with {REQUEST_MAGIC!r} and a 'tail' line")
+    start = lines[1][len("tail "):]
+    if not start.isdigit() or start != str(int(start)):
+        raise KeyChangeError(f"request file: tail start {start[:24]!r} is not a decimal")
+    tail = tuple(canonical_b64decode(line, f"request file: tail entry {n}", KeyChangeError)
+                 for n, line in enumerate(lines[2:]))
+    parsed = parse_statement(statement)
+    if int(start) + len(tail) != parsed.size:
+        raise KeyChangeError(f"request file: its tail ends at {int(start) + len(tail)}, not at the statement's size {parsed.size}")
+    return Request(int(start), tail, statement)

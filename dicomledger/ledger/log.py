@@ -12,7 +12,7 @@ Tables:
               or key-replacement entry and the key in force after it, written with the
               entry; and a replacement accepted ahead of the origin's own entry (its
               statement, from another gateway's log or `replace-key submit`)
-  witness_state, evidence, evidence_cleared, peer_status
+  witness_state, evidence, evidence_cleared, peer_status, peer_consortium
               the consortium's state (``ConsortiumState``)
 
 Only ``LogWriter`` appends to an origin's log. It group-commits: appenders queue, the
@@ -129,6 +129,13 @@ CREATE TABLE IF NOT EXISTS peer_status (
     last_contact TEXT,
     their_size INTEGER,
     error TEXT
+);
+CREATE TABLE IF NOT EXISTS peer_consortium (
+    origin TEXT PRIMARY KEY,
+    secret_check TEXT,
+    policy TEXT,
+    mismatch TEXT,
+    checked_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS key_changes (
     origin_id INTEGER NOT NULL,
@@ -482,6 +489,19 @@ class PeerStatus:
     error: str | None
 
 
+@dataclass(frozen=True)
+class ConsortiumCheck:
+    """What a peer last said of its consortium settings (``gossip.CONSORTIUM_HEADER``): the
+    check value of its pseudonym secret, the digest of its witness policy, and how they
+    differ from ours (None: they match)."""
+
+    origin: str
+    secret_check: str | None
+    policy: str | None
+    mismatch: str | None
+    checked_at: str
+
+
 class ConsortiumState:
     """What a gateway remembers about its peers: witness state per origin, equivocation
     evidence (an origin with evidence whose flag was not cleared is flagged), and each peer's
@@ -557,6 +577,19 @@ class ConsortiumState:
             "VALUES (?, ?, ?, ?, ?)",
             (status.origin, int(status.reachable), status.last_contact, status.their_size, status.error),
         )
+
+    async def set_consortium_check(self, check: ConsortiumCheck) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO peer_consortium (origin, secret_check, policy, mismatch, checked_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (check.origin, check.secret_check, check.policy, check.mismatch, check.checked_at),
+        )
+
+    async def consortium_check(self, origin: str) -> ConsortiumCheck | None:
+        row = await _one_row(
+            self.db, "SELECT secret_check, policy, mismatch, checked_at FROM peer_consortium WHERE origin = ?", (origin,)
+        )
+        return None if row is None else ConsortiumCheck(origin, *row)
 
     async def peer_status(self, origin: str) -> PeerStatus | None:
         row = await _one_row(

@@ -36,6 +36,7 @@ from dicomledger.ledger.note import (
     canonical_b64decode,
     key_id,
     parse_verifier_key,
+    verifier_key,
     verify_cosignature,
 )
 
@@ -132,6 +133,17 @@ class WitnessPolicy:
         explain(self.quorum)
         who = ", ".join(f"{w.name} ({w.key_name})" for w in missing)
         return "; ".join([*reasons, f"missing cosignatures from {who}"])
+
+
+def canonical_text(policy: WitnessPolicy) -> str:
+    """The policy in one text form, whatever the spacing, comments and URLs of its file:
+    its logs, witnesses (cosigner vkeys), groups (thresholds as numbers) and quorum, in the
+    order defined. Two files with the same canonical text require the same cosignatures."""
+    lines = [f"log {verifier_key(log.key_name, log.key)}" for log in policy.logs]
+    lines += [f"witness {w.name} {verifier_key(w.key_name, w.key, SIG_COSIGNATURE_V1)}" for w in policy.witnesses]
+    lines += [f"group {g.name} {g.threshold} {' '.join(g.members)}" for g in policy.groups]
+    lines.append(f"quorum {policy.quorum}")
+    return "".join(line + "\n" for line in lines)
 
 
 def is_policy_line(line: str) -> bool:
