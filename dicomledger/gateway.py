@@ -54,7 +54,7 @@ from dicomledger.dicom.scp import (
 )
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue, ForwardQueueError
-from dicomledger.key_admin import KeyAdmin
+from dicomledger.key_admin import KeyAdmin, add_to_trust_file
 from dicomledger.ledger import merkle
 from dicomledger.ledger.entries import (
     IMAGE_ANCHORED,
@@ -357,6 +357,7 @@ class Gateway:
         if found.replacement is not None:
             entry = await self.writer.append(KEY_REPLACEMENT, replacement_payload(found.replacement))
             statement_file(self.config.ledger.key_file).unlink()
+            add_to_trust_file(self.config, entry.data, f"Key replacement at entry {entry.index}", self.identity.vkey)
             log.warning("recorded on the ledger: this gateway's key was replaced by a consortium quorum",
                         entry=entry.index, vkey=self.identity.vkey)
 

@@ -13,6 +13,7 @@ to a restored log could sign a second history).
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -30,6 +31,16 @@ from dicomledger.ledger.trust import key_change_line
 log = structlog.get_logger("dicomledger.keys")
 
 
+def add_to_trust_file(config: Config, entry: bytes, what: str, vkey: str) -> Path:
+    """Append a key change's ``key-change`` line to the ``trust.txt`` beside the config (the
+    file `init` wrote for auditors and peers), if there is one; returns its path."""
+    trust = config.path.parent / "trust.txt"
+    if trust.exists():
+        with open(trust, "a", encoding="utf-8") as f:
+            f.write(f"\n# {what}: from then on this log is signed by\n# {vkey}\n{key_change_line(entry)}\n")
+    return trust
+
+
 class KeyAdmin:
     def __init__(self, config: Config, writer: LogWriter, book: PermissionBook, peers: PeerService | None) -> None:
         self.config = config
@@ -44,12 +55,8 @@ class KeyAdmin:
         appended = await rotate_key(self.writer, self.config.ledger.key_file)
         identity = self.writer.identity
         self.book.issuer_keys[identity.origin] = identity.private_key  # custodian signatures
+        trust = add_to_trust_file(self.config, appended.data, f"Key rotation at entry {appended.index}", identity.vkey)
         line = key_change_line(appended.data)
-        trust = self.config.path.parent / "trust.txt"
-        if trust.exists():  # auditors' copy of this gateway's keys (as `init` wrote it)
-            with open(trust, "a", encoding="utf-8") as f:
-                f.write(f"\n# Key rotation at entry {appended.index}: entries after it are signed by\n"
-                        f"# {identity.vkey}\n{line}\n")
         log.warning("key rotated: entries after the key-rotation entry are signed by the new key",
                     entry=appended.index, vkey=identity.vkey)
         return {

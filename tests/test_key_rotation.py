@@ -19,8 +19,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dicomledger.ledger.entries import KEY_ROTATION, decode_entry, encode_entry, sign_entry
 from dicomledger.ledger.identity import Identity
-from dicomledger.ledger.keychain import KeyChain, KeyChange, KeyChangeError, check_rotation, rotation_payload
-from dicomledger.ledger.log import LedgerStore, LogWriter, ReplicaError, ReplicaWriter, sign_checkpoint
+from dicomledger.ledger.keychain import (
+    KeyChain,
+    KeyChange,
+    KeyChangeError,
+    check_rotation,
+    rotation_payload,
+)
+from dicomledger.ledger.log import (
+    LedgerStore,
+    LogWriter,
+    ReplicaError,
+    ReplicaWriter,
+    sign_checkpoint,
+)
 from dicomledger.ledger.note import SIG_COSIGNATURE_V1, parse_note, verifier_key
 from dicomledger.ledger.trust import key_change_line
 from dicomledger.ledger.verify import verify_database
