@@ -355,7 +355,7 @@ class PeerService:
     ) -> None:
         self.config = config
         self._consortium = None if secret_check is None else consortium_value(secret_check, config.witness_policy)
-        self._mismatch_logged: dict[str, str | None] = {}
+        self._consortium_seen: dict[str, tuple[str, str | None]] = {}  # peer -> (its settings, mismatch)
         self._on_equivocation = on_equivocation
         self._on_tls_refused = on_tls_refused
         self.identity = identity
@@ -657,20 +657,26 @@ class PeerService:
         return response
 
     async def _note_consortium(self, peer: str, theirs: str) -> str | None:
-        """Compare a peer's consortium settings with ours, keep what it said (`peers` shows
-        it) and say so in one log line when that changes; returns the mismatch, if any."""
+        """Compare a peer's consortium settings with ours; when what it says changes (and at
+        its first word since we started) keep it (`peers` shows it) and say so in one log
+        line. Returns the mismatch, if any."""
         assert self._consortium is not None
         problem = consortium_mismatch(self._consortium, theirs)
+        if self._consortium_seen.get(peer) == (theirs, problem):
+            return problem
+        before = self._consortium_seen.get(peer)
+        if before is None:
+            held = await self.state.consortium_check(peer)
+            before = None if held is None else ("", held.mismatch)
         fields = parse_consortium_value(theirs)
         await self.state.set_consortium_check(
             ConsortiumCheck(peer, fields.get("secret-check"), fields.get("policy"), problem, _now()))
-        if peer not in self._mismatch_logged or self._mismatch_logged[peer] != problem:
-            if problem is not None:
-                log.error("peer refused: consortium settings differ; nothing is exchanged with it until they match",
-                          peer=peer, mismatch=problem)
-            elif self._mismatch_logged.get(peer) is not None:
-                log.info("consortium settings of a peer match ours again", peer=peer)
-            self._mismatch_logged[peer] = problem
+        self._consortium_seen[peer] = (theirs, problem)
+        if problem is not None:
+            log.error("peer refused: consortium settings differ; nothing is exchanged with it until they match",
+                      peer=peer, mismatch=problem)
+        elif before is not None and before[1] is not None:
+            log.info("consortium settings of a peer match ours again", peer=peer)
         return problem
 
     def _caller(self, request: web.Request) -> str:
