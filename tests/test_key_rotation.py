@@ -297,3 +297,25 @@ def _cosigners(holder: GatewayProcess, of: GatewayProcess, size: int) -> set[str
     if held is None or held[0] < size:
         return set()
     return {s.name for s in parse_note(held[1]).signatures} - {of.origin}
+
+
+async def test_audit_checks_each_entry_with_the_key_in_force_at_its_index(tmp_path):
+    from dicomledger.ledger.audit import AuditError, audit_events
+
+    store = await LedgerStore.open(tmp_path / "a.db")
+    writer = LogWriter(store, Identity(A, K0))
+    await writer.start()
+    anchor = {"patient": "p1", "study": "s1", "sha256": "1" * 64}
+    await writer.append("image-anchored", anchor)
+    await writer.rotate(K1)
+    after = await writer.append("image-anchored", {**anchor, "sha256": "2" * 64})
+    await writer.stop()
+    assert [(e.index, e.kind) for e in await audit_events(store, patient="p1")] == [(2, "image-anchored"), (0, "image-anchored")]
+    # entry 2 as the first key would have signed it: canonical, chained, but not by the key in force
+    entry = decode_entry(after.data)
+    forged = sign_entry(origin=A, index=2, prev=entry.prev, time_ms=entry.time_ms, kind=entry.kind,
+                        payload=entry.payload, private_key=K0)[1]
+    await store.db.execute("UPDATE entries SET data = ? WHERE idx = 2", (forged,))
+    with pytest.raises(AuditError, match=f"signature of {A} entry 2 does not verify"):
+        await audit_events(store, patient="p1")
+    await store.close()
