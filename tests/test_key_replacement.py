@@ -345,3 +345,22 @@ def test_a_gateway_does_not_start_with_a_key_file_that_is_not_its_logs_key(tmp_p
         gw.start()
     assert "gateway cannot start" in gw.log() and "this log's entries are signed by" in gw.log()
     assert "replace-key" in gw.log()
+
+
+def test_a_trust_file_follows_a_replacement_and_no_longer_counts_the_replaced_key():
+    from dicomledger.ledger.trust import key_change_line, load_trust
+
+    data = statement((B, KB), (C, KC))
+    _, entry = _replacement_entry(data)
+    policy_lines = "".join(
+        f"witness {n} {verifier_key(o, k.public_key(), SIG_COSIGNATURE_V1)}\n" for n, o, k in
+        (("A", A, OLD), ("B", B, KB), ("C", C, KC))) + "group g 2 A B C\nquorum g\n"
+    trust = load_trust(f"{verifier_key(A, OLD.public_key())}\n{policy_lines}{key_change_line(entry)}\n")
+    chain = trust.log_chain(A)
+    assert chain is not None and chain.current.public_bytes_raw() == NEW.public_key().public_bytes_raw()
+    assert [k.public_bytes_raw() for k in trust.witness_keys()[A]] == [NEW.public_key().public_bytes_raw()]
+    from dicomledger.ledger.note import NoteError
+
+    without_policy = load_trust(f"{verifier_key(A, OLD.public_key())}\n{key_change_line(entry)}\n")
+    with pytest.raises(NoteError, match="trust line 2: a key replacement needs a witness policy"):
+        _ = without_policy.chains

@@ -78,19 +78,20 @@ class Trust:
             if entry.origin not in self.logs:
                 raise NoteError(f"trust line {n}: a key change of {entry.origin}, whose first key the trust file lacks")
             entries.setdefault(entry.origin, []).append((n, entry))
-        rotated = {o: self._chain(o, found, None, lambda name: ()) for o, found in entries.items()}
+        rotated = {o: self._chain(o, found, None, lambda name: (), rotations_only=True) for o, found in entries.items()}
         return {o: self._chain(o, found, self.policy, lambda name: rotated[name].trusted_keys() if name in rotated else [])
                 for o, found in entries.items()}
 
     def _chain(
         self, origin: str, found: list[tuple[int, Entry]], policy: WitnessPolicy | None,
-        signer_keys: Callable[[str], Sequence[Ed25519PublicKey]],
+        signer_keys: Callable[[str], Sequence[Ed25519PublicKey]], rotations_only: bool = False,
     ) -> KeyChain:
-        """Rotations only without a policy (the signers' own chains, for counting them)."""
+        """The chain through ``found``; with ``rotations_only``, up to its first replacement
+        (the signers' own chains, for counting a replacement's signers)."""
         chain = KeyChain(origin, self.logs[origin])
         for n, entry in sorted(found, key=lambda item: item[1].index):
-            if policy is None and entry.kind != KEY_ROTATION:
-                continue
+            if rotations_only and entry.kind != KEY_ROTATION:
+                break
             try:
                 pinned = parse_statement(statement_of(entry)).root if entry.kind != KEY_ROTATION else b""
                 chain = check_change(entry, chain, root=lambda pinned=pinned: pinned, policy=policy, signer_keys=signer_keys)

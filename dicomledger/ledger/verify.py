@@ -559,17 +559,19 @@ def verify_database(
         except NoteError as exc:
             return VerifyReport((), Problem("trust file", "key-change line", str(exc)))
         changes = {name: _change_rows(db, origin_id) for origin_id, name, _ in every}
-        chains = _later_keys(db, every, stored, changes, key_policy)
+        chains, replaced = _later_keys(db, every, stored, changes, key_policy)
         if trust is not None:
             # a witness's keys: those the trust file gives, and the later keys its own log (in
-            # this database, from the first key the trust file pins) changed to
+            # this database, from the first key the trust file pins) changed to, but not those
+            # a replacement took over from
             witness_keys = {n: [k.public_bytes_raw() for k in keys] for n, keys in trust.witness_keys().items()}
             for name, keys in witness_keys.items():
                 if name in chains and pinned.get(name) == stored.get(name):
+                    keys[:] = [k for k in keys if k not in replaced[name]]
                     keys += [k for k in chains[name] if k not in keys]
         else:
             witness_keys = {
-                name: [stored_key, *(k for k in chains.get(name, []) if k != stored_key)]
+                name: [k for k in dict.fromkeys([stored_key, *chains.get(name, [])]) if k not in replaced.get(name, [])]
                 for name, stored_key in stored.items() if stored_key is not None and len(stored_key) == 32
             }
         origins = []
@@ -629,12 +631,14 @@ def _change_rows(db: sqlite3.Connection, origin_id: int) -> ChangeData:
 def _later_keys(
     db: sqlite3.Connection, origins: list[tuple[int, str, object]], stored: Mapping[str, bytes | None],
     changes: Mapping[str, ChangeData], policy: WitnessPolicy | None,
-) -> dict[str, list[bytes]]:
+) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
     """The keys each origin's log changed to that still count as a witness's or a statement
     signer's (replaced ones left out): its key-change entries checked from its first key, the
     root a replacement pins taken as given (the origin's own check compares it with its tree).
-    An origin whose changes do not check gets none here (its own check names the problem)."""
+    An origin whose changes do not check gets none here (its own check names the problem).
+    Also returns, per origin, the keys a replacement took over from."""
     found: dict[str, list[bytes]] = {}
+    replaced: dict[str, list[bytes]] = {}
     for origin_id, name, _ in origins:
         first = stored.get(name)
         if first is None or len(first) != 32 or not changes.get(name):
@@ -654,7 +658,8 @@ def _later_keys(
         except KeyChangeError:
             continue
         found[name] = [k.public_bytes_raw() for k in chain.trusted_keys()]
-    return found
+        replaced[name] = [k.public_bytes_raw() for k in chain.keys() if k.public_bytes_raw() not in found[name]]
+    return found, replaced
 
 
 def _current_key_problem(o: _Origin, want: Ed25519PublicKey) -> Problem | None:
