@@ -88,6 +88,12 @@ heartbeat_interval = 60.0
 # confirmed this gateway's own log, giving back entries it lost, e.g. to a restore. With no
 # peer answering within this many seconds `serve` stops, unless given --accept-local-tip.
 startup_wait = 60.0
+# The consortium's witness policy (a C2SP tlog-policy file: a `witness` line per gateway, from
+# the last line of its trust.txt, a group and the quorum), the same file at every gateway: its
+# quorum of the other gateways must sign a statement that replaces a lost or stolen key
+# (`dicomledger replace-key`, docs/keys.md). Peers exchange its digest and a check value of the
+# pseudonym secret, and refuse each other when they differ.
+# witness_policy = "consortium-policy.txt"
 
 # One [[peers]] table per other gateway: its origin, peer API address, verifier key (line 2
 # in its trust.txt) and pinned TLS certificate (a copy of its keys/peer-tls.crt).
