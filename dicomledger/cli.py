@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import secrets
@@ -91,6 +92,12 @@ heartbeat_interval = 60.0
 # confirmed this gateway's own log, giving back entries it lost, e.g. to a restore. With no
 # peer answering within this many seconds `serve` stops, unless given --accept-local-tip.
 startup_wait = 60.0
+# The consortium's witness policy (a C2SP tlog-policy file: a `witness` line per gateway, from
+# the last line of its trust.txt, a group and the quorum), the same file at every gateway: its
+# quorum of the other gateways must sign a statement that replaces a lost or stolen key
+# (`dicomledger replace-key`, docs/keys.md). Peers exchange its digest and a check value of the
+# pseudonym secret, and refuse each other when they differ.
+# witness_policy = "consortium-policy.txt"
 
 # One [[peers]] table per other gateway: its origin, peer API address, verifier key (line 2
 # in its trust.txt) and pinned TLS certificate (a copy of its keys/peer-tls.crt).
@@ -197,9 +204,10 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     key = load_key_file(config.ledger.key_file)
     database = config.ledger.database
     try:
-        ok = verify_and_report(
-            database, expected_keys={config.ledger.origin: key.public_key()}, origin=args.origin,
+        ok = verify_and_report(  # the key file's key is the one in force at the log's tip (it rotates)
+            database, current_keys={config.ledger.origin: key.public_key()}, origin=args.origin,
             every_signature=args.every_signature,
+            key_policy=config.peering.witness_policy if config.peering is not None else None,
         )
     except sqlite3.Error as exc:
         return _fail(f"cannot read ledger database {database}: {exc}")
@@ -286,7 +294,9 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
                 f"entry says {entry.origin} index {entry.index}, "
                 f"the proof is for {result.origin} index {proof.index}"
             )
-        verify_entry_signature(entry, trusted.logs[result.origin])
+        chain = trusted.log_chain(result.origin)
+        assert chain is not None  # check_proof_file found it
+        verify_entry_signature(entry, chain.entry_key(entry.index))
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (ProofFileError, NoteError, EntryError) as exc:
@@ -294,6 +304,9 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
             print(json.dumps({"valid": False, "problem": str(exc)}, indent=2))
         else:
             print(f"INVALID: {exc}")
+            if str(exc).startswith("checkpoint has no signature by "):
+                print("(a log that changed its key signs with its new key: add the key-change lines of its "
+                      "trust.txt to the trust file)", file=sys.stderr)
         return EXIT_FAIL
     signed = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
     witnesses = [(name, datetime.fromtimestamp(ts, UTC).isoformat()) for name, ts in result.witnesses]
@@ -485,20 +498,113 @@ def _clear_flag(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_rotate_key(args: argparse.Namespace, config: Config) -> int:
+    """Through the running gateway: a key-rotation entry, then the new key signs its log."""
+    answer = _admin(config, "rotate-key", {})
+    if isinstance(answer, int):
+        return answer
+    print(f"rotated: {config.ledger.origin} entry {answer['index']} is the key-rotation entry; "
+          f"later entries and checkpoints are signed by {answer['vkey']}")
+    print("peers follow the rotation through the log itself; their [[peers]] vkey stays as it is")
+    if answer.get("trust_file"):
+        print(f"for auditors: {answer['trust_file']} now ends with this line (give them the file or the line):")
+    else:
+        print("for auditors, add this line to their trust files:")
+    print(answer["trust_line"])
+    print(f"this gateway now cosigns with witness key {answer['witness_vkey']}")
+    return EXIT_OK
+
+
+def cmd_replace_key(args: argparse.Namespace, config: Config) -> int:
+    """A lost or stolen key, replaced by a quorum of the consortium (docs/keys.md):
+    ``request`` at the gateway whose key it is (stopped), ``sign`` at each other gateway,
+    ``submit`` to each running gateway that records it, ``install`` at the first one."""
+    from dicomledger.datadir import running_gateway
+    from dicomledger.ledger.keychain import (
+        KeyChangeError,
+        add_statement_signature,
+        format_request,
+        parse_request,
+    )
+    from dicomledger.ledger.log import LedgerStore
+    from dicomledger.ledger.note import parse_note
+    from dicomledger.ledger.rotation import check_for_signing, install_replacement, make_request
+
+    origin = config.ledger.origin
+    peers = [p.origin for p in config.peering.peers] if config.peering is not None else []
+    policy = config.peering.witness_policy if config.peering is not None else None
+    path = Path(args.request)
+    if args.action in ("request", "install") and (pid := running_gateway(config)) is not None:
+        return _fail(f"the gateway runs (process {pid}): stop it first, its log must not grow meanwhile")
+    if args.action == "request" and not args.reason:
+        return _fail("replace-key request needs --reason TEXT: it goes on the ledger", EXIT_USAGE)
+    if args.action == "submit":
+        try:
+            data = parse_request(path.read_bytes()).statement
+        except OSError as exc:
+            return _fail(f"cannot read {exc.filename}: {exc.strerror}")
+        except KeyChangeError as exc:
+            return _fail(str(exc))
+        answer = _admin(config, "replace-key-submit", {"statement": base64.b64encode(data).decode()})
+        if isinstance(answer, int):
+            return answer
+        print(f"accepted: {answer['origin']}'s key is replaced from its entry {answer['size']} on "
+              f"(signed by {', '.join(answer['signers'])}); recorded as {origin} entry {answer['index']}")
+        return EXIT_OK
+
+    async def run() -> str:
+        store = await LedgerStore.open(config.ledger.database)
+        try:
+            if args.action == "request":
+                request = await make_request(store, origin, config.ledger.key_file, args.reason)
+                path.write_bytes(format_request(request))
+                return (f"wrote the replacement request for {origin} at size {len(request.tail) + request.tail_start} "
+                        f"to {path}; the new key is {config.ledger.key_file}.new. Have a quorum of the other "
+                        "gateways sign it (`replace-key sign`), then `replace-key install` it here")
+            request = parse_request(path.read_bytes())
+            if args.action == "sign":
+                statement = await check_for_signing(store, request, peers)
+                key = load_key_file(config.ledger.key_file)
+                if origin in [o.name for o in await store.origins()]:
+                    current = (await store.key_chain(origin)).current
+                    if current.public_bytes_raw() != key.public_key().public_bytes_raw():
+                        raise KeyChangeError("this gateway's key file is not the key its own log has in force")
+                signed = add_statement_signature(request.statement, origin, key)
+                path.write_bytes(format_request(type(request)(request.tail_start, request.tail, signed)))
+                return (f"signed: {origin} consents that {statement.origin}'s key is replaced from its entry "
+                        f"{statement.size} on; {path} carries the signatures of "
+                        f"{', '.join(sorted({s.name for s in parse_note(signed).signatures} - {statement.origin}))}")
+            signer_keys = {o.name: (await store.key_chain(o.name)).trusted_keys() for o in await store.origins()}
+            statement = await install_replacement(
+                store, origin, config.ledger.key_file, request, policy, lambda name: signer_keys.get(name, []))
+            return (f"installed: the next `serve` appends the replacement at entry {statement.size} of {origin}, "
+                    f"signed by {', '.join(statement.signers)}, and signs with the new key from then on")
+        finally:
+            await store.close()
+
+    try:
+        print(asyncio.run(run()))
+    except OSError as exc:
+        return _fail(f"cannot read {exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+    except (KeyChangeError, KeyFileError) as exc:
+        return _fail(str(exc))
+    return EXIT_OK
+
+
 def cmd_check_evidence(args: argparse.Namespace) -> int:
     """Offline: does an evidence file prove that its origin signed two histories?"""
     from dicomledger.ledger.checkpoint import parse_checkpoint
     from dicomledger.ledger.note import NoteError, parse_note
-    from dicomledger.ledger.trust import load_trust_text
+    from dicomledger.ledger.trust import read_trust
     from dicomledger.ledger.witness import WitnessError, check_equivocation, parse_evidence
 
     try:
-        trusted = load_trust_text(Path(args.trust).read_text())
+        trusted = read_trust(Path(args.trust))
         evidence = parse_evidence(Path(args.evidence).read_bytes())
-        if evidence.origin not in trusted:
+        chain = trusted.log_chain(evidence.origin)  # each note checked with the key in force at its size
+        if chain is None:
             raise WitnessError(f"the trust file has no key for {evidence.origin}")
-        found = check_equivocation(evidence.note_a, evidence.note_b, evidence.consistency_proof or None,
-                                   trusted[evidence.origin])
+        found = check_equivocation(evidence.note_a, evidence.note_b, evidence.consistency_proof or None, chain)
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (WitnessError, NoteError) as exc:
@@ -596,6 +702,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("verify-file", "is this DICOM file's pixel data anchored?")
     p.add_argument("path")
     add_lifecycle_parsers(sub, with_config)
+    with_config("rotate-key", "sign this gateway's log with a new key from a key-rotation entry on "
+                "(through the running gateway)")
+    p = with_config("replace-key", "replace a lost or stolen key with a quorum of the consortium: "
+                    "request (here, stopped), sign (each other gateway), submit (each running gateway), "
+                    "install (here, stopped)")
+    p.add_argument("action", choices=("request", "sign", "submit", "install"))
+    p.add_argument("request", metavar="REQUEST", help="the request file (written by request, signed in place)")
+    p.add_argument("--reason", help="why the key is replaced (request; goes on the ledger; no PHI)")
     p = sub.add_parser("check-evidence", help="verify an equivocation evidence file offline with a trust file")
     p.add_argument("evidence")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
@@ -667,6 +781,8 @@ def _main(argv: list[str] | None) -> int:
             "permissions": cmd_permissions,
             "audit": cmd_audit,
             **LIFECYCLE_HANDLERS,
+            "rotate-key": cmd_rotate_key,
+            "replace-key": cmd_replace_key,
         }[args.command]
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:

@@ -15,6 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dicomledger.ledger.note import NoteError, parse_verifier_key
+from dicomledger.ledger.policy import PolicyError, WitnessPolicy, parse_policy
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no controls
 
@@ -102,6 +103,9 @@ class PeeringConfig:
     # Seconds a start waits for a peer to confirm this gateway's own log (and hand back any
     # entries it lost, e.g. to a restore) before it refuses to start without --accept-local-tip.
     startup_wait: float = 60.0
+    # The consortium's witness policy (C2SP tlog-policy): which gateways' signatures make a
+    # quorum for a key-replacement statement; peers must hold the same one.
+    witness_policy: WitnessPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -567,6 +571,7 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         heartbeat_interval=pe.get("heartbeat_interval", float, 60.0),
         backoff_max=pe.get("backoff_max", float, 300.0),
         startup_wait=pe.get("startup_wait", float, 60.0),
+        witness_policy=_witness_policy(pe) if "witness_policy" in pe.data else None,
     )
     pe.done()
     if peering.gossip_interval <= 0:
@@ -606,6 +611,17 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         raise ConfigError(f"{path}: the same origin is listed twice under [[peers]]")
     witnesses = _witnesses(path, raw, {own_origin, *(p.origin for p in peers)})
     return PeeringConfig(**{**peering.__dict__, "peers": tuple(peers), "witnesses": witnesses})
+
+
+def _witness_policy(pe: _Section) -> WitnessPolicy:
+    """[peering] witness_policy: a C2SP tlog-policy file, one line naming the mistake."""
+    policy_path = pe.path_("witness_policy")
+    try:
+        return parse_policy(policy_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise pe._fail("witness_policy", f"{policy_path} cannot be read ({exc.strerror})") from None
+    except (UnicodeDecodeError, PolicyError) as exc:
+        raise pe._fail("witness_policy", f"{policy_path} is not a witness policy: {exc}") from None
 
 
 def _witnesses(path: Path, raw: dict[str, Any], taken: set[str]) -> tuple[WitnessConfig, ...]:

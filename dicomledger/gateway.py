@@ -59,9 +59,11 @@ from dicomledger.dicom.net.dimse import (
 from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_instance_file
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue, ForwardQueueError
+from dicomledger.key_admin import KeyAdmin, add_to_trust_file
 from dicomledger.ledger import merkle
 from dicomledger.ledger.entries import (
     IMAGE_ANCHORED,
+    KEY_REPLACEMENT,
     LOCAL_TIP_ACCEPTED,
     Entry,
     EntryError,
@@ -69,9 +71,12 @@ from dicomledger.ledger.entries import (
 )
 from dicomledger.ledger.gossip import PeerService
 from dicomledger.ledger.identity import Identity, load_key_file
+from dicomledger.ledger.keychain import replacement_payload
 from dicomledger.ledger.log import Appended, Declined, LedgerStore, LedgerStoreError, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
-from dicomledger.ledger.pseudonym import pseudonym
+from dicomledger.ledger.policy import WitnessPolicy
+from dicomledger.ledger.pseudonym import pseudonym, secret_check
+from dicomledger.ledger.rotation import own_key_check, resume_rotation, statement_file
 from dicomledger.ledger.tip import OwnTip, local_tip_accepted_payload
 from dicomledger.lifecycle import Lifecycle
 from dicomledger.retrieval import QueryRetrieve
@@ -328,9 +333,14 @@ class Gateway:
         self.ledger = await LedgerStore.open(cfg.ledger.database)
         if read := await self.ledger.add_lookup_keys():
             log.info("lookup keys brought up to date", entries=read)
-        self.writer = LogWriter(self.ledger, self.identity, companion=IndexCompanion(self.rows))
+        self.identity, resumed = await resume_rotation(self.ledger, self.identity, cfg.ledger.key_file)
+        if resumed:
+            log.warning(resumed, vkey=self.identity.vkey)
+        policy = cfg.peering.witness_policy if cfg.peering is not None else None
+        self.writer = LogWriter(self.ledger, self.identity, companion=IndexCompanion(self.rows), policy=policy)
         tip = await self._confirm_own_tip(stop)
         await self.writer.start()  # after the check: it loads the tip the check may have moved
+        await self._check_own_key(policy)  # may append a key replacement first
         if tip is not None and not tip.confirmed:
             accepted = await self.writer.append(LOCAL_TIP_ACCEPTED, local_tip_accepted_payload(
                 _operator(), tip.problem or "", tip.unreachable))
@@ -361,6 +371,7 @@ class Gateway:
                 peers = self.peers
                 handlers["clear-flag"] = lambda body: peers.clear_flag(body["origin"], body["reason"], body["by"])
             handlers.update(self.lifecycle.handlers())
+            handlers |= KeyAdmin(cfg, self.writer, self.book, self.peers).handlers()  # rotate-key, replace-key
             self.admin = AdminServer(cfg.admin_socket, handlers)
             await self.admin.start()
         if self.peers is not None:
@@ -369,8 +380,7 @@ class Gateway:
         query_retrieve = QueryRetrieve(
             index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
             book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
-            origin=self.identity.origin, origin_key=self.identity.public_key,
-            destinations=cfg.forwarding, audit=self.audit,
+            origin=self.identity.origin, destinations=cfg.forwarding, audit=self.audit,
         )
         self.server = DicomServer(
             ae_title=g.ae_title,
@@ -416,14 +426,16 @@ class Gateway:
         assert self.ledger is not None and self.writer is not None
         self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer,
                                  on_equivocation=self.audit.equivocation,
-                                 on_tls_refused=partial(self.audit.tls_refused, "peer API"))
+                                 on_tls_refused=partial(self.audit.tls_refused, "peer API"),
+                                 secret_check=secret_check(self.secret))
         try:
             await self.peers.start()
         except OSError as exc:
             raise _listener_failed("peer API", cfg.peering.host, cfg.peering.port, exc) from None
         if not cfg.peering.peers:
             return None
-        await self.ledger.ensure_origin(self.identity.origin, self.identity.public_key)
+        if await self.ledger.origin(self.identity.origin) is None:  # a new log: its first key
+            await self.ledger.ensure_origin(self.identity.origin, self.identity.public_key)
         tip = await self.peers.confirm_own_tip(
             wait=cfg.peering.startup_wait, accept_local_tip=self.accept_local_tip, stop=stop)
         if tip.stopped:
@@ -440,6 +452,21 @@ class Gateway:
         log.warning("starting on an unconfirmed local tip (--accept-local-tip)", problem=tip.problem,
                     size=tip.size, unreachable=dict(tip.unreachable))
         return tip
+
+    async def _check_own_key(self, policy: WitnessPolicy | None) -> None:
+        """The key file's key must sign this log from its (confirmed) tip on: the key in force
+        there, or the new key of an installed replacement statement, appended first."""
+        assert self.ledger is not None and self.writer is not None
+        signer_keys = await self.peers.signer_keys() if self.peers is not None else (lambda name: ())
+        found = await own_key_check(self.ledger, self.identity, self.config.ledger.key_file, policy, signer_keys)
+        if found.problem is not None:
+            raise StartupError(found.problem)
+        if found.replacement is not None:
+            entry = await self.writer.append(KEY_REPLACEMENT, replacement_payload(found.replacement))
+            statement_file(self.config.ledger.key_file).unlink()
+            add_to_trust_file(self.config, entry.data, f"Key replacement at entry {entry.index}", self.identity.vkey)
+            log.warning("recorded on the ledger: this gateway's key was replaced by a consortium quorum",
+                        entry=entry.index, vkey=self.identity.vkey)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -78,7 +78,7 @@ class Lifecycle:
         self.scrubber = Scrubber(
             config=cfg.scrub, index=self.index, ledger=self.ledger, writer=self.writer,
             storage_dir=cfg.storage.directory, state=self.state, secret=self.secret,
-            origin=self.identity.origin, origin_key=self.identity.public_key, lock=self.lock,
+            origin=self.identity.origin, lock=self.lock,
             audit=self.audit, ae_title=cfg.gateway.ae_title, host=cfg.gateway.host,
         )
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -112,7 +111,6 @@ class QueryRetrieve:
         secret: bytes,
         ae_title: str,
         origin: str,
-        origin_key: Ed25519PublicKey,
         destinations: ForwardingConfig | None,
         audit: AuditSink | None = None,
     ) -> None:
@@ -125,7 +123,6 @@ class QueryRetrieve:
         self.secret = secret
         self.ae_title = ae_title
         self.origin = origin
-        self.origin_key = origin_key
         self.destinations = destinations
         # One checker: files are read, hashed and parsed here, off the event loop; more
         # threads would only compete for the GIL with the loop that sends.
@@ -294,7 +291,7 @@ class QueryRetrieve:
     def _check(self, item: Item, path: Path) -> tuple[Loaded | None, str, str | None, str | None]:
         """In the checker thread: (the instance to send, or None and the problem; the anchored
         and the found hash)."""
-        check = check_anchor(item.anchor, self.origin_key, item.instance)
+        check = check_anchor(item.anchor, self.writer.chain.entry_key, item.instance)
         problem, expected = check.problem, check.sha256
         found = None
         if problem is None:

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dicomledger.atna.trail import AuditSink, SentInstance
 from dicomledger.config import ScrubConfig
@@ -83,7 +82,7 @@ class Progress:
 class Scrubber:
     def __init__(
         self, *, config: ScrubConfig, index: Index, ledger: LedgerStore, writer: LogWriter, storage_dir: Path,
-        state: LifecycleState, secret: bytes, origin: str, origin_key: Ed25519PublicKey, lock: asyncio.Lock,
+        state: LifecycleState, secret: bytes, origin: str, lock: asyncio.Lock,
         audit: AuditSink | None = None, ae_title: str = "", host: str = "127.0.0.1",
     ) -> None:
         self.config = config
@@ -94,7 +93,6 @@ class Scrubber:
         self.state = state
         self.secret = secret
         self.origin = origin
-        self.origin_key = origin_key
         self.lock = lock  # shared with erasure
         self.audit = audit or AuditSink()  # the ATNA trail gets a Security Alert, as for a retrieval's alarm
         self.ae_title = ae_title
@@ -114,7 +112,7 @@ class Scrubber:
         except LedgerStoreError:
             anchor = None
         instance = pseudonym(self.secret, "instance", row.sop_instance_uid)
-        checked = check_anchor(anchor, self.origin_key, instance)
+        checked = check_anchor(anchor, self.writer.chain.entry_key, instance)
         if checked.problem is not None:  # as a retrieval: nothing to check the file against
             return [Problem(ALARM, checked.problem, checked.sha256)]
         problems = []

@@ -19,7 +19,7 @@ from dicomledger.config import Config
 from dicomledger.datadir import running_gateway
 from dicomledger.dicom.index import Index
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
-from dicomledger.ledger.log import ConsortiumState, LedgerStore
+from dicomledger.ledger.log import ConsortiumCheck, ConsortiumState, LedgerStore
 from dicomledger.ledger.note import Signature, cosignature_timestamp, parse_note
 
 
@@ -159,6 +159,7 @@ async def _peers(config: Config) -> list[str]:
                 f"its own checkpoint size {status.their_size}" if status and status.their_size is not None else "",
                 _cosigned(own, own_sigs, peer.origin),
                 "FLAGGED: equivocation evidence held" if peer.origin in flagged else "not flagged",
+                _consortium(await state.consortium_check(peer.origin)),
                 await _cleared(state, peer.origin),
                 f"last error: {status.error}" if status and status.error else "",
             ]
@@ -166,6 +167,15 @@ async def _peers(config: Config) -> list[str]:
         return lines
     finally:
         await store.close()
+
+
+def _consortium(check: ConsortiumCheck | None) -> str:
+    """Whether the peer holds our pseudonym secret and witness policy (exchanged at peering)."""
+    if check is None:
+        return "consortium settings not exchanged yet"
+    if check.mismatch is not None:
+        return f"REFUSED: {check.mismatch} (as of {check.checked_at})"
+    return "same pseudonym secret and witness policy"
 
 
 async def _cleared(state: ConsortiumState, origin: str) -> str:

@@ -10,6 +10,7 @@ A failure is a ``tamper-alarm`` entry on the ledger and an error log line naming
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,12 @@ class AnchorCheck:
     payload: dict[str, Any] | None  # the entry's payload, if it decodes
 
 
-def check_anchor(anchor: bytes | None, origin_key: Ed25519PublicKey, instance: str) -> AnchorCheck:
+def check_anchor(
+    anchor: bytes | None, entry_key: Callable[[int], Ed25519PublicKey], instance: str
+) -> AnchorCheck:
     """Does ``anchor`` (the anchoring entry's bytes) anchor ``instance`` (its pseudonym),
-    signed with ``origin_key``?"""
+    signed with ``entry_key(index)``, the key this log had in force at its index (it may have
+    rotated since)?"""
     if anchor is None:
         return AnchorCheck(NO_ANCHOR, None, None, None)
     try:
@@ -51,7 +55,7 @@ def check_anchor(anchor: bytes | None, origin_key: Ed25519PublicKey, instance: s
     method = payload.get("hash_method")
     method = method if isinstance(method, str) else None
     try:
-        verify_entry_signature(entry, origin_key, canonical=anchor)
+        verify_entry_signature(entry, entry_key(entry.index), canonical=anchor)
     except EntryError as exc:
         return AnchorCheck(f"anchoring entry is invalid: {exc}", sha256, method, payload)
     if entry.kind != IMAGE_ANCHORED or payload.get("instance") != instance:

@@ -347,3 +347,33 @@ def read_only_media(cosigned: Consortium, media: Path, tmp_path: Path) -> None:
     result = as_nobody()
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "the folder is not writable and ledger.db-wal holds part of the database" in result.stderr
+
+
+def test_a_replica_collects_the_cosignatures_its_origin_gathered(tmp_path):
+    """B pulls A's entries with A's checkpoint as announced, before anyone cosigned it; the
+    cosignatures B and C add at A must reach B's copy too (merged from A's checkpoint in a
+    later gossip round, each verified), so an auditor's policy verify of B's ledger file passes
+    for A's log."""
+    a, b, c = consortium(tmp_path, 3)
+    for gw in (a, b, c):
+        gw.start()
+    try:
+        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "mr", 3)).returncode == 0
+
+        def cosigners(gw: GatewayProcess) -> set[str]:
+            held = newest_checkpoint(ledger_path(gw), a.origin)
+            if held is None or held[0] != 3:
+                return set()
+            return {s.name for s in parse_note(held[1]).signatures} - {a.origin}
+
+        wait_until(lambda: cosigners(a) == {b.origin, c.origin}, what="B's and C's cosignatures at A")
+        wait_until(lambda: cosigners(b) == {b.origin, c.origin}, timeout=15, what="the same cosignatures on B's copy")
+    finally:
+        for gw in (a, b, c):
+            gw.stop()
+    trust = tmp_path / "auditor.txt"
+    trust.write_text("".join(gw.vkey + "\n" for gw in (a, b, c))
+                     + f"witness B {witness_vkey(b)}\nwitness C {witness_vkey(c)}\ngroup g 2 B C\nquorum g\n")
+    code, out, err = verify("--ledger", str(ledger_path(b)), "--trust", str(trust), "--origin", a.origin)
+    assert code == 0, out + err
+    assert f"cosigned by {b.origin}, {c.origin}; witness quorum met" in out

@@ -31,6 +31,7 @@ from dicomledger.ledger.entries import (
     TAMPER_ALARM,
     EntryError,
     decode_entry,
+    verify_entry_signature,
 )
 from dicomledger.ledger.permissions import Grant, PermissionFormatError, parse_record
 
@@ -324,8 +325,9 @@ async def audit_events(
     records of its patient that cover it (those for all studies). Both: the entries of that
     study of that patient. An entry found by key is kept only if its payload names the
     pseudonym(s) asked for, so a stray lookup key cannot pull in another patient's entry.
-    Signatures are not re-checked here (`dicomledger verify` does); an entry that does not
-    decode raises AuditError naming it.
+    Each entry shown is checked against its own signature, by the key its log had in force at
+    that index (the log's key chain, which rotations and replacements extend); an entry that
+    does not decode or verify raises AuditError naming it (`dicomledger verify` finds the rest).
     """
     if patient is None and study is None:
         raise ValueError("audit_events needs a patient or a study pseudonym")
@@ -365,5 +367,9 @@ async def _event(store: LedgerStore, origin: str, index: int) -> AuditEvent:
         raise AuditError(
             f"{origin} entry {index} says it is {entry.origin} entry {entry.index}; run `dicomledger verify`"
         )
+    try:
+        verify_entry_signature(entry, (await store.key_chain(origin)).entry_key(index), canonical=data)
+    except EntryError as exc:
+        raise AuditError(f"{exc}; run `dicomledger verify`") from None
     return AuditEvent(entry.time_ms, origin, index, entry.kind, entry.payload, merkle.leaf_hash(data).hex())
 

@@ -47,6 +47,8 @@ CONFIG = "config"
 LOCAL_TIP_ACCEPTED = "local-tip-accepted"  # started on an unconfirmed tip (serve --accept-local-tip)
 FLAG_CLEARED = "flag-cleared"  # an equivocation flag cleared (peers --clear-flag)
 ERASED = "erased"
+KEY_ROTATION = "key-rotation"  # the log's signing key changes (rotate-key; keychain.py)
+KEY_REPLACEMENT = "key-replacement"  # a lost or stolen key replaced by a consortium quorum (keychain.py)
 KINDS = frozenset(
     {
         IMAGE_ANCHORED,
@@ -61,6 +63,8 @@ KINDS = frozenset(
         LOCAL_TIP_ACCEPTED,
         FLAG_CLEARED,
         ERASED,
+        KEY_ROTATION,
+        KEY_REPLACEMENT,
     }
 )
 _FIELDS = frozenset({"v", "origin", "index", "prev", "time", "kind", "payload", "sig"})

@@ -7,6 +7,8 @@ Peer API (HTTPS, mutual TLS, each side pinning the other's certificate; JSON bod
                                          and the checkpoint we last cosigned per origin
   GET  /v1/entries?origin=O&start=S&end=E   entries [S, E) of O's log we hold (at most 1000)
   GET  /v1/consistency?origin=O&old=M&new=N consistency proof of O's log from M to N
+  GET  /v1/key-changes?origin=O&start=S  O's key-rotation and key-replacement entries we hold
+                                         from index S (to follow its key chain ahead of a pull)
   POST /add-checkpoint                   C2SP tlog-witness add-checkpoint, byte for byte (text
                                          body and answers, ``witness.parse_add_checkpoint``)
   POST /v1/add-checkpoint                the same in JSON, {"note", "old_size", "proof"}: 200
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import random
 import ssl
@@ -74,9 +77,26 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dicomledger.config import PeerConfig, PeeringConfig, WitnessConfig
 from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
-from dicomledger.ledger.entries import FLAG_CLEARED
+from dicomledger.ledger.entries import (
+    FLAG_CLEARED,
+    KEY_ROTATION,
+    EntryError,
+    decode_entry,
+    verify_entry_signature,
+)
 from dicomledger.ledger.identity import Identity
+from dicomledger.ledger.keychain import (
+    KeyChange,
+    KeyChangeError,
+    Statement,
+    changes_key_of,
+    check_rotation,
+    check_statement,
+    parse_statement,
+    statement_of,
+)
 from dicomledger.ledger.log import (
+    ConsortiumCheck,
     ConsortiumState,
     LedgerStore,
     LedgerStoreError,
@@ -87,6 +107,7 @@ from dicomledger.ledger.log import (
     evidence_digest,
 )
 from dicomledger.ledger.note import (
+    Note,
     NoteError,
     Signature,
     canonical_b64decode,
@@ -94,6 +115,7 @@ from dicomledger.ledger.note import (
     format_signature_lines,
     parse_note,
     parse_signature_lines,
+    verifier_key,
     verify_cosignature,
     verify_note_signature,
 )
@@ -104,9 +126,11 @@ from dicomledger.ledger.peer_tls import (
     pem_fingerprint,
     server_context,
 )
+from dicomledger.ledger.policy import WitnessPolicy, canonical_text
 from dicomledger.ledger.tip import OwnTip, flag_cleared_payload
 from dicomledger.ledger.witness import (
     SIZE_CONTENT_TYPE,
+    BadSignatureError,
     InconsistentError,
     StaleError,
     WitnessError,
@@ -135,6 +159,45 @@ ADD_CHECKPOINT_PATH = "/add-checkpoint"
 
 class PeerProtocolError(ValueError):
     """A peer's message was malformed, oversized or did not verify."""
+
+
+class ConsortiumMismatch(PeerProtocolError):
+    """A peer holds another pseudonym secret or witness policy: nothing is exchanged with it."""
+
+
+# Every request between gateways and every answer carries the sender's consortium settings:
+# "secret-check=<hex>; policy=<hex>|none", the keyed check value of its pseudonym secret
+# (pseudonym.secret_check) and the SHA-256 of its witness policy's canonical text.
+CONSORTIUM_HEADER = "Dicomledger-Consortium"
+
+
+def consortium_value(secret_check: str, policy: WitnessPolicy | None) -> str:
+    digest = "none" if policy is None else hashlib.sha256(canonical_text(policy).encode()).hexdigest()
+    return f"secret-check={secret_check}; policy={digest}"
+
+
+def parse_consortium_value(value: str) -> dict[str, str]:
+    fields = {}
+    for part in value.split(";"):
+        name, sep, field_value = part.strip().partition("=")
+        if sep:
+            fields[name] = field_value
+    return fields
+
+
+def consortium_mismatch(ours: str, theirs: str) -> str | None:
+    """How a peer's consortium settings differ from ours, in words; None if they match."""
+    mine, other = parse_consortium_value(ours), parse_consortium_value(theirs)
+    problems = []
+    if mine.get("secret-check") != other.get("secret-check"):
+        problems.append(
+            f"its pseudonym secret differs from ours (check value {str(other.get('secret-check'))[:16]}…, ours "
+            f"{str(mine.get('secret-check'))[:16]}…): one patient would have two pseudonyms")
+    if mine.get("policy") != other.get("policy"):
+        what = lambda d: "none" if d in (None, "none") else f"{d[:16]}…"  # noqa: E731
+        problems.append(f"its witness policy differs from ours (digest {what(other.get('policy'))}, ours "
+                        f"{what(mine.get('policy'))})")
+    return "; ".join(problems) or None
 
 
 class EntriesRefused(PeerProtocolError):
@@ -288,27 +351,32 @@ class PeerService:
         *,
         on_equivocation: Callable[[str, str], None] | None = None,  # (origin, reported by)
         on_tls_refused: Callable[[str, str], None] | None = None,  # (address, reason)
+        secret_check: str | None = None,  # pseudonym.secret_check of our secret; None: not exchanged
     ) -> None:
         self.config = config
+        self._consortium = None if secret_check is None else consortium_value(secret_check, config.witness_policy)
+        self._consortium_seen: dict[str, tuple[str, str | None]] = {}  # peer -> (its settings, mismatch)
         self._on_equivocation = on_equivocation
         self._on_tls_refused = on_tls_refused
         self.identity = identity
         self.store = store
         self.own_log = own_log
         self.state = ConsortiumState(store)
-        self.replicas = ReplicaWriter(store)
+        self.replicas = ReplicaWriter(store, policy=config.witness_policy)
         self.peers = {p.origin: _Peer(p) for p in config.peers}
         self.witnesses = [_Witness(w) for w in config.witnesses]
         self._by_fingerprint = {pem_fingerprint(p.tls_cert): p.origin for p in config.peers}
-        self._keys = {p.origin: p.public_key for p in config.peers}
-        self._witnessed = {p.origin: p.public_key for p in config.peers}  # the logs we witness
-        self._keys[identity.origin] = identity.public_key
+        # the logs of the consortium, ours included; each verified with its key chain, which
+        # starts at the key [[peers]] lists (its first key) and follows its log's key changes
+        self._origins = {identity.origin, *(p.origin for p in config.peers)}
+        self._witnessed = frozenset(p.origin for p in config.peers)  # the logs we witness
         self._witness_lock = asyncio.Lock()
         self._origin_locks: dict[str, asyncio.Lock] = {}
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._pull_wanted: dict[str, tuple[_Peer, bytes]] = {}
+        self._statements_seen: list[tuple[bytes, str]] = []  # key replacements recorded in pulled entries
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self.traffic = Traffic()
         self.port = config.port
@@ -323,11 +391,12 @@ class PeerService:
         await self.replicas.start()
         certs = [p.tls_cert for p in self.config.peers]
         app = web.Application(
-            client_max_size=self.config.max_message_bytes, middlewares=[self._count_traffic]
+            client_max_size=self.config.max_message_bytes, middlewares=[self._count_traffic, self._consortium_guard]
         )
         app.router.add_get("/v1/checkpoints", self._get_checkpoints)
         app.router.add_get("/v1/entries", self._get_entries)
         app.router.add_get("/v1/consistency", self._get_consistency)
+        app.router.add_get("/v1/key-changes", self._get_key_changes)
         app.router.add_post("/v1/add-checkpoint", self._post_add_checkpoint)
         app.router.add_post(ADD_CHECKPOINT_PATH, self._post_add_checkpoint_text)
         self._runner = web.AppRunner(app, access_log=None)
@@ -467,6 +536,11 @@ class PeerService:
         status, body = await self._fetch(peer, "/v1/checkpoints", timeout=STARTUP_REQUEST_TIMEOUT)
         if status != 200 or not isinstance(body, dict):
             raise PeerProtocolError(f"checkpoints: status {status}")
+        chain = await self.store.key_chain(own)
+        have = await self.store.size(own)
+        # beyond the entries we hold, a key change we lost (a restore) may have happened: any
+        # key of ours signs there, the key file's included; the catch-up checks each entry
+        ours = [*chain.keys(), self.identity.public_key]
         found = []
         for section, kind in (("checkpoints", "holds"), ("witnessed", "cosigned")):
             notes = body.get(section)
@@ -475,7 +549,9 @@ class PeerService:
             data = _unb64(notes[own], "checkpoint")
             note = parse_note(data)
             cp = parse_checkpoint(note.text)
-            if cp.origin != own or not verify_note_signature(note, own, self.identity.public_key):
+            signed = chain.signs_checkpoint(note, cp.size) or (
+                cp.size > have and any(verify_note_signature(note, own, key) for key in ours))
+            if cp.origin != own or not signed:
                 raise PeerProtocolError("a checkpoint it offers as this gateway's is not signed by this gateway's key")
             found.append((cp, data, kind))
         return found
@@ -561,6 +637,48 @@ class PeerService:
             self.traffic.bytes_sent += len(body)
         return response
 
+    @web.middleware
+    async def _consortium_guard(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        """A peer whose request says it holds another pseudonym secret or witness policy is
+        refused (403, nothing served or stored); every answer says what we hold. A request
+        without the header (a standard witness client, a gateway from before the check) is
+        served as before."""
+        theirs = request.headers.get(CONSORTIUM_HEADER)
+        problem = None
+        if theirs is not None and self._consortium is not None:
+            problem = await self._note_consortium(self._caller(request), theirs)
+        response: web.StreamResponse
+        if problem is not None:
+            response = web.Response(status=403, text=f"consortium mismatch: {problem}\n")
+        else:
+            response = await handler(request)
+        if self._consortium is not None:
+            response.headers[CONSORTIUM_HEADER] = self._consortium
+        return response
+
+    async def _note_consortium(self, peer: str, theirs: str) -> str | None:
+        """Compare a peer's consortium settings with ours; when what it says changes (and at
+        its first word since we started) keep it (`peers` shows it) and say so in one log
+        line. Returns the mismatch, if any."""
+        assert self._consortium is not None
+        problem = consortium_mismatch(self._consortium, theirs)
+        if self._consortium_seen.get(peer) == (theirs, problem):
+            return problem
+        before = self._consortium_seen.get(peer)
+        if before is None:
+            held = await self.state.consortium_check(peer)
+            before = None if held is None else ("", held.mismatch)
+        fields = parse_consortium_value(theirs)
+        await self.state.set_consortium_check(
+            ConsortiumCheck(peer, fields.get("secret-check"), fields.get("policy"), problem, _now()))
+        self._consortium_seen[peer] = (theirs, problem)
+        if problem is not None:
+            log.error("peer refused: consortium settings differ; nothing is exchanged with it until they match",
+                      peer=peer, mismatch=problem)
+        elif before is not None and before[1] is not None:
+            log.info("consortium settings of a peer match ours again", peer=peer)
+        return problem
+
     def _caller(self, request: web.Request) -> str:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
@@ -625,6 +743,20 @@ class PeerService:
             return self._refuse(caller, 400, str(exc))
         return web.json_response({"proof": [_b64(h) for h in proof]})
 
+    async def _get_key_changes(self, request: web.Request) -> web.Response:
+        """The key-rotation and key-replacement entries of a log we hold, from ``start``: a
+        peer that sees a checkpoint signed by a key it does not know yet learns the chain."""
+        caller = self._caller(request)
+        try:
+            origin = request.query.get("origin", "")
+            (start,) = self._query_ints(request, "start")
+            if await self.store.origin(origin) is None:
+                return self._refuse(caller, 404, f"no log for origin {origin!r}")
+            entries = await self.store.key_changes(origin, start)
+        except PeerProtocolError as exc:
+            return self._refuse(caller, 400, str(exc))
+        return web.json_response({"entries": [_b64(e) for e in entries]})
+
     async def _post_add_checkpoint(self, request: web.Request) -> web.Response:
         """C2SP tlog-witness add-checkpoint: a peer asks us to cosign its checkpoint."""
         caller = self._caller(request)
@@ -650,7 +782,7 @@ class PeerService:
             return self._refuse(caller, 400, str(exc))
         if caller in await self.state.flagged():
             return self._refuse(caller, 403, "you are flagged for equivocation: this gateway no longer cosigns your checkpoints")
-        outcome = await self._witness(caller, note, old_size, proof, {caller: self._keys[caller]})  # its own checkpoints
+        outcome = await self._witness(caller, note, old_size, proof, frozenset({caller}))  # its own checkpoints
         self._log_refusal(caller, outcome)
         if outcome.status == 200:
             (cosignature,) = outcome.cosignatures
@@ -684,10 +816,12 @@ class PeerService:
         return web.Response(status=outcome.status, text=outcome.reason + "\n")
 
     async def _witness(
-        self, caller: str, note: bytes, old_size: int, proof: Sequence[bytes], logs: dict[str, Ed25519PublicKey]
+        self, caller: str, note: bytes, old_size: int, proof: Sequence[bytes], logs: frozenset[str]
     ) -> _Witnessed:
-        """Check ``note`` as a witness of the ``logs`` given and cosign it (tlog-witness
-        add-checkpoint); the state is read, checked and saved under one lock."""
+        """Check ``note`` as a witness of the ``logs`` (origins) given and cosign it
+        (tlog-witness add-checkpoint); the state is read, checked and saved under one lock.
+        A checkpoint signed by a key we do not know for its size is refused (403) and makes
+        us pull that log: it may have changed its key in entries we have not pulled yet."""
         try:
             origin = checkpoint_origin(note)
         except WitnessError as exc:
@@ -698,15 +832,17 @@ class PeerService:
         async with self._witness_lock:  # read, check and update the state atomically
             stored = await self.state.witness_state(origin) if origin in logs else None
             state = WitnessState(origin, *stored) if stored else None
+            chains = {origin: await self.store.key_chain(origin)} if origin in logs else {}
+            identity = self.own_log.identity  # the key in force now: a rotation changes it
             try:
                 cosignature, new_state = witness_checkpoint(
                     note=note,
                     old_size=old_size,
                     consistency_proof=proof,
                     state=state,
-                    logs=logs,
-                    witness_name=self.identity.origin,
-                    witness_key=self.identity.private_key,
+                    logs=chains,
+                    witness_name=identity.origin,
+                    witness_key=identity.private_key,
                     now=int(time.time()),
                 )
             except InconsistentError as exc:
@@ -715,6 +851,10 @@ class PeerService:
                 return _Witnessed(exc.status, str(exc))
             except StaleError as exc:
                 return _Witnessed(exc.status, str(exc), size=exc.size)
+            except BadSignatureError as exc:
+                if origin in self.peers and origin in logs:
+                    self._schedule_pull(origin, note)  # it may have changed its key: learn it from its log
+                return _Witnessed(exc.status, str(exc))
             except WitnessError as exc:
                 return _Witnessed(exc.status, str(exc))
             await self.state.save_witness_state(origin, new_state.size, new_state.root_hash, new_state.note)
@@ -742,10 +882,18 @@ class PeerService:
         assert session is not None
         self.traffic.requests_made += 1
         self.traffic.bytes_sent += len(data or b"")
-        headers = None if content_type is None else {"Content-Type": content_type}
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        ours = self._consortium if isinstance(peer, _Peer) else None  # standard witnesses: none
+        if ours is not None:
+            headers[CONSORTIUM_HEADER] = ours
         method = session.get if data is None else session.post
         options = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))}
-        async with method(peer.url + path, data=data, headers=headers, **options) as resp:
+        async with method(peer.url + path, data=data, headers=headers or None, **options) as resp:
+            theirs = resp.headers.get(CONSORTIUM_HEADER)
+            if ours is not None and theirs is not None:
+                problem = await self._note_consortium(peer.name, theirs)
+                if problem is not None:
+                    raise ConsortiumMismatch(f"consortium mismatch: {problem}")
             raw = bytearray()
             async for chunk in resp.content.iter_chunked(65536):
                 raw += chunk
@@ -854,6 +1002,8 @@ class PeerService:
                 PeerStatus(origin, False, last_contact, None, f"unreachable: {exc!s}"[:300])
             )
             log.info("peer unreachable", peer=origin, error=str(exc)[:200])
+        except ConsortiumMismatch as exc:  # logged once when found
+            await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
         except EntriesRefused as exc:
             delay = self._back_off(peer)
             await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
@@ -875,7 +1025,7 @@ class PeerService:
         if not isinstance(checkpoints, dict):
             raise PeerProtocolError("checkpoints must be an object")
         for cp_origin, note in checkpoints.items():
-            if cp_origin in self._keys and cp_origin != self.identity.origin:
+            if cp_origin in self._origins and cp_origin != self.identity.origin:
                 await self._consider_checkpoint(cp_origin, _unb64(note, "checkpoint"), peer)
         their = checkpoints.get(origin)
         await self._ask_cosignature(peer)
@@ -889,14 +1039,27 @@ class PeerService:
         """A signed checkpoint of ``origin`` seen at ``source``: check it, catch up to it."""
         note = parse_note(note_bytes)
         cp = parse_checkpoint(note.text)
-        if cp.origin != origin or not verify_note_signature(note, origin, self._keys[origin]):
-            raise PeerProtocolError(f"checkpoint offered as {origin}'s is not signed by its key")
+        if cp.origin != origin:
+            raise PeerProtocolError(f"checkpoint offered as {origin}'s names {cp.origin}")
+        later: tuple[KeyChange, ...] = ()
+        if not (await self.store.key_chain(origin)).signs_checkpoint(note, cp.size):
+            later = await self._changes_ahead(origin, note, cp.size, source)
+        try:
+            await self._consider_locked(origin, note_bytes, note, cp, source, later)
+        finally:  # replacement statements the pull met, each under its own origin's lock
+            while self._statements_seen:
+                await self.accept_statement(*self._statements_seen.pop(0))
+
+    async def _consider_locked(
+        self, origin: str, note_bytes: bytes, note: Note, cp: Checkpoint, source: _Peer, later: tuple[KeyChange, ...]
+    ) -> None:
         async with self._lock(origin):
             held = await self.store.latest_checkpoint(origin)
             if held is not None:
                 held_size = held[0]
                 if held_size == cp.size:
                     await self._check_pair(origin, held[1], note_bytes, None, source)
+                    await self._merge_cosignatures(origin, cp.size, note)
                     return
                 if held_size > cp.size and cp.size > 0:
                     proof = await self.store.consistency_proof(origin, cp.size, held_size)
@@ -910,7 +1073,121 @@ class PeerService:
                 return
             if self._backing_off(source):
                 return  # a pull that waited for the lock while another backed this peer off
-            await self._pull(origin, note_bytes, cp.size, have, held, source)
+            await self._pull(origin, note_bytes, cp.size, have, held, source, later)
+
+    async def _changes_ahead(self, origin: str, note: Note, size: int, source: _Peer) -> tuple[KeyChange, ...]:
+        """A checkpoint of ``origin`` that the key chain we hold does not sign: the origin may
+        have changed its key in entries we have not pulled yet. ``source`` serves the
+        key-change entries it holds beyond ours (``/v1/key-changes``); each is checked in
+        turn from our chain (a rotation by the key before it and the new key; a replacement
+        by the quorum of our witness policy), and the checkpoint must then be signed by the
+        key in force at its size. Returns those changes (the pull checks the entries
+        themselves again); PeerProtocolError if the checkpoint is still not signed."""
+        chain = await self.store.key_chain(origin)
+        have = await self.store.size(origin)
+        ahead = chain
+        signer_keys = await self.signer_keys()
+        if size > have:
+            status, body = await self._fetch(source, f"/v1/key-changes?origin={origin}&start={have}")
+            items = body.get("entries") if status == 200 and isinstance(body, dict) else None
+            for item in items if isinstance(items, list) else []:
+                try:
+                    entry = decode_entry(_unb64(item, "key-change entry"))
+                    if entry.origin != origin or entry.index < have or entry.index >= size:
+                        continue
+                    if entry.kind == KEY_ROTATION:
+                        change = check_rotation(entry, ahead.key_for_size(entry.index))
+                    else:  # its pinned root is checked when the pull reaches it
+                        statement = check_statement(statement_of(entry), self.config.witness_policy, signer_keys)
+                        if (statement.origin, statement.size) != (origin, entry.index):
+                            continue
+                        verify_entry_signature(entry, statement.new_key)
+                        change = KeyChange(entry.index, statement.new_key, replaced=True)
+                    if ahead.change_at(change.index) is None:
+                        ahead = ahead.with_change(change)
+                except (EntryError, KeyChangeError, PeerProtocolError) as exc:
+                    raise PeerProtocolError(f"key change of {origin} from {source.name} refused: {exc}") from None
+        if not ahead.signs_checkpoint(note, size):
+            raise PeerProtocolError(
+                f"checkpoint offered as {origin}'s is not signed by its key (in force at size {size})")
+        return tuple(c for c in ahead.changes if c.index >= have)
+
+    async def signer_keys(self) -> Callable[[str], Sequence[Ed25519PublicKey]]:
+        """The keys each consortium gateway may sign a replacement statement with (its key
+        chain's trusted keys), for ``keychain.check_statement``."""
+        keys = {name: (await self.store.key_chain(name)).trusted_keys()
+                for name in self._origins if await self.store.origin(name) is not None}
+        return lambda name: keys.get(name, [])
+
+    async def accept_statement(self, data: bytes, source: str) -> Statement | None:
+        """A replacement statement for a consortium gateway's key, seen on another gateway's
+        log: ``apply_statement``, with one log line if it does not apply here. (Our own
+        replacement, recorded by the gateways that submitted it, is ours already.)"""
+        try:
+            if parse_statement(data).origin == self.identity.origin:
+                return None
+            return await self.apply_statement(data, source)
+        except KeyChangeError as exc:
+            log.error("key replacement statement not accepted", source=source, reason=str(exc))
+            return None
+
+    async def apply_statement(self, data: bytes, source: str) -> Statement:
+        """A replacement statement for a peer's key (from another gateway's log, or submitted
+        here): if it meets our witness policy's quorum and pins the history we hold, the
+        origin's key from the statement's size on is the new key; the entries we hold from
+        that index on were signed by the replaced key and are dropped, and a witness state
+        beyond it is forgotten. KeyChangeError says why it does not apply."""
+        statement = check_statement(data, self.config.witness_policy, await self.signer_keys())
+        origin = statement.origin
+        if origin == self.identity.origin:
+            raise KeyChangeError("a statement replacing this gateway's own key is installed with `replace-key install`")
+        if origin not in self.peers:
+            raise KeyChangeError(f"{origin} is not one of this gateway's [[peers]]")
+        async with self._lock(origin):
+            chain = await self.store.key_chain(origin)
+            known = chain.change_at(statement.size)
+            if known is not None and known.replaced and known.key.public_bytes_raw() == statement.new_key.public_bytes_raw():
+                return statement  # already in force
+            held = await self.store.size(origin)
+            if known is not None or statement.size <= chain.last_index:
+                raise KeyChangeError(f"{origin}'s log already changed its key at or after entry {statement.size}")
+            if held >= statement.size and await self.store.root(origin, statement.size) != statement.root:
+                raise KeyChangeError(f"it pins another history of {origin} than the first {statement.size} entries held here")
+            if held >= statement.size and (
+                    chain.key_for_size(statement.size).public_bytes_raw() != statement.old_key.public_bytes_raw()):
+                raise KeyChangeError(f"its old key is not the key {origin}'s log has in force at size {statement.size}")
+            await self.store.accept_replacement(statement)
+            dropped = await self.replicas.drop_from(origin, statement.size) if held > statement.size else 0
+            witnessed = await self.state.witness_state(origin)
+            if witnessed is not None and witnessed[0] > statement.size:
+                await self.state.forget_witness_state(origin)
+        log.warning(
+            "key replacement accepted: entries and checkpoints of this origin signed by its replaced key are "
+            "refused from here on", origin=origin, size=statement.size,
+            new_key=verifier_key(origin, statement.new_key), signers=statement.signers, source=source,
+            dropped_entries=dropped,
+        )
+        return statement
+
+    async def _merge_cosignatures(self, origin: str, size: int, note: Note) -> None:
+        """Cosignatures on a checkpoint we hold (same size, same root: checked by the caller)
+        that a peer's copy carries and ours lacks, or carries with a newer timestamp: each is
+        verified with the witness's key first; lines by unknown keys are not taken. So a
+        replica's copy collects the cosignatures its origin gathered after we pulled it."""
+        for sig in note.signatures:
+            if sig.name == origin:
+                continue
+            keys = await self._witness_keys(sig.name)
+            if any(verify_cosignature(note.text, sig, sig.name, key) is not None for key in keys):
+                await self.store.add_cosignature(origin, size, sig)
+
+    async def _witness_keys(self, name: str) -> list[Ed25519PublicKey]:
+        """The cosigner keys of a gateway of the consortium (ourselves included: its key
+        chain's keys but those a replacement took over from) or of a configured standard
+        witness, by its key name."""
+        if name in self._origins:
+            return (await self.store.key_chain(name)).trusted_keys()
+        return [w.public_key for w in self.witnesses if w.name == name]
 
     async def _checkpoint_within(
         self, origin: str, size: int, root: bytes, note_bytes: bytes, held: tuple[int, bytes] | None, have: int
@@ -927,7 +1204,8 @@ class PeerService:
         await self.store.store_checkpoint(origin, size, note_bytes)
 
     async def _pull(
-        self, origin: str, note_bytes: bytes, target: int, have: int, held: tuple[int, bytes] | None, source: _Peer
+        self, origin: str, note_bytes: bytes, target: int, have: int, held: tuple[int, bytes] | None, source: _Peer,
+        later: Sequence[KeyChange] = (),
     ) -> None:
         """Replicate ``origin``'s entries ``have``..``target`` from ``source`` in chunks: each
         chunk (about ``max_message_bytes`` of entries) is verified against the checkpoint and
@@ -937,7 +1215,7 @@ class PeerService:
             end = have + len(chunk)
             proof = await self._fetch_prefix_proof(source, origin, end, target) if end < target else None
             try:
-                have = await self.replicas.append_verified(origin, chunk, note_bytes, proof)
+                have = await self.replicas.append_verified(origin, chunk, note_bytes, proof, later)
             except ReplicaError as exc:
                 reason = f"entries of {origin} from {source.config.origin} refused: {exc}"
                 if held is not None and have == held[0]:
@@ -951,6 +1229,11 @@ class PeerService:
                 "replicated", origin=origin, size=have, source=source.config.origin,
                 new=len(chunk), held_bytes=sum(map(len, chunk)),
             )
+            for data in chunk:  # another gateway's record of a replacement: follow it now
+                if b'"kind":"key-replacement"' in data:
+                    entry = decode_entry(data)
+                    if not changes_key_of(entry.origin, entry.kind, entry.payload):
+                        self._statements_seen.append((statement_of(entry), f"{origin} entry {entry.index}"))
 
     async def _fetch_entries(self, source: _Peer, origin: str, start: int, target: int) -> list[bytes]:
         """The next chunk of ``origin``'s entries from ``start``: responses are added until
@@ -997,7 +1280,7 @@ class PeerService:
         self, origin: str, note_a: bytes, note_b: bytes, proof: Sequence[bytes] | None, source: _Peer
     ) -> None:
         try:
-            found = check_equivocation(note_a, note_b, proof, self._keys[origin])
+            found = check_equivocation(note_a, note_b, proof, await self.store.key_chain(origin))
         except WitnessError as exc:
             raise PeerProtocolError(str(exc)) from None
         if found is not None:
@@ -1006,10 +1289,11 @@ class PeerService:
     async def _consider_evidence(self, data: bytes, source: str) -> None:
         try:
             claimed = parse_evidence(data)
-            if claimed.origin not in self._keys:
+            if claimed.origin not in self._origins:
                 return
             real = check_equivocation(
-                claimed.note_a, claimed.note_b, claimed.consistency_proof or None, self._keys[claimed.origin]
+                claimed.note_a, claimed.note_b, claimed.consistency_proof or None,
+                await self.store.key_chain(claimed.origin),
             )
         except WitnessError as exc:
             raise PeerProtocolError(f"evidence refused: {exc}") from None
@@ -1057,9 +1341,10 @@ class PeerService:
                 raise PeerProtocolError(
                     f"{peer.name} did not cosign size {size}: status {answer.status}: {answer.reason}"
                 )
+            keys = await self._witness_keys(peer.name)
             sig = next(
                 (c for c in answer.cosignatures
-                 if verify_cosignature(note.text, c, peer.name, peer.public_key) is not None),
+                 if any(verify_cosignature(note.text, c, peer.name, key) is not None for key in keys)),
                 None,
             )
             if sig is None:

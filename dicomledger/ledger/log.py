@@ -8,7 +8,11 @@ Tables:
   checkpoints signed checkpoint notes by (origin, size), cosignatures included
   entry_keys  opaque lookup keys an appender attached to an entry (e.g. a hash to find
               later); the ledger does not interpret them
-  witness_state, evidence, evidence_cleared, peer_status
+  key_changes the key changes of each log (``keychain.py``): the index of each key-rotation
+              or key-replacement entry and the key in force after it, written with the
+              entry; and a replacement accepted ahead of the origin's own entry (its
+              statement, from another gateway's log or `replace-key submit`)
+  witness_state, evidence, evidence_cleared, peer_status, peer_consortium
               the consortium's state (``ConsortiumState``)
 
 Only ``LogWriter`` appends to an origin's log. It group-commits: appenders queue, the
@@ -27,11 +31,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import aiosqlite
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dicomledger.ledger import merkle
 from dicomledger.ledger.checkpoint import (
@@ -41,6 +45,7 @@ from dicomledger.ledger.checkpoint import (
     parse_checkpoint,
 )
 from dicomledger.ledger.entries import (
+    KEY_ROTATION,
     ZERO_HASH,
     Entry,
     EntryError,
@@ -49,6 +54,15 @@ from dicomledger.ledger.entries import (
     sign_entry,
 )
 from dicomledger.ledger.identity import Identity
+from dicomledger.ledger.keychain import (
+    KeyChain,
+    KeyChange,
+    KeyChangeError,
+    Statement,
+    changes_key_of,
+    check_change,
+    rotation_payload,
+)
 from dicomledger.ledger.keys import VERSION as LOOKUP_KEYS_VERSION
 from dicomledger.ledger.keys import lookup_keys
 from dicomledger.ledger.merkle import Frontier, NodeID
@@ -56,11 +70,12 @@ from dicomledger.ledger.note import (
     Note,
     NoteError,
     Signature,
+    cosignature_timestamp,
     format_note,
     parse_note,
     sign_note_text,
-    verify_note_signature,
 )
+from dicomledger.ledger.policy import WitnessPolicy
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -115,6 +130,21 @@ CREATE TABLE IF NOT EXISTS peer_status (
     their_size INTEGER,
     error TEXT
 );
+CREATE TABLE IF NOT EXISTS peer_consortium (
+    origin TEXT PRIMARY KEY,
+    secret_check TEXT,
+    policy TEXT,
+    mismatch TEXT,
+    checked_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_changes (
+    origin_id INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    public_key BLOB NOT NULL,
+    replaced INTEGER NOT NULL,
+    statement BLOB,
+    PRIMARY KEY (origin_id, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS entry_keys (
     key TEXT NOT NULL,
     origin_id INTEGER NOT NULL,
@@ -146,6 +176,17 @@ class OriginInfo:
 
 def public_key_bytes(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+KEY_CHANGES_SQL = "SELECT idx, public_key, replaced FROM key_changes WHERE origin_id = ? ORDER BY idx"
+
+
+def chain_of(origin: str, first: Ed25519PublicKey, rows: Iterable[Sequence[Any]]) -> KeyChain:
+    """A KeyChain from the first key and ``key_changes`` rows (idx, public_key, replaced)."""
+    changes = tuple(
+        KeyChange(idx, Ed25519PublicKey.from_public_bytes(bytes(key)), bool(replaced)) for idx, key, replaced in rows
+    )
+    return KeyChain(origin, first, changes)
 
 
 async def connect(path: Path) -> aiosqlite.Connection:
@@ -225,6 +266,42 @@ class LedgerStore:
         info = OriginInfo(row[0], name, Ed25519PublicKey.from_public_bytes(row[1]))
         self._origins[name] = info
         return info
+
+    async def key_chain(self, name: str) -> KeyChain:
+        """The origin's keys: its first key and the changes its log made (and any replacement
+        accepted ahead of its entry). LedgerStoreError for an unknown origin."""
+        info = await self.origin(name)
+        if info is None:
+            raise LedgerStoreError(f"no log for origin {name!r} in {self.path}")
+        rows = await self.db.execute_fetchall(KEY_CHANGES_SQL, (info.id,))
+        return chain_of(info.name, info.public_key, rows)
+
+    async def key_changes(self, name: str, start: int = 0) -> list[bytes]:
+        """The key-rotation and key-replacement entries of ``name``'s log held, from index
+        ``start`` on (what a peer that has not yet seen them needs to follow the chain)."""
+        info = await self.origin(name)
+        if info is None:
+            return []
+        rows = await self.db.execute_fetchall(
+            "SELECT e.data FROM key_changes k JOIN entries e ON e.origin_id = k.origin_id AND e.idx = k.idx "
+            "WHERE k.origin_id = ? AND k.idx >= ? ORDER BY k.idx",
+            (info.id, start),
+        )
+        return [bytes(row[0]) for row in rows]
+
+    async def accept_replacement(self, statement: Statement) -> bool:
+        """Record a replacement statement for ``statement.origin`` (checked by the caller)
+        ahead of the origin's own entry; True if it is new here."""
+        info = await self.origin(statement.origin)
+        if info is None:
+            raise LedgerStoreError(f"no log for origin {statement.origin!r} in {self.path}")
+        cur = await self.db.execute(
+            "INSERT OR IGNORE INTO key_changes (origin_id, idx, public_key, replaced, statement) VALUES (?, ?, ?, 1, ?)",
+            (info.id, statement.size, statement.new_key.public_bytes_raw(), format_note(statement.note)),
+        )
+        added = cur.rowcount == 1
+        await cur.close()
+        return added
 
     async def origins(self) -> list[OriginInfo]:
         names = [row[0] for row in await self.db.execute_fetchall("SELECT name FROM origins ORDER BY id")]
@@ -365,7 +442,10 @@ class LedgerStore:
         note = parse_note(bytes(row[0]))
         if cosignature in note.signatures:
             return False
-        kept = [s for s in note.signatures if (s.name, s.key_id) != (cosignature.name, cosignature.key_id)]
+        same = [s for s in note.signatures if (s.name, s.key_id) == (cosignature.name, cosignature.key_id)]
+        if any((cosignature_timestamp(s) or 0) >= (cosignature_timestamp(cosignature) or 0) for s in same):
+            return False  # we hold a fresher line by this witness
+        kept = [s for s in note.signatures if s not in same]
         updated = format_note(Note(note.text, (*kept, cosignature)))
         await self.store_checkpoint(origin, size, updated)
         return True
@@ -409,6 +489,19 @@ class PeerStatus:
     error: str | None
 
 
+@dataclass(frozen=True)
+class ConsortiumCheck:
+    """What a peer last said of its consortium settings (``gossip.CONSORTIUM_HEADER``): the
+    check value of its pseudonym secret, the digest of its witness policy, and how they
+    differ from ours (None: they match)."""
+
+    origin: str
+    secret_check: str | None
+    policy: str | None
+    mismatch: str | None
+    checked_at: str
+
+
 class ConsortiumState:
     """What a gateway remembers about its peers: witness state per origin, equivocation
     evidence (an origin with evidence whose flag was not cleared is flagged), and each peer's
@@ -431,6 +524,9 @@ class ConsortiumState:
             "INSERT OR REPLACE INTO witness_state (origin, size, root, note) VALUES (?, ?, ?, ?)",
             (origin, size, root, note),
         )
+
+    async def forget_witness_state(self, origin: str) -> None:
+        await self.db.execute("DELETE FROM witness_state WHERE origin = ?", (origin,))
 
     async def add_evidence(self, origin: str, data: bytes, now: str) -> bool:
         """Keep evidence against ``origin``; True if it was new."""
@@ -482,6 +578,19 @@ class ConsortiumState:
             (status.origin, int(status.reachable), status.last_contact, status.their_size, status.error),
         )
 
+    async def set_consortium_check(self, check: ConsortiumCheck) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO peer_consortium (origin, secret_check, policy, mismatch, checked_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (check.origin, check.secret_check, check.policy, check.mismatch, check.checked_at),
+        )
+
+    async def consortium_check(self, origin: str) -> ConsortiumCheck | None:
+        row = await _one_row(
+            self.db, "SELECT secret_check, policy, mismatch, checked_at FROM peer_consortium WHERE origin = ?", (origin,)
+        )
+        return None if row is None else ConsortiumCheck(origin, *row)
+
     async def peer_status(self, origin: str) -> PeerStatus | None:
         row = await _one_row(
             self.db,
@@ -491,10 +600,18 @@ class ConsortiumState:
         return None if row is None else PeerStatus(origin, bool(row[0]), row[1], row[2], row[3])
 
 
+@dataclass(frozen=True)
+class NewKey:
+    """The payload of a pending key rotation: the writer builds the payload (with the new
+    key's signature over the entry's place) when it knows that place."""
+
+    private_key: Ed25519PrivateKey
+
+
 @dataclass
 class _Pending:
     kind: str
-    payload: Mapping[str, Any]
+    payload: Mapping[str, Any] | NewKey
     keys: tuple[str, ...] | None  # None: keys.lookup_keys of the payload as appended
     future: asyncio.Future[Any]
     ticket: Any = None  # for the companion (append_guarded)
@@ -580,12 +697,27 @@ class _ThreadWriter:
             ).fetchone()
         return Frontier.from_nodes(size, nodes), None if last is None else bytes(last)
 
+    def _chain(self, origin_id: int, origin: str, first: Ed25519PublicKey) -> KeyChain:
+        """Writer thread: the origin's key chain as stored."""
+        assert self._db is not None
+        return chain_of(origin, first, self._db.execute(KEY_CHANGES_SQL, (origin_id,)).fetchall())
+
+    def _signer_keys(self, name: str) -> list[Ed25519PublicKey]:
+        """Writer thread: the trusted keys of gateway ``name``'s chain (a replacement
+        statement's signers may have rotated their keys), none if its log is unknown."""
+        assert self._db is not None
+        row = self._db.execute("SELECT id, public_key FROM origins WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return []
+        return self._chain(row[0], name, Ed25519PublicKey.from_public_bytes(bytes(row[1]))).trusted_keys()
+
     def _write(
         self,
         entries_rows: list[tuple[int, int, bytes]],
         node_rows: list[tuple[int, int, int, bytes]],
         key_rows: list[tuple[str, int, int]],
         checkpoint_row: tuple[int, int, bytes] | None = None,
+        change_rows: Sequence[tuple[int, int, bytes, int, bytes | None]] = (),
     ) -> None:
         """Writer thread: one transaction; sqlite3.Error/OSError propagate after rollback."""
         db = self._db
@@ -597,6 +729,12 @@ class _ThreadWriter:
             if key_rows:
                 db.executemany(
                     "INSERT OR IGNORE INTO entry_keys (key, origin_id, idx) VALUES (?, ?, ?)", key_rows
+                )
+            if change_rows:  # a replacement accepted ahead keeps its statement row
+                db.executemany(
+                    "INSERT OR IGNORE INTO key_changes (origin_id, idx, public_key, replaced, statement) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    change_rows,
                 )
             if checkpoint_row is not None:
                 db.execute(
@@ -610,32 +748,52 @@ class _ThreadWriter:
             raise
 
 
+def _change_row(origin_id: int, change: KeyChange) -> tuple[int, int, bytes, int, None]:
+    return origin_id, change.index, change.key.public_bytes_raw(), int(change.replaced), None
+
+
 class LogWriter(_ThreadWriter):
     """The single writer of this gateway's own log, with group commit: appenders queue on
-    the event loop; each batch is signed, hashed and committed on the writer's thread."""
+    the event loop; each batch is signed, hashed and committed on the writer's thread.
+
+    It signs with ``identity``, the key in force at the log's tip: a key rotation appended
+    through it (``rotate``) switches to the new key for the entries after it, in the same
+    batch; ``tip`` gives the size and the key that signs its checkpoint, read together."""
 
     def __init__(
-        self, store: LedgerStore, identity: Identity, max_batch: int = 2000, companion: Companion | None = None
+        self, store: LedgerStore, identity: Identity, max_batch: int = 2000, policy: WitnessPolicy | None = None,
+        companion: Companion | None = None,
     ) -> None:
         super().__init__(store, "ledger-writer")
         self.identity = identity
         self.max_batch = max_batch
         self.companion = companion
+        self.policy = policy  # counts the signers of a key-replacement statement
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._origin_id = 0
         self._tree = Frontier()  # committed entries only
         self._last_leaf = ZERO_HASH
         self._last_time = 0
+        self.chain = KeyChain(identity.origin, identity.public_key)  # as committed
+        self._tip: tuple[int, Identity] = (0, identity)  # replaced in one assignment: read together
 
     @property
     def size(self) -> int:
         """Entries committed so far."""
         return self._tree.size
 
+    @property
+    def tip(self) -> tuple[int, Identity]:
+        """(entries committed, the identity that signs a checkpoint of that size)."""
+        return self._tip
+
     async def start(self) -> None:
-        info = await self.store.ensure_origin(self.identity.origin, self.identity.public_key)
+        info = await self.store.origin(self.identity.origin)
+        if info is None:  # a new log: this key is its first key
+            info = await self.store.ensure_origin(self.identity.origin, self.identity.public_key)
         self._origin_id = info.id
+        self._first_key = info.public_key
         await self._on_thread(self._open)
         self._task = asyncio.create_task(self._run(), name=f"ledger-writer {info.name}")
 
@@ -647,6 +805,8 @@ class LogWriter(_ThreadWriter):
         self._tree, last = self._frontier(self._origin_id, self.identity.origin)
         self._last_leaf = self._tree.newest[0][1] if self._tree.size else ZERO_HASH
         self._last_time = decode_entry(last).time_ms if last is not None else 0
+        self.chain = self._chain(self._origin_id, self.identity.origin, self._first_key)
+        self._tip = (self._tree.size, self.identity)
 
     async def stop(self) -> None:
         """Finish everything queued, then stop."""
@@ -666,7 +826,10 @@ class LogWriter(_ThreadWriter):
     ) -> Appended:
         """Append one entry; returns once it is durable in the database. Its lookup keys are
         ``keys.lookup_keys`` unless ``keys`` says otherwise."""
-        result: Appended = await self._enqueue(kind, payload, None if keys is None else tuple(keys), None)
+        if kind == KEY_ROTATION:
+            raise LedgerStoreError("a key rotation is appended with rotate()")
+        pending = _Pending(kind, payload, None if keys is None else tuple(keys), self._new_future())
+        result: Appended = await self._enqueue(pending)
         return result
 
     async def append_guarded(self, kind: str, payload: Mapping[str, Any], ticket: Any) -> Appended | Declined:
@@ -674,15 +837,24 @@ class LogWriter(_ThreadWriter):
         the same writer-thread hop as the batch's commit and the companion's own work."""
         if self.companion is None:
             raise LedgerStoreError("ledger writer has no companion for a guarded append")
-        result: Appended | Declined = await self._enqueue(kind, payload, None, ticket)
+        result: Appended | Declined = await self._enqueue(_Pending(kind, payload, None, self._new_future(), ticket))
         return result
 
-    async def _enqueue(self, kind: str, payload: Mapping[str, Any], keys: tuple[str, ...] | None, ticket: Any) -> Any:
+    async def rotate(self, new_key: Ed25519PrivateKey) -> Appended:
+        """Append a key-rotation entry signed by the current key and ``new_key``; every
+        entry after it, and every checkpoint of a size above it, is signed by ``new_key``.
+        Returns once the entry is durable (and the writer signs with the new key)."""
+        result: Appended = await self._enqueue(_Pending(KEY_ROTATION, NewKey(new_key), (), self._new_future()))
+        return result
+
+    def _new_future(self) -> asyncio.Future[Any]:
         if self._task is None:
             raise LedgerStoreError("ledger writer is not running")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(kind, payload, keys, future, ticket))
-        return await future
+        return asyncio.get_running_loop().create_future()
+
+    async def _enqueue(self, pending: _Pending) -> Any:
+        self._queue.put_nowait(pending)
+        return await pending.future
 
     async def _run(self) -> None:
         while True:
@@ -705,10 +877,10 @@ class LogWriter(_ThreadWriter):
                 for _ in batch:
                     self._queue.task_done()
 
-    def _admit(self, batch: list[_Pending]) -> list[Mapping[str, Any] | Declined | BaseException]:
+    def _admit(self, batch: list[_Pending]) -> list[Mapping[str, Any] | NewKey | Declined | BaseException]:
         """Writer thread: each item's payload to append, or what answers it instead (the
         companion's verdict on a guarded append)."""
-        payloads: list[Mapping[str, Any] | Declined | BaseException] = [p.payload for p in batch]
+        payloads: list[Mapping[str, Any] | NewKey | Declined | BaseException] = [p.payload for p in batch]
         guarded = [i for i, p in enumerate(batch) if p.ticket is not None]
         if not guarded:
             return payloads
@@ -718,7 +890,7 @@ class LogWriter(_ThreadWriter):
         except Exception as exc:  # the companion's store failed: its appends fail, the others go on
             verdicts = [exc] * len(guarded)
         for i, verdict in zip(guarded, verdicts, strict=True):
-            payloads[i] = verdict if isinstance(verdict, Declined | BaseException) else {**batch[i].payload, **verdict}
+            payloads[i] = verdict if isinstance(verdict, Declined | BaseException) else {**cast(Mapping[str, Any], batch[i].payload), **verdict}
         return payloads
 
     def _commit(self, batch: list[_Pending]) -> list[Any]:
@@ -727,27 +899,48 @@ class LogWriter(_ThreadWriter):
         entries_rows: list[tuple[int, int, bytes]] = []
         node_rows: list[tuple[int, int, int, bytes]] = []
         key_rows: list[tuple[str, int, int]] = []
+        change_rows: list[tuple[int, int, bytes, int, bytes | None]] = []
         results: list[Any] = []
         oid = self._origin_id
+        origin = self.identity.origin
         tree = self._tree.copy()
         last_leaf, last_time = self._last_leaf, self._last_time
+        identity, chain = self.identity, self.chain
         for pending, payload in zip(batch, self._admit(batch), strict=True):
             if isinstance(payload, Declined | BaseException):
                 results.append(payload)
                 continue
             now = max(int(time.time() * 1000), last_time)
             index = tree.size
+            new_key: Ed25519PrivateKey | None = None
+            is_change = isinstance(payload, NewKey) or changes_key_of(origin, pending.kind, payload)
+            if not is_change and identity.public_key.public_bytes_raw() != chain.current.public_bytes_raw():
+                results.append(LedgerStoreError(
+                    "this gateway's key is not the key its log has in force (replaced?); nothing is signed with it"))
+                continue
             try:
-                _, data = sign_entry(
-                    origin=self.identity.origin,
+                if isinstance(payload, NewKey):
+                    new_key = payload.private_key
+                    payload = rotation_payload(origin=origin, index=index, prev=last_leaf, time_ms=now, new_key=new_key)
+                entry, data = sign_entry(
+                    origin=origin,
                     index=index,
                     prev=last_leaf,
                     time_ms=now,
                     kind=pending.kind,
                     payload=payload,
-                    private_key=self.identity.private_key,
+                    private_key=identity.private_key,
                 )
-            except ValueError as exc:  # a bad payload fails its own appender only
+                if is_change:  # checked as every verifier will check it
+                    chain = check_change(
+                        entry, chain, root=tree.root, policy=self.policy, signer_keys=self._signer_keys
+                    )
+                    change = chain.change_at(index)
+                    assert change is not None
+                    if new_key is not None:  # a rotation: what follows is signed by the new key
+                        identity = Identity(origin, new_key)
+                    change_rows.append(_change_row(oid, change))
+            except (ValueError, KeyChangeError) as exc:  # a bad payload fails its own appender only
                 results.append(exc)
                 continue
             leaf = merkle.leaf_hash(data)
@@ -755,18 +948,20 @@ class LogWriter(_ThreadWriter):
             entries_rows.append((oid, index, data))
             node_rows += [(oid, level, idx, h) for (level, idx), h in tree.append(leaf)]
             key_rows += [(k, oid, index) for k in keys]
-            results.append(Appended(self.identity.origin, index, leaf, now, data))
+            results.append(Appended(origin, index, leaf, now, data))
             last_leaf, last_time = leaf, now
         if not entries_rows:
             return results
         try:
-            self._write(entries_rows, node_rows, key_rows)
+            self._write(entries_rows, node_rows, key_rows, change_rows=change_rows)
         except (sqlite3.Error, OSError) as exc:
             log.error("ledger commit failed: %s", exc)
             self._load_state()
             error = LedgerStoreError(f"ledger write failed ({exc}); check disk space and {self.store.path}")
             return [r if isinstance(r, Declined | BaseException) else error for r in results]
         self._tree, self._last_leaf, self._last_time = tree, last_leaf, last_time
+        self.identity, self.chain = identity, chain
+        self._tip = (tree.size, identity)
         self._after(batch, results)
         return results
 
@@ -785,8 +980,8 @@ class LogWriter(_ThreadWriter):
 
     async def sign_checkpoint(self) -> tuple[int, bytes]:
         """Sign and store a checkpoint of the log as committed now; returns (size, note)."""
-        size = self.size
-        return size, await sign_checkpoint(self.store, self.identity, size)
+        size, identity = self._tip
+        return size, await sign_checkpoint(self.store, identity, size)
 
 
 class ReplicaError(ValueError):
@@ -797,17 +992,22 @@ class ReplicaWriter(_ThreadWriter):
     """Appends other origins' entries to their replica logs, verified before anything is stored.
 
     Entries must extend the local copy towards a checkpoint signed by the origin: each entry
-    is checked (canonical, in sequence, chained, signed by the origin), and the extended tree
-    must be the checkpoint's tree (same root) or, for a chunk that stops short of it, be shown
-    a prefix of it by a consistency proof. So a replica is pulled in bounded chunks, and every
-    stored prefix is committed to by a signed checkpoint. Any failure stores nothing.
+    is checked (canonical, in sequence, chained, signed by the origin's key in force at its
+    index, a key change checked as such), and the extended tree must be the checkpoint's tree
+    (same root) or, for a chunk that stops short of it, be shown a prefix of it by a
+    consistency proof. So a replica is pulled in bounded chunks, and every stored prefix is
+    committed to by a signed checkpoint. Any failure stores nothing.
     """
 
     def __init__(
-        self, store: LedgerStore, keys_of: Callable[[Entry], Sequence[str]] | None = None
+        self,
+        store: LedgerStore,
+        keys_of: Callable[[Entry], Sequence[str]] | None = None,
+        policy: WitnessPolicy | None = None,
     ) -> None:
         super().__init__(store, "replica-writer")
         self._keys_of = keys_of or (lambda entry: lookup_keys(entry.kind, entry.payload))
+        self.policy = policy  # counts the signers of key-replacement statements
 
     async def start(self) -> None:
         await self._on_thread(self._connect)
@@ -821,6 +1021,7 @@ class ReplicaWriter(_ThreadWriter):
         entries: Sequence[bytes],
         checkpoint_note: bytes,
         consistency_proof: Sequence[bytes] | None = None,
+        later_changes: Sequence[KeyChange] = (),
     ) -> int:
         """Store ``entries`` (the next ones of ``origin``'s log); returns the replica's new size.
 
@@ -828,15 +1029,19 @@ class ReplicaWriter(_ThreadWriter):
         root is the checkpoint's. Entries that stop short of it are stored (without a
         checkpoint) when ``consistency_proof`` proves the extended tree, at its new size, a
         prefix of the checkpoint's tree (RFC 9162 consistency from the new size to the
-        checkpoint's). ReplicaError says why it refused; then nothing was stored."""
+        checkpoint's). The checkpoint must be signed by the key in force at its size: the
+        chain as stored, extended by the key changes among ``entries`` and, beyond them,
+        ``later_changes`` (already checked, from the origin's key-change entries a peer
+        served). ReplicaError says why it refused; then nothing was stored."""
         info = await self.store.origin(origin)
         if info is None:
             raise ReplicaError(f"origin {origin!r} is not a known log; add its key before replicating it")
         proof = None if consistency_proof is None else list(consistency_proof)
-        return await self._on_thread(self._append, info, list(entries), checkpoint_note, proof)
+        return await self._on_thread(self._append, info, list(entries), checkpoint_note, proof, list(later_changes))
 
     def _append(
-        self, info: OriginInfo, entries: list[bytes], checkpoint_note: bytes, proof: list[bytes] | None
+        self, info: OriginInfo, entries: list[bytes], checkpoint_note: bytes, proof: list[bytes] | None,
+        later_changes: list[KeyChange],
     ) -> int:
         try:
             note = parse_note(checkpoint_note)
@@ -845,8 +1050,7 @@ class ReplicaWriter(_ThreadWriter):
             raise ReplicaError(f"checkpoint of {info.name} is malformed: {exc}") from None
         if cp.origin != info.name:
             raise ReplicaError(f"checkpoint is for {cp.origin!r}, not {info.name!r}")
-        if not verify_note_signature(note, info.name, info.public_key):
-            raise ReplicaError(f"checkpoint of {info.name} is not signed by its key")
+        chain = self._chain(info.id, info.name, info.public_key)
         tree, last = self._frontier(info.id, info.name)
         end = tree.size + len(entries)
         if end > cp.size or (end < cp.size and (proof is None or not entries)):
@@ -855,17 +1059,43 @@ class ReplicaWriter(_ThreadWriter):
                 f"its checkpoint size {cp.size}"
             )
         prev = merkle.leaf_hash(last) if last is not None else ZERO_HASH
-        entries_rows, node_rows, key_rows = [], [], []
+        entries_rows, node_rows, key_rows, change_rows = [], [], [], []
         for data in entries:
             index = tree.size
             try:
-                entry = check_entry(data, origin=info.name, index=index, prev=prev, public_key=info.public_key)
-            except EntryError as exc:
+                entry = decode_entry(data)
+                if changes_key_of(info.name, entry.kind, entry.payload):
+                    check_entry(data, origin=info.name, index=index, prev=prev, public_key=None)
+                    chain = check_change(
+                        entry, chain, root=tree.root, policy=self.policy, signer_keys=self._signer_keys
+                    )
+                    change = chain.change_at(index)
+                    assert change is not None
+                    change_rows.append(_change_row(info.id, change))
+                else:
+                    key = chain.entry_key(index)
+                    known = chain.change_at(index)
+                    if known is not None and known.replaced:
+                        raise EntryError(
+                            f"entry {index} must be the key-replacement entry a replacement statement accepted "
+                            "here names; it is not (signed by the replaced key?)"
+                        )
+                    check_entry(data, origin=info.name, index=index, prev=prev, public_key=key)
+            except (EntryError, KeyChangeError) as exc:
                 raise ReplicaError(f"{info.name} entry {index}: {exc}") from None
             prev = merkle.leaf_hash(data)
             entries_rows.append((info.id, index, data))
             node_rows += [(info.id, level, idx, h) for (level, idx), h in tree.append(prev)]
             key_rows += [(k, info.id, index) for k in self._keys_of(entry)]
+        ahead = chain
+        for change in later_changes:
+            if change.index >= end and chain.change_at(change.index) is None:
+                try:
+                    ahead = ahead.with_change(change)
+                except KeyChangeError as exc:
+                    raise ReplicaError(f"key changes of {info.name} offered ahead: {exc}") from None
+        if not ahead.signs_checkpoint(note, cp.size):
+            raise ReplicaError(f"checkpoint of {info.name} is not signed by its key (in force at size {cp.size})")
         checkpoint_row: tuple[int, int, bytes] | None = None
         if end == cp.size:
             if tree.root() != cp.root_hash:
@@ -883,12 +1113,41 @@ class ReplicaWriter(_ThreadWriter):
                     f"checkpoint of size {cp.size}: {exc}"
                 ) from None
         try:
-            self._write(entries_rows, node_rows, key_rows, checkpoint_row)
+            self._write(entries_rows, node_rows, key_rows, checkpoint_row, change_rows)
         except sqlite3.IntegrityError:
             raise ReplicaError(f"entries of {info.name} were stored meanwhile; retry from the new size") from None
         except (sqlite3.Error, OSError) as exc:
             raise LedgerStoreError(f"ledger write failed ({exc}); check disk space and {self.store.path}") from None
         return end
+
+    async def drop_from(self, origin: str, size: int) -> int:
+        """Remove ``origin``'s entries from index ``size`` on, with their nodes, lookup keys,
+        key changes and the checkpoints above ``size``: entries a replacement statement
+        accepted for index ``size`` proves signed by the replaced key. Returns how many."""
+        info = await self.store.origin(origin)
+        if info is None:
+            return 0
+        return await self._on_thread(self._drop_from, info.id, size)
+
+    def _drop_from(self, origin_id: int, size: int) -> int:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            dropped = db.execute("DELETE FROM entries WHERE origin_id = ? AND idx >= ?", (origin_id, size)).rowcount
+            db.execute("DELETE FROM nodes WHERE origin_id = ? AND ((idx + 1) << level) > ?", (origin_id, size))
+            db.execute("DELETE FROM entry_keys WHERE origin_id = ? AND idx >= ?", (origin_id, size))
+            db.execute("DELETE FROM checkpoints WHERE origin_id = ? AND size > ?", (origin_id, size))
+            db.execute(  # but the replacement accepted for index ``size`` itself
+                "DELETE FROM key_changes WHERE origin_id = ? AND idx >= ? AND NOT (idx = ? AND statement IS NOT NULL)",
+                (origin_id, size, size),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return dropped
 
 
 async def sign_checkpoint(store: LedgerStore, identity: Identity, size: int) -> bytes:

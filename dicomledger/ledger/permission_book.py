@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from dicomledger.ledger import merkle
 from dicomledger.ledger.entries import GRANT, REVOKE, decode_entry
+from dicomledger.ledger.keychain import KeyChain
 from dicomledger.ledger.log import LedgerStore, LogWriter
 from dicomledger.ledger.permissions import (
     Decision,
@@ -97,16 +98,16 @@ class PermissionBook:
             if self.custodian_may_sign
             else set()
         )
-        keys: dict[str, Ed25519PublicKey] = {}
+        chains: dict[str, KeyChain] = {}
         for name in custodians:
-            info = await self.store.origin(name)
-            if info is not None:
-                keys[name] = info.public_key
+            if await self.store.origin(name) is not None:
+                chains[name] = await self.store.key_chain(name)
 
         def is_authorised(record: Record) -> str | None:
             key = self.authorities.get(record.issuer)
-            if key is None and record.issuer == record.origin and record.origin in custodians:
-                key = keys.get(record.origin)
+            if key is None and record.issuer == record.origin and record.origin in chains:
+                # the custodian signs with the key its log had in force at the record's entry
+                key = chains[record.origin].entry_key(record.index)
             if key is None:
                 return (
                     f"issuer {record.issuer} may not sign for this patient: not a consent authority "

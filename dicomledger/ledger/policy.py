@@ -23,7 +23,7 @@ Only Ed25519 is supported (no ML-DSA-44 witnesses yet): other key types are refu
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -36,6 +36,7 @@ from dicomledger.ledger.note import (
     canonical_b64decode,
     key_id,
     parse_verifier_key,
+    verifier_key,
     verify_cosignature,
 )
 
@@ -132,6 +133,17 @@ class WitnessPolicy:
         explain(self.quorum)
         who = ", ".join(f"{w.name} ({w.key_name})" for w in missing)
         return "; ".join([*reasons, f"missing cosignatures from {who}"])
+
+
+def canonical_text(policy: WitnessPolicy) -> str:
+    """The policy in one text form, whatever the spacing, comments and URLs of its file:
+    its logs, witnesses (cosigner vkeys), groups (thresholds as numbers) and quorum, in the
+    order defined. Two files with the same canonical text require the same cosignatures."""
+    lines = [f"log {verifier_key(log.key_name, log.key)}" for log in policy.logs]
+    lines += [f"witness {w.name} {verifier_key(w.key_name, w.key, SIG_COSIGNATURE_V1)}" for w in policy.witnesses]
+    lines += [f"group {g.name} {g.threshold} {' '.join(g.members)}" for g in policy.groups]
+    lines.append(f"quorum {policy.quorum}")
+    return "".join(line + "\n" for line in lines)
 
 
 def is_policy_line(line: str) -> bool:
@@ -261,15 +273,19 @@ class CosignatureError(ValueError):
 
 
 def verified_cosigners(
-    note: Note, log_signature: tuple[str, bytes], witnesses: Mapping[str, Ed25519PublicKey]
+    note: Note,
+    log_signature: tuple[str, bytes],
+    witnesses: Mapping[str, Ed25519PublicKey] | Mapping[str, Sequence[Ed25519PublicKey]],
 ) -> tuple[dict[str, int], list[str]]:
     """The witnesses (by key name) with a valid cosignature/v1 line on ``note``, each with
     its newest timestamp; and the names on the other lines (neither the log's own
     signature, given as (origin, key ID), nor by a key in ``witnesses``), merely listed.
 
-    A line whose name and key ID match a known witness key but whose signature does not
-    verify raises CosignatureError: signed-note says a failing signature from a known key
-    SHOULD reject the note. The log's origin never counts as its own witness.
+    A witness may have several keys (a gateway that rotated its key cosigns with the newer
+    ones): a line counts when it verifies with the key its key ID names. A line whose name and
+    key ID match a known witness key but whose signature does not verify raises
+    CosignatureError: signed-note says a failing signature from a known key SHOULD reject the
+    note. The log's origin never counts as its own witness.
     """
     origin = log_signature[0]
     cosigned: dict[str, int] = {}
@@ -277,8 +293,10 @@ def verified_cosigners(
     for sig in note.signatures:
         if (sig.name, sig.key_id) == log_signature:
             continue
-        key = witnesses.get(sig.name)
-        if sig.name == origin or key is None or sig.key_id != key_id(sig.name, key, SIG_COSIGNATURE_V1):
+        known = witnesses.get(sig.name)
+        keys = [known] if isinstance(known, Ed25519PublicKey) else list(known or ())
+        key = next((k for k in keys if sig.key_id == key_id(sig.name, k, SIG_COSIGNATURE_V1)), None)
+        if sig.name == origin or key is None:
             if sig.name not in unverified:
                 unverified.append(sig.name)
             continue

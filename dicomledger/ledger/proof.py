@@ -171,6 +171,11 @@ def check_proof_file(
     5. with a witness policy (a ``Trust`` holding one), the verified cosigners must meet
        its quorum, else the error names the witnesses that are missing.
 
+    A log that changed its key (``keychain.py``) is followed from its first key through the
+    trust file's key-change lines: the checkpoint must be signed by the key in force at its
+    size, so a proof made before a rotation still verifies, and one made after it needs
+    the rotation's line. Witnesses are counted by any of their keys the file knows.
+
     ``trusted`` is a ``Trust`` or, as before policies, one mapping of names to keys that
     are trusted both as logs and as witnesses. Returns a ProofCheck; raises ProofFileError
     with the exact reason otherwise. Freshness (how old a cosignature may be) is the caller's.
@@ -178,9 +183,14 @@ def check_proof_file(
     trust = trusted if isinstance(trusted, Trust) else Trust(trusted, trusted)
     _check_fields(p)
     note, cp = _read_checkpoint(p.checkpoint_note)
-    log_key = trust.logs.get(cp.origin)
-    if log_key is None:
+    try:
+        chain = trust.log_chain(cp.origin)
+        witness_keys = trust.witness_keys()
+    except NoteError as exc:
+        raise ProofFileError(str(exc)) from None
+    if chain is None:
         raise ProofFileError(f"no trusted key for log origin {cp.origin!r}")
+    log_key = chain.key_for_size(cp.size)
     log_kid = key_id(cp.origin, log_key)
     if not any(s.name == cp.origin and s.key_id == log_kid for s in note.signatures):
         raise ProofFileError(f"checkpoint has no signature by {cp.origin}")
@@ -193,7 +203,7 @@ def check_proof_file(
             f"entry not included at index {p.index} of size {cp.size}: {exc}"
         ) from None
     try:
-        witnesses, unverified = verified_cosigners(note, (cp.origin, log_kid), trust.witnesses)
+        witnesses, unverified = verified_cosigners(note, (cp.origin, log_kid), witness_keys)
     except CosignatureError as exc:
         raise ProofFileError(str(exc)) from None
     if trust.policy is not None:

@@ -41,7 +41,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dicomledger.ledger import merkle
 from dicomledger.ledger.checkpoint import CheckpointError, parse_checkpoint
-from dicomledger.ledger.entries import ZERO_HASH, EntryError, check_entry
+from dicomledger.ledger.entries import (
+    KEY_ROTATION,
+    ZERO_HASH,
+    EntryError,
+    check_entry,
+    decode_entry,
+    verify_entry_signature,
+)
+from dicomledger.ledger.keychain import (
+    KeyChain,
+    KeyChange,
+    KeyChangeError,
+    chain_from_entries,
+    changes_key_of,
+    check_change,
+)
 from dicomledger.ledger.note import NoteError, key_id, parse_note, verify_note_signature
 from dicomledger.ledger.policy import CosignatureError, WitnessPolicy, verified_cosigners
 from dicomledger.ledger.trust import Trust
@@ -135,12 +150,24 @@ class _ChunkResult:
     checked: int
 
 
+ChangeData = tuple[tuple[int, bytes, bool], ...]  # key changes as plain data: (index, key, replaced)
+
+
+def _chain(origin: str, first: bytes, changes: ChangeData) -> KeyChain:
+    return KeyChain(origin, Ed25519PublicKey.from_public_bytes(first), tuple(
+        KeyChange(idx, Ed25519PublicKey.from_public_bytes(key), replaced) for idx, key, replaced in changes))
+
+
 def _check_chunk(
-    path: str, origin_id: int, origin: str, key: bytes, start: int, end: int, sign_from: int
+    path: str, origin_id: int, origin: str, key: bytes, start: int, end: int, sign_from: int,
+    changes: ChangeData = (),
 ) -> _ChunkResult:
     """Entries [start, end) of one origin (start a multiple of CHUNK) and every Merkle node
-    inside that range; entry signatures only from index ``sign_from`` on."""
-    public_key = Ed25519PublicKey.from_public_bytes(key)
+    inside that range; entry signatures only from index ``sign_from`` on, each with the key
+    ``changes`` (the database's key-change rows, checked by the main process) put in force
+    there. Key-change entries are reported, not checked here (the main process checks them)."""
+    chain = _chain(origin, key, changes)
+    hinted = {idx for idx, _, _ in changes}
     db = _connect(Path(path))
     try:
         prev = ZERO_HASH
@@ -165,10 +192,13 @@ def _check_chunk(
                 entry_problem = (idx, "entry is not stored as bytes")
                 break
             try:
-                check_entry(
-                    data, origin=origin, index=idx, prev=prev,
-                    public_key=public_key if idx >= sign_from else None,
-                )
+                entry = check_entry(data, origin=origin, index=idx, prev=prev, public_key=None)
+                if changes_key_of(origin, entry.kind, entry.payload) != (idx in hinted):
+                    what = ("is a key change that the database's key_changes table does not list" if idx not in hinted
+                            else "is listed in the database's key_changes table but is no key change")
+                    raise EntryError(f"entry {what}")
+                if idx >= sign_from and idx not in hinted:
+                    verify_entry_signature(entry, chain.entry_key(idx), canonical=data)
             except EntryError as exc:
                 entry_problem = (idx, str(exc))
                 break
@@ -236,13 +266,13 @@ class _CheckedCheckpoint:
 
 
 def _check_checkpoints(
-    origin: str, key: bytes, witness_keys: dict[str, bytes], batch: list[tuple[int, bytes | None]]
+    origin: str, key: bytes, witness_keys: dict[str, list[bytes]], batch: list[tuple[int, bytes | None]],
+    changes: ChangeData = (),
 ) -> tuple[list[_CheckedCheckpoint], tuple[int, str] | None]:
-    """Signatures of a batch of one origin's checkpoints (ascending size): the checked ones
-    and the first problem, as (size, what)."""
-    public_key = Ed25519PublicKey.from_public_bytes(key)
-    log_signature = (origin, key_id(origin, public_key))
-    witnesses = {name: Ed25519PublicKey.from_public_bytes(k) for name, k in witness_keys.items()}
+    """Signatures of a batch of one origin's checkpoints (ascending size), each by the key
+    in force at its size: the checked ones and the first problem, as (size, what)."""
+    chain = _chain(origin, key, changes)
+    witnesses = {name: [Ed25519PublicKey.from_public_bytes(k) for k in keys] for name, keys in witness_keys.items()}
     checked: list[_CheckedCheckpoint] = []
     for size, note_bytes in batch:
         if note_bytes is None:
@@ -252,12 +282,13 @@ def _check_checkpoints(
             cp = parse_checkpoint(note.text)
         except (NoteError, CheckpointError) as exc:
             return checked, (size, f"malformed: {exc}")
+        public_key = chain.key_for_size(size)
         if not verify_note_signature(note, origin, public_key):
             return checked, (size, "signature by the origin's key does not verify")
         if cp.origin != origin or cp.size != size:
             return checked, (size, f"names {cp.origin!r} size {cp.size}, stored as {origin!r} size {size}")
         try:
-            cosigned, _ = verified_cosigners(note, log_signature, witnesses)
+            cosigned, _ = verified_cosigners(note, (origin, key_id(origin, public_key)), witnesses)
         except CosignatureError as exc:
             return checked, (size, str(exc))
         checked.append(_CheckedCheckpoint(size, cp.root_hash, cosigned))
@@ -271,9 +302,10 @@ def _check_checkpoints(
 class _Origin:
     id: int
     name: str
-    key: bytes  # the key entries and checkpoints must verify with
+    key: bytes  # its first key: entries and checkpoints verify with it until a key change
     size: int
     checkpoints: list[tuple[int, bytes | None]]  # None: not a BLOB
+    changes: ChangeData = ()  # the key_changes rows below ``size`` (checked in ``_check_changes``)
 
 
 class _Run:
@@ -282,14 +314,20 @@ class _Run:
         db: sqlite3.Connection,
         path: Path,
         pool: ProcessPoolExecutor,
-        witness_keys: dict[str, bytes],
+        witness_keys: dict[str, list[bytes]],
         policy: WitnessPolicy | None,
         progress: Progress | None,
         total: int,
+        key_policy: WitnessPolicy | None = None,
+        signer_keys: dict[str, list[Ed25519PublicKey]] | None = None,
+        trusted_chains: dict[str, KeyChain] | None = None,
     ) -> None:
         self.db, self.path, self.pool = db, path, pool
         self.witness_keys, self.policy = witness_keys, policy
         self.progress, self.total, self.done = progress, total, 0
+        self.key_policy = key_policy  # counts the signers of key-replacement statements
+        self.signer_keys = signer_keys or {}
+        self.trusted_chains = trusted_chains or {}  # from the trust file's key-change lines
 
     def _advance(self, entries: int, extra_total: int = 0) -> None:
         self.done += entries
@@ -316,7 +354,7 @@ class _Run:
             return Problem(o.name, f"entry {stray[0]}", "unexpected entry (negative index)"), None
         futures: dict[Future[_ChunkResult], int] = {
             self.pool.submit(
-                _check_chunk, str(self.path), o.id, o.name, o.key, s, min(s + CHUNK, o.size), sign_from
+                _check_chunk, str(self.path), o.id, o.name, o.key, s, min(s + CHUNK, o.size), sign_from, o.changes
             ): s
             for s in range(0, o.size, CHUNK)
         }
@@ -340,10 +378,15 @@ class _Run:
             where = f"entry {idx} leaf hash" if what.startswith("stored leaf hash") else f"node ({level}, {idx})"
             return Problem(o.name, where, what), None
 
+        # 2b. the key changes the workers followed: each one checked from the first key
+        problem = self._check_changes(o, upper)
+        if problem is not None:
+            return problem, None
+
         # 3. checkpoints: signatures and cosignatures in parallel, roots here
         batches = [o.checkpoints[i : i + CHECKPOINT_BATCH] for i in range(0, len(o.checkpoints), CHECKPOINT_BATCH)]
         cp_futures = [
-            self.pool.submit(_check_checkpoints, o.name, o.key, self.witness_keys, b) for b in batches
+            self.pool.submit(_check_checkpoints, o.name, o.key, self.witness_keys, b, o.changes) for b in batches
         ]
         newest: _CheckedCheckpoint | None = None
         for future in cp_futures:
@@ -376,6 +419,36 @@ class _Run:
                     return Problem(o.name, where, f"newest checkpoint is below the witness quorum: {shortfall}"), report
             report = replace(report, quorum=self.policy.describe())
         return None, report
+
+    def _check_changes(self, o: _Origin, upper: dict[int, list[bytes]]) -> Problem | None:
+        """Every key-change entry of the log (the workers found exactly those the
+        key_changes rows list), in order from the first key: a rotation signed by the key
+        before it and by the new key, a replacement meeting the witness policy's quorum and
+        pinning the root of the entries before it. The keys must be the rows' (which the
+        workers used), and the trust file's key-change lines must be the log's."""
+        chain = _chain(o.name, o.key, ())
+        for idx, key, replaced in o.changes:
+            (data,) = self.db.execute(
+                "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (o.id, idx)).fetchone()
+            try:
+                entry = decode_entry(bytes(data))
+                chain = check_change(
+                    entry, chain, root=lambda idx=idx: self._root(o, idx, upper), policy=self.key_policy,
+                    signer_keys=lambda name: self.signer_keys.get(name, []),
+                )
+            except (EntryError, KeyChangeError) as exc:
+                return Problem(o.name, f"entry {idx}", str(exc))
+            change = chain.change_at(idx)
+            if change is None or change.key.public_bytes_raw() != key or change.replaced != replaced:
+                return Problem(o.name, f"entry {idx}", "the database's key_changes row does not match the key change")
+        trusted = self.trusted_chains.get(o.name)
+        for change in trusted.changes if trusted is not None else ():
+            if change.index >= o.size:
+                continue
+            held = chain.change_at(change.index)
+            if held is None or held.key.public_bytes_raw() != change.key.public_bytes_raw():
+                return Problem(o.name, f"entry {change.index}", "the trust file's key-change line is not this log's entry")
+        return None
 
     def _upper_levels(
         self, o: _Origin, chunk_roots: list[bytes], problems: list[tuple[int, int, str]]
@@ -417,6 +490,8 @@ class _Run:
         return found
 
     def _root(self, o: _Origin, size: int, upper: dict[int, list[bytes]]) -> bytes:
+        if size == 0:
+            return merkle.root_of_leaf_hashes([])
         hashes = []
         for level, idx in merkle.root_plan(size):
             if level >= CHUNK_LEVEL:
@@ -432,7 +507,7 @@ class _Run:
 def _newest_signed_checkpoint(o: _Origin) -> int:
     """Size of the newest checkpoint that is well-formed and signed by the origin's key: the
     entries below it need no signature check of their own if its root matches them."""
-    public_key = Ed25519PublicKey.from_public_bytes(o.key)
+    chain = _chain(o.name, o.key, o.changes)  # as the rows say: checked later, and if wrong all is re-checked
     for size, note_bytes in reversed(o.checkpoints):
         if size > o.size or note_bytes is None:
             continue
@@ -441,7 +516,7 @@ def _newest_signed_checkpoint(o: _Origin) -> int:
             cp = parse_checkpoint(note.text)
         except (NoteError, CheckpointError):
             continue
-        if cp.origin == o.name and cp.size == size and verify_note_signature(note, o.name, public_key):
+        if cp.origin == o.name and cp.size == size and chain.signs_checkpoint(note, size):
             return size
     return 0
 
@@ -455,31 +530,49 @@ def verify_database(
     origin: str | None = None,
     progress: Progress | None = None,
     every_signature: bool = False,
+    current_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    key_policy: WitnessPolicy | None = None,
 ) -> VerifyReport:
     """Check everything (or the log of ``origin`` only).
 
     ``trust``: the auditor's trust file: every origin checked needs a key there, equal to the
-    stored one; its witness keys and policy apply. Otherwise ``expected_keys`` pins some
-    origins' keys (e.g. this gateway's own) and the stored keys serve for the rest.
-    ``every_signature``: also check the own signature of entries a checkpoint authenticates.
+    stored first key; its witness keys, key-change lines and policy apply. Otherwise
+    ``expected_keys`` pins some origins' first keys and the stored keys serve for the rest;
+    ``current_keys`` names keys that must be in force at an origin's tip (this gateway's key
+    file, which a rotation replaces). Key-replacement statements are counted with the trust
+    file's policy, or ``key_policy``. ``every_signature``: also check the own signature of
+    entries a checkpoint authenticates.
     """
     db = _connect(path)
     reports: list[OriginReport] = []
+    key_policy = trust.policy if trust is not None and trust.policy is not None else key_policy
     try:
         db.execute("BEGIN")  # one read snapshot for everything this process reads
-        rows = db.execute("SELECT id, name, public_key FROM origins ORDER BY id").fetchall()
-        if origin is not None:
-            rows = [r for r in rows if r[1] == origin]
-            if not rows:
-                return VerifyReport((), Problem(origin, "origin", "the ledger holds no log for this origin"))
-        stored = {name: _blob(key) for _, name, key in rows}
+        every = db.execute("SELECT id, name, public_key FROM origins ORDER BY id").fetchall()
+        rows = [r for r in every if origin is None or r[1] == origin]
+        if origin is not None and not rows:
+            return VerifyReport((), Problem(origin, "origin", "the ledger holds no log for this origin"))
+        stored = {name: _blob(key) for _, name, key in every}
         pinned = {n: k.public_bytes_raw() for n, k in (trust.logs if trust else expected_keys or {}).items()}
+        try:
+            trusted_chains = trust.chains if trust is not None else {}
+        except NoteError as exc:
+            return VerifyReport((), Problem("trust file", "key-change line", str(exc)))
+        changes = {name: _change_rows(db, origin_id) for origin_id, name, _ in every}
+        chains, replaced = _later_keys(db, every, stored, changes, key_policy)
         if trust is not None:
-            witness_keys = {n: k.public_bytes_raw() for n, k in trust.witnesses.items()}
+            # a witness's keys: those the trust file gives, and the later keys its own log (in
+            # this database, from the first key the trust file pins) changed to, but not those
+            # a replacement took over from
+            witness_keys = {n: [k.public_bytes_raw() for k in keys] for n, keys in trust.witness_keys().items()}
+            for name, keys in witness_keys.items():
+                if name in chains and pinned.get(name) == stored.get(name):
+                    keys[:] = [k for k in keys if k not in replaced[name]]
+                    keys += [k for k in chains[name] if k not in keys]
         else:
             witness_keys = {
-                n: bytes(k) for n, k in db.execute("SELECT name, public_key FROM origins")
-                if isinstance(k, bytes) and len(k) == 32
+                name: [k for k in dict.fromkeys([stored_key, *chains.get(name, [])]) if k not in replaced.get(name, [])]
+                for name, stored_key in stored.items() if stored_key is not None and len(stored_key) == 32
             }
         origins = []
         for origin_id, name, _ in rows:
@@ -501,21 +594,80 @@ def verify_database(
                 )
             ]
             size = 0 if size_row[0] is None else size_row[0] + 1
-            origins.append(_Origin(origin_id, name, key, size, checkpoints))
+            held = tuple(c for c in changes[name] if c[0] < size)  # rows at or above: accepted ahead
+            origins.append(_Origin(origin_id, name, key, size, checkpoints, held))
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
             run = _Run(
                 db, path, pool, witness_keys, trust.policy if trust else None, progress,
-                sum(o.size for o in origins),
+                sum(o.size for o in origins), key_policy=key_policy,
+                signer_keys={n: [Ed25519PublicKey.from_public_bytes(k) for k in keys] for n, keys in chains.items()},
+                trusted_chains=trusted_chains,
             )
             for o in origins:
                 problem, report = run.origin(o, every_signature)
                 if report is not None:
                     reports.append(report)
+                if problem is None and (current_keys or {}).get(o.name) is not None:
+                    problem = _current_key_problem(o, current_keys[o.name])  # type: ignore[index]
                 if problem is not None:
                     return VerifyReport(tuple(reports), problem)
     finally:
         db.close()
     return VerifyReport(tuple(reports), None)
+
+
+def _change_rows(db: sqlite3.Connection, origin_id: int) -> ChangeData:
+    """An origin's key_changes rows as plain data; none in a database from before them."""
+    try:
+        rows = db.execute(
+            "SELECT idx, public_key, replaced FROM key_changes WHERE origin_id = ? ORDER BY idx", (origin_id,)
+        ).fetchall()
+    except sqlite3.OperationalError:  # no such table
+        return ()
+    return tuple((idx, bytes(key), bool(replaced)) for idx, key, replaced in rows
+                 if isinstance(key, bytes) and len(key) == 32)
+
+
+def _later_keys(
+    db: sqlite3.Connection, origins: list[tuple[int, str, object]], stored: Mapping[str, bytes | None],
+    changes: Mapping[str, ChangeData], policy: WitnessPolicy | None,
+) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
+    """The keys each origin's log changed to that still count as a witness's or a statement
+    signer's (replaced ones left out): its key-change entries checked from its first key, the
+    root a replacement pins taken as given (the origin's own check compares it with its tree).
+    An origin whose changes do not check gets none here (its own check names the problem).
+    Also returns, per origin, the keys a replacement took over from."""
+    found: dict[str, list[bytes]] = {}
+    replaced: dict[str, list[bytes]] = {}
+    for origin_id, name, _ in origins:
+        first = stored.get(name)
+        if first is None or len(first) != 32 or not changes.get(name):
+            continue
+        entries = []
+        for idx, _, _ in changes[name]:
+            row = db.execute("SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (origin_id, idx)).fetchone()
+            if row is not None and (data := _blob(row[0])) is not None:
+                try:
+                    entries.append(decode_entry(data))
+                except EntryError:
+                    break
+        rotations = [e for e in entries if e.kind == KEY_ROTATION]
+        try:
+            chain = chain_from_entries(name, Ed25519PublicKey.from_public_bytes(first), entries if policy else rotations,
+                                       policy=policy)
+        except KeyChangeError:
+            continue
+        found[name] = [k.public_bytes_raw() for k in chain.trusted_keys()]
+        replaced[name] = [k.public_bytes_raw() for k in chain.keys() if k.public_bytes_raw() not in found[name]]
+    return found, replaced
+
+
+def _current_key_problem(o: _Origin, want: Ed25519PublicKey) -> Problem | None:
+    current = _chain(o.name, o.key, o.changes).current
+    if current.public_bytes_raw() == want.public_bytes_raw():
+        return None
+    return Problem(o.name, "origin key", "the configured key file's key is not the key this log has in force "
+                   f"(at its {o.size} entries, after {len(o.changes)} key change(s))")
 
 
 # -- presentation -----------------------------------------------------------------------
@@ -583,13 +735,16 @@ def verify_and_report(
     every_signature: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    current_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    key_policy: WitnessPolicy | None = None,
 ) -> bool:
     """`dicomledger verify`: progress on ``err``, the report on ``out``; True if all is well.
     sqlite3.Error if the file is not a ledger database or cannot be read."""
     out, err = out or sys.stdout, err or sys.stderr
     progress = ProgressLine(err)
     report = verify_database(
-        path, expected_keys, trust=trust, origin=origin, progress=progress, every_signature=every_signature
+        path, expected_keys, trust=trust, origin=origin, progress=progress, every_signature=every_signature,
+        current_keys=current_keys, key_policy=key_policy,
     )
     progress.finish(report)
     for line in report_lines(report):

@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
+from dicomledger.ledger.keychain import KeyChain, single_key
 from dicomledger.ledger.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
@@ -97,7 +98,6 @@ from dicomledger.ledger.note import (
     canonical_b64decode,
     cosign_checkpoint,
     parse_note,
-    verify_note_signature,
 )
 
 # tlog-witness: "The client MUST NOT send more than 63 consistency proof lines"
@@ -192,9 +192,13 @@ def checkpoint_origin(note: bytes) -> str:
     return _read_note(note, "checkpoint note")[1].origin
 
 
-def _check_signed(note: Note, cp: Checkpoint, key: Ed25519PublicKey, what: str) -> None:
-    if not verify_note_signature(note, cp.origin, key):
-        raise BadSignatureError(f"{what} has no valid signature by {cp.origin}'s key")
+def _check_signed(note: Note, cp: Checkpoint, key: Ed25519PublicKey | KeyChain, what: str) -> None:
+    """The note is signed by the origin's key, or with a key chain, by the key in force at
+    the checkpoint's size (keychain.py: a log that rotated or replaced its key)."""
+    chain = single_key(cp.origin, key)
+    if not chain.signs_checkpoint(note, cp.size):
+        changed = " in force at that size" if chain.changes else ""
+        raise BadSignatureError(f"{what} has no valid signature by {cp.origin}'s key{changed}")
 
 
 def _is_power_of_two(m: int) -> bool:
@@ -244,12 +248,13 @@ def check_equivocation(
     note_a: bytes,
     note_b: bytes,
     consistency_proof: Sequence[bytes] | None,
-    origin_key: Ed25519PublicKey,
+    origin_key: Ed25519PublicKey | KeyChain,
 ) -> Equivocation | None:
     """Decide whether two signed checkpoints of one origin prove that it equivocated.
 
     Both notes must parse and carry a valid signature by ``origin_key`` under the same origin
-    name, else WitnessError (unsigned claims prove nothing). Then:
+    name (with a key chain: each by the key in force at its size), else WitnessError
+    (unsigned claims prove nothing). Then:
 
     * same size: an Equivocation if the roots differ, else None;
     * different sizes m < n: None if the smaller is the empty tree (consistent with any tree,
@@ -302,7 +307,7 @@ def check_equivocation(
 
 
 def _evidence_or_none(
-    state: WitnessState, note: bytes, proof: Sequence[bytes] | None, key: Ed25519PublicKey
+    state: WitnessState, note: bytes, proof: Sequence[bytes] | None, key: Ed25519PublicKey | KeyChain
 ) -> Equivocation | None:
     try:
         return check_equivocation(state.note, note, proof, key)
@@ -316,7 +321,7 @@ def witness_checkpoint(
     old_size: int,
     consistency_proof: Sequence[bytes],
     state: WitnessState | None,
-    logs: Mapping[str, Ed25519PublicKey],
+    logs: Mapping[str, Ed25519PublicKey | KeyChain],
     witness_name: str,
     witness_key: Ed25519PrivateKey,
     now: int,
@@ -325,8 +330,10 @@ def witness_checkpoint(
     cosigned for its origin, None if never) and cosign it (tlog-cosignature/v1, timestamp
     ``now`` in POSIX seconds).
 
-    Returns the cosignature and the new state, which the caller must persist, atomically with
-    having read ``state``, before answering. Raises the errors in the module docstring.
+    ``logs``: the key of each origin followed, or its key chain (the checkpoint must then be
+    signed by the key in force at its size). Returns the cosignature and the new state, which
+    the caller must persist, atomically with having read ``state``, before answering. Raises
+    the errors in the module docstring.
     """
     parsed, cp = _read_note(note, "checkpoint note")
     key = logs.get(cp.origin)
