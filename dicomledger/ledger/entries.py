@@ -46,6 +46,7 @@ TAMPER_ALARM = "tamper-alarm"
 CONFIG = "config"
 LOCAL_TIP_ACCEPTED = "local-tip-accepted"  # started on an unconfirmed tip (serve --accept-local-tip)
 FLAG_CLEARED = "flag-cleared"  # an equivocation flag cleared (peers --clear-flag)
+FORWARDS_QUEUED = "forwards-queued"  # a grant queued a patient's stored instances for a destination
 KINDS = frozenset(
     {
         IMAGE_ANCHORED,
@@ -59,6 +60,7 @@ KINDS = frozenset(
         CONFIG,
         LOCAL_TIP_ACCEPTED,
         FLAG_CLEARED,
+        FORWARDS_QUEUED,
     }
 )
 _FIELDS = frozenset({"v", "origin", "index", "prev", "time", "kind", "payload", "sig"})

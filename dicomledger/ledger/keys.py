@@ -8,7 +8,8 @@ gateway finds the same entries by the same keys.
   custodians;
 * ``perm:<P>`` on grants and revokes: a patient's permission history;
 * ``study:<S>`` on every entry whose payload names a study, and ``activity:<P>`` on forwards,
-  retrievals, refusals and tamper alarms: `dicomledger audit`.
+  forwards queued by a grant, retrievals, refusals and tamper alarms: `dicomledger audit`,
+  and the forwards a grant queues (``consent.py``).
 
 ``VERSION`` goes up whenever this scheme changes; the gateway then attaches the keys to the
 entries stored before (``LedgerStore.add_lookup_keys``).
@@ -22,6 +23,7 @@ from typing import Any
 from dicomledger.ledger.entries import (
     FORWARD_REFUSED,
     FORWARDED,
+    FORWARDS_QUEUED,
     GRANT,
     IMAGE_ANCHORED,
     RETRIEVE_REFUSED,
@@ -30,9 +32,9 @@ from dicomledger.ledger.entries import (
     TAMPER_ALARM,
 )
 
-VERSION = 1  # 1: study: and activity: for `audit`
+VERSION = 1  # 1: study: and activity: for `audit` (forwards-queued, a later kind, needs no new version)
 
-ACTIVITY_KINDS = frozenset({FORWARDED, FORWARD_REFUSED, RETRIEVED, RETRIEVE_REFUSED, TAMPER_ALARM})
+ACTIVITY_KINDS = frozenset({FORWARDED, FORWARD_REFUSED, FORWARDS_QUEUED, RETRIEVED, RETRIEVE_REFUSED, TAMPER_ALARM})
 
 
 def lookup_keys(kind: str, payload: Mapping[str, Any]) -> list[str]:
