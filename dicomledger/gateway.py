@@ -26,6 +26,7 @@ from dicomledger import logs
 from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
 from dicomledger.config import Config
+from dicomledger.consent import ConsentForwarding
 from dicomledger.daemon import notify
 from dicomledger.dicom.codecs import missing_lossless_decoders
 from dicomledger.dicom.fastread import ReadInstance, read_instance
@@ -293,6 +294,7 @@ class Gateway:
         self.peers: PeerService | None = None
         self.book: PermissionBook | None = None
         self.forwarder: Forwarder | None = None
+        self.consent: ConsentForwarding | None = None
         self.admin: AdminServer | None = None
         g = config.gateway
         patients = PatientDirectory(config.storage.index, self.secret)  # for grants, which name pseudonyms
@@ -341,8 +343,14 @@ class Gateway:
             self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory,
                                        audit=self.audit)
             await self.forwarder.start()
+            self.consent = ConsentForwarding(cfg.forwarding, self.forwarder, self.ledger, self.index, self.book,
+                                             self.writer, self.secret, self.identity.origin)
+            await self.consent.start()
         if cfg.admin_socket is not None:
             handlers = PermissionAdmin(cfg, self.book, self.writer, self.audit).handlers()
+            if self.forwarder is not None and self.consent is not None:  # `queue retry`, `queue unpark`
+                handlers.update(self.forwarder.admin_handlers())
+                handlers["grant"] = self.consent.then_scan(handlers["grant"])  # its images go now
             if self.peers is not None:  # `peers --clear-flag`: its entry goes through our writer
                 peers = self.peers
                 handlers["clear-flag"] = lambda body: peers.clear_flag(body["origin"], body["reason"], body["by"])
@@ -431,6 +439,8 @@ class Gateway:
             await asyncio.to_thread(self.server.stop)
         if self.admin is not None:
             await self.admin.stop()
+        if self.consent is not None:
+            await self.consent.stop()
         if self.forwarder is not None:
             await self.forwarder.stop()  # finishes the sends in progress
             await self.forwarder.queue.close()
