@@ -18,6 +18,8 @@ from dicomledger.datadir import set_private_umask
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
 from dicomledger.ledger.peer_tls import create_tls_identity
 from dicomledger.ledger.trust import render_trust_file
+from dicomledger.lifecycle_cli import HANDLERS as LIFECYCLE_HANDLERS
+from dicomledger.lifecycle_cli import add_parsers as add_lifecycle_parsers
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool whose reader went away (`| head`)
@@ -626,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p = with_config("verify-file", "is this DICOM file's pixel data anchored?")
     p.add_argument("path")
+    add_lifecycle_parsers(sub, with_config)
     p = sub.add_parser("check-evidence", help="verify an equivocation evidence file offline with a trust file")
     p.add_argument("evidence")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
@@ -697,6 +700,7 @@ def _main(argv: list[str] | None) -> int:
             "permissions": cmd_permissions,
             "audit": cmd_audit,
             "queue": cmd_queue,
+            **LIFECYCLE_HANDLERS,
         }[args.command]
         return handler(args, config)
     except (ConfigError, KeyFileError) as exc:

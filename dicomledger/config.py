@@ -58,6 +58,8 @@ class LedgerConfig:
 class StorageConfig:
     directory: Path
     index: Path
+    # Erasure requests seen, scrub passes and findings (holds SOP Instance UIDs; stays local).
+    lifecycle: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,35 @@ class AtnaConfig:
 
 
 @dataclass(frozen=True)
+class ErasureConfig:
+    # Gateways whose `erased` entries this gateway applies to the copies it holds of the
+    # instances they anchored (received from them by forwarding); others are shown in status.
+    honour_from: tuple[str, ...] = ()
+    # Seconds between looks for erasures that arrived by replication.
+    poll_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class RetentionRule:
+    keep_years: int
+    modalities: tuple[str, ...] = ()  # empty: every study
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    rules: tuple[RetentionRule, ...] = ()  # none: nothing is ever erased by age
+    # Hours between automatic runs of the policy; 0: only `dicomledger retention`.
+    check_interval_hours: float = 24.0
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    enabled: bool = True
+    max_rate_mb_s: float = 20.0  # read budget of the background scrub (MB = 10^6 bytes)
+    full_pass_days: float = 7.0  # a background pass starts this long after the last one started
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     gateway: GatewayConfig
@@ -186,6 +217,13 @@ class Config:
     forwarding: ForwardingConfig | None = None
     admin_socket: Path | None = None  # local admin interface (grant, revoke, permissions)
     atna: AtnaConfig | None = None  # None: no audit messages (the default)
+    erasure: ErasureConfig = ErasureConfig()
+    retention: RetentionConfig = RetentionConfig()
+    scrub: ScrubConfig = ScrubConfig()
+
+    @property
+    def lifecycle_db(self) -> Path:
+        return self.storage.lifecycle or self.storage.index.with_name("lifecycle.db")
 
     def pseudonym_secret(self) -> bytes:
         try:
@@ -267,7 +305,7 @@ def load_config(path: str | Path) -> Config:
 
     known = {
         "gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers", "witnesses",
-        "permissions", "forwarding", "destinations", "routes", "atna",
+        "permissions", "forwarding", "destinations", "routes", "atna", "erasure", "retention", "scrub",
     }
     for table in raw:
         if table not in known:
@@ -311,7 +349,10 @@ def load_config(path: str | Path) -> Config:
     lg.done()
 
     st = _Section(path, "storage", raw.get("storage"))
-    storage = StorageConfig(directory=st.path_("directory"), index=st.path_("index"))
+    storage = StorageConfig(
+        directory=st.path_("directory"), index=st.path_("index"),
+        lifecycle=st.path_("lifecycle") if "lifecycle" in st.data else None,
+    )
     st.done()
 
     ps = _Section(path, "pseudonyms", raw.get("pseudonyms"))
@@ -327,7 +368,8 @@ def load_config(path: str | Path) -> Config:
     return Config(
         path, gateway, ledger, storage, secret_file, level, _peering(path, raw, ledger.origin),
         permissions=_permissions(path, raw), forwarding=_forwarding(path, raw, gateway.ae_title),
-        admin_socket=admin_socket, atna=_atna(path, raw, ledger.origin),
+        admin_socket=admin_socket, atna=_atna(path, raw, ledger.origin), erasure=_erasure(path, raw),
+        retention=_retention(path, raw), scrub=_scrub(path, raw),
     )
 
 
@@ -370,6 +412,51 @@ def _atna(path: Path, raw: dict[str, Any], origin: str) -> AtnaConfig | None:
     if not config.source_id.strip():
         raise at._fail("source_id", "is empty; name this gateway as the audit repository should know it")
     return config if enabled else None
+
+
+def _positive(sec: _Section, key: str, default: float, zero_ok: bool = False) -> float:
+    value = sec.get(key, float, default)
+    if value < 0 or (value == 0 and not zero_ok):
+        raise sec._fail(key, f"must be {'zero or more' if zero_ok else 'a positive number'}, got {value}")
+    return value
+
+
+def _erasure(path: Path, raw: dict[str, Any]) -> ErasureConfig:
+    sec = _Section(path, "erasure", raw.get("erasure"))
+    honour = sec.get("honour_from", list, [])
+    for origin in honour:
+        if not isinstance(origin, str) or not origin or any(c.isspace() or c == "+" for c in origin):
+            raise sec._fail("honour_from", f"has {origin!r}; list gateway origins such as hospital-a.example/dicomledger")
+    config = ErasureConfig(honour_from=tuple(honour), poll_interval=_positive(sec, "poll_interval", 2.0))
+    sec.done()
+    return config
+
+
+def _retention(path: Path, raw: dict[str, Any]) -> RetentionConfig:
+    sec = _Section(path, "retention", raw.get("retention"))
+    rules = []
+    for i, item in enumerate(sec.get("rules", list, [])):
+        rule = _Section(path, f"retention.rules[{i}]", item)
+        rules.append(RetentionRule(
+            keep_years=rule.int_in("keep_years", 1, 200), modalities=_strings(rule, "modality"),
+        ))
+        rule.done()
+    config = RetentionConfig(
+        rules=tuple(rules), check_interval_hours=_positive(sec, "check_interval_hours", 24.0, zero_ok=True),
+    )
+    sec.done()
+    return config
+
+
+def _scrub(path: Path, raw: dict[str, Any]) -> ScrubConfig:
+    sec = _Section(path, "scrub", raw.get("scrub"))
+    config = ScrubConfig(
+        enabled=sec.get("enabled", bool, True),
+        max_rate_mb_s=_positive(sec, "max_rate_mb_s", 20.0),
+        full_pass_days=_positive(sec, "full_pass_days", 7.0),
+    )
+    sec.done()
+    return config
 
 
 def _permissions(path: Path, raw: dict[str, Any]) -> PermissionsConfig:

@@ -40,7 +40,8 @@ class DataDirInUse(RuntimeError):
 
 def data_directories(config: Config) -> list[Path]:
     """Every directory the gateway's data lives in, the ledger's first."""
-    dirs = [config.ledger.database.parent, config.storage.index.parent, config.storage.directory]
+    dirs = [config.ledger.database.parent, config.storage.index.parent, config.storage.directory,
+            config.lifecycle_db.parent]
     if config.admin_socket is not None:
         dirs.append(config.admin_socket.parent)
     if config.forwarding is not None:
@@ -126,7 +127,7 @@ def running_gateway(config: Config) -> str | None:
 def _private_files(config: Config) -> list[Path]:
     """The gateway's own files outside the image store (which is walked whole)."""
     files = [config.path, config.ledger.key_file, config.pseudonym_secret_file]
-    for db in (config.ledger.database, config.storage.index,
+    for db in (config.ledger.database, config.storage.index, config.lifecycle_db,
                config.forwarding.queue if config.forwarding is not None else None,
                config.atna.queue if config.atna is not None else None):  # audit messages name patients
         if db is not None:

@@ -453,6 +453,51 @@ class ForwardQueue(ThreadedSqlite):
         )
 
 
+    async def cancel(self, sop_instance_uids: Sequence[str]) -> int:
+        """Remove every job of these instances (an erasure: their rows name the instances and
+        their files); returns how many were still to be sent. Deleted rows are zeroed and the
+        WAL truncated, as in the index."""
+        uids = list(sop_instance_uids)
+
+        def cancel() -> int:
+            db = self._db
+            assert db is not None
+            db.execute("PRAGMA secure_delete = ON")
+            pending = 0
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(uids), 500):
+                    chunk = uids[start:start + 500]
+                    marks = ",".join("?" for _ in chunk)
+                    pending += db.execute(
+                        f"SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND sop_instance_uid IN ({marks})", chunk
+                    ).fetchone()[0]
+                    db.execute(f"DELETE FROM jobs WHERE sop_instance_uid IN ({marks})", chunk)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return pending
+
+        return await self._on_thread(cancel)
+
+    async def pending_of(self, sop_instance_uids: Sequence[str]) -> int:
+        """How many jobs of these instances are still to be sent."""
+        uids = list(sop_instance_uids)
+        total = 0
+        for start in range(0, len(uids), 500):
+            chunk = uids[start:start + 500]
+            rows = await self._on_thread(
+                self._fetchall,
+                f"SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND sop_instance_uid IN ({','.join('?' for _ in chunk)})",
+                chunk,
+            )
+            total += rows[0][0]
+        return total
+
+
 def backoff(attempts: int, initial: float, maximum: float) -> float:
     """Seconds to wait after ``attempts`` failed attempts: initial, 2x, 4x, ... up to maximum."""
     return min(maximum, initial * 2 ** max(0, attempts - 1))

@@ -72,6 +72,7 @@ from dicomledger.ledger.log import Appended, Declined, LedgerStore, LedgerStoreE
 from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.ledger.pseudonym import pseudonym
 from dicomledger.ledger.tip import OwnTip, local_tip_accepted_payload
+from dicomledger.lifecycle import Lifecycle
 from dicomledger.retrieval import QueryRetrieve
 
 log = structlog.get_logger("dicomledger.gateway")
@@ -296,6 +297,7 @@ class Gateway:
         self.forwarder: Forwarder | None = None
         self.consent: ConsentForwarding | None = None
         self.admin: AdminServer | None = None
+        self.lifecycle: Lifecycle | None = None  # erasure, retention, scrub
         g = config.gateway
         patients = PatientDirectory(config.storage.index, self.secret)  # for grants, which name pseudonyms
         self.audit = AuditTrail(config.atna, g.ae_title, g.host, patients) if config.atna else AuditSink()
@@ -328,6 +330,9 @@ class Gateway:
                 _operator(), tip.problem or "", tip.unreachable))
             log.warning("recorded on the ledger: started on an unconfirmed local tip", entry=accepted.index)
         self.index = await Index.open(cfg.storage.index)
+        self.lifecycle = Lifecycle(cfg, index=self.index, ledger=self.ledger, writer=self.writer, files=self.files,
+                                   secret=self.secret, identity=self.identity, audit=self.audit)
+        await self.lifecycle.open()
         await self._reconcile()
         pm = cfg.permissions
         self.book = PermissionBook(
@@ -346,6 +351,7 @@ class Gateway:
             self.consent = ConsentForwarding(cfg.forwarding, self.forwarder, self.ledger, self.index, self.book,
                                              self.writer, self.secret, self.identity.origin)
             await self.consent.start()
+        await self.lifecycle.start(self.forwarder.queue if self.forwarder is not None else None)
         if cfg.admin_socket is not None:
             handlers = PermissionAdmin(cfg, self.book, self.writer, self.audit).handlers()
             if self.forwarder is not None and self.consent is not None:  # `queue retry`, `queue unpark`
@@ -354,6 +360,7 @@ class Gateway:
             if self.peers is not None:  # `peers --clear-flag`: its entry goes through our writer
                 peers = self.peers
                 handlers["clear-flag"] = lambda body: peers.clear_flag(body["origin"], body["reason"], body["by"])
+            handlers.update(self.lifecycle.handlers())
             self.admin = AdminServer(cfg.admin_socket, handlers)
             await self.admin.start()
         if self.peers is not None:
@@ -441,6 +448,8 @@ class Gateway:
             await self.admin.stop()
         if self.consent is not None:
             await self.consent.stop()
+        if self.lifecycle is not None:
+            await self.lifecycle.stop()
         if self.forwarder is not None:
             await self.forwarder.stop()  # finishes the sends in progress
             await self.forwarder.queue.close()
@@ -688,6 +697,8 @@ class Gateway:
                 anchors.append(decode_entry(await self.ledger.entry(own, i)))
             except EntryError as exc:  # `dicomledger verify` names it; the others still get rebuilt
                 log.error("index row lost and its anchor cannot be read; not rebuilt", anchor=i, error=str(exc))
+        assert self.lifecycle is not None
+        anchors = await self.lifecycle.not_erased(anchors)  # an erasure's leftover files stay unindexed
         wanted = {str(e.payload.get("sha256", ""))[:16] for e in anchors}
         files = await asyncio.to_thread(self.files.by_hash_prefix, wanted)
         not_found = 0

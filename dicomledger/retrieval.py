@@ -56,21 +56,22 @@ from dicomledger.dicom.qr import (
 )
 from dicomledger.dicom.query import UNIQUE_KEY, Query, QueryError, parse_query, response_identifier
 from dicomledger.ledger.entries import (
-    IMAGE_ANCHORED,
+    ERASED,
     RETRIEVE_REFUSED,
     RETRIEVED,
     TAMPER_ALARM,
-    EntryError,
     decode_entry,
-    verify_entry_signature,
 )
 from dicomledger.ledger.log import LedgerStore, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook, today
 from dicomledger.ledger.pseudonym import pseudonym
+from dicomledger.tamper import FILE_MISSING, PIXELS_DIFFER, alarm_payload, check_anchor
 
 log = structlog.get_logger("dicomledger.retrieval")
 
 _T = TypeVar("_T")
+
+ERASED_MEANWHILE = "the instance was erased after the retrieval was planned"
 
 
 
@@ -211,6 +212,8 @@ class QueryRetrieve:
             log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
                         destination=ae, peer=request.peer, instances=len(items), reason=reason)
             return RetrievePlan([], {}, unknown_destination=True, context=state)
+        if not items:
+            await self._refuse_erased(request, query, target)
         decisions = await self.book.decide_all(
             ((i.patient, i.study) for i in items.values()), ae=target.ae_title, site=target.site, today=today()
         )
@@ -239,6 +242,32 @@ class QueryRetrieve:
             destination=(dest.host, dest.port) if dest is not None else None, context=state,
         )
 
+    async def _refuse_erased(self, request: QRRequest, query: Query, target: Target) -> None:
+        """A retrieval of a study (or patient) this gateway erased finds nothing, and is
+        answered as for an unknown one; the attempt still goes on the ledger and the log."""
+        studies = [pseudonym(self.secret, "study", uid) for uid in query.exact("StudyInstanceUID") or ()]
+        keys: list[tuple[str, str | None]] = [(f"study:{s}", s) for s in studies]
+        if not studies:
+            keys += [(f"erased:{pseudonym(self.secret, 'patient', pid)}", None) for pid in query.exact("PatientID") or ()]
+        done: set[tuple[Any, str | None]] = set()
+        for key, study in keys:
+            for origin, index in await self.ledger.find(key):
+                if origin != self.origin:
+                    continue
+                entry = decode_entry(await self.ledger.entry(origin, index))
+                patient = entry.payload.get("patient")
+                if entry.kind != ERASED or (patient, study) in done:
+                    continue
+                done.add((patient, study))
+                reason = f"erased by entry {index} (reason {entry.payload.get('reason')})"
+                await self.writer.append(RETRIEVE_REFUSED, {
+                    "service": request.service, "calling_ae": request.calling_ae,
+                    "destination": target.ae_title, "site": target.site,
+                    "patient": patient, "study": study, "instances": 0, "reason": reason,
+                })
+                log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
+                            destination=target.ae_title, peer=request.peer, reason=reason)
+
     async def _record_refused(self, state: PlanState, refused: dict[str, str]) -> None:
         by_study: dict[tuple[str, str], list[str]] = defaultdict(list)
         for uid, reason in refused.items():
@@ -256,45 +285,31 @@ class QueryRetrieve:
         same bytes for sending (no window to swap the file between check and send)."""
         state, item = sub.ref
         path = self.storage_dir / item.row.path
-        problem, expected, method = self._anchored(item)
+        check = check_anchor(item.anchor, self.origin_key, item.instance)
+        problem, expected = check.problem, check.sha256
         found = None
         if problem is None:
             try:
                 data = path.read_bytes()
                 dataset = dcmread(io.BytesIO(data))
-                found = stored_sha256(data, dataset, item.row.transfer_syntax_uid, method).hex()
+                found = stored_sha256(data, dataset, item.row.transfer_syntax_uid, check.method).hex()
                 if found != expected:
-                    problem = "pixel hash of the stored file differs from the anchored hash"
+                    problem = PIXELS_DIFFER
                 else:
                     return Loaded(dataset)
             except FileNotFoundError:
-                problem = "stored file is missing"
+                if self._wait(self.index.instance(item.row.sop_instance_uid)) is None:
+                    # erased since the retrieval was planned: gone on purpose, not tampered with
+                    log.info("retrieve sub-operation skipped: the instance was erased meanwhile",
+                             service=state.request.service, sop_instance=item.row.sop_instance_uid)
+                    return Loaded(None, ERASED_MEANWHILE)
+                problem = FILE_MISSING
             except (OSError, PixelHashError) as exc:
                 problem = f"stored file cannot be read or hashed: {exc}"
             except Exception as exc:  # pydicom cannot parse what we stored: tampered or damaged
                 problem = f"stored file cannot be parsed: {type(exc).__name__}: {exc}"
         self._tamper_alarm(state, item, path, problem, expected, found)
         return Loaded(None, f"tamper check failed: {problem}")
-
-    def _anchored(self, item: Item) -> tuple[str | None, str | None, str | None]:
-        """(problem with the anchoring entry or None, the sha256 it anchored if readable,
-        the hash method it names: the stored file is hashed the same way)."""
-        if item.anchor is None:
-            return "instance has no anchoring ledger entry", None, None
-        try:
-            entry = decode_entry(item.anchor)
-        except EntryError as exc:
-            return f"anchoring entry is invalid: {exc}", None, None
-        sha256 = entry.payload.get("sha256")
-        method = entry.payload.get("hash_method")
-        method = method if isinstance(method, str) else None
-        try:
-            verify_entry_signature(entry, self.origin_key, canonical=item.anchor)
-        except EntryError as exc:
-            return f"anchoring entry is invalid: {exc}", sha256, method
-        if entry.kind != IMAGE_ANCHORED or entry.payload.get("instance") != item.instance:
-            return f"ledger entry {entry.index} does not anchor this instance", sha256, method
-        return None, sha256, method
 
     def _tamper_alarm(
         self, state: PlanState, item: Item, path: Path, problem: str, expected: str | None, found: str | None
@@ -306,13 +321,12 @@ class QueryRetrieve:
             anchored_sha256=row.sha256.hex(), found_sha256=found, problem=problem,
             anchor=f"{row.ledger_origin} entry {row.ledger_index}",
         )
-        payload = {
-            "service": request.service, "calling_ae": request.calling_ae,
-            "destination": state.target.ae_title,
-            "patient": item.patient, "study": item.study, "instance": item.instance,
-            "expected_sha256": expected, "found_sha256": found,
-            "anchor": {"origin": row.ledger_origin, "index": row.ledger_index}, "problem": problem,
-        }
+        payload = alarm_payload(
+            patient=item.patient, study=item.study, instance=item.instance, expected=expected, found=found,
+            anchor_origin=row.ledger_origin, anchor_index=row.ledger_index, problem=problem,
+            context={"service": request.service, "calling_ae": request.calling_ae,
+                     "destination": state.target.ae_title},
+        )
         self._wait(self.writer.append(TAMPER_ALARM, payload))
         self.audit.tamper_alarm(request.service, calling_ae=request.calling_ae, peer=request.peer,
                                 destination=state.target.ae_title, instance=_sent(self.storage_dir, item, False),
@@ -340,7 +354,7 @@ class QueryRetrieve:
                 ("completed", "warning", "failed", "refused", "tampered", "not_sent"), 0
             ))
             counts[results.get(sub.sop_instance_uid, "not_sent")] += 1
-            counts["tampered"] += sub.sop_instance_uid in outcome.not_sent
+            counts["tampered"] += outcome.not_sent.get(sub.sop_instance_uid, ERASED_MEANWHILE) != ERASED_MEANWHILE
         grants = {(i.patient, i.study): i.grant for i in state.items.values() if i.grant}
         for (patient, study), counts in studies.items():
             payload = {
@@ -372,7 +386,7 @@ class QueryRetrieve:
         log.info(
             "retrieved", service=request.service, calling_ae=request.calling_ae,
             destination=state.target.ae_title, status=status, **total, refused=len(plan.refused),
-            tampered=len(outcome.not_sent), no_response=len(outcome.no_response), cancelled=outcome.cancelled,
+            tampered=sum(p != ERASED_MEANWHILE for p in outcome.not_sent.values()), no_response=len(outcome.no_response), cancelled=outcome.cancelled,
         )
 
 

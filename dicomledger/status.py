@@ -79,7 +79,9 @@ async def _status(config: Config) -> list[str]:
         lines.append("stored instances: 0 (no index database yet)")
     if config.forwarding is not None:
         lines += await _forwarding_lines(config, forwards)
-    return lines
+    from dicomledger.lifecycle import status_lines
+
+    return lines + status_lines(config)
 
 
 async def _forwarding_lines(config: Config, forwards: Counter[tuple[str, str]]) -> list[str]:

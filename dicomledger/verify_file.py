@@ -16,6 +16,12 @@ Verdicts and exit codes (README.md):
 * 3 NOT ANCHORED: neither this pixel data (or content) nor this SOP instance is anchored
 * 4 ANCHORED AS ANOTHER INSTANCE: this pixel data is anchored, but only for other SOP
   instances; this file's SOP Instance UID was never received
+* 5 ERASED: anchored as this SOP instance, but every gateway that anchored it has erased it
+  since (an ``erased`` entry covers each anchor, ``ledger/erasure.py``): the anchors stay on
+  the ledger, the images are gone
+
+An anchor that an erasure covers is printed with that erasure; it counts as ANCHORED only if
+another anchor of the file is not erased.
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ from dicomledger.dicom.pixelhash import (
 )
 from dicomledger.dicom.store import FileStore
 from dicomledger.ledger.entries import IMAGE_ANCHORED, Entry, decode_entry
+from dicomledger.ledger.erasure import Erasure, ErasureLookup
 from dicomledger.ledger.log import LedgerStore
 from dicomledger.ledger.pseudonym import pseudonym
 
-ANCHORED, MISMATCH, ERROR, NOT_ANCHORED, ANCHORED_AS_ANOTHER_INSTANCE = 0, 1, 2, 3, 4
+ANCHORED, MISMATCH, ERROR, NOT_ANCHORED, ANCHORED_AS_ANOTHER_INSTANCE, ERASED = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class Anchors:
     same_hash: list[Entry]  # its sha256 under the method the entry names
     same_decoded: list[Entry]  # its decoded pixel values
     same_instance: list[Entry]  # its SOP Instance UID
+    erased: dict[tuple[str, int], Erasure]  # (origin, index) of an anchor above -> the erasure covering it
 
 
 def _when(entry: Entry) -> str:
@@ -84,7 +92,13 @@ async def _anchors(db: Path, hashes: InstanceHashes, instance: str) -> Anchors:
         decoded = []
         if hashes.decoded_sha256 is not None:
             decoded = await entries(f"decoded:{hashes.decoded_sha256.hex()}")
-        return Anchors(same_hash, decoded, await entries(f"instance:{instance}"))
+        same_instance = await entries(f"instance:{instance}")
+        lookup = ErasureLookup(store)
+        erased = {}
+        for e in [*same_hash, *decoded, *same_instance]:
+            if (erasure := await lookup.covering(e)) is not None:
+                erased[e.origin, e.index] = erasure
+        return Anchors(same_hash, decoded, same_instance, erased)
     finally:
         await store.close()
 
@@ -106,15 +120,25 @@ def verify_file(config: Config, path: Path) -> int:
     others += [(e, "decoded pixel values") for e in found.same_decoded
                if e.payload.get("instance") != instance]
 
-    if mine:
-        for e in mine:
+    def erasure(e: Entry) -> Erasure | None:
+        return found.erased.get((e.origin, e.index))
+
+    live = [e for e in mine if erasure(e) is None]
+    live_decoded = [e for e in mine_decoded if erasure(e) is None]
+    if live:
+        for e in live:
             print(f"ANCHORED: {what} hash {e.payload.get('sha256')} recorded by {_where(e)}")
-        return ANCHORED
-    if mine_decoded:
-        for e in mine_decoded:
+    elif live_decoded:
+        for e in live_decoded:
             print(f"ANCHORED: decoded pixel values match (lossless transcoding) entry "
                   f"{e.index} of {e.origin} at {_when(e)}")
-        return ANCHORED
+    unique = {(e.origin, e.index): e for e in [*mine, *mine_decoded]}  # one anchor may match both ways
+    for e in unique.values():
+        if (gone := erasure(e)) is not None:
+            lead = "  also ERASED: anchored" if live or live_decoded else f"ERASED: this {what} was anchored"
+            print(f"{lead} as this instance by {_where(e)}; erased there by {_erasure_text(gone)}")
+    if mine or mine_decoded:
+        return ANCHORED if live or live_decoded else ERASED
     if found.same_instance:
         via_stored = _matches_a_stored_copy(config, header, hashes, found.same_instance)
         if via_stored:
@@ -123,6 +147,8 @@ def verify_file(config: Config, path: Path) -> int:
                       f"by {_where(e)}, whose bytes match that entry's content hash")
             return ANCHORED
         for e in found.same_instance:
+            if (gone := erasure(e)) is not None:
+                print(f"  (the images anchored by {_where(e)} were erased there by {_erasure_text(gone)})")
             method = e.payload.get("hash_method")
             ours = hashes.sha256_for(method) if isinstance(method, str) else None
             print(f"MISMATCH: this instance was anchored by {_where(e)} with "
@@ -143,6 +169,14 @@ def verify_file(config: Config, path: Path) -> int:
         return ANCHORED_AS_ANOTHER_INSTANCE
     print(f"NOT ANCHORED: no anchor of this {what} or of instance {sop_instance_uid} in the ledger")
     return NOT_ANCHORED
+
+
+def _erasure_text(e: Erasure) -> str:
+    when = datetime.fromtimestamp(e.time_ms / 1000, UTC).isoformat(timespec="milliseconds")
+    text = f"entry {e.index} at {when} (reason {e.reason}"
+    if e.request is not None:
+        text += f", applying the erasure {e.request.origin} entry {e.request.index}"
+    return text + ")"
 
 
 def _method_label(method: object) -> str:

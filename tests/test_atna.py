@@ -500,7 +500,7 @@ def test_equivocation_is_a_security_alert(tmp_path, syslog):
                     statuses.append(resp.status)
         return statuses
 
-    b.start(accept_local_tip=True)  # its only peer never runs (the test speaks for it)
+    b.start(accept_local_tip=True)  # its one peer, C, never runs: nobody can confirm its tip
     try:
         statuses = asyncio.run(ask())
         assert statuses[0] == 200 and statuses[1] >= 400, statuses

@@ -780,7 +780,7 @@ def test_forged_and_mutated_peer_messages_are_all_refused(tmp_path):
         wait_until(lambda: log_size(b, c.origin) == 3, what="B to hold C's 3 entries")
         wait_until(lambda: 3 in log_of(c, c.origin)[1] and signed_by(log_of(c, c.origin)[1][3], b.origin),
                    what="B's cosignature on C's size-3 checkpoint")
-        wait_until(lambda: signed_by(max(log_of(b, b.origin)[1].items())[1], c.origin),
+        wait_until(lambda: bool(cps := log_of(b, b.origin)[1]) and signed_by(max(cps.items())[1], c.origin),
                    what="C's cosignature on B's checkpoint")
         assert c.stop() == 0
         c_entries, c_notes = log_of(c, c.origin)

@@ -364,6 +364,7 @@ class AuditTrail(AuditSink):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a committed audit message survives power loss
         db.execute("PRAGMA busy_timeout=10000")
+        db.execute("PRAGMA secure_delete=ON")  # a sent message's PHI is zeroed, not left in free pages
         return db
 
     async def stop(self, drain_seconds: float = 5.0) -> None:

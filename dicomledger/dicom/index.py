@@ -80,6 +80,10 @@ CREATE TABLE IF NOT EXISTS superseded_instances (
     ledger_index INTEGER,
     superseded_at TEXT NOT NULL
 );
+-- Stored files of erased instances not yet removed: written in the transaction that deletes
+-- their rows, emptied once the files are gone, so a crash in between is finished at start.
+CREATE TABLE IF NOT EXISTS erasing (path TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS maintenance (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 # Schema version 1 kept one patient per study (studies keyed by study_uid alone, instances
@@ -192,6 +196,18 @@ class IndexRecord:
     instance: InstanceRow
 
 
+@dataclass(frozen=True)
+class StudySummary:
+    """One patient's part of a study, as erasure and retention list it."""
+
+    study_uid: str
+    patient_id: str
+    study_date: str  # YYYYMMDD as received, "" if none
+    modalities: tuple[str, ...]
+    instances: int
+    description: str
+
+
 _INSTANCE_COLUMNS = ", ".join(InstanceRow.__dataclass_fields__)
 _INSTANCE_MARKS = ", ".join("?" for _ in InstanceRow.__dataclass_fields__)
 
@@ -215,9 +231,15 @@ class Index(ThreadedSqlite):
             self._connect("NORMAL", "")
             db = self._db
             assert db is not None
+            # Deleted rows are overwritten with zeros, not left in free space: an erased
+            # patient's name must not stay readable in the file (also a replaced row's old name).
+            db.execute("PRAGMA secure_delete = ON")
             (version,) = db.execute("PRAGMA user_version").fetchone()
             has_instances = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
+            ).fetchone()
+            had_erasing = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'erasing'"
             ).fetchone()
             # The version is set in the same transaction as the tables it describes.
             stamp = f"PRAGMA user_version = {SCHEMA_VERSION};"
@@ -227,6 +249,8 @@ class Index(ThreadedSqlite):
                 self._script(_MIGRATE_FROM_V1 + stamp)
             else:
                 self._script(SCHEMA + stamp)
+            if has_instances and not had_erasing:  # written before secure_delete: stale bytes may remain
+                db.execute("INSERT OR IGNORE INTO maintenance VALUES ('vacuum-before-erasure', '1')")
         except sqlite3.Error as exc:
             raise IndexStoreError(f"cannot open index database {self.path}: {exc}") from None
 
@@ -324,6 +348,186 @@ class Index(ThreadedSqlite):
     async def count_instances(self) -> int:
         rows = await self._on_thread(self._query, "SELECT COUNT(*) FROM instances")
         return int(rows[0][0])
+
+    # -- erasure, retention and scrub --------------------------------------------------------
+
+    async def patient_ids(self) -> list[str]:
+        """Every Patient ID that has an instance here."""
+        rows = await self._on_thread(
+            self._query, "SELECT DISTINCT patient_id FROM instances WHERE patient_id IS NOT NULL"
+        )
+        return [r[0] for r in rows]
+
+    async def studies(self, patient_ids: Sequence[str] | None = None) -> list[StudySummary]:
+        """Each (study, patient) with instances here, of ``patient_ids`` (None: all)."""
+        sql = (
+            "SELECT i.study_uid, i.patient_id, s.study_date, GROUP_CONCAT(DISTINCT se.modality),"
+            " COUNT(*), s.study_description FROM instances i"
+            " LEFT JOIN studies s ON s.study_uid = i.study_uid AND s.patient_id = i.patient_id"
+            " LEFT JOIN series se ON se.series_uid = i.series_uid AND se.study_uid = i.study_uid"
+            " AND se.patient_id = i.patient_id WHERE i.patient_id IS NOT NULL"
+        )
+        found = []
+        for params in _chunks(patient_ids):
+            where = "" if params is None else f" AND i.patient_id IN ({_marks(params)})"
+            rows = await self._on_thread(
+                self._query, sql + where + " GROUP BY i.study_uid, i.patient_id ORDER BY MIN(i.rowid)", params or ()
+            )
+            found += [
+                StudySummary(r[0], r[1], r[2] or "", tuple(sorted(m for m in (r[3] or "").split(",") if m)), r[4], r[5] or "")
+                for r in rows
+            ]
+        return found
+
+    async def rows_of(self, patient_ids: Sequence[str], study_uid: str | None = None) -> list[InstanceRow]:
+        """The instance rows of these patients (of one study of theirs, if given)."""
+        found = []
+        for params in _chunks(patient_ids):
+            assert params is not None
+            sql = f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE patient_id IN ({_marks(params)})"
+            args: list[Any] = list(params)
+            if study_uid is not None:
+                sql += " AND study_uid = ?"
+                args.append(study_uid)
+            found += [_instance_row(r) for r in await self._on_thread(self._query, sql, args)]
+        return found
+
+    async def superseded_paths(self, sop_instance_uids: Sequence[str]) -> list[str]:
+        """The files of earlier versions (other pixels) of these instances."""
+        found = []
+        for params in _chunks(sop_instance_uids):
+            assert params is not None
+            rows = await self._on_thread(
+                self._query,
+                f"SELECT DISTINCT path FROM superseded_instances WHERE sop_instance_uid IN ({_marks(params)})",
+                params,
+            )
+            found += [r[0] for r in rows]
+        return found
+
+    async def erase(self, sop_instance_uids: Sequence[str], origin: str, before_index: int) -> tuple[list[str], bool]:
+        """Delete the rows of these instances anchored by ``origin`` before ``before_index``
+        (a row received since is another, later instance and stays), with their earlier
+        versions and the patient, study and series rows no instance needs any more, in one
+        transaction that also lists their files in ``erasing``. Deleted content is zeroed
+        (secure_delete) and the WAL truncated, so nothing of it stays in any file. Returns
+        every path in ``erasing`` (remove the files, then ``erased_files_removed``) and
+        whether the WAL could be truncated (a reader may keep it busy: ``truncate_wal``)."""
+        return await self._on_thread(self._erase, list(sop_instance_uids), origin, before_index)
+
+    def _erase(self, uids: list[str], origin: str, before_index: int) -> tuple[list[str], bool]:
+        db = self._db
+        assert db is not None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(uids), _CHUNK):
+                    self._erase_chunk(db, uids[start:start + _CHUNK], origin, before_index)
+                # a file another row still names (a re-send in between) is not removed
+                db.execute("DELETE FROM erasing WHERE path IN (SELECT path FROM instances"
+                           " UNION SELECT path FROM superseded_instances)")
+                vacuum = db.execute("DELETE FROM maintenance WHERE key = 'vacuum-before-erasure'").rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            if vacuum:  # rows deleted before secure_delete was on may have left bytes in free space
+                db.execute("VACUUM")
+            truncated = self._truncate_wal(db)
+            return [r[0] for r in db.execute("SELECT path FROM erasing ORDER BY path")], truncated
+        except sqlite3.Error as exc:
+            raise IndexStoreError(f"index erasure failed ({exc}); check {self.path}") from None
+
+    @staticmethod
+    def _erase_chunk(db: sqlite3.Connection, uids: list[str], origin: str, before_index: int) -> None:
+        rows = db.execute(
+            f"SELECT sop_instance_uid, path, series_uid, study_uid, patient_id FROM instances"
+            f" WHERE sop_instance_uid IN ({_marks(uids)}) AND ledger_origin = ? AND ledger_index < ?",
+            (*uids, origin, before_index),
+        ).fetchall()
+        chosen = [r[0] for r in rows]
+        if not chosen:
+            return
+        marks = _marks(chosen)
+        db.executemany("INSERT OR IGNORE INTO erasing VALUES (?)", [(r[1],) for r in rows])
+        db.execute(
+            f"INSERT OR IGNORE INTO erasing SELECT path FROM superseded_instances WHERE sop_instance_uid IN ({marks})",
+            chosen,
+        )
+        db.execute(f"DELETE FROM superseded_instances WHERE sop_instance_uid IN ({marks})", chosen)
+        db.execute(f"DELETE FROM instances WHERE sop_instance_uid IN ({marks})", chosen)
+        for series_uid, study_uid, patient_id in {(r[2], r[3], r[4]) for r in rows}:
+            db.execute(
+                "DELETE FROM series WHERE series_uid = ? AND study_uid = ? AND patient_id = ? AND NOT EXISTS"
+                " (SELECT 1 FROM instances WHERE series_uid = ? AND study_uid = ? AND patient_id = ?)",
+                (series_uid, study_uid, patient_id) * 2,
+            )
+        for study_uid, patient_id in {(r[3], r[4]) for r in rows}:
+            db.execute(
+                "DELETE FROM studies WHERE study_uid = ? AND patient_id = ? AND NOT EXISTS"
+                " (SELECT 1 FROM instances WHERE study_uid = ? AND patient_id = ?)",
+                (study_uid, patient_id) * 2,
+            )
+        for patient_id in {r[4] for r in rows}:
+            db.execute(
+                "DELETE FROM patients WHERE patient_id = ? AND NOT EXISTS"
+                " (SELECT 1 FROM instances WHERE patient_id = ?)",
+                (patient_id, patient_id),
+            )
+
+    @staticmethod
+    def _truncate_wal(db: sqlite3.Connection) -> bool:
+        """Copy the WAL into the database and cut it to zero bytes: the WAL keeps old page
+        images (with deleted rows) until it is overwritten, which may be never. False if a
+        reader kept it busy past the busy timeout."""
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
+    async def truncate_wal(self) -> bool:
+        def truncate() -> bool:
+            assert self._db is not None
+            try:
+                return self._truncate_wal(self._db)
+            except sqlite3.Error as exc:
+                raise IndexStoreError(f"index checkpoint failed ({exc}); check {self.path}") from None
+
+        return await self._on_thread(truncate)
+
+    async def erasing(self) -> list[str]:
+        """Files of erased instances still to be removed (left by a crash during an erasure)."""
+        rows = await self._on_thread(self._query, "SELECT path FROM erasing ORDER BY path")
+        return [r[0] for r in rows]
+
+    async def erased_files_removed(self, paths: Sequence[str]) -> bool:
+        """Forget these removed files; returns whether the WAL could be truncated after."""
+        def forget() -> bool:
+            db = self._db
+            assert db is not None
+            try:
+                for params in _chunks(paths):
+                    assert params is not None
+                    db.execute(f"DELETE FROM erasing WHERE path IN ({_marks(params)})", params)
+                return self._truncate_wal(db)
+            except sqlite3.Error as exc:
+                raise IndexStoreError(f"index write failed ({exc}); check {self.path}") from None
+
+        return await self._on_thread(forget)
+
+    async def rows_after(self, rowid: int, limit: int) -> list[tuple[int, InstanceRow]]:
+        """Up to ``limit`` instance rows after ``rowid``, in rowid order, with their rowids
+        (a scrub walks the index in batches and can resume where it stopped)."""
+        rows = await self._on_thread(
+            self._query,
+            f"SELECT rowid, {_INSTANCE_COLUMNS} FROM instances WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (rowid, limit),
+        )
+        return [(r[0], _instance_row(r[1:])) for r in rows]
+
+    async def totals(self) -> tuple[int, int]:
+        """(instances, bytes of their stored files)."""
+        rows = await self._on_thread(self._query, "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances")
+        return int(rows[0][0]), int(rows[0][1])
 
     # Writes: queued, and committed together by whichever caller takes the lock first.
 
@@ -433,6 +637,7 @@ class IngestRows:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA busy_timeout=10000")
+                db.execute("PRAGMA secure_delete = ON")  # a replaced row's PHI leaves no bytes behind
             except sqlite3.Error as exc:
                 raise IndexStoreError(f"cannot open index database {self.path}: {exc}") from None
             self._db = db
@@ -483,6 +688,21 @@ class IngestRows:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+_CHUNK = 500  # values per IN (...): well below SQLite's limit on host parameters
+
+
+def _chunks(values: Sequence[str] | None) -> list[list[str] | None]:
+    """``values`` in pieces of at most _CHUNK (one piece, None, for "no filter")."""
+    if values is None:
+        return [None]
+    items = list(values)
+    return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ", ".join("?" for _ in values)
 
 
 def _conflict(db: sqlite3.Connection, record: IndexRecord) -> StudyPatientConflict | None:

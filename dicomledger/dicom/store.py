@@ -96,6 +96,39 @@ class FileStore:
                         found.setdefault(parts[1], []).append(f)
         return found
 
+    def remove(self, relatives: list[str]) -> int:
+        """Remove these stored files (an erasure) and the study and series folders left
+        empty, durably (every changed folder fsynced); returns how many files were there. A
+        missing file is not an error: a crash may have removed it already."""
+        removed = 0
+        changed: set[Path] = set()
+        for relative in relatives:
+            target = self.directory / relative
+            try:
+                target.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StoreError(exc.errno, f"cannot remove {target}: {exc.strerror}") from None
+            changed.add(target.parent)
+        try:
+            while changed:  # deepest folders first: a series, then its study
+                folder = max(changed, key=lambda f: len(f.parts))
+                changed.discard(folder)
+                if folder == self.directory or not folder.is_relative_to(self.directory) or not folder.exists():
+                    if folder.exists():
+                        _fsync_dir(folder)
+                    continue
+                try:
+                    folder.rmdir()
+                    changed.add(folder.parent)
+                except OSError:  # not empty: its entries changed
+                    _fsync_dir(folder)
+        except OSError as exc:
+            raise StoreError(exc.errno, f"cannot remove folders under {self.directory}: {exc.strerror}") from None
+        return removed
+
     def commit(self, temp_file: Path, relative: str) -> bool:
         """Make ``temp_file`` durable under ``relative``; on return it survives a crash.
 

@@ -2,7 +2,7 @@
 
 A patient's or a study's history is found in every gateway's log by lookup keys
 (``keys.py``): ``patient:<P>`` (receipts), ``perm:<P>`` (permission records), ``activity:<P>``
-(forwards, retrievals, refusals, alarms) and ``study:<S>``.
+(forwards, retrievals, refusals, alarms, erasures) and ``study:<S>``.
 
 ``audit_events`` reads those entries from a ledger database (this gateway's log and every
 replica it holds); ``summary``, ``event_json`` and ``report_lines`` are pure functions that
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dicomledger.ledger import merkle
 from dicomledger.ledger.entries import (
+    ERASED,
     FORWARD_REFUSED,
     FORWARDED,
     FORWARDS_QUEUED,
@@ -195,6 +196,20 @@ def _summary_tamper_alarm(p: Mapping[str, Any]) -> str:
     )
 
 
+def _summary_erased(p: Mapping[str, Any]) -> str:
+    study = p.get("study")
+    scope = f"study {_short(study)}" if study is not None else "every study"
+    studies = p.get("studies")
+    held = len(studies) if isinstance(studies, list) else "?"
+    text = (
+        f"ERASED {scope} of the patient: {_count(p, 'instances')} instances, {_count(p, 'files')} files "
+        f"from {held} studies, {_count(p, 'forward_jobs')} pending forwards cancelled; reason {_text(p, 'reason')}"
+    )
+    if p.get("request") is not None:
+        text += f" (applying the erasure {_at(p['request'])})"
+    return text
+
+
 def _summary_permission(event: AuditEvent) -> str:
     try:
         record = parse_record(
@@ -243,6 +258,8 @@ def summary(event: AuditEvent) -> str:
         return _summary_retrieve_refused(p)
     if event.kind == TAMPER_ALARM:
         return _summary_tamper_alarm(p)
+    if event.kind == ERASED:
+        return _summary_erased(p)
     return f"{_clean(event.kind)} entry"
 
 
@@ -333,7 +350,7 @@ async def audit_events(
         for origin, index in await store.find(key):
             event = await _event(store, origin, index)
             p = event.payload
-            if study is not None and p.get("study") != study:
+            if study is not None and p.get("study") != study and not _erased_from(event, study):
                 continue
             if patient is not None and p.get("patient") != patient and (study is None or "patient" in p):
                 continue
@@ -346,6 +363,12 @@ async def audit_events(
                 if event.payload.get("patient") == who and event.payload.get("study") in (None, study):
                     events[origin, index] = event
     return sorted(events.values(), key=lambda e: (-e.time_ms, e.origin, -e.index))
+
+
+def _erased_from(event: AuditEvent, study: str) -> bool:
+    """An erasure of a whole patient names the studies it erased images from."""
+    studies = event.payload.get("studies")
+    return event.kind == ERASED and isinstance(studies, list) and study in studies
 
 
 async def _event(store: LedgerStore, origin: str, index: int) -> AuditEvent:

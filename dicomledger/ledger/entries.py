@@ -47,6 +47,7 @@ CONFIG = "config"
 LOCAL_TIP_ACCEPTED = "local-tip-accepted"  # started on an unconfirmed tip (serve --accept-local-tip)
 FLAG_CLEARED = "flag-cleared"  # an equivocation flag cleared (peers --clear-flag)
 FORWARDS_QUEUED = "forwards-queued"  # a grant queued a patient's stored instances for a destination
+ERASED = "erased"
 KINDS = frozenset(
     {
         IMAGE_ANCHORED,
@@ -61,6 +62,7 @@ KINDS = frozenset(
         LOCAL_TIP_ACCEPTED,
         FLAG_CLEARED,
         FORWARDS_QUEUED,
+        ERASED,
     }
 )
 _FIELDS = frozenset({"v", "origin", "index", "prev", "time", "kind", "payload", "sig"})

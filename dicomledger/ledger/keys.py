@@ -7,9 +7,12 @@ gateway finds the same entries by the same keys.
   entries: `verify-file` finds an anchor by hash or instance; permissions find a patient's
   custodians;
 * ``perm:<P>`` on grants and revokes: a patient's permission history;
-* ``study:<S>`` on every entry whose payload names a study, and ``activity:<P>`` on forwards,
-  forwards queued by a grant, retrievals, refusals and tamper alarms: `dicomledger audit`,
-  and the forwards a grant queues (``consent.py``).
+* ``study:<S>`` on every entry whose payload names a study (and on an erasure, each study it
+  erased from), and ``activity:<P>`` on forwards, forwards queued by a grant, retrievals,
+  refusals, tamper alarms and erasures: `dicomledger audit`, and the forwards a grant
+  queues (``consent.py``);
+* ``erased:<P>`` and ``erased`` on erasures: `verify-file` tells an erased image; a gateway
+  finds the erasures it has not applied yet.
 
 ``VERSION`` goes up whenever this scheme changes; the gateway then attaches the keys to the
 entries stored before (``LedgerStore.add_lookup_keys``).
@@ -21,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dicomledger.ledger.entries import (
+    ERASED,
     FORWARD_REFUSED,
     FORWARDED,
     FORWARDS_QUEUED,
@@ -32,9 +36,12 @@ from dicomledger.ledger.entries import (
     TAMPER_ALARM,
 )
 
-VERSION = 1  # 1: study: and activity: for `audit` (forwards-queued, a later kind, needs no new version)
+VERSION = 2  # 1: study: and activity: for `audit`; 2: erased:, erased and studies of erasures
+# (forwards-queued, a kind added later, carries activity: without a new version: no older entry has it)
 
-ACTIVITY_KINDS = frozenset({FORWARDED, FORWARD_REFUSED, FORWARDS_QUEUED, RETRIEVED, RETRIEVE_REFUSED, TAMPER_ALARM})
+ACTIVITY_KINDS = frozenset(
+    {FORWARDED, FORWARD_REFUSED, FORWARDS_QUEUED, RETRIEVED, RETRIEVE_REFUSED, TAMPER_ALARM, ERASED}
+)
 
 
 def lookup_keys(kind: str, payload: Mapping[str, Any]) -> list[str]:
@@ -50,6 +57,10 @@ def lookup_keys(kind: str, payload: Mapping[str, Any]) -> list[str]:
             keys.append(f"patient:{patient}")
     if kind in (GRANT, REVOKE) and isinstance(patient, str):
         keys.append(f"perm:{patient}")
+    if kind == ERASED:
+        keys.append("erased")
+        if isinstance(patient, str):
+            keys.append(f"erased:{patient}")
     return keys + audit_keys(kind, payload)
 
 
@@ -58,6 +69,9 @@ def audit_keys(kind: str, payload: Mapping[str, Any]) -> list[str]:
     keys = []
     if isinstance(payload.get("study"), str):
         keys.append(f"study:{payload['study']}")
+    studies = payload.get("studies")
+    if kind == ERASED and isinstance(studies, list):
+        keys += sorted({f"study:{s}" for s in studies if isinstance(s, str)} - set(keys))
     if kind in ACTIVITY_KINDS and isinstance(payload.get("patient"), str):
         keys.append(f"activity:{payload['patient']}")
     return keys
