@@ -341,6 +341,30 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return status(config)
 
 
+def cmd_queue(args: argparse.Namespace, config: Config) -> int:
+    """List the forward queue's jobs (from its database), or put failed or parked jobs back
+    (through the running gateway, whose workers then send them)."""
+    if config.forwarding is None:
+        return _fail("no [forwarding] section in the config: this gateway forwards nothing", EXIT_USAGE)
+    if args.action == "list":
+        if args.job:
+            return _fail("--job is for `queue retry` and `queue unpark`", EXIT_USAGE)
+        if args.limit < 1:
+            return _fail("--limit must be at least 1", EXIT_USAGE)
+        from dicomledger.status import queue_jobs
+
+        return queue_jobs(config, args.destination, args.state, args.limit, args.json)
+    answer = _admin(config, f"queue-{args.action}", {"destination": args.destination, "jobs": args.job or []})
+    if isinstance(answer, int):
+        return answer
+    which = "parked" if args.action == "unpark" else "failed or parked"
+    if not answer["put_back"]:
+        print(f"no {which} jobs" + (f" of {args.destination}" if args.destination else "") + " to put back")
+    for title, n in sorted(answer["put_back"].items()):
+        print(f"{n} {which} job{'s' if n != 1 else ''} of {title} put back in the queue: due now")
+    return EXIT_OK
+
+
 def _admin(config: Config, action: str, body: dict) -> dict | int:
     """Send one admin request to the running gateway; an int is the exit code of a failure."""
     from dicomledger.admin import AdminError, GatewayNotRunning, call
@@ -672,6 +696,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clear the equivocation flag on ORIGIN (through the running gateway; a ledger entry)")
     p.add_argument("--reason", help="why the flag is cleared (goes on the ledger; no PHI)")
     p.add_argument("--by", help="who clears it (default: the operating-system account running this)")
+    p = with_config("queue", "list the forward queue's jobs; `queue retry` / `queue unpark` put failed or "
+                    "parked jobs back (through the running gateway)")
+    p.add_argument("action", nargs="?", choices=("list", "retry", "unpark"), default="list",
+                   help="list (default); retry: failed jobs waiting for their next attempt and parked ones, "
+                   "due now; unpark: parked ones only")
+    p.add_argument("--destination", metavar="AE", help="only the jobs of this destination")
+    p.add_argument("--job", type=int, action="append", metavar="N", help="retry or unpark this job only (repeat)")
+    p.add_argument("--state", choices=("pending", "queued", "failed", "parked", "refused", "done", "all"),
+                   default="pending", help="which jobs to list (pending: queued, failed and parked)")
+    p.add_argument("--limit", type=int, default=100, help="list at most this many jobs (default 100)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p = with_config("grant", "record a patient's permission on the ledger (through the running gateway)")
     p.add_argument("--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written")
     p.add_argument("--to", required=True, metavar="AE[@GATEWAY]", help="grantee: an AE title, AE@origin, or @origin")
@@ -780,6 +815,7 @@ def _main(argv: list[str] | None) -> int:
             "revoke": cmd_revoke,
             "permissions": cmd_permissions,
             "audit": cmd_audit,
+            "queue": cmd_queue,
             **LIFECYCLE_HANDLERS,
             "rotate-key": cmd_rotate_key,
             "replace-key": cmd_replace_key,

@@ -14,20 +14,23 @@ locally or by gossip, stops the job: ``forward-refused``), send the file as stor
 the destination's Success, put a ``forwarded`` entry on the ledger and mark the job done.
 Failures retry with exponential backoff (``retry_initial`` doubling up to ``retry_max``); after
 ``max_attempts``, or at once for a permanent failure (the destination does not accept the SOP
-class), the job is parked as failed and shown by ``dicomledger status``. A restart resumes the
-queue. A crash after the destination's Success but before the job is marked done sends that
+class), the job is parked as failed and shown by ``dicomledger status`` and ``queue``; ``queue
+unpark`` and ``queue retry`` put it back (``admin_handlers``). A restart resumes the queue.
+A grant that comes after an instance was routed queues it then (``consent.py``). A crash after the destination's Success but before the job is marked done sends that
 instance once more (at least once; a PACS keeps one copy of a SOP instance).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,7 +76,32 @@ CREATE TABLE IF NOT EXISTS routed (
     anchor_index INTEGER NOT NULL,
     PRIMARY KEY (anchor_origin, anchor_index)
 ) WITHOUT ROWID;
+-- consent.py: how far each log was read for new permission records ...
+CREATE TABLE IF NOT EXISTS consent_scan (
+    origin TEXT PRIMARY KEY,
+    next_index INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS queue_settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+-- ... and the forwards-queued entries of stored instances queued by a grant: committed with
+-- the jobs, appended to the ledger after (entry_index NULL until then, e.g. after a crash)
+CREATE TABLE IF NOT EXISTS backfills (
+    id INTEGER PRIMARY KEY,
+    payload TEXT NOT NULL,
+    entry_index INTEGER,
+    created_at TEXT NOT NULL
+);
 """
+
+# What `dicomledger queue` and `status` call a job: ``queued`` (waiting, never failed),
+# ``failed`` (an attempt failed; it will be retried), ``parked`` (given up: stored as
+# 'failed'), ``done``, ``refused``.
+_SHOWN_STATE = (
+    "CASE WHEN state = 'queued' AND attempts > 0 THEN 'failed' "
+    "WHEN state = 'failed' THEN 'parked' ELSE state END"
+)
 
 
 class ForwardQueueError(RuntimeError):
@@ -109,6 +137,36 @@ class Job:
     instance: str
     sha256: str
     attempts: int
+
+
+@dataclass(frozen=True)
+class ListedJob:
+    """A job as `dicomledger queue` shows it."""
+
+    id: int
+    destination: str
+    state: str  # as shown: queued, failed, parked, done or refused
+    attempts: int
+    last_error: str | None
+    created_at: str
+    next_attempt: float  # Unix time
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class BackfillCounts:
+    """Of a patient's stored instances that a grant authorises for a destination: how many were
+    queued now, how many a job already delivered, how many already wait in the queue."""
+
+    queued: int
+    done: int
+    waiting: int
+
+
+@dataclass(frozen=True)
+class Backfill:
+    id: int
+    payload: dict[str, Any]  # its forwards-queued ledger entry
 
 
 _JOB_COLUMNS = (
@@ -227,6 +285,173 @@ class ForwardQueue(ThreadedSqlite):
             (limit,),
         )
 
+    # -- the operator's view: `dicomledger queue`, `queue retry`, `queue unpark`, `status` ----
+
+    async def shown_counts(self) -> dict[tuple[str, str], int]:
+        """(destination, state as shown) -> how many jobs."""
+        rows = await self._on_thread(
+            self._fetchall, f"SELECT destination, {_SHOWN_STATE}, COUNT(*) FROM jobs GROUP BY 1, 2"
+        )
+        return {(d, s): n for d, s, n in rows}
+
+    async def listed(self, states: Sequence[str], destination: str | None, limit: int) -> list[ListedJob]:
+        """Jobs in ``states`` (as shown), of ``destination`` or all, oldest first."""
+        marks = ",".join("?" for _ in states)
+        where = f"{_SHOWN_STATE} IN ({marks})" + (" AND destination = ?" if destination else "")
+        rows = await self._on_thread(
+            self._fetchall,
+            f"SELECT id, destination, {_SHOWN_STATE}, attempts, last_error, created_at, next_attempt, "
+            f"sop_instance_uid FROM jobs WHERE {where} ORDER BY id LIMIT ?",
+            (*states, *([destination] if destination else []), limit),
+        )
+        return [ListedJob(*row) for row in rows]
+
+    async def put_back(self, *, parked_only: bool, destination: str | None, ids: Sequence[int]) -> dict[str, int]:
+        """Make parked jobs (and unless ``parked_only``, failed ones waiting for their next
+        attempt) queued and due now, with a fresh attempt count; per destination, how many."""
+        which = "state = 'failed'" if parked_only else "(state = 'failed' OR (state = 'queued' AND attempts > 0))"
+        where = [which]
+        params: list[Any] = []
+        if destination is not None:
+            where.append("destination = ?")
+            params.append(destination)
+        if ids:
+            where.append(f"id IN ({','.join('?' for _ in ids)})")
+            params += list(ids)
+
+        def put_back() -> dict[str, int]:
+            assert self._db is not None
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                counts = dict(self._db.execute(
+                    f"SELECT destination, COUNT(*) FROM jobs WHERE {' AND '.join(where)} GROUP BY destination",
+                    params,
+                ).fetchall())
+                self._db.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt = 0, finished_at = NULL "
+                    f"WHERE {' AND '.join(where)}",
+                    params,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return counts
+
+        return await self._on_thread(put_back)
+
+    # -- consent (consent.py): stored instances that a grant authorises --------------------
+
+    async def consent_scan_marks(self) -> dict[str, int] | None:
+        """Per log origin, the index from which its permission records are still to be read;
+        None before the first scan (``start_consent_scan``)."""
+
+        def marks() -> dict[str, int] | None:
+            assert self._db is not None
+            if not self._db.execute("SELECT 1 FROM queue_settings WHERE name = 'consent_scan_since'").fetchall():
+                return None
+            return dict(self._db.execute("SELECT origin, next_index FROM consent_scan").fetchall())
+
+        return await self._on_thread(marks)
+
+    async def start_consent_scan(self, sizes: dict[str, int]) -> None:
+        """The first scan starts at the logs' current ends: grants recorded before it queue nothing."""
+        await self.set_consent_scan_marks(sizes, since=_now_iso())
+
+    async def set_consent_scan_marks(self, marks: dict[str, int], since: str | None = None) -> None:
+        def write() -> None:
+            assert self._db is not None
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO consent_scan (origin, next_index) VALUES (?, ?) "
+                    "ON CONFLICT (origin) DO UPDATE SET next_index = MAX(next_index, excluded.next_index)",
+                    sorted(marks.items()),
+                )
+                if since is not None:
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO queue_settings (name, value) VALUES ('consent_scan_since', ?)", (since,)
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+        await self._on_thread(write)
+
+    async def backfill(
+        self, destination: str, items: Sequence[ForwardItem], entry: Callable[[BackfillCounts], dict[str, Any]]
+    ) -> Backfill | None:
+        """Queue ``items`` for ``destination`` unless a job of that exact instance exists (done,
+        queued, failing or parked; a job refused because it was no longer authorised when due is
+        queued again), and, if any was queued, keep the ledger entry ``entry(counts)`` to append,
+        in one transaction. None if nothing was queued."""
+
+        def backfill() -> Backfill | None:
+            assert self._db is not None
+            queued = done = waiting = 0
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for item in items:
+                    key = (destination, item.sop_instance_uid, item.sha256)
+                    found = self._db.execute(
+                        "SELECT state FROM jobs WHERE destination = ? AND sop_instance_uid = ? AND sha256 = ?", key
+                    ).fetchall()
+                    state = found[0][0] if found else None
+                    if state == "done":
+                        done += 1
+                    elif state in ("queued", "failed"):
+                        waiting += 1
+                    elif state == "refused":
+                        self._db.execute(
+                            "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt = 0, last_error = NULL, "
+                            "finished_at = NULL, created_at = ? WHERE destination = ? AND sop_instance_uid = ? "
+                            "AND sha256 = ?", (_now_iso(), *key),
+                        )
+                        queued += 1
+                    else:
+                        self._db.execute(
+                            "INSERT INTO jobs (destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                            "path, patient, study, instance, sha256, state, next_attempt, created_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?)",
+                            (destination, item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid,
+                             item.path, item.patient, item.study, item.instance, item.sha256, _now_iso()),
+                        )
+                        queued += 1
+                result = None
+                if queued:
+                    payload = entry(BackfillCounts(queued, done, waiting))
+                    cur = self._db.execute(
+                        "INSERT INTO backfills (payload, created_at) VALUES (?, ?)", (json.dumps(payload), _now_iso())
+                    )
+                    assert cur.lastrowid is not None
+                    result = Backfill(cur.lastrowid, payload)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self._on_thread(backfill)
+
+    async def unrecorded_backfills(self) -> list[Backfill]:
+        """Backfills whose ledger entry was not appended yet (a crash, a ledger failure)."""
+        rows = await self._on_thread(
+            self._fetchall, "SELECT id, payload FROM backfills WHERE entry_index IS NULL ORDER BY id"
+        )
+        return [Backfill(i, json.loads(payload)) for i, payload in rows]
+
+    async def recorded_backfill_entries(self) -> set[int]:
+        rows = await self._on_thread(
+            self._fetchall, "SELECT entry_index FROM backfills WHERE entry_index IS NOT NULL"
+        )
+        return {r[0] for r in rows}
+
+    async def backfill_recorded(self, backfill_id: int, entry_index: int) -> None:
+        await self._on_thread(
+            self._fetchall, "UPDATE backfills SET entry_index = ? WHERE id = ?", (entry_index, backfill_id)
+        )
+
 
     async def cancel(self, sop_instance_uids: Sequence[str]) -> int:
         """Remove every job of these instances (an erasure: their rows name the instances and
@@ -332,6 +557,31 @@ class Forwarder:
 
     async def routed(self, anchor: tuple[str, int]) -> bool:
         return await self.queue.routed(anchor)
+
+    def wake(self, destination: str) -> None:
+        """Jobs of ``destination`` became due (queued by a grant, put back by the operator)."""
+        if (event := self._wake.get(destination)) is not None:
+            event.set()
+
+    def admin_handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
+        """`dicomledger queue retry` and `queue unpark`, through the admin socket."""
+        return {"queue-retry": partial(self._put_back, parked_only=False),
+                "queue-unpark": partial(self._put_back, parked_only=True)}
+
+    async def _put_back(self, body: dict[str, Any], *, parked_only: bool) -> dict[str, Any]:
+        destination = body.get("destination")
+        if destination is not None and self.config.destination(destination) is None:
+            known = ", ".join(d.ae_title for d in self.config.destinations) or "none"
+            raise ValueError(f"{destination!r} is not a [[destinations]] AE title (known: {known})")
+        ids = body.get("jobs", [])
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError("jobs must be a list of job numbers")
+        counts = await self.queue.put_back(parked_only=parked_only, destination=destination, ids=ids)
+        for title, n in counts.items():
+            self.wake(title)
+            log.info("forward jobs put back in the queue", destination=title, jobs=n,
+                     which="parked" if parked_only else "failed and parked")
+        return {"put_back": counts}
 
     async def _refused(
         self, dest: DestinationConfig, patient: str, study: str, instance: str, sha256: str, reason: str

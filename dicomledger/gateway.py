@@ -29,6 +29,7 @@ from dicomledger import logs
 from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
 from dicomledger.config import Config
+from dicomledger.consent import ConsentForwarding
 from dicomledger.daemon import notify
 from dicomledger.dicom.codecs import missing_lossless_decoders
 from dicomledger.dicom.fastread import ReadInstance, read_instance
@@ -301,6 +302,7 @@ class Gateway:
         self.peers: PeerService | None = None
         self.book: PermissionBook | None = None
         self.forwarder: Forwarder | None = None
+        self.consent: ConsentForwarding | None = None
         self.admin: AdminServer | None = None
         self.lifecycle: Lifecycle | None = None  # erasure, retention, scrub
         g = config.gateway
@@ -364,9 +366,15 @@ class Gateway:
             self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory,
                                        audit=self.audit)
             await self.forwarder.start()
+            self.consent = ConsentForwarding(cfg.forwarding, self.forwarder, self.ledger, self.index, self.book,
+                                             self.writer, self.secret, self.identity.origin)
+            await self.consent.start()
         await self.lifecycle.start(self.forwarder.queue if self.forwarder is not None else None)
         if cfg.admin_socket is not None:
             handlers = PermissionAdmin(cfg, self.book, self.writer, self.audit).handlers()
+            if self.forwarder is not None and self.consent is not None:  # `queue retry`, `queue unpark`
+                handlers.update(self.forwarder.admin_handlers())
+                handlers["grant"] = self.consent.then_scan(handlers["grant"])  # its images go now
             if self.peers is not None:  # `peers --clear-flag`: its entry goes through our writer
                 peers = self.peers
                 handlers["clear-flag"] = lambda body: peers.clear_flag(body["origin"], body["reason"], body["by"])
@@ -474,6 +482,8 @@ class Gateway:
         self._ingest_pool.shutdown(wait=False)
         if self.admin is not None:
             await self.admin.stop()
+        if self.consent is not None:
+            await self.consent.stop()
         if self.lifecycle is not None:
             await self.lifecycle.stop()
         if self.forwarder is not None:

@@ -9,6 +9,7 @@ create nothing: a database that does not exist yet is reported as such.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -84,8 +85,9 @@ async def _status(config: Config) -> list[str]:
 
 
 async def _forwarding_lines(config: Config, forwards: Counter[tuple[str, str]]) -> list[str]:
-    """Per destination: done and refused as the ledger has them, queued and failed (parked)
-    as the forward queue has them."""
+    """Per destination: done and refused as the ledger has them (``forwarded`` and
+    ``forward-refused`` entries), queued, failed (to be retried) and parked as the forward
+    queue has them."""
     from dicomledger.forwarding import ForwardQueue
 
     assert config.forwarding is not None
@@ -95,7 +97,7 @@ async def _forwarding_lines(config: Config, forwards: Counter[tuple[str, str]]) 
     if fw.queue.exists():
         queue = await ForwardQueue.open(fw.queue)
         try:
-            counts = await queue.counts()
+            counts = await queue.shown_counts()
             parked = await queue.parked()
         finally:
             await queue.close()
@@ -106,6 +108,7 @@ async def _forwarding_lines(config: Config, forwards: Counter[tuple[str, str]]) 
             "done": forwards[dest.ae_title, FORWARDED],
             "refused": forwards[dest.ae_title, FORWARD_REFUSED],
             "failed": counts.get((dest.ae_title, "failed"), 0),
+            "parked": counts.get((dest.ae_title, "parked"), 0),
         }
         lines.append(
             f"forwarding to {dest.ae_title} at {dest.host}:{dest.port}: "
@@ -113,7 +116,89 @@ async def _forwarding_lines(config: Config, forwards: Counter[tuple[str, str]]) 
         )
     for destination, uid, attempts, error, when in parked:
         lines.append(f"  PARKED {destination} {uid} after {attempts} attempts at {when}: {error}")
+    if parked:
+        lines.append("  (`dicomledger queue` lists the jobs; `queue unpark` or `queue retry` sends them again)")
     return lines
+
+
+def _age(since: str, now: datetime) -> str:
+    """``2h05m``, ``3m20s``, ``12s``: how long ago ``since`` (ISO 8601) was."""
+    try:
+        seconds = max(0, int((now - datetime.fromisoformat(since)).total_seconds()))
+    except ValueError:
+        return "?"
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+QUEUE_STATES = {"pending": ("queued", "failed", "parked"), "queued": ("queued",), "failed": ("failed",),
+                "parked": ("parked",), "refused": ("refused",), "done": ("done",),
+                "all": ("queued", "failed", "parked", "refused", "done")}
+
+
+async def _queue_listing(config: Config, destination: str | None, state: str, limit: int) -> dict | tuple[str, int]:
+    """The jobs to list as a JSON-able object; or why there are none to list, with the exit code."""
+    from dicomledger.forwarding import ForwardQueue
+
+    fw = config.forwarding
+    if fw is None:
+        return "no [forwarding] section in the config: this gateway forwards nothing", 2
+    if destination is not None and fw.destination(destination) is None:
+        known = ", ".join(d.ae_title for d in fw.destinations) or "none"
+        return f"{destination!r} is not a [[destinations]] AE title (known: {known})", 2
+    if not fw.queue.exists():
+        return f"no forward queue at {fw.queue} yet: the gateway has not run with forwarding", 1
+    queue = await ForwardQueue.open(fw.queue)
+    try:
+        counts = await queue.shown_counts()
+        jobs = await queue.listed(QUEUE_STATES[state], destination, limit + 1)
+    finally:
+        await queue.close()
+    now = datetime.now(UTC)
+    titles = [destination] if destination else [d.ae_title for d in fw.destinations]
+    return {
+        "destinations": {t: {s: counts.get((t, s), 0) for s in ("queued", "failed", "parked", "done", "refused")}
+                         for t in titles},
+        "jobs": [{"job": j.id, "destination": j.destination, "state": j.state, "attempts": j.attempts,
+                  "age": _age(j.created_at, now), "queued_at": j.created_at,
+                  "next_attempt": datetime.fromtimestamp(j.next_attempt, UTC).isoformat(timespec="seconds")
+                  if j.state == "failed" else None,
+                  "sop_instance_uid": j.sop_instance_uid, "last_error": j.last_error}
+                 for j in jobs[:limit]],
+        "more": len(jobs) > limit,
+    }
+
+
+def queue_jobs(config: Config, destination: str | None, state: str, limit: int, as_json: bool) -> int:
+    """`dicomledger queue`: the forward queue's jobs (read from its database, running or not)."""
+    listing = asyncio.run(_queue_listing(config, destination, state, limit))
+    if isinstance(listing, tuple):
+        problem, code = listing
+        print(f"dicomledger: {problem}", file=sys.stderr)
+        return code
+    if as_json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for title, n in listing["destinations"].items():
+        print(f"{title}: " + ", ".join(f"{count} {s}" for s, count in n.items()))
+    if not listing["jobs"]:
+        print(f"no {state} jobs" if state != "all" else "no jobs")
+    for j in listing["jobs"]:
+        line = (f"  job {j['job']} to {j['destination']}: {j['state']}, {j['attempts']} attempts, "
+                f"queued {j['age']} ago, {j['sop_instance_uid']}")
+        if j["next_attempt"]:
+            line += f", next attempt {j['next_attempt']}"
+        if j["last_error"]:
+            line += f"; last error: {j['last_error']}"
+        print(line)
+    if listing["more"]:
+        print(f"  (more: --limit N shows more than {limit})")
+    return 0
 
 
 def _cosigned(own: tuple[int, bytes] | None, sigs: Sequence[Signature], peer: str) -> str:

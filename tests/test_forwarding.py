@@ -79,20 +79,21 @@ def test_forwarded_only_while_a_grant_authorises_it(tmp_path, pacs):
 
         during = dicomdata.make_mr_series(tmp_path / "during", 3, seed="during", patient=patient)
         assert gw.storescu(*during).returncode == 0
-        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 3, what="3 forwarded entries")
-        for path in during:
+        # the grant also sends the 2 stored before it (issue 13: consent drives forwarding)
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 5, what="5 forwarded entries")
+        for path in before + during:
             sent = pydicom.dcmread(path)
             copies = [p for p in received.iterdir() if pydicom.dcmread(p).SOPInstanceUID == sent.SOPInstanceUID]
             assert len(copies) == 1
             assert pydicom.dcmread(copies[0]).PixelData == sent.PixelData
-        assert len(list(received.iterdir())) == 3  # nothing from before the grant
+        assert len(list(received.iterdir())) == 5
 
         revoked = gw.cli("revoke", "--patient-id", patient.patient_id, "--to", "PACS", "--reason", "withdrawn")
         assert revoked.returncode == 0, revoked.stderr
         after = dicomdata.make_mr_series(tmp_path / "after", 2, seed="after", patient=patient)
         assert gw.storescu(*after).returncode == 0
         time.sleep(1)
-        assert len(list(received.iterdir())) == 3
+        assert len(list(received.iterdir())) == 5
         assert len(entries_of_kind(gw, "forward-refused")) == 4
         shown = gw.cli("permissions", "--patient-id", patient.patient_id)
         assert "effective grants: none" in shown.stdout and "revoked by" in shown.stdout, shown.stdout

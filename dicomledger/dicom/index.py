@@ -71,6 +71,7 @@ CREATE INDEX IF NOT EXISTS instances_series_patient ON instances (series_uid, pa
 CREATE INDEX IF NOT EXISTS instances_study_patient ON instances (study_uid, patient_id);
 CREATE INDEX IF NOT EXISTS instances_patient ON instances (patient_id);
 CREATE INDEX IF NOT EXISTS instances_unanchored ON instances (ledger_index) WHERE ledger_index IS NULL;
+CREATE INDEX IF NOT EXISTS instances_anchor ON instances (ledger_origin, ledger_index);
 CREATE TABLE IF NOT EXISTS superseded_instances (
     sop_instance_uid TEXT NOT NULL,
     path TEXT NOT NULL,
@@ -301,6 +302,24 @@ class Index(ThreadedSqlite):
             (origin, origin),
         )
         return {int(r[0]) for r in rows}
+
+    async def anchored_by(self, origin: str, indexes: Sequence[int]) -> list[tuple[InstanceRow, str | None]]:
+        """The current rows whose anchors are these entries of ``origin``'s log, each with its
+        series' Modality (what routes match on)."""
+        columns = ", ".join(f"i.{c}" for c in InstanceRow.__dataclass_fields__)
+        wanted = sorted(set(indexes))
+        found: list[tuple[InstanceRow, str | None]] = []
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            rows = await self._on_thread(
+                self._query,
+                f"SELECT {columns}, se.modality FROM instances i LEFT JOIN series se ON se.series_uid = i.series_uid "
+                "AND se.study_uid = i.study_uid AND se.patient_id = i.patient_id "
+                f"WHERE i.ledger_origin = ? AND i.ledger_index IN ({', '.join('?' for _ in chunk)})",
+                (origin, *chunk),
+            )
+            found += [(_instance_row(row[:-1]), row[-1]) for row in rows]
+        return found
 
     async def matching(self, grain: str, query: Query) -> list[dict[str, Any]]:
         """The records at ``grain`` (STUDY, SERIES or IMAGE) that match ``query``, flattened

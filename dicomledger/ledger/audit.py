@@ -23,6 +23,7 @@ from dicomledger.ledger.entries import (
     ERASED,
     FORWARD_REFUSED,
     FORWARDED,
+    FORWARDS_QUEUED,
     GRANT,
     IMAGE_ANCHORED,
     RETRIEVE_REFUSED,
@@ -135,6 +136,19 @@ def _summary_forward_refused(p: Mapping[str, Any]) -> str:
     )
 
 
+def _summary_forwards_queued(p: Mapping[str, Any]) -> str:
+    def count(key: str) -> str:
+        value = p.get(key)
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else "?"
+
+    scope = f"study {_short(p.get('study'))}" if p.get("study") is not None else "all studies"
+    return (
+        f"forwards queued to {_destination(p)} by grant {_short(p.get('grant'))} ({scope}): "
+        f"{count('queued')} stored instances ({count('already_delivered')} already delivered, "
+        f"{count('already_queued')} already queued)"
+    )
+
+
 def _retrieve_route(p: Mapping[str, Any]) -> str:
     """``C-MOVE by WS1 to WS2`` (``to`` omitted for a C-GET to its own caller)."""
     caller, dest = _text(p, "calling_ae"), _text(p, "destination")
@@ -237,6 +251,8 @@ def summary(event: AuditEvent) -> str:
         return _summary_forwarded(p)
     if event.kind == FORWARD_REFUSED:
         return _summary_forward_refused(p)
+    if event.kind == FORWARDS_QUEUED:
+        return _summary_forwards_queued(p)
     if event.kind == RETRIEVED:
         return _summary_retrieved(p)
     if event.kind == RETRIEVE_REFUSED:

@@ -46,6 +46,7 @@ TAMPER_ALARM = "tamper-alarm"
 CONFIG = "config"
 LOCAL_TIP_ACCEPTED = "local-tip-accepted"  # started on an unconfirmed tip (serve --accept-local-tip)
 FLAG_CLEARED = "flag-cleared"  # an equivocation flag cleared (peers --clear-flag)
+FORWARDS_QUEUED = "forwards-queued"  # a grant queued a patient's stored instances for a destination
 ERASED = "erased"
 KEY_ROTATION = "key-rotation"  # the log's signing key changes (rotate-key; keychain.py)
 KEY_REPLACEMENT = "key-replacement"  # a lost or stolen key replaced by a consortium quorum (keychain.py)
@@ -62,6 +63,7 @@ KINDS = frozenset(
         CONFIG,
         LOCAL_TIP_ACCEPTED,
         FLAG_CLEARED,
+        FORWARDS_QUEUED,
         ERASED,
         KEY_ROTATION,
         KEY_REPLACEMENT,

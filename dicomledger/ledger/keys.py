@@ -8,8 +8,9 @@ gateway finds the same entries by the same keys.
   custodians;
 * ``perm:<P>`` on grants and revokes: a patient's permission history;
 * ``study:<S>`` on every entry whose payload names a study (and on an erasure, each study it
-  erased from), and ``activity:<P>`` on forwards, retrievals, refusals, tamper alarms and
-  erasures: `dicomledger audit`;
+  erased from), and ``activity:<P>`` on forwards, forwards queued by a grant, retrievals,
+  refusals, tamper alarms and erasures: `dicomledger audit`, and the forwards a grant
+  queues (``consent.py``);
 * ``erased:<P>`` and ``erased`` on erasures: `verify-file` tells an erased image; a gateway
   finds the erasures it has not applied yet.
 
@@ -26,6 +27,7 @@ from dicomledger.ledger.entries import (
     ERASED,
     FORWARD_REFUSED,
     FORWARDED,
+    FORWARDS_QUEUED,
     GRANT,
     IMAGE_ANCHORED,
     RETRIEVE_REFUSED,
@@ -35,8 +37,11 @@ from dicomledger.ledger.entries import (
 )
 
 VERSION = 2  # 1: study: and activity: for `audit`; 2: erased:, erased and studies of erasures
+# (forwards-queued, a kind added later, carries activity: without a new version: no older entry has it)
 
-ACTIVITY_KINDS = frozenset({FORWARDED, FORWARD_REFUSED, RETRIEVED, RETRIEVE_REFUSED, TAMPER_ALARM, ERASED})
+ACTIVITY_KINDS = frozenset(
+    {FORWARDED, FORWARD_REFUSED, FORWARDS_QUEUED, RETRIEVED, RETRIEVE_REFUSED, TAMPER_ALARM, ERASED}
+)
 
 
 def lookup_keys(kind: str, payload: Mapping[str, Any]) -> list[str]:

@@ -383,6 +383,19 @@ class LedgerStore:
         )
         return {row[0]: row[1] for row in rows}
 
+    async def keys_between(self, origin: str, prefix: str, start: int, end: int) -> set[str]:
+        """The lookup keys starting with ``prefix`` that entries ``start`` <= index < ``end``
+        of ``origin``'s log carry (e.g. ``perm:``: the patients with new permission records)."""
+        info = await self.origin(origin)
+        if info is None or not prefix or start >= end:
+            return set()
+        after = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = await self.db.execute_fetchall(
+            "SELECT DISTINCT key FROM entry_keys WHERE key >= ? AND key < ? AND origin_id = ? AND idx >= ? AND idx < ?",
+            (prefix, after, info.id, start, end),
+        )
+        return {row[0] for row in rows}
+
     async def nodes(self, origin: str, ids: Iterable[NodeID]) -> dict[NodeID, bytes]:
         wanted = sorted(set(ids))
         if not wanted:
