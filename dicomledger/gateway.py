@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -309,7 +310,8 @@ class Gateway:
         patients = PatientDirectory(config.storage.index, self.secret)  # for grants, which name pseudonyms
         self.audit = AuditTrail(config.atna, g.ae_title, g.host, patients) if config.atna else AuditSink()
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
-        self._locks = [asyncio.Lock() for _ in range(64)]
+        # one ingest at a time per instance (striped): its index check and its entry go together
+        self._instance_locks = [threading.Lock() for _ in range(64)]
         # Parse, hash and the file's fsyncs of received instances: off the event loop. A few
         # threads, so one store's fsync does not hold up the next one's hashing.
         self._ingest_pool = ThreadPoolExecutor(8, thread_name_prefix="ingest")
@@ -541,7 +543,7 @@ class Gateway:
         hashes: InstanceHashes | None = None
         read: ReadInstance | None = None
 
-        def parse_hash_commit() -> tuple[InstanceHeader, str, bool]:  # in the ingest pool
+        def parse_hash_commit_anchor() -> tuple[InstanceHeader, str, Ingested, Pseudonyms]:  # in the ingest pool
             nonlocal size, hashes, read
             size = request.dataset_path.stat().st_size
             read = read_instance(
@@ -553,7 +555,8 @@ class Gateway:
             relative = FileStore.relative_path(
                 header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256, header.header_sha256
             )
-            return header, relative, self.files.commit(request.dataset_path, relative)
+            replaced = self.files.commit(request.dataset_path, relative)
+            return header, relative, *self.anchor(request, header, hashes, relative, size, replaced)
 
         try:
             if request.receive_error is not None:
@@ -563,9 +566,11 @@ class Gateway:
                     f"{request.receive_error.strerror or request.receive_error}",
                 )
             assert self.loop is not None
-            header, relative, replaced = await self.loop.run_in_executor(self._ingest_pool, parse_hash_commit)
+            header, relative, anchored, p = await self.loop.run_in_executor(
+                self._ingest_pool, parse_hash_commit_anchor
+            )
             assert hashes is not None
-            result = await self.ingest(request, header, hashes, relative, size, replaced)
+            result = await self.route(request, header, hashes, relative, anchored, p)
         except asyncio.CancelledError:  # the server is stopping and gave up waiting: no answer goes out
             raise
         except BaseException as exc:  # (a Rust decoder's PanicException is no Exception)
@@ -590,7 +595,7 @@ class Gateway:
         )
         return status
 
-    async def ingest(
+    def anchor(
         self,
         request: StoreRequest,
         header: InstanceHeader,
@@ -598,53 +603,66 @@ class Gateway:
         relative: str,
         size: int,
         replaced_file: bool,
-    ) -> Ingested:
-        """Index, anchor and route one stored (durable) instance.
+    ) -> tuple[Ingested, Pseudonyms]:
+        """Index and anchor one stored (durable) instance; runs in the ingest pool, right after
+        the file is durable, so an image costs one hop from the event loop and back.
 
-        One hop to the ledger writer's thread does it all (``IndexCompanion``): look up the
-        instance's current row, refuse a study/patient conflict, decide new / changed /
-        duplicate, sign and commit the entry with the batch (synchronous=FULL), then write the
-        row with its anchor. docs/design.md, "One durable commit per image", says why that
-        order is crash-safe."""
+        The ledger writer commits it (``append_guarded_blocking``: on this thread, with the
+        other threads' appends queued meanwhile) together with the ``IndexCompanion``'s work:
+        look up the instance's current row, refuse a study/patient conflict, decide new /
+        changed / duplicate, sign and commit the entry with the batch (synchronous=FULL), then
+        write the row with its anchor. docs/design.md, "One durable commit per image", says why
+        that order is crash-safe."""
         assert self.writer is not None
-        async with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
+        with self._instance_locks[hash(header.sop_instance_uid) % len(self._instance_locks)]:
             receipt = Receipt(_record(header, _instance_row(header, hashes, request, relative, size)), hashes)
             p = Pseudonyms.of(self.secret, header)
             payload = anchor_payload(p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae)
             try:
-                result = await self.writer.append_guarded(IMAGE_ANCHORED, payload, receipt)
+                result = self.writer.append_guarded_blocking(IMAGE_ANCHORED, payload, receipt)
             except AnchoredButNotIndexed:
                 raise  # the anchor cites the file: keep it (the row is rebuilt at start)
             except (IndexStoreError, StudyPatientConflict, LedgerStoreError):
                 if not replaced_file:  # nothing anchored it: leave nothing unindexed behind
                     self.files.absolute(relative).unlink(missing_ok=True)
                 raise
-            if isinstance(result, Declined):
-                previous: InstanceRow = result.value
-                assert previous.ledger_index is not None
-                ingested = Ingested(Received.DUPLICATE, previous.ledger_index)
-            else:
-                ingested = Ingested(receipt.received, result.index)
-                if receipt.received is Received.PIXELS_CHANGED and receipt.previous is not None:
-                    log.warning(
-                        "changed pixels", sop_instance=header.sop_instance_uid,
-                        previous_hash=receipt.previous.sha256.hex()[:16], new_hash=hashes.sha256.hex()[:16],
-                        previous_entry=receipt.previous.ledger_index,
-                    )
-            if self.forwarder is not None:
-                anchor = (self.identity.origin, ingested.anchor)
-                # A duplicate is routed too if its forward was never decided: the first copy
-                # failed between anchoring and routing, and the sender sent it again.
-                if ingested.received is not Received.DUPLICATE or not await self.forwarder.routed(anchor):
-                    routed = await self.forwarder.route(ForwardItem(
-                        sop_instance_uid=header.sop_instance_uid, sop_class_uid=request.sop_class_uid,
-                        transfer_syntax_uid=request.transfer_syntax_uid, path=relative,
-                        calling_ae=request.calling_ae, modality=header.modality,
-                        patient=p.patient, study=p.study, instance=p.instance,
-                        sha256=hashes.sha256.hex(),
-                    ), anchor)
-                    ingested = replace(ingested, forwarding=tuple(routed))
+        if isinstance(result, Declined):
+            previous: InstanceRow = result.value
+            assert previous.ledger_index is not None
+            return Ingested(Received.DUPLICATE, previous.ledger_index), p
+        if receipt.received is Received.PIXELS_CHANGED and receipt.previous is not None:
+            log.warning(
+                "changed pixels", sop_instance=header.sop_instance_uid,
+                previous_hash=receipt.previous.sha256.hex()[:16], new_hash=hashes.sha256.hex()[:16],
+                previous_entry=receipt.previous.ledger_index,
+            )
+        return Ingested(receipt.received, result.index), p
+
+    async def route(
+        self,
+        request: StoreRequest,
+        header: InstanceHeader,
+        hashes: InstanceHashes,
+        relative: str,
+        ingested: Ingested,
+        p: Pseudonyms,
+    ) -> Ingested:
+        """Queue the forwards of an anchored instance (on the event loop)."""
+        if self.forwarder is None:
             return ingested
+        anchor = (self.identity.origin, ingested.anchor)
+        # A duplicate is routed too if its forward was never decided: the first copy
+        # failed between anchoring and routing, and the sender sent it again.
+        if ingested.received is Received.DUPLICATE and await self.forwarder.routed(anchor):
+            return ingested
+        routed = await self.forwarder.route(ForwardItem(
+            sop_instance_uid=header.sop_instance_uid, sop_class_uid=request.sop_class_uid,
+            transfer_syntax_uid=request.transfer_syntax_uid, path=relative,
+            calling_ae=request.calling_ae, modality=header.modality,
+            patient=p.patient, study=p.study, instance=p.instance,
+            sha256=hashes.sha256.hex(),
+        ), anchor)
+        return replace(ingested, forwarding=tuple(routed))
 
     async def _reconcile(self) -> None:
         """Bring the index in line with the stored files and this gateway's anchors, at start."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -725,12 +725,18 @@ def _conflict(db: sqlite3.Connection, record: IndexRecord) -> StudyPatientConfli
     return None
 
 
+def _values(record: Any) -> tuple[Any, ...]:
+    """A record's fields as an SQL row (``dataclasses.astuple`` deep-copies every value: slow
+    on the ingest path, and these are flat)."""
+    return tuple(getattr(record, f.name) for f in fields(record))
+
+
 def _write_record(db: sqlite3.Connection, record: IndexRecord) -> None:
     # Latest header wins for descriptive attributes (demographic corrections).
     patient, study, series = record.patient, record.study, record.series
     instance = replace(record.instance, study_uid=study.study_uid, patient_id=patient.patient_id)
-    db.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?)", astuple(patient))
-    db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?)", astuple(study))
+    db.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?)", _values(patient))
+    db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?)", _values(study))
     db.execute(
         "INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?, ?)",
         (series.series_uid, series.study_uid, patient.patient_id, series.modality,
@@ -738,7 +744,7 @@ def _write_record(db: sqlite3.Connection, record: IndexRecord) -> None:
     )
     db.execute(
         f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) VALUES ({_INSTANCE_MARKS})",
-        astuple(instance),
+        _values(instance),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -21,7 +22,7 @@ class Identity:
     origin: str
     private_key: Ed25519PrivateKey
 
-    @property
+    @cached_property  # derived once: the ledger writer compares it for every entry it signs
     def public_key(self) -> Ed25519PublicKey:
         return self.private_key.public_key()
 
