@@ -5,6 +5,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +63,61 @@ async def test_group_commit_batches_concurrent_appends(tmp_path):
     await writer.stop()
     await store.close()
 
+
+
+class RecordingCompanion:
+    """A companion that adds the ticket to each payload and remembers each batch's tickets."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+        self.after_calls: list[list[tuple[int, int]]] = []
+
+    def before(self, tickets):
+        self.batches.append(list(tickets))
+        return [{"ticket": t} for t in tickets]
+
+    def after(self, appended):
+        self.after_calls.append([(t, a.index) for t, a in appended])
+
+
+async def test_threads_commit_their_appends_together_as_one_batch(tmp_path):
+    """append_guarded_blocking: appends from threads queued while a batch is committed go
+    into the next batch together, committed by one of those threads; every appender gets
+    its own entry, and the log verifies."""
+    identity = Identity(ORIGIN, Ed25519PrivateKey.generate())
+    store = await LedgerStore.open(tmp_path / "l.db")
+    companion = RecordingCompanion()
+    writer = LogWriter(store, identity, companion=companion)
+    await writer.start()
+    await writer.append("config", {"first": True})  # from the loop, on the writer's own thread
+    results: dict[int, object] = {}
+
+    def append(ticket: int) -> None:
+        results[ticket] = writer.append_guarded_blocking("forwarded", {"n": ticket}, ticket)
+
+    with writer._commit_lock:  # as if a batch were being committed: the threads queue up
+        threads = [threading.Thread(target=append, args=(t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(writer._from_threads) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(writer._from_threads) == 6
+    for t in threads:
+        t.join(30)
+    assert len(companion.batches) == 1 and sorted(companion.batches[0]) == list(range(6))
+    by_ticket = {t: a for t, a in companion.after_calls[0]}
+    assert sorted(results) == list(range(6))
+    for ticket, appended in results.items():
+        assert appended.index == by_ticket[ticket]
+        assert decode_entry(appended.data).payload == {"n": ticket, "ticket": ticket}
+    assert sorted(a.index for a in results.values()) == list(range(1, 7))
+    await writer.append("config", {"last": True})  # the loop's writer goes on after them
+    await writer.stop()
+    await store.close()
+    report = verify_database(tmp_path / "l.db", {ORIGIN: identity.public_key})
+    assert report.ok, report.problem
+    assert report.origins[0].size == 8
 
 async def test_proofs_from_storage_match_in_memory_tree(tmp_path):
     identity, store, writer = await open_log(tmp_path / "l.db")
