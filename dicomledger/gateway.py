@@ -28,6 +28,7 @@ from pydicom import config as pydicom_config
 from dicomledger import logs
 from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
+from dicomledger.commitment import StorageCommitment
 from dicomledger.config import Config
 from dicomledger.consent import ConsentForwarding
 from dicomledger.daemon import notify
@@ -51,12 +52,15 @@ from dicomledger.dicom.instance import (
     read_instance_header,
 )
 from dicomledger.dicom.net import DicomServer, StoreRequest
+from dicomledger.dicom.net.commitment import CommitmentService
 from dicomledger.dicom.net.dimse import (
     CANNOT_UNDERSTAND,
+    N_ACTION_RQ,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     SUCCESS,
 )
+from dicomledger.dicom.net.operation import Service
 from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_instance_file
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue, ForwardQueueError
@@ -321,6 +325,7 @@ class Gateway:
         # C-STORE counters for the metrics endpoint: None (nothing counted) when it is off
         self.ingest_metrics = IngestMetrics() if config.metrics is not None else None
         self.metrics_server: MetricsServer | None = None
+        self.commitment: StorageCommitment | None = None
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
         """Open everything and start serving. Nothing is appended to the ledger before
@@ -396,6 +401,17 @@ class Gateway:
             book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
             origin=self.identity.origin, destinations=cfg.forwarding, audit=self.audit,
         )
+        services: dict[int, Service] = {}
+        sc = cfg.storage_commitment
+        if sc.enabled:
+            self.commitment = StorageCommitment(
+                sc, ae_title=g.ae_title, index=self.index, storage_dir=cfg.storage.directory, writer=self.writer,
+                destinations={d.ae_title: (d.host, d.port) for d in cfg.forwarding.destinations}
+                if cfg.forwarding is not None else {},
+                metrics=self.ingest_metrics,
+            )
+            services[N_ACTION_RQ] = CommitmentService(self.commitment.decide, self.commitment.deliver_elsewhere,
+                                                      sc.report_timeout)
         self.server = DicomServer(
             ae_title=g.ae_title,
             host=g.host,
@@ -409,6 +425,7 @@ class Gateway:
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
             on_refused=self.audit.association_refused,
+            services=services,
         )
         try:
             await self.server.start()
@@ -494,6 +511,8 @@ class Gateway:
             await self.metrics_server.stop()
         if self.server is not None:
             await self.server.stop()  # in-flight stores finish and are answered
+        if self.commitment is not None:
+            await self.commitment.stop()
         self._ingest_pool.shutdown(wait=False)
         if self.admin is not None:
             await self.admin.stop()

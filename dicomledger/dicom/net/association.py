@@ -233,6 +233,8 @@ class Association(asyncio.Protocol):
         if self.busy is not None:  # answer the operation first (PS3.8 Sta8 may still send P-DATA)
             self._release_deferred = True
             self._reader.halt()
+            if self.busy.responses is not None:  # a peer that releases answers no request of ours
+                self.busy.responses.put_nowait(None)
             return
         self._end("association", ended="released")
         self._write(pdu.A_RELEASE_RP_PDU)
