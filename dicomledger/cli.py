@@ -106,6 +106,19 @@ startup_wait = 60.0
 # address = "192.0.2.20:12112"
 # vkey = "hospital-b.example/dicomledger+1234abcd+AW..."
 # tls_cert = "peers/hospital-b.crt"
+
+# Metrics and health: Prometheus /metrics, /healthz and /readyz over local HTTP, on a port of
+# their own. Off unless enabled (config/gateway.example.toml documents every setting).
+# [metrics]
+# enabled = true
+# host = "127.0.0.1"
+# port = 9112
+
+# Storage Commitment (on by default): a requestor that closes its association before the
+# report gets it on a new association to the address listed here (or its [[destinations]] entry).
+# [[commitment_requestors]]
+# ae_title = "CT_SCANNER_1"
+# address = "192.0.2.40:104"
 """
 
 
