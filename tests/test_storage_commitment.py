@@ -178,3 +178,32 @@ def test_orthanc_takes_the_report_on_a_new_association(tmp_path: Path) -> None:
     (delivered,) = log_events(gw, "storage commitment report delivered")
     assert delivered["association"] == "new" and delivered["calling_ae"] == "ORTHANC"
     assert "Traceback" not in gw.log()
+
+
+def test_a_report_with_nowhere_to_go_is_one_error_line(tmp_path: Path) -> None:
+    """A requestor that does not take the report on its association and has no configured
+    address: the report is not delivered, one error line names the requestor and the transaction."""
+    gw = GatewayProcess(tmp_path / "gw", allow=("PYSCU",))
+    gw.start()
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title)  # no N-EVENT-REPORT handler
+        assert assoc.is_established
+        status, _ = assoc.send_n_action(action_information("1.2.3.999.3", [(CTImageStorage, "1.2.3.999.406")]), 1,
+                                        StorageCommitmentPushModel, INSTANCE)
+        assert status.Status == 0x0000
+        assoc.release()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not log_events(gw, "storage commitment report not delivered: no "
+                                                             "address for the requestor (add it under "
+                                                             "[[commitment_requestors]])"):
+            time.sleep(0.1)
+    finally:
+        gw.stop()
+    (line,) = log_events(gw, "storage commitment report not delivered: no address for the requestor (add it under "
+                             "[[commitment_requestors]])")
+    assert (line["calling_ae"], line["transaction_uid"], line["level"]) == ("PYSCU", "1.2.3.999.3", "error")
+    (recorded,) = entries_of_kind(gw, "storage-committed")
+    assert (recorded["committed"], recorded["failed"], recorded["failure_reasons"]) == (0, 1, {"0x0112": 1})
+    assert "Traceback" not in gw.log()
