@@ -166,3 +166,41 @@ async def test_readyz_fails_once_the_dicom_listener_is_closed(tmp_path: Path) ->
                 assert answer.status == 200
     finally:
         await gateway.stop()
+
+
+def test_retrievals_and_tamper_alarms_are_counted(tmp_path: Path) -> None:
+    """DCMTK getscu retrieves a granted study (one retrieval), then again after one stored file
+    was altered (a tamper alarm, and the rest retrieved)."""
+    import sqlite3
+
+    import pydicom
+
+    from tests.test_gateway_interop import grant, patient_files
+
+    gw = GatewayProcess(tmp_path / "gw", allow=("STORESCU", "WS1"))
+    port = enable_metrics(gw)
+    gw.start()
+    try:
+        patient, study, files = patient_files(tmp_path, "metrics-get")
+        assert gw.storescu(*files).returncode == 0
+        grant(gw, patient, "WS1")
+        keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
+        for n in (1, 2):
+            if n == 2:  # alter one stored file
+                con = sqlite3.connect(f"file:{gw.dir / 'data' / 'index.db'}?mode=ro", uri=True)
+                uid = str(pydicom.dcmread(files[0]).SOPInstanceUID)
+                (relative,) = con.execute("SELECT path FROM instances WHERE sop_instance_uid = ?", (uid,)).fetchone()
+                con.close()
+                stored = gw.dir / "data" / "images" / relative
+                data = bytearray(stored.read_bytes())
+                data[-5] ^= 0xFF
+                stored.write_bytes(bytes(data))
+            got = tmp_path / f"got{n}"
+            got.mkdir()
+            dcmtk("getscu", "-aet", "WS1", "-aec", gw.ae_title, "-S", "-od", str(got), *keys, "127.0.0.1",
+                  str(gw.port))
+            metrics = scrape(port)
+            assert value(metrics, "dicomledger_retrievals_total", outcome="retrieved") == n
+            assert value(metrics, "dicomledger_tamper_alarms_total") == n - 1
+    finally:
+        gw.stop()
