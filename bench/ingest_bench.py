@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -197,6 +197,7 @@ class Server:
     stored_dir: Path
     log: Path
     orthanc: Orthanc | None = None
+    scraper: Scraper | None = None
 
     def stored(self) -> int:
         """Instances stored: Orthanc's own count; else every regular file under stored_dir
@@ -213,6 +214,8 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
+        if self.scraper is not None:
+            self.scraper.stop()
         end_process(self.proc)
 
 
@@ -234,17 +237,46 @@ def storescp_options(concurrent: bool) -> list[str]:
     return ["+B", "-pdu", "131072", "-dhl", *(["--fork"] if concurrent else [])]
 
 
+class Scraper:
+    """Scrapes a gateway's /metrics every ``interval`` seconds in a thread, as Prometheus
+    would (its default is 15 s; we scrape more often, so the cost shows if there is one)."""
+
+    def __init__(self, port: int, interval: float = 1.0) -> None:
+        self.url = f"http://{HOST}:{port}/metrics"
+        self.interval = interval
+        self.scrapes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.wait(self.interval):
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.url, timeout=5) as answer:
+                answer.read()
+                self.scrapes += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def start_receiver(kind: str, run_dir: Path, *, concurrent: bool = False) -> Server:
     run_dir.mkdir(parents=True)
     port = free_port()
     log = run_dir / f"{kind}.log"
-    if kind == "gateway":
+    if kind in ("gateway", "gateway+metrics"):
         gw = run_dir / "gw"
         dicomledger(
             "init", "--dir", str(gw), "--ae-title", "DICOMLEDGER", "--host", HOST, "--port", str(port),
             "--allow", SENDER_AE, "--allow", LATENCY_AE, "--origin", "bench.test/dicomledger",
             log=run_dir / "init.log",
         )
+        metrics_port = free_port()
+        if kind == "gateway+metrics":
+            with open(gw / "config.toml", "a") as f:
+                f.write(f'\n[metrics]\nenabled = true\nhost = "{HOST}"\nport = {metrics_port}\n')
         proc = spawn([sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(gw / "config.toml")], log=log)
         server = Server(kind, "DICOMLEDGER", port, proc, gw / "data" / "images", log)
         marker = b'"gateway started"'
@@ -279,6 +311,8 @@ def start_receiver(kind: str, run_dir: Path, *, concurrent: bool = False) -> Ser
     except BaseException:
         server.stop()
         raise
+    if kind == "gateway+metrics":
+        server.scraper = Scraper(metrics_port)
     return server
 
 
@@ -392,7 +426,7 @@ def measure(kind: str, scenario: Scenario, warm: DataSet, work: Path, rep: int) 
         else:
             wall = storescu(server, scenario.data.files, scenario.senders, run_dir)
             peak = None
-        handler = gateway_handler_ms(server.log, len(warm.files)) if kind == "gateway" else []
+        handler = gateway_handler_ms(server.log, len(warm.files)) if kind.startswith("gateway") else []
     return Sample(wall, peak, handler)
 
 
@@ -520,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-rounds", type=int, default=3, help="fresh gateway+bare pairs for latency")
     parser.add_argument("--work-dir", type=Path, default=None, help="parent of the temporary work dir")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (data and logs)")
+    parser.add_argument("--metrics-cost", action="store_true",
+                        help="only the gateway, with the metrics endpoint off and on (scraped every second), "
+                        "alternating: the cost of metrics on ingest throughput")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp", "echoscu"):
         if shutil.which(tool) is None:
@@ -528,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--reps and --latency-rounds must be at least 1")
 
     sizes = QUICK if args.quick else FULL
+    if args.metrics_cost:
+        return run_in_work_dir("metrics-bench-", args.work_dir, args.keep, lambda work: metrics_cost(args, sizes, work))
     return run_in_work_dir("ingest-bench-", args.work_dir, args.keep, lambda work: run(args, sizes, work))
 
 
@@ -571,6 +610,36 @@ def run(args: argparse.Namespace, sizes: Sizes, work: Path) -> int:
               + ", ".join(f"{kind} {percentile(got[kind], 0.5):.2f} ms" for kind in LATENCY_RECEIVERS), flush=True)
 
     print(report(args, scenarios, results, latency, args.latency_rounds, time.perf_counter() - began))
+    return 0
+
+
+def metrics_cost(args: argparse.Namespace, sizes: Sizes, work: Path) -> int:
+    """Gateway throughput with metrics off and on, MR and CT, receivers alternating; medians."""
+    began = time.perf_counter()
+    mr, ct, _, warm = generate(work / "data", replace(sizes, mf_frames=1))
+    kinds = ("gateway", "gateway+metrics")
+    for kind in kinds:
+        with receiver(kind, work / "run" / f"warm-{kind}" / "srv") as server:
+            storescu(server, warm.files, 1, work / "run" / f"warm-{kind}")
+    reps = max(args.reps, 3)
+    scenarios = [Scenario("MR", mr.label, mr, 1), Scenario("CT", ct.label, ct, 1),
+                 Scenario("MRx4", f"{mr.label}, 4 senders", mr, 4)]
+    walls: dict[tuple[str, str], list[float]] = {}
+    for sc in scenarios:
+        for rep in range(reps):
+            for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
+                sample = measure(kind, sc, warm, work, rep)
+                walls.setdefault((sc.key, kind), []).append(sample.wall)
+                print(f"  {sc.label:<30} run {rep + 1} {kind:<16} {num(len(sc.data.files) / sample.wall)} img/s "
+                      f"({sample.wall:.2f} s)", flush=True)
+    print(f"\nmetrics cost on ingest (median of {reps} runs each, alternating; metrics on = [metrics] enabled "
+          f"and /metrics scraped every second; {(time.perf_counter() - began) / 60:.1f} min)")
+    print(machine_facts())
+    print(f"{'':<32}{'metrics off':>16}{'metrics on':>16}{'cost':>9}  target < 2%")
+    for sc in scenarios:
+        off, on = (len(sc.data.files) / statistics.median(walls[(sc.key, k)]) for k in kinds)
+        cost = (off - on) / off * 100
+        print(f"{sc.label:<32}{num(off):>10} img/s{num(on):>10} img/s{cost:>8.1f}%  {mark(cost < 2)}")
     return 0
 
 

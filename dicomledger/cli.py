@@ -106,6 +106,19 @@ startup_wait = 60.0
 # address = "192.0.2.20:12112"
 # vkey = "hospital-b.example/dicomledger+1234abcd+AW..."
 # tls_cert = "peers/hospital-b.crt"
+
+# Metrics and health: Prometheus /metrics, /healthz and /readyz over local HTTP, on a port of
+# their own. Off unless enabled (config/gateway.example.toml documents every setting).
+# [metrics]
+# enabled = true
+# host = "127.0.0.1"
+# port = 9112
+
+# Storage Commitment (on by default): a requestor that closes its association before the
+# report gets it on a new association to the address listed here (or its [[destinations]] entry).
+# [[commitment_requestors]]
+# ae_title = "CT_SCANNER_1"
+# address = "192.0.2.40:104"
 """
 
 
@@ -654,13 +667,16 @@ def _signing_options(p: argparse.ArgumentParser, what: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomledger", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="create a gateway directory: config, keys, data folder")
-    p.add_argument("--dir", required=True)
-    p.add_argument("--ae-title", default="DICOMLEDGER")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=11112)
+    p.add_argument("--dir", required=True, help="the new gateway directory (created; must not hold a config)")
+    p.add_argument("--ae-title", default="DICOMLEDGER", help="this gateway's AE title (default DICOMLEDGER)")
+    p.add_argument("--host", default="127.0.0.1", help="DICOM listening address (default 127.0.0.1; "
+                   "0.0.0.0 for the network)")
+    p.add_argument("--port", type=int, default=11112, help="DICOM listening port (default 11112)")
     p.add_argument("--origin", help="log origin name (default: derived from AE title and host name)")
     p.add_argument("--allow", action="append", default=None, metavar="AE",
                    help="calling AE allowed to connect (repeat; default: STORESCU and ECHOSCU)")
@@ -691,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("peers", "show each peer: reachable, last contact, how much of its log we hold, flagged")
     p.add_argument("--evidence", metavar="ORIGIN",
                    help="write the equivocation evidence held against ORIGIN to -o FILE")
-    p.add_argument("-o", "--output", metavar="FILE")
+    p.add_argument("-o", "--output", metavar="FILE", help="where --evidence writes the evidence file")
     p.add_argument("--clear-flag", metavar="ORIGIN",
                    help="clear the equivocation flag on ORIGIN (through the running gateway; a ledger entry)")
     p.add_argument("--reason", help="why the flag is cleared (goes on the ledger; no PHI)")
@@ -717,39 +733,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--issuer", help="issuer key name (default: this gateway, as custodian)")
     _signing_options(p, "grantee")
     p = with_config("revoke", "end grants of a patient (through the running gateway)")
-    p.add_argument("--patient-id", required=True)
+    p.add_argument("--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written")
     p.add_argument("--grant", action="append", metavar="REF", help="a grant ref (8+ hex digits); repeat")
     p.add_argument("--to", metavar="AE[@GATEWAY]", help="end every grant to this grantee")
-    p.add_argument("--reason", default="")
-    p.add_argument("--issuer")
+    p.add_argument("--reason", default="", help="why (free text, no PHI)")
+    p.add_argument("--issuer", help="issuer key name (default: this gateway, as custodian)")
     _signing_options(p, "grantee (when no grant of the patient names it)")
     p = with_config("permissions", "show a patient's effective grants and permission history")
-    p.add_argument("--patient-id", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--patient-id", required=True, help="the Patient ID; only its pseudonym is used")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p = with_config("audit", "list every ledger entry about a patient and/or a study, newest first")
     p.add_argument("--patient-id", help="the Patient ID; only its pseudonym is used or printed")
     p.add_argument("--study", metavar="UID", help="a Study Instance UID; only its pseudonym is used or printed")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p = with_config("prove", "write a self-contained inclusion proof of one entry")
-    p.add_argument("--entry", type=int, required=True)
-    p.add_argument("--origin")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--entry", type=int, required=True, help="the entry's index in its log")
+    p.add_argument("--origin", help="the log holding the entry (default: this gateway's)")
+    p.add_argument("-o", "--output", required=True, help="the proof file to write")
     p = with_config("verify-file", "is this DICOM file's pixel data anchored?")
-    p.add_argument("path")
+    p.add_argument("path", help="the DICOM file to check")
     add_lifecycle_parsers(sub, with_config)
     with_config("rotate-key", "sign this gateway's log with a new key from a key-rotation entry on "
                 "(through the running gateway)")
     p = with_config("replace-key", "replace a lost or stolen key with a quorum of the consortium: "
                     "request (here, stopped), sign (each other gateway), submit (each running gateway), "
                     "install (here, stopped)")
-    p.add_argument("action", choices=("request", "sign", "submit", "install"))
+    p.add_argument("action", choices=("request", "sign", "submit", "install"),
+                   help="the step: request, sign, submit or install")
     p.add_argument("request", metavar="REQUEST", help="the request file (written by request, signed in place)")
     p.add_argument("--reason", help="why the key is replaced (request; goes on the ledger; no PHI)")
     p = sub.add_parser("check-evidence", help="verify an equivocation evidence file offline with a trust file")
-    p.add_argument("evidence")
+    p.add_argument("evidence", help="the evidence file (`peers --evidence` writes one)")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
     p = sub.add_parser("check-proof", help="verify a proof file offline with a trust file")
-    p.add_argument("proof")
+    p.add_argument("proof", help="the proof file (`prove` writes one)")
     p.add_argument("--trust", required=True, help="trust file: verifier keys, one per line, and "
                    "optionally a witness policy (C2SP tlog-policy lines)")
     p.add_argument("--policy", help="a C2SP tlog-policy file (witness keys and quorum) the checkpoint "
@@ -757,6 +774,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (verdict, checkpoint, witnesses, entry) instead of text")
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dicomledger")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _is_data_error(exc: BaseException) -> bool:

@@ -209,6 +209,36 @@ class ScrubConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The local HTTP endpoint for operations: Prometheus /metrics, /healthz, /readyz."""
+
+    host: str
+    port: int
+    # /readyz fails when entries have waited longer than this for a signed checkpoint
+    checkpoint_stale_after: float
+
+
+@dataclass(frozen=True)
+class CommitmentRequestor:
+    """Where a Storage Commitment requestor takes its N-EVENT-REPORT on a new association."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class StorageCommitmentConfig:
+    enabled: bool = True
+    # Each requestor's address for reports its own association no longer can carry (it closed)
+    requestors: tuple[CommitmentRequestor, ...] = ()
+    report_timeout: float = 30.0  # seconds for the requestor to answer the N-EVENT-REPORT (and to connect)
+
+    def requestor(self, ae_title: str) -> CommitmentRequestor | None:
+        return next((r for r in self.requestors if r.ae_title == ae_title), None)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     gateway: GatewayConfig
@@ -224,6 +254,8 @@ class Config:
     erasure: ErasureConfig = ErasureConfig()
     retention: RetentionConfig = RetentionConfig()
     scrub: ScrubConfig = ScrubConfig()
+    metrics: MetricsConfig | None = None  # None: no HTTP endpoint (the default)
+    storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
 
     @property
     def lifecycle_db(self) -> Path:
@@ -310,6 +342,7 @@ def load_config(path: str | Path) -> Config:
     known = {
         "gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers", "witnesses",
         "permissions", "forwarding", "destinations", "routes", "atna", "erasure", "retention", "scrub",
+        "metrics", "storage_commitment", "commitment_requestors",
     }
     for table in raw:
         if table not in known:
@@ -374,7 +407,44 @@ def load_config(path: str | Path) -> Config:
         permissions=_permissions(path, raw), forwarding=_forwarding(path, raw, gateway.ae_title),
         admin_socket=admin_socket, atna=_atna(path, raw, ledger.origin), erasure=_erasure(path, raw),
         retention=_retention(path, raw), scrub=_scrub(path, raw),
+        metrics=_metrics(path, raw, ledger.checkpoint_interval, gateway.port),
+        storage_commitment=_storage_commitment(path, raw),
     )
+
+
+def _metrics(path: Path, raw: dict[str, Any], checkpoint_interval: float, dicom_port: int) -> MetricsConfig | None:
+    sec = _Section(path, "metrics", raw.get("metrics"))
+    enabled = sec.get("enabled", bool, False)
+    config = MetricsConfig(
+        host=sec.get("host", str, "127.0.0.1"),
+        port=sec.int_in("port", 0, 65535, 9112),
+        checkpoint_stale_after=_positive(sec, "checkpoint_stale_after", max(60.0, 10 * checkpoint_interval)),
+    )
+    sec.done()
+    if enabled and config.port == dicom_port and config.port != 0:
+        raise sec._fail("port", f"is the DICOM port ({dicom_port}); the metrics endpoint needs a port of its own")
+    if config.checkpoint_stale_after < checkpoint_interval:
+        raise sec._fail("checkpoint_stale_after", f"must be at least ledger.checkpoint_interval ({checkpoint_interval:g} s)")
+    return config if enabled else None
+
+
+def _storage_commitment(path: Path, raw: dict[str, Any]) -> StorageCommitmentConfig:
+    sec = _Section(path, "storage_commitment", raw.get("storage_commitment"))
+    enabled = sec.get("enabled", bool, True)
+    timeout = _positive(sec, "report_timeout", 30.0)
+    sec.done()
+    requestors = []
+    for i, item in enumerate(_tables(path, raw, "commitment_requestors")):
+        req = _Section(path, f"commitment_requestors[{i}]", item)
+        host, _, port = req.get("address", str).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise req._fail("address", "must be host:port of the requestor's own DICOM listener, e.g. 192.0.2.40:104")
+        requestors.append(CommitmentRequestor(req.ae_title("ae_title", req.get("ae_title", str)), host.strip("[]"),
+                                              int(port)))
+        req.done()
+    if len({r.ae_title for r in requestors}) != len(requestors):
+        raise ConfigError(f"{path}: the same ae_title is listed twice under [[commitment_requestors]]")
+    return StorageCommitmentConfig(enabled=enabled, requestors=tuple(requestors), report_timeout=timeout)
 
 
 def _atna(path: Path, raw: dict[str, Any], origin: str) -> AtnaConfig | None:

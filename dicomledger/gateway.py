@@ -29,6 +29,7 @@ from pydicom import config as pydicom_config
 from dicomledger import logs
 from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
+from dicomledger.commitment import StorageCommitment
 from dicomledger.config import Config
 from dicomledger.consent import ConsentForwarding
 from dicomledger.daemon import notify
@@ -52,12 +53,15 @@ from dicomledger.dicom.instance import (
     read_instance_header,
 )
 from dicomledger.dicom.net import DicomServer, StoreRequest
+from dicomledger.dicom.net.commitment import CommitmentService
 from dicomledger.dicom.net.dimse import (
     CANNOT_UNDERSTAND,
+    N_ACTION_RQ,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     SUCCESS,
 )
+from dicomledger.dicom.net.operation import Service
 from dicomledger.dicom.pixelhash import InstanceHashes, PixelHashError, hash_instance_file
 from dicomledger.dicom.store import FileStore, StoreError
 from dicomledger.forwarding import Forwarder, ForwardItem, ForwardQueue, ForwardQueueError
@@ -81,6 +85,7 @@ from dicomledger.ledger.pseudonym import pseudonym, secret_check
 from dicomledger.ledger.rotation import own_key_check, resume_rotation, statement_file
 from dicomledger.ledger.tip import OwnTip, local_tip_accepted_payload
 from dicomledger.lifecycle import Lifecycle
+from dicomledger.metrics import IngestMetrics, MetricsServer
 from dicomledger.retrieval import QueryRetrieve
 
 log = structlog.get_logger("dicomledger.gateway")
@@ -317,6 +322,12 @@ class Gateway:
         self._ingest_pool = ThreadPoolExecutor(8, thread_name_prefix="ingest")
         self._checkpointer: asyncio.Task[None] | None = None
         self._checkpoint_size = -1
+        self._checkpoint_signed_at: float | None = None  # monotonic; None: none signed yet by this process
+        self._started_at = time.monotonic()
+        # C-STORE counters for the metrics endpoint: None (nothing counted) when it is off
+        self.ingest_metrics = IngestMetrics() if config.metrics is not None else None
+        self.metrics_server: MetricsServer | None = None
+        self.commitment: StorageCommitment | None = None
 
     async def start(self, stop: asyncio.Event | None = None) -> None:
         """Open everything and start serving. Nothing is appended to the ledger before
@@ -392,6 +403,17 @@ class Gateway:
             book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
             origin=self.identity.origin, destinations=cfg.forwarding, audit=self.audit,
         )
+        services: dict[int, Service] = {}
+        sc = cfg.storage_commitment
+        if sc.enabled:
+            self.commitment = StorageCommitment(
+                sc, ae_title=g.ae_title, index=self.index, storage_dir=cfg.storage.directory, writer=self.writer,
+                destinations={d.ae_title: (d.host, d.port) for d in cfg.forwarding.destinations}
+                if cfg.forwarding is not None else {},
+                metrics=self.ingest_metrics,
+            )
+            services[N_ACTION_RQ] = CommitmentService(self.commitment.decide, self.commitment.deliver_elsewhere,
+                                                      sc.report_timeout)
         self.server = DicomServer(
             ae_title=g.ae_title,
             host=g.host,
@@ -405,12 +427,20 @@ class Gateway:
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
             on_refused=self.audit.association_refused,
+            services=services,
         )
         try:
             await self.server.start()
         except OSError as exc:
             raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
+        if cfg.metrics is not None:
+            assert self.ingest_metrics is not None
+            self.metrics_server = MetricsServer(cfg.metrics, self, self.ingest_metrics)
+            try:
+                await self.metrics_server.start()
+            except OSError as exc:
+                raise _listener_failed("metrics endpoint", cfg.metrics.host, cfg.metrics.port, exc) from None
         if missing := missing_lossless_decoders():
             log.warning("no decoder installed for these lossless transfer syntaxes: their instances are stored, "
                         "anchored and served by their bytes as received, without a decoded-pixel hash "
@@ -479,8 +509,12 @@ class Gateway:
                         entry=entry.index, vkey=self.identity.vkey)
 
     async def stop(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if self.server is not None:
             await self.server.stop()  # in-flight stores finish and are answered
+        if self.commitment is not None:
+            await self.commitment.stop()
         self._ingest_pool.shutdown(wait=False)
         if self.admin is not None:
             await self.admin.stop()
@@ -513,8 +547,19 @@ class Gateway:
         assert self.writer is not None
         if self.writer.size != self._checkpoint_size:
             self._checkpoint_size, _ = await self.writer.sign_checkpoint()
+            self._checkpoint_signed_at = time.monotonic()
             if self.peers is not None:
                 self.peers.checkpoint_signed()
+
+    def checkpoint_age(self) -> float:
+        """Seconds since this process last signed a checkpoint (since start if it has not yet)."""
+        return time.monotonic() - (self._checkpoint_signed_at or self._started_at)
+
+    def unsigned_entries(self) -> int:
+        """Entries of the own log that no checkpoint this process signed covers yet."""
+        if self.writer is None:
+            return 0
+        return max(0, self.writer.size - max(self._checkpoint_size, 0))
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -579,6 +624,9 @@ class Gateway:
         else:
             status, outcome = SUCCESS, result.describe()
             self.audit.instance_received(request.calling_ae, request.peer, request.sop_class_uid, header)
+        elapsed = time.perf_counter() - started
+        if self.ingest_metrics is not None:
+            self.ingest_metrics.stored(status, elapsed, size)
         (log.info if status == SUCCESS else log.error)(
             "c-store",
             calling_ae=request.calling_ae,
@@ -589,7 +637,7 @@ class Gateway:
             hash=hashes.sha256.hex()[:16] if hashes else None,
             hash_method=hashes.method if hashes else None,
             parse=read.parser if read else None,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=round(elapsed * 1000, 2),
             status=f"0x{status:04X}",
             outcome=outcome,
         )

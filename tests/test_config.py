@@ -70,3 +70,45 @@ def test_cli_refuses_a_world_readable_key(tmp_path):
     key.chmod(0o644)
     result = dicomledger("verify", "--config", str(tmp_path / "gw" / "config.toml"))
     assert result.returncode == 2 and "chmod 600" in result.stderr
+
+
+def _uncommented(block_start: str, block_end: str) -> str:
+    """The example config's commented block from ``block_start`` up to ``block_end``, uncommented."""
+    text = EXAMPLE.read_text()
+    block = text[text.index(block_start):text.index(block_end)]
+    return "\n".join(ln[2:] for ln in block.splitlines()
+                     if ln.startswith("# [") or (ln.startswith("# ") and " = " in ln.split("#")[1]))
+
+
+def test_the_example_config_documents_metrics_and_storage_commitment(tmp_path):
+    """Uncommented, the [metrics], [storage_commitment] and [[commitment_requestors]] blocks load
+    and name every setting (issue 14 items 2 and 3)."""
+    from dicomledger.config import CommitmentRequestor, MetricsConfig, StorageCommitmentConfig
+
+    block = _uncommented("# [metrics]\n", "# ATNA audit trail")
+    path = write(tmp_path, EXAMPLE.read_text() + "\n" + block + "\n")
+    cfg = load_config(path)
+    assert cfg.metrics == MetricsConfig(host="127.0.0.1", port=9112, checkpoint_stale_after=60.0)
+    assert cfg.storage_commitment == StorageCommitmentConfig(
+        enabled=True, requestors=(CommitmentRequestor("CT_SCANNER_1", "192.0.2.40", 104),), report_timeout=30.0)
+    documented = {ln.split(" = ")[0] for ln in block.splitlines() if " = " in ln}
+    settings = (set(MetricsConfig.__dataclass_fields__) | {"enabled"}) | (
+        set(StorageCommitmentConfig.__dataclass_fields__) - {"requestors"}) | {"ae_title", "address"}
+    assert settings <= documented, settings - documented
+
+
+def test_metrics_and_commitment_settings_are_checked(tmp_path):
+    base = EXAMPLE.read_text()
+    assert load_config(write(tmp_path, base)).metrics is None  # off by default
+    assert load_config(write(tmp_path, base)).storage_commitment.enabled
+    for extra, message in [
+        ("[metrics]\nenabled = true\nport = 11112\n", "metrics.port is the DICOM port"),
+        ("[metrics]\nenabled = true\nchekpoint_stale_after = 5\n", "chekpoint_stale_after is not a known setting"),
+        ("[metrics]\nenabled = true\ncheckpoint_stale_after = 0.5\n", "must be at least ledger.checkpoint_interval"),
+        ('[[commitment_requestors]]\nae_title = "CT"\naddress = "nowhere"\n', "address must be host:port"),
+        ('[[commitment_requestors]]\nae_title = "CT"\naddress = "h:1"\n[[commitment_requestors]]\n'
+         'ae_title = "CT"\naddress = "h:2"\n', "listed twice"),
+        ("[storage_commitment]\nreport_timeout = 0\n", "report_timeout must be a positive number"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, base + "\n" + extra))

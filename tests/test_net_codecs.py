@@ -537,3 +537,51 @@ def test_fuzz_associate_rq(data: st.DataObject) -> None:
     except AssociateRqError:
         return
     assert isinstance(answer, (Accepted, Rejected))
+
+
+# --- Storage Commitment: N-ACTION-RSP and N-EVENT-REPORT-RQ as pynetdicom writes them ----------
+
+COMMITMENT_CLASS, COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.1.1"
+
+
+@pytest.mark.parametrize("status, comment", [(0x0000, None), (0x0110, "cannot decide"), (0x0123, None)])
+@pytest.mark.parametrize("max_pdu", [0, 16384, 40])
+def test_n_action_rsp_is_byte_identical_to_pynetdicom(status: int, comment: str | None, max_pdu: int) -> None:
+    from pynetdicom.dimse_messages import N_ACTION_RSP
+    from pynetdicom.dimse_primitives import N_ACTION
+
+    primitive = N_ACTION()
+    primitive.MessageIDBeingRespondedTo = 77
+    primitive.AffectedSOPClassUID = COMMITMENT_CLASS
+    primitive.AffectedSOPInstanceUID = COMMITMENT_INSTANCE
+    primitive.Status = status
+    if status == 0:
+        primitive.ActionTypeID = 1
+    if comment:
+        primitive.ErrorComment = comment
+    theirs = pynetdicom_pdus(N_ACTION_RSP(), primitive, 7, max_pdu)
+    ours = pdu.p_data(7, dimse.n_action_response(77, COMMITMENT_CLASS.encode(), COMMITMENT_INSTANCE.encode(), status,
+                                                 1 if status == 0 else None, comment),
+                      command=True, max_pdu_length=max_pdu)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("event_type", [1, 2])
+def test_n_event_report_rq_is_byte_identical_to_pynetdicom(event_type: int) -> None:
+    from pynetdicom.dimse_messages import N_EVENT_REPORT_RQ
+    from pynetdicom.dimse_primitives import N_EVENT_REPORT
+
+    info = Dataset()
+    info.TransactionUID = "1.2.3.4.5.6"
+    data = encode(info, True, True)
+    primitive = N_EVENT_REPORT()
+    primitive.MessageID = 3
+    primitive.AffectedSOPClassUID = COMMITMENT_CLASS
+    primitive.AffectedSOPInstanceUID = COMMITMENT_INSTANCE
+    primitive.EventTypeID = event_type
+    primitive.EventInformation = io.BytesIO(data)
+    theirs = pynetdicom_pdus(N_EVENT_REPORT_RQ(), primitive, 9, 16384)
+    ours = pdu.p_data(9, dimse.n_event_report_request(3, COMMITMENT_CLASS.encode(), COMMITMENT_INSTANCE.encode(),
+                                                      event_type), command=True, max_pdu_length=16384)
+    ours += pdu.p_data(9, data, command=False, max_pdu_length=16384)
+    assert ours == theirs

@@ -50,8 +50,11 @@ FORWARDS_QUEUED = "forwards-queued"  # a grant queued a patient's stored instanc
 ERASED = "erased"
 KEY_ROTATION = "key-rotation"  # the log's signing key changes (rotate-key; keychain.py)
 KEY_REPLACEMENT = "key-replacement"  # a lost or stolen key replaced by a consortium quorum (keychain.py)
+# a Storage Commitment report: how many instances were committed to which requestor (no UIDs)
+STORAGE_COMMITTED = "storage-committed"
 KINDS = frozenset(
     {
+        STORAGE_COMMITTED,
         IMAGE_ANCHORED,
         GRANT,
         REVOKE,

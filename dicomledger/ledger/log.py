@@ -29,6 +29,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -802,6 +803,8 @@ class LogWriter(_ThreadWriter):
         self._last_time = 0
         self.chain = KeyChain(identity.origin, identity.public_key)  # as committed
         self._tip: tuple[int, Identity] = (0, identity)  # replaced in one assignment: read together
+        # Entries committed by this process, by kind (for the metrics endpoint): updated on the loop
+        self.appended_kinds: Counter[str] = Counter()
 
     @property
     def size(self) -> int:
@@ -832,6 +835,11 @@ class LogWriter(_ThreadWriter):
         self._last_time = decode_entry(last).time_ms if last is not None else 0
         self.chain = self._chain(self._origin_id, self.identity.origin, self._first_key)
         self._tip = (self._tree.size, self.identity)
+
+    @property
+    def running(self) -> bool:
+        """Started, and its commit loop has not ended (a stopped or crashed writer appends nothing)."""
+        return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
         """Finish everything queued, then stop."""
@@ -918,6 +926,8 @@ class LogWriter(_ThreadWriter):
                     if isinstance(result, BaseException):
                         pending.future.set_exception(result)
                     else:
+                        if isinstance(result, Appended):
+                            self.appended_kinds[pending.kind] += 1
                         pending.future.set_result(result)
             finally:
                 for _ in batch:

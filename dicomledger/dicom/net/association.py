@@ -43,6 +43,10 @@ SERVICE_NAMES = {
 }
 
 
+# How an association ended, for DicomServer.outcomes ("ended" of its log line; none: we aborted it)
+OUTCOMES = {"released": "released", "aborted by the peer": "aborted_by_peer", "connection closed": "connection_lost"}
+
+
 class State(enum.Enum):
     AWAITING_RQ = "Sta2"
     ESTABLISHED = "Sta6"
@@ -208,6 +212,7 @@ class Association(asyncio.Protocol):
         if isinstance(answer, Rejected):  # (logged first: the line is there when the peer reads)
             log.warning("association refused", reason=answer.reason, calling_ae=answer.calling_ae,
                         called_ae=answer.called_ae, peer=self.address)
+            server.outcomes["refused"] += 1
             server.association_refused(RefusedAssociation(
                 answer.calling_ae, answer.called_ae, self.address.rsplit(":", 1)[0], answer.reason,
                 unauthorised=not answer.transient))
@@ -228,6 +233,8 @@ class Association(asyncio.Protocol):
         if self.busy is not None:  # answer the operation first (PS3.8 Sta8 may still send P-DATA)
             self._release_deferred = True
             self._reader.halt()
+            if self.busy.responses is not None:  # a peer that releases answers no request of ours
+                self.busy.responses.put_nowait(None)
             return
         self._end("association", ended="released")
         self._write(pdu.A_RELEASE_RP_PDU)
@@ -268,9 +275,10 @@ class Association(asyncio.Protocol):
         self._arm(self._loop.time() + self._server.artim_timeout)
 
     def _end(self, event: str, **fields: object) -> None:
-        """The one log line of an association's end."""
+        """The one log line of an association's end (and its count by outcome)."""
         if self.state is State.ESTABLISHED:
             self._server.association_ended(self)
+            self._server.outcomes[OUTCOMES.get(str(fields.get("ended")), "aborted")] += 1
         level = log.warning if "aborted" in event else log.info
         level(event, calling_ae=self.peer.calling_ae, peer=self.address, stores=self.stores,
               failures=self.failures, duration_ms=round((self._loop.time() - self.opened) * 1000, 1),

@@ -19,6 +19,8 @@ C_FIND_RQ, C_FIND_RSP = 0x0020, 0x8020
 C_MOVE_RQ, C_MOVE_RSP = 0x0021, 0x8021
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 C_CANCEL_RQ = 0x0FFF
+N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP = 0x0100, 0x8100
+N_ACTION_RQ, N_ACTION_RSP = 0x0130, 0x8130
 N_REQUESTS = (0x0100, 0x0110, 0x0120, 0x0130, 0x0140, 0x0150)  # N-EVENT-REPORT .. N-DELETE
 REQUESTS = frozenset((C_STORE_RQ, C_GET_RQ, C_FIND_RQ, C_MOVE_RQ, C_ECHO_RQ, *N_REQUESTS))
 RESPONSE_BIT = 0x8000
@@ -35,6 +37,9 @@ COMMAND_DATA_SET_TYPE = 0x0800
 STATUS = 0x0900
 ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE_UID = 0x1000
+REQUESTED_SOP_INSTANCE_UID = 0x1001
+EVENT_TYPE_ID = 0x1002
+ACTION_TYPE_ID = 0x1008
 NUMBER_OF_REMAINING_SUBOPERATIONS = 0x1020
 NUMBER_OF_COMPLETED_SUBOPERATIONS = 0x1021
 NUMBER_OF_FAILED_SUBOPERATIONS = 0x1022
@@ -242,6 +247,35 @@ def failure_response(request: Command, status: int, comment: str | None = None) 
         + (_lo(ERROR_COMMENT, comment) if comment else b"")
         + (_ui(AFFECTED_SOP_INSTANCE_UID, sop_instance)
            if sop_instance and len(sop_instance) <= MAX_UID_LENGTH else b"")
+    )
+
+
+def n_action_response(message_id: int, sop_class_uid: bytes, sop_instance_uid: bytes, status: int,
+                      action_type_id: int | None = None, comment: str | None = None) -> bytes:
+    """N-ACTION-RSP (PS3.7 10.3.4.2) without an Action Reply. UIDs as received (unpadded);
+    the Action Type ID is echoed on success, as pynetdicom does."""
+    return _group(
+        _ui(AFFECTED_SOP_CLASS_UID, sop_class_uid)
+        + _US.pack(0, COMMAND_FIELD, 2, N_ACTION_RSP)
+        + _US.pack(0, MESSAGE_ID_BEING_RESPONDED_TO, 2, message_id)
+        + _NO_DATA_SET
+        + _US.pack(0, STATUS, 2, status)
+        + (_lo(ERROR_COMMENT, comment) if comment else b"")
+        + _ui(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid)
+        + (_US.pack(0, ACTION_TYPE_ID, 2, action_type_id) if action_type_id is not None else b"")
+    )
+
+
+def n_event_report_request(message_id: int, sop_class_uid: bytes, sop_instance_uid: bytes, event_type_id: int,
+                           *, has_data_set: bool = True) -> bytes:
+    """N-EVENT-REPORT-RQ (PS3.7 10.3.1.1); the Event Information follows as the data set."""
+    return _group(
+        _ui(AFFECTED_SOP_CLASS_UID, sop_class_uid)
+        + _US.pack(0, COMMAND_FIELD, 2, N_EVENT_REPORT_RQ)
+        + _US.pack(0, MESSAGE_ID, 2, message_id)
+        + (_WITH_DATA_SET if has_data_set else _NO_DATA_SET)
+        + _ui(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid)
+        + _US.pack(0, EVENT_TYPE_ID, 2, event_type_id)
     )
 
 

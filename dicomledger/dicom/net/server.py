@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import os
 import resource
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -103,6 +104,9 @@ class DicomServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._names = itertools.count(1)
         self.associations = 0
+        # Associations by how they ended: released, aborted (by us), aborted_by_peer,
+        # connection_lost, refused (the metrics endpoint reads it)
+        self.outcomes: Counter[str] = Counter()
         self.stopping = False  # stop() was called: no new association or operation
 
     async def start(self) -> None:
@@ -138,6 +142,11 @@ class DicomServer:
             await asyncio.wait(set(self._tasks), timeout=5)
         self.negotiation_pool.shutdown(wait=False, cancel_futures=True)
         await server.wait_closed()
+
+    @property
+    def listening(self) -> bool:
+        """The DICOM port is bound and new associations are taken."""
+        return self._server is not None and not self.stopping
 
     @property
     def connections(self) -> int:
