@@ -803,7 +803,8 @@ class LogWriter(_ThreadWriter):
         self._last_time = 0
         self.chain = KeyChain(identity.origin, identity.public_key)  # as committed
         self._tip: tuple[int, Identity] = (0, identity)  # replaced in one assignment: read together
-        # Entries committed by this process, by kind (for the metrics endpoint): updated on the loop
+        # Entries committed by this process, by kind (for the metrics endpoint): updated under
+        # the commit lock, read with single lookups (atomic under the GIL)
         self.appended_kinds: Counter[str] = Counter()
 
     @property
@@ -926,8 +927,6 @@ class LogWriter(_ThreadWriter):
                     if isinstance(result, BaseException):
                         pending.future.set_exception(result)
                     else:
-                        if isinstance(result, Appended):
-                            self.appended_kinds[pending.kind] += 1
                         pending.future.set_result(result)
             finally:
                 for _ in batch:
@@ -1030,6 +1029,9 @@ class LogWriter(_ThreadWriter):
         self._tree, self._last_leaf, self._last_time = tree, last_leaf, last_time
         self.identity, self.chain = identity, chain
         self._tip = (tree.size, identity)
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, Appended):
+                self.appended_kinds[pending.kind] += 1
         self._after(batch, results)
         return results
 
