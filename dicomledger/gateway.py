@@ -81,6 +81,7 @@ from dicomledger.ledger.rotation import own_key_check, resume_rotation, statemen
 from dicomledger.ledger.tip import OwnTip, local_tip_accepted_payload
 from dicomledger.lifecycle import Lifecycle
 from dicomledger.retrieval import QueryRetrieve
+from dicomledger.tls import TlsSetupError, destination_context, listener_context
 
 log = structlog.get_logger("dicomledger.gateway")
 
@@ -390,6 +391,12 @@ class Gateway:
             book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
             origin=self.identity.origin, destinations=cfg.forwarding, audit=self.audit,
         )
+        try:  # unusable certificate files stop the start, before anything listens
+            tls = listener_context(cfg.tls) if cfg.tls is not None else None
+            for dest in cfg.forwarding.destinations if cfg.forwarding is not None else ():
+                destination_context(dest)
+        except TlsSetupError as exc:
+            raise StartupError(str(exc)) from None
         self.server = DicomServer(
             ae_title=g.ae_title,
             host=g.host,
@@ -403,11 +410,15 @@ class Gateway:
             accept_unknown_sop_classes=g.accept_unknown_sop_classes,
             query_retrieve=query_retrieve,
             on_refused=self.audit.association_refused,
+            tls=tls,
+            tls_port=cfg.tls.port if cfg.tls is not None else None,
+            ae_bindings={b.calling_ae: b for b in cfg.ae_bindings},
+            on_tls_refused=partial(self.audit.tls_refused, "DICOM listener"),
         )
         try:
             await self.server.start()
         except OSError as exc:
-            raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
+            raise _listener_failed("DICOM listener", g.host, self.server.failed_port or g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
         if missing := missing_lossless_decoders():
             log.warning("no decoder installed for these lossless transfer syntaxes: their instances are stored, "
