@@ -48,7 +48,7 @@ def _alt_names(names: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(general)
 
 
-def _write_key(path: Path, key: rsa.RSAPrivateKey) -> None:
+def write_key(path: Path, key: rsa.RSAPrivateKey) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -56,15 +56,15 @@ def _write_key(path: Path, key: rsa.RSAPrivateKey) -> None:
                                   serialization.NoEncryption()))
 
 
-def _write_cert(path: Path, cert: x509.Certificate) -> None:
+def write_cert(path: Path, cert: x509.Certificate) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def issue(ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, common_name: str, names: list[str],
-          *, server: bool) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    """A leaf certificate for a server (``names``: its host names and addresses) or a client."""
+def issue(ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, common_name: str,
+          names: list[str]) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    """A leaf certificate; ``names``: its host names and addresses (subject alternative names)."""
     key = _key()
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -79,8 +79,9 @@ def issue(ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, common_name: str
         .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, content_commitment=False,
                                      data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                      crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        # both: a DICOM node is often server and client (a workstation receives its C-MOVEs)
         .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     if names:
@@ -114,14 +115,14 @@ def create_test_pki(directory: Path, *, site: str, server_names: list[str], clie
     ``directory``; the CA's key is kept so an operator can issue certificates for modalities."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_key, ca_cert = create_test_ca(f"{site} test DICOM CA")
-    server_key, server_cert = issue(ca_key, ca_cert, server_names[0], server_names, server=True)
-    client_key, client_cert = issue(ca_key, ca_cert, client_name, [client_name], server=False)
+    server_key, server_cert = issue(ca_key, ca_cert, server_names[0], server_names)
+    client_key, client_cert = issue(ca_key, ca_cert, client_name, [client_name])
     pki = TestPki(directory / "ca.crt", directory / "server.crt", directory / "server.key",
                   directory / "client.crt", directory / "client.key")
-    _write_key(directory / "ca.key", ca_key)
-    _write_cert(pki.ca_cert, ca_cert)
-    _write_key(pki.server_key, server_key)
-    _write_cert(pki.server_cert, server_cert)
-    _write_key(pki.client_key, client_key)
-    _write_cert(pki.client_cert, client_cert)
+    write_key(directory / "ca.key", ca_key)
+    write_cert(pki.ca_cert, ca_cert)
+    write_key(pki.server_key, server_key)
+    write_cert(pki.server_cert, server_cert)
+    write_key(pki.client_key, client_key)
+    write_cert(pki.client_cert, client_cert)
     return pki
