@@ -39,11 +39,11 @@ import structlog
 from dicomledger.atna import AuditSink, SentInstance
 from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.scu import Destination, StoreSCU
-from dicomledger.tls import destination_context
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.sqlite_thread import ThreadedSqlite
+from dicomledger.tls import destination_context
 
 log = structlog.get_logger("dicomledger.forwarding")
 

@@ -37,7 +37,6 @@ from tests import dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, dcmtk, free_port
 from tests.netharness import NetServer
 from tests.test_consortium import wait_until
-from tests.test_forwarding import entries_of_kind
 
 ALLOWED = ("STORESCU", "ECHOSCU", "WS1", "BOUND", "NAMED", "FROMNET")
 

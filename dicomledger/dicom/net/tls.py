@@ -128,6 +128,8 @@ class AeBinding:
                 source = ipaddress.ip_address(host)
             except ValueError:
                 return f"calling AE {self.calling_ae} is bound to source addresses; {host} is not an IP address"
+            if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
+                source = source.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
             if not any(source in network for network in self.addresses):
                 return f"calling AE {self.calling_ae} is bound to other source addresses than {host}"
         return None
