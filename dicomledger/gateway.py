@@ -428,6 +428,7 @@ class Gateway:
             "gateway started",
             ae_title=g.ae_title,
             address=f"{g.host}:{self.server.port}",
+            tls_address=f"{g.host}:{self.server.tls_port}" if self.server.tls_port is not None else None,
             origin=self.identity.origin,
             ledger_size=self.writer.size,
             vkey=self.identity.vkey,
