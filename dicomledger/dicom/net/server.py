@@ -221,6 +221,12 @@ class DicomServer:
         return binding.refusal(assoc.tls_peer, assoc.over_tls, assoc.address.rsplit(":", 1)[0])
 
     def handshake_started(self, transport: asyncio.Transport) -> None:
+        if len(self._handshakes) >= self.max_waiting:  # as connections that send no A-ASSOCIATE-RQ
+            peername = transport.get_extra_info("peername")
+            log.warning("connection closed", peer=f"{peername[0]}:{peername[1]}" if peername else "?",
+                        reason=f"{self.max_waiting} TLS handshakes already in progress")
+            transport.abort()
+            return
         task = self.loop.create_task(self._handshake(transport))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -238,9 +244,13 @@ class DicomServer:
         except asyncio.CancelledError:
             transport.abort()
             raise
-        except Exception as exc:  # SSLError, a reset, the handshake timeout: all refusals
+        except Exception as exc:  # SSLError, a reset, the handshake timeout
             reason = handshake_failure(exc)
             transport.abort()
+            if isinstance(exc, ConnectionError) and not isinstance(exc, ssl.SSLError) and not early.received:
+                # closed (or silent until the ARTIM time) without a TLS error: a port probe, not a refusal
+                log.info("connection closed", peer=address, reason=f"during the TLS handshake ({reason})")
+                return
             log.warning("tls handshake refused", peer=address, reason=reason)
             if self._on_tls_refused is not None:
                 try:
