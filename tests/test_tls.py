@@ -13,6 +13,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,10 @@ from dicomledger.dicom.net.tls import client_context, server_context
 from dicomledger.tls_pki import create_test_pki, issue, write_cert, write_key
 from tests import dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, dcmtk, free_port
-from tests.netharness import NetServer
+from tests.netharness import NetServer, captured_logs, events
 from tests.test_consortium import wait_until
+
+captured_logs_for_test = contextmanager(captured_logs)
 
 ALLOWED = ("STORESCU", "ECHOSCU", "WS1", "BOUND", "NAMED", "FROMNET")
 
@@ -387,3 +390,21 @@ def test_tls_config_mistakes_are_named(site, tmp_path):
     path.write_text(base.replace('mode = "alongside"', 'mode = "sideways"'))
     with pytest.raises(ConfigError, match="tls.mode"):
         load_config(path)
+
+
+def test_a_port_probe_is_a_closed_connection_not_a_refusal(tmp_path):
+    """A load balancer's TCP check connects and closes: logged as closed, no Security Alert."""
+    pki = create_test_pki(tmp_path / "pki", site="t", server_names=["localhost"], client_name="m.test")
+    context = server_context(pki.server_cert, pki.server_key, pki.ca_cert, require_client_certificate=True)
+    refused: list[tuple[str, str]] = []
+    with captured_logs_for_test() as logs, NetServer(
+            tmp_path, tls=context, on_tls_refused=lambda address, reason: refused.append((address, reason))) as server:
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        wait_until(lambda: events(logs, "connection closed"), timeout=10, what="the probe's line")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"\x16\x03\x01\x00\x05hello")  # a broken ClientHello: a refusal
+            wait_until(lambda: refused, timeout=10, what="the refusal")
+    (closed,) = events(logs, "connection closed")
+    assert "during the TLS handshake" in closed["reason"] and closed["peer"].startswith("127.0.0.1:")
+    (line,) = events(logs, "tls handshake refused")
+    assert refused == [(line["peer"], line["reason"])]
