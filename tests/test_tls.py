@@ -408,3 +408,29 @@ def test_a_port_probe_is_a_closed_connection_not_a_refusal(tmp_path):
     assert "during the TLS handshake" in closed["reason"] and closed["peer"].startswith("127.0.0.1:")
     (line,) = events(logs, "tls handshake refused")
     assert refused == [(line["peer"], line["reason"])]
+
+
+def test_the_example_config_documents_every_tls_setting(tmp_path):
+    """Uncommented, config/gateway.example.toml's [tls], [[ae_bindings]] and destination TLS
+    lines load, and name every setting."""
+    example = (Path(__file__).resolve().parent.parent / "config" / "gateway.example.toml").read_text()
+
+    def block(start: str) -> list[str]:
+        lines = example.partition(start)[2].split("\n\n")[0].splitlines()
+        return [ln[2:] for ln in lines if ln.startswith("# ") and " = " in ln.split("#")[1]]
+
+    tls, binding = block("# [tls]\n"), block("# [[ae_bindings]]\n")
+    destination = [ln for ln in block("# [[destinations]]\n") if ln.startswith(("ae_title", "address", "tls"))]
+    path = tmp_path / "config.toml"
+    path.write_text(example + "\n[tls]\n" + "\n".join(tls) + "\n\n[[ae_bindings]]\n" + "\n".join(binding)
+                    + "\n\n[[destinations]]\n" + "\n".join(destination) + "\n")
+    config = load_config(path)
+    assert config.tls is not None and config.tls.port == 2762 and config.tls.require_client_certificate
+    (bound,) = config.ae_bindings
+    assert bound.calling_ae == "CT_SCANNER1" and bound.needs_tls and len(bound.addresses) == 2
+    assert config.forwarding is not None and config.forwarding.destinations[0].tls is not None
+    documented = {ln.split(" = ")[0] for ln in tls + binding + destination}
+    settings = {"mode", "port", "certificate", "key", "ca_file", "require_client_certificate",
+                "calling_ae", "certificate_sha256", "certificate_name", "addresses",
+                "tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name"}
+    assert settings <= documented, settings - documented
