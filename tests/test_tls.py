@@ -37,6 +37,7 @@ from dicomledger.tls_pki import create_test_pki, issue, write_cert, write_key
 from tests import dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, dcmtk, free_port
 from tests.netharness import NetServer, captured_logs, events
+from tests.syslogd import Rsyslog, event_name
 from tests.test_consortium import wait_until
 
 captured_logs_for_test = contextmanager(captured_logs)
@@ -434,3 +435,41 @@ def test_the_example_config_documents_every_tls_setting(tmp_path):
                 "calling_ae", "certificate_sha256", "certificate_name", "addresses",
                 "tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name"}
     assert settings <= documented, settings - documented
+
+
+def test_tls_only_gateway_audits_refused_handshakes_and_bindings(tmp_path):
+    """`init --tls-only`: gateway.port speaks TLS only; a handshake without a client certificate
+    and an AE bound to another source address each reach the audit repository as a Security
+    Alert (Node Authentication) naming the reason."""
+    syslog = Rsyslog(tmp_path / "syslog")
+    syslog.start()
+    try:
+        gw = GatewayProcess(tmp_path / "gw", init_args=("--tls-only",))
+        keys = gw.dir / "keys" / "tls"
+        with open(gw.config, "a") as f:
+            f.write('\n[[ae_bindings]]\ncalling_ae = "ECHOSCU"\naddresses = ["192.0.2.7"]\n')
+            f.write(syslog.atna_section("tls"))
+        assert load_config(gw.config).tls.port is None  # type: ignore[union-attr]
+        gw.start()
+        try:
+            tls = tls_opts(keys / "client.key", keys / "client.crt", keys / "ca.crt")
+            stored = gw.storescu(*dicomdata.make_mr_series(tmp_path / "mr", 1, seed="tls-only"), options=tuple(tls))
+            assert stored.returncode == 0, stored.stdout + stored.stderr
+            assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "mr2", 1, seed="tls-only-2")).returncode != 0
+            assert dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", gw.ae_title, "+tla", "+cf", str(keys / "ca.crt"),
+                         "127.0.0.1", str(gw.port)).returncode != 0
+            assert dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", gw.ae_title, *tls, "127.0.0.1", str(gw.port)).returncode != 0
+
+            def alerts(messages: list[dict]) -> list[str]:
+                return [str(x["body"]) for x in messages if event_name(x["body"]) == "Security Alert: Node Authentication"]
+
+            messages = syslog.wait_for(lambda ms: len(alerts(ms)) >= 3, what="three Security Alerts")
+        finally:
+            assert gw.stop() == 0
+    finally:
+        syslog.stop()
+    found = alerts(messages)
+    assert sum("TLS handshake refused on the DICOM listener" in a and "not a TLS handshake" in a for a in found) == 1
+    assert sum("TLS handshake refused on the DICOM listener" in a and "did not return a certificate" in a for a in found) == 1
+    assert sum("other source addresses than 127.0.0.1" in a for a in found) == 1
+    assert len(log_events(gw, "tls handshake refused")) == 2 and len(log_events(gw, "association refused")) == 1
