@@ -122,6 +122,29 @@ startup_wait = 60.0
 """
 
 
+TLS_TEMPLATE = """
+[tls]
+# DICOM TLS (PS3.15 Annex B, BCP 195: TLS 1.2+, AEAD suites). Made by `init --tls` with a
+# self-signed test CA (keys/tls/ca.key issues more certificates); a hospital uses its own CA.
+# mode = "alongside": TLS on `port` and plain TCP on gateway.port; "only": gateway.port is TLS.
+mode = "{mode}"
+{port_line}certificate = "keys/tls/server.crt"
+key = "keys/tls/server.key"
+# CAs that vouch for client certificates; without a valid one the handshake is refused.
+ca_file = "keys/tls/ca.crt"
+require_client_certificate = true
+
+# Bind a calling AE title to its certificate (and/or source addresses): an association that
+# claims it is refused unless it came over TLS with that certificate. The test client
+# certificate (keys/tls/client.crt, CN {client_name}) has this fingerprint:
+# [[ae_bindings]]
+# calling_ae = "{first_ae}"
+# certificate_sha256 = "{client_sha256}"
+# certificate_name = "{client_name}"     # CN or subject alternative name, under ca_file
+# addresses = ["127.0.0.1"]                # source addresses or networks, TLS or not
+"""
+
+
 def _fail(message: str, code: int = EXIT_FAIL) -> int:
     print(f"dicomledger: {message}", file=sys.stderr)
     return code
@@ -157,6 +180,8 @@ def cmd_init(args: argparse.Namespace) -> int:
             peer_port=peer_port,
         )
     )
+    if args.tls or args.tls_only:
+        _init_tls(args, directory, config_path)
     identity = Identity(origin, key)
     (directory / "trust.txt").write_text(render_trust_file(origin, key.public_key()))
     print(f"created {config_path}")
@@ -164,6 +189,29 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"verifier key: {identity.vkey}")
     print(f"run it: dicomledger serve --config {config_path}")
     return EXIT_OK
+
+
+def _init_tls(args: argparse.Namespace, directory: Path, config_path: Path) -> None:
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from dicomledger.tls_pki import create_test_pki
+
+    names = list(dict.fromkeys(["localhost", "127.0.0.1", os.uname().nodename]
+                               + ([args.host] if args.host not in ("0.0.0.0", "::") else [])))
+    client_name = f"{args.allow[0] if args.allow[0] != '*' else 'modality'}.test".lower()
+    pki = create_test_pki(directory / "keys" / "tls", site=args.ae_title, server_names=names, client_name=client_name)
+    der = x509.load_pem_x509_certificate(pki.client_cert.read_bytes()).public_bytes(Encoding.DER)
+    tls_port = args.tls_port or (args.port + 1 if args.port < 65535 else args.port - 1)
+    with open(config_path, "a") as f:
+        f.write(TLS_TEMPLATE.format(
+            mode="only" if args.tls_only else "alongside",
+            port_line="" if args.tls_only else f"port = {tls_port}\n",
+            client_name=client_name, first_ae=args.allow[0], client_sha256=hashlib.sha256(der).hexdigest()))
+    print(f"TLS: test CA {pki.ca_cert}, server {pki.server_cert}, client {pki.client_cert} "
+          f"on port {args.port if args.tls_only else tls_port}")
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
@@ -682,6 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calling AE allowed to connect (repeat; default: STORESCU and ECHOSCU)")
     p.add_argument("--secret-file", help="copy the consortium pseudonym secret from this file")
     p.add_argument("--peer-port", type=int, help="port of the peer API (default: DICOM port + 1000)")
+    p.add_argument("--tls", action="store_true",
+                   help="also listen with DICOM TLS: make a self-signed test CA, a server and a client "
+                   "certificate under keys/tls/ and fill the [tls] section")
+    p.add_argument("--tls-port", type=int, help="port of the TLS listener (default: DICOM port + 1)")
+    p.add_argument("--tls-only", action="store_true",
+                   help="as --tls, but the DICOM port speaks TLS only (no plain TCP listener)")
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help_)

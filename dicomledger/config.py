@@ -14,6 +14,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dicomledger.dicom.net.tls import AeBinding, networks, normalise_fingerprint
 from dicomledger.ledger.note import NoteError, parse_verifier_key
 from dicomledger.ledger.policy import PolicyError, WitnessPolicy, parse_policy
 
@@ -120,12 +121,34 @@ class PermissionsConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS on our listener (PS3.15 Annex B)."""
+
+    certificate: Path  # ours (PEM), with its chain
+    key: Path
+    ca_file: Path | None  # CAs that vouch for client certificates (None: none asked for)
+    require_client_certificate: bool
+    port: int | None  # a TLS port alongside plain TCP on gateway.port; None: gateway.port is TLS only
+
+
+@dataclass(frozen=True)
+class DestinationTls:
+    """How we open TLS to a forwarding / C-MOVE destination."""
+
+    ca_file: Path | None  # CAs that vouch for its certificate (None: the system's)
+    certificate: Path | None  # ours, if it asks for a client certificate
+    key: Path | None
+    server_name: str  # the name (or address) its certificate must carry
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     ae_title: str
     host: str
     port: int
     site: str | None  # the gateway origin this AE belongs to (grants "AE@site", "@site")
     concurrency: int  # parallel associations to it
+    tls: DestinationTls | None = None  # None: plain TCP
 
 
 @dataclass(frozen=True)
@@ -256,6 +279,8 @@ class Config:
     scrub: ScrubConfig = ScrubConfig()
     metrics: MetricsConfig | None = None  # None: no HTTP endpoint (the default)
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
+    tls: TlsConfig | None = None  # None: no TLS listener
+    ae_bindings: tuple[AeBinding, ...] = ()  # calling AEs bound to a certificate / source addresses
 
     @property
     def lifecycle_db(self) -> Path:
@@ -343,6 +368,7 @@ def load_config(path: str | Path) -> Config:
         "gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers", "witnesses",
         "permissions", "forwarding", "destinations", "routes", "atna", "erasure", "retention", "scrub",
         "metrics", "storage_commitment", "commitment_requestors",
+        "tls", "ae_bindings",
     }
     for table in raw:
         if table not in known:
@@ -402,11 +428,13 @@ def load_config(path: str | Path) -> Config:
         raise lo._fail("level", f"is {level!r}; use debug, info, warning or error")
     lo.done()
 
+    tls = _tls(path, raw, gateway.port)
     return Config(
         path, gateway, ledger, storage, secret_file, level, _peering(path, raw, ledger.origin),
         permissions=_permissions(path, raw), forwarding=_forwarding(path, raw, gateway.ae_title),
         admin_socket=admin_socket, atna=_atna(path, raw, ledger.origin), erasure=_erasure(path, raw),
-        retention=_retention(path, raw), scrub=_scrub(path, raw),
+        retention=_retention(path, raw), scrub=_scrub(path, raw), tls=tls,
+        ae_bindings=_ae_bindings(path, raw, gateway, tls),
         metrics=_metrics(path, raw, ledger.checkpoint_interval, gateway.port),
         storage_commitment=_storage_commitment(path, raw),
     )
@@ -445,6 +473,58 @@ def _storage_commitment(path: Path, raw: dict[str, Any]) -> StorageCommitmentCon
     if len({r.ae_title for r in requestors}) != len(requestors):
         raise ConfigError(f"{path}: the same ae_title is listed twice under [[commitment_requestors]]")
     return StorageCommitmentConfig(enabled=enabled, requestors=tuple(requestors), report_timeout=timeout)
+
+
+def _tls(path: Path, raw: dict[str, Any], plain_port: int) -> TlsConfig | None:
+    if "tls" not in raw:
+        return None
+    t = _Section(path, "tls", raw.get("tls"))
+    mode = t.get("mode", str, "alongside")
+    if mode not in ("alongside", "only"):
+        raise t._fail("mode", f'is {mode!r}; use "alongside" (TLS on tls.port and plain TCP on gateway.port) '
+                      'or "only" (gateway.port speaks TLS only)')
+    port = t.int_in("port", 1, 65535) if mode == "alongside" else None
+    if mode == "only" and "port" in t.data:
+        raise t._fail("port", 'is for mode = "alongside"; with mode = "only" TLS is served on gateway.port')
+    if port == plain_port:
+        raise t._fail("port", f"is gateway.port ({port}); choose another port or set mode = \"only\"")
+    ca_file = t.path_("ca_file") if t.get("ca_file", str, None) else None
+    require = t.get("require_client_certificate", bool, True)
+    if require and ca_file is None:
+        raise t._fail("ca_file", "is missing, and require_client_certificate is true: name the CA file that "
+                      "vouches for client certificates, or set require_client_certificate = false")
+    config = TlsConfig(certificate=t.path_("certificate"), key=t.path_("key"), ca_file=ca_file,
+                       require_client_certificate=require, port=port)
+    t.done()
+    return config
+
+
+def _ae_bindings(path: Path, raw: dict[str, Any], gateway: GatewayConfig, tls: TlsConfig | None) -> tuple[AeBinding, ...]:
+    bindings: list[AeBinding] = []
+    for i, item in enumerate(_tables(path, raw, "ae_bindings")):
+        sec = _Section(path, f"ae_bindings[{i}]", item)
+        calling_ae = sec.ae_title("calling_ae", sec.get("calling_ae", str))
+        if not gateway.allows(calling_ae):
+            raise sec._fail("calling_ae", f"is {calling_ae!r}, which gateway.allowed_calling_aes does not list")
+        if calling_ae in (b.calling_ae for b in bindings):
+            raise sec._fail("calling_ae", f"binds {calling_ae!r} a second time; one [[ae_bindings]] per AE title")
+        fingerprints = frozenset(normalise_fingerprint(f) for f in _strings(sec, "certificate_sha256"))
+        if any(len(f) != 64 or not all(c in "0123456789abcdef" for c in f) for f in fingerprints):
+            raise sec._fail("certificate_sha256", "must be SHA-256 fingerprints (64 hex digits, colons allowed), "
+                            "as `openssl x509 -noout -fingerprint -sha256 -in CERT` prints them")
+        try:
+            addresses = networks(_strings(sec, "addresses"))
+        except ValueError as exc:
+            raise sec._fail("addresses", f"has a bad address or network ({exc})") from None
+        binding = AeBinding(calling_ae, fingerprints, frozenset(_strings(sec, "certificate_name")), addresses)
+        if not binding.needs_tls and not addresses:
+            raise sec._fail("calling_ae", "is bound to nothing; add certificate_sha256, certificate_name or addresses")
+        if binding.needs_tls and (tls is None or tls.ca_file is None):
+            raise sec._fail("calling_ae", "is bound to a certificate, but no [tls] section with a ca_file "
+                            "checks client certificates")
+        bindings.append(binding)
+        sec.done()
+    return tuple(bindings)
 
 
 def _atna(path: Path, raw: dict[str, Any], origin: str) -> AtnaConfig | None:
@@ -589,10 +669,21 @@ def _forwarding(path: Path, raw: dict[str, Any], own_ae: str) -> ForwardingConfi
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise sec._fail("address", "must be host:port, e.g. 192.0.2.30:104")
         site = sec.get("site", str, None)
+        tls = None
+        if sec.get("tls", bool, False):
+            files = {key: sec.path_(key) if sec.get(key, str, None) else None for key in ("tls_ca", "tls_cert", "tls_key")}
+            if (files["tls_cert"] is None) != (files["tls_key"] is None):
+                raise sec._fail("tls_cert", "and tls_key go together: set both (our client certificate and its key) or neither")
+            tls = DestinationTls(files["tls_ca"], files["tls_cert"], files["tls_key"],
+                                 sec.get("tls_server_name", str, host.strip("[]")))
+        else:
+            for key in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
+                if key in sec.data:
+                    raise sec._fail(key, "is set but tls is not true; add `tls = true` to use TLS to this destination")
         destinations.append(DestinationConfig(
             ae_title=sec.ae_title("ae_title", sec.get("ae_title", str)),
             host=host, port=int(port), site=site,
-            concurrency=sec.int_in("concurrency", 1, 32, 1),
+            concurrency=sec.int_in("concurrency", 1, 32, 1), tls=tls,
         ))
         sec.done()
     titles = [d.ae_title for d in destinations]

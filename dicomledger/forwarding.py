@@ -43,6 +43,7 @@ from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.sqlite_thread import ThreadedSqlite
+from dicomledger.tls import destination_context
 
 log = structlog.get_logger("dicomledger.forwarding")
 
@@ -608,7 +609,9 @@ class Forwarder:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _worker(self, dest: DestinationConfig) -> None:
-        scu = StoreSCU(self.config.calling_ae, Destination(dest.ae_title, dest.host, dest.port))
+        tls = destination_context(dest)
+        scu = StoreSCU(self.config.calling_ae, Destination(
+            dest.ae_title, dest.host, dest.port, tls, dest.tls.server_name if dest.tls is not None else ""))
         thread = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{dest.ae_title}")
         loop = asyncio.get_running_loop()
         wake = self._wake[dest.ae_title]

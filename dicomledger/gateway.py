@@ -87,6 +87,7 @@ from dicomledger.ledger.tip import OwnTip, local_tip_accepted_payload
 from dicomledger.lifecycle import Lifecycle
 from dicomledger.metrics import IngestMetrics, MetricsServer
 from dicomledger.retrieval import QueryRetrieve
+from dicomledger.tls import TlsSetupError, destination_context, listener_context
 
 log = structlog.get_logger("dicomledger.gateway")
 
@@ -403,6 +404,12 @@ class Gateway:
             book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
             origin=self.identity.origin, destinations=cfg.forwarding, audit=self.audit,
         )
+        try:  # unusable certificate files stop the start, before anything listens
+            tls = listener_context(cfg.tls) if cfg.tls is not None else None
+            for dest in cfg.forwarding.destinations if cfg.forwarding is not None else ():
+                destination_context(dest)
+        except TlsSetupError as exc:
+            raise StartupError(str(exc)) from None
         services: dict[int, Service] = {}
         sc = cfg.storage_commitment
         if sc.enabled:
@@ -428,11 +435,15 @@ class Gateway:
             query_retrieve=query_retrieve,
             on_refused=self.audit.association_refused,
             services=services,
+            tls=tls,
+            tls_port=cfg.tls.port if cfg.tls is not None else None,
+            ae_bindings={b.calling_ae: b for b in cfg.ae_bindings},
+            on_tls_refused=partial(self.audit.tls_refused, "DICOM listener"),
         )
         try:
             await self.server.start()
         except OSError as exc:
-            raise _listener_failed("DICOM listener", g.host, g.port, exc) from None
+            raise _listener_failed("DICOM listener", g.host, self.server.failed_port or g.port, exc) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
         if cfg.metrics is not None:
             assert self.ingest_metrics is not None
@@ -449,6 +460,7 @@ class Gateway:
             "gateway started",
             ae_title=g.ae_title,
             address=f"{g.host}:{self.server.port}",
+            tls_address=f"{g.host}:{self.server.tls_port}" if self.server.tls_port is not None else None,
             origin=self.identity.origin,
             ledger_size=self.writer.size,
             vkey=self.identity.vkey,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ssl
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -41,7 +42,7 @@ from pydicom.dataset import Dataset
 
 from dicomledger.atna import AuditSink, SentInstance
 from dicomledger.atna.trail import address_of
-from dicomledger.config import ForwardingConfig
+from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.index import Index, InstanceRow
 from dicomledger.dicom.pixelhash import PixelHashError, stored_sha256
 from dicomledger.dicom.qr import (
@@ -66,6 +67,7 @@ from dicomledger.ledger.log import LedgerStore, LogWriter
 from dicomledger.ledger.permission_book import PermissionBook, today
 from dicomledger.ledger.pseudonym import pseudonym
 from dicomledger.tamper import FILE_MISSING, PIXELS_DIFFER, alarm_payload, check_anchor
+from dicomledger.tls import destination_context
 
 log = structlog.get_logger("dicomledger.retrieval")
 
@@ -230,6 +232,7 @@ class QueryRetrieve:
         return RetrievePlan(
             to_send, refused,
             destination=(dest.host, dest.port) if dest is not None else None, context=state,
+            destination_tls=_tls_to(dest),
         )
 
     async def _refuse_erased(self, request: QRRequest, query: Query, target: Target) -> None:
@@ -387,6 +390,11 @@ class QueryRetrieve:
             destination=state.target.ae_title, status=status, **total, refused=len(plan.refused),
             tampered=sum(p != ERASED_MEANWHILE for p in outcome.not_sent.values()), no_response=len(outcome.no_response), cancelled=outcome.cancelled,
         )
+
+
+def _tls_to(dest: DestinationConfig | None) -> tuple[ssl.SSLContext, str] | None:
+    context = destination_context(dest) if dest is not None else None
+    return (context, dest.tls.server_name) if context is not None and dest is not None and dest.tls else None
 
 
 def _sent(storage_dir: Path, item: Item, delivered: bool) -> SentInstance:

@@ -58,6 +58,7 @@ class GatewayProcess:
         ae_title: str = "GATEWAY",
         allow: tuple[str, ...] = ("STORESCU", "ECHOSCU"),
         secret_file: Path | None = None,
+        init_args: tuple[str, ...] = (),  # more `init` options, e.g. ("--tls", "--tls-port", "N")
     ) -> None:
         self.dir = directory
         self.ae_title = ae_title
@@ -70,7 +71,7 @@ class GatewayProcess:
             args += ["--secret-file", str(secret_file)]
         for ae in allow:
             args += ["--allow", ae]
-        dicomledger(*args, check=True)
+        dicomledger(*args, *init_args, check=True)
         self.config = directory / "config.toml"
         self.log_path = directory / "gateway.log"
         self.proc: subprocess.Popen | None = None

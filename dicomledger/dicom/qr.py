@@ -19,6 +19,7 @@ status is Success without failures or warnings, else 0xA702 if nothing was sent,
 
 from __future__ import annotations
 
+import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -73,6 +74,7 @@ class RetrievePlan:
     to_send: list[SubOperation]
     refused: dict[str, str]  # SOP Instance UID -> why the caller may not have it (not a sub-operation)
     destination: tuple[str, int] | None = None  # C-MOVE: where the move destination AE listens
+    destination_tls: tuple[ssl.SSLContext, str] | None = None  # C-MOVE: TLS to it (context, its name)
     unknown_destination: bool = False  # C-MOVE: answer 0xA801
     context: Any = None  # the core's own state, handed back to finish()
 

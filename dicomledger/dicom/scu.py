@@ -15,6 +15,7 @@ after ``idle_release`` seconds without a send). A later send re-associates.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +55,8 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = None  # None: plain TCP
+    server_name: str = ""  # the name its TLS certificate must carry
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,7 @@ class StoreSCU:
         assoc = self._ae.associate(
             d.host, d.port, contexts=[build_context(*p) for p in self._pairs], ae_title=d.ae_title,
             max_pdu=self._max_pdu, evt_handlers=[(evt.EVT_CONN_OPEN, on_connect)],
+            tls_args=(d.tls, d.server_name or d.host) if d.tls is not None else None,
         )
         primitive = assoc.acceptor.primitive
         if assoc.is_established:

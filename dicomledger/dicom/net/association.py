@@ -28,6 +28,7 @@ from dicomledger.dicom.net.negotiation import (
 )
 from dicomledger.dicom.net.operation import DiscardSink, Operation, Peer, Refusal
 from dicomledger.dicom.net.pdu import FramingError, PduReader
+from dicomledger.dicom.net.tls import TlsPeer, tls_peer
 
 if TYPE_CHECKING:
     from dicomledger.dicom.net.server import DicomServer
@@ -80,6 +81,8 @@ class Association(asyncio.Protocol):
         self._reading_paused = False
         self._writable: asyncio.Future[None] | None = None
         self.counted = False  # holds one of the server's max_associations places
+        self.over_tls = False
+        self.tls_peer: TlsPeer | None = None  # the client certificate the handshake verified
         self.stores = 0
         self.failures = 0
 
@@ -91,6 +94,9 @@ class Association(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         self.address = f"{peername[0]}:{peername[1]}" if peername else "?"
         self.peer = Peer("", self.address)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.over_tls, self.tls_peer = True, tls_peer(ssl_object)
         self._arm(self.opened + self._server.artim_timeout)
         self._server.connection_opened(self)
 
@@ -205,6 +211,10 @@ class Association(asyncio.Protocol):
         server = self._server
         if not isinstance(answer, Rejected) and server.stopping:
             answer = reject(pdu.REJECTED_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, 1, "the server is stopping",
+                            answer.calling_ae, answer.called_ae)
+        if not isinstance(answer, Rejected) and (unbound := server.binding_refusal(answer.calling_ae, self)):
+            # checked per connection, after the (cached) negotiation: an AE title alone is no identity
+            answer = reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 3, unbound,
                             answer.calling_ae, answer.called_ae)
         if not isinstance(answer, Rejected) and server.associations >= server.max_associations:
             answer = server.negotiator.local_limit_exceeded(answer.calling_ae, answer.called_ae,

@@ -334,7 +334,7 @@ class MoveService(RetrieveService):
         destination = run.request.move_destination or ""
         assoc = await run.in_thread(
             self._ae.associate, host, port, ae_title=destination, contexts=_contexts_for(plan.to_send),
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_sending_connection)])
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_sending_connection)], tls_args=plan.destination_tls)
         if not assoc.is_established:
             log.warning("move destination did not accept the association", destination=destination,
                         address=f"{host}:{port}", calling_ae=run.op.peer.calling_ae)
