@@ -37,12 +37,12 @@ from typing import Any, TypeVar
 import structlog
 
 from dicomledger.atna import AuditSink, SentInstance
+from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.scu import Destination, StoreSCU
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
-from dicomledger.sqlite_thread import ThreadedSqlite
 
 log = structlog.get_logger("dicomledger.forwarding")
 

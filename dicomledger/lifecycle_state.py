@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dicomledger.sqlite_thread import ThreadedSqlite
+from dicomledger.common.sqlite_thread import ThreadedSqlite
 
 _T = TypeVar("_T")
 

@@ -4,7 +4,7 @@ It holds PHI (names, IDs, dates), so it lives beside the images, never on the le
 rebuildable from the stored files, so commits use synchronous=NORMAL in WAL mode: durable
 across a killed process; after a power loss the gateway reconciles it with the ledger.
 Writes are batched: concurrent C-STOREs share one transaction. The index runs on its own
-thread (``sqlite_thread.py``): a lookup-and-write is one thread hop.
+thread (``common/sqlite_thread.py``): a lookup-and-write is one thread hop.
 
 Every instance row names its own study and patient (``study_uid``, ``patient_id``, from its
 own header): queries group and decide by those, never by another instance's patient. A study
@@ -23,8 +23,8 @@ from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.dicom.query import Query
-from dicomledger.sqlite_thread import ThreadedSqlite
 
 SCHEMA_VERSION = 2  # 2: per-instance study and patient; studies and series keyed by patient
 

@@ -28,15 +28,15 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, cast
 
 import aiosqlite
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.ledger import merkle
 from dicomledger.ledger.checkpoint import (
     Checkpoint,
@@ -78,7 +78,6 @@ from dicomledger.ledger.note import (
 from dicomledger.ledger.policy import WitnessPolicy
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS origins (
@@ -654,7 +653,7 @@ class Companion(Protocol):
     def after(self, appended: Sequence[tuple[Any, Appended]]) -> None: ...
 
 
-class _ThreadWriter:
+class _ThreadWriter(ThreadedSqlite):
     """A writer with its own thread and plain sqlite3 connection.
 
     A batch is written in one thread hop (aiosqlite would take one per statement and let
@@ -663,28 +662,14 @@ class _ThreadWriter:
     """
 
     def __init__(self, store: LedgerStore, name: str) -> None:
+        super().__init__(store.path, name)
         self.store = store
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._db: sqlite3.Connection | None = None  # used on self._thread only
 
-    async def _on_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def _connect(self) -> None:
-        try:
-            db = sqlite3.connect(self.store.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # COMMIT returns only once the WAL is on disk
-            db.execute("PRAGMA busy_timeout=10000")
+    def _connect_writer(self) -> None:
+        try:  # synchronous=FULL: COMMIT returns only once the WAL is on disk; the store made the schema
+            self._connect("FULL", "")
         except sqlite3.Error as exc:
             raise LedgerStoreError(f"cannot open ledger database {self.store.path}: {exc}") from None
-        self._db = db
-
-    async def _close(self) -> None:
-        if self._db is not None:
-            await self._on_thread(self._db.close)
-            self._db = None
-        self._thread.shutdown()
 
     def _frontier(self, origin_id: int, origin: str) -> tuple[Frontier, bytes | None]:
         """Writer thread: the stored tree's frontier and the last entry's bytes."""
@@ -811,7 +796,7 @@ class LogWriter(_ThreadWriter):
         self._task = asyncio.create_task(self._run(), name=f"ledger-writer {info.name}")
 
     def _open(self) -> None:
-        self._connect()
+        self._connect_writer()
         self._load_state()
 
     def _load_state(self) -> None:
@@ -832,7 +817,7 @@ class LogWriter(_ThreadWriter):
         except asyncio.CancelledError:
             pass
         self._task = None
-        await self._close()
+        await self.close()
 
     async def append(
         self, kind: str, payload: Mapping[str, Any], keys: Sequence[str] | None = None
@@ -1023,10 +1008,10 @@ class ReplicaWriter(_ThreadWriter):
         self.policy = policy  # counts the signers of key-replacement statements
 
     async def start(self) -> None:
-        await self._on_thread(self._connect)
+        await self._on_thread(self._connect_writer)
 
     async def stop(self) -> None:
-        await self._close()
+        await self.close()
 
     async def append_verified(
         self,
