@@ -75,7 +75,6 @@ import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from dicomledger.config import PeerConfig, PeeringConfig, WitnessConfig
 from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
 from dicomledger.ledger.entries import (
     FLAG_CLEARED,
@@ -119,6 +118,7 @@ from dicomledger.ledger.note import (
     verify_cosignature,
     verify_note_signature,
 )
+from dicomledger.ledger.peer_settings import PeeringSettings, PeerSettings, WitnessSettings
 from dicomledger.ledger.peer_tls import (
     HandshakeFirstSite,
     client_context,
@@ -240,7 +240,7 @@ class _Witnessed:
     size: int | None = None
 
 
-def _witness_tls(witness: WitnessConfig) -> ssl.SSLContext | bool:
+def _witness_tls(witness: WitnessSettings) -> ssl.SSLContext | bool:
     """TLS for a standard witness: its pinned certificate, or the system's CAs (and its host
     name); no client certificate, the spec authenticates nothing but the checkpoint."""
     if witness.tls_cert is None:
@@ -289,7 +289,7 @@ class Traffic:
 
 @dataclass
 class _Peer:
-    config: PeerConfig
+    config: PeerSettings
     cosigned_size: int = 0  # the size this peer last cosigned for our log
     cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # announce vs gossip round
     announce: asyncio.Event = field(default_factory=asyncio.Event)  # a new checkpoint to announce
@@ -319,7 +319,7 @@ class _Witness:
     new checkpoint of ours, and again once its cosignature is older than heartbeat_interval.
     It holds no log: no gossip, no pulls."""
 
-    config: WitnessConfig
+    config: WitnessSettings
     session: aiohttp.ClientSession | None = None  # its own: system CAs or its pinned certificate
     cosigned_size: int = 0
     cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -344,7 +344,7 @@ class _Witness:
 class PeerService:
     def __init__(
         self,
-        config: PeeringConfig,
+        config: PeeringSettings,
         identity: Identity,
         store: LedgerStore,
         own_log: LogWriter,
