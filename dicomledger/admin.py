@@ -212,7 +212,7 @@ async def call(socket: Path, action: str, body: dict[str, Any], config_path: Pat
         async with aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(socket)), timeout=aiohttp.ClientTimeout(total=60)
         ) as session, session.post(f"http://gateway/v1/{action}", json=body) as resp:
-            answer = await resp.json(content_type=None)
+            answer: dict[str, Any] = await resp.json(content_type=None)
     except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
         raise GatewayNotRunning(
             f"the gateway is not running (nothing answers on its admin socket {socket}: {exc.__class__.__name__}); "

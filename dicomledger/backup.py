@@ -268,7 +268,7 @@ def check_backup(config: Config, source: Path) -> dict[str, Any]:
         key.verify(sig, SIGNING_PREFIX + data)
     except InvalidSignature:
         raise BackupError(f"{source}/manifest.json is not signed by this gateway's key: altered, or another gateway's backup") from None
-    manifest = json.loads(data)
+    manifest: dict[str, Any] = json.loads(data)
     if manifest.get("format") != FORMAT:
         raise BackupError(f"{source} is a {manifest.get('format')!r} backup; this version restores {FORMAT}")
     if manifest.get("origin") != config.ledger.origin:

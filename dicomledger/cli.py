@@ -13,6 +13,7 @@ import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from dicomledger.config import AE_TITLE_RE, Config, ConfigError, load_config
 from dicomledger.datadir import set_private_umask
@@ -365,7 +366,7 @@ def cmd_queue(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def _admin(config: Config, action: str, body: dict) -> dict | int:
+def _admin(config: Config, action: str, body: dict[str, Any]) -> dict[str, Any] | int:
     """Send one admin request to the running gateway; an int is the exit code of a failure."""
     from dicomledger.admin import AdminError, GatewayNotRunning, call
 
@@ -378,7 +379,7 @@ def _admin(config: Config, action: str, body: dict) -> dict | int:
         return _fail(f"refused by the gateway: {exc}")
 
 
-def _pseudonyms(args: argparse.Namespace, config: Config) -> dict:
+def _pseudonyms(args: argparse.Namespace, config: Config) -> dict[str, str]:
     """Patient ID and Study UID leave this process only as keyed pseudonyms."""
     from dicomledger.ledger.pseudonym import pseudonym
 
@@ -397,7 +398,7 @@ def cmd_grant(args: argparse.Namespace, config: Config) -> int:
     return _issued("granted", _admin(config, "grant", body))
 
 
-def _issued(what: str, answer: dict | int) -> int:
+def _issued(what: str, answer: dict[str, Any] | int) -> int:
     if isinstance(answer, int):
         return answer
     for warning in answer.get("warnings", []):
@@ -426,7 +427,7 @@ def cmd_permissions(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return EXIT_OK
 
-    def where(r: dict) -> str:
+    def where(r: dict[str, Any]) -> str:
         return f"{r['origin']} entry {r['index']}"
 
     print("effective grants:" if answer["effective"] else "effective grants: none (default: deny)")

@@ -274,7 +274,7 @@ class _Section:
         return value
 
     def int_in(self, key: str, low: int, high: int, default: Any = ...) -> int:
-        value = self.get(key, int, default)
+        value: int = self.get(key, int, default)
         if not low <= value <= high:
             raise self._fail(key, f"must be between {low} and {high}, got {value}")
         return value
@@ -419,7 +419,7 @@ def _atna(path: Path, raw: dict[str, Any], origin: str) -> AtnaConfig | None:
 
 
 def _positive(sec: _Section, key: str, default: float, zero_ok: bool = False) -> float:
-    value = sec.get(key, float, default)
+    value: float = sec.get(key, float, default)
     if value < 0 or (value == 0 and not zero_ok):
         raise sec._fail(key, f"must be {'zero or more' if zero_ok else 'a positive number'}, got {value}")
     return value

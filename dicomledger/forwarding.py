@@ -254,7 +254,8 @@ class ForwardQueue(ThreadedSqlite):
             "SELECT MIN(next_attempt) FROM jobs WHERE destination = ? AND state = 'queued'",
             (destination,),
         )
-        return rows[0][0]
+        due: float | None = rows[0][0]
+        return due
 
     async def finish(self, job: Job, state: str, error: str | None = None) -> None:
         await self._on_thread(
@@ -500,7 +501,7 @@ class ForwardQueue(ThreadedSqlite):
 
 def backoff(attempts: int, initial: float, maximum: float) -> float:
     """Seconds to wait after ``attempts`` failed attempts: initial, 2x, 4x, ... up to maximum."""
-    return min(maximum, initial * 2 ** max(0, attempts - 1))
+    return min(maximum, initial * 2.0 ** max(0, attempts - 1))
 
 
 class Forwarder:

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from dicomledger.config import Config
 from dicomledger.datadir import running_gateway
@@ -141,7 +142,7 @@ QUEUE_STATES = {"pending": ("queued", "failed", "parked"), "queued": ("queued",)
                 "all": ("queued", "failed", "parked", "refused", "done")}
 
 
-async def _queue_listing(config: Config, destination: str | None, state: str, limit: int) -> dict | tuple[str, int]:
+async def _queue_listing(config: Config, destination: str | None, state: str, limit: int) -> dict[str, Any] | tuple[str, int]:
     """The jobs to list as a JSON-able object; or why there are none to list, with the exit code."""
     from dicomledger.forwarding import ForwardQueue
 

@@ -194,7 +194,9 @@ def consortium_mismatch(ours: str, theirs: str) -> str | None:
             f"its pseudonym secret differs from ours (check value {str(other.get('secret-check'))[:16]}…, ours "
             f"{str(mine.get('secret-check'))[:16]}…): one patient would have two pseudonyms")
     if mine.get("policy") != other.get("policy"):
-        what = lambda d: "none" if d in (None, "none") else f"{d[:16]}…"  # noqa: E731
+        def what(d: str | None) -> str:
+            return "none" if d in (None, "none") else f"{d[:16]}…"
+
         problems.append(f"its witness policy differs from ours (digest {what(other.get('policy'))}, ours "
                         f"{what(mine.get('policy'))})")
     return "; ".join(problems) or None
@@ -629,7 +631,7 @@ class PeerService:
 
     @web.middleware
     async def _count_traffic(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-        response = await handler(request)
+        response: web.StreamResponse = await handler(request)
         self.traffic.requests_served += 1
         self.traffic.bytes_received += request.content_length or 0
         body = getattr(response, "body", None)
@@ -787,10 +789,10 @@ class PeerService:
         if outcome.status == 200:
             (cosignature,) = outcome.cosignatures
             return web.json_response({"name": cosignature.name, "cosignature": _b64(cosignature.key_id + cosignature.data)})
-        body: dict[str, Any] = {"error": outcome.reason}
+        answer: dict[str, Any] = {"error": outcome.reason}
         if outcome.size is not None:
-            body["size"] = outcome.size  # a stale old size: here is the size we hold, retry
-        return web.json_response(body, status=outcome.status)
+            answer["size"] = outcome.size  # a stale old size: here is the size we hold, retry
+        return web.json_response(answer, status=outcome.status)
 
     async def _post_add_checkpoint_text(self, request: web.Request) -> web.Response:
         """C2SP tlog-witness add-checkpoint, byte for byte (text body and answers). As the
@@ -887,7 +889,9 @@ class PeerService:
         if ours is not None:
             headers[CONSORTIUM_HEADER] = ours
         method = session.get if data is None else session.post
-        options = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))}
+        options: dict[str, Any] = (
+            {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))}
+        )
         async with method(peer.url + path, data=data, headers=headers or None, **options) as resp:
             theirs = resp.headers.get(CONSORTIUM_HEADER)
             if ours is not None and theirs is not None:
@@ -1361,6 +1365,7 @@ class PeerService:
             status, content_type, raw = await self._request(peer, ADD_CHECKPOINT_PATH, body, "text/plain; charset=utf-8")
             if status != 404 or isinstance(peer, _Witness):  # a standard witness: 404 is "unknown log"
                 return _read_text_answer(status, content_type, raw)
+        assert isinstance(peer, _Peer)  # a standard witness answered above
         json_body = {"note": _b64(note), "old_size": old, "proof": [_b64(h) for h in proof]}
         status, body = await self._fetch(peer, "/v1/add-checkpoint", post=json_body)
         peer.json_witness = peer.json_witness or status != 404

@@ -58,8 +58,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _same(a: object, b: object) -> bool:
-    return a.public_bytes_raw() == b.public_bytes_raw()  # type: ignore[attr-defined]
+def _same(a: Ed25519PublicKey, b: Ed25519PublicKey) -> bool:
+    return a.public_bytes_raw() == b.public_bytes_raw()
 
 
 async def rotate_key(writer: LogWriter, key_file: Path) -> Appended:

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -389,8 +390,8 @@ class _Run:
             self.pool.submit(_check_checkpoints, o.name, o.key, self.witness_keys, b, o.changes) for b in batches
         ]
         newest: _CheckedCheckpoint | None = None
-        for future in cp_futures:
-            checked, failure = future.result()
+        for cp_future in cp_futures:
+            checked, failure = cp_future.result()
             for cp in checked:
                 where = f"checkpoint at size {cp.size}"
                 if cp.size > o.size:
@@ -433,7 +434,7 @@ class _Run:
             try:
                 entry = decode_entry(bytes(data))
                 chain = check_change(
-                    entry, chain, root=lambda idx=idx: self._root(o, idx, upper), policy=self.key_policy,
+                    entry, chain, root=partial(self._root, o, idx, upper), policy=self.key_policy,
                     signer_keys=lambda name: self.signer_keys.get(name, []),
                 )
             except (EntryError, KeyChangeError) as exc:

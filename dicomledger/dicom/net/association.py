@@ -428,7 +428,7 @@ class Association(asyncio.Protocol):
             self._reading_paused = False
             transport.resume_reading()
 
-    def _send(self, context_id: int, command: bytes, data_set: bytes | None) -> None:
+    def _send(self, context_id: int, command: bytes, data_set: bytes | memoryview | None) -> None:
         if self.state is not State.ESTABLISHED:
             return  # the peer is gone or aborted: nothing to answer
         data = pdu.p_data(context_id, command, command=True, max_pdu_length=self._peer_max_pdu)

@@ -199,7 +199,7 @@ class PduReader:
 # --- encoders ------------------------------------------------------------------------------
 
 
-def p_data(context_id: int, payload: bytes, *, command: bool, max_pdu_length: int) -> bytes:
+def p_data(context_id: int, payload: bytes | memoryview, *, command: bool, max_pdu_length: int) -> bytes:
     """A command set or data set as P-DATA-TF PDUs of one PDV each, fragmented to the peer's
     maximum PDU length (0: no limit), as pynetdicom and DCMTK send them."""
     kind = MESSAGE_COMMAND if command else 0
@@ -208,7 +208,7 @@ def p_data(context_id: int, payload: bytes, *, command: bool, max_pdu_length: in
     if size <= room:
         return (PDU_HEADER.pack(P_DATA_TF, size + PDV_HEADER_SIZE)
                 + PDV_HEADER.pack(size + 2, context_id, kind | MESSAGE_LAST) + payload)
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     view = memoryview(payload)
     for start in range(0, size, room):
         piece = view[start : start + room]
