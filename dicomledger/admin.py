@@ -28,6 +28,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from dicomledger.common.errors import DicomLedgerError
 from dicomledger.config import Config
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
@@ -39,11 +40,11 @@ if TYPE_CHECKING:  # (the CLI imports this module for `call`: keep pydicom out o
 log = structlog.get_logger("dicomledger.admin")
 
 
-class GatewayNotRunning(RuntimeError):
+class GatewayNotRunning(DicomLedgerError, RuntimeError):
     """No gateway answers on the admin socket."""
 
 
-class AdminError(RuntimeError):
+class AdminError(DicomLedgerError, RuntimeError):
     """The gateway refused an admin request; the message says why."""
 
 

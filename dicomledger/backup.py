@@ -44,6 +44,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
+from dicomledger.common.errors import StorageError
 from dicomledger.config import Config
 from dicomledger.datadir import (
     LOCK_NAME,
@@ -61,7 +62,7 @@ SIGNING_PREFIX = b"dicomledger/backup/v1\n"
 CHUNK = 1 << 20
 
 
-class BackupError(RuntimeError):
+class BackupError(StorageError, RuntimeError):
     """A backup or restore cannot go on; the message says why and what to do."""
 
 

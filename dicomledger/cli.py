@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dicomledger.config import AE_TITLE_RE, Config, ConfigError, load_config
+from dicomledger.common.errors import ConfigurationError, DicomLedgerError, StorageError
+from dicomledger.config import AE_TITLE_RE, Config, load_config
 from dicomledger.datadir import set_private_umask
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
 from dicomledger.ledger.peer_tls import create_tls_identity
@@ -762,12 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _is_data_error(exc: BaseException) -> bool:
     """What reading or writing a database or file can raise: reported as one line, never a
-    traceback. (Imported here: the modules are slow to import and only needed on failure.)"""
-    from dicomledger.dicom.index import IndexStoreError
-    from dicomledger.forwarding import ForwardQueueError
-    from dicomledger.ledger.log import LedgerStoreError
-
-    return isinstance(exc, OSError | sqlite3.Error | LedgerStoreError | IndexStoreError | ForwardQueueError)
+    traceback."""
+    return isinstance(exc, OSError | sqlite3.Error | StorageError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -781,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
         code = _main(argv)
         sys.stdout.flush()  # a reader gone shows here, not as a message at interpreter exit
         return code
+    except DicomLedgerError as exc:  # raised on purpose anywhere: its message is the line
+        return _fail(_reason(exc), EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAIL)
     except BrokenPipeError:
         # The reader went away (`dicomledger audit | head`): stop quietly. Point stdout at
         # /dev/null so the interpreter's final flush does not fail a second time.
@@ -822,7 +821,7 @@ def _main(argv: list[str] | None) -> int:
             "replace-key": cmd_replace_key,
         }[args.command]
         return handler(args, config)
-    except (ConfigError, KeyFileError) as exc:
+    except ConfigurationError as exc:  # the config, a key file
         return _fail(str(exc), EXIT_USAGE)
     except BrokenPipeError:
         raise

@@ -14,6 +14,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dicomledger.common.errors import ConfigurationError
 from dicomledger.ledger.note import NoteError, parse_verifier_key
 from dicomledger.ledger.policy import PolicyError, WitnessPolicy, parse_policy
 
@@ -26,7 +27,7 @@ _KIND_NAMES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigurationError, ValueError):
     """A config mistake; str() is one line naming the file, the key and the fix."""
 
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from dicomledger.common.errors import StorageError
 from dicomledger.config import Config
 
 LOCK_NAME = "dicomledger.lock"
@@ -34,7 +35,7 @@ MARKER_TEXT = (
 )
 
 
-class DataDirInUse(RuntimeError):
+class DataDirInUse(StorageError, RuntimeError):
     """Another process holds a data directory's lock; the message names it and the process."""
 
 

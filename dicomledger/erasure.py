@@ -31,6 +31,7 @@ from typing import Any
 
 import structlog
 
+from dicomledger.common.errors import ConfigurationError
 from dicomledger.dicom.index import Index, InstanceRow
 from dicomledger.dicom.store import FileStore
 from dicomledger.forwarding import ForwardQueue
@@ -67,7 +68,7 @@ def truncate_wal(database: Path) -> bool:
         db.close()
 
 
-class NothingToErase(ValueError):
+class NothingToErase(ConfigurationError, ValueError):
     """No stored instance matches the erasure; nothing was written."""
 
 

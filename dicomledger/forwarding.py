@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import structlog
 
 from dicomledger.atna import AuditSink, SentInstance
+from dicomledger.common.errors import StorageError
 from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.scu import Destination, StoreSCU
@@ -104,7 +105,7 @@ _SHOWN_STATE = (
 )
 
 
-class ForwardQueueError(RuntimeError):
+class ForwardQueueError(StorageError, RuntimeError):
     """The forward queue database failed; the message names the file."""
 
 

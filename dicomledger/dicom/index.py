@@ -23,6 +23,7 @@ from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dicomledger.common.errors import DicomError, StorageError
 from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.dicom.query import Query
 
@@ -107,7 +108,7 @@ DROP TABLE series_v1;
 """
 
 
-class IndexStoreError(RuntimeError):
+class IndexStoreError(StorageError, RuntimeError):
     """The index database failed; the message says what to check."""
 
 
@@ -116,7 +117,7 @@ class IndexStoreError(RuntimeError):
 CONFLICTING_PATIENT = 0xA778
 
 
-class StudyPatientConflict(Exception):
+class StudyPatientConflict(DicomError):
     """A received instance names a study (or series) UID that already holds instances of
     another patient: filing it would put two patients under one UID. The message names the
     UIDs, never a Patient ID (PHI)."""

@@ -27,6 +27,7 @@ from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_datase
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
+from dicomledger.common.errors import DicomError
 from dicomledger.dicom.canonical import NotCanonical, canonical_dataset
 
 __all__ = [
@@ -82,7 +83,7 @@ _ITEM, _SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 
 
-class PixelHashError(ValueError):
+class PixelHashError(DicomError, ValueError):
     """The file is not a dataset whose hashes can be defined (malformed or truncated)."""
 
 

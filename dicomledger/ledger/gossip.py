@@ -75,6 +75,7 @@ import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dicomledger.common.errors import PeerError
 from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
 from dicomledger.ledger.entries import (
     FLAG_CLEARED,
@@ -157,7 +158,7 @@ STARTUP_REQUEST_TIMEOUT = 5.0
 ADD_CHECKPOINT_PATH = "/add-checkpoint"
 
 
-class PeerProtocolError(ValueError):
+class PeerProtocolError(PeerError, ValueError):
     """A peer's message was malformed, oversized or did not verify."""
 
 

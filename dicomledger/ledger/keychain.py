@@ -50,6 +50,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError
 from dicomledger.ledger.entries import (
     FORMAT_VERSION,
     KEY_REPLACEMENT,
@@ -80,7 +81,7 @@ MAX_REASON_CHARS = 256
 KEY_CHANGE_KINDS = frozenset({KEY_ROTATION, KEY_REPLACEMENT})
 
 
-class KeyChangeError(ValueError):
+class KeyChangeError(LedgerFormatError, ValueError):
     """A key-rotation or key-replacement entry, or a replacement statement, is not acceptable;
     the message says why."""
 

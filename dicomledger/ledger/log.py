@@ -36,6 +36,7 @@ import aiosqlite
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError, StorageError
 from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.ledger import merkle
 from dicomledger.ledger.checkpoint import (
@@ -153,7 +154,7 @@ CREATE TABLE IF NOT EXISTS entry_keys (
 """
 
 
-class LedgerStoreError(RuntimeError):
+class LedgerStoreError(StorageError, RuntimeError):
     """The ledger database could not be read or written; the message says what to check."""
 
 
@@ -982,7 +983,7 @@ class LogWriter(_ThreadWriter):
         return size, await sign_checkpoint(self.store, identity, size)
 
 
-class ReplicaError(ValueError):
+class ReplicaError(LedgerFormatError, ValueError):
     """Entries offered for another origin's log were refused; nothing was stored."""
 
 

@@ -40,6 +40,7 @@ from typing import TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dicomledger.common.errors import StorageError
 from dicomledger.ledger import merkle
 from dicomledger.ledger.checkpoint import CheckpointError, parse_checkpoint
 from dicomledger.ledger.entries import (
@@ -104,7 +105,7 @@ class VerifyReport:
         return sum(o.size for o in self.origins)
 
 
-class UnreadableCopy(sqlite3.OperationalError):
+class UnreadableCopy(StorageError, sqlite3.OperationalError):
     """A WAL database in a folder SQLite cannot write its -shm index to."""
 
 

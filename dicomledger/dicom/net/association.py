@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from dicomledger.common.errors import DicomError
 from dicomledger.dicom.net import dimse, pdu
 from dicomledger.dicom.net.dimse import RESPONSE_BIT, Command, CommandError, parse_command
 from dicomledger.dicom.net.negotiation import (
@@ -500,6 +501,6 @@ class Association(asyncio.Protocol):
         self._close_now()
 
 
-class _DimseError(ValueError):
+class _DimseError(DicomError, ValueError):
     """A command set we cannot answer (no usable Message ID or Command Field): A-ABORT."""
 

@@ -33,6 +33,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from dicomledger.common.errors import DicomError
 from dicomledger.dicom.net import pdu
 from dicomledger.dicom.net.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -41,7 +42,7 @@ MAX_CONTEXTS = 128  # presentation context IDs are the odd numbers 1..255
 CACHE_SIZE = 32
 
 
-class AssociateRqError(ValueError):
+class AssociateRqError(DicomError, ValueError):
     """The A-ASSOCIATE-RQ is not a valid PDU: answered with an A-ABORT."""
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import struct
 from typing import Protocol
 
+from dicomledger.common.errors import DicomError
+
 A_ASSOCIATE_RQ = 0x01
 A_ASSOCIATE_AC = 0x02
 A_ASSOCIATE_RJ = 0x03
@@ -63,7 +65,7 @@ MESSAGE_COMMAND = 0x01  # message control header bit 0: command (else data set)
 MESSAGE_LAST = 0x02  # bit 1: last fragment of the command or data set
 
 
-class FramingError(ValueError):
+class FramingError(DicomError, ValueError):
     """The peer broke PDU framing; ``reason`` is the A-ABORT reason to answer with."""
 
     def __init__(self, message: str, reason: int = REASON_INVALID_PARAMETER) -> None:
