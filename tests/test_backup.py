@@ -1,4 +1,4 @@
-"""Backup and restore (issue 16, item 3), against gateway processes: an online backup taken
+"""Backup and restore, against gateway processes: an online backup taken
 while storescu sends is consistent (every index row's file and anchor are in it), a restore
 refuses a live data directory, existing data and an altered backup, and puts the gateway back
 so that it verifies and serves; kill -9 of the backup (or of the gateway) during a backup

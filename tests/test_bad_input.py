@@ -109,7 +109,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 def crafted(directory: Path, mr: Path, sr: Path) -> dict[str, Path]:
-    """The malformed datasets that escaped as 0xC211 with a traceback (issue 11, item 17)."""
+    """The malformed datasets that escaped as 0xC211 with a traceback."""
     data = mr.read_bytes()
     start = dataset_offset(data)
     head = {vr: (off, field) for off, vr, field in explicit_elements(data, start)}

@@ -1,4 +1,4 @@
-"""Erasure (issue 16, item 1) with real gateway processes driven by DCMTK: a patient's images,
+"""Erasure with real gateway processes driven by DCMTK: a patient's images,
 index rows and pending forwards leave the gateway, an `erased` entry stays on a ledger that
 still verifies, nothing of the patient's PHI stays in any file under the data directory, and
 a consortium gateway that holds forwarded copies honours the erasure if configured to."""

@@ -79,7 +79,7 @@ def test_forwarded_only_while_a_grant_authorises_it(tmp_path, pacs):
 
         during = dicomdata.make_mr_series(tmp_path / "during", 3, seed="during", patient=patient)
         assert gw.storescu(*during).returncode == 0
-        # the grant also sends the 2 stored before it (issue 13: consent drives forwarding)
+        # the grant also sends the 2 stored before it (consent drives forwarding)
         wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 5, what="5 forwarded entries")
         for path in before + during:
             sent = pydicom.dcmread(path)

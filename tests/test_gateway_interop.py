@@ -1,4 +1,4 @@
-"""The gateway process (its asyncio DICOM layer, issue 12) with senders and requestors the
+"""The gateway process (its asyncio DICOM layer) with senders and requestors the
 rest of the suite does not use: GDCM's gdcmscu (echo, store, find, move), pynetdicom's own
 apps (storescu, findscu, movescu, getscu) and Orthanc through its REST API (store to the
 gateway, query it and retrieve from it by C-MOVE); a PACS that opens one association per

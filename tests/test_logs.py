@@ -1,5 +1,5 @@
 """The log: JSON line by line, no PHI, third-party noise at the right level and never with a
-traceback (issue 11, items 12 and 18; the fuzzed-dataset half is in test_bad_input.py)."""
+traceback (the fuzzed-dataset half is in test_bad_input.py)."""
 
 from __future__ import annotations
 

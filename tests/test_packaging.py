@@ -1,4 +1,4 @@
-"""Packaging (issue 14 item 5): the licence, the GPL JPEG decoder as an option, JPEG instances
+"""Packaging: the licence, the GPL JPEG decoder as an option, JPEG instances
 stored and hashed by a gateway installed without it, and the systemd unit's readiness check."""
 
 from __future__ import annotations

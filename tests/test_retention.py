@@ -1,4 +1,4 @@
-"""Retention (issue 16, item 2): studies past their keep period by Study Date and modality are
+"""Retention: studies past their keep period by Study Date and modality are
 erased by the erase path (one `erased` entry per study, reason `retention`), after a dry run
 that lists exactly what would go; the policy also runs by itself."""
 

@@ -1,5 +1,5 @@
 """`dicomledger serve` as a daemon: start-up failures end the process with one line, one gateway
-per data directory, and a private data tree (issue 11 items 7, 8, 9 and 22's file modes)."""
+per data directory, and a private data tree (file modes)."""
 
 from __future__ import annotations
 

@@ -453,4 +453,4 @@ def test_requestor_preference_gives_each_context_its_own_first_choice(tmp_path):
     assert chosen([im], [ex, im]) == [im, ex]
     assert chosen(["1.2.3.4.5", be, im]) == [be]  # first one we support
     assert chosen([ex, im], [im, ex])[0] == ex  # the earlier context gets its own choice...
-    assert chosen([ex, im], [im, ex])[1] == im  # ...and so does the later one (per context, issue 12)
+    assert chosen([ex, im], [im, ex])[1] == im  # ...and so does the later one (per context)

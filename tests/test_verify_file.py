@@ -1,6 +1,6 @@
-"""`dicomledger verify-file` against a gateway process fed by DCMTK's storescu (issue 11):
-reports DCMTK re-encoded on the way verify as ANCHORED and a changed report is a MISMATCH
-(item 4); pixels anchored as another SOP instance get their own verdict (item 22); anchors
+"""`dicomledger verify-file` against a gateway process fed by DCMTK's storescu:
+reports DCMTK re-encoded on the way verify as ANCHORED and a changed report is a MISMATCH;
+pixels anchored as another SOP instance get their own verdict; anchors
 made with the old `content` method (bytes as received) still verify, on verify-file and on
 retrieve."""
 
