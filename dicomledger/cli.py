@@ -18,6 +18,7 @@ from typing import Any
 from dicomledger.common.errors import ConfigurationError, DicomLedgerError, StorageError
 from dicomledger.config import AE_TITLE_RE, Config, load_config
 from dicomledger.datadir import set_private_umask
+from dicomledger.init_config import render_config
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
 from dicomledger.ledger.peer_tls import create_tls_identity
 from dicomledger.ledger.trust import render_trust_file
@@ -26,89 +27,6 @@ from dicomledger.lifecycle_cli import add_parsers as add_lifecycle_parsers
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool whose reader went away (`| head`)
-
-CONFIG_TEMPLATE = """\
-# dicomledger gateway configuration. Relative paths are relative to this file.
-
-[gateway]
-# Our AE title: modalities and PACS send to this called AE title.
-ae_title = "{ae_title}"
-# Listening address. 127.0.0.1 accepts local senders only; use "0.0.0.0" to accept the network.
-host = "{host}"
-port = {port}
-# Calling AE titles allowed to associate; anyone else is refused at association time.
-# "*" admits any calling AE (not advised outside a test bench).
-allowed_calling_aes = [{allowed}]
-# Concurrent associations; more are refused (transient, local limit exceeded). A connection
-# holds no place until it sends its A-ASSOCIATE-RQ.
-max_associations = 64
-# Maximum PDU we advertise: 0 = unlimited, fastest for large images.
-max_pdu_size = 0
-# Accept SOP classes this gateway does not know (private or newer storage classes).
-accept_unknown_sop_classes = false
-# Seconds before an idle or stuck association is aborted; a connection that sends no
-# A-ASSOCIATE-RQ is closed after min(30, this) seconds.
-network_timeout = 60
-# Largest size in bytes a Deflated Explicit VR Little Endian dataset may inflate to (512 MiB);
-# a larger one is refused with 0xC000 (a deflate bomb: 1 MB can inflate to 1 GB).
-max_inflated_size = 536870912
-
-[ledger]
-# Origin: the stable, globally unique name of this gateway's log (used in checkpoints).
-origin = "{origin}"
-# Ed25519 private key that signs this gateway's entries and checkpoints (mode 0600).
-key_file = "keys/gateway.key"
-database = "data/ledger.db"
-# Seconds between signed checkpoints while the log grows.
-checkpoint_interval = 1.0
-
-[storage]
-# Received instances, as received, under study/series/instance.
-directory = "data/images"
-# SQLite index of patients/studies/series/instances (holds PHI; stays local).
-index = "data/index.db"
-
-[pseudonyms]
-# Consortium secret for keyed pseudonyms (HMAC-SHA-256) of patient/study/series/instance IDs.
-# Every gateway of a consortium must hold the same secret; keep it as private as the key.
-secret_file = "keys/consortium.secret"
-
-[logging]
-level = "info"
-
-[peering]
-# The peer API the other gateways of the consortium reach: HTTPS with mutual TLS, each side
-# pinning the other's certificate. Peers not listed below cannot connect.
-host = "{host}"
-port = {peer_port}
-tls_cert = "keys/peer-tls.crt"
-tls_key = "keys/peer-tls.key"
-# Seconds between gossip rounds (anti-entropy), and how many peers one round contacts. A new
-# checkpoint is also announced to every peer at once, so entries spread faster than this.
-gossip_interval = 1.0
-fanout = 3
-# Seconds after which peers are asked to cosign our unchanged checkpoint again: a fresh
-# cosignature timestamp shows auditors the log was alive and unchanged while idle.
-heartbeat_interval = 60.0
-# With [[peers]] listed, a start appends nothing (and opens no DICOM listener) until a peer has
-# confirmed this gateway's own log, giving back entries it lost, e.g. to a restore. With no
-# peer answering within this many seconds `serve` stops, unless given --accept-local-tip.
-startup_wait = 60.0
-# The consortium's witness policy (a C2SP tlog-policy file: a `witness` line per gateway, from
-# the last line of its trust.txt, a group and the quorum), the same file at every gateway: its
-# quorum of the other gateways must sign a statement that replaces a lost or stolen key
-# (`dicomledger replace-key`, docs/keys.md). Peers exchange its digest and a check value of the
-# pseudonym secret, and refuse each other when they differ.
-# witness_policy = "consortium-policy.txt"
-
-# One [[peers]] table per other gateway: its origin, peer API address, verifier key (line 2
-# in its trust.txt) and pinned TLS certificate (a copy of its keys/peer-tls.crt).
-# [[peers]]
-# origin = "hospital-b.example/dicomledger"
-# address = "192.0.2.20:12112"
-# vkey = "hospital-b.example/dicomledger+1234abcd+AW..."
-# tls_cert = "peers/hospital-b.crt"
-"""
 
 
 def _fail(message: str, code: int = EXIT_FAIL) -> int:
@@ -138,11 +56,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "wb") as f:
         f.write(secret + b"\n")
     create_tls_identity(directory / "keys" / "peer-tls.crt", directory / "keys" / "peer-tls.key", origin)
-    allowed = ", ".join(f'"{a}"' for a in args.allow)
     peer_port = args.peer_port or (args.port + 1000 if args.port + 1000 <= 65535 else args.port - 1000)
     config_path.write_text(
-        CONFIG_TEMPLATE.format(
-            ae_title=args.ae_title, host=args.host, port=args.port, allowed=allowed, origin=origin,
+        render_config(
+            ae_title=args.ae_title, host=args.host, port=args.port, allowed=args.allow, origin=origin,
             peer_port=peer_port,
         )
     )
