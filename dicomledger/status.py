@@ -20,8 +20,9 @@ from typing import Any
 from dicomledger.config import Config
 from dicomledger.datadir import running_gateway
 from dicomledger.dicom.index import Index
+from dicomledger.ledger.consortium import ConsortiumCheck, ConsortiumState
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
-from dicomledger.ledger.log import ConsortiumCheck, ConsortiumState, LedgerStore
+from dicomledger.ledger.log import LedgerStore
 from dicomledger.ledger.note import Signature, cosignature_timestamp, parse_note
 
 

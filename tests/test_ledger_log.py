@@ -191,7 +191,7 @@ async def test_reads_and_state_writes_interleave_with_commits(tmp_path):
     """Regression: a SELECT left open across an await pinned a stale read snapshot, so a
     state write on the shared connection failed with "database is locked" after the writer
     thread committed, and the checkpoint loop died with it."""
-    from dicomledger.ledger.log import ConsortiumState, PeerStatus
+    from dicomledger.ledger.consortium import ConsortiumState, PeerStatus
 
     identity, store, writer = await open_log(tmp_path / "l.db")
     state = ConsortiumState(store)

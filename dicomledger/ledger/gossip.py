@@ -77,6 +77,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from dicomledger.common.errors import PeerError
 from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
+from dicomledger.ledger.consortium import (
+    ConsortiumCheck,
+    ConsortiumState,
+    PeerStatus,
+    evidence_digest,
+)
 from dicomledger.ledger.entries import (
     FLAG_CLEARED,
     KEY_ROTATION,
@@ -96,15 +102,11 @@ from dicomledger.ledger.keychain import (
     statement_of,
 )
 from dicomledger.ledger.log import (
-    ConsortiumCheck,
-    ConsortiumState,
     LedgerStore,
     LedgerStoreError,
     LogWriter,
-    PeerStatus,
     ReplicaError,
     ReplicaWriter,
-    evidence_digest,
 )
 from dicomledger.ledger.note import (
     Note,
