@@ -157,65 +157,42 @@ def cmd_verify_copy(args: argparse.Namespace) -> int:
 
 
 def cmd_prove(args: argparse.Namespace, config: Config) -> int:
-    from dicomledger.ledger.log import LedgerStore, sign_checkpoint
-    from dicomledger.ledger.proof import InclusionProofFile, format_proof_file
+    from dicomledger.ledger.log import LedgerStore
+    from dicomledger.ledger.proving import ProofUnavailable, build_proof
 
     origin = args.origin or config.ledger.origin
+
+    def own_identity() -> Identity:  # signs a checkpoint when none covers the entry yet
+        return Identity(origin, load_key_file(config.ledger.key_file))
 
     async def build() -> bytes:
         store = await LedgerStore.open(config.ledger.database)
         try:
-            if await store.origin(origin) is None:
-                raise LookupError(f"the ledger holds no log for origin {origin!r}")
-            size = await store.size(origin)
-            if not 0 <= args.entry < size:
-                raise LookupError(f"{origin} has entries 0..{size - 1}; there is no entry {args.entry}")
-            latest = await store.latest_checkpoint(origin, at_least=args.entry + 1)
-            if latest is None:
-                if origin != config.ledger.origin:
-                    raise LookupError(f"no checkpoint of {origin} covers entry {args.entry} yet")
-                identity = Identity(origin, load_key_file(config.ledger.key_file))
-                latest = (size, await sign_checkpoint(store, identity, size))
-            cp_size, note = latest
-            return format_proof_file(
-                InclusionProofFile(
-                    entry=await store.entry(origin, args.entry),
-                    index=args.entry,
-                    proof=tuple(await store.inclusion_proof(origin, args.entry, cp_size)),
-                    checkpoint_note=note,
-                )
+            return await build_proof(
+                store, origin, args.entry, own_identity if origin == config.ledger.origin else None
             )
         finally:
             await store.close()
 
     try:
         data = asyncio.run(build())
-    except LookupError as exc:
-        return _fail(str(exc.args[0]))
+    except ProofUnavailable as exc:
+        return _fail(str(exc))
     Path(args.output).write_bytes(data)
     print(f"wrote proof of {origin} entry {args.entry} to {args.output}")
     return EXIT_OK
 
 
 def cmd_check_proof(args: argparse.Namespace) -> int:
-    from dicomledger.ledger.entries import EntryError, decode_entry, verify_entry_signature
+    from dicomledger.ledger.entries import EntryError
     from dicomledger.ledger.note import NoteError
-    from dicomledger.ledger.proof import ProofFileError, check_proof_file, parse_proof_file
+    from dicomledger.ledger.proof import ProofFileError
+    from dicomledger.ledger.proving import check_entry_proof
     from dicomledger.ledger.trust import read_trust
 
     try:
         trusted = read_trust(Path(args.trust), Path(args.policy) if args.policy else None)
-        proof = parse_proof_file(Path(args.proof).read_bytes())
-        result = check_proof_file(proof, trusted)
-        entry = decode_entry(proof.entry)
-        if entry.origin != result.origin or entry.index != proof.index:
-            raise EntryError(
-                f"entry says {entry.origin} index {entry.index}, "
-                f"the proof is for {result.origin} index {proof.index}"
-            )
-        chain = trusted.log_chain(result.origin)
-        assert chain is not None  # check_proof_file found it
-        verify_entry_signature(entry, chain.entry_key(entry.index))
+        checked = check_entry_proof(Path(args.proof).read_bytes(), trusted)
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (ProofFileError, NoteError, EntryError) as exc:
@@ -227,6 +204,7 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
                 print("(a log that changed its key signs with its new key: add the key-change lines of its "
                       "trust.txt to the trust file)", file=sys.stderr)
         return EXIT_FAIL
+    proof, entry, result = checked.proof, checked.entry, checked.result
     signed = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
     witnesses = [(name, datetime.fromtimestamp(ts, UTC).isoformat()) for name, ts in result.witnesses]
     if args.json:  # one JSON document and nothing else on stdout
