@@ -11,8 +11,8 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dicomledger.ledger.gossip import consortium_mismatch, consortium_value
 from dicomledger.ledger.note import SIG_COSIGNATURE_V1, verifier_key
+from dicomledger.ledger.peer_api import consortium_mismatch, consortium_value
 from dicomledger.ledger.policy import canonical_text, parse_policy
 from dicomledger.ledger.pseudonym import secret_check
 from tests import dicomdata

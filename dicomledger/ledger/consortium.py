@@ -1,7 +1,7 @@
 """The consortium as this gateway remembers it: witness state per origin, equivocation
 evidence (an origin with evidence whose flag was not cleared is flagged), each peer's last known
 status and consortium settings. Kept in the ledger database, beside the logs (``log.py``), and
-used by the peer service (``gossip.py``) and ``dicomledger status``."""
+used by the peer service (``gossip.py``, ``peer_api.py``) and ``dicomledger status``."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class PeerStatus:
 
 @dataclass(frozen=True)
 class ConsortiumCheck:
-    """What a peer last said of its consortium settings (``gossip.CONSORTIUM_HEADER``): the
+    """What a peer last said of its consortium settings (``peer_api.CONSORTIUM_HEADER``): the
     check value of its pseudonym secret, the digest of its witness policy, and how they
     differ from ours (None: they match)."""
 
