@@ -150,16 +150,18 @@ class ConsortiumSettings:
         line. Returns the mismatch, if any."""
         assert self.ours is not None
         problem = consortium_mismatch(self.ours, theirs)
-        if self._seen.get(peer) == (theirs, problem):
-            return problem
         before = self._seen.get(peer)
+        if before == (theirs, problem):
+            return problem
+        # noted before the first await: a request and an answer of the same peer checked at
+        # the same time (server and client side) make one log line, not two
+        self._seen[peer] = (theirs, problem)
         if before is None:
             held = await self.state.consortium_check(peer)
             before = None if held is None else ("", held.mismatch)
         fields = parse_consortium_value(theirs)
         await self.state.set_consortium_check(
             ConsortiumCheck(peer, fields.get("secret-check"), fields.get("policy"), problem, now_iso()))
-        self._seen[peer] = (theirs, problem)
         if problem is not None:
             log.error("peer refused: consortium settings differ; nothing is exchanged with it until they match",
                       peer=peer, mismatch=problem)
