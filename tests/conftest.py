@@ -26,6 +26,29 @@ def jpeg_lossless_decoder_installed() -> bool:
     return get_decoder(uid.JPEGLosslessSV1).is_available
 
 
+_START_PROCESS = subprocess.Popen.__init__
+
+
+def _no_process(self: subprocess.Popen, args: object, *rest: object, **options: object) -> None:
+    raise RuntimeError(
+        f"a test not marked e2e started a process ({str(args)[:100]}): put `pytestmark = pytest.mark.e2e` "
+        "in its module (the quick unit run, `-m 'not e2e'`, starts none)"
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """In the quick unit run (``-m "not e2e"``), a test that starts a process (gateway, DCMTK,
+    Orthanc, the CLI) fails and says to mark its module e2e."""
+    unit_run = "not e2e" in (item.config.getoption("markexpr") or "")
+    if unit_run and item.get_closest_marker("e2e") is None:
+        subprocess.Popen.__init__ = _no_process  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = _START_PROCESS  # type: ignore[method-assign]
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("jpeg_gpl") and not jpeg_lossless_decoder_installed():
         pytest.skip("needs a JPEG Lossless decoder: pip install -e '.[jpeg-gpl]' (pylibjpeg-libjpeg, GPLv3) "

@@ -13,9 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess
 from tests.test_erasure import index_count, stored_files
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def backup_consistency(backup: Path) -> tuple[int, int]:

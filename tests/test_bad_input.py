@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -23,6 +24,8 @@ from tests.conftest import GatewayProcess
 from tests.dimse import associate, send_as_is
 from tests.test_logs import assert_json_log_without
 from tests.test_storage_scp import index_rows, ledger_payloads
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 MR, SR = "1.2.840.10008.5.1.4.1.1.4", dicomdata.BASIC_TEXT_SR
 PATIENT = dicomdata.FakePatient(name="Phiname-QX7ZK^Wilhelmina", patient_id="DLFAKE-QX7ZK44",

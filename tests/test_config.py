@@ -7,6 +7,8 @@ import pytest
 from dicomledger.config import ConfigError, load_config
 from tests.conftest import dicomledger
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "gateway.example.toml"
 
 

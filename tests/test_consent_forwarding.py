@@ -22,6 +22,8 @@ from tests.conftest import DCMTK_ENV, GatewayProcess, consortium, free_port
 from tests.test_consortium import log_size, wait_until
 from tests.test_forwarding import add_forwarding, effective, entries_of_kind, forwarding_gateway
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 class Storescp:
     """A DCMTK storescp as the forwarding destination PACS, on a fixed port (it can be

@@ -32,7 +32,7 @@ REPORTS = ["waveform_ecg.dcm", "reportsi.dcm", "rtplan.dcm", "test-SR.dcm", "pri
            "UN_sequence.dcm", "empty_charset_LEI.dcm", "no_meta_group_length.dcm",
            "reportsi_with_empty_number_tags.dcm"]
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]  # pydicom on odd test files
 
 
 def sha(data: bytes) -> bytes:

@@ -13,11 +13,14 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess, consortium, dcmtk, free_port
 from tests.test_consortium import wait_until
 from tests.test_forwarding import entries_of_kind
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def phi_of(patient: dicomdata.FakePatient) -> list[bytes]:

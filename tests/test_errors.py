@@ -95,6 +95,7 @@ def malformed_checkpoint(tmp_path: Path) -> Path:
     return config
 
 
+@pytest.mark.e2e  # runs `dicomledger` commands
 @pytest.mark.parametrize(
     "command",
     [("prove", "--entry", "0", "-o", "proof"), ("peers",)],

@@ -16,6 +16,8 @@ from tests import dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, consortium, free_port
 from tests.test_consortium import log_size, wait_until
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def entries_of_kind(gw: GatewayProcess, kind: str) -> list[dict]:
     con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)

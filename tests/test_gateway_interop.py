@@ -31,6 +31,8 @@ from tests.test_patient_conflict import log_events
 from tests.test_retrieve import pixels_by_uid, received, stored_path
 from tests.test_storage_scp import index_rows
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 HOST = "127.0.0.1"
 ORTHANC = "/usr/sbin/Orthanc"
 

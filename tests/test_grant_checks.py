@@ -15,6 +15,8 @@ from dicomledger.ledger.entries import decode_entry
 from tests import dicomdata
 from tests.conftest import GatewayProcess, free_port
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def own_entries(gw: GatewayProcess) -> list:
     con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)

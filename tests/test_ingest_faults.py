@@ -25,6 +25,8 @@ from tests.test_forwarding import entries_of_kind, forwarding_gateway, pacs  # n
 from tests.test_logs import assert_json_log_without
 from tests.test_storage_scp import index_rows, ledger_payloads, log_lines
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
 

@@ -20,6 +20,7 @@ OWN_VALUES = {  # line of the example -> line of init's config
 }
 
 
+@pytest.mark.e2e  # runs `dicomledger init`
 def test_init_writes_the_example_with_its_own_values(tmp_path):
     result = dicomledger("init", "--dir", str(tmp_path / "gw"), "--ae-title", "GW7", "--host", "0.0.0.0",
                          "--port", "11999", "--peer-port", "13999", "--allow", "CT1", "--allow", "PACS",

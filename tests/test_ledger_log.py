@@ -19,6 +19,8 @@ from dicomledger.ledger.log import LedgerStore, LogWriter
 from dicomledger.ledger.note import parse_note, verify_note_signature
 from dicomledger.ledger.verify import verify_database
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 ORIGIN = "a.example/dicomledger"
 
 

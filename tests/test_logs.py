@@ -16,6 +16,8 @@ from tests import dicomdata
 from tests.conftest import GatewayProcess, free_port
 from tests.test_forwarding import entries_of_kind, forwarding_gateway
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def log_records(gw: GatewayProcess) -> list[dict]:
     """Every line of the gateway's log, each of which must be a JSON object."""

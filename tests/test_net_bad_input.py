@@ -42,7 +42,7 @@ from tests.netharness import (
 )
 from tests.test_net_codecs import rq_with_context_ids
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from tests.netharness import (
 )
 from tests.test_storage_scp import OPTION_FOR_SYNTAX
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 

@@ -23,6 +23,8 @@ from dicomledger.dicom.pixelhash import hash_instance_file
 from tests.conftest import DCMTK_ENV, ROOT, GatewayProcess, dcmtk
 from tests.test_forwarding import entries_of_kind
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 

@@ -57,6 +57,8 @@ from tests import dicomdata
 from tests.conftest import GatewayProcess, consortium, dcmtk
 from tests.test_consortium import log_size, wait_until
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 LIMIT = 1 << 20  # B's [peering] max_message_bytes for this test (the default is 8 MiB)
 PULL_TARGET = 450  # forged answers to B's gossip before the fake peer stops
 MIN_TOTAL = 1000

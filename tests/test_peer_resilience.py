@@ -37,6 +37,8 @@ from tests.conftest import GatewayProcess, consortium
 from tests.test_consortium import newest_checkpoint, wait_until
 from tests.test_peer_forgery import log_events, log_of, query
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 HUGE = 2**40  # the size the hostile peer's checkpoint claims
 REAL_LEVEL = 10
 REAL = 1 << REAL_LEVEL  # leaves under the hostile checkpoint's root that are real entries

@@ -21,6 +21,8 @@ from tests.conftest import DCMTK_ENV, GatewayProcess, consortium, dcmtk, free_po
 from tests.test_consortium import wait_until
 from tests.test_forwarding import entries_of_kind
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 @dataclass
 class Site:

@@ -9,11 +9,14 @@ import sqlite3
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from tests import dicomdata
 from tests.conftest import GatewayProcess
 from tests.test_consortium import wait_until
 from tests.test_forwarding import entries_of_kind
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def stored_file(gw: GatewayProcess, source: Path) -> Path:

@@ -16,6 +16,8 @@ import pytest
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess, free_port
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def serve_once(gw: GatewayProcess, timeout: float = 30) -> subprocess.CompletedProcess:
     """`dicomledger serve` expected to stop by itself; a hang fails the test (TimeoutExpired)."""

@@ -16,6 +16,8 @@ from pynetdicom import AE
 from tests import dicomdata
 from tests.conftest import GatewayProcess, dcmtk
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 PATIENT_NAMES = ["Testperson^Alice", "Fakename^Bob"]
 
 

@@ -22,7 +22,7 @@ from tests.test_storage_scp import index_rows, ledger_payloads, log_lines, succe
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 REPORTS = [WHEEL / "waveform_ecg.dcm", WHEEL / "reportsi.dcm"]
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the wheel files
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]  # pydicom on the wheel files
 
 
 def stored_file(gw: GatewayProcess, path: Path) -> Path:
