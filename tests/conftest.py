@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -55,10 +56,37 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
                     "or python-gdcm; ./scripts/test installs the extra")
 
 
+# Ports for the servers tests start: below the kernel's ephemeral range (32768 and up here),
+# from which the kernel hands out ports for bind(0) and outgoing connections, so no other
+# process takes one between the test choosing it and its server binding it (tests choose a
+# gateway's ports at init and bind them at start). Each xdist worker takes its own share of
+# the range, in turn from a random start, so no port is handed out twice before the share wraps.
+PORT_RANGE = (20000, 32000)
+_next_port: list[int] = []
+
+
+def _port_share() -> tuple[int, int]:
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    size = (PORT_RANGE[1] - PORT_RANGE[0]) // workers
+    low = PORT_RANGE[0] + (int(worker) % workers if worker.isdigit() else 0) * size
+    return low, size
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low, size = _port_share()
+    if not _next_port:
+        _next_port.append(random.randrange(size))
+    for _ in range(size):
+        port = low + _next_port[0] % size
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use
+            return port
+    raise RuntimeError(f"no free port in {low}..{low + size - 1}")
 
 
 def dicomledger(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
