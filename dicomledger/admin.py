@@ -28,6 +28,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from dicomledger.common.errors import DicomLedgerError
 from dicomledger.config import Config
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
@@ -39,11 +40,11 @@ if TYPE_CHECKING:  # (the CLI imports this module for `call`: keep pydicom out o
 log = structlog.get_logger("dicomledger.admin")
 
 
-class GatewayNotRunning(RuntimeError):
+class GatewayNotRunning(DicomLedgerError, RuntimeError):
     """No gateway answers on the admin socket."""
 
 
-class AdminError(RuntimeError):
+class AdminError(DicomLedgerError, RuntimeError):
     """The gateway refused an admin request; the message says why."""
 
 
@@ -212,7 +213,7 @@ async def call(socket: Path, action: str, body: dict[str, Any], config_path: Pat
         async with aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(socket)), timeout=aiohttp.ClientTimeout(total=60)
         ) as session, session.post(f"http://gateway/v1/{action}", json=body) as resp:
-            answer = await resp.json(content_type=None)
+            answer: dict[str, Any] = await resp.json(content_type=None)
     except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
         raise GatewayNotRunning(
             f"the gateway is not running (nothing answers on its admin socket {socket}: {exc.__class__.__name__}); "

@@ -44,6 +44,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
+from dicomledger.common.errors import StorageError
 from dicomledger.config import Config
 from dicomledger.datadir import (
     LOCK_NAME,
@@ -61,7 +62,7 @@ SIGNING_PREFIX = b"dicomledger/backup/v1\n"
 CHUNK = 1 << 20
 
 
-class BackupError(RuntimeError):
+class BackupError(StorageError, RuntimeError):
     """A backup or restore cannot go on; the message says why and what to do."""
 
 
@@ -268,7 +269,7 @@ def check_backup(config: Config, source: Path) -> dict[str, Any]:
         key.verify(sig, SIGNING_PREFIX + data)
     except InvalidSignature:
         raise BackupError(f"{source}/manifest.json is not signed by this gateway's key: altered, or another gateway's backup") from None
-    manifest = json.loads(data)
+    manifest: dict[str, Any] = json.loads(data)
     if manifest.get("format") != FORMAT:
         raise BackupError(f"{source} is a {manifest.get('format')!r} backup; this version restores {FORMAT}")
     if manifest.get("origin") != config.ledger.origin:

@@ -13,9 +13,12 @@ import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from dicomledger.config import AE_TITLE_RE, Config, ConfigError, load_config
+from dicomledger.common.errors import ConfigurationError, DicomLedgerError, StorageError
+from dicomledger.config import AE_TITLE_RE, Config, load_config
 from dicomledger.datadir import set_private_umask
+from dicomledger.init_config import render_config
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
 from dicomledger.ledger.peer_tls import create_tls_identity
 from dicomledger.ledger.trust import render_trust_file
@@ -24,103 +27,6 @@ from dicomledger.lifecycle_cli import add_parsers as add_lifecycle_parsers
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a Unix tool whose reader went away (`| head`)
-
-CONFIG_TEMPLATE = """\
-# dicomledger gateway configuration. Relative paths are relative to this file.
-
-[gateway]
-# Our AE title: modalities and PACS send to this called AE title.
-ae_title = "{ae_title}"
-# Listening address. 127.0.0.1 accepts local senders only; use "0.0.0.0" to accept the network.
-host = "{host}"
-port = {port}
-# Calling AE titles allowed to associate; anyone else is refused at association time.
-# "*" admits any calling AE (not advised outside a test bench).
-allowed_calling_aes = [{allowed}]
-# Concurrent associations; more are refused (transient, local limit exceeded). A connection
-# holds no place until it sends its A-ASSOCIATE-RQ.
-max_associations = 64
-# Maximum PDU we advertise: 0 = unlimited, fastest for large images.
-max_pdu_size = 0
-# Accept SOP classes this gateway does not know (private or newer storage classes).
-accept_unknown_sop_classes = false
-# Seconds before an idle or stuck association is aborted; a connection that sends no
-# A-ASSOCIATE-RQ is closed after min(30, this) seconds.
-network_timeout = 60
-# Largest size in bytes a Deflated Explicit VR Little Endian dataset may inflate to (512 MiB);
-# a larger one is refused with 0xC000 (a deflate bomb: 1 MB can inflate to 1 GB).
-max_inflated_size = 536870912
-
-[ledger]
-# Origin: the stable, globally unique name of this gateway's log (used in checkpoints).
-origin = "{origin}"
-# Ed25519 private key that signs this gateway's entries and checkpoints (mode 0600).
-key_file = "keys/gateway.key"
-database = "data/ledger.db"
-# Seconds between signed checkpoints while the log grows.
-checkpoint_interval = 1.0
-
-[storage]
-# Received instances, as received, under study/series/instance.
-directory = "data/images"
-# SQLite index of patients/studies/series/instances (holds PHI; stays local).
-index = "data/index.db"
-
-[pseudonyms]
-# Consortium secret for keyed pseudonyms (HMAC-SHA-256) of patient/study/series/instance IDs.
-# Every gateway of a consortium must hold the same secret; keep it as private as the key.
-secret_file = "keys/consortium.secret"
-
-[logging]
-level = "info"
-
-[peering]
-# The peer API the other gateways of the consortium reach: HTTPS with mutual TLS, each side
-# pinning the other's certificate. Peers not listed below cannot connect.
-host = "{host}"
-port = {peer_port}
-tls_cert = "keys/peer-tls.crt"
-tls_key = "keys/peer-tls.key"
-# Seconds between gossip rounds (anti-entropy), and how many peers one round contacts. A new
-# checkpoint is also announced to every peer at once, so entries spread faster than this.
-gossip_interval = 1.0
-fanout = 3
-# Seconds after which peers are asked to cosign our unchanged checkpoint again: a fresh
-# cosignature timestamp shows auditors the log was alive and unchanged while idle.
-heartbeat_interval = 60.0
-# With [[peers]] listed, a start appends nothing (and opens no DICOM listener) until a peer has
-# confirmed this gateway's own log, giving back entries it lost, e.g. to a restore. With no
-# peer answering within this many seconds `serve` stops, unless given --accept-local-tip.
-startup_wait = 60.0
-# The consortium's witness policy (a C2SP tlog-policy file: a `witness` line per gateway, from
-# the last line of its trust.txt, a group and the quorum), the same file at every gateway: its
-# quorum of the other gateways must sign a statement that replaces a lost or stolen key
-# (`dicomledger replace-key`, docs/keys.md). Peers exchange its digest and a check value of the
-# pseudonym secret, and refuse each other when they differ.
-# witness_policy = "consortium-policy.txt"
-
-# One [[peers]] table per other gateway: its origin, peer API address, verifier key (line 2
-# in its trust.txt) and pinned TLS certificate (a copy of its keys/peer-tls.crt).
-# [[peers]]
-# origin = "hospital-b.example/dicomledger"
-# address = "192.0.2.20:12112"
-# vkey = "hospital-b.example/dicomledger+1234abcd+AW..."
-# tls_cert = "peers/hospital-b.crt"
-
-# Metrics and health: Prometheus /metrics, /healthz and /readyz over local HTTP, on a port of
-# their own. Off unless enabled (config/gateway.example.toml documents every setting).
-# [metrics]
-# enabled = true
-# host = "127.0.0.1"
-# port = 9112
-
-# Storage Commitment (on by default): a requestor that closes its association before the
-# report gets it on a new association to the address listed here (or its [[destinations]] entry).
-# [[commitment_requestors]]
-# ae_title = "CT_SCANNER_1"
-# address = "192.0.2.40:104"
-"""
-
 
 TLS_TEMPLATE = """
 [tls]
@@ -172,11 +78,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "wb") as f:
         f.write(secret + b"\n")
     create_tls_identity(directory / "keys" / "peer-tls.crt", directory / "keys" / "peer-tls.key", origin)
-    allowed = ", ".join(f'"{a}"' for a in args.allow)
     peer_port = args.peer_port or (args.port + 1000 if args.port + 1000 <= 65535 else args.port - 1000)
     config_path.write_text(
-        CONFIG_TEMPLATE.format(
-            ae_title=args.ae_title, host=args.host, port=args.port, allowed=allowed, origin=origin,
+        render_config(
+            ae_title=args.ae_title, host=args.host, port=args.port, allowed=args.allow, origin=origin,
             peer_port=peer_port,
         )
     )
@@ -299,65 +204,42 @@ def cmd_verify_copy(args: argparse.Namespace) -> int:
 
 
 def cmd_prove(args: argparse.Namespace, config: Config) -> int:
-    from dicomledger.ledger.log import LedgerStore, sign_checkpoint
-    from dicomledger.ledger.proof import InclusionProofFile, format_proof_file
+    from dicomledger.ledger.log import LedgerStore
+    from dicomledger.ledger.proving import ProofUnavailable, build_proof
 
     origin = args.origin or config.ledger.origin
+
+    def own_identity() -> Identity:  # signs a checkpoint when none covers the entry yet
+        return Identity(origin, load_key_file(config.ledger.key_file))
 
     async def build() -> bytes:
         store = await LedgerStore.open(config.ledger.database)
         try:
-            if await store.origin(origin) is None:
-                raise LookupError(f"the ledger holds no log for origin {origin!r}")
-            size = await store.size(origin)
-            if not 0 <= args.entry < size:
-                raise LookupError(f"{origin} has entries 0..{size - 1}; there is no entry {args.entry}")
-            latest = await store.latest_checkpoint(origin, at_least=args.entry + 1)
-            if latest is None:
-                if origin != config.ledger.origin:
-                    raise LookupError(f"no checkpoint of {origin} covers entry {args.entry} yet")
-                identity = Identity(origin, load_key_file(config.ledger.key_file))
-                latest = (size, await sign_checkpoint(store, identity, size))
-            cp_size, note = latest
-            return format_proof_file(
-                InclusionProofFile(
-                    entry=await store.entry(origin, args.entry),
-                    index=args.entry,
-                    proof=tuple(await store.inclusion_proof(origin, args.entry, cp_size)),
-                    checkpoint_note=note,
-                )
+            return await build_proof(
+                store, origin, args.entry, own_identity if origin == config.ledger.origin else None
             )
         finally:
             await store.close()
 
     try:
         data = asyncio.run(build())
-    except LookupError as exc:
-        return _fail(str(exc.args[0]))
+    except ProofUnavailable as exc:
+        return _fail(str(exc))
     Path(args.output).write_bytes(data)
     print(f"wrote proof of {origin} entry {args.entry} to {args.output}")
     return EXIT_OK
 
 
 def cmd_check_proof(args: argparse.Namespace) -> int:
-    from dicomledger.ledger.entries import EntryError, decode_entry, verify_entry_signature
+    from dicomledger.ledger.entries import EntryError
     from dicomledger.ledger.note import NoteError
-    from dicomledger.ledger.proof import ProofFileError, check_proof_file, parse_proof_file
+    from dicomledger.ledger.proof import ProofFileError
+    from dicomledger.ledger.proving import check_entry_proof
     from dicomledger.ledger.trust import read_trust
 
     try:
         trusted = read_trust(Path(args.trust), Path(args.policy) if args.policy else None)
-        proof = parse_proof_file(Path(args.proof).read_bytes())
-        result = check_proof_file(proof, trusted)
-        entry = decode_entry(proof.entry)
-        if entry.origin != result.origin or entry.index != proof.index:
-            raise EntryError(
-                f"entry says {entry.origin} index {entry.index}, "
-                f"the proof is for {result.origin} index {proof.index}"
-            )
-        chain = trusted.log_chain(result.origin)
-        assert chain is not None  # check_proof_file found it
-        verify_entry_signature(entry, chain.entry_key(entry.index))
+        checked = check_entry_proof(Path(args.proof).read_bytes(), trusted)
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (ProofFileError, NoteError, EntryError) as exc:
@@ -369,6 +251,7 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
                 print("(a log that changed its key signs with its new key: add the key-change lines of its "
                       "trust.txt to the trust file)", file=sys.stderr)
         return EXIT_FAIL
+    proof, entry, result = checked.proof, checked.entry, checked.result
     signed = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
     witnesses = [(name, datetime.fromtimestamp(ts, UTC).isoformat()) for name, ts in result.witnesses]
     if args.json:  # one JSON document and nothing else on stdout
@@ -426,7 +309,7 @@ def cmd_queue(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def _admin(config: Config, action: str, body: dict) -> dict | int:
+def _admin(config: Config, action: str, body: dict[str, Any]) -> dict[str, Any] | int:
     """Send one admin request to the running gateway; an int is the exit code of a failure."""
     from dicomledger.admin import AdminError, GatewayNotRunning, call
 
@@ -439,7 +322,7 @@ def _admin(config: Config, action: str, body: dict) -> dict | int:
         return _fail(f"refused by the gateway: {exc}")
 
 
-def _pseudonyms(args: argparse.Namespace, config: Config) -> dict:
+def _pseudonyms(args: argparse.Namespace, config: Config) -> dict[str, str]:
     """Patient ID and Study UID leave this process only as keyed pseudonyms."""
     from dicomledger.ledger.pseudonym import pseudonym
 
@@ -458,7 +341,7 @@ def cmd_grant(args: argparse.Namespace, config: Config) -> int:
     return _issued("granted", _admin(config, "grant", body))
 
 
-def _issued(what: str, answer: dict | int) -> int:
+def _issued(what: str, answer: dict[str, Any] | int) -> int:
     if isinstance(answer, int):
         return answer
     for warning in answer.get("warnings", []):
@@ -487,7 +370,7 @@ def cmd_permissions(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return EXIT_OK
 
-    def where(r: dict) -> str:
+    def where(r: dict[str, Any]) -> str:
         return f"{r['origin']} entry {r['index']}"
 
     print("effective grants:" if answer["effective"] else "effective grants: none (default: deny)")
@@ -842,12 +725,8 @@ def _version() -> str:
 
 def _is_data_error(exc: BaseException) -> bool:
     """What reading or writing a database or file can raise: reported as one line, never a
-    traceback. (Imported here: the modules are slow to import and only needed on failure.)"""
-    from dicomledger.dicom.index import IndexStoreError
-    from dicomledger.forwarding import ForwardQueueError
-    from dicomledger.ledger.log import LedgerStoreError
-
-    return isinstance(exc, OSError | sqlite3.Error | LedgerStoreError | IndexStoreError | ForwardQueueError)
+    traceback."""
+    return isinstance(exc, OSError | sqlite3.Error | StorageError)
 
 
 def _reason(exc: BaseException) -> str:
@@ -861,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         code = _main(argv)
         sys.stdout.flush()  # a reader gone shows here, not as a message at interpreter exit
         return code
+    except DicomLedgerError as exc:  # raised on purpose anywhere: its message is the line
+        return _fail(_reason(exc), EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAIL)
     except BrokenPipeError:
         # The reader went away (`dicomledger audit | head`): stop quietly. Point stdout at
         # /dev/null so the interpreter's final flush does not fail a second time.
@@ -902,7 +783,7 @@ def _main(argv: list[str] | None) -> int:
             "replace-key": cmd_replace_key,
         }[args.command]
         return handler(args, config)
-    except (ConfigError, KeyFileError) as exc:
+    except ConfigurationError as exc:  # the config, a key file
         return _fail(str(exc), EXIT_USAGE)
     except BrokenPipeError:
         raise

@@ -14,6 +14,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dicomledger.common.errors import ConfigurationError
 from dicomledger.dicom.net.tls import AeBinding, networks, normalise_fingerprint
 from dicomledger.ledger.note import NoteError, parse_verifier_key
 from dicomledger.ledger.policy import PolicyError, WitnessPolicy, parse_policy
@@ -27,7 +28,7 @@ _KIND_NAMES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigurationError, ValueError):
     """A config mistake; str() is one line naming the file, the key and the fix."""
 
 
@@ -331,7 +332,7 @@ class _Section:
         return value
 
     def int_in(self, key: str, low: int, high: int, default: Any = ...) -> int:
-        value = self.get(key, int, default)
+        value: int = self.get(key, int, default)
         if not low <= value <= high:
             raise self._fail(key, f"must be between {low} and {high}, got {value}")
         return value
@@ -569,7 +570,7 @@ def _atna(path: Path, raw: dict[str, Any], origin: str) -> AtnaConfig | None:
 
 
 def _positive(sec: _Section, key: str, default: float, zero_ok: bool = False) -> float:
-    value = sec.get(key, float, default)
+    value: float = sec.get(key, float, default)
     if value < 0 or (value == 0 and not zero_ok):
         raise sec._fail(key, f"must be {'zero or more' if zero_ok else 'a positive number'}, got {value}")
     return value

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from dicomledger.common.errors import StorageError
 from dicomledger.config import Config
 
 LOCK_NAME = "dicomledger.lock"
@@ -34,7 +35,7 @@ MARKER_TEXT = (
 )
 
 
-class DataDirInUse(RuntimeError):
+class DataDirInUse(StorageError, RuntimeError):
     """Another process holds a data directory's lock; the message names it and the process."""
 
 
@@ -183,8 +184,8 @@ def make_private(config: Config) -> list[Path]:
             changed += [Path(root, n) for n in names if _tighten(Path(root, n), directory=False)]
         if config.storage.directory.is_dir():
             fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(MARKER_TEXT)
+            with os.fdopen(fd, "w") as marker_file:
+                marker_file.write(MARKER_TEXT)
     return changed
 
 

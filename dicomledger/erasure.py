@@ -31,6 +31,7 @@ from typing import Any
 
 import structlog
 
+from dicomledger.common.errors import ConfigurationError
 from dicomledger.dicom.index import Index, InstanceRow
 from dicomledger.dicom.store import FileStore
 from dicomledger.forwarding import ForwardQueue
@@ -67,7 +68,7 @@ def truncate_wal(database: Path) -> bool:
         db.close()
 
 
-class NothingToErase(ValueError):
+class NothingToErase(ConfigurationError, ValueError):
     """No stored instance matches the erasure; nothing was written."""
 
 
@@ -134,7 +135,7 @@ class Eraser:
         """The studies a plan erases, for the administrator: UID, Patient ID, date,
         modalities, how many of its instances go (local admin interface only)."""
         per_study = Counter((r.study_uid, r.patient_id) for r in plan.rows)
-        summaries = {(s.study_uid, s.patient_id): s for s in await self.index.studies(sorted({r.patient_id for r in plan.rows if r.patient_id}))}
+        summaries: dict[tuple[str | None, str | None], Any] = {(s.study_uid, s.patient_id): s for s in await self.index.studies(sorted({r.patient_id for r in plan.rows if r.patient_id}))}
         lines = []
         for (study_uid, patient_id), count in sorted(per_study.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or "")):
             s = summaries.get((study_uid, patient_id))

@@ -37,12 +37,13 @@ from typing import Any, TypeVar
 import structlog
 
 from dicomledger.atna import AuditSink, SentInstance
+from dicomledger.common.errors import StorageError
+from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.scu import Destination, StoreSCU
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
-from dicomledger.sqlite_thread import ThreadedSqlite
 from dicomledger.tls import destination_context
 
 log = structlog.get_logger("dicomledger.forwarding")
@@ -105,7 +106,7 @@ _SHOWN_STATE = (
 )
 
 
-class ForwardQueueError(RuntimeError):
+class ForwardQueueError(StorageError, RuntimeError):
     """The forward queue database failed; the message names the file."""
 
 
@@ -255,7 +256,8 @@ class ForwardQueue(ThreadedSqlite):
             "SELECT MIN(next_attempt) FROM jobs WHERE destination = ? AND state = 'queued'",
             (destination,),
         )
-        return rows[0][0]
+        due: float | None = rows[0][0]
+        return due
 
     async def finish(self, job: Job, state: str, error: str | None = None) -> None:
         await self._on_thread(
@@ -501,7 +503,7 @@ class ForwardQueue(ThreadedSqlite):
 
 def backoff(attempts: int, initial: float, maximum: float) -> float:
     """Seconds to wait after ``attempts`` failed attempts: initial, 2x, 4x, ... up to maximum."""
-    return min(maximum, initial * 2 ** max(0, attempts - 1))
+    return min(maximum, initial * 2.0 ** max(0, attempts - 1))
 
 
 class Forwarder:

@@ -30,6 +30,7 @@ from dicomledger import logs
 from dicomledger.admin import AdminServer, PermissionAdmin
 from dicomledger.atna import AuditSink, AuditTrail, PatientDirectory
 from dicomledger.commitment import StorageCommitment
+from dicomledger.common.errors import DicomLedgerError
 from dicomledger.config import Config
 from dicomledger.consent import ConsentForwarding
 from dicomledger.daemon import notify
@@ -92,7 +93,7 @@ from dicomledger.tls import TlsSetupError, destination_context, listener_context
 log = structlog.get_logger("dicomledger.gateway")
 
 
-class StartupError(RuntimeError):
+class StartupError(DicomLedgerError, RuntimeError):
     """The gateway cannot start (a port in use, a host that does not resolve, a log its peers
     cannot confirm); the message names the listener or the problem and the reason."""
 

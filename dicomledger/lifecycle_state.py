@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dicomledger.sqlite_thread import ThreadedSqlite
+from dicomledger.common.errors import StorageError
+from dicomledger.common.sqlite_thread import ThreadedSqlite
 
 _T = TypeVar("_T")
 
@@ -120,7 +121,7 @@ _FINDING_COLUMNS = "pass_id, sop_instance_uid, path, severity, problem, expected
 _REQUEST_COLUMNS = "origin, idx, patient, study, reason, time_ms, state, held, entry"
 
 
-class LifecycleStateError(RuntimeError):
+class LifecycleStateError(StorageError, RuntimeError):
     """The lifecycle database failed; the message names the file."""
 
 

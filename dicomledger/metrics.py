@@ -215,9 +215,9 @@ class MetricsServer:
             await self._runner.cleanup()
             self._runner = None
             raise
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        sockets = getattr(site._server, "sockets", None)  # asyncio.Server (aiohttp types it abstractly)
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
         log.info("metrics endpoint listening", address=f"{self.config.host}:{self.port}",
                  paths=["/metrics", "/healthz", "/readyz"])
 

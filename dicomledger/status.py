@@ -15,12 +15,14 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from dicomledger.config import Config
 from dicomledger.datadir import running_gateway
 from dicomledger.dicom.index import Index
+from dicomledger.ledger.consortium import ConsortiumCheck, ConsortiumState
 from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED
-from dicomledger.ledger.log import ConsortiumCheck, ConsortiumState, LedgerStore
+from dicomledger.ledger.log import LedgerStore
 from dicomledger.ledger.note import Signature, cosignature_timestamp, parse_note
 
 
@@ -141,7 +143,7 @@ QUEUE_STATES = {"pending": ("queued", "failed", "parked"), "queued": ("queued",)
                 "all": ("queued", "failed", "parked", "refused", "done")}
 
 
-async def _queue_listing(config: Config, destination: str | None, state: str, limit: int) -> dict | tuple[str, int]:
+async def _queue_listing(config: Config, destination: str | None, state: str, limit: int) -> dict[str, Any] | tuple[str, int]:
     """The jobs to list as a JSON-able object; or why there are none to list, with the exit code."""
     from dicomledger.forwarding import ForwardQueue
 

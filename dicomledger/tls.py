@@ -7,11 +7,12 @@ from __future__ import annotations
 import ssl
 from functools import cache
 
+from dicomledger.common.errors import ConfigurationError
 from dicomledger.config import DestinationConfig, TlsConfig
 from dicomledger.dicom.net.tls import client_context, server_context
 
 
-class TlsSetupError(ValueError):
+class TlsSetupError(ConfigurationError, ValueError):
     """A certificate, key or CA file of the TLS config cannot be used; str() names it."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # see shared/DICOM-TOOLS.md
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # without it DCMTK and Orthanc keep Nagle's algorithm on (~50x slower on loopback)
 
 
 def jpeg_lossless_decoder_installed() -> bool:
@@ -26,16 +27,66 @@ def jpeg_lossless_decoder_installed() -> bool:
     return get_decoder(uid.JPEGLosslessSV1).is_available
 
 
+_START_PROCESS = subprocess.Popen.__init__
+
+
+def _no_process(self: subprocess.Popen, args: object, *rest: object, **options: object) -> None:
+    raise RuntimeError(
+        f"a test not marked e2e started a process ({str(args)[:100]}): put `pytestmark = pytest.mark.e2e` "
+        "in its module (the quick unit run, `-m 'not e2e'`, starts none)"
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """In the quick unit run (``-m "not e2e"``), a test that starts a process (gateway, DCMTK,
+    Orthanc, the CLI) fails and says to mark its module e2e."""
+    unit_run = "not e2e" in (item.config.getoption("markexpr") or "")
+    if unit_run and item.get_closest_marker("e2e") is None:
+        subprocess.Popen.__init__ = _no_process  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        subprocess.Popen.__init__ = _START_PROCESS  # type: ignore[method-assign]
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("jpeg_gpl") and not jpeg_lossless_decoder_installed():
         pytest.skip("needs a JPEG Lossless decoder: pip install -e '.[jpeg-gpl]' (pylibjpeg-libjpeg, GPLv3) "
                     "or python-gdcm; ./scripts/test installs the extra")
 
 
+# Ports for the servers tests start: below the kernel's ephemeral range (32768 and up here),
+# from which the kernel hands out ports for bind(0) and outgoing connections, so no other
+# process takes one between the test choosing it and its server binding it (tests choose a
+# gateway's ports at init and bind them at start). Each xdist worker takes its own share of
+# the range, in turn from a random start, so no port is handed out twice before the share wraps.
+PORT_RANGE = (20000, 32000)
+_next_port: list[int] = []
+
+
+def _port_share() -> tuple[int, int]:
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    size = (PORT_RANGE[1] - PORT_RANGE[0]) // workers
+    low = PORT_RANGE[0] + (int(worker) % workers if worker.isdigit() else 0) * size
+    return low, size
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low, size = _port_share()
+    if not _next_port:
+        _next_port.append(random.randrange(size))
+    for _ in range(size):
+        port = low + _next_port[0] % size
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use
+            return port
+    raise RuntimeError(f"no free port in {low}..{low + size - 1}")
 
 
 def dicomledger(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -25,6 +25,8 @@ from tests.conftest import DCMTK_ENV, GatewayProcess, dcmtk, free_port
 from tests.syslogd import Rsyslog, event_name
 from tests.test_consortium import wait_until
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 # -- the message formats, on their own -----------------------------------------------------------
 
 

@@ -41,6 +41,8 @@ from dicomledger.ledger.permissions import Grantee, make_grant_payload, make_rev
 from dicomledger.ledger.pseudonym import pseudonym
 from tests.conftest import dicomledger
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def key(seed: str) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed.encode()).digest())

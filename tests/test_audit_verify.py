@@ -22,6 +22,8 @@ from dicomledger.ledger.verify import ProgressLine, VerifyReport
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess, consortium, dicomledger
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 SUMMARY = re.compile(r"^verified \d+ entries of \d+ log\(s\) in \d+\.\d s \([\d,]+ entries/s\)$")
 
 

@@ -1,4 +1,4 @@
-"""Backup and restore (issue 16, item 3), against gateway processes: an online backup taken
+"""Backup and restore, against gateway processes: an online backup taken
 while storescu sends is consistent (every index row's file and anchor are in it), a restore
 refuses a live data directory, existing data and an altered backup, and puts the gateway back
 so that it verifies and serves; kill -9 of the backup (or of the gateway) during a backup
@@ -13,9 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess
 from tests.test_erasure import index_count, stored_files
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def backup_consistency(backup: Path) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -23,6 +24,8 @@ from tests.conftest import GatewayProcess
 from tests.dimse import associate, send_as_is
 from tests.test_logs import assert_json_log_without
 from tests.test_storage_scp import index_rows, ledger_payloads
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 MR, SR = "1.2.840.10008.5.1.4.1.1.4", dicomdata.BASIC_TEXT_SR
 PATIENT = dicomdata.FakePatient(name="Phiname-QX7ZK^Wilhelmina", patient_id="DLFAKE-QX7ZK44",
@@ -109,7 +112,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 def crafted(directory: Path, mr: Path, sr: Path) -> dict[str, Path]:
-    """The malformed datasets that escaped as 0xC211 with a traceback (issue 11, item 17)."""
+    """The malformed datasets that escaped as 0xC211 with a traceback."""
     data = mr.read_bytes()
     start = dataset_offset(data)
     head = {vr: (off, field) for off, vr, field in explicit_elements(data, start)}

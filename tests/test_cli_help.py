@@ -1,5 +1,5 @@
 """The command line documents itself: `--version`, and help text for every option and
-argument of every command (issue 14 item 5)."""
+argument of every command."""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ import pytest
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess, dicomledger, free_port
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 @pytest.fixture(scope="module")
 def anchored(tmp_path_factory) -> GatewayProcess:

@@ -1,4 +1,4 @@
-"""Consent drives forwarding (issue 13, item 4), with real gateway processes and DCMTK storescp
+"""Consent drives forwarding, with real gateway processes and DCMTK storescp
 destinations: a grant sends the patient's images already stored (in its scope, none twice),
 also a grant recorded at another gateway and replicated here; a revoke stops what is not yet
 sent; parked jobs go again after `queue unpark` / `queue retry`; `status` counts are the
@@ -21,6 +21,8 @@ from tests import dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, consortium, free_port
 from tests.test_consortium import log_size, wait_until
 from tests.test_forwarding import add_forwarding, effective, entries_of_kind, forwarding_gateway
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 class Storescp:

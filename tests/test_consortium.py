@@ -7,12 +7,16 @@ import shutil
 import sqlite3
 import time
 
+import pytest
+
 from dicomledger.ledger.checkpoint import parse_checkpoint
 from dicomledger.ledger.entries import decode_entry
 from dicomledger.ledger.note import cosignature_timestamp, parse_note, parse_verifier_key
 from dicomledger.ledger.witness import check_equivocation, parse_evidence
 from tests import dicomdata
 from tests.conftest import GatewayProcess, consortium, dicomledger, free_port
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def log_size(gw: GatewayProcess, origin: str) -> int:

@@ -9,16 +9,19 @@ import hashlib
 import hmac
 import time
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dicomledger.ledger.gossip import consortium_mismatch, consortium_value
 from dicomledger.ledger.note import SIG_COSIGNATURE_V1, verifier_key
+from dicomledger.ledger.peer_api import consortium_mismatch, consortium_value
 from dicomledger.ledger.policy import canonical_text, parse_policy
 from dicomledger.ledger.pseudonym import secret_check
 from tests import dicomdata
 from tests.conftest import consortium
 from tests.test_audit_verify import witness_vkey
 from tests.test_consortium import log_size, wait_until
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 W = verifier_key("w.example", Ed25519PrivateKey.from_private_bytes(bytes(32)).public_key(), SIG_COSIGNATURE_V1)
 

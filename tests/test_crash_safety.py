@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from dicomledger.ledger.entries import IMAGE_ANCHORED, decode_entry
 from tests import dicomdata
 from tests.conftest import GatewayProcess
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 SENDERS = 4
 PER_SENDER = 120

@@ -1,4 +1,4 @@
-"""Erasure (issue 16, item 1) with real gateway processes driven by DCMTK: a patient's images,
+"""Erasure with real gateway processes driven by DCMTK: a patient's images,
 index rows and pending forwards leave the gateway, an `erased` entry stays on a ledger that
 still verifies, nothing of the patient's PHI stays in any file under the data directory, and
 a consortium gateway that holds forwarded copies honours the erasure if configured to."""
@@ -13,11 +13,14 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess, consortium, dcmtk, free_port
 from tests.test_consortium import wait_until
 from tests.test_forwarding import entries_of_kind
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def phi_of(patient: dicomdata.FakePatient) -> list[bytes]:

@@ -32,7 +32,7 @@ WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 EXPLICIT, IMPLICIT = uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian
 CT, MR, SR = dicomdata.CT_IMAGE, dicomdata.MR_IMAGE, dicomdata.BASIC_TEXT_SR
 
-pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns on odd (generated) values
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.e2e]  # pydicom warns on odd (generated) values
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,8 @@ from tests import dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, consortium, free_port
 from tests.test_consortium import log_size, wait_until
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def entries_of_kind(gw: GatewayProcess, kind: str) -> list[dict]:
     con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)
@@ -79,7 +81,7 @@ def test_forwarded_only_while_a_grant_authorises_it(tmp_path, pacs):
 
         during = dicomdata.make_mr_series(tmp_path / "during", 3, seed="during", patient=patient)
         assert gw.storescu(*during).returncode == 0
-        # the grant also sends the 2 stored before it (issue 13: consent drives forwarding)
+        # the grant also sends the 2 stored before it (consent drives forwarding)
         wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 5, what="5 forwarded entries")
         for path in before + during:
             sent = pydicom.dcmread(path)

@@ -1,4 +1,4 @@
-"""The gateway process (its asyncio DICOM layer, issue 12) with senders and requestors the
+"""The gateway process (its asyncio DICOM layer) with senders and requestors the
 rest of the suite does not use: GDCM's gdcmscu (echo, store, find, move), pynetdicom's own
 apps (storescu, findscu, movescu, getscu) and Orthanc through its REST API (store to the
 gateway, query it and retrieve from it by C-MOVE); a PACS that opens one association per
@@ -30,6 +30,8 @@ from tests.test_forwarding import entries_of_kind
 from tests.test_patient_conflict import log_events
 from tests.test_retrieve import pixels_by_uid, received, stored_path
 from tests.test_storage_scp import index_rows
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 HOST = "127.0.0.1"
 ORTHANC = "/usr/sbin/Orthanc"

@@ -1,7 +1,6 @@
 """A grant or revocation is signed, replicated and permanent, so the running gateway checks it
 before signing: the grantee must name something it knows (unless --force), `--until` must not
-be past, a patient without anchored images draws a warning, and --dry-run signs nothing
-(issue 11 item 10)."""
+be past, a patient without anchored images draws a warning, and --dry-run signs nothing."""
 
 from __future__ import annotations
 
@@ -15,6 +14,8 @@ import pytest
 from dicomledger.ledger.entries import decode_entry
 from tests import dicomdata
 from tests.conftest import GatewayProcess, free_port
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def own_entries(gw: GatewayProcess) -> list:

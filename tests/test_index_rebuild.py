@@ -7,11 +7,14 @@ from __future__ import annotations
 import sqlite3
 
 import pydicom
+import pytest
 
 from tests import dicomdata
 from tests.conftest import GatewayProcess
 from tests.test_patient_conflict import log_events
 from tests.test_retrieve import findscu, getscu, gw_site, pixels_by_uid, received
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 ROW = ("sop_instance_uid, series_uid, sop_class_uid, instance_number, transfer_syntax_uid, path, size, "
        "hash_method, sha256, header_sha256, decoded_sha256, number_of_frames, calling_ae, ledger_origin, "

@@ -25,6 +25,8 @@ from tests.test_forwarding import entries_of_kind, forwarding_gateway, pacs  # n
 from tests.test_logs import assert_json_log_without
 from tests.test_storage_scp import index_rows, ledger_payloads, log_lines
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
 
@@ -44,7 +46,7 @@ def c_store_lines(gw: GatewayProcess) -> list[dict]:
     return [line for line in log_lines(gw) if line.get("event") == "c-store"]
 
 
-# --- partial uploads (issue 11, item 11) ---------------------------------------------------
+# --- partial uploads ---------------------------------------------------------------------
 
 
 def test_partial_uploads_are_removed_while_the_gateway_runs(gateway, tmp_path):
@@ -103,7 +105,7 @@ def test_partial_uploads_are_removed_while_the_gateway_runs(gateway, tmp_path):
     assert tmp_files(gateway) == []
     assert index_rows(gateway, f"SELECT COUNT(*) FROM instances WHERE sop_instance_uid = '{sop_instance}'") == [(1,)]
     # The bad command set is refused before its data set, which is read and dropped (the old
-    # pynetdicom server's DUL thread died of it; issue 12 changes that): no thread ends, and
+    # pynetdicom server's DUL thread died of it; our DICOM layer does not): no thread ends, and
     # each of the four cut-off stores is named in its association's one JSON line
     records = assert_json_log_without(gateway)
     assert not any(r.get("event") == "exception ended a thread" for r in records)

@@ -52,6 +52,8 @@ from tests import dicomdata
 from tests.conftest import GatewayProcess, consortium, dicomledger
 from tests.test_audit_verify import ledger_path, newest_checkpoint, wait_until, witness_vkey
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 A, B, C = "a.example/dicomledger", "b.example/dicomledger", "c.example/dicomledger"
 OLD = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 NEW = Ed25519PrivateKey.from_private_bytes(bytes(range(5, 37)))

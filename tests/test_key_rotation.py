@@ -40,6 +40,8 @@ from tests import dicomdata
 from tests.conftest import GatewayProcess, consortium, dcmtk, dicomledger
 from tests.test_audit_verify import ledger_path, newest_checkpoint, wait_until, witness_vkey
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 A = "a.example/dicomledger"
 K0 = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 K1 = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))

@@ -20,6 +20,8 @@ from dicomledger.ledger.log import LedgerStore, LogWriter
 from dicomledger.ledger.note import parse_note, verify_note_signature
 from dicomledger.ledger.verify import verify_database
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 ORIGIN = "a.example/dicomledger"
 
 
@@ -247,7 +249,7 @@ async def test_reads_and_state_writes_interleave_with_commits(tmp_path):
     """Regression: a SELECT left open across an await pinned a stale read snapshot, so a
     state write on the shared connection failed with "database is locked" after the writer
     thread committed, and the checkpoint loop died with it."""
-    from dicomledger.ledger.log import ConsortiumState, PeerStatus
+    from dicomledger.ledger.consortium import ConsortiumState, PeerStatus
 
     identity, store, writer = await open_log(tmp_path / "l.db")
     state = ConsortiumState(store)

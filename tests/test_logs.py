@@ -1,5 +1,5 @@
 """The log: JSON line by line, no PHI, third-party noise at the right level and never with a
-traceback (issue 11, items 12 and 18; the fuzzed-dataset half is in test_bad_input.py)."""
+traceback (the fuzzed-dataset half is in test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import pytest
 from tests import dicomdata
 from tests.conftest import GatewayProcess, free_port
 from tests.test_forwarding import entries_of_kind, forwarding_gateway
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def log_records(gw: GatewayProcess) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The metrics and health endpoint (issue 14 item 3): scraped with real HTTP clients (curl,
+"""The metrics and health endpoint: scraped with real HTTP clients (curl,
 urllib) while DCMTK's storescu and a pynetdicom SCU send to a gateway process."""
 
 from __future__ import annotations

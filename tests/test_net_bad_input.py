@@ -1,4 +1,4 @@
-"""Bad input on the asyncio DICOM layer (issue 12 item 5): every case is answered as PS3.8's
+"""Bad input on the asyncio DICOM layer: every case is answered as PS3.8's
 state machine or PS3.7 says (A-ASSOCIATE-RJ, A-ABORT or a DIMSE failure status), with one
 log line naming the reason, bounded memory, no temp file left, and other associations
 unaffected (a bystander association answers a C-ECHO before and after). Ends with a seeded
@@ -42,7 +42,7 @@ from tests.netharness import (
 )
 from tests.test_net_codecs import rq_with_context_ids
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]
 
 
 @pytest.fixture

@@ -48,6 +48,8 @@ from dicomledger.dicom.net.filemeta import IMPLEMENTATION_CLASS_UID, part10_head
 from dicomledger.dicom.net.negotiation import Accepted, AssociateRqError, Negotiator, Rejected
 from tests.netharness import AE_TITLE, CT_IMAGE, MR_IMAGE, VERIFICATION, associate_rq
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.1234567890123456789012345"  # odd length
 FIND_ROOT = "1.2.840.10008.5.1.4.1.2.2.1"
 

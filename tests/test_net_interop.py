@@ -43,7 +43,7 @@ from tests.netharness import (
 )
 from tests.test_storage_scp import OPTION_FOR_SYNTAX
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 
@@ -150,7 +150,7 @@ def test_compressed_files_are_received_in_their_own_syntax(server: NetServer, tm
 
 def test_dcmsend_keeps_each_files_syntax(server: NetServer, tmp_path: Path) -> None:
     """dcmsend proposes a compressed file's own syntax first, then Explicit, Big Endian and
-    Implicit: taking the sender's first choice means it does not decompress (issue 11 item 5)."""
+    Implicit: taking the sender's first choice means it does not decompress."""
     (mr,) = dicomdata.make_mr_series(tmp_path / "mr", 1, seed="dcmsend")
     copies = dicomdata.make_compressed_copies(mr, tmp_path / "copies")
     files = [mr, *copies.values()]

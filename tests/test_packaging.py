@@ -1,4 +1,4 @@
-"""Packaging (issue 14 item 5): the licence, the GPL JPEG decoder as an option, JPEG instances
+"""Packaging: the licence, the GPL JPEG decoder as an option, JPEG instances
 stored and hashed by a gateway installed without it, and the systemd unit's readiness check."""
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from packaging.requirements import Requirement
 from dicomledger.dicom.pixelhash import hash_instance_file
 from tests.conftest import DCMTK_ENV, ROOT, GatewayProcess, dcmtk
 from tests.test_forwarding import entries_of_kind
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -32,6 +32,8 @@ from tests import dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, dcmtk
 from tests.test_retrieve import findscu, gw_site, received
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def variant(source: Path, out: Path, patient: dicomdata.FakePatient, study_uid: str,
             series_uid: str | None = None, seed: str = "") -> Path:

@@ -57,6 +57,8 @@ from tests import dicomdata
 from tests.conftest import GatewayProcess, consortium, dcmtk
 from tests.test_consortium import log_size, wait_until
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 LIMIT = 1 << 20  # B's [peering] max_message_bytes for this test (the default is 8 MiB)
 PULL_TARGET = 450  # forged answers to B's gossip before the fake peer stops
 MIN_TOTAL = 1000
@@ -769,7 +771,8 @@ def test_forged_and_mutated_peer_messages_are_all_refused(tmp_path):
     for gw in (b, c):
         # back-off after entries that do not verify (item 14) kept to one gossip interval here,
         # so that B keeps taking the fake C's forged answers round after round
-        gw.set("fanout = 3", f"fanout = 3\nmax_message_bytes = {LIMIT}\nbackoff_max = 0.05")
+        gw.set("fanout = 3", f"fanout = 3\nmax_message_bytes = {LIMIT}")
+        gw.set("backoff_max = 300.0", "backoff_max = 0.05")
     fake: FakePeer | None = None
     problems: list[str] = []
     try:

@@ -37,6 +37,8 @@ from tests.conftest import GatewayProcess, consortium
 from tests.test_consortium import newest_checkpoint, wait_until
 from tests.test_peer_forgery import log_events, log_of, query
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 HUGE = 2**40  # the size the hostile peer's checkpoint claims
 REAL_LEVEL = 10
 REAL = 1 << REAL_LEVEL  # leaves under the hostile checkpoint's root that are real entries
@@ -219,7 +221,8 @@ def c_rows(gw: GatewayProcess, origin: str) -> list[dict]:
 
 def test_a_huge_checkpoint_is_pulled_in_bounded_chunks_and_a_lying_peer_is_backed_off(tmp_path):
     b, c = consortium(tmp_path, 2)
-    b.set("fanout = 3", f"fanout = 3\nmax_message_bytes = {LIMIT}\nbackoff_max = {BACKOFF_MAX}")
+    b.set("fanout = 3", f"fanout = 3\nmax_message_bytes = {LIMIT}")
+    b.set("backoff_max = 300.0", f"backoff_max = {BACKOFF_MAX}")
     huge = HugeLog(c.origin, load_key_file(c.dir / "keys" / "gateway.key"))
     # the hostile peer's tree really is what its signature commits to, for sizes up to REAL
     merkle.verify_consistency(100, HUGE, merkle.root_of_leaf_hashes(huge.leaves[:100]), huge.root,
@@ -286,7 +289,8 @@ def test_a_checkpoint_inside_a_pulled_prefix_is_checked_against_it(tmp_path):
     smaller checkpoints: one over its real entries (B keeps it: its entries now have a
     checkpoint of their own), one with another root (refused: it contradicts what B holds)."""
     b, c = consortium(tmp_path, 2)
-    b.set("fanout = 3", f"fanout = 3\nmax_message_bytes = {LIMIT}\nbackoff_max = {BACKOFF_MAX}")
+    b.set("fanout = 3", f"fanout = 3\nmax_message_bytes = {LIMIT}")
+    b.set("backoff_max = 300.0", f"backoff_max = {BACKOFF_MAX}")
     huge = HugeLog(c.origin, load_key_file(c.dir / "keys" / "gateway.key"))
     real, forged = huge.checkpoint(512), huge.checkpoint(700, hashlib.sha256(b"another history").digest())
     server_ctx, client_ctx = peer_identity(c, b)

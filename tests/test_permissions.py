@@ -43,6 +43,8 @@ from dicomledger.ledger.permissions import (
     signed_message,
 )
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def key(seed: str) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed.encode()).digest())

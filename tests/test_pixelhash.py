@@ -47,7 +47,7 @@ WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 JPEG_LOSSLESS = (uid.JPEGLossless, uid.JPEGLosslessSV1)  # decoding them needs the jpeg-gpl extra (or GDCM)
 NATIVE_LE = {"explicit", "implicit", "deflated"}  # same value bytes after inflation
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]  # pydicom on odd test files
 
 
 def sha(data: bytes) -> bytes:

@@ -44,6 +44,8 @@ from tests.netharness import (
     wait_until,
 )
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 IDENTIFIER = b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "  # QueryRetrieveLevel=STUDY, Implicit VR LE

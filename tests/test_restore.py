@@ -21,6 +21,8 @@ from dicomledger.ledger.tip import TipRecordError, flag_cleared_payload, local_t
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess, consortium, dcmtk, dicomledger
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def query(gw: GatewayProcess, sql: str, params: tuple = ()) -> list[tuple]:
     con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)

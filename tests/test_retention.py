@@ -1,4 +1,4 @@
-"""Retention (issue 16, item 2): studies past their keep period by Study Date and modality are
+"""Retention: studies past their keep period by Study Date and modality are
 erased by the erase path (one `erased` entry per study, reason `retention`), after a dry run
 that lists exactly what would go; the policy also runs by itself."""
 
@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from dicomledger.config import RetentionRule
 from dicomledger.dicom.index import StudySummary
@@ -17,6 +18,8 @@ from tests.conftest import GatewayProcess
 from tests.test_consortium import wait_until
 from tests.test_erasure import files_holding, index_count, phi_of
 from tests.test_forwarding import entries_of_kind
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def dated(files: list[Path], study_date: str) -> list[Path]:

@@ -21,6 +21,8 @@ from tests.conftest import DCMTK_ENV, GatewayProcess, consortium, dcmtk, free_po
 from tests.test_consortium import wait_until
 from tests.test_forwarding import entries_of_kind
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 @dataclass
 class Site:
@@ -189,7 +191,7 @@ def test_authorised_move_and_get_deliver_the_whole_study_unchanged(site, tmp_pat
 
 
 def test_unauthorised_move_and_get_are_refused(site, tmp_path):
-    """Answered exactly as for a study that does not exist (issue 11, item 2: the answer
+    """Answered exactly as for a study that does not exist (the answer
     must not tell that the study exists), while the refusal goes on the ledger."""
     unknown = site.study_a[:-1] + ("1" if site.study_a[-1] != "1" else "2")  # same length: same output
     moved = tmp_path / "moved"

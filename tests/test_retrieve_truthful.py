@@ -23,6 +23,8 @@ from tests.test_forwarding import entries_of_kind
 from tests.test_patient_conflict import log_events
 from tests.test_retrieve import gw_site, movescu, pixels_by_uid, received, stored_path
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 # (file in the wheel, storescu option proposing its transfer syntax)
 COMPRESSED = (("MR_small_RLE.dcm", "-xr"), ("MR_small_jpeg_ls_lossless.dcm", "-xt"),

@@ -1,4 +1,4 @@
-"""The scrub (issue 16, item 5), against a gateway process: one-bit changes in a stored file
+"""The scrub, against a gateway process: one-bit changes in a stored file
 and in index rows are found by the next pass, on demand and in the background, as a
 retrieval's tamper check would find them (tamper-alarm entries, error log lines), and
 `status` shows the last full pass and its findings."""
@@ -9,11 +9,14 @@ import sqlite3
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from tests import dicomdata
 from tests.conftest import GatewayProcess
 from tests.test_consortium import wait_until
 from tests.test_forwarding import entries_of_kind
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def stored_file(gw: GatewayProcess, source: Path) -> Path:

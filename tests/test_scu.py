@@ -22,6 +22,8 @@ from dicomledger.dicom.scu import Destination, SendResult, StoreSCU
 from tests import dicomdata
 from tests.conftest import DCMTK_ENV, free_port
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 # Files shipped in the pydicom wheel: several SOP classes and transfer syntaxes.
 WHEEL_FILES = [

@@ -1,5 +1,5 @@
 """`dicomledger serve` as a daemon: start-up failures end the process with one line, one gateway
-per data directory, and a private data tree (issue 11 items 7, 8, 9 and 22's file modes)."""
+per data directory, and a private data tree (file modes)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import pytest
 
 from tests import dicomdata
 from tests.conftest import ROOT, GatewayProcess, free_port
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
 def serve_once(gw: GatewayProcess, timeout: float = 30) -> subprocess.CompletedProcess:

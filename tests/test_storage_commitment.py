@@ -1,4 +1,4 @@
-"""Storage Commitment Push Model SCP (issue 14 item 2): pynetdicom as the requesting SCU on
+"""Storage Commitment Push Model SCP: pynetdicom as the requesting SCU on
 the same association, Orthanc 1.10 as the requestor that takes its report on a new
 association, bad N-ACTIONs answered with their status."""
 

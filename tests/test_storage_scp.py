@@ -16,6 +16,8 @@ from pynetdicom import AE
 from tests import dicomdata
 from tests.conftest import GatewayProcess, dcmtk
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 PATIENT_NAMES = ["Testperson^Alice", "Fakename^Bob"]
 
 
@@ -453,4 +455,4 @@ def test_requestor_preference_gives_each_context_its_own_first_choice(tmp_path):
     assert chosen([im], [ex, im]) == [im, ex]
     assert chosen(["1.2.3.4.5", be, im]) == [be]  # first one we support
     assert chosen([ex, im], [im, ex])[0] == ex  # the earlier context gets its own choice...
-    assert chosen([ex, im], [im, ex])[1] == im  # ...and so does the later one (per context, issue 12)
+    assert chosen([ex, im], [im, ex])[1] == im  # ...and so does the later one (per context)

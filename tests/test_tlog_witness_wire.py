@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -34,6 +35,8 @@ from tests.conftest import GatewayProcess, consortium, dicomledger, free_port
 from tests.test_consortium import newest_checkpoint, wait_until
 from tests.test_peer_forgery import log_events, query
 from tests.test_tlog_witness_format import SPEC_REQUEST
+
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 DASH = "\u2014"
 

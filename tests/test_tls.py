@@ -1,4 +1,4 @@
-"""DICOM TLS (issue 14 item 1) on loopback with real peers: DCMTK's echoscu, storescu and
+"""DICOM TLS on loopback with real peers: DCMTK's echoscu, storescu and
 findscu with +tls against a gateway made by `init --tls`; DCMTK storescp +tls as a TLS
 forwarding destination and as a C-MOVE destination; pynetdicom's TLS SCU (C-ECHO, C-MOVE,
 C-GET: DCMTK 3.6.7's movescu and getscu have no TLS); and every refusal (no, wrong or foreign client certificate, plain TCP on the TLS

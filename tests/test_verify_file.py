@@ -1,6 +1,6 @@
-"""`dicomledger verify-file` against a gateway process fed by DCMTK's storescu (issue 11):
-reports DCMTK re-encoded on the way verify as ANCHORED and a changed report is a MISMATCH
-(item 4); pixels anchored as another SOP instance get their own verdict (item 22); anchors
+"""`dicomledger verify-file` against a gateway process fed by DCMTK's storescu:
+reports DCMTK re-encoded on the way verify as ANCHORED and a changed report is a MISMATCH;
+pixels anchored as another SOP instance get their own verdict; anchors
 made with the old `content` method (bytes as received) still verify, on verify-file and on
 retrieve."""
 
@@ -22,7 +22,7 @@ from tests.test_storage_scp import index_rows, ledger_payloads, log_lines, succe
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 REPORTS = [WHEEL / "waveform_ecg.dcm", WHEEL / "reportsi.dcm"]
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the wheel files
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]  # pydicom on the wheel files
 
 
 def stored_file(gw: GatewayProcess, path: Path) -> Path:

@@ -196,7 +196,8 @@ def to_xml(message: AuditMessage) -> bytes:
             sop_element = ET.SubElement(element, "SOPClass", {"UID": sop.uid, "NumberOfInstances": str(sop.count)})
             for uid in sop.instances:
                 ET.SubElement(sop_element, "Instance", {"UID": uid})
-    return ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    xml: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    return xml
 
 
 # -- the participants and objects the events share ---------------------------------------------
@@ -334,7 +335,7 @@ def patient_record(
     """A.5.3.9 Patient Record: the patient's record here changed (C create, U update, D delete);
     for this gateway, the patient's access permissions (a grant or a revocation), of one study
     if ``study`` names it."""
-    objects = (patient.participant_object((description,)),)
+    objects: tuple[ParticipantObject, ...] = (patient.participant_object((description,)),)
     if study is not None:
         objects = (Study(study).participant_object((description,)),) + objects
     return AuditMessage(

@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from dicomledger.common.errors import PeerError
+
 BOM = b"\xef\xbb\xbf"  # RFC 5424 6.4: MSG in UTF-8 starts with the byte order mark
 FACILITY_AUTHPRIV = 10  # security/authorization messages, as IHE ATNA asks
 NIL = "-"
@@ -55,7 +57,7 @@ def octet_counted(message: bytes) -> bytes:
     return str(len(message)).encode("ascii") + b" " + message
 
 
-class TransportError(OSError):
+class TransportError(PeerError, OSError):
     """The audit repository cannot be reached or took a message only in part; str() says why."""
 
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from pydicom import dcmread
@@ -536,7 +536,7 @@ class AuditTrail(AuditSink):
             )
         us = m.Node(group["our_ae"], self.node.address, pid=self.pid)
         destination = m.Node(group["ae"], group["address"])
-        requestor: m.Node | str = "sender"
+        requestor: m.Node | Literal["sender", "receiver"] = "sender"
         if group["service"] == "C-GET":
             requestor = "receiver"
         elif group["requestor"] is not None and group["service"] != "forward":

@@ -16,6 +16,8 @@ from functools import lru_cache
 
 from pydicom.datadict import dictionary_VR
 
+from dicomledger.common.errors import DicomError
+
 __all__ = ["MAX_DEPTH", "NotCanonical", "canonical_dataset"]
 
 # Sequences nested deeper than this are not canonicalised (the recursion stays bounded).
@@ -43,7 +45,7 @@ _SWAP_WIDTH = {
 }
 
 
-class NotCanonical(ValueError):
+class NotCanonical(DicomError, ValueError):
     """The dataset bytes are not a well-formed dataset the canonical form is defined for."""
 
 

@@ -75,7 +75,7 @@ _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)  # pydicom's,
 _SHORT_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_16)
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _TRANSFER_SYNTAX_UID = 0x00020010
-_SYNTAXES = {  # the dataset encodings the fast path reads: UID -> implicit VR
+_SYNTAXES: dict[str, bool] = {  # the dataset encodings the fast path reads: UID -> implicit VR
     uid.ImplicitVRLittleEndian: True,
     uid.ExplicitVRLittleEndian: False,
 }
@@ -490,7 +490,7 @@ def _pixel_hashes(
     keyword = _PIXEL_TAGS[tag]
     layout = _layout(values, keyword, _number_of_frames(values))
     tsyntax = uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian
-    h = _hash_native(f, value_at, length, layout, tsyntax, vr and vr.decode(), None)
+    h = _hash_native(f, value_at, length, layout, tsyntax, None if vr is None else vr.decode(), None)
     _check_single_pixel_element(f, value_at + length, True)
     header_sha256 = hashlib.sha256(header).digest()  # the dataset before the pixel data element
     return InstanceHashes(h.method, h.sha256, h.frame_hashes, h.decoded_sha256, h.decode_note, h.number_of_frames,

@@ -4,7 +4,7 @@ It holds PHI (names, IDs, dates), so it lives beside the images, never on the le
 rebuildable from the stored files, so commits use synchronous=NORMAL in WAL mode: durable
 across a killed process; after a power loss the gateway reconciles it with the ledger.
 Writes are batched: concurrent C-STOREs share one transaction. The index runs on its own
-thread (``sqlite_thread.py``): a lookup-and-write is one thread hop.
+thread (``common/sqlite_thread.py``): a lookup-and-write is one thread hop.
 
 Every instance row names its own study and patient (``study_uid``, ``patient_id``, from its
 own header): queries group and decide by those, never by another instance's patient. A study
@@ -23,8 +23,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from dicomledger.common.errors import DicomError, StorageError
+from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.dicom.query import Query
-from dicomledger.sqlite_thread import ThreadedSqlite
 
 SCHEMA_VERSION = 2  # 2: per-instance study and patient; studies and series keyed by patient
 
@@ -107,7 +108,7 @@ DROP TABLE series_v1;
 """
 
 
-class IndexStoreError(RuntimeError):
+class IndexStoreError(StorageError, RuntimeError):
     """The index database failed; the message says what to check."""
 
 
@@ -116,7 +117,7 @@ class IndexStoreError(RuntimeError):
 CONFLICTING_PATIENT = 0xA778
 
 
-class StudyPatientConflict(Exception):
+class StudyPatientConflict(DicomError):
     """A received instance names a study (or series) UID that already holds instances of
     another patient: filing it would put two patients under one UID. The message names the
     UIDs, never a Patient ID (PHI)."""

@@ -12,6 +12,8 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
+from dicomledger.common.errors import DicomError
+
 # Deepest nesting of sequences we accept (a top-level sequence is depth 1). Retrieval has
 # pydicom read and write the whole dataset, recursively, and a few hundred levels exhaust
 # Python's recursion limit: an instance we could not serve is refused at receive (0xC000).
@@ -23,7 +25,7 @@ _UNDEFINED = 0xFFFFFFFF
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
-class InstanceError(ValueError):
+class InstanceError(DicomError, ValueError):
     """The dataset cannot be stored; the message names the missing or malformed attribute."""
 
 

@@ -20,12 +20,14 @@ from typing import IO, Any, BinaryIO, cast
 
 import numpy as np
 from pydicom import uid
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_fragmented_frames
 from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
+from dicomledger.common.errors import DicomError
 from dicomledger.dicom.canonical import NotCanonical, canonical_dataset
 
 __all__ = [
@@ -81,7 +83,7 @@ _ITEM, _SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 
 
-class PixelHashError(ValueError):
+class PixelHashError(DicomError, ValueError):
     """The file is not a dataset whose hashes can be defined (malformed or truncated)."""
 
 
@@ -199,8 +201,8 @@ def _hash_file(f: IO[bytes], ts_given: str | None, max_inflated_size: int | None
 def _read_meta(f: IO[bytes], ts_given: str | None) -> tuple[uid.UID, int]:
     """Skip preamble and File Meta (both optional); return the transfer syntax and the
     offset where the dataset starts."""
-    read_preamble(f, force=True)  # rewinds to 0 when there is no 'DICM' prefix
-    meta = _read_file_meta_info(f)
+    read_preamble(cast(BinaryIO, f), force=True)  # rewinds to 0 when there is no 'DICM' prefix
+    meta = _read_file_meta_info(cast(BinaryIO, f))
     in_meta = meta.get("TransferSyntaxUID")
     if in_meta and ts_given and uid.UID(ts_given) != in_meta:
         raise PixelHashError(
@@ -228,7 +230,7 @@ def _hash_dataset(
     implicit = tsyntax.is_implicit_VR
     header = read_dataset(cast(BinaryIO, reader), implicit, little, stop_when=_at_pixel_data)
     # pydicom detects (and tolerates) an implicit VR dataset under an explicit syntax
-    implicit = header.original_encoding[0]
+    implicit = bool(header.original_encoding[0])
 
     pixel_element_at = src.tell()
     header_sha256 = (
@@ -336,7 +338,7 @@ def _check_complete(ds: Dataset, end: int) -> None:
                 f"element {elem.tag} is {length} bytes long but the file ends after "
                 f"{len(value)} (truncated?)"
             )
-        last_end = elem.value_tell + length
+        last_end = cast(RawDataElement, elem).value_tell + length  # a value read from the file
     if last_end is not None and last_end != end:
         raise PixelHashError(
             f"{end - last_end} trailing bytes after the last data element (truncated?)"
@@ -596,8 +598,8 @@ def _bitpacked_frames(
         raw = np.frombuffer(_read_exact(src, stop - start), np.uint8)
         skip = first_bit - 8 * start
         bits = np.unpackbits(raw, bitorder="little")[skip : skip + npix]
-        frames.append(hashlib.sha256(np.packbits(bits, bitorder="little")).digest())
-        decoded.update(bits)  # canonical: one byte, 0 or 1, per pixel
+        frames.append(hashlib.sha256(np.packbits(bits, bitorder="little")).digest())  # type: ignore[arg-type]  # numpy's stubs give ndarray no __buffer__ before 3.12
+        decoded.update(bits)  # type: ignore[arg-type]  # canonical: one byte, 0 or 1, per pixel
     return tuple(frames), decoded.digest() if canonical else None
 
 
@@ -612,8 +614,8 @@ def _decode_native(
     src.seek(offset)
     digest = hashlib.sha256()
     try:
-        for arr, _ in decoder.iter_array(src, raw=True, **opts):
-            digest.update(_canonical_array(arr, lay))
+        for arr, _ in decoder.iter_array(cast(BinaryIO, src), raw=True, **opts):
+            digest.update(_canonical_array(arr, lay))  # type: ignore[arg-type]  # an ndarray: a buffer
     except BaseException as exc:  # see _describe
         return None, f"decoding failed: {_describe(exc)}"
     return digest.digest(), None
@@ -668,14 +670,15 @@ def _hash_encapsulated(
         stream = hashlib.sha256()
         for item_offset, size in fragments:
             stream.update(_read_range(src, item_offset + 8, size))
-        note = f"{tsyntax.name} is a video transfer syntax: not decoded"
+        video = f"{tsyntax.name} is a video transfer syntax: not decoded"
         return value_end, InstanceHashes(
-            PIXEL, value_hash, (stream.digest(),), None, note, nframes
+            PIXEL, value_hash, (stream.digest(),), None, video, nframes
         )
 
     lay = _layout(header, "PixelData", nframes, required=False)
     note = _canonical_problem(lay, tsyntax) or _too_big(lay)
-    decoder, opts = None, {}
+    decoder = None
+    opts: dict[str, Any] = {}
     if note is None:
         try:
             decoder = get_decoder(tsyntax)
@@ -696,7 +699,7 @@ def _hash_encapsulated(
             continue
         try:
             arr, _ = decoder.as_array(encapsulate([b"".join(parts)]), raw=True, **opts)
-            decoded.update(_canonical_array(arr, lay))
+            decoded.update(_canonical_array(arr, lay))  # type: ignore[arg-type]  # an ndarray: a buffer
         except BaseException as exc:  # see _describe
             note, decoder = f"decoding frame {index} failed: {_describe(exc)}", None
     if len(frame_hashes) != nframes:
@@ -862,7 +865,7 @@ def _inflate(f: IO[bytes], limit: int | None = None) -> IO[bytes]:
         out.close()
         raise
     out.seek(0)
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _check_inflated(out: IO[bytes], limit: int | None) -> None:

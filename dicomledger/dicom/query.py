@@ -37,6 +37,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import DA
 
+from dicomledger.common.errors import DicomError
+
 __all__ = [
     "ATTRIBUTE_LEVEL",
     "COUNT_ATTRIBUTES",
@@ -118,7 +120,7 @@ MatchKind = Literal["universal", "single", "wildcard", "range", "list"]
 StoredValue = str | list[str]
 
 
-class QueryError(ValueError):
+class QueryError(DicomError, ValueError):
     """The identifier cannot be used; ``status`` is the DIMSE failure status to answer with."""
 
     def __init__(self, message: str, status: int = IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS) -> None:

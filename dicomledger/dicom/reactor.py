@@ -73,7 +73,7 @@ def install(event: evt.Event) -> None:
     assoc = event.assoc
     current = getattr(assoc, "_reactor_checkpoint", None)
     if isinstance(current, threading.Event) and current.is_set():
-        assoc._reactor_checkpoint = ReactorCheckpoint(assoc)
+        assoc._reactor_checkpoint = ReactorCheckpoint(assoc)  # type: ignore[assignment]  # duck-types the Event
     elif not isinstance(current, ReactorCheckpoint) and not _warned.is_set():  # pynetdicom changed
         _warned.set()
         log.warning("pynetdicom's reactor checkpoint is not the one this fix expects; left as is")

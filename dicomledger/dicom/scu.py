@@ -71,7 +71,7 @@ def on_sending_connection(event: evt.Event) -> None:
     """EVT_CONN_OPEN of an association we send C-STOREs on (forwarding, C-MOVE sub-operations)."""
     # pynetdicom writes a C-STORE as several small PDUs; with Nagle's algorithm on, each
     # waits for the peer's delayed ACK (~40 ms per file against storescp).
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]  # open: it has a socket
     reactor.install(event)
 
 

@@ -12,10 +12,12 @@ import os
 import re
 from pathlib import Path
 
+from dicomledger.common.errors import StorageError
+
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-class StoreError(OSError):
+class StoreError(StorageError, OSError):
     """Writing to the image store failed; the message names the path."""
 
 

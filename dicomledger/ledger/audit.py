@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from dicomledger.common.errors import StorageError
 from dicomledger.ledger import merkle
 from dicomledger.ledger.entries import (
     ERASED,
@@ -45,7 +46,7 @@ SHORT = 12  # hex digits of a pseudonym, hash or ref shown in a summary
 MAX_TEXT = 256  # characters of free text (reasons, problems) shown in a summary
 
 
-class AuditError(RuntimeError):
+class AuditError(StorageError, RuntimeError):
     """An entry the lookup keys point to cannot be read; the message names it."""
 
 

@@ -15,11 +15,13 @@ import binascii
 import re
 from dataclasses import dataclass
 
+from dicomledger.common.errors import LedgerFormatError
+
 MAX_SIZE = 2**63 - 1  # stored as SQLite signed 64-bit integers
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LedgerFormatError, ValueError):
     """A checkpoint text is malformed; the message says which line and how."""
 
 

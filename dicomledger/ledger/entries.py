@@ -28,6 +28,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError
 from dicomledger.ledger.merkle import leaf_hash
 
 FORMAT_VERSION = 1
@@ -75,7 +76,7 @@ KINDS = frozenset(
 _FIELDS = frozenset({"v", "origin", "index", "prev", "time", "kind", "payload", "sig"})
 
 
-class EntryError(ValueError):
+class EntryError(LedgerFormatError, ValueError):
     """An entry is malformed, non-canonical, badly signed or out of place; the message says which."""
 
 

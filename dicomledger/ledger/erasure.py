@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dicomledger.common.errors import LedgerFormatError
 from dicomledger.ledger.entries import ERASED, IMAGE_ANCHORED, Entry, EntryError, decode_entry
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ _FIELDS = frozenset({"patient", "study", "studies", "instances", "files", "forwa
 MAX_STUDIES = 256  # an entry stays far below the 64 KiB entry limit
 
 
-class ErasureFormatError(ValueError):
+class ErasureFormatError(LedgerFormatError, ValueError):
     """An ``erased`` payload is malformed; the message names the field."""
 
 

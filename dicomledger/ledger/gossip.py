@@ -1,4 +1,6 @@
-"""Replication, witnessing and equivocation detection between the gateways of a consortium.
+"""Replication, witnessing and equivocation detection between the gateways of a consortium:
+the peer API's client side and the service that runs both sides (the server side, which
+answers the requests below, is ``peer_api.py``).
 
 Peer API (HTTPS, mutual TLS, each side pinning the other's certificate; JSON bodies but one):
 
@@ -59,24 +61,24 @@ Nothing a peer sends is stored before it verifies; bad input is logged with its 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import structlog
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from dicomledger.config import PeerConfig, PeeringConfig, WitnessConfig
 from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
+from dicomledger.ledger.consortium import (
+    ConsortiumState,
+    PeerStatus,
+    evidence_digest,
+)
 from dicomledger.ledger.entries import (
     FLAG_CLEARED,
     KEY_ROTATION,
@@ -96,127 +98,62 @@ from dicomledger.ledger.keychain import (
     statement_of,
 )
 from dicomledger.ledger.log import (
-    ConsortiumCheck,
-    ConsortiumState,
     LedgerStore,
     LedgerStoreError,
     LogWriter,
-    PeerStatus,
     ReplicaError,
     ReplicaWriter,
-    evidence_digest,
 )
 from dicomledger.ledger.note import (
     Note,
     NoteError,
     Signature,
-    canonical_b64decode,
     cosignature_timestamp,
-    format_signature_lines,
     parse_note,
     parse_signature_lines,
     verifier_key,
     verify_cosignature,
     verify_note_signature,
 )
-from dicomledger.ledger.peer_tls import (
-    HandshakeFirstSite,
-    client_context,
-    fingerprint,
-    pem_fingerprint,
-    server_context,
+from dicomledger.ledger.peer_api import (
+    ADD_CHECKPOINT_PATH,
+    CONSORTIUM_HEADER,
+    ConsortiumMismatch,
+    ConsortiumSettings,
+    PeerApi,
+    PeerProtocolError,
+    Traffic,
+    Witnessed,
+    b64,
+    consortium_value,
+    now_iso,
+    unb64,
 )
-from dicomledger.ledger.policy import WitnessPolicy, canonical_text
+from dicomledger.ledger.peer_settings import PeeringSettings, PeerSettings, WitnessSettings
+from dicomledger.ledger.peer_tls import (
+    client_context,
+)
 from dicomledger.ledger.tip import OwnTip, flag_cleared_payload
 from dicomledger.ledger.witness import (
     SIZE_CONTENT_TYPE,
-    BadSignatureError,
-    InconsistentError,
-    StaleError,
     WitnessError,
-    WitnessState,
     check_equivocation,
-    checkpoint_origin,
     format_add_checkpoint,
     format_evidence,
-    format_size,
-    parse_add_checkpoint,
     parse_evidence,
     parse_size,
-    witness_checkpoint,
 )
 
 log = structlog.get_logger("dicomledger.gossip")
 
-MAX_ENTRIES_PER_REQUEST = 1000
 # Seconds one peer gets to answer while a start confirms our own log's tip: a silent peer
 # must not hold the start for the 30 s of an ordinary request.
 STARTUP_REQUEST_TIMEOUT = 5.0
-# tlog-witness "POST <submission prefix>/add-checkpoint": the submission prefix is the peer
-# API's base URL, https://<host>:<peer port>
-ADD_CHECKPOINT_PATH = "/add-checkpoint"
-
-
-class PeerProtocolError(ValueError):
-    """A peer's message was malformed, oversized or did not verify."""
-
-
-class ConsortiumMismatch(PeerProtocolError):
-    """A peer holds another pseudonym secret or witness policy: nothing is exchanged with it."""
-
-
-# Every request between gateways and every answer carries the sender's consortium settings:
-# "secret-check=<hex>; policy=<hex>|none", the keyed check value of its pseudonym secret
-# (pseudonym.secret_check) and the SHA-256 of its witness policy's canonical text.
-CONSORTIUM_HEADER = "Dicomledger-Consortium"
-
-
-def consortium_value(secret_check: str, policy: WitnessPolicy | None) -> str:
-    digest = "none" if policy is None else hashlib.sha256(canonical_text(policy).encode()).hexdigest()
-    return f"secret-check={secret_check}; policy={digest}"
-
-
-def parse_consortium_value(value: str) -> dict[str, str]:
-    fields = {}
-    for part in value.split(";"):
-        name, sep, field_value = part.strip().partition("=")
-        if sep:
-            fields[name] = field_value
-    return fields
-
-
-def consortium_mismatch(ours: str, theirs: str) -> str | None:
-    """How a peer's consortium settings differ from ours, in words; None if they match."""
-    mine, other = parse_consortium_value(ours), parse_consortium_value(theirs)
-    problems = []
-    if mine.get("secret-check") != other.get("secret-check"):
-        problems.append(
-            f"its pseudonym secret differs from ours (check value {str(other.get('secret-check'))[:16]}…, ours "
-            f"{str(mine.get('secret-check'))[:16]}…): one patient would have two pseudonyms")
-    if mine.get("policy") != other.get("policy"):
-        what = lambda d: "none" if d in (None, "none") else f"{d[:16]}…"  # noqa: E731
-        problems.append(f"its witness policy differs from ours (digest {what(other.get('policy'))}, ours "
-                        f"{what(mine.get('policy'))})")
-    return "; ".join(problems) or None
 
 
 class EntriesRefused(PeerProtocolError):
     """Entries a peer served did not verify against the signed checkpoint (or could not be
     verified: no usable consistency proof). The peer is backed off."""
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(value: Any, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise PeerProtocolError(f"{what} must be a base64 string")
-    return canonical_b64decode(value, what, PeerProtocolError)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 async def _first_of(events: Sequence[asyncio.Event], timeout: float) -> None:
@@ -229,18 +166,7 @@ async def _first_of(events: Sequence[asyncio.Event], timeout: float) -> None:
             waiter.cancel()
 
 
-@dataclass(frozen=True)
-class _Witnessed:
-    """One add-checkpoint answer, whichever encoding carried it: a status, the reason of a
-    refusal, the cosignature lines of a 200, the witness's size in a 409."""
-
-    status: int
-    reason: str = ""
-    cosignatures: tuple[Signature, ...] = ()
-    size: int | None = None
-
-
-def _witness_tls(witness: WitnessConfig) -> ssl.SSLContext | bool:
+def _witness_tls(witness: WitnessSettings) -> ssl.SSLContext | bool:
     """TLS for a standard witness: its pinned certificate, or the system's CAs (and its host
     name); no client certificate, the spec authenticates nothing but the checkpoint."""
     if witness.tls_cert is None:
@@ -251,45 +177,35 @@ def _witness_tls(witness: WitnessConfig) -> ssl.SSLContext | bool:
     return ctx
 
 
-def _read_text_answer(status: int, content_type: str, raw: bytes) -> _Witnessed:
+def _read_text_answer(status: int, content_type: str, raw: bytes) -> Witnessed:
     """A tlog-witness add-checkpoint answer: signature lines (200), the witness's size in
     ``text/x.tlog.size`` (409), or an error status with whatever text came with it."""
     try:
         if status == 200:
-            return _Witnessed(200, cosignatures=parse_signature_lines(raw))
+            return Witnessed(200, cosignatures=parse_signature_lines(raw))
         if status == 409 and content_type == SIZE_CONTENT_TYPE:
-            return _Witnessed(409, size=parse_size(raw))
+            return Witnessed(409, size=parse_size(raw))
     except (NoteError, WitnessError) as exc:
         raise PeerProtocolError(f"add-checkpoint answer {status}: {exc}") from None
-    return _Witnessed(status, raw[:300].decode("utf-8", errors="replace").strip())
+    return Witnessed(status, raw[:300].decode("utf-8", errors="replace").strip())
 
 
-def _read_json_answer(status: int, body: Any) -> _Witnessed:
+def _read_json_answer(status: int, body: Any) -> Witnessed:
     """Our earlier JSON add-checkpoint answer (kept for gateways from before the text one)."""
     if not isinstance(body, dict):
-        return _Witnessed(status, f"{body!r}"[:300])
+        return Witnessed(status, f"{body!r}"[:300])
     if status == 200:
-        raw = _unb64(body.get("cosignature"), "cosignature")
-        return _Witnessed(200, cosignatures=(Signature(str(body.get("name")), raw[:4], raw[4:]),))
+        raw = unb64(body.get("cosignature"), "cosignature")
+        return Witnessed(200, cosignatures=(Signature(str(body.get("name")), raw[:4], raw[4:]),))
     size = body.get("size")
     if status == 409 and isinstance(size, int) and not isinstance(size, bool):
-        return _Witnessed(409, size=size)
-    return _Witnessed(status, str(body.get("error"))[:300])
-
-
-@dataclass
-class Traffic:
-    """Peer API payload bytes (JSON bodies; HTTP headers and TLS framing not counted)."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    requests_served: int = 0
-    requests_made: int = 0
+        return Witnessed(409, size=size)
+    return Witnessed(status, str(body.get("error"))[:300])
 
 
 @dataclass
 class _Peer:
-    config: PeerConfig
+    config: PeerSettings
     cosigned_size: int = 0  # the size this peer last cosigned for our log
     cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # announce vs gossip round
     announce: asyncio.Event = field(default_factory=asyncio.Event)  # a new checkpoint to announce
@@ -319,7 +235,7 @@ class _Witness:
     new checkpoint of ours, and again once its cosignature is older than heartbeat_interval.
     It holds no log: no gossip, no pulls."""
 
-    config: WitnessConfig
+    config: WitnessSettings
     session: aiohttp.ClientSession | None = None  # its own: system CAs or its pinned certificate
     cosigned_size: int = 0
     cosign_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -344,7 +260,7 @@ class _Witness:
 class PeerService:
     def __init__(
         self,
-        config: PeeringConfig,
+        config: PeeringSettings,
         identity: Identity,
         store: LedgerStore,
         own_log: LogWriter,
@@ -354,10 +270,7 @@ class PeerService:
         secret_check: str | None = None,  # pseudonym.secret_check of our secret; None: not exchanged
     ) -> None:
         self.config = config
-        self._consortium = None if secret_check is None else consortium_value(secret_check, config.witness_policy)
-        self._consortium_seen: dict[str, tuple[str, str | None]] = {}  # peer -> (its settings, mismatch)
         self._on_equivocation = on_equivocation
-        self._on_tls_refused = on_tls_refused
         self.identity = identity
         self.store = store
         self.own_log = own_log
@@ -365,20 +278,23 @@ class PeerService:
         self.replicas = ReplicaWriter(store, policy=config.witness_policy)
         self.peers = {p.origin: _Peer(p) for p in config.peers}
         self.witnesses = [_Witness(w) for w in config.witnesses]
-        self._by_fingerprint = {pem_fingerprint(p.tls_cert): p.origin for p in config.peers}
         # the logs of the consortium, ours included; each verified with its key chain, which
         # starts at the key [[peers]] lists (its first key) and follows its log's key changes
         self._origins = {identity.origin, *(p.origin for p in config.peers)}
-        self._witnessed = frozenset(p.origin for p in config.peers)  # the logs we witness
-        self._witness_lock = asyncio.Lock()
         self._origin_locks: dict[str, asyncio.Lock] = {}
-        self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._pull_wanted: dict[str, tuple[_Peer, bytes]] = {}
         self._statements_seen: list[tuple[bytes, str]] = []  # key replacements recorded in pulled entries
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self.traffic = Traffic()
+        self.consortium = ConsortiumSettings(
+            None if secret_check is None else consortium_value(secret_check, config.witness_policy), self.state
+        )
+        self.api = PeerApi(
+            config, store, self.state, self.consortium, self.traffic, lambda: self.own_log.identity,
+            schedule_pull=self._schedule_pull, evidence_found=self._evidence_found, on_tls_refused=on_tls_refused,
+        )
         self.port = config.port
 
     # -- lifecycle -------------------------------------------------------------------
@@ -389,26 +305,8 @@ class PeerService:
         for peer in self.config.peers:
             await self.store.ensure_origin(peer.origin, peer.public_key)
         await self.replicas.start()
+        await self.api.start()
         certs = [p.tls_cert for p in self.config.peers]
-        app = web.Application(
-            client_max_size=self.config.max_message_bytes, middlewares=[self._count_traffic, self._consortium_guard]
-        )
-        app.router.add_get("/v1/checkpoints", self._get_checkpoints)
-        app.router.add_get("/v1/entries", self._get_entries)
-        app.router.add_get("/v1/consistency", self._get_consistency)
-        app.router.add_get("/v1/key-changes", self._get_key_changes)
-        app.router.add_post("/v1/add-checkpoint", self._post_add_checkpoint)
-        app.router.add_post(ADD_CHECKPOINT_PATH, self._post_add_checkpoint_text)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = HandshakeFirstSite(
-            self._runner,
-            self.config.host,
-            self.config.port,
-            tls=server_context(self.config.tls_cert, self.config.tls_key, certs),
-            on_refused=self._handshake_refused,
-        )
-        await site.start()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 ssl=client_context(self.config.tls_cert, self.config.tls_key, certs), limit=32
@@ -451,8 +349,7 @@ class PeerService:
         for witness in self.witnesses:
             if witness.session is not None:
                 await witness.session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.api.stop()
         await self.replicas.stop()
 
     def checkpoint_signed(self) -> None:
@@ -546,7 +443,7 @@ class PeerService:
             notes = body.get(section)
             if not isinstance(notes, dict) or own not in notes:
                 continue  # a gateway from before "witnessed" simply has none
-            data = _unb64(notes[own], "checkpoint")
+            data = unb64(notes[own], "checkpoint")
             note = parse_note(data)
             cp = parse_checkpoint(note.text)
             signed = chain.signs_checkpoint(note, cp.size) or (
@@ -620,255 +517,10 @@ class PeerService:
         if not digests:
             raise ValueError(f"{origin} is not flagged here: no equivocation evidence against it is in force")
         appended = await self.own_log.append(FLAG_CLEARED, flag_cleared_payload(origin, digests, by, reason))
-        await self.state.mark_cleared(origin, digests, appended.index, _now())
+        await self.state.mark_cleared(origin, digests, appended.index, now_iso())
         log.warning("equivocation flag cleared", flagged_origin=origin, by=by, reason=reason,
                     evidence=len(digests), entry=appended.index)
         return {"origin": origin, "evidence": len(digests), "index": appended.index}
-
-    # -- server side -------------------------------------------------------------------
-
-    @web.middleware
-    async def _count_traffic(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-        response = await handler(request)
-        self.traffic.requests_served += 1
-        self.traffic.bytes_received += request.content_length or 0
-        body = getattr(response, "body", None)
-        if isinstance(body, bytes | bytearray):
-            self.traffic.bytes_sent += len(body)
-        return response
-
-    @web.middleware
-    async def _consortium_guard(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-        """A peer whose request says it holds another pseudonym secret or witness policy is
-        refused (403, nothing served or stored); every answer says what we hold. A request
-        without the header (a standard witness client, a gateway from before the check) is
-        served as before."""
-        theirs = request.headers.get(CONSORTIUM_HEADER)
-        problem = None
-        if theirs is not None and self._consortium is not None:
-            problem = await self._note_consortium(self._caller(request), theirs)
-        response: web.StreamResponse
-        if problem is not None:
-            response = web.Response(status=403, text=f"consortium mismatch: {problem}\n")
-        else:
-            response = await handler(request)
-        if self._consortium is not None:
-            response.headers[CONSORTIUM_HEADER] = self._consortium
-        return response
-
-    async def _note_consortium(self, peer: str, theirs: str) -> str | None:
-        """Compare a peer's consortium settings with ours; when what it says changes (and at
-        its first word since we started) keep it (`peers` shows it) and say so in one log
-        line. Returns the mismatch, if any."""
-        assert self._consortium is not None
-        problem = consortium_mismatch(self._consortium, theirs)
-        if self._consortium_seen.get(peer) == (theirs, problem):
-            return problem
-        before = self._consortium_seen.get(peer)
-        if before is None:
-            held = await self.state.consortium_check(peer)
-            before = None if held is None else ("", held.mismatch)
-        fields = parse_consortium_value(theirs)
-        await self.state.set_consortium_check(
-            ConsortiumCheck(peer, fields.get("secret-check"), fields.get("policy"), problem, _now()))
-        self._consortium_seen[peer] = (theirs, problem)
-        if problem is not None:
-            log.error("peer refused: consortium settings differ; nothing is exchanged with it until they match",
-                      peer=peer, mismatch=problem)
-        elif before is not None and before[1] is not None:
-            log.info("consortium settings of a peer match ours again", peer=peer)
-        return problem
-
-    def _caller(self, request: web.Request) -> str:
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-        origin = self._by_fingerprint.get(fingerprint(der)) if der else None
-        if origin is None:  # TLS already refuses unknown certificates; belt and braces
-            raise web.HTTPForbidden(text="unknown peer certificate")
-        return origin
-
-    def _handshake_refused(self, address: str, reason: str) -> None:
-        log.warning("peer TLS handshake refused", address=address, reason=reason)
-        if self._on_tls_refused is not None:
-            self._on_tls_refused(address, reason)
-
-    def _refuse(self, caller: str, status: int, reason: str) -> web.Response:
-        log.warning("peer request refused", peer=caller, status=status, reason=reason)
-        return web.json_response({"error": reason}, status=status)
-
-    async def _get_checkpoints(self, request: web.Request) -> web.Response:
-        self._caller(request)
-        checkpoints = {}
-        for info in await self.store.origins():
-            latest = await self.store.latest_checkpoint(info.name)
-            if latest is not None:
-                checkpoints[info.name] = _b64(latest[1])
-        evidence = [_b64(data) for _, data in await self.state.evidence()]
-        # the checkpoint we last cosigned per origin: a restarted origin learns from it its
-        # true size even when we had not pulled its entries yet
-        witnessed = {origin: _b64(note) for origin, note in await self.state.witnessed_notes()}
-        return web.json_response({"checkpoints": checkpoints, "evidence": evidence, "witnessed": witnessed})
-
-    def _query_ints(self, request: web.Request, *names: str) -> list[int]:
-        try:
-            values = [int(request.query[n]) for n in names]
-        except (KeyError, ValueError):
-            raise PeerProtocolError(f"query needs integer {', '.join(names)}") from None
-        if any(v < 0 for v in values):
-            raise PeerProtocolError("negative sizes")
-        return values
-
-    async def _get_entries(self, request: web.Request) -> web.Response:
-        caller = self._caller(request)
-        try:
-            origin = request.query.get("origin", "")
-            start, end = self._query_ints(request, "start", "end")
-            if await self.store.origin(origin) is None:
-                return self._refuse(caller, 404, f"no log for origin {origin!r}")
-            end = min(end, start + MAX_ENTRIES_PER_REQUEST, await self.store.size(origin))
-            entries = await self.store.entries(origin, start, end) if end > start else []
-        except PeerProtocolError as exc:
-            return self._refuse(caller, 400, str(exc))
-        return web.json_response({"entries": [_b64(e) for e in entries]})
-
-    async def _get_consistency(self, request: web.Request) -> web.Response:
-        caller = self._caller(request)
-        try:
-            origin = request.query.get("origin", "")
-            old, new = self._query_ints(request, "old", "new")
-            if await self.store.origin(origin) is None or not 0 < old <= new <= await self.store.size(origin):
-                return self._refuse(caller, 404, "no such sizes held")
-            proof = await self.store.consistency_proof(origin, old, new)
-        except PeerProtocolError as exc:
-            return self._refuse(caller, 400, str(exc))
-        return web.json_response({"proof": [_b64(h) for h in proof]})
-
-    async def _get_key_changes(self, request: web.Request) -> web.Response:
-        """The key-rotation and key-replacement entries of a log we hold, from ``start``: a
-        peer that sees a checkpoint signed by a key it does not know yet learns the chain."""
-        caller = self._caller(request)
-        try:
-            origin = request.query.get("origin", "")
-            (start,) = self._query_ints(request, "start")
-            if await self.store.origin(origin) is None:
-                return self._refuse(caller, 404, f"no log for origin {origin!r}")
-            entries = await self.store.key_changes(origin, start)
-        except PeerProtocolError as exc:
-            return self._refuse(caller, 400, str(exc))
-        return web.json_response({"entries": [_b64(e) for e in entries]})
-
-    async def _post_add_checkpoint(self, request: web.Request) -> web.Response:
-        """C2SP tlog-witness add-checkpoint: a peer asks us to cosign its checkpoint."""
-        caller = self._caller(request)
-        try:
-            try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                return self._refuse(caller, 413, f"body above {self.config.max_message_bytes} bytes")
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise PeerProtocolError("body must be a JSON object")
-            note = _unb64(body.get("note"), "note")
-            old_size = body.get("old_size")
-            if not isinstance(old_size, int) or isinstance(old_size, bool) or old_size < 0:
-                raise PeerProtocolError("old_size must be a non-negative integer")
-            proof_raw = body.get("proof")
-            if not isinstance(proof_raw, list) or len(proof_raw) > 63:
-                raise PeerProtocolError("proof must be a list of at most 63 hashes")
-            proof = [_unb64(h, "proof hash") for h in proof_raw]
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
-            return self._refuse(caller, 400, "body is not JSON")
-        except PeerProtocolError as exc:
-            return self._refuse(caller, 400, str(exc))
-        if caller in await self.state.flagged():
-            return self._refuse(caller, 403, "you are flagged for equivocation: this gateway no longer cosigns your checkpoints")
-        outcome = await self._witness(caller, note, old_size, proof, frozenset({caller}))  # its own checkpoints
-        self._log_refusal(caller, outcome)
-        if outcome.status == 200:
-            (cosignature,) = outcome.cosignatures
-            return web.json_response({"name": cosignature.name, "cosignature": _b64(cosignature.key_id + cosignature.data)})
-        body: dict[str, Any] = {"error": outcome.reason}
-        if outcome.size is not None:
-            body["size"] = outcome.size  # a stale old size: here is the size we hold, retry
-        return web.json_response(body, status=outcome.status)
-
-    async def _post_add_checkpoint_text(self, request: web.Request) -> web.Response:
-        """C2SP tlog-witness add-checkpoint, byte for byte (text body and answers). As the
-        spec has it, the checkpoint's signature is what counts, not who sends it: any peer
-        may submit any peer's checkpoint. Our own log is not one we witness (404)."""
-        caller = self._caller(request)
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            outcome = _Witnessed(413, f"body above {self.config.max_message_bytes} bytes")
-        else:
-            try:
-                req = parse_add_checkpoint(raw)
-            except WitnessError as exc:
-                outcome = _Witnessed(400, str(exc))
-            else:
-                outcome = await self._witness(caller, req.note, req.old_size, req.consistency_proof, self._witnessed)
-        self._log_refusal(caller, outcome)
-        if outcome.status == 200:
-            return web.Response(body=format_signature_lines(outcome.cosignatures), content_type="text/plain", charset="utf-8")
-        if outcome.size is not None:
-            return web.Response(status=409, body=format_size(outcome.size), headers={"Content-Type": SIZE_CONTENT_TYPE})
-        return web.Response(status=outcome.status, text=outcome.reason + "\n")
-
-    async def _witness(
-        self, caller: str, note: bytes, old_size: int, proof: Sequence[bytes], logs: frozenset[str]
-    ) -> _Witnessed:
-        """Check ``note`` as a witness of the ``logs`` (origins) given and cosign it
-        (tlog-witness add-checkpoint); the state is read, checked and saved under one lock.
-        A checkpoint signed by a key we do not know for its size is refused (403) and makes
-        us pull that log: it may have changed its key in entries we have not pulled yet."""
-        try:
-            origin = checkpoint_origin(note)
-        except WitnessError as exc:
-            return _Witnessed(exc.status, str(exc))
-        if origin in logs and origin in await self.state.flagged():
-            who = "you are" if origin == caller else f"{origin} is"
-            return _Witnessed(403, f"{who} flagged for equivocation: this gateway no longer cosigns its checkpoints")
-        async with self._witness_lock:  # read, check and update the state atomically
-            stored = await self.state.witness_state(origin) if origin in logs else None
-            state = WitnessState(origin, *stored) if stored else None
-            chains = {origin: await self.store.key_chain(origin)} if origin in logs else {}
-            identity = self.own_log.identity  # the key in force now: a rotation changes it
-            try:
-                cosignature, new_state = witness_checkpoint(
-                    note=note,
-                    old_size=old_size,
-                    consistency_proof=proof,
-                    state=state,
-                    logs=chains,
-                    witness_name=identity.origin,
-                    witness_key=identity.private_key,
-                    now=int(time.time()),
-                )
-            except InconsistentError as exc:
-                if exc.evidence is not None:
-                    await self._evidence_found(format_evidence(exc.evidence), exc.evidence.origin, caller)
-                return _Witnessed(exc.status, str(exc))
-            except StaleError as exc:
-                return _Witnessed(exc.status, str(exc), size=exc.size)
-            except BadSignatureError as exc:
-                if origin in self.peers and origin in logs:
-                    self._schedule_pull(origin, note)  # it may have changed its key: learn it from its log
-                return _Witnessed(exc.status, str(exc))
-            except WitnessError as exc:
-                return _Witnessed(exc.status, str(exc))
-            await self.state.save_witness_state(origin, new_state.size, new_state.root_hash, new_state.note)
-        if new_state.size > await self.store.size(origin):
-            self._schedule_pull(origin, note)  # an announcement: fetch the new entries now
-        return _Witnessed(200, cosignatures=(cosignature,))
-
-    @staticmethod
-    def _log_refusal(caller: str, outcome: _Witnessed) -> None:
-        if outcome.status == 200:
-            return
-        # a stale old size is the protocol's normal "here is my size, retry"
-        level = log.info if outcome.size is not None else log.warning
-        level("peer request refused", peer=caller, status=outcome.status, reason=outcome.reason)
 
     # -- client side -------------------------------------------------------------------
 
@@ -883,15 +535,17 @@ class PeerService:
         self.traffic.requests_made += 1
         self.traffic.bytes_sent += len(data or b"")
         headers = {} if content_type is None else {"Content-Type": content_type}
-        ours = self._consortium if isinstance(peer, _Peer) else None  # standard witnesses: none
+        ours = self.consortium.ours if isinstance(peer, _Peer) else None  # standard witnesses: none
         if ours is not None:
             headers[CONSORTIUM_HEADER] = ours
         method = session.get if data is None else session.post
-        options = {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))}
+        options: dict[str, Any] = (
+            {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))}
+        )
         async with method(peer.url + path, data=data, headers=headers or None, **options) as resp:
             theirs = resp.headers.get(CONSORTIUM_HEADER)
             if ours is not None and theirs is not None:
-                problem = await self._note_consortium(peer.name, theirs)
+                problem = await self.consortium.note(peer.name, theirs)
                 if problem is not None:
                     raise ConsortiumMismatch(f"consortium mismatch: {problem}")
             raw = bytearray()
@@ -1003,13 +657,13 @@ class PeerService:
             )
             log.info("peer unreachable", peer=origin, error=str(exc)[:200])
         except ConsortiumMismatch as exc:  # logged once when found
-            await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
+            await self.state.set_peer_status(PeerStatus(origin, True, now_iso(), None, str(exc)[:300]))
         except EntriesRefused as exc:
             delay = self._back_off(peer)
-            await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
+            await self.state.set_peer_status(PeerStatus(origin, True, now_iso(), None, str(exc)[:300]))
             log.warning("peer message rejected", peer=origin, reason=str(exc), backoff_seconds=round(delay, 3))
         except (PeerProtocolError, NoteError, CheckpointError, LedgerStoreError) as exc:
-            await self.state.set_peer_status(PeerStatus(origin, True, _now(), None, str(exc)[:300]))
+            await self.state.set_peer_status(PeerStatus(origin, True, now_iso(), None, str(exc)[:300]))
             log.warning("peer message rejected", peer=origin, reason=str(exc))
         except Exception as exc:  # a bug must not end gossip: log it loudly and go on
             log.exception("gossip round failed", peer=origin, error=f"{type(exc).__name__}: {exc}")
@@ -1020,17 +674,17 @@ class PeerService:
         if status != 200 or not isinstance(body, dict):
             raise PeerProtocolError(f"checkpoints: status {status}")
         for data in body.get("evidence", []) if isinstance(body.get("evidence"), list) else []:
-            await self._consider_evidence(_unb64(data, "evidence"), origin)
+            await self._consider_evidence(unb64(data, "evidence"), origin)
         checkpoints = body.get("checkpoints")
         if not isinstance(checkpoints, dict):
             raise PeerProtocolError("checkpoints must be an object")
         for cp_origin, note in checkpoints.items():
             if cp_origin in self._origins and cp_origin != self.identity.origin:
-                await self._consider_checkpoint(cp_origin, _unb64(note, "checkpoint"), peer)
+                await self._consider_checkpoint(cp_origin, unb64(note, "checkpoint"), peer)
         their = checkpoints.get(origin)
         await self._ask_cosignature(peer)
-        size = parse_checkpoint(parse_note(_unb64(their, "checkpoint")).text).size if their else None
-        await self.state.set_peer_status(PeerStatus(origin, True, _now(), size, None))
+        size = parse_checkpoint(parse_note(unb64(their, "checkpoint")).text).size if their else None
+        await self.state.set_peer_status(PeerStatus(origin, True, now_iso(), size, None))
 
     def _lock(self, origin: str) -> asyncio.Lock:
         return self._origin_locks.setdefault(origin, asyncio.Lock())
@@ -1092,7 +746,7 @@ class PeerService:
             items = body.get("entries") if status == 200 and isinstance(body, dict) else None
             for item in items if isinstance(items, list) else []:
                 try:
-                    entry = decode_entry(_unb64(item, "key-change entry"))
+                    entry = decode_entry(unb64(item, "key-change entry"))
                     if entry.origin != origin or entry.index < have or entry.index >= size:
                         continue
                     if entry.kind == KEY_ROTATION:
@@ -1247,7 +901,7 @@ class PeerService:
             if not isinstance(chunk, list) or not chunk:
                 raise PeerProtocolError(f"{source.config.origin} did not serve {origin} entries from {at}")
             for item in chunk:
-                entries.append(_unb64(item, "entry"))
+                entries.append(unb64(item, "entry"))
                 held_bytes += len(entries[-1])
         return entries[: target - start]
 
@@ -1262,7 +916,7 @@ class PeerService:
                 f"to {new} (status {status}): its entries cannot be verified"
             )
         try:
-            return [_unb64(h, "proof hash") for h in proof]
+            return [unb64(h, "proof hash") for h in proof]
         except PeerProtocolError as exc:
             raise EntriesRefused(f"consistency proof of {origin} from {source.config.origin}: {exc}") from None
 
@@ -1273,7 +927,7 @@ class PeerService:
         proof between the two checkpoints, if ``source`` serves one, is evidence."""
         status, body = await self._fetch(source, f"/v1/consistency?origin={origin}&old={held[0]}&new={target}")
         if status == 200 and isinstance(body, dict) and isinstance(body.get("proof"), list):
-            proof = [_unb64(h, "proof hash") for h in body["proof"]]
+            proof = [unb64(h, "proof hash") for h in body["proof"]]
             await self._check_pair(origin, held[1], note_bytes, proof, source)
 
     async def _check_pair(
@@ -1302,7 +956,7 @@ class PeerService:
         await self._evidence_found(data, claimed.origin, source)
 
     async def _evidence_found(self, data: bytes, origin: str, source: str) -> None:
-        if await self.state.add_evidence(origin, data, _now()):
+        if await self.state.add_evidence(origin, data, now_iso()):
             log.error(
                 "EQUIVOCATION: a peer signed two checkpoints that cannot both be true; origin flagged",
                 origin=origin,
@@ -1353,7 +1007,7 @@ class PeerService:
             peer.cosigned_size = size
             return
 
-    async def _add_checkpoint(self, peer: _Peer | _Witness, note: bytes, old: int, proof: Sequence[bytes]) -> _Witnessed:
+    async def _add_checkpoint(self, peer: _Peer | _Witness, note: bytes, old: int, proof: Sequence[bytes]) -> Witnessed:
         """One tlog-witness add-checkpoint request to ``peer``, in the standard text encoding;
         a gateway from before it (404 for the path) is asked in JSON from then on."""
         if not peer.json_witness:
@@ -1361,7 +1015,8 @@ class PeerService:
             status, content_type, raw = await self._request(peer, ADD_CHECKPOINT_PATH, body, "text/plain; charset=utf-8")
             if status != 404 or isinstance(peer, _Witness):  # a standard witness: 404 is "unknown log"
                 return _read_text_answer(status, content_type, raw)
-        json_body = {"note": _b64(note), "old_size": old, "proof": [_b64(h) for h in proof]}
+        assert isinstance(peer, _Peer)  # a standard witness answered above
+        json_body = {"note": b64(note), "old_size": old, "proof": [b64(h) for h in proof]}
         status, body = await self._fetch(peer, "/v1/add-checkpoint", post=json_body)
         peer.json_witness = peer.json_witness or status != 404
         return _read_json_answer(status, body)

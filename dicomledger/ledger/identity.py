@@ -10,10 +10,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.errors import ConfigurationError
 from dicomledger.ledger.note import verifier_key
 
 
-class KeyFileError(ValueError):
+class KeyFileError(ConfigurationError, ValueError):
     """A key file is missing, unreadable, too widely readable or not an Ed25519 key."""
 
 

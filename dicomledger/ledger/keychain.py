@@ -44,11 +44,13 @@ import base64
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError
 from dicomledger.ledger.entries import (
     FORMAT_VERSION,
     KEY_REPLACEMENT,
@@ -79,7 +81,7 @@ MAX_REASON_CHARS = 256
 KEY_CHANGE_KINDS = frozenset({KEY_ROTATION, KEY_REPLACEMENT})
 
 
-class KeyChangeError(ValueError):
+class KeyChangeError(LedgerFormatError, ValueError):
     """A key-rotation or key-replacement entry, or a replacement statement, is not acceptable;
     the message says why."""
 
@@ -401,6 +403,11 @@ def check_replacement(
     return KeyChange(entry.index, statement.new_key, replaced=True)
 
 
+def given(root: bytes) -> Callable[[], bytes]:
+    """A ``root`` for ``check_change`` known in advance."""
+    return lambda: root
+
+
 def check_change(
     entry: Entry,
     chain: KeyChain,
@@ -443,13 +450,14 @@ def chain_from_entries(
     ``roots``: for each replacement, the root of the entries before it (without it, the
     root a replacement statement pins is taken as given: a trust file holds no tree)."""
     chain = KeyChain(origin, first)
+    known_roots = roots or {}
     for entry in sorted(entries, key=lambda e: e.index):
         if entry.kind == KEY_REPLACEMENT and roots is None:
             pinned = parse_statement(statement_of(entry)).root
-            chain = check_change(entry, chain, root=lambda pinned=pinned: pinned, policy=policy, signer_keys=signer_keys)
+            chain = check_change(entry, chain, root=given(pinned), policy=policy, signer_keys=signer_keys)
         else:
             chain = check_change(
-                entry, chain, root=lambda index=entry.index: (roots or {})[index], policy=policy, signer_keys=signer_keys,
+                entry, chain, root=partial(known_roots.__getitem__, entry.index), policy=policy, signer_keys=signer_keys,
             )
     return chain
 

@@ -24,22 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
 import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, cast
 
 import aiosqlite
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError, StorageError
+from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.ledger import merkle
 from dicomledger.ledger.checkpoint import (
     Checkpoint,
@@ -81,7 +81,6 @@ from dicomledger.ledger.note import (
 from dicomledger.ledger.policy import WitnessPolicy
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS origins (
@@ -157,7 +156,7 @@ CREATE TABLE IF NOT EXISTS entry_keys (
 """
 
 
-class LedgerStoreError(RuntimeError):
+class LedgerStoreError(StorageError, RuntimeError):
     """The ledger database could not be read or written; the message says what to check."""
 
 
@@ -208,7 +207,7 @@ async def connect(path: Path) -> aiosqlite.Connection:
     return db
 
 
-async def _one_row(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+async def one_row(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
     """The first row of a query, run to completion in one thread hop.
 
     A SELECT left open between awaits (``async with execute() ... fetchone()``) keeps a
@@ -263,7 +262,7 @@ class LedgerStore:
     async def origin(self, name: str) -> OriginInfo | None:
         if name in self._origins:
             return self._origins[name]
-        row = await _one_row(self.db, "SELECT id, public_key FROM origins WHERE name = ?", (name,))
+        row = await one_row(self.db, "SELECT id, public_key FROM origins WHERE name = ?", (name,))
         if row is None:
             return None
         info = OriginInfo(row[0], name, Ed25519PublicKey.from_public_bytes(row[1]))
@@ -318,12 +317,12 @@ class LedgerStore:
 
     async def size(self, origin: str) -> int:
         oid = await self._origin_id(origin)
-        row = await _one_row(self.db, "SELECT MAX(idx) FROM entries WHERE origin_id = ?", (oid,))
+        row = await one_row(self.db, "SELECT MAX(idx) FROM entries WHERE origin_id = ?", (oid,))
         return 0 if row is None or row[0] is None else row[0] + 1
 
     async def entry(self, origin: str, index: int) -> bytes:
         oid = await self._origin_id(origin)
-        row = await _one_row(self.db, "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (oid, index))
+        row = await one_row(self.db, "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (oid, index))
         if row is None:
             raise LedgerStoreError(f"{origin} has no entry {index}")
         return bytes(row[0])
@@ -340,7 +339,7 @@ class LedgerStore:
         """Once per lookup-key scheme (``keys.VERSION``): attach the keys to every stored
         entry, so entries stored before the scheme gained a key are found by it too. Returns
         how many entries were read (0 when the database is at that version already)."""
-        row = await _one_row(self.db, "PRAGMA user_version")
+        row = await one_row(self.db, "PRAGMA user_version")
         if row is not None and row[0] >= LOOKUP_KEYS_VERSION:
             return 0
         read = 0
@@ -452,7 +451,7 @@ class LedgerStore:
         """Put a witness's cosignature line on the stored checkpoint note, replacing that
         witness's older one (a fresher timestamp is a heartbeat); True if stored."""
         oid = await self._origin_id(origin)
-        row = await _one_row(self.db, "SELECT note FROM checkpoints WHERE origin_id = ? AND size = ?", (oid, size))
+        row = await one_row(self.db, "SELECT note FROM checkpoints WHERE origin_id = ? AND size = ?", (oid, size))
         if row is None:
             return False
         note = parse_note(bytes(row[0]))
@@ -471,149 +470,12 @@ class LedgerStore:
     ) -> tuple[int, bytes] | None:
         """The newest stored checkpoint note of ``origin`` with size >= at_least."""
         oid = await self._origin_id(origin)
-        row = await _one_row(
+        row = await one_row(
             self.db,
             "SELECT size, note FROM checkpoints WHERE origin_id = ? AND size >= ? ORDER BY size DESC LIMIT 1",
             (oid, at_least),
         )
         return None if row is None else (row[0], bytes(row[1]))
-
-
-@dataclass(frozen=True)
-class HeldEvidence:
-    """Equivocation evidence held against an origin, and whether (when, by which entry of
-    this gateway's log) its flag was cleared."""
-
-    origin: str
-    data: bytes
-    received_at: str
-    cleared_at: str | None = None
-    cleared_by_entry: int | None = None
-
-
-def evidence_digest(data: bytes) -> bytes:
-    """SHA-256 of an evidence file's bytes: how a ``flag-cleared`` entry names it."""
-    return hashlib.sha256(data).digest()
-
-
-@dataclass(frozen=True)
-class PeerStatus:
-    origin: str
-    reachable: bool
-    last_contact: str | None
-    their_size: int | None
-    error: str | None
-
-
-@dataclass(frozen=True)
-class ConsortiumCheck:
-    """What a peer last said of its consortium settings (``gossip.CONSORTIUM_HEADER``): the
-    check value of its pseudonym secret, the digest of its witness policy, and how they
-    differ from ours (None: they match)."""
-
-    origin: str
-    secret_check: str | None
-    policy: str | None
-    mismatch: str | None
-    checked_at: str
-
-
-class ConsortiumState:
-    """What a gateway remembers about its peers: witness state per origin, equivocation
-    evidence (an origin with evidence whose flag was not cleared is flagged), and each peer's
-    last known status."""
-
-    def __init__(self, store: LedgerStore) -> None:
-        self.db = store.db
-
-    async def witness_state(self, origin: str) -> tuple[int, bytes, bytes] | None:
-        row = await _one_row(self.db, "SELECT size, root, note FROM witness_state WHERE origin = ?", (origin,))
-        return None if row is None else (row[0], bytes(row[1]), bytes(row[2]))
-
-    async def witnessed_notes(self) -> list[tuple[str, bytes]]:
-        """(origin, note) of the checkpoint last cosigned, per origin."""
-        rows = await self.db.execute_fetchall("SELECT origin, note FROM witness_state ORDER BY origin")
-        return [(row[0], bytes(row[1])) for row in rows]
-
-    async def save_witness_state(self, origin: str, size: int, root: bytes, note: bytes) -> None:
-        await self.db.execute(
-            "INSERT OR REPLACE INTO witness_state (origin, size, root, note) VALUES (?, ?, ?, ?)",
-            (origin, size, root, note),
-        )
-
-    async def forget_witness_state(self, origin: str) -> None:
-        await self.db.execute("DELETE FROM witness_state WHERE origin = ?", (origin,))
-
-    async def add_evidence(self, origin: str, data: bytes, now: str) -> bool:
-        """Keep evidence against ``origin``; True if it was new."""
-        cur = await self.db.execute(
-            "INSERT OR IGNORE INTO evidence (origin, data, received_at) VALUES (?, ?, ?)",
-            (origin, data, now),
-        )
-        added = cur.rowcount == 1  # the INSERT has finished: no statement stays open
-        await cur.close()
-        return added
-
-    async def evidence(self) -> list[tuple[str, bytes]]:
-        """(origin, evidence) of every flag in force: evidence not cleared, oldest first."""
-        rows = await self.db.execute_fetchall("SELECT origin, data FROM evidence ORDER BY received_at")
-        cleared = await self._cleared_digests()
-        return [(row[0], bytes(row[1])) for row in rows if evidence_digest(bytes(row[1])) not in cleared]
-
-    async def evidence_held(self, origin: str) -> list[HeldEvidence]:
-        """All evidence held against ``origin``, cleared or not, oldest first."""
-        rows = await self.db.execute_fetchall(
-            "SELECT data, received_at FROM evidence WHERE origin = ? ORDER BY received_at", (origin,)
-        )
-        cleared = await self._cleared_digests()
-        return [
-            HeldEvidence(origin, bytes(data), received_at, *cleared.get(evidence_digest(bytes(data)), (None, None)))
-            for data, received_at in rows
-        ]
-
-    async def _cleared_digests(self) -> dict[bytes, tuple[str, int]]:
-        rows = await self.db.execute_fetchall("SELECT digest, cleared_at, entry FROM evidence_cleared")
-        return {bytes(row[0]): (row[1], row[2]) for row in rows}
-
-    async def flagged(self) -> set[str]:
-        return {origin for origin, _ in await self.evidence()}
-
-    async def mark_cleared(self, origin: str, digests: Sequence[bytes], entry: int, now: str) -> None:
-        """Clear the flag these pieces of evidence raised against ``origin``: the evidence is
-        kept (for export and audit) but no longer flags the origin nor is served to peers;
-        ``entry`` is the ``flag-cleared`` entry of this gateway's log that records it."""
-        await self.db.executemany(
-            "INSERT OR IGNORE INTO evidence_cleared (digest, origin, cleared_at, entry) VALUES (?, ?, ?, ?)",
-            [(d, origin, now, entry) for d in digests],
-        )
-
-    async def set_peer_status(self, status: PeerStatus) -> None:
-        await self.db.execute(
-            "INSERT OR REPLACE INTO peer_status (origin, reachable, last_contact, their_size, error) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (status.origin, int(status.reachable), status.last_contact, status.their_size, status.error),
-        )
-
-    async def set_consortium_check(self, check: ConsortiumCheck) -> None:
-        await self.db.execute(
-            "INSERT OR REPLACE INTO peer_consortium (origin, secret_check, policy, mismatch, checked_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (check.origin, check.secret_check, check.policy, check.mismatch, check.checked_at),
-        )
-
-    async def consortium_check(self, origin: str) -> ConsortiumCheck | None:
-        row = await _one_row(
-            self.db, "SELECT secret_check, policy, mismatch, checked_at FROM peer_consortium WHERE origin = ?", (origin,)
-        )
-        return None if row is None else ConsortiumCheck(origin, *row)
-
-    async def peer_status(self, origin: str) -> PeerStatus | None:
-        row = await _one_row(
-            self.db,
-            "SELECT reachable, last_contact, their_size, error FROM peer_status WHERE origin = ?",
-            (origin,),
-        )
-        return None if row is None else PeerStatus(origin, bool(row[0]), row[1], row[2], row[3])
 
 
 @dataclass(frozen=True)
@@ -661,7 +523,7 @@ class Companion(Protocol):
     def after(self, appended: Sequence[tuple[Any, Appended]]) -> None: ...
 
 
-class _ThreadWriter:
+class _ThreadWriter(ThreadedSqlite):
     """A writer with its own thread and plain sqlite3 connection.
 
     A batch is written in one thread hop (aiosqlite would take one per statement and let
@@ -670,28 +532,14 @@ class _ThreadWriter:
     """
 
     def __init__(self, store: LedgerStore, name: str) -> None:
+        super().__init__(store.path, name)
         self.store = store
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._db: sqlite3.Connection | None = None  # used on self._thread only
 
-    async def _on_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
-    def _connect(self) -> None:
-        try:
-            db = sqlite3.connect(self.store.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # COMMIT returns only once the WAL is on disk
-            db.execute("PRAGMA busy_timeout=10000")
+    def _connect_writer(self) -> None:
+        try:  # synchronous=FULL: COMMIT returns only once the WAL is on disk; the store made the schema
+            self._connect("FULL", "")
         except sqlite3.Error as exc:
             raise LedgerStoreError(f"cannot open ledger database {self.store.path}: {exc}") from None
-        self._db = db
-
-    async def _close(self) -> None:
-        if self._db is not None:
-            await self._on_thread(self._db.close)
-            self._db = None
-        self._thread.shutdown()
 
     def _frontier(self, origin_id: int, origin: str) -> tuple[Frontier, bytes | None]:
         """Writer thread: the stored tree's frontier and the last entry's bytes."""
@@ -827,7 +675,7 @@ class LogWriter(_ThreadWriter):
         self._task = asyncio.create_task(self._run(), name=f"ledger-writer {info.name}")
 
     def _open(self) -> None:
-        self._connect()
+        self._connect_writer()
         self._load_state()
 
     def _load_state(self) -> None:
@@ -853,7 +701,7 @@ class LogWriter(_ThreadWriter):
         except asyncio.CancelledError:
             pass
         self._task = None
-        await self._close()
+        await self.close()
 
     async def append(
         self, kind: str, payload: Mapping[str, Any], keys: Sequence[str] | None = None
@@ -888,12 +736,11 @@ class LogWriter(_ThreadWriter):
             with self._commit_lock:
                 if pending.result is _UNSET:  # nobody committed it while we waited
                     batch = [self._from_threads.popleft() for _ in range(min(self.max_batch, len(self._from_threads)))]
-                    for item, result in zip(batch, self._commit_or_fail(batch), strict=True):
-                        item.result = result
+                    for item, outcome in zip(batch, self._commit_or_fail(batch), strict=True):
+                        item.result = outcome
         if isinstance(pending.result, BaseException):
             raise pending.result
-        result: Appended | Declined = pending.result
-        return result
+        return cast(Appended | Declined, pending.result)
 
     async def rotate(self, new_key: Ed25519PrivateKey) -> Appended:
         """Append a key-rotation entry signed by the current key and ``new_key``; every
@@ -908,6 +755,7 @@ class LogWriter(_ThreadWriter):
         return asyncio.get_running_loop().create_future()
 
     async def _enqueue(self, pending: _Pending) -> Any:
+        assert pending.future is not None
         self._queue.put_nowait(pending)
         return await pending.future
 
@@ -922,12 +770,14 @@ class LogWriter(_ThreadWriter):
                 except LedgerStoreError as exc:
                     results = [exc] * len(batch)
                 for pending, result in zip(batch, results, strict=True):
-                    if pending.future.done():  # the appender was cancelled
+                    future = pending.future
+                    assert future is not None  # appends from the loop have one
+                    if future.done():  # the appender was cancelled
                         continue
                     if isinstance(result, BaseException):
-                        pending.future.set_exception(result)
+                        future.set_exception(result)
                     else:
-                        pending.future.set_result(result)
+                        future.set_result(result)
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -1054,7 +904,7 @@ class LogWriter(_ThreadWriter):
         return size, await sign_checkpoint(self.store, identity, size)
 
 
-class ReplicaError(ValueError):
+class ReplicaError(LedgerFormatError, ValueError):
     """Entries offered for another origin's log were refused; nothing was stored."""
 
 
@@ -1080,10 +930,10 @@ class ReplicaWriter(_ThreadWriter):
         self.policy = policy  # counts the signers of key-replacement statements
 
     async def start(self) -> None:
-        await self._on_thread(self._connect)
+        await self._on_thread(self._connect_writer)
 
     async def stop(self) -> None:
-        await self._close()
+        await self.close()
 
     async def append_verified(
         self,

@@ -23,6 +23,8 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from dicomledger.common.errors import LedgerFormatError
+
 NodeID = tuple[int, int]
 
 HASH_SIZE = 32
@@ -31,7 +33,7 @@ NODE_PREFIX = b"\x01"
 MAX_TREE_SIZE = 2**63 - 1  # sizes and indices are stored as SQLite (signed 64-bit) integers
 
 
-class ProofError(ValueError):
+class ProofError(LedgerFormatError, ValueError):
     """A Merkle proof does not verify; the message says exactly what failed."""
 
 

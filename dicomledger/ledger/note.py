@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError
 from dicomledger.ledger.checkpoint import CheckpointError, parse_checkpoint
 
 SIG_ED25519 = 0x01
@@ -31,7 +32,7 @@ MAX_TIMESTAMP = 2**63 - 1  # tlog-cosignature: "It MUST NOT exceed 2^63 - 1"
 _DASH = "\u2014 "  # em dash, space
 
 
-class NoteError(ValueError):
+class NoteError(LedgerFormatError, ValueError):
     """A note, signature line or verifier key is malformed; the message says how."""
 
 

@@ -75,6 +75,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError
 from dicomledger.ledger.entries import (
     GRANT,
     REVOKE,
@@ -107,7 +108,7 @@ _REVOKE_FIELDS = frozenset(
 _GRANTEE_FIELDS = frozenset({"ae", "gateway"})
 
 
-class PermissionFormatError(ValueError):
+class PermissionFormatError(LedgerFormatError, ValueError):
     """A permission payload, grantee or argument is malformed; the message names the field."""
 
 

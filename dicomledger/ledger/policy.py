@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError
 from dicomledger.ledger.note import (
     SIG_COSIGNATURE_V1,
     SIG_ED25519,
@@ -47,7 +48,7 @@ _FIELD_SEPARATORS = re.compile(r"[ \t]+")
 _DECIMAL = re.compile(r"[1-9][0-9]{0,8}")
 
 
-class PolicyError(ValueError):
+class PolicyError(LedgerFormatError, ValueError):
     """A policy line is malformed or inconsistent; the message names the line and the reason."""
 
 
@@ -268,7 +269,7 @@ def parse_policy(text: str) -> WitnessPolicy:
     return parse_policy_lines(enumerate(text.split("\n"), 1))
 
 
-class CosignatureError(ValueError):
+class CosignatureError(LedgerFormatError, ValueError):
     """A cosignature line by a known witness key does not verify."""
 
 

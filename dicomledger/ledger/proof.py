@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError
 from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
 from dicomledger.ledger.merkle import MAX_TREE_SIZE, ProofError, leaf_hash, verify_inclusion
 from dicomledger.ledger.note import (
@@ -49,7 +50,7 @@ MAX_PROOF_FILE_BYTES = 3 << 20
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}")
 
 
-class ProofFileError(ValueError):
+class ProofFileError(LedgerFormatError, ValueError):
     """A proof file is malformed or does not verify; the message says exactly why."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dicomledger.ledger import merkle
+from dicomledger.ledger.consortium import ConsortiumState
 from dicomledger.ledger.entries import ZERO_HASH, EntryError, check_entry, decode_entry
 from dicomledger.ledger.identity import Identity, KeyFileError, create_key_file, load_key_file
 from dicomledger.ledger.keychain import (
@@ -36,7 +37,7 @@ from dicomledger.ledger.keychain import (
     make_statement,
     parse_statement,
 )
-from dicomledger.ledger.log import Appended, ConsortiumState, LedgerStore, LogWriter
+from dicomledger.ledger.log import Appended, LedgerStore, LogWriter
 from dicomledger.ledger.merkle import Frontier
 from dicomledger.ledger.note import verifier_key, verify_note_signature
 from dicomledger.ledger.policy import WitnessPolicy
@@ -58,8 +59,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _same(a: object, b: object) -> bool:
-    return a.public_bytes_raw() == b.public_bytes_raw()  # type: ignore[attr-defined]
+def _same(a: Ed25519PublicKey, b: Ed25519PublicKey) -> bool:
+    return a.public_bytes_raw() == b.public_bytes_raw()
 
 
 async def rotate_key(writer: LogWriter, key_file: Path) -> Appended:

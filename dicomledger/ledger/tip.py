@@ -26,10 +26,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dicomledger.common.errors import LedgerFormatError
+
 MAX_TEXT_CHARS = 256
 
 
-class TipRecordError(ValueError):
+class TipRecordError(LedgerFormatError, ValueError):
     """A field of a local-tip-accepted or flag-cleared record is not acceptable."""
 
 

@@ -33,6 +33,7 @@ from dicomledger.ledger.keychain import (
     KeyChain,
     KeyChangeError,
     check_change,
+    given,
     parse_statement,
     statement_of,
 )
@@ -94,7 +95,7 @@ class Trust:
                 break
             try:
                 pinned = parse_statement(statement_of(entry)).root if entry.kind != KEY_ROTATION else b""
-                chain = check_change(entry, chain, root=lambda pinned=pinned: pinned, policy=policy, signer_keys=signer_keys)
+                chain = check_change(entry, chain, root=given(pinned), policy=policy, signer_keys=signer_keys)
             except KeyChangeError as exc:
                 raise NoteError(f"trust line {n}: {exc}") from None
         return chain

@@ -34,11 +34,13 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from dicomledger.common.errors import StorageError
 from dicomledger.ledger import merkle
 from dicomledger.ledger.checkpoint import CheckpointError, parse_checkpoint
 from dicomledger.ledger.entries import (
@@ -103,7 +105,7 @@ class VerifyReport:
         return sum(o.size for o in self.origins)
 
 
-class UnreadableCopy(sqlite3.OperationalError):
+class UnreadableCopy(StorageError, sqlite3.OperationalError):
     """A WAL database in a folder SQLite cannot write its -shm index to."""
 
 
@@ -389,8 +391,8 @@ class _Run:
             self.pool.submit(_check_checkpoints, o.name, o.key, self.witness_keys, b, o.changes) for b in batches
         ]
         newest: _CheckedCheckpoint | None = None
-        for future in cp_futures:
-            checked, failure = future.result()
+        for cp_future in cp_futures:
+            checked, failure = cp_future.result()
             for cp in checked:
                 where = f"checkpoint at size {cp.size}"
                 if cp.size > o.size:
@@ -433,7 +435,7 @@ class _Run:
             try:
                 entry = decode_entry(bytes(data))
                 chain = check_change(
-                    entry, chain, root=lambda idx=idx: self._root(o, idx, upper), policy=self.key_policy,
+                    entry, chain, root=partial(self._root, o, idx, upper), policy=self.key_policy,
                     signer_keys=lambda name: self.signer_keys.get(name, []),
                 )
             except (EntryError, KeyChangeError) as exc:

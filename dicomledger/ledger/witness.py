@@ -79,6 +79,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomledger.common.errors import LedgerFormatError
 from dicomledger.ledger.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
 from dicomledger.ledger.keychain import KeyChain, single_key
 from dicomledger.ledger.merkle import (
@@ -135,7 +136,7 @@ class Equivocation:
     consistency_proof: tuple[bytes, ...] = ()
 
 
-class WitnessError(ValueError):
+class WitnessError(LedgerFormatError, ValueError):
     """A checkpoint was not cosigned or evidence was not accepted; the message says why."""
 
     status: int = 400  # tlog-witness "400 Bad Request"

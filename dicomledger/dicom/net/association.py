@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from dicomledger.common.errors import DicomError
 from dicomledger.dicom.net import dimse, pdu
 from dicomledger.dicom.net.dimse import RESPONSE_BIT, Command, CommandError, parse_command
 from dicomledger.dicom.net.negotiation import (
@@ -446,7 +447,7 @@ class Association(asyncio.Protocol):
             self._reading_paused = False
             transport.resume_reading()
 
-    def _send(self, context_id: int, command: bytes, data_set: bytes | None) -> None:
+    def _send(self, context_id: int, command: bytes, data_set: bytes | memoryview | None) -> None:
         if self.state is not State.ESTABLISHED:
             return  # the peer is gone or aborted: nothing to answer
         data = pdu.p_data(context_id, command, command=True, max_pdu_length=self._peer_max_pdu)
@@ -518,6 +519,6 @@ class Association(asyncio.Protocol):
         self._close_now()
 
 
-class _DimseError(ValueError):
+class _DimseError(DicomError, ValueError):
     """A command set we cannot answer (no usable Message ID or Command Field): A-ABORT."""
 

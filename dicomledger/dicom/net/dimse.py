@@ -12,6 +12,8 @@ import re
 import struct
 from dataclasses import dataclass
 
+from dicomledger.common.errors import DicomError
+
 # Command Field values (PS3.7 E.1)
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_GET_RQ, C_GET_RSP = 0x0010, 0x8010
@@ -68,7 +70,7 @@ _US = struct.Struct("<HHIH")  # a whole US element: group, element, length 2, va
 _UL = struct.Struct("<HHII")
 
 
-class CommandError(ValueError):
+class CommandError(DicomError, ValueError):
     """The bytes are not a usable command set: the association is aborted."""
 
 

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC as AssociateAcPdu
 from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPdu
 from pynetdicom.pdu_primitives import (
@@ -32,6 +33,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from dicomledger.common.errors import DicomError
 from dicomledger.dicom.net import pdu
 from dicomledger.dicom.net.filemeta import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -40,7 +42,7 @@ MAX_CONTEXTS = 128  # presentation context IDs are the odd numbers 1..255
 CACHE_SIZE = 32
 
 
-class AssociateRqError(ValueError):
+class AssociateRqError(DicomError, ValueError):
     """The A-ASSOCIATE-RQ is not a valid PDU: answered with an A-ABORT."""
 
 
@@ -190,7 +192,7 @@ class Negotiator:
 
     def _accept(self, rq: A_ASSOCIATE, proposed: list[PresentationContext], calling: str, called: str) -> Accepted:
         peer_max, implementation, version, async_ops = 0, "", "", False
-        rq_roles: dict[str, tuple[bool | None, bool | None]] = {}
+        rq_roles: dict[UID, tuple[bool | None, bool | None]] = {}
         for item in rq.user_information:
             if isinstance(item, MaximumLengthNotification):
                 peer_max = item.maximum_length_received or 0
@@ -201,7 +203,7 @@ class Negotiator:
             elif isinstance(item, AsynchronousOperationsWindowNegotiation):
                 async_ops = True
             elif isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
-                rq_roles[str(item.sop_class_uid)] = (item.scu_role, item.scp_role)
+                rq_roles[UID(str(item.sop_class_uid))] = (item.scu_role, item.scp_role)
 
         results: list[PresentationContext] = []
         roles: dict[str, SCP_SCU_RoleSelectionNegotiation] = {}

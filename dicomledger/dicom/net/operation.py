@@ -168,7 +168,7 @@ class Operation:
                  "_abort")
 
     def __init__(self, peer: Peer, context: AcceptedContext, contexts: Mapping[int, AcceptedContext],
-                 command: Command, service: Service | None, send: Callable[[int, bytes, bytes | None], None],
+                 command: Command, service: Service | None, send: Callable[[int, bytes, bytes | memoryview | None], None],
                  drain: Callable[[], Awaitable[None]], abort: Callable[[str], None]) -> None:
         self.peer = peer
         self.context = context  # the request's
@@ -203,7 +203,7 @@ class Operation:
         """Before sending requests of our own (a service with ``cancellable``, so reads go on)."""
         self.responses = asyncio.Queue()
 
-    def send_request(self, context_id: int, command: bytes, data_set: bytes | None = None) -> None:
+    def send_request(self, context_id: int, command: bytes, data_set: bytes | memoryview | None = None) -> None:
         """A request to the peer on one of the association's contexts (C-GET: a C-STORE-RQ)."""
         self._send(context_id, command, data_set)
 
@@ -230,7 +230,10 @@ class Service(Protocol):
     # Reads go on while it runs, so a C-CANCEL-RQ, or the responses to requests it sends, can
     # reach it; otherwise nothing is read until it has answered (the 1/1 operations window).
     cancellable: bool
-    abstract_syntaxes: Mapping[str, tuple[str, ...]]  # the contexts it serves, with their transfer syntaxes
+
+    @property
+    def abstract_syntaxes(self) -> Mapping[str, tuple[str, ...]]:
+        """The contexts it serves, with their transfer syntaxes."""
 
     def check(self, op: Operation) -> None:
         """When the command set arrived, before its data set: Refusal to answer it at once

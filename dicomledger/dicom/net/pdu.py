@@ -13,6 +13,8 @@ from __future__ import annotations
 import struct
 from typing import Protocol
 
+from dicomledger.common.errors import DicomError
+
 A_ASSOCIATE_RQ = 0x01
 A_ASSOCIATE_AC = 0x02
 A_ASSOCIATE_RJ = 0x03
@@ -63,7 +65,7 @@ MESSAGE_COMMAND = 0x01  # message control header bit 0: command (else data set)
 MESSAGE_LAST = 0x02  # bit 1: last fragment of the command or data set
 
 
-class FramingError(ValueError):
+class FramingError(DicomError, ValueError):
     """The peer broke PDU framing; ``reason`` is the A-ABORT reason to answer with."""
 
     def __init__(self, message: str, reason: int = REASON_INVALID_PARAMETER) -> None:
@@ -199,7 +201,7 @@ class PduReader:
 # --- encoders ------------------------------------------------------------------------------
 
 
-def p_data(context_id: int, payload: bytes, *, command: bool, max_pdu_length: int) -> bytes:
+def p_data(context_id: int, payload: bytes | memoryview, *, command: bool, max_pdu_length: int) -> bytes:
     """A command set or data set as P-DATA-TF PDUs of one PDV each, fragmented to the peer's
     maximum PDU length (0: no limit), as pynetdicom and DCMTK send them."""
     kind = MESSAGE_COMMAND if command else 0
@@ -208,7 +210,7 @@ def p_data(context_id: int, payload: bytes, *, command: bool, max_pdu_length: in
     if size <= room:
         return (PDU_HEADER.pack(P_DATA_TF, size + PDV_HEADER_SIZE)
                 + PDV_HEADER.pack(size + 2, context_id, kind | MESSAGE_LAST) + payload)
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     view = memoryview(payload)
     for start in range(0, size, room):
         piece = view[start : start + room]

@@ -1,8 +1,9 @@
 """An SQLite database used from asyncio on one thread of its own, with one connection.
 
 Each call is one thread hop: a lookup-and-write runs as one function on the thread, where
-aiosqlite would take a hop per statement. The image index (``dicom/index.py``) and the forward
-queue (``forwarding.py``) are built on it; the ledger has its own writers (``ledger/log.py``).
+aiosqlite would take a hop per statement. The image index (``dicom/index.py``), the forward
+queue (``forwarding.py``), the lifecycle state and the ledger's writers (``ledger/log.py``) are
+built on it.
 """
 
 from __future__ import annotations
