@@ -9,6 +9,8 @@ import sys
 from collections.abc import Iterator
 from importlib.metadata import version
 
+import pytest
+
 from dicomledger.cli import build_parser
 
 
@@ -47,6 +49,7 @@ def test_help_walk_finds_an_option_without_help() -> None:
     assert found == ["dicomledger serve --undocumented"]
 
 
+@pytest.mark.e2e  # runs the command
 def test_version_prints_the_installed_version() -> None:
     run = subprocess.run([sys.executable, "-m", "dicomledger.cli", "--version"], capture_output=True, text=True,
                          timeout=60)

@@ -19,6 +19,8 @@ from dicomledger.gateway import Gateway
 from tests.conftest import GatewayProcess, consortium, dcmtk, free_port
 from tests.dicomdata import make_ct_series
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 
 def enable_metrics(gw: GatewayProcess) -> int:
     port = free_port()

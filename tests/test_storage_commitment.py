@@ -25,6 +25,8 @@ from tests.test_forwarding import entries_of_kind
 from tests.test_gateway_interop import ORTHANC, Orthanc
 from tests.test_patient_conflict import log_events
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 INSTANCE = "1.2.840.10008.1.20.1.1"
 
 

@@ -40,6 +40,8 @@ from tests.netharness import NetServer, captured_logs, events
 from tests.syslogd import Rsyslog, event_name
 from tests.test_consortium import wait_until
 
+pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
+
 captured_logs_for_test = contextmanager(captured_logs)
 
 ALLOWED = ("STORESCU", "ECHOSCU", "WS1", "BOUND", "NAMED", "FROMNET")
