@@ -70,10 +70,11 @@ def assert_clean_logs(*gateways: GatewayProcess) -> None:
         assert "Traceback" not in text and "gossip round failed" not in text, text[-3000:]
 
 
-def test_a_gateway_restored_from_an_older_copy_fetches_its_lost_entries_back(tmp_path):
-    """A's data is put back from a copy taken 50 entries earlier while B and C run: before it
-    appends anything A fetches those 50 entries back from its peers (checked against its own
-    signed checkpoints) and continues after the true tip; nobody is flagged."""
+def test_a_gateway_restored_from_an_older_backup_fetches_its_lost_entries_back(tmp_path):
+    """A's data is put back (`dicomledger restore`) from an online backup (`dicomledger backup`
+    while A serves) taken 50 entries earlier, while B and C run: before it appends anything A
+    fetches those 50 entries back from its peers (checked against its own signed checkpoints)
+    and continues after the true tip; nobody is flagged."""
     gateways = consortium(tmp_path, 3)
     a, b, c = gateways
     for gw in gateways:
@@ -82,17 +83,16 @@ def test_a_gateway_restored_from_an_older_copy_fetches_its_lost_entries_back(tmp
         assert a.storescu(*dicomdata.make_mr_series(tmp_path / "first", 5, seed="first")).returncode == 0
         wait_until(lambda: all(newest_checkpoint_size(gw, a.origin) == 5 for gw in (b, c)),
                    what="B and C to hold A's first 5 entries")
-        a.stop()
-        shutil.copytree(a.dir / "data", tmp_path / "a-copy")  # the backup, 50 entries before the end
-        a.start()
+        backup = a.cli("backup", "-o", str(tmp_path / "a-backup"))  # online, 50 entries before the end
+        assert backup.returncode == 0, backup.stderr
         lost = dicomdata.make_mr_series(tmp_path / "lost", 50, seed="lost")
         assert a.storescu(*lost).returncode == 0
         wait_until(lambda: all(newest_checkpoint_size(gw, a.origin) == 55 for gw in (b, c)),
                    what="B and C to hold A's 55 entries with A's checkpoint")
         true_log = log_of(b, a.origin)[0]
         a.stop()
-        shutil.rmtree(a.dir / "data")
-        shutil.copytree(tmp_path / "a-copy", a.dir / "data")  # the restore
+        restored = a.cli("restore", "--from", str(tmp_path / "a-backup"), "--replace")
+        assert restored.returncode == 0, restored.stderr
         assert len(log_of(a, a.origin)[0]) == 5
         offset = a.log_path.stat().st_size
 
