@@ -173,18 +173,19 @@ def test_pydicom_warnings_and_refusals_quoting_swallowed_patient_elements_log_no
     and no PHI value is anywhere in the log."""
     syntaxes = [ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
     valid, uid_swallows, charset_swallows = [], [], []
-    for n, syntax in enumerate(syntaxes):
-        (source,) = dicomdata.make_mr_series(tmp_path / f"ts{n}", 1, rows=16, cols=16, patient=PHI_PATIENT,
-                                             seed=f"log-phi-{n}", transfer_syntax=syntax)
-        valid.append(source)
-        uid_swallows.append(swallowing_patient(source, tmp_path / f"uid-{n}.dcm", SOP_INSTANCE_UID))
-        misspelt = tmp_path / f"misspelt-{n}.dcm"
-        ds = pydicom.dcmread(source)
-        ds.SpecificCharacterSet = "ISO IR 100"  # a common misspelling of ISO_IR 100 (same length)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom says so as it writes it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own say on the misspelt character set, here
+        for n, syntax in enumerate(syntaxes):
+            (source,) = dicomdata.make_mr_series(tmp_path / f"ts{n}", 1, rows=16, cols=16, patient=PHI_PATIENT,
+                                                 seed=f"log-phi-{n}", transfer_syntax=syntax)
+            valid.append(source)
+            uid_swallows.append(swallowing_patient(source, tmp_path / f"uid-{n}.dcm", SOP_INSTANCE_UID))
+            misspelt = tmp_path / f"misspelt-{n}.dcm"
+            ds = pydicom.dcmread(source)
+            ds.SpecificCharacterSet = "ISO IR 100"  # a common misspelling of ISO_IR 100 (same length)
             ds.save_as(misspelt)
-        charset_swallows.append(swallowing_patient(misspelt, tmp_path / f"charset-{n}.dcm", SPECIFIC_CHARACTER_SET))
+            charset_swallows.append(
+                swallowing_patient(misspelt, tmp_path / f"charset-{n}.dcm", SPECIFIC_CHARACTER_SET))
     # the cases are what they claim: pydicom's own text would carry the PHI
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
