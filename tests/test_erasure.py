@@ -5,6 +5,7 @@ a consortium gateway that holds forwarded copies honours the erasure if configur
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import subprocess
@@ -16,9 +17,9 @@ import pydicom
 import pytest
 
 from tests import dicomdata
-from tests.conftest import ROOT, GatewayProcess, consortium, dcmtk, free_port
+from tests.conftest import DCMTK_ENV, ROOT, GatewayProcess, consortium, dcmtk, free_port
 from tests.test_consortium import wait_until
-from tests.test_forwarding import entries_of_kind
+from tests.test_forwarding import entries_of_kind, forwarding_gateway
 
 pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
@@ -315,3 +316,52 @@ def test_audit_messages_already_sent_leave_no_trace_of_an_erased_patient(tmp_pat
     finally:
         gw.stop()
         receiver.close()
+
+
+def pending_jobs(gw: GatewayProcess) -> list[dict]:
+    listed = gw.cli("queue", "--json", "--limit", "1000")
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)["jobs"]
+
+
+def test_erasure_cancels_the_patients_pending_forwards(tmp_path):
+    pacs_port = free_port()
+    gw = forwarding_gateway(tmp_path, pacs_port)  # the PACS is down: nobody listens on its port yet
+    x, y = dicomdata.fake_patient("erase-fw-x"), dicomdata.fake_patient("erase-fw-y")
+    files_x = dicomdata.make_mr_series(tmp_path / "x", 3, patient=x, seed="erase-fw-x")
+    files_y = dicomdata.make_mr_series(tmp_path / "y", 2, patient=y, seed="erase-fw-y")
+    uids = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in [*files_x, *files_y]}
+    received = tmp_path / "pacs"
+    received.mkdir()
+    storescp = None
+    gw.start()
+    try:
+        for patient in (x, y):
+            assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        assert gw.storescu(*files_x, *files_y).returncode == 0
+        wait_until(lambda: gw.log().count("forward failed; will retry") >= 5, what="every forward to fail once")
+        assert {j["sop_instance_uid"] for j in pending_jobs(gw)} == set(uids.values())
+
+        erased = gw.cli("erase", "--patient-id", x.patient_id, "--reason", "patient-request")
+        assert erased.returncode == 0, erased.stderr
+        [entry] = entries_of_kind(gw, "erased")
+        assert (entry["instances"], entry["forward_jobs"]) == (3, 3), entry
+        assert {j["sop_instance_uid"] for j in pending_jobs(gw)} == {uids[p] for p in files_y}
+
+        log = open(tmp_path / "storescp.log", "w")  # the PACS comes up
+        storescp = subprocess.Popen(
+            ["storescp", "-v", "-aet", "PACS", "-od", str(received), "+uf", str(pacs_port)],
+            stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV,
+        )
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 2, what="Y's 2 forwards")
+        time.sleep(2)  # two more retry intervals (retry_max = 1 s): nothing of X follows
+        sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()}
+        assert sent == {uids[p] for p in files_y}
+        assert len(entries_of_kind(gw, "forwarded")) == 2 and pending_jobs(gw) == []
+    finally:
+        gw.stop()
+        if storescp is not None:
+            storescp.terminate()
+            storescp.wait(timeout=10)
+    assert files_holding(received, [x.patient_id.encode(), x.name.encode()]) == []
+    assert gw.cli("verify").returncode == 0

@@ -8,12 +8,18 @@ import socket
 import struct
 import threading
 import time
+import warnings
+import zlib
 from collections.abc import Collection, Iterator
+from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from tests import dicomdata
 from tests.conftest import GatewayProcess, free_port
+from tests.dimse import associate, send_as_is
 from tests.test_forwarding import entries_of_kind, forwarding_gateway
 
 pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
@@ -107,3 +113,102 @@ def test_redaction_removes_values_where_libraries_put_them():
     assert redact_pydicom("Expected explicit VR, but found implicit VR - using implicit VR for reading") == (
         "Expected explicit VR, but found implicit VR - using implicit VR for reading"
     )
+
+
+LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+def top_level_elements(body: bytes, little: bool) -> dict[int, tuple[int, int, int]]:
+    """{tag: (offset of its length field, of its value, its length)} of an explicit VR
+    dataset's top-level elements, up to the first of undefined length."""
+    order, pos, found = "<" if little else ">", 0, {}
+    while pos + 8 <= len(body):
+        group, element = struct.unpack_from(order + "HH", body, pos)
+        long = body[pos + 4 : pos + 6].decode("latin-1") in LONG_VRS
+        field, value_at = (pos + 8, pos + 12) if long else (pos + 6, pos + 8)
+        length = struct.unpack_from(order + ("L" if long else "H"), body, field)[0]
+        found[(group << 16) | element] = (field, value_at, length)
+        if length == 0xFFFFFFFF:
+            break
+        pos = value_at + length
+    return found
+
+
+def swallowing_patient(source: Path, out: Path, tag: int) -> Path:
+    """``source`` with element ``tag``'s (short) length made to swallow every element after
+    it up to the end of Patient's Birth Date: its value then holds the raw bytes of the
+    accession number, the patient's name, ID and birth date. Deflated datasets are inflated,
+    changed and deflated again; the File Meta is unchanged."""
+    data = source.read_bytes()
+    syntax = pydicom.dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    start = 144 + struct.unpack_from("<L", data, 140)[0]  # after preamble, DICM and File Meta
+    body = data[start:]
+    if syntax == DeflatedExplicitVRLittleEndian:
+        body = zlib.decompress(body, -zlib.MAX_WBITS)
+    little = syntax != ExplicitVRBigEndian
+    elements = top_level_elements(body, little)
+    field, value_at, _ = elements[tag]
+    _, birth_date_at, birth_date_length = elements[0x00100030]
+    length = struct.pack("<H" if little else ">H", birth_date_at + birth_date_length - value_at)
+    body = body[:field] + length + body[field + 2 :]
+    if syntax == DeflatedExplicitVRLittleEndian:
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        body = deflate.compress(body) + deflate.flush()
+    out.write_bytes(data[:start] + body)
+    return out
+
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+PHI_PATIENT = dicomdata.FakePatient(name="Logname-RT4WZ^Hildegard", patient_id="DLFAKE-RT4WZ81",
+                                    birth_date="19410317", accession="ACCRT4WZ8155")
+PHI_VALUES = [PHI_PATIENT.name, "Logname-RT4WZ", "Hildegard", PHI_PATIENT.patient_id, PHI_PATIENT.birth_date,
+              PHI_PATIENT.accession]
+SOP_INSTANCE_UID, SPECIFIC_CHARACTER_SET = 0x00080018, 0x00080005
+
+
+def test_pydicom_warnings_and_refusals_quoting_swallowed_patient_elements_log_no_phi(tmp_path, gateway):
+    """Per transfer syntax (explicit VR little endian; big endian and deflated, which only the
+    pydicom path reads): a valid file; one whose SOP Instance UID's length swallows the
+    accession number and the patient's name, ID and birth date (refused: the reason must not
+    quote that "UID"); one whose Specific Character Set does so, after a misspelt "ISO IR 100"
+    (pydicom warns "Unknown encoding" quoting the whole value). The warnings are JSON lines,
+    and no PHI value is anywhere in the log."""
+    syntaxes = [ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
+    valid, uid_swallows, charset_swallows = [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own say on the misspelt character set, here
+        for n, syntax in enumerate(syntaxes):
+            (source,) = dicomdata.make_mr_series(tmp_path / f"ts{n}", 1, rows=16, cols=16, patient=PHI_PATIENT,
+                                                 seed=f"log-phi-{n}", transfer_syntax=syntax)
+            valid.append(source)
+            uid_swallows.append(swallowing_patient(source, tmp_path / f"uid-{n}.dcm", SOP_INSTANCE_UID))
+            misspelt = tmp_path / f"misspelt-{n}.dcm"
+            ds = pydicom.dcmread(source)
+            ds.SpecificCharacterSet = "ISO IR 100"  # a common misspelling of ISO_IR 100 (same length)
+            ds.save_as(misspelt)
+            charset_swallows.append(
+                swallowing_patient(misspelt, tmp_path / f"charset-{n}.dcm", SPECIFIC_CHARACTER_SET))
+    # the cases are what they claim: pydicom's own text would carry the PHI
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert PHI_PATIENT.patient_id in pydicom.dcmread(uid_swallows[1]).SOPInstanceUID
+        caught.clear()
+        pydicom.dcmread(charset_swallows[2]).get("StudyDescription")
+    assert any(PHI_PATIENT.patient_id in str(w.message) for w in caught), [str(w.message)[:80] for w in caught]
+
+    sent = [*valid, *uid_swallows, *charset_swallows]
+    assoc = associate(gateway.port, gateway.ae_title, [MR_IMAGE_STORAGE], syntaxes)
+    try:
+        statuses = [send_as_is(assoc, path) for path in sent]
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * 3 + [0xC000] * 6, [hex(s) if s is not None else s for s in statuses]
+    gateway.stop()
+
+    records = assert_json_log_without(gateway, PHI_VALUES)
+    stores = [r for r in records if r.get("event") == "c-store"]
+    assert len(stores) == len(sent)
+    assert [r["transfer_syntax"] for r in stores] == syntaxes * 3
+    assert all("not a valid UID" in r["outcome"] for r in stores[3:6]), stores[3:6]
+    warned = [r for r in records if r.get("logger") == "pydicom" and r["level"] == "warning"]
+    assert len(warned) >= 3 and all(r["event"].startswith("Unknown encoding") for r in warned), warned

@@ -6,6 +6,7 @@ retrieval's tamper check would find them (tamper-alarm entries, error log lines)
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pydicom
@@ -127,3 +128,26 @@ def test_background_scrub_finds_a_flipped_bit_in_its_next_pass(tmp_path):
         assert "TAMPER ALARM: stored instance failed the scrub" in gw.log()
     finally:
         gw.stop()
+
+
+def test_scrub_max_rate_bounds_the_read_rate_and_keeps_the_verdicts(tmp_path, gateway):
+    files = dicomdata.make_ct_series(tmp_path / "ct", 4, seed="scrub-rate")  # 4 x 512 x 512 x 16 bit: ~2 MB
+    assert gateway.storescu(*files).returncode == 0
+    flip_bit(stored_file(gateway, files[2]), -6)
+    stored_mb = sum(stored_file(gateway, f).stat().st_size for f in files) / 1e6
+    assert stored_mb > 2
+
+    def verdicts(stdout: str) -> list[str]:
+        return sorted(line.split(" complete: ")[-1] for line in stdout.splitlines()
+                      if line.startswith(("ALARM", "WARNING")) or "instances checked" in line)
+
+    unlimited = gateway.cli("scrub")
+    assert unlimited.returncode == 1 and "4 instances checked, 1 alarms, 0 warnings" in unlimited.stdout, unlimited.stdout
+    rate = 1.0  # MB/s
+    started = time.monotonic()
+    limited = gateway.cli("scrub", "--max-rate", str(rate))
+    took = time.monotonic() - started
+    assert limited.returncode == 1, limited.stdout + limited.stderr
+    assert verdicts(limited.stdout) == verdicts(unlimited.stdout), (limited.stdout, unlimited.stdout)
+    assert f"of {stored_mb:.1f} MB" in limited.stdout, limited.stdout
+    assert took >= 0.8 * stored_mb / rate, f"{stored_mb:.1f} MB scrubbed in {took:.2f} s at a limit of {rate} MB/s"

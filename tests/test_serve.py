@@ -103,7 +103,8 @@ def modes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]}
 
 
-# Public by design: the verifier key and the peer certificate are handed to auditors and peers.
+# Public data (the verifier key and the peer certificate are handed to auditors and peers): `init`
+# creates them private like everything else, and `serve` leaves them as the administrator set them.
 PUBLIC = {"trust.txt", "keys/peer-tls.crt"}
 
 
@@ -133,6 +134,7 @@ def test_init_and_serve_create_everything_private(tmp_path, usual_umask):
     too_open = {name: oct(mode) for name, mode in seen.items()
                 if name not in PUBLIC and name != "gateway.log" and mode & 0o077}
     assert not too_open, too_open
+    assert {name: oct(seen[name]) for name in PUBLIC} == {name: "0o600" for name in PUBLIC}
     dirs = [name for name in seen if (gw.dir / name).is_dir() and name != "."]
     assert all(seen[name] == 0o700 for name in dirs), {d: oct(seen[d]) for d in dirs}
 

@@ -11,6 +11,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from dicomledger.common.errors import DicomError
 
@@ -147,6 +148,14 @@ def _text(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
+def shown_uid(value: str) -> str:
+    """A UID as a log line or status reason may show it: a valid one as it is; anything else
+    only by its length, since a UID whose length is wrong holds the bytes of the elements
+    after it (the patient's name and ID)."""
+    value = value.strip("\x00 ")
+    return value if UID(value).is_valid else f"(not a valid UID, {len(value)} characters)"
+
+
 def instance_header(
     ds: Dataset, header_sha256: bytes, sop_class_uid: str, sop_instance_uid: str
 ) -> InstanceHeader:
@@ -182,13 +191,13 @@ def checked_header(
         )
     if values["SOPInstanceUID"] != sop_instance_uid.strip("\x00 "):
         raise InstanceError(
-            f"dataset SOPInstanceUID {values['SOPInstanceUID']} differs from the C-STORE "
-            f"request's Affected SOP Instance UID {sop_instance_uid}"
+            f"dataset SOPInstanceUID {shown_uid(values['SOPInstanceUID'])} differs from the C-STORE "
+            f"request's Affected SOP Instance UID {shown_uid(sop_instance_uid)}"
         )
     if values["SOPClassUID"] and values["SOPClassUID"] != sop_class_uid.strip("\x00 "):
         raise InstanceError(
-            f"dataset SOPClassUID {values['SOPClassUID']} differs from the C-STORE "
-            f"request's Affected SOP Class UID {sop_class_uid}"
+            f"dataset SOPClassUID {shown_uid(values['SOPClassUID'])} differs from the C-STORE "
+            f"request's Affected SOP Class UID {shown_uid(sop_class_uid)}"
         )
     return InstanceHeader(
         sop_class_uid=sop_class_uid,
