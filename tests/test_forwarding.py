@@ -3,6 +3,7 @@ what a grant on its ledger authorises, and records every forward and refusal."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import time
@@ -215,3 +216,49 @@ def test_concurrent_grant_and_revoke_give_deny_on_every_gateway(tmp_path):
     finally:
         for gw in (a, b, c):
             gw.stop()
+
+
+def test_kill_9_during_a_batch_then_restart_delivers_every_instance_once(tmp_path, pacs):
+    """kill -9 while a batch is being sent, restart: every instance reaches storescp, the
+    ledger holds exactly one forwarded entry per instance and the queue one done job each.
+    Jobs the crash left in flight are marked done if their entry is on the ledger and sent
+    again otherwise: storescp (+uf, a new file per receipt) may hold a second copy only of
+    those sent again (a Success that came just before the kill, not yet recorded)."""
+    pacs_port, received = pacs
+    gw = forwarding_gateway(tmp_path, pacs_port)
+    patient = dicomdata.fake_patient("kill9")
+    files = dicomdata.make_mr_series(tmp_path / "mr", 400, seed="kill9", patient=patient)
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    gw.start()
+    try:
+        assert gw.storescu(*files).returncode == 0  # no grant yet: nothing is sent
+        assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) >= 60, timeout=60, what="a first batch delivered")
+        gw.kill()
+        before_restart = len(entries_of_kind(gw, "forwarded"))
+        assert before_restart < 400, "all delivered before the kill: nothing was in flight"
+        offset = len(gw.log())
+        gw.start()
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) >= 400, timeout=120, what="400 forwarded entries")
+        wait_until(lambda: queue_done(gw) == 400, timeout=30, what="400 done jobs")
+        time.sleep(0.5)
+        recovery = [json.loads(line) for line in gw.log()[offset:].splitlines()
+                    if "forward jobs found in flight after a restart" in line]
+        assert len(recovery) == 1, gw.log()[offset:]  # the kill caught a batch in flight
+        sent_again = recovery[0]["sent_again"]
+        forwarded = entries_of_kind(gw, "forwarded")
+        assert len(forwarded) == 400 and len({f["instance"] for f in forwarded}) == 400
+        stored = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()]
+        assert set(stored) == uids  # every instance arrived
+        assert len(stored) - 400 <= sent_again < 64  # a second copy only of a job sent again
+    finally:
+        gw.stop()
+    assert gw.cli("verify").returncode == 0
+
+
+def queue_done(gw: GatewayProcess) -> int:
+    con = sqlite3.connect(f"file:{gw.dir / 'data' / 'forward.db'}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0]
+    finally:
+        con.close()
