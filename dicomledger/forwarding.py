@@ -47,7 +47,14 @@ from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.net.requestor import Destination, Requestor, SendResult
 from dicomledger.dicom.pixelhash import PixelHashError, stored_sha256
 from dicomledger.dicom.qr import data_set_start
-from dicomledger.ledger.entries import FORWARD_REFUSED, FORWARDED, TAMPER_ALARM, EntryError, decode_entry
+from dicomledger.dicom.transcode import TranscodeError, decompressed_data_set
+from dicomledger.ledger.entries import (
+    FORWARD_REFUSED,
+    FORWARDED,
+    TAMPER_ALARM,
+    EntryError,
+    decode_entry,
+)
 from dicomledger.ledger.log import LogWriter
 from dicomledger.ledger.permission_book import PermissionBook
 from dicomledger.sqlite_thread import ThreadedSqlite
@@ -698,7 +705,8 @@ class Forwarder:
         return found
 
     async def _worker(self, dest: DestinationConfig) -> None:
-        requestor = Requestor(self.config.calling_ae, Destination(dest.ae_title, dest.host, dest.port))
+        requestor = Requestor(self.config.calling_ae, Destination(dest.ae_title, dest.host, dest.port),
+                              transcode=True)
         wake = self._wake[dest.ae_title]
         failures = 0  # consecutive retryable failures: the destination is down or refusing
         try:
@@ -780,13 +788,26 @@ class Forwarder:
                 if load.problem:
                     await self._not_sendable(dest, job, load)
                     continue
-                result = await requestor.store(job.sop_class_uid, job.sop_instance_uid, job.transfer_syntax_uid,
-                                               load.data_set)
+                data, syntax = load.data_set, job.transfer_syntax_uid
+                target = requestor.choose((job.sop_class_uid, syntax))
+                if target is not None and target[1] != syntax:
+                    # the destination takes none of the stored syntax: a decompressed copy
+                    try:
+                        data = await loop.run_in_executor(self._checker, decompressed_data_set, load.part10, target[1])
+                        syntax = target[1]
+                    except TranscodeError as exc:
+                        await self.queue.finish(job, "failed", f"cannot send {job.path} decompressed: {exc}")
+                        log.error("forward failed; job parked", destination=dest.ae_title,
+                                  sop_instance=job.sop_instance_uid, error=str(exc))
+                        continue
+                result = await requestor.store(job.sop_class_uid, job.sop_instance_uid, syntax, data)
                 if result.ok:
                     grant = decisions[job.patient, job.study].grant
                     payload = {"destination": dest.ae_title, "site": dest.site, "patient": job.patient,
                                "study": job.study, "instance": job.instance, "sha256": job.sha256,
                                "grant": grant.ref if grant else None, "status": f"0x{result.status or 0:04X}"}
+                    if syntax != job.transfer_syntax_uid:
+                        payload["transcoded_to"] = syntax
                     appends.append(asyncio.ensure_future(self.writer.append(FORWARDED, payload)))
                     done.append(job)
                     continue
@@ -853,6 +874,7 @@ class Loaded:
     data_set: memoryview | bytes = b""
     problem: str = ""
     found: str | None = None  # the pixel hash found, when it differs from the anchored one
+    part10: bytes = b""  # the whole stored file (for a decompressed copy)
 
 
 def _load_checked(path: Path, transfer_syntax_uid: str, sha256: str) -> Loaded:
@@ -870,7 +892,7 @@ def _load_checked(path: Path, transfer_syntax_uid: str, sha256: str) -> Loaded:
         return Loaded(problem=f"cannot send {path}: stored file cannot be parsed: {type(exc).__name__}: {exc}")
     if found != sha256:
         return Loaded(problem=f"tamper check failed: {PIXELS_DIFFER}", found=found)
-    return Loaded(memoryview(data)[data_set_start(data):])
+    return Loaded(memoryview(data)[data_set_start(data):], part10=data)
 
 
 class _Lookahead:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pydicom.uid
 import pytest
 
 from dicomledger.ledger.entries import decode_entry
@@ -262,3 +263,39 @@ def queue_done(gw: GatewayProcess) -> int:
         return con.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0]
     finally:
         con.close()
+
+
+def test_a_jpeg_ls_image_reaches_an_uncompressed_only_destination_decompressed(tmp_path):
+    """Transcoding fallback: storescp (without +xa) accepts only uncompressed syntaxes; a
+    JPEG-LS stored image arrives in Explicit VR Little Endian with the same decoded pixels and
+    SOP Instance UID, and its forwarded entry records transcoded_to."""
+    pacs_port = free_port()
+    received = tmp_path / "pacs"
+    received.mkdir()
+    log = open(tmp_path / "storescp.log", "w")
+    storescp = subprocess.Popen(["storescp", "-v", "-aet", "PACS", "-od", str(received), str(pacs_port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+    gw = forwarding_gateway(tmp_path, pacs_port)
+    patient = dicomdata.fake_patient("jpegls")
+    (native,) = dicomdata.make_mr_series(tmp_path / "mr", 1, seed="jpegls", patient=patient)
+    jpeg_ls = dicomdata.make_compressed_copies(native, tmp_path / "jls", ["jpeg-ls"])["jpeg-ls"]
+    gw.start()
+    try:
+        assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        assert gw.storescu(jpeg_ls, options=("-xt",)).returncode == 0
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 1, timeout=30, what="a forwarded entry")
+        (entry,) = entries_of_kind(gw, "forwarded")
+        assert entry["transcoded_to"] == "1.2.840.10008.1.2.1", entry
+        wait_until(lambda: len(list(received.iterdir())) == 1, what="storescp to hold the file")
+        (got_path,) = received.iterdir()
+        got, sent = pydicom.dcmread(got_path), pydicom.dcmread(jpeg_ls)
+        assert got.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert got.SOPInstanceUID == sent.SOPInstanceUID
+        assert (got.pixel_array == sent.pixel_array).all()
+        assert (got.pixel_array == pydicom.dcmread(native).pixel_array).all()
+        assert "LossyImageCompression" not in got  # a lossless original stays unmarked
+    finally:
+        gw.stop()
+        storescp.terminate()
+        storescp.wait(timeout=10)
+        log.close()

@@ -6,7 +6,10 @@ recently used 128). Each context carries exactly one transfer syntax, so the des
 cannot pick another: a data set leaves as the bytes handed to ``store`` (the stored file's
 data set as it was hash-checked), never re-encoded here. A pair the destination refuses is
 answered without asking again until the association is renewed. ``fallback`` pairs
-(transcoding) are proposed on the same association.
+(transcoding): for a pair in a compressed syntax, the same SOP class in Explicit and
+Implicit VR Little Endian is proposed on the same association too (``transcode``), and
+``choose`` says which accepted pair an instance goes in; the caller supplies the
+decompressed copy (``dicom/transcode.py``).
 
 The A-ASSOCIATE-RQ/AC/RJ go through pynetdicom's codecs (once per association); the
 per-image path (C-STORE-RQ, its data set in P-DATA-TF PDUs, the C-STORE-RSP) is ``struct``
@@ -60,6 +63,7 @@ from dicomledger.dicom.net.filemeta import (
 )
 from dicomledger.dicom.net.negotiation import APPLICATION_CONTEXT_NAME, MAX_CONTEXTS
 from dicomledger.dicom.net.pdu import FramingError, PduReader
+from dicomledger.dicom.transcode import FALLBACK_SYNTAXES, needs_fallback
 
 log = structlog.get_logger("dicomledger.scu")
 
@@ -233,7 +237,9 @@ class Requestor:
         max_pdu: int = 0,  # what we accept; only the destination's maximum matters for sending
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        transcode: bool = False,  # propose uncompressed fallbacks for compressed pairs
     ) -> None:
+        self.transcode = transcode
         self.calling_ae = calling_ae
         self.destination = destination
         self.acse_timeout = acse_timeout
@@ -271,6 +277,19 @@ class Requestor:
         if pair in self._accepted:
             return True
         return False if pair in self._refused else None
+
+    def choose(self, pair: Pair) -> Pair | None:
+        """The pair to send an instance of ``pair`` in on the current association: ``pair``
+        itself if accepted (or not negotiated yet), else an accepted uncompressed fallback
+        (with ``transcode``), else None (the destination takes it in no syntax we offer)."""
+        accepted = self.accepts(pair)
+        if accepted is not False:
+            return pair
+        if self.transcode and needs_fallback(pair[1]):
+            for syntax in FALLBACK_SYNTAXES:
+                if (pair[0], str(syntax)) in self._accepted:
+                    return (pair[0], str(syntax))
+        return None
 
     # --- the operations -------------------------------------------------------------------
 
@@ -354,6 +373,8 @@ class Requestor:
     # --- association management (callers hold the lock) ------------------------------------
 
     async def _ensure(self, pairs: list[Pair], current: Pair | None = None) -> SendResult | None:
+        if self.transcode:
+            pairs = pairs + [(p[0], str(ts)) for p in pairs if needs_fallback(p[1]) for ts in FALLBACK_SYNTAXES]
         for pair in pairs:
             self._pairs[pair] = None
             self._pairs.move_to_end(pair)

@@ -27,6 +27,7 @@ shows nothing remaining (as before); the counts in each are exact as of when it 
 from __future__ import annotations
 
 import asyncio
+import copy
 import zlib
 from collections import deque
 from collections.abc import Mapping
@@ -72,6 +73,7 @@ from dicomledger.dicom.qr import (
     failed_uid_list,
 )
 from dicomledger.dicom.query import QueryError
+from dicomledger.dicom.transcode import FALLBACK_SYNTAXES, TranscodeError, decompressed
 
 log = structlog.get_logger("dicomledger.net")
 
@@ -292,7 +294,13 @@ class GetService(RetrieveService):
         if context is None:  # the requestor took no syntax we can send it in
             return None
         data: bytes | memoryview | None = loaded.data_set
-        if context.transfer_syntax != sub.transfer_syntax_uid or not data or len(data) % 2:
+        if context.transfer_syntax != sub.transfer_syntax_uid and UID(sub.transfer_syntax_uid).is_compressed:
+            # the requestor takes none of the stored syntax: a decompressed copy
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, _decompressed, loaded.dataset, context.transfer_syntax)
+            if data is None:
+                return None
+        elif context.transfer_syntax != sub.transfer_syntax_uid or not data or len(data) % 2:
             # another (uncompressed) syntax, or an odd stored length: pydicom re-encodes it
             data = await asyncio.get_running_loop().run_in_executor(
                 None, _encode_for, loaded.dataset, context.transfer_syntax)
@@ -332,7 +340,7 @@ class MoveService(RetrieveService):
         host, port = plan.destination
         destination = run.request.move_destination or ""
         requestor = Requestor(self._ae_title, Destination(destination, host, port), acse_timeout=self._timeout,
-                              dimse_timeout=self._timeout, connect_timeout=min(self._timeout, 30))
+                              dimse_timeout=self._timeout, connect_timeout=min(self._timeout, 30), transcode=True)
         run.requestor = requestor
         failure = await requestor.prepare(_pairs_for(plan.to_send))
         if failure is not None:
@@ -346,10 +354,16 @@ class MoveService(RetrieveService):
     async def send(self, run: _Run, sub: SubOperation, loaded: Loaded, message_id: int) -> int | None:
         requestor = run.requestor
         assert requestor is not None
-        if requestor.accepts((sub.sop_class_uid, sub.transfer_syntax_uid)) is False:
+        target = requestor.choose((sub.sop_class_uid, sub.transfer_syntax_uid))
+        if target is None:
             return None  # the destination took no context for it: failed without a C-STORE
         data: bytes | memoryview = loaded.data_set
-        if (not data or len(data) % 2) and not UID(sub.transfer_syntax_uid).is_deflated:
+        if target[1] != sub.transfer_syntax_uid:  # a decompressed copy (transcoding fallback)
+            copy = await asyncio.get_running_loop().run_in_executor(None, _decompressed, loaded.dataset, target[1])
+            if copy is None:
+                return None
+            data = copy
+        elif (not data or len(data) % 2) and not UID(sub.transfer_syntax_uid).is_deflated:
             # an odd stored length: pydicom re-encodes it in its own syntax (as pynetdicom did)
             encoded = await asyncio.get_running_loop().run_in_executor(
                 None, _encode_for, loaded.dataset, sub.transfer_syntax_uid)
@@ -357,7 +371,7 @@ class MoveService(RetrieveService):
                 return None
             data = encoded
         result = await requestor.store(
-            sub.sop_class_uid, sub.sop_instance_uid, sub.transfer_syntax_uid, data,
+            sub.sop_class_uid, sub.sop_instance_uid, target[1], data,
             move_originator=(run.op.peer.calling_ae, run.op.command.message_id), priority=SUB_OPERATION_PRIORITY)
         return result.status
 
@@ -369,9 +383,10 @@ def _pairs_for(subs: list[SubOperation]) -> list[tuple[str, str]]:
 
 def storage_context(contexts: Mapping[int, AcceptedContext], sop_class: str,
                     transfer_syntax: str) -> AcceptedContext | None:
-    """The requestor's context to send a stored instance on, as pynetdicom chooses it: one we
-    may act as SCU on (role selection) for its SOP class, in its stored transfer syntax, else
-    in one it converts to (neither compressed, same byte order)."""
+    """The requestor's context to send a stored instance on: one we may act as SCU on (role
+    selection) for its SOP class, in its stored transfer syntax, else in one it converts to
+    (neither compressed, same byte order: pynetdicom's rule), else, for a compressed stored
+    syntax, Explicit or Implicit VR Little Endian (a decompressed copy)."""
     stored = UID(transfer_syntax)
     convertible = None
     for cx in contexts.values():
@@ -380,10 +395,23 @@ def storage_context(contexts: Mapping[int, AcceptedContext], sop_class: str,
         if cx.transfer_syntax == stored:
             return cx
         theirs = UID(cx.transfer_syntax)
-        if convertible is None and not (stored.is_compressed or theirs.is_compressed) \
-                and stored.is_little_endian == theirs.is_little_endian:
+        if convertible is None and not theirs.is_compressed and (
+                stored.is_compressed and theirs in FALLBACK_SYNTAXES  # decompressed (transcoding fallback)
+                or not stored.is_compressed and stored.is_little_endian == theirs.is_little_endian):
             convertible = cx
     return convertible
+
+
+def _decompressed(dataset: Dataset | None, transfer_syntax: str) -> bytes | None:
+    """A decompressed copy in an uncompressed syntax; None if it cannot be made (the
+    sub-operation fails without a C-STORE)."""
+    if dataset is None:
+        return None
+    try:
+        return decompressed(copy.deepcopy(dataset), transfer_syntax)
+    except TranscodeError as exc:
+        log.warning("no decompressed copy for a retrieve sub-operation", error=str(exc))
+        return None
 
 
 def _encode_for(dataset: Dataset | None, transfer_syntax: str) -> bytes | None:
