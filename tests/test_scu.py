@@ -394,3 +394,16 @@ def test_unreadable_file_is_a_permanent_failure(tmp_path, storescp, scus):
     assert not missing.ok and not missing.retryable and "gone.dcm" in missing.error
     assert send(scu, f).ok  # the association survives
     assert server.associations() == 1
+
+
+def test_c_echo_on_the_reused_association(tmp_path, storescp, scus):
+    server = storescp()
+    scu = scus(server.port)
+    echo = scu._run(scu.requestor.echo())
+    assert echo.ok and echo.status == 0x0000, echo
+    (f,) = dicomdata.make_mr_series(tmp_path / "mr", 1)
+    assert send(scu, f).ok  # a new pair: re-associated with both
+    assert scu._run(scu.requestor.echo()).ok  # proposed already: no new association
+    scu.close()
+    assert server.associations() == 2, server.log()
+    assert server.log().count("Received Echo Request") == 2
