@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -299,3 +300,37 @@ def test_a_jpeg_ls_image_reaches_an_uncompressed_only_destination_decompressed(t
         storescp.terminate()
         storescp.wait(timeout=10)
         log.close()
+
+
+def test_orthanc_receives_forwards_as_stored(tmp_path):
+    """Orthanc (Debian package, fresh config) as the forwarding destination: the images of a
+    granted patient arrive, their data sets byte for byte as the gateway stored them."""
+    from tests.test_gateway_interop import ORTHANC, Orthanc, dataset_bytes, dataset_bytes_of
+
+    if not Path(ORTHANC).exists():
+        pytest.fail("Orthanc not installed: run ./scripts/test, which installs it")
+    orthanc_port = free_port()
+    gw = GatewayProcess(tmp_path / "gw")
+    with open(gw.config, "a") as f:
+        f.write("\n[forwarding]\nretry_initial = 0.2\nretry_max = 1.0\n"
+                f'\n[[destinations]]\nae_title = "ORTHANC"\naddress = "127.0.0.1:{orthanc_port}"\n'
+                '\n[[routes]]\nto = ["ORTHANC"]\n')
+    orthanc = Orthanc(tmp_path / "orthanc", orthanc_port, gw)
+    patient = dicomdata.fake_patient("to-orthanc")
+    files = dicomdata.make_mr_series(tmp_path / "mr", 5, seed="to-orthanc", patient=patient)
+    gw.start()
+    try:
+        assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "ORTHANC").returncode == 0
+        assert gw.storescu(*files).returncode == 0
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 5, timeout=30, what="5 forwarded entries")
+        instances = orthanc.rest("GET", "/instances")
+        assert len(instances) == 5
+        by_uid = {orthanc.rest("GET", f"/instances/{i}/simplified-tags")["SOPInstanceUID"]: i for i in instances}
+        for path in files:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}/instances/{by_uid[uid]}/file") as r:
+                got = r.read()
+            assert dataset_bytes_of(got) == dataset_bytes(path), path.name
+    finally:
+        gw.stop()
+        orthanc.stop()
