@@ -83,6 +83,8 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = None  # None: plain TCP
+    server_name: str = ""  # the name its TLS certificate must carry (default: host)
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,9 @@ class Requestor:
         self.connect_timeout = connect_timeout
         self.idle_release = idle_release
         self._max_pdu = max_pdu
-        self._ssl = ssl_context
-        self._server_hostname = server_hostname
+        # DICOM TLS: the context built from the config (here or on the destination)
+        self._ssl = ssl_context or destination.tls
+        self._server_hostname = server_hostname or destination.server_name or destination.host
         self._lock = asyncio.Lock()
         self._pairs: OrderedDict[Pair, None] = OrderedDict()  # needed so far, oldest use first
         self._link: _Link | None = None
