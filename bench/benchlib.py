@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -182,8 +183,54 @@ def run_in_work_dir(prefix: str, work_dir: Path | None, keep: bool, body: Callab
 
 
 def nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: TCP_NODELAY on the association's socket (as dicomledger/dicom/scu.py)."""
+    """EVT_CONN_OPEN handler for the bare pynetdicom SCUs: TCP_NODELAY on the association's
+    socket, and the race-free reactor pause below."""
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    current = getattr(event.assoc, "_reactor_checkpoint", None)
+    if isinstance(current, threading.Event) and current.is_set():
+        event.assoc._reactor_checkpoint = ReactorCheckpoint(event.assoc)
+
+
+class ReactorCheckpoint:
+    """pynetdicom 3.0.4 pauses an association's reactor thread while another thread sends a
+    request and waits for its response, but the reactor says "paused" before it waits, so a
+    sender can go on while the reactor is about to read: it then takes the C-STORE response
+    ("Received unexpected C-STORE service message") and the sender stalls until the DIMSE
+    timeout. On this loaded 2-core machine that stopped most bare 500-image runs. This
+    replaces the checkpoint (same methods as the threading.Event): ``clear()`` returns only
+    once the reactor is parked in ``wait()``. (The gateway used it while it sent with
+    pynetdicom; it now sends with its own requestor, so only the bench's baselines need it.)"""
+
+    def __init__(self, assoc: Any) -> None:
+        self._assoc = assoc
+        self._cond = threading.Condition()
+        self._open = True
+        self._parked = False
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._open = False
+            if threading.current_thread() is self._assoc:
+                return  # the reactor's own thread (an SCP handler sending): it is not reading
+            while not self._parked and self._assoc.is_alive() and not getattr(self._assoc, "_kill", False):
+                self._cond.wait(0.005)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            self._parked = True
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: self._open, timeout)
+            finally:
+                self._parked = False
 
 
 def close_association(assoc: Association) -> None:

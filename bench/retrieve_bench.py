@@ -1,6 +1,6 @@
 """Retrieve benchmark: the gateway's C-MOVE throughput against a bare pynetdicom C-STORE SCU.
 
-    .venv/bin/python bench/retrieve_bench.py [--quick] [--images 400] [--reps 3] [--keep]
+    .venv/bin/python bench/retrieve_bench.py [--quick] [--modality ct|mr] [--images 400] [--reps 3] [--keep]
 
 One gateway (`dicomledger init --allow STORESCU --allow MOVESCU` + serve) with the move
 destination STORESCP under [[destinations]]; a CT study of N images (512x512, 16 bit) and a
@@ -10,9 +10,12 @@ are granted to STORESCP. The receiver is DCMTK `storescp +B -pdu 131072 -dhl -ae
 it answers a C-ECHO. Per rep (--reps, rotating order), three senders:
 
   gateway   movescu -S -aem STORESCP (StudyInstanceUID) -> the gateway reads each stored file,
-            checks its pixel hash against the anchor on the ledger, sends it (pynetdicom
-            sub-association). Timed from the movescu spawn to its exit; storescp must hold
+            checks its pixel hash against the anchor on the ledger, sends it (its own asyncio
+            requestor). Timed from the movescu spawn to its exit; storescp must hold
             all N files and movescu must report a final Success.
+  orthanc   the same movescu to Orthanc (Debian package, fresh config, TCP_NODELAY=1), which
+            holds the same study (stored with storescu) and knows STORESCP as a modality:
+            the anchor (target gateway / Orthanc >= 1.0).
   bare      a pynetdicom SCU sending the same stored files (the gateway's D/data/images/<study>,
             the bytes the gateway sends) over one association, TCP_NODELAY on its socket, timed
             from the association request to the release; two variants:
@@ -21,7 +24,8 @@ it answers a C-ECHO. Per rep (--reps, rotating order), three senders:
 
 Before each timed run the sender moves/sends the warm-up study to that storescp, and the
 study's stored files are read once (page cache). Ratio = gateway img/s / faster bare
-variant img/s (by median), target >= 0.9. A run stalled by pynetdicom's reactor race (RACE
+variant img/s (by median), target >= 2. --modality mr: MR 64x64 instead of CT
+512x512. A run stalled by pynetdicom's reactor race (RACE
 below) is reported and repeated (up to MAX_ATTEMPTS); any other failure stops the bench.
 Not part of the test suite.
 """
@@ -47,6 +51,7 @@ from benchlib import (  # bench/ is sys.path[0] when run as a script
     ROOT,
     BenchError,
     Gateway,
+    Orthanc,
     end_process,
     free_port,
     init_gateways,
@@ -66,7 +71,14 @@ sys.path.insert(0, str(ROOT))
 import pydicom  # noqa: E402
 from pynetdicom import AE, _config, evt  # noqa: E402
 
-from tests.dicomdata import CT_IMAGE, fake_patient, fake_uid, make_ct_series  # noqa: E402
+from tests.dicomdata import (  # noqa: E402
+    CT_IMAGE,
+    MR_IMAGE,
+    fake_patient,
+    fake_uid,
+    make_ct_series,
+    make_mr_series,
+)
 
 SENDER_AE = "STORESCU"  # storescu's calling AE (stores the studies into the gateway)
 MOVE_AE = "MOVESCU"  # movescu's calling AE
@@ -75,9 +87,10 @@ BARE_AE = "BENCHSCU"  # the bare pynetdicom SCU's calling AE
 STORESCP_OPTIONS = ["+B", "-pdu", "131072", "-dhl"]  # as ingest_bench.py: bit-preserving, no DNS
 FINAL_SUCCESS = "Received Final Move Response (Success)"
 MB = 1_000_000
-SIDES = ("gateway", "dataset", "chunked")
+SIDES = ("gateway", "orthanc", "dataset", "chunked")
 LABELS = {
     "gateway": "gateway C-MOVE (movescu -> storescp)",
+    "orthanc": "Orthanc C-MOVE (movescu -> storescp)",
     "dataset": "bare SCU, send_c_store(dcmread(path))",
     "chunked": "bare SCU, chunked send_c_store(path)",
 }
@@ -90,7 +103,9 @@ RACE = "Received unexpected C-STORE service message"
 MAX_ATTEMPTS = 3
 BARE_DIMSE_TIMEOUT = 10  # s; only shortens the stall after a race hit
 
-TARGET_RATIO = 0.9  # gateway / faster bare variant
+TARGET_RATIO = 2.0  # gateway / faster bare variant
+TARGET_ORTHANC = 1.0  # gateway / Orthanc as C-MOVE SCP
+ORTHANC: list[Orthanc] = []  # the anchor, when the Debian package is installed
 
 
 @dataclass
@@ -181,12 +196,14 @@ def warm_page_cache(files: Sequence[Path]) -> None:
 # --- senders ------------------------------------------------------------------------------
 
 
-def movescu(gw: Gateway, study: Study, log: Path) -> float:
-    """C-MOVE the study to STORESCP; spawn -> exit seconds. Fails unless a final Success."""
+def movescu(gw: Gateway, study: Study, log: Path, scp: tuple[str, int] | None = None) -> float:
+    """C-MOVE the study to STORESCP (from the gateway, or ``scp``: AE title and port); spawn ->
+    exit seconds. Fails unless a final Success."""
     before = log.stat().st_size if log.exists() else 0
+    ae_title, port = scp or (gw.name, gw.port)
     code, seconds = run_child(
-        ["movescu", "-v", "-aet", MOVE_AE, "-aec", gw.name, "-aem", DEST_AE, "-S",
-         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.uid}", HOST, str(gw.port)],
+        ["movescu", "-v", "-aet", MOVE_AE, "-aec", ae_title, "-aem", DEST_AE, "-S",
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.uid}", HOST, str(port)],
         log, timeout=600,
     )
     with open(log, "rb") as f:
@@ -207,6 +224,7 @@ def bare_send(variant: str, study: Study, port: int) -> float:
     ae.dimse_timeout = BARE_DIMSE_TIMEOUT
     for ts in sorted(study.syntaxes):
         ae.add_requested_context(CT_IMAGE, ts)
+        ae.add_requested_context(MR_IMAGE, ts)
     started = time.perf_counter()
     assoc = ae.associate(HOST, port, ae_title=DEST_AE, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
     if not assoc.is_established:
@@ -234,6 +252,8 @@ def measure(side: str, gw: Gateway, big: Study, warm: Study, port: int, run_dir:
     try:
         if side == "gateway":
             movescu(gw, warm, run_dir / "movescu.log")
+        elif side == "orthanc":
+            movescu(gw, warm, run_dir / "movescu.log", (ORTHANC[0].ae_title, ORTHANC[0].port))
         else:
             bare_send(side, warm, port)
         warm_page_cache(big.stored)
@@ -241,6 +261,8 @@ def measure(side: str, gw: Gateway, big: Study, warm: Study, port: int, run_dir:
         offset = gw.log_size()
         if side == "gateway":
             run = Run(movescu(gw, big, run_dir / "movescu.log"))
+        elif side == "orthanc":
+            run = Run(movescu(gw, big, run_dir / "movescu.log", (ORTHANC[0].ae_title, ORTHANC[0].port)))
         else:
             run = Run(bare_send(side, big, port))
         n = len(big.stored)
@@ -256,7 +278,8 @@ def measure(side: str, gw: Gateway, big: Study, warm: Study, port: int, run_dir:
     got = received(out) - before
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # no write-back of this run's files during the next measurement
-    expected = {f"CT.{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}" for p in big.stored[:1]}
+    prefix = "CT" if CT_IMAGE in {pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID for p in big.stored[:1]} else "MR"
+    expected = {f"{prefix}.{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}" for p in big.stored[:1]}
     if len(got) != n or not expected <= got:
         raise BenchError(f"{side}: storescp got {len(got)} new files, expected {n} (names like {expected})")
     if side == "gateway":
@@ -291,13 +314,16 @@ def stored_files(gw: Gateway, study: Study) -> None:
     study.syntaxes = {str(ds.file_meta.TransferSyntaxUID) for ds in meta}
 
 
-def setup(work: Path, n: int, dest_port: int) -> tuple[Gateway, Study, Study]:
+def setup(work: Path, n: int, dest_port: int, modality: str = "ct") -> tuple[Gateway, Study, Study]:
     data = work / "data"
     studies = []
     for key, count in (("big", n), ("warm", WARM_IMAGES)):
         patient = fake_patient(f"retrieve-bench-{key}")
         uid = fake_uid("study", "retrieve-bench", key)
-        files = make_ct_series(data / key, count, 512, 512, patient=patient, study_uid=uid, seed=f"rb-{key}")
+        if modality == "mr":
+            files = make_mr_series(data / key, count, patient=patient, study_uid=uid, seed=f"rb-{key}")
+        else:
+            files = make_ct_series(data / key, count, 512, 512, patient=patient, study_uid=uid, seed=f"rb-{key}")
         studies.append(Study(patient.patient_id, uid, files))
     big, warm = studies
     gw = Gateway(work / "gw", "GATEWAY", allow=(SENDER_AE, MOVE_AE))
@@ -311,6 +337,16 @@ def setup(work: Path, n: int, dest_port: int) -> tuple[Gateway, Study, Study]:
             raise BenchError(f"storescu into the gateway failed ({code}); see {work / 'storescu.log'}")
         stored_files(gw, study)
         gw.cli("grant", "--patient-id", study.patient_id, "--to", DEST_AE)
+    if Orthanc.available():
+        orthanc = Orthanc(work / "orthanc", modalities={"storescp": (DEST_AE, dest_port), "movescu": (MOVE_AE, 1)})
+        orthanc.config["DicomAlwaysAllowMove"] = True
+        orthanc.start()
+        ORTHANC.append(orthanc)
+        for study in (warm, big):
+            code, _ = run_child(["storescu", "-aet", SENDER_AE, "-aec", orthanc.ae_title, HOST, str(orthanc.port),
+                                 *map(str, study.source)], work / "storescu.log", timeout=600)
+            if code != 0:
+                raise BenchError(f"storescu into Orthanc failed ({code}); see {work / 'storescu.log'}")
     return gw, big, warm
 
 
@@ -320,7 +356,8 @@ def setup(work: Path, n: int, dest_port: int) -> tuple[Gateway, Study, Study]:
 def report(args: argparse.Namespace, big: Study, runs: dict[str, list[Run]], races: dict[str, int], tamper: int,
            elapsed: float) -> str:
     n, mb = len(big.stored), big.nbytes / MB
-    med = {k: statistics.median(r.seconds for r in runs[k]) for k in SIDES}
+    sides = [k for k in SIDES if runs[k]]
+    med = {k: statistics.median(r.seconds for r in runs[k]) for k in sides}
     base = min(("dataset", "chunked"), key=lambda k: med[k])
     other = "chunked" if base == "dataset" else "dataset"
     ratio = med[base] / med["gateway"]
@@ -329,8 +366,8 @@ def report(args: argparse.Namespace, big: Study, runs: dict[str, list[Run]], rac
     add = lines.append
     add(f"dicomledger retrieve benchmark ({'quick' if args.quick else 'full'}; {elapsed / 60:.1f} min)")
     add(machine_facts())
-    add(f"study: {n} CT 512x512 16 bit ({mb:.0f} MB as stored, {', '.join(sorted(big.syntaxes))}); warm-up study "
-        f"{WARM_IMAGES} CT (another patient, granted) before every timed run")
+    add(f"study: {n} {'MR 64x64' if args.modality == 'mr' else 'CT 512x512'} 16 bit ({mb:.0f} MB as stored, {', '.join(sorted(big.syntaxes))}); warm-up study "
+        f"{WARM_IMAGES} of the same kind (another patient, granted) before every timed run")
     add(f"receiver: storescp {' '.join(STORESCP_OPTIONS)} -aet {DEST_AE} (TCP_NODELAY=1), fresh for every run, "
         "timed once it answers a C-ECHO")
     add(f"gateway: movescu -S -aem {DEST_AE}, timed spawn -> exit; bare: pynetdicom SCU, one association, "
@@ -338,7 +375,7 @@ def report(args: argparse.Namespace, big: Study, runs: dict[str, list[Run]], rac
     add("")
     add(f"C-MOVE retrieve throughput, {n} images, median of {reps} runs (rotating order):")
     add(f"  {'':<40}{'img/s':>8}{'MB/s':>8}{'s':>8}   per run img/s")
-    for k in SIDES:
+    for k in sides:
         per = "  ".join(f"{n / r.seconds:5.0f}" for r in runs[k])
         tag = "  <- baseline" if k == base else ""
         add(f"  {LABELS[k]:<40}{n / med[k]:>8.0f}{mb / med[k]:>8.0f}{med[k]:>8.2f}   {per}{tag}")
@@ -351,6 +388,9 @@ def report(args: argparse.Namespace, big: Study, runs: dict[str, list[Run]], rac
     add(f"  baseline = bare {base} (faster of the two bare variants by median; {other}: "
         f"gateway / {other} = {med[other] / med['gateway']:.2f})")
     add(f"  ratio gateway / baseline{ratio:>24.2f}   target >= {TARGET_RATIO}: {mark(ratio >= TARGET_RATIO)}")
+    if "orthanc" in med:
+        vs = med["orthanc"] / med["gateway"]
+        add(f"  ratio gateway / Orthanc{vs:>25.2f}   target >= {TARGET_ORTHANC}: {mark(vs >= TARGET_ORTHANC)}")
     add("")
     r = runs["gateway"][0].retrieved or {}
     fields = ", ".join(f"{k}={r.get(k)}" for k in ("completed", "warning", "failed", "refused", "tampered",
@@ -368,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="100 images")
     parser.add_argument("--images", type=int, default=None, help="images in the study (default 400; quick 100)")
     parser.add_argument("--reps", type=int, default=3, help="runs per sender (median reported)")
+    parser.add_argument("--modality", choices=("ct", "mr"), default="ct", help="CT 512x512 or MR 64x64 images")
     parser.add_argument("--work-dir", type=Path, default=None, help="parent of the temporary work dir")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (data and logs)")
     args = parser.parse_args(argv)
@@ -387,11 +428,12 @@ def run(args: argparse.Namespace, n: int, work: Path) -> int:
     try:
         print(f"work dir {work}", flush=True)
         dest_port = free_port()
-        gw, big, warm = setup(work, n, dest_port)
+        gw, big, warm = setup(work, n, dest_port, args.modality)
         runs: dict[str, list[Run]] = {k: [] for k in SIDES}
         races = dict.fromkeys(SIDES, 0)
+        sides = tuple(k for k in SIDES if k != "orthanc" or ORTHANC)
         for rep in range(args.reps):
-            order = SIDES[rep % len(SIDES):] + SIDES[: rep % len(SIDES)]
+            order = sides[rep % len(sides):] + sides[: rep % len(sides)]
             for side in order:
                 for attempt in range(1, MAX_ATTEMPTS + 1):
                     try:
@@ -410,11 +452,15 @@ def run(args: argparse.Namespace, n: int, work: Path) -> int:
                       flush=True)
         tamper = gw.log_path.read_bytes().count(b"TAMPER")
         stop_all([gw])
+        for orthanc in ORTHANC:
+            orthanc.stop()
         print(report(args, big, runs, races, tamper, time.perf_counter() - began))
         return 0
     finally:
         if gw is not None:
             stop_all([gw])
+        for orthanc in ORTHANC:
+            orthanc.stop()
 
 
 if __name__ == "__main__":

@@ -126,9 +126,10 @@ class QueryRetrieve:
         self.ae_title = ae_title
         self.origin = origin
         self.destinations = destinations
-        # One checker: files are read, hashed and parsed here, off the event loop; more
-        # threads would only compete for the GIL with the loop that sends.
-        self._checker = ThreadPoolExecutor(1, thread_name_prefix="retrieve-check")
+        # Files are read, hashed and parsed here, off the event loop. Two threads: with one,
+        # a C-MOVE of 512x512 CT kept it busy all the time (pydicom's parse holds the GIL, the
+        # hash does not) while the loop idled (py-spy).
+        self._checker = ThreadPoolExecutor(2, thread_name_prefix="retrieve-check")
 
     def _target(self, ae_title: str) -> Target:
         dest = self.destinations.destination(ae_title) if self.destinations else None

@@ -3,12 +3,15 @@ what a grant on its ledger authorises, and records every forward and refusal."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pydicom
+import pydicom.uid
 import pytest
 
 from dicomledger.ledger.entries import decode_entry
@@ -217,3 +220,119 @@ def test_concurrent_grant_and_revoke_give_deny_on_every_gateway(tmp_path):
     finally:
         for gw in (a, b, c):
             gw.stop()
+
+
+def test_kill_9_during_a_batch_then_restart_delivers_every_instance_once(tmp_path, pacs):
+    """kill -9 while a batch is being sent, restart: every instance reaches storescp, the
+    ledger holds exactly one forwarded entry per instance and the queue one done job each.
+    Jobs the crash left in flight are marked done if their entry is on the ledger and sent
+    again otherwise: storescp (+uf, a new file per receipt) may hold a second copy only of
+    those sent again (a Success that came just before the kill, not yet recorded)."""
+    pacs_port, received = pacs
+    gw = forwarding_gateway(tmp_path, pacs_port)
+    patient = dicomdata.fake_patient("kill9")
+    files = dicomdata.make_mr_series(tmp_path / "mr", 400, seed="kill9", patient=patient)
+    uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    gw.start()
+    try:
+        assert gw.storescu(*files).returncode == 0  # no grant yet: nothing is sent
+        assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) >= 60, timeout=60, what="a first batch delivered")
+        gw.kill()
+        before_restart = len(entries_of_kind(gw, "forwarded"))
+        assert before_restart < 400, "all delivered before the kill: nothing was in flight"
+        offset = len(gw.log())
+        gw.start()
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) >= 400, timeout=120, what="400 forwarded entries")
+        wait_until(lambda: queue_done(gw) == 400, timeout=30, what="400 done jobs")
+        time.sleep(0.5)
+        recovery = [json.loads(line) for line in gw.log()[offset:].splitlines()
+                    if "forward jobs found in flight after a restart" in line]
+        assert len(recovery) == 1, gw.log()[offset:]  # the kill caught a batch in flight
+        sent_again = recovery[0]["sent_again"]
+        forwarded = entries_of_kind(gw, "forwarded")
+        assert len(forwarded) == 400 and len({f["instance"] for f in forwarded}) == 400
+        stored = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()]
+        assert set(stored) == uids  # every instance arrived
+        assert len(stored) - 400 <= sent_again < 64  # a second copy only of a job sent again
+    finally:
+        gw.stop()
+    assert gw.cli("verify").returncode == 0
+
+
+def queue_done(gw: GatewayProcess) -> int:
+    con = sqlite3.connect(f"file:{gw.dir / 'data' / 'forward.db'}?mode=ro", uri=True)
+    try:
+        return con.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_a_jpeg_ls_image_reaches_an_uncompressed_only_destination_decompressed(tmp_path):
+    """Transcoding fallback: storescp (without +xa) accepts only uncompressed syntaxes; a
+    JPEG-LS stored image arrives in Explicit VR Little Endian with the same decoded pixels and
+    SOP Instance UID, and its forwarded entry records transcoded_to."""
+    pacs_port = free_port()
+    received = tmp_path / "pacs"
+    received.mkdir()
+    log = open(tmp_path / "storescp.log", "w")
+    storescp = subprocess.Popen(["storescp", "-v", "-aet", "PACS", "-od", str(received), str(pacs_port)],
+                                stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+    gw = forwarding_gateway(tmp_path, pacs_port)
+    patient = dicomdata.fake_patient("jpegls")
+    (native,) = dicomdata.make_mr_series(tmp_path / "mr", 1, seed="jpegls", patient=patient)
+    jpeg_ls = dicomdata.make_compressed_copies(native, tmp_path / "jls", ["jpeg-ls"])["jpeg-ls"]
+    gw.start()
+    try:
+        assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+        assert gw.storescu(jpeg_ls, options=("-xt",)).returncode == 0
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 1, timeout=30, what="a forwarded entry")
+        (entry,) = entries_of_kind(gw, "forwarded")
+        assert entry["transcoded_to"] == "1.2.840.10008.1.2.1", entry
+        wait_until(lambda: len(list(received.iterdir())) == 1, what="storescp to hold the file")
+        (got_path,) = received.iterdir()
+        got, sent = pydicom.dcmread(got_path), pydicom.dcmread(jpeg_ls)
+        assert got.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert got.SOPInstanceUID == sent.SOPInstanceUID
+        assert (got.pixel_array == sent.pixel_array).all()
+        assert (got.pixel_array == pydicom.dcmread(native).pixel_array).all()
+        assert "LossyImageCompression" not in got  # a lossless original stays unmarked
+    finally:
+        gw.stop()
+        storescp.terminate()
+        storescp.wait(timeout=10)
+        log.close()
+
+
+def test_orthanc_receives_forwards_as_stored(tmp_path):
+    """Orthanc (Debian package, fresh config) as the forwarding destination: the images of a
+    granted patient arrive, their data sets byte for byte as the gateway stored them."""
+    from tests.test_gateway_interop import ORTHANC, Orthanc, dataset_bytes, dataset_bytes_of
+
+    if not Path(ORTHANC).exists():
+        pytest.fail("Orthanc not installed: run ./scripts/test, which installs it")
+    orthanc_port = free_port()
+    gw = GatewayProcess(tmp_path / "gw")
+    with open(gw.config, "a") as f:
+        f.write("\n[forwarding]\nretry_initial = 0.2\nretry_max = 1.0\n"
+                f'\n[[destinations]]\nae_title = "ORTHANC"\naddress = "127.0.0.1:{orthanc_port}"\n'
+                '\n[[routes]]\nto = ["ORTHANC"]\n')
+    orthanc = Orthanc(tmp_path / "orthanc", orthanc_port, gw)
+    patient = dicomdata.fake_patient("to-orthanc")
+    files = dicomdata.make_mr_series(tmp_path / "mr", 5, seed="to-orthanc", patient=patient)
+    gw.start()
+    try:
+        assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "ORTHANC").returncode == 0
+        assert gw.storescu(*files).returncode == 0
+        wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 5, timeout=30, what="5 forwarded entries")
+        instances = orthanc.rest("GET", "/instances")
+        assert len(instances) == 5
+        by_uid = {orthanc.rest("GET", f"/instances/{i}/simplified-tags")["SOPInstanceUID"]: i for i in instances}
+        for path in files:
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}/instances/{by_uid[uid]}/file") as r:
+                got = r.read()
+            assert dataset_bytes_of(got) == dataset_bytes(path), path.name
+    finally:
+        gw.stop()
+        orthanc.stop()

@@ -90,9 +90,10 @@ def test_a_destination_that_resets_is_our_warning_and_pynetdicoms_info(tmp_path,
     records = assert_json_log_without(gw)
     ours = [r for r in records if r.get("event") == "forward failed; will retry"]
     assert len(ours) >= 3 and all(r["level"] == "warning" for r in ours)
+    # pynetdicom no longer sends (our own requestor does), so it has nothing to say;
+    # were it to speak, only at info
     theirs = [r for r in records if str(r.get("logger", "")).startswith("pynetdicom")]
-    assert theirs, "pynetdicom said nothing about the reset"
-    assert {r["level"] for r in theirs} == {"info"}, theirs
+    assert {r["level"] for r in theirs} <= {"info"}, theirs
     assert entries_of_kind(gw, "forwarded") == []
 
 

@@ -34,7 +34,14 @@ from pynetdicom.dimse_messages import (
 )
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP, P_DATA_TF
+from pynetdicom.pdu import (
+    A_ABORT_RQ,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    P_DATA_TF,
+)
 from pynetdicom.pdu import A_ASSOCIATE_RQ as AssociateRqPdu
 from pynetdicom.pdu_primitives import (
     AsynchronousOperationsWindowNegotiation,
@@ -175,6 +182,38 @@ def test_c_get_sub_operation_c_store_rq_is_byte_identical_to_pynetdicom() -> Non
     theirs = command_set_of(pynetdicom_pdus(C_STORE_RQ(), primitive, 3, 16384))
     assert dimse.request(dimse.C_STORE_RQ, 12, CT_IMAGE.encode(), has_data_set=True,
                          sop_instance_uid=SOP_INSTANCE.encode(), priority=2) == theirs
+
+
+@pytest.mark.parametrize("originator", ["MOVESCU", "ODD_AE", "A"])
+def test_c_move_sub_operation_c_store_rq_is_byte_identical_to_pynetdicom(originator: str) -> None:
+    primitive = C_STORE()
+    primitive.MessageID = 7
+    primitive.AffectedSOPClassUID = MR_IMAGE
+    primitive.AffectedSOPInstanceUID = SOP_INSTANCE
+    primitive.Priority = 2
+    primitive.MoveOriginatorApplicationEntityTitle = originator
+    primitive.MoveOriginatorMessageID = 3
+    primitive.DataSet = io.BytesIO(b"\x08\x00\x18\x00\x02\x00\x00\x001\x00")
+    theirs = command_set_of(pynetdicom_pdus(C_STORE_RQ(), primitive, 5, 0))
+    assert dimse.request(dimse.C_STORE_RQ, 7, MR_IMAGE.encode(), has_data_set=True,
+                         sop_instance_uid=SOP_INSTANCE.encode(), priority=2,
+                         move_originator=(originator, 3)) == theirs
+
+
+def test_c_echo_rq_and_a_release_rq_are_byte_identical_to_pynetdicom() -> None:
+    primitive = C_ECHO()
+    primitive.MessageID = 9
+    primitive.AffectedSOPClassUID = VERIFICATION
+    theirs = command_set_of(pynetdicom_pdus(C_ECHO_RQ(), primitive, 1, 0))
+    assert dimse.request(dimse.C_ECHO_RQ, 9, VERIFICATION.encode(), has_data_set=False) == theirs
+    assert pdu.A_RELEASE_RQ_PDU == A_RELEASE_RQ().encode()
+
+
+def test_data_set_pieces_join_to_the_framed_bytes() -> None:
+    data = bytes(random.Random(2).randbytes(50_000))
+    for max_pdu in (0, 16384, 100):
+        parts = pdu.p_data_parts(3, memoryview(data), command=False, max_pdu_length=max_pdu)
+        assert b"".join(bytes(p) for p in parts) == pdu.p_data(3, data, command=False, max_pdu_length=max_pdu)
 
 
 def test_data_set_fragments_are_byte_identical_to_pynetdicom() -> None:

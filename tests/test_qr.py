@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLo
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 
-from dicomledger.dicom.net import dimse, pdu
+from dicomledger.dicom.net import dimse, pdu, retrieve
 from dicomledger.dicom.net.dimse import Command
 from dicomledger.dicom.qr import (
     CANCEL,
@@ -220,6 +220,21 @@ def test_get_sends_checked_instances_and_fails_the_rest(serve):
     (outcome,) = core.finished
     assert outcome.not_sent == {"1.2.1": "tamper check failed"}
     assert outcome.completed == ["1.2.0", "1.2.2"] and outcome.status == SUB_OPERATIONS_FAILED
+
+
+def test_pending_responses_are_throttled_with_exact_counts(serve, monkeypatch):
+    """Not a Pending response per sub-operation: after the first, then every PENDING_EVERY
+    (time does not trigger one here) and after the last, each with the counts as of when it
+    leaves."""
+    monkeypatch.setattr(retrieve, "PENDING_EVERY", 4)
+    monkeypatch.setattr(retrieve, "PENDING_SECONDS", 3600.0)
+    core = Core(RetrievePlan(subs(10), {}))
+    server = serve(core)
+    with get_association(server) as client:
+        stored, responses = c_get(client)
+        assert len(stored) == 10
+        assert [counts(r) for r in responses[:-1]] == [(9, 1, 0, 0), (5, 5, 0, 0), (1, 9, 0, 0), (0, 10, 0, 0)]
+        assert responses[-1].us(dimse.STATUS) == SUCCESS and counts(responses[-1]) == (None, 10, 0, 0)
 
 
 def test_failed_sop_instance_uid_list_names_the_unsent_one(serve):

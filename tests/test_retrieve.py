@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicomledger.dicom.net.retrieve import PENDING_EVERY
 from tests import dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, consortium, dcmtk, free_port
 from tests.test_consortium import wait_until
@@ -295,7 +296,10 @@ def test_c_cancel_stops_a_running_move(tmp_path):
         f.write(f'\n[[destinations]]\nae_title = "WS1"\naddress = "127.0.0.1:{ws_port}"\n')
     patient = dicomdata.fake_patient("cancel")
     study = dicomdata.fake_uid("study", "cancel")
-    files = dicomdata.make_ct_series(tmp_path / "ct", 40, 256, 256, patient=patient, study_uid=study, seed="cancel")
+    # enough images that movescu's third Pending response (they come after the first
+    # sub-operation, then every PENDING_EVERY or PENDING_SECONDS) leaves many still to send
+    total = 3 * PENDING_EVERY + 40
+    files = dicomdata.make_ct_series(tmp_path / "ct", total, 64, 64, patient=patient, study_uid=study, seed="cancel")
     gw.start()
     try:
         assert gw.storescu(*files).returncode == 0
@@ -304,10 +308,10 @@ def test_c_cancel_stops_a_running_move(tmp_path):
         output = movescu(gw_site(gw, ws_port), "WS1", "WS1", ws_port, moved, "QueryRetrieveLevel=STUDY",
                          f"StudyInstanceUID={study}", extra=("--cancel", "3"))
         count = len(received(moved))
-        assert 3 <= count < 40, output
+        assert 3 <= count < total, output
         assert "Received Final Move Response (Cancel: SubOperationsTerminatedDueToCancelIndication)" in output, output
         entry = entries_of_kind(gw, "retrieved")[-1]
-        assert entry["cancelled"] is True and entry["completed"] == count and entry["not_sent"] == 40 - count, entry
+        assert entry["cancelled"] is True and entry["completed"] == count and entry["not_sent"] == total - count, entry
     finally:
         gw.stop()
 

@@ -10,6 +10,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,7 @@ import pytest
 from tests import dicomdata
 from tests.conftest import DCMTK_ENV, GatewayProcess, free_port
 from tests.test_forwarding import entries_of_kind
-from tests.test_patient_conflict import log_events
-from tests.test_retrieve import gw_site, movescu, pixels_by_uid, received, stored_path
+from tests.test_retrieve import gw_site, movescu, received, stored_path
 
 pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
@@ -102,30 +102,84 @@ def told(output: str) -> tuple[str, int, int, int]:
     return f"0x{int(status, 16):04X}", counts["Completed"], counts["Failed"], counts["Remaining"]
 
 
-def test_get_counts_sub_operations_the_requestor_could_not_accept_as_failed(site, tmp_path):
+def decoded_by_uid(paths: list[Path]) -> dict[str, bytes]:
+    """Decoded pixel values (pydicom's pixel_array) by SOP Instance UID."""
+    return {str(ds.SOPInstanceUID): ds.pixel_array.tobytes() for ds in map(pydicom.dcmread, paths)}
+
+
+def test_get_sends_what_the_requestor_cannot_take_compressed_decompressed(site, tmp_path):
+    """Transcoding fallback (before it, these three failed without a C-STORE):
+    pynetdicom's getscu takes no compressed syntax for its SCP role, so the compressed
+    instances arrive decompressed, with the same decoded pixels; all six complete."""
     before = len(entries_of_kind(site.gw, "retrieved"))
     got = tmp_path / "got"
     output = pynetdicom_getscu(site, got, "QueryRetrieveLevel=PATIENT", f"PatientID={site.patient.patient_id}")
-    assert pixels_by_uid(received(got)) == pixels_by_uid(site.native), output
-    assert told(output) == ("0xB000", 3, 3, 0), output  # its SCP-role contexts take no compressed syntax
+    assert decoded_by_uid(received(got)) == decoded_by_uid(site.native + site.compressed), output
+    assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in received(got)} <= {
+        "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+    assert told(output) == ("0x0000", 6, 0, 0), output
     (entry,) = retrieved_by(site.gw, "C-GET", before)
     assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(output), entry
-    assert len(log_events(site.gw, "retrieve sub-operation failed without a C-STORE response: the receiver "
-                          "accepted no presentation context for its SOP class in the stored transfer "
-                          "syntax, or it could not be encoded or sent")) == 3
 
 
-def test_move_counts_sub_operations_the_destination_could_not_accept_as_failed(site, tmp_path):
-    """DCMTK movescu as its own move destination accepts uncompressed syntaxes only."""
+def test_move_sends_what_the_destination_cannot_take_compressed_decompressed(site, tmp_path):
+    """DCMTK movescu as its own move destination accepts uncompressed syntaxes only: the
+    compressed instances arrive decompressed (before the fallback they failed)."""
     before = len(entries_of_kind(site.gw, "retrieved"))
     moved = tmp_path / "moved"
     output = movescu(gw_site(site.gw, site.ws1_port), "WS1", "WS1", site.ws1_port, moved,
                      "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={pydicom.dcmread(site.native[0]).StudyInstanceUID}",
                      extra=("-d",))
-    assert pixels_by_uid(received(moved)) == pixels_by_uid(site.native), output
-    assert told(output) == ("0xB000", 3, 3, 0), output
+    assert decoded_by_uid(received(moved)) == decoded_by_uid(site.native + site.compressed), output
+    assert told(output) == ("0x0000", 6, 0, 0), output
     (entry,) = retrieved_by(site.gw, "C-MOVE", before)
     assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(output), entry
+
+
+CT_ONLY = """\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[CTOnly]
+PresentationContext1 = CTImageStorage\\Uncompressed
+
+[[Profiles]]
+[CTOnly]
+PresentationContexts = CTOnly
+"""
+
+
+def test_move_to_a_destination_that_accepts_no_context_fails_its_sub_operations(site, tmp_path):
+    """A known move destination that accepts the association but none of the proposed
+    contexts (a CT-only storescp; the study is MR and SC): every sub-operation fails, final
+    0xA702, not 0xA801 "Move Destination Unknown"."""
+    profile = tmp_path / "ct-only.cfg"
+    profile.write_text(CT_ONLY)
+    out = tmp_path / "ct-only"
+    out.mkdir()
+    log = open(tmp_path / "storescp.log", "w")
+    storescp = subprocess.Popen(["storescp", "-v", "-aet", "WS1", "-xf", str(profile), "CTOnly", "-od", str(out),
+                                 str(site.ws1_port)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+    try:
+        time.sleep(0.5)
+        before = len(entries_of_kind(site.gw, "retrieved"))
+        study = pydicom.dcmread(site.native[0]).StudyInstanceUID
+        result = subprocess.run(
+            ["movescu", "-d", "-aet", "WS1", "-aec", site.gw.ae_title, "-aem", "WS1", "-S",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(site.gw.port)],
+            capture_output=True, text=True, timeout=60, env=DCMTK_ENV)
+        output = result.stdout + result.stderr
+        assert told(output) == ("0xA702", 0, 6, 0), output
+        (entry,) = retrieved_by(site.gw, "C-MOVE", before)
+        assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(output), entry
+        assert list(out.iterdir()) == []
+    finally:
+        storescp.terminate()
+        storescp.wait(timeout=10)
+        log.close()
 
 
 def deep_sequence(depth: int) -> bytes:

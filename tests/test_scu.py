@@ -1,13 +1,17 @@
-"""The forwarding C-STORE SCU against real destinations: DCMTK storescp, and small in-test
-pynetdicom SCPs where storescp cannot play the part (AE checks, SOP class limits, statuses)."""
+"""The asyncio layer's requestor (forwarding's and C-MOVE's C-STORE SCU) against real
+destinations: DCMTK storescp, and small in-test pynetdicom SCPs where storescp cannot play the
+part (AE checks, SOP class limits, statuses). The tests drive it from blocking code through
+``BlockingRequestor`` (an event loop in a thread of its own)."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import socket
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +20,9 @@ import pydicom
 import pytest
 from pydicom import uid
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 
-from dicomledger.dicom.scu import Destination, SendResult, StoreSCU
+from dicomledger.dicom.net.requestor import Destination, Requestor, SendResult
 from tests import dicomdata
 from tests.conftest import DCMTK_ENV, free_port
 
@@ -36,10 +40,27 @@ WHEEL_FILES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _restore_pynetdicom_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    # StoreSCU switches on chunked sending process-wide; keep other test modules unaffected.
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
+class BlockingRequestor:
+    """A Requestor driven from blocking test code: its coroutines run on ``loop``'s thread."""
+
+    def __init__(self, requestor: Requestor, loop: asyncio.AbstractEventLoop) -> None:
+        self.requestor = requestor
+        self._loop = loop
+
+    def _run(self, coroutine):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(60)
+
+    def send(self, path: Path, sop_class_uid: str, transfer_syntax_uid: str) -> SendResult:
+        return self._run(self.requestor.send_file(path, sop_class_uid, transfer_syntax_uid))
+
+    def close(self) -> None:
+        self._run(self.requestor.close())
+
+    def release_if_idle(self) -> bool:
+        return self._run(self.requestor.release_if_idle())
+
+
+StoreSCU = BlockingRequestor
 
 
 def meta(path: Path) -> tuple[str, str]:
@@ -123,15 +144,21 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., Storescp]]:
 @pytest.fixture
 def scus() -> Iterator[Callable[..., StoreSCU]]:
     made: list[StoreSCU] = []
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
 
     def make(port: int, ae_title: str = "PACS", **kwargs: float) -> StoreSCU:
-        scu = StoreSCU("GATEWAY", Destination(ae_title, "127.0.0.1", port), **kwargs)
+        scu = BlockingRequestor(Requestor("GATEWAY", Destination(ae_title, "127.0.0.1", port), **kwargs), loop)
         made.append(scu)
         return scu
 
     yield make
     for scu in made:
         scu.close()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
 
 
 class PynetdicomSCP:
@@ -369,3 +396,16 @@ def test_unreadable_file_is_a_permanent_failure(tmp_path, storescp, scus):
     assert not missing.ok and not missing.retryable and "gone.dcm" in missing.error
     assert send(scu, f).ok  # the association survives
     assert server.associations() == 1
+
+
+def test_c_echo_on_the_reused_association(tmp_path, storescp, scus):
+    server = storescp()
+    scu = scus(server.port)
+    echo = scu._run(scu.requestor.echo())
+    assert echo.ok and echo.status == 0x0000, echo
+    (f,) = dicomdata.make_mr_series(tmp_path / "mr", 1)
+    assert send(scu, f).ok  # a new pair: re-associated with both
+    assert scu._run(scu.requestor.echo()).ok  # proposed already: no new association
+    scu.close()
+    assert server.associations() == 2, server.log()
+    assert server.log().count("Received Echo Request") == 2

@@ -282,8 +282,10 @@ def n_event_report_request(message_id: int, sop_class_uid: bytes, sop_instance_u
 
 
 def request(field: int, message_id: int, sop_class_uid: bytes, *, has_data_set: bool,
-            sop_instance_uid: bytes | None = None, priority: int = 0) -> bytes:
-    """A C-xxx-RQ command set (C-GET's C-STORE sub-operations, tests)."""
+            sop_instance_uid: bytes | None = None, priority: int = 0,
+            move_originator: tuple[str, int] | None = None) -> bytes:
+    """A C-xxx-RQ command set (C-ECHO, C-STORE with, for a C-MOVE's sub-operations, the Move
+    Originator AE Title and Message ID)."""
     return _group(
         _ui(AFFECTED_SOP_CLASS_UID, sop_class_uid)
         + _US.pack(0, COMMAND_FIELD, 2, field)
@@ -291,4 +293,6 @@ def request(field: int, message_id: int, sop_class_uid: bytes, *, has_data_set: 
         + (_US.pack(0, PRIORITY, 2, priority) if field != C_ECHO_RQ else b"")
         + (_WITH_DATA_SET if has_data_set else _NO_DATA_SET)
         + (_ui(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid) if sop_instance_uid is not None else b"")
+        + (_element(MOVE_ORIGINATOR_AE_TITLE, _padded(move_originator[0].encode("ascii"), b" "))
+           + _US.pack(0, MOVE_ORIGINATOR_MESSAGE_ID, 2, move_originator[1]) if move_originator else b"")
     )

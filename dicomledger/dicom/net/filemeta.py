@@ -46,3 +46,32 @@ def part10_header(sop_class_uid: bytes, sop_instance_uid: bytes, transfer_syntax
         + (_short(0x0016, b"AE", source_ae_title, b" ") if source_ae_title else b"")
     )
     return _PREAMBLE + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(elements)) + elements
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def file_meta(data: bytes | memoryview) -> tuple[int, dict[int, bytes]]:
+    """Where the data set starts in a Part 10 file's bytes (after the preamble, 'DICM' and the
+    File Meta elements, always Explicit VR Little Endian), and the File Meta values by element
+    number; (0, {}) for bytes without a Part 10 header. ValueError if the meta is cut short."""
+    if bytes(data[128:132]) != b"DICM":
+        return 0, {}
+    values: dict[int, bytes] = {}
+    pos, end = 132, len(data)
+    while pos + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 2:
+            break
+        vr = bytes(data[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            pos += 12
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            pos += 8
+        if pos + length > end:
+            raise ValueError(f"File Meta element (0002,{element:04X}) runs past the end of the file")
+        values[element] = bytes(data[pos : pos + length])
+        pos += length
+    return pos, values

@@ -204,20 +204,27 @@ class PduReader:
 def p_data(context_id: int, payload: bytes | memoryview, *, command: bool, max_pdu_length: int) -> bytes:
     """A command set or data set as P-DATA-TF PDUs of one PDV each, fragmented to the peer's
     maximum PDU length (0: no limit), as pynetdicom and DCMTK send them."""
+    return b"".join(p_data_parts(context_id, payload, command=command, max_pdu_length=max_pdu_length))
+
+
+def p_data_parts(context_id: int, payload: bytes | memoryview, *, command: bool,
+                 max_pdu_length: int) -> list[bytes | memoryview]:
+    """``p_data`` as pieces for ``transport.writelines``: headers and views of ``payload``,
+    so a large data set is never copied to be framed."""
     kind = MESSAGE_COMMAND if command else 0
     size = len(payload)
     room = max_pdu_length - PDV_HEADER_SIZE if max_pdu_length else size
     if size <= room:
-        return (PDU_HEADER.pack(P_DATA_TF, size + PDV_HEADER_SIZE)
-                + PDV_HEADER.pack(size + 2, context_id, kind | MESSAGE_LAST) + payload)
+        return [PDU_HEADER.pack(P_DATA_TF, size + PDV_HEADER_SIZE)
+                + PDV_HEADER.pack(size + 2, context_id, kind | MESSAGE_LAST), payload]
     parts: list[bytes | memoryview] = []
     view = memoryview(payload)
     for start in range(0, size, room):
         piece = view[start : start + room]
         last = MESSAGE_LAST if start + room >= size else 0
-        parts += (PDU_HEADER.pack(P_DATA_TF, len(piece) + PDV_HEADER_SIZE),
-                  PDV_HEADER.pack(len(piece) + 2, context_id, kind | last), piece)
-    return b"".join(parts)
+        parts += (PDU_HEADER.pack(P_DATA_TF, len(piece) + PDV_HEADER_SIZE)
+                  + PDV_HEADER.pack(len(piece) + 2, context_id, kind | last), piece)
+    return parts
 
 
 def a_associate_rj(result: int, source: int, reason: int) -> bytes:
@@ -229,3 +236,4 @@ def a_abort(source: int, reason: int) -> bytes:
 
 
 A_RELEASE_RP_PDU = PDU_HEADER.pack(A_RELEASE_RP, 4) + bytes(4)
+A_RELEASE_RQ_PDU = PDU_HEADER.pack(A_RELEASE_RQ, 4) + bytes(4)

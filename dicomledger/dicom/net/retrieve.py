@@ -10,34 +10,39 @@ else the data set re-encoded by pydicom in the context's syntax where that is a 
 between uncompressed syntaxes (pynetdicom's rule), else the sub-operation fails without a
 C-STORE (no context for it).
 
-C-MOVE sends on a sub-association with the move destination, through pynetdicom's SCU
-(``AE.associate`` and ``send_c_store``) in a thread of its own: one presentation context
-per (SOP class, stored transfer syntax), so instances leave as stored.
+C-MOVE sends on a sub-association with the move destination, opened by this layer's
+requestor (``requestor.py``): one presentation context per (SOP class, stored transfer
+syntax), the stored data set bytes as they were hash-checked, each C-STORE-RQ naming the
+Move Originator. A destination that cannot be reached or rejects the association is
+0xA801 as before; one that accepts the association but none of the proposed contexts fails
+the sub-operations (no C-STORE response), which the final status counts.
+
+Pending responses go out after the first sub-operation, then at most every
+``PENDING_EVERY`` sub-operations or ``PENDING_SECONDS``, whichever comes first (not after
+each: on a fast destination a response per image costs as much as the image), and once
+after the last sub-operation if it was not reported, so the requestor's last Pending
+shows nothing remaining (as before); the counts in each are exact as of when it leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import zlib
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
-from pynetdicom import AE, build_context, evt
-from pynetdicom.association import Association as PynetdicomAssociation
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
-    Verification,
 )
 
 from dicomledger.dicom.net import dimse
@@ -49,6 +54,7 @@ from dicomledger.dicom.net.dimse import (
 )
 from dicomledger.dicom.net.negotiation import MAX_CONTEXTS, AcceptedContext
 from dicomledger.dicom.net.operation import MemorySink, Operation, Refusal, Sink
+from dicomledger.dicom.net.requestor import Destination, Requestor
 from dicomledger.dicom.net.services import DEFAULT_SYNTAXES, check_sop_class, qr_request
 from dicomledger.dicom.qr import (
     CANCEL,
@@ -67,7 +73,7 @@ from dicomledger.dicom.qr import (
     failed_uid_list,
 )
 from dicomledger.dicom.query import QueryError
-from dicomledger.dicom.scu import on_sending_connection
+from dicomledger.dicom.transcode import FALLBACK_SYNTAXES, TranscodeError, decompressed
 
 log = structlog.get_logger("dicomledger.net")
 
@@ -81,6 +87,8 @@ GET_MODELS = {
 }
 LOOKAHEAD = 4  # instances read and checked ahead of the one being sent
 SUB_OPERATION_PRIORITY = 2  # LOW, as pynetdicom sent them
+PENDING_EVERY = 64  # sub-operations between Pending responses, at most ...
+PENDING_SECONDS = 0.25  # ... or this long since the last one
 
 
 class RetrieveService:
@@ -144,6 +152,8 @@ class RetrieveService:
         tally = Tally(len(plan.to_send), run.outcome)
         sent = 0
         loads = run.start_loads(self._core)
+        loop = asyncio.get_running_loop()
+        unreported, last_pending = 0, None  # sub-operations since the last Pending response, and when
         for sub in plan.to_send:
             loaded = await loads.next()
             if op.cancelled:
@@ -160,8 +170,14 @@ class RetrieveService:
             if op.ended:
                 return  # the requestor is gone: this one was never reported
             tally.sent(sub.sop_instance_uid, status)
+            unreported += 1
+            now = loop.time()
+            if last_pending is None or unreported >= PENDING_EVERY or now - last_pending >= PENDING_SECONDS:
+                self._respond(op, PENDING, tally.counts(final=False))
+                unreported, last_pending = 0, now
+                await op.drain()
+        if unreported:  # the requestor's last Pending shows every sub-operation done
             self._respond(op, PENDING, tally.counts(final=False))
-            await op.drain()
         status = tally.final_status()
         await self._final(run, status, tally.counts(final=True), tally.failed_uids() if status != SUCCESS else None)
 
@@ -238,32 +254,24 @@ class _Run:
         self.outcome = outcome
         self.finished = False  # the core has recorded it
         self.loads: _Loads | None = None
-        self.sub_association: PynetdicomAssociation | None = None
-        self.thread: ThreadPoolExecutor | None = None  # C-MOVE: the sub-association's
+        self.requestor: Requestor | None = None  # C-MOVE: the sub-association's
 
     def start_loads(self, core: RetrieveCore) -> _Loads:
         self.loads = _Loads(core, self.plan.to_send)
         return self.loads
 
-    async def in_thread(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.thread is None:
-            self.thread = ThreadPoolExecutor(1, thread_name_prefix="c-move-sub-association")
-        return await asyncio.get_running_loop().run_in_executor(self.thread, lambda: func(*args, **kwargs))
-
     async def before_final(self) -> None:
         """C-MOVE: release the sub-association before the final response (as pynetdicom did)."""
-        assoc, self.sub_association = self.sub_association, None
-        if assoc is not None and assoc.is_established:
-            await self.in_thread(assoc.release)
+        requestor, self.requestor = self.requestor, None
+        if requestor is not None:
+            await requestor.close()
 
     async def close(self) -> None:
         if self.loads is not None:
             self.loads.cancel()
-        assoc, self.sub_association = self.sub_association, None
-        if assoc is not None and assoc.is_established:
-            await self.in_thread(assoc.abort)  # cut short: the destination is not waited for
-        if self.thread is not None:
-            self.thread.shutdown(wait=False)
+        requestor, self.requestor = self.requestor, None
+        if requestor is not None:
+            await requestor.abort()  # cut short: the destination is not waited for
 
 
 class GetService(RetrieveService):
@@ -286,7 +294,13 @@ class GetService(RetrieveService):
         if context is None:  # the requestor took no syntax we can send it in
             return None
         data: bytes | memoryview | None = loaded.data_set
-        if context.transfer_syntax != sub.transfer_syntax_uid or not data or len(data) % 2:
+        if context.transfer_syntax != sub.transfer_syntax_uid and UID(sub.transfer_syntax_uid).is_compressed:
+            # the requestor takes none of the stored syntax: a decompressed copy
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, _decompressed, loaded.dataset, context.transfer_syntax)
+            if data is None:
+                return None
+        elif context.transfer_syntax != sub.transfer_syntax_uid or not data or len(data) % 2:
             # another (uncompressed) syntax, or an odd stored length: pydicom re-encodes it
             data = await asyncio.get_running_loop().run_in_executor(
                 None, _encode_for, loaded.dataset, context.transfer_syntax)
@@ -313,13 +327,6 @@ class MoveService(RetrieveService):
     response_field = dimse.C_MOVE_RSP
     models = MOVE_MODELS
 
-    def __init__(self, core: RetrieveCore, ae_title: str, timeout: float) -> None:
-        super().__init__(core, ae_title, timeout)
-        ae = AE(ae_title=ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-        ae.connection_timeout = min(timeout, 30)
-        self._ae = ae
-
     def move_destination(self, op: Operation) -> str | None:
         return op.command.text(MOVE_DESTINATION) or ""
 
@@ -332,42 +339,55 @@ class MoveService(RetrieveService):
             return
         host, port = plan.destination
         destination = run.request.move_destination or ""
-        assoc = await run.in_thread(
-            self._ae.associate, host, port, ae_title=destination, contexts=_contexts_for(plan.to_send),
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_sending_connection)], tls_args=plan.destination_tls)
-        if not assoc.is_established:
+        requestor = Requestor(self._ae_title, Destination(
+            destination, host, port, *(plan.destination_tls or (None, ""))), acse_timeout=self._timeout,
+                              dimse_timeout=self._timeout, connect_timeout=min(self._timeout, 30), transcode=True)
+        run.requestor = requestor
+        failure = await requestor.prepare(_pairs_for(plan.to_send))
+        if failure is not None:
             log.warning("move destination did not accept the association", destination=destination,
-                        address=f"{host}:{port}", calling_ae=run.op.peer.calling_ae)
+                        address=f"{host}:{port}", calling_ae=run.op.peer.calling_ae, error=failure.error)
             await self._final(run, MOVE_DESTINATION_UNKNOWN, {})
             return
-        run.sub_association = assoc
         run.outcome.associated = True
         await self._sub_operations(run)
 
     async def send(self, run: _Run, sub: SubOperation, loaded: Loaded, message_id: int) -> int | None:
-        assoc = run.sub_association
-        assert assoc is not None
-        try:
-            response: Dataset = await run.in_thread(
-                assoc.send_c_store, loaded.dataset, msg_id=message_id, originator_aet=self._ae_title,
-                originator_id=run.op.command.message_id)
-        except Exception:  # no accepted context, not encodable, association gone: failed, no response
-            return None
-        status = response.get("Status")
-        return int(status) if status is not None else None
+        requestor = run.requestor
+        assert requestor is not None
+        target = requestor.choose((sub.sop_class_uid, sub.transfer_syntax_uid))
+        if target is None:
+            return None  # the destination took no context for it: failed without a C-STORE
+        data: bytes | memoryview = loaded.data_set
+        if target[1] != sub.transfer_syntax_uid:  # a decompressed copy (transcoding fallback)
+            copy = await asyncio.get_running_loop().run_in_executor(None, _decompressed, loaded.dataset, target[1])
+            if copy is None:
+                return None
+            data = copy
+        elif (not data or len(data) % 2) and not UID(sub.transfer_syntax_uid).is_deflated:
+            # an odd stored length: pydicom re-encodes it in its own syntax (as pynetdicom did)
+            encoded = await asyncio.get_running_loop().run_in_executor(
+                None, _encode_for, loaded.dataset, sub.transfer_syntax_uid)
+            if encoded is None:
+                return None
+            data = encoded
+        result = await requestor.store(
+            sub.sop_class_uid, sub.sop_instance_uid, target[1], data,
+            move_originator=(run.op.peer.calling_ae, run.op.command.message_id), priority=SUB_OPERATION_PRIORITY)
+        return result.status
 
 
-def _contexts_for(subs: list[SubOperation]) -> list[Any]:
+def _pairs_for(subs: list[SubOperation]) -> list[tuple[str, str]]:
     """One context per (SOP class, stored transfer syntax), each with that one syntax."""
-    pairs = list(dict.fromkeys((s.sop_class_uid, s.transfer_syntax_uid) for s in subs))
-    return [build_context(*pair) for pair in pairs[:MAX_CONTEXTS]] or [build_context(Verification)]
+    return list(dict.fromkeys((s.sop_class_uid, s.transfer_syntax_uid) for s in subs))[:MAX_CONTEXTS]
 
 
 def storage_context(contexts: Mapping[int, AcceptedContext], sop_class: str,
                     transfer_syntax: str) -> AcceptedContext | None:
-    """The requestor's context to send a stored instance on, as pynetdicom chooses it: one we
-    may act as SCU on (role selection) for its SOP class, in its stored transfer syntax, else
-    in one it converts to (neither compressed, same byte order)."""
+    """The requestor's context to send a stored instance on: one we may act as SCU on (role
+    selection) for its SOP class, in its stored transfer syntax, else in one it converts to
+    (neither compressed, same byte order: pynetdicom's rule), else, for a compressed stored
+    syntax, Explicit or Implicit VR Little Endian (a decompressed copy)."""
     stored = UID(transfer_syntax)
     convertible = None
     for cx in contexts.values():
@@ -376,10 +396,23 @@ def storage_context(contexts: Mapping[int, AcceptedContext], sop_class: str,
         if cx.transfer_syntax == stored:
             return cx
         theirs = UID(cx.transfer_syntax)
-        if convertible is None and not (stored.is_compressed or theirs.is_compressed) \
-                and stored.is_little_endian == theirs.is_little_endian:
+        if convertible is None and not theirs.is_compressed and (
+                stored.is_compressed and theirs in FALLBACK_SYNTAXES  # decompressed (transcoding fallback)
+                or not stored.is_compressed and stored.is_little_endian == theirs.is_little_endian):
             convertible = cx
     return convertible
+
+
+def _decompressed(dataset: Dataset | None, transfer_syntax: str) -> bytes | None:
+    """A decompressed copy in an uncompressed syntax; None if it cannot be made (the
+    sub-operation fails without a C-STORE)."""
+    if dataset is None:
+        return None
+    try:
+        return decompressed(copy.deepcopy(dataset), transfer_syntax)
+    except TranscodeError as exc:
+        log.warning("no decompressed copy for a retrieve sub-operation", error=str(exc))
+        return None
 
 
 def _encode_for(dataset: Dataset | None, transfer_syntax: str) -> bytes | None:
