@@ -57,12 +57,16 @@ def make_ae(ae_title: str, allowed: list[str] | None, max_pdu: int, max_associat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--ae-title", default="BARESCP")
     parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--allow", action="append", default=[], help="calling AE title (repeat); none = any")
+    parser.add_argument(
+        "--allow", action="append", default=[], help="calling AE title (repeat); none = any"
+    )
     parser.add_argument("--max-pdu", type=int, default=0)
     parser.add_argument("--max-associations", type=int, default=64)
     args = parser.parse_args(argv)

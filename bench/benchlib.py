@@ -37,7 +37,10 @@ from dicomledger.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian DCMTK/Orthanc leave Nagle on without it (~50x slower)
+DCMTK_ENV = {
+    **os.environ,
+    "TCP_NODELAY": "1",
+}  # Debian DCMTK/Orthanc leave Nagle on without it (~50x slower)
 
 _LIVE: set[subprocess.Popen[bytes]] = set()
 # Children die with us even on SIGKILL of the bench (Linux parent-death signal).
@@ -48,12 +51,19 @@ class BenchError(RuntimeError):
     pass
 
 
-def spawn(args: Sequence[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    args: Sequence[str], *, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a child in its own session (a terminal's Ctrl-C reaches only us; we stop it)."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [*_WITH_PARENT, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=env, cwd=ROOT, start_new_session=True,
+            [*_WITH_PARENT, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
         )
     _LIVE.add(proc)
     return proc
@@ -136,7 +146,11 @@ def log_lines(path: Path, offset: int = 0) -> list[dict[str, Any]]:
 def dicomledger_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`dicomledger ARGS` (this checkout, this Python), output captured; the caller checks the code."""
     return subprocess.run(
-        [sys.executable, "-m", "dicomledger.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "dicomledger.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -151,14 +165,22 @@ def machine_facts() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     dcmtk = ""
     if shutil.which("storescp"):
-        out = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.splitlines()
-        dcmtk = ", DCMTK " + next((ln.strip("$ ").removeprefix("dcmtk: ") for ln in out if "dcmtk" in ln), "?")
-    return (f"machine: nproc {os.cpu_count()} ({cpu}), RAM {psutil.virtual_memory().total / 2**30:.1f} GiB, "
-            f"{platform.system()} {platform.release()}, load avg at end {load}; Python {platform.python_version()}, "
-            f"pydicom {pydicom.__version__}, pynetdicom {pynetdicom.__version__}{dcmtk}")
+        out = subprocess.run(
+            ["storescp", "--version"], capture_output=True, text=True
+        ).stdout.splitlines()
+        dcmtk = ", DCMTK " + next(
+            (ln.strip("$ ").removeprefix("dcmtk: ") for ln in out if "dcmtk" in ln), "?"
+        )
+    return (
+        f"machine: nproc {os.cpu_count()} ({cpu}), RAM {psutil.virtual_memory().total / 2**30:.1f} GiB, "
+        f"{platform.system()} {platform.release()}, load avg at end {load}; Python {platform.python_version()}, "
+        f"pydicom {pydicom.__version__}, pynetdicom {pynetdicom.__version__}{dcmtk}"
+    )
 
 
-def run_in_work_dir(prefix: str, work_dir: Path | None, keep: bool, body: Callable[[Path], int]) -> int:
+def run_in_work_dir(
+    prefix: str, work_dir: Path | None, keep: bool, body: Callable[[Path], int]
+) -> int:
     """main()'s frame: ``body(work)`` in a fresh temp dir, SIGTERM/SIGHUP handled as Ctrl-C
     (exit code 130); afterwards every child is ended and the dir deleted unless ``keep``."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -220,7 +242,11 @@ class ReactorCheckpoint:
             self._open = False
             if threading.current_thread() is self._assoc:
                 return  # the reactor's own thread (an SCP handler sending): it is not reading
-            while not self._parked and self._assoc.is_alive() and not getattr(self._assoc, "_kill", False):
+            while (
+                not self._parked
+                and self._assoc.is_alive()
+                and not getattr(self._assoc, "_kill", False)
+            ):
                 self._cond.wait(0.005)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -248,7 +274,12 @@ class Gateway:
     """One `dicomledger serve` process; its log (stdout+stderr) in <dir>/gateway.log."""
 
     def __init__(
-        self, directory: Path, name: str, *, secret: Path | None = None, allow: Sequence[str] = ("STORESCU",)
+        self,
+        directory: Path,
+        name: str,
+        *,
+        secret: Path | None = None,
+        allow: Sequence[str] = ("STORESCU",),
     ) -> None:
         self.dir = directory
         self.name = name
@@ -259,8 +290,19 @@ class Gateway:
         self.log_path = directory / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.init_args = [
-            "init", "--dir", str(directory), "--ae-title", name, "--host", HOST, "--port", str(self.port),
-            "--origin", self.origin, "--peer-port", str(self.peer_port),
+            "init",
+            "--dir",
+            str(directory),
+            "--ae-title",
+            name,
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--origin",
+            self.origin,
+            "--peer-port",
+            str(self.peer_port),
             *(["--secret-file", str(secret)] if secret else []),
             *(arg for ae in allow for arg in ("--allow", ae)),
         ]
@@ -290,14 +332,17 @@ class Gateway:
         self.log_offset = self.log_size()  # a restart appends
         self.spawned_at = time.time()
         self.proc = spawn(
-            [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(self.config_path)], log=self.log_path
+            [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(self.config_path)],
+            log=self.log_path,
         )
 
     def started(self) -> bool:
         """Whether it logged "gateway started" since the last spawn; BenchError if it exited."""
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise BenchError(f"{self.name} exited at start ({self.proc.returncode}):\n{self.log_tail()}")
+            raise BenchError(
+                f"{self.name} exited at start ({self.proc.returncode}):\n{self.log_tail()}"
+            )
         with open(self.log_path, "rb") as f:
             f.seek(self.log_offset)
             return b'"gateway started"' in f.read()
@@ -327,8 +372,10 @@ class Gateway:
         """`dicomledger COMMAND --config <this gateway's> ARGS`; BenchError unless it succeeds."""
         result = dicomledger_cli(command, "--config", str(self.config_path), *args)
         if result.returncode != 0:
-            raise BenchError(f"{self.name}: dicomledger {command} failed ({result.returncode}):\n"
-                             f"{result.stdout}{result.stderr}")
+            raise BenchError(
+                f"{self.name}: dicomledger {command} failed ({result.returncode}):\n"
+                f"{result.stdout}{result.stderr}"
+            )
         return result
 
     def holds(self, origin: str) -> int:
@@ -350,7 +397,9 @@ class Gateway:
 
     def own_entries(self) -> list[bytes]:
         """The encoded entries of this gateway's own log, in order."""
-        con = sqlite3.connect(f"file:{self.dir / 'data' / 'ledger.db'}?mode=ro", uri=True, timeout=10)
+        con = sqlite3.connect(
+            f"file:{self.dir / 'data' / 'ledger.db'}?mode=ro", uri=True, timeout=10
+        )
         try:
             rows = con.execute(
                 "SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? ORDER BY e.idx",
@@ -364,14 +413,20 @@ class Gateway:
 def init_gateways(gateways: Sequence[Gateway]) -> None:
     """`dicomledger init` of all the gateways at once; BenchError if one fails."""
     procs = [
-        subprocess.Popen([sys.executable, "-m", "dicomledger.cli", *gw.init_args], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            [sys.executable, "-m", "dicomledger.cli", *gw.init_args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for gw in gateways
     ]
     for gw, proc in zip(gateways, procs, strict=True):
         out, _ = proc.communicate(timeout=120)
         if proc.returncode != 0:
-            raise BenchError(f"dicomledger init of {gw.name} failed:\n{out.decode(errors='replace')}")
+            raise BenchError(
+                f"dicomledger init of {gw.name} failed:\n{out.decode(errors='replace')}"
+            )
 
 
 def start_all(gateways: Sequence[Gateway], timeout: float = 120.0) -> float:
@@ -383,7 +438,9 @@ def start_all(gateways: Sequence[Gateway], timeout: float = 120.0) -> float:
     deadline = began + timeout
     while waiting:
         if time.monotonic() > deadline:
-            raise BenchError(f"{waiting[0].name} not started after {timeout:.0f} s:\n{waiting[0].log_tail()}")
+            raise BenchError(
+                f"{waiting[0].name} not started after {timeout:.0f} s:\n{waiting[0].log_tail()}"
+            )
         waiting = [gw for gw in waiting if not gw.started()]
         time.sleep(0.05)
     return time.monotonic() - began
@@ -411,7 +468,11 @@ class Orthanc:
     BINARY = "/usr/sbin/Orthanc"
 
     def __init__(
-        self, directory: Path, *, ae_title: str = "ORTHANC", modalities: dict[str, tuple[str, int]] | None = None
+        self,
+        directory: Path,
+        *,
+        ae_title: str = "ORTHANC",
+        modalities: dict[str, tuple[str, int]] | None = None,
     ) -> None:
         self.dir = directory
         self.ae_title = ae_title
@@ -430,7 +491,9 @@ class Orthanc:
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
             "Plugins": [],
-            "DicomModalities": {mid: [aet, HOST, port] for mid, (aet, port) in (modalities or {}).items()},
+            "DicomModalities": {
+                mid: [aet, HOST, port] for mid, (aet, port) in (modalities or {}).items()
+            },
         }
 
     @staticmethod
@@ -447,7 +510,9 @@ class Orthanc:
     def _answers(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise BenchError(f"Orthanc exited at start ({self.proc.returncode}):\n{self.log_tail()}")
+            raise BenchError(
+                f"Orthanc exited at start ({self.proc.returncode}):\n{self.log_tail()}"
+            )
         try:
             self.rest("GET", "/system", timeout=2)
         except OSError:
@@ -458,7 +523,9 @@ class Orthanc:
         import urllib.request
 
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://{HOST}:{self.http_port}{path}", data=data, method=method)
+        request = urllib.request.Request(
+            f"http://{HOST}:{self.http_port}{path}", data=data, method=method
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read()
         return json.loads(raw) if raw else None

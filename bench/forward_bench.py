@@ -127,7 +127,10 @@ def storescu(gw: Gateway, files: Sequence[Path], log: Path) -> None:
     with open(log, "ab") as out:
         result = subprocess.run(
             ["storescu", "-aet", SENDER_AE, "-aec", gw.name, HOST, str(gw.port), *map(str, files)],
-            stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV, timeout=600,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=DCMTK_ENV,
+            timeout=600,
         )
     if result.returncode != 0:
         raise BenchError(f"storescu to {gw.name} failed ({result.returncode}); see {log}")
@@ -152,7 +155,9 @@ def associate(ae: AE, port: int, ae_title: str) -> Association:
 def store(assoc: Association, path: Path) -> None:
     status = assoc.send_c_store(path)
     if getattr(status, "Status", None) != 0x0000:
-        state = "aborted" if assoc.is_aborted else "released" if assoc.is_released else "established"
+        state = (
+            "aborted" if assoc.is_aborted else "released" if assoc.is_released else "established"
+        )
         raise BenchError(f"C-STORE of {path.name} answered {status!r} (association {state})")
 
 
@@ -198,13 +203,16 @@ def baseline_run(ae: AE, files: Sequence[Path], run_dir: Path) -> tuple[float, f
     return wall, steady
 
 
-def gateway_run(gw: Gateway, pacs_port: int, files: Sequence[Path], run_dir: Path) -> tuple[float, float]:
+def gateway_run(
+    gw: Gateway, pacs_port: int, files: Sequence[Path], run_dir: Path
+) -> tuple[float, float]:
     """Queue ``files`` at ``gw`` while PACS is down, start storescp, time to the N-th "forwarded"."""
     n = len(files)
     before = gw.log_size()
     storescu(gw, files, run_dir / "storescu.log")
     queued = sum(
-        1 for r in log_lines(gw.log_path, before)
+        1
+        for r in log_lines(gw.log_path, before)
         if r.get("event") == "c-store" and f"{PACS_AE}: queued" in str(r.get("outcome"))
     )
     if queued != n:
@@ -216,8 +224,14 @@ def gateway_run(gw: Gateway, pacs_port: int, files: Sequence[Path], run_dir: Pat
     t_start = time.time()
     proc = start_storescp(pacs_port, out, run_dir / "storescp.log")
     try:
-        wait_for(lambda: forwarded_count(gw, offset) >= n, 300, f"{n} forwarded instances", poll=0.02)
-        times = [parse_time(r["timestamp"]) for r in log_lines(gw.log_path, offset) if r.get("event") == "forwarded"]
+        wait_for(
+            lambda: forwarded_count(gw, offset) >= n, 300, f"{n} forwarded instances", poll=0.02
+        )
+        times = [
+            parse_time(r["timestamp"])
+            for r in log_lines(gw.log_path, offset)
+            if r.get("event") == "forwarded"
+        ]
         wall, steady = times[-1] - t_start, times[-1] - times[0]
         wait_for(lambda: stored_files(out) >= n, 30, f"storescp to hold {n} files")
     finally:
@@ -231,22 +245,46 @@ def gateway_run(gw: Gateway, pacs_port: int, files: Sequence[Path], run_dir: Pat
 
 def forwarded_count(gw: Gateway, offset: int) -> int:
     """Instances forwarded since ``offset``: the worker logs one "forwarded" line per batch."""
-    return sum(int(r.get("instances", 1)) for r in log_lines(gw.log_path, offset) if r.get("event") == "forwarded")
+    return sum(
+        int(r.get("instances", 1))
+        for r in log_lines(gw.log_path, offset)
+        if r.get("event") == "forwarded"
+    )
 
 
-def orthanc_run(orthanc: Orthanc, pacs_port: int, files: Sequence[Path], run_dir: Path) -> tuple[float, float]:
+def orthanc_run(
+    orthanc: Orthanc, pacs_port: int, files: Sequence[Path], run_dir: Path
+) -> tuple[float, float]:
     """Orthanc as a router: upload ``files`` (untimed), then POST /modalities/pacs/store
     (synchronous) to a fresh storescp; seconds from the storescp spawn to the call's return."""
     n = len(files)
     with open(run_dir / "storescu-orthanc.log", "ab") as out:
-        result = subprocess.run(["storescu", "-aet", SENDER_AE, "-aec", orthanc.ae_title, HOST, str(orthanc.port),
-                                 *map(str, files)], stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV, timeout=600)
+        result = subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                SENDER_AE,
+                "-aec",
+                orthanc.ae_title,
+                HOST,
+                str(orthanc.port),
+                *map(str, files),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=DCMTK_ENV,
+            timeout=600,
+        )
     if result.returncode != 0:
         raise BenchError(f"storescu into Orthanc failed ({result.returncode})")
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    found = orthanc.rest("POST", "/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+    found = orthanc.rest(
+        "POST", "/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}
+    )
     if len(found) != 1:
-        raise BenchError(f"Orthanc holds {len(found)} studies with UID {study_uid}:\n{orthanc.log_tail()}")
+        raise BenchError(
+            f"Orthanc holds {len(found)} studies with UID {study_uid}:\n{orthanc.log_tail()}"
+        )
     study_id = found[0]
     out_dir = run_dir / "pacs"
     started = time.perf_counter()
@@ -254,7 +292,9 @@ def orthanc_run(orthanc: Orthanc, pacs_port: int, files: Sequence[Path], run_dir
     try:
         wait_for(lambda: port_open(pacs_port), 30, "storescp to listen", poll=0.005)
         first = time.perf_counter()
-        orthanc.rest("POST", "/modalities/pacs/store", {"Resources": [study_id], "Synchronous": True})
+        orthanc.rest(
+            "POST", "/modalities/pacs/store", {"Resources": [study_id], "Synchronous": True}
+        )
         wall = time.perf_counter() - started
         steady = time.perf_counter() - first
     finally:
@@ -291,7 +331,11 @@ def measure_throughput(work: Path, n: int, reps: int, modality: str) -> Walls:
     pacs_port = free_port()
     add_forwarding(gw, pacs_port)
     start_all([gw])
-    orthanc = Orthanc(tdir / "orthanc", modalities={"pacs": (PACS_AE, pacs_port)}) if Orthanc.available() else None
+    orthanc = (
+        Orthanc(tdir / "orthanc", modalities={"pacs": (PACS_AE, pacs_port)})
+        if Orthanc.available()
+        else None
+    )
     if orthanc is not None:
         orthanc.start()
     ae = make_ae(BASELINE_AE)
@@ -309,8 +353,11 @@ def measure_throughput(work: Path, n: int, reps: int, modality: str) -> Walls:
                 return baseline_run(ae, files, tdir / "run")
             except BenchError as exc:
                 BARE_RACES[0] += 1
-                print(f"  bare run failed ({str(exc).splitlines()[0]}): pynetdicom's reactor race; attempt "
-                      f"{attempt} of {BARE_ATTEMPTS} discarded", flush=True)
+                print(
+                    f"  bare run failed ({str(exc).splitlines()[0]}): pynetdicom's reactor race; attempt "
+                    f"{attempt} of {BARE_ATTEMPTS} discarded",
+                    flush=True,
+                )
                 if attempt == BARE_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")
@@ -323,12 +370,15 @@ def measure_throughput(work: Path, n: int, reps: int, modality: str) -> Walls:
             one(kind, warm)
         for rep in range(reps):
             files = make_series(tdir / "data" / f"rep{rep}", modality, n, f"fb-rep{rep}", patient)
-            order = senders[rep % len(senders):] + senders[: rep % len(senders)]
+            order = senders[rep % len(senders) :] + senders[: rep % len(senders)]
             for kind in order:
                 wall, steady = one(kind, files)
                 walls[kind].append((wall, steady))
-                print(f"  throughput rep {rep + 1} {kind:<8} {n / wall:7.0f} img/s ({wall:.2f} s for {n}); "
-                      f"first -> last image {(n - 1) / steady:7.0f} img/s", flush=True)
+                print(
+                    f"  throughput rep {rep + 1} {kind:<8} {n / wall:7.0f} img/s ({wall:.2f} s for {n}); "
+                    f"first -> last image {(n - 1) / steady:7.0f} img/s",
+                    flush=True,
+                )
     finally:
         stop_all([gw])
         if orthanc is not None:
@@ -352,11 +402,15 @@ class Prober:
 
     def send(self) -> None:
         self.count += 1
-        path = make_mr_series(self.data_dir / f"p{self.count}", 1, seed=f"probe-{self.count}", patient=self.patient)[0]
+        path = make_mr_series(
+            self.data_dir / f"p{self.count}", 1, seed=f"probe-{self.count}", patient=self.patient
+        )[0]
         if self.assoc is None or not self.assoc.is_established:
             self.assoc = associate(self.ae, self.gw.port, self.gw.name)
             if not self.assoc.is_established:
-                raise BenchError(f"{self.gw.name} refused the probe association:\n{self.gw.log_tail()}")
+                raise BenchError(
+                    f"{self.gw.name} refused the probe association:\n{self.gw.log_tail()}"
+                )
         store(self.assoc, path)
         shutil.rmtree(path.parent, ignore_errors=True)
 
@@ -376,7 +430,9 @@ def probe_until(prober: Prober, found: Any, timeout: float, what: str) -> Any:
         if result is not None:
             return result
         if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}:\n{prober.gw.log_tail()}")
+            raise BenchError(
+                f"timed out after {timeout:.0f} s waiting for {what}:\n{prober.gw.log_tail()}"
+            )
         time.sleep(max(0.0, next_at - time.monotonic()))
 
 
@@ -397,13 +453,20 @@ def first_refusal(gw: Gateway, offset: int) -> float | None:
     return None
 
 
-def measure_revokes(work: Path, n_gateways: int, reps: int) -> tuple[list[float], list[int], dict[str, str]]:
+def measure_revokes(
+    work: Path, n_gateways: int, reps: int
+) -> tuple[list[float], list[int], dict[str, str]]:
     rdir = work / "revoke"
     rdir.mkdir()
     secret = rdir / "consortium.secret"
     secret.write_text("ab" * 32)
     gateways = [
-        Gateway(rdir / f"GW{chr(ord('A') + i)}", f"GW{chr(ord('A') + i)}", secret=secret, allow=(SENDER_AE,))
+        Gateway(
+            rdir / f"GW{chr(ord('A') + i)}",
+            f"GW{chr(ord('A') + i)}",
+            secret=secret,
+            allow=(SENDER_AE,),
+        )
         for i in range(n_gateways)
     ]
     init_gateways(gateways)
@@ -416,7 +479,10 @@ def measure_revokes(work: Path, n_gateways: int, reps: int) -> tuple[list[float]
     add_forwarding(b, pacs_port)
     cfg = b.config_path.read_text()
     intervals = {
-        key: next((ln.split("=", 1)[1].strip() for ln in cfg.splitlines() if ln.strip().startswith(key)), "default")
+        key: next(
+            (ln.split("=", 1)[1].strip() for ln in cfg.splitlines() if ln.strip().startswith(key)),
+            "default",
+        )
         for key in ("checkpoint_interval", "gossip_interval")
     }
     patient = fake_patient("revoke-bench")
@@ -426,22 +492,40 @@ def measure_revokes(work: Path, n_gateways: int, reps: int) -> tuple[list[float]
     times: list[float] = []
     probes: list[int] = []
     try:
-        storescu(a, make_mr_series(rdir / "a", 1, seed="custodian", patient=patient), rdir / "storescu.log")
+        storescu(
+            a,
+            make_mr_series(rdir / "a", 1, seed="custodian", patient=patient),
+            rdir / "storescu.log",
+        )
         wait_for(lambda: b.holds(a.origin) >= a.holds(a.origin) > 0, 60, "B to hold A's anchor")
         for rep in range(reps):
             offset = b.log_size()
-            a.cli("grant", "--patient-id", patient.patient_id, "--to", PACS_AE, "--force")  # B's destination
-            probe_until(prober, lambda offset=offset: first_forwarded(b, offset), 60, "B to forward after the grant")
+            a.cli(
+                "grant", "--patient-id", patient.patient_id, "--to", PACS_AE, "--force"
+            )  # B's destination
+            probe_until(
+                prober,
+                lambda offset=offset: first_forwarded(b, offset),
+                60,
+                "B to forward after the grant",
+            )
             offset = b.log_size()
             a.cli("revoke", "--patient-id", patient.patient_id, "--to", PACS_AE)
             t0 = time.time()
             sent_before = prober.count
-            refused_at = probe_until(prober, lambda offset=offset: first_refusal(b, offset), 60,
-                                     "B to refuse after the revoke")
+            refused_at = probe_until(
+                prober,
+                lambda offset=offset: first_refusal(b, offset),
+                60,
+                "B to refuse after the revoke",
+            )
             times.append(refused_at - t0)
             probes.append(prober.count - sent_before)
-            print(f"  revoke rep {rep + 1}: enforced at B after {refused_at - t0:.3f} s "
-                  f"({prober.count - sent_before} probes)", flush=True)
+            print(
+                f"  revoke rep {rep + 1}: enforced at B after {refused_at - t0:.3f} s "
+                f"({prober.count - sent_before} probes)",
+                flush=True,
+            )
     finally:
         prober.close()
         stop_all(gateways)
@@ -452,58 +536,103 @@ def measure_revokes(work: Path, n_gateways: int, reps: int) -> tuple[list[float]
 # --- report ----------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, n: int, walls: Walls,
-           times: list[float], probes: list[int], intervals: dict[str, str], elapsed: float) -> str:
+def report(
+    args: argparse.Namespace,
+    n: int,
+    walls: Walls,
+    times: list[float],
+    probes: list[int],
+    intervals: dict[str, str],
+    elapsed: float,
+) -> str:
     lines = [""]
     add = lines.append
-    add(f"dicomledger forwarding benchmark ({'quick' if args.quick else 'full'}; {elapsed / 60:.1f} min)")
+    add(
+        f"dicomledger forwarding benchmark ({'quick' if args.quick else 'full'}; {elapsed / 60:.1f} min)"
+    )
     add(machine_facts())
-    add(f"forwarding config: retry_initial = {RETRY_INITIAL}, retry_max = {RETRY_MAX}, max_attempts = {MAX_ATTEMPTS}, "
-        "concurrency = 1; destination storescp -aet PACS -od DIR (TCP_NODELAY=1)")
+    add(
+        f"forwarding config: retry_initial = {RETRY_INITIAL}, retry_max = {RETRY_MAX}, max_attempts = {MAX_ATTEMPTS}, "
+        "concurrency = 1; destination storescp -aet PACS -od DIR (TCP_NODELAY=1)"
+    )
     add("")
     if walls["gateway"]:
         what = "CT 512x512" if args.modality == "ct" else "MR 64x64"
         med = {k: statistics.median(w for w, _ in walls[k]) for k in SENDERS if walls[k]}
         steady = {k: statistics.median(s for _, s in walls[k]) for k in SENDERS if walls[k]}
-        labels = {"gateway": "gateway forward queue -> storescp", "orthanc": "Orthanc router (REST, synchronous)",
-                  "bare": "bare pynetdicom SCU -> storescp"}
-        add(f"throughput, {n} {what} images, median of {len(walls['gateway'])}; wall = storescp spawn -> "
-            "last image stored; steady = first -> last image:")
+        labels = {
+            "gateway": "gateway forward queue -> storescp",
+            "orthanc": "Orthanc router (REST, synchronous)",
+            "bare": "bare pynetdicom SCU -> storescp",
+        }
+        add(
+            f"throughput, {n} {what} images, median of {len(walls['gateway'])}; wall = storescp spawn -> "
+            "last image stored; steady = first -> last image:"
+        )
         add(f"  {'':<36}{'wall':>23}{'steady':>14}   per run (wall img/s)")
         for k in med:
             per = "  ".join(f"{n / w:5.0f}" for w, _ in walls[k])
-            add(f"  {labels[k]:<36}{n / med[k]:>8.0f} img/s ({med[k]:.2f} s){(n - 1) / steady[k]:>8.0f} img/s   {per}")
+            add(
+                f"  {labels[k]:<36}{n / med[k]:>8.0f} img/s ({med[k]:.2f} s){(n - 1) / steady[k]:>8.0f} img/s   {per}"
+            )
         ratio = med["bare"] / med["gateway"]
-        add(f"  {'ratio gateway / bare':<36}{ratio:>23.2f}{steady['bare'] / steady['gateway']:>14.2f}   "
-            f"target (wall) >= {TARGET_RATIO}: {mark(ratio >= TARGET_RATIO)}")
+        add(
+            f"  {'ratio gateway / bare':<36}{ratio:>23.2f}{steady['bare'] / steady['gateway']:>14.2f}   "
+            f"target (wall) >= {TARGET_RATIO}: {mark(ratio >= TARGET_RATIO)}"
+        )
         add(f"  bare runs discarded after pynetdicom's reactor race: {BARE_RACES[0]}")
         if "orthanc" in med:
             ratio = med["orthanc"] / med["gateway"]
-            add(f"  {'ratio gateway / Orthanc':<36}{ratio:>23.2f}{steady['orthanc'] / steady['gateway']:>14.2f}   "
-                f"target (wall) >= {TARGET_ORTHANC}: {mark(ratio >= TARGET_ORTHANC)}")
+            add(
+                f"  {'ratio gateway / Orthanc':<36}{ratio:>23.2f}{steady['orthanc'] / steady['gateway']:>14.2f}   "
+                f"target (wall) >= {TARGET_ORTHANC}: {mark(ratio >= TARGET_ORTHANC)}"
+            )
         add("")
     if times:
         p99 = percentile(times, 0.99)
-        add(f"revoke at A -> enforced at B, {args.gateways} gateways, {len(times)} revokes, "
+        add(
+            f"revoke at A -> enforced at B, {args.gateways} gateways, {len(times)} revokes, "
             f"checkpoint_interval {intervals['checkpoint_interval']}, gossip_interval {intervals['gossip_interval']}, "
-            f"probe every {PROBE_INTERVAL * 1000:.0f} ms:")
-        add(f"  p50 {percentile(times, 0.5):.3f} s   p99 {p99:.3f} s   max {max(times):.3f} s   "
-            f"min {min(times):.3f} s   target p99 < {TARGET_P99_S:g} s: {mark(p99 < TARGET_P99_S)}")
+            f"probe every {PROBE_INTERVAL * 1000:.0f} ms:"
+        )
+        add(
+            f"  p50 {percentile(times, 0.5):.3f} s   p99 {p99:.3f} s   max {max(times):.3f} s   "
+            f"min {min(times):.3f} s   target p99 < {TARGET_P99_S:g} s: {mark(p99 < TARGET_P99_S)}"
+        )
         add(f"  probes per revoke: median {statistics.median(probes):.0f}, max {max(probes)}")
         add("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="100 images, 5 revokes")
-    parser.add_argument("--images", type=int, default=None, help="images per throughput run (default 500; quick 100)")
-    parser.add_argument("--reps", type=int, default=3, help="throughput runs per sender (median reported)")
-    parser.add_argument("--modality", choices=("mr", "ct"), default="mr", help="MR 64x64 or CT 512x512 images")
-    parser.add_argument("--revokes", type=int, default=None, help="revoke reps (default 20; quick 5)")
-    parser.add_argument("--gateways", type=int, default=5, help="gateways in the revoke consortium (>= 2)")
-    parser.add_argument("--skip", choices=("throughput", "revoke"), default=None, help="skip one part")
-    parser.add_argument("--work-dir", type=Path, default=None, help="parent of the temporary work dir")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="images per throughput run (default 500; quick 100)",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="throughput runs per sender (median reported)"
+    )
+    parser.add_argument(
+        "--modality", choices=("mr", "ct"), default="mr", help="MR 64x64 or CT 512x512 images"
+    )
+    parser.add_argument(
+        "--revokes", type=int, default=None, help="revoke reps (default 20; quick 5)"
+    )
+    parser.add_argument(
+        "--gateways", type=int, default=5, help="gateways in the revoke consortium (>= 2)"
+    )
+    parser.add_argument(
+        "--skip", choices=("throughput", "revoke"), default=None, help="skip one part"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="parent of the temporary work dir"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (data and logs)")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp"):
@@ -514,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1 or n < 1 or revokes < 1 or args.gateways < 2:
         parser.error("--reps, --images, --revokes must be >= 1, --gateways >= 2")
 
-    return run_in_work_dir("forward-bench-", args.work_dir, args.keep, lambda work: run(args, n, revokes, work))
+    return run_in_work_dir(
+        "forward-bench-", args.work_dir, args.keep, lambda work: run(args, n, revokes, work)
+    )
 
 
 def run(args: argparse.Namespace, n: int, revokes: int, work: Path) -> int:

@@ -93,8 +93,12 @@ class Plan:
     reps: int
 
 
-FULL = Plan(senders=2, images=150, seconds=60.0, warmup=3, idle_seconds=30.0, catchup_entries=10_000, reps=3)
-QUICK = Plan(senders=2, images=30, seconds=15.0, warmup=2, idle_seconds=0.0, catchup_entries=10_000, reps=1)
+FULL = Plan(
+    senders=2, images=150, seconds=60.0, warmup=3, idle_seconds=30.0, catchup_entries=10_000, reps=3
+)
+QUICK = Plan(
+    senders=2, images=30, seconds=15.0, warmup=2, idle_seconds=0.0, catchup_entries=10_000, reps=1
+)
 
 
 # --- gateways --------------------------------------------------------------------------
@@ -130,7 +134,9 @@ def all_hold(gateways: Sequence[Gateway], origin_sizes: dict[str, int]) -> bool:
 # --- sending images --------------------------------------------------------------------
 
 
-def send_paced(gw: Gateway, files: Sequence[Path], offsets: Sequence[float], t0: float, errors: list[str]) -> None:
+def send_paced(
+    gw: Gateway, files: Sequence[Path], offsets: Sequence[float], t0: float, errors: list[str]
+) -> None:
     """One association to ``gw``; file k is sent at monotonic time t0 + offsets[k] (or as soon
     as the previous one is done, if that is later)."""
     ae = AE(ae_title=SENDER_AE)
@@ -196,17 +202,23 @@ class Propagation:
     entry_bytes: list[int] = field(default_factory=list)
 
 
-def replicated_by_peer(gateways: Sequence[Gateway], origins: set[str]) -> dict[tuple[str, str], list[tuple[int, float, str]]]:
+def replicated_by_peer(
+    gateways: Sequence[Gateway], origins: set[str]
+) -> dict[tuple[str, str], list[tuple[int, float, str]]]:
     """(peer, origin) -> [(new size, time, source)] from each "replicated" line, log order."""
     found: dict[tuple[str, str], list[tuple[int, float, str]]] = collections.defaultdict(list)
     for gw in gateways:
         for rec in log_lines(gw.log_path):
             if rec.get("event") == "replicated" and rec.get("origin") in origins:
-                found[(gw.origin, rec["origin"])].append((int(rec["size"]), parse_time(rec["timestamp"]), rec["source"]))
+                found[(gw.origin, rec["origin"])].append(
+                    (int(rec["size"]), parse_time(rec["timestamp"]), rec["source"])
+                )
     return found
 
 
-def measure_propagation(gateways: Sequence[Gateway], senders: Sequence[Gateway], skip: int) -> Propagation:
+def measure_propagation(
+    gateways: Sequence[Gateway], senders: Sequence[Gateway], skip: int
+) -> Propagation:
     result = Propagation()
     pulls = replicated_by_peer(gateways, {o.origin for o in senders})
     for origin in senders:
@@ -219,7 +231,14 @@ def measure_propagation(gateways: Sequence[Gateway], senders: Sequence[Gateway],
             appended = entry.time_ms / 1000
             arrivals: list[tuple[float, str]] = []
             for peer in peers:
-                hit = next(((t, src) for size, t, src in pulls[(peer.origin, origin.origin)] if size > entry.index), None)
+                hit = next(
+                    (
+                        (t, src)
+                        for size, t, src in pulls[(peer.origin, origin.origin)]
+                        if size > entry.index
+                    ),
+                    None,
+                )
                 if hit is None:
                     result.missing.append(f"{peer.name} lacks {origin.name} entry {entry.index}")
                     continue
@@ -250,11 +269,17 @@ def traffic_since(gateways: Sequence[Gateway], stopped_at: dict[str, float]) -> 
     """Sum of the "peer API traffic" lines each gateway logged since its last start."""
     total = Traffic()
     for gw in gateways:
-        lines = [r for r in log_lines(gw.log_path, gw.log_offset) if r.get("event") == "peer API traffic"]
+        lines = [
+            r for r in log_lines(gw.log_path, gw.log_offset) if r.get("event") == "peer API traffic"
+        ]
         if not lines:
-            raise BenchError(f"{gw.name} logged no 'peer API traffic' line at shutdown:\n{gw.log_tail()}")
+            raise BenchError(
+                f"{gw.name} logged no 'peer API traffic' line at shutdown:\n{gw.log_tail()}"
+            )
         rec = lines[-1]
-        api = [r for r in log_lines(gw.log_path, gw.log_offset) if r.get("event") == "peer API started"]
+        api = [
+            r for r in log_lines(gw.log_path, gw.log_offset) if r.get("event") == "peer API started"
+        ]
         up_at = parse_time(api[0]["timestamp"]) if api else gw.spawned_at
         total.bytes_sent += int(rec["bytes_sent"])
         total.bytes_received += int(rec["bytes_received"])
@@ -296,14 +321,20 @@ def synthetic_payloads(template: dict[str, Any] | None, n: int, seed: str) -> li
 async def _append_entries(config: Config, kind: str, payloads: list[dict[str, Any]]) -> None:
     store = await LedgerStore.open(config.ledger.database)
     try:
-        writer = LogWriter(store, Identity(config.ledger.origin, load_key_file(config.ledger.key_file)))
+        writer = LogWriter(
+            store, Identity(config.ledger.origin, load_key_file(config.ledger.key_file))
+        )
         await writer.start()
         try:
             keys = [
-                (f"sha256:{p['sha256']}", f"instance:{p['instance']}") if kind == IMAGE_ANCHORED else ()
+                (f"sha256:{p['sha256']}", f"instance:{p['instance']}")
+                if kind == IMAGE_ANCHORED
+                else ()
                 for p in payloads
             ]
-            await asyncio.gather(*(writer.append(kind, p, k) for p, k in zip(payloads, keys, strict=True)))
+            await asyncio.gather(
+                *(writer.append(kind, p, k) for p, k in zip(payloads, keys, strict=True))
+            )
         finally:
             await writer.stop()
     finally:
@@ -344,7 +375,12 @@ class CatchUp:
 
 
 def catch_up_rep(
-    gateways: Sequence[Gateway], joiner: Gateway, origin: Gateway, n: int, rep: int, template: dict[str, Any] | None
+    gateways: Sequence[Gateway],
+    joiner: Gateway,
+    origin: Gateway,
+    n: int,
+    rep: int,
+    template: dict[str, Any] | None,
 ) -> CatchUp:
     for gw in (joiner, origin):
         if gw.running:
@@ -359,28 +395,56 @@ def catch_up_rep(
     kind, entry_bytes = decode_entry(added[-1]).kind, statistics.mean(map(len, added))
     others = [gw for gw in gateways if gw is not joiner]
     start_all([gw for gw in others if not gw.running])
-    wait_for(lambda: all(gw.holds(origin.origin) >= size for gw in others), 300,
-             f"the running peers to hold {size} entries of {origin.name}", poll=0.05)
-    origin_started = next(parse_time(r["timestamp"]) for r in log_lines(origin.log_path, origin.log_offset)
-                          if r.get("event") == "gateway started")
+    wait_for(
+        lambda: all(gw.holds(origin.origin) >= size for gw in others),
+        300,
+        f"the running peers to hold {size} entries of {origin.name}",
+        poll=0.05,
+    )
+    origin_started = next(
+        parse_time(r["timestamp"])
+        for r in log_lines(origin.log_path, origin.log_offset)
+        if r.get("event") == "gateway started"
+    )
     peers_s = time.time() - origin_started
     time.sleep(1.0)  # let the peers' own follow-up traffic settle
     joiner.spawn()
-    wait_for(lambda: joiner.started() and joiner.holds(origin.origin) >= size, 120,
-             f"{joiner.name} to catch up with {origin.name}", poll=0.05)
+    wait_for(
+        lambda: joiner.started() and joiner.holds(origin.origin) >= size,
+        120,
+        f"{joiner.name} to catch up with {origin.name}",
+        poll=0.05,
+    )
     time.sleep(0.3)  # the "replicated" line is logged just after the commit
     started_at, full_at, pulls, source = None, None, 0, ""
     for rec in log_lines(joiner.log_path, joiner.log_offset):
         if rec.get("event") == "gateway started" and started_at is None:
             started_at = parse_time(rec["timestamp"])
-        elif rec.get("event") == "replicated" and rec.get("origin") == origin.origin and full_at is None:
+        elif (
+            rec.get("event") == "replicated"
+            and rec.get("origin") == origin.origin
+            and full_at is None
+        ):
             pulls += 1
             if int(rec["size"]) >= size:
                 full_at, source = parse_time(rec["timestamp"]), rec["source"]
     if started_at is None or full_at is None:
-        raise BenchError(f"{joiner.name}'s log lacks 'gateway started' or the final 'replicated' line")
-    return CatchUp(joiner.name, origin.name, n, append_s, peers_s, full_at - started_at,
-                   full_at - joiner.spawned_at, pulls, source, kind, entry_bytes)
+        raise BenchError(
+            f"{joiner.name}'s log lacks 'gateway started' or the final 'replicated' line"
+        )
+    return CatchUp(
+        joiner.name,
+        origin.name,
+        n,
+        append_s,
+        peers_s,
+        full_at - started_at,
+        full_at - joiner.spawned_at,
+        pulls,
+        source,
+        kind,
+        entry_bytes,
+    )
 
 
 # --- log problems ----------------------------------------------------------------------
@@ -419,13 +483,17 @@ def report(
     lines: list[str] = []
     add = lines.append
     add("")
-    add(f"dicomledger gossip benchmark ({'quick' if args.quick else 'full'}; {n} gateways on {HOST}; "
-        f"{elapsed / 60:.1f} min)")
+    add(
+        f"dicomledger gossip benchmark ({'quick' if args.quick else 'full'}; {n} gateways on {HOST}; "
+        f"{elapsed / 60:.1f} min)"
+    )
     add(machine_facts())
     add(f"settings (dicomledger init defaults, unchanged): {settings}")
-    add(f"load: {plan.senders} origins x {plan.images} MR images (64x64) each, Poisson arrivals over "
+    add(
+        f"load: {plan.senders} origins x {plan.images} MR images (64x64) each, Poisson arrivals over "
         f"{plan.seconds:.0f} s ({plan.senders * plan.images / plan.seconds:.1f} entries/s in total), "
-        f"one pynetdicom association per origin; {plan.warmup} warm-up images per origin not counted")
+        f"one pynetdicom association per origin; {plan.warmup} warm-up images per origin not counted"
+    )
     add("")
     ms = [x * 1000 for x in prop.all_peers]
     first = [x * 1000 for x in prop.first_peer]
@@ -436,67 +504,139 @@ def report(
     rows: list[tuple[str, str, str, str]] = []
     if ms:
         p99 = percentile(ms, 0.99)
-        rows.append((f"append -> on all {n - 1} peers, p50 / p99 (ms)",
-                     f"{percentile(ms, 0.5):,.0f} / {p99:,.0f}", f"p99 < {TARGET_P99_S * 1000:,.0f}",
-                     mark(p99 < TARGET_P99_S * 1000 and not prop.missing)))
+        rows.append(
+            (
+                f"append -> on all {n - 1} peers, p50 / p99 (ms)",
+                f"{percentile(ms, 0.5):,.0f} / {p99:,.0f}",
+                f"p99 < {TARGET_P99_S * 1000:,.0f}",
+                mark(p99 < TARGET_P99_S * 1000 and not prop.missing),
+            )
+        )
         rows.append((f"append -> on all {n - 1} peers, max (ms)", f"{max(ms):,.0f}", "", ""))
-        rows.append(("append -> on the first peer, p50 / p99 (ms)",
-                     f"{percentile(first, 0.5):,.0f} / {percentile(first, 0.99):,.0f}", "", ""))
-        rows.append(("append -> on one peer, all (entry, peer) pairs, p50 / p99 (ms)",
-                     f"{percentile(pairs, 0.5):,.0f} / {percentile(pairs, 0.99):,.0f}", "", ""))
-    rows.append(("entries measured / peers missing an entry", f"{prop.entries:,} / {len(prop.missing)}",
-                 "0 missing", mark(not prop.missing)))
+        rows.append(
+            (
+                "append -> on the first peer, p50 / p99 (ms)",
+                f"{percentile(first, 0.5):,.0f} / {percentile(first, 0.99):,.0f}",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "append -> on one peer, all (entry, peer) pairs, p50 / p99 (ms)",
+                f"{percentile(pairs, 0.5):,.0f} / {percentile(pairs, 0.99):,.0f}",
+                "",
+                "",
+            )
+        )
+    rows.append(
+        (
+            "entries measured / peers missing an entry",
+            f"{prop.entries:,} / {len(prop.missing)}",
+            "0 missing",
+            mark(not prop.missing),
+        )
+    )
     if catchups:
         med = statistics.median(c.started_to_full_s for c in catchups)
         label = f"median of {len(catchups)}" if len(catchups) > 1 else "1 run"
-        rows.append((f"catch-up of {catchups[0].entries:,} entries (s, {label})", f"{med:.2f}",
-                     f"< {TARGET_CATCHUP_S:g}", mark(med < TARGET_CATCHUP_S)))
-        rows.append(("  same, from the joiner's process start (s)",
-                     f"{statistics.median(c.spawn_to_full_s for c in catchups):.2f}", "", ""))
-        rows.append((f"  {n - 2} running peers at once, origin started -> all hold them (s)",
-                     f"{statistics.median(c.peers_s for c in catchups):.1f}", "", ""))
+        rows.append(
+            (
+                f"catch-up of {catchups[0].entries:,} entries (s, {label})",
+                f"{med:.2f}",
+                f"< {TARGET_CATCHUP_S:g}",
+                mark(med < TARGET_CATCHUP_S),
+            )
+        )
+        rows.append(
+            (
+                "  same, from the joiner's process start (s)",
+                f"{statistics.median(c.spawn_to_full_s for c in catchups):.2f}",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"  {n - 2} running peers at once, origin started -> all hold them (s)",
+                f"{statistics.median(c.peers_s for c in catchups):.1f}",
+                "",
+                "",
+            )
+        )
     rows.append(("peer API bytes sent per entry per peer", f"{per_entry:,.0f}", "", ""))
     if idle is not None and idle.lifetime_s > 0:
         idle_rate = idle.bytes_sent / idle.lifetime_s  # per gateway-second
         background = idle_rate * traffic.lifetime_s
-        rows.append(("  of which idle background (gossip, heartbeats)",
-                     f"{background / denominator:,.0f}", "", ""))
-        rows.append(("  of which due to the entries (total - idle background)",
-                     f"{(traffic.bytes_sent - background) / denominator:,.0f}", "", ""))
-    rows.append(("  size of one entry (bytes, mean; base64 in the JSON: x4/3)", f"{avg_entry:,.0f}", "", ""))
+        rows.append(
+            (
+                "  of which idle background (gossip, heartbeats)",
+                f"{background / denominator:,.0f}",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  of which due to the entries (total - idle background)",
+                f"{(traffic.bytes_sent - background) / denominator:,.0f}",
+                "",
+                "",
+            )
+        )
+    rows.append(
+        ("  size of one entry (bytes, mean; base64 in the JSON: x4/3)", f"{avg_entry:,.0f}", "", "")
+    )
     width = max(len(r[0]) for r in rows) + 2
     add(f"{'measure':<{width}}{'value':>15}   {'target':<12}")
     for name, value, target, verdict in rows:
         add(f"{name:<{width}}{value:>15}   {target:<12}{verdict}")
     add("")
     add("details:")
-    add(f"  propagation: {prop.appended} entries appended ({prop.entries} measured), {prop.pulls} 'replicated' "
+    add(
+        f"  propagation: {prop.appended} entries appended ({prop.entries} measured), {prop.pulls} 'replicated' "
         f"pulls of them over {n - 1} peers each ({prop.pulls / max(1, prop.appended) / (n - 1):.2f} "
         f"pulls per entry per peer; < 1 = batched); last copy came from a relaying peer (not the origin) "
-        f"for {prop.last_via_relay} of {prop.entries} entries")
+        f"for {prop.last_via_relay} of {prop.entries} entries"
+    )
     if ms:
         hist = collections.Counter(min(int(x // 250), 12) for x in ms)
-        add("  append -> all peers histogram (ms): " + ", ".join(
-            f"{k * 250}-{'' if k == 12 else (k + 1) * 250}: {hist[k]}" for k in sorted(hist)))
-    add(f"  peer API traffic, propagation run ({traffic.gateways} gateways, {traffic.lifetime_s / traffic.gateways:.0f} s "
+        add(
+            "  append -> all peers histogram (ms): "
+            + ", ".join(
+                f"{k * 250}-{'' if k == 12 else (k + 1) * 250}: {hist[k]}" for k in sorted(hist)
+            )
+        )
+    add(
+        f"  peer API traffic, propagation run ({traffic.gateways} gateways, {traffic.lifetime_s / traffic.gateways:.0f} s "
         f"each): bytes sent {traffic.bytes_sent:,}, received {traffic.bytes_received:,}, "
-        f"requests made {traffic.requests_made:,} (JSON payload bytes; HTTP headers and TLS framing not counted)")
+        f"requests made {traffic.requests_made:,} (JSON payload bytes; HTTP headers and TLS framing not counted)"
+    )
     if idle is not None and idle.lifetime_s > 0:
-        add(f"  idle baseline ({idle.gateways} gateways, {idle.lifetime_s / idle.gateways:.0f} s each, no appends): "
+        add(
+            f"  idle baseline ({idle.gateways} gateways, {idle.lifetime_s / idle.gateways:.0f} s each, no appends): "
             f"{idle.bytes_sent / idle.lifetime_s:,.0f} bytes/s sent per gateway, "
-            f"{idle.requests_made / idle.lifetime_s:.1f} requests/s per gateway")
+            f"{idle.requests_made / idle.lifetime_s:.1f} requests/s per gateway"
+        )
     if cpu:
-        add(f"  CPU of all {n} gateway processes together (1.0 = one core busy; the box has {os.cpu_count()}): "
+        add(
+            f"  CPU of all {n} gateway processes together (1.0 = one core busy; the box has {os.cpu_count()}): "
             + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
-            + " (the bench's own SCU threads and log polling not included)")
+            + " (the bench's own SCU threads and log polling not included)"
+        )
     for k, c in enumerate(catchups, 1):
-        add(f"  catch-up run {k}: {c.joiner} missing {c.entries:,} {c.kind} entries ({c.entry_bytes:,.0f} bytes "
+        add(
+            f"  catch-up run {k}: {c.joiner} missing {c.entries:,} {c.kind} entries ({c.entry_bytes:,.0f} bytes "
             f"each) of {c.origin}: started -> full "
             f"{c.started_to_full_s:.2f} s, process start -> full {c.spawn_to_full_s:.2f} s, {c.pulls} pull(s) "
             f"(full copy from {c.source}); library append at the stopped origin {c.append_s:.1f} s; "
-            f"the {n - 2} running peers held them {c.peers_s:.1f} s after the origin's 'gateway started'")
+            f"the {n - 2} running peers held them {c.peers_s:.1f} s after the origin's 'gateway started'"
+        )
     if prop.missing:
-        add(f"  FAILURE: {len(prop.missing)} (peer, entry) pairs never replicated, e.g. " + "; ".join(prop.missing[:5]))
+        add(
+            f"  FAILURE: {len(prop.missing)} (peer, entry) pairs never replicated, e.g. "
+            + "; ".join(prop.missing[:5])
+        )
     total = sum(problems.values())
     add(f"  warnings/errors in the gateway logs (all phases): {total}" + (":" if total else ""))
     for text, count in problems.most_common(12):
@@ -509,14 +649,22 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help=f"smoke run (~1 min): {QUICK}")
     parser.add_argument("--gateways", type=int, default=10, help="gateways in the consortium")
     parser.add_argument("--reps", type=int, default=None, help="catch-up runs (median reported)")
-    parser.add_argument("--catchup-entries", type=int, default=None, help="entries the joiner misses")
+    parser.add_argument(
+        "--catchup-entries", type=int, default=None, help="entries the joiner misses"
+    )
     parser.add_argument("--no-idle", action="store_true", help="skip the idle traffic baseline")
-    parser.add_argument("--work-dir", type=Path, default=None, help="parent of the temporary work dir")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (gateway dirs and logs)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="parent of the temporary work dir"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work dir (gateway dirs and logs)"
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.reps is not None:
@@ -526,9 +674,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_idle:
         plan = Plan(**{**vars(plan), "idle_seconds": 0.0})
     if args.gateways < plan.senders + 2 or args.gateways < 2 * plan.reps + plan.senders:
-        parser.error(f"--gateways must be at least {max(plan.senders + 2, 2 * plan.reps + plan.senders)}")
+        parser.error(
+            f"--gateways must be at least {max(plan.senders + 2, 2 * plan.reps + plan.senders)}"
+        )
 
-    return run_in_work_dir("gossip-bench-", args.work_dir, args.keep, lambda work: run(args, plan, work))
+    return run_in_work_dir(
+        "gossip-bench-", args.work_dir, args.keep, lambda work: run(args, plan, work)
+    )
 
 
 def run(args: argparse.Namespace, plan: Plan, work: Path) -> int:
@@ -539,13 +691,17 @@ def run(args: argparse.Namespace, plan: Plan, work: Path) -> int:
         gateways = create_consortium(work, args.gateways)
         cfg = gateways[0].config
         assert cfg.peering is not None
-        settings = (f"checkpoint_interval {cfg.ledger.checkpoint_interval:g} s, gossip_interval "
-                    f"{cfg.peering.gossip_interval:g} s, fanout {cfg.peering.fanout}, heartbeat_interval "
-                    f"{cfg.peering.heartbeat_interval:g} s, {len(cfg.peering.peers)} peers each")
+        settings = (
+            f"checkpoint_interval {cfg.ledger.checkpoint_interval:g} s, gossip_interval "
+            f"{cfg.peering.gossip_interval:g} s, fanout {cfg.peering.fanout}, heartbeat_interval "
+            f"{cfg.peering.heartbeat_interval:g} s, {len(cfg.peering.peers)} peers each"
+        )
         print(f"  {settings}", flush=True)
         senders = gateways[: plan.senders]
         data = {
-            gw.name: make_mr_series(work / "data" / gw.name, plan.warmup + plan.images, seed=f"gossip-{gw.name}")
+            gw.name: make_mr_series(
+                work / "data" / gw.name, plan.warmup + plan.images, seed=f"gossip-{gw.name}"
+            )
             for gw in senders
         }
 
@@ -553,51 +709,100 @@ def run(args: argparse.Namespace, plan: Plan, work: Path) -> int:
         cpu: dict[str, float] = {}
         if plan.idle_seconds > 0:
             took = start_all(gateways)
-            print(f"idle baseline: started in {took:.1f} s; idling {plan.idle_seconds:.0f} s ...", flush=True)
+            print(
+                f"idle baseline: started in {took:.1f} s; idling {plan.idle_seconds:.0f} s ...",
+                flush=True,
+            )
             time.sleep(2.0)  # past the start-up work
             before = cpu_of(gateways)
             time.sleep(max(0.0, plan.idle_seconds - 2.0))
             cpu["idle"] = cpu_share(before, cpu_of(gateways))
             idle = traffic_since(gateways, stop_and_time(gateways))
-            print(f"  {idle.bytes_sent / idle.lifetime_s:,.0f} bytes/s sent per gateway while idle", flush=True)
+            print(
+                f"  {idle.bytes_sent / idle.lifetime_s:,.0f} bytes/s sent per gateway while idle",
+                flush=True,
+            )
 
         took = start_all(gateways)
-        print(f"propagation: {len(gateways)} gateways started in {took:.1f} s; warm-up ...", flush=True)
+        print(
+            f"propagation: {len(gateways)} gateways started in {took:.1f} s; warm-up ...",
+            flush=True,
+        )
         send_all([(gw, data[gw.name][: plan.warmup], [0.0] * plan.warmup) for gw in senders])
-        wait_for(lambda: all_hold(gateways, {gw.origin: plan.warmup for gw in senders}), 60, "warm-up entries",
-                 poll=0.1)
-        print(f"  sending {plan.senders} x {plan.images} images over {plan.seconds:.0f} s ...", flush=True)
+        wait_for(
+            lambda: all_hold(gateways, {gw.origin: plan.warmup for gw in senders}),
+            60,
+            "warm-up entries",
+            poll=0.1,
+        )
+        print(
+            f"  sending {plan.senders} x {plan.images} images over {plan.seconds:.0f} s ...",
+            flush=True,
+        )
         before = cpu_of(gateways)
-        send_all([
-            (gw, data[gw.name][plan.warmup :], poisson_offsets(plan.images, plan.seconds, gw.name))
-            for gw in senders
-        ])
+        send_all(
+            [
+                (
+                    gw,
+                    data[gw.name][plan.warmup :],
+                    poisson_offsets(plan.images, plan.seconds, gw.name),
+                )
+                for gw in senders
+            ]
+        )
         cpu["sending"] = cpu_share(before, cpu_of(gateways))
         expected = {gw.origin: plan.warmup + plan.images for gw in senders}
-        waited = wait_for(lambda: all_hold(gateways, expected), 120, "every peer to hold every entry", poll=0.1)
-        print(f"  all peers hold everything {waited:.1f} s after the last image; quiet 3 s, stopping", flush=True)
+        waited = wait_for(
+            lambda: all_hold(gateways, expected), 120, "every peer to hold every entry", poll=0.1
+        )
+        print(
+            f"  all peers hold everything {waited:.1f} s after the last image; quiet 3 s, stopping",
+            flush=True,
+        )
         time.sleep(3.0)
         traffic = traffic_since(gateways, stop_and_time(gateways))
         prop = measure_propagation(gateways, senders, plan.warmup)
         if prop.all_peers:
-            print(f"  append -> all peers p50 {percentile(prop.all_peers, 0.5) * 1000:,.0f} ms, "
-                  f"p99 {percentile(prop.all_peers, 0.99) * 1000:,.0f} ms over {prop.entries} entries", flush=True)
+            print(
+                f"  append -> all peers p50 {percentile(prop.all_peers, 0.5) * 1000:,.0f} ms, "
+                f"p99 {percentile(prop.all_peers, 0.99) * 1000:,.0f} ms over {prop.entries} entries",
+                flush=True,
+            )
 
         catchups: list[CatchUp] = []
         template = anchor_template(senders[0])  # entries shaped like the real anchors
         for rep in range(plan.reps):
             joiner, origin = gateways[-1 - rep], gateways[plan.senders + rep]
-            print(f"catch-up run {rep + 1}/{plan.reps}: {joiner.name} misses {plan.catchup_entries:,} entries "
-                  f"of {origin.name} ...", flush=True)
+            print(
+                f"catch-up run {rep + 1}/{plan.reps}: {joiner.name} misses {plan.catchup_entries:,} entries "
+                f"of {origin.name} ...",
+                flush=True,
+            )
             c = catch_up_rep(gateways, joiner, origin, plan.catchup_entries, rep, template)
             catchups.append(c)
-            print(f"  started -> full {c.started_to_full_s:.2f} s (process start -> full {c.spawn_to_full_s:.2f} s); "
-                  f"running peers took {c.peers_s:.1f} s", flush=True)
+            print(
+                f"  started -> full {c.started_to_full_s:.2f} s (process start -> full {c.spawn_to_full_s:.2f} s); "
+                f"running peers took {c.peers_s:.1f} s",
+                flush=True,
+            )
         stop_all(gateways)
 
         problems = log_problems(gateways)
-        print(report(args, plan, gateways, settings, prop, traffic, idle, cpu, catchups, problems,
-                     time.perf_counter() - began))
+        print(
+            report(
+                args,
+                plan,
+                gateways,
+                settings,
+                prop,
+                traffic,
+                idle,
+                cpu,
+                catchups,
+                problems,
+                time.perf_counter() - began,
+            )
+        )
         return 1 if prop.missing else 0
     except BenchError as exc:
         print(f"\nFAILED: {exc}", file=sys.stderr)

@@ -154,7 +154,9 @@ def generate(data_dir: Path, sizes: Sizes) -> tuple[DataSet, DataSet, DataSet, D
     mr = make_mr_series(data_dir / "mr", sizes.mr, seed="bench")
     ct = make_ct_series(data_dir / "ct", sizes.ct, seed="bench")
     mf = [
-        make_multiframe(data_dir / "mf", sizes.mf_frames, 512, 512, seed=f"bench-{k}", filename=f"mf{k}.dcm")
+        make_multiframe(
+            data_dir / "mf", sizes.mf_frames, 512, 512, seed=f"bench-{k}", filename=f"mf{k}.dcm"
+        )
         for k in (1, 2)
     ]
     warm = [
@@ -220,14 +222,21 @@ class Server:
 
 
 RECEIVERS = ("gateway", "orthanc", "bare", "storescp")
-LABELS = {"gateway": "gateway", "orthanc": "Orthanc", "bare": "bare pynetdicom", "storescp": "DCMTK storescp"}
+LABELS = {
+    "gateway": "gateway",
+    "orthanc": "Orthanc",
+    "bare": "bare pynetdicom",
+    "storescp": "DCMTK storescp",
+}
 
 
 def dicomledger(*args: str, log: Path) -> None:
     result = dicomledger_cli(*args)
     log.write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        raise ReceiverError(f"dicomledger {args[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        raise ReceiverError(
+            f"dicomledger {args[0]} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+        )
 
 
 def storescp_options(concurrent: bool) -> list[str]:
@@ -253,7 +262,10 @@ class Scraper:
         import urllib.request
 
         while not self._stop.wait(self.interval):
-            with contextlib.suppress(OSError), urllib.request.urlopen(self.url, timeout=5) as answer:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.url, timeout=5) as answer,
+            ):
                 answer.read()
                 self.scrapes += 1
 
@@ -269,22 +281,52 @@ def start_receiver(kind: str, run_dir: Path, *, concurrent: bool = False) -> Ser
     if kind in ("gateway", "gateway+metrics"):
         gw = run_dir / "gw"
         dicomledger(
-            "init", "--dir", str(gw), "--ae-title", "DICOMLEDGER", "--host", HOST, "--port", str(port),
-            "--allow", SENDER_AE, "--allow", LATENCY_AE, "--origin", "bench.test/dicomledger",
+            "init",
+            "--dir",
+            str(gw),
+            "--ae-title",
+            "DICOMLEDGER",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--allow",
+            SENDER_AE,
+            "--allow",
+            LATENCY_AE,
+            "--origin",
+            "bench.test/dicomledger",
             log=run_dir / "init.log",
         )
         metrics_port = free_port()
         if kind == "gateway+metrics":
             with open(gw / "config.toml", "a") as f:
                 f.write(f'\n[metrics]\nenabled = true\nhost = "{HOST}"\nport = {metrics_port}\n')
-        proc = spawn([sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(gw / "config.toml")], log=log)
+        proc = spawn(
+            [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(gw / "config.toml")],
+            log=log,
+        )
         server = Server(kind, "DICOMLEDGER", port, proc, gw / "data" / "images", log)
         marker = b'"gateway started"'
     elif kind == "bare":
         out = run_dir / "out"
         proc = spawn(
-            [sys.executable, str(ROOT / "bench" / "bare_scp.py"), "--host", HOST, "--port", str(port),
-             "--ae-title", "BARESCP", "--output-dir", str(out), "--allow", SENDER_AE, "--allow", LATENCY_AE],
+            [
+                sys.executable,
+                str(ROOT / "bench" / "bare_scp.py"),
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--ae-title",
+                "BARESCP",
+                "--output-dir",
+                str(out),
+                "--allow",
+                SENDER_AE,
+                "--allow",
+                LATENCY_AE,
+            ],
             log=log,
         )
         server = Server(kind, "BARESCP", port, proc, out, log)
@@ -292,15 +334,31 @@ def start_receiver(kind: str, run_dir: Path, *, concurrent: bool = False) -> Ser
     elif kind == "orthanc":
         orthanc = Orthanc(run_dir / "orthanc")
         orthanc.start()
-        server = Server(kind, orthanc.ae_title, orthanc.port, orthanc.proc, orthanc.dir / "storage",  # type: ignore[arg-type]
-                        orthanc.log_path, orthanc)
+        server = Server(
+            kind,
+            orthanc.ae_title,
+            orthanc.port,
+            orthanc.proc,
+            orthanc.dir / "storage",  # type: ignore[arg-type]
+            orthanc.log_path,
+            orthanc,
+        )
         marker = b""
     elif kind == "storescp":
         out = run_dir / "out"
         out.mkdir()
         proc = spawn(
-            ["storescp", *storescp_options(concurrent), "-aet", "STORESCP", "-od", str(out), str(port)],
-            log=log, env=DCMTK_ENV,
+            [
+                "storescp",
+                *storescp_options(concurrent),
+                "-aet",
+                "STORESCP",
+                "-od",
+                str(out),
+                str(port),
+            ],
+            log=log,
+            env=DCMTK_ENV,
         )
         server = Server(kind, "STORESCP", port, proc, out, log)
         marker = b""  # it says nothing; the C-ECHO tells
@@ -321,7 +379,9 @@ def wait_ready(server: Server, marker: bytes, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise ReceiverError(f"{server.kind} exited at start ({server.proc.returncode}):\n{server.log_tail()}")
+            raise ReceiverError(
+                f"{server.kind} exited at start ({server.proc.returncode}):\n{server.log_tail()}"
+            )
         if marker in server.log.read_bytes() and echo(server):
             return
         time.sleep(0.05)
@@ -331,13 +391,17 @@ def wait_ready(server: Server, marker: bytes, timeout: float = 60.0) -> None:
 def echo(server: Server) -> bool:
     result = subprocess.run(
         ["echoscu", "-to", "2", "-aet", SENDER_AE, "-aec", server.ae_title, HOST, str(server.port)],
-        capture_output=True, env=DCMTK_ENV, timeout=30,
+        capture_output=True,
+        env=DCMTK_ENV,
+        timeout=30,
     )
     return result.returncode == 0
 
 
 @contextlib.contextmanager
-def receiver(kind: str, run_dir: Path, *, concurrent: bool = False, delete: bool = False) -> Iterator[Server]:
+def receiver(
+    kind: str, run_dir: Path, *, concurrent: bool = False, delete: bool = False
+) -> Iterator[Server]:
     """A fresh receiver in ``run_dir`` (which must not exist); its files are kept unless ``delete``."""
     server = start_receiver(kind, run_dir, concurrent=concurrent)
     try:
@@ -361,8 +425,18 @@ def storescu(server: Server, files: Sequence[Path], senders: int, log_dir: Path)
     started = time.perf_counter()
     procs = [
         spawn(
-            ["storescu", "-aet", SENDER_AE, "-aec", server.ae_title, HOST, str(server.port), *map(str, chunk)],
-            log=log_dir / f"storescu-{k}.log", env=DCMTK_ENV,
+            [
+                "storescu",
+                "-aet",
+                SENDER_AE,
+                "-aec",
+                server.ae_title,
+                HOST,
+                str(server.port),
+                *map(str, chunk),
+            ],
+            log=log_dir / f"storescu-{k}.log",
+            env=DCMTK_ENV,
         )
         for k, chunk in enumerate(chunks)
     ]
@@ -376,7 +450,9 @@ def storescu(server: Server, files: Sequence[Path], senders: int, log_dir: Path)
     failed = [k for k, p in enumerate(procs) if p.returncode != 0]
     stored = server.stored() - before
     if failed or stored != len(files):
-        tail = (log_dir / f"storescu-{failed[0] if failed else 0}.log").read_text(errors="replace")[-2000:]
+        tail = (log_dir / f"storescu-{failed[0] if failed else 0}.log").read_text(errors="replace")[
+            -2000:
+        ]
         raise ReceiverError(
             f"{server.kind}: storescu exit codes {[p.returncode for p in procs]}, "
             f"{stored} of {len(files)} instances stored\nstorescu: {tail}\n{server.kind}: {server.log_tail()}"
@@ -426,7 +502,9 @@ def measure(kind: str, scenario: Scenario, warm: DataSet, work: Path, rep: int) 
         else:
             wall = storescu(server, scenario.data.files, scenario.senders, run_dir)
             peak = None
-        handler = gateway_handler_ms(server.log, len(warm.files)) if kind.startswith("gateway") else []
+        handler = (
+            gateway_handler_ms(server.log, len(warm.files)) if kind.startswith("gateway") else []
+        )
     return Sample(wall, peak, handler)
 
 
@@ -442,10 +520,16 @@ def latency_round(files: Sequence[Path], warm: DataSet, run_dir: Path) -> dict[s
         assocs: dict[str, Association] = {}
         for kind in times:
             server = stack.enter_context(receiver(kind, run_dir / kind))
-            assoc = ae.associate(HOST, server.port, ae_title=server.ae_title,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])  # no Nagle wait per PDU
+            assoc = ae.associate(
+                HOST,
+                server.port,
+                ae_title=server.ae_title,
+                evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)],
+            )  # no Nagle wait per PDU
             if not assoc.is_established:
-                raise ReceiverError(f"{kind}: association from {LATENCY_AE} refused:\n{server.log_tail()}")
+                raise ReceiverError(
+                    f"{kind}: association from {LATENCY_AE} refused:\n{server.log_tail()}"
+                )
             stack.callback(close_association, assoc)
             assocs[kind] = assoc
         for path in warm.files:
@@ -491,13 +575,19 @@ def report(
     add = lines.append
     mode = "quick" if args.quick else "full"
     add("")
-    add(f"dicomledger ingest benchmark ({mode}; median of {args.reps} runs per cell, receivers in rotating "
-        f"order; {elapsed / 60:.1f} min)")
+    add(
+        f"dicomledger ingest benchmark ({mode}; median of {args.reps} runs per cell, receivers in rotating "
+        f"order; {elapsed / 60:.1f} min)"
+    )
     add(machine_facts())
-    add("sender: DCMTK storescu (TCP_NODELAY=1), all files of a set in one association per sender; wall time "
-        "of the storescu run(s). MB = 10^6 bytes")
-    add("receivers: gateway = dicomledger serve (fresh init per run); bare = bench/bare_scp.py (pynetdicom, "
-        "rename only);")
+    add(
+        "sender: DCMTK storescu (TCP_NODELAY=1), all files of a set in one association per sender; wall time "
+        "of the storescu run(s). MB = 10^6 bytes"
+    )
+    add(
+        "receivers: gateway = dicomledger serve (fresh init per run); bare = bench/bare_scp.py (pynetdicom, "
+        "rename only);"
+    )
     add(f"           storescp {' '.join(storescp_options(False))} (with --fork for the x4 rows)")
     add("")
     head = f"{'throughput (median)':<32}" + "".join(f"{LABELS[k]:>28}" for k in RECEIVERS)
@@ -505,41 +595,61 @@ def report(
     for sc in scenarios:
         n, nbytes = len(sc.data.files), sc.data.nbytes
         med = {k: statistics.median(s.wall for s in results[(sc.key, k)]) for k in RECEIVERS}
-        cells = "".join(f"  {num(n / med[k])} img/s {num(nbytes / MB / med[k])} MB/s" for k in RECEIVERS)
+        cells = "".join(
+            f"  {num(n / med[k])} img/s {num(nbytes / MB / med[k])} MB/s" for k in RECEIVERS
+        )
         ratio = {k: med[k] / med["gateway"] for k in RECEIVERS}
         target = ""
         if sc.data.key in ("MR", "CT"):
-            target = (f"gw/orthanc >= {TARGET_ORTHANC_RATIO}: {mark(ratio['orthanc'] >= TARGET_ORTHANC_RATIO)}, "
-                      f"gw/bare >= {TARGET_BARE_RATIO}: {mark(ratio['bare'] >= TARGET_BARE_RATIO)}")
+            target = (
+                f"gw/orthanc >= {TARGET_ORTHANC_RATIO}: {mark(ratio['orthanc'] >= TARGET_ORTHANC_RATIO)}, "
+                f"gw/bare >= {TARGET_BARE_RATIO}: {mark(ratio['bare'] >= TARGET_BARE_RATIO)}"
+            )
         elif sc.data.key == "MF":
             mb_s = nbytes / MB / med["gateway"]
             target = f"gateway >= {TARGET_MF_MB_S} MB/s: {mark(mb_s >= TARGET_MF_MB_S)}"
-        add(f"{sc.label:<32}{cells}{ratio['orthanc']:>9.2f}{ratio['bare']:>9.2f}{ratio['storescp']:>8.2f}  {target}")
+        add(
+            f"{sc.label:<32}{cells}{ratio['orthanc']:>9.2f}{ratio['bare']:>9.2f}{ratio['storescp']:>8.2f}  {target}"
+        )
     add("")
     mf = next(sc for sc in scenarios if sc.data.key == "MF")
-    add(f"peak RSS of the receiver's process tree while receiving {mf.data.label} (sampled every "
-        f"{RSS_INTERVAL * 1000:.0f} ms, max over runs):")
+    add(
+        f"peak RSS of the receiver's process tree while receiving {mf.data.label} (sampled every "
+        f"{RSS_INTERVAL * 1000:.0f} ms, max over runs):"
+    )
     for k in RECEIVERS:
         peak = max(s.peak_rss or 0 for s in results[(mf.key, k)]) / MB
-        target = f"   target < {TARGET_PEAK_RSS_MB} MB: {mark(peak < TARGET_PEAK_RSS_MB)}" if k == "gateway" else ""
+        target = (
+            f"   target < {TARGET_PEAK_RSS_MB} MB: {mark(peak < TARGET_PEAK_RSS_MB)}"
+            if k == "gateway"
+            else ""
+        )
         add(f"  {LABELS[k]:<18}{peak:>8,.0f} MB{target}")
     add("")
     n_files = len(latency["gateway"]) // latency_rounds
-    add(f"C-STORE round trip, pynetdicom SCU ({LATENCY_AE}), {n_files} CT files x {latency_rounds} rounds, one at a "
-        "time, receivers in rotating order:")
+    add(
+        f"C-STORE round trip, pynetdicom SCU ({LATENCY_AE}), {n_files} CT files x {latency_rounds} rounds, one at a "
+        "time, receivers in rotating order:"
+    )
     add(f"  {'':<8}" + "".join(f"{LABELS[k]:>18}" for k in LATENCY_RECEIVERS))
     for name, q in (("p50", 0.5), ("p99", 0.99)):
         values = {k: percentile(latency[k], q) for k in LATENCY_RECEIVERS}
         target = ""
         if q == 0.5:
             target = f"   target gateway <= Orthanc: {mark(values['gateway'] <= values['orthanc'])}"
-        add(f"  {name + ' ms':<8}" + "".join(f"{values[k]:>18.2f}" for k in LATENCY_RECEIVERS) + target)
+        add(
+            f"  {name + ' ms':<8}"
+            + "".join(f"{values[k]:>18.2f}" for k in LATENCY_RECEIVERS)
+            + target
+        )
     add("")
     per_image = ", ".join(
         f"{sc.key} {fmt_ms([v for s in results[(sc.key, 'gateway')] for v in s.handler_ms])} ms"
         for sc in scenarios
     )
-    add(f"gateway handler time per C-STORE from its log (parse+hash+fsync+index+anchor, p50): {per_image}")
+    add(
+        f"gateway handler time per C-STORE from its log (parse+hash+fsync+index+anchor, p50): {per_image}"
+    )
     add("")
     return "\n".join(lines)
 
@@ -548,15 +658,26 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help=f"small sets: {QUICK}")
-    parser.add_argument("--reps", type=int, default=3, help="runs per receiver and set (median reported)")
-    parser.add_argument("--latency-rounds", type=int, default=3, help="fresh gateway+bare pairs for latency")
-    parser.add_argument("--work-dir", type=Path, default=None, help="parent of the temporary work dir")
+    parser.add_argument(
+        "--reps", type=int, default=3, help="runs per receiver and set (median reported)"
+    )
+    parser.add_argument(
+        "--latency-rounds", type=int, default=3, help="fresh gateway+bare pairs for latency"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="parent of the temporary work dir"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (data and logs)")
-    parser.add_argument("--metrics-cost", action="store_true",
-                        help="only the gateway, with the metrics endpoint off and on (scraped every second), "
-                        "alternating: the cost of metrics on ingest throughput")
+    parser.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="only the gateway, with the metrics endpoint off and on (scraped every second), "
+        "alternating: the cost of metrics on ingest throughput",
+    )
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp", "echoscu"):
         if shutil.which(tool) is None:
@@ -566,8 +687,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = QUICK if args.quick else FULL
     if args.metrics_cost:
-        return run_in_work_dir("metrics-bench-", args.work_dir, args.keep, lambda work: metrics_cost(args, sizes, work))
-    return run_in_work_dir("ingest-bench-", args.work_dir, args.keep, lambda work: run(args, sizes, work))
+        return run_in_work_dir(
+            "metrics-bench-", args.work_dir, args.keep, lambda work: metrics_cost(args, sizes, work)
+        )
+    return run_in_work_dir(
+        "ingest-bench-", args.work_dir, args.keep, lambda work: run(args, sizes, work)
+    )
 
 
 def run(args: argparse.Namespace, sizes: Sizes, work: Path) -> int:
@@ -581,14 +706,19 @@ def run(args: argparse.Namespace, sizes: Sizes, work: Path) -> int:
         Scenario("MRx4", f"{mr.label}, 4 senders", mr, 4),
         Scenario("CTx4", f"{ct.label}, 4 senders", ct, 4),
     ]
-    print(f"generated in {time.perf_counter() - began:.0f} s: "
-          + ", ".join(f"{d.label} = {d.nbytes / MB:,.0f} MB" for d in (mr, ct, mf)), flush=True)
+    print(
+        f"generated in {time.perf_counter() - began:.0f} s: "
+        + ", ".join(f"{d.label} = {d.nbytes / MB:,.0f} MB" for d in (mr, ct, mf)),
+        flush=True,
+    )
 
     # Warm-up: every receiver once, untimed
     for kind in RECEIVERS:
         with receiver(kind, work / "run" / f"warm-{kind}" / "srv") as server:
             storescu(server, warm.files, 1, work / "run" / f"warm-{kind}")
-            storescu(server, ct.files[: max(1, len(ct.files) // 4)], 1, work / "run" / f"warm-{kind}")
+            storescu(
+                server, ct.files[: max(1, len(ct.files) // 4)], 1, work / "run" / f"warm-{kind}"
+            )
 
     results: dict[tuple[str, str], list[Sample]] = {}
     for sc in scenarios:
@@ -598,18 +728,28 @@ def run(args: argparse.Namespace, sizes: Sizes, work: Path) -> int:
                 sample = measure(kind, sc, warm, work, rep)
                 results.setdefault((sc.key, kind), []).append(sample)
                 rss = f", peak RSS {sample.peak_rss / MB:,.0f} MB" if sample.peak_rss else ""
-                print(f"  {sc.label:<30} run {rep + 1} {kind:<9} {num(len(sc.data.files) / sample.wall)} img/s "
-                      f"{num(sc.data.nbytes / MB / sample.wall)} MB/s ({sample.wall:.2f} s){rss}", flush=True)
+                print(
+                    f"  {sc.label:<30} run {rep + 1} {kind:<9} {num(len(sc.data.files) / sample.wall)} img/s "
+                    f"{num(sc.data.nbytes / MB / sample.wall)} MB/s ({sample.wall:.2f} s){rss}",
+                    flush=True,
+                )
 
     latency: dict[str, list[float]] = {kind: [] for kind in LATENCY_RECEIVERS}
     for r in range(args.latency_rounds):
         got = latency_round(ct.files, warm, work / f"latency-{r}")
         for kind, values in got.items():
             latency[kind] += values
-        print(f"  latency round {r + 1}: p50 "
-              + ", ".join(f"{kind} {percentile(got[kind], 0.5):.2f} ms" for kind in LATENCY_RECEIVERS), flush=True)
+        print(
+            f"  latency round {r + 1}: p50 "
+            + ", ".join(
+                f"{kind} {percentile(got[kind], 0.5):.2f} ms" for kind in LATENCY_RECEIVERS
+            ),
+            flush=True,
+        )
 
-    print(report(args, scenarios, results, latency, args.latency_rounds, time.perf_counter() - began))
+    print(
+        report(args, scenarios, results, latency, args.latency_rounds, time.perf_counter() - began)
+    )
     return 0
 
 
@@ -622,24 +762,34 @@ def metrics_cost(args: argparse.Namespace, sizes: Sizes, work: Path) -> int:
         with receiver(kind, work / "run" / f"warm-{kind}" / "srv") as server:
             storescu(server, warm.files, 1, work / "run" / f"warm-{kind}")
     reps = max(args.reps, 3)
-    scenarios = [Scenario("MR", mr.label, mr, 1), Scenario("CT", ct.label, ct, 1),
-                 Scenario("MRx4", f"{mr.label}, 4 senders", mr, 4)]
+    scenarios = [
+        Scenario("MR", mr.label, mr, 1),
+        Scenario("CT", ct.label, ct, 1),
+        Scenario("MRx4", f"{mr.label}, 4 senders", mr, 4),
+    ]
     walls: dict[tuple[str, str], list[float]] = {}
     for sc in scenarios:
         for rep in range(reps):
-            for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
+            for kind in kinds if rep % 2 == 0 else kinds[::-1]:
                 sample = measure(kind, sc, warm, work, rep)
                 walls.setdefault((sc.key, kind), []).append(sample.wall)
-                print(f"  {sc.label:<30} run {rep + 1} {kind:<16} {num(len(sc.data.files) / sample.wall)} img/s "
-                      f"({sample.wall:.2f} s)", flush=True)
-    print(f"\nmetrics cost on ingest (median of {reps} runs each, alternating; metrics on = [metrics] enabled "
-          f"and /metrics scraped every second; {(time.perf_counter() - began) / 60:.1f} min)")
+                print(
+                    f"  {sc.label:<30} run {rep + 1} {kind:<16} {num(len(sc.data.files) / sample.wall)} img/s "
+                    f"({sample.wall:.2f} s)",
+                    flush=True,
+                )
+    print(
+        f"\nmetrics cost on ingest (median of {reps} runs each, alternating; metrics on = [metrics] enabled "
+        f"and /metrics scraped every second; {(time.perf_counter() - began) / 60:.1f} min)"
+    )
     print(machine_facts())
     print(f"{'':<32}{'metrics off':>16}{'metrics on':>16}{'cost':>9}  target < 2%")
     for sc in scenarios:
         off, on = (len(sc.data.files) / statistics.median(walls[(sc.key, k)]) for k in kinds)
         cost = (off - on) / off * 100
-        print(f"{sc.label:<32}{num(off):>10} img/s{num(on):>10} img/s{cost:>8.1f}%  {mark(cost < 2)}")
+        print(
+            f"{sc.label:<32}{num(off):>10} img/s{num(on):>10} img/s{cost:>8.1f}%  {mark(cost < 2)}"
+        )
     return 0
 
 

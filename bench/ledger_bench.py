@@ -60,10 +60,18 @@ WITNESSES = {w: Ed25519PrivateKey.generate() for w in "BCD"}  # D never cosigns
 
 ORIGIN = "bench.example/dicomledger"
 PAYLOAD = {
-    "patient": "ab" * 32, "study": "cd" * 32, "series": "ef" * 32, "instance": "01" * 32,
-    "hash_method": "pixel", "sha256": "02" * 32, "decoded_sha256": "03" * 32, "frames": 1,
-    "frame_root": "04" * 32, "sop_class": "1.2.840.10008.5.1.4.1.1.2",
-    "transfer_syntax": "1.2.840.10008.1.2.1", "calling_ae": "STORESCU",
+    "patient": "ab" * 32,
+    "study": "cd" * 32,
+    "series": "ef" * 32,
+    "instance": "01" * 32,
+    "hash_method": "pixel",
+    "sha256": "02" * 32,
+    "decoded_sha256": "03" * 32,
+    "frames": 1,
+    "frame_root": "04" * 32,
+    "sop_class": "1.2.840.10008.5.1.4.1.1.2",
+    "transfer_syntax": "1.2.840.10008.1.2.1",
+    "calling_ae": "STORESCU",
 }
 
 
@@ -99,8 +107,12 @@ async def build(path: Path, entries: int, key: Ed25519PrivateKey) -> tuple[float
     changes = []
     for n in range(0, entries, step):
         if n in rotate_at and n:
-            changes.append(key_change_line((await writer.rotate(Ed25519PrivateKey.generate())).data) + "\n")
-        await asyncio.gather(*(writer.append("image-anchored", PAYLOAD) for _ in range(min(step, entries - n))))
+            changes.append(
+                key_change_line((await writer.rotate(Ed25519PrivateKey.generate())).data) + "\n"
+            )
+        await asyncio.gather(
+            *(writer.append("image-anchored", PAYLOAD) for _ in range(min(step, entries - n)))
+        )
     rate = entries / (time.perf_counter() - start)
     await writer.sign_checkpoint()
     await writer.stop()
@@ -119,10 +131,14 @@ async def proofs(
         index = rng.randrange(entries)
         t0 = time.perf_counter()
         size, note = await store.latest_checkpoint(ORIGIN, at_least=index + 1)  # type: ignore[misc]
-        data = format_proof_file(InclusionProofFile(
-            entry=await store.entry(ORIGIN, index), index=index,
-            proof=tuple(await store.inclusion_proof(ORIGIN, index, size)), checkpoint_note=note,
-        ))
+        data = format_proof_file(
+            InclusionProofFile(
+                entry=await store.entry(ORIGIN, index),
+                index=index,
+                proof=tuple(await store.inclusion_proof(ORIGIN, index, size)),
+                checkpoint_note=note,
+            )
+        )
         t1 = time.perf_counter()
         check_proof_file(parse_proof_file(data), trusted)
         t2 = time.perf_counter()
@@ -141,16 +157,25 @@ def witnessed(path: Path, key: Ed25519PrivateKey, changes: str) -> str:
         size, note = await store.latest_checkpoint(ORIGIN)  # type: ignore[misc]
         text = parse_note(note).text
         for w in "BC":
-            await store.add_cosignature(ORIGIN, size, cosign_checkpoint(text, f"{w.lower()}.example", WITNESSES[w], int(time.time())))
+            await store.add_cosignature(
+                ORIGIN,
+                size,
+                cosign_checkpoint(text, f"{w.lower()}.example", WITNESSES[w], int(time.time())),
+            )
         await store.close()
 
     asyncio.run(cosign())
-    return "".join([
-        verifier_key(ORIGIN, key.public_key()) + "\n",
-        changes,
-        *(f"witness {w} {verifier_key(f'{w.lower()}.example', k.public_key(), SIG_COSIGNATURE_V1)}\n" for w, k in WITNESSES.items()),
-        "group consortium 2 B C D\nquorum consortium\n",
-    ])
+    return "".join(
+        [
+            verifier_key(ORIGIN, key.public_key()) + "\n",
+            changes,
+            *(
+                f"witness {w} {verifier_key(f'{w.lower()}.example', k.public_key(), SIG_COSIGNATURE_V1)}\n"
+                for w, k in WITNESSES.items()
+            ),
+            "group consortium 2 B C D\nquorum consortium\n",
+        ]
+    )
 
 
 async def policy_checks(path: Path, entries: int, trust_text: str, samples: int) -> list[float]:
@@ -163,10 +188,14 @@ async def policy_checks(path: Path, entries: int, trust_text: str, samples: int)
     for _ in range(samples):
         index = rng.randrange(entries)
         size, note = await store.latest_checkpoint(ORIGIN, at_least=index + 1)  # type: ignore[misc]
-        data = format_proof_file(InclusionProofFile(
-            entry=await store.entry(ORIGIN, index), index=index,
-            proof=tuple(await store.inclusion_proof(ORIGIN, index, size)), checkpoint_note=note,
-        ))
+        data = format_proof_file(
+            InclusionProofFile(
+                entry=await store.entry(ORIGIN, index),
+                index=index,
+                proof=tuple(await store.inclusion_proof(ORIGIN, index, size)),
+                checkpoint_note=note,
+            )
+        )
         t0 = time.perf_counter()
         proof = parse_proof_file(data)
         result = check_proof_file(proof, trust)
@@ -182,8 +211,20 @@ def auditor_verify(path: Path, trust_file: Path, *extra: str) -> float:
     """Seconds of `dicomledger verify --ledger --trust`, in its own process."""
     t0 = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "dicomledger.cli", "verify", "--ledger", str(path), "--trust", str(trust_file), *extra],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "dicomledger.cli",
+            "verify",
+            "--ledger",
+            str(path),
+            "--trust",
+            str(trust_file),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     seconds = time.perf_counter() - t0
     if done.returncode != 0 or not re.search(r"witness quorum met", done.stdout):
@@ -256,10 +297,17 @@ def gil_rows(path: Path) -> list[tuple[str, str, str]]:
     verify_pace = _other_thread_pace(lambda: key.public_key().verify(signature, message), releases)
     decode_pace = _other_thread_pace(lambda: json.loads(document), releases)
     return [
-        (f"another thread's pace during Ed25519 verify (cryptography {cryptography.__version__})",
-         f"{verify_pace:.0%}", "~100%: releases the GIL"),
+        (
+            f"another thread's pace during Ed25519 verify (cryptography {cryptography.__version__})",
+            f"{verify_pace:.0%}",
+            "~100%: releases the GIL",
+        ),
         ("another thread's pace during JSON decoding", f"{decode_pace:.0%}", "~0%: holds the GIL"),
-        ("entry decode + leaf hash: 2 processes vs 1 (needs 2 idle cores)", f"{_two_processes_vs_one(datas):.2f}x", ""),
+        (
+            "entry decode + leaf hash: 2 processes vs 1 (needs 2 idle cores)",
+            f"{_two_processes_vs_one(datas):.2f}x",
+            "",
+        ),
     ]
 
 
@@ -282,24 +330,52 @@ def main() -> None:
     key = Ed25519PrivateKey.generate()
     big = workdir / "big.db"
     rate, changes = asyncio.run(build(big, args.entries, key))
-    rows.append((f"bulk build of {args.entries:,} entries (2 key rotations), appends/s", f"{rate:,.0f}", ""))
+    rows.append(
+        (f"bulk build of {args.entries:,} entries (2 key rotations), appends/s", f"{rate:,.0f}", "")
+    )
     make_ms, check_ms = asyncio.run(proofs(big, args.entries, key, changes, 1000))
-    rows.append((f"proof generation at {args.entries:,}, ms p50 / p99",
-                 f"{statistics.median(make_ms):.2f} / {sorted(make_ms)[989]:.2f}", "< 5"))
-    rows.append((f"proof check at {args.entries:,}, ms p50 / p99",
-                 f"{statistics.median(check_ms):.2f} / {sorted(check_ms)[989]:.2f}", "< 5"))
+    rows.append(
+        (
+            f"proof generation at {args.entries:,}, ms p50 / p99",
+            f"{statistics.median(make_ms):.2f} / {sorted(make_ms)[989]:.2f}",
+            "< 5",
+        )
+    )
+    rows.append(
+        (
+            f"proof check at {args.entries:,}, ms p50 / p99",
+            f"{statistics.median(check_ms):.2f} / {sorted(check_ms)[989]:.2f}",
+            "< 5",
+        )
+    )
 
     trust_text = witnessed(big, key, changes)
     trust_file = workdir / "trust.txt"
     trust_file.write_text(trust_text)
     policy_ms = asyncio.run(policy_checks(big, args.entries, trust_text, 1000))
-    rows.append(("check-proof under a 2-of-3 witness policy, ms p50 / p99",
-                 f"{statistics.median(policy_ms):.2f} / {sorted(policy_ms)[989]:.2f}", "< 5"))
+    rows.append(
+        (
+            "check-proof under a 2-of-3 witness policy, ms p50 / p99",
+            f"{statistics.median(policy_ms):.2f} / {sorted(policy_ms)[989]:.2f}",
+            "< 5",
+        )
+    )
     audit_s = auditor_verify(big, trust_file)
-    rows.append((f"auditor's verify (--ledger --trust, 2-of-3 policy) of {args.entries:,} entries, s",
-                 f"{audit_s:.1f}", "< 30"))
+    rows.append(
+        (
+            f"auditor's verify (--ledger --trust, 2-of-3 policy) of {args.entries:,} entries, s",
+            f"{audit_s:.1f}",
+            "< 30",
+        )
+    )
     every_s = auditor_verify(big, trust_file, "--every-signature")
-    rows.append(("  the same, re-checking every entry's own signature (former method), s", f"{every_s:.1f}", ""))
+    rows.append(
+        (
+            "  the same, re-checking every entry's own signature (former method), s",
+            f"{every_s:.1f}",
+            "",
+        )
+    )
     rows += gil_rows(big)
 
     width = max(len(r[0]) for r in rows)

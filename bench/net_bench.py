@@ -102,8 +102,23 @@ def start_net(run_dir: Path) -> Server:
     run_dir.mkdir(parents=True)
     port = free_port()
     out, log = run_dir / "out", run_dir / "net.log"
-    proc = spawn([sys.executable, str(ROOT / "bench" / "net_scp.py"), "--host", HOST, "--port", str(port),
-                  "--output-dir", str(out), "--allow", SENDER_AE, "--allow", LATENCY_AE], log=log)
+    proc = spawn(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "net_scp.py"),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--output-dir",
+            str(out),
+            "--allow",
+            SENDER_AE,
+            "--allow",
+            LATENCY_AE,
+        ],
+        log=log,
+    )
     server = Server("net", "NETSCP", port, proc, out, log)
     try:
         wait_ready(server, b"ready")
@@ -120,7 +135,11 @@ _runs = itertools.count(1)
 def receiver(kind: str, runs: Path, *, concurrent: bool = False) -> Iterator[Server]:
     """A fresh receiver in a run dir of its own, kept until the end of the bench."""
     run_dir = runs / f"{next(_runs):03d}-{kind}"
-    server = start_net(run_dir) if kind == "net" else start_receiver(kind, run_dir, concurrent=concurrent)
+    server = (
+        start_net(run_dir)
+        if kind == "net"
+        else start_receiver(kind, run_dir, concurrent=concurrent)
+    )
     try:
         yield server
     finally:
@@ -145,18 +164,33 @@ def round_trips(kind: str, files: Sequence[Path], work: Path) -> list[float]:
     messages = []
     for path in files:
         sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
-        messages.append((dimse.request(dimse.C_STORE_RQ, 1, CT_IMAGE.encode(), has_data_set=True,
-                                       sop_instance_uid=str(sop).encode()), dataset_bytes(path)))
+        messages.append(
+            (
+                dimse.request(
+                    dimse.C_STORE_RQ,
+                    1,
+                    CT_IMAGE.encode(),
+                    has_data_set=True,
+                    sop_instance_uid=str(sop).encode(),
+                ),
+                dataset_bytes(path),
+            )
+        )
     with receiver(kind, work / "runs") as server:
-        rq = associate_rq([(1, CT_IMAGE, (ExplicitVRLittleEndian,))], calling=LATENCY_AE, called=server.ae_title)
+        rq = associate_rq(
+            [(1, CT_IMAGE, (ExplicitVRLittleEndian,))], calling=LATENCY_AE, called=server.ae_title
+        )
         with RawClient(server.port) as client:
             pdu_type, body = client.associate(rq)
             if pdu_type != pdu.A_ASSOCIATE_AC:
                 raise RuntimeError(f"{kind}: association refused:\n{server.log_tail()}")
             ac = A_ASSOCIATE_AC()
             ac.decode(pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_AC, len(body)) + body)
-            max_pdu = next(i.maximum_length_received for i in ac.to_primitive().user_information
-                           if isinstance(i, MaximumLengthNotification))
+            max_pdu = next(
+                i.maximum_length_received
+                for i in ac.to_primitive().user_information
+                if isinstance(i, MaximumLengthNotification)
+            )
             times = []
             for command, data in [*messages[:5], *messages]:  # the first five: warm-up
                 started = time.perf_counter()
@@ -173,35 +207,63 @@ def num(value: float) -> str:
     return f"{value:>7,.0f}" if value >= 100 else f"{value:>7.1f}"
 
 
-def report(args: argparse.Namespace, scenarios: Sequence[Scenario], results: dict[tuple[str, str], list[Sample]],
-           latency: dict[str, list[float]], elapsed: float) -> str:
-    lines = ["", f"dicom/net receive benchmark ({'quick' if args.quick else 'full'}; median of {args.reps} runs "
-                 f"per cell, receivers in rotating order; {elapsed / 60:.1f} min)", machine_facts(),
-             "sender: DCMTK storescu (TCP_NODELAY=1), one association per sender; wall time of the storescu run(s); "
-             "MB = 10^6 bytes",
-             "receivers: net = bench/net_scp.py, bare = bench/bare_scp.py (both: move the temp file, Success; no "
-             f"fsync); storescp {' '.join(storescp_options(False))} (--fork with 4 senders)", ""]
+def report(
+    args: argparse.Namespace,
+    scenarios: Sequence[Scenario],
+    results: dict[tuple[str, str], list[Sample]],
+    latency: dict[str, list[float]],
+    elapsed: float,
+) -> str:
+    lines = [
+        "",
+        f"dicom/net receive benchmark ({'quick' if args.quick else 'full'}; median of {args.reps} runs "
+        f"per cell, receivers in rotating order; {elapsed / 60:.1f} min)",
+        machine_facts(),
+        "sender: DCMTK storescu (TCP_NODELAY=1), one association per sender; wall time of the storescu run(s); "
+        "MB = 10^6 bytes",
+        "receivers: net = bench/net_scp.py, bare = bench/bare_scp.py (both: move the temp file, Success; no "
+        f"fsync); storescp {' '.join(storescp_options(False))} (--fork with 4 senders)",
+        "",
+    ]
     head = f"{'img/s (median)':<30}" + "".join(f"{LABELS[k]:>26}" for k in RECEIVERS)
     lines.append(f"{head}{'net/bare':>10}{'net/scp':>9}  target")
     for sc in scenarios:
         n, nbytes = len(sc.data.files), sc.data.nbytes
         med = {k: statistics.median(s.wall for s in results[(sc.key, k)]) for k in RECEIVERS}
-        cells = "".join(f"  {num(n / med[k])} img/s {num(nbytes / MB / med[k])} MB/s" for k in RECEIVERS)
+        cells = "".join(
+            f"  {num(n / med[k])} img/s {num(nbytes / MB / med[k])} MB/s" for k in RECEIVERS
+        )
         vs_bare, vs_scp = med["bare"] / med["net"], med["storescp"] / med["net"]
-        target = f"net/bare >= {TARGET_VS_BARE}: {mark(vs_bare >= TARGET_VS_BARE)}" if sc.key != "MF" else ""
+        target = (
+            f"net/bare >= {TARGET_VS_BARE}: {mark(vs_bare >= TARGET_VS_BARE)}"
+            if sc.key != "MF"
+            else ""
+        )
         lines.append(f"{sc.label:<30}{cells}{vs_bare:>10.2f}{vs_scp:>9.2f}  {target}")
     mf = [sc for sc in scenarios if sc.key == "MF"]
     if mf:
-        lines += ["", f"peak RSS of the receiver while receiving {mf[0].data.label} (every 50 ms, max over runs):"]
+        lines += [
+            "",
+            f"peak RSS of the receiver while receiving {mf[0].data.label} (every 50 ms, max over runs):",
+        ]
         for k in RECEIVERS:
             peak = max(s.peak_rss or 0 for s in results[("MF", k)]) / MB
-            target = f"   target < {TARGET_PEAK_RSS_MB} MB: {mark(peak < TARGET_PEAK_RSS_MB)}" if k == "net" else ""
+            target = (
+                f"   target < {TARGET_PEAK_RSS_MB} MB: {mark(peak < TARGET_PEAK_RSS_MB)}"
+                if k == "net"
+                else ""
+            )
             lines.append(f"  {LABELS[k]:<18}{peak:>8,.0f} MB{target}")
     if latency:
-        lines += ["", f"C-STORE round trip from a raw-socket SCU, {len(latency['net'])} CT files one at a time:"]
+        lines += [
+            "",
+            f"C-STORE round trip from a raw-socket SCU, {len(latency['net'])} CT files one at a time:",
+        ]
         lines.append(f"  {'':<8}" + "".join(f"{LABELS[k]:>18}" for k in RECEIVERS))
         for name, q in (("p50 ms", 0.5), ("p99 ms", 0.99)):
-            lines.append(f"  {name:<8}" + "".join(f"{percentile(latency[k], q):>18.2f}" for k in RECEIVERS))
+            lines.append(
+                f"  {name:<8}" + "".join(f"{percentile(latency[k], q):>18.2f}" for k in RECEIVERS)
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -212,11 +274,23 @@ def run(args: argparse.Namespace, work: Path) -> int:
     print(f"work dir {work}; generating data ...", flush=True)
     data = work / "data"
     mr = DataSet("MR", f"MR {mr_n} x 64x64", tuple(make_mr_series(data / "mr", mr_n, seed="bench")))
-    ct = DataSet("CT", f"CT {ct_n} x 512x512", tuple(make_ct_series(data / "ct", ct_n, seed="bench")))
-    warm = DataSet("warm", "warm-up", (*make_mr_series(data / "warm", 30, seed="warmup"),
-                                       *make_ct_series(data / "warm", 5, seed="warmup")))
-    scenarios = [Scenario("MR", mr.label, mr, 1), Scenario("CT", ct.label, ct, 1),
-                 Scenario("MRx4", f"{mr.label}, 4 senders", mr, 4), Scenario("CTx4", f"{ct.label}, 4 senders", ct, 4)]
+    ct = DataSet(
+        "CT", f"CT {ct_n} x 512x512", tuple(make_ct_series(data / "ct", ct_n, seed="bench"))
+    )
+    warm = DataSet(
+        "warm",
+        "warm-up",
+        (
+            *make_mr_series(data / "warm", 30, seed="warmup"),
+            *make_ct_series(data / "warm", 5, seed="warmup"),
+        ),
+    )
+    scenarios = [
+        Scenario("MR", mr.label, mr, 1),
+        Scenario("CT", ct.label, ct, 1),
+        Scenario("MRx4", f"{mr.label}, 4 senders", mr, 4),
+        Scenario("CTx4", f"{ct.label}, 4 senders", ct, 4),
+    ]
     if args.multiframe:
         frames = 200 if args.quick else 2000
         (data / "mf").mkdir(parents=True)
@@ -239,8 +313,11 @@ def run(args: argparse.Namespace, work: Path) -> int:
                 sample = measure(kind, sc, warm, work)
                 results.setdefault((sc.key, kind), []).append(sample)
                 extra = f", peak RSS {sample.peak_rss / MB:,.0f} MB" if sample.peak_rss else ""
-                print(f"  {sc.label:<30} run {rep + 1} {kind:<9} {num(len(sc.data.files) / sample.wall)} img/s "
-                      f"{num(sc.data.nbytes / MB / sample.wall)} MB/s ({sample.wall:.2f} s){extra}", flush=True)
+                print(
+                    f"  {sc.label:<30} run {rep + 1} {kind:<9} {num(len(sc.data.files) / sample.wall)} img/s "
+                    f"{num(sc.data.nbytes / MB / sample.wall)} MB/s ({sample.wall:.2f} s){extra}",
+                    flush=True,
+                )
 
     latency: dict[str, list[float]] = {}
     if not args.no_latency:
@@ -252,13 +329,25 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="300 MR, 60 CT (and a 100 MB multi-frame)")
-    parser.add_argument("--reps", type=int, default=3, help="runs per receiver and set (median reported)")
-    parser.add_argument("--multiframe", action="store_true", help="also one 1 GB multi-frame object, with peak RSS")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="300 MR, 60 CT (and a 100 MB multi-frame)"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="runs per receiver and set (median reported)"
+    )
+    parser.add_argument(
+        "--multiframe", action="store_true", help="also one 1 GB multi-frame object, with peak RSS"
+    )
     parser.add_argument("--no-latency", action="store_true", help="skip the C-STORE round trips")
-    parser.add_argument("--work-dir", type=Path, default=None, help="parent of the temporary work dir")
-    parser.add_argument("--keep", action="store_true", help="keep the work dir (data, received files, logs)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="parent of the temporary work dir"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work dir (data, received files, logs)"
+    )
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp", "echoscu"):
         if shutil.which(tool) is None:

@@ -40,9 +40,15 @@ async def serve(args: argparse.Namespace) -> None:
         return SUCCESS
 
     server = DicomServer(
-        ae_title=args.ae_title, host=args.host, port=args.port, allowed_calling_aes=args.allow or None,
-        on_store=on_store, temp_dir=out / "tmp", max_associations=args.max_associations,
-        max_pdu_size=args.max_pdu, network_timeout=60.0,
+        ae_title=args.ae_title,
+        host=args.host,
+        port=args.port,
+        allowed_calling_aes=args.allow or None,
+        on_store=on_store,
+        temp_dir=out / "tmp",
+        max_associations=args.max_associations,
+        max_pdu_size=args.max_pdu,
+        network_timeout=60.0,
     )
     await server.start()
     stop = asyncio.Event()
@@ -55,12 +61,16 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--ae-title", default="NETSCP")
     parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--allow", action="append", default=[], help="calling AE title (repeat); none = any")
+    parser.add_argument(
+        "--allow", action="append", default=[], help="calling AE title (repeat); none = any"
+    )
     parser.add_argument("--max-pdu", type=int, default=0)
     parser.add_argument("--max-associations", type=int, default=64)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")

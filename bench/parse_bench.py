@@ -77,20 +77,32 @@ def measure(files: list[Path], reps: int) -> dict[str, list[float]]:
 
 def parser_used(path: Path) -> str:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return read_instance(path, None, max_inflated_size=None, sop_class_uid=str(ds.SOPClassUID),
-                         sop_instance_uid=str(ds.SOPInstanceUID)).parser
+    return read_instance(
+        path,
+        None,
+        max_inflated_size=None,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+    ).parser
 
 
 def run(work: Path, args: argparse.Namespace) -> int:
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE  # as the gateway runs it
+    pydicom_config.settings.reading_validation_mode = (
+        pydicom_config.IGNORE
+    )  # as the gateway runs it
     images = 30 if args.quick else args.images
     mf_mb = 100 if args.quick else args.mf_mb
     frame_bytes = 512 * 512 * 2
-    print(f"generating {images} MR, {max(images // 5, 4)} CT, one multi-frame of ~{mf_mb} MB in {work}", file=sys.stderr)
+    print(
+        f"generating {images} MR, {max(images // 5, 4)} CT, one multi-frame of ~{mf_mb} MB in {work}",
+        file=sys.stderr,
+    )
     sets = {
         "MR 64x64": make_mr_series(work / "mr", images),
         "CT 512x512": make_ct_series(work / "ct", max(images // 5, 4)),
-        f"multi-frame {mf_mb} MB": [make_multiframe(work / "mf", max(mf_mb * MB // frame_bytes, 1), 512, 512)],
+        f"multi-frame {mf_mb} MB": [
+            make_multiframe(work / "mf", max(mf_mb * MB // frame_bytes, 1), 512, 512)
+        ],
     }
     rows = []
     for name, files in sets.items():
@@ -99,12 +111,18 @@ def run(work: Path, args: argparse.Namespace) -> int:
         size = statistics.median(p.stat().st_size for p in files)
         fast, slow = statistics.median(times["fast"]), statistics.median(times["pydicom"])
         rows.append((name, size, fast, slow, parser_used(files[0])))
-    print(f"\nparse + hash per image, medians ({args.reps} passes; the multi-frame: {max(args.reps // 2, 2)})")
-    print(f"{'set':<22}{'file':>10}  {'fast':>11}  {'pydicom':>11}  {'fast MB/s':>10}  {'pydicom MB/s':>12}  "
-          f"{'speed-up':>8}  read_instance uses")
+    print(
+        f"\nparse + hash per image, medians ({args.reps} passes; the multi-frame: {max(args.reps // 2, 2)})"
+    )
+    print(
+        f"{'set':<22}{'file':>10}  {'fast':>11}  {'pydicom':>11}  {'fast MB/s':>10}  {'pydicom MB/s':>12}  "
+        f"{'speed-up':>8}  read_instance uses"
+    )
     for name, size, fast, slow, parser in rows:
-        print(f"{name:<22}{size / MB:>8.2f}MB  {_duration(fast):>11}  {_duration(slow):>11}  "
-              f"{size / fast / MB:>10.0f}  {size / slow / MB:>12.0f}  {slow / fast:>7.1f}x  {parser}")
+        print(
+            f"{name:<22}{size / MB:>8.2f}MB  {_duration(fast):>11}  {_duration(slow):>11}  "
+            f"{size / fast / MB:>10.0f}  {size / slow / MB:>12.0f}  {slow / fast:>7.1f}x  {parser}"
+        )
     mr_fast = rows[0][2] * 1e6
     mark = "ok" if mr_fast < TARGET_MR_FAST_US else "MISSED"
     print(f"\ntarget: MR fast path < {TARGET_MR_FAST_US} us: {mr_fast:.0f} us  [{mark}]")
@@ -121,7 +139,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="30 MR, 6 CT, a 100 MB multi-frame")
     parser.add_argument("--images", type=int, default=200, help="MR images (CT: a fifth of it)")
     parser.add_argument("--reps", type=int, default=5, help="passes over each set")
-    parser.add_argument("--mf-mb", type=int, default=1000, help="size of the multi-frame object in MB")
+    parser.add_argument(
+        "--mf-mb", type=int, default=1000, help="size of the multi-frame object in MB"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     parser.add_argument("--work-dir", type=Path, default=None, help="where to create the work dir")
     args = parser.parse_args()

@@ -151,7 +151,9 @@ class Run:
 # --- children -----------------------------------------------------------------------------
 
 
-def run_child(args: Sequence[str], log: Path, timeout: float, env: dict[str, str] | None = DCMTK_ENV) -> tuple[int, float]:
+def run_child(
+    args: Sequence[str], log: Path, timeout: float, env: dict[str, str] | None = DCMTK_ENV
+) -> tuple[int, float]:
     """Spawn (own session, tracked), wait; returns the exit code and spawn -> exit seconds."""
     started = time.perf_counter()
     proc = spawn(args, log=log, env=env)
@@ -167,14 +169,24 @@ def run_child(args: Sequence[str], log: Path, timeout: float, env: dict[str, str
 def start_storescp(port: int, out: Path, log: Path) -> subprocess.Popen[bytes]:
     """A fresh storescp with a new output dir; returns once it answers a C-ECHO."""
     out.mkdir(parents=True)
-    proc = spawn(["storescp", *STORESCP_OPTIONS, "-aet", DEST_AE, "-od", str(out), str(port)], log=log, env=DCMTK_ENV)
+    proc = spawn(
+        ["storescp", *STORESCP_OPTIONS, "-aet", DEST_AE, "-od", str(out), str(port)],
+        log=log,
+        env=DCMTK_ENV,
+    )
     try:
+
         def answers() -> bool:
             if proc.poll() is not None:
                 raise BenchError(f"storescp exited at start ({proc.returncode}); see {log}")
-            echo = subprocess.run(["echoscu", "-to", "2", "-aet", BARE_AE, "-aec", DEST_AE, HOST, str(port)],
-                                  capture_output=True, env=DCMTK_ENV, timeout=30)
+            echo = subprocess.run(
+                ["echoscu", "-to", "2", "-aet", BARE_AE, "-aec", DEST_AE, HOST, str(port)],
+                capture_output=True,
+                env=DCMTK_ENV,
+                timeout=30,
+            )
             return echo.returncode == 0
+
         wait_for(answers, 30, "storescp to answer a C-ECHO")
     except BaseException:
         end_process(proc)
@@ -202,9 +214,25 @@ def movescu(gw: Gateway, study: Study, log: Path, scp: tuple[str, int] | None = 
     before = log.stat().st_size if log.exists() else 0
     ae_title, port = scp or (gw.name, gw.port)
     code, seconds = run_child(
-        ["movescu", "-v", "-aet", MOVE_AE, "-aec", ae_title, "-aem", DEST_AE, "-S",
-         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.uid}", HOST, str(port)],
-        log, timeout=600,
+        [
+            "movescu",
+            "-v",
+            "-aet",
+            MOVE_AE,
+            "-aec",
+            ae_title,
+            "-aem",
+            DEST_AE,
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={study.uid}",
+            HOST,
+            str(port),
+        ],
+        log,
+        timeout=600,
     )
     with open(log, "rb") as f:
         f.seek(before)
@@ -212,8 +240,10 @@ def movescu(gw: Gateway, study: Study, log: Path, scp: tuple[str, int] | None = 
     if code != 0 or FINAL_SUCCESS not in output:
         pending = output.count("(Pending)")
         said = "\n".join(ln for ln in output.splitlines() if "(Pending)" not in ln)
-        raise BenchError(f"movescu of {study.uid} failed (exit {code}, no {FINAL_SUCCESS!r}; {pending} pending "
-                         f"responses):\n{said[-3000:]}\ngateway log:\n{gw.log_tail()}")
+        raise BenchError(
+            f"movescu of {study.uid} failed (exit {code}, no {FINAL_SUCCESS!r}; {pending} pending "
+            f"responses):\n{said[-3000:]}\ngateway log:\n{gw.log_tail()}"
+        )
     return seconds
 
 
@@ -233,9 +263,17 @@ def bare_send(variant: str, study: Study, port: int) -> float:
         for path in study.stored:
             status = assoc.send_c_store(pydicom.dcmread(path) if variant == "dataset" else path)
             if getattr(status, "Status", None) != 0x0000:
-                state = "aborted" if assoc.is_aborted else "released" if assoc.is_released else "established"
-                raise BenchError(f"bare {variant}: C-STORE of {path.name} answered {status!r} "
-                                 f"(association {state})")
+                state = (
+                    "aborted"
+                    if assoc.is_aborted
+                    else "released"
+                    if assoc.is_released
+                    else "established"
+                )
+                raise BenchError(
+                    f"bare {variant}: C-STORE of {path.name} answered {status!r} "
+                    f"(association {state})"
+                )
         assoc.release()
         return time.perf_counter() - started
     finally:
@@ -262,11 +300,15 @@ def measure(side: str, gw: Gateway, big: Study, warm: Study, port: int, run_dir:
         if side == "gateway":
             run = Run(movescu(gw, big, run_dir / "movescu.log"))
         elif side == "orthanc":
-            run = Run(movescu(gw, big, run_dir / "movescu.log", (ORTHANC[0].ae_title, ORTHANC[0].port)))
+            run = Run(
+                movescu(gw, big, run_dir / "movescu.log", (ORTHANC[0].ae_title, ORTHANC[0].port))
+            )
         else:
             run = Run(bare_send(side, big, port))
         n = len(big.stored)
-        wait_for(lambda: len(received(out) - before) >= n, 30, f"storescp to hold {n} files", poll=0.02)
+        wait_for(
+            lambda: len(received(out) - before) >= n, 30, f"storescp to hold {n} files", poll=0.02
+        )
     except BenchError as exc:
         if RACE_LOG.hits > races or RACE.encode() in gw.log_path.read_bytes()[gw_start:]:
             raise RaceHit(str(exc).splitlines()[0]) from None
@@ -278,16 +320,28 @@ def measure(side: str, gw: Gateway, big: Study, warm: Study, port: int, run_dir:
     got = received(out) - before
     shutil.rmtree(out, ignore_errors=True)
     os.sync()  # no write-back of this run's files during the next measurement
-    prefix = "CT" if CT_IMAGE in {pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID for p in big.stored[:1]} else "MR"
-    expected = {f"{prefix}.{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}" for p in big.stored[:1]}
+    prefix = (
+        "CT"
+        if CT_IMAGE
+        in {pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID for p in big.stored[:1]}
+        else "MR"
+    )
+    expected = {
+        f"{prefix}.{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}"
+        for p in big.stored[:1]
+    }
     if len(got) != n or not expected <= got:
-        raise BenchError(f"{side}: storescp got {len(got)} new files, expected {n} (names like {expected})")
+        raise BenchError(
+            f"{side}: storescp got {len(got)} new files, expected {n} (names like {expected})"
+        )
     if side == "gateway":
         lines = log_lines(gw.log_path, offset)
         plan = [r for r in lines if r.get("event") == "retrieve"]
         done = [r for r in lines if r.get("event") == "retrieved"]
         if len(plan) != 1 or len(done) != 1:
-            raise BenchError(f"expected one retrieve and one retrieved log line, got {len(plan)}, {len(done)}")
+            raise BenchError(
+                f"expected one retrieve and one retrieved log line, got {len(plan)}, {len(done)}"
+            )
         run.retrieved = done[0]
         run.inside = parse_time(done[0]["timestamp"]) - parse_time(plan[0]["timestamp"])
         if done[0].get("completed") != n or done[0].get("status") != "0x0000":
@@ -307,7 +361,9 @@ def stored_files(gw: Gateway, study: Study) -> None:
     """The gateway's stored copies of the study (data/images/<study>/<series>/<instance>.dcm)."""
     files = sorted((gw.dir / "data" / "images" / study.uid).glob("*/*.dcm"))
     if len(files) != len(study.source):
-        raise BenchError(f"the gateway stored {len(files)} of {len(study.source)} files of {study.uid}")
+        raise BenchError(
+            f"the gateway stored {len(files)} of {len(study.source)} files of {study.uid}"
+        )
     meta = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
     meta.sort(key=lambda ds: int(ds.InstanceNumber))  # send in slice order, as the source
     study.stored = [Path(ds.filename) for ds in meta]
@@ -321,9 +377,13 @@ def setup(work: Path, n: int, dest_port: int, modality: str = "ct") -> tuple[Gat
         patient = fake_patient(f"retrieve-bench-{key}")
         uid = fake_uid("study", "retrieve-bench", key)
         if modality == "mr":
-            files = make_mr_series(data / key, count, patient=patient, study_uid=uid, seed=f"rb-{key}")
+            files = make_mr_series(
+                data / key, count, patient=patient, study_uid=uid, seed=f"rb-{key}"
+            )
         else:
-            files = make_ct_series(data / key, count, 512, 512, patient=patient, study_uid=uid, seed=f"rb-{key}")
+            files = make_ct_series(
+                data / key, count, 512, 512, patient=patient, study_uid=uid, seed=f"rb-{key}"
+            )
         studies.append(Study(patient.patient_id, uid, files))
     big, warm = studies
     gw = Gateway(work / "gw", "GATEWAY", allow=(SENDER_AE, MOVE_AE))
@@ -331,30 +391,66 @@ def setup(work: Path, n: int, dest_port: int, modality: str = "ct") -> tuple[Gat
     add_destination(gw, dest_port)
     start_all([gw])
     for study in (warm, big):
-        code, _ = run_child(["storescu", "-aet", SENDER_AE, "-aec", gw.name, HOST, str(gw.port),
-                             *map(str, study.source)], work / "storescu.log", timeout=600)
+        code, _ = run_child(
+            [
+                "storescu",
+                "-aet",
+                SENDER_AE,
+                "-aec",
+                gw.name,
+                HOST,
+                str(gw.port),
+                *map(str, study.source),
+            ],
+            work / "storescu.log",
+            timeout=600,
+        )
         if code != 0:
-            raise BenchError(f"storescu into the gateway failed ({code}); see {work / 'storescu.log'}")
+            raise BenchError(
+                f"storescu into the gateway failed ({code}); see {work / 'storescu.log'}"
+            )
         stored_files(gw, study)
         gw.cli("grant", "--patient-id", study.patient_id, "--to", DEST_AE)
     if Orthanc.available():
-        orthanc = Orthanc(work / "orthanc", modalities={"storescp": (DEST_AE, dest_port), "movescu": (MOVE_AE, 1)})
+        orthanc = Orthanc(
+            work / "orthanc", modalities={"storescp": (DEST_AE, dest_port), "movescu": (MOVE_AE, 1)}
+        )
         orthanc.config["DicomAlwaysAllowMove"] = True
         orthanc.start()
         ORTHANC.append(orthanc)
         for study in (warm, big):
-            code, _ = run_child(["storescu", "-aet", SENDER_AE, "-aec", orthanc.ae_title, HOST, str(orthanc.port),
-                                 *map(str, study.source)], work / "storescu.log", timeout=600)
+            code, _ = run_child(
+                [
+                    "storescu",
+                    "-aet",
+                    SENDER_AE,
+                    "-aec",
+                    orthanc.ae_title,
+                    HOST,
+                    str(orthanc.port),
+                    *map(str, study.source),
+                ],
+                work / "storescu.log",
+                timeout=600,
+            )
             if code != 0:
-                raise BenchError(f"storescu into Orthanc failed ({code}); see {work / 'storescu.log'}")
+                raise BenchError(
+                    f"storescu into Orthanc failed ({code}); see {work / 'storescu.log'}"
+                )
     return gw, big, warm
 
 
 # --- report ---------------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, big: Study, runs: dict[str, list[Run]], races: dict[str, int], tamper: int,
-           elapsed: float) -> str:
+def report(
+    args: argparse.Namespace,
+    big: Study,
+    runs: dict[str, list[Run]],
+    races: dict[str, int],
+    tamper: int,
+    elapsed: float,
+) -> str:
     n, mb = len(big.stored), big.nbytes / MB
     sides = [k for k in SIDES if runs[k]]
     med = {k: statistics.median(r.seconds for r in runs[k]) for k in sides}
@@ -364,14 +460,22 @@ def report(args: argparse.Namespace, big: Study, runs: dict[str, list[Run]], rac
     reps = len(runs["gateway"])
     lines = [""]
     add = lines.append
-    add(f"dicomledger retrieve benchmark ({'quick' if args.quick else 'full'}; {elapsed / 60:.1f} min)")
+    add(
+        f"dicomledger retrieve benchmark ({'quick' if args.quick else 'full'}; {elapsed / 60:.1f} min)"
+    )
     add(machine_facts())
-    add(f"study: {n} {'MR 64x64' if args.modality == 'mr' else 'CT 512x512'} 16 bit ({mb:.0f} MB as stored, {', '.join(sorted(big.syntaxes))}); warm-up study "
-        f"{WARM_IMAGES} of the same kind (another patient, granted) before every timed run")
-    add(f"receiver: storescp {' '.join(STORESCP_OPTIONS)} -aet {DEST_AE} (TCP_NODELAY=1), fresh for every run, "
-        "timed once it answers a C-ECHO")
-    add(f"gateway: movescu -S -aem {DEST_AE}, timed spawn -> exit; bare: pynetdicom SCU, one association, "
-        "TCP_NODELAY, timed association request -> release")
+    add(
+        f"study: {n} {'MR 64x64' if args.modality == 'mr' else 'CT 512x512'} 16 bit ({mb:.0f} MB as stored, {', '.join(sorted(big.syntaxes))}); warm-up study "
+        f"{WARM_IMAGES} of the same kind (another patient, granted) before every timed run"
+    )
+    add(
+        f"receiver: storescp {' '.join(STORESCP_OPTIONS)} -aet {DEST_AE} (TCP_NODELAY=1), fresh for every run, "
+        "timed once it answers a C-ECHO"
+    )
+    add(
+        f"gateway: movescu -S -aem {DEST_AE}, timed spawn -> exit; bare: pynetdicom SCU, one association, "
+        "TCP_NODELAY, timed association request -> release"
+    )
     add("")
     add(f"C-MOVE retrieve throughput, {n} images, median of {reps} runs (rotating order):")
     add(f"  {'':<40}{'img/s':>8}{'MB/s':>8}{'s':>8}   per run img/s")
@@ -383,33 +487,53 @@ def report(args: argparse.Namespace, big: Study, runs: dict[str, list[Run]], rac
     if inside:
         mi = statistics.median(inside)
         per = "  ".join(f"{n / s:5.0f}" for s in inside)
-        add(f"  {'  gateway inside: log retrieve->retrieved':<40}{n / mi:>8.0f}{mb / mi:>8.0f}{mi:>8.2f}   {per}")
+        add(
+            f"  {'  gateway inside: log retrieve->retrieved':<40}{n / mi:>8.0f}{mb / mi:>8.0f}{mi:>8.2f}   {per}"
+        )
     add("")
-    add(f"  baseline = bare {base} (faster of the two bare variants by median; {other}: "
-        f"gateway / {other} = {med[other] / med['gateway']:.2f})")
-    add(f"  ratio gateway / baseline{ratio:>24.2f}   target >= {TARGET_RATIO}: {mark(ratio >= TARGET_RATIO)}")
+    add(
+        f"  baseline = bare {base} (faster of the two bare variants by median; {other}: "
+        f"gateway / {other} = {med[other] / med['gateway']:.2f})"
+    )
+    add(
+        f"  ratio gateway / baseline{ratio:>24.2f}   target >= {TARGET_RATIO}: {mark(ratio >= TARGET_RATIO)}"
+    )
     if "orthanc" in med:
         vs = med["orthanc"] / med["gateway"]
-        add(f"  ratio gateway / Orthanc{vs:>25.2f}   target >= {TARGET_ORTHANC}: {mark(vs >= TARGET_ORTHANC)}")
+        add(
+            f"  ratio gateway / Orthanc{vs:>25.2f}   target >= {TARGET_ORTHANC}: {mark(vs >= TARGET_ORTHANC)}"
+        )
     add("")
     r = runs["gateway"][0].retrieved or {}
-    fields = ", ".join(f"{k}={r.get(k)}" for k in ("completed", "warning", "failed", "refused", "tampered",
-                                                   "cancelled", "status"))
-    add(f"hash check: gateway log \"retrieved\" line of run 1: {fields}")
-    add(f"  \"TAMPER\" lines in the gateway log: {tamper}   must be 0: {mark(tamper == 0)}")
-    add(f"runs discarded and repeated after pynetdicom's reactor race ({RACE!r}, then a stall until the DIMSE "
-        f"timeout): " + ", ".join(f"{k} {races[k]}" for k in SIDES))
+    fields = ", ".join(
+        f"{k}={r.get(k)}"
+        for k in ("completed", "warning", "failed", "refused", "tampered", "cancelled", "status")
+    )
+    add(f'hash check: gateway log "retrieved" line of run 1: {fields}')
+    add(f'  "TAMPER" lines in the gateway log: {tamper}   must be 0: {mark(tamper == 0)}')
+    add(
+        f"runs discarded and repeated after pynetdicom's reactor race ({RACE!r}, then a stall until the DIMSE "
+        f"timeout): " + ", ".join(f"{k} {races[k]}" for k in SIDES)
+    )
     add("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="100 images")
-    parser.add_argument("--images", type=int, default=None, help="images in the study (default 400; quick 100)")
+    parser.add_argument(
+        "--images", type=int, default=None, help="images in the study (default 400; quick 100)"
+    )
     parser.add_argument("--reps", type=int, default=3, help="runs per sender (median reported)")
-    parser.add_argument("--modality", choices=("ct", "mr"), default="ct", help="CT 512x512 or MR 64x64 images")
-    parser.add_argument("--work-dir", type=Path, default=None, help="parent of the temporary work dir")
+    parser.add_argument(
+        "--modality", choices=("ct", "mr"), default="ct", help="CT 512x512 or MR 64x64 images"
+    )
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="parent of the temporary work dir"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (data and logs)")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp", "movescu", "echoscu"):
@@ -419,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1 or n < 1:
         parser.error("--reps and --images must be >= 1")
 
-    return run_in_work_dir("retrieve-bench-", args.work_dir, args.keep, lambda work: run(args, n, work))
+    return run_in_work_dir(
+        "retrieve-bench-", args.work_dir, args.keep, lambda work: run(args, n, work)
+    )
 
 
 def run(args: argparse.Namespace, n: int, work: Path) -> int:
@@ -433,7 +559,7 @@ def run(args: argparse.Namespace, n: int, work: Path) -> int:
         races = dict.fromkeys(SIDES, 0)
         sides = tuple(k for k in SIDES if k != "orthanc" or ORTHANC)
         for rep in range(args.reps):
-            order = sides[rep % len(sides):] + sides[: rep % len(sides)]
+            order = sides[rep % len(sides) :] + sides[: rep % len(sides)]
             for side in order:
                 for attempt in range(1, MAX_ATTEMPTS + 1):
                     try:
@@ -441,15 +567,24 @@ def run(args: argparse.Namespace, n: int, work: Path) -> int:
                         break
                     except RaceHit:
                         races[side] += 1
-                        what = "movescu got no final Success" if side == "gateway" else "a C-STORE got no response"
-                        print(f"  rep {rep + 1} {side:<8} RACE: pynetdicom's {RACE!r}, then {what} (stalled until "
-                              f"the DIMSE timeout); attempt {attempt} of {MAX_ATTEMPTS} discarded", flush=True)
+                        what = (
+                            "movescu got no final Success"
+                            if side == "gateway"
+                            else "a C-STORE got no response"
+                        )
+                        print(
+                            f"  rep {rep + 1} {side:<8} RACE: pynetdicom's {RACE!r}, then {what} (stalled until "
+                            f"the DIMSE timeout); attempt {attempt} of {MAX_ATTEMPTS} discarded",
+                            flush=True,
+                        )
                         if attempt == MAX_ATTEMPTS:
                             raise
                 runs[side].append(run)
                 extra = f"; inside the gateway {n / run.inside:.0f} img/s" if run.inside else ""
-                print(f"  rep {rep + 1} {side:<8} {n / run.seconds:6.0f} img/s ({run.seconds:.2f} s){extra}",
-                      flush=True)
+                print(
+                    f"  rep {rep + 1} {side:<8} {n / run.seconds:6.0f} img/s ({run.seconds:.2f} s){extra}",
+                    flush=True,
+                )
         tamper = gw.log_path.read_bytes().count(b"TAMPER")
         stop_all([gw])
         for orthanc in ORTHANC:

@@ -77,8 +77,10 @@ def unknown_grantee(grantee: Grantee, config: Config) -> str | None:
     destinations = config.forwarding.destinations if config.forwarding is not None else ()
     sites = {own} | peers | {d.site for d in destinations if d.site is not None}
     if grantee.gateway is not None and grantee.gateway not in sites:
-        return (f"grantee {grantee}: {grantee.gateway!r} is not a gateway of this consortium "
-                f"(known: {', '.join(sorted(sites))})")
+        return (
+            f"grantee {grantee}: {grantee.gateway!r} is not a gateway of this consortium "
+            f"(known: {', '.join(sorted(sites))})"
+        )
     if grantee.ae is None or grantee.gateway in peers:
         return None
     if grantee.gateway in (None, own):
@@ -91,7 +93,9 @@ def unknown_grantee(grantee: Grantee, config: Config) -> str | None:
         what = f"not a [[destinations]] AE title of site {grantee.gateway}"
     if grantee.ae in known:
         return None
-    return f"grantee {grantee}: {grantee.ae!r} is {what} (known: {', '.join(sorted(known)) or 'none'})"
+    return (
+        f"grantee {grantee}: {grantee.ae!r} is {what} (known: {', '.join(sorted(known)) or 'none'})"
+    )
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
@@ -104,8 +108,16 @@ def _flag(body: dict[str, Any], name: str) -> bool:
 class PermissionAdmin:
     """The `grant`, `revoke` and `permissions` actions, checked against this gateway's config."""
 
-    def __init__(self, config: Config, book: PermissionBook, writer: LogWriter, audit: AuditSink | None = None) -> None:
-        self.audit = audit  # the ATNA trail: a Patient Record message per signed grant or revocation
+    def __init__(
+        self,
+        config: Config,
+        book: PermissionBook,
+        writer: LogWriter,
+        audit: AuditSink | None = None,
+    ) -> None:
+        self.audit = (
+            audit  # the ATNA trail: a Patient Record message per signed grant or revocation
+        )
         self.config = config
         self.book = book
         self.writer = writer
@@ -115,44 +127,73 @@ class PermissionAdmin:
 
     async def _warnings(self, patient: str, study: str | None) -> list[str]:
         if not await self.book.anchored_images(patient):
-            return ["no image of this patient is anchored on the ledger this gateway holds; "
-                    "check the Patient ID (a record by this gateway as custodian counts only "
-                    "once it has anchored the patient's images)"]
+            return [
+                "no image of this patient is anchored on the ledger this gateway holds; "
+                "check the Patient ID (a record by this gateway as custodian counts only "
+                "once it has anchored the patient's images)"
+            ]
         if study is not None and not await self.book.anchored_images(patient, study):
-            return ["no image of this patient in this study is anchored on the ledger this "
-                    "gateway holds; check the Study Instance UID"]
+            return [
+                "no image of this patient in this study is anchored on the ledger this "
+                "gateway holds; check the Study Instance UID"
+            ]
         return []
 
     async def grant(self, body: dict[str, Any]) -> dict[str, Any]:
         grantee = Grantee.parse(body["to"])
         if not _flag(body, "force") and (problem := unknown_grantee(grantee, self.config)):
-            raise PermissionFormatError(f"{problem}; check the spelling, or add --force to sign it anyway")
+            raise PermissionFormatError(
+                f"{problem}; check the spelling, or add --force to sign it anyway"
+            )
         patient, study = body["patient"], body.get("study")
         answer = await self.book.grant(
-            self.writer, patient=patient, grantee=grantee, study=study, until=body.get("until"),
-            purpose=body.get("purpose", ""), consent=body.get("consent", ""),
-            issuer=body.get("issuer"), dry_run=_flag(body, "dry_run"),
+            self.writer,
+            patient=patient,
+            grantee=grantee,
+            study=study,
+            until=body.get("until"),
+            purpose=body.get("purpose", ""),
+            consent=body.get("consent", ""),
+            issuer=body.get("issuer"),
+            dry_run=_flag(body, "dry_run"),
         )
         if self.audit is not None and "index" in answer:  # signed, not a dry run
-            self.audit.permissions_changed("grant", patient=patient, study=study, grantee=str(grantee), entry=answer["index"])
+            self.audit.permissions_changed(
+                "grant", patient=patient, study=study, grantee=str(grantee), entry=answer["index"]
+            )
         return {**answer, "warnings": await self._warnings(patient, study)}
 
     async def revoke(self, body: dict[str, Any]) -> dict[str, Any]:
         patient, to = body["patient"], body.get("to")
         grantee = Grantee.parse(to) if to else None
-        if grantee is not None and not _flag(body, "force") and (problem := unknown_grantee(grantee, self.config)):
-            granted = [r.grantee for r in (await self.book.history(patient)).records if isinstance(r, Grant)]
+        if (
+            grantee is not None
+            and not _flag(body, "force")
+            and (problem := unknown_grantee(grantee, self.config))
+        ):
+            granted = [
+                r.grantee
+                for r in (await self.book.history(patient)).records
+                if isinstance(r, Grant)
+            ]
             if not any(grantee.covers(g) for g in granted):
                 raise PermissionFormatError(
                     f"{problem}, and no grant of this patient names it; check the spelling, "
                     "or add --force to sign it anyway"
                 )
         answer = await self.book.revoke(
-            self.writer, patient=patient, grants=body.get("grants", []), grantee=grantee,
-            reason=body.get("reason", ""), issuer=body.get("issuer"), dry_run=_flag(body, "dry_run"),
+            self.writer,
+            patient=patient,
+            grants=body.get("grants", []),
+            grantee=grantee,
+            reason=body.get("reason", ""),
+            issuer=body.get("issuer"),
+            dry_run=_flag(body, "dry_run"),
         )
         if self.audit is not None and "index" in answer:
-            self.audit.permissions_changed("revocation", patient=patient, study=None, grantee=to, entry=answer["index"])
+            self.audit.permissions_changed(
+                "revocation", patient=patient, study=None, grantee=to, entry=answer["index"]
+            )
         return {**answer, "warnings": await self._warnings(patient, None)}
 
     async def permissions(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -207,12 +248,18 @@ class AdminServer:
             return web.json_response({"error": str(exc)}, status=400)
 
 
-async def call(socket: Path, action: str, body: dict[str, Any], config_path: Path) -> dict[str, Any]:
+async def call(
+    socket: Path, action: str, body: dict[str, Any], config_path: Path
+) -> dict[str, Any]:
     """One admin request to the running gateway."""
     try:
-        async with aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(socket)), timeout=aiohttp.ClientTimeout(total=60)
-        ) as session, session.post(f"http://gateway/v1/{action}", json=body) as resp:
+        async with (
+            aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(socket)),
+                timeout=aiohttp.ClientTimeout(total=60),
+            ) as session,
+            session.post(f"http://gateway/v1/{action}", json=body) as resp,
+        ):
             answer: dict[str, Any] = await resp.json(content_type=None)
     except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
         raise GatewayNotRunning(
@@ -220,5 +267,9 @@ async def call(socket: Path, action: str, body: dict[str, Any], config_path: Pat
             f"start it with `dicomledger serve --config {config_path}` and try again"
         ) from None
     if resp.status != 200:
-        raise AdminError(answer.get("error", f"status {resp.status}") if isinstance(answer, dict) else str(answer))
+        raise AdminError(
+            answer.get("error", f"status {resp.status}")
+            if isinstance(answer, dict)
+            else str(answer)
+        )
     return answer

@@ -77,7 +77,11 @@ class Databases:
 
     @classmethod
     def of(cls, config: Config) -> Databases:
-        paths = {"ledger": config.ledger.database, "index": config.storage.index, "lifecycle": config.lifecycle_db}
+        paths = {
+            "ledger": config.ledger.database,
+            "index": config.storage.index,
+            "lifecycle": config.lifecycle_db,
+        }
         if config.forwarding is not None:
             paths["forward"] = config.forwarding.queue
         return cls(paths)
@@ -132,13 +136,17 @@ def _signed(identity: Identity, manifest: bytes) -> bytes:
 # -- backup ------------------------------------------------------------------------------------
 
 
-def backup(config: Config, output: Path, *, copy: bool = False, report: Report = print) -> dict[str, Any]:
+def backup(
+    config: Config, output: Path, *, copy: bool = False, report: Report = print
+) -> dict[str, Any]:
     """Take an online backup into ``output`` (must not exist); returns the manifest."""
     output = output.absolute()
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise BackupError(f"{output} exists and is not empty; name a new directory")
     if not config.ledger.database.exists():
-        raise BackupError(f"no ledger database at {config.ledger.database}: this gateway has not run yet")
+        raise BackupError(
+            f"no ledger database at {config.ledger.database}: this gateway has not run yet"
+        )
     identity = Identity(config.ledger.origin, load_key_file(config.ledger.key_file))
     output.parent.mkdir(parents=True, exist_ok=True)
     for leftover in output.parent.glob(f".{output.name}.partial-*"):
@@ -178,20 +186,30 @@ def _build(config: Config, work: Path, *, copy: bool, report: Report) -> dict[st
         size, digest = _sha256_file(target)
         databases[name] = {"file": f"db/{name}.db", "bytes": size, "sha256": digest}
 
-    for name in ("forward", "lifecycle", "index"):  # the ledger last: it holds every anchor the index cites
+    for name in (
+        "forward",
+        "lifecycle",
+        "index",
+    ):  # the ledger last: it holds every anchor the index cites
         snapshot(name)
     images, missing, linked = _images(config, work, copy=copy, report=report)
     snapshot("ledger")
     sizes = _log_sizes(work / "db" / "ledger.db")
-    report(f"backup of {config.ledger.origin}: {len(images)} images "
-           f"({'hard-linked' if linked else 'copied'}), ledger of {sizes.get(config.ledger.origin, 0)} entries")
+    report(
+        f"backup of {config.ledger.origin}: {len(images)} images "
+        f"({'hard-linked' if linked else 'copied'}), ledger of {sizes.get(config.ledger.origin, 0)} entries"
+    )
     if missing:
-        report(f"{len(missing)} files named by the index were gone (erased meanwhile?); listed as missing")
+        report(
+            f"{len(missing)} files named by the index were gone (erased meanwhile?); listed as missing"
+        )
     return {
         "format": FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "origin": config.ledger.origin,
-        "public_key": base64.b64encode(public_key_bytes(load_key_file(config.ledger.key_file).public_key())).decode(),
+        "public_key": base64.b64encode(
+            public_key_bytes(load_key_file(config.ledger.key_file).public_key())
+        ).decode(),
         "logs": sizes,
         "databases": databases,
         "images": images,
@@ -200,15 +218,28 @@ def _build(config: Config, work: Path, *, copy: bool, report: Report) -> dict[st
     }
 
 
-def _images(config: Config, work: Path, *, copy: bool, report: Report) -> tuple[list[dict[str, Any]], list[str], bool]:
+def _images(
+    config: Config, work: Path, *, copy: bool, report: Report
+) -> tuple[list[dict[str, Any]], list[str], bool]:
     index_copy = work / "db" / "index.db"
     if not index_copy.exists():
         return [], [], False
     db = sqlite3.connect(index_copy)
     try:
-        erasing = {r[0] for r in db.execute("SELECT path FROM erasing")} if _has_table(db, "erasing") else set()
-        paths = sorted({r[0] for r in db.execute("SELECT path FROM instances UNION SELECT path FROM superseded_instances")}
-                       - erasing)
+        erasing = (
+            {r[0] for r in db.execute("SELECT path FROM erasing")}
+            if _has_table(db, "erasing")
+            else set()
+        )
+        paths = sorted(
+            {
+                r[0]
+                for r in db.execute(
+                    "SELECT path FROM instances UNION SELECT path FROM superseded_instances"
+                )
+            }
+            - erasing
+        )
     finally:
         db.close()
     images, missing = [], []
@@ -238,7 +269,12 @@ def _images(config: Config, work: Path, *, copy: bool, report: Report) -> tuple[
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+    return (
+        db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        is not None
+    )
 
 
 def _log_sizes(ledger: Path) -> dict[str, int]:
@@ -263,17 +299,25 @@ def check_backup(config: Config, source: Path) -> dict[str, Any]:
         data = (source / "manifest.json").read_bytes()
         sig = base64.b64decode((source / "manifest.sig").read_bytes().strip(), validate=True)
     except (OSError, ValueError) as exc:
-        raise BackupError(f"{source} is not a complete backup (no readable manifest.json and manifest.sig: {exc})") from None
+        raise BackupError(
+            f"{source} is not a complete backup (no readable manifest.json and manifest.sig: {exc})"
+        ) from None
     key = load_key_file(config.ledger.key_file).public_key()
     try:
         key.verify(sig, SIGNING_PREFIX + data)
     except InvalidSignature:
-        raise BackupError(f"{source}/manifest.json is not signed by this gateway's key: altered, or another gateway's backup") from None
+        raise BackupError(
+            f"{source}/manifest.json is not signed by this gateway's key: altered, or another gateway's backup"
+        ) from None
     manifest: dict[str, Any] = json.loads(data)
     if manifest.get("format") != FORMAT:
-        raise BackupError(f"{source} is a {manifest.get('format')!r} backup; this version restores {FORMAT}")
+        raise BackupError(
+            f"{source} is a {manifest.get('format')!r} backup; this version restores {FORMAT}"
+        )
     if manifest.get("origin") != config.ledger.origin:
-        raise BackupError(f"{source} is a backup of {manifest.get('origin')}, not of {config.ledger.origin}")
+        raise BackupError(
+            f"{source} is a backup of {manifest.get('origin')}, not of {config.ledger.origin}"
+        )
     problems = []
     for name, item in manifest["databases"].items():
         problems += _file_problems(source / item["file"], item, f"database {name}")
@@ -282,15 +326,22 @@ def check_backup(config: Config, source: Path) -> dict[str, Any]:
         if len(problems) > 20:
             break
     if problems:
-        raise BackupError(f"{source} does not match its manifest; nothing was restored:\n  " + "\n  ".join(problems[:20]))
+        raise BackupError(
+            f"{source} does not match its manifest; nothing was restored:\n  "
+            + "\n  ".join(problems[:20])
+        )
     ledger = source / "db" / "ledger.db"
     db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
-        row = db.execute("SELECT public_key FROM origins WHERE name = ?", (config.ledger.origin,)).fetchone()
+        row = db.execute(
+            "SELECT public_key FROM origins WHERE name = ?", (config.ledger.origin,)
+        ).fetchone()
     finally:
         db.close()
     if row is not None and bytes(row[0]) != public_key_bytes(key):
-        raise BackupError(f"the backup's ledger holds {config.ledger.origin} with another key than {config.ledger.key_file}")
+        raise BackupError(
+            f"the backup's ledger holds {config.ledger.origin} with another key than {config.ledger.key_file}"
+        )
     return manifest
 
 
@@ -309,21 +360,34 @@ def _held_data(config: Config) -> list[Path]:
     for path in Databases.of(config).paths.values():
         found += [p for p in (path, path.with_name(path.name + "-wal")) if p.exists()]
     images = config.storage.directory
-    if images.is_dir() and any(p.name not in ("tmp", PRIVATE_MARKER, LOCK_NAME) for p in images.iterdir()):
+    if images.is_dir() and any(
+        p.name not in ("tmp", PRIVATE_MARKER, LOCK_NAME) for p in images.iterdir()
+    ):
         found.append(images)
     return found
 
 
-def restore(config: Config, source: Path, *, replace: bool = False, link: bool = False, report: Report = print) -> dict[str, Any]:
+def restore(
+    config: Config,
+    source: Path,
+    *,
+    replace: bool = False,
+    link: bool = False,
+    report: Report = print,
+) -> dict[str, Any]:
     """Put the backup in ``source`` back as this gateway's data (the gateway stopped)."""
     source = source.absolute()
     if (pid := running_gateway(config)) is not None:
-        raise BackupError(f"a gateway is running on this data (process {pid}); stop it before restoring")
+        raise BackupError(
+            f"a gateway is running on this data (process {pid}); stop it before restoring"
+        )
     manifest = check_backup(config, source)
     held = _held_data(config)
     if held and not replace:
         raise BackupError(
-            "the data directory already holds data (" + ", ".join(map(str, held)) + "); restore --replace "
+            "the data directory already holds data ("
+            + ", ".join(map(str, held))
+            + "); restore --replace "
             "moves it aside (nothing is deleted)"
         )
     lock = DataDirLock(data_directories(config))  # a gateway started meanwhile stops at once
@@ -344,7 +408,9 @@ def restore(config: Config, source: Path, *, replace: bool = False, link: bool =
         for name, item in manifest["databases"].items():
             target = dbs.paths.get(name)
             if target is None:
-                report(f"the backup's {name} database is not restored: the config has no place for it")
+                report(
+                    f"the backup's {name} database is not restored: the config has no place for it"
+                )
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + ".restoring")
@@ -368,8 +434,12 @@ def restore(config: Config, source: Path, *, replace: bool = False, link: bool =
     finally:
         lock.release()
     own = manifest["logs"].get(config.ledger.origin, 0)
-    report(f"restored the backup of {manifest['created']}: {len(manifest['images'])} images, "
-           f"{own} entries of this gateway's log")
-    report("entries this gateway wrote after the backup are held by its peers; erasures on the ledger "
-           "are applied again when the gateway starts")
+    report(
+        f"restored the backup of {manifest['created']}: {len(manifest['images'])} images, "
+        f"{own} entries of this gateway's log"
+    )
+    report(
+        "entries this gateway wrote after the backup are held by its peers; erasures on the ledger "
+        "are applied again when the gateway starts"
+    )
     return manifest

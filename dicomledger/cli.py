@@ -63,7 +63,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         return _fail(f"{config_path} already exists; choose another --dir or remove it")
     for ae in [args.ae_title, *args.allow]:
         if ae != "*" and not AE_TITLE_RE.match(ae):
-            return _fail(f"{ae!r} is not a valid AE title (1-16 characters, no backslash)", EXIT_USAGE)
+            return _fail(
+                f"{ae!r} is not a valid AE title (1-16 characters, no backslash)", EXIT_USAGE
+            )
     origin = args.origin or f"{args.ae_title.lower()}.{os.uname().nodename}/dicomledger"
     set_private_umask()  # the config, keys and data tree: 0600 files, 0700 folders
     (directory / "data" / "images").mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -77,11 +79,19 @@ def cmd_init(args: argparse.Namespace) -> int:
     fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secret + b"\n")
-    create_tls_identity(directory / "keys" / "peer-tls.crt", directory / "keys" / "peer-tls.key", origin)
-    peer_port = args.peer_port or (args.port + 1000 if args.port + 1000 <= 65535 else args.port - 1000)
+    create_tls_identity(
+        directory / "keys" / "peer-tls.crt", directory / "keys" / "peer-tls.key", origin
+    )
+    peer_port = args.peer_port or (
+        args.port + 1000 if args.port + 1000 <= 65535 else args.port - 1000
+    )
     config_path.write_text(
         render_config(
-            ae_title=args.ae_title, host=args.host, port=args.port, allowed=args.allow, origin=origin,
+            ae_title=args.ae_title,
+            host=args.host,
+            port=args.port,
+            allowed=args.allow,
+            origin=origin,
             peer_port=peer_port,
         )
     )
@@ -104,19 +114,32 @@ def _init_tls(args: argparse.Namespace, directory: Path, config_path: Path) -> N
 
     from dicomledger.tls_pki import create_test_pki
 
-    names = list(dict.fromkeys(["localhost", "127.0.0.1", os.uname().nodename]
-                               + ([args.host] if args.host not in ("0.0.0.0", "::") else [])))
+    names = list(
+        dict.fromkeys(
+            ["localhost", "127.0.0.1", os.uname().nodename]
+            + ([args.host] if args.host not in ("0.0.0.0", "::") else [])
+        )
+    )
     client_name = f"{args.allow[0] if args.allow[0] != '*' else 'modality'}.test".lower()
-    pki = create_test_pki(directory / "keys" / "tls", site=args.ae_title, server_names=names, client_name=client_name)
+    pki = create_test_pki(
+        directory / "keys" / "tls", site=args.ae_title, server_names=names, client_name=client_name
+    )
     der = x509.load_pem_x509_certificate(pki.client_cert.read_bytes()).public_bytes(Encoding.DER)
     tls_port = args.tls_port or (args.port + 1 if args.port < 65535 else args.port - 1)
     with open(config_path, "a") as f:
-        f.write(TLS_TEMPLATE.format(
-            mode="only" if args.tls_only else "alongside",
-            port_line="" if args.tls_only else f"port = {tls_port}\n",
-            client_name=client_name, first_ae=args.allow[0], client_sha256=hashlib.sha256(der).hexdigest()))
-    print(f"TLS: test CA {pki.ca_cert}, server {pki.server_cert}, client {pki.client_cert} "
-          f"on port {args.port if args.tls_only else tls_port}")
+        f.write(
+            TLS_TEMPLATE.format(
+                mode="only" if args.tls_only else "alongside",
+                port_line="" if args.tls_only else f"port = {tls_port}\n",
+                client_name=client_name,
+                first_ae=args.allow[0],
+                client_sha256=hashlib.sha256(der).hexdigest(),
+            )
+        )
+    print(
+        f"TLS: test CA {pki.ca_cert}, server {pki.server_cert}, client {pki.client_cert} "
+        f"on port {args.port if args.tls_only else tls_port}"
+    )
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
@@ -141,7 +164,9 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             outside = [str(p) for p in changed if not p.is_relative_to(config.storage.directory)]
             log.warning(
                 "took group and other access off the gateway's files (now 0600 files, 0700 folders)",
-                count=len(changed), in_image_store=len(changed) - len(outside), paths=outside[:10],
+                count=len(changed),
+                in_image_store=len(changed) - len(outside),
+                paths=outside[:10],
             )
 
         async def main() -> None:
@@ -171,7 +196,9 @@ def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     database = config.ledger.database
     try:
         ok = verify_and_report(  # the key file's key is the one in force at the log's tip (it rotates)
-            database, current_keys={config.ledger.origin: key.public_key()}, origin=args.origin,
+            database,
+            current_keys={config.ledger.origin: key.public_key()},
+            origin=args.origin,
             every_signature=args.every_signature,
             key_policy=config.peering.witness_policy if config.peering is not None else None,
         )
@@ -197,7 +224,9 @@ def cmd_verify_copy(args: argparse.Namespace) -> int:
     if not Path(args.ledger).is_file():
         return _fail(f"ledger database {args.ledger} does not exist", EXIT_USAGE)
     try:
-        ok = verify_and_report(Path(args.ledger), trust=trust, origin=args.origin, every_signature=args.every_signature)
+        ok = verify_and_report(
+            Path(args.ledger), trust=trust, origin=args.origin, every_signature=args.every_signature
+        )
     except sqlite3.Error as exc:
         return _fail(f"cannot read ledger database {args.ledger}: {exc}")
     return EXIT_OK if ok else EXIT_FAIL
@@ -248,21 +277,34 @@ def cmd_check_proof(args: argparse.Namespace) -> int:
         else:
             print(f"INVALID: {exc}")
             if str(exc).startswith("checkpoint has no signature by "):
-                print("(a log that changed its key signs with its new key: add the key-change lines of its "
-                      "trust.txt to the trust file)", file=sys.stderr)
+                print(
+                    "(a log that changed its key signs with its new key: add the key-change lines of its "
+                    "trust.txt to the trust file)",
+                    file=sys.stderr,
+                )
         return EXIT_FAIL
     proof, entry, result = checked.proof, checked.entry, checked.result
     signed = datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="seconds")
-    witnesses = [(name, datetime.fromtimestamp(ts, UTC).isoformat()) for name, ts in result.witnesses]
+    witnesses = [
+        (name, datetime.fromtimestamp(ts, UTC).isoformat()) for name, ts in result.witnesses
+    ]
     if args.json:  # one JSON document and nothing else on stdout
-        print(json.dumps({
-            "valid": True, "origin": entry.origin, "index": entry.index, "kind": entry.kind,
-            "signed": signed,
-            "checkpoint": {"size": result.size, "root": result.root_hash.hex()},
-            "witnesses": [{"name": name, "time": when} for name, when in witnesses],
-            "quorum": result.quorum,  # the witness policy's quorum, met; null without a policy
-            "entry": json.loads(proof.entry),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "valid": True,
+                    "origin": entry.origin,
+                    "index": entry.index,
+                    "kind": entry.kind,
+                    "signed": signed,
+                    "checkpoint": {"size": result.size, "root": result.root_hash.hex()},
+                    "witnesses": [{"name": name, "time": when} for name, when in witnesses],
+                    "quorum": result.quorum,  # the witness policy's quorum, met; null without a policy
+                    "entry": json.loads(proof.entry),
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
     print(f"VALID: {entry.kind} entry {entry.index} of {entry.origin}, signed {signed}")
     print(f"included in checkpoint of size {result.size}, root {result.root_hash.hex()}")
@@ -289,7 +331,9 @@ def cmd_queue(args: argparse.Namespace, config: Config) -> int:
     """List the forward queue's jobs (from its database), or put failed or parked jobs back
     (through the running gateway, whose workers then send them)."""
     if config.forwarding is None:
-        return _fail("no [forwarding] section in the config: this gateway forwards nothing", EXIT_USAGE)
+        return _fail(
+            "no [forwarding] section in the config: this gateway forwards nothing", EXIT_USAGE
+        )
     if args.action == "list":
         if args.job:
             return _fail("--job is for `queue retry` and `queue unpark`", EXIT_USAGE)
@@ -298,12 +342,18 @@ def cmd_queue(args: argparse.Namespace, config: Config) -> int:
         from dicomledger.status import queue_jobs
 
         return queue_jobs(config, args.destination, args.state, args.limit, args.json)
-    answer = _admin(config, f"queue-{args.action}", {"destination": args.destination, "jobs": args.job or []})
+    answer = _admin(
+        config, f"queue-{args.action}", {"destination": args.destination, "jobs": args.job or []}
+    )
     if isinstance(answer, int):
         return answer
     which = "parked" if args.action == "unpark" else "failed or parked"
     if not answer["put_back"]:
-        print(f"no {which} jobs" + (f" of {args.destination}" if args.destination else "") + " to put back")
+        print(
+            f"no {which} jobs"
+            + (f" of {args.destination}" if args.destination else "")
+            + " to put back"
+        )
     for title, n in sorted(answer["put_back"].items()):
         print(f"{n} {which} job{'s' if n != 1 else ''} of {title} put back in the queue: due now")
     return EXIT_OK
@@ -336,8 +386,16 @@ def _pseudonyms(args: argparse.Namespace, config: Config) -> dict[str, str]:
 
 
 def cmd_grant(args: argparse.Namespace, config: Config) -> int:
-    body = {**_pseudonyms(args, config), "to": args.to, "until": args.until, "purpose": args.purpose,
-            "consent": args.consent, "issuer": args.issuer, "force": args.force, "dry_run": args.dry_run}
+    body = {
+        **_pseudonyms(args, config),
+        "to": args.to,
+        "until": args.until,
+        "purpose": args.purpose,
+        "consent": args.consent,
+        "issuer": args.issuer,
+        "force": args.force,
+        "dry_run": args.dry_run,
+    }
     return _issued("granted", _admin(config, "grant", body))
 
 
@@ -347,7 +405,9 @@ def _issued(what: str, answer: dict[str, Any] | int) -> int:
     for warning in answer.get("warnings", []):
         print(f"dicomledger: warning: {warning}", file=sys.stderr)
     if answer.get("dry_run"):
-        print(f"dry run, nothing signed: {answer['origin']} would sign and append this {answer['kind']}:")
+        print(
+            f"dry run, nothing signed: {answer['origin']} would sign and append this {answer['kind']}:"
+        )
         print(json.dumps(answer["payload"], indent=2, sort_keys=True))
         return EXIT_OK
     print(f"{what}: ref {answer['ref']} ({answer['origin']} entry {answer['index']})")
@@ -356,9 +416,19 @@ def _issued(what: str, answer: dict[str, Any] | int) -> int:
 
 def cmd_revoke(args: argparse.Namespace, config: Config) -> int:
     if not args.grant and not args.to:
-        return _fail("name what to revoke: --grant REF (from `dicomledger permissions`) or --to AE[@GATEWAY]", EXIT_USAGE)
-    body = {**_pseudonyms(args, config), "grants": args.grant or [], "to": args.to, "reason": args.reason,
-            "issuer": args.issuer, "force": args.force, "dry_run": args.dry_run}
+        return _fail(
+            "name what to revoke: --grant REF (from `dicomledger permissions`) or --to AE[@GATEWAY]",
+            EXIT_USAGE,
+        )
+    body = {
+        **_pseudonyms(args, config),
+        "grants": args.grant or [],
+        "to": args.to,
+        "reason": args.reason,
+        "issuer": args.issuer,
+        "force": args.force,
+        "dry_run": args.dry_run,
+    }
     return _issued("revoked", _admin(config, "revoke", body))
 
 
@@ -377,8 +447,10 @@ def cmd_permissions(args: argparse.Namespace, config: Config) -> int:
     for g in answer["effective"]:
         scope = f"study {g['study'][:12]}" if g.get("study") else "all studies"
         until = f" until {g['until']}" if g.get("until") else ""
-        print(f"  {g['ref'][:16]} to {g['grantee']}, {scope}{until}; purpose {g['purpose']!r}; "
-              f"consent {g['consent']!r}; issued by {g['issuer']} ({where(g)})")
+        print(
+            f"  {g['ref'][:16]} to {g['grantee']}, {scope}{until}; purpose {g['purpose']!r}; "
+            f"consent {g['consent']!r}; issued by {g['issuer']} ({where(g)})"
+        )
     for title, key in (("ended", "ended"), ("ignored", "ignored"), ("malformed", "malformed")):
         if answer[key]:
             print(f"{title}:")
@@ -425,8 +497,12 @@ def cmd_audit(args: argparse.Namespace, config: Config) -> int:
     except (AuditError, LedgerStoreError) as exc:
         return _fail(str(exc))
     if args.json:
-        print(json.dumps({"patient": patient, "study": study, "events": [event_json(e) for e in events]},
-                         indent=2))
+        print(
+            json.dumps(
+                {"patient": patient, "study": study, "events": [event_json(e) for e in events]},
+                indent=2,
+            )
+        )
         return EXIT_OK
     for line in report_lines(events, patient=patient, study=study, logs_held=logs_held):
         print(line)
@@ -444,7 +520,9 @@ def cmd_peers(args: argparse.Namespace, config: Config) -> int:
         return export_evidence(config, args.evidence, Path(args.output))
     if args.clear_flag:
         if not args.reason:
-            return _fail("--clear-flag ORIGIN needs --reason TEXT: it goes on the ledger", EXIT_USAGE)
+            return _fail(
+                "--clear-flag ORIGIN needs --reason TEXT: it goes on the ledger", EXIT_USAGE
+            )
         return _clear_flag(args, config)
     return peers(config)
 
@@ -458,11 +536,15 @@ def _clear_flag(args: argparse.Namespace, config: Config) -> int:
         by = args.by or getpass.getuser()
     except (KeyError, OSError):
         by = f"uid {os.getuid()}"
-    answer = _admin(config, "clear-flag", {"origin": args.clear_flag, "reason": args.reason, "by": by})
+    answer = _admin(
+        config, "clear-flag", {"origin": args.clear_flag, "reason": args.reason, "by": by}
+    )
     if isinstance(answer, int):
         return answer
-    print(f"flag on {answer['origin']} cleared ({answer['evidence']} evidence file(s) no longer in force): "
-          f"{config.ledger.origin} entry {answer['index']}")
+    print(
+        f"flag on {answer['origin']} cleared ({answer['evidence']} evidence file(s) no longer in force): "
+        f"{config.ledger.origin} entry {answer['index']}"
+    )
     return EXIT_OK
 
 
@@ -471,11 +553,15 @@ def cmd_rotate_key(args: argparse.Namespace, config: Config) -> int:
     answer = _admin(config, "rotate-key", {})
     if isinstance(answer, int):
         return answer
-    print(f"rotated: {config.ledger.origin} entry {answer['index']} is the key-rotation entry; "
-          f"later entries and checkpoints are signed by {answer['vkey']}")
+    print(
+        f"rotated: {config.ledger.origin} entry {answer['index']} is the key-rotation entry; "
+        f"later entries and checkpoints are signed by {answer['vkey']}"
+    )
     print("peers follow the rotation through the log itself; their [[peers]] vkey stays as it is")
     if answer.get("trust_file"):
-        print(f"for auditors: {answer['trust_file']} now ends with this line (give them the file or the line):")
+        print(
+            f"for auditors: {answer['trust_file']} now ends with this line (give them the file or the line):"
+        )
     else:
         print("for auditors, add this line to their trust files:")
     print(answer["trust_line"])
@@ -503,7 +589,9 @@ def cmd_replace_key(args: argparse.Namespace, config: Config) -> int:
     policy = config.peering.witness_policy if config.peering is not None else None
     path = Path(args.request)
     if args.action in ("request", "install") and (pid := running_gateway(config)) is not None:
-        return _fail(f"the gateway runs (process {pid}): stop it first, its log must not grow meanwhile")
+        return _fail(
+            f"the gateway runs (process {pid}): stop it first, its log must not grow meanwhile"
+        )
     if args.action == "request" and not args.reason:
         return _fail("replace-key request needs --reason TEXT: it goes on the ledger", EXIT_USAGE)
     if args.action == "submit":
@@ -513,11 +601,15 @@ def cmd_replace_key(args: argparse.Namespace, config: Config) -> int:
             return _fail(f"cannot read {exc.filename}: {exc.strerror}")
         except KeyChangeError as exc:
             return _fail(str(exc))
-        answer = _admin(config, "replace-key-submit", {"statement": base64.b64encode(data).decode()})
+        answer = _admin(
+            config, "replace-key-submit", {"statement": base64.b64encode(data).decode()}
+        )
         if isinstance(answer, int):
             return answer
-        print(f"accepted: {answer['origin']}'s key is replaced from its entry {answer['size']} on "
-              f"(signed by {', '.join(answer['signers'])}); recorded as {origin} entry {answer['index']}")
+        print(
+            f"accepted: {answer['origin']}'s key is replaced from its entry {answer['size']} on "
+            f"(signed by {', '.join(answer['signers'])}); recorded as {origin} entry {answer['index']}"
+        )
         return EXIT_OK
 
     async def run() -> str:
@@ -526,9 +618,11 @@ def cmd_replace_key(args: argparse.Namespace, config: Config) -> int:
             if args.action == "request":
                 request = await make_request(store, origin, config.ledger.key_file, args.reason)
                 path.write_bytes(format_request(request))
-                return (f"wrote the replacement request for {origin} at size {len(request.tail) + request.tail_start} "
-                        f"to {path}; the new key is {config.ledger.key_file}.new. Have a quorum of the other "
-                        "gateways sign it (`replace-key sign`), then `replace-key install` it here")
+                return (
+                    f"wrote the replacement request for {origin} at size {len(request.tail) + request.tail_start} "
+                    f"to {path}; the new key is {config.ledger.key_file}.new. Have a quorum of the other "
+                    "gateways sign it (`replace-key sign`), then `replace-key install` it here"
+                )
             request = parse_request(path.read_bytes())
             if args.action == "sign":
                 statement = await check_for_signing(store, request, peers)
@@ -536,17 +630,34 @@ def cmd_replace_key(args: argparse.Namespace, config: Config) -> int:
                 if origin in [o.name for o in await store.origins()]:
                     current = (await store.key_chain(origin)).current
                     if current.public_bytes_raw() != key.public_key().public_bytes_raw():
-                        raise KeyChangeError("this gateway's key file is not the key its own log has in force")
+                        raise KeyChangeError(
+                            "this gateway's key file is not the key its own log has in force"
+                        )
                 signed = add_statement_signature(request.statement, origin, key)
-                path.write_bytes(format_request(type(request)(request.tail_start, request.tail, signed)))
-                return (f"signed: {origin} consents that {statement.origin}'s key is replaced from its entry "
-                        f"{statement.size} on; {path} carries the signatures of "
-                        f"{', '.join(sorted({s.name for s in parse_note(signed).signatures} - {statement.origin}))}")
-            signer_keys = {o.name: (await store.key_chain(o.name)).trusted_keys() for o in await store.origins()}
+                path.write_bytes(
+                    format_request(type(request)(request.tail_start, request.tail, signed))
+                )
+                return (
+                    f"signed: {origin} consents that {statement.origin}'s key is replaced from its entry "
+                    f"{statement.size} on; {path} carries the signatures of "
+                    f"{', '.join(sorted({s.name for s in parse_note(signed).signatures} - {statement.origin}))}"
+                )
+            signer_keys = {
+                o.name: (await store.key_chain(o.name)).trusted_keys()
+                for o in await store.origins()
+            }
             statement = await install_replacement(
-                store, origin, config.ledger.key_file, request, policy, lambda name: signer_keys.get(name, []))
-            return (f"installed: the next `serve` appends the replacement at entry {statement.size} of {origin}, "
-                    f"signed by {', '.join(statement.signers)}, and signs with the new key from then on")
+                store,
+                origin,
+                config.ledger.key_file,
+                request,
+                policy,
+                lambda name: signer_keys.get(name, []),
+            )
+            return (
+                f"installed: the next `serve` appends the replacement at entry {statement.size} of {origin}, "
+                f"signed by {', '.join(statement.signers)}, and signs with the new key from then on"
+            )
         finally:
             await store.close()
 
@@ -569,19 +680,27 @@ def cmd_check_evidence(args: argparse.Namespace) -> int:
     try:
         trusted = read_trust(Path(args.trust))
         evidence = parse_evidence(Path(args.evidence).read_bytes())
-        chain = trusted.log_chain(evidence.origin)  # each note checked with the key in force at its size
+        chain = trusted.log_chain(
+            evidence.origin
+        )  # each note checked with the key in force at its size
         if chain is None:
             raise WitnessError(f"the trust file has no key for {evidence.origin}")
-        found = check_equivocation(evidence.note_a, evidence.note_b, evidence.consistency_proof or None, chain)
+        found = check_equivocation(
+            evidence.note_a, evidence.note_b, evidence.consistency_proof or None, chain
+        )
     except OSError as exc:
         return _fail(f"cannot read {exc.filename}: {exc.strerror}")
     except (WitnessError, NoteError) as exc:
         print(f"INVALID: {exc}")
         return EXIT_FAIL
     if found is None:
-        print(f"INVALID: the two checkpoints of {evidence.origin} are consistent (or not shown otherwise)")
+        print(
+            f"INVALID: the two checkpoints of {evidence.origin} are consistent (or not shown otherwise)"
+        )
         return EXIT_FAIL
-    print(f"VALID: {evidence.origin} signed two checkpoints that cannot both be true: {found.reason}")
+    print(
+        f"VALID: {evidence.origin} signed two checkpoints that cannot both be true: {found.reason}"
+    )
     for label, note in (("a", evidence.note_a), ("b", evidence.note_b)):
         cp = parse_checkpoint(parse_note(note).text)
         print(f"{label}: size {cp.size}, root {cp.root_hash.hex()}")
@@ -589,36 +708,70 @@ def cmd_check_evidence(args: argparse.Namespace) -> int:
 
 
 def _signing_options(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--force", action="store_true",
-                   help=f"sign even a {what} that names no configured destination, allowed "
-                   "calling AE or consortium gateway")
-    p.add_argument("--dry-run", action="store_true",
-                   help="run every check and print the record that would be signed; sign nothing")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"sign even a {what} that names no configured destination, allowed "
+        "calling AE or consortium gateway",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every check and print the record that would be signed; sign nothing",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomledger", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
-                        help="print the installed version and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {_version()}",
+        help="print the installed version and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="create a gateway directory: config, keys, data folder")
-    p.add_argument("--dir", required=True, help="the new gateway directory (created; must not hold a config)")
-    p.add_argument("--ae-title", default="DICOMLEDGER", help="this gateway's AE title (default DICOMLEDGER)")
-    p.add_argument("--host", default="127.0.0.1", help="DICOM listening address (default 127.0.0.1; "
-                   "0.0.0.0 for the network)")
+    p.add_argument(
+        "--dir", required=True, help="the new gateway directory (created; must not hold a config)"
+    )
+    p.add_argument(
+        "--ae-title", default="DICOMLEDGER", help="this gateway's AE title (default DICOMLEDGER)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="DICOM listening address (default 127.0.0.1; 0.0.0.0 for the network)",
+    )
     p.add_argument("--port", type=int, default=11112, help="DICOM listening port (default 11112)")
-    p.add_argument("--origin", help="log origin name (default: derived from AE title and host name)")
-    p.add_argument("--allow", action="append", default=None, metavar="AE",
-                   help="calling AE allowed to connect (repeat; default: STORESCU and ECHOSCU)")
+    p.add_argument(
+        "--origin", help="log origin name (default: derived from AE title and host name)"
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=None,
+        metavar="AE",
+        help="calling AE allowed to connect (repeat; default: STORESCU and ECHOSCU)",
+    )
     p.add_argument("--secret-file", help="copy the consortium pseudonym secret from this file")
-    p.add_argument("--peer-port", type=int, help="port of the peer API (default: DICOM port + 1000)")
-    p.add_argument("--tls", action="store_true",
-                   help="also listen with DICOM TLS: make a self-signed test CA, a server and a client "
-                   "certificate under keys/tls/ and fill the [tls] section")
-    p.add_argument("--tls-port", type=int, help="port of the TLS listener (default: DICOM port + 1)")
-    p.add_argument("--tls-only", action="store_true",
-                   help="as --tls, but the DICOM port speaks TLS only (no plain TCP listener)")
+    p.add_argument(
+        "--peer-port", type=int, help="port of the peer API (default: DICOM port + 1000)"
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="also listen with DICOM TLS: make a self-signed test CA, a server and a client "
+        "certificate under keys/tls/ and fill the [tls] section",
+    )
+    p.add_argument(
+        "--tls-port", type=int, help="port of the TLS listener (default: DICOM port + 1)"
+    )
+    p.add_argument(
+        "--tls-only",
+        action="store_true",
+        help="as --tls, but the DICOM port speaks TLS only (no plain TCP listener)",
+    )
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help_)
@@ -626,52 +779,118 @@ def build_parser() -> argparse.ArgumentParser:
         return q
 
     p = with_config("serve", "run the gateway")
-    p.add_argument("--accept-local-tip", action="store_true",
-                   help="start even if no peer confirms this gateway's own log (none reachable, or "
-                   "entries it signed that no peer can give back); recorded on the ledger")
-    p = sub.add_parser("verify", help="re-check a ledger database: this gateway's (--config), or any "
-                       "copy with public keys only (--ledger, --trust); read-only")
-    p.add_argument("--config", help="the gateway's config.toml: check its database with its own key")
+    p.add_argument(
+        "--accept-local-tip",
+        action="store_true",
+        help="start even if no peer confirms this gateway's own log (none reachable, or "
+        "entries it signed that no peer can give back); recorded on the ledger",
+    )
+    p = sub.add_parser(
+        "verify",
+        help="re-check a ledger database: this gateway's (--config), or any "
+        "copy with public keys only (--ledger, --trust); read-only",
+    )
+    p.add_argument(
+        "--config", help="the gateway's config.toml: check its database with its own key"
+    )
     p.add_argument("--ledger", metavar="LEDGER.db", help="a ledger database, or a copy of one")
-    p.add_argument("--trust", metavar="TRUST", help="trust file: the logs' verifier keys, witnesses, "
-                   "and optionally a witness policy (C2SP tlog-policy lines)")
-    p.add_argument("--policy", metavar="POLICY", help="a C2SP tlog-policy file (witness keys and quorum), "
-                   "when the trust file has none")
+    p.add_argument(
+        "--trust",
+        metavar="TRUST",
+        help="trust file: the logs' verifier keys, witnesses, "
+        "and optionally a witness policy (C2SP tlog-policy lines)",
+    )
+    p.add_argument(
+        "--policy",
+        metavar="POLICY",
+        help="a C2SP tlog-policy file (witness keys and quorum), when the trust file has none",
+    )
     p.add_argument("--origin", help="check only this origin's log")
-    p.add_argument("--every-signature", action="store_true", help="also check the own signature of "
-                   "entries a signed checkpoint already authenticates (slower)")
+    p.add_argument(
+        "--every-signature",
+        action="store_true",
+        help="also check the own signature of "
+        "entries a signed checkpoint already authenticates (slower)",
+    )
     with_config("status", "show the ledger and store state")
-    p = with_config("peers", "show each peer: reachable, last contact, how much of its log we hold, flagged")
-    p.add_argument("--evidence", metavar="ORIGIN",
-                   help="write the equivocation evidence held against ORIGIN to -o FILE")
-    p.add_argument("-o", "--output", metavar="FILE", help="where --evidence writes the evidence file")
-    p.add_argument("--clear-flag", metavar="ORIGIN",
-                   help="clear the equivocation flag on ORIGIN (through the running gateway; a ledger entry)")
+    p = with_config(
+        "peers", "show each peer: reachable, last contact, how much of its log we hold, flagged"
+    )
+    p.add_argument(
+        "--evidence",
+        metavar="ORIGIN",
+        help="write the equivocation evidence held against ORIGIN to -o FILE",
+    )
+    p.add_argument(
+        "-o", "--output", metavar="FILE", help="where --evidence writes the evidence file"
+    )
+    p.add_argument(
+        "--clear-flag",
+        metavar="ORIGIN",
+        help="clear the equivocation flag on ORIGIN (through the running gateway; a ledger entry)",
+    )
     p.add_argument("--reason", help="why the flag is cleared (goes on the ledger; no PHI)")
-    p.add_argument("--by", help="who clears it (default: the operating-system account running this)")
-    p = with_config("queue", "list the forward queue's jobs; `queue retry` / `queue unpark` put failed or "
-                    "parked jobs back (through the running gateway)")
-    p.add_argument("action", nargs="?", choices=("list", "retry", "unpark"), default="list",
-                   help="list (default); retry: failed jobs waiting for their next attempt and parked ones, "
-                   "due now; unpark: parked ones only")
+    p.add_argument(
+        "--by", help="who clears it (default: the operating-system account running this)"
+    )
+    p = with_config(
+        "queue",
+        "list the forward queue's jobs; `queue retry` / `queue unpark` put failed or "
+        "parked jobs back (through the running gateway)",
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=("list", "retry", "unpark"),
+        default="list",
+        help="list (default); retry: failed jobs waiting for their next attempt and parked ones, "
+        "due now; unpark: parked ones only",
+    )
     p.add_argument("--destination", metavar="AE", help="only the jobs of this destination")
-    p.add_argument("--job", type=int, action="append", metavar="N", help="retry or unpark this job only (repeat)")
-    p.add_argument("--state", choices=("pending", "queued", "failed", "parked", "refused", "done", "all"),
-                   default="pending", help="which jobs to list (pending: queued, failed and parked)")
-    p.add_argument("--limit", type=int, default=100, help="list at most this many jobs (default 100)")
+    p.add_argument(
+        "--job",
+        type=int,
+        action="append",
+        metavar="N",
+        help="retry or unpark this job only (repeat)",
+    )
+    p.add_argument(
+        "--state",
+        choices=("pending", "queued", "failed", "parked", "refused", "done", "all"),
+        default="pending",
+        help="which jobs to list (pending: queued, failed and parked)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=100, help="list at most this many jobs (default 100)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p = with_config("grant", "record a patient's permission on the ledger (through the running gateway)")
-    p.add_argument("--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written")
-    p.add_argument("--to", required=True, metavar="AE[@GATEWAY]", help="grantee: an AE title, AE@origin, or @origin")
-    p.add_argument("--study", metavar="UID", help="limit to one study (default: all the patient's studies)")
+    p = with_config(
+        "grant", "record a patient's permission on the ledger (through the running gateway)"
+    )
+    p.add_argument(
+        "--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written"
+    )
+    p.add_argument(
+        "--to",
+        required=True,
+        metavar="AE[@GATEWAY]",
+        help="grantee: an AE title, AE@origin, or @origin",
+    )
+    p.add_argument(
+        "--study", metavar="UID", help="limit to one study (default: all the patient's studies)"
+    )
     p.add_argument("--until", metavar="YYYY-MM-DD", help="last day the grant is valid")
     p.add_argument("--purpose", default="", help="why (free text, no PHI)")
     p.add_argument("--consent", default="", help="reference to the consent evidence (no PHI)")
     p.add_argument("--issuer", help="issuer key name (default: this gateway, as custodian)")
     _signing_options(p, "grantee")
     p = with_config("revoke", "end grants of a patient (through the running gateway)")
-    p.add_argument("--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written")
-    p.add_argument("--grant", action="append", metavar="REF", help="a grant ref (8+ hex digits); repeat")
+    p.add_argument(
+        "--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written"
+    )
+    p.add_argument(
+        "--grant", action="append", metavar="REF", help="a grant ref (8+ hex digits); repeat"
+    )
     p.add_argument("--to", metavar="AE[@GATEWAY]", help="end every grant to this grantee")
     p.add_argument("--reason", default="", help="why (free text, no PHI)")
     p.add_argument("--issuer", help="issuer key name (default: this gateway, as custodian)")
@@ -681,7 +900,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p = with_config("audit", "list every ledger entry about a patient and/or a study, newest first")
     p.add_argument("--patient-id", help="the Patient ID; only its pseudonym is used or printed")
-    p.add_argument("--study", metavar="UID", help="a Study Instance UID; only its pseudonym is used or printed")
+    p.add_argument(
+        "--study", metavar="UID", help="a Study Instance UID; only its pseudonym is used or printed"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p = with_config("prove", "write a self-contained inclusion proof of one entry")
     p.add_argument("--entry", type=int, required=True, help="the entry's index in its log")
@@ -690,26 +911,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("verify-file", "is this DICOM file's pixel data anchored?")
     p.add_argument("path", help="the DICOM file to check")
     add_lifecycle_parsers(sub, with_config)
-    with_config("rotate-key", "sign this gateway's log with a new key from a key-rotation entry on "
-                "(through the running gateway)")
-    p = with_config("replace-key", "replace a lost or stolen key with a quorum of the consortium: "
-                    "request (here, stopped), sign (each other gateway), submit (each running gateway), "
-                    "install (here, stopped)")
-    p.add_argument("action", choices=("request", "sign", "submit", "install"),
-                   help="the step: request, sign, submit or install")
-    p.add_argument("request", metavar="REQUEST", help="the request file (written by request, signed in place)")
+    with_config(
+        "rotate-key",
+        "sign this gateway's log with a new key from a key-rotation entry on "
+        "(through the running gateway)",
+    )
+    p = with_config(
+        "replace-key",
+        "replace a lost or stolen key with a quorum of the consortium: "
+        "request (here, stopped), sign (each other gateway), submit (each running gateway), "
+        "install (here, stopped)",
+    )
+    p.add_argument(
+        "action",
+        choices=("request", "sign", "submit", "install"),
+        help="the step: request, sign, submit or install",
+    )
+    p.add_argument(
+        "request", metavar="REQUEST", help="the request file (written by request, signed in place)"
+    )
     p.add_argument("--reason", help="why the key is replaced (request; goes on the ledger; no PHI)")
-    p = sub.add_parser("check-evidence", help="verify an equivocation evidence file offline with a trust file")
+    p = sub.add_parser(
+        "check-evidence", help="verify an equivocation evidence file offline with a trust file"
+    )
     p.add_argument("evidence", help="the evidence file (`peers --evidence` writes one)")
     p.add_argument("--trust", required=True, help="file of verifier keys, one per line")
     p = sub.add_parser("check-proof", help="verify a proof file offline with a trust file")
     p.add_argument("proof", help="the proof file (`prove` writes one)")
-    p.add_argument("--trust", required=True, help="trust file: verifier keys, one per line, and "
-                   "optionally a witness policy (C2SP tlog-policy lines)")
-    p.add_argument("--policy", help="a C2SP tlog-policy file (witness keys and quorum) the checkpoint "
-                   "must meet, when the trust file has none")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (verdict, checkpoint, witnesses, entry) instead of text")
+    p.add_argument(
+        "--trust",
+        required=True,
+        help="trust file: verifier keys, one per line, and "
+        "optionally a witness policy (C2SP tlog-policy lines)",
+    )
+    p.add_argument(
+        "--policy",
+        help="a C2SP tlog-policy file (witness keys and quorum) the checkpoint "
+        "must meet, when the trust file has none",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (verdict, checkpoint, witnesses, entry) instead of text",
+    )
     return parser
 
 

@@ -53,9 +53,17 @@ DELIVERY_RETRY_SECONDS = 2.0
 
 
 class StorageCommitment:
-    def __init__(self, config: StorageCommitmentConfig, *, ae_title: str, index: Index, storage_dir: Path,
-                 writer: LogWriter, destinations: dict[str, tuple[str, int]],
-                 metrics: IngestMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: StorageCommitmentConfig,
+        *,
+        ae_title: str,
+        index: Index,
+        storage_dir: Path,
+        writer: LogWriter,
+        destinations: dict[str, tuple[str, int]],
+        metrics: IngestMetrics | None = None,
+    ) -> None:
         self.config = config
         self.ae_title = ae_title
         self.index = index
@@ -79,25 +87,48 @@ class StorageCommitment:
                 failed.append((sop_class, sop_instance, reason))
         reasons = Counter(f"0x{r:04X}" for _, _, r in failed)
         try:
-            entry = await self.writer.append(STORAGE_COMMITTED, {
-                "requestor": request.calling_ae, "transaction_uid": request.transaction_uid,
-                "committed": len(committed), "failed": len(failed), "failure_reasons": dict(sorted(reasons.items())),
-            })
+            entry = await self.writer.append(
+                STORAGE_COMMITTED,
+                {
+                    "requestor": request.calling_ae,
+                    "transaction_uid": request.transaction_uid,
+                    "committed": len(committed),
+                    "failed": len(failed),
+                    "failure_reasons": dict(sorted(reasons.items())),
+                },
+            )
         except LedgerStoreError as exc:
             # Not recorded, so not promised: every instance fails; the requestor asks again later.
-            log.error("storage commitment not recorded on the ledger: every instance reported failed",
-                      calling_ae=request.calling_ae, transaction_uid=request.transaction_uid, error=str(exc))
+            log.error(
+                "storage commitment not recorded on the ledger: every instance reported failed",
+                calling_ae=request.calling_ae,
+                transaction_uid=request.transaction_uid,
+                error=str(exc),
+            )
             failed = [(c, i, FAILURE_PROCESSING) for c, i in request.references]
-            committed, entry_index, reasons = [], None, Counter({f"0x{FAILURE_PROCESSING:04X}": len(failed)})
+            committed, entry_index, reasons = (
+                [],
+                None,
+                Counter({f"0x{FAILURE_PROCESSING:04X}": len(failed)}),
+            )
         else:
             entry_index = entry.index
         if self.metrics is not None:
             self.metrics.committed("committed", len(committed))
             self.metrics.committed("failed", len(failed))
-        log.info("storage commitment", calling_ae=request.calling_ae, peer=request.peer,
-                 transaction_uid=request.transaction_uid, committed=len(committed), failed=len(failed),
-                 failure_reasons=dict(reasons), entry=entry_index)
-        return CommitmentReport(request.transaction_uid, tuple(committed), tuple(failed), self.ae_title)
+        log.info(
+            "storage commitment",
+            calling_ae=request.calling_ae,
+            peer=request.peer,
+            transaction_uid=request.transaction_uid,
+            committed=len(committed),
+            failed=len(failed),
+            failure_reasons=dict(reasons),
+            entry=entry_index,
+        )
+        return CommitmentReport(
+            request.transaction_uid, tuple(committed), tuple(failed), self.ae_title
+        )
 
     async def _failure_reason(self, sop_class: str, sop_instance: str) -> int | None:
         try:
@@ -122,50 +153,86 @@ class StorageCommitment:
             return requestor.host, requestor.port
         return self.destinations.get(ae_title)
 
-    def deliver_elsewhere(self, request: CommitmentRequest, report: CommitmentReport, why_not_here: str) -> None:
+    def deliver_elsewhere(
+        self, request: CommitmentRequest, report: CommitmentReport, why_not_here: str
+    ) -> None:
         address = self.address_of(request.calling_ae)
         if address is None:
-            log.error("storage commitment report not delivered: no address for the requestor (add it under "
-                      "[[commitment_requestors]])", calling_ae=request.calling_ae,
-                      transaction_uid=report.transaction_uid, reason=why_not_here)
+            log.error(
+                "storage commitment report not delivered: no address for the requestor (add it under "
+                "[[commitment_requestors]])",
+                calling_ae=request.calling_ae,
+                transaction_uid=report.transaction_uid,
+                reason=why_not_here,
+            )
             return
-        task = asyncio.get_running_loop().create_task(self._deliver(request, report, address, why_not_here))
+        task = asyncio.get_running_loop().create_task(
+            self._deliver(request, report, address, why_not_here)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, request: CommitmentRequest, report: CommitmentReport, address: tuple[str, int],
-                       why_not_here: str) -> None:
+    async def _deliver(
+        self,
+        request: CommitmentRequest,
+        report: CommitmentReport,
+        address: tuple[str, int],
+        why_not_here: str,
+    ) -> None:
         loop = asyncio.get_running_loop()
         problem = ""
         for attempt in range(1, DELIVERY_ATTEMPTS + 1):
-            problem = await loop.run_in_executor(self._pool, self._send_report, request.calling_ae, address, report)
+            problem = await loop.run_in_executor(
+                self._pool, self._send_report, request.calling_ae, address, report
+            )
             if not problem:
-                log.info("storage commitment report delivered", calling_ae=request.calling_ae,
-                         address=f"{address[0]}:{address[1]}", transaction_uid=report.transaction_uid,
-                         committed=len(report.committed), failed=len(report.failed), event_type=report.event_type,
-                         association="new", why_not_on_the_request=why_not_here, attempt=attempt)
+                log.info(
+                    "storage commitment report delivered",
+                    calling_ae=request.calling_ae,
+                    address=f"{address[0]}:{address[1]}",
+                    transaction_uid=report.transaction_uid,
+                    committed=len(report.committed),
+                    failed=len(report.failed),
+                    event_type=report.event_type,
+                    association="new",
+                    why_not_on_the_request=why_not_here,
+                    attempt=attempt,
+                )
                 return
             if attempt < DELIVERY_ATTEMPTS:
                 await asyncio.sleep(DELIVERY_RETRY_SECONDS * attempt)
-        log.error("storage commitment report not delivered", calling_ae=request.calling_ae,
-                  address=f"{address[0]}:{address[1]}", transaction_uid=report.transaction_uid,
-                  reason=problem, attempts=DELIVERY_ATTEMPTS)
+        log.error(
+            "storage commitment report not delivered",
+            calling_ae=request.calling_ae,
+            address=f"{address[0]}:{address[1]}",
+            transaction_uid=report.transaction_uid,
+            reason=problem,
+            attempts=DELIVERY_ATTEMPTS,
+        )
 
-    def _send_report(self, called_ae: str, address: tuple[str, int], report: CommitmentReport) -> str:
+    def _send_report(
+        self, called_ae: str, address: tuple[str, int], report: CommitmentReport
+    ) -> str:
         """Worker thread: one association, one N-EVENT-REPORT; '' once the requestor took it."""
         ae = AE(ae_title=self.ae_title)
         timeout = self.config.report_timeout
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.connection_timeout = timeout
-        ae.add_requested_context(STORAGE_COMMITMENT_PUSH, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_requested_context(
+            STORAGE_COMMITMENT_PUSH, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        )
         # We stay the SCP of the SOP class while requesting the association (PS3.4 J.3.3)
         role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
         assoc = ae.associate(address[0], address[1], ae_title=called_ae, ext_neg=[role])
         if not assoc.is_established:
             return "association refused or not established"
         try:
-            status, _reply = assoc.send_n_event_report(report.event_information(), report.event_type,
-                                                       STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE)
+            status, _reply = assoc.send_n_event_report(
+                report.event_information(),
+                report.event_type,
+                STORAGE_COMMITMENT_PUSH,
+                STORAGE_COMMITMENT_INSTANCE,
+            )
             if status is None or "Status" not in status:
                 return "no N-EVENT-REPORT-RSP"
             if status.Status != 0x0000:

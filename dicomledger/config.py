@@ -23,7 +23,11 @@ AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no bac
 
 
 _KIND_NAMES = {
-    int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "a list",
     dict: "a table",
 }
 
@@ -129,7 +133,9 @@ class TlsConfig:
     key: Path
     ca_file: Path | None  # CAs that vouch for client certificates (None: none asked for)
     require_client_certificate: bool
-    port: int | None  # a TLS port alongside plain TCP on gateway.port; None: gateway.port is TLS only
+    port: (
+        int | None
+    )  # a TLS port alongside plain TCP on gateway.port; None: gateway.port is TLS only
 
 
 @dataclass(frozen=True)
@@ -256,7 +262,9 @@ class StorageCommitmentConfig:
     enabled: bool = True
     # Each requestor's address for reports its own association no longer can carry (it closed)
     requestors: tuple[CommitmentRequestor, ...] = ()
-    report_timeout: float = 30.0  # seconds for the requestor to answer the N-EVENT-REPORT (and to connect)
+    report_timeout: float = (
+        30.0  # seconds for the requestor to answer the N-EVENT-REPORT (and to connect)
+    )
 
     def requestor(self, ae_title: str) -> CommitmentRequestor | None:
         return next((r for r in self.requestors if r.ae_title == ae_title), None)
@@ -344,7 +352,8 @@ class _Section:
     def ae_title(self, key: str, value: Any) -> str:
         if not isinstance(value, str) or not AE_TITLE_RE.match(value) or not value.strip():
             raise self._fail(
-                key, f"has {value!r}, not a valid AE title (1-16 printable characters, no backslash)"
+                key,
+                f"has {value!r}, not a valid AE title (1-16 printable characters, no backslash)",
             )
         return value.strip()
 
@@ -359,26 +368,49 @@ def load_config(path: str | Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; create one with `dicomledger init --dir DIR`") from None
+        raise ConfigError(
+            f"{path}: config file not found; create one with `dicomledger init --dir DIR`"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
     known = {
-        "gateway", "ledger", "storage", "pseudonyms", "logging", "peering", "peers", "witnesses",
-        "permissions", "forwarding", "destinations", "routes", "atna", "erasure", "retention", "scrub",
-        "metrics", "storage_commitment", "commitment_requestors",
-        "tls", "ae_bindings",
+        "gateway",
+        "ledger",
+        "storage",
+        "pseudonyms",
+        "logging",
+        "peering",
+        "peers",
+        "witnesses",
+        "permissions",
+        "forwarding",
+        "destinations",
+        "routes",
+        "atna",
+        "erasure",
+        "retention",
+        "scrub",
+        "metrics",
+        "storage_commitment",
+        "commitment_requestors",
+        "tls",
+        "ae_bindings",
     }
     for table in raw:
         if table not in known:
-            raise ConfigError(f"{path}: [{table}] is not a known section; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{path}: [{table}] is not a known section; known: {', '.join(sorted(known))}"
+            )
 
     g = _Section(path, "gateway", raw.get("gateway"))
     allowed = g.get("allowed_calling_aes", list)
     if not allowed:
-        raise g._fail("allowed_calling_aes", 'is empty, so nobody could connect; list AE titles or "*"')
+        raise g._fail(
+            "allowed_calling_aes", 'is empty, so nobody could connect; list AE titles or "*"'
+        )
     gateway = GatewayConfig(
         ae_title=g.ae_title("ae_title", g.get("ae_title", str)),
         host=g.get("host", str, "127.0.0.1"),
@@ -394,16 +426,23 @@ def load_config(path: str | Path) -> Config:
     )
     admin_socket = g.path_("admin_socket", "data/admin.sock")
     if len(str(admin_socket)) > 100:  # AF_UNIX paths are limited to 108 bytes
-        raise g._fail("admin_socket", f"path {admin_socket} is too long for a Unix socket; use a shorter one")
+        raise g._fail(
+            "admin_socket", f"path {admin_socket} is too long for a Unix socket; use a shorter one"
+        )
     g.done()
 
     lg = _Section(path, "ledger", raw.get("ledger"))
     origin = lg.get("origin", str)
     if not origin or any(c.isspace() or c == "+" for c in origin):
-        raise lg._fail("origin", f"is {origin!r}; use a name like hospital-a.example/dicomledger (no spaces or '+')")
+        raise lg._fail(
+            "origin",
+            f"is {origin!r}; use a name like hospital-a.example/dicomledger (no spaces or '+')",
+        )
     checkpoint_interval = lg.get("checkpoint_interval", float, 1.0)
     if checkpoint_interval <= 0:
-        raise lg._fail("checkpoint_interval", f"must be positive seconds, got {checkpoint_interval}")
+        raise lg._fail(
+            "checkpoint_interval", f"must be positive seconds, got {checkpoint_interval}"
+        )
     ledger = LedgerConfig(
         origin=origin,
         key_file=lg.path_("key_file"),
@@ -414,7 +453,8 @@ def load_config(path: str | Path) -> Config:
 
     st = _Section(path, "storage", raw.get("storage"))
     storage = StorageConfig(
-        directory=st.path_("directory"), index=st.path_("index"),
+        directory=st.path_("directory"),
+        index=st.path_("index"),
         lifecycle=st.path_("lifecycle") if "lifecycle" in st.data else None,
     )
     st.done()
@@ -431,29 +471,50 @@ def load_config(path: str | Path) -> Config:
 
     tls = _tls(path, raw, gateway.port)
     return Config(
-        path, gateway, ledger, storage, secret_file, level, _peering(path, raw, ledger.origin),
-        permissions=_permissions(path, raw), forwarding=_forwarding(path, raw, gateway.ae_title),
-        admin_socket=admin_socket, atna=_atna(path, raw, ledger.origin), erasure=_erasure(path, raw),
-        retention=_retention(path, raw), scrub=_scrub(path, raw), tls=tls,
+        path,
+        gateway,
+        ledger,
+        storage,
+        secret_file,
+        level,
+        _peering(path, raw, ledger.origin),
+        permissions=_permissions(path, raw),
+        forwarding=_forwarding(path, raw, gateway.ae_title),
+        admin_socket=admin_socket,
+        atna=_atna(path, raw, ledger.origin),
+        erasure=_erasure(path, raw),
+        retention=_retention(path, raw),
+        scrub=_scrub(path, raw),
+        tls=tls,
         ae_bindings=_ae_bindings(path, raw, gateway, tls),
         metrics=_metrics(path, raw, ledger.checkpoint_interval, gateway.port),
         storage_commitment=_storage_commitment(path, raw),
     )
 
 
-def _metrics(path: Path, raw: dict[str, Any], checkpoint_interval: float, dicom_port: int) -> MetricsConfig | None:
+def _metrics(
+    path: Path, raw: dict[str, Any], checkpoint_interval: float, dicom_port: int
+) -> MetricsConfig | None:
     sec = _Section(path, "metrics", raw.get("metrics"))
     enabled = sec.get("enabled", bool, False)
     config = MetricsConfig(
         host=sec.get("host", str, "127.0.0.1"),
         port=sec.int_in("port", 0, 65535, 9112),
-        checkpoint_stale_after=_positive(sec, "checkpoint_stale_after", max(60.0, 10 * checkpoint_interval)),
+        checkpoint_stale_after=_positive(
+            sec, "checkpoint_stale_after", max(60.0, 10 * checkpoint_interval)
+        ),
     )
     sec.done()
     if enabled and config.port == dicom_port and config.port != 0:
-        raise sec._fail("port", f"is the DICOM port ({dicom_port}); the metrics endpoint needs a port of its own")
+        raise sec._fail(
+            "port",
+            f"is the DICOM port ({dicom_port}); the metrics endpoint needs a port of its own",
+        )
     if config.checkpoint_stale_after < checkpoint_interval:
-        raise sec._fail("checkpoint_stale_after", f"must be at least ledger.checkpoint_interval ({checkpoint_interval:g} s)")
+        raise sec._fail(
+            "checkpoint_stale_after",
+            f"must be at least ledger.checkpoint_interval ({checkpoint_interval:g} s)",
+        )
     return config if enabled else None
 
 
@@ -467,13 +528,23 @@ def _storage_commitment(path: Path, raw: dict[str, Any]) -> StorageCommitmentCon
         req = _Section(path, f"commitment_requestors[{i}]", item)
         host, _, port = req.get("address", str).rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise req._fail("address", "must be host:port of the requestor's own DICOM listener, e.g. 192.0.2.40:104")
-        requestors.append(CommitmentRequestor(req.ae_title("ae_title", req.get("ae_title", str)), host.strip("[]"),
-                                              int(port)))
+            raise req._fail(
+                "address",
+                "must be host:port of the requestor's own DICOM listener, e.g. 192.0.2.40:104",
+            )
+        requestors.append(
+            CommitmentRequestor(
+                req.ae_title("ae_title", req.get("ae_title", str)), host.strip("[]"), int(port)
+            )
+        )
         req.done()
     if len({r.ae_title for r in requestors}) != len(requestors):
-        raise ConfigError(f"{path}: the same ae_title is listed twice under [[commitment_requestors]]")
-    return StorageCommitmentConfig(enabled=enabled, requestors=tuple(requestors), report_timeout=timeout)
+        raise ConfigError(
+            f"{path}: the same ae_title is listed twice under [[commitment_requestors]]"
+        )
+    return StorageCommitmentConfig(
+        enabled=enabled, requestors=tuple(requestors), report_timeout=timeout
+    )
 
 
 def _tls(path: Path, raw: dict[str, Any], plain_port: int) -> TlsConfig | None:
@@ -482,47 +553,80 @@ def _tls(path: Path, raw: dict[str, Any], plain_port: int) -> TlsConfig | None:
     t = _Section(path, "tls", raw.get("tls"))
     mode = t.get("mode", str, "alongside")
     if mode not in ("alongside", "only"):
-        raise t._fail("mode", f'is {mode!r}; use "alongside" (TLS on tls.port and plain TCP on gateway.port) '
-                      'or "only" (gateway.port speaks TLS only)')
+        raise t._fail(
+            "mode",
+            f'is {mode!r}; use "alongside" (TLS on tls.port and plain TCP on gateway.port) '
+            'or "only" (gateway.port speaks TLS only)',
+        )
     port = t.int_in("port", 1, 65535) if mode == "alongside" else None
     if mode == "only" and "port" in t.data:
-        raise t._fail("port", 'is for mode = "alongside"; with mode = "only" TLS is served on gateway.port')
+        raise t._fail(
+            "port", 'is for mode = "alongside"; with mode = "only" TLS is served on gateway.port'
+        )
     if port == plain_port:
-        raise t._fail("port", f"is gateway.port ({port}); choose another port or set mode = \"only\"")
+        raise t._fail("port", f'is gateway.port ({port}); choose another port or set mode = "only"')
     ca_file = t.path_("ca_file") if t.get("ca_file", str, None) else None
     require = t.get("require_client_certificate", bool, True)
     if require and ca_file is None:
-        raise t._fail("ca_file", "is missing, and require_client_certificate is true: name the CA file that "
-                      "vouches for client certificates, or set require_client_certificate = false")
-    config = TlsConfig(certificate=t.path_("certificate"), key=t.path_("key"), ca_file=ca_file,
-                       require_client_certificate=require, port=port)
+        raise t._fail(
+            "ca_file",
+            "is missing, and require_client_certificate is true: name the CA file that "
+            "vouches for client certificates, or set require_client_certificate = false",
+        )
+    config = TlsConfig(
+        certificate=t.path_("certificate"),
+        key=t.path_("key"),
+        ca_file=ca_file,
+        require_client_certificate=require,
+        port=port,
+    )
     t.done()
     return config
 
 
-def _ae_bindings(path: Path, raw: dict[str, Any], gateway: GatewayConfig, tls: TlsConfig | None) -> tuple[AeBinding, ...]:
+def _ae_bindings(
+    path: Path, raw: dict[str, Any], gateway: GatewayConfig, tls: TlsConfig | None
+) -> tuple[AeBinding, ...]:
     bindings: list[AeBinding] = []
     for i, item in enumerate(_tables(path, raw, "ae_bindings")):
         sec = _Section(path, f"ae_bindings[{i}]", item)
         calling_ae = sec.ae_title("calling_ae", sec.get("calling_ae", str))
         if not gateway.allows(calling_ae):
-            raise sec._fail("calling_ae", f"is {calling_ae!r}, which gateway.allowed_calling_aes does not list")
+            raise sec._fail(
+                "calling_ae", f"is {calling_ae!r}, which gateway.allowed_calling_aes does not list"
+            )
         if calling_ae in (b.calling_ae for b in bindings):
-            raise sec._fail("calling_ae", f"binds {calling_ae!r} a second time; one [[ae_bindings]] per AE title")
-        fingerprints = frozenset(normalise_fingerprint(f) for f in _strings(sec, "certificate_sha256"))
+            raise sec._fail(
+                "calling_ae",
+                f"binds {calling_ae!r} a second time; one [[ae_bindings]] per AE title",
+            )
+        fingerprints = frozenset(
+            normalise_fingerprint(f) for f in _strings(sec, "certificate_sha256")
+        )
         if any(len(f) != 64 or not all(c in "0123456789abcdef" for c in f) for f in fingerprints):
-            raise sec._fail("certificate_sha256", "must be SHA-256 fingerprints (64 hex digits, colons allowed), "
-                            "as `openssl x509 -noout -fingerprint -sha256 -in CERT` prints them")
+            raise sec._fail(
+                "certificate_sha256",
+                "must be SHA-256 fingerprints (64 hex digits, colons allowed), "
+                "as `openssl x509 -noout -fingerprint -sha256 -in CERT` prints them",
+            )
         try:
             addresses = networks(_strings(sec, "addresses"))
         except ValueError as exc:
             raise sec._fail("addresses", f"has a bad address or network ({exc})") from None
-        binding = AeBinding(calling_ae, fingerprints, frozenset(_strings(sec, "certificate_name")), addresses)
+        binding = AeBinding(
+            calling_ae, fingerprints, frozenset(_strings(sec, "certificate_name")), addresses
+        )
         if not binding.needs_tls and not addresses:
-            raise sec._fail("calling_ae", "is bound to nothing; add certificate_sha256, certificate_name or addresses")
+            raise sec._fail(
+                "calling_ae",
+                "is bound to nothing; add certificate_sha256, certificate_name or addresses",
+            )
         if binding.needs_tls and (tls is None or tls.ca_file is None):
-            raise sec._fail("calling_ae", "is bound to a certificate, but no [tls] section with a ca_file "
-                            "checks client certificates")
+            raise sec._fail(
+                "calling_ae",
+                "is bound to a certificate, but no [tls] section with a ca_file "
+                "checks client certificates",
+            )
         bindings.append(binding)
         sec.done()
     return tuple(bindings)
@@ -539,16 +643,29 @@ def _atna(path: Path, raw: dict[str, Any], origin: str) -> AtnaConfig | None:
         raise at._fail("transport", f'is {transport!r}; use "tls" (RFC 5425) or "udp" (RFC 5426)')
     host, _, port = repository.rpartition(":")
     if enabled and (not host or not port.isdigit() or not 0 < int(port) < 65536):
-        raise at._fail("repository", "must be host:port of the audit repository's syslog, e.g. audit.example:6514")
-    optional = {key: at.path_(key) if at.get(key, str, None) else None for key in ("tls_ca", "tls_cert", "tls_key")}
+        raise at._fail(
+            "repository",
+            "must be host:port of the audit repository's syslog, e.g. audit.example:6514",
+        )
+    optional = {
+        key: at.path_(key) if at.get(key, str, None) else None
+        for key in ("tls_ca", "tls_cert", "tls_key")
+    }
     if (optional["tls_cert"] is None) != (optional["tls_key"] is None):
-        raise at._fail("tls_cert", "and tls_key go together: set both (our client certificate and its key) or neither")
+        raise at._fail(
+            "tls_cert",
+            "and tls_key go together: set both (our client certificate and its key) or neither",
+        )
     for key, file in optional.items():
         if enabled and transport == "tls" and file is not None and not file.is_file():
             raise at._fail(key, f"{file} is not a readable file")
     config = AtnaConfig(
-        host=host.strip("[]"), port=int(port) if port.isdigit() else 0, transport=transport,
-        tls_ca=optional["tls_ca"], tls_cert=optional["tls_cert"], tls_key=optional["tls_key"],
+        host=host.strip("[]"),
+        port=int(port) if port.isdigit() else 0,
+        transport=transport,
+        tls_ca=optional["tls_ca"],
+        tls_cert=optional["tls_cert"],
+        tls_key=optional["tls_key"],
         tls_server_name=at.get("tls_server_name", str, host.strip("[]")),
         queue=at.path_("queue", "data/atna.db"),
         max_queued=at.int_in("max_queued", 1, 10**9, 100_000),
@@ -565,14 +682,18 @@ def _atna(path: Path, raw: dict[str, Any], origin: str) -> AtnaConfig | None:
     if not 0 <= config.transfer_window <= 3600:
         raise at._fail("transfer_window", "must be between 0 and 3600 seconds")
     if not config.source_id.strip():
-        raise at._fail("source_id", "is empty; name this gateway as the audit repository should know it")
+        raise at._fail(
+            "source_id", "is empty; name this gateway as the audit repository should know it"
+        )
     return config if enabled else None
 
 
 def _positive(sec: _Section, key: str, default: float, zero_ok: bool = False) -> float:
     value: float = sec.get(key, float, default)
     if value < 0 or (value == 0 and not zero_ok):
-        raise sec._fail(key, f"must be {'zero or more' if zero_ok else 'a positive number'}, got {value}")
+        raise sec._fail(
+            key, f"must be {'zero or more' if zero_ok else 'a positive number'}, got {value}"
+        )
     return value
 
 
@@ -580,9 +701,18 @@ def _erasure(path: Path, raw: dict[str, Any]) -> ErasureConfig:
     sec = _Section(path, "erasure", raw.get("erasure"))
     honour = sec.get("honour_from", list, [])
     for origin in honour:
-        if not isinstance(origin, str) or not origin or any(c.isspace() or c == "+" for c in origin):
-            raise sec._fail("honour_from", f"has {origin!r}; list gateway origins such as hospital-a.example/dicomledger")
-    config = ErasureConfig(honour_from=tuple(honour), poll_interval=_positive(sec, "poll_interval", 2.0))
+        if (
+            not isinstance(origin, str)
+            or not origin
+            or any(c.isspace() or c == "+" for c in origin)
+        ):
+            raise sec._fail(
+                "honour_from",
+                f"has {origin!r}; list gateway origins such as hospital-a.example/dicomledger",
+            )
+    config = ErasureConfig(
+        honour_from=tuple(honour), poll_interval=_positive(sec, "poll_interval", 2.0)
+    )
     sec.done()
     return config
 
@@ -592,12 +722,16 @@ def _retention(path: Path, raw: dict[str, Any]) -> RetentionConfig:
     rules = []
     for i, item in enumerate(sec.get("rules", list, [])):
         rule = _Section(path, f"retention.rules[{i}]", item)
-        rules.append(RetentionRule(
-            keep_years=rule.int_in("keep_years", 1, 200), modalities=_strings(rule, "modality"),
-        ))
+        rules.append(
+            RetentionRule(
+                keep_years=rule.int_in("keep_years", 1, 200),
+                modalities=_strings(rule, "modality"),
+            )
+        )
         rule.done()
     config = RetentionConfig(
-        rules=tuple(rules), check_interval_hours=_positive(sec, "check_interval_hours", 24.0, zero_ok=True),
+        rules=tuple(rules),
+        check_interval_hours=_positive(sec, "check_interval_hours", 24.0, zero_ok=True),
     )
     sec.done()
     return config
@@ -672,20 +806,38 @@ def _forwarding(path: Path, raw: dict[str, Any], own_ae: str) -> ForwardingConfi
         site = sec.get("site", str, None)
         tls = None
         if sec.get("tls", bool, False):
-            files = {key: sec.path_(key) if sec.get(key, str, None) else None for key in ("tls_ca", "tls_cert", "tls_key")}
+            files = {
+                key: sec.path_(key) if sec.get(key, str, None) else None
+                for key in ("tls_ca", "tls_cert", "tls_key")
+            }
             if (files["tls_cert"] is None) != (files["tls_key"] is None):
-                raise sec._fail("tls_cert", "and tls_key go together: set both (our client certificate and its key) or neither")
-            tls = DestinationTls(files["tls_ca"], files["tls_cert"], files["tls_key"],
-                                 sec.get("tls_server_name", str, host.strip("[]")))
+                raise sec._fail(
+                    "tls_cert",
+                    "and tls_key go together: set both (our client certificate and its key) or neither",
+                )
+            tls = DestinationTls(
+                files["tls_ca"],
+                files["tls_cert"],
+                files["tls_key"],
+                sec.get("tls_server_name", str, host.strip("[]")),
+            )
         else:
             for key in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
                 if key in sec.data:
-                    raise sec._fail(key, "is set but tls is not true; add `tls = true` to use TLS to this destination")
-        destinations.append(DestinationConfig(
-            ae_title=sec.ae_title("ae_title", sec.get("ae_title", str)),
-            host=host, port=int(port), site=site,
-            concurrency=sec.int_in("concurrency", 1, 32, 1), tls=tls,
-        ))
+                    raise sec._fail(
+                        key,
+                        "is set but tls is not true; add `tls = true` to use TLS to this destination",
+                    )
+        destinations.append(
+            DestinationConfig(
+                ae_title=sec.ae_title("ae_title", sec.get("ae_title", str)),
+                host=host,
+                port=int(port),
+                site=site,
+                concurrency=sec.int_in("concurrency", 1, 32, 1),
+                tls=tls,
+            )
+        )
         sec.done()
     titles = [d.ae_title for d in destinations]
     if len(set(titles)) != len(titles):
@@ -696,15 +848,23 @@ def _forwarding(path: Path, raw: dict[str, Any], own_ae: str) -> ForwardingConfi
         to = _strings(sec, "to")
         for ae in to:
             if ae not in titles:
-                raise sec._fail("to", f"names {ae!r}, which is not under [[destinations]]; add it there")
+                raise sec._fail(
+                    "to", f"names {ae!r}, which is not under [[destinations]]; add it there"
+                )
         if not to:
             raise sec._fail("to", "is empty; name the destination AE titles this route sends to")
-        routes.append(RouteConfig(
-            to=to, calling_aes=_strings(sec, "calling_ae"),
-            modalities=_strings(sec, "modality"), sop_classes=_strings(sec, "sop_class"),
-        ))
+        routes.append(
+            RouteConfig(
+                to=to,
+                calling_aes=_strings(sec, "calling_ae"),
+                modalities=_strings(sec, "modality"),
+                sop_classes=_strings(sec, "sop_class"),
+            )
+        )
         sec.done()
-    return ForwardingConfig(**{**config.__dict__, "destinations": tuple(destinations), "routes": tuple(routes)})
+    return ForwardingConfig(
+        **{**config.__dict__, "destinations": tuple(destinations), "routes": tuple(routes)}
+    )
 
 
 def _tables(path: Path, raw: dict[str, Any], name: str) -> list[Any]:
@@ -718,7 +878,9 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
     if "peering" not in raw:
         for listed in ("peers", "witnesses"):
             if raw.get(listed):
-                raise ConfigError(f"{path}: [[{listed}]] are listed but there is no [peering] section to reach them from")
+                raise ConfigError(
+                    f"{path}: [[{listed}]] are listed but there is no [peering] section to reach them from"
+                )
         return None
     pe = _Section(path, "peering", raw["peering"])
     peering = PeeringConfig(
@@ -757,7 +919,9 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         try:
             name, public_key = parse_verifier_key(sec.get("vkey", str))
         except NoteError as exc:
-            raise sec._fail("vkey", f"is not a verifier key ({exc}); copy the peer's trust.txt line") from None
+            raise sec._fail(
+                "vkey", f"is not a verifier key ({exc}); copy the peer's trust.txt line"
+            ) from None
         if name != origin:
             raise sec._fail("vkey", f"names {name!r} but origin is {origin!r}")
         if origin == own_origin:
@@ -766,7 +930,10 @@ def _peering(path: Path, raw: dict[str, Any], own_origin: str) -> PeeringConfig 
         try:
             cert = cert_path.read_bytes()
         except OSError as exc:
-            raise sec._fail("tls_cert", f"{cert_path} cannot be read ({exc.strerror}); copy the peer's peer-tls.crt there") from None
+            raise sec._fail(
+                "tls_cert",
+                f"{cert_path} cannot be read ({exc.strerror}); copy the peer's peer-tls.crt there",
+            ) from None
         sec.done()
         peers.append(PeerConfig(origin, host, int(port), public_key, cert))
     if len({p.origin for p in peers}) != len(peers):
@@ -798,20 +965,31 @@ def _witnesses(path: Path, raw: dict[str, Any], taken: set[str]) -> tuple[Witnes
         try:
             name, public_key = parse_verifier_key(sec.get("vkey", str))
         except NoteError as exc:
-            raise sec._fail("vkey", f"is not a verifier key ({exc}); copy the key the witness publishes") from None
+            raise sec._fail(
+                "vkey", f"is not a verifier key ({exc}); copy the key the witness publishes"
+            ) from None
         if name in taken:
-            raise sec._fail("vkey", f"names {name!r}, already this gateway, one of its [[peers]] or [[witnesses]]")
+            raise sec._fail(
+                "vkey",
+                f"names {name!r}, already this gateway, one of its [[peers]] or [[witnesses]]",
+            )
         taken.add(name)
         url = sec.get("url", str).rstrip("/")
-        if not url.startswith(("https://", "http://")) or any(c.isspace() or c in "?#" for c in url):
-            raise sec._fail("url", "must be the witness's submission prefix, e.g. https://witness.example/w1")
+        if not url.startswith(("https://", "http://")) or any(
+            c.isspace() or c in "?#" for c in url
+        ):
+            raise sec._fail(
+                "url", "must be the witness's submission prefix, e.g. https://witness.example/w1"
+            )
         cert = None
         if "tls_cert" in sec.data:
             cert_path = sec.path_("tls_cert")
             try:
                 cert = cert_path.read_bytes()
             except OSError as exc:
-                raise sec._fail("tls_cert", f"{cert_path} cannot be read ({exc.strerror})") from None
+                raise sec._fail(
+                    "tls_cert", f"{cert_path} cannot be read ({exc.strerror})"
+                ) from None
         interval = sec.get("interval", float, 60.0)
         if interval < 0:
             raise sec._fail("interval", "must be zero or more seconds")

@@ -69,8 +69,9 @@ class _Group:
     delivered: int = 0  # by a forwarded entry of this gateway
 
 
-def forwards_queued_payload(dest: DestinationConfig, patient: str, grant: Grant, delivered: int,
-                            counts: BackfillCounts) -> dict[str, Any]:
+def forwards_queued_payload(
+    dest: DestinationConfig, patient: str, grant: Grant, delivered: int, counts: BackfillCounts
+) -> dict[str, Any]:
     """The forwards-queued entry: pseudonyms, the grant's ref and scope, and counts; no PHI."""
     return {
         "destination": dest.ae_title,
@@ -144,7 +145,9 @@ class ConsentForwarding:
                     log.error("consent scan failed; trying again", error=str(exc))
                 self._last_error = str(exc)
             except Exception as exc:  # a bug must not end consent-driven forwarding
-                log.exception("consent scan failed unexpectedly", error=f"{type(exc).__name__}: {exc}")
+                log.exception(
+                    "consent scan failed unexpectedly", error=f"{type(exc).__name__}: {exc}"
+                )
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             except TimeoutError:
@@ -158,14 +161,19 @@ class ConsentForwarding:
         sizes = {o.name: await self.ledger.size(o.name) for o in await self.ledger.origins()}
         if marks is None:
             await self.queue.start_consent_scan(sizes)
-            log.info("consent-driven forwarding starts at the ledger's current end", logs=len(sizes))
+            log.info(
+                "consent-driven forwarding starts at the ledger's current end", logs=len(sizes)
+            )
             return
         patients: set[str] = set()
         moved: dict[str, int] = {}
         for origin, size in sizes.items():
             start = marks.get(origin, 0)  # a log first seen now: all of its records are new
             if size > start:
-                patients |= {key.removeprefix("perm:") for key in await self.ledger.keys_between(origin, "perm:", start, size)}
+                patients |= {
+                    key.removeprefix("perm:")
+                    for key in await self.ledger.keys_between(origin, "perm:", start, size)
+                }
                 moved[origin] = size
         for patient in sorted(patients):
             await self.follow(patient)
@@ -175,12 +183,18 @@ class ConsentForwarding:
     async def follow(self, patient: str) -> None:
         """Queue the stored instances of ``patient`` that the permissions now allow and that
         are neither delivered nor in the queue, per destination the routes send them to."""
-        anchors = [idx for origin, idx in await self.ledger.find(f"patient:{patient}") if origin == self.origin]
+        anchors = [
+            idx
+            for origin, idx in await self.ledger.find(f"patient:{patient}")
+            if origin == self.origin
+        ]
         if not anchors:
             return  # no image of this patient stored here
-        items = [self._item(row, modality, patient)
-                 for row, modality in await self.index.anchored_by(self.origin, anchors)
-                 if row.study_uid is not None]  # (None: a row from before schema 2, not yet read)
+        items = [
+            self._item(row, modality, patient)
+            for row, modality in await self.index.anchored_by(self.origin, anchors)
+            if row.study_uid is not None
+        ]  # (None: a row from before schema 2, not yet read)
         if not items:
             return
         delivered: set[tuple[str, str, str]] | None = None  # read once, and only if needed
@@ -190,7 +204,10 @@ class ConsentForwarding:
             if not routed:
                 continue
             decisions = await self.book.decide_all(
-                sorted({(patient, it.study) for it in routed}), ae=dest.ae_title, site=dest.site, today=today
+                sorted({(patient, it.study) for it in routed}),
+                ae=dest.ae_title,
+                site=dest.site,
+                today=today,
             )
             groups: dict[str, _Group] = {}
             for item in routed:
@@ -221,9 +238,16 @@ class ConsentForwarding:
         finally:  # the jobs are queued: send them even if their entry must wait (_append_pending)
             self.forwarder.wake(dest.ae_title)
         p = backfill.payload
-        log.info("stored instances queued by a grant", destination=dest.ae_title, patient=patient[:12],
-                 grant=group.grant.ref[:16], queued=p["queued"], already_delivered=p["already_delivered"],
-                 already_queued=p["already_queued"], entry=appended.index)
+        log.info(
+            "stored instances queued by a grant",
+            destination=dest.ae_title,
+            patient=patient[:12],
+            grant=group.grant.ref[:16],
+            queued=p["queued"],
+            already_delivered=p["already_delivered"],
+            already_queued=p["already_queued"],
+            entry=appended.index,
+        )
 
     async def _append_pending(self) -> None:
         """Append the entries of backfills committed but not recorded (a crash between the
@@ -236,8 +260,11 @@ class ConsentForwarding:
             index = await self._logged(backfill, recorded)
             if index is None:
                 index = (await self.writer.append(FORWARDS_QUEUED, backfill.payload)).index
-                log.warning("forwards-queued entry appended after a restart or a ledger failure",
-                            destination=backfill.payload.get("destination"), entry=index)
+                log.warning(
+                    "forwards-queued entry appended after a restart or a ledger failure",
+                    destination=backfill.payload.get("destination"),
+                    entry=index,
+                )
             await self.queue.backfill_recorded(backfill.id, index)
             recorded.add(index)
             self.forwarder.wake(str(backfill.payload.get("destination")))
@@ -253,7 +280,8 @@ class ConsentForwarding:
         """(destination, instance, pixel hash) of this gateway's forwarded entries of ``patient``."""
         return {
             (str(p.get("destination")), str(p.get("instance")), str(p.get("sha256")))
-            for _, kind, p in await self._own_activity(patient) if kind == FORWARDED
+            for _, kind, p in await self._own_activity(patient)
+            if kind == FORWARDED
         }
 
     async def _own_activity(self, patient: str) -> list[tuple[int, str, dict[str, Any]]]:
@@ -265,16 +293,22 @@ class ConsentForwarding:
             try:
                 entry = decode_entry(await self.ledger.entry(origin, idx))
             except EntryError as exc:  # `dicomledger verify` names it
-                log.error("ledger entry unreadable; left out", origin=origin, index=idx, error=str(exc))
+                log.error(
+                    "ledger entry unreadable; left out", origin=origin, index=idx, error=str(exc)
+                )
                 continue
             found.append((idx, entry.kind, dict(entry.payload)))
         return found
 
     def _item(self, row: InstanceRow, modality: str | None, patient: str) -> ForwardItem:
         return ForwardItem(
-            sop_instance_uid=row.sop_instance_uid, sop_class_uid=row.sop_class_uid,
-            transfer_syntax_uid=row.transfer_syntax_uid, path=row.path, calling_ae=row.calling_ae,
-            modality=modality, patient=patient,
+            sop_instance_uid=row.sop_instance_uid,
+            sop_class_uid=row.sop_class_uid,
+            transfer_syntax_uid=row.transfer_syntax_uid,
+            path=row.path,
+            calling_ae=row.calling_ae,
+            modality=modality,
+            patient=patient,
             study=pseudonym(self.secret, "study", str(row.study_uid)),
             instance=pseudonym(self.secret, "instance", row.sop_instance_uid),
             sha256=row.sha256.hex(),

@@ -41,8 +41,12 @@ class DataDirInUse(StorageError, RuntimeError):
 
 def data_directories(config: Config) -> list[Path]:
     """Every directory the gateway's data lives in, the ledger's first."""
-    dirs = [config.ledger.database.parent, config.storage.index.parent, config.storage.directory,
-            config.lifecycle_db.parent]
+    dirs = [
+        config.ledger.database.parent,
+        config.storage.index.parent,
+        config.storage.directory,
+        config.lifecycle_db.parent,
+    ]
     if config.admin_socket is not None:
         dirs.append(config.admin_socket.parent)
     if config.forwarding is not None:
@@ -128,9 +132,13 @@ def running_gateway(config: Config) -> str | None:
 def _private_files(config: Config) -> list[Path]:
     """The gateway's own files outside the image store (which is walked whole)."""
     files = [config.path, config.ledger.key_file, config.pseudonym_secret_file]
-    for db in (config.ledger.database, config.storage.index, config.lifecycle_db,
-               config.forwarding.queue if config.forwarding is not None else None,
-               config.atna.queue if config.atna is not None else None):  # audit messages name patients
+    for db in (
+        config.ledger.database,
+        config.storage.index,
+        config.lifecycle_db,
+        config.forwarding.queue if config.forwarding is not None else None,
+        config.atna.queue if config.atna is not None else None,
+    ):  # audit messages name patients
         if db is not None:
             files += [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
     if config.peering is not None:
@@ -192,4 +200,3 @@ def make_private(config: Config) -> list[Path]:
 def set_private_umask() -> None:
     """Everything this process creates from now on: files 0600, directories 0700."""
     os.umask(PRIVATE_UMASK)
-

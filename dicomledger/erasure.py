@@ -62,7 +62,9 @@ def truncate_wal(database: Path) -> bool:
         busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         return not busy
     except sqlite3.Error as exc:
-        log.warning("cannot truncate the WAL after an erasure", database=str(database), error=str(exc))
+        log.warning(
+            "cannot truncate the WAL after an erasure", database=str(database), error=str(exc)
+        )
         return False
     finally:
         db.close()
@@ -88,9 +90,19 @@ class ErasurePlan:
 
 class Eraser:
     def __init__(
-        self, *, index: Index, ledger: LedgerStore, writer: LogWriter, files: FileStore,
-        queue: ForwardQueue | None, state: LifecycleState, secret: bytes, origin: str,
-        lock: asyncio.Lock, honour_from: tuple[str, ...], audit_queue: Path | None = None,
+        self,
+        *,
+        index: Index,
+        ledger: LedgerStore,
+        writer: LogWriter,
+        files: FileStore,
+        queue: ForwardQueue | None,
+        state: LifecycleState,
+        secret: bytes,
+        origin: str,
+        lock: asyncio.Lock,
+        honour_from: tuple[str, ...],
+        audit_queue: Path | None = None,
     ) -> None:
         self.index = index
         self.ledger = ledger
@@ -111,19 +123,33 @@ class Eraser:
     # -- planning -----------------------------------------------------------------------------
 
     async def plan(
-        self, patient: str, study: str | None = None, *, before: int | None = None,
-        instances: frozenset[str] | None = None, patient_ids: list[str] | None = None,
+        self,
+        patient: str,
+        study: str | None = None,
+        *,
+        before: int | None = None,
+        instances: frozenset[str] | None = None,
+        patient_ids: list[str] | None = None,
     ) -> ErasurePlan:
         """What erasing ``patient`` (a pseudonym; the Patient IDs are found by it) or one of
         its studies removes now: instances anchored by this gateway (before entry ``before``;
         of ``instances``, by pseudonym, if given)."""
         if patient_ids is None:
-            patient_ids = [p for p in await self.index.patient_ids() if self._pseudonym("patient", p) == patient]
+            patient_ids = [
+                p
+                for p in await self.index.patient_ids()
+                if self._pseudonym("patient", p) == patient
+            ]
         rows = [
-            r for r in await self.index.rows_of(patient_ids)
-            if r.ledger_origin == self.origin and r.ledger_index is not None
+            r
+            for r in await self.index.rows_of(patient_ids)
+            if r.ledger_origin == self.origin
+            and r.ledger_index is not None
             and (before is None or r.ledger_index < before)
-            and (study is None or (r.study_uid is not None and self._pseudonym("study", r.study_uid) == study))
+            and (
+                study is None
+                or (r.study_uid is not None and self._pseudonym("study", r.study_uid) == study)
+            )
             and (instances is None or self._pseudonym("instance", r.sop_instance_uid) in instances)
         ]
         uids = [r.sop_instance_uid for r in rows]
@@ -135,21 +161,38 @@ class Eraser:
         """The studies a plan erases, for the administrator: UID, Patient ID, date,
         modalities, how many of its instances go (local admin interface only)."""
         per_study = Counter((r.study_uid, r.patient_id) for r in plan.rows)
-        summaries: dict[tuple[str | None, str | None], Any] = {(s.study_uid, s.patient_id): s for s in await self.index.studies(sorted({r.patient_id for r in plan.rows if r.patient_id}))}
+        summaries: dict[tuple[str | None, str | None], Any] = {
+            (s.study_uid, s.patient_id): s
+            for s in await self.index.studies(
+                sorted({r.patient_id for r in plan.rows if r.patient_id})
+            )
+        }
         lines = []
-        for (study_uid, patient_id), count in sorted(per_study.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or "")):
+        for (study_uid, patient_id), count in sorted(
+            per_study.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or "")
+        ):
             s = summaries.get((study_uid, patient_id))
-            lines.append({
-                "study_uid": study_uid, "patient_id": patient_id, "study_date": s.study_date if s else "",
-                "modalities": list(s.modalities) if s else [], "instances": count,
-                "description": s.description if s else "",
-            })
+            lines.append(
+                {
+                    "study_uid": study_uid,
+                    "patient_id": patient_id,
+                    "study_date": s.study_date if s else "",
+                    "modalities": list(s.modalities) if s else [],
+                    "instances": count,
+                    "description": s.description if s else "",
+                }
+            )
         return lines
 
     # -- erasing ------------------------------------------------------------------------------
 
     async def erase(
-        self, patient: str, study: str | None, reason: str, *, dry_run: bool = False,
+        self,
+        patient: str,
+        study: str | None,
+        reason: str,
+        *,
+        dry_run: bool = False,
         patient_ids: list[str] | None = None,
     ) -> dict[str, Any]:
         """Erase now (or, with ``dry_run``, say what would go). NothingToErase if nothing
@@ -157,12 +200,16 @@ class Eraser:
         async with self.lock:
             plan = await self.plan(patient, study, patient_ids=patient_ids)
             answer = {
-                "instances": len(plan.rows), "files": plan.files, "forward_jobs": plan.forward_jobs,
-                "studies": await self.describe(plan), "dry_run": dry_run,
+                "instances": len(plan.rows),
+                "files": plan.files,
+                "forward_jobs": plan.forward_jobs,
+                "studies": await self.describe(plan),
+                "dry_run": dry_run,
             }
             if not plan.rows:
                 raise NothingToErase(
-                    "nothing of this patient is stored here" if study is None
+                    "nothing of this patient is stored here"
+                    if study is None
                     else "nothing of this patient in this study is stored here"
                 )
             if dry_run:
@@ -174,15 +221,25 @@ class Eraser:
     async def _record(self, plan: ErasurePlan, reason: str, request: EntryRef | None) -> int:
         """Append the erased entry, then apply it; with the lock held. Returns its index."""
         payload = make_erased_payload(
-            patient=plan.patient, study=plan.study,
+            patient=plan.patient,
+            study=plan.study,
             studies=[self._pseudonym("study", s) for s in plan.studies],
-            instances=len(plan.rows), files=plan.files, forward_jobs=plan.forward_jobs, reason=reason,
+            instances=len(plan.rows),
+            files=plan.files,
+            forward_jobs=plan.forward_jobs,
+            reason=reason,
             request=request,
         )
         appended = await self.writer.append(ERASED, payload)
         log.info(
-            "erasure recorded", entry=appended.index, patient=plan.patient, study=plan.study, reason=reason,
-            instances=len(plan.rows), files=plan.files, forward_jobs=plan.forward_jobs,
+            "erasure recorded",
+            entry=appended.index,
+            patient=plan.patient,
+            study=plan.study,
+            reason=reason,
+            instances=len(plan.rows),
+            files=plan.files,
+            forward_jobs=plan.forward_jobs,
             request=None if request is None else f"{request.origin} entry {request.index}",
         )
         await self._apply(plan.rows, appended.index)
@@ -196,14 +253,20 @@ class Eraser:
         if self.queue is not None:
             await self.queue.cancel(uids)
         paths, truncated = await self.index.erase(uids, self.origin, before)
-        log.info("erased instances are out of the index; removing their files", entry=before, files=len(paths))
+        log.info(
+            "erased instances are out of the index; removing their files",
+            entry=before,
+            files=len(paths),
+        )
         truncated = await self._remove_files() and truncated
         await self.state.forget_instances(uids)
         if self.audit_queue is not None and self.audit_queue.exists():
             truncated = await asyncio.to_thread(truncate_wal, self.audit_queue) and truncated
         if not truncated:
-            log.warning("a WAL could not be truncated after an erasure (a reader kept it busy): deleted "
-                        "rows may stay in it until the next erasure or the next start")
+            log.warning(
+                "a WAL could not be truncated after an erasure (a reader kept it busy): deleted "
+                "rows may stay in it until the next erasure or the next start"
+            )
 
     async def _remove_files(self) -> bool:
         """Remove every file listed in the index's ``erasing`` table."""
@@ -222,14 +285,21 @@ class Eraser:
             leftover = await self.index.erasing()
             if leftover:
                 await self._remove_files()
-                log.warning("removed the files of an erasure interrupted by a crash", files=len(leftover))
+                log.warning(
+                    "removed the files of an erasure interrupted by a crash", files=len(leftover)
+                )
         seen = await self.state.seen_erasures()
         found = [ref for ref in await self.ledger.find("erased") if ref not in seen]
         for origin, index in sorted(found, key=lambda ref: (ref[0] != self.origin, ref)):
             try:
                 erasure = await read_erasure(self.ledger, origin, index)
             except ErasureFormatError as exc:
-                log.error("erasure entry cannot be read; not applied", origin=origin, entry=index, error=str(exc))
+                log.error(
+                    "erasure entry cannot be read; not applied",
+                    origin=origin,
+                    entry=index,
+                    error=str(exc),
+                )
             else:
                 if origin == self.origin:
                     await self._finish_own(erasure)
@@ -245,7 +315,8 @@ class Eraser:
             return None
         try:
             return await requested_instances(
-                self.ledger, await read_erasure(self.ledger, erasure.request.origin, erasure.request.index)
+                self.ledger,
+                await read_erasure(self.ledger, erasure.request.origin, erasure.request.index),
             )
         except ErasureFormatError:
             return frozenset()
@@ -253,17 +324,26 @@ class Eraser:
     async def _finish_own(self, erasure: Erasure) -> None:
         requested = await self._requested(erasure)
         async with self.lock:
-            plan = await self.plan(erasure.patient, erasure.study, before=erasure.index, instances=requested)
+            plan = await self.plan(
+                erasure.patient, erasure.study, before=erasure.index, instances=requested
+            )
             if plan.rows:
                 await self._apply(plan.rows, erasure.index)
-                log.warning("erasure completed: it had been interrupted, or the data was restored from "
-                            "an older backup", entry=erasure.index, instances=len(plan.rows))
+                log.warning(
+                    "erasure completed: it had been interrupted, or the data was restored from "
+                    "an older backup",
+                    entry=erasure.index,
+                    instances=len(plan.rows),
+                )
 
     async def _consider(self, erasure: Erasure) -> None:
         """Another gateway's erasure: erase our copies of what it covers if we honour that
         gateway, else keep it for `status` while we hold copies."""
-        mine = [e for e in await erasures_of(self.ledger, erasure.patient)
-                if e.origin == self.origin and e.request == EntryRef(erasure.origin, erasure.index)]
+        mine = [
+            e
+            for e in await erasures_of(self.ledger, erasure.patient)
+            if e.origin == self.origin and e.request == EntryRef(erasure.origin, erasure.index)
+        ]
         if mine:  # applied before (its own entry is finished by _finish_own)
             await self._keep(erasure, "honoured", mine[0].instances, mine[0].index)
             return
@@ -277,22 +357,38 @@ class Eraser:
                 await self._keep(erasure, "pending", len(plan.rows), None)
                 log.warning(
                     "erasure by another gateway not applied: its origin is not in [erasure] honour_from",
-                    origin=erasure.origin, entry=erasure.index, patient=erasure.patient, copies_held=len(plan.rows),
+                    origin=erasure.origin,
+                    entry=erasure.index,
+                    patient=erasure.patient,
+                    copies_held=len(plan.rows),
                 )
                 return
-            index = await self._record(plan, CUSTODIAN_ERASURE, EntryRef(erasure.origin, erasure.index))
+            index = await self._record(
+                plan, CUSTODIAN_ERASURE, EntryRef(erasure.origin, erasure.index)
+            )
         await self._keep(erasure, "honoured", len(plan.rows), index)
         await self._requests_resolved(erasure.patient)
 
     async def _keep(self, erasure: Erasure, state: str, held: int, entry: int | None) -> None:
-        await self.state.record_request(ErasureRequest(
-            erasure.origin, erasure.index, erasure.patient, erasure.study, erasure.reason, erasure.time_ms,
-            state, held, entry,
-        ))
+        await self.state.record_request(
+            ErasureRequest(
+                erasure.origin,
+                erasure.index,
+                erasure.patient,
+                erasure.study,
+                erasure.reason,
+                erasure.time_ms,
+                state,
+                held,
+                entry,
+            )
+        )
 
     async def _requests_resolved(self, patient: str) -> None:
         """After an erasure of ``patient`` here, recount the copies pending requests name."""
         for request in await self.state.requests(state="pending", patient=patient):
             erasure = await read_erasure(self.ledger, request.origin, request.index)
-            plan = await self.plan(patient, erasure.study, instances=await requested_instances(self.ledger, erasure))
+            plan = await self.plan(
+                patient, erasure.study, instances=await requested_instances(self.ledger, erasure)
+            )
             await self._keep(erasure, "pending" if plan.rows else "resolved", len(plan.rows), None)

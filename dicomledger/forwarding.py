@@ -208,7 +208,9 @@ class ForwardQueue(ThreadedSqlite):
         try:
             return await super()._on_thread(fn, *args)
         except sqlite3.Error as exc:
-            raise ForwardQueueError(f"forward queue {self.path} failed ({exc}); check disk space") from None
+            raise ForwardQueueError(
+                f"forward queue {self.path} failed ({exc}); check disk space"
+            ) from None
 
     @classmethod
     async def open(cls, path: Path) -> ForwardQueue:
@@ -224,7 +226,9 @@ class ForwardQueue(ThreadedSqlite):
         if "in_flight" not in columns:  # a queue written by an earlier version
             self._db.execute("ALTER TABLE jobs ADD COLUMN in_flight INTEGER NOT NULL DEFAULT 0")
 
-    async def add(self, destinations: Sequence[str], item: ForwardItem, anchor: tuple[str, int]) -> list[str]:
+    async def add(
+        self, destinations: Sequence[str], item: ForwardItem, anchor: tuple[str, int]
+    ) -> list[str]:
         """Queue ``item`` for ``destinations`` and record that the forwards of the entry
         ``anchor`` (origin, index) are decided, in one transaction; returns the destinations
         it was newly queued for (not those where that exact instance already was)."""
@@ -239,12 +243,26 @@ class ForwardQueue(ThreadedSqlite):
                         "INSERT OR IGNORE INTO jobs (destination, sop_instance_uid, sop_class_uid, "
                         "transfer_syntax_uid, path, patient, study, instance, sha256, state, "
                         "next_attempt, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                        (destination, item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid,
-                         item.path, item.patient, item.study, item.instance, item.sha256, 0.0, _now_iso()),
+                        (
+                            destination,
+                            item.sop_instance_uid,
+                            item.sop_class_uid,
+                            item.transfer_syntax_uid,
+                            item.path,
+                            item.patient,
+                            item.study,
+                            item.instance,
+                            item.sha256,
+                            0.0,
+                            _now_iso(),
+                        ),
                     )
                     if cur.rowcount == 1:
                         queued.append(destination)
-                self._db.execute("INSERT OR IGNORE INTO routed (anchor_origin, anchor_index) VALUES (?, ?)", anchor)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO routed (anchor_origin, anchor_index) VALUES (?, ?)",
+                    anchor,
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -256,13 +274,19 @@ class ForwardQueue(ThreadedSqlite):
     async def routed(self, anchor: tuple[str, int]) -> bool:
         """Whether the forwards of the image-anchored entry ``anchor`` were decided."""
         rows = await self._on_thread(
-            self._fetchall, "SELECT 1 FROM routed WHERE anchor_origin = ? AND anchor_index = ?", anchor
+            self._fetchall,
+            "SELECT 1 FROM routed WHERE anchor_origin = ? AND anchor_index = ?",
+            anchor,
         )
         return bool(rows)
 
-    async def due(self, destination: str, now: float, exclude: Sequence[int], limit: int = 1) -> list[Job]:
+    async def due(
+        self, destination: str, now: float, exclude: Sequence[int], limit: int = 1
+    ) -> list[Job]:
         """The oldest due queued jobs of ``destination`` not in ``exclude`` (being sent)."""
-        marks = ",".join("?" for _ in exclude)  # SQLite accepts an empty list; NOT IN (NULL) matches nothing
+        marks = ",".join(
+            "?" for _ in exclude
+        )  # SQLite accepts an empty list; NOT IN (NULL) matches nothing
         rows = await self._on_thread(
             self._fetchall,
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE destination = ? AND state = 'queued' "
@@ -297,28 +321,42 @@ class ForwardQueue(ThreadedSqlite):
     async def mark_in_flight(self, ids: Sequence[int]) -> None:
         """Durably note that these jobs are about to be sent: after a crash, a restart looks on
         the ledger for their ``forwarded`` entries before sending them again."""
-        await self._in_one_transaction([("UPDATE jobs SET in_flight = 1 WHERE id = ?", [(i,) for i in ids])])
+        await self._in_one_transaction(
+            [("UPDATE jobs SET in_flight = 1 WHERE id = ?", [(i,) for i in ids])]
+        )
 
-    async def settle(self, done: Sequence[Job], refused: Sequence[tuple[Job, str]], untouched: Sequence[int]) -> None:
+    async def settle(
+        self, done: Sequence[Job], refused: Sequence[tuple[Job, str]], untouched: Sequence[int]
+    ) -> None:
         """A batch's outcome in one transaction: jobs delivered, jobs refused, and jobs not
         attempted (back to waiting, not in flight)."""
         now = _now_iso()
-        await self._in_one_transaction([
-            ("UPDATE jobs SET state = 'done', last_error = NULL, finished_at = ?, attempts = ?, in_flight = 0 "
-             "WHERE id = ?", [(now, j.attempts, j.id) for j in done]),
-            ("UPDATE jobs SET state = 'refused', last_error = ?, finished_at = ?, in_flight = 0 WHERE id = ?",
-             [(why, now, j.id) for j, why in refused]),
-            ("UPDATE jobs SET in_flight = 0 WHERE id = ?", [(i,) for i in untouched]),
-        ])
+        await self._in_one_transaction(
+            [
+                (
+                    "UPDATE jobs SET state = 'done', last_error = NULL, finished_at = ?, attempts = ?, in_flight = 0 "
+                    "WHERE id = ?",
+                    [(now, j.attempts, j.id) for j in done],
+                ),
+                (
+                    "UPDATE jobs SET state = 'refused', last_error = ?, finished_at = ?, in_flight = 0 WHERE id = ?",
+                    [(why, now, j.id) for j, why in refused],
+                ),
+                ("UPDATE jobs SET in_flight = 0 WHERE id = ?", [(i,) for i in untouched]),
+            ]
+        )
 
     async def in_flight(self) -> list[Job]:
         """Jobs a crash left in flight: their send may or may not have reached the destination."""
         rows = await self._on_thread(
-            self._fetchall, f"SELECT {_JOB_COLUMNS} FROM jobs WHERE in_flight = 1 AND state = 'queued' ORDER BY id"
+            self._fetchall,
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE in_flight = 1 AND state = 'queued' ORDER BY id",
         )
         return [Job(*row) for row in rows]
 
-    async def _in_one_transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+    async def _in_one_transaction(
+        self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]
+    ) -> None:
         def run() -> None:
             assert self._db is not None
             if not any(rows for _, rows in statements):
@@ -337,7 +375,8 @@ class ForwardQueue(ThreadedSqlite):
 
     async def counts(self) -> dict[tuple[str, str], int]:
         rows = await self._on_thread(
-            self._fetchall, "SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state"
+            self._fetchall,
+            "SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state",
         )
         return {(d, s): n for d, s, n in rows}
 
@@ -359,7 +398,9 @@ class ForwardQueue(ThreadedSqlite):
         )
         return {(d, s): n for d, s, n in rows}
 
-    async def listed(self, states: Sequence[str], destination: str | None, limit: int) -> list[ListedJob]:
+    async def listed(
+        self, states: Sequence[str], destination: str | None, limit: int
+    ) -> list[ListedJob]:
         """Jobs in ``states`` (as shown), of ``destination`` or all, oldest first."""
         marks = ",".join("?" for _ in states)
         where = f"{_SHOWN_STATE} IN ({marks})" + (" AND destination = ?" if destination else "")
@@ -371,10 +412,16 @@ class ForwardQueue(ThreadedSqlite):
         )
         return [ListedJob(*row) for row in rows]
 
-    async def put_back(self, *, parked_only: bool, destination: str | None, ids: Sequence[int]) -> dict[str, int]:
+    async def put_back(
+        self, *, parked_only: bool, destination: str | None, ids: Sequence[int]
+    ) -> dict[str, int]:
         """Make parked jobs (and unless ``parked_only``, failed ones waiting for their next
         attempt) queued and due now, with a fresh attempt count; per destination, how many."""
-        which = "state = 'failed'" if parked_only else "(state = 'failed' OR (state = 'queued' AND attempts > 0))"
+        which = (
+            "state = 'failed'"
+            if parked_only
+            else "(state = 'failed' OR (state = 'queued' AND attempts > 0))"
+        )
         where = [which]
         params: list[Any] = []
         if destination is not None:
@@ -388,10 +435,12 @@ class ForwardQueue(ThreadedSqlite):
             assert self._db is not None
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                counts = dict(self._db.execute(
-                    f"SELECT destination, COUNT(*) FROM jobs WHERE {' AND '.join(where)} GROUP BY destination",
-                    params,
-                ).fetchall())
+                counts = dict(
+                    self._db.execute(
+                        f"SELECT destination, COUNT(*) FROM jobs WHERE {' AND '.join(where)} GROUP BY destination",
+                        params,
+                    ).fetchall()
+                )
                 self._db.execute(
                     "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt = 0, finished_at = NULL "
                     f"WHERE {' AND '.join(where)}",
@@ -413,7 +462,9 @@ class ForwardQueue(ThreadedSqlite):
 
         def marks() -> dict[str, int] | None:
             assert self._db is not None
-            if not self._db.execute("SELECT 1 FROM queue_settings WHERE name = 'consent_scan_since'").fetchall():
+            if not self._db.execute(
+                "SELECT 1 FROM queue_settings WHERE name = 'consent_scan_since'"
+            ).fetchall():
                 return None
             return dict(self._db.execute("SELECT origin, next_index FROM consent_scan").fetchall())
 
@@ -435,7 +486,8 @@ class ForwardQueue(ThreadedSqlite):
                 )
                 if since is not None:
                     self._db.execute(
-                        "INSERT OR IGNORE INTO queue_settings (name, value) VALUES ('consent_scan_since', ?)", (since,)
+                        "INSERT OR IGNORE INTO queue_settings (name, value) VALUES ('consent_scan_since', ?)",
+                        (since,),
                     )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -445,7 +497,10 @@ class ForwardQueue(ThreadedSqlite):
         await self._on_thread(write)
 
     async def backfill(
-        self, destination: str, items: Sequence[ForwardItem], entry: Callable[[BackfillCounts], dict[str, Any]]
+        self,
+        destination: str,
+        items: Sequence[ForwardItem],
+        entry: Callable[[BackfillCounts], dict[str, Any]],
     ) -> Backfill | None:
         """Queue ``items`` for ``destination`` unless a job of that exact instance exists (done,
         queued, failing or parked; a job refused because it was no longer authorised when due is
@@ -460,7 +515,8 @@ class ForwardQueue(ThreadedSqlite):
                 for item in items:
                     key = (destination, item.sop_instance_uid, item.sha256)
                     found = self._db.execute(
-                        "SELECT state FROM jobs WHERE destination = ? AND sop_instance_uid = ? AND sha256 = ?", key
+                        "SELECT state FROM jobs WHERE destination = ? AND sop_instance_uid = ? AND sha256 = ?",
+                        key,
                     ).fetchall()
                     state = found[0][0] if found else None
                     if state == "done":
@@ -471,7 +527,8 @@ class ForwardQueue(ThreadedSqlite):
                         self._db.execute(
                             "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt = 0, last_error = NULL, "
                             "finished_at = NULL, created_at = ? WHERE destination = ? AND sop_instance_uid = ? "
-                            "AND sha256 = ?", (_now_iso(), *key),
+                            "AND sha256 = ?",
+                            (_now_iso(), *key),
                         )
                         queued += 1
                     else:
@@ -479,15 +536,26 @@ class ForwardQueue(ThreadedSqlite):
                             "INSERT INTO jobs (destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
                             "path, patient, study, instance, sha256, state, next_attempt, created_at) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?)",
-                            (destination, item.sop_instance_uid, item.sop_class_uid, item.transfer_syntax_uid,
-                             item.path, item.patient, item.study, item.instance, item.sha256, _now_iso()),
+                            (
+                                destination,
+                                item.sop_instance_uid,
+                                item.sop_class_uid,
+                                item.transfer_syntax_uid,
+                                item.path,
+                                item.patient,
+                                item.study,
+                                item.instance,
+                                item.sha256,
+                                _now_iso(),
+                            ),
                         )
                         queued += 1
                 result = None
                 if queued:
                     payload = entry(BackfillCounts(queued, done, waiting))
                     cur = self._db.execute(
-                        "INSERT INTO backfills (payload, created_at) VALUES (?, ?)", (json.dumps(payload), _now_iso())
+                        "INSERT INTO backfills (payload, created_at) VALUES (?, ?)",
+                        (json.dumps(payload), _now_iso()),
                     )
                     assert cur.lastrowid is not None
                     result = Backfill(cur.lastrowid, payload)
@@ -502,7 +570,8 @@ class ForwardQueue(ThreadedSqlite):
     async def unrecorded_backfills(self) -> list[Backfill]:
         """Backfills whose ledger entry was not appended yet (a crash, a ledger failure)."""
         rows = await self._on_thread(
-            self._fetchall, "SELECT id, payload FROM backfills WHERE entry_index IS NULL ORDER BY id"
+            self._fetchall,
+            "SELECT id, payload FROM backfills WHERE entry_index IS NULL ORDER BY id",
         )
         return [Backfill(i, json.loads(payload)) for i, payload in rows]
 
@@ -514,9 +583,10 @@ class ForwardQueue(ThreadedSqlite):
 
     async def backfill_recorded(self, backfill_id: int, entry_index: int) -> None:
         await self._on_thread(
-            self._fetchall, "UPDATE backfills SET entry_index = ? WHERE id = ?", (entry_index, backfill_id)
+            self._fetchall,
+            "UPDATE backfills SET entry_index = ? WHERE id = ?",
+            (entry_index, backfill_id),
         )
-
 
     async def cancel(self, sop_instance_uids: Sequence[str]) -> int:
         """Remove every job of these instances (an erasure: their rows name the instances and
@@ -532,10 +602,11 @@ class ForwardQueue(ThreadedSqlite):
             db.execute("BEGIN IMMEDIATE")
             try:
                 for start in range(0, len(uids), 500):
-                    chunk = uids[start:start + 500]
+                    chunk = uids[start : start + 500]
                     marks = ",".join("?" for _ in chunk)
                     pending += db.execute(
-                        f"SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND sop_instance_uid IN ({marks})", chunk
+                        f"SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND sop_instance_uid IN ({marks})",
+                        chunk,
                     ).fetchone()[0]
                     db.execute(f"DELETE FROM jobs WHERE sop_instance_uid IN ({marks})", chunk)
                 db.execute("COMMIT")
@@ -553,7 +624,7 @@ class ForwardQueue(ThreadedSqlite):
         uids = list(sop_instance_uids)
         total = 0
         for start in range(0, len(uids), 500):
-            chunk = uids[start:start + 500]
+            chunk = uids[start : start + 500]
             rows = await self._on_thread(
                 self._fetchall,
                 f"SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND sop_instance_uid IN ({','.join('?' for _ in chunk)})",
@@ -612,7 +683,9 @@ class Forwarder:
                 item.patient, study=item.study, ae=dest.ae_title, site=dest.site, today=_today()
             )
             if not decision.allowed:
-                await self._refused(dest, item.patient, item.study, item.instance, item.sha256, decision.reason)
+                await self._refused(
+                    dest, item.patient, item.study, item.instance, item.sha256, decision.reason
+                )
                 outcomes.append(f"{dest.ae_title}: refused ({decision.reason})")
             else:
                 allowed.append(dest.ae_title)
@@ -632,8 +705,10 @@ class Forwarder:
 
     def admin_handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]]:
         """`dicomledger queue retry` and `queue unpark`, through the admin socket."""
-        return {"queue-retry": partial(self._put_back, parked_only=False),
-                "queue-unpark": partial(self._put_back, parked_only=True)}
+        return {
+            "queue-retry": partial(self._put_back, parked_only=False),
+            "queue-unpark": partial(self._put_back, parked_only=True),
+        }
 
     async def _put_back(self, body: dict[str, Any], *, parked_only: bool) -> dict[str, Any]:
         destination = body.get("destination")
@@ -641,20 +716,41 @@ class Forwarder:
             known = ", ".join(d.ae_title for d in self.config.destinations) or "none"
             raise ValueError(f"{destination!r} is not a [[destinations]] AE title (known: {known})")
         ids = body.get("jobs", [])
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        ):
             raise ValueError("jobs must be a list of job numbers")
-        counts = await self.queue.put_back(parked_only=parked_only, destination=destination, ids=ids)
+        counts = await self.queue.put_back(
+            parked_only=parked_only, destination=destination, ids=ids
+        )
         for title, n in counts.items():
             self.wake(title)
-            log.info("forward jobs put back in the queue", destination=title, jobs=n,
-                     which="parked" if parked_only else "failed and parked")
+            log.info(
+                "forward jobs put back in the queue",
+                destination=title,
+                jobs=n,
+                which="parked" if parked_only else "failed and parked",
+            )
         return {"put_back": counts}
 
     async def _refused(
-        self, dest: DestinationConfig, patient: str, study: str, instance: str, sha256: str, reason: str
+        self,
+        dest: DestinationConfig,
+        patient: str,
+        study: str,
+        instance: str,
+        sha256: str,
+        reason: str,
     ) -> None:
-        payload = {"destination": dest.ae_title, "site": dest.site, "patient": patient, "study": study,
-                   "instance": instance, "sha256": sha256, "reason": reason}
+        payload = {
+            "destination": dest.ae_title,
+            "site": dest.site,
+            "patient": patient,
+            "study": study,
+            "instance": instance,
+            "sha256": sha256,
+            "reason": reason,
+        }
         await self.writer.append(FORWARD_REFUSED, payload)
         log.info("forward refused", destination=dest.ae_title, reason=reason)
 
@@ -664,7 +760,9 @@ class Forwarder:
         await self._recover_in_flight()
         for dest in self.config.destinations:
             for n in range(dest.concurrency):
-                self._tasks.append(asyncio.create_task(self._worker(dest), name=f"forward {dest.ae_title} {n}"))
+                self._tasks.append(
+                    asyncio.create_task(self._worker(dest), name=f"forward {dest.ae_title} {n}")
+                )
 
     async def stop(self) -> None:
         """Let each worker finish the send in progress (and record its batch), then stop."""
@@ -688,7 +786,11 @@ class Forwarder:
         done = [j for j in jobs if (j.destination, j.instance, j.sha256) in recorded]
         again = [j.id for j in jobs if (j.destination, j.instance, j.sha256) not in recorded]
         await self.queue.settle(done, [], again)
-        log.warning("forward jobs found in flight after a restart", recorded_on_ledger=len(done), sent_again=len(again))
+        log.warning(
+            "forward jobs found in flight after a restart",
+            recorded_on_ledger=len(done),
+            sent_again=len(again),
+        )
 
     async def _recorded_forwards(self, patients: set[str]) -> set[tuple[str, str, str]]:
         """(destination, instance, pixel hash) of this gateway's ``forwarded`` entries of these patients."""
@@ -704,20 +806,31 @@ class Forwarder:
                     continue
                 if entry.kind == FORWARDED:
                     p = entry.payload
-                    found.add((str(p.get("destination")), str(p.get("instance")), str(p.get("sha256"))))
+                    found.add(
+                        (str(p.get("destination")), str(p.get("instance")), str(p.get("sha256")))
+                    )
         return found
 
     async def _worker(self, dest: DestinationConfig) -> None:
-        requestor = Requestor(self.config.calling_ae, Destination(
-            dest.ae_title, dest.host, dest.port, destination_context(dest),
-            dest.tls.server_name if dest.tls is not None else ""),
-                              transcode=True)
+        requestor = Requestor(
+            self.config.calling_ae,
+            Destination(
+                dest.ae_title,
+                dest.host,
+                dest.port,
+                destination_context(dest),
+                dest.tls.server_name if dest.tls is not None else "",
+            ),
+            transcode=True,
+        )
         wake = self._wake[dest.ae_title]
         failures = 0  # consecutive retryable failures: the destination is down or refusing
         try:
             while not self._stopping:
                 try:
-                    jobs = await self.queue.due(dest.ae_title, time.time(), sorted(self._sending), BATCH_JOBS)
+                    jobs = await self.queue.due(
+                        dest.ae_title, time.time(), sorted(self._sending), BATCH_JOBS
+                    )
                 except ForwardQueueError as exc:
                     log.error("forward queue unreadable", destination=dest.ae_title, error=str(exc))
                     jobs = []
@@ -726,7 +839,9 @@ class Forwarder:
                     await requestor.release_if_idle()
                     wake.clear()
                     next_due = await self.queue.next_due_time(dest.ae_title)
-                    timeout = 5.0 if next_due is None else max(0.05, min(5.0, next_due - time.time()))
+                    timeout = (
+                        5.0 if next_due is None else max(0.05, min(5.0, next_due - time.time()))
+                    )
                     try:
                         await asyncio.wait_for(wake.wait(), timeout)
                     except TimeoutError:
@@ -737,8 +852,12 @@ class Forwarder:
                 try:
                     retry = await self._batch(dest, jobs, requestor)
                 except Exception as exc:  # a bug must not stop forwarding; the jobs stay queued
-                    log.exception("forward batch failed unexpectedly", destination=dest.ae_title, jobs=len(jobs),
-                                  error=str(exc))
+                    log.exception(
+                        "forward batch failed unexpectedly",
+                        destination=dest.ae_title,
+                        jobs=len(jobs),
+                        error=str(exc),
+                    )
                     retry = True
                 finally:
                     self._sending.difference_update(ids)
@@ -761,8 +880,9 @@ class Forwarder:
         commits those of the batch together); the jobs are settled in one transaction."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        decisions = await self.book.decide_all({(j.patient, j.study) for j in jobs}, ae=dest.ae_title,
-                                               site=dest.site, today=_today())
+        decisions = await self.book.decide_all(
+            {(j.patient, j.study) for j in jobs}, ae=dest.ae_title, site=dest.site, today=_today()
+        )
         refused: list[tuple[Job, str]] = []
         allowed: list[Job] = []
         for job in jobs:
@@ -770,15 +890,32 @@ class Forwarder:
             if decision.allowed:
                 allowed.append(job)
             else:  # e.g. revoked after it was queued
-                refused.append((job, f"no longer authorised when due to be sent: {decision.reason}"))
-        await asyncio.gather(*(self._refused(dest, j.patient, j.study, j.instance, j.sha256, why) for j, why in refused))
+                refused.append(
+                    (job, f"no longer authorised when due to be sent: {decision.reason}")
+                )
+        await asyncio.gather(
+            *(
+                self._refused(dest, j.patient, j.study, j.instance, j.sha256, why)
+                for j, why in refused
+            )
+        )
         if not allowed:
             await self.queue.settle([], refused, [])
             return False
         await self.queue.mark_in_flight([j.id for j in allowed])
-        await requestor.prepare(list(dict.fromkeys((j.sop_class_uid, j.transfer_syntax_uid) for j in allowed)))
-        loads = _Lookahead(allowed, lambda job: loop.run_in_executor(
-            self._checker, _load_checked, self.storage_dir / job.path, job.transfer_syntax_uid, job.sha256))
+        await requestor.prepare(
+            list(dict.fromkeys((j.sop_class_uid, j.transfer_syntax_uid) for j in allowed))
+        )
+        loads = _Lookahead(
+            allowed,
+            lambda job: loop.run_in_executor(
+                self._checker,
+                _load_checked,
+                self.storage_dir / job.path,
+                job.transfer_syntax_uid,
+                job.sha256,
+            ),
+        )
         done: list[Job] = []
         appends: list[asyncio.Task[Any]] = []
         retry = False
@@ -798,19 +935,36 @@ class Forwarder:
                 if target is not None and target[1] != syntax:
                     # the destination takes none of the stored syntax: a decompressed copy
                     try:
-                        data = await loop.run_in_executor(self._checker, decompressed_data_set, load.part10, target[1])
+                        data = await loop.run_in_executor(
+                            self._checker, decompressed_data_set, load.part10, target[1]
+                        )
                         syntax = target[1]
                     except TranscodeError as exc:
-                        await self.queue.finish(job, "failed", f"cannot send {job.path} decompressed: {exc}")
-                        log.error("forward failed; job parked", destination=dest.ae_title,
-                                  sop_instance=job.sop_instance_uid, error=str(exc))
+                        await self.queue.finish(
+                            job, "failed", f"cannot send {job.path} decompressed: {exc}"
+                        )
+                        log.error(
+                            "forward failed; job parked",
+                            destination=dest.ae_title,
+                            sop_instance=job.sop_instance_uid,
+                            error=str(exc),
+                        )
                         continue
-                result = await requestor.store(job.sop_class_uid, job.sop_instance_uid, syntax, data)
+                result = await requestor.store(
+                    job.sop_class_uid, job.sop_instance_uid, syntax, data
+                )
                 if result.ok:
                     grant = decisions[job.patient, job.study].grant
-                    payload = {"destination": dest.ae_title, "site": dest.site, "patient": job.patient,
-                               "study": job.study, "instance": job.instance, "sha256": job.sha256,
-                               "grant": grant.ref if grant else None, "status": f"0x{result.status or 0:04X}"}
+                    payload = {
+                        "destination": dest.ae_title,
+                        "site": dest.site,
+                        "patient": job.patient,
+                        "study": job.study,
+                        "instance": job.instance,
+                        "sha256": job.sha256,
+                        "grant": grant.ref if grant else None,
+                        "status": f"0x{result.status or 0:04X}",
+                    }
                     if syntax != job.transfer_syntax_uid:
                         payload["transcoded_to"] = syntax
                     appends.append(asyncio.ensure_future(self.writer.append(FORWARDED, payload)))
@@ -826,12 +980,28 @@ class Forwarder:
             untouched = [j.id for j in allowed[attempted:]]
             await self.queue.settle(done, refused, untouched)
         if done:
-            self.audit.instances_sent("forward", our_ae=self.config.calling_ae, destination=dest.ae_title,
-                                      destination_address=dest.host, instances=[
-                                          SentInstance(j.sop_class_uid, j.sop_instance_uid, self.storage_dir / j.path,
-                                                       j.patient, j.study) for j in done])
-            log.info("forwarded", destination=dest.ae_title, instances=len(done),
-                     ms=round((loop.time() - started) * 1000, 1))
+            self.audit.instances_sent(
+                "forward",
+                our_ae=self.config.calling_ae,
+                destination=dest.ae_title,
+                destination_address=dest.host,
+                instances=[
+                    SentInstance(
+                        j.sop_class_uid,
+                        j.sop_instance_uid,
+                        self.storage_dir / j.path,
+                        j.patient,
+                        j.study,
+                    )
+                    for j in done
+                ],
+            )
+            log.info(
+                "forwarded",
+                destination=dest.ae_title,
+                instances=len(done),
+                ms=round((loop.time() - started) * 1000, 1),
+            )
         return retry
 
     async def _not_sendable(self, dest: DestinationConfig, job: Job, load: Loaded) -> None:
@@ -839,15 +1009,37 @@ class Forwarder:
         that no longer matches the anchored one is a tamper alarm."""
         path = self.storage_dir / job.path
         if load.found is not None:
-            log.error("TAMPER ALARM: stored instance not forwarded", file=str(path), sop_instance=job.sop_instance_uid,
-                      destination=dest.ae_title, anchored_sha256=job.sha256, found_sha256=load.found)
-            await self.writer.append(TAMPER_ALARM, alarm_payload(
-                patient=job.patient, study=job.study, instance=job.instance, expected=job.sha256,
-                found=load.found, anchor_origin=None, anchor_index=None, problem=load.problem,
-                context={"service": "forward", "destination": dest.ae_title}))
+            log.error(
+                "TAMPER ALARM: stored instance not forwarded",
+                file=str(path),
+                sop_instance=job.sop_instance_uid,
+                destination=dest.ae_title,
+                anchored_sha256=job.sha256,
+                found_sha256=load.found,
+            )
+            await self.writer.append(
+                TAMPER_ALARM,
+                alarm_payload(
+                    patient=job.patient,
+                    study=job.study,
+                    instance=job.instance,
+                    expected=job.sha256,
+                    found=load.found,
+                    anchor_origin=None,
+                    anchor_index=None,
+                    problem=load.problem,
+                    context={"service": "forward", "destination": dest.ae_title},
+                ),
+            )
         await self.queue.finish(job, "failed", load.problem)
-        log.error("forward failed; job parked", destination=dest.ae_title, sop_instance=job.sop_instance_uid,
-                  attempts=job.attempts, error=load.problem, file=str(path))
+        log.error(
+            "forward failed; job parked",
+            destination=dest.ae_title,
+            sop_instance=job.sop_instance_uid,
+            attempts=job.attempts,
+            error=load.problem,
+            file=str(path),
+        )
 
     async def _failed(self, dest: DestinationConfig, job: Job, result: SendResult) -> bool:
         """A send failed: retry the job later, or park it; True if worth retrying."""
@@ -855,14 +1047,22 @@ class Forwarder:
             wait = backoff(job.attempts, self.config.retry_initial, self.config.retry_max)
             await self.queue.retry_later(job, time.time() + wait, result.error)
             log.warning(
-                "forward failed; will retry", destination=dest.ae_title, sop_instance=job.sop_instance_uid,
-                attempts=job.attempts, retry_in_s=round(wait, 2), error=result.error,
+                "forward failed; will retry",
+                destination=dest.ae_title,
+                sop_instance=job.sop_instance_uid,
+                attempts=job.attempts,
+                retry_in_s=round(wait, 2),
+                error=result.error,
             )
             return True
         await self.queue.finish(job, "failed", result.error)
         log.error(
-            "forward failed; job parked", destination=dest.ae_title, sop_instance=job.sop_instance_uid,
-            attempts=job.attempts, error=result.error, file=str(self.storage_dir / job.path),
+            "forward failed; job parked",
+            destination=dest.ae_title,
+            sop_instance=job.sop_instance_uid,
+            attempts=job.attempts,
+            error=result.error,
+            file=str(self.storage_dir / job.path),
         )
         return result.retryable
 
@@ -894,10 +1094,12 @@ def _load_checked(path: Path, transfer_syntax_uid: str, sha256: str) -> Loaded:
     except (OSError, PixelHashError) as exc:
         return Loaded(problem=f"cannot send {path}: {exc}")
     except Exception as exc:  # pydicom cannot parse what we stored: damaged
-        return Loaded(problem=f"cannot send {path}: stored file cannot be parsed: {type(exc).__name__}: {exc}")
+        return Loaded(
+            problem=f"cannot send {path}: stored file cannot be parsed: {type(exc).__name__}: {exc}"
+        )
     if found != sha256:
         return Loaded(problem=f"tamper check failed: {PIXELS_DIFFER}", found=found)
-    return Loaded(memoryview(data)[data_set_start(data):], part10=data)
+    return Loaded(memoryview(data)[data_set_start(data) :], part10=data)
 
 
 class _Lookahead:

@@ -137,7 +137,9 @@ def anchor_payload(
         "sha256": hashes.sha256.hex(),
         "decoded_sha256": hashes.decoded_sha256.hex() if hashes.decoded_sha256 else None,
         "frames": hashes.number_of_frames,
-        "frame_root": merkle.root_of_leaf_hashes([merkle.leaf_hash(h) for h in hashes.frame_hashes]).hex()
+        "frame_root": merkle.root_of_leaf_hashes(
+            [merkle.leaf_hash(h) for h in hashes.frame_hashes]
+        ).hex()
         if hashes.frame_hashes
         else None,
         "sop_class": sop_class,
@@ -200,9 +202,14 @@ def store_failure(exc: BaseException) -> StoreFailure:
         return StoreFailure(CANNOT_UNDERSTAND, logs.safe_reason(exc), refused=True)
     if isinstance(exc, StudyPatientConflict):  # another patient's study or series: its own status
         return StoreFailure(exc.status, logs.safe_reason(exc), refused=True)
-    if isinstance(exc, StoreError | IndexStoreError | LedgerStoreError | ForwardQueueError | OSError | MemoryError):
+    if isinstance(
+        exc,
+        StoreError | IndexStoreError | LedgerStoreError | ForwardQueueError | OSError | MemoryError,
+    ):
         return StoreFailure(OUT_OF_RESOURCES, logs.safe_reason(exc), refused=False)
-    return StoreFailure(PROCESSING_FAILURE, f"unexpected {logs.safe_reason(exc, with_type=True)}", refused=False)
+    return StoreFailure(
+        PROCESSING_FAILURE, f"unexpected {logs.safe_reason(exc, with_type=True)}", refused=False
+    )
 
 
 class AnchoredButNotIndexed(IndexStoreError):
@@ -222,7 +229,9 @@ class Receipt:
     received: Received = Received.NEW
 
 
-def changes_from(previous: InstanceRow | None, hashes: InstanceHashes, header_sha256: bytes) -> tuple[Received, dict[str, Any]]:
+def changes_from(
+    previous: InstanceRow | None, hashes: InstanceHashes, header_sha256: bytes
+) -> tuple[Received, dict[str, Any]]:
     """What a received instance is next to the row held for its SOP instance, and what its
     anchor says about that (``pixels_changed_from`` / ``header_changed_from``)."""
     if previous is None:
@@ -230,13 +239,20 @@ def changes_from(previous: InstanceRow | None, hashes: InstanceHashes, header_sh
     # (by the previous anchor's hash method: an instance anchored before the canonical
     # content hash existed, arriving again, has unchanged content and a new anchor)
     if previous.sha256 != (hashes.sha256_for(previous.hash_method) or hashes.sha256):
-        return Received.PIXELS_CHANGED, {"pixels_changed_from": {
-            "origin": previous.ledger_origin, "index": previous.ledger_index, "sha256": previous.sha256.hex(),
-        }}
+        return Received.PIXELS_CHANGED, {
+            "pixels_changed_from": {
+                "origin": previous.ledger_origin,
+                "index": previous.ledger_index,
+                "sha256": previous.sha256.hex(),
+            }
+        }
     if (previous.sha256, previous.header_sha256) != (hashes.sha256, header_sha256):
-        return Received.HEADER_CHANGED, {"header_changed_from": {
-            "origin": previous.ledger_origin, "index": previous.ledger_index,
-        }}
+        return Received.HEADER_CHANGED, {
+            "header_changed_from": {
+                "origin": previous.ledger_origin,
+                "index": previous.ledger_index,
+            }
+        }
     return Received.NEW, {}  # the same instance, stored before a crash but never anchored
 
 
@@ -265,8 +281,11 @@ class IndexCompanion:
         record, new = receipt.record, receipt.record.instance
         previous = self.rows.previous(new.sop_instance_uid)
         receipt.previous = previous
-        if (previous is not None and previous.ledger_index is not None
-                and (previous.sha256, previous.header_sha256) == (new.sha256, new.header_sha256)):
+        if (
+            previous is not None
+            and previous.ledger_index is not None
+            and (previous.sha256, previous.header_sha256) == (new.sha256, new.header_sha256)
+        ):
             return Declined(previous)
         conflict = self.rows.conflict(record)
         if conflict is not None:
@@ -285,7 +304,9 @@ class IndexCompanion:
     def after(self, appended: Sequence[tuple[Receipt, Appended]]) -> None:
         rows = []
         for receipt, entry in appended:
-            instance = replace(receipt.record.instance, ledger_origin=entry.origin, ledger_index=entry.index)
+            instance = replace(
+                receipt.record.instance, ledger_origin=entry.origin, ledger_index=entry.index
+            )
             rows.append((replace(receipt.record, instance=instance), receipt.previous))
         try:
             self.rows.write(rows)
@@ -314,8 +335,12 @@ class Gateway:
         self.admin: AdminServer | None = None
         self.lifecycle: Lifecycle | None = None  # erasure, retention, scrub
         g = config.gateway
-        patients = PatientDirectory(config.storage.index, self.secret)  # for grants, which name pseudonyms
-        self.audit = AuditTrail(config.atna, g.ae_title, g.host, patients) if config.atna else AuditSink()
+        patients = PatientDirectory(
+            config.storage.index, self.secret
+        )  # for grants, which name pseudonyms
+        self.audit = (
+            AuditTrail(config.atna, g.ae_title, g.host, patients) if config.atna else AuditSink()
+        )
         # Striped locks: two C-STOREs of one SOP instance are indexed and anchored in turn.
         # one ingest at a time per instance (striped): its index check and its entry go together
         self._instance_locks = [threading.Lock() for _ in range(64)]
@@ -324,7 +349,9 @@ class Gateway:
         self._ingest_pool = ThreadPoolExecutor(8, thread_name_prefix="ingest")
         self._checkpointer: asyncio.Task[None] | None = None
         self._checkpoint_size = -1
-        self._checkpoint_signed_at: float | None = None  # monotonic; None: none signed yet by this process
+        self._checkpoint_signed_at: float | None = (
+            None  # monotonic; None: none signed yet by this process
+        )
         self._started_at = time.monotonic()
         # C-STORE counters for the metrics endpoint: None (nothing counted) when it is off
         self.ingest_metrics = IngestMetrics() if config.metrics is not None else None
@@ -350,21 +377,37 @@ class Gateway:
         self.ledger = await LedgerStore.open(cfg.ledger.database)
         if read := await self.ledger.add_lookup_keys():
             log.info("lookup keys brought up to date", entries=read)
-        self.identity, resumed = await resume_rotation(self.ledger, self.identity, cfg.ledger.key_file)
+        self.identity, resumed = await resume_rotation(
+            self.ledger, self.identity, cfg.ledger.key_file
+        )
         if resumed:
             log.warning(resumed, vkey=self.identity.vkey)
         policy = cfg.peering.witness_policy if cfg.peering is not None else None
-        self.writer = LogWriter(self.ledger, self.identity, companion=IndexCompanion(self.rows), policy=policy)
+        self.writer = LogWriter(
+            self.ledger, self.identity, companion=IndexCompanion(self.rows), policy=policy
+        )
         tip = await self._confirm_own_tip(stop)
         await self.writer.start()  # after the check: it loads the tip the check may have moved
         await self._check_own_key(policy)  # may append a key replacement first
         if tip is not None and not tip.confirmed:
-            accepted = await self.writer.append(LOCAL_TIP_ACCEPTED, local_tip_accepted_payload(
-                _operator(), tip.problem or "", tip.unreachable))
-            log.warning("recorded on the ledger: started on an unconfirmed local tip", entry=accepted.index)
+            accepted = await self.writer.append(
+                LOCAL_TIP_ACCEPTED,
+                local_tip_accepted_payload(_operator(), tip.problem or "", tip.unreachable),
+            )
+            log.warning(
+                "recorded on the ledger: started on an unconfirmed local tip", entry=accepted.index
+            )
         self.index = await Index.open(cfg.storage.index)
-        self.lifecycle = Lifecycle(cfg, index=self.index, ledger=self.ledger, writer=self.writer, files=self.files,
-                                   secret=self.secret, identity=self.identity, audit=self.audit)
+        self.lifecycle = Lifecycle(
+            cfg,
+            index=self.index,
+            ledger=self.ledger,
+            writer=self.writer,
+            files=self.files,
+            secret=self.secret,
+            identity=self.identity,
+            audit=self.audit,
+        )
         await self.lifecycle.open()
         await self._reconcile()
         pm = cfg.permissions
@@ -378,32 +421,59 @@ class Gateway:
         )
         if cfg.forwarding is not None:
             queue = await ForwardQueue.open(cfg.forwarding.queue)
-            self.forwarder = Forwarder(cfg.forwarding, queue, self.book, self.writer, cfg.storage.directory,
-                                       audit=self.audit)
+            self.forwarder = Forwarder(
+                cfg.forwarding,
+                queue,
+                self.book,
+                self.writer,
+                cfg.storage.directory,
+                audit=self.audit,
+            )
             await self.forwarder.start()
-            self.consent = ConsentForwarding(cfg.forwarding, self.forwarder, self.ledger, self.index, self.book,
-                                             self.writer, self.secret, self.identity.origin)
+            self.consent = ConsentForwarding(
+                cfg.forwarding,
+                self.forwarder,
+                self.ledger,
+                self.index,
+                self.book,
+                self.writer,
+                self.secret,
+                self.identity.origin,
+            )
             await self.consent.start()
         await self.lifecycle.start(self.forwarder.queue if self.forwarder is not None else None)
         if cfg.admin_socket is not None:
             handlers = PermissionAdmin(cfg, self.book, self.writer, self.audit).handlers()
-            if self.forwarder is not None and self.consent is not None:  # `queue retry`, `queue unpark`
+            if (
+                self.forwarder is not None and self.consent is not None
+            ):  # `queue retry`, `queue unpark`
                 handlers.update(self.forwarder.admin_handlers())
                 handlers["grant"] = self.consent.then_scan(handlers["grant"])  # its images go now
             if self.peers is not None:  # `peers --clear-flag`: its entry goes through our writer
                 peers = self.peers
-                handlers["clear-flag"] = lambda body: peers.clear_flag(body["origin"], body["reason"], body["by"])
+                handlers["clear-flag"] = lambda body: peers.clear_flag(
+                    body["origin"], body["reason"], body["by"]
+                )
             handlers.update(self.lifecycle.handlers())
-            handlers |= KeyAdmin(cfg, self.writer, self.book, self.peers).handlers()  # rotate-key, replace-key
+            handlers |= KeyAdmin(
+                cfg, self.writer, self.book, self.peers
+            ).handlers()  # rotate-key, replace-key
             self.admin = AdminServer(cfg.admin_socket, handlers)
             await self.admin.start()
         if self.peers is not None:
             self.peers.start_gossip()
         g = cfg.gateway
         query_retrieve = QueryRetrieve(
-            index=self.index, storage_dir=cfg.storage.directory, ledger=self.ledger,
-            book=self.book, writer=self.writer, secret=self.secret, ae_title=g.ae_title,
-            origin=self.identity.origin, destinations=cfg.forwarding, audit=self.audit,
+            index=self.index,
+            storage_dir=cfg.storage.directory,
+            ledger=self.ledger,
+            book=self.book,
+            writer=self.writer,
+            secret=self.secret,
+            ae_title=g.ae_title,
+            origin=self.identity.origin,
+            destinations=cfg.forwarding,
+            audit=self.audit,
         )
         try:  # unusable certificate files stop the start, before anything listens
             tls = listener_context(cfg.tls) if cfg.tls is not None else None
@@ -415,18 +485,26 @@ class Gateway:
         sc = cfg.storage_commitment
         if sc.enabled:
             self.commitment = StorageCommitment(
-                sc, ae_title=g.ae_title, index=self.index, storage_dir=cfg.storage.directory, writer=self.writer,
+                sc,
+                ae_title=g.ae_title,
+                index=self.index,
+                storage_dir=cfg.storage.directory,
+                writer=self.writer,
                 destinations={d.ae_title: (d.host, d.port) for d in cfg.forwarding.destinations}
-                if cfg.forwarding is not None else {},
+                if cfg.forwarding is not None
+                else {},
                 metrics=self.ingest_metrics,
             )
-            services[N_ACTION_RQ] = CommitmentService(self.commitment.decide, self.commitment.deliver_elsewhere,
-                                                      sc.report_timeout)
+            services[N_ACTION_RQ] = CommitmentService(
+                self.commitment.decide, self.commitment.deliver_elsewhere, sc.report_timeout
+            )
         self.server = DicomServer(
             ae_title=g.ae_title,
             host=g.host,
             port=g.port,
-            allowed_calling_aes=None if "*" in g.allowed_calling_aes else list(g.allowed_calling_aes),
+            allowed_calling_aes=None
+            if "*" in g.allowed_calling_aes
+            else list(g.allowed_calling_aes),
             on_store=self.handle_store,
             temp_dir=self.files.tmp_dir,
             max_associations=g.max_associations,
@@ -444,7 +522,9 @@ class Gateway:
         try:
             await self.server.start()
         except OSError as exc:
-            raise _listener_failed("DICOM listener", g.host, self.server.failed_port or g.port, exc) from None
+            raise _listener_failed(
+                "DICOM listener", g.host, self.server.failed_port or g.port, exc
+            ) from None
         self._checkpointer = asyncio.create_task(self._checkpoint_loop())
         if cfg.metrics is not None:
             assert self.ingest_metrics is not None
@@ -452,16 +532,23 @@ class Gateway:
             try:
                 await self.metrics_server.start()
             except OSError as exc:
-                raise _listener_failed("metrics endpoint", cfg.metrics.host, cfg.metrics.port, exc) from None
+                raise _listener_failed(
+                    "metrics endpoint", cfg.metrics.host, cfg.metrics.port, exc
+                ) from None
         if missing := missing_lossless_decoders():
-            log.warning("no decoder installed for these lossless transfer syntaxes: their instances are stored, "
-                        "anchored and served by their bytes as received, without a decoded-pixel hash "
-                        "(install the jpeg-gpl extra or python-gdcm: README, Licences)", transfer_syntaxes=missing)
+            log.warning(
+                "no decoder installed for these lossless transfer syntaxes: their instances are stored, "
+                "anchored and served by their bytes as received, without a decoded-pixel hash "
+                "(install the jpeg-gpl extra or python-gdcm: README, Licences)",
+                transfer_syntaxes=missing,
+            )
         log.info(
             "gateway started",
             ae_title=g.ae_title,
             address=f"{g.host}:{self.server.port}",
-            tls_address=f"{g.host}:{self.server.tls_port}" if self.server.tls_port is not None else None,
+            tls_address=f"{g.host}:{self.server.tls_port}"
+            if self.server.tls_port is not None
+            else None,
             origin=self.identity.origin,
             ledger_size=self.writer.size,
             vkey=self.identity.vkey,
@@ -477,10 +564,15 @@ class Gateway:
         if cfg.peering is None:
             return None
         assert self.ledger is not None and self.writer is not None
-        self.peers = PeerService(cfg.peering, self.identity, self.ledger, self.writer,
-                                 on_equivocation=self.audit.equivocation,
-                                 on_tls_refused=partial(self.audit.tls_refused, "peer API"),
-                                 secret_check=secret_check(self.secret))
+        self.peers = PeerService(
+            cfg.peering,
+            self.identity,
+            self.ledger,
+            self.writer,
+            on_equivocation=self.audit.equivocation,
+            on_tls_refused=partial(self.audit.tls_refused, "peer API"),
+            secret_check=secret_check(self.secret),
+        )
         try:
             await self.peers.start()
         except OSError as exc:
@@ -490,36 +582,63 @@ class Gateway:
         if await self.ledger.origin(self.identity.origin) is None:  # a new log: its first key
             await self.ledger.ensure_origin(self.identity.origin, self.identity.public_key)
         tip = await self.peers.confirm_own_tip(
-            wait=cfg.peering.startup_wait, accept_local_tip=self.accept_local_tip, stop=stop)
+            wait=cfg.peering.startup_wait, accept_local_tip=self.accept_local_tip, stop=stop
+        )
         if tip.stopped:
-            raise StartupInterrupted("told to stop while waiting for a peer to confirm this gateway's log")
+            raise StartupInterrupted(
+                "told to stop while waiting for a peer to confirm this gateway's log"
+            )
         if tip.confirmed:
-            log.info("this gateway's log is confirmed by its peers", size=tip.size, fetched=tip.fetched,
-                     answered=list(tip.answered), unreachable=dict(tip.unreachable))
+            log.info(
+                "this gateway's log is confirmed by its peers",
+                size=tip.size,
+                fetched=tip.fetched,
+                answered=list(tip.answered),
+                unreachable=dict(tip.unreachable),
+            )
             return tip
         if not self.accept_local_tip:
             raise StartupError(
                 f"{tip.problem}. Appending now could make this gateway sign a second history of its "
                 "log, which its peers would flag as equivocation. Bring a peer back, or start with "
-                "`serve --accept-local-tip` to continue from the local tip anyway (recorded on the ledger)")
-        log.warning("starting on an unconfirmed local tip (--accept-local-tip)", problem=tip.problem,
-                    size=tip.size, unreachable=dict(tip.unreachable))
+                "`serve --accept-local-tip` to continue from the local tip anyway (recorded on the ledger)"
+            )
+        log.warning(
+            "starting on an unconfirmed local tip (--accept-local-tip)",
+            problem=tip.problem,
+            size=tip.size,
+            unreachable=dict(tip.unreachable),
+        )
         return tip
 
     async def _check_own_key(self, policy: WitnessPolicy | None) -> None:
         """The key file's key must sign this log from its (confirmed) tip on: the key in force
         there, or the new key of an installed replacement statement, appended first."""
         assert self.ledger is not None and self.writer is not None
-        signer_keys = await self.peers.signer_keys() if self.peers is not None else (lambda name: ())
-        found = await own_key_check(self.ledger, self.identity, self.config.ledger.key_file, policy, signer_keys)
+        signer_keys = (
+            await self.peers.signer_keys() if self.peers is not None else (lambda name: ())
+        )
+        found = await own_key_check(
+            self.ledger, self.identity, self.config.ledger.key_file, policy, signer_keys
+        )
         if found.problem is not None:
             raise StartupError(found.problem)
         if found.replacement is not None:
-            entry = await self.writer.append(KEY_REPLACEMENT, replacement_payload(found.replacement))
+            entry = await self.writer.append(
+                KEY_REPLACEMENT, replacement_payload(found.replacement)
+            )
             statement_file(self.config.ledger.key_file).unlink()
-            add_to_trust_file(self.config, entry.data, f"Key replacement at entry {entry.index}", self.identity.vkey)
-            log.warning("recorded on the ledger: this gateway's key was replaced by a consortium quorum",
-                        entry=entry.index, vkey=self.identity.vkey)
+            add_to_trust_file(
+                self.config,
+                entry.data,
+                f"Key replacement at entry {entry.index}",
+                self.identity.vkey,
+            )
+            log.warning(
+                "recorded on the ledger: this gateway's key was replaced by a consortium quorum",
+                entry=entry.index,
+                vkey=self.identity.vkey,
+            )
 
     async def stop(self) -> None:
         if self.metrics_server is not None:
@@ -601,17 +720,25 @@ class Gateway:
         hashes: InstanceHashes | None = None
         read: ReadInstance | None = None
 
-        def parse_hash_commit_anchor() -> tuple[InstanceHeader, str, Ingested, Pseudonyms]:  # in the ingest pool
+        def parse_hash_commit_anchor() -> tuple[
+            InstanceHeader, str, Ingested, Pseudonyms
+        ]:  # in the ingest pool
             nonlocal size, hashes, read
             size = request.dataset_path.stat().st_size
             read = read_instance(
-                request.dataset_path, request.transfer_syntax_uid,
+                request.dataset_path,
+                request.transfer_syntax_uid,
                 max_inflated_size=self.config.gateway.max_inflated_size,
-                sop_class_uid=request.sop_class_uid, sop_instance_uid=request.sop_instance_uid,
+                sop_class_uid=request.sop_class_uid,
+                sop_instance_uid=request.sop_instance_uid,
             )
             header, hashes = read.header, read.hashes
             relative = FileStore.relative_path(
-                header.study_uid, header.series_uid, header.sop_instance_uid, hashes.sha256, header.header_sha256
+                header.study_uid,
+                header.series_uid,
+                header.sop_instance_uid,
+                hashes.sha256,
+                header.header_sha256,
             )
             replaced = self.files.commit(request.dataset_path, relative)
             return header, relative, *self.anchor(request, header, hashes, relative, size, replaced)
@@ -629,14 +756,18 @@ class Gateway:
             )
             assert hashes is not None
             result = await self.route(request, header, hashes, relative, anchored, p)
-        except asyncio.CancelledError:  # the server is stopping and gave up waiting: no answer goes out
+        except (
+            asyncio.CancelledError
+        ):  # the server is stopping and gave up waiting: no answer goes out
             raise
         except BaseException as exc:  # (a Rust decoder's PanicException is no Exception)
             failure = store_failure(exc)
             status, outcome = failure.status, failure.describe()
         else:
             status, outcome = SUCCESS, result.describe()
-            self.audit.instance_received(request.calling_ae, request.peer, request.sop_class_uid, header)
+            self.audit.instance_received(
+                request.calling_ae, request.peer, request.sop_class_uid, header
+            )
         elapsed = time.perf_counter() - started
         if self.ingest_metrics is not None:
             self.ingest_metrics.stored(status, elapsed, size)
@@ -676,9 +807,13 @@ class Gateway:
         that order is crash-safe."""
         assert self.writer is not None
         with self._instance_locks[hash(header.sop_instance_uid) % len(self._instance_locks)]:
-            receipt = Receipt(_record(header, _instance_row(header, hashes, request, relative, size)), hashes)
+            receipt = Receipt(
+                _record(header, _instance_row(header, hashes, request, relative, size)), hashes
+            )
             p = Pseudonyms.of(self.secret, header)
-            payload = anchor_payload(p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae)
+            payload = anchor_payload(
+                p, hashes, request.sop_class_uid, request.transfer_syntax_uid, request.calling_ae
+            )
             try:
                 result = self.writer.append_guarded_blocking(IMAGE_ANCHORED, payload, receipt)
             except AnchoredButNotIndexed:
@@ -693,8 +828,10 @@ class Gateway:
             return Ingested(Received.DUPLICATE, previous.ledger_index), p
         if receipt.received is Received.PIXELS_CHANGED and receipt.previous is not None:
             log.warning(
-                "changed pixels", sop_instance=header.sop_instance_uid,
-                previous_hash=receipt.previous.sha256.hex()[:16], new_hash=hashes.sha256.hex()[:16],
+                "changed pixels",
+                sop_instance=header.sop_instance_uid,
+                previous_hash=receipt.previous.sha256.hex()[:16],
+                new_hash=hashes.sha256.hex()[:16],
                 previous_entry=receipt.previous.ledger_index,
             )
         return Ingested(receipt.received, result.index), p
@@ -716,13 +853,21 @@ class Gateway:
         # failed between anchoring and routing, and the sender sent it again.
         if ingested.received is Received.DUPLICATE and await self.forwarder.routed(anchor):
             return ingested
-        routed = await self.forwarder.route(ForwardItem(
-            sop_instance_uid=header.sop_instance_uid, sop_class_uid=request.sop_class_uid,
-            transfer_syntax_uid=request.transfer_syntax_uid, path=relative,
-            calling_ae=request.calling_ae, modality=header.modality,
-            patient=p.patient, study=p.study, instance=p.instance,
-            sha256=hashes.sha256.hex(),
-        ), anchor)
+        routed = await self.forwarder.route(
+            ForwardItem(
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=request.sop_class_uid,
+                transfer_syntax_uid=request.transfer_syntax_uid,
+                path=relative,
+                calling_ae=request.calling_ae,
+                modality=header.modality,
+                patient=p.patient,
+                study=p.study,
+                instance=p.instance,
+                sha256=hashes.sha256.hex(),
+            ),
+            anchor,
+        )
         return replace(ingested, forwarding=tuple(routed))
 
     async def _reconcile(self) -> None:
@@ -736,20 +881,26 @@ class Gateway:
         assert self.index is not None and self.ledger is not None and self.writer is not None
         for row in await self.index.unanchored():
             found = None
-            for origin, idx in await self.ledger.find(f"instance:{pseudonym(self.secret, 'instance', row.sop_instance_uid)}"):
+            for origin, idx in await self.ledger.find(
+                f"instance:{pseudonym(self.secret, 'instance', row.sop_instance_uid)}"
+            ):
                 if origin != self.identity.origin:
                     continue
                 entry = decode_entry(await self.ledger.entry(origin, idx))
                 if entry.payload.get("sha256") == row.sha256.hex():
                     found = idx
             if found is None:
-                log.warning("anchoring an instance stored before a crash", sop_instance=row.sop_instance_uid)
+                log.warning(
+                    "anchoring an instance stored before a crash", sop_instance=row.sop_instance_uid
+                )
                 try:
                     found = await self._anchor_recovered(row)
                 except (OSError, PixelHashError, InstanceError) as exc:
                     log.error(
                         "cannot anchor an instance stored before a crash; left unanchored",
-                        sop_instance=row.sop_instance_uid, file=row.path, error=str(exc),
+                        sop_instance=row.sop_instance_uid,
+                        file=row.path,
+                        error=str(exc),
                     )
                     continue
             await self.index.set_anchor(row.sop_instance_uid, self.identity.origin, found)
@@ -759,9 +910,13 @@ class Gateway:
         path = self.files.absolute(row.path)
         hashes = await asyncio.to_thread(hash_instance_file, path, row.transfer_syntax_uid)
         assert hashes.header is not None
-        header = instance_header(hashes.header, hashes.header_sha256, row.sop_class_uid, row.sop_instance_uid)
+        header = instance_header(
+            hashes.header, hashes.header_sha256, row.sop_class_uid, row.sop_instance_uid
+        )
         p = Pseudonyms.of(self.secret, header)
-        payload = anchor_payload(p, hashes, row.sop_class_uid, row.transfer_syntax_uid, row.calling_ae)
+        payload = anchor_payload(
+            p, hashes, row.sop_class_uid, row.transfer_syntax_uid, row.calling_ae
+        )
         payload["recovered"] = True
         appended = await self.writer.append(IMAGE_ANCHORED, payload)
         return appended.index
@@ -776,16 +931,23 @@ class Gateway:
         unreadable = 0
         for start in range(0, len(rows), 256):
             records = []
-            for row in rows[start:start + 256]:
+            for row in rows[start : start + 256]:
                 try:
                     header = await asyncio.to_thread(
-                        read_instance_header, self.files.absolute(row.path), row.header_sha256,
-                        row.sop_class_uid, row.sop_instance_uid,
+                        read_instance_header,
+                        self.files.absolute(row.path),
+                        row.header_sha256,
+                        row.sop_class_uid,
+                        row.sop_instance_uid,
                     )
                 except InstanceError as exc:
                     unreadable += 1
-                    log.error("index row hidden: its stored file cannot be read for its patient and study",
-                              sop_instance=row.sop_instance_uid, file=row.path, error=str(exc))
+                    log.error(
+                        "index row hidden: its stored file cannot be read for its patient and study",
+                        sop_instance=row.sop_instance_uid,
+                        file=row.path,
+                        error=str(exc),
+                    )
                     continue
                 records.append(_record(header, row))
             for record, shared in zip(
@@ -794,12 +956,18 @@ class Gateway:
                 if shared:
                     mixed.add(record.study.study_uid)
         if rows:
-            log.info("index rows given their own patient and study from the stored files",
-                     instances=len(rows) - unreadable, unreadable=unreadable)
+            log.info(
+                "index rows given their own patient and study from the stored files",
+                instances=len(rows) - unreadable,
+                unreadable=unreadable,
+            )
         for study_uid in sorted(mixed):
-            log.warning("a study UID holds instances of more than one patient (stored before such "
-                        "instances were refused): each instance is shown and retrieved only as its own "
-                        "patient's", study_uid=study_uid)
+            log.warning(
+                "a study UID holds instances of more than one patient (stored before such "
+                "instances were refused): each instance is shown and retrieved only as its own "
+                "patient's",
+                study_uid=study_uid,
+            )
 
     async def _rebuild_lost_rows(self) -> None:
         """Rebuild the index row of every instance this gateway anchored whose row is missing
@@ -809,7 +977,11 @@ class Gateway:
         assert self.index is not None and self.ledger is not None
         own = self.identity.origin
         cited = await self.index.anchored_indexes(own)
-        lost = sorted(i for i in (await self.ledger.newest_by_key(own, "instance:")).values() if i not in cited)
+        lost = sorted(
+            i
+            for i in (await self.ledger.newest_by_key(own, "instance:")).values()
+            if i not in cited
+        )
         if not lost:
             return
         anchors = []
@@ -817,9 +989,15 @@ class Gateway:
             try:
                 anchors.append(decode_entry(await self.ledger.entry(own, i)))
             except EntryError as exc:  # `dicomledger verify` names it; the others still get rebuilt
-                log.error("index row lost and its anchor cannot be read; not rebuilt", anchor=i, error=str(exc))
+                log.error(
+                    "index row lost and its anchor cannot be read; not rebuilt",
+                    anchor=i,
+                    error=str(exc),
+                )
         assert self.lifecycle is not None
-        anchors = await self.lifecycle.not_erased(anchors)  # an erasure's leftover files stay unindexed
+        anchors = await self.lifecycle.not_erased(
+            anchors
+        )  # an erasure's leftover files stay unindexed
         wanted = {str(e.payload.get("sha256", ""))[:16] for e in anchors}
         files = await asyncio.to_thread(self.files.by_hash_prefix, wanted)
         not_found = 0
@@ -828,20 +1006,30 @@ class Gateway:
             try:
                 record = await asyncio.to_thread(self._rebuilt_record, entry, files)
             except (OSError, PixelHashError, InstanceError, KeyError, TypeError, ValueError) as exc:
-                log.error("index row lost and its stored file cannot be read; not rebuilt",
-                          anchor=entry.index, instance=payload.get("instance"), error=f"{type(exc).__name__}: {exc}")
+                log.error(
+                    "index row lost and its stored file cannot be read; not rebuilt",
+                    anchor=entry.index,
+                    instance=payload.get("instance"),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
                 continue
             if record is None:
                 not_found += 1
                 continue
             shared = await self.index.restore(record)
             row = record.instance
-            log.warning("index row rebuilt from the stored file: its anchor had no index row",
-                        sop_instance=row.sop_instance_uid, file=row.path, anchor=entry.index,
-                        study_shared_with_another_patient=shared)
+            log.warning(
+                "index row rebuilt from the stored file: its anchor had no index row",
+                sop_instance=row.sop_instance_uid,
+                file=row.path,
+                anchor=entry.index,
+                study_shared_with_another_patient=shared,
+            )
         if not_found:
-            log.warning("anchored instances with neither an index row nor a stored file: not rebuilt",
-                        count=not_found)
+            log.warning(
+                "anchored instances with neither an index row nor a stored file: not rebuilt",
+                count=not_found,
+            )
 
     def _rebuilt_record(self, entry: Entry, files: dict[str, list[Path]]) -> IndexRecord | None:
         """The index record of the instance ``entry`` anchored, from its stored file (None if
@@ -851,29 +1039,50 @@ class Gateway:
         sha256 = str(payload["sha256"])
         for path in files.get(sha256[:16], []):
             name = path.name.rsplit(".", 2)[0]  # the SOP Instance UID, unless it had to be hashed
-            if not name.startswith("x") and pseudonym(self.secret, "instance", name) != payload["instance"]:
+            if (
+                not name.startswith("x")
+                and pseudonym(self.secret, "instance", name) != payload["instance"]
+            ):
                 continue  # another instance with the same pixels
             hashes = hash_instance_file(path)
             assert hashes.header is not None
             uid = str(hashes.header.get("SOPInstanceUID", "")).strip()
             if pseudonym(self.secret, "instance", uid) != payload["instance"]:
                 continue  # another instance with the same pixels
-            header = instance_header(hashes.header, hashes.header_sha256, str(payload["sop_class"]), uid)
+            header = instance_header(
+                hashes.header, hashes.header_sha256, str(payload["sop_class"]), uid
+            )
             if hashes.method == payload["hash_method"] and hashes.sha256.hex() != sha256:
-                log.warning("rebuilt index row's stored file differs from its anchor: a retrieval "
-                            "will refuse it with a tamper alarm", sop_instance=uid, file=str(path))
+                log.warning(
+                    "rebuilt index row's stored file differs from its anchor: a retrieval "
+                    "will refuse it with a tamper alarm",
+                    sop_instance=uid,
+                    file=str(path),
+                )
             decoded = payload.get("decoded_sha256")
-            return _record(header, InstanceRow(
-                sop_instance_uid=uid, series_uid=header.series_uid, sop_class_uid=header.sop_class_uid,
-                instance_number=header.instance_number, transfer_syntax_uid=str(payload["transfer_syntax"]),
-                path=path.relative_to(self.files.directory).as_posix(), size=path.stat().st_size,
-                hash_method=str(payload["hash_method"]), sha256=bytes.fromhex(sha256),
-                header_sha256=hashes.header_sha256,
-                decoded_sha256=bytes.fromhex(decoded) if isinstance(decoded, str) else None,
-                number_of_frames=int(payload["frames"]), calling_ae=str(payload["calling_ae"]),
-                received_at=datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(timespec="milliseconds"),
-                ledger_origin=entry.origin, ledger_index=entry.index,
-            ))
+            return _record(
+                header,
+                InstanceRow(
+                    sop_instance_uid=uid,
+                    series_uid=header.series_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    instance_number=header.instance_number,
+                    transfer_syntax_uid=str(payload["transfer_syntax"]),
+                    path=path.relative_to(self.files.directory).as_posix(),
+                    size=path.stat().st_size,
+                    hash_method=str(payload["hash_method"]),
+                    sha256=bytes.fromhex(sha256),
+                    header_sha256=hashes.header_sha256,
+                    decoded_sha256=bytes.fromhex(decoded) if isinstance(decoded, str) else None,
+                    number_of_frames=int(payload["frames"]),
+                    calling_ae=str(payload["calling_ae"]),
+                    received_at=datetime.fromtimestamp(entry.time_ms / 1000, UTC).isoformat(
+                        timespec="milliseconds"
+                    ),
+                    ledger_origin=entry.origin,
+                    ledger_index=entry.index,
+                ),
+            )
         return None
 
 
@@ -903,12 +1112,20 @@ def _record(header: InstanceHeader, row: InstanceRow) -> IndexRecord:
     return IndexRecord(
         patient=PatientRow(header.patient_id, header.patient_name, header.birth_date, header.sex),
         study=StudyRow(
-            header.study_uid, header.patient_id, header.study_date, header.study_time,
-            header.accession_number, header.study_id, header.study_description,
+            header.study_uid,
+            header.patient_id,
+            header.study_date,
+            header.study_time,
+            header.accession_number,
+            header.study_id,
+            header.study_description,
             header.referring_physician,
         ),
         series=SeriesRow(
-            header.series_uid, header.study_uid, header.modality, header.series_number,
+            header.series_uid,
+            header.study_uid,
+            header.modality,
+            header.series_number,
             header.series_description,
         ),
         instance=row,

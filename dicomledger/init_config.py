@@ -54,12 +54,15 @@ def with_values(example: str, values: Mapping[tuple[str, str], TomlValue]) -> st
 def render_config(
     *, ae_title: str, host: str, port: int, allowed: Sequence[str], origin: str, peer_port: int
 ) -> str:
-    return with_values(example_text(), {
-        ("gateway", "ae_title"): ae_title,
-        ("gateway", "host"): host,
-        ("gateway", "port"): port,
-        ("gateway", "allowed_calling_aes"): list(allowed),
-        ("ledger", "origin"): origin,
-        ("peering", "host"): host,
-        ("peering", "port"): peer_port,
-    })
+    return with_values(
+        example_text(),
+        {
+            ("gateway", "ae_title"): ae_title,
+            ("gateway", "host"): host,
+            ("gateway", "port"): port,
+            ("gateway", "allowed_calling_aes"): list(allowed),
+            ("ledger", "origin"): origin,
+            ("peering", "host"): host,
+            ("peering", "port"): peer_port,
+        },
+    )

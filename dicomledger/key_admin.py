@@ -37,12 +37,16 @@ def add_to_trust_file(config: Config, entry: bytes, what: str, vkey: str) -> Pat
     trust = config.path.parent / "trust.txt"
     if trust.exists():
         with open(trust, "a", encoding="utf-8") as f:
-            f.write(f"\n# {what}: from then on this log is signed by\n# {vkey}\n{key_change_line(entry)}\n")
+            f.write(
+                f"\n# {what}: from then on this log is signed by\n# {vkey}\n{key_change_line(entry)}\n"
+            )
     return trust
 
 
 class KeyAdmin:
-    def __init__(self, config: Config, writer: LogWriter, book: PermissionBook, peers: PeerService | None) -> None:
+    def __init__(
+        self, config: Config, writer: LogWriter, book: PermissionBook, peers: PeerService | None
+    ) -> None:
         self.config = config
         self.writer = writer
         self.book = book
@@ -55,14 +59,21 @@ class KeyAdmin:
         appended = await rotate_key(self.writer, self.config.ledger.key_file)
         identity = self.writer.identity
         self.book.issuer_keys[identity.origin] = identity.private_key  # custodian signatures
-        trust = add_to_trust_file(self.config, appended.data, f"Key rotation at entry {appended.index}", identity.vkey)
+        trust = add_to_trust_file(
+            self.config, appended.data, f"Key rotation at entry {appended.index}", identity.vkey
+        )
         line = key_change_line(appended.data)
-        log.warning("key rotated: entries after the key-rotation entry are signed by the new key",
-                    entry=appended.index, vkey=identity.vkey)
+        log.warning(
+            "key rotated: entries after the key-rotation entry are signed by the new key",
+            entry=appended.index,
+            vkey=identity.vkey,
+        )
         return {
-            "index": appended.index, "vkey": identity.vkey,
+            "index": appended.index,
+            "vkey": identity.vkey,
             "witness_vkey": verifier_key(identity.origin, identity.public_key, SIG_COSIGNATURE_V1),
-            "trust_line": line, "trust_file": str(trust) if trust.exists() else None,
+            "trust_line": line,
+            "trust_file": str(trust) if trust.exists() else None,
         }
 
     async def submit(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -71,5 +82,9 @@ class KeyAdmin:
         data = base64.b64decode(body["statement"], validate=True)
         statement = await self.peers.apply_statement(data, "replace-key submit")
         appended = await self.writer.append(KEY_REPLACEMENT, replacement_payload(data))
-        return {"origin": statement.origin, "size": statement.size, "index": appended.index,
-                "signers": statement.signers}
+        return {
+            "origin": statement.origin,
+            "size": statement.size,
+            "index": appended.index,
+            "signers": statement.signers,
+        }

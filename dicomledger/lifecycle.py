@@ -47,8 +47,16 @@ def _pseudonym_field(body: dict[str, Any], key: str, required: bool) -> str | No
 
 class Lifecycle:
     def __init__(
-        self, config: Config, *, index: Index, ledger: LedgerStore, writer: LogWriter, files: FileStore,
-        secret: bytes, identity: Identity, audit: AuditSink | None = None,
+        self,
+        config: Config,
+        *,
+        index: Index,
+        ledger: LedgerStore,
+        writer: LogWriter,
+        files: FileStore,
+        secret: bytes,
+        identity: Identity,
+        audit: AuditSink | None = None,
     ) -> None:
         self.config = config
         self.index = index
@@ -70,16 +78,32 @@ class Lifecycle:
         cfg = self.config
         self.state = await LifecycleState.open(cfg.lifecycle_db)
         self.eraser = Eraser(
-            index=self.index, ledger=self.ledger, writer=self.writer, files=self.files, queue=None,
-            state=self.state, secret=self.secret, origin=self.identity.origin, lock=self.lock,
-            honour_from=cfg.erasure.honour_from, audit_queue=cfg.atna.queue if cfg.atna is not None else None,
+            index=self.index,
+            ledger=self.ledger,
+            writer=self.writer,
+            files=self.files,
+            queue=None,
+            state=self.state,
+            secret=self.secret,
+            origin=self.identity.origin,
+            lock=self.lock,
+            honour_from=cfg.erasure.honour_from,
+            audit_queue=cfg.atna.queue if cfg.atna is not None else None,
         )
         self.retention = Retention(cfg.retention, self.eraser, self.secret)
         self.scrubber = Scrubber(
-            config=cfg.scrub, index=self.index, ledger=self.ledger, writer=self.writer,
-            storage_dir=cfg.storage.directory, state=self.state, secret=self.secret,
-            origin=self.identity.origin, lock=self.lock,
-            audit=self.audit, ae_title=cfg.gateway.ae_title, host=cfg.gateway.host,
+            config=cfg.scrub,
+            index=self.index,
+            ledger=self.ledger,
+            writer=self.writer,
+            storage_dir=cfg.storage.directory,
+            state=self.state,
+            secret=self.secret,
+            origin=self.identity.origin,
+            lock=self.lock,
+            audit=self.audit,
+            ae_title=cfg.gateway.ae_title,
+            host=cfg.gateway.host,
         )
 
     async def not_erased(self, anchors: list[Entry]) -> list[Entry]:
@@ -108,7 +132,9 @@ class Lifecycle:
             await asyncio.sleep(self.config.erasure.poll_interval)
             try:
                 await self.eraser.catch_up()
-            except Exception as exc:  # a failing look must not end the follower; the next one retries
+            except (
+                Exception
+            ) as exc:  # a failing look must not end the follower; the next one retries
                 log.exception("applying erasures failed", error=f"{type(exc).__name__}: {exc}")
 
     async def stop(self) -> None:
@@ -123,8 +149,12 @@ class Lifecycle:
     # -- admin actions -------------------------------------------------------------------------
 
     def handlers(self) -> dict[str, Handler]:
-        return {"erase": self._erase, "retention": self._retention, "scrub": self._scrub,
-                "scrub-progress": self._scrub_progress}
+        return {
+            "erase": self._erase,
+            "retention": self._retention,
+            "scrub": self._scrub,
+            "scrub-progress": self._scrub_progress,
+        }
 
     async def _erase(self, body: dict[str, Any]) -> dict[str, Any]:
         assert self.eraser is not None
@@ -136,7 +166,9 @@ class Lifecycle:
         dry_run = body.get("dry_run", False)
         if not isinstance(dry_run, bool):
             raise ValueError("dry_run must be true or false")
-        return await self.eraser.erase(patient, _pseudonym_field(body, "study", False), reason, dry_run=dry_run)
+        return await self.eraser.erase(
+            patient, _pseudonym_field(body, "study", False), reason, dry_run=dry_run
+        )
 
     async def _retention(self, body: dict[str, Any]) -> dict[str, Any]:
         assert self.retention is not None
@@ -148,7 +180,9 @@ class Lifecycle:
     async def _scrub(self, body: dict[str, Any]) -> dict[str, Any]:
         assert self.scrubber is not None
         rate = body.get("max_rate_mb_s")
-        if rate is not None and (not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0):
+        if rate is not None and (
+            not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0
+        ):
             raise ValueError("max_rate_mb_s must be a positive number or null")
         progress = await self.scrubber.start(
             study=_pseudonym_field(body, "study", False), rate_mb_s=rate, trigger="on demand"
@@ -200,7 +234,8 @@ def _scrub_lines(db: sqlite3.Connection, config: Config) -> list[str]:
         pass_id, trigger, started, finished, checked, nbytes, unanchored = full
         findings = db.execute(
             "SELECT sop_instance_uid, path, severity, problem, alarm_index FROM scrub_findings WHERE pass_id = ?"
-            " ORDER BY at", (pass_id,)
+            " ORDER BY at",
+            (pass_id,),
         ).fetchall()
         alarms = sum(f[2] == "alarm" for f in findings)
         lines.append(
@@ -217,13 +252,17 @@ def _scrub_lines(db: sqlite3.Connection, config: Config) -> list[str]:
         "SELECT id, scope, trigger, checked, bytes FROM scrub_passes WHERE state = 'running' ORDER BY id"
     ).fetchall()
     for pass_id, scope, trigger, checked, nbytes in running:
-        lines.append(f"scrub: pass {pass_id} ({scope}, {trigger}) running: {checked} instances, "
-                     f"{nbytes / 1e6:.1f} MB checked so far")
+        lines.append(
+            f"scrub: pass {pass_id} ({scope}, {trigger}) running: {checked} instances, "
+            f"{nbytes / 1e6:.1f} MB checked so far"
+        )
     if config.scrub.enabled:
         created = db.execute("SELECT value FROM meta WHERE key = 'created'").fetchone()
         base = full[2] if full is not None else (float(created[0]) if created else time.time())
-        lines.append(f"scrub: next background pass due {_when(base + config.scrub.full_pass_days * 86400)} "
-                     f"(every {config.scrub.full_pass_days:g} days, at most {config.scrub.max_rate_mb_s:g} MB/s)")
+        lines.append(
+            f"scrub: next background pass due {_when(base + config.scrub.full_pass_days * 86400)} "
+            f"(every {config.scrub.full_pass_days:g} days, at most {config.scrub.max_rate_mb_s:g} MB/s)"
+        )
     else:
         lines.append("scrub: background passes disabled ([scrub] enabled = false)")
     return lines
@@ -244,7 +283,9 @@ def _request_lines(db: sqlite3.Connection) -> list[str]:
             f"{held} copies held here; erase them with `dicomledger erase`, or add {origin} to "
             "[erasure] honour_from"
         )
-    honoured = db.execute("SELECT COUNT(*) FROM erasure_requests WHERE state = 'honoured'").fetchone()[0]
+    honoured = db.execute(
+        "SELECT COUNT(*) FROM erasure_requests WHERE state = 'honoured'"
+    ).fetchone()[0]
     if honoured:
         lines.append(f"erasures of other gateways applied here: {honoured}")
     return lines

@@ -18,25 +18,60 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def add_parsers(sub: Any, with_config: Callable[[str, str], argparse.ArgumentParser]) -> None:
-    p = with_config("erase", "erase a patient's (or one study's) images, index rows and pending forwards "
-                             "(through the running gateway)")
-    p.add_argument("--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written")
+    p = with_config(
+        "erase",
+        "erase a patient's (or one study's) images, index rows and pending forwards "
+        "(through the running gateway)",
+    )
+    p.add_argument(
+        "--patient-id", required=True, help="the Patient ID; only its pseudonym is sent or written"
+    )
     p.add_argument("--study", metavar="UID", help="erase only this study of the patient")
-    p.add_argument("--reason", required=True, choices=ADMIN_REASONS,
-                   help="reason code written on the ledger (no free text: it could carry PHI)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be erased; change nothing")
+    p.add_argument(
+        "--reason",
+        required=True,
+        choices=ADMIN_REASONS,
+        help="reason code written on the ledger (no free text: it could carry PHI)",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be erased; change nothing"
+    )
     p = with_config("retention", "apply the retention policy now (through the running gateway)")
-    p.add_argument("--dry-run", action="store_true", help="list the studies that would be erased; change nothing")
-    p = with_config("scrub", "re-hash every stored instance and check its index row against the ledger now")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the studies that would be erased; change nothing",
+    )
+    p = with_config(
+        "scrub", "re-hash every stored instance and check its index row against the ledger now"
+    )
     p.add_argument("--study", metavar="UID", help="only this study")
-    p.add_argument("--max-rate", type=float, metavar="MB/s", help="read at most this fast (default: unlimited)")
-    p = with_config("backup", "take an online backup of the ledger, index, forward queue and images")
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="a new directory for the backup")
-    p.add_argument("--copy", action="store_true", help="copy the images (default: hard links where possible)")
+    p.add_argument(
+        "--max-rate", type=float, metavar="MB/s", help="read at most this fast (default: unlimited)"
+    )
+    p = with_config(
+        "backup", "take an online backup of the ledger, index, forward queue and images"
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="DIR", help="a new directory for the backup"
+    )
+    p.add_argument(
+        "--copy", action="store_true", help="copy the images (default: hard links where possible)"
+    )
     p = with_config("restore", "put a backup back as this gateway's data (the gateway stopped)")
-    p.add_argument("--from", dest="source", required=True, metavar="DIR", help="the backup directory")
-    p.add_argument("--replace", action="store_true", help="move existing data aside (never deleted) and restore")
-    p.add_argument("--link", action="store_true", help="hard-link the images from the backup instead of copying")
+    p.add_argument(
+        "--from", dest="source", required=True, metavar="DIR", help="the backup directory"
+    )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="move existing data aside (never deleted) and restore",
+    )
+    p.add_argument(
+        "--link",
+        action="store_true",
+        help="hard-link the images from the backup instead of copying",
+    )
 
 
 def _admin(config: Config, action: str, body: dict[str, Any]) -> dict[str, Any] | int:
@@ -57,8 +92,10 @@ def _study_lines(studies: list[dict[str, Any]]) -> list[str]:
         date = s.get("study_date") or "no study date"
         modalities = "/".join(s.get("modalities") or []) or "?"
         extra = f", kept {s['keep_years']} years" if "keep_years" in s else ""
-        lines.append(f"  study {s['study_uid']} of patient {s['patient_id']} ({date}, {modalities}{extra}): "
-                     f"{s['instances']} instances")
+        lines.append(
+            f"  study {s['study_uid']} of patient {s['patient_id']} ({date}, {modalities}{extra}): "
+            f"{s['instances']} instances"
+        )
     return lines
 
 
@@ -67,8 +104,10 @@ def cmd_erase(args: argparse.Namespace, config: Config) -> int:
     answer = _admin(config, "erase", body)
     if isinstance(answer, int):
         return answer
-    what = (f"{answer['instances']} instances ({answer['files']} files), {answer['forward_jobs']} pending forwards, "
-            f"from {len(answer['studies'])} studies")
+    what = (
+        f"{answer['instances']} instances ({answer['files']} files), {answer['forward_jobs']} pending forwards, "
+        f"from {len(answer['studies'])} studies"
+    )
     if answer["dry_run"]:
         print(f"would erase {what}:")
         print("\n".join(_study_lines(answer["studies"])))
@@ -89,18 +128,26 @@ def cmd_retention(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     studies = answer["studies"]
     if answer["dry_run"]:
-        print(f"would erase {len(studies)} studies past their retention period:" if studies
-              else "no study is past its retention period")
+        print(
+            f"would erase {len(studies)} studies past their retention period:"
+            if studies
+            else "no study is past its retention period"
+        )
     else:
-        print(f"erased {len(studies)} studies past their retention period" if studies
-              else "no study is past its retention period")
+        print(
+            f"erased {len(studies)} studies past their retention period"
+            if studies
+            else "no study is past its retention period"
+        )
     print("\n".join(_study_lines(studies)))
     for s in studies:
         if "index" in s:
             print(f"  study {s['study_uid']}: erased entry {s['index']}")
     for s in answer["skipped"]:
-        print(f"  skipped study {s['study_uid']} of patient {s['patient_id']}: no valid Study Date "
-              f"({s['study_date'] or 'empty'})")
+        print(
+            f"  skipped study {s['study_uid']} of patient {s['patient_id']}: no valid Study Date "
+            f"({s['study_date'] or 'empty'})"
+        )
     return EXIT_OK
 
 
@@ -111,11 +158,16 @@ def cmd_scrub(args: argparse.Namespace, config: Config) -> int:
         return answer
     pass_id, shown, last_print = answer["pass"], -1, 0.0
     while True:
-        if answer["checked"] != shown and (time.monotonic() - last_print > 1 or answer["state"] != "running"):
+        if answer["checked"] != shown and (
+            time.monotonic() - last_print > 1 or answer["state"] != "running"
+        ):
             shown, last_print = answer["checked"], time.monotonic()
-            print(f"scrub pass {pass_id}: {answer['checked']} of {answer['total']} instances, "
-                  f"{answer['bytes'] / 1e6:.1f} of {answer['total_bytes'] / 1e6:.1f} MB, "
-                  f"{len(answer['findings'])} findings", flush=True)
+            print(
+                f"scrub pass {pass_id}: {answer['checked']} of {answer['total']} instances, "
+                f"{answer['bytes'] / 1e6:.1f} of {answer['total_bytes'] / 1e6:.1f} MB, "
+                f"{len(answer['findings'])} findings",
+                flush=True,
+            )
         if answer["state"] != "running":
             break
         time.sleep(0.3)
@@ -124,12 +176,22 @@ def cmd_scrub(args: argparse.Namespace, config: Config) -> int:
             return polled
         answer = polled
     for f in answer["findings"]:
-        entry = f" (tamper-alarm entry {f['alarm_index']})" if f.get("alarm_index") is not None else ""
-        print(f"{f['severity'].upper()}: {f['sop_instance_uid']} {f['path']}: {f['problem']}{entry}")
+        entry = (
+            f" (tamper-alarm entry {f['alarm_index']})" if f.get("alarm_index") is not None else ""
+        )
+        print(
+            f"{f['severity'].upper()}: {f['sop_instance_uid']} {f['path']}: {f['problem']}{entry}"
+        )
     alarms = sum(f["severity"] == "alarm" for f in answer["findings"])
-    print(f"scrub pass {pass_id} {answer['state']}: {answer['checked']} instances checked, {alarms} alarms, "
-          f"{len(answer['findings']) - alarms} warnings"
-          + (f", {answer['unanchored']} not yet anchored (being stored)" if answer["unanchored"] else ""))
+    print(
+        f"scrub pass {pass_id} {answer['state']}: {answer['checked']} instances checked, {alarms} alarms, "
+        f"{len(answer['findings']) - alarms} warnings"
+        + (
+            f", {answer['unanchored']} not yet anchored (being stored)"
+            if answer["unanchored"]
+            else ""
+        )
+    )
     if answer["state"] != "complete":
         return EXIT_FAIL
     return EXIT_FAIL if alarms else EXIT_OK
@@ -159,6 +221,9 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
-    "erase": cmd_erase, "retention": cmd_retention, "scrub": cmd_scrub, "backup": cmd_backup,
+    "erase": cmd_erase,
+    "retention": cmd_retention,
+    "scrub": cmd_scrub,
+    "backup": cmd_backup,
     "restore": cmd_restore,
 }

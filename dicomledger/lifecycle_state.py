@@ -116,8 +116,12 @@ class Finding:
     at: float
 
 
-_PASS_COLUMNS = "id, scope, trigger, state, started, finished, cursor, checked, bytes, unanchored, findings"
-_FINDING_COLUMNS = "pass_id, sop_instance_uid, path, severity, problem, expected, found, alarm_index, at"
+_PASS_COLUMNS = (
+    "id, scope, trigger, state, started, finished, cursor, checked, bytes, unanchored, findings"
+)
+_FINDING_COLUMNS = (
+    "pass_id, sop_instance_uid, path, severity, problem, expected, found, alarm_index, at"
+)
 _REQUEST_COLUMNS = "origin, idx, patient, study, reason, time_ms, state, held, entry"
 
 
@@ -148,7 +152,9 @@ class LifecycleState(ThreadedSqlite):
         try:
             return await super()._on_thread(fn, *args)
         except sqlite3.Error as exc:
-            raise LifecycleStateError(f"lifecycle database {self.path} failed ({exc}); check disk space") from None
+            raise LifecycleStateError(
+                f"lifecycle database {self.path} failed ({exc}); check disk space"
+            ) from None
 
     async def _run(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return await self._on_thread(self._fetchall, sql, params)
@@ -168,11 +174,23 @@ class LifecycleState(ThreadedSqlite):
     async def record_request(self, request: ErasureRequest) -> None:
         await self._run(
             "INSERT OR REPLACE INTO erasure_requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (request.origin, request.index, request.patient, request.study, request.reason, request.time_ms,
-             request.state, request.held, request.entry, time.time()),
+            (
+                request.origin,
+                request.index,
+                request.patient,
+                request.study,
+                request.reason,
+                request.time_ms,
+                request.state,
+                request.held,
+                request.entry,
+                time.time(),
+            ),
         )
 
-    async def requests(self, state: str | None = None, patient: str | None = None) -> list[ErasureRequest]:
+    async def requests(
+        self, state: str | None = None, patient: str | None = None
+    ) -> list[ErasureRequest]:
         sql, params = f"SELECT {_REQUEST_COLUMNS} FROM erasure_requests WHERE 1", []
         if state is not None:
             sql += " AND state = ?"
@@ -180,7 +198,10 @@ class LifecycleState(ThreadedSqlite):
         if patient is not None:
             sql += " AND patient = ?"
             params.append(patient)
-        return [ErasureRequest(*r) for r in await self._run(sql + " ORDER BY time_ms, origin, idx", params)]
+        return [
+            ErasureRequest(*r)
+            for r in await self._run(sql + " ORDER BY time_ms, origin, idx", params)
+        ]
 
     async def forget_instances(self, sop_instance_uids: Sequence[str]) -> None:
         """Drop the scrub findings of erased instances (they name the instance and its file)."""
@@ -190,9 +211,10 @@ class LifecycleState(ThreadedSqlite):
             db = self._db
             assert db is not None
             for start in range(0, len(uids), 500):
-                chunk = uids[start:start + 500]
+                chunk = uids[start : start + 500]
                 db.execute(
-                    f"DELETE FROM scrub_findings WHERE sop_instance_uid IN ({','.join('?' for _ in chunk)})", chunk
+                    f"DELETE FROM scrub_findings WHERE sop_instance_uid IN ({','.join('?' for _ in chunk)})",
+                    chunk,
                 )
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
@@ -200,12 +222,15 @@ class LifecycleState(ThreadedSqlite):
 
     # -- scrub ------------------------------------------------------------------------------
 
-    async def start_pass(self, scope: str, trigger: str, resume: ScrubPass | None = None) -> ScrubPass:
+    async def start_pass(
+        self, scope: str, trigger: str, resume: ScrubPass | None = None
+    ) -> ScrubPass:
         """A new pass, or ``resume`` (an interrupted background pass) running again."""
         if resume is not None:
             await self._run("UPDATE scrub_passes SET state = 'running' WHERE id = ?", (resume.id,))
             pass_id = resume.id
         else:
+
             def insert() -> int:
                 assert self._db is not None
                 cur = self._db.execute(
@@ -224,16 +249,23 @@ class LifecycleState(ThreadedSqlite):
         rows = await self._run(f"SELECT {_PASS_COLUMNS} FROM scrub_passes WHERE id = ?", (pass_id,))
         return ScrubPass(*rows[0]) if rows else None
 
-    async def progress(self, pass_id: int, cursor: int, checked: int, nbytes: int, unanchored: int, findings: int) -> None:
+    async def progress(
+        self, pass_id: int, cursor: int, checked: int, nbytes: int, unanchored: int, findings: int
+    ) -> None:
         await self._run(
             "UPDATE scrub_passes SET cursor = ?, checked = ?, bytes = ?, unanchored = ?, findings = ? WHERE id = ?",
             (cursor, checked, nbytes, unanchored, findings, pass_id),
         )
 
     async def finish_pass(self, pass_id: int, state: str) -> None:
-        await self._run("UPDATE scrub_passes SET state = ?, finished = ? WHERE id = ?", (state, time.time(), pass_id))
+        await self._run(
+            "UPDATE scrub_passes SET state = ?, finished = ? WHERE id = ?",
+            (state, time.time(), pass_id),
+        )
 
-    async def last_pass(self, scope: str = "full", state: str | None = "complete", trigger: str | None = None) -> ScrubPass | None:
+    async def last_pass(
+        self, scope: str = "full", state: str | None = "complete", trigger: str | None = None
+    ) -> ScrubPass | None:
         sql, params = f"SELECT {_PASS_COLUMNS} FROM scrub_passes WHERE scope = ?", [scope]
         if state is not None:
             sql += " AND state = ?"
@@ -247,11 +279,22 @@ class LifecycleState(ThreadedSqlite):
     async def add_finding(self, finding: Finding) -> None:
         await self._run(
             f"INSERT INTO scrub_findings ({_FINDING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (finding.pass_id, finding.sop_instance_uid, finding.path, finding.severity, finding.problem,
-             finding.expected, finding.found, finding.alarm_index, finding.at),
+            (
+                finding.pass_id,
+                finding.sop_instance_uid,
+                finding.path,
+                finding.severity,
+                finding.problem,
+                finding.expected,
+                finding.found,
+                finding.alarm_index,
+                finding.at,
+            ),
         )
 
-    async def earlier_alarm(self, sop_instance_uid: str, problem: str, found: str | None) -> int | None:
+    async def earlier_alarm(
+        self, sop_instance_uid: str, problem: str, found: str | None
+    ) -> int | None:
         """The tamper-alarm entry an earlier pass wrote for the same finding, if any: a
         finding that persists is logged every pass but goes on the ledger once."""
         rows = await self._run(
@@ -263,6 +306,7 @@ class LifecycleState(ThreadedSqlite):
 
     async def findings(self, pass_id: int, limit: int = 1000) -> list[Finding]:
         rows = await self._run(
-            f"SELECT {_FINDING_COLUMNS} FROM scrub_findings WHERE pass_id = ? ORDER BY at LIMIT ?", (pass_id, limit)
+            f"SELECT {_FINDING_COLUMNS} FROM scrub_findings WHERE pass_id = ? ORDER BY at LIMIT ?",
+            (pass_id, limit),
         )
         return [Finding(*r) for r in rows]

@@ -48,7 +48,8 @@ _PYDICOM_VALUE_START = re.compile(r"""['"]|:\s""")
 _MAX_TEXT = 300  # third-party text
 # pynetdicom's messages about a peer's connection or association ending or failing
 _PEER_TROUBLE = re.compile(
-    r"connect|closed|abort|reject|reset|timeout|timed out|unable to send|A-ASSOCIATE|A-RELEASE", re.I
+    r"connect|closed|abort|reject|reset|timeout|timed out|unable to send|A-ASSOCIATE|A-RELEASE",
+    re.I,
 )
 REDACTED = "<redacted>"
 
@@ -109,12 +110,18 @@ def _is_structlog(record: logging.LogRecord) -> bool:
 
 
 def _show_warning(
-    message: Warning | str, category: type[Warning], filename: str, lineno: int,
-    file: TextIO | None = None, line: str | None = None,
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
 ) -> None:
     # (cut like pydicom's: a warning raised elsewhere can still carry pydicom's text)
     structlog.get_logger("py.warnings").warning(
-        "warning", category=category.__name__, where=f"{os.path.basename(filename)}:{lineno}",
+        "warning",
+        category=category.__name__,
+        where=f"{os.path.basename(filename)}:{lineno}",
         message=redact_pydicom(str(message)),
     )
 
@@ -123,15 +130,19 @@ def _thread_exception(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
     structlog.get_logger("dicomledger.thread").error(
-        "exception ended a thread", thread=args.thread.name if args.thread else None,
-        error=args.exc_type.__name__, where=_where(args.exc_traceback),
+        "exception ended a thread",
+        thread=args.thread.name if args.thread else None,
+        error=args.exc_type.__name__,
+        where=_where(args.exc_traceback),
         message=redact(str(args.exc_value)) if args.exc_value is not None else None,
     )
 
 
 def _unraisable(args: Any) -> None:
     structlog.get_logger("dicomledger.thread").warning(
-        "exception ignored", error=args.exc_type.__name__, where=_where(args.exc_traceback),
+        "exception ignored",
+        error=args.exc_type.__name__,
+        where=_where(args.exc_traceback),
         message=redact(str(args.exc_value)) if args.exc_value is not None else None,
         context=redact(repr(args.object))[:100] if args.object is not None else None,
     )
@@ -214,7 +225,12 @@ def _relay(fd: int) -> None:
     with os.fdopen(fd, "rb") as pipe:
         for raw in pipe:
             text = raw.decode("utf-8", "replace").rstrip()
-            if not text.strip() or text[0].isspace() or text == "stack backtrace:" or text.startswith("note: "):
+            if (
+                not text.strip()
+                or text[0].isspace()
+                or text == "stack backtrace:"
+                or text.startswith("note: ")
+            ):
                 continue
             if " panicked at " in text:
                 if panic is not None:

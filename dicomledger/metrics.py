@@ -71,8 +71,12 @@ class IngestMetrics:
 class Snapshot:
     """What a scrape reads from databases (async), before the collector runs (sync)."""
 
-    peers: list[tuple[str, int | None, bool, bool]] = field(default_factory=list)  # origin, lag, reachable, flagged
-    forward_jobs: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, state) -> jobs
+    peers: list[tuple[str, int | None, bool, bool]] = field(
+        default_factory=list
+    )  # origin, lag, reachable, flagged
+    forward_jobs: dict[tuple[str, str], int] = field(
+        default_factory=dict
+    )  # (destination, state) -> jobs
 
 
 class GatewayCollector(Collector):
@@ -84,14 +88,20 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         gw, ingest = self.gateway, self.ingest
         server = gw.server
-        yield GaugeMetricFamily("dicomledger_associations_open", "DICOM associations established now",
-                                value=server.associations if server is not None else 0)
-        outcomes = CounterMetricFamily("dicomledger_associations", "DICOM associations ended, by outcome",
-                                       labels=["outcome"])
+        yield GaugeMetricFamily(
+            "dicomledger_associations_open",
+            "DICOM associations established now",
+            value=server.associations if server is not None else 0,
+        )
+        outcomes = CounterMetricFamily(
+            "dicomledger_associations", "DICOM associations ended, by outcome", labels=["outcome"]
+        )
         for outcome in ASSOCIATION_OUTCOMES:
             outcomes.add_metric([outcome], server.outcomes[outcome] if server is not None else 0)
         yield outcomes
-        stores = CounterMetricFamily("dicomledger_c_store", "C-STORE requests answered, by status", labels=["status"])
+        stores = CounterMetricFamily(
+            "dicomledger_c_store", "C-STORE requests answered, by status", labels=["status"]
+        )
         for status, n in sorted(ingest.by_status.items()):
             stores.add_metric([f"0x{status:04X}"], n)
         yield stores
@@ -99,54 +109,83 @@ class GatewayCollector(Collector):
         for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), ingest.buckets, strict=True):
             cumulative += n
             buckets.append((bound, cumulative))
-        yield HistogramMetricFamily("dicomledger_c_store_duration_seconds",
-                                    "C-STORE handling time: data set received to status decided (parse, hash, "
-                                    "fsync, index, anchor)", buckets=buckets, sum_value=ingest.latency_sum)
-        yield CounterMetricFamily("dicomledger_received_bytes", "bytes of received C-STORE data sets",
-                                  value=ingest.bytes_received)
-        commitments = CounterMetricFamily("dicomledger_storage_commitment_instances",
-                                          "instances answered in Storage Commitment reports, by result",
-                                          labels=["result"])
+        yield HistogramMetricFamily(
+            "dicomledger_c_store_duration_seconds",
+            "C-STORE handling time: data set received to status decided (parse, hash, "
+            "fsync, index, anchor)",
+            buckets=buckets,
+            sum_value=ingest.latency_sum,
+        )
+        yield CounterMetricFamily(
+            "dicomledger_received_bytes",
+            "bytes of received C-STORE data sets",
+            value=ingest.bytes_received,
+        )
+        commitments = CounterMetricFamily(
+            "dicomledger_storage_commitment_instances",
+            "instances answered in Storage Commitment reports, by result",
+            labels=["result"],
+        )
         for result in ("committed", "failed"):
             commitments.add_metric([result], ingest.commitments.get(result, 0))
         yield commitments
 
         writer = gw.writer
         kinds = writer.appended_kinds if writer is not None else {}
-        yield GaugeMetricFamily("dicomledger_ledger_entries", "entries in this gateway's own log",
-                                value=writer.size if writer is not None else 0)
-        yield GaugeMetricFamily("dicomledger_ledger_unsigned_entries",
-                                "entries of the own log not yet covered by a signed checkpoint",
-                                value=gw.unsigned_entries())
-        yield GaugeMetricFamily("dicomledger_checkpoint_age_seconds",
-                                "seconds since this gateway last signed a checkpoint (since start if none yet)",
-                                value=gw.checkpoint_age())
-        yield CounterMetricFamily("dicomledger_tamper_alarms", "tamper-alarm entries appended by this process",
-                                  value=kinds.get(TAMPER_ALARM, 0))
-        retrievals = CounterMetricFamily("dicomledger_retrievals",
-                                         "C-MOVE/C-GET retrieval entries appended by this process, by outcome",
-                                         labels=["outcome"])
+        yield GaugeMetricFamily(
+            "dicomledger_ledger_entries",
+            "entries in this gateway's own log",
+            value=writer.size if writer is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "dicomledger_ledger_unsigned_entries",
+            "entries of the own log not yet covered by a signed checkpoint",
+            value=gw.unsigned_entries(),
+        )
+        yield GaugeMetricFamily(
+            "dicomledger_checkpoint_age_seconds",
+            "seconds since this gateway last signed a checkpoint (since start if none yet)",
+            value=gw.checkpoint_age(),
+        )
+        yield CounterMetricFamily(
+            "dicomledger_tamper_alarms",
+            "tamper-alarm entries appended by this process",
+            value=kinds.get(TAMPER_ALARM, 0),
+        )
+        retrievals = CounterMetricFamily(
+            "dicomledger_retrievals",
+            "C-MOVE/C-GET retrieval entries appended by this process, by outcome",
+            labels=["outcome"],
+        )
         retrievals.add_metric(["retrieved"], kinds.get(RETRIEVED, 0))
         retrievals.add_metric(["refused"], kinds.get(RETRIEVE_REFUSED, 0))
         yield retrievals
 
         snap = self.snapshot
-        lag = GaugeMetricFamily("dicomledger_peer_lag_entries",
-                                "entries of a peer's newest known checkpoint this gateway does not hold yet",
-                                labels=["peer"])
-        reachable = GaugeMetricFamily("dicomledger_peer_reachable", "1 if the last contact with the peer worked",
-                                      labels=["peer"])
-        flagged = GaugeMetricFamily("dicomledger_peer_flagged", "1 if the peer is flagged for equivocation",
-                                    labels=["peer"])
+        lag = GaugeMetricFamily(
+            "dicomledger_peer_lag_entries",
+            "entries of a peer's newest known checkpoint this gateway does not hold yet",
+            labels=["peer"],
+        )
+        reachable = GaugeMetricFamily(
+            "dicomledger_peer_reachable",
+            "1 if the last contact with the peer worked",
+            labels=["peer"],
+        )
+        flagged = GaugeMetricFamily(
+            "dicomledger_peer_flagged", "1 if the peer is flagged for equivocation", labels=["peer"]
+        )
         for origin, behind, up, flag in snap.peers:
             if behind is not None:
                 lag.add_metric([origin], behind)
             reachable.add_metric([origin], int(up))
             flagged.add_metric([origin], int(flag))
         yield from (lag, reachable, flagged)
-        jobs = GaugeMetricFamily("dicomledger_forward_jobs",
-                                 "forward queue jobs by destination and state (queued is the depth)",
-                                 labels=["destination", "state"])
+        jobs = GaugeMetricFamily(
+            "dicomledger_forward_jobs",
+            "forward queue jobs by destination and state (queued is the depth)",
+            labels=["destination", "state"],
+        )
         for (destination, state), n in sorted(snap.forward_jobs.items()):
             jobs.add_metric([destination, state], n)
         yield jobs
@@ -162,7 +201,9 @@ async def take_snapshot(gw: Gateway) -> Snapshot:
             behind = None
             if status is not None and status.their_size is not None:
                 behind = max(0, status.their_size - held)
-            snap.peers.append((origin, behind, bool(status and status.reachable), origin in flagged))
+            snap.peers.append(
+                (origin, behind, bool(status and status.reachable), origin in flagged)
+            )
     if gw.forwarder is not None:
         counts = await gw.forwarder.queue.shown_counts()
         destinations = [d.ae_title for d in gw.forwarder.config.destinations]
@@ -179,13 +220,19 @@ def readiness(gw: Gateway, config: MetricsConfig) -> dict[str, Any]:
     server, writer = gw.server, gw.writer
     checks["dicom_listening"] = server is not None and server.listening
     database = gw.config.ledger.database
-    checks["ledger_writable"] = (writer is not None and writer.running and os.access(database, os.W_OK)
-                                 and os.access(database.parent, os.W_OK))
+    checks["ledger_writable"] = (
+        writer is not None
+        and writer.running
+        and os.access(database, os.W_OK)
+        and os.access(database.parent, os.W_OK)
+    )
     age, unsigned = gw.checkpoint_age(), gw.unsigned_entries()
     checks["checkpoint_fresh"] = unsigned == 0 or age <= config.checkpoint_stale_after
     if not checks["checkpoint_fresh"]:
-        checks["checkpoint_problem"] = (f"{unsigned} entries unsigned for {age:.0f} s "
-                                        f"(more than {config.checkpoint_stale_after:g} s)")
+        checks["checkpoint_problem"] = (
+            f"{unsigned} entries unsigned for {age:.0f} s "
+            f"(more than {config.checkpoint_stale_after:g} s)"
+        )
     return checks
 
 
@@ -196,7 +243,9 @@ class MetricsServer:
         self.collector = GatewayCollector(gateway, ingest)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
-        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, resident memory, open fds
+        ProcessCollector(
+            registry=self.registry
+        )  # process_cpu_seconds_total, resident memory, open fds
         self._runner: web.AppRunner | None = None
         self.port = config.port
         self.started = time.monotonic()
@@ -215,11 +264,16 @@ class MetricsServer:
             await self._runner.cleanup()
             self._runner = None
             raise
-        sockets = getattr(site._server, "sockets", None)  # asyncio.Server (aiohttp types it abstractly)
+        sockets = getattr(
+            site._server, "sockets", None
+        )  # asyncio.Server (aiohttp types it abstractly)
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        log.info("metrics endpoint listening", address=f"{self.config.host}:{self.port}",
-                 paths=["/metrics", "/healthz", "/readyz"])
+        log.info(
+            "metrics endpoint listening",
+            address=f"{self.config.host}:{self.port}",
+            paths=["/metrics", "/healthz", "/readyz"],
+        )
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -230,15 +284,21 @@ class MetricsServer:
         try:
             self.collector.snapshot = await take_snapshot(self.gateway)
         except Exception as exc:  # a database busy or gone: serve the rest, say why once per scrape
-            log.warning("metrics: peer and queue figures not read", error=f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "metrics: peer and queue figures not read", error=f"{type(exc).__name__}: {exc}"
+            )
             self.collector.snapshot = Snapshot()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive", "uptime_seconds": round(time.monotonic() - self.started, 1)})
+        return web.json_response(
+            {"status": "alive", "uptime_seconds": round(time.monotonic() - self.started, 1)}
+        )
 
     async def _readyz(self, request: web.Request) -> web.Response:
         checks = readiness(self.gateway, self.config)
         ready = all(v for k, v in checks.items() if k != "checkpoint_problem")
-        return web.json_response({"status": "ready" if ready else "not ready", **checks}, status=200 if ready else 503)
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", **checks}, status=200 if ready else 503
+        )

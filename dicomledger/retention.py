@@ -36,14 +36,18 @@ class Due:
 
 def keep_years(modalities: Sequence[str], rules: Sequence[RetentionRule]) -> int | None:
     """The keep period of a study with these modalities, or None (no rule: kept)."""
-    periods = [r.keep_years for r in rules if not r.modalities or set(r.modalities) & set(modalities)]
+    periods = [
+        r.keep_years for r in rules if not r.modalities or set(r.modalities) & set(modalities)
+    ]
     return max(periods) if periods else None
 
 
 def study_date(value: str) -> date | None:
     """A DICOM DA value (YYYYMMDD), or None if it is not one."""
     try:
-        return datetime.strptime(value.strip(), "%Y%m%d").date() if len(value.strip()) == 8 else None
+        return (
+            datetime.strptime(value.strip(), "%Y%m%d").date() if len(value.strip()) == 8 else None
+        )
     except ValueError:
         return None
 
@@ -55,7 +59,9 @@ def years_before(day: date, years: int) -> date:
         return day.replace(year=day.year - years, day=28)
 
 
-def due(studies: Sequence[StudySummary], rules: Sequence[RetentionRule], today: date) -> tuple[list[Due], list[StudySummary]]:
+def due(
+    studies: Sequence[StudySummary], rules: Sequence[RetentionRule], today: date
+) -> tuple[list[Due], list[StudySummary]]:
     """(studies past their keep period, studies skipped for lack of a valid Study Date)."""
     found, skipped = [], []
     for s in studies:
@@ -86,15 +92,21 @@ class Retention:
             for d in studies:
                 s = d.study
                 line = {
-                    "study_uid": s.study_uid, "patient_id": s.patient_id, "study_date": d.study_date.isoformat(),
-                    "modalities": list(s.modalities), "instances": s.instances, "keep_years": d.keep_years,
+                    "study_uid": s.study_uid,
+                    "patient_id": s.patient_id,
+                    "study_date": d.study_date.isoformat(),
+                    "modalities": list(s.modalities),
+                    "instances": s.instances,
+                    "keep_years": d.keep_years,
                     "description": s.description,
                 }
                 if not dry_run:
                     try:
                         done = await self.eraser.erase(
-                            pseudonym(self.secret, "patient", s.patient_id), pseudonym(self.secret, "study", s.study_uid),
-                            RETENTION, patient_ids=[s.patient_id],
+                            pseudonym(self.secret, "patient", s.patient_id),
+                            pseudonym(self.secret, "study", s.study_uid),
+                            RETENTION,
+                            patient_ids=[s.patient_id],
                         )
                     except NothingToErase:  # erased meanwhile, or only copies anchored elsewhere
                         continue
@@ -103,11 +115,23 @@ class Retention:
                     erased += 1
                 listed.append(line)
             if not dry_run and (erased or skipped):
-                log.info("retention applied", studies_erased=erased, skipped_without_study_date=len(skipped))
+                log.info(
+                    "retention applied",
+                    studies_erased=erased,
+                    skipped_without_study_date=len(skipped),
+                )
             return {
-                "dry_run": dry_run, "studies": listed, "rules": len(self.config.rules),
-                "skipped": [{"study_uid": s.study_uid, "patient_id": s.patient_id, "study_date": s.study_date}
-                            for s in skipped],
+                "dry_run": dry_run,
+                "studies": listed,
+                "rules": len(self.config.rules),
+                "skipped": [
+                    {
+                        "study_uid": s.study_uid,
+                        "patient_id": s.patient_id,
+                        "study_date": s.study_date,
+                    }
+                    for s in skipped
+                ],
             }
 
     async def loop(self) -> None:

@@ -140,8 +140,12 @@ class QueryRetrieve:
             return parse_query(request.identifier, request.model)
         except QueryError as exc:
             log.warning(
-                "query refused", service=request.service, calling_ae=request.calling_ae,
-                peer=request.peer, status=f"0x{exc.status:04X}", reason=str(exc),
+                "query refused",
+                service=request.service,
+                calling_ae=request.calling_ae,
+                peer=request.peer,
+                status=f"0x{exc.status:04X}",
+                reason=str(exc),
             )
             raise
 
@@ -164,14 +168,21 @@ class QueryRetrieve:
         matched = await self.index.matching(grain, query)
         target = self._target(request.calling_ae)
         keys = [self._pseudonyms(r) for r in matched]
-        decisions = await self.book.decide_all(keys, ae=target.ae_title, site=target.site, today=today())
+        decisions = await self.book.decide_all(
+            keys, ae=target.ae_title, site=target.site, today=today()
+        )
         visible = [r for r, k in zip(matched, keys, strict=True) if decisions[k].allowed]
         if query.level == "PATIENT":
             visible = _patients(visible)
         hidden = len({k for k in keys if not decisions[k].allowed})
         log.info(
-            "c-find", calling_ae=request.calling_ae, peer=request.peer, model=request.model,
-            query_level=query.level, keys=len(query.matchers), results=len(visible),
+            "c-find",
+            calling_ae=request.calling_ae,
+            peer=request.peer,
+            model=request.model,
+            query_level=query.level,
+            keys=len(query.matchers),
+            results=len(visible),
             studies_hidden=hidden,
         )
         return [response_identifier(query, r, self.ae_title) for r in visible]
@@ -182,9 +193,16 @@ class QueryRetrieve:
         query = self._parse(request)
         unique = UNIQUE_KEY[query.level]
         if unique not in query.matchers:
-            exc = QueryError(f"a {request.service} at level {query.level} must name the {unique} value(s) to retrieve")
-            log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
-                        peer=request.peer, reason=str(exc))
+            exc = QueryError(
+                f"a {request.service} at level {query.level} must name the {unique} value(s) to retrieve"
+            )
+            log.warning(
+                "retrieve refused",
+                service=request.service,
+                calling_ae=request.calling_ae,
+                peer=request.peer,
+                reason=str(exc),
+            )
             raise exc
         matched = await self.index.matching("IMAGE", query)
         items = {}
@@ -202,13 +220,23 @@ class QueryRetrieve:
             reason = f"unknown move destination {ae}: not under [[destinations]] in the config"
             state = PlanState(request, target, items)
             await self._record_refused(state, dict.fromkeys(items, reason))
-            log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
-                        destination=ae, peer=request.peer, instances=len(items), reason=reason)
+            log.warning(
+                "retrieve refused",
+                service=request.service,
+                calling_ae=request.calling_ae,
+                destination=ae,
+                peer=request.peer,
+                instances=len(items),
+                reason=reason,
+            )
             return RetrievePlan([], {}, unknown_destination=True, context=state)
         if not items:
             await self._refuse_erased(request, query, target)
         decisions = await self.book.decide_all(
-            ((i.patient, i.study) for i in items.values()), ae=target.ae_title, site=target.site, today=today()
+            ((i.patient, i.study) for i in items.values()),
+            ae=target.ae_title,
+            site=target.site,
+            today=today(),
         )
         to_send, refused = [], {}
         state = PlanState(request, target, items)
@@ -221,28 +249,45 @@ class QueryRetrieve:
             anchor = None
             if row.ledger_origin is not None and row.ledger_index is not None:
                 anchor = await self.ledger.entry(row.ledger_origin, row.ledger_index)
-            items[uid] = item = replace(item, grant=decision.grant.ref if decision.grant else None, anchor=anchor)
-            to_send.append(SubOperation(uid, row.sop_class_uid, row.transfer_syntax_uid, (state, item)))
+            items[uid] = item = replace(
+                item, grant=decision.grant.ref if decision.grant else None, anchor=anchor
+            )
+            to_send.append(
+                SubOperation(uid, row.sop_class_uid, row.transfer_syntax_uid, (state, item))
+            )
         if refused:
             await self._record_refused(state, refused)
         log.info(
-            "retrieve", service=request.service, calling_ae=request.calling_ae, destination=ae,
-            peer=request.peer, query_level=query.level, matched=len(items), to_send=len(to_send),
+            "retrieve",
+            service=request.service,
+            calling_ae=request.calling_ae,
+            destination=ae,
+            peer=request.peer,
+            query_level=query.level,
+            matched=len(items),
+            to_send=len(to_send),
             refused=len(refused),
         )
         return RetrievePlan(
-            to_send, refused,
-            destination=(dest.host, dest.port) if dest is not None else None, context=state,
+            to_send,
+            refused,
+            destination=(dest.host, dest.port) if dest is not None else None,
+            context=state,
             destination_tls=_tls_to(dest),
         )
 
     async def _refuse_erased(self, request: QRRequest, query: Query, target: Target) -> None:
         """A retrieval of a study (or patient) this gateway erased finds nothing, and is
         answered as for an unknown one; the attempt still goes on the ledger and the log."""
-        studies = [pseudonym(self.secret, "study", uid) for uid in query.exact("StudyInstanceUID") or ()]
+        studies = [
+            pseudonym(self.secret, "study", uid) for uid in query.exact("StudyInstanceUID") or ()
+        ]
         keys: list[tuple[str, str | None]] = [(f"study:{s}", s) for s in studies]
         if not studies:
-            keys += [(f"erased:{pseudonym(self.secret, 'patient', pid)}", None) for pid in query.exact("PatientID") or ()]
+            keys += [
+                (f"erased:{pseudonym(self.secret, 'patient', pid)}", None)
+                for pid in query.exact("PatientID") or ()
+            ]
         done: set[tuple[Any, str | None]] = set()
         for key, study in keys:
             for origin, index in await self.ledger.find(key):
@@ -254,13 +299,27 @@ class QueryRetrieve:
                     continue
                 done.add((patient, study))
                 reason = f"erased by entry {index} (reason {entry.payload.get('reason')})"
-                await self.writer.append(RETRIEVE_REFUSED, {
-                    "service": request.service, "calling_ae": request.calling_ae,
-                    "destination": target.ae_title, "site": target.site,
-                    "patient": patient, "study": study, "instances": 0, "reason": reason,
-                })
-                log.warning("retrieve refused", service=request.service, calling_ae=request.calling_ae,
-                            destination=target.ae_title, peer=request.peer, reason=reason)
+                await self.writer.append(
+                    RETRIEVE_REFUSED,
+                    {
+                        "service": request.service,
+                        "calling_ae": request.calling_ae,
+                        "destination": target.ae_title,
+                        "site": target.site,
+                        "patient": patient,
+                        "study": study,
+                        "instances": 0,
+                        "reason": reason,
+                    },
+                )
+                log.warning(
+                    "retrieve refused",
+                    service=request.service,
+                    calling_ae=request.calling_ae,
+                    destination=target.ae_title,
+                    peer=request.peer,
+                    reason=reason,
+                )
 
     async def _record_refused(self, state: PlanState, refused: dict[str, str]) -> None:
         by_study: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -268,11 +327,19 @@ class QueryRetrieve:
             item = state.items[uid]
             by_study[item.patient, item.study].append(reason)
         for (patient, study), reasons in by_study.items():
-            await self.writer.append(RETRIEVE_REFUSED, {
-                "service": state.request.service, "calling_ae": state.request.calling_ae,
-                "destination": state.target.ae_title, "site": state.target.site,
-                "patient": patient, "study": study, "instances": len(reasons), "reason": reasons[0],
-            })
+            await self.writer.append(
+                RETRIEVE_REFUSED,
+                {
+                    "service": state.request.service,
+                    "calling_ae": state.request.calling_ae,
+                    "destination": state.target.ae_title,
+                    "site": state.target.site,
+                    "patient": patient,
+                    "study": study,
+                    "instances": len(reasons),
+                    "reason": reasons[0],
+                },
+            )
 
     async def load(self, sub: SubOperation) -> Loaded:
         """Read the stored file once, check its pixel hash against the anchor, and parse those
@@ -281,13 +348,18 @@ class QueryRetrieve:
         state, item = sub.ref
         path = self.storage_dir / item.row.path
         loop = asyncio.get_running_loop()
-        loaded, problem, expected, found = await loop.run_in_executor(self._checker, self._check, item, path)
+        loaded, problem, expected, found = await loop.run_in_executor(
+            self._checker, self._check, item, path
+        )
         if loaded is not None:
             return loaded
         if problem == FILE_MISSING and await self.index.instance(item.row.sop_instance_uid) is None:
             # erased since the retrieval was planned: gone on purpose, not tampered with
-            log.info("retrieve sub-operation skipped: the instance was erased meanwhile",
-                     service=state.request.service, sop_instance=item.row.sop_instance_uid)
+            log.info(
+                "retrieve sub-operation skipped: the instance was erased meanwhile",
+                service=state.request.service,
+                sop_instance=item.row.sop_instance_uid,
+            )
             return Loaded(None, ERASED_MEANWHILE)
         await self._tamper_alarm(state, item, path, problem, expected, found)
         return Loaded(None, f"tamper check failed: {problem}")
@@ -302,9 +374,16 @@ class QueryRetrieve:
             try:
                 data = path.read_bytes()
                 dataset = dcmread(io.BytesIO(data))
-                found = stored_sha256(data, dataset, item.row.transfer_syntax_uid, check.method).hex()
+                found = stored_sha256(
+                    data, dataset, item.row.transfer_syntax_uid, check.method
+                ).hex()
                 if found == expected:
-                    return Loaded(dataset, data_set=memoryview(data)[data_set_start(data):]), "", expected, found
+                    return (
+                        Loaded(dataset, data_set=memoryview(data)[data_set_start(data) :]),
+                        "",
+                        expected,
+                        found,
+                    )
                 problem = PIXELS_DIFFER
             except FileNotFoundError:
                 problem = FILE_MISSING  # (or erased meanwhile: load() asks the index)
@@ -315,27 +394,55 @@ class QueryRetrieve:
         return None, problem, expected, found
 
     async def _tamper_alarm(
-        self, state: PlanState, item: Item, path: Path, problem: str, expected: str | None, found: str | None
+        self,
+        state: PlanState,
+        item: Item,
+        path: Path,
+        problem: str,
+        expected: str | None,
+        found: str | None,
     ) -> None:
         row, request = item.row, state.request
         log.error(
-            "TAMPER ALARM: stored instance not sent", file=str(path), sop_instance=row.sop_instance_uid,
-            service=request.service, calling_ae=request.calling_ae, destination=state.target.ae_title,
-            anchored_sha256=row.sha256.hex(), found_sha256=found, problem=problem,
+            "TAMPER ALARM: stored instance not sent",
+            file=str(path),
+            sop_instance=row.sop_instance_uid,
+            service=request.service,
+            calling_ae=request.calling_ae,
+            destination=state.target.ae_title,
+            anchored_sha256=row.sha256.hex(),
+            found_sha256=found,
+            problem=problem,
             anchor=f"{row.ledger_origin} entry {row.ledger_index}",
         )
         payload = alarm_payload(
-            patient=item.patient, study=item.study, instance=item.instance, expected=expected, found=found,
-            anchor_origin=row.ledger_origin, anchor_index=row.ledger_index, problem=problem,
-            context={"service": request.service, "calling_ae": request.calling_ae,
-                     "destination": state.target.ae_title},
+            patient=item.patient,
+            study=item.study,
+            instance=item.instance,
+            expected=expected,
+            found=found,
+            anchor_origin=row.ledger_origin,
+            anchor_index=row.ledger_index,
+            problem=problem,
+            context={
+                "service": request.service,
+                "calling_ae": request.calling_ae,
+                "destination": state.target.ae_title,
+            },
         )
         await self.writer.append(TAMPER_ALARM, payload)
-        self.audit.tamper_alarm(request.service, calling_ae=request.calling_ae, peer=request.peer,
-                                destination=state.target.ae_title, instance=_sent(self.storage_dir, item, False),
-                                problem=problem)
+        self.audit.tamper_alarm(
+            request.service,
+            calling_ae=request.calling_ae,
+            peer=request.peer,
+            destination=state.target.ae_title,
+            instance=_sent(self.storage_dir, item, False),
+            problem=problem,
+        )
 
-    async def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None:
+    async def finish(
+        self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome
+    ) -> None:
         """Record what the requestor was told: per study, how many sub-operations completed,
         warned, failed (the receiver's C-STORE failed, it could not be sent, or the
         check stopped it) or were never attempted, and the final status on the wire."""
@@ -345,62 +452,114 @@ class QueryRetrieve:
         status = _final_status(plan, outcome)
         # Our own final response (0xB000 / 0xA702) counts the instances the check stopped as
         # failed; after a cancel they stay "remaining", and without a final response nothing.
-        stopped_count_as = "failed" if outcome.status in (SUB_OPERATIONS_FAILED, UNABLE_TO_PERFORM) else "not_sent"
+        stopped_count_as = (
+            "failed" if outcome.status in (SUB_OPERATIONS_FAILED, UNABLE_TO_PERFORM) else "not_sent"
+        )
         results = {
-            **dict.fromkeys(outcome.completed, "completed"), **dict.fromkeys(outcome.warning, "warning"),
-            **dict.fromkeys(outcome.failed, "failed"), **dict.fromkeys(outcome.not_sent, stopped_count_as),
+            **dict.fromkeys(outcome.completed, "completed"),
+            **dict.fromkeys(outcome.warning, "warning"),
+            **dict.fromkeys(outcome.failed, "failed"),
+            **dict.fromkeys(outcome.not_sent, stopped_count_as),
         }
         studies: dict[tuple[str, str], dict[str, int]] = {}
         for sub in plan.to_send:
             item = state.items[sub.sop_instance_uid]
-            counts = studies.setdefault((item.patient, item.study), dict.fromkeys(
-                ("completed", "warning", "failed", "refused", "tampered", "not_sent"), 0
-            ))
+            counts = studies.setdefault(
+                (item.patient, item.study),
+                dict.fromkeys(
+                    ("completed", "warning", "failed", "refused", "tampered", "not_sent"), 0
+                ),
+            )
             counts[results.get(sub.sop_instance_uid, "not_sent")] += 1
-            counts["tampered"] += outcome.not_sent.get(sub.sop_instance_uid, ERASED_MEANWHILE) != ERASED_MEANWHILE
+            counts["tampered"] += (
+                outcome.not_sent.get(sub.sop_instance_uid, ERASED_MEANWHILE) != ERASED_MEANWHILE
+            )
         grants = {(i.patient, i.study): i.grant for i in state.items.values() if i.grant}
         for (patient, study), counts in studies.items():
             payload = {
-                "service": request.service, "calling_ae": request.calling_ae,
-                "destination": state.target.ae_title, "site": state.target.site,
-                "patient": patient, "study": study, **counts, "cancelled": outcome.cancelled,
-                "status": status, "grant": grants.get((patient, study)),
+                "service": request.service,
+                "calling_ae": request.calling_ae,
+                "destination": state.target.ae_title,
+                "site": state.target.site,
+                "patient": patient,
+                "study": study,
+                **counts,
+                "cancelled": outcome.cancelled,
+                "status": status,
+                "grant": grants.get((patient, study)),
             }
             await self.writer.append(RETRIEVED, payload)
         # The audit trail: what reached the receiver, and what failed on the way (the tamper
         # check's refusals have their own alarm).
-        attempted = [s.sop_instance_uid for s in plan.to_send if s.sop_instance_uid not in outcome.not_sent
-                     and results.get(s.sop_instance_uid) in ("completed", "warning", "failed")]
+        attempted = [
+            s.sop_instance_uid
+            for s in plan.to_send
+            if s.sop_instance_uid not in outcome.not_sent
+            and results.get(s.sop_instance_uid) in ("completed", "warning", "failed")
+        ]
         self.audit.instances_sent(
-            request.service, our_ae=self.ae_title, destination=state.target.ae_title,
-            destination_address=plan.destination[0] if plan.destination else address_of(request.peer),
-            requestor=request.calling_ae, requestor_address=address_of(request.peer),
-            instances=[_sent(self.storage_dir, state.items[uid], results[uid] != "failed") for uid in attempted],
+            request.service,
+            our_ae=self.ae_title,
+            destination=state.target.ae_title,
+            destination_address=plan.destination[0]
+            if plan.destination
+            else address_of(request.peer),
+            requestor=request.calling_ae,
+            requestor_address=address_of(request.peer),
+            instances=[
+                _sent(self.storage_dir, state.items[uid], results[uid] != "failed")
+                for uid in attempted
+            ],
         )
         for uid in outcome.no_response:
             row = state.items[uid].row
             log.warning(
                 "retrieve sub-operation failed without a C-STORE response: the receiver accepted no "
                 "presentation context for its SOP class in the stored transfer syntax, or it could "
-                "not be encoded or sent", service=request.service, destination=state.target.ae_title,
-                sop_instance=uid, sop_class=row.sop_class_uid, transfer_syntax=row.transfer_syntax_uid,
+                "not be encoded or sent",
+                service=request.service,
+                destination=state.target.ae_title,
+                sop_instance=uid,
+                sop_class=row.sop_class_uid,
+                transfer_syntax=row.transfer_syntax_uid,
             )
-        total = {k: sum(c[k] for c in studies.values()) for k in ("completed", "warning", "failed", "not_sent")}
+        total = {
+            k: sum(c[k] for c in studies.values())
+            for k in ("completed", "warning", "failed", "not_sent")
+        }
         log.info(
-            "retrieved", service=request.service, calling_ae=request.calling_ae,
-            destination=state.target.ae_title, status=status, **total, refused=len(plan.refused),
-            tampered=sum(p != ERASED_MEANWHILE for p in outcome.not_sent.values()), no_response=len(outcome.no_response), cancelled=outcome.cancelled,
+            "retrieved",
+            service=request.service,
+            calling_ae=request.calling_ae,
+            destination=state.target.ae_title,
+            status=status,
+            **total,
+            refused=len(plan.refused),
+            tampered=sum(p != ERASED_MEANWHILE for p in outcome.not_sent.values()),
+            no_response=len(outcome.no_response),
+            cancelled=outcome.cancelled,
         )
 
 
 def _tls_to(dest: DestinationConfig | None) -> tuple[ssl.SSLContext, str] | None:
     context = destination_context(dest) if dest is not None else None
-    return (context, dest.tls.server_name) if context is not None and dest is not None and dest.tls else None
+    return (
+        (context, dest.tls.server_name)
+        if context is not None and dest is not None and dest.tls
+        else None
+    )
 
 
 def _sent(storage_dir: Path, item: Item, delivered: bool) -> SentInstance:
     row = item.row
-    return SentInstance(row.sop_class_uid, row.sop_instance_uid, storage_dir / row.path, item.patient, item.study, delivered)
+    return SentInstance(
+        row.sop_class_uid,
+        row.sop_instance_uid,
+        storage_dir / row.path,
+        item.patient,
+        item.study,
+        delivered,
+    )
 
 
 def _final_status(plan: RetrievePlan, outcome: RetrieveOutcome) -> str:
@@ -415,10 +574,15 @@ def _patients(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """PATIENT-level records from the visible study records: counts of what is visible."""
     patients: dict[str, dict[str, Any]] = {}
     for s in studies:
-        p = patients.setdefault(s["PatientID"], {
-            k: s[k] for k in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
-        } | {"NumberOfPatientRelatedStudies": 0, "NumberOfPatientRelatedSeries": 0,
-             "NumberOfPatientRelatedInstances": 0})
+        p = patients.setdefault(
+            s["PatientID"],
+            {k: s[k] for k in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")}
+            | {
+                "NumberOfPatientRelatedStudies": 0,
+                "NumberOfPatientRelatedSeries": 0,
+                "NumberOfPatientRelatedInstances": 0,
+            },
+        )
         p["NumberOfPatientRelatedStudies"] += 1
         p["NumberOfPatientRelatedSeries"] += s["NumberOfStudyRelatedSeries"]
         p["NumberOfPatientRelatedInstances"] += s["NumberOfStudyRelatedInstances"]

@@ -119,7 +119,9 @@ async def _forwarding_lines(config: Config, forwards: Counter[tuple[str, str]]) 
     for destination, uid, attempts, error, when in parked:
         lines.append(f"  PARKED {destination} {uid} after {attempts} attempts at {when}: {error}")
     if parked:
-        lines.append("  (`dicomledger queue` lists the jobs; `queue unpark` or `queue retry` sends them again)")
+        lines.append(
+            "  (`dicomledger queue` lists the jobs; `queue unpark` or `queue retry` sends them again)"
+        )
     return lines
 
 
@@ -138,12 +140,20 @@ def _age(since: str, now: datetime) -> str:
     return f"{seconds}s"
 
 
-QUEUE_STATES = {"pending": ("queued", "failed", "parked"), "queued": ("queued",), "failed": ("failed",),
-                "parked": ("parked",), "refused": ("refused",), "done": ("done",),
-                "all": ("queued", "failed", "parked", "refused", "done")}
+QUEUE_STATES = {
+    "pending": ("queued", "failed", "parked"),
+    "queued": ("queued",),
+    "failed": ("failed",),
+    "parked": ("parked",),
+    "refused": ("refused",),
+    "done": ("done",),
+    "all": ("queued", "failed", "parked", "refused", "done"),
+}
 
 
-async def _queue_listing(config: Config, destination: str | None, state: str, limit: int) -> dict[str, Any] | tuple[str, int]:
+async def _queue_listing(
+    config: Config, destination: str | None, state: str, limit: int
+) -> dict[str, Any] | tuple[str, int]:
     """The jobs to list as a JSON-able object; or why there are none to list, with the exit code."""
     from dicomledger.forwarding import ForwardQueue
 
@@ -164,19 +174,35 @@ async def _queue_listing(config: Config, destination: str | None, state: str, li
     now = datetime.now(UTC)
     titles = [destination] if destination else [d.ae_title for d in fw.destinations]
     return {
-        "destinations": {t: {s: counts.get((t, s), 0) for s in ("queued", "failed", "parked", "done", "refused")}
-                         for t in titles},
-        "jobs": [{"job": j.id, "destination": j.destination, "state": j.state, "attempts": j.attempts,
-                  "age": _age(j.created_at, now), "queued_at": j.created_at,
-                  "next_attempt": datetime.fromtimestamp(j.next_attempt, UTC).isoformat(timespec="seconds")
-                  if j.state == "failed" else None,
-                  "sop_instance_uid": j.sop_instance_uid, "last_error": j.last_error}
-                 for j in jobs[:limit]],
+        "destinations": {
+            t: {s: counts.get((t, s), 0) for s in ("queued", "failed", "parked", "done", "refused")}
+            for t in titles
+        },
+        "jobs": [
+            {
+                "job": j.id,
+                "destination": j.destination,
+                "state": j.state,
+                "attempts": j.attempts,
+                "age": _age(j.created_at, now),
+                "queued_at": j.created_at,
+                "next_attempt": datetime.fromtimestamp(j.next_attempt, UTC).isoformat(
+                    timespec="seconds"
+                )
+                if j.state == "failed"
+                else None,
+                "sop_instance_uid": j.sop_instance_uid,
+                "last_error": j.last_error,
+            }
+            for j in jobs[:limit]
+        ],
         "more": len(jobs) > limit,
     }
 
 
-def queue_jobs(config: Config, destination: str | None, state: str, limit: int, as_json: bool) -> int:
+def queue_jobs(
+    config: Config, destination: str | None, state: str, limit: int, as_json: bool
+) -> int:
     """`dicomledger queue`: the forward queue's jobs (read from its database, running or not)."""
     listing = asyncio.run(_queue_listing(config, destination, state, limit))
     if isinstance(listing, tuple):
@@ -191,8 +217,10 @@ def queue_jobs(config: Config, destination: str | None, state: str, limit: int, 
     if not listing["jobs"]:
         print(f"no {state} jobs" if state != "all" else "no jobs")
     for j in listing["jobs"]:
-        line = (f"  job {j['job']} to {j['destination']}: {j['state']}, {j['attempts']} attempts, "
-                f"queued {j['age']} ago, {j['sop_instance_uid']}")
+        line = (
+            f"  job {j['job']} to {j['destination']}: {j['state']}, {j['attempts']} attempts, "
+            f"queued {j['age']} ago, {j['sop_instance_uid']}"
+        )
         if j["next_attempt"]:
             line += f", next attempt {j['next_attempt']}"
         if j["last_error"]:
@@ -230,20 +258,28 @@ async def _peers(config: Config) -> list[str]:
         own = await store.latest_checkpoint(config.ledger.origin)
         lines = []
         if config.ledger.origin in flagged:  # a peer's evidence against us, checked, reached us
-            lines.append(f"{config.ledger.origin} (this gateway): FLAGGED: evidence that it signed two "
-                         "histories of its log is held (`peers --evidence` writes it out)")
+            lines.append(
+                f"{config.ledger.origin} (this gateway): FLAGGED: evidence that it signed two "
+                "histories of its log is held (`peers --evidence` writes it out)"
+            )
         own_sigs = parse_note(own[1]).signatures if own else ()
         for peer in config.peering.peers:
             status = await state.peer_status(peer.origin)
             known = await store.origin(peer.origin) is not None
             held = await store.size(peer.origin) if known else 0
             cp = await store.latest_checkpoint(peer.origin) if known else None
-            reach = "never contacted" if status is None else ("reachable" if status.reachable else "UNREACHABLE")
+            reach = (
+                "never contacted"
+                if status is None
+                else ("reachable" if status.reachable else "UNREACHABLE")
+            )
             parts = [
                 f"{peer.origin} at {peer.host}:{peer.port}: {reach}",
                 f"last contact {status.last_contact}" if status and status.last_contact else "",
                 f"we hold {held} entries of its newest checkpoint {cp[0] if cp else 'none'}",
-                f"its own checkpoint size {status.their_size}" if status and status.their_size is not None else "",
+                f"its own checkpoint size {status.their_size}"
+                if status and status.their_size is not None
+                else "",
                 _cosigned(own, own_sigs, peer.origin),
                 "FLAGGED: equivocation evidence held" if peer.origin in flagged else "not flagged",
                 _consortium(await state.consortium_check(peer.origin)),
@@ -301,7 +337,9 @@ def export_evidence(config: Config, origin: str, output: Path) -> int:
     data, about = found
     output.write_bytes(data)
     print(f"wrote the equivocation evidence against {origin} to {output} ({about})")
-    print(f"check it offline: dicomledger check-evidence {output} --trust <file with {origin}'s verifier key>")
+    print(
+        f"check it offline: dicomledger check-evidence {output} --trust <file with {origin}'s verifier key>"
+    )
     return 0
 
 

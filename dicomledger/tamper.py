@@ -59,19 +59,33 @@ def check_anchor(
     except EntryError as exc:
         return AnchorCheck(f"anchoring entry is invalid: {exc}", sha256, method, payload)
     if entry.kind != IMAGE_ANCHORED or payload.get("instance") != instance:
-        return AnchorCheck(f"ledger entry {entry.index} does not anchor this instance", sha256, method, payload)
+        return AnchorCheck(
+            f"ledger entry {entry.index} does not anchor this instance", sha256, method, payload
+        )
     return AnchorCheck(None, sha256, method, payload)
 
 
 def alarm_payload(
-    *, patient: str, study: str, instance: str, expected: str | None, found: str | None,
-    anchor_origin: str | None, anchor_index: int | None, problem: str, context: dict[str, Any] | None = None,
+    *,
+    patient: str,
+    study: str,
+    instance: str,
+    expected: str | None,
+    found: str | None,
+    anchor_origin: str | None,
+    anchor_index: int | None,
+    problem: str,
+    context: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A ``tamper-alarm`` entry's payload; ``context`` names who found it (a retrieval's
     service, calling AE and destination, or ``{"found_by": "scrub"}``)."""
     return {
         **(context or {}),
-        "patient": patient, "study": study, "instance": instance,
-        "expected_sha256": expected, "found_sha256": found,
-        "anchor": {"origin": anchor_origin, "index": anchor_index}, "problem": problem,
+        "patient": patient,
+        "study": study,
+        "instance": instance,
+        "expected_sha256": expected,
+        "found_sha256": found,
+        "anchor": {"origin": anchor_origin, "index": anchor_index},
+        "problem": problem,
     }

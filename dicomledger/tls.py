@@ -26,8 +26,10 @@ def listener_context(tls: TlsConfig) -> ssl.SSLContext:
     try:
         return server_context(tls.certificate, tls.key, tls.ca_file, tls.require_client_certificate)
     except (OSError, ssl.SSLError) as exc:
-        raise TlsSetupError(f"[tls] certificate {tls.certificate}, key {tls.key} or ca_file {tls.ca_file} "
-                            f"cannot be used: {_why(exc)}") from None
+        raise TlsSetupError(
+            f"[tls] certificate {tls.certificate}, key {tls.key} or ca_file {tls.ca_file} "
+            f"cannot be used: {_why(exc)}"
+        ) from None
 
 
 @cache  # one context per destination: its session cache and loaded files are reused
@@ -39,5 +41,7 @@ def destination_context(dest: DestinationConfig) -> ssl.SSLContext | None:
     try:
         return client_context(t.ca_file, t.certificate, t.key)
     except (OSError, ssl.SSLError) as exc:
-        raise TlsSetupError(f"destination {dest.ae_title}: tls_ca {t.ca_file}, tls_cert {t.certificate} or "
-                            f"tls_key {t.key} cannot be used: {_why(exc)}") from None
+        raise TlsSetupError(
+            f"destination {dest.ae_title}: tls_ca {t.ca_file}, tls_cert {t.certificate} or "
+            f"tls_key {t.key} cannot be used: {_why(exc)}"
+        ) from None

@@ -52,8 +52,13 @@ def write_key(path: Path, key: rsa.RSAPrivateKey) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                  serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
 
 
 def write_cert(path: Path, cert: x509.Certificate) -> None:
@@ -62,8 +67,9 @@ def write_cert(path: Path, cert: x509.Certificate) -> None:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def issue(ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, common_name: str,
-          names: list[str]) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+def issue(
+    ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, common_name: str, names: list[str]
+) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     """A leaf certificate; ``names``: its host names and addresses (subject alternative names)."""
     key = _key()
     now = datetime.datetime.now(datetime.UTC)
@@ -76,13 +82,30 @@ def issue(ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, common_name: str
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, content_commitment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         # both: a DICOM node is often server and client (a workstation receives its C-MOVEs)
-        .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
     )
     if names:
         builder = builder.add_extension(_alt_names(names), critical=False)
@@ -101,24 +124,42 @@ def create_test_ca(common_name: str) -> tuple[rsa.RSAPrivateKey, x509.Certificat
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, key_encipherment=False, content_commitment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                key_encipherment=False,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return key, cert
 
 
-def create_test_pki(directory: Path, *, site: str, server_names: list[str], client_name: str) -> TestPki:
+def create_test_pki(
+    directory: Path, *, site: str, server_names: list[str], client_name: str
+) -> TestPki:
     """Write ca.crt (and ca.key, to issue more), server.crt/.key and client.crt/.key under
     ``directory``; the CA's key is kept so an operator can issue certificates for modalities."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_key, ca_cert = create_test_ca(f"{site} test DICOM CA")
     server_key, server_cert = issue(ca_key, ca_cert, server_names[0], server_names)
     client_key, client_cert = issue(ca_key, ca_cert, client_name, [client_name])
-    pki = TestPki(directory / "ca.crt", directory / "server.crt", directory / "server.key",
-                  directory / "client.crt", directory / "client.key")
+    pki = TestPki(
+        directory / "ca.crt",
+        directory / "server.crt",
+        directory / "server.key",
+        directory / "client.crt",
+        directory / "client.key",
+    )
     write_key(directory / "ca.key", ca_key)
     write_cert(pki.ca_cert, ca_cert)
     write_key(pki.server_key, server_key)

@@ -60,7 +60,9 @@ class Anchors:
     same_hash: list[Entry]  # its sha256 under the method the entry names
     same_decoded: list[Entry]  # its decoded pixel values
     same_instance: list[Entry]  # its SOP Instance UID
-    erased: dict[tuple[str, int], Erasure]  # (origin, index) of an anchor above -> the erasure covering it
+    erased: dict[
+        tuple[str, int], Erasure
+    ]  # (origin, index) of an anchor above -> the erasure covering it
 
 
 def _when(entry: Entry) -> str:
@@ -79,7 +81,10 @@ async def _anchors(db: Path, hashes: InstanceHashes, instance: str) -> Anchors:
     store = await LedgerStore.open(db)
 
     async def entries(key: str) -> list[Entry]:
-        found = [decode_entry(await store.entry(origin, index)) for origin, index in await store.find(key)]
+        found = [
+            decode_entry(await store.entry(origin, index))
+            for origin, index in await store.find(key)
+        ]
         return [e for e in found if e.kind == IMAGE_ANCHORED]
 
     try:
@@ -87,8 +92,11 @@ async def _anchors(db: Path, hashes: InstanceHashes, instance: str) -> Anchors:
         for method in (PIXEL, CONTENT_CANONICAL, CONTENT):
             digest = hashes.sha256_for(method)
             if digest is not None:
-                same_hash += [e for e in await entries(f"sha256:{digest.hex()}")
-                              if e.payload.get("hash_method") == method]
+                same_hash += [
+                    e
+                    for e in await entries(f"sha256:{digest.hex()}")
+                    if e.payload.get("hash_method") == method
+                ]
         decoded = []
         if hashes.decoded_sha256 is not None:
             decoded = await entries(f"decoded:{hashes.decoded_sha256.hex()}")
@@ -117,8 +125,11 @@ def verify_file(config: Config, path: Path) -> int:
     mine = [e for e in found.same_hash if e.payload.get("instance") == instance]
     mine_decoded = [e for e in found.same_decoded if e.payload.get("instance") == instance]
     others = [(e, what) for e in found.same_hash if e.payload.get("instance") != instance]
-    others += [(e, "decoded pixel values") for e in found.same_decoded
-               if e.payload.get("instance") != instance]
+    others += [
+        (e, "decoded pixel values")
+        for e in found.same_decoded
+        if e.payload.get("instance") != instance
+    ]
 
     def erasure(e: Entry) -> Erasure | None:
         return found.erased.get((e.origin, e.index))
@@ -130,12 +141,20 @@ def verify_file(config: Config, path: Path) -> int:
             print(f"ANCHORED: {what} hash {e.payload.get('sha256')} recorded by {_where(e)}")
     elif live_decoded:
         for e in live_decoded:
-            print(f"ANCHORED: decoded pixel values match (lossless transcoding) entry "
-                  f"{e.index} of {e.origin} at {_when(e)}")
-    unique = {(e.origin, e.index): e for e in [*mine, *mine_decoded]}  # one anchor may match both ways
+            print(
+                f"ANCHORED: decoded pixel values match (lossless transcoding) entry "
+                f"{e.index} of {e.origin} at {_when(e)}"
+            )
+    unique = {
+        (e.origin, e.index): e for e in [*mine, *mine_decoded]
+    }  # one anchor may match both ways
     for e in unique.values():
         if (gone := erasure(e)) is not None:
-            lead = "  also ERASED: anchored" if live or live_decoded else f"ERASED: this {what} was anchored"
+            lead = (
+                "  also ERASED: anchored"
+                if live or live_decoded
+                else f"ERASED: this {what} was anchored"
+            )
             print(f"{lead} as this instance by {_where(e)}; erased there by {_erasure_text(gone)}")
     if mine or mine_decoded:
         return ANCHORED if live or live_decoded else ERASED
@@ -143,29 +162,45 @@ def verify_file(config: Config, path: Path) -> int:
         via_stored = _matches_a_stored_copy(config, header, hashes, found.same_instance)
         if via_stored:
             for e in via_stored:
-                print(f"ANCHORED: content equal (canonical encoding) to the stored copy anchored "
-                      f"by {_where(e)}, whose bytes match that entry's content hash")
+                print(
+                    f"ANCHORED: content equal (canonical encoding) to the stored copy anchored "
+                    f"by {_where(e)}, whose bytes match that entry's content hash"
+                )
             return ANCHORED
         for e in found.same_instance:
             if (gone := erasure(e)) is not None:
-                print(f"  (the images anchored by {_where(e)} were erased there by {_erasure_text(gone)})")
+                print(
+                    f"  (the images anchored by {_where(e)} were erased there by {_erasure_text(gone)})"
+                )
             method = e.payload.get("hash_method")
             ours = hashes.sha256_for(method) if isinstance(method, str) else None
-            print(f"MISMATCH: this instance was anchored by {_where(e)} with "
-                  f"{_method_label(method)} hash {e.payload.get('sha256')}; this file's is "
-                  + (ours.hex() if ours is not None else f"a {hashes.method} hash, {hashes.sha256.hex()}"))
+            print(
+                f"MISMATCH: this instance was anchored by {_where(e)} with "
+                f"{_method_label(method)} hash {e.payload.get('sha256')}; this file's is "
+                + (
+                    ours.hex()
+                    if ours is not None
+                    else f"a {hashes.method} hash, {hashes.sha256.hex()}"
+                )
+            )
             if method == CONTENT and ours is not None:
-                print("  (that anchor hashed the dataset bytes as received: a copy re-encoded on "
-                      "its way differs from it unless the gateway's stored copy is at hand)")
+                print(
+                    "  (that anchor hashed the dataset bytes as received: a copy re-encoded on "
+                    "its way differs from it unless the gateway's stored copy is at hand)"
+                )
         for e, label in others:
-            print(f"  this file's {label} hash matches {_entry(e)}, which anchored another SOP "
-                  f"instance, {e.payload.get('instance')}")
+            print(
+                f"  this file's {label} hash matches {_entry(e)}, which anchored another SOP "
+                f"instance, {e.payload.get('instance')}"
+            )
         return MISMATCH
     if others:
         for e, label in others:
-            print(f"ANCHORED AS ANOTHER INSTANCE: this file's {label} hash matches {_entry(e)}, "
-                  f"which anchored SOP instance {e.payload.get('instance')}; this file's SOP "
-                  f"Instance UID {sop_instance_uid} was never received")
+            print(
+                f"ANCHORED AS ANOTHER INSTANCE: this file's {label} hash matches {_entry(e)}, "
+                f"which anchored SOP instance {e.payload.get('instance')}; this file's SOP "
+                f"Instance UID {sop_instance_uid} was never received"
+            )
         return ANCHORED_AS_ANOTHER_INSTANCE
     print(f"NOT ANCHORED: no anchor of this {what} or of instance {sop_instance_uid} in the ledger")
     return NOT_ANCHORED
@@ -180,7 +215,11 @@ def _erasure_text(e: Erasure) -> str:
 
 
 def _method_label(method: object) -> str:
-    labels = {PIXEL: "pixel data", CONTENT_CANONICAL: "content", CONTENT: "content (bytes as received)"}
+    labels = {
+        PIXEL: "pixel data",
+        CONTENT_CANONICAL: "content",
+        CONTENT: "content (bytes as received)",
+    }
     return labels.get(method, f"{method!r}") if isinstance(method, str) else "unknown"
 
 
@@ -200,8 +239,10 @@ def _matches_a_stored_copy(
             continue
         try:
             copies = FileStore(config.storage.directory).versions(
-                str(header.StudyInstanceUID), str(header.SeriesInstanceUID),
-                str(header.SOPInstanceUID), bytes.fromhex(anchored),
+                str(header.StudyInstanceUID),
+                str(header.SeriesInstanceUID),
+                str(header.SOPInstanceUID),
+                bytes.fromhex(anchored),
             )
         except (ValueError, AttributeError):
             continue

@@ -23,36 +23,81 @@ UNBOUNDED = 10**9
 
 # element -> (children in order: (name, min, max)), attributes: name -> required
 GRAMMAR: dict[str, tuple[list[tuple[str, int, int]], dict[str, bool]]] = {
-    "AuditMessage": ([("EventIdentification", 1, 1), ("ActiveParticipant", 1, UNBOUNDED),
-                      ("AuditSourceIdentification", 1, 1), ("ParticipantObjectIdentification", 0, UNBOUNDED)], {}),
-    "EventIdentification": ([("EventID", 1, 1), ("EventTypeCode", 0, UNBOUNDED), ("EventOutcomeDescription", 0, 1),
-                             ("PurposeOfUse", 0, UNBOUNDED)],
-                            {"EventActionCode": False, "EventDateTime": True, "EventOutcomeIndicator": True}),
-    "EventID": ([], CODED), "EventTypeCode": ([], CODED), "PurposeOfUse": ([], CODED),
+    "AuditMessage": (
+        [
+            ("EventIdentification", 1, 1),
+            ("ActiveParticipant", 1, UNBOUNDED),
+            ("AuditSourceIdentification", 1, 1),
+            ("ParticipantObjectIdentification", 0, UNBOUNDED),
+        ],
+        {},
+    ),
+    "EventIdentification": (
+        [
+            ("EventID", 1, 1),
+            ("EventTypeCode", 0, UNBOUNDED),
+            ("EventOutcomeDescription", 0, 1),
+            ("PurposeOfUse", 0, UNBOUNDED),
+        ],
+        {"EventActionCode": False, "EventDateTime": True, "EventOutcomeIndicator": True},
+    ),
+    "EventID": ([], CODED),
+    "EventTypeCode": ([], CODED),
+    "PurposeOfUse": ([], CODED),
     "EventOutcomeDescription": ([], {}),
-    "ActiveParticipant": ([("RoleIDCode", 0, UNBOUNDED), ("MediaIdentifier", 0, 1)],
-                          {"UserID": True, "AlternativeUserID": False, "UserName": False, "UserIsRequestor": True,
-                           "NetworkAccessPointID": False, "NetworkAccessPointTypeCode": False}),
+    "ActiveParticipant": (
+        [("RoleIDCode", 0, UNBOUNDED), ("MediaIdentifier", 0, 1)],
+        {
+            "UserID": True,
+            "AlternativeUserID": False,
+            "UserName": False,
+            "UserIsRequestor": True,
+            "NetworkAccessPointID": False,
+            "NetworkAccessPointTypeCode": False,
+        },
+    ),
     "RoleIDCode": ([], CODED),
-    "MediaIdentifier": ([("MediaType", 1, 1)], {}), "MediaType": ([], CODED),
-    "AuditSourceIdentification": ([("AuditSourceTypeCode", 0, UNBOUNDED)],
-                                  {"AuditEnterpriseSiteID": False, "AuditSourceID": True}),
+    "MediaIdentifier": ([("MediaType", 1, 1)], {}),
+    "MediaType": ([], CODED),
+    "AuditSourceIdentification": (
+        [("AuditSourceTypeCode", 0, UNBOUNDED)],
+        {"AuditEnterpriseSiteID": False, "AuditSourceID": True},
+    ),
     "AuditSourceTypeCode": ([], CODED),
     "ParticipantObjectIdentification": (
-        [("ParticipantObjectIDTypeCode", 1, 1), ("ParticipantObjectName|ParticipantObjectQuery", 0, 1),
-         ("ParticipantObjectDetail", 0, UNBOUNDED), ("ParticipantObjectDescription", 0, UNBOUNDED),
-         ("MPPS", 0, UNBOUNDED), ("Accession", 0, UNBOUNDED), ("SOPClass", 0, UNBOUNDED),
-         ("ParticipantObjectContainsStudy", 0, 1), ("Encrypted", 0, 1), ("Anonymized", 0, 1)],
-        {"ParticipantObjectID": True, "ParticipantObjectTypeCode": False, "ParticipantObjectTypeCodeRole": False,
-         "ParticipantObjectDataLifeCycle": False, "ParticipantObjectSensitivity": False}),
+        [
+            ("ParticipantObjectIDTypeCode", 1, 1),
+            ("ParticipantObjectName|ParticipantObjectQuery", 0, 1),
+            ("ParticipantObjectDetail", 0, UNBOUNDED),
+            ("ParticipantObjectDescription", 0, UNBOUNDED),
+            ("MPPS", 0, UNBOUNDED),
+            ("Accession", 0, UNBOUNDED),
+            ("SOPClass", 0, UNBOUNDED),
+            ("ParticipantObjectContainsStudy", 0, 1),
+            ("Encrypted", 0, 1),
+            ("Anonymized", 0, 1),
+        ],
+        {
+            "ParticipantObjectID": True,
+            "ParticipantObjectTypeCode": False,
+            "ParticipantObjectTypeCodeRole": False,
+            "ParticipantObjectDataLifeCycle": False,
+            "ParticipantObjectSensitivity": False,
+        },
+    ),
     "ParticipantObjectIDTypeCode": ([], CODED),
-    "ParticipantObjectName": ([], {}), "ParticipantObjectQuery": ([], {}), "ParticipantObjectDescription": ([], {}),
+    "ParticipantObjectName": ([], {}),
+    "ParticipantObjectQuery": ([], {}),
+    "ParticipantObjectDescription": ([], {}),
     "ParticipantObjectDetail": ([], {"type": True, "value": True}),
-    "MPPS": ([], {"UID": True}), "Accession": ([], {"Number": True}),
+    "MPPS": ([], {"UID": True}),
+    "Accession": ([], {"Number": True}),
     "SOPClass": ([("Instance", 0, UNBOUNDED)], {"UID": False, "NumberOfInstances": True}),
     "Instance": ([], {"UID": True}),
-    "ParticipantObjectContainsStudy": ([("StudyIDs", 0, UNBOUNDED)], {}), "StudyIDs": ([], {"UID": True}),
-    "Encrypted": ([], {}), "Anonymized": ([], {}),
+    "ParticipantObjectContainsStudy": ([("StudyIDs", 0, UNBOUNDED)], {}),
+    "StudyIDs": ([], {"UID": True}),
+    "Encrypted": ([], {}),
+    "Anonymized": ([], {}),
 }
 
 ENUMERATIONS = {
@@ -65,8 +110,14 @@ ENUMERATIONS = {
     "ParticipantObjectDataLifeCycle": {str(n) for n in range(1, 16)},
 }
 XSD_DATETIME = re.compile(r"^-?\d{4,}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})?$")
-TEXT_ONLY = {"EventOutcomeDescription", "ParticipantObjectName", "ParticipantObjectQuery",
-             "ParticipantObjectDescription", "Encrypted", "Anonymized"}
+TEXT_ONLY = {
+    "EventOutcomeDescription",
+    "ParticipantObjectName",
+    "ParticipantObjectQuery",
+    "ParticipantObjectDescription",
+    "Encrypted",
+    "Anonymized",
+}
 
 
 def _base64_ok(text: str) -> bool:
@@ -106,8 +157,16 @@ def _element(e: ET.Element, path: str, out: list[str]) -> None:
             out.append(f"{path}/@NumberOfInstances: {value!r} is not an integer")
         if name == "value" and e.tag == "ParticipantObjectDetail" and not _base64_ok(value):
             out.append(f"{path}/@value: not base64")
-        if name in ("csd-code", "codeSystemName", "originalText", "ParticipantObjectID", "AuditSourceID",
-                    "NetworkAccessPointID", "UID", "Number") and (not value or not _token_ok(value)):
+        if name in (
+            "csd-code",
+            "codeSystemName",
+            "originalText",
+            "ParticipantObjectID",
+            "AuditSourceID",
+            "NetworkAccessPointID",
+            "UID",
+            "Number",
+        ) and (not value or not _token_ok(value)):
             out.append(f"{path}/@{name}: {value!r} is not a non-empty xsd:token")
     if e.tag == "ParticipantObjectQuery" and not _base64_ok(e.text or ""):
         out.append(f"{path}: ParticipantObjectQuery is not base64")
@@ -136,11 +195,22 @@ def _element(e: ET.Element, path: str, out: list[str]) -> None:
 # -- A.5.3: the events ---------------------------------------------------------------------
 
 DCM_MEANINGS = {  # PS3.16 CID 400-404 (the codes these messages use)
-    "110100": "Application Activity", "110104": "DICOM Instances Transferred", "110110": "Patient Record",
-    "110112": "Query", "110113": "Security Alert", "110120": "Application Start", "110121": "Application Stop",
-    "110126": "Node Authentication", "110133": "Audit Recording Stopped", "110150": "Application",
-    "110151": "Application Launcher", "110152": "Destination Role ID", "110153": "Source Role ID",
-    "110180": "Study Instance UID", "110181": "SOP Class UID", "110182": "Node ID",
+    "110100": "Application Activity",
+    "110104": "DICOM Instances Transferred",
+    "110110": "Patient Record",
+    "110112": "Query",
+    "110113": "Security Alert",
+    "110120": "Application Start",
+    "110121": "Application Stop",
+    "110126": "Node Authentication",
+    "110133": "Audit Recording Stopped",
+    "110150": "Application",
+    "110151": "Application Launcher",
+    "110152": "Destination Role ID",
+    "110153": "Source Role ID",
+    "110180": "Study Instance UID",
+    "110181": "SOP Class UID",
+    "110182": "Node ID",
 }
 
 
@@ -149,13 +219,20 @@ def _code(e: ET.Element | None) -> str | None:
 
 
 def _roles(root: ET.Element) -> list[tuple[str | None, str]]:
-    return [(_code(p.find("RoleIDCode")), p.get("UserIsRequestor", "")) for p in root.findall("ActiveParticipant")]
+    return [
+        (_code(p.find("RoleIDCode")), p.get("UserIsRequestor", ""))
+        for p in root.findall("ActiveParticipant")
+    ]
 
 
 def _objects(root: ET.Element, type_code: str, role: str, id_type: str) -> list[ET.Element]:
-    return [o for o in root.findall("ParticipantObjectIdentification")
-            if o.get("ParticipantObjectTypeCode") == type_code and o.get("ParticipantObjectTypeCodeRole") == role
-            and _code(o.find("ParticipantObjectIDTypeCode")) == id_type]
+    return [
+        o
+        for o in root.findall("ParticipantObjectIdentification")
+        if o.get("ParticipantObjectTypeCode") == type_code
+        and o.get("ParticipantObjectTypeCodeRole") == role
+        and _code(o.find("ParticipantObjectIDTypeCode")) == id_type
+    ]
 
 
 def _event_rules(root: ET.Element, out: list[str]) -> None:
@@ -163,7 +240,9 @@ def _event_rules(root: ET.Element, out: list[str]) -> None:
         if coded.get("codeSystemName") == "DCM":
             want = DCM_MEANINGS.get(coded.get("csd-code", ""))
             if want is not None and coded.get("originalText") != want:
-                out.append(f"{coded.tag} {coded.get('csd-code')}: meaning {coded.get('originalText')!r}, PS3.16 says {want!r}")
+                out.append(
+                    f"{coded.tag} {coded.get('csd-code')}: meaning {coded.get('originalText')!r}, PS3.16 says {want!r}"
+                )
     event = root.find("EventIdentification")
     if event is None:
         return
@@ -174,14 +253,18 @@ def _event_rules(root: ET.Element, out: list[str]) -> None:
     requestors = [r for r in roles if r[1] in ("true", "1")]
     if event_id == "110100":  # A.5.3.1 Application Activity
         if action != "E" or types not in (["110120"], ["110121"]):
-            out.append("Application Activity: EventActionCode E and one EventTypeCode 110120/110121")
+            out.append(
+                "Application Activity: EventActionCode E and one EventTypeCode 110120/110121"
+            )
         if not any(r[0] == "110150" for r in roles):
             out.append("Application Activity: an ActiveParticipant with role 110150 (Application)")
     elif event_id == "110104":  # A.5.3.7 DICOM Instances Transferred
         if action not in ("C", "R", "U"):
             out.append(f"Instances Transferred: EventActionCode C, R or U, not {action}")
         if not any(r[0] == "110153" for r in roles) or not any(r[0] == "110152" for r in roles):
-            out.append("Instances Transferred: a Source (110153) and a Destination (110152) participant")
+            out.append(
+                "Instances Transferred: a Source (110153) and a Destination (110152) participant"
+            )
         if not requestors:
             out.append("Instances Transferred: one participant is the requestor")
         studies = _objects(root, "2", "3", "110180")
@@ -204,7 +287,9 @@ def _event_rules(root: ET.Element, out: list[str]) -> None:
         queried = _objects(root, "2", "3", "110181")
         if len(queried) != 1 or queried[0].find("ParticipantObjectQuery") is None:
             out.append("Query: one SOP Queried object (110181) with ParticipantObjectQuery")
-        elif not any(d.get("type") == "TransferSyntax" for d in queried[0].findall("ParticipantObjectDetail")):
+        elif not any(
+            d.get("type") == "TransferSyntax" for d in queried[0].findall("ParticipantObjectDetail")
+        ):
             out.append("Query: a TransferSyntax ParticipantObjectDetail")
     elif event_id == "110113":  # A.5.3.11 Security Alert
         if action != "E" or not types:
@@ -232,7 +317,11 @@ def problems(xml: bytes) -> list[str]:
 def check(xml: bytes) -> ET.Element:
     found = problems(xml)
     if found:
-        raise AssertionError("invalid DICOM audit message:\n  " + "\n  ".join(found) + f"\n{xml.decode(errors='replace')}")
+        raise AssertionError(
+            "invalid DICOM audit message:\n  "
+            + "\n  ".join(found)
+            + f"\n{xml.decode(errors='replace')}"
+        )
     return ET.fromstring(xml)
 
 
@@ -240,7 +329,8 @@ def check(xml: bytes) -> ET.Element:
 
 RFC5424 = re.compile(
     rb"^<(?P<pri>\d{1,3})>1 (?P<timestamp>\S+) (?P<hostname>[!-~]{1,255}) (?P<app>[!-~]{1,48}) "
-    rb"(?P<procid>[!-~]{1,128}) (?P<msgid>[!-~]{1,32}) (?P<sd>-|\[.*?\]) ?(?P<msg>.*)$", re.S,
+    rb"(?P<procid>[!-~]{1,128}) (?P<msgid>[!-~]{1,32}) (?P<sd>-|\[.*?\]) ?(?P<msg>.*)$",
+    re.S,
 )
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$")
 
@@ -257,6 +347,13 @@ def parse_syslog(line: bytes) -> dict[str, object]:
     assert msg.startswith(b"\xef\xbb\xbf"), "MSG of a UTF-8 message starts with the BOM"
     body = msg[3:]
     body.decode("utf-8")  # valid UTF-8
-    return {"facility": pri // 8, "severity": pri % 8, "timestamp": stamp, "hostname": match["hostname"].decode(),
-            "app": match["app"].decode(), "procid": match["procid"].decode(), "msgid": match["msgid"].decode(),
-            "body": body}
+    return {
+        "facility": pri // 8,
+        "severity": pri % 8,
+        "timestamp": stamp,
+        "hostname": match["hostname"].decode(),
+        "app": match["app"].decode(),
+        "procid": match["procid"].decode(),
+        "msgid": match["msgid"].decode(),
+        "body": body,
+    }

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # without it DCMTK and Orthanc keep Nagle's algorithm on (~50x slower on loopback)
+DCMTK_ENV = {
+    **os.environ,
+    "TCP_NODELAY": "1",
+}  # without it DCMTK and Orthanc keep Nagle's algorithm on (~50x slower on loopback)
 
 
 def jpeg_lossless_decoder_installed() -> bool:
@@ -52,8 +55,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("jpeg_gpl") and not jpeg_lossless_decoder_installed():
-        pytest.skip("needs a JPEG Lossless decoder: pip install -e '.[jpeg-gpl]' (pylibjpeg-libjpeg, GPLv3) "
-                    "or python-gdcm; ./scripts/test installs the extra")
+        pytest.skip(
+            "needs a JPEG Lossless decoder: pip install -e '.[jpeg-gpl]' (pylibjpeg-libjpeg, GPLv3) "
+            "or python-gdcm; ./scripts/test installs the extra"
+        )
 
 
 # Ports for the servers tests start: below the kernel's ephemeral range (32768 and up here),
@@ -89,17 +94,25 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {low}..{low + size - 1}")
 
 
-def dicomledger(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+def dicomledger(
+    *args: str, check: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dicomledger.cli", *args],
-        capture_output=True, text=True, timeout=timeout, check=check, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        cwd=ROOT,
     )
 
 
 def dcmtk(tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} not installed: run ./scripts/test, which installs DCMTK")
-    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
+    return subprocess.run(
+        [tool, *args], capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV
+    )
 
 
 class GatewayProcess:
@@ -116,8 +129,19 @@ class GatewayProcess:
         self.port = free_port()
         self.peer_port = free_port()
         self.origin = f"{ae_title.lower()}.test/dicomledger"
-        args = ["init", "--dir", str(directory), "--ae-title", ae_title, "--port", str(self.port),
-                "--origin", self.origin, "--peer-port", str(self.peer_port)]
+        args = [
+            "init",
+            "--dir",
+            str(directory),
+            "--ae-title",
+            ae_title,
+            "--port",
+            str(self.port),
+            "--origin",
+            self.origin,
+            "--peer-port",
+            str(self.peer_port),
+        ]
         if secret_file is not None:
             args += ["--secret-file", str(secret_file)]
         for ae in allow:
@@ -160,7 +184,9 @@ class GatewayProcess:
         extra = ["--accept-local-tip"] if accept_local_tip else []
         self.proc = subprocess.Popen(
             [self.python, "-m", self.serve_module, "serve", "--config", str(self.config), *extra],
-            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
         self._waiting_from = None
         if self._wait_started(offset, may_wait_for_peers=len(self.group) > 1):
@@ -213,14 +239,37 @@ class GatewayProcess:
         """storescu -v sending ``paths`` in one association, its output going to ``output``."""
         with open(output, "w") as out:
             return subprocess.Popen(
-                ["storescu", "-v", "-aet", "STORESCU", "-aec", self.ae_title, "127.0.0.1",
-                 str(self.port), *map(str, paths)],
-                stdout=out, stderr=subprocess.STDOUT, env=DCMTK_ENV,
+                [
+                    "storescu",
+                    "-v",
+                    "-aet",
+                    "STORESCU",
+                    "-aec",
+                    self.ae_title,
+                    "127.0.0.1",
+                    str(self.port),
+                    *map(str, paths),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=DCMTK_ENV,
             )
 
-    def storescu(self, *paths: Path | str, aet: str = "STORESCU", options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-        return dcmtk("storescu", "-v", "-aet", aet, "-aec", self.ae_title, *options,
-                     "127.0.0.1", str(self.port), *map(str, paths))
+    def storescu(
+        self, *paths: Path | str, aet: str = "STORESCU", options: tuple[str, ...] = ()
+    ) -> subprocess.CompletedProcess:
+        return dcmtk(
+            "storescu",
+            "-v",
+            "-aet",
+            aet,
+            "-aec",
+            self.ae_title,
+            *options,
+            "127.0.0.1",
+            str(self.port),
+            *map(str, paths),
+        )
 
 
 def consortium(tmp_path: Path, n: int, gossip_interval: float = 0.2) -> list[GatewayProcess]:
@@ -228,7 +277,9 @@ def consortium(tmp_path: Path, n: int, gossip_interval: float = 0.2) -> list[Gat
     secret = tmp_path / "consortium.secret"
     secret.write_text("ab" * 32)
     names = [f"GW{chr(ord('A') + i)}" for i in range(n)]
-    gateways = [GatewayProcess(tmp_path / name, ae_title=name, secret_file=secret) for name in names]
+    gateways = [
+        GatewayProcess(tmp_path / name, ae_title=name, secret_file=secret) for name in names
+    ]
     for gw in gateways:
         gw.group = gateways
         gw.set("gossip_interval = 1.0", f"gossip_interval = {gossip_interval}")

@@ -22,8 +22,13 @@ from pynetdicom.dsutils import split_dataset
 _chunked = threading.Lock()
 
 
-def associate(port: int, called_ae: str, sop_classes: str | list[str], syntaxes: list[str],
-              calling_ae: str = "STORESCU") -> Association:
+def associate(
+    port: int,
+    called_ae: str,
+    sop_classes: str | list[str],
+    syntaxes: list[str],
+    calling_ae: str = "STORESCU",
+) -> Association:
     """An association proposing each SOP class with each transfer syntax in its own context
     (so every one of them can be accepted)."""
     ae = AE(ae_title=calling_ae)
@@ -47,8 +52,13 @@ def send_as_is(assoc: Association, path: Path) -> int | None:
     return response.get("Status")
 
 
-def send_part(assoc: Association, path: Path, fraction: float = 0.5, command: C_STORE | None = None,
-              max_pdu: int = 16382) -> None:
+def send_part(
+    assoc: Association,
+    path: Path,
+    fraction: float = 0.5,
+    command: C_STORE | None = None,
+    max_pdu: int = 16382,
+) -> None:
     """Send a C-STORE request and the first ``fraction`` of its dataset's fragments, never the
     last one: the receiver is left in the middle of the dataset. ``command`` replaces the
     request (e.g. one missing a required element)."""
@@ -57,9 +67,12 @@ def send_part(assoc: Association, path: Path, fraction: float = 0.5, command: C_
     req._dataset_path = (path, offset)
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
-    context = next(cx for cx in assoc.accepted_contexts
-                   if cx.abstract_syntax == meta.MediaStorageSOPClassUID
-                   and cx.transfer_syntax[0] == meta.TransferSyntaxUID)
+    context = next(
+        cx
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == meta.MediaStorageSOPClassUID
+        and cx.transfer_syntax[0] == meta.TransferSyntaxUID
+    )
     fragments = list(msg.encode_msg(context.context_id, max_pdu))
     # fragments[0] is the command set; the dataset follows, its last fragment at the end
     dataset = fragments[1:-1]

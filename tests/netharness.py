@@ -61,8 +61,14 @@ class NetServer:
     on_store records the request, moves the temp file to ``received_dir`` (so nothing
     fsyncs) and answers ``status`` (a number, or a callable of the request)."""
 
-    def __init__(self, directory: Path, *, status: int | Callable[[StoreRequest], int] = 0,
-                 store_delay: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        status: int | Callable[[StoreRequest], int] = 0,
+        store_delay: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         self.dir = directory
         self.temp_dir = directory / "tmp"
         self.received_dir = directory / "received"
@@ -70,8 +76,15 @@ class NetServer:
         self.received: list[Received] = []
         self.status = status
         self.store_delay = store_delay
-        self.kwargs = {"ae_title": AE_TITLE, "host": HOST, "port": 0, "allowed_calling_aes": None,
-                       "temp_dir": self.temp_dir, "network_timeout": 30.0, **kwargs}
+        self.kwargs = {
+            "ae_title": AE_TITLE,
+            "host": HOST,
+            "port": 0,
+            "allowed_calling_aes": None,
+            "temp_dir": self.temp_dir,
+            "network_timeout": 30.0,
+            **kwargs,
+        }
         self.ae_title = self.kwargs["ae_title"]
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="net-server", daemon=True)
@@ -138,7 +151,9 @@ def events(captured: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in captured if e.get("event") == name]
 
 
-def wait_until(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> None:
+def wait_until(
+    condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition"
+) -> None:
     import time
 
     deadline = time.monotonic() + timeout
@@ -196,9 +211,15 @@ def write_large_multiframe(path: Path, frames: int, rows: int = 512, cols: int =
 
 
 def associate_rq(
-    contexts: Sequence[tuple[int, str, Sequence[str]]] = ((1, VERIFICATION, (ImplicitVRLittleEndian,)),),
-    *, calling: str = "RAWSCU", called: str = AE_TITLE, max_pdu: int = 16384,
-    roles: Sequence[tuple[str, bool, bool]] = (), async_ops: bool = False,
+    contexts: Sequence[tuple[int, str, Sequence[str]]] = (
+        (1, VERIFICATION, (ImplicitVRLittleEndian,)),
+    ),
+    *,
+    calling: str = "RAWSCU",
+    called: str = AE_TITLE,
+    max_pdu: int = 16384,
+    roles: Sequence[tuple[str, bool, bool]] = (),
+    async_ops: bool = False,
 ) -> bytes:
     """An A-ASSOCIATE-RQ PDU encoded by pynetdicom; contexts as (id, abstract, syntaxes)."""
     primitive = A_ASSOCIATE()
@@ -277,8 +298,9 @@ class RawClient:
         self.send(rq if rq is not None else associate_rq())
         return self.read_pdu()
 
-    def send_message(self, context_id: int, command: bytes, data_set: bytes | None = None,
-                     max_pdu: int = 0) -> None:
+    def send_message(
+        self, context_id: int, command: bytes, data_set: bytes | None = None, max_pdu: int = 0
+    ) -> None:
         data = pdu.p_data(context_id, command, command=True, max_pdu_length=max_pdu)
         if data_set is not None:
             data += pdu.p_data(context_id, data_set, command=False, max_pdu_length=max_pdu)
@@ -308,8 +330,12 @@ class RawClient:
 
     def echo(self, context_id: int = 1) -> int:
         self.message_id += 1
-        self.send_message(context_id, dimse.request(dimse.C_ECHO_RQ, self.message_id, VERIFICATION.encode(),
-                                                    has_data_set=False))
+        self.send_message(
+            context_id,
+            dimse.request(
+                dimse.C_ECHO_RQ, self.message_id, VERIFICATION.encode(), has_data_set=False
+            ),
+        )
         status = self.read_response().us(dimse.STATUS)
         assert status is not None
         return status

@@ -45,29 +45,57 @@ def make_test_pki(directory: Path) -> None:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
-        x509.CertificateBuilder().subject_name(_name("dicomledger test audit CA")).issuer_name(_name("dicomledger test audit CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+        x509.CertificateBuilder()
+        .subject_name(_name("dicomledger test audit CA"))
+        .issuer_name(_name("dicomledger test audit CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     for name, cn in (("server", "localhost"), ("client", "gateway.test")):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
-            x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.subject).public_key(key.public_key())
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName(cn), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
             .sign(ca_key, hashes.SHA256())
         )
         (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{name}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (directory / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
 
 
 CONFIG = """\
@@ -89,7 +117,9 @@ input(type="imudp" address="127.0.0.1" port="{udp_port}" ruleset="udp")
 class Rsyslog:
     def __init__(self, directory: Path) -> None:
         if shutil.which("rsyslogd") is None:
-            pytest.fail("rsyslogd not installed: run ./scripts/test, which installs rsyslog and rsyslog-gnutls")
+            pytest.fail(
+                "rsyslogd not installed: run ./scripts/test, which installs rsyslog and rsyslog-gnutls"
+            )
         self.dir = directory
         self.pki = directory / "pki"
         make_test_pki(self.pki)
@@ -97,23 +127,42 @@ class Rsyslog:
         self.udp_port = free_udp_port()
         (directory / "work").mkdir()
         self.conf = directory / "rsyslog.conf"
-        self.conf.write_text(CONFIG.format(work=directory / "work", pki=self.pki, out=directory,
-                                           tls_port=self.tls_port, udp_port=self.udp_port))
+        self.conf.write_text(
+            CONFIG.format(
+                work=directory / "work",
+                pki=self.pki,
+                out=directory,
+                tls_port=self.tls_port,
+                udp_port=self.udp_port,
+            )
+        )
         self.proc: subprocess.Popen | None = None
 
     def atna_section(self, transport: str = "tls", **extra: object) -> str:
         """A gateway's [atna] section sending to this daemon (retries fast, for the tests)."""
         port = self.tls_port if transport == "tls" else self.udp_port
         settings = {
-            "enabled": True, "repository": f"127.0.0.1:{port}", "transport": transport,
-            "tls_ca": str(self.pki / "ca.pem"), "tls_cert": str(self.pki / "client.pem"),
-            "tls_key": str(self.pki / "client.key"), "tls_server_name": "localhost",
-            "retry_initial": 0.2, "retry_max": 0.5, "transfer_window": 0.3, **extra,
+            "enabled": True,
+            "repository": f"127.0.0.1:{port}",
+            "transport": transport,
+            "tls_ca": str(self.pki / "ca.pem"),
+            "tls_cert": str(self.pki / "client.pem"),
+            "tls_key": str(self.pki / "client.key"),
+            "tls_server_name": "localhost",
+            "retry_initial": 0.2,
+            "retry_max": 0.5,
+            "transfer_window": 0.3,
+            **extra,
         }
         lines = ["", "[atna]"]
         for key, value in settings.items():
-            text = "true" if value is True else "false" if value is False else (
-                f'"{value}"' if isinstance(value, str) else str(value))
+            text = (
+                "true"
+                if value is True
+                else "false"
+                if value is False
+                else (f'"{value}"' if isinstance(value, str) else str(value))
+            )
             lines.append(f"{key} = {text}")
         return "\n".join(lines) + "\n"
 
@@ -122,7 +171,8 @@ class Rsyslog:
         self.log = open(self.dir / "rsyslogd.out", "ab")
         self.proc = subprocess.Popen(
             ["rsyslogd", "-n", "-f", str(self.conf), "-i", str(self.dir / "rsyslogd.pid")],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -163,8 +213,13 @@ class Rsyslog:
         """Every message received so far, parsed (RFC 5424 checked on the way)."""
         return [parse_syslog(line) for line in self.raw(transport)]
 
-    def wait_for(self, condition: Callable[[list[dict[str, object]]], bool], transport: str = "tls",
-                 timeout: float = 30.0, what: str = "") -> list[dict[str, object]]:
+    def wait_for(
+        self,
+        condition: Callable[[list[dict[str, object]]], bool],
+        transport: str = "tls",
+        timeout: float = 30.0,
+        what: str = "",
+    ) -> list[dict[str, object]]:
         deadline = time.monotonic() + timeout
         while True:
             found = self.messages(transport)

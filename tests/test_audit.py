@@ -66,53 +66,119 @@ S1, S2, S3 = h("study-1"), h("study-2"), h("study-3")  # S1, S2 of P1; S3 of P2
 
 def anchored(patient: str, study: str, n: int = 0, **extra: Any) -> dict[str, Any]:
     return {
-        "patient": patient, "study": study, "series": h(f"series-{study}"), "instance": h(f"inst-{study}-{n}"),
-        "hash_method": "pixel", "sha256": h(f"pixels-{study}-{n}"), "decoded_sha256": None, "frames": 1,
-        "frame_root": None, "sop_class": "1.2.840.10008.5.1.4.1.1.4", "transfer_syntax": "1.2.840.10008.1.2.1",
-        "calling_ae": "MODALITY", **extra,
+        "patient": patient,
+        "study": study,
+        "series": h(f"series-{study}"),
+        "instance": h(f"inst-{study}-{n}"),
+        "hash_method": "pixel",
+        "sha256": h(f"pixels-{study}-{n}"),
+        "decoded_sha256": None,
+        "frames": 1,
+        "frame_root": None,
+        "sop_class": "1.2.840.10008.5.1.4.1.1.4",
+        "transfer_syntax": "1.2.840.10008.1.2.1",
+        "calling_ae": "MODALITY",
+        **extra,
     }
 
 
 def forwarded(patient: str, study: str, grant: str | None = None) -> dict[str, Any]:
-    return {"destination": "PACS", "site": "hospital-b.example/dicomledger", "patient": patient, "study": study,
-            "instance": h(f"inst-{study}-0"), "sha256": h(f"pixels-{study}-0"), "grant": grant, "status": "0x0000"}
+    return {
+        "destination": "PACS",
+        "site": "hospital-b.example/dicomledger",
+        "patient": patient,
+        "study": study,
+        "instance": h(f"inst-{study}-0"),
+        "sha256": h(f"pixels-{study}-0"),
+        "grant": grant,
+        "status": "0x0000",
+    }
 
 
 def forward_refused(patient: str, study: str) -> dict[str, Any]:
-    return {"destination": "PACS", "site": None, "patient": patient, "study": study,
-            "instance": h(f"inst-{study}-0"), "sha256": h(f"pixels-{study}-0"),
-            "reason": "no effective grant for PACS"}
+    return {
+        "destination": "PACS",
+        "site": None,
+        "patient": patient,
+        "study": study,
+        "instance": h(f"inst-{study}-0"),
+        "sha256": h(f"pixels-{study}-0"),
+        "reason": "no effective grant for PACS",
+    }
 
 
 def retrieved(patient: str, study: str, grant: str | None = None) -> dict[str, Any]:
-    return {"service": "C-MOVE", "calling_ae": "WS1", "destination": "WS1", "site": None, "patient": patient,
-            "study": study, "completed": 12, "failed": 0, "warning": 0, "refused": 2, "tampered": 1,
-            "cancelled": False, "status": "0xB000", "grant": grant}
+    return {
+        "service": "C-MOVE",
+        "calling_ae": "WS1",
+        "destination": "WS1",
+        "site": None,
+        "patient": patient,
+        "study": study,
+        "completed": 12,
+        "failed": 0,
+        "warning": 0,
+        "refused": 2,
+        "tampered": 1,
+        "cancelled": False,
+        "status": "0xB000",
+        "grant": grant,
+    }
 
 
 def retrieve_refused(patient: str, study: str) -> dict[str, Any]:
-    return {"service": "C-GET", "calling_ae": "WS2", "destination": "WS2", "site": None, "patient": patient,
-            "study": study, "instances": 12, "reason": "WS2 holds no grant"}
+    return {
+        "service": "C-GET",
+        "calling_ae": "WS2",
+        "destination": "WS2",
+        "site": None,
+        "patient": patient,
+        "study": study,
+        "instances": 12,
+        "reason": "WS2 holds no grant",
+    }
 
 
 def tamper_alarm(patient: str, study: str) -> dict[str, Any]:
-    return {"service": "C-MOVE", "calling_ae": "WS1", "destination": "WS1", "patient": patient, "study": study,
-            "instance": h(f"inst-{study}-0"), "expected_sha256": h(f"pixels-{study}-0"),
-            "found_sha256": h("something else"), "anchor": {"origin": ORIGIN_A, "index": 0},
-            "problem": "stored pixel data does not match its anchor"}
+    return {
+        "service": "C-MOVE",
+        "calling_ae": "WS1",
+        "destination": "WS1",
+        "patient": patient,
+        "study": study,
+        "instance": h(f"inst-{study}-0"),
+        "expected_sha256": h(f"pixels-{study}-0"),
+        "found_sha256": h("something else"),
+        "anchor": {"origin": ORIGIN_A, "index": 0},
+        "problem": "stored pixel data does not match its anchor",
+    }
 
 
-def grant(patient: str, study: str | None, to: str = "WS1", heads: tuple[str, ...] = ()) -> dict[str, Any]:
+def grant(
+    patient: str, study: str | None, to: str = "WS1", heads: tuple[str, ...] = ()
+) -> dict[str, Any]:
     return make_grant_payload(
-        patient=patient, grantee=Grantee.parse(to), study=study, until="2027-01-31", purpose="second opinion",
-        consent="form 7", heads=heads, issuer_name=AUTHORITY, issuer_key=AUTHORITY_KEY,
+        patient=patient,
+        grantee=Grantee.parse(to),
+        study=study,
+        until="2027-01-31",
+        purpose="second opinion",
+        consent="form 7",
+        heads=heads,
+        issuer_name=AUTHORITY,
+        issuer_key=AUTHORITY_KEY,
     )
 
 
 def revoke(patient: str, grants: list[str], heads: list[str]) -> dict[str, Any]:
     return make_revoke_payload(
-        patient=patient, grants=grants, grantee=None, reason="consent withdrawn", heads=heads,
-        issuer_name=AUTHORITY, issuer_key=AUTHORITY_KEY,
+        patient=patient,
+        grants=grants,
+        grantee=None,
+        reason="consent withdrawn",
+        heads=heads,
+        issuer_name=AUTHORITY,
+        issuer_key=AUTHORITY_KEY,
     )
 
 
@@ -126,8 +192,15 @@ def keys_of(kind: str, payload: dict[str, Any]) -> list[str]:
     return own + audit_keys(kind, payload)
 
 
-def event(kind: str, payload: dict[str, Any], *, time_ms: int = 1_795_456_801_123, origin: str = ORIGIN_A,
-          index: int = 42, leaf: str | None = None) -> AuditEvent:
+def event(
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    time_ms: int = 1_795_456_801_123,
+    origin: str = ORIGIN_A,
+    index: int = 42,
+    leaf: str | None = None,
+) -> AuditEvent:
     return AuditEvent(time_ms, origin, index, kind, payload, leaf or h(f"leaf-{kind}-{index}"))
 
 
@@ -142,15 +215,23 @@ def test_summary_of_a_receipt():
 
 
 def test_summary_of_a_receipt_with_changes_and_recovery():
-    p = anchored(P1, S1, frames=24, hash_method="pixel",
-                 pixels_changed_from={"origin": ORIGIN_B, "index": 7, "sha256": h("old pixels")},
-                 header_changed_from={"origin": ORIGIN_A, "index": 3}, recovered=True)
+    p = anchored(
+        P1,
+        S1,
+        frames=24,
+        hash_method="pixel",
+        pixels_changed_from={"origin": ORIGIN_B, "index": 7, "sha256": h("old pixels")},
+        header_changed_from={"origin": ORIGIN_A, "index": 3},
+        recovered=True,
+    )
     text = summary(event(IMAGE_ANCHORED, p))
     assert ", 24 frames)" in text
     assert f"PIXELS CHANGED since {ORIGIN_B} #7 (sha256 was {h('old pixels')[:12]}…)" in text
     assert f"header changed since {ORIGIN_A} #3" in text
     assert "recovered at restart" in text
-    assert "content sha256" in summary(event(IMAGE_ANCHORED, anchored(P1, S1, hash_method="content")))
+    assert "content sha256" in summary(
+        event(IMAGE_ANCHORED, anchored(P1, S1, hash_method="content"))
+    )
 
 
 def test_summary_of_forwards():
@@ -174,7 +255,13 @@ def test_summary_of_retrievals():
         f"retrieved by WS1 via C-MOVE to WS1: 12 sent, 0 failed, 2 refused, 1 tampered "
         f"(status 0xB000, grant {ref[:12]}…)"
     )
-    cancelled = {**retrieved(P1, S1), "cancelled": True, "warning": 3, "not_sent": 4, "site": "gw.b"}
+    cancelled = {
+        **retrieved(P1, S1),
+        "cancelled": True,
+        "warning": 3,
+        "not_sent": 4,
+        "site": "gw.b",
+    }
     assert summary(event(RETRIEVED, cancelled)).endswith(
         "to WS1@gw.b: 12 sent, 0 failed, 2 refused, 1 tampered, 3 with warnings, 4 not sent, CANCELLED "
         "(status 0xB000, no grant)"
@@ -183,7 +270,9 @@ def test_summary_of_retrievals():
         "retrieve refused: C-GET by WS2 for 12 instances: WS2 holds no grant"
     )
     moved = {**retrieve_refused(P1, S1), "service": "C-MOVE", "destination": "WS9"}
-    assert summary(event(RETRIEVE_REFUSED, moved)).startswith("retrieve refused: C-MOVE by WS2 to WS9 for 12")
+    assert summary(event(RETRIEVE_REFUSED, moved)).startswith(
+        "retrieve refused: C-MOVE by WS2 to WS9 for 12"
+    )
 
 
 def test_summary_of_a_tamper_alarm():
@@ -216,8 +305,15 @@ def test_summary_of_permission_records():
         f"revoke grants {ref[:12]}…, reason 'consent withdrawn'; issued by {AUTHORITY} "
         f"(ref {h('revoke')[:12]}…)"
     )
-    by_grantee = make_revoke_payload(patient=P1, grants=[], grantee=Grantee.parse("WS1"), reason="",
-                                     heads=[], issuer_name=AUTHORITY, issuer_key=AUTHORITY_KEY)
+    by_grantee = make_revoke_payload(
+        patient=P1,
+        grants=[],
+        grantee=Grantee.parse("WS1"),
+        reason="",
+        heads=[],
+        issuer_name=AUTHORITY,
+        issuer_key=AUTHORITY_KEY,
+    )
     assert summary(event(REVOKE, by_grantee)).startswith("revoke every grant to WS1,")
 
 
@@ -225,7 +321,9 @@ def test_summary_of_a_malformed_entry_says_so_and_does_not_crash():
     assert summary(event(GRANT, {"patient": P1})).startswith("MALFORMED grant (ref ")
     text = summary(event(RETRIEVED, {"service": 5, "completed": "many", "patient": P1}))
     assert text.startswith("retrieved by ? via ? to ?: ? sent")
-    assert summary(event(TAMPER_ALARM, {"anchor": "nowhere"})).startswith("TAMPER ALARM: instance ?")
+    assert summary(event(TAMPER_ALARM, {"anchor": "nowhere"})).startswith(
+        "TAMPER ALARM: instance ?"
+    )
 
 
 def test_summary_escapes_control_characters_from_a_peer():
@@ -258,17 +356,23 @@ def test_event_json():
 def test_report_lines_align_columns():
     events = [
         event(RETRIEVED, retrieved(P1, S1), time_ms=1_795_456_801_123, origin=ORIGIN_B, index=7),
-        event(IMAGE_ANCHORED, anchored(P1, S1), time_ms=1_795_456_800_000, origin="a/x", index=1234),
+        event(
+            IMAGE_ANCHORED, anchored(P1, S1), time_ms=1_795_456_800_000, origin="a/x", index=1234
+        ),
     ]
     lines = report_lines(events, patient=P1, study=None, logs_held=2)
     assert lines[0] == f"audit of patient {P1}: 2 event(s) from 2 gateway(s), newest first"
     assert lines[1] == (
         f"2026-11-23T18:00:01.123Z  {ORIGIN_B}  #7     retrieved       {summary(events[0])}"
     )
-    assert lines[2].startswith(f"2026-11-23T18:00:00.000Z  {'a/x':<{len(ORIGIN_B)}}  #1234  image-anchored  ")
+    assert lines[2].startswith(
+        f"2026-11-23T18:00:00.000Z  {'a/x':<{len(ORIGIN_B)}}  #1234  image-anchored  "
+    )
     empty = report_lines([], patient=P1, study=S1, logs_held=3)
-    assert empty == [f"audit of study {S1} of patient {P1}: no events; none of the 3 gateway log(s) "
-                     "held in this ledger database has an entry about it"]
+    assert empty == [
+        f"audit of study {S1} of patient {P1}: no events; none of the 3 gateway log(s) "
+        "held in this ledger database has an entry about it"
+    ]
 
 
 # -- audit_events(): reading a ledger database with two gateways' logs ---------------------------
@@ -300,10 +404,18 @@ async def populate(path: Path, clock: Clock) -> dict[str, tuple[str, int]]:
         await w.start()
     placed: dict[str, tuple[str, int]] = {}
 
-    async def add(name: str, origin: str, t: int, kind: str, payload: dict[str, Any],
-                  keys: list[str] | None = None) -> str:
+    async def add(
+        name: str,
+        origin: str,
+        t: int,
+        kind: str,
+        payload: dict[str, Any],
+        keys: list[str] | None = None,
+    ) -> str:
         clock.now_ms = t
-        done = await writers[origin].append(kind, payload, keys_of(kind, payload) if keys is None else keys)
+        done = await writers[origin].append(
+            kind, payload, keys_of(kind, payload) if keys is None else keys
+        )
         assert done.time_ms == t
         placed[name] = (origin, done.index)
         return done.leaf_hash.hex()
@@ -312,20 +424,30 @@ async def populate(path: Path, clock: Clock) -> dict[str, tuple[str, int]]:
     await add("anchor P1 S1", ORIGIN_A, 2000, IMAGE_ANCHORED, anchored(P1, S1))
     await add("anchor P1 S2", ORIGIN_B, 2500, IMAGE_ANCHORED, anchored(P1, S2))
     await add("forward P1 S1", ORIGIN_A, 3000, FORWARDED, forwarded(P1, S1, grant=g1))
-    await add("retrieve P1 S2", ORIGIN_B, 3000, RETRIEVED, retrieved(P1, S2))  # same ms as A's: origin order
+    await add(
+        "retrieve P1 S2", ORIGIN_B, 3000, RETRIEVED, retrieved(P1, S2)
+    )  # same ms as A's: origin order
     await add("anchor P2 S3", ORIGIN_A, 3500, IMAGE_ANCHORED, anchored(P2, S3))
     await add("refused fwd P2 S3", ORIGIN_B, 4000, FORWARD_REFUSED, forward_refused(P2, S3))
     await add("refused get P1 S1", ORIGIN_A, 4500, RETRIEVE_REFUSED, retrieve_refused(P1, S1))
     await add("tamper P1 S2", ORIGIN_B, 5000, TAMPER_ALARM, tamper_alarm(P1, S2))
-    await add("tamper P1 S2 again", ORIGIN_B, 5000, TAMPER_ALARM, tamper_alarm(P1, S2))  # same ms: index desc
+    await add(
+        "tamper P1 S2 again", ORIGIN_B, 5000, TAMPER_ALARM, tamper_alarm(P1, S2)
+    )  # same ms: index desc
     await add("revoke P1", ORIGIN_A, 6000, REVOKE, revoke(P1, [g1], [g1]))
     await add("grant P2 all", ORIGIN_B, 6500, GRANT, grant(P2, None, to="@" + ORIGIN_A))
     await add("grant P1 all", ORIGIN_A, 7000, GRANT, grant(P1, None))
     await add("anchor P1 S1 #2", ORIGIN_B, 7500, IMAGE_ANCHORED, anchored(P1, S1, 2))
     await add("config", ORIGIN_A, 8000, "config", {"note": "no patient here"})
     # A lookup key that does not match the entry (a stray index row) must not pull it in.
-    await add("stray", ORIGIN_B, 9000, RETRIEVED, retrieved(P2, S3),
-              keys=[f"activity:{P1}", f"study:{S1}", f"perm:{P1}", f"patient:{P1}"])
+    await add(
+        "stray",
+        ORIGIN_B,
+        9000,
+        RETRIEVED,
+        retrieved(P2, S3),
+        keys=[f"activity:{P1}", f"study:{S1}", f"perm:{P1}", f"patient:{P1}"],
+    )
     for w in writers.values():
         await w.stop()
     await store.close()
@@ -347,8 +469,16 @@ async def test_audit_events_by_patient_study_and_both(tmp_path, clock):
     try:
         p1 = await audit_events(store, patient=P1)
         assert where(p1) == expect(
-            "anchor P1 S1 #2", "grant P1 all", "revoke P1", "tamper P1 S2 again", "tamper P1 S2",
-            "refused get P1 S1", "forward P1 S1", "retrieve P1 S2", "anchor P1 S2", "anchor P1 S1",
+            "anchor P1 S1 #2",
+            "grant P1 all",
+            "revoke P1",
+            "tamper P1 S2 again",
+            "tamper P1 S2",
+            "refused get P1 S1",
+            "forward P1 S1",
+            "retrieve P1 S2",
+            "anchor P1 S2",
+            "anchor P1 S1",
             "grant P1 S1",
         )
         assert [e.time_ms for e in p1] == sorted((e.time_ms for e in p1), reverse=True)
@@ -357,14 +487,24 @@ async def test_audit_events_by_patient_study_and_both(tmp_path, clock):
         )
         # a study's audit includes its patient's permission records that cover it (all studies)
         assert where(await audit_events(store, study=S1)) == expect(
-            "anchor P1 S1 #2", "grant P1 all", "revoke P1", "refused get P1 S1", "forward P1 S1",
-            "anchor P1 S1", "grant P1 S1",
+            "anchor P1 S1 #2",
+            "grant P1 all",
+            "revoke P1",
+            "refused get P1 S1",
+            "forward P1 S1",
+            "anchor P1 S1",
+            "grant P1 S1",
         )
         assert where(await audit_events(store, study=S3)) == expect(
             "grant P2 all", "refused fwd P2 S3", "anchor P2 S3"
         )
         assert where(await audit_events(store, patient=P1, study=S2)) == expect(
-            "grant P1 all", "revoke P1", "tamper P1 S2 again", "tamper P1 S2", "retrieve P1 S2", "anchor P1 S2"
+            "grant P1 all",
+            "revoke P1",
+            "tamper P1 S2 again",
+            "tamper P1 S2",
+            "retrieve P1 S2",
+            "anchor P1 S2",
         )
         assert await audit_events(store, patient=P2, study=S1) == []
         assert await audit_events(store, patient=h("nobody")) == []
@@ -379,7 +519,10 @@ async def test_audit_events_by_patient_study_and_both(tmp_path, clock):
         assert fwd.kind == FORWARDED and fwd.time_ms == 3000
         assert fwd.payload == json.loads(data)["payload"]
         assert fwd.leaf_hash == hashlib.sha256(b"\x00" + data).hexdigest()
-        assert fwd.payload["grant"] == next(e for e in p1 if e.kind == GRANT and e.time_ms == 1000).leaf_hash
+        assert (
+            fwd.payload["grant"]
+            == next(e for e in p1 if e.kind == GRANT and e.time_ms == 1000).leaf_hash
+        )
     finally:
         await store.close()
 
@@ -412,14 +555,14 @@ async def test_an_unreadable_entry_is_named_not_skipped(tmp_path, clock):
 
 RAW_PATIENT_ID = "DOE^JOHN-0424242"
 RAW_STUDY_UID = "1.2.826.0.1.3680043.8.498.4242"
-LINE_RE = re.compile(
-    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)  (\S+) +#(\d+) +(\S+) +(.+)$"
-)
+LINE_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)  (\S+) +#(\d+) +(\S+) +(.+)$")
 
 
 async def test_cli_audit(tmp_path):
     directory = tmp_path / "gw"
-    made = await asyncio.to_thread(dicomledger, "init", "--dir", str(directory), "--origin", ORIGIN_A)
+    made = await asyncio.to_thread(
+        dicomledger, "init", "--dir", str(directory), "--origin", ORIGIN_A
+    )
     assert made.returncode == 0, made.stderr
     config_path = directory / "config.toml"
     config = load_config(config_path)
@@ -458,26 +601,45 @@ async def test_cli_audit(tmp_path):
         parsed = [m for line in lines[1:] if (m := LINE_RE.match(line))]
         assert len(parsed) == len(lines) - 1 == 6, lines
         assert [m.group(4) for m in parsed] == [
-            TAMPER_ALARM, RETRIEVED, IMAGE_ANCHORED, FORWARDED, GRANT, IMAGE_ANCHORED
+            TAMPER_ALARM,
+            RETRIEVED,
+            IMAGE_ANCHORED,
+            FORWARDED,
+            GRANT,
+            IMAGE_ANCHORED,
         ]
         assert [int(m.group(3)) for m in parsed] == [5, 4, 3, 2, 1, 0]
         assert {m.group(2) for m in parsed} == {ORIGIN_A}
         assert parsed[1].group(5).startswith("retrieved by WS1 via C-MOVE to WS1: 12 sent")
 
-        both = await asyncio.to_thread(audit, "--patient-id", RAW_PATIENT_ID, "--study", RAW_STUDY_UID, "--json")
+        both = await asyncio.to_thread(
+            audit, "--patient-id", RAW_PATIENT_ID, "--study", RAW_STUDY_UID, "--json"
+        )
         assert both.returncode == 0, both.stderr
         answer = json.loads(both.stdout)
         assert answer["patient"] == patient and answer["study"] == study
         assert [e["index"] for e in answer["events"]] == [5, 4, 2, 1, 0]  # 1: the all-studies grant
         first = answer["events"][0]
-        assert set(first) == {"time", "time_ms", "gateway", "index", "kind", "entry_hash", "summary", "payload"}
+        assert set(first) == {
+            "time",
+            "time_ms",
+            "gateway",
+            "index",
+            "kind",
+            "entry_hash",
+            "summary",
+            "payload",
+        }
         assert first["kind"] == TAMPER_ALARM and first["gateway"] == ORIGIN_A
         assert first["payload"]["patient"] == patient
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
 
         by_study = await asyncio.to_thread(audit, "--study", RAW_STUDY_UID)
         assert by_study.returncode == 0
-        assert by_study.stdout.splitlines()[0] == f"audit of study {study}: 5 event(s) from 1 gateway(s), newest first"
+        assert (
+            by_study.stdout.splitlines()[0]
+            == f"audit of study {study}: 5 event(s) from 1 gateway(s), newest first"
+        )
 
         nobody = await asyncio.to_thread(audit, "--patient-id", "SOMEONE-ELSE")
         assert nobody.returncode == 0, nobody.stderr
@@ -492,7 +654,9 @@ async def test_cli_audit(tmp_path):
         for result in (text, both, by_study, nobody, empty_json):
             shown = result.stdout + result.stderr
             assert RAW_PATIENT_ID not in shown and "DOE" not in shown
-            assert RAW_STUDY_UID not in shown and "SOMEONE-ELSE" not in shown and "9.9.9" not in shown
+            assert (
+                RAW_STUDY_UID not in shown and "SOMEONE-ELSE" not in shown and "9.9.9" not in shown
+            )
     finally:
         await writer.stop()
         await store.close()
@@ -505,7 +669,9 @@ async def test_entries_stored_before_the_audit_keys_get_them_once(tmp_path):
     store = await LedgerStore.open(db)
     writer = LogWriter(store, Identity(ORIGIN_A, key(ORIGIN_A)))
     await writer.start()
-    await writer.append(FORWARDED, forwarded(P1, S1), keys=())  # as an older gateway wrote it: no keys
+    await writer.append(
+        FORWARDED, forwarded(P1, S1), keys=()
+    )  # as an older gateway wrote it: no keys
     await writer.append(IMAGE_ANCHORED, anchored(P1, S1), [f"patient:{P1}"])
     await writer.stop()
     assert await audit_events(store, study=S1) == []

@@ -36,10 +36,13 @@ def backup_consistency(backup: Path) -> tuple[int, int]:
         for path, origin, idx in rows:
             assert path in images, path
             assert (backup / "images" / path).is_file()
-            assert idx is None or ledger.execute(
-                "SELECT 1 FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? AND e.idx = ?",
-                (origin, idx),
-            ).fetchone(), (origin, idx)
+            assert (
+                idx is None
+                or ledger.execute(
+                    "SELECT 1 FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? AND e.idx = ?",
+                    (origin, idx),
+                ).fetchone()
+            ), (origin, idx)
         return len(rows), manifest["logs"][manifest["origin"]]
     finally:
         index.close()
@@ -79,7 +82,9 @@ def test_online_backup_while_storing_then_restore(tmp_path):
     data[-5] ^= 1
     victim.write_bytes(bytes(data))
     altered = gw.cli("restore", "--from", str(tmp_path / "bk2"), "--replace")
-    assert altered.returncode == 1 and "does not match its manifest" in altered.stderr, altered.stderr
+    assert altered.returncode == 1 and "does not match its manifest" in altered.stderr, (
+        altered.stderr
+    )
     assert index_count(gw) == 170
 
     restored = gw.cli("restore", "--from", str(tmp_path / "bk1"), "--replace")
@@ -92,8 +97,15 @@ def test_online_backup_while_storing_then_restore(tmp_path):
         assert gw.cli("verify").returncode == 0
         assert gw.cli("verify-file", str(first[0])).returncode == 0
         scrub = gw.cli("scrub")
-        assert scrub.returncode == 0 and f"{rows} instances checked, 0 alarms" in scrub.stdout, scrub.stdout
-        assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "after", 2, seed="bk-after")).returncode == 0
+        assert scrub.returncode == 0 and f"{rows} instances checked, 0 alarms" in scrub.stdout, (
+            scrub.stdout
+        )
+        assert (
+            gw.storescu(
+                *dicomdata.make_mr_series(tmp_path / "after", 2, seed="bk-after")
+            ).returncode
+            == 0
+        )
     finally:
         gw.stop()
     assert gw.cli("verify").returncode == 0
@@ -101,8 +113,20 @@ def test_online_backup_while_storing_then_restore(tmp_path):
 
 def start_backup(gw: GatewayProcess, output: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dicomledger.cli", "backup", "--config", str(gw.config), "-o", str(output), "--copy"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "dicomledger.cli",
+            "backup",
+            "--config",
+            str(gw.config),
+            "-o",
+            str(output),
+            "--copy",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -132,7 +156,12 @@ def test_kill_9_during_a_backup_leaves_no_backup_and_a_consistent_gateway(tmp_pa
         [partial] = backups.glob(".nightly.partial-*")
         refused = gw.cli("restore", "--from", str(partial))
         assert refused.returncode == 1 and "a gateway is running" in refused.stderr, refused.stderr
-        assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "more", 2, seed="bk-kill-more")).returncode == 0
+        assert (
+            gw.storescu(
+                *dicomdata.make_mr_series(tmp_path / "more", 2, seed="bk-kill-more")
+            ).returncode
+            == 0
+        )
         assert gw.cli("verify").returncode == 0
 
         # a new backup removes the leftover and completes; then the gateway is killed during one
@@ -146,7 +175,9 @@ def test_kill_9_during_a_backup_leaves_no_backup_and_a_consistent_gateway(tmp_pa
         assert second.returncode == 0, err
     finally:
         gw.stop()
-    assert gw.cli("restore", "--from", str(partial), "--replace").returncode == 1  # no manifest: not a backup
+    assert (
+        gw.cli("restore", "--from", str(partial), "--replace").returncode == 1
+    )  # no manifest: not a backup
     assert backup_consistency(backups / "second") == (202, 202)
     assert gw.cli("verify").returncode == 0
     assert gw.cli("restore", "--from", str(backups / "second"), "--replace").returncode == 0

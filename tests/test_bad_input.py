@@ -28,10 +28,20 @@ from tests.test_storage_scp import index_rows, ledger_payloads
 pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 MR, SR = "1.2.840.10008.5.1.4.1.1.4", dicomdata.BASIC_TEXT_SR
-PATIENT = dicomdata.FakePatient(name="Phiname-QX7ZK^Wilhelmina", patient_id="DLFAKE-QX7ZK44",
-                                birth_date="19370629", accession="ACCQX7ZK4491")
-PHI = [PATIENT.name, PATIENT.name.split("^")[0], PATIENT.name.split("^")[1], PATIENT.patient_id,
-       PATIENT.birth_date, PATIENT.accession]
+PATIENT = dicomdata.FakePatient(
+    name="Phiname-QX7ZK^Wilhelmina",
+    patient_id="DLFAKE-QX7ZK44",
+    birth_date="19370629",
+    accession="ACCQX7ZK4491",
+)
+PHI = [
+    PATIENT.name,
+    PATIENT.name.split("^")[0],
+    PATIENT.name.split("^")[1],
+    PATIENT.patient_id,
+    PATIENT.birth_date,
+    PATIENT.accession,
+]
 
 
 def assert_clean_log(gw: GatewayProcess) -> list[dict]:
@@ -46,13 +56,28 @@ def sources(directory: Path) -> list[Path]:
     """Valid files of the known patient: image and report, explicit and implicit VR."""
     files = [
         dicomdata.make_sr(directory / "sr", patient=PATIENT, seed="fz-sr"),
-        dicomdata.make_sr(directory / "sr-implicit", patient=PATIENT, seed="fz-sri",
-                          transfer_syntax=ImplicitVRLittleEndian),
-        *dicomdata.make_mr_series(directory / "mr", 1, rows=16, cols=16, patient=PATIENT, seed="fz-mr"),
-        *dicomdata.make_mr_series(directory / "mri", 1, rows=16, cols=16, patient=PATIENT, seed="fz-mri",
-                                  transfer_syntax=ImplicitVRLittleEndian),
+        dicomdata.make_sr(
+            directory / "sr-implicit",
+            patient=PATIENT,
+            seed="fz-sri",
+            transfer_syntax=ImplicitVRLittleEndian,
+        ),
+        *dicomdata.make_mr_series(
+            directory / "mr", 1, rows=16, cols=16, patient=PATIENT, seed="fz-mr"
+        ),
+        *dicomdata.make_mr_series(
+            directory / "mri",
+            1,
+            rows=16,
+            cols=16,
+            patient=PATIENT,
+            seed="fz-mri",
+            transfer_syntax=ImplicitVRLittleEndian,
+        ),
     ]
-    (mr,) = dicomdata.make_mr_series(directory / "mr-rle", 1, rows=32, cols=32, patient=PATIENT, seed="fz-rle")
+    (mr,) = dicomdata.make_mr_series(
+        directory / "mr-rle", 1, rows=32, cols=32, patient=PATIENT, seed="fz-rle"
+    )
     files.append(dicomdata.make_compressed_copies(mr, directory / "rle", ["rle"])["rle"])
     return files
 
@@ -84,14 +109,18 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     """One seeded mutation of a dataset's bytes (the File Meta stays valid, so it is sent)."""
     start = dataset_offset(data)
     out = bytearray(data)
-    kind = rng.choice(["flip", "flip", "length", "uid-length", "vr", "truncate", "insert", "delete"])
+    kind = rng.choice(
+        ["flip", "flip", "length", "uid-length", "vr", "truncate", "insert", "delete"]
+    )
     # (in an implicit VR source these "elements" are garbage, which is fine for a fuzzer)
     explicit = [e for e in explicit_elements(data, start) if e[1].isalpha() and e[1].isupper()]
     if kind in ("length", "uid-length", "vr") and explicit:
         candidates = [e for e in explicit if e[1] == "UI"] if kind == "uid-length" else explicit
         offset, vr, field = rng.choice(candidates or explicit)
         if kind == "vr":
-            out[offset + 4 : offset + 6] = rng.choice([b"ZZ", b"Lq", b"UL", b"SQ", b"OB", b"US", b"\x00\x00"])
+            out[offset + 4 : offset + 6] = rng.choice(
+                [b"ZZ", b"Lq", b"UL", b"SQ", b"OB", b"US", b"\x00\x00"]
+            )
         else:  # a wrong length: the value swallows the elements after it, or ends early
             size = 4 if field == offset + 8 else 2
             old = int.from_bytes(out[field : field + size], "little")
@@ -119,17 +148,32 @@ def crafted(directory: Path, mr: Path, sr: Path) -> dict[str, Path]:
     ds = pydicom.dcmread(mr, stop_before_pixels=True)
     cases = {}
     # a dataset that ends inside a sequence item
-    item = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF) + struct.pack(
+        "<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF
+    )
     cases["ends inside a sequence item"] = (
         sr.read_bytes() + item + struct.pack("<HH2sH", 0x0040, 0xA010, b"CS", 8) + b"CONT"
     )
     # an unknown VR in the header (on Patient ID)
-    pid = next(off for off, _, _ in explicit_elements(data, start) if data[off : off + 4] == b"\x10\x00\x20\x00")
-    cases["unknown VR"] = data[:pid + 4] + b"Lq" + data[pid + 6 :]
+    pid = next(
+        off
+        for off, _, _ in explicit_elements(data, start)
+        if data[off : off + 4] == b"\x10\x00\x20\x00"
+    )
+    cases["unknown VR"] = data[: pid + 4] + b"Lq" + data[pid + 6 :]
     # a UL value of 2 bytes (Instance Number given VR UL)
-    num = next(off for off, _, _ in explicit_elements(data, start) if data[off : off + 4] == b"\x20\x00\x13\x00")
+    num = next(
+        off
+        for off, _, _ in explicit_elements(data, start)
+        if data[off : off + 4] == b"\x20\x00\x13\x00"
+    )
     length = struct.unpack_from("<H", data, num + 6)[0]
-    cases["UL of 2 bytes"] = data[:num] + struct.pack("<HH2sH", 0x0020, 0x0013, b"UL", 2) + b"\x01\x00" + data[num + 8 + length :]
+    cases["UL of 2 bytes"] = (
+        data[:num]
+        + struct.pack("<HH2sH", 0x0020, 0x0013, b"UL", 2)
+        + b"\x01\x00"
+        + data[num + 8 + length :]
+    )
     # a UID whose length swallows the patient module: pydicom's warning would quote it
     off, field = head["UI"]
     cases["UID too long"] = data[:field] + struct.pack("<H", 400) + data[field + 2 :]
@@ -181,10 +225,16 @@ def test_fuzzed_and_malformed_datasets_get_a_status_and_a_clean_log(gateway, tmp
     panic = panicking_rle(tmp_path, files[-1])
 
     statuses: dict[Path, int | None] = {}
-    batches = [fuzzed[i : i + 60] for i in range(0, len(fuzzed), 60)] + [list(cases.values()) + [panic] + files]
+    batches = [fuzzed[i : i + 60] for i in range(0, len(fuzzed), 60)] + [
+        list(cases.values()) + [panic] + files
+    ]
     for batch in batches:
-        assoc = associate(gateway.port, gateway.ae_title, [MR, SR],
-                          [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless])
+        assoc = associate(
+            gateway.port,
+            gateway.ae_title,
+            [MR, SR],
+            [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless],
+        )
         for path in batch:
             assert assoc.is_established, "the gateway ended the association"
             statuses[path] = send_as_is(assoc, path)
@@ -273,7 +323,9 @@ def test_a_deflate_bomb_is_refused_beyond_the_configured_cap(tmp_path):
         assert stores[0]["status"] == "0xC000"
         assert "inflates to more than 8388608 bytes" in stores[0]["outcome"], stores[0]
         assert len(ledger_payloads(gw)) == 1
-        assert index_rows(gw, "SELECT transfer_syntax_uid FROM instances") == [(DeflatedExplicitVRLittleEndian,)]
+        assert index_rows(gw, "SELECT transfer_syntax_uid FROM instances") == [
+            (DeflatedExplicitVRLittleEndian,)
+        ]
         assert list((gw.dir / "data" / "images" / "tmp").iterdir()) == []
     finally:
         gw.stop()

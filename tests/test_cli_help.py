@@ -45,14 +45,20 @@ def test_help_walk_finds_an_option_without_help() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub.choices["serve"].add_argument("--undocumented")
-    found = [f"{p} {'/'.join(a.option_strings)}" for p, a in _walk(parser, "dicomledger") if not a.help]
+    found = [
+        f"{p} {'/'.join(a.option_strings)}" for p, a in _walk(parser, "dicomledger") if not a.help
+    ]
     assert found == ["dicomledger serve --undocumented"]
 
 
 @pytest.mark.e2e  # runs the command
 def test_version_prints_the_installed_version() -> None:
-    run = subprocess.run([sys.executable, "-m", "dicomledger.cli", "--version"], capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "dicomledger.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"dicomledger {version('dicomledger')}"
     assert version("dicomledger") != ""

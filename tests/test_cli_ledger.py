@@ -51,20 +51,31 @@ def test_mutated_proofs_fail_and_say_why(anchored, tmp_path):
         return result.stdout
 
     hash_line = 3  # magic, extra, index, first proof hash
-    flipped = lines[hash_line][:5] + ("A" if lines[hash_line][5] != "A" else "B") + lines[hash_line][6:]
-    assert "INVALID" in check("\n".join(lines[:hash_line] + [flipped] + lines[hash_line + 1:]))
+    flipped = (
+        lines[hash_line][:5] + ("A" if lines[hash_line][5] != "A" else "B") + lines[hash_line][6:]
+    )
+    assert "INVALID" in check("\n".join(lines[:hash_line] + [flipped] + lines[hash_line + 1 :]))
     assert "INVALID" in check("\n".join([lines[0], lines[1], "index 2", *lines[3:]]))
-    root_line = next(i for i, line in enumerate(lines) if line.endswith("=") and i > 4 and len(line) == 44)
+    root_line = next(
+        i for i, line in enumerate(lines) if line.endswith("=") and i > 4 and len(line) == 44
+    )
     other_root = lines[root_line][:-3] + ("AA=" if lines[root_line][-3:] != "AA=" else "BB=")
-    assert "INVALID" in check("\n".join(lines[:root_line] + [other_root] + lines[root_line + 1:]))
+    assert "INVALID" in check("\n".join(lines[:root_line] + [other_root] + lines[root_line + 1 :]))
     assert "INVALID" in check(proof.read_text().replace("extra ", "extra AAAA", 1))
 
 
 def test_check_proof_with_a_foreign_trust_file_fails(anchored, tmp_path):
     proof = tmp_path / "e0.proof"
     assert anchored.cli("prove", "--entry", "0", "-o", str(proof)).returncode == 0
-    assert dicomledger("init", "--dir", str(tmp_path / "other"), "--origin", "gateway.test/dicomledger").returncode == 0
-    result = dicomledger("check-proof", str(proof), "--trust", str(tmp_path / "other" / "trust.txt"))
+    assert (
+        dicomledger(
+            "init", "--dir", str(tmp_path / "other"), "--origin", "gateway.test/dicomledger"
+        ).returncode
+        == 0
+    )
+    result = dicomledger(
+        "check-proof", str(proof), "--trust", str(tmp_path / "other" / "trust.txt")
+    )
     assert result.returncode == 1 and "INVALID" in result.stdout
 
 
@@ -103,7 +114,9 @@ def copy_of(gw: GatewayProcess, tmp_path) -> GatewayProcess:
 def assert_one_line(result, *needles: str) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.startswith("dicomledger: ") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("dicomledger: ") and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
     for needle in needles:
         assert needle in result.stderr, result.stderr
 
@@ -112,8 +125,13 @@ def test_a_broken_ledger_database_is_one_line_in_every_command(anchored, tmp_pat
     gw = copy_of(anchored, tmp_path)
     ledger = gw.dir / "data" / "ledger.db"
     ledger.write_bytes(b"not an SQLite database; " * 1000)
-    for command in (("status",), ("peers",), ("prove", "--entry", "1", "-o", str(tmp_path / "p")),
-                    ("audit", "--patient-id", "P-1"), ("verify",)):
+    for command in (
+        ("status",),
+        ("peers",),
+        ("prove", "--entry", "1", "-o", str(tmp_path / "p")),
+        ("audit", "--patient-id", "P-1"),
+        ("verify",),
+    ):
         assert_one_line(gw.cli(*command), str(ledger))
 
 
@@ -127,9 +145,19 @@ def test_a_broken_index_database_is_one_line_in_status(anchored, tmp_path):
 def test_audit_into_a_closed_pipe_stops_quietly(anchored):
     """`dicomledger audit | head`: the reader goes away before the report is written."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dicomledger.cli", "audit", "--config", str(anchored.config),
-         "--patient-id", dicomdata.fake_patient(0).patient_id],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "dicomledger.cli",
+            "audit",
+            "--config",
+            str(anchored.config),
+            "--patient-id",
+            dicomdata.fake_patient(0).patient_id,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
     )
     proc.stdout.close()  # like `head` that has read its lines and exited
     stderr = proc.stderr.read().decode()
@@ -159,15 +187,20 @@ def test_status_says_whether_the_gateway_runs(tmp_path):
 def test_status_counts_forwards_and_refusals_as_the_ledger_records_them(tmp_path):
     gw = GatewayProcess(tmp_path / "gw")
     with open(gw.config, "a") as f:  # a destination nobody granted: every forward is refused
-        f.write(f'\n[[destinations]]\nae_title = "PACS"\naddress = "127.0.0.1:{free_port()}"\n'
-                '\n[[routes]]\nto = ["PACS"]\n')
+        f.write(
+            f'\n[[destinations]]\nae_title = "PACS"\naddress = "127.0.0.1:{free_port()}"\n'
+            '\n[[routes]]\nto = ["PACS"]\n'
+        )
     gw.start()
     try:
         assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "mr", 4)).returncode == 0
     finally:
         gw.stop()
     con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)
-    refused = sum(b'"kind":"forward-refused"' in bytes(row[0]) for row in con.execute("SELECT data FROM entries"))
+    refused = sum(
+        b'"kind":"forward-refused"' in bytes(row[0])
+        for row in con.execute("SELECT data FROM entries")
+    )
     con.close()
     assert refused == 4
     status = gw.cli("status").stdout
@@ -181,7 +214,10 @@ def test_verify_cli_passes_then_names_a_tampered_entry(anchored, tmp_path):
     db = anchored.dir / "data" / "ledger.db"
     con = sqlite3.connect(db)
     (data,) = con.execute("SELECT data FROM entries WHERE idx = 2").fetchone()
-    con.execute("UPDATE entries SET data = ? WHERE idx = 2", (bytes(data).replace(b'"frames":1', b'"frames":2'),))
+    con.execute(
+        "UPDATE entries SET data = ? WHERE idx = 2",
+        (bytes(data).replace(b'"frames":1', b'"frames":2'),),
+    )
     con.commit()
     con.close()
     bad = anchored.cli("verify")

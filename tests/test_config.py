@@ -30,16 +30,36 @@ def test_example_config_loads_with_relative_paths_resolved():
     [
         ("port = 11112", 'port = "eleven"', r"gateway\.port must be an integer"),
         ("port = 11112", "port = 70000", r"gateway\.port must be between 1 and 65535"),
-        ('ae_title = "DICOMLEDGER"', 'ae_title = "THIS_TITLE_IS_MUCH_TOO_LONG"', r"gateway\.ae_title .*not a valid AE title"),
-        ('allowed_calling_aes = ["STORESCU", "ECHOSCU", "CT_SCANNER1"]', "allowed_calling_aes = []", r"allowed_calling_aes is empty"),
+        (
+            'ae_title = "DICOMLEDGER"',
+            'ae_title = "THIS_TITLE_IS_MUCH_TOO_LONG"',
+            r"gateway\.ae_title .*not a valid AE title",
+        ),
+        (
+            'allowed_calling_aes = ["STORESCU", "ECHOSCU", "CT_SCANNER1"]',
+            "allowed_calling_aes = []",
+            r"allowed_calling_aes is empty",
+        ),
         ("max_pdu_size = 0", "max_pdu_sise = 0", r"gateway\.max_pdu_sise is not a known setting"),
         ('origin = "hospital-a.example/dicomledger"', 'origin = "has space"', r"ledger\.origin"),
         ('key_file = "keys/gateway.key"\n', "", r"ledger\.key_file is missing"),
         ("[storage]", "[storrage]", r"\[storrage\] is not a known section"),
-        ("checkpoint_interval = 1.0", "checkpoint_interval = -1", r"checkpoint_interval must be positive"),
+        (
+            "checkpoint_interval = 1.0",
+            "checkpoint_interval = -1",
+            r"checkpoint_interval must be positive",
+        ),
         ('level = "info"', 'level = "loud"', r"logging\.level"),
-        ("heartbeat_interval = 60.0", "heartbeat_interval = 0", r"peering\.heartbeat_interval must be positive"),
-        ("backoff_max = 300.0", "backoff_max = -1", r"peering\.backoff_max must be zero or more seconds"),
+        (
+            "heartbeat_interval = 60.0",
+            "heartbeat_interval = 0",
+            r"peering\.heartbeat_interval must be positive",
+        ),
+        (
+            "backoff_max = 300.0",
+            "backoff_max = -1",
+            r"peering\.backoff_max must be zero or more seconds",
+        ),
         ("port = 11112", "port = ", r"not valid TOML"),
     ],
 )
@@ -77,9 +97,12 @@ def test_cli_refuses_a_world_readable_key(tmp_path):
 def _uncommented(block_start: str, block_end: str) -> str:
     """The example config's commented block from ``block_start`` up to ``block_end``, uncommented."""
     text = EXAMPLE.read_text()
-    block = text[text.index(block_start):text.index(block_end)]
-    return "\n".join(ln[2:] for ln in block.splitlines()
-                     if ln.startswith("# [") or (ln.startswith("# ") and " = " in ln.split("#")[1]))
+    block = text[text.index(block_start) : text.index(block_end)]
+    return "\n".join(
+        ln[2:]
+        for ln in block.splitlines()
+        if ln.startswith("# [") or (ln.startswith("# ") and " = " in ln.split("#")[1])
+    )
 
 
 def test_the_example_config_documents_metrics_and_storage_commitment(tmp_path):
@@ -92,10 +115,16 @@ def test_the_example_config_documents_metrics_and_storage_commitment(tmp_path):
     cfg = load_config(path)
     assert cfg.metrics == MetricsConfig(host="127.0.0.1", port=9112, checkpoint_stale_after=60.0)
     assert cfg.storage_commitment == StorageCommitmentConfig(
-        enabled=True, requestors=(CommitmentRequestor("CT_SCANNER_1", "192.0.2.40", 104),), report_timeout=30.0)
+        enabled=True,
+        requestors=(CommitmentRequestor("CT_SCANNER_1", "192.0.2.40", 104),),
+        report_timeout=30.0,
+    )
     documented = {ln.split(" = ")[0] for ln in block.splitlines() if " = " in ln}
-    settings = (set(MetricsConfig.__dataclass_fields__) | {"enabled"}) | (
-        set(StorageCommitmentConfig.__dataclass_fields__) - {"requestors"}) | {"ae_title", "address"}
+    settings = (
+        (set(MetricsConfig.__dataclass_fields__) | {"enabled"})
+        | (set(StorageCommitmentConfig.__dataclass_fields__) - {"requestors"})
+        | {"ae_title", "address"}
+    )
     assert settings <= documented, settings - documented
 
 
@@ -105,11 +134,23 @@ def test_metrics_and_commitment_settings_are_checked(tmp_path):
     assert load_config(write(tmp_path, base)).storage_commitment.enabled
     for extra, message in [
         ("[metrics]\nenabled = true\nport = 11112\n", "metrics.port is the DICOM port"),
-        ("[metrics]\nenabled = true\nchekpoint_stale_after = 5\n", "chekpoint_stale_after is not a known setting"),
-        ("[metrics]\nenabled = true\ncheckpoint_stale_after = 0.5\n", "must be at least ledger.checkpoint_interval"),
-        ('[[commitment_requestors]]\nae_title = "CT"\naddress = "nowhere"\n', "address must be host:port"),
-        ('[[commitment_requestors]]\nae_title = "CT"\naddress = "h:1"\n[[commitment_requestors]]\n'
-         'ae_title = "CT"\naddress = "h:2"\n', "listed twice"),
+        (
+            "[metrics]\nenabled = true\nchekpoint_stale_after = 5\n",
+            "chekpoint_stale_after is not a known setting",
+        ),
+        (
+            "[metrics]\nenabled = true\ncheckpoint_stale_after = 0.5\n",
+            "must be at least ledger.checkpoint_interval",
+        ),
+        (
+            '[[commitment_requestors]]\nae_title = "CT"\naddress = "nowhere"\n',
+            "address must be host:port",
+        ),
+        (
+            '[[commitment_requestors]]\nae_title = "CT"\naddress = "h:1"\n[[commitment_requestors]]\n'
+            'ae_title = "CT"\naddress = "h:2"\n',
+            "listed twice",
+        ),
         ("[storage_commitment]\nreport_timeout = 0\n", "report_timeout must be a positive number"),
     ]:
         with pytest.raises(ConfigError, match=message):

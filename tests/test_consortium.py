@@ -49,7 +49,9 @@ def test_entries_replicate_to_every_peer_and_are_witnessed(tmp_path):
         files = dicomdata.make_mr_series(tmp_path / "mr", 5)
         assert a.storescu(*files).returncode == 0
         for gw in (b, c):
-            wait_until(lambda gw=gw: log_size(gw, a.origin) == 5, what=f"{gw.origin} to hold A's 5 entries")
+            wait_until(
+                lambda gw=gw: log_size(gw, a.origin) == 5, what=f"{gw.origin} to hold A's 5 entries"
+            )
         # B's copy verifies, and finds A's anchor for the file
         assert b.cli("verify").returncode == 0
         found = b.cli("verify-file", str(files[0]))
@@ -87,7 +89,11 @@ def test_a_stopped_gateway_catches_up_by_itself(tmp_path):
         assert f"{c.origin}" in unreachable
         c.start()
         for origin in (a.origin, b.origin):
-            wait_until(lambda origin=origin: log_size(c, origin) == 500, timeout=60, what=f"C to catch up on {origin}")
+            wait_until(
+                lambda origin=origin: log_size(c, origin) == 500,
+                timeout=60,
+                what=f"C to catch up on {origin}",
+            )
         status = c.cli("peers").stdout
         assert "we hold 500 entries" in status and "not flagged" in status, status
     finally:
@@ -127,10 +133,16 @@ def test_idle_log_gets_heartbeat_cosignatures(tmp_path):
             sigs = [s for s in parse_note(bytes(held[1])).signatures if s.name == b.origin]
             return cosignature_timestamp(sigs[0]) if sigs else None
 
-        wait_until(lambda: b_cosignature_time() is not None, what="B's first cosignature of A's checkpoint")
+        wait_until(
+            lambda: b_cosignature_time() is not None, what="B's first cosignature of A's checkpoint"
+        )
         first = b_cosignature_time()
         # the log stays at size 1; B's cosignature on it is renewed with a later timestamp
-        wait_until(lambda: (b_cosignature_time() or 0) >= first + 2, timeout=20, what="a heartbeat cosignature")
+        wait_until(
+            lambda: (b_cosignature_time() or 0) >= first + 2,
+            timeout=20,
+            what="a heartbeat cosignature",
+        )
         assert newest_checkpoint(a, a.origin)[0] == 1
         note = parse_note(bytes(newest_checkpoint(a, a.origin)[1]))
         assert [s.name for s in note.signatures].count(b.origin) == 1  # replaced, not piled up
@@ -142,8 +154,11 @@ def test_idle_log_gets_heartbeat_cosignatures(tmp_path):
 def log_entries(gw: GatewayProcess, origin: str) -> list[bytes]:
     con = sqlite3.connect(f"file:{gw.dir / 'data' / 'ledger.db'}?mode=ro", uri=True)
     try:
-        rows = con.execute("SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id "
-                           "WHERE o.name = ? ORDER BY e.idx", (origin,)).fetchall()
+        rows = con.execute(
+            "SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id "
+            "WHERE o.name = ? ORDER BY e.idx",
+            (origin,),
+        ).fetchall()
     finally:
         con.close()
     return [bytes(r[0]) for r in rows]
@@ -176,13 +191,23 @@ def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
     for gw in (a, b, c):
         gw.start()
     try:
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "one", 2, seed="one")).returncode == 0
-        wait_until(lambda: log_size(b, a.origin) == 2 and log_size(c, a.origin) == 2, what="A's first 2 entries")
+        assert (
+            a.storescu(*dicomdata.make_mr_series(tmp_path / "one", 2, seed="one")).returncode == 0
+        )
+        wait_until(
+            lambda: log_size(b, a.origin) == 2 and log_size(c, a.origin) == 2,
+            what="A's first 2 entries",
+        )
         a.stop()
         shutil.copytree(a.dir / "data", tmp_path / "a-backup")
         a.start()
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "two", 2, seed="two")).returncode == 0
-        wait_until(lambda: (newest_checkpoint(b, a.origin) or (0,))[0] == 4, what="B to witness A at size 4")
+        assert (
+            a.storescu(*dicomdata.make_mr_series(tmp_path / "two", 2, seed="two")).returncode == 0
+        )
+        wait_until(
+            lambda: (newest_checkpoint(b, a.origin) or (0,))[0] == 4,
+            what="B to witness A at size 4",
+        )
         wait_until(lambda: log_size(c, a.origin) == 4, what="C to follow A through B")
         assert not evidence_rows(b) and not evidence_rows(c)
 
@@ -191,12 +216,22 @@ def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
         shutil.rmtree(a.dir / "data")
         shutil.copytree(tmp_path / "a-backup", a.dir / "data")
         a.start(accept_local_tip=True)
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "forked", 1, seed="forked")).returncode == 0
-        wait_until(lambda: (newest_checkpoint(a, a.origin) or (0,))[0] == 4, what="A to sign its other size 4")
+        assert (
+            a.storescu(*dicomdata.make_mr_series(tmp_path / "forked", 1, seed="forked")).returncode
+            == 0
+        )
+        wait_until(
+            lambda: (newest_checkpoint(a, a.origin) or (0,))[0] == 4,
+            what="A to sign its other size 4",
+        )
         b.start()
 
         for gw in (b, c):
-            wait_until(lambda gw=gw: bool(evidence_rows(gw)), timeout=20, what=f"{gw.origin} to hold evidence")
+            wait_until(
+                lambda gw=gw: bool(evidence_rows(gw)),
+                timeout=20,
+                what=f"{gw.origin} to hold evidence",
+            )
             peers = gw.cli("peers").stdout
             line = next(ln for ln in peers.splitlines() if ln.startswith(a.origin))
             assert "FLAGGED: equivocation evidence held" in line, peers
@@ -205,15 +240,21 @@ def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
         # the evidence is two checkpoints signed by A: same size, different roots
         evidence = parse_evidence(evidence_rows(b)[0][1])
         _, a_key = parse_verifier_key(a.vkey)
-        proven = check_equivocation(evidence.note_a, evidence.note_b, evidence.consistency_proof or None, a_key)
+        proven = check_equivocation(
+            evidence.note_a, evidence.note_b, evidence.consistency_proof or None, a_key
+        )
         assert proven is not None and proven.origin == a.origin
-        sizes = {parse_checkpoint(parse_note(n).text).size for n in (evidence.note_a, evidence.note_b)}
+        sizes = {
+            parse_checkpoint(parse_note(n).text).size for n in (evidence.note_a, evidence.note_b)
+        }
         assert sizes == {4} and evidence.note_a != evidence.note_b
         # C never talked to A: it must have been told by B, and checked the evidence itself
-        assert f"reported_by\": \"{b.origin}\"" in c.log()
+        assert f'reported_by": "{b.origin}"' in c.log()
 
         # A flagged origin's new entries are no longer replicated
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "more", 3, seed="more")).returncode == 0
+        assert (
+            a.storescu(*dicomdata.make_mr_series(tmp_path / "more", 3, seed="more")).returncode == 0
+        )
         time.sleep(3)
         assert log_size(b, a.origin) == 4 and log_size(c, a.origin) == 4
         assert "you are flagged for equivocation" in b.log()  # and no longer cosigned
@@ -226,8 +267,12 @@ def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
         trust_a = tmp_path / "trust-a.txt"
         trust_a.write_text(a.vkey + "\n")
         checked = dicomledger("check-evidence", str(exported), "--trust", str(trust_a))
-        assert checked.returncode == 0 and checked.stdout.startswith(f"VALID: {a.origin} signed two"), checked.stdout
-        one_sided = tmp_path / "one-sided.evidence"  # both lines the same checkpoint: proves nothing
+        assert checked.returncode == 0 and checked.stdout.startswith(
+            f"VALID: {a.origin} signed two"
+        ), checked.stdout
+        one_sided = (
+            tmp_path / "one-sided.evidence"
+        )  # both lines the same checkpoint: proves nothing
         text = exported.read_text().splitlines(keepends=True)
         one_sided.write_text(text[0] + text[1] + text[2] + "b " + text[2][2:] + "".join(text[4:]))
         refuted = dicomledger("check-evidence", str(one_sided), "--trust", str(trust_a))
@@ -242,23 +287,41 @@ def test_a_gateway_that_rewrites_its_history_is_flagged_by_all(tmp_path):
         a.stop()
         assert b.cli("peers", "--clear-flag", a.origin).returncode == 2  # no --reason
         not_flagged = b.cli("peers", "--clear-flag", c.origin, "--reason", "mistaken")
-        assert not_flagged.returncode == 1 and "not flagged here" in not_flagged.stderr, not_flagged.stderr
-        cleared = b.cli("peers", "--clear-flag", a.origin, "--reason", "A restored a backup; re-keyed")
+        assert not_flagged.returncode == 1 and "not flagged here" in not_flagged.stderr, (
+            not_flagged.stderr
+        )
+        cleared = b.cli(
+            "peers", "--clear-flag", a.origin, "--reason", "A restored a backup; re-keyed"
+        )
         assert cleared.returncode == 0, cleared.stderr
         b_entries = [decode_entry(e) for e in log_entries(b, b.origin)]
         (entry,) = [e for e in b_entries if e.kind == "flag-cleared"]
-        assert entry.payload == {
-            "origin": a.origin, "reason": "A restored a backup; re-keyed", "by": entry.payload["by"],
-            "evidence": sorted(hashlib.sha256(data).hexdigest() for _, data in evidence_rows(b)),
-        } and entry.payload["by"]
+        assert (
+            entry.payload
+            == {
+                "origin": a.origin,
+                "reason": "A restored a backup; re-keyed",
+                "by": entry.payload["by"],
+                "evidence": sorted(
+                    hashlib.sha256(data).hexdigest() for _, data in evidence_rows(b)
+                ),
+            }
+            and entry.payload["by"]
+        )
         assert f"entry {entry.index}" in cleared.stdout
         time.sleep(2)  # ten gossip rounds with C, which serves the same evidence
         line = next(ln for ln in b.cli("peers").stdout.splitlines() if ln.startswith(a.origin))
         assert "not flagged" in line and "flag cleared at" in line, line
-        assert "FLAGGED" in next(ln for ln in c.cli("peers").stdout.splitlines() if ln.startswith(a.origin))
-        wait_until(lambda: log_size(c, b.origin) == len(b_entries), what="C to hold B's flag-cleared entry")
+        assert "FLAGGED" in next(
+            ln for ln in c.cli("peers").stdout.splitlines() if ln.startswith(a.origin)
+        )
+        wait_until(
+            lambda: log_size(c, b.origin) == len(b_entries), what="C to hold B's flag-cleared entry"
+        )
         assert b.cli("peers", "--evidence", a.origin, "-o", str(tmp_path / "again")).returncode == 0
-        assert (tmp_path / "again").read_bytes() in {data for _, data in evidence_rows(b)}  # kept, for auditors
+        assert (tmp_path / "again").read_bytes() in {
+            data for _, data in evidence_rows(b)
+        }  # kept, for auditors
     finally:
         for gw in (a, b, c):
             gw.stop()

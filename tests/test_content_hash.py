@@ -28,18 +28,31 @@ from tests.conftest import dcmtk
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
-REPORTS = ["waveform_ecg.dcm", "reportsi.dcm", "rtplan.dcm", "test-SR.dcm", "priv_SQ.dcm",
-           "UN_sequence.dcm", "empty_charset_LEI.dcm", "no_meta_group_length.dcm",
-           "reportsi_with_empty_number_tags.dcm"]
+REPORTS = [
+    "waveform_ecg.dcm",
+    "reportsi.dcm",
+    "rtplan.dcm",
+    "test-SR.dcm",
+    "priv_SQ.dcm",
+    "UN_sequence.dcm",
+    "empty_charset_LEI.dcm",
+    "no_meta_group_length.dcm",
+    "reportsi_with_empty_number_tags.dcm",
+]
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]  # pydicom on odd test files
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.e2e,
+]  # pydicom on odd test files
 
 
 def sha(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def element(tag: int, vr: bytes | None, value: bytes, big: bool = False, length: int | None = None) -> bytes:
+def element(
+    tag: int, vr: bytes | None, value: bytes, big: bool = False, length: int | None = None
+) -> bytes:
     """One data element, encoded by hand (independent of the code under test)."""
     e = ">" if big else "<"
     n = len(value) if length is None else length
@@ -53,7 +66,11 @@ def element(tag: int, vr: bytes | None, value: bytes, big: bool = False, length:
 def item(content: bytes, big: bool = False, undefined: bool = False) -> bytes:
     e = ">" if big else "<"
     if undefined:
-        return struct.pack(e + "HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + content + struct.pack(e + "HHL", 0xFFFE, 0xE00D, 0)
+        return (
+            struct.pack(e + "HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+            + content
+            + struct.pack(e + "HHL", 0xFFFE, 0xE00D, 0)
+        )
     return struct.pack(e + "HHL", 0xFFFE, 0xE000, len(content)) + content
 
 
@@ -77,18 +94,18 @@ def part10(path: Path, dataset: bytes, tsyntax: str) -> Path:
 
 UI, US, TEXT = b"1.2\0", struct.pack("<HH", 1, 2), b"ok"
 VECTOR_1_CANONICAL = (
-    "08001600 04000000 312e3200"          # (0008,0016) UI "1.2\0"
-    "4000b0a0 04000000 01000200"          # (0040,A0B0) US 1\2
-    "400030a7 12000000"                   # (0040,A730) SQ, 18 bytes
-    "feff00e0 0a000000"                   #   item, 10 bytes
-    "400060a1 02000000 6f6b"              #     (0040,A160) UT "ok"
+    "08001600 04000000 312e3200"  # (0008,0016) UI "1.2\0"
+    "4000b0a0 04000000 01000200"  # (0040,A0B0) US 1\2
+    "400030a7 12000000"  # (0040,A730) SQ, 18 bytes
+    "feff00e0 0a000000"  #   item, 10 bytes
+    "400060a1 02000000 6f6b"  #     (0040,A160) UT "ok"
 ).replace(" ", "")
 VECTOR_1_SHA256 = "31aea78e43c05ac8b67a3e1047c33f1c709fac5174fe5e0af4a0c1924f6b432c"
 VECTOR_2_CANONICAL = (
-    "09001000 04000000 41434d45"          # (0009,0010) LO "ACME" (private creator)
-    "09000110 12000000"                   # (0009,1001) private sequence, 18 bytes
-    "feff00e0 0a000000"                   #   item, 10 bytes
-    "08000001 02000000 4131"              #     (0008,0100) SH "A1"
+    "09001000 04000000 41434d45"  # (0009,0010) LO "ACME" (private creator)
+    "09000110 12000000"  # (0009,1001) private sequence, 18 bytes
+    "feff00e0 0a000000"  #   item, 10 bytes
+    "08000001 02000000 4131"  #     (0008,0100) SH "A1"
 ).replace(" ", "")
 VECTOR_2_SHA256 = "0a710b580ad72637127d3e4cf78f2dc28666c18b9755b6b71c841a57d78cd2e1"
 
@@ -100,7 +117,9 @@ def vector_1_encodings() -> dict[str, tuple[bytes, bool, bool]]:
         element(0x00080000, b"UL", struct.pack("<L", 12))  # group length
         + element(0x00080016, b"UI", UI)
         + element(0x0040A0B0, b"US", US)
-        + element(0x0040A730, b"SQ", item(text, undefined=True) + seq_delimiter(), length=0xFFFFFFFF)
+        + element(
+            0x0040A730, b"SQ", item(text, undefined=True) + seq_delimiter(), length=0xFFFFFFFF
+        )
         + element(0xFFFCFFFC, b"OB", b"\0\0")  # Data Set Trailing Padding
     )
     implicit = (
@@ -133,29 +152,44 @@ def vector_2_encodings() -> dict[str, tuple[bytes, bool, bool]]:
     return {
         "explicit LE, private SQ": (
             element(0x00090010, b"LO", b"ACME")
-            + element(0x00091001, b"SQ", item(code, undefined=True) + seq_delimiter(), length=0xFFFFFFFF),
-            False, True),
+            + element(
+                0x00091001, b"SQ", item(code, undefined=True) + seq_delimiter(), length=0xFFFFFFFF
+            ),
+            False,
+            True,
+        ),
         "explicit LE, private UN": (
             element(0x00090010, b"LO", b"ACME")
             + element(0x00091001, b"UN", item(element(0x00080100, None, b"A1"))),
-            False, True),
+            False,
+            True,
+        ),
         "implicit LE, private value of defined length": (
             element(0x00090010, None, b"ACME")
             + element(0x00091001, None, item(element(0x00080100, None, b"A1"))),
-            True, True),
+            True,
+            True,
+        ),
     }
 
 
-@pytest.mark.parametrize("vectors,canonical,digest", [
-    (vector_1_encodings, VECTOR_1_CANONICAL, VECTOR_1_SHA256),
-    (vector_2_encodings, VECTOR_2_CANONICAL, VECTOR_2_SHA256),
-], ids=["vector-1", "vector-2"])
+@pytest.mark.parametrize(
+    "vectors,canonical,digest",
+    [
+        (vector_1_encodings, VECTOR_1_CANONICAL, VECTOR_1_SHA256),
+        (vector_2_encodings, VECTOR_2_CANONICAL, VECTOR_2_SHA256),
+    ],
+    ids=["vector-1", "vector-2"],
+)
 def test_test_vectors_from_the_docs(vectors, canonical, digest, tmp_path):
     docs = (ROOT / "docs" / "pixel-hash.md").read_text()
     assert digest in docs and all(line in docs for line in _hex_lines(canonical))
     assert hashlib.sha256(bytes.fromhex(canonical)).hexdigest() == digest
-    syntax = {(True, True): uid.ImplicitVRLittleEndian, (False, True): uid.ExplicitVRLittleEndian,
-              (False, False): uid.ExplicitVRBigEndian}
+    syntax = {
+        (True, True): uid.ImplicitVRLittleEndian,
+        (False, True): uid.ExplicitVRLittleEndian,
+        (False, False): uid.ExplicitVRBigEndian,
+    }
     for label, (data, implicit, little) in vectors().items():
         assert canonical_dataset(data, implicit, little).hex() == canonical, label
         h = hash_instance_file(part10(tmp_path / "v.dcm", data, syntax[implicit, little]))
@@ -173,9 +207,14 @@ def _hex_lines(canonical: str) -> list[str]:
 # --- legal re-encodings by third-party tools --------------------------------------------------
 
 DCMCONV = {
-    "implicit": ["+ti"], "explicit": ["+te"], "big-endian": ["+tb"], "deflated": ["+td"],
-    "undefined-lengths": ["+te", "-e"], "group-lengths": ["+ti", "+g"],
-    "big-endian-undefined-group": ["+tb", "-e", "+g"], "padding": ["+te", "+p", "256", "64"],
+    "implicit": ["+ti"],
+    "explicit": ["+te"],
+    "big-endian": ["+tb"],
+    "deflated": ["+td"],
+    "undefined-lengths": ["+te", "-e"],
+    "group-lengths": ["+ti", "+g"],
+    "big-endian-undefined-group": ["+tb", "-e", "+g"],
+    "padding": ["+te", "+p", "256", "64"],
 }
 
 
@@ -211,7 +250,11 @@ def test_pydicom_re_encodings_keep_the_content_hash(tmp_path):
         assert h.header_sha256 != original.header_sha256  # other bytes...
         assert (h.method, h.sha256) == (CONTENT_CANONICAL, original.sha256), label  # same content
     ds = pydicom.dcmread(sr)
-    for seq in (ds.ContentSequence, ds.ConceptNameCodeSequence, ds.ContentSequence[0].ConceptNameCodeSequence):
+    for seq in (
+        ds.ContentSequence,
+        ds.ConceptNameCodeSequence,
+        ds.ContentSequence[0].ConceptNameCodeSequence,
+    ):
         seq.is_undefined_length = False  # explicit lengths
     ds.DataSetTrailingPadding = b"\0" * 8
     ds.save_as(tmp_path / "defined.dcm")
@@ -226,9 +269,13 @@ def test_a_changed_value_anywhere_changes_the_content_hash(tmp_path):
     original = hash_instance_file(sr).sha256
     edits = {
         "report text": lambda ds: setattr(ds.ContentSequence[0], "TextValue", "Acute findings."),
-        "nested code": lambda ds: setattr(ds.ContentSequence[0].ConceptNameCodeSequence[0], "CodeValue", "121072"),
+        "nested code": lambda ds: setattr(
+            ds.ContentSequence[0].ConceptNameCodeSequence[0], "CodeValue", "121072"
+        ),
         "patient name": lambda ds: setattr(ds, "PatientName", "Other^Name"),
-        "trailing spaces": lambda ds: setattr(ds.ContentSequence[0], "TextValue", ds.ContentSequence[0].TextValue + "  "),
+        "trailing spaces": lambda ds: setattr(
+            ds.ContentSequence[0], "TextValue", ds.ContentSequence[0].TextValue + "  "
+        ),
         "an empty item more": lambda ds: ds.ContentSequence.append(Dataset()),
         "an empty element more": lambda ds: setattr(ds, "StationName", ""),
     }
@@ -261,22 +308,56 @@ def test_every_flipped_byte_of_a_report_changes_its_hash(tmp_path):
             continue
         if h.sha256 == original:
             unchanged.append(at)
-    long_vrs = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-    reserved = [at for at in unchanged if bytes(data[at - 2 : at]) in long_vrs or bytes(data[at - 3 : at - 1]) in long_vrs]
-    headers = sum(1 for e in pydicom.dcmread(WHEEL / "reportsi.dcm").iterall() if e.VR.encode() in long_vrs)
+    long_vrs = {
+        b"OB",
+        b"OD",
+        b"OF",
+        b"OL",
+        b"OV",
+        b"OW",
+        b"SQ",
+        b"SV",
+        b"UC",
+        b"UN",
+        b"UR",
+        b"UT",
+        b"UV",
+    }
+    reserved = [
+        at
+        for at in unchanged
+        if bytes(data[at - 2 : at]) in long_vrs or bytes(data[at - 3 : at - 1]) in long_vrs
+    ]
+    headers = sum(
+        1 for e in pydicom.dcmread(WHEEL / "reportsi.dcm").iterall() if e.VR.encode() in long_vrs
+    )
     assert unchanged == reserved and len(unchanged) == 2 * headers, unchanged
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
-    texts=st.lists(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12), min_size=1, max_size=4),
+    texts=st.lists(
+        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=12),
+        min_size=1,
+        max_size=4,
+    ),
     numbers=st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=3),
     depth=st.integers(0, 3),
-    syntax=st.sampled_from([uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.ExplicitVRBigEndian,
-                            uid.DeflatedExplicitVRLittleEndian]),
+    syntax=st.sampled_from(
+        [
+            uid.ImplicitVRLittleEndian,
+            uid.ExplicitVRLittleEndian,
+            uid.ExplicitVRBigEndian,
+            uid.DeflatedExplicitVRLittleEndian,
+        ]
+    ),
     undefined=st.booleans(),
 )
-def test_generated_reports_keep_their_hash_in_every_encoding(tmp_path, texts, numbers, depth, syntax, undefined):
+def test_generated_reports_keep_their_hash_in_every_encoding(
+    tmp_path, texts, numbers, depth, syntax, undefined
+):
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = dicomdata.BASIC_TEXT_SR, "1.2.3.4"
     ds.ReferencedWaveformChannels = numbers
@@ -302,7 +383,10 @@ def _write(ds: Dataset, syntax: str, path: Path) -> Path:
     ds = ds.copy()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        ds.SOPClassUID,
+        ds.SOPInstanceUID,
+    )
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
 
@@ -315,10 +399,10 @@ def test_malformed_structure_falls_back_to_the_bytes_as_received(tmp_path):
     text = element(0x0040A160, b"UT", TEXT)
     cases = {
         "duplicate tag": good + good,
-        "item shorter than its content": good + element(
-            0x0040A730, b"SQ", struct.pack("<HHL", 0xFFFE, 0xE000, 12) + text + b"\0\0"),
-        "Item Delimitation Item in an item of defined length": good + element(
-            0x0040A730, b"SQ", item(text + struct.pack("<HHL", 0xFFFE, 0xE00D, 0))),
+        "item shorter than its content": good
+        + element(0x0040A730, b"SQ", struct.pack("<HHL", 0xFFFE, 0xE000, 12) + text + b"\0\0"),
+        "Item Delimitation Item in an item of defined length": good
+        + element(0x0040A730, b"SQ", item(text + struct.pack("<HHL", 0xFFFE, 0xE00D, 0))),
         "sequence without items": good + element(0x0040A730, b"SQ", text),
         "explicit VR not the dictionary's": good + element(0x0040A0B0, b"SS", US),
         "unknown VR": good + element(0x0040A0B0, b"ZZ", US),

@@ -57,35 +57,48 @@ def test_sigkill_with_four_senders_loses_nothing_and_leaves_index_and_ledger_in_
         outputs.append(tmp_path / f"storescu-{k}.out")
         senders.append(gw.storescu_in_background(files, outputs[-1]))
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and sum(len(acknowledged(o.read_text())) for o in outputs) < SENDERS * 25:
+    while (
+        time.monotonic() < deadline
+        and sum(len(acknowledged(o.read_text())) for o in outputs) < SENDERS * 25
+    ):
         time.sleep(0.005)
     gw.kill()
     for sender in senders:
         sender.wait(timeout=60)
     acked = [f for o in outputs for f in acknowledged(o.read_text())]
-    assert SENDERS * 25 <= len(acked) < SENDERS * PER_SENDER, "the kill came too late to test anything"
+    assert SENDERS * 25 <= len(acked) < SENDERS * PER_SENDER, (
+        "the kill came too late to test anything"
+    )
 
     gw.start()
     try:
         images = gw.dir / "data" / "images"
         con = sqlite3.connect(f"file:{gw.dir / 'data' / 'index.db'}?mode=ro", uri=True)
         try:
-            rows = {uid: (path, sha, idx) for uid, path, sha, idx in con.execute(
-                "SELECT sop_instance_uid, path, sha256, ledger_index FROM instances")}
+            rows = {
+                uid: (path, sha, idx)
+                for uid, path, sha, idx in con.execute(
+                    "SELECT sop_instance_uid, path, sha256, ledger_index FROM instances"
+                )
+            }
         finally:
             con.close()
         for f in acked:  # every Success: a row, its anchor and its file
             uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
             assert uid in rows, f"{f.name} was acknowledged but has no index row"
             path, _, idx = rows[uid]
-            assert idx is not None and (images / path).is_file(), f"{f.name}: row without anchor or file"
+            assert idx is not None and (images / path).is_file(), (
+                f"{f.name}: row without anchor or file"
+            )
         anchors = own_anchors(gw)
         for uid, (path, sha, idx) in rows.items():  # every row cites an anchor of its own pixels
             assert idx in anchors, f"row of {uid} cites entry {idx}, which anchors nothing"
             assert anchors[idx]["sha256"] == bytes(sha).hex()
             assert (images / path).is_file()
         cited = {idx for _, _, idx in rows.values()}
-        assert set(anchors) <= cited, f"anchors without an index row: {sorted(set(anchors) - cited)[:5]}"
+        assert set(anchors) <= cited, (
+            f"anchors without an index row: {sorted(set(anchors) - cited)[:5]}"
+        )
         assert list((images / "tmp").iterdir()) == []
         for f in acked[:: max(1, len(acked) // 8)]:
             assert gw.cli("verify-file", str(f)).returncode == 0

@@ -9,14 +9,25 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 # What the repository holds besides generated files (a virtualenv, caches, build output).
-DOCUMENTED = ["README.md", "pyproject.toml", "LICENSE", "bench", "config", "deploy", "docker", "docs",
-              "dicomledger", "scripts", "tests"]
+DOCUMENTED = [
+    "README.md",
+    "pyproject.toml",
+    "LICENSE",
+    "bench",
+    "config",
+    "deploy",
+    "docker",
+    "docs",
+    "dicomledger",
+    "scripts",
+    "tests",
+]
 OUTSIDE = re.compile(r"\bissues? #?\d+|\bshared/[A-Za-z-]+\.md", re.I)
 
 
 def file_map() -> str:
     readme = (ROOT / "README.md").read_text()
-    return readme[readme.index("## What is where"):]
+    return readme[readme.index("## What is where") :]
 
 
 def test_the_readme_file_map_names_every_module():
@@ -24,7 +35,8 @@ def test_the_readme_file_map_names_every_module():
     missing = [
         str(path.relative_to(ROOT))
         for path in sorted((ROOT / "dicomledger").rglob("*.py"))
-        if path.name != "__init__.py" and not re.search(rf"`(?:[\w/]*/)?{re.escape(path.name)}`", listed)
+        if path.name != "__init__.py"
+        and not re.search(rf"`(?:[\w/]*/)?{re.escape(path.name)}`", listed)
     ]
     assert missing == [], f"add these to the README's 'What is where': {missing}"
 
@@ -48,8 +60,10 @@ def test_nothing_cites_an_issue_tracker_or_a_file_outside_the_repository():
             text = path.read_text()
         except UnicodeDecodeError:
             continue  # a binary test file
-        found += [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group()}"
-                  for m in OUTSIDE.finditer(text)]
+        found += [
+            f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group()}"
+            for m in OUTSIDE.finditer(text)
+        ]
     assert found == []
 
 

@@ -13,8 +13,14 @@ ORIGIN = "test.example/dicomledger"
 
 def make(kind="image-anchored", index=0, prev=E.ZERO_HASH, payload=None, key=KEY):
     return E.sign_entry(
-        origin=ORIGIN, index=index, prev=prev, time_ms=1_700_000_000_000, kind=kind,
-        payload=payload if payload is not None else {"sha256": "ab" * 32, "n": 3, "ok": True, "x": None},
+        origin=ORIGIN,
+        index=index,
+        prev=prev,
+        time_ms=1_700_000_000_000,
+        kind=kind,
+        payload=payload
+        if payload is not None
+        else {"sha256": "ab" * 32, "n": 3, "ok": True, "x": None},
         private_key=key,
     )
 
@@ -22,7 +28,9 @@ def make(kind="image-anchored", index=0, prev=E.ZERO_HASH, payload=None, key=KEY
 @pytest.mark.parametrize("kind", sorted(E.KINDS))
 def test_round_trip_every_kind(kind):
     entry, data = make(kind, payload={"kind_specific": kind, "list": [1, "two", {"z": 0, "a": 1}]})
-    decoded = E.check_entry(data, origin=ORIGIN, index=0, prev=E.ZERO_HASH, public_key=KEY.public_key())
+    decoded = E.check_entry(
+        data, origin=ORIGIN, index=0, prev=E.ZERO_HASH, public_key=KEY.public_key()
+    )
     assert decoded == entry
     assert E.encode_entry(decoded) == data
 
@@ -54,7 +62,11 @@ def _non_canonical_base64_signature(data):
     sig = obj["sig"]
     assert sig.endswith("==")
     last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".index(sig[-3])
-    obj["sig"] = sig[:-3] + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[last | 1] + "=="
+    obj["sig"] = (
+        sig[:-3]
+        + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[last | 1]
+        + "=="
+    )
     assert base64.b64decode(obj["sig"]) == base64.b64decode(sig)
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -63,7 +75,12 @@ def _non_canonical_base64_signature(data):
     "mutate, message",
     [
         (lambda d: d.replace(b'{"index"', b'{ "index"'), "canonical"),
-        (lambda d: json.dumps(dict(reversed(list(json.loads(d).items()))), separators=(",", ":")).encode(), "canonical"),
+        (
+            lambda d: json.dumps(
+                dict(reversed(list(json.loads(d).items()))), separators=(",", ":")
+            ).encode(),
+            "canonical",
+        ),
         (lambda d: d.replace(b'"n":3', b'"n":3.0'), "floats"),
         (lambda d: d.replace(b'"n":3', b'"n":03'), "JSON"),
         (lambda d: d.replace(b'"ok":true', b'"ok":true,"ok":true'), "canonical"),
@@ -89,14 +106,19 @@ def _non_canonical_base64_signature(data):
 def test_decoding_rejects_with_reason(mutate, message):
     _, data = make()
     with pytest.raises(E.EntryError, match=message):
-        E.check_entry(mutate(data), origin=ORIGIN, index=0, prev=E.ZERO_HASH, public_key=KEY.public_key())
+        E.check_entry(
+            mutate(data), origin=ORIGIN, index=0, prev=E.ZERO_HASH, public_key=KEY.public_key()
+        )
 
 
 def test_rejects_out_of_sequence_wrong_prev_wrong_key_wrong_origin():
     _, first = make(index=0)
     _, second = make(index=1, prev=leaf_hash(first))
     pub = KEY.public_key()
-    assert E.check_entry(second, origin=ORIGIN, index=1, prev=leaf_hash(first), public_key=pub).index == 1
+    assert (
+        E.check_entry(second, origin=ORIGIN, index=1, prev=leaf_hash(first), public_key=pub).index
+        == 1
+    )
     with pytest.raises(E.EntryError, match="out of sequence"):
         E.check_entry(second, origin=ORIGIN, index=2, prev=leaf_hash(first), public_key=pub)
     with pytest.raises(E.EntryError, match="wrong previous hash"):
@@ -119,7 +141,15 @@ def test_payload_rules():
         make(payload={"big": "x" * E.MAX_ENTRY_BYTES})
 
 
-@pytest.mark.parametrize("payload", [{}, {"sig": "x"}, {"nested": {"sig": "AAAA", "list": [1, {"sig": None}]}}, {"text": "naïve ✓"}])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},
+        {"sig": "x"},
+        {"nested": {"sig": "AAAA", "list": [1, {"sig": None}]}},
+        {"text": "naïve ✓"},
+    ],
+)
 def test_signing_bytes_cut_from_canonical_equal_reencoded(payload):
     entry, data = make(payload=payload)
     assert E._signing_bytes_of_canonical(data, entry) == E.signing_bytes(entry)

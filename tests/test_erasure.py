@@ -28,7 +28,12 @@ def phi_of(patient: dicomdata.FakePatient) -> list[bytes]:
     """What of a fake patient must not stay: the ID, the name, the unique token in both, the
     accession number."""
     token = patient.patient_id.split("-", 1)[1]
-    return [patient.patient_id.encode(), patient.name.encode(), token.encode(), (patient.accession or "").encode()]
+    return [
+        patient.patient_id.encode(),
+        patient.name.encode(),
+        token.encode(),
+        (patient.accession or "").encode(),
+    ]
 
 
 def files_holding(root: Path, needles: list[bytes]) -> list[str]:
@@ -47,7 +52,9 @@ def index_count(gw: GatewayProcess, patient_id: str | None = None) -> int:
     try:
         if patient_id is None:
             return con.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-        return con.execute("SELECT COUNT(*) FROM instances WHERE patient_id = ?", (patient_id,)).fetchone()[0]
+        return con.execute(
+            "SELECT COUNT(*) FROM instances WHERE patient_id = ?", (patient_id,)
+        ).fetchone()[0]
     finally:
         con.close()
 
@@ -69,33 +76,77 @@ def stored_files(gw: GatewayProcess) -> list[Path]:
     return [p for p in (gw.dir / "data" / "images").rglob("*.dcm")]
 
 
-def study_records(gw: GatewayProcess, aet: str, out: Path, patient_id: str) -> list[pydicom.Dataset]:
+def study_records(
+    gw: GatewayProcess, aet: str, out: Path, patient_id: str
+) -> list[pydicom.Dataset]:
     out.mkdir(parents=True)
-    result = dcmtk("findscu", "-aet", aet, "-aec", gw.ae_title, "-S", "-X", "-od", str(out),
-                   "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={patient_id}", "-k", "StudyInstanceUID",
-                   "127.0.0.1", str(gw.port))
+    result = dcmtk(
+        "findscu",
+        "-aet",
+        aet,
+        "-aec",
+        gw.ae_title,
+        "-S",
+        "-X",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"PatientID={patient_id}",
+        "-k",
+        "StudyInstanceUID",
+        "127.0.0.1",
+        str(gw.port),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
 def move_study(gw: GatewayProcess, aet: str, port: int, out: Path, study_uid: str) -> str:
     out.mkdir(parents=True)
-    result = dcmtk("movescu", "-v", "-aet", aet, "-aec", gw.ae_title, "-aem", aet, "+P", str(port), "-od", str(out),
-                   "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(gw.port))
+    result = dcmtk(
+        "movescu",
+        "-v",
+        "-aet",
+        aet,
+        "-aec",
+        gw.ae_title,
+        "-aem",
+        aet,
+        "+P",
+        str(port),
+        "-od",
+        str(out),
+        "-S",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study_uid}",
+        "127.0.0.1",
+        str(gw.port),
+    )
     return result.stdout + result.stderr
 
 
 def two_studies(tmp: Path, patient: dicomdata.FakePatient, tag: str) -> tuple[str, str, list[Path]]:
     mr_uid, ct_uid = dicomdata.fake_uid("study", tag, "mr"), dicomdata.fake_uid("study", tag, "ct")
-    files = dicomdata.make_mr_series(tmp / f"{tag}-mr", 3, patient=patient, study_uid=mr_uid, seed=f"{tag}-mr")
-    files += dicomdata.make_ct_series(tmp / f"{tag}-ct", 2, 64, 64, patient=patient, study_uid=ct_uid, seed=f"{tag}-ct")
+    files = dicomdata.make_mr_series(
+        tmp / f"{tag}-mr", 3, patient=patient, study_uid=mr_uid, seed=f"{tag}-mr"
+    )
+    files += dicomdata.make_ct_series(
+        tmp / f"{tag}-ct", 2, 64, 64, patient=patient, study_uid=ct_uid, seed=f"{tag}-ct"
+    )
     return mr_uid, ct_uid, files
 
 
 def test_erasure_at_a_custodian_is_honoured_by_a_configured_peer_and_shown_by_another(tmp_path):
     a, b, c = consortium(tmp_path, 3)
     ws1_port = free_port()
-    a.set('allowed_calling_aes = ["STORESCU", "ECHOSCU"]', 'allowed_calling_aes = ["STORESCU", "ECHOSCU", "WS1"]')
+    a.set(
+        'allowed_calling_aes = ["STORESCU", "ECHOSCU"]',
+        'allowed_calling_aes = ["STORESCU", "ECHOSCU", "WS1"]',
+    )
     with open(a.config, "a") as f:
         f.write(
             "\n[forwarding]\nretry_initial = 0.2\nretry_max = 1.0\n"
@@ -105,9 +156,15 @@ def test_erasure_at_a_custodian_is_honoured_by_a_configured_peer_and_shown_by_an
             '\n[[routes]]\nto = ["GWB", "GWC"]\n'
         )
     for gw in (b, c):
-        gw.set('allowed_calling_aes = ["STORESCU", "ECHOSCU"]', 'allowed_calling_aes = ["STORESCU", "ECHOSCU", "GWA"]')
+        gw.set(
+            'allowed_calling_aes = ["STORESCU", "ECHOSCU"]',
+            'allowed_calling_aes = ["STORESCU", "ECHOSCU", "GWA"]',
+        )
         with open(gw.config, "a") as f:
-            f.write("\n[erasure]\npoll_interval = 0.3\n" + (f'honour_from = ["{a.origin}"]\n' if gw is b else ""))
+            f.write(
+                "\n[erasure]\npoll_interval = 0.3\n"
+                + (f'honour_from = ["{a.origin}"]\n' if gw is b else "")
+            )
     x, y = dicomdata.fake_patient("erase-x"), dicomdata.fake_patient("erase-y")
     mr_uid, ct_uid, files_x = two_studies(tmp_path, x, "x")
     files_y = dicomdata.make_mr_series(tmp_path / "y", 2, patient=y, seed="y")
@@ -119,20 +176,34 @@ def test_erasure_at_a_custodian_is_honoured_by_a_configured_peer_and_shown_by_an
         assert a.cli("grant", "--patient-id", y.patient_id, "--to", "WS1").returncode == 0
         assert a.storescu(*files_x, *files_y).returncode == 0
         for gw in (b, c):  # forwarded copies of X (Y has no grant to them)
-            wait_until(lambda gw=gw: index_count(gw, x.patient_id) == 5, what=f"{gw.origin} to hold X's 5 copies")
+            wait_until(
+                lambda gw=gw: index_count(gw, x.patient_id) == 5,
+                what=f"{gw.origin} to hold X's 5 copies",
+            )
         assert index_count(b, y.patient_id) == 0
         assert len(study_records(a, "WS1", tmp_path / "find-before", x.patient_id)) == 2
 
-        dry = a.cli("erase", "--patient-id", x.patient_id, "--reason", "patient-request", "--dry-run")
+        dry = a.cli(
+            "erase", "--patient-id", x.patient_id, "--reason", "patient-request", "--dry-run"
+        )
         assert dry.returncode == 0, dry.stderr
-        assert "would erase 5 instances" in dry.stdout and mr_uid in dry.stdout and ct_uid in dry.stdout, dry.stdout
+        assert (
+            "would erase 5 instances" in dry.stdout
+            and mr_uid in dry.stdout
+            and ct_uid in dry.stdout
+        ), dry.stdout
         assert index_count(a, x.patient_id) == 5 and not entries_of_kind(a, "erased")
 
         erased = a.cli("erase", "--patient-id", x.patient_id, "--reason", "patient-request")
         assert erased.returncode == 0, erased.stderr
         assert "erased 5 instances (5 files)" in erased.stdout, erased.stdout
         [entry] = entries_of_kind(a, "erased")
-        assert (entry["instances"], entry["files"], entry["reason"], entry["study"]) == (5, 5, "patient-request", None)
+        assert (entry["instances"], entry["files"], entry["reason"], entry["study"]) == (
+            5,
+            5,
+            "patient-request",
+            None,
+        )
         assert len(entry["studies"]) == 2 and entry["request"] is None
 
         # A: nothing of X left, Y untouched
@@ -145,13 +216,18 @@ def test_erasure_at_a_custodian_is_honoured_by_a_configured_peer_and_shown_by_an
         assert list(moved.iterdir()) == [], output
         assert "Received Final Move Response (Success)" in output, output
         refused = entries_of_kind(a, "retrieve-refused")
-        assert refused and "erased by entry" in refused[-1]["reason"] and refused[-1]["instances"] == 0, refused
+        assert (
+            refused and "erased by entry" in refused[-1]["reason"] and refused[-1]["instances"] == 0
+        ), refused
         found = a.cli("verify-file", str(files_x[0]))  # C still holds a copy it anchored
         assert f"also ERASED: anchored as this instance by {a.origin}" in found.stdout, found.stdout
         assert "reason patient-request" in found.stdout
         assert a.cli("verify-file", str(files_y[0])).returncode == 0
         audit = a.cli("audit", "--patient-id", x.patient_id)
-        assert "erased" in audit.stdout and "ERASED every study of the patient: 5 instances" in audit.stdout, audit.stdout
+        assert (
+            "erased" in audit.stdout
+            and "ERASED every study of the patient: 5 instances" in audit.stdout
+        ), audit.stdout
         study_audit = a.cli("audit", "--study", ct_uid)
         assert "ERASED every study" in study_audit.stdout, study_audit.stdout
 
@@ -162,27 +238,43 @@ def test_erasure_at_a_custodian_is_honoured_by_a_configured_peer_and_shown_by_an
         assert b_entry["reason"] == "custodian-erasure" and b_entry["instances"] == 5
         assert b_entry["request"] == {"origin": a.origin, "index": erased_indexes(a)[0]}, b_entry
         found_b = b.cli("verify-file", str(files_x[1]))
-        assert f"also ERASED: anchored as this instance by {b.origin}" in found_b.stdout, found_b.stdout
+        assert f"also ERASED: anchored as this instance by {b.origin}" in found_b.stdout, (
+            found_b.stdout
+        )
         assert f"applying the erasure {a.origin} entry {erased_indexes(a)[0]}" in found_b.stdout
         assert "honoured" not in b.cli("status").stdout  # B shows no pending request
         assert "erasures of other gateways applied here: 1" in b.cli("status").stdout
 
         # C is not configured to honour A: keeps its copies and shows the request
-        wait_until(lambda: "NOT applied here" in c.cli("status").stdout, what="C to show A's request")
+        wait_until(
+            lambda: "NOT applied here" in c.cli("status").stdout, what="C to show A's request"
+        )
         status = c.cli("status").stdout
         assert f"{a.origin} entry" in status and "5 copies held here" in status, status
         assert index_count(c, x.patient_id) == 5 and not entries_of_kind(c, "erased")
         found_c = c.cli("verify-file", str(files_x[0]))
         assert found_c.returncode == 0 and "also ERASED" in found_c.stdout, found_c.stdout
         # C's administrator applies it by hand: the request is resolved
-        assert c.cli("erase", "--patient-id", x.patient_id, "--reason", "custodian-erasure").returncode == 0
-        wait_until(lambda: "NOT applied here" not in c.cli("status").stdout, what="C's request to be resolved")
+        assert (
+            c.cli("erase", "--patient-id", x.patient_id, "--reason", "custodian-erasure").returncode
+            == 0
+        )
+        wait_until(
+            lambda: "NOT applied here" not in c.cli("status").stdout,
+            what="C's request to be resolved",
+        )
         # now every gateway that anchored the image has erased it
-        wait_until(lambda: a.cli("verify-file", str(files_x[0])).returncode == 5, what="A to hold C's erasure")
+        wait_until(
+            lambda: a.cli("verify-file", str(files_x[0])).returncode == 5,
+            what="A to hold C's erasure",
+        )
         found = a.cli("verify-file", str(files_x[0]))
         assert found.stdout.startswith("ERASED: this pixel data was anchored"), found.stdout
         assert found.stdout.count("ERASED") == 3, found.stdout
-        wait_until(lambda: b.cli("verify-file", str(files_x[1])).returncode == 5, what="B to hold C's erasure")
+        wait_until(
+            lambda: b.cli("verify-file", str(files_x[1])).returncode == 5,
+            what="B to hold C's erasure",
+        )
     finally:
         for gw in (a, b, c):
             gw.stop()
@@ -203,21 +295,35 @@ def test_erase_one_study_keeps_the_other(tmp_path, gateway):
         ds.AccessionNumber = "ACCMR0001" if ds.StudyInstanceUID == mr_uid else "ACCCT0002"
         ds.save_as(path)
     assert gateway.storescu(*files).returncode == 0
-    result = gateway.cli("erase", "--patient-id", x.patient_id, "--study", ct_uid, "--reason", "unlawful-processing")
+    result = gateway.cli(
+        "erase", "--patient-id", x.patient_id, "--study", ct_uid, "--reason", "unlawful-processing"
+    )
     assert result.returncode == 0, result.stderr
     assert "erased 2 instances (2 files)" in result.stdout, result.stdout
     [entry] = entries_of_kind(gateway, "erased")
-    assert entry["study"] is not None and len(entry["studies"]) == 1 and entry["reason"] == "unlawful-processing"
+    assert (
+        entry["study"] is not None
+        and len(entry["studies"]) == 1
+        and entry["reason"] == "unlawful-processing"
+    )
     assert index_count(gateway, x.patient_id) == 3
-    assert gateway.cli("verify-file", str(files[0])).returncode == 0  # an MR image: still anchored and held
+    assert (
+        gateway.cli("verify-file", str(files[0])).returncode == 0
+    )  # an MR image: still anchored and held
     assert gateway.cli("verify-file", str(files[-1])).returncode == 5  # a CT image: erased
-    again = gateway.cli("erase", "--patient-id", x.patient_id, "--study", ct_uid, "--reason", "patient-request")
-    assert again.returncode == 1 and "nothing of this patient in this study" in again.stderr, again.stderr
+    again = gateway.cli(
+        "erase", "--patient-id", x.patient_id, "--study", ct_uid, "--reason", "patient-request"
+    )
+    assert again.returncode == 1 and "nothing of this patient in this study" in again.stderr, (
+        again.stderr
+    )
     bad = gateway.cli("erase", "--patient-id", x.patient_id, "--reason", "because I said so")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
     gateway.stop()
     down = gateway.cli("erase", "--patient-id", x.patient_id, "--reason", "patient-request")
-    assert down.returncode == 2 and "not running" in down.stderr, down.stderr  # the gateway erases, or nobody
+    assert down.returncode == 2 and "not running" in down.stderr, (
+        down.stderr
+    )  # the gateway erases, or nobody
     assert index_count(gateway, x.patient_id) == 3
     data = gateway.dir / "data"
     assert files_holding(data, [b"ACCCT0002"]) == []
@@ -229,9 +335,21 @@ def erase_and_kill_at(gw: GatewayProcess, patient: dicomdata.FakePatient, line: 
     """Run `erase` and kill -9 the gateway as soon as its log shows ``line``."""
     offset = gw.log_path.stat().st_size
     erase = subprocess.Popen(
-        [sys.executable, "-m", "dicomledger.cli", "erase", "--config", str(gw.config), "--patient-id",
-         patient.patient_id, "--reason", "patient-request"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "dicomledger.cli",
+            "erase",
+            "--config",
+            str(gw.config),
+            "--patient-id",
+            patient.patient_id,
+            "--reason",
+            "patient-request",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 30
     while line not in gw.log_path.read_bytes()[offset:]:
@@ -258,7 +376,9 @@ def test_kill_9_during_an_erasure_leaves_a_consistent_state(tmp_path):
         assert gw.storescu(*files_x, *files_z, *files_y).returncode == 0
 
         erase_and_kill_at(gw, x, b'"erasure recorded"')
-        rows_left = index_count(gw, x.patient_id)  # 200 unless the rows went within the kill's millisecond
+        rows_left = index_count(
+            gw, x.patient_id
+        )  # 200 unless the rows went within the kill's millisecond
         gw.start()
         if rows_left:
             assert "erasure completed" in gw.log()
@@ -270,7 +390,9 @@ def test_kill_9_during_an_erasure_leaves_a_consistent_state(tmp_path):
         gw.start()
         if leftover:  # killed while the files went
             assert "removed the files of an erasure interrupted by a crash" in gw.log()
-        assert "index row rebuilt" not in gw.log()  # leftover files were not taken back into the index
+        assert (
+            "index row rebuilt" not in gw.log()
+        )  # leftover files were not taken back into the index
 
         assert len(erased_indexes(gw)) == 2
         assert index_count(gw, x.patient_id) == index_count(gw, z.patient_id) == 0
@@ -292,26 +414,43 @@ def test_audit_messages_already_sent_leave_no_trace_of_an_erased_patient(tmp_pat
     receiver.settimeout(30)
     gw = GatewayProcess(tmp_path / "gw")
     with open(gw.config, "a") as f:
-        f.write(f'\n[atna]\nenabled = true\nrepository = "127.0.0.1:{receiver.getsockname()[1]}"\n'
-                'transport = "udp"\ntransfer_window = 0.2\n')
+        f.write(
+            f'\n[atna]\nenabled = true\nrepository = "127.0.0.1:{receiver.getsockname()[1]}"\n'
+            'transport = "udp"\ntransfer_window = 0.2\n'
+        )
     x, y = dicomdata.fake_patient("atna-x"), dicomdata.fake_patient("atna-y")
     gw.start()
     try:
-        assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "x", 3, patient=x, seed="atna-x"),
-                           *dicomdata.make_mr_series(tmp_path / "y", 2, patient=y, seed="atna-y")).returncode == 0
+        assert (
+            gw.storescu(
+                *dicomdata.make_mr_series(tmp_path / "x", 3, patient=x, seed="atna-x"),
+                *dicomdata.make_mr_series(tmp_path / "y", 2, patient=y, seed="atna-y"),
+            ).returncode
+            == 0
+        )
         while x.patient_id.encode() not in receiver.recv(65536):
             pass  # the repository got the message naming X
 
         def queue_empty() -> bool:
             con = sqlite3.connect(gw.dir / "data" / "atna.db")
             try:
-                return con.execute("SELECT (SELECT COUNT(*) FROM messages) + (SELECT COUNT(*) FROM pending)").fetchone()[0] == 0
+                return (
+                    con.execute(
+                        "SELECT (SELECT COUNT(*) FROM messages) + (SELECT COUNT(*) FROM pending)"
+                    ).fetchone()[0]
+                    == 0
+                )
             finally:
                 con.close()
 
         wait_until(queue_empty, what="the audit queue to be sent")
-        assert files_holding(gw.dir / "data", [x.patient_id.encode()]) != []  # still in the queue's files
-        assert gw.cli("erase", "--patient-id", x.patient_id, "--reason", "patient-request").returncode == 0
+        assert (
+            files_holding(gw.dir / "data", [x.patient_id.encode()]) != []
+        )  # still in the queue's files
+        assert (
+            gw.cli("erase", "--patient-id", x.patient_id, "--reason", "patient-request").returncode
+            == 0
+        )
         assert files_holding(gw.dir / "data", phi_of(x)) == []
     finally:
         gw.stop()
@@ -330,16 +469,24 @@ def test_erasure_cancels_the_patients_pending_forwards(tmp_path):
     x, y = dicomdata.fake_patient("erase-fw-x"), dicomdata.fake_patient("erase-fw-y")
     files_x = dicomdata.make_mr_series(tmp_path / "x", 3, patient=x, seed="erase-fw-x")
     files_y = dicomdata.make_mr_series(tmp_path / "y", 2, patient=y, seed="erase-fw-y")
-    uids = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in [*files_x, *files_y]}
+    uids = {
+        p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in [*files_x, *files_y]
+    }
     received = tmp_path / "pacs"
     received.mkdir()
     storescp = None
     gw.start()
     try:
         for patient in (x, y):
-            assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+            assert (
+                gw.cli("grant", "--patient-id", patient.patient_id, "--to", "PACS").returncode == 0
+            )
         assert gw.storescu(*files_x, *files_y).returncode == 0
-        wait_until(lambda: gw.log().count("forward failed; will retry") >= 5, what="every forward to fail once")
+        wait_until(
+            lambda: gw.log().count("forward failed; will retry") >= 5,
+            what="every forward to fail once",
+        )
         assert {j["sop_instance_uid"] for j in pending_jobs(gw)} == set(uids.values())
 
         erased = gw.cli("erase", "--patient-id", x.patient_id, "--reason", "patient-request")
@@ -351,11 +498,16 @@ def test_erasure_cancels_the_patients_pending_forwards(tmp_path):
         log = open(tmp_path / "storescp.log", "w")  # the PACS comes up
         storescp = subprocess.Popen(
             ["storescp", "-v", "-aet", "PACS", "-od", str(received), "+uf", str(pacs_port)],
-            stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=DCMTK_ENV,
         )
         wait_until(lambda: len(entries_of_kind(gw, "forwarded")) == 2, what="Y's 2 forwards")
         time.sleep(2)  # two more retry intervals (retry_max = 1 s): nothing of X follows
-        sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()}
+        sent = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+            for p in received.iterdir()
+        }
         assert sent == {uids[p] for p in files_y}
         assert len(entries_of_kind(gw, "forwarded")) == 2 and pending_jobs(gw) == []
     finally:

@@ -40,7 +40,11 @@ def exception_classes() -> dict[str, type[BaseException]]:
     for info in pkgutil.walk_packages(dicomledger.__path__, "dicomledger."):
         module = importlib.import_module(info.name)
         for name, value in vars(module).items():
-            if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == info.name:
+            if (
+                inspect.isclass(value)
+                and issubclass(value, BaseException)
+                and value.__module__ == info.name
+            ):
                 found[f"{info.name}.{name}"] = value
     return found
 
@@ -76,7 +80,18 @@ def malformed_checkpoint(tmp_path: Path) -> Path:
 
     directory = tmp_path / "gw"
     origin = "gw.test/dicomledger"
-    run_cli("init", "--dir", str(directory), "--ae-title", "GW", "--port", "11112", "--origin", origin, check=True)
+    run_cli(
+        "init",
+        "--dir",
+        str(directory),
+        "--ae-title",
+        "GW",
+        "--port",
+        "11112",
+        "--origin",
+        origin,
+        check=True,
+    )
     config = directory / "config.toml"
     database = directory / "data" / "ledger.db"
 
@@ -89,8 +104,13 @@ def malformed_checkpoint(tmp_path: Path) -> Path:
 
     origin_id = asyncio.run(create())
     with sqlite3.connect(database) as db:
-        db.execute("INSERT INTO entries (origin_id, idx, data) VALUES (?, 0, ?)", (origin_id, b"{}"))
-        db.execute("INSERT INTO checkpoints (origin_id, size, note) VALUES (?, 1, ?)", (origin_id, b"not a note"))
+        db.execute(
+            "INSERT INTO entries (origin_id, idx, data) VALUES (?, 0, ?)", (origin_id, b"{}")
+        )
+        db.execute(
+            "INSERT INTO checkpoints (origin_id, size, note) VALUES (?, 1, ?)",
+            (origin_id, b"not a note"),
+        )
     db.close()
     return config
 
@@ -106,4 +126,6 @@ def test_malformed_ledger_data_is_one_line_and_exit_1(malformed_checkpoint, tmp_
     result = run_cli(*command, "--config", str(malformed_checkpoint))
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stderr.startswith("dicomledger: ") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("dicomledger: ") and result.stderr.count("\n") == 1, (
+        result.stderr
+    )

@@ -32,7 +32,10 @@ WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 EXPLICIT, IMPLICIT = uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian
 CT, MR, SR = dicomdata.CT_IMAGE, dicomdata.MR_IMAGE, dicomdata.BASIC_TEXT_SR
 
-pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.e2e]  # pydicom warns on odd (generated) values
+pytestmark = [
+    pytest.mark.filterwarnings("ignore"),
+    pytest.mark.e2e,
+]  # pydicom warns on odd (generated) values
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +59,9 @@ def pydicom_path(path: Path, ts: str | None, sop_class: str, sop_instance: str) 
     return header, hashes, hashes.header_sha256
 
 
-def same_or_deferred(path: Path, ts: str | None = None, sop_class: str = "", sop_instance: str = "") -> str:
+def same_or_deferred(
+    path: Path, ts: str | None = None, sop_class: str = "", sop_instance: str = ""
+) -> str:
     """FAST when the fast path answered (and its answer is the pydicom path's), PYDICOM when
     it deferred; read_instance answers or refuses exactly as the pydicom path, either way."""
     expected = pydicom_path(path, ts, sop_class, sop_instance)
@@ -69,7 +74,9 @@ def same_or_deferred(path: Path, ts: str | None = None, sop_class: str = "", sop
         assert fast.parser == FAST and fast.hashes.header is None
         outcome = FAST
     try:
-        read = read_instance(path, ts, max_inflated_size=None, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+        read = read_instance(
+            path, ts, max_inflated_size=None, sop_class_uid=sop_class, sop_instance_uid=sop_instance
+        )
     except (PixelHashError, InstanceError) as exc:
         assert (type(exc), str(exc)) == expected
     else:
@@ -98,7 +105,9 @@ LEFT_TO_PYDICOM = {
 
 @pytest.mark.parametrize("mode", ["IGNORE", "WARN"])
 def test_wheel_files_fast_or_deferred_never_different(mode, monkeypatch):
-    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", getattr(pydicom_config, mode))
+    monkeypatch.setattr(
+        pydicom_config.settings, "reading_validation_mode", getattr(pydicom_config, mode)
+    )
     outcomes, plain = {}, []
     for path in WHEEL_FILES:
         name = path.relative_to(WHEEL).as_posix()
@@ -107,8 +116,12 @@ def test_wheel_files_fast_or_deferred_never_different(mode, monkeypatch):
             syntax = pydicom.filereader.read_file_meta_info(path).get("TransferSyntaxUID")
         except Exception:
             continue
-        if syntax in (EXPLICIT, IMPLICIT) and not isinstance(pydicom_path(path, None, *own_uids(path))[0], type):
-            plain.append(name)  # Part 10, Explicit/Implicit VR LE, hashed and read by the pydicom path
+        if syntax in (EXPLICIT, IMPLICIT) and not isinstance(
+            pydicom_path(path, None, *own_uids(path))[0], type
+        ):
+            plain.append(
+                name
+            )  # Part 10, Explicit/Implicit VR LE, hashed and read by the pydicom path
     assert len(plain) >= 40
     # every plain one is taken by the fast path, except those it leaves on purpose
     assert {Path(name).name for name in plain if outcomes[name] != FAST} == set(LEFT_TO_PYDICOM)
@@ -121,8 +134,15 @@ def test_generated_images_and_reports_take_the_fast_path(tmp_path):
         *dicomdata.make_mr_series(tmp_path / "mri", 1, transfer_syntax=IMPLICIT),
         *dicomdata.make_ct_series(tmp_path / "ct", 1, rows=64, cols=64),
         dicomdata.make_multiframe(tmp_path / "mf", 5, 16, 16),
-        dicomdata.make_multiframe(tmp_path / "mfc", 3, 8, 8, bits_allocated=8, samples_per_pixel=3,
-                                  transfer_syntax=IMPLICIT),
+        dicomdata.make_multiframe(
+            tmp_path / "mfc",
+            3,
+            8,
+            8,
+            bits_allocated=8,
+            samples_per_pixel=3,
+            transfer_syntax=IMPLICIT,
+        ),
         dicomdata.make_multiframe(tmp_path / "mf12", 4, 8, 8, bits_stored=12),
         dicomdata.make_sr(tmp_path / "sr"),
         dicomdata.make_sr(tmp_path / "sri", transfer_syntax=IMPLICIT),
@@ -146,7 +166,13 @@ def test_refusals_are_the_pydicom_paths(tmp_path):
     cut.write_bytes(mr.read_bytes()[:-100])
     assert same_or_deferred(cut, None, sop_class, sop_instance) == PYDICOM
     with pytest.raises(PixelHashError, match="truncated"):
-        read_instance(cut, None, max_inflated_size=None, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+        read_instance(
+            cut,
+            None,
+            max_inflated_size=None,
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+        )
 
 
 def test_pydicom_configured_to_raise_or_convert_makes_it_defer(tmp_path, monkeypatch):
@@ -164,7 +190,21 @@ def test_pydicom_configured_to_raise_or_convert_makes_it_defer(tmp_path, monkeyp
 
 # --- a dataset encoder, independent of the code under test ----------------------------------
 
-LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 
 
 @dataclass
@@ -205,11 +245,17 @@ def encode(elements: list[El], implicit: bool) -> bytes:
 def encode_item(item: Item, implicit: bool) -> bytes:
     content = encode(item.elements, implicit)
     if item.undefined:
-        return struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + content + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+        return (
+            struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+            + content
+            + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+        )
     return struct.pack("<HHL", 0xFFFE, 0xE000, len(content)) + content
 
 
-def part10(path: Path, dataset: bytes, tsyntax: str, sop_class: str = "1.2", sop_instance: str = "1.2.3") -> Path:
+def part10(
+    path: Path, dataset: bytes, tsyntax: str, sop_class: str = "1.2", sop_instance: str = "1.2.3"
+) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class or "1.2"
     meta.MediaStorageSOPInstanceUID = sop_instance or "1.2.3"
@@ -236,9 +282,20 @@ def us(value: int) -> bytes:
 
 
 def image_elements(
-    *, sop_class: str = MR, sop_instance: str = "1.2.3.4", rows: int = 4, columns: int = 4, samples: int = 1,
-    bits_allocated: int = 16, bits_stored: int = 12, pixel_representation: int = 0, photometric: str = "MONOCHROME2",
-    planar: int | None = None, frames: str | None = None, pixels: bytes = b"", pixel_vr: bytes = b"OW",
+    *,
+    sop_class: str = MR,
+    sop_instance: str = "1.2.3.4",
+    rows: int = 4,
+    columns: int = 4,
+    samples: int = 1,
+    bits_allocated: int = 16,
+    bits_stored: int = 12,
+    pixel_representation: int = 0,
+    photometric: str = "MONOCHROME2",
+    planar: int | None = None,
+    frames: str | None = None,
+    pixels: bytes = b"",
+    pixel_vr: bytes = b"OW",
     extra: list[El] = (),  # type: ignore[assignment]
 ) -> list[El]:
     elements = [
@@ -280,15 +337,26 @@ def test_sequence_depth_limit_is_the_pydicom_paths(tmp_path, undefined, implicit
     """Nesting up to MAX_SEQUENCE_DEPTH is read by the fast path; deeper, the pydicom path
     refuses it (and the fast path never answers)."""
     ts = IMPLICIT if implicit else EXPLICIT
-    for depth in (1, 2, MAX_SEQUENCE_DEPTH - 1, MAX_SEQUENCE_DEPTH, MAX_SEQUENCE_DEPTH + 1, MAX_SEQUENCE_DEPTH + 5):
+    for depth in (
+        1,
+        2,
+        MAX_SEQUENCE_DEPTH - 1,
+        MAX_SEQUENCE_DEPTH,
+        MAX_SEQUENCE_DEPTH + 1,
+        MAX_SEQUENCE_DEPTH + 5,
+    ):
         for image in (True, False):
             if image:
                 pixels = bytes(range(32))
                 elements = image_elements(extra=[nested(depth, undefined)], pixels=pixels)
             else:
-                elements = [El(0x00080016, b"UI", uid_value(SR)), El(0x00080018, b"UI", uid_value("1.2.3.4")),
-                            El(0x0020000D, b"UI", uid_value("1.2.3")), El(0x0020000E, b"UI", uid_value("1.2.3.1")),
-                            nested(depth, undefined)]
+                elements = [
+                    El(0x00080016, b"UI", uid_value(SR)),
+                    El(0x00080018, b"UI", uid_value("1.2.3.4")),
+                    El(0x0020000D, b"UI", uid_value("1.2.3")),
+                    El(0x0020000E, b"UI", uid_value("1.2.3.1")),
+                    nested(depth, undefined),
+                ]
             path = part10(tmp_path / f"d{depth}-{image}.dcm", encode(elements, implicit), ts)
             sop_class = MR if image else SR
             outcome = same_or_deferred(path, ts, sop_class, "1.2.3.4")
@@ -314,10 +382,16 @@ def test_sequence_depth_limit_is_the_pydicom_paths(tmp_path, undefined, implicit
 )
 @pytest.mark.parametrize("implicit", [False, True])
 def test_plain_layouts_take_the_fast_path(tmp_path, layout, implicit):
-    rows, columns, samples = layout.get("rows", 4), layout.get("columns", 4), layout.get("samples", 1)
+    rows, columns, samples = (
+        layout.get("rows", 4),
+        layout.get("columns", 4),
+        layout.get("samples", 1),
+    )
     frames = int(layout.get("frames", "1"))
     size = ceil(rows * columns * samples * layout["bits_allocated"] * frames / 8)
-    pixels = random.Random(7).randbytes(size)  # values beyond Bits Stored too: the canonical hash masks them
+    pixels = random.Random(7).randbytes(
+        size
+    )  # values beyond Bits Stored too: the canonical hash masks them
     elements = image_elements(pixels=pixels, **layout)
     ts = IMPLICIT if implicit else EXPLICIT
     path = part10(tmp_path / "image.dcm", encode(elements, implicit), ts)
@@ -325,7 +399,10 @@ def test_plain_layouts_take_the_fast_path(tmp_path, layout, implicit):
 
 
 def test_planar_and_ybr_full_422_are_left_to_pydicom(tmp_path):
-    for layout in (dict(samples=3, photometric="RGB", planar=1), dict(samples=3, photometric="YBR_FULL_422")):
+    for layout in (
+        dict(samples=3, photometric="RGB", planar=1),
+        dict(samples=3, photometric="YBR_FULL_422"),
+    ):
         per_pixel = 2 if layout["photometric"] == "YBR_FULL_422" else 3
         pixels = random.Random(3).randbytes(4 * 4 * per_pixel)
         elements = image_elements(pixels=pixels, bits_allocated=8, bits_stored=8, **layout)
@@ -337,23 +414,96 @@ def test_planar_and_ybr_full_422_are_left_to_pydicom(tmp_path):
 
 # Text made of pieces: plain ones, and odd ones (multi-valued, escapes, bytes that are not
 # UTF-8, white space pydicom strips differently than str.strip, padding in the middle)
-PLAIN_ATOMS = [b"A", b"z", b"0", b"9", b".", b" ", b"=", b"^", b"-", b"+", b"Doe", b"1.2.840", b"\xc3\xa9"]
-ODD_ATOMS = [b"  ", b"\x00", b"\\", b"\x1b$B", b"\xe9", b"\xff", b"\t", b"\xa0", b"\x85", b"\r\n", b"\xe6\x97"]
-PLAIN_CHARSETS = [None, b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 192", b"ISO_IR 100 ", b"ISO_IR 192\0"]
-ODD_CHARSETS = [b"ISO_IR 101", b"ISO_IR100", b" ISO_IR 100", b"ISO 2022 IR 100", b"ISO 2022 IR 6\\ISO 2022 IR 87",
-                b"GB18030", b"\\ISO_IR 100"]
+PLAIN_ATOMS = [
+    b"A",
+    b"z",
+    b"0",
+    b"9",
+    b".",
+    b" ",
+    b"=",
+    b"^",
+    b"-",
+    b"+",
+    b"Doe",
+    b"1.2.840",
+    b"\xc3\xa9",
+]
+ODD_ATOMS = [
+    b"  ",
+    b"\x00",
+    b"\\",
+    b"\x1b$B",
+    b"\xe9",
+    b"\xff",
+    b"\t",
+    b"\xa0",
+    b"\x85",
+    b"\r\n",
+    b"\xe6\x97",
+]
+PLAIN_CHARSETS = [
+    None,
+    b"",
+    b"ISO_IR 6",
+    b"ISO_IR 100",
+    b"ISO_IR 192",
+    b"ISO_IR 100 ",
+    b"ISO_IR 192\0",
+]
+ODD_CHARSETS = [
+    b"ISO_IR 101",
+    b"ISO_IR100",
+    b" ISO_IR 100",
+    b"ISO 2022 IR 100",
+    b"ISO 2022 IR 6\\ISO 2022 IR 87",
+    b"GB18030",
+    b"\\ISO_IR 100",
+]
 PLAIN_INTEGERS = [b"", b"1", b"3", b" 2 ", b"+2", b"007", b"12 "]
-ODD_INTEGERS = [b"-1", b"0", b"1.0", b"1.5", b"x", b"\t", b"  ", b"\t5", b"99999999999999999999", b"1\\2",
-                b"\x002", b"2\x00", b"\xa02"]
+ODD_INTEGERS = [
+    b"-1",
+    b"0",
+    b"1.0",
+    b"1.5",
+    b"x",
+    b"\t",
+    b"  ",
+    b"\t5",
+    b"99999999999999999999",
+    b"1\\2",
+    b"\x002",
+    b"2\x00",
+    b"\xa02",
+]
 # tag -> dictionary VR: the attributes the ingest reads, and some it does not
 TEXT_TAGS = {
-    0x00080020: b"DA", 0x00080030: b"TM", 0x00080050: b"SH", 0x00080060: b"CS", 0x00080090: b"PN",
-    0x00081030: b"LO", 0x0008103E: b"LO", 0x00100010: b"PN", 0x00100020: b"LO", 0x00100030: b"DA",
-    0x00100040: b"CS", 0x00200010: b"SH", 0x00200011: b"IS", 0x00200013: b"IS", 0x00081090: b"LO",
-    0x00180050: b"DS", 0x00204000: b"LT",
+    0x00080020: b"DA",
+    0x00080030: b"TM",
+    0x00080050: b"SH",
+    0x00080060: b"CS",
+    0x00080090: b"PN",
+    0x00081030: b"LO",
+    0x0008103E: b"LO",
+    0x00100010: b"PN",
+    0x00100020: b"LO",
+    0x00100030: b"DA",
+    0x00100040: b"CS",
+    0x00200010: b"SH",
+    0x00200011: b"IS",
+    0x00200013: b"IS",
+    0x00081090: b"LO",
+    0x00180050: b"DS",
+    0x00204000: b"LT",
 }
 SEQUENCE_TAGS = [0x00081115, 0x00081140, 0x00400260, 0x0040A730]
-ITEM_TAGS = {0x00081150: b"UI", 0x00081155: b"UI", 0x00080100: b"SH", 0x0040A160: b"UT", 0x00080005: b"CS"}
+ITEM_TAGS = {
+    0x00081150: b"UI",
+    0x00081155: b"UI",
+    0x00080100: b"SH",
+    0x0040A160: b"UT",
+    0x00080005: b"CS",
+}
 
 
 @st.composite
@@ -374,12 +524,23 @@ def items(draw, depth: int, odd_rate: int) -> list[Item]:
         elements = []
         for tag in sorted(draw(st.sets(st.sampled_from(sorted(ITEM_TAGS)), max_size=3))):
             if tag == 0x00080005:
-                value = draw(odd(odd_rate, st.sampled_from(PLAIN_CHARSETS[1:]), st.sampled_from(ODD_CHARSETS)))
+                value = draw(
+                    odd(
+                        odd_rate, st.sampled_from(PLAIN_CHARSETS[1:]), st.sampled_from(ODD_CHARSETS)
+                    )
+                )
             else:
                 value = draw(text_values(odd_rate))
             elements.append(El(tag, ITEM_TAGS[tag], value))
         if depth < 3 and draw(st.booleans()):
-            elements.append(El(0x0040A730, b"SQ", draw(items(depth + 1, odd_rate)), undefined=draw(st.booleans())))
+            elements.append(
+                El(
+                    0x0040A730,
+                    b"SQ",
+                    draw(items(depth + 1, odd_rate)),
+                    undefined=draw(st.booleans()),
+                )
+            )
         elements.sort(key=lambda e: e.tag)
         found.append(Item(elements, undefined=draw(st.booleans())))
     return found
@@ -392,23 +553,44 @@ def datasets(draw) -> tuple[bytes, str, str | None, str, str]:
     odd once in a few draws."""
     odd_rate = draw(st.sampled_from([0, 0, 0, 3, 10, 30]))
     implicit = draw(st.booleans())
-    sop_class = draw(st.sampled_from([CT, MR, SR, "1.2.3.4.5"]) | odd(odd_rate, st.nothing(), st.just("")))
-    sop_instance = draw(odd(odd_rate, st.just("1.2.3.4"), st.sampled_from(["1.2.3.4 ", "", "1.2.3.4\\5", " 1.2"])))
-    elements = [El(0x00080016, b"UI", uid_value(sop_class)), El(0x00080018, b"UI", sop_instance.encode())]
-    if (charset := draw(odd(odd_rate, st.sampled_from(PLAIN_CHARSETS), st.sampled_from(ODD_CHARSETS)))) is not None:
+    sop_class = draw(
+        st.sampled_from([CT, MR, SR, "1.2.3.4.5"]) | odd(odd_rate, st.nothing(), st.just(""))
+    )
+    sop_instance = draw(
+        odd(odd_rate, st.just("1.2.3.4"), st.sampled_from(["1.2.3.4 ", "", "1.2.3.4\\5", " 1.2"]))
+    )
+    elements = [
+        El(0x00080016, b"UI", uid_value(sop_class)),
+        El(0x00080018, b"UI", sop_instance.encode()),
+    ]
+    if (
+        charset := draw(
+            odd(odd_rate, st.sampled_from(PLAIN_CHARSETS), st.sampled_from(ODD_CHARSETS))
+        )
+    ) is not None:
         elements.append(El(0x00080005, b"CS", charset))
     for tag, vr in TEXT_TAGS.items():
         if draw(st.integers(0, 5)):
             if vr == b"IS":
-                value = draw(odd(odd_rate, st.sampled_from(PLAIN_INTEGERS), st.sampled_from(ODD_INTEGERS)))
+                value = draw(
+                    odd(odd_rate, st.sampled_from(PLAIN_INTEGERS), st.sampled_from(ODD_INTEGERS))
+                )
             else:
                 value = draw(text_values(odd_rate))
-            written_vr = draw(odd(odd_rate, st.just(vr), st.sampled_from([b"LO", b"UN", b"SH", b"UT"])))
+            written_vr = draw(
+                odd(odd_rate, st.just(vr), st.sampled_from([b"LO", b"UN", b"SH", b"UT"]))
+            )
             elements.append(El(tag, written_vr, value))
     for tag in (0x0020000D, 0x0020000E):
         if draw(odd(odd_rate, st.just(True), st.booleans())):
             plain_uid = st.just(uid_value(f"1.2.{tag}"))
-            elements.append(El(tag, b"UI", draw(odd(odd_rate, plain_uid, st.sampled_from([b"1.2\0", b" 1.2 ", b""])))))
+            elements.append(
+                El(
+                    tag,
+                    b"UI",
+                    draw(odd(odd_rate, plain_uid, st.sampled_from([b"1.2\0", b" 1.2 ", b""]))),
+                )
+            )
     for tag in draw(st.sets(st.sampled_from(SEQUENCE_TAGS), max_size=2)):
         vr = draw(odd(odd_rate, st.just(b"SQ"), st.sampled_from([b"UN", b"OB"])))
         elements.append(El(tag, vr, draw(items(1, odd_rate)), undefined=draw(st.booleans())))
@@ -424,7 +606,9 @@ def datasets(draw) -> tuple[bytes, str, str | None, str, str]:
             # items in an opaque value (a sequence whose VR the writer did not know): Implicit VR
             el.value, el.undefined = b"".join(encode_item(i, True) for i in el.value), False
         elif isinstance(el.value, list) and implicit and el.tag >> 16 == 0x0009:
-            el.undefined = draw(odd(odd_rate, st.just(False), st.just(True)))  # a private SQ in Implicit VR
+            el.undefined = draw(
+                odd(odd_rate, st.just(False), st.just(True))
+            )  # a private SQ in Implicit VR
     order = draw(odd(odd_rate, st.just("sorted"), st.sampled_from(["swapped", "repeated"])))
     if order == "swapped" and len(elements) > 2:
         i = draw(st.integers(0, len(elements) - 2))
@@ -435,36 +619,66 @@ def datasets(draw) -> tuple[bytes, str, str | None, str, str]:
     if draw(st.integers(0, 9)) == 0:
         data += encode([El(0xFFFCFFFC, b"OB", b"\0\0")], implicit)  # Data Set Trailing Padding
     ts = IMPLICIT if implicit else EXPLICIT
-    given_ts = draw(odd(odd_rate, st.sampled_from([None, ts]), st.just(EXPLICIT if implicit else IMPLICIT)))
+    given_ts = draw(
+        odd(odd_rate, st.sampled_from([None, ts]), st.just(EXPLICIT if implicit else IMPLICIT))
+    )
     request_class = draw(odd(odd_rate, st.just(sop_class), st.just("1.2.9")))
     return data, ts, given_ts, request_class, sop_instance.strip("\x00 ")
 
 
 @st.composite
 def image_pixel_module(draw, odd_rate: int) -> list[El]:
-    bits_allocated = draw(odd(odd_rate, st.sampled_from([1, 8, 8, 16, 16, 32, 64]), st.sampled_from([12, 0, 24])))
-    bits_stored = draw(st.sampled_from([bits_allocated, bits_allocated, max(bits_allocated - 4, 1)])
-                       | odd(odd_rate, st.nothing(), st.just(bits_allocated + 1)))
+    bits_allocated = draw(
+        odd(odd_rate, st.sampled_from([1, 8, 8, 16, 16, 32, 64]), st.sampled_from([12, 0, 24]))
+    )
+    bits_stored = draw(
+        st.sampled_from([bits_allocated, bits_allocated, max(bits_allocated - 4, 1)])
+        | odd(odd_rate, st.nothing(), st.just(bits_allocated + 1))
+    )
     samples = draw(st.sampled_from([1, 1, 3]))
-    photometric = draw(st.sampled_from(["MONOCHROME2", "MONOCHROME2", "RGB", "YBR_FULL", "PALETTE COLOR"])
-                       | odd(odd_rate, st.nothing(), st.just("YBR_FULL_422")))
+    photometric = draw(
+        st.sampled_from(["MONOCHROME2", "MONOCHROME2", "RGB", "YBR_FULL", "PALETTE COLOR"])
+        | odd(odd_rate, st.nothing(), st.just("YBR_FULL_422"))
+    )
     rows, columns = draw(st.integers(1, 6)), draw(st.integers(1, 6))
-    frames_text = draw(odd(odd_rate, st.sampled_from([None, None, *PLAIN_INTEGERS]), st.sampled_from(ODD_INTEGERS)))
+    frames_text = draw(
+        odd(odd_rate, st.sampled_from([None, None, *PLAIN_INTEGERS]), st.sampled_from(ODD_INTEGERS))
+    )
     digits = frames_text.strip(b" +") if frames_text else b""
     frames = min(int(digits), 4) if digits.isdigit() and int(digits) > 0 else 1
     per_pixel = 2 if photometric == "YBR_FULL_422" else samples
     size = ceil(rows * columns * per_pixel * bits_allocated * frames / 8)
-    size = max(0, size + draw(st.sampled_from([0, 0, 0, 0, 1, 2, 7]) | odd(odd_rate, st.nothing(), st.just(-1))))
+    size = max(
+        0,
+        size
+        + draw(st.sampled_from([0, 0, 0, 0, 1, 2, 7]) | odd(odd_rate, st.nothing(), st.just(-1))),
+    )
     pixels = random.Random(draw(st.integers(0, 1 << 30))).randbytes(size)
     elements = [
         El(0x00280002, b"US", us(samples)),
         El(0x00280004, b"CS", text(photometric)),
-        El(0x00280010, b"US", draw(odd(odd_rate, st.just(us(rows)), st.sampled_from([b"", us(0), us(rows) * 2])))),
+        El(
+            0x00280010,
+            b"US",
+            draw(odd(odd_rate, st.just(us(rows)), st.sampled_from([b"", us(0), us(rows) * 2]))),
+        ),
         El(0x00280011, b"US", us(columns)),
         El(0x00280100, b"US", us(bits_allocated)),
-        El(0x00280101, b"US", draw(odd(odd_rate, st.just(us(bits_stored)), st.sampled_from([b"", us(99), b"\x01"])))),
-        El(0x00280102, b"US", us(max(bits_stored - 1, 0) + draw(odd(odd_rate, st.just(0), st.just(1))))),
-        El(0x00280103, b"US", draw(st.sampled_from([us(0), us(1)]) | odd(odd_rate, st.nothing(), st.just(us(2))))),
+        El(
+            0x00280101,
+            b"US",
+            draw(odd(odd_rate, st.just(us(bits_stored)), st.sampled_from([b"", us(99), b"\x01"]))),
+        ),
+        El(
+            0x00280102,
+            b"US",
+            us(max(bits_stored - 1, 0) + draw(odd(odd_rate, st.just(0), st.just(1)))),
+        ),
+        El(
+            0x00280103,
+            b"US",
+            draw(st.sampled_from([us(0), us(1)]) | odd(odd_rate, st.nothing(), st.just(us(2)))),
+        ),
     ]
     if samples == 3 or draw(st.booleans()):
         planar = us(draw(st.sampled_from([0, 0, 1])))
@@ -473,9 +687,19 @@ def image_pixel_module(draw, odd_rate: int) -> list[El]:
         elements.append(El(0x00280008, b"IS", frames_text + b" " * (len(frames_text) % 2)))
     if draw(odd(odd_rate, st.just(True), st.booleans())):  # else: an image without pixel data
         tag = draw(st.sampled_from([0x7FE00010] * 6 + [0x7FE00008, 0x7FE00009]))
-        plain_vr = {0x7FE00008: b"OF", 0x7FE00009: b"OD"}.get(tag, b"OW" if bits_allocated > 8 else b"OB")
-        vr = draw(odd(odd_rate, st.sampled_from([plain_vr, b"OB"]), st.sampled_from([b"OW", b"UN", b"US", b"LO"])))
-        elements.append(El(tag, vr, pixels + b"\0" * (len(pixels) % 2 if draw(st.booleans()) else 0)))
+        plain_vr = {0x7FE00008: b"OF", 0x7FE00009: b"OD"}.get(
+            tag, b"OW" if bits_allocated > 8 else b"OB"
+        )
+        vr = draw(
+            odd(
+                odd_rate,
+                st.sampled_from([plain_vr, b"OB"]),
+                st.sampled_from([b"OW", b"UN", b"US", b"LO"]),
+            )
+        )
+        elements.append(
+            El(tag, vr, pixels + b"\0" * (len(pixels) % 2 if draw(st.booleans()) else 0))
+        )
         if draw(odd(odd_rate, st.just(False), st.booleans())):  # a second pixel data element
             elements.append(El(0x7FE00010, b"OB", b"\0\0"))
     return elements
@@ -491,9 +715,24 @@ def test_generated_datasets_fast_or_deferred_never_different(tmp_path_factory, c
 
 # --- (c) a seeded fuzz of byte mutations of valid files ---------------------------------------
 
-INTERESTING = [b"\x00", b"\xff", b"\xff\xff", b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\xfe\xff\x00\xe0",
-               b"\xfe\xff\xdd\xe0", b"\xfe\xff\x0d\xe0", b"SQ", b"UN", b"OB", b"\\", b"\x1b", b"\xe0\x7f\x10\x00",
-               b"\x01\x00", b"\x10\x00"]
+INTERESTING = [
+    b"\x00",
+    b"\xff",
+    b"\xff\xff",
+    b"\xff\xff\xff\xff",
+    b"\x00\x00\x00\x00",
+    b"\xfe\xff\x00\xe0",
+    b"\xfe\xff\xdd\xe0",
+    b"\xfe\xff\x0d\xe0",
+    b"SQ",
+    b"UN",
+    b"OB",
+    b"\\",
+    b"\x1b",
+    b"\xe0\x7f\x10\x00",
+    b"\x01\x00",
+    b"\x10\x00",
+]
 
 
 def mutate(data: bytes, rng: random.Random, header_end: int) -> bytes:
@@ -531,11 +770,19 @@ def fuzz_sources(tmp_path: Path) -> list[Path]:
         dicomdata.make_multiframe(tmp_path / "mf", 3, 4, 4, bits_allocated=8, samples_per_pixel=3),
         dicomdata.make_sr(tmp_path / "sr"),
         dicomdata.make_sr(tmp_path / "sri", transfer_syntax=IMPLICIT),
-        part10(tmp_path / "seq.dcm", encode(image_elements(extra=[nested(3, True), nested(2, False)],
-                                                           pixels=bytes(32)), False), EXPLICIT),
+        part10(
+            tmp_path / "seq.dcm",
+            encode(
+                image_elements(extra=[nested(3, True), nested(2, False)], pixels=bytes(32)), False
+            ),
+            EXPLICIT,
+        ),
     ]
-    sources += [WHEEL / name for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "OBXXXX1A.dcm")
-                if (WHEEL / name).exists()]
+    sources += [
+        WHEEL / name
+        for name in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "OBXXXX1A.dcm")
+        if (WHEEL / name).exists()
+    ]
     return sources
 
 
@@ -566,13 +813,17 @@ def test_gateway_parses_plain_images_on_the_fast_path_and_anchors_the_same(gatew
         dicomdata.make_multiframe(tmp_path / "mf", 4, 32, 32),
         dicomdata.make_sr(tmp_path / "sr"),
     ]
-    (big_endian,) = dicomdata.make_mr_series(tmp_path / "be", 1, seed="big", transfer_syntax=uid.ExplicitVRBigEndian)
+    (big_endian,) = dicomdata.make_mr_series(
+        tmp_path / "be", 1, seed="big", transfer_syntax=uid.ExplicitVRBigEndian
+    )
     result = gateway.storescu(*plain)
     assert result.returncode == 0, result.stderr
     result = gateway.storescu(big_endian, options=("-xb", "+C"))
     assert result.returncode == 0, result.stderr
 
-    stores = {line["sop_instance"]: line for line in log_lines(gateway) if line.get("event") == "c-store"}
+    stores = {
+        line["sop_instance"]: line for line in log_lines(gateway) if line.get("event") == "c-store"
+    }
     assert len(stores) == len(plain) + 1
     for path in plain:
         assert stores[own_uids(path)[1]]["parse"] == FAST
@@ -589,8 +840,11 @@ def test_gateway_parses_plain_images_on_the_fast_path_and_anchors_the_same(gatew
             "sha256": hashes.sha256.hex(),
             "decoded_sha256": hashes.decoded_sha256.hex() if hashes.decoded_sha256 else None,
             "frames": hashes.number_of_frames,
-            "frame_root": merkle.root_of_leaf_hashes([merkle.leaf_hash(h) for h in hashes.frame_hashes]).hex()
-            if hashes.frame_hashes else None,
+            "frame_root": merkle.root_of_leaf_hashes(
+                [merkle.leaf_hash(h) for h in hashes.frame_hashes]
+            ).hex()
+            if hashes.frame_hashes
+            else None,
         }
         matching = [p for p in anchors.values() if {k: p[k] for k in expected} == expected]
         assert len(matching) == 1, path

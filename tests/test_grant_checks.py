@@ -31,7 +31,9 @@ def own_entries(gw: GatewayProcess) -> list:
 
 
 class Site:
-    def __init__(self, gw: GatewayProcess, peer: GatewayProcess, patient: dicomdata.FakePatient, study: str):
+    def __init__(
+        self, gw: GatewayProcess, peer: GatewayProcess, patient: dicomdata.FakePatient, study: str
+    ):
         self.gw, self.peer, self.patient, self.study = gw, peer, patient, study
 
     def grant(self, *args: str, patient: str | None = None):
@@ -57,7 +59,9 @@ def site(tmp_path_factory) -> Iterator[Site]:
     study = dicomdata.fake_uid("study", "grant-checks")
     gw.start(accept_local_tip=True)  # its one peer never runs to confirm its log
     try:
-        files = dicomdata.make_mr_series(tmp / "mr", 2, patient=patient, study_uid=study, seed="grant-checks")
+        files = dicomdata.make_mr_series(
+            tmp / "mr", 2, patient=patient, study_uid=study, seed="grant-checks"
+        )
         assert gw.storescu(*files).returncode == 0
         yield Site(gw, peer, patient, study)
     finally:
@@ -75,14 +79,26 @@ def refused(result, *needles: str) -> str:
 def test_a_grantee_that_names_nothing_known_is_refused_unless_forced(site):
     before = len(own_entries(site.gw))
     refused(site.grant("--to", "PACS_TYPO"), "PACS_TYPO", "--force")
-    refused(site.grant("--to", "WS1@typo.example/dicomledger"), "typo.example/dicomledger", "--force")
+    refused(
+        site.grant("--to", "WS1@typo.example/dicomledger"), "typo.example/dicomledger", "--force"
+    )
     refused(site.grant("--to", "@typo.example/dicomledger"), "typo.example/dicomledger")
     refused(site.grant("--to", f"PACS_TYPO@{site.gw.origin}"), "PACS_TYPO")
-    refused(site.grant("--to", "PACS@archive.example/dicomledger"), "PACS")  # ARCHIVE is that site's AE
+    refused(
+        site.grant("--to", "PACS@archive.example/dicomledger"), "PACS"
+    )  # ARCHIVE is that site's AE
     assert len(own_entries(site.gw)) == before  # nothing signed
 
-    for known in ("PACS", "WS1", "STORESCU", f"@{site.peer.origin}", f"ANYAE@{site.peer.origin}",
-                  f"PACS@{site.gw.origin}", "ARCHIVE@archive.example/dicomledger", "@archive.example/dicomledger"):
+    for known in (
+        "PACS",
+        "WS1",
+        "STORESCU",
+        f"@{site.peer.origin}",
+        f"ANYAE@{site.peer.origin}",
+        f"PACS@{site.gw.origin}",
+        "ARCHIVE@archive.example/dicomledger",
+        "@archive.example/dicomledger",
+    ):
         ok = site.grant("--to", known)
         assert ok.returncode == 0 and ok.stdout.startswith("granted: ref "), (known, ok.stderr)
     forced = site.grant("--to", "NEWPACS", "--force")
@@ -93,7 +109,12 @@ def test_a_grantee_that_names_nothing_known_is_refused_unless_forced(site):
 
 def test_a_revoke_of_a_grantee_nobody_was_granted_is_refused_unless_forced(site):
     before = len(own_entries(site.gw))
-    refused(site.revoke("--to", "PACSB_TYPO"), "PACSB_TYPO", "no grant of this patient names it", "--force")
+    refused(
+        site.revoke("--to", "PACSB_TYPO"),
+        "PACSB_TYPO",
+        "no grant of this patient names it",
+        "--force",
+    )
     assert len(own_entries(site.gw)) == before
     assert site.grant("--to", "OLDPACS", "--force").returncode == 0
     # a grantee no longer configured, but granted before: revoking it needs no --force
@@ -108,7 +129,10 @@ def test_a_grant_ending_in_the_past_is_refused(site):
     before = len(own_entries(site.gw))
     today = datetime.now(UTC).date()
     refused(site.grant("--to", "PACS", "--until", "2020-01-01"), "2020-01-01 is in the past")
-    refused(site.grant("--to", "PACS", "--until", str(today - timedelta(days=1)), "--force"), "in the past")
+    refused(
+        site.grant("--to", "PACS", "--until", str(today - timedelta(days=1)), "--force"),
+        "in the past",
+    )
     assert len(own_entries(site.gw)) == before
     assert site.grant("--to", "PACS", "--until", str(today)).returncode == 0  # the last day counts
 
@@ -120,7 +144,10 @@ def test_a_patient_or_study_without_anchored_images_draws_a_warning(site):
     known = site.grant("--to", "PACS")
     assert known.returncode == 0 and "warning" not in known.stderr, known.stderr
     other_study = site.grant("--to", "PACS", "--study", "1.2.3.999")
-    assert other_study.returncode == 0 and "no image of this patient in this study" in other_study.stderr
+    assert (
+        other_study.returncode == 0
+        and "no image of this patient in this study" in other_study.stderr
+    )
     own_study = site.grant("--to", "PACS", "--study", site.study)
     assert own_study.returncode == 0 and "warning" not in own_study.stderr, own_study.stderr
     typo_revoke = site.revoke("--to", "PACS", "--force", patient="NO-SUCH-PATIENT-2")
@@ -129,7 +156,9 @@ def test_a_patient_or_study_without_anchored_images_draws_a_warning(site):
 
 def test_dry_run_prints_the_record_and_signs_nothing(site):
     before = own_entries(site.gw)
-    result = site.grant("--to", "WS1", "--until", "2099-12-31", "--purpose", "second opinion", "--dry-run")
+    result = site.grant(
+        "--to", "WS1", "--until", "2099-12-31", "--purpose", "second opinion", "--dry-run"
+    )
     assert result.returncode == 0, result.stderr
     first, _, rest = result.stdout.partition("\n")
     assert first == f"dry run, nothing signed: {site.gw.origin} would sign and append this grant:"
@@ -148,6 +177,9 @@ def test_dry_run_prints_the_record_and_signs_nothing(site):
 
     dry_revoke = site.revoke("--to", "WS1", "--reason", "withdrawn", "--dry-run")
     assert dry_revoke.returncode == 0 and "would sign and append this revoke:" in dry_revoke.stdout
-    assert json.loads(dry_revoke.stdout.partition("\n")[2])["grantee"] == {"ae": "WS1", "gateway": None}
+    assert json.loads(dry_revoke.stdout.partition("\n")[2])["grantee"] == {
+        "ae": "WS1",
+        "gateway": None,
+    }
     refused(site.grant("--to", "WS1_TYPO", "--dry-run"), "WS1_TYPO")
     assert len(own_entries(site.gw)) == len(before) + 1

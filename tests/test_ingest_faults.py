@@ -80,8 +80,18 @@ def test_partial_uploads_are_removed_while_the_gateway_runs(gateway, tmp_path):
 
     # 4. the sender is killed in the middle of the dataset
     sender = subprocess.Popen(
-        [sys.executable, "-m", "tests.dimse", "partial", str(gateway.port), gateway.ae_title, str(big)],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "tests.dimse",
+            "partial",
+            str(gateway.port),
+            gateway.ae_title,
+            str(big),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     try:
         assert sender.stdout is not None and sender.stdout.readline().strip() == "sent"
@@ -103,7 +113,9 @@ def test_partial_uploads_are_removed_while_the_gateway_runs(gateway, tmp_path):
     assert send_as_is(assoc, big) == 0x0000
     assoc.release()
     assert tmp_files(gateway) == []
-    assert index_rows(gateway, f"SELECT COUNT(*) FROM instances WHERE sop_instance_uid = '{sop_instance}'") == [(1,)]
+    assert index_rows(
+        gateway, f"SELECT COUNT(*) FROM instances WHERE sop_instance_uid = '{sop_instance}'"
+    ) == [(1,)]
     # The bad command set is refused before its data set, which is read and dropped (the old
     # pynetdicom server's DUL thread died of it; our DICOM layer does not): no thread ends, and
     # each of the four cut-off stores is named in its association's one JSON line
@@ -121,8 +133,11 @@ def small_disk(tmp_path: Path):
     """A 12 MiB tmpfs as the image store's file system: ENOSPC for real, in a few MB."""
     mount = tmp_path / "images"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
     try:
@@ -155,7 +170,9 @@ def test_full_image_disk_answers_out_of_resources_and_resumes(tmp_path, small_di
 
         # several senders at once onto the full disk: each is answered, none is cut off
         outputs = [tmp_path / f"storescu{i}.out" for i in range(3)]
-        senders = [gw.storescu_in_background([f], out) for f, out in zip(files, outputs, strict=True)]
+        senders = [
+            gw.storescu_in_background([f], out) for f, out in zip(files, outputs, strict=True)
+        ]
         for sender in senders:
             sender.wait(timeout=60)
         for out in outputs:
@@ -166,12 +183,17 @@ def test_full_image_disk_answers_out_of_resources_and_resumes(tmp_path, small_di
         assert len(failed) == 3 and {line["status"] for line in failed} == {"0xA700"}
         assert all("No space left on device" in line["outcome"] for line in failed), failed
         assert [p.name for p in (small_disk / "tmp").iterdir()] == []
-        assert ledger_payloads(gw) == [] and index_rows(gw, "SELECT COUNT(*) FROM instances") == [(0,)]
+        assert ledger_payloads(gw) == [] and index_rows(gw, "SELECT COUNT(*) FROM instances") == [
+            (0,)
+        ]
 
         # space returns: the same senders succeed
         filler.unlink()
         result = gw.storescu(*files)
-        assert result.returncode == 0 and result.stdout.count("(Success)") + result.stderr.count("(Success)") == 3
+        assert (
+            result.returncode == 0
+            and result.stdout.count("(Success)") + result.stderr.count("(Success)") == 3
+        )
         assert len(ledger_payloads(gw)) == 3
 
         # an instance larger than the whole disk: 0xA700 while other stores go on
@@ -199,7 +221,9 @@ def test_a_forward_that_failed_to_queue_is_routed_when_the_sender_resends(tmp_pa
 
         # the forward queue's database fails once: the instance is anchored, its job not queued
         queue = sqlite3.connect(gw.dir / "data" / "forward.db", isolation_level=None)
-        queue.execute("CREATE TRIGGER fail BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'injected fault'); END")
+        queue.execute(
+            "CREATE TRIGGER fail BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+        )
         first = gw.storescu(f)
         assert "Received Store Response (Refused: OutOfResources)" in first.stdout + first.stderr
         queue.execute("DROP TRIGGER fail")
@@ -219,7 +243,9 @@ def test_a_forward_that_failed_to_queue_is_routed_when_the_sender_resends(tmp_pa
         assert len(copies) == 1
         outcomes = [(line["status"], line["outcome"]) for line in c_store_lines(gw)]
         assert outcomes[0][0] == "0xA700" and "forward queue" in outcomes[0][1], outcomes
-        anchor = re.fullmatch(r"duplicate of anchored entry (\d+); forwarding: PACS: queued", outcomes[1][1])
+        anchor = re.fullmatch(
+            r"duplicate of anchored entry (\d+); forwarding: PACS: queued", outcomes[1][1]
+        )
         assert outcomes[1][0] == "0x0000" and anchor, outcomes
         assert outcomes[2] == ("0x0000", f"duplicate of anchored entry {anchor[1]}"), outcomes
         assert "Traceback" not in gw.log()

@@ -22,9 +22,25 @@ OWN_VALUES = {  # line of the example -> line of init's config
 
 @pytest.mark.e2e  # runs `dicomledger init`
 def test_init_writes_the_example_with_its_own_values(tmp_path):
-    result = dicomledger("init", "--dir", str(tmp_path / "gw"), "--ae-title", "GW7", "--host", "0.0.0.0",
-                         "--port", "11999", "--peer-port", "13999", "--allow", "CT1", "--allow", "PACS",
-                         "--origin", "gw7.test/dicomledger")
+    result = dicomledger(
+        "init",
+        "--dir",
+        str(tmp_path / "gw"),
+        "--ae-title",
+        "GW7",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "11999",
+        "--peer-port",
+        "13999",
+        "--allow",
+        "CT1",
+        "--allow",
+        "PACS",
+        "--origin",
+        "gw7.test/dicomledger",
+    )
     assert result.returncode == 0, result.stderr
     written = (tmp_path / "gw" / "config.toml").read_text().splitlines()
     example = EXAMPLE.read_text().splitlines()
@@ -32,10 +48,20 @@ def test_init_writes_the_example_with_its_own_values(tmp_path):
     for ours, theirs in zip(written, example, strict=True):
         assert ours == OWN_VALUES.get(theirs, theirs)
     # the templates of the sections an operator adds later come along, commented
-    for template in ("# [forwarding]", "# [[destinations]]", "# [[routes]]", "# [permissions]", "# [atna]"):
+    for template in (
+        "# [forwarding]",
+        "# [[destinations]]",
+        "# [[routes]]",
+        "# [permissions]",
+        "# [atna]",
+    ):
         assert template in written
     config = load_config(tmp_path / "gw" / "config.toml")
-    assert (config.gateway.ae_title, config.gateway.host, config.gateway.port) == ("GW7", "0.0.0.0", 11999)
+    assert (config.gateway.ae_title, config.gateway.host, config.gateway.port) == (
+        "GW7",
+        "0.0.0.0",
+        11999,
+    )
     assert config.gateway.allowed_calling_aes == ("CT1", "PACS")
     assert config.ledger.origin == "gw7.test/dicomledger"
     assert config.peering is not None and config.peering.port == 13999
@@ -49,7 +75,9 @@ def test_a_setting_the_example_lacks_is_an_error():
 
 
 def test_only_the_named_settings_change():
-    text = '[gateway]\nport = 1  # the port\n# port = 3\n[other]\nport = 2\n[gateway.sub]\nport = 4\n'
+    text = (
+        "[gateway]\nport = 1  # the port\n# port = 3\n[other]\nport = 2\n[gateway.sub]\nport = 4\n"
+    )
     assert with_values(text, {("gateway", "port"): 104}) == (
-        '[gateway]\nport = 104\n# port = 3\n[other]\nport = 2\n[gateway.sub]\nport = 4\n'
+        "[gateway]\nport = 104\n# port = 3\n[other]\nport = 2\n[gateway.sub]\nport = 4\n"
     )

@@ -59,13 +59,22 @@ OLD = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 NEW = Ed25519PrivateKey.from_private_bytes(bytes(range(5, 37)))
 KB = Ed25519PrivateKey.from_private_bytes(bytes(range(10, 42)))
 KC = Ed25519PrivateKey.from_private_bytes(bytes(range(20, 52)))
-POLICY = parse_policy("".join(
-    f"witness {n} {verifier_key(o, k.public_key(), SIG_COSIGNATURE_V1)}\n" for n, o, k in
-    (("A", A, OLD), ("B", B, KB), ("C", C, KC))) + "group g 2 A B C\nquorum g\n")
+POLICY = parse_policy(
+    "".join(
+        f"witness {n} {verifier_key(o, k.public_key(), SIG_COSIGNATURE_V1)}\n"
+        for n, o, k in (("A", A, OLD), ("B", B, KB), ("C", C, KC))
+    )
+    + "group g 2 A B C\nquorum g\n"
+)
 ROOT = bytes(range(32))
 
 
-def statement(*signers: tuple[str, Ed25519PrivateKey], size: int = 3, root: bytes = ROOT, reason: str = "stolen") -> bytes:
+def statement(
+    *signers: tuple[str, Ed25519PrivateKey],
+    size: int = 3,
+    root: bytes = ROOT,
+    reason: str = "stolen",
+) -> bytes:
     data = make_statement(A, size, root, OLD.public_key(), NEW, reason)
     for name, key in signers:
         data = add_statement_signature(data, name, key)
@@ -76,13 +85,17 @@ def test_a_statement_needs_the_new_key_and_a_quorum_of_the_others():
     s = check_statement(statement((B, KB), (C, KC)), POLICY)
     assert (s.origin, s.size, s.root, s.signers) == (A, 3, ROOT, [B, C])
     assert s.new_key.public_bytes_raw() == NEW.public_key().public_bytes_raw()
-    assert parse_note(statement()).text.startswith("dicomledger-key-replacement/v1\norigin a.example/dicomledger\nsize 3\n")
+    assert parse_note(statement()).text.startswith(
+        "dicomledger-key-replacement/v1\norigin a.example/dicomledger\nsize 3\n"
+    )
 
 
 def _flip(data: bytes, name: str) -> bytes:
     note = parse_note(data)
-    sigs = tuple(type(s)(s.name, s.key_id, s.data[:-1] + bytes([s.data[-1] ^ 1])) if s.name == name else s
-                 for s in note.signatures)
+    sigs = tuple(
+        type(s)(s.name, s.key_id, s.data[:-1] + bytes([s.data[-1] ^ 1])) if s.name == name else s
+        for s in note.signatures
+    )
     return format_note(Note(note.text, sigs))
 
 
@@ -97,14 +110,32 @@ def _edit(data: bytes, old: str, new: str) -> bytes:
 @pytest.mark.parametrize(
     "mutated, reason",
     [
-        (lambda: statement((B, KB)), "lacks a quorum: group g needs 2 of {A, B, C} and has 1 (B); "
-                                     f"missing signatures from A ({A}), C ({C})"),
-        (lambda: _flip(statement((B, KB), (C, KC)), C), "lacks a quorum"),  # C's line does not verify
-        (lambda: statement((B, KB), (A, OLD)), "lacks a quorum"),  # the origin (its old key) never counts
-        (lambda: _edit(statement((B, KB), (C, KC)), "size 3", "size 4"), "lacks a quorum"),  # signed another size
+        (
+            lambda: statement((B, KB)),
+            "lacks a quorum: group g needs 2 of {A, B, C} and has 1 (B); "
+            f"missing signatures from A ({A}), C ({C})",
+        ),
+        (
+            lambda: _flip(statement((B, KB), (C, KC)), C),
+            "lacks a quorum",
+        ),  # C's line does not verify
+        (
+            lambda: statement((B, KB), (A, OLD)),
+            "lacks a quorum",
+        ),  # the origin (its old key) never counts
+        (
+            lambda: _edit(statement((B, KB), (C, KC)), "size 3", "size 4"),
+            "lacks a quorum",
+        ),  # signed another size
         (lambda: _flip(statement((B, KB), (C, KC)), A), "is not signed by its new key"),
-        (lambda: statement((B, KB), (C, KC), reason="a\x01b"), "reason contains a control character"),
-        (lambda: statement((B, KB), (C, KC)).replace(b"\nold ", b"\nOld "), "expected a 'old' line"),
+        (
+            lambda: statement((B, KB), (C, KC), reason="a\x01b"),
+            "reason contains a control character",
+        ),
+        (
+            lambda: statement((B, KB), (C, KC)).replace(b"\nold ", b"\nOld "),
+            "expected a 'old' line",
+        ),
     ],
 )
 def test_mutated_statements_are_refused_with_the_reason(mutated, reason):
@@ -119,8 +150,15 @@ def test_without_a_policy_no_statement_is_accepted():
 
 
 def _replacement_entry(data: bytes, index: int = 3, key: Ed25519PrivateKey = NEW):
-    return sign_entry(origin=A, index=index, prev=bytes(32), time_ms=1, kind=KEY_REPLACEMENT,
-                      payload=replacement_payload(data), private_key=key)
+    return sign_entry(
+        origin=A,
+        index=index,
+        prev=bytes(32),
+        time_ms=1,
+        kind=KEY_REPLACEMENT,
+        payload=replacement_payload(data),
+        private_key=key,
+    )
 
 
 @pytest.mark.parametrize(
@@ -134,16 +172,23 @@ def _replacement_entry(data: bytes, index: int = 3, key: Ed25519PrivateKey = NEW
 )
 def test_mutated_replacement_entries_are_refused_with_the_reason(case, reason):
     data = statement((B, KB), (C, KC))
-    entry, _ = _replacement_entry(data, index=4 if case == "another index" else 3,
-                                  key=OLD if case == "signed by the old key" else NEW)
+    entry, _ = _replacement_entry(
+        data,
+        index=4 if case == "another index" else 3,
+        key=OLD if case == "signed by the old key" else NEW,
+    )
     chain = KeyChain(A, KC.public_key() if case == "old key not in force" else OLD.public_key())
     root = bytes(32) if case == "another root" else ROOT
     with pytest.raises(KeyChangeError) as caught:
         check_change(entry, chain, root=lambda: root, policy=POLICY)
     assert reason in str(caught.value)
-    good = check_change(_replacement_entry(data)[0], KeyChain(A, OLD.public_key()), root=lambda: ROOT, policy=POLICY)
+    good = check_change(
+        _replacement_entry(data)[0], KeyChain(A, OLD.public_key()), root=lambda: ROOT, policy=POLICY
+    )
     assert good.entry_key(3).public_bytes_raw() == NEW.public_key().public_bytes_raw()
-    assert good.key_for_size(3).public_bytes_raw() == OLD.public_key().public_bytes_raw()  # the history it keeps
+    assert (
+        good.key_for_size(3).public_bytes_raw() == OLD.public_key().public_bytes_raw()
+    )  # the history it keeps
 
 
 async def test_a_replica_refuses_what_the_replaced_key_signs_after_the_replacement(tmp_path):
@@ -157,8 +202,15 @@ async def test_a_replica_refuses_what_the_replaced_key_signs_after_the_replaceme
     data = statement((B, KB), (C, KC), root=root)
     # the thief's entry 3 and checkpoint 4, by the old key; the gateway's, by the new key
     prev = leaf_hash(await a.entry(A, 2))
-    stolen = sign_entry(origin=A, index=3, prev=prev, time_ms=9, kind="image-anchored",
-                        payload={"sha256": "9" * 64}, private_key=OLD)[1]
+    stolen = sign_entry(
+        origin=A,
+        index=3,
+        prev=prev,
+        time_ms=9,
+        kind="image-anchored",
+        payload={"sha256": "9" * 64},
+        private_key=OLD,
+    )[1]
     writer = LogWriter(a, Identity(A, NEW), policy=POLICY)
     await writer.start()
     assert (await writer.append(KEY_REPLACEMENT, replacement_payload(data))).index == 3
@@ -172,12 +224,17 @@ async def test_a_replica_refuses_what_the_replaced_key_signs_after_the_replaceme
         await b.ensure_origin(origin, key.public_key())
     replica = ReplicaWriter(b, policy=POLICY)
     await replica.start()
-    assert await replica.append_verified(A, entries[:3], await sign_checkpoint(a, Identity(A, OLD), 3)) == 3
+    assert (
+        await replica.append_verified(A, entries[:3], await sign_checkpoint(a, Identity(A, OLD), 3))
+        == 3
+    )
     await b.accept_replacement(check_statement(data, POLICY))  # learnt from B's log, say
     thief_note = _checkpoint(A, 4, _root_after(entries[:3], stolen), OLD)
     with pytest.raises(ReplicaError, match="entry 3 must be the key-replacement entry"):
         await replica.append_verified(A, [stolen], thief_note)
-    assert not (await b.key_chain(A)).signs_checkpoint(parse_note(thief_note), 4)  # the old key: not A's at 4
+    assert not (await b.key_chain(A)).signs_checkpoint(
+        parse_note(thief_note), 4
+    )  # the old key: not A's at 4
     assert (await b.key_chain(A)).signs_checkpoint(parse_note(honest_note), 5)
     assert await b.size(A) == 3
     assert await replica.append_verified(A, entries[3:], honest_note) == 5
@@ -201,8 +258,10 @@ def _checkpoint(origin: str, size: int, root: bytes, key: Ed25519PrivateKey) -> 
 
 def _with_policy(gateways: list[GatewayProcess], tmp_path: Path) -> Path:
     policy = tmp_path / "consortium-policy.txt"
-    policy.write_text("".join(f"witness {gw.ae_title} {witness_vkey(gw)}\n" for gw in gateways)
-                      + f"group g 2 {' '.join(gw.ae_title for gw in gateways)}\nquorum g\n")
+    policy.write_text(
+        "".join(f"witness {gw.ae_title} {witness_vkey(gw)}\n" for gw in gateways)
+        + f"group g 2 {' '.join(gw.ae_title for gw in gateways)}\nquorum g\n"
+    )
     for gw in gateways:
         gw.set("startup_wait = 60.0", f'startup_wait = 60.0\nwitness_policy = "{policy}"')
     return policy
@@ -213,7 +272,8 @@ def _kinds(gw: GatewayProcess) -> list[str]:
     try:
         rows = con.execute(
             "SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? ORDER BY e.idx",
-            (gw.origin,)).fetchall()
+            (gw.origin,),
+        ).fetchall()
     finally:
         con.close()
     return [decode_entry(bytes(r[0])).kind for r in rows]
@@ -231,47 +291,81 @@ def test_a_stolen_key_is_replaced_by_a_quorum_of_the_consortium(tmp_path):
         gw.start()
     try:
         assert a.storescu(*dicomdata.make_mr_series(tmp_path / "m1", 3)).returncode == 0
-        wait_until(lambda: all(_cosigned(gw, a, 3) for gw in (b, c)), what="A's 3 entries held and cosigned by B, C")
+        wait_until(
+            lambda: all(_cosigned(gw, a, 3) for gw in (b, c)),
+            what="A's 3 entries held and cosigned by B, C",
+        )
         old_proof = tmp_path / "old.proof"
         assert a.cli("prove", "--entry", "2", "-o", str(old_proof)).returncode == 0
         a.stop()
         stolen = load_key_file(a.dir / "keys" / "gateway.key")
         request = tmp_path / "request.txt"
 
-        made = a.cli("replace-key", "request", str(request), "--reason", "gateway.key stolen on 2026-05-02")
+        made = a.cli(
+            "replace-key", "request", str(request), "--reason", "gateway.key stolen on 2026-05-02"
+        )
         assert made.returncode == 0, made.stderr
-        assert (a.dir / "keys" / "gateway.key.new").exists() and parse_request(request.read_bytes()).tail_start == 3
+        assert (a.dir / "keys" / "gateway.key.new").exists() and parse_request(
+            request.read_bytes()
+        ).tail_start == 3
         refused = b.cli("replace-key", "submit", str(request))  # no one has signed yet
-        assert refused.returncode == 1 and "lacks a quorum: group g needs 2 of {GWA, GWB, GWC} and has 0" in refused.stderr
+        assert (
+            refused.returncode == 1
+            and "lacks a quorum: group g needs 2 of {GWA, GWB, GWC} and has 0" in refused.stderr
+        )
         assert b.cli("replace-key", "sign", str(request)).returncode == 0
         refused = a.cli("replace-key", "install", str(request))  # B alone is not a quorum
-        assert refused.returncode == 1 and "has 1 (GWB); missing signatures from GWA" in refused.stderr, refused.stderr
+        assert (
+            refused.returncode == 1 and "has 1 (GWB); missing signatures from GWA" in refused.stderr
+        ), refused.stderr
         damaged = tmp_path / "damaged.txt"  # B's signature line with one bit flipped
         damaged.write_bytes(_damage_line(request.read_bytes(), b.origin))
         signed = c.cli("replace-key", "sign", str(damaged))
         assert signed.returncode == 0
         refused = c.cli("replace-key", "submit", str(damaged))
-        assert refused.returncode == 1 and "has 1 (GWC); missing signatures from GWA" in refused.stderr, refused.stderr
+        assert (
+            refused.returncode == 1 and "has 1 (GWC); missing signatures from GWA" in refused.stderr
+        ), refused.stderr
         signed = c.cli("replace-key", "sign", str(request))
-        assert signed.returncode == 0 and f"signatures of {b.origin}, {c.origin}" in signed.stdout, signed.stdout
+        assert (
+            signed.returncode == 0 and f"signatures of {b.origin}, {c.origin}" in signed.stdout
+        ), signed.stdout
         for gw in (b, c):
             submitted = gw.cli("replace-key", "submit", str(request))
-            assert submitted.returncode == 0 and "key is replaced from its entry 3 on" in submitted.stdout, submitted.stderr
+            assert (
+                submitted.returncode == 0
+                and "key is replaced from its entry 3 on" in submitted.stdout
+            ), submitted.stderr
             assert _kinds(gw)[-1] == KEY_REPLACEMENT  # recorded on its own log
 
         # the thief: checkpoint 4 of A, signed by the stolen key, sent to B with A's TLS identity
-        thief_entry = sign_entry(origin=a.origin, index=3, prev=_leaf_of(a, 2), time_ms=1, kind="image-anchored",
-                                 payload={"sha256": "7" * 64}, private_key=stolen)[1]
+        thief_entry = sign_entry(
+            origin=a.origin,
+            index=3,
+            prev=_leaf_of(a, 2),
+            time_ms=1,
+            kind="image-anchored",
+            payload={"sha256": "7" * 64},
+            private_key=stolen,
+        )[1]
         note = _checkpoint(a.origin, 4, _root_after(_entries_of(a), thief_entry), stolen)
         status, body = asyncio.run(_add_checkpoint(a, b, note))
-        assert status == 403 and "no valid signature by gwa.test/dicomledger's key in force at that size" in body, body
+        assert (
+            status == 403
+            and "no valid signature by gwa.test/dicomledger's key in force at that size" in body
+        ), body
 
         installed = a.cli("replace-key", "install", str(request))
         assert installed.returncode == 0, installed.stderr
         a.start()
         assert _kinds(a)[3] == KEY_REPLACEMENT
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "m2", 2, seed="after")).returncode == 0
-        wait_until(lambda: all(_cosigned(gw, a, 6) for gw in (b, c)), what="A's log after the replacement, cosigned")
+        assert (
+            a.storescu(*dicomdata.make_mr_series(tmp_path / "m2", 2, seed="after")).returncode == 0
+        )
+        wait_until(
+            lambda: all(_cosigned(gw, a, 6) for gw in (b, c)),
+            what="A's log after the replacement, cosigned",
+        )
         new_proof = tmp_path / "new.proof"
         assert a.cli("prove", "--entry", "5", "-o", str(new_proof)).returncode == 0
     finally:
@@ -284,24 +378,45 @@ def test_a_stolen_key_is_replaced_by_a_quorum_of_the_consortium(tmp_path):
     # the auditor: the gateways' first keys; the replacement counts under a witness policy only
     trust = tmp_path / "auditor.txt"
     trust.write_text("".join(gw.vkey + "\n" for gw in (a, b, c)))
-    done = dicomledger("verify", "--ledger", str(ledger_path(c)), "--trust", str(trust), "--origin", a.origin)
-    assert done.returncode == 1 and "FAILED: gwa.test/dicomledger: entry 3: a key replacement needs a witness policy" in done.stdout
-    done = dicomledger("verify", "--ledger", str(ledger_path(c)), "--trust", str(trust), "--policy", str(policy))
-    assert done.returncode == 0 and "gwa.test/dicomledger: 6 entries" in done.stdout, done.stdout + done.stderr
+    done = dicomledger(
+        "verify", "--ledger", str(ledger_path(c)), "--trust", str(trust), "--origin", a.origin
+    )
+    assert (
+        done.returncode == 1
+        and "FAILED: gwa.test/dicomledger: entry 3: a key replacement needs a witness policy"
+        in done.stdout
+    )
+    done = dicomledger(
+        "verify", "--ledger", str(ledger_path(c)), "--trust", str(trust), "--policy", str(policy)
+    )
+    assert done.returncode == 0 and "gwa.test/dicomledger: 6 entries" in done.stdout, (
+        done.stdout + done.stderr
+    )
     # check-proof: the old proof as before; the new one with A's trust.txt (its key-change line)
     for proof, trust_file in ((old_proof, trust), (new_proof, a.dir / "trust.txt")):
-        checked = dicomledger("check-proof", str(proof), "--trust", str(trust_file), "--policy", str(policy))
-        assert checked.returncode == 0 and "witness quorum met" in checked.stdout, checked.stdout + checked.stderr
+        checked = dicomledger(
+            "check-proof", str(proof), "--trust", str(trust_file), "--policy", str(policy)
+        )
+        assert checked.returncode == 0 and "witness quorum met" in checked.stdout, (
+            checked.stdout + checked.stderr
+        )
     assert "\nkey-change " in (a.dir / "trust.txt").read_text()
-    checked = dicomledger("check-proof", str(new_proof), "--trust", str(trust), "--policy", str(policy))
-    assert checked.returncode == 1 and checked.stdout.startswith("INVALID: checkpoint has no signature by")
+    checked = dicomledger(
+        "check-proof", str(new_proof), "--trust", str(trust), "--policy", str(policy)
+    )
+    assert checked.returncode == 1 and checked.stdout.startswith(
+        "INVALID: checkpoint has no signature by"
+    )
 
 
 def _entries_of(gw: GatewayProcess) -> list[bytes]:
     con = sqlite3.connect(f"file:{ledger_path(gw)}?mode=ro", uri=True)
     try:
-        rows = con.execute("SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? "
-                           "ORDER BY e.idx", (gw.origin,)).fetchall()
+        rows = con.execute(
+            "SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? "
+            "ORDER BY e.idx",
+            (gw.origin,),
+        ).fetchall()
     finally:
         con.close()
     return [bytes(r[0]) for r in rows]
@@ -314,7 +429,11 @@ def _leaf_of(gw: GatewayProcess, index: int) -> bytes:
 def _cosigned(holder: GatewayProcess, of: GatewayProcess, size: int) -> bool:
     held = newest_checkpoint(ledger_path(holder), of.origin)
     others = {g for g in (f"gw{x}.test/dicomledger" for x in "abc")} - {of.origin}
-    return held is not None and held[0] >= size and others <= {s.name for s in parse_note(held[1]).signatures}
+    return (
+        held is not None
+        and held[0] >= size
+        and others <= {s.name for s in parse_note(held[1]).signatures}
+    )
 
 
 def _damage_line(request: bytes, name: str) -> bytes:
@@ -322,12 +441,21 @@ def _damage_line(request: bytes, name: str) -> bytes:
     return head + b"\n\n" + _flip(note, name)
 
 
-async def _add_checkpoint(sender: GatewayProcess, to: GatewayProcess, note: bytes) -> tuple[int, str]:
-    ctx = client_context(sender.dir / "keys" / "peer-tls.crt", sender.dir / "keys" / "peer-tls.key",
-                         [(to.dir / "keys" / "peer-tls.crt").read_bytes()])
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session, session.post(
-        f"https://127.0.0.1:{to.peer_port}/add-checkpoint", data=format_add_checkpoint(3, [], note)
-    ) as resp:
+async def _add_checkpoint(
+    sender: GatewayProcess, to: GatewayProcess, note: bytes
+) -> tuple[int, str]:
+    ctx = client_context(
+        sender.dir / "keys" / "peer-tls.crt",
+        sender.dir / "keys" / "peer-tls.key",
+        [(to.dir / "keys" / "peer-tls.crt").read_bytes()],
+    )
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+        session.post(
+            f"https://127.0.0.1:{to.peer_port}/add-checkpoint",
+            data=format_add_checkpoint(3, [], note),
+        ) as resp,
+    ):
         return resp.status, await resp.text()
 
 
@@ -354,13 +482,24 @@ def test_a_trust_file_follows_a_replacement_and_no_longer_counts_the_replaced_ke
 
     data = statement((B, KB), (C, KC))
     _, entry = _replacement_entry(data)
-    policy_lines = "".join(
-        f"witness {n} {verifier_key(o, k.public_key(), SIG_COSIGNATURE_V1)}\n" for n, o, k in
-        (("A", A, OLD), ("B", B, KB), ("C", C, KC))) + "group g 2 A B C\nquorum g\n"
-    trust = load_trust(f"{verifier_key(A, OLD.public_key())}\n{policy_lines}{key_change_line(entry)}\n")
+    policy_lines = (
+        "".join(
+            f"witness {n} {verifier_key(o, k.public_key(), SIG_COSIGNATURE_V1)}\n"
+            for n, o, k in (("A", A, OLD), ("B", B, KB), ("C", C, KC))
+        )
+        + "group g 2 A B C\nquorum g\n"
+    )
+    trust = load_trust(
+        f"{verifier_key(A, OLD.public_key())}\n{policy_lines}{key_change_line(entry)}\n"
+    )
     chain = trust.log_chain(A)
-    assert chain is not None and chain.current.public_bytes_raw() == NEW.public_key().public_bytes_raw()
-    assert [k.public_bytes_raw() for k in trust.witness_keys()[A]] == [NEW.public_key().public_bytes_raw()]
+    assert (
+        chain is not None
+        and chain.current.public_bytes_raw() == NEW.public_key().public_bytes_raw()
+    )
+    assert [k.public_bytes_raw() for k in trust.witness_keys()[A]] == [
+        NEW.public_key().public_bytes_raw()
+    ]
     from dicomledger.ledger.note import NoteError
 
     without_policy = load_trust(f"{verifier_key(A, OLD.public_key())}\n{key_change_line(entry)}\n")

@@ -79,7 +79,11 @@ def test_the_halves_import_neither_each_other_nor_the_top_level():
 @pytest.mark.parametrize(
     ("where", "source", "crossing"),
     [
-        ("dicom/x.py", "from dicomledger.ledger.log import LedgerStore\n", "dicomledger.ledger.log"),
+        (
+            "dicom/x.py",
+            "from dicomledger.ledger.log import LedgerStore\n",
+            "dicomledger.ledger.log",
+        ),
         ("dicom/x.py", "import dicomledger.ledger.merkle\n", "dicomledger.ledger.merkle"),
         ("dicom/x.py", "def f():\n    from dicomledger import config\n", "dicomledger.config"),
         ("dicom/net/x.py", "from ...ledger import log\n", "dicomledger.ledger"),
@@ -103,7 +107,10 @@ def test_a_crossing_import_is_reported(tmp_path, where, source, crossing):
 @pytest.mark.parametrize(
     ("where", "source"),
     [
-        ("dicom/x.py", "from dicomledger.dicom.net import pdu\nfrom . import store\nimport pydicom\n"),
+        (
+            "dicom/x.py",
+            "from dicomledger.dicom.net import pdu\nfrom . import store\nimport pydicom\n",
+        ),
         ("dicom/x.py", "from dicomledger.common.sqlite_thread import ThreadedSqlite\n"),
         ("ledger/x.py", "from .merkle import Frontier\nfrom dicomledger.common import errors\n"),
         ("gateway.py", "from dicomledger.dicom import index\nfrom dicomledger.ledger import log\n"),

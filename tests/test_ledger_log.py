@@ -35,9 +35,7 @@ async def open_log(path: Path, key=None):
 
 async def test_thousand_concurrent_appends_lose_nothing(tmp_path):
     identity, store, writer = await open_log(tmp_path / "l.db")
-    results = await asyncio.gather(
-        *(writer.append("forwarded", {"n": i}) for i in range(1000))
-    )
+    results = await asyncio.gather(*(writer.append("forwarded", {"n": i}) for i in range(1000)))
     assert sorted(r.index for r in results) == list(range(1000))
     assert await store.size(ORIGIN) == 1000
     payloads = sorted(decode_entry(d).payload["n"] for d in await store.entries(ORIGIN, 0, 1000))
@@ -64,7 +62,6 @@ async def test_group_commit_batches_concurrent_appends(tmp_path):
     assert commits < 50  # appends that wait together share a transaction
     await writer.stop()
     await store.close()
-
 
 
 class RecordingCompanion:
@@ -120,6 +117,7 @@ async def test_threads_commit_their_appends_together_as_one_batch(tmp_path):
     report = verify_database(tmp_path / "l.db", {ORIGIN: identity.public_key})
     assert report.ok, report.problem
     assert report.origins[0].size == 8
+
 
 async def test_proofs_from_storage_match_in_memory_tree(tmp_path):
     identity, store, writer = await open_log(tmp_path / "l.db")

@@ -74,7 +74,9 @@ def resetting_destination() -> Iterator[int]:
     server.close()
 
 
-def test_a_destination_that_resets_is_our_warning_and_pynetdicoms_info(tmp_path, resetting_destination):
+def test_a_destination_that_resets_is_our_warning_and_pynetdicoms_info(
+    tmp_path, resetting_destination
+):
     gw = forwarding_gateway(tmp_path, resetting_destination)
     patient = dicomdata.fake_patient("resets")
     gw.start()
@@ -111,9 +113,9 @@ def test_redaction_removes_values_where_libraries_put_them():
     # pydicom prints some values unquoted after a colon
     text = "Value 'ISO 2022 IR 6' for Specific Character Set does not allow code extensions, ignoring: Doe^Jane"
     assert "Doe" not in redact_pydicom(text)
-    assert redact_pydicom("Expected explicit VR, but found implicit VR - using implicit VR for reading") == (
+    assert redact_pydicom(
         "Expected explicit VR, but found implicit VR - using implicit VR for reading"
-    )
+    ) == ("Expected explicit VR, but found implicit VR - using implicit VR for reading")
 
 
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
@@ -160,14 +162,26 @@ def swallowing_patient(source: Path, out: Path, tag: int) -> Path:
 
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
-PHI_PATIENT = dicomdata.FakePatient(name="Logname-RT4WZ^Hildegard", patient_id="DLFAKE-RT4WZ81",
-                                    birth_date="19410317", accession="ACCRT4WZ8155")
-PHI_VALUES = [PHI_PATIENT.name, "Logname-RT4WZ", "Hildegard", PHI_PATIENT.patient_id, PHI_PATIENT.birth_date,
-              PHI_PATIENT.accession]
+PHI_PATIENT = dicomdata.FakePatient(
+    name="Logname-RT4WZ^Hildegard",
+    patient_id="DLFAKE-RT4WZ81",
+    birth_date="19410317",
+    accession="ACCRT4WZ8155",
+)
+PHI_VALUES = [
+    PHI_PATIENT.name,
+    "Logname-RT4WZ",
+    "Hildegard",
+    PHI_PATIENT.patient_id,
+    PHI_PATIENT.birth_date,
+    PHI_PATIENT.accession,
+]
 SOP_INSTANCE_UID, SPECIFIC_CHARACTER_SET = 0x00080018, 0x00080005
 
 
-def test_pydicom_warnings_and_refusals_quoting_swallowed_patient_elements_log_no_phi(tmp_path, gateway):
+def test_pydicom_warnings_and_refusals_quoting_swallowed_patient_elements_log_no_phi(
+    tmp_path, gateway
+):
     """Per transfer syntax (explicit VR little endian; big endian and deflated, which only the
     pydicom path reads): a valid file; one whose SOP Instance UID's length swallows the
     accession number and the patient's name, ID and birth date (refused: the reason must not
@@ -179,23 +193,37 @@ def test_pydicom_warnings_and_refusals_quoting_swallowed_patient_elements_log_no
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's own say on the misspelt character set, here
         for n, syntax in enumerate(syntaxes):
-            (source,) = dicomdata.make_mr_series(tmp_path / f"ts{n}", 1, rows=16, cols=16, patient=PHI_PATIENT,
-                                                 seed=f"log-phi-{n}", transfer_syntax=syntax)
+            (source,) = dicomdata.make_mr_series(
+                tmp_path / f"ts{n}",
+                1,
+                rows=16,
+                cols=16,
+                patient=PHI_PATIENT,
+                seed=f"log-phi-{n}",
+                transfer_syntax=syntax,
+            )
             valid.append(source)
-            uid_swallows.append(swallowing_patient(source, tmp_path / f"uid-{n}.dcm", SOP_INSTANCE_UID))
+            uid_swallows.append(
+                swallowing_patient(source, tmp_path / f"uid-{n}.dcm", SOP_INSTANCE_UID)
+            )
             misspelt = tmp_path / f"misspelt-{n}.dcm"
             ds = pydicom.dcmread(source)
-            ds.SpecificCharacterSet = "ISO IR 100"  # a common misspelling of ISO_IR 100 (same length)
+            ds.SpecificCharacterSet = (
+                "ISO IR 100"  # a common misspelling of ISO_IR 100 (same length)
+            )
             ds.save_as(misspelt)
             charset_swallows.append(
-                swallowing_patient(misspelt, tmp_path / f"charset-{n}.dcm", SPECIFIC_CHARACTER_SET))
+                swallowing_patient(misspelt, tmp_path / f"charset-{n}.dcm", SPECIFIC_CHARACTER_SET)
+            )
     # the cases are what they claim: pydicom's own text would carry the PHI
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert PHI_PATIENT.patient_id in pydicom.dcmread(uid_swallows[1]).SOPInstanceUID
         caught.clear()
         pydicom.dcmread(charset_swallows[2]).get("StudyDescription")
-    assert any(PHI_PATIENT.patient_id in str(w.message) for w in caught), [str(w.message)[:80] for w in caught]
+    assert any(PHI_PATIENT.patient_id in str(w.message) for w in caught), [
+        str(w.message)[:80] for w in caught
+    ]
 
     sent = [*valid, *uid_swallows, *charset_swallows]
     assoc = associate(gateway.port, gateway.ae_title, [MR_IMAGE_STORAGE], syntaxes)
@@ -203,7 +231,9 @@ def test_pydicom_warnings_and_refusals_quoting_swallowed_patient_elements_log_no
         statuses = [send_as_is(assoc, path) for path in sent]
     finally:
         assoc.release()
-    assert statuses == [0x0000] * 3 + [0xC000] * 6, [hex(s) if s is not None else s for s in statuses]
+    assert statuses == [0x0000] * 3 + [0xC000] * 6, [
+        hex(s) if s is not None else s for s in statuses
+    ]
     gateway.stop()
 
     records = assert_json_log_without(gateway, PHI_VALUES)
@@ -212,4 +242,6 @@ def test_pydicom_warnings_and_refusals_quoting_swallowed_patient_elements_log_no
     assert [r["transfer_syntax"] for r in stores] == syntaxes * 3
     assert all("not a valid UID" in r["outcome"] for r in stores[3:6]), stores[3:6]
     warned = [r for r in records if r.get("logger") == "pydicom" and r["level"] == "warning"]
-    assert len(warned) >= 3 and all(r["event"].startswith("Unknown encoding") for r in warned), warned
+    assert len(warned) >= 3 and all(r["event"].startswith("Unknown encoding") for r in warned), (
+        warned
+    )

@@ -31,11 +31,18 @@ def enable_metrics(gw: GatewayProcess) -> int:
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """/metrics with curl, parsed by prometheus_client's own parser: (sample name, labels) -> value."""
-    run = subprocess.run(["curl", "-sS", "--fail", "--max-time", "10", f"http://127.0.0.1:{port}/metrics"],
-                         capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        ["curl", "-sS", "--fail", "--max-time", "10", f"http://127.0.0.1:{port}/metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert run.returncode == 0, run.stderr
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(run.stdout) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(run.stdout)
+        for s in family.samples
+    }
 
 
 def get(port: int, path: str) -> tuple[int, dict]:
@@ -57,8 +64,13 @@ def test_metrics_scraped_during_a_send(tmp_path: Path) -> None:
     try:
         assert get(port, "/healthz")[0] == 200
         status, ready = get(port, "/readyz")
-        assert (status, ready["status"], ready["dicom_listening"], ready["ledger_writable"],
-                ready["checkpoint_fresh"]) == (200, "ready", True, True, True)
+        assert (
+            status,
+            ready["status"],
+            ready["dicom_listening"],
+            ready["ledger_writable"],
+            ready["checkpoint_fresh"],
+        ) == (200, "ready", True, True, True)
         before = scrape(port)
         assert value(before, "dicomledger_associations_open") == 0
         assert value(before, "dicomledger_c_store_duration_seconds_count") == 0
@@ -86,7 +98,12 @@ def test_metrics_scraped_during_a_send(tmp_path: Path) -> None:
         assert value(during, "dicomledger_ledger_entries") >= entries_before + 3
 
         assert gw.storescu(*files[3:]).returncode == 0
-        assert dcmtk("echoscu", "-aet", "INTRUDER", "-aec", gw.ae_title, "127.0.0.1", str(gw.port)).returncode != 0
+        assert (
+            dcmtk(
+                "echoscu", "-aet", "INTRUDER", "-aec", gw.ae_title, "127.0.0.1", str(gw.port)
+            ).returncode
+            != 0
+        )
         after = scrape(port)
         assert value(after, "dicomledger_associations_open") == 0
         assert value(after, "dicomledger_associations_total", outcome="released") == 2
@@ -123,7 +140,9 @@ def test_peer_and_forward_queue_metrics(tmp_path: Path) -> None:
         assert value(metrics, "dicomledger_peer_flagged", peer=b.origin) == 0
         assert value(metrics, "dicomledger_peer_lag_entries", peer=b.origin) == 0
         for state in ("queued", "failed", "parked"):
-            assert value(metrics, "dicomledger_forward_jobs", destination="NOWHERE", state=state) == 0
+            assert (
+                value(metrics, "dicomledger_forward_jobs", destination="NOWHERE", state=state) == 0
+            )
     finally:
         for gw in (b, a):
             gw.stop()
@@ -137,7 +156,7 @@ def test_metrics_port_in_use_is_a_clean_start_failure(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with open(gw.config, "a") as f:
-            f.write(f'\n[metrics]\nenabled = true\nport = {taken.getsockname()[1]}\n')
+            f.write(f"\n[metrics]\nenabled = true\nport = {taken.getsockname()[1]}\n")
         with pytest.raises(RuntimeError, match="gateway exited at start"):
             gw.start()
     log = gw.log()
@@ -191,7 +210,9 @@ def test_retrievals_and_tamper_alarms_are_counted(tmp_path: Path) -> None:
             if n == 2:  # alter one stored file
                 con = sqlite3.connect(f"file:{gw.dir / 'data' / 'index.db'}?mode=ro", uri=True)
                 uid = str(pydicom.dcmread(files[0]).SOPInstanceUID)
-                (relative,) = con.execute("SELECT path FROM instances WHERE sop_instance_uid = ?", (uid,)).fetchone()
+                (relative,) = con.execute(
+                    "SELECT path FROM instances WHERE sop_instance_uid = ?", (uid,)
+                ).fetchone()
                 con.close()
                 stored = gw.dir / "data" / "images" / relative
                 data = bytearray(stored.read_bytes())
@@ -199,8 +220,19 @@ def test_retrievals_and_tamper_alarms_are_counted(tmp_path: Path) -> None:
                 stored.write_bytes(bytes(data))
             got = tmp_path / f"got{n}"
             got.mkdir()
-            dcmtk("getscu", "-aet", "WS1", "-aec", gw.ae_title, "-S", "-od", str(got), *keys, "127.0.0.1",
-                  str(gw.port))
+            dcmtk(
+                "getscu",
+                "-aet",
+                "WS1",
+                "-aec",
+                gw.ae_title,
+                "-S",
+                "-od",
+                str(got),
+                *keys,
+                "127.0.0.1",
+                str(gw.port),
+            )
             metrics = scrape(port)
             assert value(metrics, "dicomledger_retrievals_total", outcome="retrieved") == n
             assert value(metrics, "dicomledger_tamper_alarms_total") == n - 1

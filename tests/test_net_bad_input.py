@@ -49,6 +49,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e
 def logs() -> Iterator[list[dict[str, Any]]]:
     yield from captured_logs()
 
+
 CT_CONTEXTS = ((1, VERIFICATION, (IMPLICIT,)), (3, CT_IMAGE, (EXPLICIT,)))
 STORE_RQ = associate_rq(CT_CONTEXTS)
 
@@ -80,7 +81,11 @@ def expect_abort(client: RawClient, source: int, reason: int | None = None) -> N
 
 def one_line(captured: list[dict[str, Any]], event: str, text: str) -> dict[str, Any]:
     """The one log line of ``event`` whose reason names ``text`` (waits for it)."""
-    wait_until(lambda: [e for e in events(captured, event) if text in str(e.get("reason"))], 10, f"{event}: {text}")
+    wait_until(
+        lambda: [e for e in events(captured, event) if text in str(e.get("reason"))],
+        10,
+        f"{event}: {text}",
+    )
     matching = [e for e in events(captured, event) if text in str(e.get("reason"))]
     assert len(matching) == 1, matching
     return matching[0]
@@ -95,14 +100,21 @@ def small_ct(tmp_path: Path) -> tuple[str, bytes]:
 
 
 def store_command(message_id: int, sop_instance_uid: bytes) -> bytes:
-    return dimse.request(dimse.C_STORE_RQ, message_id, CT_IMAGE.encode(), has_data_set=True,
-                         sop_instance_uid=sop_instance_uid)
+    return dimse.request(
+        dimse.C_STORE_RQ,
+        message_id,
+        CT_IMAGE.encode(),
+        has_data_set=True,
+        sop_instance_uid=sop_instance_uid,
+    )
 
 
 # --- connections that never associate ----------------------------------------------------
 
 
-def test_stalled_connections_neither_lock_out_senders_nor_stay(tmp_path: Path, logs: list[dict[str, Any]]) -> None:
+def test_stalled_connections_neither_lock_out_senders_nor_stay(
+    tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
     """64 connections send 3 bytes of a PDU header and stop: a real sender still gets in at
     once (they hold no association place), and ARTIM closes each of them."""
     (f,) = dicomdata.make_ct_series(tmp_path / "ct", 1, seed="artim", rows=16, cols=16)
@@ -114,7 +126,9 @@ def test_stalled_connections_neither_lock_out_senders_nor_stay(tmp_path: Path, l
             stalled.append(client)
         wait_until(lambda: server.connections() == 64, what="64 connections")
         started = time.monotonic()
-        result = dcmtk("storescu", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port), str(f))
+        result = dcmtk(
+            "storescu", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port), str(f)
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert time.monotonic() - started < 1.5  # not after ARTIM freed anything
         for client in stalled:
@@ -126,7 +140,9 @@ def test_stalled_connections_neither_lock_out_senders_nor_stay(tmp_path: Path, l
     assert len(server.received) == 1
 
 
-def test_oldest_waiting_connections_are_closed_beyond_the_cap(tmp_path: Path, logs: list[dict[str, Any]]) -> None:
+def test_oldest_waiting_connections_are_closed_beyond_the_cap(
+    tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
     with NetServer(tmp_path / "srv", max_associations=1, artim_timeout=30) as server:
         assert server.server is not None and server.server.max_waiting == 256
         silent = [RawClient(server.port) for _ in range(260)]
@@ -140,24 +156,39 @@ def test_oldest_waiting_connections_are_closed_beyond_the_cap(tmp_path: Path, lo
             client.close()
 
 
-def test_p_data_before_association(server: NetServer, bystander: RawClient, logs: list[dict[str, Any]]) -> None:
+def test_p_data_before_association(
+    server: NetServer, bystander: RawClient, logs: list[dict[str, Any]]
+) -> None:
     with RawClient(server.port) as client:
-        client.send_message(1, dimse.request(dimse.C_ECHO_RQ, 1, VERIFICATION.encode(), has_data_set=False))
+        client.send_message(
+            1, dimse.request(dimse.C_ECHO_RQ, 1, VERIFICATION.encode(), has_data_set=False)
+        )
         expect_abort(client, pdu.ABORT_SOURCE_USER)  # PS3.8 AA-1
         assert client.closed_by_peer()  # Sta13: ARTIM closes it if the peer does not
     line = one_line(logs, "association aborted", "P-DATA-TF before an A-ASSOCIATE-RQ")
     assert line["state"] == "awaiting A-ASSOCIATE-RQ"
 
 
-@pytest.mark.parametrize("rq, reason", [
-    (rq_with_context_ids([2]), "presentation context ID 2 "),
-    (rq_with_context_ids([1 + 2 * (k % 128) for k in range(1000)]), "1000 presentation contexts"),
-    (pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_RQ, 0xFFFFFFFF), "declares 4294967295 bytes"),
-    (pdu.PDU_HEADER.pack(0x09, 4) + bytes(4), "unknown PDU type 0x09"),
-    (pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_RQ, 44) + associate_rq()[6:50], "shorter than its fixed fields"),
-], ids=["even-context-id", "1000-contexts", "length-0xffffffff", "unknown-pdu-type", "truncated"])
-def test_invalid_associate_requests_are_aborted(server: NetServer, bystander: RawClient, rq: bytes,
-                                                reason: str, logs: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize(
+    "rq, reason",
+    [
+        (rq_with_context_ids([2]), "presentation context ID 2 "),
+        (
+            rq_with_context_ids([1 + 2 * (k % 128) for k in range(1000)]),
+            "1000 presentation contexts",
+        ),
+        (pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_RQ, 0xFFFFFFFF), "declares 4294967295 bytes"),
+        (pdu.PDU_HEADER.pack(0x09, 4) + bytes(4), "unknown PDU type 0x09"),
+        (
+            pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_RQ, 44) + associate_rq()[6:50],
+            "shorter than its fixed fields",
+        ),
+    ],
+    ids=["even-context-id", "1000-contexts", "length-0xffffffff", "unknown-pdu-type", "truncated"],
+)
+def test_invalid_associate_requests_are_aborted(
+    server: NetServer, bystander: RawClient, rq: bytes, reason: str, logs: list[dict[str, Any]]
+) -> None:
     before = rss()
     with RawClient(server.port) as client:
         client.send(rq)
@@ -203,12 +234,17 @@ def test_decoding_large_requests_does_not_stall_other_associations(tmp_path: Pat
     assert order.index("echo") < len(order) - 1, order
 
 
-@pytest.mark.parametrize("patch, code", [
-    (lambda rq: rq[:6] + b"\x00\x02" + rq[8:], (1, 2, 2)),  # protocol version without bit 0
-    (lambda rq: rq.replace(b"1.2.840.10008.3.1.1.1", b"1.2.840.10008.3.1.1.9"), (1, 1, 2)),
-], ids=["protocol-version", "application-context"])
-def test_unsupported_protocol_version_and_context_are_rejected(server: NetServer, patch: Any, code: tuple[int, ...],
-                                                               logs: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize(
+    "patch, code",
+    [
+        (lambda rq: rq[:6] + b"\x00\x02" + rq[8:], (1, 2, 2)),  # protocol version without bit 0
+        (lambda rq: rq.replace(b"1.2.840.10008.3.1.1.1", b"1.2.840.10008.3.1.1.9"), (1, 1, 2)),
+    ],
+    ids=["protocol-version", "application-context"],
+)
+def test_unsupported_protocol_version_and_context_are_rejected(
+    server: NetServer, patch: Any, code: tuple[int, ...], logs: list[dict[str, Any]]
+) -> None:
     with RawClient(server.port) as client:
         pdu_type, body = client.associate(patch(associate_rq()))
         assert (pdu_type, tuple(body[1:4])) == (pdu.A_ASSOCIATE_RJ, code)
@@ -218,14 +254,23 @@ def test_unsupported_protocol_version_and_context_are_rejected(server: NetServer
 # --- established associations --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("uid, reason", [
-    (b"", "empty Affected SOP Instance UID"),
-    (b"1." + b"2" * 63, "Affected SOP Instance UID of 65 characters"),
-    (b"1.2.3.x", "characters other than digits"),
-], ids=["empty", "65-characters", "letters"])
-def test_bad_affected_sop_instance_uid_gets_a_failure_status(server: NetServer, bystander: RawClient,
-                                                            tmp_path: Path, uid: bytes, reason: str,
-                                                            logs: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize(
+    "uid, reason",
+    [
+        (b"", "empty Affected SOP Instance UID"),
+        (b"1." + b"2" * 63, "Affected SOP Instance UID of 65 characters"),
+        (b"1.2.3.x", "characters other than digits"),
+    ],
+    ids=["empty", "65-characters", "letters"],
+)
+def test_bad_affected_sop_instance_uid_gets_a_failure_status(
+    server: NetServer,
+    bystander: RawClient,
+    tmp_path: Path,
+    uid: bytes,
+    reason: str,
+    logs: list[dict[str, Any]],
+) -> None:
     _, data = small_ct(tmp_path)
     with established(server.port, STORE_RQ) as client:
         client.send_message(3, store_command(11, uid), data, max_pdu=4096)
@@ -240,16 +285,28 @@ def test_bad_affected_sop_instance_uid_gets_a_failure_status(server: NetServer, 
     assert server.received == [] and server.temp_files() == []
 
 
-def test_requests_not_served_or_on_the_wrong_context(server: NetServer, bystander: RawClient,
-                                                     logs: list[dict[str, Any]]) -> None:
+def test_requests_not_served_or_on_the_wrong_context(
+    server: NetServer, bystander: RawClient, logs: list[dict[str, Any]]
+) -> None:
     with established(server.port, STORE_RQ) as client:
-        client.send_message(1, dimse.request(0x0110, 5, VERIFICATION.encode(), has_data_set=False))  # N-GET
+        client.send_message(
+            1, dimse.request(0x0110, 5, VERIFICATION.encode(), has_data_set=False)
+        )  # N-GET
         response = client.read_response()
-        assert (response.field, response.message_id, response.us(dimse.STATUS)) == (0x8110, 5, 0x0211)
+        assert (response.field, response.message_id, response.us(dimse.STATUS)) == (
+            0x8110,
+            5,
+            0x0211,
+        )
         client.send_message(1, store_command(6, b"1.2.3"), b"\x08\x00\x16\x00\x00\x00\x00\x00")
         response = client.read_response()  # C-STORE on the Verification context
-        assert (response.field, response.us(dimse.STATUS)) == (dimse.C_STORE_RSP, dimse.SOP_CLASS_NOT_SUPPORTED)
-        client.send_message(3, dimse.request(dimse.C_FIND_RQ, 7, CT_IMAGE.encode(), has_data_set=True), b"")
+        assert (response.field, response.us(dimse.STATUS)) == (
+            dimse.C_STORE_RSP,
+            dimse.SOP_CLASS_NOT_SUPPORTED,
+        )
+        client.send_message(
+            3, dimse.request(dimse.C_FIND_RQ, 7, CT_IMAGE.encode(), has_data_set=True), b""
+        )
         assert client.read_response().us(dimse.STATUS) == 0x0211  # no Query/Retrieve configured
         assert client.echo() == 0
     assert [e["status"] for e in events(logs, "request refused")] == ["0x0211", "0x0122", "0x0211"]
@@ -258,23 +315,72 @@ def test_requests_not_served_or_on_the_wrong_context(server: NetServer, bystande
 GOOD = dimse.request(dimse.C_ECHO_RQ, 1, VERIFICATION.encode(), has_data_set=False)
 
 
-@pytest.mark.parametrize("bad, reason, source, code", [
-    (pdu.p_data(2, GOOD, command=True, max_pdu_length=0), "presentation context 2, which was not accepted", 2, 6),
-    (pdu.PDU_HEADER.pack(0x09, 4) + bytes(4), "unknown PDU type 0x09", 2, 1),
-    (associate_rq(), "A-ASSOCIATE-RQ on an established association", 2, 2),
-    (pdu.p_data(1, GOOD[:-5], command=True, max_pdu_length=0), "command set does not parse", 0, 0),
-    (pdu.p_data(1, dimse._group(dimse._US.pack(0, 0x100, 2, 0x1234) + dimse._US.pack(0, 0x110, 2, 1)
-                                + dimse._US.pack(0, 0x800, 2, 0x101)), command=True, max_pdu_length=0),
-     "unknown command field 0x1234", 0, 0),
-    (pdu.p_data(1, b"\x08\x00\x16\x00\x00\x00\x00\x00", command=False, max_pdu_length=0),
-     "data set fragment without a command", 2, 5),
-    (pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 0xFFFFFFFF) + pdu.PDV_HEADER.pack(0xFFFFFF00, 1, 3) + bytes(70_000),
-     "command set longer than 65536 bytes", 2, 6),
-], ids=["even-context-in-p-data", "unknown-pdu", "second-rq", "command-does-not-parse", "unknown-command",
-        "data-without-command", "huge-command-set"])
-def test_protocol_violations_abort_the_association(server: NetServer, bystander: RawClient, bad: bytes,
-                                                   reason: str, source: int, code: int,
-                                                   logs: list[dict[str, Any]]) -> None:
+@pytest.mark.parametrize(
+    "bad, reason, source, code",
+    [
+        (
+            pdu.p_data(2, GOOD, command=True, max_pdu_length=0),
+            "presentation context 2, which was not accepted",
+            2,
+            6,
+        ),
+        (pdu.PDU_HEADER.pack(0x09, 4) + bytes(4), "unknown PDU type 0x09", 2, 1),
+        (associate_rq(), "A-ASSOCIATE-RQ on an established association", 2, 2),
+        (
+            pdu.p_data(1, GOOD[:-5], command=True, max_pdu_length=0),
+            "command set does not parse",
+            0,
+            0,
+        ),
+        (
+            pdu.p_data(
+                1,
+                dimse._group(
+                    dimse._US.pack(0, 0x100, 2, 0x1234)
+                    + dimse._US.pack(0, 0x110, 2, 1)
+                    + dimse._US.pack(0, 0x800, 2, 0x101)
+                ),
+                command=True,
+                max_pdu_length=0,
+            ),
+            "unknown command field 0x1234",
+            0,
+            0,
+        ),
+        (
+            pdu.p_data(1, b"\x08\x00\x16\x00\x00\x00\x00\x00", command=False, max_pdu_length=0),
+            "data set fragment without a command",
+            2,
+            5,
+        ),
+        (
+            pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 0xFFFFFFFF)
+            + pdu.PDV_HEADER.pack(0xFFFFFF00, 1, 3)
+            + bytes(70_000),
+            "command set longer than 65536 bytes",
+            2,
+            6,
+        ),
+    ],
+    ids=[
+        "even-context-in-p-data",
+        "unknown-pdu",
+        "second-rq",
+        "command-does-not-parse",
+        "unknown-command",
+        "data-without-command",
+        "huge-command-set",
+    ],
+)
+def test_protocol_violations_abort_the_association(
+    server: NetServer,
+    bystander: RawClient,
+    bad: bytes,
+    reason: str,
+    source: int,
+    code: int,
+    logs: list[dict[str, Any]],
+) -> None:
     with established(server.port) as client:
         client.send(bad)
         expect_abort(client, source, code)
@@ -283,55 +389,79 @@ def test_protocol_violations_abort_the_association(server: NetServer, bystander:
     wait_until(lambda: server.associations() == 1, what="only the bystander left")
 
 
-def test_a_pdu_declaring_0xffffffff_streams_with_flat_memory(server: NetServer, bystander: RawClient,
-                                                            logs: list[dict[str, Any]]) -> None:
+def test_a_pdu_declaring_0xffffffff_streams_with_flat_memory(
+    server: NetServer, bystander: RawClient, logs: list[dict[str, Any]]
+) -> None:
     """A P-DATA-TF PDU declaring 0xFFFFFFFF bytes with a data set in it: the bytes go to the
     temp file as they come, memory stays flat; a reset mid-way removes the file."""
     command = store_command(1, b"1.2.3.4")
     command_item = 4 + 2 + len(command)
     with established(server.port, STORE_RQ) as client:
-        client.send(pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 0xFFFFFFFF)
-                    + pdu.PDV_HEADER.pack(len(command) + 2, 3, 3) + command
-                    + pdu.PDV_HEADER.pack(0xFFFFFFFF - command_item - 4, 3, 0))
+        client.send(
+            pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 0xFFFFFFFF)
+            + pdu.PDV_HEADER.pack(len(command) + 2, 3, 3)
+            + command
+            + pdu.PDV_HEADER.pack(0xFFFFFFFF - command_item - 4, 3, 0)
+        )
         chunk = bytes(1 << 20)
         before = rss()
         for _ in range(200):  # 200 MiB
             client.send(chunk)
-        wait_until(lambda: server.temp_files() and server.temp_files()[0].stat().st_size > 150 << 20,
-                   what="the data set on disk")
+        wait_until(
+            lambda: server.temp_files() and server.temp_files()[0].stat().st_size > 150 << 20,
+            what="the data set on disk",
+        )
         assert rss() - before < 50e6
-        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+        client.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )  # reset
     wait_until(lambda: server.temp_files() == [], what="the temp file removed")
     assert one_line(logs, "association", "temp file removed")["ended"] == "connection closed"
     assert server.received == []
 
 
-def test_a_abort_in_the_middle_of_a_data_set(server: NetServer, bystander: RawClient,
-                                             logs: list[dict[str, Any]]) -> None:
+def test_a_abort_in_the_middle_of_a_data_set(
+    server: NetServer, bystander: RawClient, logs: list[dict[str, Any]]
+) -> None:
     with established(server.port, STORE_RQ) as client:
         client.send_message(3, store_command(1, b"1.2.3.4"))
         # PDUs of 16384 bytes, each one data set fragment that is not the last
-        piece = pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 16384) + pdu.PDV_HEADER.pack(16380, 3, 0) + bytes(16378)
+        piece = (
+            pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 16384)
+            + pdu.PDV_HEADER.pack(16380, 3, 0)
+            + bytes(16378)
+        )
         for _ in range(600):  # about 10 MB of a data set that never ends
             client.send(piece)
-        wait_until(lambda: server.temp_files() and server.temp_files()[0].stat().st_size > 8 << 20,
-                   what="the data set on disk")
+        wait_until(
+            lambda: server.temp_files() and server.temp_files()[0].stat().st_size > 8 << 20,
+            what="the data set on disk",
+        )
         client.send(pdu.a_abort(0, 0))
     wait_until(lambda: server.temp_files() == [], what="the temp file removed")
     assert one_line(logs, "association", "temp file removed")["ended"] == "aborted by the peer"
     assert server.received == []
 
 
-def test_a_pdu_above_our_advertised_maximum_is_refused(tmp_path: Path, logs: list[dict[str, Any]]) -> None:
-    with NetServer(tmp_path / "srv", max_pdu_size=16384) as server, established(server.port, STORE_RQ) as client:
+def test_a_pdu_above_our_advertised_maximum_is_refused(
+    tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    with (
+        NetServer(tmp_path / "srv", max_pdu_size=16384) as server,
+        established(server.port, STORE_RQ) as client,
+    ):
         client.send(pdu.p_data(3, bytes(20000), command=False, max_pdu_length=0))
         expect_abort(client, 2, 6)
     one_line(logs, "association aborted", "above the maximum of 16384 we advertised")
 
 
-def test_an_idle_association_is_aborted_after_the_network_timeout(tmp_path: Path,
-                                                                  logs: list[dict[str, Any]]) -> None:
-    with NetServer(tmp_path / "srv", network_timeout=1.0) as server, established(server.port) as client:
+def test_an_idle_association_is_aborted_after_the_network_timeout(
+    tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    with (
+        NetServer(tmp_path / "srv", network_timeout=1.0) as server,
+        established(server.port) as client,
+    ):
         assert client.echo() == 0
         time.sleep(0.6)
         assert client.echo() == 0  # activity restarts the clock
@@ -343,28 +473,43 @@ def test_an_idle_association_is_aborted_after_the_network_timeout(tmp_path: Path
 
 def test_release_sent_while_storing_is_answered_after_the_store(tmp_path: Path) -> None:
     sop, data = small_ct(tmp_path)
-    with NetServer(tmp_path / "srv", store_delay=0.3) as server, established(server.port, STORE_RQ) as client:
+    with (
+        NetServer(tmp_path / "srv", store_delay=0.3) as server,
+        established(server.port, STORE_RQ) as client,
+    ):
         client.send_message(3, store_command(1, sop.encode()), data)
-        client.send(pdu.PDU_HEADER.pack(pdu.A_RELEASE_RQ, 4) + bytes(4))  # not waiting for the response
+        client.send(
+            pdu.PDU_HEADER.pack(pdu.A_RELEASE_RQ, 4) + bytes(4)
+        )  # not waiting for the response
         response = client.read_response()
         assert (response.field, response.us(dimse.STATUS)) == (dimse.C_STORE_RSP, 0)
         assert client.read_pdu()[0] == pdu.A_RELEASE_RP
     assert [r.sop_instance_uid for r in server.received] == [sop]
 
 
-def test_stopping_answers_the_store_in_flight_and_serves_nothing_new(tmp_path: Path,
-                                                                     logs: list[dict[str, Any]]) -> None:
+def test_stopping_answers_the_store_in_flight_and_serves_nothing_new(
+    tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
     """SIGTERM's path: the store being served finishes and is answered; a request already
     waiting behind it is not served (A-ABORT), and nothing of it stays in tmp."""
     sop, data = small_ct(tmp_path)
-    with NetServer(tmp_path / "srv", store_delay=0.5) as server, established(server.port, STORE_RQ) as client:
+    with (
+        NetServer(tmp_path / "srv", store_delay=0.5) as server,
+        established(server.port, STORE_RQ) as client,
+    ):
         client.send_message(3, store_command(1, sop.encode()), data)
-        client.send_message(3, store_command(2, b"1.2.3.4.5"), data)  # pipelined: waits for the first
+        client.send_message(
+            3, store_command(2, b"1.2.3.4.5"), data
+        )  # pipelined: waits for the first
         wait_until(lambda: server.temp_files(), what="the first store to be served")
         assert server.server is not None
         stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace=5.0), server.loop)
         response = client.read_response()
-        assert (response.field, response.message_id, response.us(dimse.STATUS)) == (dimse.C_STORE_RSP, 1, 0)
+        assert (response.field, response.message_id, response.us(dimse.STATUS)) == (
+            dimse.C_STORE_RSP,
+            1,
+            0,
+        )
         expect_abort(client, pdu.ABORT_SOURCE_USER)
         stopping.result(10)
         assert [r.sop_instance_uid for r in server.received] == [sop]
@@ -401,8 +546,12 @@ def test_more_than_1024_descriptors(tmp_path: Path) -> None:
 def a_session(sop: bytes, data: bytes) -> list[bytes]:
     return [
         STORE_RQ,
-        pdu.p_data(1, dimse.request(dimse.C_ECHO_RQ, 1, VERIFICATION.encode(), has_data_set=False),
-                   command=True, max_pdu_length=0),
+        pdu.p_data(
+            1,
+            dimse.request(dimse.C_ECHO_RQ, 1, VERIFICATION.encode(), has_data_set=False),
+            command=True,
+            max_pdu_length=0,
+        ),
         pdu.p_data(3, store_command(2, sop), command=True, max_pdu_length=64),
         pdu.p_data(3, data, command=False, max_pdu_length=1024),
         pdu.PDU_HEADER.pack(pdu.A_RELEASE_RQ, 4) + bytes(4),
@@ -425,12 +574,16 @@ def mutate(rng: random.Random, parts: list[bytes]) -> bytes:
         shuffled = parts[:k] + parts[k + 1 :] if rng.random() < 0.5 else parts[: k + 1] + parts[k:]
         stream = bytearray(b"".join(shuffled))
     elif kind == 4:  # random PDU in the middle
-        junk = bytes([rng.choice((1, 2, 3, 4, 5, 6, 7, 8, 0x10, 0xFF)), 0]) + rng.randbytes(rng.randint(4, 40))
+        junk = bytes([rng.choice((1, 2, 3, 4, 5, 6, 7, 8, 0x10, 0xFF)), 0]) + rng.randbytes(
+            rng.randint(4, 40)
+        )
         cut = rng.randrange(len(stream))
         stream[cut:cut] = junk
     else:  # a length field made huge
         pos = rng.randrange(0, len(stream) - 4)
-        stream[pos : pos + 4] = rng.choice((b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x00\x00\x00"))
+        stream[pos : pos + 4] = rng.choice(
+            (b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x00\x00\x00")
+        )
     return bytes(stream)
 
 
@@ -457,7 +610,11 @@ def test_fuzz_sessions_on_the_wire(tmp_path: Path, logs: list[dict[str, Any]]) -
             with RawClient(server.port, timeout=10) as client:
                 try:
                     client.send(stream)
-                    while client.read_pdu()[0] not in (pdu.A_ASSOCIATE_RJ, pdu.A_RELEASE_RP, pdu.A_ABORT):
+                    while client.read_pdu()[0] not in (
+                        pdu.A_ASSOCIATE_RJ,
+                        pdu.A_RELEASE_RP,
+                        pdu.A_ABORT,
+                    ):
                         pass  # an A-ASSOCIATE-AC, responses: the session goes on
                 except (EOFError, ConnectionError):
                     pass  # closed by the server (ARTIM, network timeout)
@@ -467,7 +624,9 @@ def test_fuzz_sessions_on_the_wire(tmp_path: Path, logs: list[dict[str, Any]]) -
         streams = [mutate(rng, parts) for _ in range(300)]
         for batch in range(0, len(streams), 50):
             run_in_threads([lambda s=s: run(s) for s in streams[batch : batch + 50]])  # re-raises
-        wait_until(lambda: server.connections() == 1, timeout=20, what="every fuzzed connection to end")
+        wait_until(
+            lambda: server.connections() == 1, timeout=20, what="every fuzzed connection to end"
+        )
         stop.set()
         asker.join()
         assert server.temp_files() == []
@@ -479,17 +638,28 @@ def test_fuzz_sessions_on_the_wire(tmp_path: Path, logs: list[dict[str, Any]]) -
     assert len(events(logs, "association aborted")) > 50  # the fuzz did reach the checks
 
 
-def test_an_identifier_that_does_not_decode_gets_0xc000(tmp_path: Path, logs: list[dict[str, Any]]) -> None:
+def test_an_identifier_that_does_not_decode_gets_0xc000(
+    tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
     from tests.test_net_interop import ListCore
 
     find = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root C-FIND
     core = ListCore(3)
     rq = associate_rq([(1, VERIFICATION, (IMPLICIT,)), (3, find, (EXPLICIT,))])
-    with NetServer(tmp_path / "srv", query_retrieve=core) as server, established(server.port, rq) as client:
+    with (
+        NetServer(tmp_path / "srv", query_retrieve=core) as server,
+        established(server.port, rq) as client,
+    ):
         garbage = b"\x08\x00\x52\x00CS\x06\x00STUDY \x10\x00\x20\x00XX\x04\x00ABCD"  # an unknown VR
-        client.send_message(3, dimse.request(dimse.C_FIND_RQ, 9, find.encode(), has_data_set=True), garbage)
+        client.send_message(
+            3, dimse.request(dimse.C_FIND_RQ, 9, find.encode(), has_data_set=True), garbage
+        )
         response = client.read_response()
-        assert (response.field, response.message_id, response.us(dimse.STATUS)) == (dimse.C_FIND_RSP, 9, 0xC000)
+        assert (response.field, response.message_id, response.us(dimse.STATUS)) == (
+            dimse.C_FIND_RSP,
+            9,
+            0xC000,
+        )
         assert client.echo() == 0
     assert core.requests == []
     line = one_line(logs, "query refused", "identifier cannot be decoded")

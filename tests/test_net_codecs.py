@@ -84,10 +84,20 @@ def command_set_of(pdus: bytes) -> bytes:
 # --- responses: byte for byte as pynetdicom writes them ---------------------------------------
 
 
-@pytest.mark.parametrize("status, comment", [(0x0000, None), (0xC000, "Pixel Data is short"), (0xA700, None),
-                                              (0xB000, "odd"), (0x0117, None)])
+@pytest.mark.parametrize(
+    "status, comment",
+    [
+        (0x0000, None),
+        (0xC000, "Pixel Data is short"),
+        (0xA700, None),
+        (0xB000, "odd"),
+        (0x0117, None),
+    ],
+)
 @pytest.mark.parametrize("max_pdu", [0, 16384, 60])  # 60: the command set spans several PDUs
-def test_c_store_rsp_is_byte_identical_to_pynetdicom(status: int, comment: str | None, max_pdu: int) -> None:
+def test_c_store_rsp_is_byte_identical_to_pynetdicom(
+    status: int, comment: str | None, max_pdu: int
+) -> None:
     primitive = C_STORE()
     primitive.MessageIDBeingRespondedTo = 517
     primitive.AffectedSOPClassUID = CT_IMAGE
@@ -96,8 +106,12 @@ def test_c_store_rsp_is_byte_identical_to_pynetdicom(status: int, comment: str |
     if comment:
         primitive.ErrorComment = comment
     theirs = pynetdicom_pdus(C_STORE_RSP(), primitive, 3, max_pdu)
-    ours = pdu.p_data(3, dimse.store_response(517, CT_IMAGE.encode(), SOP_INSTANCE.encode(), status, comment),
-                      command=True, max_pdu_length=max_pdu)
+    ours = pdu.p_data(
+        3,
+        dimse.store_response(517, CT_IMAGE.encode(), SOP_INSTANCE.encode(), status, comment),
+        command=True,
+        max_pdu_length=max_pdu,
+    )
     assert ours == theirs
 
 
@@ -106,8 +120,9 @@ def test_c_echo_rsp_is_byte_identical_to_pynetdicom() -> None:
     primitive.MessageIDBeingRespondedTo = 65535
     primitive.AffectedSOPClassUID = VERIFICATION
     primitive.Status = 0
-    assert pdu.p_data(1, dimse.echo_response(65535, VERIFICATION.encode()), command=True,
-                      max_pdu_length=16384) == pynetdicom_pdus(C_ECHO_RSP(), primitive, 1, 16384)
+    assert pdu.p_data(
+        1, dimse.echo_response(65535, VERIFICATION.encode()), command=True, max_pdu_length=16384
+    ) == pynetdicom_pdus(C_ECHO_RSP(), primitive, 1, 16384)
 
 
 @pytest.mark.parametrize("status", [0xFF00, 0x0000, 0xFE00, 0xA900])
@@ -124,8 +139,12 @@ def test_c_find_rsp_is_byte_identical_to_pynetdicom(status: int) -> None:
     if pending:
         primitive.Identifier = io.BytesIO(data)
     theirs = pynetdicom_pdus(C_FIND_RSP(), primitive, 5, 16384)
-    ours = pdu.p_data(5, dimse.find_response(9, FIND_ROOT.encode(), status, with_identifier=pending),
-                      command=True, max_pdu_length=16384)
+    ours = pdu.p_data(
+        5,
+        dimse.find_response(9, FIND_ROOT.encode(), status, with_identifier=pending),
+        command=True,
+        max_pdu_length=16384,
+    )
     if pending:
         ours += pdu.p_data(5, data, command=False, max_pdu_length=16384)
     assert ours == theirs
@@ -135,16 +154,24 @@ MOVE_ROOT, GET_ROOT = "1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.
 
 
 @pytest.mark.parametrize("kind", ["C-MOVE", "C-GET"])
-@pytest.mark.parametrize("status, counts, failed", [
-    (0xFF00, (3, 1, 0, 0), None),  # pending, after a sub-operation
-    (0x0000, (None, 4, 0, 0), None),  # final Success
-    (0xB000, (None, 2, 1, 1), ["1.2.3.4", "1.2.3.5"]),  # final, with the Failed SOP Instance UID List
-    (0xFE00, (2, 1, 1, 0), ["1.2.3.4"]),  # cancelled
-    (0xA801, (None, None, None, None), None),  # move destination unknown: no counts
-    (0xC511, (None, None, None, None), None),
-])
-def test_c_move_and_c_get_rsp_are_byte_identical_to_pynetdicom(kind: str, status: int, counts: tuple[int | None, ...],
-                                                               failed: list[str] | None) -> None:
+@pytest.mark.parametrize(
+    "status, counts, failed",
+    [
+        (0xFF00, (3, 1, 0, 0), None),  # pending, after a sub-operation
+        (0x0000, (None, 4, 0, 0), None),  # final Success
+        (
+            0xB000,
+            (None, 2, 1, 1),
+            ["1.2.3.4", "1.2.3.5"],
+        ),  # final, with the Failed SOP Instance UID List
+        (0xFE00, (2, 1, 1, 0), ["1.2.3.4"]),  # cancelled
+        (0xA801, (None, None, None, None), None),  # move destination unknown: no counts
+        (0xC511, (None, None, None, None), None),
+    ],
+)
+def test_c_move_and_c_get_rsp_are_byte_identical_to_pynetdicom(
+    kind: str, status: int, counts: tuple[int | None, ...], failed: list[str] | None
+) -> None:
     sop_class = MOVE_ROOT if kind == "C-MOVE" else GET_ROOT
     primitive = C_MOVE() if kind == "C-MOVE" else C_GET()
     primitive.MessageIDBeingRespondedTo = 11
@@ -163,10 +190,22 @@ def test_c_move_and_c_get_rsp_are_byte_identical_to_pynetdicom(kind: str, status
         primitive.Identifier = io.BytesIO(data)
     theirs = pynetdicom_pdus(C_MOVE_RSP() if kind == "C-MOVE" else C_GET_RSP(), primitive, 1, 16384)
     field = dimse.C_MOVE_RSP if kind == "C-MOVE" else dimse.C_GET_RSP
-    ours = pdu.p_data(1, dimse.retrieve_response(field, 11, sop_class.encode(), status, remaining=remaining,
-                                                 completed=completed, failed=failures, warning=warning,
-                                                 with_identifier=data is not None),
-                      command=True, max_pdu_length=16384)
+    ours = pdu.p_data(
+        1,
+        dimse.retrieve_response(
+            field,
+            11,
+            sop_class.encode(),
+            status,
+            remaining=remaining,
+            completed=completed,
+            failed=failures,
+            warning=warning,
+            with_identifier=data is not None,
+        ),
+        command=True,
+        max_pdu_length=16384,
+    )
     if data is not None:
         ours += pdu.p_data(1, data, command=False, max_pdu_length=16384)
     assert ours == theirs
@@ -180,8 +219,17 @@ def test_c_get_sub_operation_c_store_rq_is_byte_identical_to_pynetdicom() -> Non
     primitive.Priority = 2
     primitive.DataSet = io.BytesIO(b"\x08\x00\x18\x00\x02\x00\x00\x001\x00")
     theirs = command_set_of(pynetdicom_pdus(C_STORE_RQ(), primitive, 3, 16384))
-    assert dimse.request(dimse.C_STORE_RQ, 12, CT_IMAGE.encode(), has_data_set=True,
-                         sop_instance_uid=SOP_INSTANCE.encode(), priority=2) == theirs
+    assert (
+        dimse.request(
+            dimse.C_STORE_RQ,
+            12,
+            CT_IMAGE.encode(),
+            has_data_set=True,
+            sop_instance_uid=SOP_INSTANCE.encode(),
+            priority=2,
+        )
+        == theirs
+    )
 
 
 @pytest.mark.parametrize("originator", ["MOVESCU", "ODD_AE", "A"])
@@ -195,9 +243,18 @@ def test_c_move_sub_operation_c_store_rq_is_byte_identical_to_pynetdicom(origina
     primitive.MoveOriginatorMessageID = 3
     primitive.DataSet = io.BytesIO(b"\x08\x00\x18\x00\x02\x00\x00\x001\x00")
     theirs = command_set_of(pynetdicom_pdus(C_STORE_RQ(), primitive, 5, 0))
-    assert dimse.request(dimse.C_STORE_RQ, 7, MR_IMAGE.encode(), has_data_set=True,
-                         sop_instance_uid=SOP_INSTANCE.encode(), priority=2,
-                         move_originator=(originator, 3)) == theirs
+    assert (
+        dimse.request(
+            dimse.C_STORE_RQ,
+            7,
+            MR_IMAGE.encode(),
+            has_data_set=True,
+            sop_instance_uid=SOP_INSTANCE.encode(),
+            priority=2,
+            move_originator=(originator, 3),
+        )
+        == theirs
+    )
 
 
 def test_c_echo_rq_and_a_release_rq_are_byte_identical_to_pynetdicom() -> None:
@@ -213,7 +270,9 @@ def test_data_set_pieces_join_to_the_framed_bytes() -> None:
     data = bytes(random.Random(2).randbytes(50_000))
     for max_pdu in (0, 16384, 100):
         parts = pdu.p_data_parts(3, memoryview(data), command=False, max_pdu_length=max_pdu)
-        assert b"".join(bytes(p) for p in parts) == pdu.p_data(3, data, command=False, max_pdu_length=max_pdu)
+        assert b"".join(bytes(p) for p in parts) == pdu.p_data(
+            3, data, command=False, max_pdu_length=max_pdu
+        )
 
 
 def test_data_set_fragments_are_byte_identical_to_pynetdicom() -> None:
@@ -238,8 +297,12 @@ def test_a_abort_is_byte_identical_to_pynetdicom(source: int, reason: int) -> No
     assert pdu.a_abort(source, reason) == theirs.encode()
 
 
-@pytest.mark.parametrize("result, source, reason", [(1, 1, 3), (1, 1, 7), (1, 2, 2), (2, 3, 2), (1, 1, 2)])
-def test_a_associate_rj_and_release_rp_are_byte_identical_to_pynetdicom(result: int, source: int, reason: int) -> None:
+@pytest.mark.parametrize(
+    "result, source, reason", [(1, 1, 3), (1, 1, 7), (1, 2, 2), (2, 3, 2), (1, 1, 2)]
+)
+def test_a_associate_rj_and_release_rp_are_byte_identical_to_pynetdicom(
+    result: int, source: int, reason: int
+) -> None:
     theirs = A_ASSOCIATE_RJ()
     theirs.result, theirs.source, theirs.reason_diagnostic = result, source, reason
     assert pdu.a_associate_rj(result, source, reason) == theirs.encode()
@@ -279,7 +342,11 @@ def test_parse_command_reads_what_pynetdicom_encodes() -> None:
     primitive.MoveOriginatorMessageID = 3
     primitive.DataSet = io.BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00")
     command = dimse.parse_command(command_set_of(pynetdicom_pdus(C_STORE_RQ(), primitive)))
-    assert (command.field, command.message_id, command.has_data_set) == (dimse.C_STORE_RQ, 4242, True)
+    assert (command.field, command.message_id, command.has_data_set) == (
+        dimse.C_STORE_RQ,
+        4242,
+        True,
+    )
     assert command.uid(dimse.AFFECTED_SOP_CLASS_UID) == CT_IMAGE.encode()
     assert command.uid(dimse.AFFECTED_SOP_INSTANCE_UID) == SOP_INSTANCE.encode()
     assert command.us(dimse.PRIORITY) == 2
@@ -295,23 +362,49 @@ def test_parse_command_reads_what_pynetdicom_encodes() -> None:
 GOOD_ECHO = dimse.request(dimse.C_ECHO_RQ, 1, VERIFICATION.encode(), has_data_set=False)
 
 
-@pytest.mark.parametrize("data, problem", [
-    (GOOD_ECHO[:-1], "declares"),  # truncated value
-    (GOOD_ECHO[:13], "inside an element header"),
-    (GOOD_ECHO + b"\x08\x00\x16\x00\x00\x00\x00\x00", "group 0000 only"),
-    (GOOD_ECHO + GOOD_ECHO[12:], "twice"),
-    (dimse._group(dimse._ui(2, b"1.2")), "no Command Field"),
-    (dimse._group(dimse._element(0x0100, b"\x30")), "has 1 bytes"),
-    (dimse._group(dimse._US.pack(0, 0x0100, 2, 0x30) + dimse._US.pack(0, 0x0800, 2, 0x101)), "no Message ID"),
-    (GOOD_ECHO[:12] + struct.pack("<HHI", 0, 2, 0xFFFFFFFF), "declares"),
-], ids=["truncated", "header", "group", "twice", "no-field", "short-us", "no-message-id", "huge-length"])
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (GOOD_ECHO[:-1], "declares"),  # truncated value
+        (GOOD_ECHO[:13], "inside an element header"),
+        (GOOD_ECHO + b"\x08\x00\x16\x00\x00\x00\x00\x00", "group 0000 only"),
+        (GOOD_ECHO + GOOD_ECHO[12:], "twice"),
+        (dimse._group(dimse._ui(2, b"1.2")), "no Command Field"),
+        (dimse._group(dimse._element(0x0100, b"\x30")), "has 1 bytes"),
+        (
+            dimse._group(dimse._US.pack(0, 0x0100, 2, 0x30) + dimse._US.pack(0, 0x0800, 2, 0x101)),
+            "no Message ID",
+        ),
+        (GOOD_ECHO[:12] + struct.pack("<HHI", 0, 2, 0xFFFFFFFF), "declares"),
+    ],
+    ids=[
+        "truncated",
+        "header",
+        "group",
+        "twice",
+        "no-field",
+        "short-us",
+        "no-message-id",
+        "huge-length",
+    ],
+)
 def test_parse_command_names_what_is_wrong(data: bytes, problem: str) -> None:
     with pytest.raises(dimse.CommandError, match=problem):
         dimse.parse_command(data)
 
 
-@pytest.mark.parametrize("value, ok", [(b"1.2.840.10008.1.1", True), (b"", False), (b"1" * 64, True),
-                                       (b"1" * 65, False), (None, False), (b"1.2.3a", False), (b"1.02.3", True)])
+@pytest.mark.parametrize(
+    "value, ok",
+    [
+        (b"1.2.840.10008.1.1", True),
+        (b"", False),
+        (b"1" * 64, True),
+        (b"1" * 65, False),
+        (None, False),
+        (b"1.2.3a", False),
+        (b"1.02.3", True),
+    ],
+)
 def test_uid_problem(value: bytes | None, ok: bool) -> None:
     assert (dimse.uid_problem(value, "UID") is None) == ok
 
@@ -338,20 +431,29 @@ class Recorder:
 
 
 def a_session() -> bytes:
-    store = dimse.request(dimse.C_STORE_RQ, 2, CT_IMAGE.encode(), has_data_set=True, sop_instance_uid=b"1.2.3")
-    return (associate_rq()
-            + pdu.p_data(1, GOOD_ECHO, command=True, max_pdu_length=0)
-            + pdu.p_data(3, store, command=True, max_pdu_length=20)
-            + pdu.p_data(3, bytes(range(256)) * 40, command=False, max_pdu_length=1000)
-            + pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 6) + pdu.PDV_HEADER.pack(2, 5, 0)  # an empty PDV
-            + pdu.PDU_HEADER.pack(pdu.A_RELEASE_RQ, 4) + bytes(4))
+    store = dimse.request(
+        dimse.C_STORE_RQ, 2, CT_IMAGE.encode(), has_data_set=True, sop_instance_uid=b"1.2.3"
+    )
+    return (
+        associate_rq()
+        + pdu.p_data(1, GOOD_ECHO, command=True, max_pdu_length=0)
+        + pdu.p_data(3, store, command=True, max_pdu_length=20)
+        + pdu.p_data(3, bytes(range(256)) * 40, command=False, max_pdu_length=1000)
+        + pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 6)
+        + pdu.PDV_HEADER.pack(2, 5, 0)  # an empty PDV
+        + pdu.PDU_HEADER.pack(pdu.A_RELEASE_RQ, 4)
+        + bytes(4)
+    )
 
 
 def test_reader_gives_the_same_pieces_whatever_the_reads() -> None:
     stream = a_session()
     whole = Recorder()
     pdu.PduReader(whole).feed(stream)
-    assert [e[0] for e in whole.events][:2] == ["start", "pdu"] and whole.events[-1][:2] == ("pdu", pdu.A_RELEASE_RQ)
+    assert [e[0] for e in whole.events][:2] == ["start", "pdu"] and whole.events[-1][:2] == (
+        "pdu",
+        pdu.A_RELEASE_RQ,
+    )
     rng = random.Random(7)
     for _ in range(30):
         split = Recorder()
@@ -373,7 +475,9 @@ def test_reader_streams_a_pdu_of_declared_length_0xffffffff() -> None:
             pieces.append(len(data))
 
     reader = pdu.PduReader(Sink())
-    reader.feed(pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 0xFFFFFFFF) + pdu.PDV_HEADER.pack(0xFFFFFFF0, 1, 0))
+    reader.feed(
+        pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 0xFFFFFFFF) + pdu.PDV_HEADER.pack(0xFFFFFFF0, 1, 0)
+    )
     chunk = bytes(256 * 1024)
     for _ in range(40):  # 10 MiB
         reader.feed(chunk)
@@ -381,14 +485,23 @@ def test_reader_streams_a_pdu_of_declared_length_0xffffffff() -> None:
     assert sum(pieces) == 40 * len(chunk) and max(pieces) == len(chunk)
 
 
-@pytest.mark.parametrize("stream, match", [
-    (pdu.PDU_HEADER.pack(0x09, 4) + bytes(4), "unknown PDU type 0x09"),
-    (pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_RQ, 0xFFFFFFFF), "declares 4294967295 bytes"),
-    (pdu.PDU_HEADER.pack(pdu.A_ABORT, 5), "declares 5 bytes"),
-    (pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 2), "cannot hold a PDV"),
-    (pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 10) + pdu.PDV_HEADER.pack(9, 1, 3), "PDV item of length 9"),
-    (pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 10) + pdu.PDV_HEADER.pack(1, 1, 3), "PDV item of length 1"),
-])
+@pytest.mark.parametrize(
+    "stream, match",
+    [
+        (pdu.PDU_HEADER.pack(0x09, 4) + bytes(4), "unknown PDU type 0x09"),
+        (pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_RQ, 0xFFFFFFFF), "declares 4294967295 bytes"),
+        (pdu.PDU_HEADER.pack(pdu.A_ABORT, 5), "declares 5 bytes"),
+        (pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 2), "cannot hold a PDV"),
+        (
+            pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 10) + pdu.PDV_HEADER.pack(9, 1, 3),
+            "PDV item of length 9",
+        ),
+        (
+            pdu.PDU_HEADER.pack(pdu.P_DATA_TF, 10) + pdu.PDV_HEADER.pack(1, 1, 3),
+            "PDV item of length 1",
+        ),
+    ],
+)
 def test_reader_refuses_broken_framing_at_the_header(stream: bytes, match: str) -> None:
     with pytest.raises(pdu.FramingError, match=match):
         pdu.PduReader(Recorder()).feed(stream)
@@ -404,14 +517,24 @@ def test_reader_enforces_the_maximum_pdu_length_we_advertised() -> None:
 # --- negotiation --------------------------------------------------------------------------
 
 
-STORAGE = (str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian), str(ExplicitVRBigEndian),
-           str(DeflatedExplicitVRLittleEndian), str(JPEGLSLossless))
+STORAGE = (
+    str(ImplicitVRLittleEndian),
+    str(ExplicitVRLittleEndian),
+    str(ExplicitVRBigEndian),
+    str(DeflatedExplicitVRLittleEndian),
+    str(JPEGLSLossless),
+)
 
 
 def negotiator(**kwargs: Any) -> Negotiator:
-    return Negotiator(**{"ae_title": AE_TITLE, "allowed_calling_aes": None,
-                         "supported": {VERIFICATION: STORAGE[:2], CT_IMAGE: STORAGE, MR_IMAGE: STORAGE},
-                         **kwargs})
+    return Negotiator(
+        **{
+            "ae_title": AE_TITLE,
+            "allowed_calling_aes": None,
+            "supported": {VERIFICATION: STORAGE[:2], CT_IMAGE: STORAGE, MR_IMAGE: STORAGE},
+            **kwargs,
+        }
+    )
 
 
 def accepted(answer: Accepted | Rejected) -> Accepted:
@@ -429,13 +552,21 @@ def body(rq: bytes) -> bytes:
     return rq[6:]
 
 
-@pytest.mark.parametrize("proposed, chosen", [
-    ((ExplicitVRLittleEndian, ImplicitVRLittleEndian), ExplicitVRLittleEndian),
-    ((ImplicitVRLittleEndian, ExplicitVRLittleEndian), ImplicitVRLittleEndian),
-    ((JPEGLSLossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian), JPEGLSLossless),
-    (("1.2.840.10008.1.2.4.100", ExplicitVRBigEndian, ImplicitVRLittleEndian), ExplicitVRBigEndian),
-])
-def test_the_senders_first_supported_transfer_syntax_wins(proposed: tuple[str, ...], chosen: str) -> None:
+@pytest.mark.parametrize(
+    "proposed, chosen",
+    [
+        ((ExplicitVRLittleEndian, ImplicitVRLittleEndian), ExplicitVRLittleEndian),
+        ((ImplicitVRLittleEndian, ExplicitVRLittleEndian), ImplicitVRLittleEndian),
+        ((JPEGLSLossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian), JPEGLSLossless),
+        (
+            ("1.2.840.10008.1.2.4.100", ExplicitVRBigEndian, ImplicitVRLittleEndian),
+            ExplicitVRBigEndian,
+        ),
+    ],
+)
+def test_the_senders_first_supported_transfer_syntax_wins(
+    proposed: tuple[str, ...], chosen: str
+) -> None:
     answer = accepted(negotiator().negotiate(body(associate_rq([(1, CT_IMAGE, proposed)]))))
     assert answer.contexts[1].transfer_syntax == chosen
     (cx,) = ac_of(answer).presentation_context_definition_results_list
@@ -444,20 +575,38 @@ def test_the_senders_first_supported_transfer_syntax_wins(proposed: tuple[str, .
 
 def test_negotiation_results_roles_window_and_identity() -> None:
     rq = associate_rq(
-        [(1, CT_IMAGE, (ExplicitVRLittleEndian,)), (3, "1.2.3.4.5.6", (ExplicitVRLittleEndian,)),
-         (5, MR_IMAGE, ("1.2.840.10008.1.2.4.100",)), (7, VERIFICATION, (ImplicitVRLittleEndian,))],
-        roles=[(CT_IMAGE, False, True)], async_ops=True, max_pdu=32768)
-    answer = accepted(negotiator(both_roles=frozenset({CT_IMAGE}), max_pdu_length=65536).negotiate(body(rq)))
-    assert set(answer.contexts) == {1, 7} and answer.contexts[1].as_scu  # C-GET: we send C-STOREs on it
+        [
+            (1, CT_IMAGE, (ExplicitVRLittleEndian,)),
+            (3, "1.2.3.4.5.6", (ExplicitVRLittleEndian,)),
+            (5, MR_IMAGE, ("1.2.840.10008.1.2.4.100",)),
+            (7, VERIFICATION, (ImplicitVRLittleEndian,)),
+        ],
+        roles=[(CT_IMAGE, False, True)],
+        async_ops=True,
+        max_pdu=32768,
+    )
+    answer = accepted(
+        negotiator(both_roles=frozenset({CT_IMAGE}), max_pdu_length=65536).negotiate(body(rq))
+    )
+    assert (
+        set(answer.contexts) == {1, 7} and answer.contexts[1].as_scu
+    )  # C-GET: we send C-STOREs on it
     assert answer.peer_max_pdu == 32768 and answer.calling_ae == "RAWSCU" and answer.proposed == 4
     ac = ac_of(answer)
-    assert [(cx.context_id, cx.result) for cx in ac.presentation_context_definition_results_list] == [
-        (1, 0), (3, 3), (5, 4), (7, 0)]  # 3: abstract syntax, 4: transfer syntax not supported
+    assert [
+        (cx.context_id, cx.result) for cx in ac.presentation_context_definition_results_list
+    ] == [(1, 0), (3, 3), (5, 4), (7, 0)]  # 3: abstract syntax, 4: transfer syntax not supported
     info = {type(item): item for item in ac.user_information}
     assert info[MaximumLengthNotification].maximum_length_received == 65536
-    assert info[ImplementationClassUIDNotification].implementation_class_uid == IMPLEMENTATION_CLASS_UID
+    assert (
+        info[ImplementationClassUIDNotification].implementation_class_uid
+        == IMPLEMENTATION_CLASS_UID
+    )
     window = info[AsynchronousOperationsWindowNegotiation]
-    assert (window.maximum_number_operations_invoked, window.maximum_number_operations_performed) == (1, 1)
+    assert (
+        window.maximum_number_operations_invoked,
+        window.maximum_number_operations_performed,
+    ) == (1, 1)
     role = info[SCP_SCU_RoleSelectionNegotiation]
     assert (role.sop_class_uid, role.scu_role, role.scp_role) == (CT_IMAGE, False, True)
     assert negotiator().negotiate(body(rq)) is not None
@@ -465,12 +614,21 @@ def test_negotiation_results_roles_window_and_identity() -> None:
     assert cached.negotiate(body(rq)) is cached.negotiate(body(rq))  # decoded once per distinct RQ
 
 
-@pytest.mark.parametrize("kwargs, rq, code, reason", [
-    ({"allowed_calling_aes": ["STORESCU"]}, associate_rq(calling="INTRUDER"), (1, 1, 3), "allowed_calling_aes"),
-    ({}, associate_rq(called="OTHER"), (1, 1, 7), "called AE title 'OTHER'"),
-])
-def test_rejections_carry_dcmtk_and_pynetdicom_codes(kwargs: dict[str, Any], rq: bytes, code: tuple[int, ...],
-                                                      reason: str) -> None:
+@pytest.mark.parametrize(
+    "kwargs, rq, code, reason",
+    [
+        (
+            {"allowed_calling_aes": ["STORESCU"]},
+            associate_rq(calling="INTRUDER"),
+            (1, 1, 3),
+            "allowed_calling_aes",
+        ),
+        ({}, associate_rq(called="OTHER"), (1, 1, 7), "called AE title 'OTHER'"),
+    ],
+)
+def test_rejections_carry_dcmtk_and_pynetdicom_codes(
+    kwargs: dict[str, Any], rq: bytes, code: tuple[int, ...], reason: str
+) -> None:
     answer = negotiator(**kwargs).negotiate(body(rq))
     assert isinstance(answer, Rejected) and reason in answer.reason
     assert answer.pdu == pdu.a_associate_rj(*code)
@@ -502,14 +660,21 @@ def rq_with_context_ids(ids: list[int]) -> bytes:
     return bytes(rq.encode())
 
 
-@pytest.mark.parametrize("rq, match", [
-    (rq_with_context_ids([2]), "ID 2 "),
-    (rq_with_context_ids([0]), "ID 0 "),
-    (rq_with_context_ids([1, 3, 1]), "proposed twice"),
-    (rq_with_context_ids([1 + 2 * (k % 128) for k in range(1000)]), "1000 presentation contexts"),
-    (rq_with_context_ids([]), "no presentation context"),
-    (associate_rq()[:40], "shorter than its fixed fields"),
-], ids=["even", "zero", "twice", "1000", "none", "truncated"])
+@pytest.mark.parametrize(
+    "rq, match",
+    [
+        (rq_with_context_ids([2]), "ID 2 "),
+        (rq_with_context_ids([0]), "ID 0 "),
+        (rq_with_context_ids([1, 3, 1]), "proposed twice"),
+        (
+            rq_with_context_ids([1 + 2 * (k % 128) for k in range(1000)]),
+            "1000 presentation contexts",
+        ),
+        (rq_with_context_ids([]), "no presentation context"),
+        (associate_rq()[:40], "shorter than its fixed fields"),
+    ],
+    ids=["even", "zero", "twice", "1000", "none", "truncated"],
+)
 def test_invalid_associate_rq_is_an_error_not_a_crash(rq: bytes, match: str) -> None:
     with pytest.raises(AssociateRqError, match=match):
         negotiator().negotiate(body(rq))
@@ -548,8 +713,15 @@ def test_fuzz_reader_on_a_mutated_session(data: st.DataObject) -> None:
 @FUZZ
 @given(st.data())
 def test_fuzz_command_sets(data: st.DataObject) -> None:
-    raw = bytearray(dimse.request(dimse.C_STORE_RQ, 7, CT_IMAGE.encode(), has_data_set=True,
-                                  sop_instance_uid=SOP_INSTANCE.encode()))
+    raw = bytearray(
+        dimse.request(
+            dimse.C_STORE_RQ,
+            7,
+            CT_IMAGE.encode(),
+            has_data_set=True,
+            sop_instance_uid=SOP_INSTANCE.encode(),
+        )
+    )
     for _ in range(data.draw(st.integers(1, 6))):
         pos = data.draw(st.integers(0, len(raw) - 1))
         raw[pos] = data.draw(st.integers(0, 255))
@@ -566,10 +738,19 @@ def test_fuzz_command_sets(data: st.DataObject) -> None:
 
 @FUZZ
 @given(st.data())
-@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's "Invalid value for VR UI" on mutated UIDs
+@pytest.mark.filterwarnings(
+    "ignore::UserWarning"
+)  # pydicom's "Invalid value for VR UI" on mutated UIDs
 def test_fuzz_associate_rq(data: st.DataObject) -> None:
-    rq = bytearray(associate_rq([(1, CT_IMAGE, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)),
-                                 (3, VERIFICATION, (ImplicitVRLittleEndian,))], roles=[(CT_IMAGE, True, True)]))
+    rq = bytearray(
+        associate_rq(
+            [
+                (1, CT_IMAGE, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)),
+                (3, VERIFICATION, (ImplicitVRLittleEndian,)),
+            ],
+            roles=[(CT_IMAGE, True, True)],
+        )
+    )
     for _ in range(data.draw(st.integers(1, 6))):
         pos = data.draw(st.integers(6, len(rq) - 1))
         rq[pos] = data.draw(st.integers(0, 255))
@@ -585,9 +766,13 @@ def test_fuzz_associate_rq(data: st.DataObject) -> None:
 COMMITMENT_CLASS, COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.1.1"
 
 
-@pytest.mark.parametrize("status, comment", [(0x0000, None), (0x0110, "cannot decide"), (0x0123, None)])
+@pytest.mark.parametrize(
+    "status, comment", [(0x0000, None), (0x0110, "cannot decide"), (0x0123, None)]
+)
 @pytest.mark.parametrize("max_pdu", [0, 16384, 40])
-def test_n_action_rsp_is_byte_identical_to_pynetdicom(status: int, comment: str | None, max_pdu: int) -> None:
+def test_n_action_rsp_is_byte_identical_to_pynetdicom(
+    status: int, comment: str | None, max_pdu: int
+) -> None:
     from pynetdicom.dimse_messages import N_ACTION_RSP
     from pynetdicom.dimse_primitives import N_ACTION
 
@@ -601,9 +786,19 @@ def test_n_action_rsp_is_byte_identical_to_pynetdicom(status: int, comment: str 
     if comment:
         primitive.ErrorComment = comment
     theirs = pynetdicom_pdus(N_ACTION_RSP(), primitive, 7, max_pdu)
-    ours = pdu.p_data(7, dimse.n_action_response(77, COMMITMENT_CLASS.encode(), COMMITMENT_INSTANCE.encode(), status,
-                                                 1 if status == 0 else None, comment),
-                      command=True, max_pdu_length=max_pdu)
+    ours = pdu.p_data(
+        7,
+        dimse.n_action_response(
+            77,
+            COMMITMENT_CLASS.encode(),
+            COMMITMENT_INSTANCE.encode(),
+            status,
+            1 if status == 0 else None,
+            comment,
+        ),
+        command=True,
+        max_pdu_length=max_pdu,
+    )
     assert ours == theirs
 
 
@@ -622,7 +817,13 @@ def test_n_event_report_rq_is_byte_identical_to_pynetdicom(event_type: int) -> N
     primitive.EventTypeID = event_type
     primitive.EventInformation = io.BytesIO(data)
     theirs = pynetdicom_pdus(N_EVENT_REPORT_RQ(), primitive, 9, 16384)
-    ours = pdu.p_data(9, dimse.n_event_report_request(3, COMMITMENT_CLASS.encode(), COMMITMENT_INSTANCE.encode(),
-                                                      event_type), command=True, max_pdu_length=16384)
+    ours = pdu.p_data(
+        9,
+        dimse.n_event_report_request(
+            3, COMMITMENT_CLASS.encode(), COMMITMENT_INSTANCE.encode(), event_type
+        ),
+        command=True,
+        max_pdu_length=16384,
+    )
     ours += pdu.p_data(9, data, command=False, max_pdu_length=16384)
     assert ours == theirs

@@ -59,8 +59,9 @@ def server(tmp_path: Path) -> Any:
 
 
 def pynetdicom_app(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pynetdicom", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pynetdicom", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_arrived_as_sent(server: NetServer, files: list[Path]) -> None:
@@ -82,8 +83,12 @@ def test_echo_from_dcmtk_pynetdicom_and_gdcm(server: NetServer, logs: list[dict[
     assert result.returncode == 0, result.stderr
     result = pynetdicom_app("echoscu", HOST, str(server.port), "-aec", AE_TITLE)
     assert result.returncode == 0, result.stderr
-    result = subprocess.run(["gdcmscu", "--echo", "-D", "--call", AE_TITLE, HOST, str(server.port)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["gdcmscu", "--echo", "-D", "--call", AE_TITLE, HOST, str(server.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     # gdcmscu aborts on every A-RELEASE-RP (exit 134): judge by its trace of our C-ECHO-RSP
     trace = result.stdout + result.stderr
     assert "(0000,0100) ?? (US) 32816" in trace and "(0000,0900) ?? (US) 0 " in trace, trace[-3000:]
@@ -93,12 +98,27 @@ def test_echo_from_dcmtk_pynetdicom_and_gdcm(server: NetServer, logs: list[dict[
     assert server.received == []
 
 
-def test_storescu_series_and_directories_arrive_byte_identical(server: NetServer, tmp_path: Path) -> None:
+def test_storescu_series_and_directories_arrive_byte_identical(
+    server: NetServer, tmp_path: Path
+) -> None:
     mr = dicomdata.make_mr_series(tmp_path / "send" / "mr", 12, seed="net")
-    ct = dicomdata.make_ct_series(tmp_path / "send" / "ct" / "deeper", 3, seed="net", rows=128, cols=128)
+    ct = dicomdata.make_ct_series(
+        tmp_path / "send" / "ct" / "deeper", 3, seed="net", rows=128, cols=128
+    )
     sr = dicomdata.make_sr(tmp_path / "send" / "sr")
-    result = dcmtk("storescu", "-v", "-aet", "STORESCU", "-aec", AE_TITLE, "+sd", "+r", HOST, str(server.port),
-                   str(tmp_path / "send"))
+    result = dcmtk(
+        "storescu",
+        "-v",
+        "-aet",
+        "STORESCU",
+        "-aec",
+        AE_TITLE,
+        "+sd",
+        "+r",
+        HOST,
+        str(server.port),
+        str(tmp_path / "send"),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (result.stdout + result.stderr).count("Received Store Response (Success)") == 16
     assert_arrived_as_sent(server, [*mr, *ct, sr])
@@ -113,18 +133,37 @@ def storescp_receives(files: list[Path], options: list[str], directory: Path) ->
     sends ``files`` with ``options``: what went on the wire (storescu re-encodes some files)."""
     directory.mkdir(parents=True)
     port = free_port()
-    proc = subprocess.Popen(["storescp", "+B", "+xa", "+uf", "-aet", "STORESCP", "-od", str(directory), str(port)],
-                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["storescp", "+B", "+xa", "+uf", "-aet", "STORESCP", "-od", str(directory), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_until(lambda: dcmtk("echoscu", "-aec", "STORESCP", HOST, str(port)).returncode == 0, what="storescp")
-        dcmtk("storescu", "-aet", "STORESCU", "-aec", "STORESCP", *options, HOST, str(port), *map(str, files))
+        wait_until(
+            lambda: dcmtk("echoscu", "-aec", "STORESCP", HOST, str(port)).returncode == 0,
+            what="storescp",
+        )
+        dcmtk(
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "STORESCP",
+            *options,
+            HOST,
+            str(port),
+            *map(str, files),
+        )
     finally:
         proc.terminate()
         proc.wait(30)
     return sorted(dataset_bytes(p) for p in directory.iterdir())
 
 
-def test_compressed_files_are_received_in_their_own_syntax(server: NetServer, tmp_path: Path) -> None:
+def test_compressed_files_are_received_in_their_own_syntax(
+    server: NetServer, tmp_path: Path
+) -> None:
     by_option: dict[str, list[Path]] = {}
     for path, syntax in dicomdata.wheel_test_files(compressed_only=True):
         if syntax in OPTION_FOR_SYNTAX:
@@ -132,10 +171,25 @@ def test_compressed_files_are_received_in_their_own_syntax(server: NetServer, tm
     assert {"-xs", "-xy", "-xt", "-xv", "-xr", "-xd"} <= set(by_option)
     for option, paths in sorted(by_option.items()):
         before = len(server.received)
-        result = dcmtk("storescu", "-v", "-aet", "STORESCU", "-aec", AE_TITLE, option, "--no-halt", HOST,
-                       str(server.port), *map(str, paths))
+        result = dcmtk(
+            "storescu",
+            "-v",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            AE_TITLE,
+            option,
+            "--no-halt",
+            HOST,
+            str(server.port),
+            *map(str, paths),
+        )
         arrived = server.received[before:]
-        assert len(arrived) == (result.stdout + result.stderr).count("Received Store Response (Success)") > 0
+        assert (
+            len(arrived)
+            == (result.stdout + result.stderr).count("Received Store Response (Success)")
+            > 0
+        )
         # byte for byte what DCMTK's own bit-preserving receiver gets from the same sender
         wire = storescp_receives(paths, [option, "--no-halt"], tmp_path / f"storescp{option}")
         assert sorted(dataset_bytes(r.path) for r in arrived) == wire, option
@@ -143,8 +197,14 @@ def test_compressed_files_are_received_in_their_own_syntax(server: NetServer, tm
             meta = pydicom.dcmread(got.path, stop_before_pixels=True).file_meta
             assert meta.TransferSyntaxUID == got.request.transfer_syntax_uid
     syntaxes = {r.request.transfer_syntax_uid for r in server.received}
-    for wanted in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
-                   "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99"):
+    for wanted in (
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.1.99",
+    ):
         assert wanted in syntaxes, f"nothing arrived in {wanted}"
 
 
@@ -155,7 +215,9 @@ def test_dcmsend_keeps_each_files_syntax(server: NetServer, tmp_path: Path) -> N
     copies = dicomdata.make_compressed_copies(mr, tmp_path / "copies")
     files = [mr, *copies.values()]
     for f in files:  # one file each: its context proposes its own syntax first
-        result = dcmtk("dcmsend", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port), str(f))
+        result = dcmtk(
+            "dcmsend", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port), str(f)
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     assert len(server.received) == len(files) >= 10
     for f, got in zip(files, server.received, strict=True):
@@ -172,20 +234,28 @@ def test_pynetdicom_storescu_app_and_gdcmscu_store(server: NetServer, tmp_path: 
     result = pynetdicom_app("storescu", HOST, str(server.port), *map(str, mr[:2]), "-aec", AE_TITLE)
     assert result.returncode == 0, result.stderr
     assert {r.sop_instance_uid for r in server.received} == {
-        str(pydicom.dcmread(f).SOPInstanceUID) for f in mr[:2]}
+        str(pydicom.dcmread(f).SOPInstanceUID) for f in mr[:2]
+    }
     for got in server.received:  # pynetdicom's app re-encodes: compare element by element
         sent = next(f for f in mr if str(pydicom.dcmread(f).SOPInstanceUID) == got.sop_instance_uid)
         assert pydicom.dcmread(got.path).PixelData == pydicom.dcmread(sent).PixelData
 
     before = len(server.received)
-    subprocess.run(["gdcmscu", "--store", "--call", AE_TITLE, "-i", str(mr[2]), HOST, str(server.port)],
-                   capture_output=True, text=True, timeout=60)  # its exit code: 134 on every A-RELEASE-RP
-    assert [r.sop_instance_uid for r in server.received[before:]] == [str(pydicom.dcmread(mr[2]).SOPInstanceUID)]
+    subprocess.run(
+        ["gdcmscu", "--store", "--call", AE_TITLE, "-i", str(mr[2]), HOST, str(server.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # its exit code: 134 on every A-RELEASE-RP
+    assert [r.sop_instance_uid for r in server.received[before:]] == [
+        str(pydicom.dcmread(mr[2]).SOPInstanceUID)
+    ]
     assert pydicom.dcmread(server.received[-1].path).PixelData == pydicom.dcmread(mr[2]).PixelData
 
 
-def test_thirty_single_image_associations_in_a_row(server: NetServer, tmp_path: Path,
-                                                   logs: list[dict[str, Any]]) -> None:
+def test_thirty_single_image_associations_in_a_row(
+    server: NetServer, tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
     files = dicomdata.make_ct_series(tmp_path / "ct", 30, seed="one-each", rows=64, cols=64)
     for f in files:
         result = dcmtk("storescu", "-aet", "PACS", "-aec", AE_TITLE, HOST, str(server.port), str(f))
@@ -196,12 +266,16 @@ def test_thirty_single_image_associations_in_a_row(server: NetServer, tmp_path: 
     assert server.associations() == 0 and server.temp_files() == []
 
 
-@pytest.mark.parametrize("proposed, expected", [
-    ((ExplicitVRLittleEndian, ImplicitVRLittleEndian), ExplicitVRLittleEndian),
-    ((ImplicitVRLittleEndian, ExplicitVRLittleEndian), ImplicitVRLittleEndian),
-])
-def test_transfer_syntax_is_the_senders_choice_on_the_wire(server: NetServer, tmp_path: Path,
-                                                          proposed: tuple[str, ...], expected: str) -> None:
+@pytest.mark.parametrize(
+    "proposed, expected",
+    [
+        ((ExplicitVRLittleEndian, ImplicitVRLittleEndian), ExplicitVRLittleEndian),
+        ((ImplicitVRLittleEndian, ExplicitVRLittleEndian), ImplicitVRLittleEndian),
+    ],
+)
+def test_transfer_syntax_is_the_senders_choice_on_the_wire(
+    server: NetServer, tmp_path: Path, proposed: tuple[str, ...], expected: str
+) -> None:
     (f,) = dicomdata.make_ct_series(tmp_path / "ct", 1, seed="order", rows=32, cols=32)
     ae = AE(ae_title="ORDER")
     ae.requested_contexts = [build_context(dicomdata.CT_IMAGE, list(proposed))]
@@ -217,18 +291,26 @@ def test_transfer_syntax_is_the_senders_choice_on_the_wire(server: NetServer, tm
 
 def test_refusals_over_the_wire(tmp_path: Path, logs: list[dict[str, Any]]) -> None:
     (f,) = dicomdata.make_mr_series(tmp_path / "mr", 1, seed="refused")
-    with NetServer(tmp_path / "srv", allowed_calling_aes=["STORESCU"], max_associations=2) as server:
-        result = dcmtk("storescu", "-aet", "INTRUDER", "-aec", AE_TITLE, HOST, str(server.port), str(f))
+    with NetServer(
+        tmp_path / "srv", allowed_calling_aes=["STORESCU"], max_associations=2
+    ) as server:
+        result = dcmtk(
+            "storescu", "-aet", "INTRUDER", "-aec", AE_TITLE, HOST, str(server.port), str(f)
+        )
         assert result.returncode != 0 and "Association Rejected" in result.stdout + result.stderr
         assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
-        result = dcmtk("storescu", "-aet", "STORESCU", "-aec", "SOMEONE", HOST, str(server.port), str(f))
+        result = dcmtk(
+            "storescu", "-aet", "STORESCU", "-aec", "SOMEONE", HOST, str(server.port), str(f)
+        )
         assert "Called AE Title Not Recognized" in result.stdout + result.stderr
         refused = events(logs, "association refused")
         assert [r["calling_ae"] for r in refused] == ["INTRUDER", "STORESCU"]
         assert "allowed_calling_aes" in refused[0]["reason"] and "'SOMEONE'" in refused[1]["reason"]
 
         holders = [established(server.port, associate_rq(calling="STORESCU")) for _ in range(2)]
-        result = dcmtk("storescu", "-v", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port), str(f))
+        result = dcmtk(
+            "storescu", "-v", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port), str(f)
+        )
         out = result.stdout + result.stderr
         assert "Rejected Transient" in out and "Local Limit Exceeded" in out, out
         assert "max_associations" in events(logs, "association refused")[-1]["reason"], logs
@@ -236,7 +318,9 @@ def test_refusals_over_the_wire(tmp_path: Path, logs: list[dict[str, Any]]) -> N
             holder.release()
             holder.close()
         wait_until(lambda: server.associations() == 0, what="places to free")
-        result = dcmtk("storescu", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port), str(f))
+        result = dcmtk(
+            "storescu", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port), str(f)
+        )
         assert result.returncode == 0
     assert len(server.received) == 1
 
@@ -275,18 +359,43 @@ class ListCore:
         raise NotImplementedError
 
 
-def test_c_find_with_findscu_pynetdicom_and_cancel(tmp_path: Path, logs: list[dict[str, Any]]) -> None:
+def test_c_find_with_findscu_pynetdicom_and_cancel(
+    tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
     core = ListCore(5)
     with NetServer(tmp_path / "srv", query_retrieve=core) as server:
-        result = dcmtk("findscu", "-v", "-aet", "WS1", "-aec", AE_TITLE, "-S", "-k", "QueryRetrieveLevel=STUDY",
-                       "-k", "StudyInstanceUID", HOST, str(server.port))
+        result = dcmtk(
+            "findscu",
+            "-v",
+            "-aet",
+            "WS1",
+            "-aec",
+            AE_TITLE,
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID",
+            HOST,
+            str(server.port),
+        )
         out = result.stdout + result.stderr
         assert result.returncode == 0, out
         assert out.count("(Pending)") == 5 and "Received Final Find Response (Success)" in out, out
         assert core.requests[0].calling_ae == "WS1" and core.requests[0].model == "study"
 
-        result = pynetdicom_app("findscu", HOST, str(server.port), "-aec", AE_TITLE, "-S",
-                                "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=REFUSE")
+        result = pynetdicom_app(
+            "findscu",
+            HOST,
+            str(server.port),
+            "-aec",
+            AE_TITLE,
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "PatientID=REFUSE",
+        )
         assert "0xA900" in result.stdout + result.stderr or "A900" in result.stderr, result.stderr
 
         core.count = 3000
@@ -298,7 +407,9 @@ def test_c_find_with_findscu_pynetdicom_and_cancel(tmp_path: Path, logs: list[di
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = ""
         statuses = []
-        for status, _identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind, msg_id=7):
+        for status, _identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind, msg_id=7
+        ):
             statuses.append(status.Status)
             if len(statuses) == 3:
                 assoc.send_c_cancel(7, assoc.accepted_contexts[0].context_id)
@@ -329,8 +440,22 @@ def test_a_1_gb_multiframe_streams_to_disk_with_flat_memory(tmp_path: Path) -> N
         sampler.start()
         try:
             started = time.monotonic()
-            result = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", AE_TITLE, HOST, str(server.port),
-                                     str(big)], capture_output=True, text=True, timeout=600, env=DCMTK_ENV)
+            result = subprocess.run(
+                [
+                    "storescu",
+                    "-aet",
+                    "STORESCU",
+                    "-aec",
+                    AE_TITLE,
+                    HOST,
+                    str(server.port),
+                    str(big),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env=DCMTK_ENV,
+            )
             elapsed = time.monotonic() - started
         finally:
             done.set()
@@ -341,8 +466,10 @@ def test_a_1_gb_multiframe_streams_to_disk_with_flat_memory(tmp_path: Path) -> N
         got.path.unlink()  # 2 GB in pytest's kept temp dirs otherwise
         big.unlink()
     grown = (peak - baseline) / 1e6
-    print(f"1 GB multi-frame: {size / 1e6 / elapsed:.0f} MB/s, server RSS grew {grown:.0f} MB "
-          f"(peak {peak / 1e6:.0f} MB)")
+    print(
+        f"1 GB multi-frame: {size / 1e6 / elapsed:.0f} MB/s, server RSS grew {grown:.0f} MB "
+        f"(peak {peak / 1e6:.0f} MB)"
+    )
     assert grown < 100, f"RSS grew {grown:.0f} MB while receiving"
     assert peak < 400e6
 
@@ -378,24 +505,37 @@ class AskBack:
     async def serve(self, op: Operation) -> None:
         op.expect_responses()
         verification = next(cx for cx in op.contexts.values() if cx.abstract_syntax == VERIFICATION)
-        op.send_request(verification.context_id, dimse.request(dimse.C_ECHO_RQ, 77, VERIFICATION.encode(),
-                                                               has_data_set=False))
+        op.send_request(
+            verification.context_id,
+            dimse.request(dimse.C_ECHO_RQ, 77, VERIFICATION.encode(), has_data_set=False),
+        )
         answer = await op.response()
         assert answer is not None and answer.message_id == 77
         status = answer.us(dimse.STATUS) or 0
         op.respond(dimse.failure_response(op.command, status), status)
 
 
-def test_a_service_can_send_requests_on_the_association_and_read_their_responses(tmp_path: Path) -> None:
+def test_a_service_can_send_requests_on_the_association_and_read_their_responses(
+    tmp_path: Path,
+) -> None:
     with NetServer(tmp_path / "srv", services={dimse.C_GET_RQ: AskBack()}) as server:
-        rq = associate_rq([(1, VERIFICATION, ("1.2.840.10008.1.2",)), (3, STUDY_ROOT_GET, ("1.2.840.10008.1.2",))])
+        rq = associate_rq(
+            [(1, VERIFICATION, ("1.2.840.10008.1.2",)), (3, STUDY_ROOT_GET, ("1.2.840.10008.1.2",))]
+        )
         with established(server.port, rq) as client:
-            client.send_message(3, dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True),
-                                b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
+            client.send_message(
+                3,
+                dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True),
+                b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ",
+            )
             asked = client.read_response()  # the server's own C-ECHO-RQ
             assert (asked.field, asked.message_id) == (dimse.C_ECHO_RQ, 77)
             client.send_message(1, dimse.echo_response(77, VERIFICATION.encode(), 0xABCD))
             answer = client.read_response()
-            assert (answer.field, answer.message_id, answer.us(dimse.STATUS)) == (dimse.C_GET_RSP, 5, 0xABCD)
+            assert (answer.field, answer.message_id, answer.us(dimse.STATUS)) == (
+                dimse.C_GET_RSP,
+                5,
+                0xABCD,
+            )
             assert client.echo() == 0
             assert client.release() == pdu.A_RELEASE_RP

@@ -44,8 +44,12 @@ def runtime_distributions() -> dict[str, metadata.Distribution]:
     return found
 
 
-CLASSIFIER_SPDX = {"MIT License": "MIT", "Apache Software License": "Apache-2.0",
-                   "Python Software Foundation License": "PSF-2.0", "BSD License": "BSD"}
+CLASSIFIER_SPDX = {
+    "MIT License": "MIT",
+    "Apache Software License": "Apache-2.0",
+    "Python Software Foundation License": "PSF-2.0",
+    "BSD License": "BSD",
+}
 
 
 def licence_of(dist: metadata.Distribution) -> str:
@@ -54,14 +58,26 @@ def licence_of(dist: metadata.Distribution) -> str:
     expression = dist.metadata.get("License-Expression")
     if expression:
         return expression
-    classifiers = [c.split(" :: ")[-1] for c in dist.metadata.get_all("Classifier") or [] if c.startswith("License ::")]
-    return " OR ".join(CLASSIFIER_SPDX.get(c, c) for c in classifiers) or (dist.metadata.get("License") or "")
+    classifiers = [
+        c.split(" :: ")[-1]
+        for c in dist.metadata.get_all("Classifier") or []
+        if c.startswith("License ::")
+    ]
+    return " OR ".join(CLASSIFIER_SPDX.get(c, c) for c in classifiers) or (
+        dist.metadata.get("License") or ""
+    )
 
 
 def test_licence_is_apache_2_and_declared():
     text = (ROOT / "LICENSE").read_text()
-    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
-    assert PYPROJECT["project"]["license"] == "Apache-2.0" and PYPROJECT["project"]["license-files"] == ["LICENSE"]
+    assert (
+        "Apache License" in text
+        and "Version 2.0, January 2004" in text
+        and "END OF TERMS AND CONDITIONS" in text
+    )
+    assert PYPROJECT["project"]["license"] == "Apache-2.0" and PYPROJECT["project"][
+        "license-files"
+    ] == ["LICENSE"]
 
 
 def test_a_default_install_pulls_in_no_gpl_package():
@@ -70,8 +86,12 @@ def test_a_default_install_pulls_in_no_gpl_package():
     assert PYPROJECT["project"]["optional-dependencies"]["jpeg-gpl"] == ["pylibjpeg-libjpeg>=2.1"]
     dists = runtime_distributions()
     assert "pylibjpeg-libjpeg" not in dists
-    gpl = {name: licence_of(d) for name, d in dists.items() if re.search(r"(?<![AL])GPL|General Public", licence_of(d))
-           and "Lesser" not in licence_of(d)}
+    gpl = {
+        name: licence_of(d)
+        for name, d in dists.items()
+        if re.search(r"(?<![AL])GPL|General Public", licence_of(d))
+        and "Lesser" not in licence_of(d)
+    }
     assert not gpl, gpl
 
 
@@ -103,12 +123,24 @@ def environment_without(distribution: str, where: Path) -> Path:
     for entry in site_packages.iterdir():
         # (an editable install of dicomledger may point at another checkout: the tests run
         # it from this one, the working directory)
-        if entry.name in excluded or entry.name.startswith("__editable__") or entry.name == "__pycache__":
+        if (
+            entry.name in excluded
+            or entry.name.startswith("__editable__")
+            or entry.name == "__pycache__"
+        ):
             continue
         (farm / entry.name).symlink_to(entry)
     venv.create(where / "venv", with_pip=False)
-    purelib = subprocess.run([where / "venv" / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [
+            where / "venv" / "bin" / "python",
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (Path(purelib) / "farm.pth").write_text(f"import site; site.addsitedir({str(farm)!r})\n")
     return where / "venv" / "bin" / "python"
 
@@ -123,13 +155,24 @@ JPEG_FILES = {  # storescu option: pydicom wheel files of that process
 
 def test_jpeg_instances_are_stored_and_hashed_without_the_gpl_decoder(tmp_path):
     python = environment_without("pylibjpeg-libjpeg", tmp_path / "env")
-    probe = subprocess.run([python, "-c", (
-        "import importlib.util, importlib.metadata as md\n"
-        "assert importlib.util.find_spec('libjpeg') is None\n"
-        "try:\n    md.distribution('pylibjpeg-libjpeg')\nexcept md.PackageNotFoundError:\n    print('absent')\n"
-        "import dicomledger, os; print(os.path.dirname(dicomledger.__file__))")],
-        capture_output=True, text=True, cwd=ROOT)
-    assert probe.stdout.split() == ["absent", str(ROOT / "dicomledger")], probe.stdout + probe.stderr
+    probe = subprocess.run(
+        [
+            python,
+            "-c",
+            (
+                "import importlib.util, importlib.metadata as md\n"
+                "assert importlib.util.find_spec('libjpeg') is None\n"
+                "try:\n    md.distribution('pylibjpeg-libjpeg')\nexcept md.PackageNotFoundError:\n    print('absent')\n"
+                "import dicomledger, os; print(os.path.dirname(dicomledger.__file__))"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert probe.stdout.split() == ["absent", str(ROOT / "dicomledger")], (
+        probe.stdout + probe.stderr
+    )
 
     gw = GatewayProcess(tmp_path / "gw")
     gw.python = str(python)
@@ -137,13 +180,18 @@ def test_jpeg_instances_are_stored_and_hashed_without_the_gpl_decoder(tmp_path):
     try:
         for option, names in JPEG_FILES.items():
             sent = gw.storescu(*(WHEEL / n for n in names), options=(option,))
-            assert sent.returncode == 0 and (sent.stdout + sent.stderr).count("Received Store Response (Success)") == len(names), sent.stderr
+            assert sent.returncode == 0 and (sent.stdout + sent.stderr).count(
+                "Received Store Response (Success)"
+            ) == len(names), sent.stderr
         anchors = {p["instance"]: p for p in entries_of_kind(gw, "image-anchored")}
         assert len(anchors) == sum(map(len, JPEG_FILES.values()))
         log = gw.log()
     finally:
         gw.stop()
-    assert "no decoder installed for these lossless transfer syntaxes" in log and "JPEG Lossless" in log
+    assert (
+        "no decoder installed for these lossless transfer syntaxes" in log
+        and "JPEG Lossless" in log
+    )
     from dicomledger.ledger.pseudonym import pseudonym
 
     secret = (gw.dir / "keys" / "consortium.secret").read_bytes().strip()
@@ -157,9 +205,25 @@ def test_jpeg_instances_are_stored_and_hashed_without_the_gpl_decoder(tmp_path):
                 assert anchored["decoded_sha256"] == here.decoded_sha256.hex(), name
             else:  # lossy (never decoded), or JPEG Lossless without a decoder
                 assert anchored["decoded_sha256"] is None, name
-            verdict = subprocess.run([python, "-m", "dicomledger.cli", "verify-file", "--config", str(gw.config),
-                                      str(WHEEL / name)], capture_output=True, text=True, cwd=ROOT)
-            assert verdict.returncode == 0 and verdict.stdout.startswith("ANCHORED"), (name, verdict.stdout, verdict.stderr)
+            verdict = subprocess.run(
+                [
+                    python,
+                    "-m",
+                    "dicomledger.cli",
+                    "verify-file",
+                    "--config",
+                    str(gw.config),
+                    str(WHEEL / name),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            assert verdict.returncode == 0 and verdict.stdout.startswith("ANCHORED"), (
+                name,
+                verdict.stdout,
+                verdict.stderr,
+            )
 
 
 # -- the systemd unit --------------------------------------------------------------------------
@@ -170,15 +234,23 @@ UNIT = ROOT / "deploy" / "dicomledger.service"
 
 def test_the_systemd_unit_is_a_notify_service_for_an_unprivileged_user(tmp_path):
     text = UNIT.read_text()
-    settings = dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Za-z]+=", line))
+    settings = dict(
+        line.split("=", 1) for line in text.splitlines() if re.match(r"^[A-Za-z]+=", line)
+    )
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
     assert settings["User"] not in ("root", "0") and settings["UMask"] == "0077"
     assert " serve --config " in settings["ExecStart"]
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze not installed: the unit's syntax is not checked here")
-    runnable = tmp_path / "dicomledger.service"  # (verify wants an executable ExecStart: this Python)
-    runnable.write_text(text.replace(settings["ExecStart"].split()[0], f"{sys.executable} -m dicomledger.cli"))
-    result = subprocess.run(["systemd-analyze", "verify", str(runnable)], capture_output=True, text=True)
+    runnable = (
+        tmp_path / "dicomledger.service"
+    )  # (verify wants an executable ExecStart: this Python)
+    runnable.write_text(
+        text.replace(settings["ExecStart"].split()[0], f"{sys.executable} -m dicomledger.cli")
+    )
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(runnable)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "Unknown" not in result.stderr and "Ignoring" not in result.stderr, result.stderr
 
@@ -211,9 +283,14 @@ def test_the_gateway_tells_the_service_manager_when_it_is_ready(tmp_path, monkey
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(tmp_path / "notify2.sock"))
     listener.settimeout(0.5)
-    result = subprocess.run([sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(second.config)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60,
-                            env={**DCMTK_ENV, "NOTIFY_SOCKET": str(tmp_path / "notify2.sock")})
+    result = subprocess.run(
+        [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(second.config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={**DCMTK_ENV, "NOTIFY_SOCKET": str(tmp_path / "notify2.sock")},
+    )
     blocker.close()
     assert result.returncode == 1 and "gateway cannot start" in result.stderr, result.stderr
     messages = []

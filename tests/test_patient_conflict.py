@@ -35,11 +35,21 @@ from tests.test_retrieve import findscu, gw_site, received
 pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 
-def variant(source: Path, out: Path, patient: dicomdata.FakePatient, study_uid: str,
-            series_uid: str | None = None, seed: str = "") -> Path:
+def variant(
+    source: Path,
+    out: Path,
+    patient: dicomdata.FakePatient,
+    study_uid: str,
+    series_uid: str | None = None,
+    seed: str = "",
+) -> Path:
     """``source`` with another patient, study (and series), and its own SOP Instance UID."""
     ds = pydicom.dcmread(source)
-    ds.PatientID, ds.PatientName, ds.PatientBirthDate = patient.patient_id, patient.name, patient.birth_date
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate = (
+        patient.patient_id,
+        patient.name,
+        patient.birth_date,
+    )
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid or dicomdata.fake_uid("series", seed)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = dicomdata.fake_uid("sop", seed)
@@ -50,12 +60,29 @@ def variant(source: Path, out: Path, patient: dicomdata.FakePatient, study_uid: 
 
 def pynetdicom_getscu(gw: GatewayProcess, aet: str, out: Path, *keys: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "pynetdicom", "getscu", "-v", "-aet", aet, "-aec", gw.ae_title,
-            "-S", "-od", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "pynetdicom",
+        "getscu",
+        "-v",
+        "-aet",
+        aet,
+        "-aec",
+        gw.ae_title,
+        "-S",
+        "-od",
+        str(out),
+    ]
     for key in keys:
         args += ["-k", key]
-    result = subprocess.run([*args, "127.0.0.1", str(gw.port)], capture_output=True, text=True,
-                            timeout=120, env=DCMTK_ENV)
+    result = subprocess.run(
+        [*args, "127.0.0.1", str(gw.port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=DCMTK_ENV,
+    )
     return result.stdout + result.stderr
 
 
@@ -85,7 +112,10 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
     tmp = tmp_path_factory.mktemp("conflict")
     gw = GatewayProcess(tmp / "gw", allow=("STORESCU", "WS1", "WS2"))
     a, b = dicomdata.fake_patient("conflict-a"), dicomdata.fake_patient("conflict-b")
-    study, b_study = dicomdata.fake_uid("study", "conflict-a"), dicomdata.fake_uid("study", "conflict-b")
+    study, b_study = (
+        dicomdata.fake_uid("study", "conflict-a"),
+        dicomdata.fake_uid("study", "conflict-b"),
+    )
     files_a = dicomdata.make_mr_series(tmp / "a", 2, patient=a, study_uid=study, seed="conflict-a")
     file_b = variant(files_a[0], tmp / "b" / "collides.dcm", b, study, seed="conflict-b1")
     file_b_own = variant(files_a[1], tmp / "b" / "own.dcm", b, b_study, seed="conflict-b2")
@@ -103,23 +133,38 @@ def test_second_patients_instance_under_a_study_uid_is_refused_with_a778(mixed, 
     gw = mixed.gw
     output = gw.storescu(mixed.file_b).stdout
     assert "Received Store Response (Success)" not in output, output
-    debug = dcmtk("storescu", "-d", "-aet", "STORESCU", "-aec", gw.ae_title, "127.0.0.1", str(gw.port),
-                  str(mixed.file_b))
+    debug = dcmtk(
+        "storescu",
+        "-d",
+        "-aet",
+        "STORESCU",
+        "-aec",
+        gw.ae_title,
+        "127.0.0.1",
+        str(gw.port),
+        str(mixed.file_b),
+    )
     assert re.search(r"Status\s*: 0xa778", debug.stdout + debug.stderr, re.IGNORECASE), debug.stderr
     assert gw.storescu(mixed.file_b_own).returncode == 0  # B's own study is fine
     refused_uid = str(pydicom.dcmread(mixed.file_b).SOPInstanceUID)
     (line,) = [e for e in log_events(gw, "c-store") if e["sop_instance"] == refused_uid][:1]
     assert line["status"] == f"0x{CONFLICTING_PATIENT:04X}"
-    assert "already holds instances of another patient" in line["outcome"] and mixed.study in line["outcome"]
-    assert mixed.a.patient_id not in gw.log() and mixed.b.patient_id not in gw.log()  # no PHI in the log
+    assert (
+        "already holds instances of another patient" in line["outcome"]
+        and mixed.study in line["outcome"]
+    )
+    assert (
+        mixed.a.patient_id not in gw.log() and mixed.b.patient_id not in gw.log()
+    )  # no PHI in the log
     # nothing of it stays: no index row, no stored file
     con = sqlite3.connect(f"file:{gw.dir / 'data' / 'index.db'}?mode=ro", uri=True)
     try:
-        assert con.execute("SELECT COUNT(*) FROM instances WHERE sop_instance_uid = ?", (refused_uid,)).fetchone() == (0,)
+        assert con.execute(
+            "SELECT COUNT(*) FROM instances WHERE sop_instance_uid = ?", (refused_uid,)
+        ).fetchone() == (0,)
     finally:
         con.close()
     assert not list((gw.dir / "data" / "images").rglob(f"{refused_uid}.*"))
-
 
 
 def test_a_refused_copy_of_a_stored_instance_leaves_the_stored_file_as_it_was(mixed, tmp_path):
@@ -140,26 +185,56 @@ def test_a_refused_copy_of_a_stored_instance_leaves_the_stored_file_as_it_was(mi
     assert [p.name for p in (gw.dir / "data" / "images").rglob(f"{uid}.*")] == [stored.name]
     assert gw.cli("verify-file", str(mixed.files_a[0])).returncode == 0
 
+
 def test_patient_b_grantee_gets_and_finds_nothing_of_patient_a(mixed, tmp_path):
     gw = mixed.gw
     gw.storescu(mixed.file_b)  # the colliding instance (refused), and B's own study
     gw.storescu(mixed.file_b_own)
     got = tmp_path / "ws2"
-    output = pynetdicom_getscu(gw, "WS2", got, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={mixed.study}")
+    output = pynetdicom_getscu(
+        gw, "WS2", got, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={mixed.study}"
+    )
     assert uids(received(got)) == set(), output
     site = gw_site(gw, 0)
-    studies = findscu(site, "WS2", tmp_path / "f2", "QueryRetrieveLevel=STUDY", "PatientID", "StudyInstanceUID",
-                      "NumberOfStudyRelatedInstances")
-    assert [(str(d.PatientID), str(d.StudyInstanceUID)) for d in studies] == [(mixed.b.patient_id, mixed.b_study)]
-    images = findscu(site, "WS2", tmp_path / "i2", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={mixed.study}",
-                     "SOPInstanceUID", "PatientID")
+    studies = findscu(
+        site,
+        "WS2",
+        tmp_path / "f2",
+        "QueryRetrieveLevel=STUDY",
+        "PatientID",
+        "StudyInstanceUID",
+        "NumberOfStudyRelatedInstances",
+    )
+    assert [(str(d.PatientID), str(d.StudyInstanceUID)) for d in studies] == [
+        (mixed.b.patient_id, mixed.b_study)
+    ]
+    images = findscu(
+        site,
+        "WS2",
+        tmp_path / "i2",
+        "QueryRetrieveLevel=IMAGE",
+        f"StudyInstanceUID={mixed.study}",
+        "SOPInstanceUID",
+        "PatientID",
+    )
     assert images == []
     # A's grantee still has all of A's study, under A's Patient ID
-    ws1 = findscu(site, "WS1", tmp_path / "f1", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={mixed.study}",
-                  "PatientID", "NumberOfStudyRelatedInstances")
-    assert [(str(d.PatientID), int(d.NumberOfStudyRelatedInstances)) for d in ws1] == [(mixed.a.patient_id, 2)]
+    ws1 = findscu(
+        site,
+        "WS1",
+        tmp_path / "f1",
+        "QueryRetrieveLevel=STUDY",
+        f"StudyInstanceUID={mixed.study}",
+        "PatientID",
+        "NumberOfStudyRelatedInstances",
+    )
+    assert [(str(d.PatientID), int(d.NumberOfStudyRelatedInstances)) for d in ws1] == [
+        (mixed.a.patient_id, 2)
+    ]
     got1 = tmp_path / "ws1"
-    pynetdicom_getscu(gw, "WS1", got1, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={mixed.study}")
+    pynetdicom_getscu(
+        gw, "WS1", got1, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={mixed.study}"
+    )
     assert uids(received(got1)) == uids(mixed.files_a)
 
 
@@ -167,11 +242,28 @@ def test_patient_b_grantee_gets_and_finds_nothing_of_patient_a(mixed, tmp_path):
 
 
 def record(patient: str, study: str, series: str, sop: str, sha: bytes = b"p" * 32) -> IndexRecord:
-    row = InstanceRow(sop, series, dicomdata.MR_IMAGE, "1", "1.2.840.10008.1.2.1", f"{sop}.dcm", 1, "pixel",
-                      sha, b"h" * 32 + sha, None, 1, "STORESCU", "2026-01-01T00:00:00.000+00:00")
-    return IndexRecord(PatientRow(patient, patient + "^N", "", ""),
-                       StudyRow(study, patient, "", "", "", "", "", ""),
-                       SeriesRow(series, study, "MR", "1", ""), row)
+    row = InstanceRow(
+        sop,
+        series,
+        dicomdata.MR_IMAGE,
+        "1",
+        "1.2.840.10008.1.2.1",
+        f"{sop}.dcm",
+        1,
+        "pixel",
+        sha,
+        b"h" * 32 + sha,
+        None,
+        1,
+        "STORESCU",
+        "2026-01-01T00:00:00.000+00:00",
+    )
+    return IndexRecord(
+        PatientRow(patient, patient + "^N", "", ""),
+        StudyRow(study, patient, "", "", "", "", "", ""),
+        SeriesRow(series, study, "MR", "1", ""),
+        row,
+    )
 
 
 async def test_index_refuses_another_patient_under_a_study_or_series_uid(tmp_path):
@@ -186,7 +278,9 @@ async def test_index_refuses_another_patient_under_a_study_or_series_uid(tmp_pat
         # an instance re-sent with a corrected Patient ID, alone in its study, is accepted
         await index.record_received(record("PID-C", "1.7", "1.7.1", "3.1"))
         await index.record_received(record("PID-D", "1.7", "1.7.1", "3.1", sha=b"q" * 32))
-        query = parse_query(_identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="1.7"), STUDY_ROOT)
+        query = parse_query(
+            _identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="1.7"), STUDY_ROOT
+        )
         assert [r["PatientID"] for r in await index.matching("STUDY", query)] == ["PID-D"]
         assert await index.count_instances() == 2
     finally:
@@ -247,10 +341,14 @@ def test_mixed_study_in_an_older_index_is_decided_per_instance(tmp_path):
     gw = GatewayProcess(tmp_path / "gw", allow=("STORESCU", "WS1", "WS2"))
     a, b = dicomdata.fake_patient("legacy-a"), dicomdata.fake_patient("legacy-b")
     study = dicomdata.fake_uid("study", "legacy-a")
-    files_a = dicomdata.make_mr_series(tmp_path / "a", 2, patient=a, study_uid=study, seed="legacy-a")
+    files_a = dicomdata.make_mr_series(
+        tmp_path / "a", 2, patient=a, study_uid=study, seed="legacy-a"
+    )
     # B's instance arrives under its own study; on disk it is then made to name A's study,
     # which is what an older gateway stored and indexed under A's study
-    file_b = variant(files_a[0], tmp_path / "b.dcm", b, dicomdata.fake_uid("study", "legacy-b"), seed="legacy-b")
+    file_b = variant(
+        files_a[0], tmp_path / "b.dcm", b, dicomdata.fake_uid("study", "legacy-b"), seed="legacy-b"
+    )
     uid_b = str(pydicom.dcmread(file_b).SOPInstanceUID)
     gw.start()
     try:
@@ -261,7 +359,9 @@ def test_mixed_study_in_an_older_index_is_decided_per_instance(tmp_path):
         gw.stop()
     index_db = gw.dir / "data" / "index.db"
     con = sqlite3.connect(index_db)
-    (relative,) = con.execute("SELECT path FROM instances WHERE sop_instance_uid = ?", (uid_b,)).fetchone()
+    (relative,) = con.execute(
+        "SELECT path FROM instances WHERE sop_instance_uid = ?", (uid_b,)
+    ).fetchone()
     con.close()
     stored_b = gw.dir / "data" / "images" / relative
     ds = pydicom.dcmread(stored_b)
@@ -273,20 +373,43 @@ def test_mixed_study_in_an_older_index_is_decided_per_instance(tmp_path):
     try:
         site = gw_site(gw, 0)
         got = tmp_path / "ws2"
-        output = pynetdicom_getscu(gw, "WS2", got, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
+        output = pynetdicom_getscu(
+            gw, "WS2", got, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"
+        )
         assert uids(received(got)) == {uid_b}, output
-        ws2 = findscu(site, "WS2", tmp_path / "f2", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}",
-                      "PatientID", "NumberOfStudyRelatedInstances")
-        assert [(str(d.PatientID), int(d.NumberOfStudyRelatedInstances)) for d in ws2] == [(b.patient_id, 1)]
-        ws1 = findscu(site, "WS1", tmp_path / "f1", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}",
-                      "PatientID", "SOPInstanceUID")
-        assert {(str(d.PatientID), str(d.SOPInstanceUID)) for d in ws1} == {(a.patient_id, u) for u in uids(files_a)}
+        ws2 = findscu(
+            site,
+            "WS2",
+            tmp_path / "f2",
+            "QueryRetrieveLevel=STUDY",
+            f"StudyInstanceUID={study}",
+            "PatientID",
+            "NumberOfStudyRelatedInstances",
+        )
+        assert [(str(d.PatientID), int(d.NumberOfStudyRelatedInstances)) for d in ws2] == [
+            (b.patient_id, 1)
+        ]
+        ws1 = findscu(
+            site,
+            "WS1",
+            tmp_path / "f1",
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={study}",
+            "PatientID",
+            "SOPInstanceUID",
+        )
+        assert {(str(d.PatientID), str(d.SOPInstanceUID)) for d in ws1} == {
+            (a.patient_id, u) for u in uids(files_a)
+        }
         got1 = tmp_path / "ws1"
         pynetdicom_getscu(gw, "WS1", got1, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
         assert uids(received(got1)) == uids(files_a)
-        (flag,) = log_events(gw, "a study UID holds instances of more than one patient (stored before such "
-                                 "instances were refused): each instance is shown and retrieved only as its "
-                                 "own patient's")
+        (flag,) = log_events(
+            gw,
+            "a study UID holds instances of more than one patient (stored before such "
+            "instances were refused): each instance is shown and retrieved only as its "
+            "own patient's",
+        )
         assert flag["study_uid"] == study
     finally:
         gw.stop()

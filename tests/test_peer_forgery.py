@@ -80,11 +80,13 @@ def query(gw: GatewayProcess, sql: str, params: tuple = ()) -> list[tuple]:
 def log_of(gw: GatewayProcess, origin: str) -> tuple[list[bytes], dict[int, bytes]]:
     """(entries, {size: checkpoint note}) of ``origin`` as stored in ``gw``'s ledger."""
     entries = query(
-        gw, "SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? ORDER BY e.idx",
+        gw,
+        "SELECT e.data FROM entries e JOIN origins o ON o.id = e.origin_id WHERE o.name = ? ORDER BY e.idx",
         (origin,),
     )
     notes = query(
-        gw, "SELECT c.size, c.note FROM checkpoints c JOIN origins o ON o.id = c.origin_id WHERE o.name = ?",
+        gw,
+        "SELECT c.size, c.note FROM checkpoints c JOIN origins o ON o.id = c.origin_id WHERE o.name = ?",
         (origin,),
     )
     return [bytes(r[0]) for r in entries], {size: bytes(note) for size, note in notes}
@@ -97,7 +99,9 @@ def signed_by(note: bytes, name: str) -> bool:
 class Forger:
     """Makes C's messages: real ones, and forged ones signed with C's key or another."""
 
-    def __init__(self, origin: str, key: Ed25519PrivateKey, entries: list[bytes], notes: dict[int, bytes]) -> None:
+    def __init__(
+        self, origin: str, key: Ed25519PrivateKey, entries: list[bytes], notes: dict[int, bytes]
+    ) -> None:
         self.origin = origin
         self.key = key
         self.other = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
@@ -111,28 +115,51 @@ class Forger:
     def own(self, size: int) -> bytes:
         """C's real checkpoint note at ``size`` carrying only C's own signature."""
         note = parse_note(self.notes[size])
-        return format_note(Note(note.text, tuple(s for s in note.signatures if s.name == self.origin)))
+        return format_note(
+            Note(note.text, tuple(s for s in note.signatures if s.name == self.origin))
+        )
 
     def text(self, size: int) -> str:
         return parse_note(self.notes[size]).text
 
-    def sign(self, text: str, key: Ed25519PrivateKey | None = None, name: str | None = None,
-             kid: bytes | None = None) -> bytes:
+    def sign(
+        self,
+        text: str,
+        key: Ed25519PrivateKey | None = None,
+        name: str | None = None,
+        kid: bytes | None = None,
+    ) -> bytes:
         """A signed note, built by hand so that any text (even a malformed one) can be signed."""
         key = key or self.key
         name = name or self.origin
         kid = key_id(name, key.public_key()) if kid is None else kid
         return f"{text}\n\u2014 {name} {b64(kid + key.sign(text.encode()))}\n".encode()
 
-    def checkpoint(self, size: int, root: bytes, key: Ed25519PrivateKey | None = None,
-                   origin: str | None = None) -> bytes:
+    def checkpoint(
+        self,
+        size: int,
+        root: bytes,
+        key: Ed25519PrivateKey | None = None,
+        origin: str | None = None,
+    ) -> bytes:
         return self.sign(format_checkpoint(Checkpoint(origin or self.origin, size, root)), key)
 
-    def entry(self, index: int, prev: bytes, *, key: Ed25519PrivateKey | None = None,
-              origin: str | None = None, payload: dict | None = None) -> bytes:
+    def entry(
+        self,
+        index: int,
+        prev: bytes,
+        *,
+        key: Ed25519PrivateKey | None = None,
+        origin: str | None = None,
+        payload: dict | None = None,
+    ) -> bytes:
         _, data = sign_entry(
-            origin=origin or self.origin, index=index, prev=prev, time_ms=self.time_ms + index,
-            kind="image-anchored", payload=payload or {"sha256": f"{index:064x}", "forged": True},
+            origin=origin or self.origin,
+            index=index,
+            prev=prev,
+            time_ms=self.time_ms + index,
+            kind="image-anchored",
+            payload=payload or {"sha256": f"{index:064x}", "forged": True},
             private_key=key or self.key,
         )
         return data
@@ -149,7 +176,9 @@ class Forger:
         out: list[bytes] = []
         prev = self.leaves[-1]
         for i in range(n):
-            out.append(self.entry(self.size + i, prev, payload={"sha256": f"{i:064x}", "chain": True}))
+            out.append(
+                self.entry(self.size + i, prev, payload={"sha256": f"{i:064x}", "chain": True})
+            )
             prev = merkle.leaf_hash(out[-1])
         return out
 
@@ -187,15 +216,21 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
     def post(category: str, name: str, body: bytes, expect: tuple[int, ...]) -> None:
         attacks.append(Attack(category, name, "POST", "/v1/add-checkpoint", expect, body=body))
 
-    def add(category: str, name: str, note_bytes: bytes, expect: tuple[int, ...], old: int = n,
-            proof: list[bytes] | tuple = ()) -> None:
+    def add(
+        category: str,
+        name: str,
+        note_bytes: bytes,
+        expect: tuple[int, ...],
+        old: int = n,
+        proof: list[bytes] | tuple = (),
+    ) -> None:
         body = {"note": b64(note_bytes), "old_size": old, "proof": [b64(h) for h in proof]}
         post(category, name, json.dumps(body).encode(), expect)
 
     # every byte of C's real checkpoint note flipped, two ways
     for i in range(len(note)):
         for x in (0x01, f.rng.randrange(2, 256)):
-            mutated = note[:i] + bytes([note[i] ^ x]) + note[i + 1:]
+            mutated = note[:i] + bytes([note[i] ^ x]) + note[i + 1 :]
             add("flipped note byte", f"byte {i} ^ {x:#x}", mutated, (400, 403, 404))
 
     # signatures that are not C's
@@ -204,18 +239,42 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
     big_text = parse_note(forged_cp).text
     for name, forged in [
         ("other key under C's name", f.sign(text, f.other)),
-        ("other key under C's name and key ID", f.sign(text, f.other, kid=key_id(f.origin, f.key.public_key()))),
+        (
+            "other key under C's name and key ID",
+            f.sign(text, f.other, kid=key_id(f.origin, f.key.public_key())),
+        ),
         ("C's key with a wrong key ID", f.sign(text, kid=b"\0\0\0\0")),
-        ("random signature bytes", text.encode() + f"\n\u2014 {f.origin} ".encode()
-         + b64(key_id(f.origin, f.key.public_key()) + f.rng.randbytes(64)).encode() + b"\n"),
-        ("short signature", text.encode() + f"\n\u2014 {f.origin} ".encode()
-         + b64(key_id(f.origin, f.key.public_key()) + f.rng.randbytes(32)).encode() + b"\n"),
+        (
+            "random signature bytes",
+            text.encode()
+            + f"\n\u2014 {f.origin} ".encode()
+            + b64(key_id(f.origin, f.key.public_key()) + f.rng.randbytes(64)).encode()
+            + b"\n",
+        ),
+        (
+            "short signature",
+            text.encode()
+            + f"\n\u2014 {f.origin} ".encode()
+            + b64(key_id(f.origin, f.key.public_key()) + f.rng.randbytes(32)).encode()
+            + b"\n",
+        ),
         ("only a stranger's signature", f.sign(text, f.other, name="evil.example/log")),
-        ("a bad second signature by C's key ID", note + f.sign(text, f.other, kid=key_id(f.origin, f.key.public_key())).split(b"\n\n", 1)[1]),
+        (
+            "a bad second signature by C's key ID",
+            note
+            + f.sign(text, f.other, kid=key_id(f.origin, f.key.public_key())).split(b"\n\n", 1)[1],
+        ),
         ("other key, larger size", f.sign(big_text, f.other)),
-        ("C's signature moved to another text", big_text.encode() + b"\n" + note.split(b"\n\n", 1)[1]),
-        ("cosignature line only", text.encode() + b"\n" + full.split(b"\n\n", 1)[1].split(b"\n", 1)[1]
-         if full.count("\n\u2014".encode()) > 1 else f.sign(text, f.other, name="evil.example/log")),
+        (
+            "C's signature moved to another text",
+            big_text.encode() + b"\n" + note.split(b"\n\n", 1)[1],
+        ),
+        (
+            "cosignature line only",
+            text.encode() + b"\n" + full.split(b"\n\n", 1)[1].split(b"\n", 1)[1]
+            if full.count("\n\u2014".encode()) > 1
+            else f.sign(text, f.other, name="evil.example/log"),
+        ),
     ]:
         for old in (n, 0):
             add("foreign signature", f"{name} (old {old})", forged, (403,))
@@ -223,10 +282,23 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
     # checkpoints of other origins
     root = parse_checkpoint(text).root_hash
     for name, forged in [
-        ("stranger origin", f.sign(format_checkpoint(Checkpoint("evil.example/log", n, root)), f.other, "evil.example/log")),
-        ("B's origin signed by C as B", f.sign(format_checkpoint(Checkpoint(b_origin, n, root)), name=b_origin)),
+        (
+            "stranger origin",
+            f.sign(
+                format_checkpoint(Checkpoint("evil.example/log", n, root)),
+                f.other,
+                "evil.example/log",
+            ),
+        ),
+        (
+            "B's origin signed by C as B",
+            f.sign(format_checkpoint(Checkpoint(b_origin, n, root)), name=b_origin),
+        ),
         ("B's origin signed by C", f.sign(format_checkpoint(Checkpoint(b_origin, n, root)))),
-        ("origin with a trailing space", f.sign(format_checkpoint(Checkpoint(f.origin + " ", n, root)), name=f.origin)),
+        (
+            "origin with a trailing space",
+            f.sign(format_checkpoint(Checkpoint(f.origin + " ", n, root)), name=f.origin),
+        ),
         ("origin in upper case", f.sign(format_checkpoint(Checkpoint(f.origin.upper(), n, root)))),
     ]:
         for old in (n, 0):
@@ -257,19 +329,33 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
         ("tab in an extension", f"{f.origin}\n{n}\n{r64}\nx\ty\n"),
     ]:
         add("malformed checkpoint", name, f.sign(bad), (400, 403))
-    add("malformed checkpoint", "not UTF-8", text.encode().replace(b"\n", b"\xff\n", 1) + b"\n"
-        + note.split(b"\n\n", 1)[1], (400,))
+    add(
+        "malformed checkpoint",
+        "not UTF-8",
+        text.encode().replace(b"\n", b"\xff\n", 1) + b"\n" + note.split(b"\n\n", 1)[1],
+        (400,),
+    )
     add("malformed checkpoint", "no blank line", note.replace(b"\n\n", b"\n"), (400,))
     add("malformed checkpoint", "no signature lines", text.encode() + b"\n", (400,))
     add("malformed checkpoint", "above the note size limit", note + b"x" * (1 << 20), (400, 413))
 
     # bodies that are not JSON
     for name, body in [
-        ("empty", b""), ("text", b"not json"), ("binary", bytes(range(256))), ("open brace", b"{"),
-        ("unterminated array", b"[1,"), ("missing value", b'{"note": }'), ("NUL bytes", b"\0" * 100),
-        ("trailing garbage", json.dumps({"note": b64(note), "old_size": n, "proof": []}).encode() + b"x"),
-        ("invalid UTF-8", b'{"note": "\xe9"}'), ("UTF-8 BOM", b"\xef\xbb\xbf{}"),
-        ("single quotes", b"{'note': 1}"), ("form encoded", b"note=abc&old_size=3"),
+        ("empty", b""),
+        ("text", b"not json"),
+        ("binary", bytes(range(256))),
+        ("open brace", b"{"),
+        ("unterminated array", b"[1,"),
+        ("missing value", b'{"note": }'),
+        ("NUL bytes", b"\0" * 100),
+        (
+            "trailing garbage",
+            json.dumps({"note": b64(note), "old_size": n, "proof": []}).encode() + b"x",
+        ),
+        ("invalid UTF-8", b'{"note": "\xe9"}'),
+        ("UTF-8 BOM", b"\xef\xbb\xbf{}"),
+        ("single quotes", b"{'note': 1}"),
+        ("form encoded", b"note=abc&old_size=3"),
         ("deeply nested arrays", b"[" * 50_000 + b"]" * 50_000),
         ("deeply nested objects", b'{"a":' * 20_000 + b"1" + b"}" * 20_000),
     ]:
@@ -278,21 +364,44 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
     # JSON of the wrong shape or types
     good = {"note": b64(note), "old_size": n, "proof": []}
     for name, body in [
-        ("array", []), ("number", 1), ("string", "note"), ("null", None), ("true", True), ("float", 1.5),
+        ("array", []),
+        ("number", 1),
+        ("string", "note"),
+        ("null", None),
+        ("true", True),
+        ("float", 1.5),
         ("empty object", {}),
     ]:
         post("wrong JSON types", name, json.dumps(body).encode(), (400,))
     post("wrong JSON types", "NaN", b"NaN", (400,))
     wrong: list[tuple[str, str, object]] = [
-        ("note", "missing", ...), ("note", "null", None), ("note", "number", 1), ("note", "array", [b64(note)]),
-        ("note", "object", {"note": b64(note)}), ("note", "true", True),
-        ("old_size", "missing", ...), ("old_size", "string", str(n)), ("old_size", "float", float(n)),
-        ("old_size", "negative", -1), ("old_size", "true", True), ("old_size", "false", False),
-        ("old_size", "null", None), ("old_size", "array", [n]), ("old_size", "2**63", 2**63),
-        ("old_size", "2**64", 2**64), ("old_size", "10**400", 10**400), ("old_size", "-10**400", -(10**400)),
-        ("proof", "missing", ...), ("proof", "string", "x"), ("proof", "object", {}), ("proof", "null", None),
-        ("proof", "numbers", [1]), ("proof", "nulls", [None]), ("proof", "nested", [[]]),
-        ("proof", "64 hashes", [b64(bytes(32))] * 64), ("proof", "1000 hashes", [b64(bytes(32))] * 1000),
+        ("note", "missing", ...),
+        ("note", "null", None),
+        ("note", "number", 1),
+        ("note", "array", [b64(note)]),
+        ("note", "object", {"note": b64(note)}),
+        ("note", "true", True),
+        ("old_size", "missing", ...),
+        ("old_size", "string", str(n)),
+        ("old_size", "float", float(n)),
+        ("old_size", "negative", -1),
+        ("old_size", "true", True),
+        ("old_size", "false", False),
+        ("old_size", "null", None),
+        ("old_size", "array", [n]),
+        ("old_size", "2**63", 2**63),
+        ("old_size", "2**64", 2**64),
+        ("old_size", "10**400", 10**400),
+        ("old_size", "-10**400", -(10**400)),
+        ("proof", "missing", ...),
+        ("proof", "string", "x"),
+        ("proof", "object", {}),
+        ("proof", "null", None),
+        ("proof", "numbers", [1]),
+        ("proof", "nulls", [None]),
+        ("proof", "nested", [[]]),
+        ("proof", "64 hashes", [b64(bytes(32))] * 64),
+        ("proof", "1000 hashes", [b64(bytes(32))] * 1000),
     ]
     for key, name, value in wrong:
         body = dict(good)
@@ -304,26 +413,46 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
 
     # base64 that is not base64
     for name, value in [
-        ("punctuation", "!!!!"), ("missing padding", b64(note).rstrip("=") + "Q"), ("lone character", "Q"),
+        ("punctuation", "!!!!"),
+        ("missing padding", b64(note).rstrip("=") + "Q"),
+        ("lone character", "Q"),
         ("URL-safe alphabet", b64(note).replace("+", "-").replace("/", "_") + "-_-_"),
         ("embedded newline", b64(note)[:40] + "\n" + b64(note)[40:]),
-        ("embedded space", b64(note)[:40] + " " + b64(note)[40:]), ("leading space", " " + b64(note)),
-        ("non-ASCII", b64(note)[:40] + "\u00e9" + b64(note)[41:]), ("empty", ""),
+        ("embedded space", b64(note)[:40] + " " + b64(note)[40:]),
+        ("leading space", " " + b64(note)),
+        ("non-ASCII", b64(note)[:40] + "\u00e9" + b64(note)[41:]),
+        ("empty", ""),
         ("non-canonical base64 of a forged note", _noncanonical(b64(f.sign(text, f.other)))),
     ]:
         post("bad base64", f"note {name}", json.dumps({**good, "note": value}).encode(), (400, 403))
-    for name, value in [("punctuation", "%%%%"), ("missing padding", "QQ"), ("non-ASCII", "\u00e9\u00e9\u00e9\u00e9")]:
-        post("bad base64", f"proof hash {name}", json.dumps({**good, "proof": [value]}).encode(), (400,))
+    for name, value in [
+        ("punctuation", "%%%%"),
+        ("missing padding", "QQ"),
+        ("non-ASCII", "\u00e9\u00e9\u00e9\u00e9"),
+    ]:
+        post(
+            "bad base64",
+            f"proof hash {name}",
+            json.dumps({**good, "proof": [value]}).encode(),
+            (400,),
+        )
 
     # consistency proofs that do not prove: B holds size n, so C must show size N extends it
     genuine = merkle.consistency_proof(n, forged_size, forged_leaves)
 
-    def bogus(name: str, proof: list[bytes], cp: bytes = forged_cp, expect: tuple[int, ...] = (422,),
-              old: int = n) -> None:
+    def bogus(
+        name: str,
+        proof: list[bytes],
+        cp: bytes = forged_cp,
+        expect: tuple[int, ...] = (422,),
+        old: int = n,
+    ) -> None:
         size = parse_checkpoint(parse_note(cp).text).size
         if size > n and old == n:  # never send a proof that verifies: B would cosign it
             with pytest.raises(merkle.ProofError):
-                merkle.verify_consistency(n, size, root, parse_checkpoint(parse_note(cp).text).root_hash, proof)
+                merkle.verify_consistency(
+                    n, size, root, parse_checkpoint(parse_note(cp).text).root_hash, proof
+                )
         add("bogus consistency proof", name, cp, expect, old=old, proof=proof)
 
     bogus("empty proof", [])
@@ -332,8 +461,11 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
         for bit in (0x01, 0x80):
             h = bytearray(genuine[i])
             h[f.rng.randrange(32)] ^= bit
-            bogus(f"hash {i} of the proof flipped ({bit:#x})", [*genuine[:i], bytes(h), *genuine[i + 1:]])
-        bogus(f"hash {i} of the proof dropped", genuine[:i] + genuine[i + 1:])
+            bogus(
+                f"hash {i} of the proof flipped ({bit:#x})",
+                [*genuine[:i], bytes(h), *genuine[i + 1 :]],
+            )
+        bogus(f"hash {i} of the proof dropped", genuine[:i] + genuine[i + 1 :])
         bogus(f"hash {i} of the proof duplicated", genuine[: i + 1] + genuine[i:])
     bogus("proof reversed", genuine[::-1])
     bogus("proof with an extra hash", [*genuine, f.random_hash()])
@@ -341,8 +473,12 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
         bogus(f"a {length}-byte hash", [*genuine[:-1], bytes(length)])
     bogus("63 random hashes", [f.random_hash() for _ in range(63)])
     bogus("64 random hashes", [f.random_hash() for _ in range(64)], expect=(400,))
-    bogus("proof of the real tree to another size", merkle.consistency_proof(
-        n, forged_size, f.leaves + [f.random_hash() for _ in range(forged_size - n)]))
+    bogus(
+        "proof of the real tree to another size",
+        merkle.consistency_proof(
+            n, forged_size, f.leaves + [f.random_hash() for _ in range(forged_size - n)]
+        ),
+    )
     for size in (1001, 1023, 1024):  # other sizes (beyond C's real log), each with its own root
         cp, _, leaves = f.extension([f.rng.randbytes(40) for _ in range(size - n)])
         bogus(f"proof for the wrong size ({size})", genuine, cp)
@@ -350,7 +486,9 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
     bogus("a proof between equal sizes", [f.random_hash()], note)
     bogus("genuine proof, stale old size 0", genuine, expect=(409,), old=0)
     bogus("genuine proof, old size n - 1", genuine, expect=(409,), old=n - 1)
-    bogus("genuine proof, old size above the checkpoint", genuine, expect=(400,), old=forged_size + 1)
+    bogus(
+        "genuine proof, old size above the checkpoint", genuine, expect=(400,), old=forged_size + 1
+    )
 
     # replays of C's real checkpoints; the one B already cosigned is re-cosigned (tlog-witness)
     for size in sorted(f.notes):
@@ -363,21 +501,38 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
                     add("replay", f"size {size} {variant}, old 1", replay, (409,), old=1)
             else:
                 add("replay", f"old size-{size} {variant}, old {n}", replay, (400,))
-                add("replay", f"old size-{size} {variant}, old 0", replay, (409,) if size else (409, 400), old=0)
+                add(
+                    "replay",
+                    f"old size-{size} {variant}, old 0",
+                    replay,
+                    (409,) if size else (409, 400),
+                    old=0,
+                )
                 add("replay", f"old size-{size} {variant}, old {size}", replay, (409,), old=size)
 
     # bodies above max_message_bytes
     for i in range(3):
-        post("oversized", f"note string of {LIMIT} characters #{i}",
-             json.dumps({"note": "A" * LIMIT, "old_size": n, "proof": []}).encode(), (413,))
+        post(
+            "oversized",
+            f"note string of {LIMIT} characters #{i}",
+            json.dumps({"note": "A" * LIMIT, "old_size": n, "proof": []}).encode(),
+            (413,),
+        )
     post("oversized", "raw bytes", b"x" * (LIMIT + 1), (413,))
-    post("oversized", "proof of many hashes", json.dumps(
-        {"note": b64(note), "old_size": n, "proof": [b64(bytes(32))] * (LIMIT // 40)}).encode(), (413,))
+    post(
+        "oversized",
+        "proof of many hashes",
+        json.dumps(
+            {"note": b64(note), "old_size": n, "proof": [b64(bytes(32))] * (LIMIT // 40)}
+        ).encode(),
+        (413,),
+    )
 
     # bad query parameters
     o = f.origin
     for name, params, expect in [
-        ("no parameters", [], 400), ("origin only", [("origin", o)], 400),
+        ("no parameters", [], 400),
+        ("origin only", [("origin", o)], 400),
         ("start not a number", [("origin", o), ("start", "abc"), ("end", "3")], 400),
         ("start a float", [("origin", o), ("start", "1.5"), ("end", "3")], 400),
         ("start in hex", [("origin", o), ("start", "0x1"), ("end", "3")], 400),
@@ -391,9 +546,12 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
         ("origin with SQL", [("origin", "x' OR '1'='1"), ("start", "0"), ("end", "3")], 404),
         ("origin with NUL", [("origin", o + "\0"), ("start", "0"), ("end", "3")], 404),
     ]:
-        attacks.append(Attack("bad query", f"entries: {name}", "GET", "/v1/entries", (expect,), params=params))
+        attacks.append(
+            Attack("bad query", f"entries: {name}", "GET", "/v1/entries", (expect,), params=params)
+        )
     for name, params, expect in [
-        ("no parameters", [], 400), ("old not a number", [("origin", o), ("old", "x"), ("new", "3")], 400),
+        ("no parameters", [], 400),
+        ("old not a number", [("origin", o), ("old", "x"), ("new", "3")], 400),
         ("negative old", [("origin", o), ("old", "-1"), ("new", "3")], 400),
         ("float new", [("origin", o), ("old", "1"), ("new", "3.0")], 400),
         ("old 0", [("origin", o), ("old", "0"), ("new", str(n))], 404),
@@ -403,13 +561,29 @@ def push_attacks(f: Forger, b_origin: str) -> list[Attack]:
         ("5000-digit new", [("origin", o), ("old", "1"), ("new", "9" * 5000)], 400),
         ("unknown origin", [("origin", "evil.example/log"), ("old", "1"), ("new", "2")], 404),
     ]:
-        attacks.append(Attack("bad query", f"consistency: {name}", "GET", "/v1/consistency", (expect,), params=params))
+        attacks.append(
+            Attack(
+                "bad query",
+                f"consistency: {name}",
+                "GET",
+                "/v1/consistency",
+                (expect,),
+                params=params,
+            )
+        )
     for method, path, expect in [
-        ("GET", "/v1/add-checkpoint", 405), ("POST", "/v1/checkpoints", 405), ("DELETE", "/v1/entries", 405),
-        ("PUT", "/v1/add-checkpoint", 405), ("GET", "/v1/nothing", 404), ("GET", "/", 404),
-        ("GET", "/v1/../../etc/passwd", 404), ("GET", "/v2/checkpoints", 404),
+        ("GET", "/v1/add-checkpoint", 405),
+        ("POST", "/v1/checkpoints", 405),
+        ("DELETE", "/v1/entries", 405),
+        ("PUT", "/v1/add-checkpoint", 405),
+        ("GET", "/v1/nothing", 404),
+        ("GET", "/", 404),
+        ("GET", "/v1/../../etc/passwd", 404),
+        ("GET", "/v2/checkpoints", 404),
     ]:
-        attacks.append(Attack("bad query", f"{method} {path}", method, path, (expect,), handled=False))
+        attacks.append(
+            Attack("bad query", f"{method} {path}", method, path, (expect,), handled=False)
+        )
     return attacks
 
 
@@ -420,7 +594,7 @@ def _noncanonical(s: str) -> str:
     if not pad:
         return s + "=="  # no padding to abuse: make it invalid instead
     i = len(s) - pad - 1
-    return s[:i] + alphabet[alphabet.index(s[i]) | 1] + s[i + 1:]
+    return s[:i] + alphabet[alphabet.index(s[i]) | 1] + s[i + 1 :]
 
 
 @dataclass
@@ -433,12 +607,19 @@ class Outcome:
 async def send_all(attacks: list[Attack], base: str, ctx: ssl.SSLContext) -> list[Outcome]:
     outcomes = []
     connector = aiohttp.TCPConnector(ssl=ctx, limit=4)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
         for attack in attacks:
             try:
                 async with session.request(
-                    attack.method, base + attack.path, data=attack.body, params=attack.params,
-                    headers={"Content-Type": "application/json"} if attack.body is not None else None,
+                    attack.method,
+                    base + attack.path,
+                    data=attack.body,
+                    params=attack.params,
+                    headers={"Content-Type": "application/json"}
+                    if attack.body is not None
+                    else None,
                 ) as resp:
                     outcomes.append(Outcome(attack, resp.status, await resp.read()))
             except (aiohttp.ClientError, OSError) as exc:
@@ -484,21 +665,47 @@ def pull_rounds(f: Forger, b_origin: str) -> list[Round]:
         ("not JSON", "response is not JSON", lambda: response(raw=b"<html>C is down</html>")),
         ("binary", "response is not JSON", lambda: response(raw=bytes(range(256)) * 4)),
         ("oversized", f"response above {LIMIT} bytes", lambda: response(raw=b" " * (LIMIT + 1))),
-        ("oversized JSON", f"response above {LIMIT} bytes",
-         lambda: response({"checkpoints": {}, "pad": "x" * LIMIT})),
+        (
+            "oversized JSON",
+            f"response above {LIMIT} bytes",
+            lambda: response({"checkpoints": {}, "pad": "x" * LIMIT}),
+        ),
         ("deeply nested JSON", "not JSON", lambda: response(raw=b"[" * 50_000 + b"]" * 50_000)),
         ("status 500", "checkpoints: status 500", lambda: response({"checkpoints": {}}, 500)),
         ("status 404", "checkpoints: status 404", lambda: response({"error": "no"}, 404)),
         ("top-level array", "checkpoints: status 200", lambda: response([real.decode()])),
-        ("checkpoints an array", "checkpoints must be an object", lambda: response({"checkpoints": [b64(real)]})),
+        (
+            "checkpoints an array",
+            "checkpoints must be an object",
+            lambda: response({"checkpoints": [b64(real)]}),
+        ),
         ("checkpoints missing", "checkpoints must be an object", lambda: response({})),
-        ("checkpoint a number", "checkpoint must be a base64 string", lambda: response({"checkpoints": {f.origin: 3}})),
-        ("checkpoint null", "checkpoint must be a base64 string", lambda: response({"checkpoints": {f.origin: None}})),
-        ("checkpoint not base64", "checkpoint is not valid base64", lambda: response({"checkpoints": {f.origin: "%%%"}})),
-        ("checkpoint not a note", "note", lambda: response({"checkpoints": {f.origin: b64(b"garbage")}})),
+        (
+            "checkpoint a number",
+            "checkpoint must be a base64 string",
+            lambda: response({"checkpoints": {f.origin: 3}}),
+        ),
+        (
+            "checkpoint null",
+            "checkpoint must be a base64 string",
+            lambda: response({"checkpoints": {f.origin: None}}),
+        ),
+        (
+            "checkpoint not base64",
+            "checkpoint is not valid base64",
+            lambda: response({"checkpoints": {f.origin: "%%%"}}),
+        ),
+        (
+            "checkpoint not a note",
+            "note",
+            lambda: response({"checkpoints": {f.origin: b64(b"garbage")}}),
+        ),
         ("checkpoint empty", "note", lambda: response({"checkpoints": {f.origin: ""}})),
-        ("checkpoint not a checkpoint", "checkpoint has 1 lines",
-         cps(f.sign("just some text\n", f.other))),
+        (
+            "checkpoint not a checkpoint",
+            "checkpoint has 1 lines",
+            cps(f.sign("just some text\n", f.other)),
+        ),
     ]:
         rounds.append(Round(f"checkpoints {name}", reason, make))
 
@@ -509,24 +716,52 @@ def pull_rounds(f: Forger, b_origin: str) -> list[Round]:
     tail = f.chain(4)
     for name, note in [
         ("C's text signed by another key", f.sign(text, f.other)),
-        ("C's text, another key under C's key ID", f.sign(text, f.other, kid=key_id(f.origin, f.key.public_key()))),
+        (
+            "C's text, another key under C's key ID",
+            f.sign(text, f.other, kid=key_id(f.origin, f.key.public_key())),
+        ),
         ("C's note with a flipped signature", bytes(flipped)),
-        ("a larger checkpoint signed by another key", f.checkpoint(next(sizes), f.random_hash(), f.other)),
-        ("a valid extension signed by another key", f.checkpoint(n + len(tail), merkle.root_of_leaf_hashes(
-            f.leaves + [merkle.leaf_hash(e) for e in tail]), f.other)),
+        (
+            "a larger checkpoint signed by another key",
+            f.checkpoint(next(sizes), f.random_hash(), f.other),
+        ),
+        (
+            "a valid extension signed by another key",
+            f.checkpoint(
+                n + len(tail),
+                merkle.root_of_leaf_hashes(f.leaves + [merkle.leaf_hash(e) for e in tail]),
+                f.other,
+            ),
+        ),
         ("B's origin signed by C", f.checkpoint(next(sizes), f.random_hash(), origin=b_origin)),
         ("only a stranger's signature", f.sign(text, f.other, name="evil.example/log")),
     ]:
-        rounds.append(Round(f"unsigned: {name}", "not signed by its key", cps(note),
-                            entries=fixed(lambda tail=tail: response({"entries": [b64(e) for e in tail]}))))
+        rounds.append(
+            Round(
+                f"unsigned: {name}",
+                "not signed by its key",
+                cps(note),
+                entries=fixed(lambda tail=tail: response({"entries": [b64(e) for e in tail]})),
+            )
+        )
 
     # forged evidence of equivocation
-    two_roots = [f.sign(format_checkpoint(Checkpoint(f.origin, n, f.random_hash())), f.other) for _ in range(2)]
-    b_roots = [f.sign(format_checkpoint(Checkpoint(b_origin, 1, f.random_hash())), f.other, b_origin) for _ in range(2)]
-    evidence_against_b = (f"{EVIDENCE_MAGIC}\norigin {b_origin}\na {b64(b_roots[0])}\nb {b64(b_roots[1])}\n"
-                          "reason forged\n").encode()
-    evidence_against_c = (f"{EVIDENCE_MAGIC}\norigin {f.origin}\na {b64(two_roots[0])}\nb {b64(two_roots[1])}\n"
-                          "reason forged\n").encode()
+    two_roots = [
+        f.sign(format_checkpoint(Checkpoint(f.origin, n, f.random_hash())), f.other)
+        for _ in range(2)
+    ]
+    b_roots = [
+        f.sign(format_checkpoint(Checkpoint(b_origin, 1, f.random_hash())), f.other, b_origin)
+        for _ in range(2)
+    ]
+    evidence_against_b = (
+        f"{EVIDENCE_MAGIC}\norigin {b_origin}\na {b64(b_roots[0])}\nb {b64(b_roots[1])}\n"
+        "reason forged\n"
+    ).encode()
+    evidence_against_c = (
+        f"{EVIDENCE_MAGIC}\norigin {f.origin}\na {b64(two_roots[0])}\nb {b64(two_roots[1])}\n"
+        "reason forged\n"
+    ).encode()
     consistent = format_evidence(Equivocation(f.origin, f.own(n), real, "C signed this twice"))
     for name, reason, evidence in [
         ("not base64", "evidence is not valid base64", ["%%%"]),
@@ -534,15 +769,24 @@ def pull_rounds(f: Forger, b_origin: str) -> list[Round]:
         ("junk", "evidence refused", [b64(b"this is not evidence")]),
         ("against C, signed by another key", "evidence refused", [b64(evidence_against_c)]),
         ("against B, signed by another key", "evidence refused", [b64(evidence_against_b)]),
-        ("two consistent checkpoints of C", "evidence refused: the two checkpoints are consistent", [b64(consistent)]),
+        (
+            "two consistent checkpoints of C",
+            "evidence refused: the two checkpoints are consistent",
+            [b64(consistent)],
+        ),
     ]:
         rounds.append(Round(f"evidence {name}", reason, cps(real, evidence=evidence)))
 
     # checkpoints signed by C for larger sizes, each over C's real entries and a forged tail
     # that cannot be served valid; the entries B is then given are forged
-    def extended(name: str, reason: str, tail: list[bytes], served: str = "tail",
-                 entries: Callable[[int, int], web.Response] | None = None,
-                 consistency: str = "rotate") -> None:
+    def extended(
+        name: str,
+        reason: str,
+        tail: list[bytes],
+        served: str = "tail",
+        entries: Callable[[int, int], web.Response] | None = None,
+        consistency: str = "rotate",
+    ) -> None:
         """A C-signed checkpoint over C's real entries and ``tail`` (padded to a size of its
         own with leaves nobody can serve valid); B is served ``tail``, or a valid chain of
         entries of that size ("valid"), or C's real entries over and over ("real")."""
@@ -550,15 +794,25 @@ def pull_rounds(f: Forger, b_origin: str) -> list[Round]:
         assert pad >= 0
         tail = tail + [f.rng.randbytes(50) for _ in range(pad)]
         note, size, leaves = f.extension(tail)
-        served_entries = {"tail": tail, "valid": f.chain(size - n), "real": f.entries * size}[served]
+        served_entries = {"tail": tail, "valid": f.chain(size - n), "real": f.entries * size}[
+            served
+        ]
         if served != "tail":  # never a valid extension together with the checkpoint it matches
             assert served_entries[: size - n] != tail
 
         def serve(start: int, end: int) -> web.Response:
-            return response({"entries": [b64(e) for e in served_entries[start - n:min(end, start + 1000) - n]]})
+            return response(
+                {
+                    "entries": [
+                        b64(e) for e in served_entries[start - n : min(end, start + 1000) - n]
+                    ]
+                }
+            )
 
         proofs = {
-            "genuine": lambda: response({"proof": [b64(h) for h in merkle.consistency_proof(n, size, leaves)]}),
+            "genuine": lambda: response(
+                {"proof": [b64(h) for h in merkle.consistency_proof(n, size, leaves)]}
+            ),
             "random": lambda: response({"proof": [b64(f.random_hash()) for _ in range(3)]}),
             "404": lambda: response({"error": "no"}, 404),
             "not base64": lambda: response({"proof": ["%%%"]}),
@@ -577,56 +831,128 @@ def pull_rounds(f: Forger, b_origin: str) -> list[Round]:
     last = f.leaves[-1]
     e3 = f.entry(n, last)
     e3_leaf = merkle.leaf_hash(e3)
-    extended("entry signed by another key", "does not verify with the origin's key", [f.entry(n, last, key=f.other)])
-    extended("entry with a wrong previous hash", "wrong previous hash", [f.entry(n, f.random_hash())])
+    extended(
+        "entry signed by another key",
+        "does not verify with the origin's key",
+        [f.entry(n, last, key=f.other)],
+    )
+    extended(
+        "entry with a wrong previous hash", "wrong previous hash", [f.entry(n, f.random_hash())]
+    )
     extended("entry chained to entry 0", "wrong previous hash", [f.entry(n, f.leaves[0])])
     extended("entry out of sequence", "out of sequence", [f.entry(n + 1, last)])
     extended("entry with index 0", "out of sequence", [f.entry(0, last)])
     extended("entry duplicated", "out of sequence", [e3, e3])
     extended("entry skipped", "out of sequence", [e3, f.entry(n + 2, e3_leaf)])
     extended("entry of another origin", "names origin", [f.entry(n, last, origin=b_origin)])
-    extended("entry not canonical (spaces)", "not in canonical form",
-             [json.dumps(json.loads(e3), sort_keys=True).encode()])
-    extended("entry not canonical (key order)", "not in canonical form",
-             [json.dumps(dict(reversed(json.loads(e3).items())), separators=(",", ":")).encode()])
-    extended("entry not canonical (escaped)", "not in canonical form",
-             [e3.replace(b'"image-anchored"', b'"image\\u002danchored"')])
-    extended("entry with an unknown kind", "is unknown",
-             [canonical_json(f.entry_object(n, last, kind="evil"))])
-    extended("entry with an extra field", "entry fields wrong",
-             [canonical_json(f.entry_object(n, last, extra=1))])
-    extended("entry with a float time", "non-negative integer",
-             [json.dumps(f.entry_object(n, last, time=1.5), sort_keys=True, separators=(",", ":")).encode()])
-    extended("entry with a short signature", "not 64 bytes",
-             [canonical_json(f.entry_object(n, last, sig=b64(bytes(32))))])
+    extended(
+        "entry not canonical (spaces)",
+        "not in canonical form",
+        [json.dumps(json.loads(e3), sort_keys=True).encode()],
+    )
+    extended(
+        "entry not canonical (key order)",
+        "not in canonical form",
+        [json.dumps(dict(reversed(json.loads(e3).items())), separators=(",", ":")).encode()],
+    )
+    extended(
+        "entry not canonical (escaped)",
+        "not in canonical form",
+        [e3.replace(b'"image-anchored"', b'"image\\u002danchored"')],
+    )
+    extended(
+        "entry with an unknown kind",
+        "is unknown",
+        [canonical_json(f.entry_object(n, last, kind="evil"))],
+    )
+    extended(
+        "entry with an extra field",
+        "entry fields wrong",
+        [canonical_json(f.entry_object(n, last, extra=1))],
+    )
+    extended(
+        "entry with a float time",
+        "non-negative integer",
+        [
+            json.dumps(
+                f.entry_object(n, last, time=1.5), sort_keys=True, separators=(",", ":")
+            ).encode()
+        ],
+    )
+    extended(
+        "entry with a short signature",
+        "not 64 bytes",
+        [canonical_json(f.entry_object(n, last, sig=b64(bytes(32))))],
+    )
     extended("entry not JSON", "not UTF-8 JSON", [b"\xff\xfe garbage"])
     extended("entry above 64 KiB", "above the limit", [b'{"pad":"' + b"x" * 70_000 + b'"}'])
     extended("entry a JSON array", "not a JSON object", [b"[]"])
-    extended("valid entries, other checkpoint root", "do not match its signed checkpoint's root",
-             [f.entry(n, last, key=f.other)], served="valid")
+    extended(
+        "valid entries, other checkpoint root",
+        "do not match its signed checkpoint's root",
+        [f.entry(n, last, key=f.other)],
+        served="valid",
+    )
     extended("C's real entries replayed from 0", "out of sequence", [e3], served="real")
-    extended("entries not base64", "entry is not valid base64", [e3],
-             entries=fixed(lambda: response({"entries": ["%%%"]})))
-    extended("entries not strings", "entry must be a base64 string", [e3],
-             entries=fixed(lambda: response({"entries": [1, None]})))
+    extended(
+        "entries not base64",
+        "entry is not valid base64",
+        [e3],
+        entries=fixed(lambda: response({"entries": ["%%%"]})),
+    )
+    extended(
+        "entries not strings",
+        "entry must be a base64 string",
+        [e3],
+        entries=fixed(lambda: response({"entries": [1, None]})),
+    )
     for name, make in [
-        ("empty", lambda: response({"entries": []})), ("a string", lambda: response({"entries": "x"})),
-        ("missing", lambda: response({})), ("a top-level array", lambda: response([b64(e3)])),
+        ("empty", lambda: response({"entries": []})),
+        ("a string", lambda: response({"entries": "x"})),
+        ("missing", lambda: response({})),
+        ("a top-level array", lambda: response([b64(e3)])),
         ("status 404", lambda: response({"entries": [b64(e3)]}, 404)),
     ]:
         extended(f"entries {name}", "did not serve", [e3], entries=fixed(make))
     truncated = [e3, *f.chain(4)[1:]]
-    extended("entries truncated", "did not serve", truncated, entries=lambda start, end: response(
-        {"entries": [b64(e) for e in truncated[:2]] if start == n else []}))
-    extended("entries not JSON", "response is not JSON", [e3], entries=fixed(lambda: response(raw=b"\x00\x01")))
-    extended("entries oversized", f"response above {LIMIT} bytes", [e3],
-             entries=fixed(lambda: response({"entries": ["A" * LIMIT]})))
-    extended("entries deeply nested", "not JSON", [e3],
-             entries=fixed(lambda: response(raw=b'{"entries":' + b"[" * 50_000 + b"]" * 50_000 + b"}")))
-    extended("forged entry, proof not base64", "proof hash is not valid base64",
-             [f.entry(n, f.random_hash())], consistency="not base64")
-    extended("forged entry, proof not JSON", "response is not JSON",
-             [f.entry(n, f.random_hash())], consistency="not JSON")
+    extended(
+        "entries truncated",
+        "did not serve",
+        truncated,
+        entries=lambda start, end: response(
+            {"entries": [b64(e) for e in truncated[:2]] if start == n else []}
+        ),
+    )
+    extended(
+        "entries not JSON",
+        "response is not JSON",
+        [e3],
+        entries=fixed(lambda: response(raw=b"\x00\x01")),
+    )
+    extended(
+        "entries oversized",
+        f"response above {LIMIT} bytes",
+        [e3],
+        entries=fixed(lambda: response({"entries": ["A" * LIMIT]})),
+    )
+    extended(
+        "entries deeply nested",
+        "not JSON",
+        [e3],
+        entries=fixed(lambda: response(raw=b'{"entries":' + b"[" * 50_000 + b"]" * 50_000 + b"}")),
+    )
+    extended(
+        "forged entry, proof not base64",
+        "proof hash is not valid base64",
+        [f.entry(n, f.random_hash())],
+        consistency="not base64",
+    )
+    extended(
+        "forged entry, proof not JSON",
+        "response is not JSON",
+        [f.entry(n, f.random_hash())],
+        consistency="not JSON",
+    )
 
     # replays of C's real checkpoints: consistent with what B holds, so B just ignores them
     for size in sorted(f.notes):
@@ -647,7 +973,9 @@ class FakePeer:
         self._turn = 0
         self._current: Round | None = None
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-peer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fake-peer", daemon=True
+        )
         self._runner: web.AppRunner | None = None
 
     @property
@@ -670,7 +998,9 @@ class FakePeer:
     async def _entries(self, request: web.Request) -> web.Response:
         rnd = self._current
         if rnd is None or rnd.entries is None:
-            self.unexpected.append(f"entries asked after round {rnd and rnd.name}: {request.query_string}")
+            self.unexpected.append(
+                f"entries asked after round {rnd and rnd.name}: {request.query_string}"
+            )
             return response({"error": "no"}, 404)
         self._count(rnd)
         return rnd.entries(int(request.query["start"]), int(request.query["end"]))
@@ -678,7 +1008,9 @@ class FakePeer:
     async def _consistency(self, request: web.Request) -> web.Response:
         rnd = self._current
         if rnd is None or rnd.consistency is None:
-            self.unexpected.append(f"consistency asked after round {rnd and rnd.name}: {request.query_string}")
+            self.unexpected.append(
+                f"consistency asked after round {rnd and rnd.name}: {request.query_string}"
+            )
             return response({"error": "no"}, 404)
         self._count(rnd)
         return rnd.consistency()
@@ -713,26 +1045,37 @@ class FakePeer:
 # -- UNKNOWN PEERS ----------------------------------------------------------------------------
 
 
-async def stranger_attempts(base: str, contexts: list[tuple[str, ssl.SSLContext | None]],
-                            rounds: int) -> Counter[str]:
+async def stranger_attempts(
+    base: str, contexts: list[tuple[str, ssl.SSLContext | None]], rounds: int
+) -> Counter[str]:
     """Connect as each stranger ``rounds`` times, a fresh connection each; counts how each
     attempt ended: an HTTP status, or the exception that ended the connection."""
     outcomes: Counter[str] = Counter()
     for _ in range(rounds):
         for name, ctx in contexts:
             url = base if ctx is not None else base.replace("https://", "http://")
-            connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else False, force_close=True)
+            connector = aiohttp.TCPConnector(
+                ssl=ctx if ctx is not None else False, force_close=True
+            )
             try:
-                async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as s:
+                async with aiohttp.ClientSession(
+                    connector=connector, timeout=aiohttp.ClientTimeout(total=10)
+                ) as s:
                     async with s.get(url + "/v1/checkpoints") as resp:
                         await resp.read()
                         outcomes[f"{name}: status {resp.status}"] += 1
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # refused by TLS, or dropped
+            except (
+                aiohttp.ClientError,
+                OSError,
+                TimeoutError,
+            ) as exc:  # refused by TLS, or dropped
                 outcomes[f"{name}: {type(exc).__name__}"] += 1
     return outcomes
 
 
-def stranger_contexts(tmp_path: Path, b: GatewayProcess, c: GatewayProcess) -> list[tuple[str, ssl.SSLContext | None]]:
+def stranger_contexts(
+    tmp_path: Path, b: GatewayProcess, c: GatewayProcess
+) -> list[tuple[str, ssl.SSLContext | None]]:
     b_cert = (b.dir / "keys" / "peer-tls.crt").read_bytes()
     contexts: list[tuple[str, ssl.SSLContext | None]] = []
     for i in range(3):
@@ -744,8 +1087,14 @@ def stranger_contexts(tmp_path: Path, b: GatewayProcess, c: GatewayProcess) -> l
     no_cert.check_hostname = False
     no_cert.verify_mode = ssl.CERT_NONE
     contexts.append(("no client certificate", no_cert))
-    contexts.append(("B's own certificate", client_context(
-        b.dir / "keys" / "peer-tls.crt", b.dir / "keys" / "peer-tls.key", [b_cert])))
+    contexts.append(
+        (
+            "B's own certificate",
+            client_context(
+                b.dir / "keys" / "peer-tls.crt", b.dir / "keys" / "peer-tls.key", [b_cert]
+            ),
+        )
+    )
     contexts.append(("plain HTTP", None))
     return contexts
 
@@ -761,7 +1110,9 @@ def log_events(gw: GatewayProcess, offset: int = 0) -> tuple[list[dict], list[st
         except json.JSONDecodeError:
             other.append(line)
             continue
-        (events if isinstance(event, dict) else other).append(event if isinstance(event, dict) else line)
+        (events if isinstance(event, dict) else other).append(
+            event if isinstance(event, dict) else line
+        )
     return events, other
 
 
@@ -779,12 +1130,21 @@ def test_forged_and_mutated_peer_messages_are_all_refused(tmp_path):
         b.start()
         c.start()
         # 1. C logs 3 images; B replicates them and cosigns C's checkpoint; C cosigns B's
-        assert c.storescu(*dicomdata.make_mr_series(tmp_path / "first", 3, seed="first")).returncode == 0
+        assert (
+            c.storescu(*dicomdata.make_mr_series(tmp_path / "first", 3, seed="first")).returncode
+            == 0
+        )
         wait_until(lambda: log_size(b, c.origin) == 3, what="B to hold C's 3 entries")
-        wait_until(lambda: 3 in log_of(c, c.origin)[1] and signed_by(log_of(c, c.origin)[1][3], b.origin),
-                   what="B's cosignature on C's size-3 checkpoint")
-        wait_until(lambda: bool(cps := log_of(b, b.origin)[1]) and signed_by(max(cps.items())[1], c.origin),
-                   what="C's cosignature on B's checkpoint")
+        wait_until(
+            lambda: 3 in log_of(c, c.origin)[1] and signed_by(log_of(c, c.origin)[1][3], b.origin),
+            what="B's cosignature on C's size-3 checkpoint",
+        )
+        wait_until(
+            lambda: (
+                bool(cps := log_of(b, b.origin)[1]) and signed_by(max(cps.items())[1], c.origin)
+            ),
+            what="C's cosignature on B's checkpoint",
+        )
         assert c.stop() == 0
         c_entries, c_notes = log_of(c, c.origin)
         assert len(c_entries) == 3 and max(c_notes) == 3
@@ -808,7 +1168,9 @@ def test_forged_and_mutated_peer_messages_are_all_refused(tmp_path):
         for out in outcomes:
             a = out.attack
             if out.status not in a.expect:
-                problems.append(f"push {a.category} / {a.name}: status {out.status}, expected {a.expect}: {out.body[:200]!r}")
+                problems.append(
+                    f"push {a.category} / {a.name}: status {out.status}, expected {a.expect}: {out.body[:200]!r}"
+                )
             elif out.status == 200:  # an idempotent replay: B cosigns the checkpoint it holds again
                 answer = json.loads(out.body)
                 raw = base64.b64decode(answer["cosignature"])
@@ -820,19 +1182,29 @@ def test_forged_and_mutated_peer_messages_are_all_refused(tmp_path):
         contexts = stranger_contexts(tmp_path, b, c)
         stranger_rounds = 6
         stranger_outcomes = asyncio.run(stranger_attempts(base, contexts, stranger_rounds))
-        problems += [f"unknown peer not refused: {x}" for x in stranger_outcomes
-                     if "status" in x and not x.endswith("status 403")]
+        problems += [
+            f"unknown peer not refused: {x}"
+            for x in stranger_outcomes
+            if "status" in x and not x.endswith("status 403")
+        ]
         strangers = sum(stranger_outcomes.values())
         assert strangers == stranger_rounds * len(contexts)
 
-        wait_until(lambda: fake.forged >= PULL_TARGET and all(fake.served[r.name] for r in rounds if r.forged),
-                   timeout=60, what=f"B to take {PULL_TARGET} forged gossip answers, every kind at least once")
+        wait_until(
+            lambda: (
+                fake.forged >= PULL_TARGET and all(fake.served[r.name] for r in rounds if r.forged)
+            ),
+            timeout=60,
+            what=f"B to take {PULL_TARGET} forged gossip answers, every kind at least once",
+        )
         fake.stop()
         problems += [f"fake peer: {x}" for x in fake.unexpected]
         pushed, pulled = len(outcomes), fake.forged
-        print(f"\npush {pushed} ({dict(Counter(o.attack.category for o in outcomes))}), "
-              f"pull {pulled} forged + {fake.replayed} replayed in {fake._turn} rounds, "
-              f"unknown peers {strangers} ({dict(stranger_outcomes)}), after {time.monotonic() - started:.1f} s")
+        print(
+            f"\npush {pushed} ({dict(Counter(o.attack.category for o in outcomes))}), "
+            f"pull {pulled} forged + {fake.replayed} replayed in {fake._turn} rounds, "
+            f"unknown peers {strangers} ({dict(stranger_outcomes)}), after {time.monotonic() - started:.1f} s"
+        )
         assert pushed + pulled + strangers >= MIN_TOTAL
 
         # 3. nothing stored, nothing flagged, every refusal logged with its reason, still serving
@@ -847,42 +1219,73 @@ def test_forged_and_mutated_peer_messages_are_all_refused(tmp_path):
         text = b.log_path.read_bytes()[log_offset:].decode(errors="replace")
         for bad in ("gossip round failed", "Traceback", "Error handling request", "EQUIVOCATION"):
             if bad in text:
-                problems.append(f"B's log has {bad!r}: " + next(
-                    line for line in text.splitlines() if bad in line)[:600])
+                problems.append(
+                    f"B's log has {bad!r}: "
+                    + next(line for line in text.splitlines() if bad in line)[:600]
+                )
         problems += [f"B's log has a non-JSON line: {line[:200]}" for line in other]
-        refused = [e for e in events if e.get("event") == "peer request refused" and e.get("peer") == c.origin]
-        rejected = [e for e in events if e.get("event") == "peer message rejected" and e.get("peer") == c.origin]
+        refused = [
+            e
+            for e in events
+            if e.get("event") == "peer request refused" and e.get("peer") == c.origin
+        ]
+        rejected = [
+            e
+            for e in events
+            if e.get("event") == "peer message rejected" and e.get("peer") == c.origin
+        ]
         handled = [o for o in outcomes if o.attack.handled and o.status != 200]
         if len(refused) < len(handled):
             logged = Counter(e.get("status") for e in refused)
             sent = Counter(o.status for o in handled)
-            problems.append(f"{len(handled)} refused pushes but {len(refused)} 'peer request refused' lines: "
-                            f"statuses sent {dict(sent)}, logged {dict(logged)}")
+            problems.append(
+                f"{len(handled)} refused pushes but {len(refused)} 'peer request refused' lines: "
+                f"statuses sent {dict(sent)}, logged {dict(logged)}"
+            )
         if not all(e.get("reason") for e in refused + rejected):
             problems.append("a refusal was logged without a reason")
         push_reasons = " | ".join(str(e.get("reason")) for e in refused)
-        for reason in ("no valid signature", "is not a log this witness follows", "is malformed",
-                       "body is not JSON", "body must be a JSON object", "old_size must be",
-                       "proof must be a list", "is not valid base64", "the size last cosigned",
-                       "is not shown consistent", "between equal sizes must be empty",
-                       "larger than the checkpoint's size", "query needs integer", "negative sizes",
-                       "no log for origin", "no such sizes held"):
+        for reason in (
+            "no valid signature",
+            "is not a log this witness follows",
+            "is malformed",
+            "body is not JSON",
+            "body must be a JSON object",
+            "old_size must be",
+            "proof must be a list",
+            "is not valid base64",
+            "the size last cosigned",
+            "is not shown consistent",
+            "between equal sizes must be empty",
+            "larger than the checkpoint's size",
+            "query needs integer",
+            "negative sizes",
+            "no log for origin",
+            "no such sizes held",
+        ):
             if reason not in push_reasons:
                 problems.append(f"no push refusal logged with reason {reason!r}")
         pull_reasons = " | ".join(str(e.get("reason")) for e in rejected)
         for rnd in rounds:
             if rnd.reason is not None and rnd.reason not in pull_reasons:
-                problems.append(f"pull round {rnd.name!r}: no rejection logged with reason {rnd.reason!r}")
+                problems.append(
+                    f"pull round {rnd.name!r}: no rejection logged with reason {rnd.reason!r}"
+                )
         failed = [e for e in events if e.get("event") == "gossip round failed"]  # reported above
         if len(rejected) + len(failed) < fake.forged_rounds - 2:  # the last round may be cut short
-            problems.append(f"{fake.forged_rounds} forged gossip rounds "
-                            f"but only {len(rejected)} 'peer message rejected' lines")
+            problems.append(
+                f"{fake.forged_rounds} forged gossip rounds "
+                f"but only {len(rejected)} 'peer message rejected' lines"
+            )
         echo = dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", b.ae_title, "127.0.0.1", str(b.port))
         assert echo.returncode == 0, echo.stdout + echo.stderr
 
         # 4. the real C comes back and B replicates its new entries
         c.start()
-        assert c.storescu(*dicomdata.make_mr_series(tmp_path / "second", 5, seed="second")).returncode == 0
+        assert (
+            c.storescu(*dicomdata.make_mr_series(tmp_path / "second", 5, seed="second")).returncode
+            == 0
+        )
         wait_until(lambda: log_size(b, c.origin) == 8, what="B to replicate C's 5 new entries")
         assert log_of(b, c.origin)[0] == log_of(c, c.origin)[0]
         peers = b.cli("peers").stdout
@@ -908,8 +1311,11 @@ def state_of(gw: GatewayProcess, origin: str) -> dict:
         "entries": entries,
         "checkpoints": notes,
         "witness": query(gw, "SELECT size, root FROM witness_state WHERE origin = ?", (origin,)),
-        "nodes": query(gw, "SELECT COUNT(*) FROM nodes n JOIN origins o ON o.id = n.origin_id WHERE o.name = ?",
-                       (origin,)),
+        "nodes": query(
+            gw,
+            "SELECT COUNT(*) FROM nodes n JOIN origins o ON o.id = n.origin_id WHERE o.name = ?",
+            (origin,),
+        ),
         "origins": query(gw, "SELECT name FROM origins ORDER BY id"),
         "keys": query(gw, "SELECT COUNT(*) FROM entry_keys"),
     }

@@ -58,7 +58,9 @@ class PeerServer:
     def __init__(self, port: int, ctx: ssl.SSLContext, routes: list[web.RouteDef]) -> None:
         self.port, self.ctx, self.routes = port, ctx, routes
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="peer-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="peer-server", daemon=True
+        )
         self._runner: web.AppRunner | None = None
 
     async def _start(self) -> None:
@@ -86,7 +88,9 @@ class PeerServer:
             self._thread.join(timeout=10)
 
 
-def peer_identity(gw: GatewayProcess, pinned: GatewayProcess) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+def peer_identity(
+    gw: GatewayProcess, pinned: GatewayProcess
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server, client) TLS contexts with ``gw``'s peer identity, pinning ``pinned``'s."""
     cert, key = gw.dir / "keys" / "peer-tls.crt", gw.dir / "keys" / "peer-tls.key"
     other = (pinned.dir / "keys" / "peer-tls.crt").read_bytes()
@@ -109,14 +113,28 @@ class HugeLog:
         for i in range(SERVED):
             pseudonym = hashlib.sha256(b"hostile %d" % i).hexdigest()
             payload = {
-                "patient": pseudonym, "study": pseudonym, "series": pseudonym, "instance": pseudonym,
-                "hash_method": "pixel", "sha256": hashlib.sha256(b"pixels %d" % i).hexdigest(),
-                "decoded_sha256": None, "frames": 1, "frame_root": None,
-                "sop_class": "1.2.840.10008.5.1.4.1.1.4", "transfer_syntax": "1.2.840.10008.1.2.1",
+                "patient": pseudonym,
+                "study": pseudonym,
+                "series": pseudonym,
+                "instance": pseudonym,
+                "hash_method": "pixel",
+                "sha256": hashlib.sha256(b"pixels %d" % i).hexdigest(),
+                "decoded_sha256": None,
+                "frames": 1,
+                "frame_root": None,
+                "sop_class": "1.2.840.10008.5.1.4.1.1.4",
+                "transfer_syntax": "1.2.840.10008.1.2.1",
                 "calling_ae": "STORESCU",
             }
-            _, data = sign_entry(origin=origin, index=i, prev=prev, time_ms=1_763_890_000_000 + i,
-                                 kind="image-anchored", payload=payload, private_key=key)
+            _, data = sign_entry(
+                origin=origin,
+                index=i,
+                prev=prev,
+                time_ms=1_763_890_000_000 + i,
+                kind="image-anchored",
+                payload=payload,
+                private_key=key,
+            )
             self.entries.append(data)
             prev = merkle.leaf_hash(data)
         self.leaves = [merkle.leaf_hash(e) for e in self.entries[:REAL]]
@@ -138,7 +156,7 @@ class HugeLog:
 
     def _node(self, level: int, index: int) -> bytes:
         if (index + 1) << level <= REAL:
-            return merkle.root_of_leaf_hashes(self.leaves[index << level:(index + 1) << level])
+            return merkle.root_of_leaf_hashes(self.leaves[index << level : (index + 1) << level])
         assert index == 1 and level >= REAL_LEVEL, (level, index)
         return self._nothing(level)
 
@@ -170,7 +188,7 @@ def hostile_routes(
 
     async def entries(request: web.Request) -> web.Response:
         start, end = int(request.query["start"]), int(request.query["end"])
-        served = log.entries[start:min(end, start + PER_RESPONSE)]
+        served = log.entries[start : min(end, start + PER_RESPONSE)]
         seen.requests.append((time.monotonic(), "entries", start))
         seen.unverified += sum(len(e) for e in served)
         seen.peak_unverified = max(seen.peak_unverified, seen.unverified)
@@ -191,8 +209,12 @@ def hostile_routes(
     async def add_checkpoint(request: web.Request) -> web.Response:
         return web.json_response({"error": "not cosigning"}, status=503)
 
-    return [web.get("/v1/checkpoints", checkpoints), web.get("/v1/entries", entries),
-            web.get("/v1/consistency", consistency), web.post("/v1/add-checkpoint", add_checkpoint)]
+    return [
+        web.get("/v1/checkpoints", checkpoints),
+        web.get("/v1/entries", entries),
+        web.get("/v1/consistency", consistency),
+        web.post("/v1/add-checkpoint", add_checkpoint),
+    ]
 
 
 async def announce_forever(url: str, ctx: ssl.SSLContext, note: bytes, seen: PullLog) -> None:
@@ -225,8 +247,9 @@ def test_a_huge_checkpoint_is_pulled_in_bounded_chunks_and_a_lying_peer_is_backe
     b.set("backoff_max = 300.0", f"backoff_max = {BACKOFF_MAX}")
     huge = HugeLog(c.origin, load_key_file(c.dir / "keys" / "gateway.key"))
     # the hostile peer's tree really is what its signature commits to, for sizes up to REAL
-    merkle.verify_consistency(100, HUGE, merkle.root_of_leaf_hashes(huge.leaves[:100]), huge.root,
-                              huge.consistency(100))
+    merkle.verify_consistency(
+        100, HUGE, merkle.root_of_leaf_hashes(huge.leaves[:100]), huge.root, huge.consistency(100)
+    )
     server_ctx, client_ctx = peer_identity(c, b)
     seen = PullLog()
     hostile = PeerServer(c.peer_port, server_ctx, hostile_routes(huge, seen))
@@ -235,17 +258,23 @@ def test_a_huge_checkpoint_is_pulled_in_bounded_chunks_and_a_lying_peer_is_backe
     try:
         b.start()
         announcer = asyncio.run_coroutine_threadsafe(
-            announce_forever(f"https://127.0.0.1:{b.peer_port}", client_ctx, huge.note, seen), hostile.loop)
+            announce_forever(f"https://127.0.0.1:{b.peer_port}", client_ctx, huge.note, seen),
+            hostile.loop,
+        )
 
         def backoffs() -> list[dict]:
             return [e for e in c_rows(b, c.origin) if "backoff_seconds" in e]
 
         # five back-offs (four complete waits to measure), unless B holds more than a chunk
-        wait_until(lambda: len(backoffs()) >= 5 or seen.peak_unverified > 2 * LIMIT, timeout=90,
-                   what="B to back off the hostile peer five times")
+        wait_until(
+            lambda: len(backoffs()) >= 5 or seen.peak_unverified > 2 * LIMIT,
+            timeout=90,
+            what="B to back off the hostile peer five times",
+        )
         assert seen.peak_unverified <= 2 * LIMIT, (
             f"B took {seen.peak_unverified} bytes of entries before verifying any (one chunk is "
-            f"at most {2 * LIMIT})")
+            f"at most {2 * LIMIT})"
+        )
         assert b.stop() == 0
     finally:
         if announcer is not None:
@@ -261,7 +290,7 @@ def test_a_huge_checkpoint_is_pulled_in_bounded_chunks_and_a_lying_peer_is_backe
     assert all(e["held_bytes"] <= 2 * LIMIT for e in replicated), replicated
     assert [e["size"] for e in replicated] == sorted({e["size"] for e in replicated})
     assert REAL - 2 * PER_RESPONSE < len(stored) <= REAL
-    assert stored == huge.entries[:len(stored)]
+    assert stored == huge.entries[: len(stored)]
     assert checkpoints == {}  # no checkpoint of that size was ever signed
     assert b.cli("verify").returncode == 0
 
@@ -269,11 +298,16 @@ def test_a_huge_checkpoint_is_pulled_in_bounded_chunks_and_a_lying_peer_is_backe
     rows = c_rows(b, c.origin)
     backed_off = [e for e in rows if "backoff_seconds" in e]
     assert [e["backoff_seconds"] for e in backed_off[:5]] == [0.2, 0.4, 0.8, 1.6, 1.6]
-    assert all(e["event"] == "peer message rejected" and "not shown to be a prefix" in e["reason"]
-               for e in backed_off), backed_off
+    assert all(
+        e["event"] == "peer message rejected" and "not shown to be a prefix" in e["reason"]
+        for e in backed_off
+    ), backed_off
     assert {e["event"] for e in rows} == {"replicated", "peer message rejected"}, rows
-    attempts = [i for i, (_, kind, start) in enumerate(seen.requests)
-                if kind == "entries" and start == len(stored)]
+    attempts = [
+        i
+        for i, (_, kind, start) in enumerate(seen.requests)
+        if kind == "entries" and start == len(stored)
+    ]
     assert len(backed_off) <= len(attempts) <= len(backed_off) + 1
     # ... and B asked nothing of it until each back-off had passed, announcements or not
     for n, delay in enumerate(e["backoff_seconds"] for e in backed_off[:4]):
@@ -292,7 +326,10 @@ def test_a_checkpoint_inside_a_pulled_prefix_is_checked_against_it(tmp_path):
     b.set("fanout = 3", f"fanout = 3\nmax_message_bytes = {LIMIT}")
     b.set("backoff_max = 300.0", f"backoff_max = {BACKOFF_MAX}")
     huge = HugeLog(c.origin, load_key_file(c.dir / "keys" / "gateway.key"))
-    real, forged = huge.checkpoint(512), huge.checkpoint(700, hashlib.sha256(b"another history").digest())
+    real, forged = (
+        huge.checkpoint(512),
+        huge.checkpoint(700, hashlib.sha256(b"another history").digest()),
+    )
     server_ctx, client_ctx = peer_identity(c, b)
     seen = PullLog()
     turn = iter(range(10**9))
@@ -307,13 +344,24 @@ def test_a_checkpoint_inside_a_pulled_prefix_is_checked_against_it(tmp_path):
     try:
         b.start()
         announcer = asyncio.run_coroutine_threadsafe(
-            announce_forever(f"https://127.0.0.1:{b.peer_port}", client_ctx, huge.note, seen), hostile.loop)
+            announce_forever(f"https://127.0.0.1:{b.peer_port}", client_ctx, huge.note, seen),
+            hostile.loop,
+        )
 
         def refused_forged() -> bool:
-            return any("size 700 does not match the" in str(e.get("reason")) for e in c_rows(b, c.origin))
+            return any(
+                "size 700 does not match the" in str(e.get("reason")) for e in c_rows(b, c.origin)
+            )
 
-        wait_until(lambda: 512 in log_of(b, c.origin)[1] and len(log_of(b, c.origin)[0]) > 700
-                   and refused_forged(), timeout=60, what="B to keep C's size-512 checkpoint and refuse size 700")
+        wait_until(
+            lambda: (
+                512 in log_of(b, c.origin)[1]
+                and len(log_of(b, c.origin)[0]) > 700
+                and refused_forged()
+            ),
+            timeout=60,
+            what="B to keep C's size-512 checkpoint and refuse size 700",
+        )
         assert b.stop() == 0
     finally:
         if announcer is not None:
@@ -325,7 +373,7 @@ def test_a_checkpoint_inside_a_pulled_prefix_is_checked_against_it(tmp_path):
     assert set(checkpoints) == {512} and parse_note(checkpoints[512]).text == parse_note(real).text
     chunk_ends = [e["size"] for e in c_rows(b, c.origin) if e.get("event") == "replicated"]
     assert 512 not in chunk_ends and max(chunk_ends) > 700  # 512 was checked within the prefix
-    assert stored == huge.entries[:len(stored)]
+    assert stored == huge.entries[: len(stored)]
     assert query(b, "SELECT COUNT(*) FROM evidence") == [(0,)]
     assert b.cli("verify").returncode == 0
 
@@ -335,8 +383,11 @@ def test_a_checkpoint_inside_a_pulled_prefix_is_checked_against_it(tmp_path):
 
 def cosigned_by(gw: GatewayProcess, witness: str, size: int) -> bool:
     held = newest_checkpoint(gw, gw.origin)
-    return held is not None and held[0] >= size and any(
-        s.name == witness for s in parse_note(bytes(held[1])).signatures)
+    return (
+        held is not None
+        and held[0] >= size
+        and any(s.name == witness for s in parse_note(bytes(held[1])).signatures)
+    )
 
 
 def test_a_silent_peer_does_not_delay_another_peers_cosignature(tmp_path):
@@ -350,8 +401,12 @@ def test_a_silent_peer_does_not_delay_another_peers_cosignature(tmp_path):
             await asyncio.sleep(0.1)
         return web.json_response({"error": "too late"}, status=503)
 
-    routes = [web.get("/v1/checkpoints", never), web.get("/v1/entries", never),
-              web.get("/v1/consistency", never), web.post("/v1/add-checkpoint", never)]
+    routes = [
+        web.get("/v1/checkpoints", never),
+        web.get("/v1/entries", never),
+        web.get("/v1/consistency", never),
+        web.post("/v1/add-checkpoint", never),
+    ]
     silent = PeerServer(s.peer_port, peer_identity(s, a)[0], routes)
     silent.start()
     try:
@@ -361,10 +416,15 @@ def test_a_silent_peer_does_not_delay_another_peers_cosignature(tmp_path):
             started = time.monotonic()
             files = dicomdata.make_mr_series(tmp_path / f"mr{size}", 1, seed=f"mr{size}")
             assert a.storescu(*files).returncode == 0
-            wait_until(lambda size=size: cosigned_by(a, b.origin, size), timeout=45,
-                       what=f"B's cosignature on A's checkpoint of size {size}")
+            wait_until(
+                lambda size=size: cosigned_by(a, b.origin, size),
+                timeout=45,
+                what=f"B's cosignature on A's checkpoint of size {size}",
+            )
             took = time.monotonic() - started
-            assert took < 8, f"B's cosignature took {took:.1f} s while S sat on A's requests (30 s timeout)"
+            assert took < 8, (
+                f"B's cosignature took {took:.1f} s while S sat on A's requests (30 s timeout)"
+            )
         assert "/v1/add-checkpoint" in asked  # S was asked too
     finally:
         release.set()
@@ -410,12 +470,26 @@ def test_refused_peer_tls_handshakes_are_logged_with_the_address(tmp_path):
     no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     no_cert.check_hostname, no_cert.verify_mode = False, ssl.CERT_NONE
     cases: list[tuple[str, Callable[[], str], str]] = [
-        ("unknown certificate", lambda: attempt(b.peer_port, client_context(stranger_cert, stranger_key, [b_cert]), None),
-         "client certificate not accepted"),
+        (
+            "unknown certificate",
+            lambda: attempt(
+                b.peer_port, client_context(stranger_cert, stranger_key, [b_cert]), None
+            ),
+            "client certificate not accepted",
+        ),
         ("no certificate", lambda: attempt(b.peer_port, no_cert, None), "no client certificate"),
-        ("plain HTTP", lambda: attempt(b.peer_port, None, b"GET /v1/checkpoints HTTP/1.1\r\nHost: peer\r\n\r\n"),
-         "plain HTTP, not TLS"),
-        ("connect and hang up", lambda: attempt(b.peer_port, None, None), "connection closed during the TLS handshake"),
+        (
+            "plain HTTP",
+            lambda: attempt(
+                b.peer_port, None, b"GET /v1/checkpoints HTTP/1.1\r\nHost: peer\r\n\r\n"
+            ),
+            "plain HTTP, not TLS",
+        ),
+        (
+            "connect and hang up",
+            lambda: attempt(b.peer_port, None, None),
+            "connection closed during the TLS handshake",
+        ),
     ]
     b.start(accept_local_tip=True)  # C never runs to confirm B's log
     try:
@@ -425,13 +499,18 @@ def test_refused_peer_tls_handshakes_are_logged_with_the_address(tmp_path):
             return [e for e in log_events(b)[0] if e.get("event") == "peer TLS handshake refused"]
 
         wanted = {address for address, _ in addresses.values()}
-        wait_until(lambda: wanted <= {e.get("address") for e in refused()}, timeout=20,
-                   what="a refusal line for every attempt")
+        wait_until(
+            lambda: wanted <= {e.get("address") for e in refused()},
+            timeout=20,
+            what="a refusal line for every attempt",
+        )
         # the real peer C still gets in, and is not reported
         _, c_client = peer_identity(c, b)
 
         async def as_c() -> int:
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=c_client)) as session:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=c_client)
+            ) as session:
                 async with session.get(f"https://127.0.0.1:{b.peer_port}/v1/checkpoints") as resp:
                     await resp.read()
                     return resp.status
@@ -454,4 +533,3 @@ def test_refused_peer_tls_handshakes_are_logged_with_the_address(tmp_path):
 def _no_stray_threads():
     yield
     assert not [t for t in threading.enumerate() if t.name == "peer-server" and t.is_alive()]
-

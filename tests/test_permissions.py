@@ -84,8 +84,13 @@ class Ledger:
     def append(self, kind: str, payload: Any, origin: str = ORIGIN_A) -> tuple[Any, bytes]:
         index, prev = self.next.get(origin, (0, ZERO_HASH))
         _, data = sign_entry(
-            origin=origin, index=index, prev=prev, time_ms=1_763_890_000_000 + index,
-            kind=kind, payload=payload, private_key=GATEWAY_KEYS[origin],
+            origin=origin,
+            index=index,
+            prev=prev,
+            time_ms=1_763_890_000_000 + index,
+            kind=kind,
+            payload=payload,
+            private_key=GATEWAY_KEYS[origin],
         )
         self.next[origin] = (index + 1, entry_hash(data))
         return decode_entry(data), data
@@ -105,8 +110,14 @@ class Ledger:
         origin: str = ORIGIN_A,
     ) -> Grant:
         payload = make_grant_payload(
-            patient=patient, grantee=Grantee.parse(grantee), study=study, until=until,
-            purpose="treatment", consent="form-42", heads=heads, issuer_name=issuer,
+            patient=patient,
+            grantee=Grantee.parse(grantee),
+            study=study,
+            until=until,
+            purpose="treatment",
+            consent="form-42",
+            heads=heads,
+            issuer_name=issuer,
             issuer_key=ISSUER_KEYS[issuer],
         )
         record = self.record(GRANT, payload, origin)
@@ -124,9 +135,12 @@ class Ledger:
         origin: str = ORIGIN_A,
     ) -> Revoke:
         payload = make_revoke_payload(
-            patient=patient, grants=grants,
+            patient=patient,
+            grants=grants,
             grantee=None if grantee is None else Grantee.parse(grantee),
-            reason="consent withdrawn", heads=heads, issuer_name=issuer,
+            reason="consent withdrawn",
+            heads=heads,
+            issuer_name=issuer,
             issuer_key=ISSUER_KEYS[issuer],
         )
         record = self.record(REVOKE, payload, origin)
@@ -194,17 +208,32 @@ def test_grant_round_trip() -> None:
     ledger = Ledger()
     heads = ["ff" * 32, "00" * 32, "ff" * 32]
     payload = make_grant_payload(
-        patient=PATIENT, grantee=Grantee("PACS", ORIGIN_B), study=STUDY_S, until="2025-12-31",
-        purpose="second opinion", consent="form-42 signed 2025-05-01", heads=heads,
-        issuer_name=AUTHORITY, issuer_key=AUTHORITY_KEY,
+        patient=PATIENT,
+        grantee=Grantee("PACS", ORIGIN_B),
+        study=STUDY_S,
+        until="2025-12-31",
+        purpose="second opinion",
+        consent="form-42 signed 2025-05-01",
+        heads=heads,
+        issuer_name=AUTHORITY,
+        issuer_key=AUTHORITY_KEY,
     )
     entry, data = ledger.append(GRANT, payload, ORIGIN_C)
     record = parse_permission(entry, data)
     assert record == Grant(
-        ref=leaf_hash(data).hex(), origin=ORIGIN_C, index=0, time_ms=entry.time_ms,
-        patient=PATIENT, grantee=Grantee("PACS", ORIGIN_B), study=STUDY_S, until="2025-12-31",
-        purpose="second opinion", consent="form-42 signed 2025-05-01",
-        heads=("00" * 32, "ff" * 32), issuer=AUTHORITY, issuer_sig=record.issuer_sig,
+        ref=leaf_hash(data).hex(),
+        origin=ORIGIN_C,
+        index=0,
+        time_ms=entry.time_ms,
+        patient=PATIENT,
+        grantee=Grantee("PACS", ORIGIN_B),
+        study=STUDY_S,
+        until="2025-12-31",
+        purpose="second opinion",
+        consent="form-42 signed 2025-05-01",
+        heads=("00" * 32, "ff" * 32),
+        issuer=AUTHORITY,
+        issuer_sig=record.issuer_sig,
     )
     assert issuer_signature_ok(record, AUTHORITY_KEY.public_key())
     assert not issuer_signature_ok(record, ROGUE_KEY.public_key())
@@ -217,15 +246,24 @@ def test_revoke_round_trip() -> None:
     ledger = Ledger()
     refs = ["ab" * 32, "12" * 32]
     payload = make_revoke_payload(
-        patient=PATIENT, grants=refs, grantee=Grantee(None, ORIGIN_B), reason="withdrawn",
-        heads=["cd" * 32], issuer_name=AUTHORITY, issuer_key=AUTHORITY_KEY,
+        patient=PATIENT,
+        grants=refs,
+        grantee=Grantee(None, ORIGIN_B),
+        reason="withdrawn",
+        heads=["cd" * 32],
+        issuer_name=AUTHORITY,
+        issuer_key=AUTHORITY_KEY,
     )
     entry, data = ledger.append(REVOKE, payload)
     record = parse_permission(entry, data)
     assert isinstance(record, Revoke)
     assert (record.ref, record.origin, record.index) == (leaf_hash(data).hex(), ORIGIN_A, 0)
     assert (record.patient, record.grants, record.grantee, record.reason, record.heads) == (
-        PATIENT, ("12" * 32, "ab" * 32), Grantee(None, ORIGIN_B), "withdrawn", ("cd" * 32,)
+        PATIENT,
+        ("12" * 32, "ab" * 32),
+        Grantee(None, ORIGIN_B),
+        "withdrawn",
+        ("cd" * 32,),
     )
     assert record.issuer == AUTHORITY
     assert issuer_signature_ok(record, AUTHORITY_KEY.public_key())
@@ -234,8 +272,14 @@ def test_revoke_round_trip() -> None:
 
 def _grant_payload(**kw: Any) -> dict[str, Any]:
     args = dict(
-        patient=PATIENT, grantee=Grantee("PACS", ORIGIN_B), study=STUDY_S, until="2025-12-31",
-        purpose="treatment", consent="form-42", heads=["aa" * 32], issuer_name=AUTHORITY,
+        patient=PATIENT,
+        grantee=Grantee("PACS", ORIGIN_B),
+        study=STUDY_S,
+        until="2025-12-31",
+        purpose="treatment",
+        consent="form-42",
+        heads=["aa" * 32],
+        issuer_name=AUTHORITY,
         issuer_key=AUTHORITY_KEY,
     )
     args.update(kw)
@@ -244,8 +288,13 @@ def _grant_payload(**kw: Any) -> dict[str, Any]:
 
 def _revoke_payload(**kw: Any) -> dict[str, Any]:
     args = dict(
-        patient=PATIENT, grants=["bb" * 32], grantee=Grantee("PACS", None), reason="withdrawn",
-        heads=["aa" * 32], issuer_name=AUTHORITY, issuer_key=AUTHORITY_KEY,
+        patient=PATIENT,
+        grants=["bb" * 32],
+        grantee=Grantee("PACS", None),
+        reason="withdrawn",
+        heads=["aa" * 32],
+        issuer_name=AUTHORITY,
+        issuer_key=AUTHORITY_KEY,
     )
     args.update(kw)
     return make_revoke_payload(**args)
@@ -299,18 +348,21 @@ def test_issuer_signature_of_another_record_does_not_verify() -> None:
 def _set(field: str, value: Any):
     def mutate(p: dict[str, Any]) -> None:
         p[field] = value
+
     return mutate
 
 
 def _set_in(field: str, sub: str, value: Any):
     def mutate(p: dict[str, Any]) -> None:
         p[field][sub] = value
+
     return mutate
 
 
 def _drop(field: str):
     def mutate(p: dict[str, Any]) -> None:
         del p[field]
+
     return mutate
 
 
@@ -460,9 +512,14 @@ VECTOR_JSON = (
 
 def test_grant_vector() -> None:
     payload = make_grant_payload(
-        patient="p" + "0" * 63, grantee=Grantee.parse("PACS@hospital-b.example/dicomledger"),
-        study=None, until="2026-12-31", purpose="treatment", consent="form-2025-0042",
-        heads=["aa" * 32, "11" * 32], issuer_name="consent-office.hospital-a.example",
+        patient="p" + "0" * 63,
+        grantee=Grantee.parse("PACS@hospital-b.example/dicomledger"),
+        study=None,
+        until="2026-12-31",
+        purpose="treatment",
+        consent="form-2025-0042",
+        heads=["aa" * 32, "11" * 32],
+        issuer_name="consent-office.hospital-a.example",
         issuer_key=VECTOR_KEY,
     )
     assert canonical_json(payload) == VECTOR_JSON
@@ -643,7 +700,9 @@ def test_unauthorised_grant_is_ignored_and_reported() -> None:
     ledger = Ledger()
     g = ledger.grant("PACS@" + ORIGIN_B, issuer=ROGUE)
     state = state_of([g])
-    assert state.effective == [] and state.ignored == {g.ref: f"issuer {ROGUE} is not a consent authority"}
+    assert state.effective == [] and state.ignored == {
+        g.ref: f"issuer {ROGUE} is not a consent authority"
+    }
     decision = decide(state, ae="PACS", site=ORIGIN_B, study=STUDY_S)
     assert not decision.allowed and "not a consent authority" in decision.reason
 
@@ -763,14 +822,18 @@ def histories(draw: st.DrawFn) -> list[Grant | Revoke]:
         if not grant_refs or draw(st.booleans()):
             records.append(
                 ledger.grant(
-                    draw(st.sampled_from(GRANTEES)), study=draw(st.sampled_from(STUDIES)),
-                    until=draw(st.sampled_from(UNTILS)), **common,
+                    draw(st.sampled_from(GRANTEES)),
+                    study=draw(st.sampled_from(STUDIES)),
+                    until=draw(st.sampled_from(UNTILS)),
+                    **common,
                 )
             )
         else:
             targets = draw(st.lists(st.sampled_from(grant_refs), max_size=2))
-            grantee = draw(st.sampled_from([None, *GRANTEES])) if targets else draw(
-                st.sampled_from(GRANTEES)
+            grantee = (
+                draw(st.sampled_from([None, *GRANTEES]))
+                if targets
+                else draw(st.sampled_from(GRANTEES))
             )
             records.append(ledger.revoke(grants=sorted(set(targets)), grantee=grantee, **common))
     return records
@@ -812,8 +875,10 @@ def test_order_independence(records: list[Grant | Revoke], rnd: random.Random) -
             assert not any(g.ref in r.grants for g in state.effective)  # revoke by ref wins
     for (ae, site, study), decision in zip(QUERIES, expected[5], strict=True):
         fits = [
-            g for g in state.effective
-            if g.grantee.ae in (None, ae) and g.grantee.gateway in (None, site)
+            g
+            for g in state.effective
+            if g.grantee.ae in (None, ae)
+            and g.grantee.gateway in (None, site)
             and g.study in (None, study)
         ]
         assert decision.allowed == bool(fits)

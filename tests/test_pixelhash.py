@@ -44,10 +44,16 @@ from tests.dicomdata import (
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
-JPEG_LOSSLESS = (uid.JPEGLossless, uid.JPEGLosslessSV1)  # decoding them needs the jpeg-gpl extra (or GDCM)
+JPEG_LOSSLESS = (
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+)  # decoding them needs the jpeg-gpl extra (or GDCM)
 NATIVE_LE = {"explicit", "implicit", "deflated"}  # same value bytes after inflation
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]  # pydicom on odd test files
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.e2e,
+]  # pydicom on odd test files
 
 
 def sha(data: bytes) -> bytes:
@@ -249,8 +255,10 @@ def new_dataset(tsyntax: str = uid.ExplicitVRLittleEndian) -> Dataset:
 
 @pytest.mark.parametrize(
     "path,tsyntax",
-    [pytest.param(p, t, marks=pytest.mark.jpeg_gpl if t in JPEG_LOSSLESS else ())  # decodes them
-     for p, t in wheel_test_files(compressed_only=True)],
+    [
+        pytest.param(p, t, marks=pytest.mark.jpeg_gpl if t in JPEG_LOSSLESS else ())  # decodes them
+        for p, t in wheel_test_files(compressed_only=True)
+    ],
     ids=lambda v: getattr(v, "name", ""),
 )
 def test_every_compressed_wheel_file_hashes(path, tsyntax):
@@ -614,7 +622,10 @@ def test_truncated_files_raise_at_every_cut(tmp_path):
                 h = hash_instance_file(cut)
             except PixelHashError:
                 continue
-            assert h.method in (CONTENT, CONTENT_CANONICAL) and h.sha256 != hash_instance_file(path).sha256
+            assert (
+                h.method in (CONTENT, CONTENT_CANONICAL)
+                and h.sha256 != hash_instance_file(path).sha256
+            )
             assert path == sr or size < sop_class_end, size  # (deflated: always an error)
     with pytest.raises(PixelHashError, match="truncated"):
         hash_instance_file(WHEEL / "MR_truncated.dcm")
@@ -752,7 +763,12 @@ def test_native_pixel_sha256_agrees_with_the_full_hash(path, tsyntax):
     except Exception:  # files the gateway would not store are not retrieved either
         return
     quick = native_pixel_sha256(ds, str(tsyntax))
-    if full.method != "pixel" or tsyntax.is_encapsulated or tsyntax.is_deflated or not tsyntax.is_little_endian:
+    if (
+        full.method != "pixel"
+        or tsyntax.is_encapsulated
+        or tsyntax.is_deflated
+        or not tsyntax.is_little_endian
+    ):
         assert quick is None or full.method == "pixel" and quick == full.sha256
     else:
         assert quick == full.sha256
@@ -762,7 +778,9 @@ def test_native_pixel_sha256_on_generated_images(tmp_path):
     paths = [
         *dicomdata.make_ct_series(tmp_path / "ct", 1, 32, 32, seed="q"),
         *dicomdata.make_mr_series(tmp_path / "mr", 1, seed="q"),
-        *dicomdata.make_mr_series(tmp_path / "imp", 1, seed="i", transfer_syntax=uid.ImplicitVRLittleEndian),
+        *dicomdata.make_mr_series(
+            tmp_path / "imp", 1, seed="i", transfer_syntax=uid.ImplicitVRLittleEndian
+        ),
         dicomdata.make_multiframe(tmp_path / "mf", 3, 16, 16),
     ]
     for p in paths:

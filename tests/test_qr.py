@@ -54,7 +54,9 @@ IDENTIFIER = b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "  # QueryRetrieveLevel=STU
 class Core:
     """Plans what the test says; load() fails the check for ``bad``; finish() records."""
 
-    def __init__(self, plan: RetrievePlan | None = None, bad: frozenset[str] = frozenset(), finds: int = 5) -> None:
+    def __init__(
+        self, plan: RetrievePlan | None = None, bad: frozenset[str] = frozenset(), finds: int = 5
+    ) -> None:
         self._plan = plan or RetrievePlan([], {})
         self.bad = bad
         self.finds = finds
@@ -82,17 +84,25 @@ class Core:
         ds.file_meta.TransferSyntaxUID = sub.transfer_syntax_uid
         ds.set_original_encoding(False, True)
         # (the stored data set's bytes, as the gateway's core hands them on)
-        data = b"\x08\x00\x16\x00" + _ui(sub.sop_class_uid, explicit=True) + b"\x08\x00\x18\x00" + _ui(
-            sub.sop_instance_uid, explicit=True)
+        data = (
+            b"\x08\x00\x16\x00"
+            + _ui(sub.sop_class_uid, explicit=True)
+            + b"\x08\x00\x18\x00"
+            + _ui(sub.sop_instance_uid, explicit=True)
+        )
         return Loaded(ds, data_set=data)
 
-    async def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None:
+    async def finish(
+        self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome
+    ) -> None:
         self.finished.append(outcome)
 
 
 def _ui(uid: str, explicit: bool) -> bytes:
     value = uid.encode() + (b"\x00" if len(uid) % 2 else b"")
-    return (b"UI" + len(value).to_bytes(2, "little") if explicit else len(value).to_bytes(4, "little")) + value
+    return (
+        b"UI" + len(value).to_bytes(2, "little") if explicit else len(value).to_bytes(4, "little")
+    ) + value
 
 
 def subs(n: int, syntax: str = ExplicitVRLittleEndian) -> list[SubOperation]:
@@ -104,7 +114,9 @@ def serve(tmp_path: Path) -> Iterator[Any]:
     servers: list[NetServer] = []
 
     def start(core: Core, **kwargs: Any) -> NetServer:
-        server = NetServer(tmp_path / f"srv{len(servers)}", query_retrieve=core, **kwargs).__enter__()
+        server = NetServer(
+            tmp_path / f"srv{len(servers)}", query_retrieve=core, **kwargs
+        ).__enter__()
         servers.append(server)
         return server
 
@@ -142,8 +154,10 @@ def read_message(client: RawClient) -> tuple[Command, bytes | None]:
 def get_association(server: NetServer, syntax: str = ExplicitVRLittleEndian) -> Iterator[RawClient]:
     """A C-GET requestor that takes the Storage SCP role for CT in ``syntax`` only; released
     at the end unless the test ended the association itself."""
-    rq = associate_rq([(1, STUDY_ROOT_GET, (ImplicitVRLittleEndian,)), (3, CT_IMAGE, (syntax,))],
-                      roles=[(CT_IMAGE, False, True)])
+    rq = associate_rq(
+        [(1, STUDY_ROOT_GET, (ImplicitVRLittleEndian,)), (3, CT_IMAGE, (syntax,))],
+        roles=[(CT_IMAGE, False, True)],
+    )
     client = established(server.port, rq)
     try:
         yield client
@@ -153,18 +167,29 @@ def get_association(server: NetServer, syntax: str = ExplicitVRLittleEndian) -> 
         client.close()
 
 
-def c_get(client: RawClient, answer: dict[str, int] | None = None) -> tuple[list[tuple[str, bytes]], list[Command]]:
+def c_get(
+    client: RawClient, answer: dict[str, int] | None = None
+) -> tuple[list[tuple[str, bytes]], list[Command]]:
     """Send a C-GET, answer each C-STORE-RQ (Success unless ``answer`` names another status for
     its SOP Instance UID); what was stored, and the C-GET responses in order."""
-    client.send_message(1, dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True), IDENTIFIER)
+    client.send_message(
+        1, dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True), IDENTIFIER
+    )
     stored, responses = [], []
     while True:
         command, data = read_message(client)
         if command.field == dimse.C_STORE_RQ:
             uid = (command.uid(dimse.AFFECTED_SOP_INSTANCE_UID) or b"").decode()
             stored.append((uid, data or b""))
-            client.send_message(3, dimse.store_response(command.message_id, CT_IMAGE.encode(), uid.encode(),
-                                                        (answer or {}).get(uid, SUCCESS)))
+            client.send_message(
+                3,
+                dimse.store_response(
+                    command.message_id,
+                    CT_IMAGE.encode(),
+                    uid.encode(),
+                    (answer or {}).get(uid, SUCCESS),
+                ),
+            )
             continue
         assert command.field == dimse.C_GET_RSP and command.message_id == 5, command
         responses.append(command)
@@ -173,8 +198,15 @@ def c_get(client: RawClient, answer: dict[str, int] | None = None) -> tuple[list
 
 
 def counts(response: Command) -> tuple[int | None, ...]:
-    return tuple(response.us(e) for e in (dimse.NUMBER_OF_REMAINING_SUBOPERATIONS, dimse.NUMBER_OF_COMPLETED_SUBOPERATIONS,
-                                          dimse.NUMBER_OF_FAILED_SUBOPERATIONS, dimse.NUMBER_OF_WARNING_SUBOPERATIONS))
+    return tuple(
+        response.us(e)
+        for e in (
+            dimse.NUMBER_OF_REMAINING_SUBOPERATIONS,
+            dimse.NUMBER_OF_COMPLETED_SUBOPERATIONS,
+            dimse.NUMBER_OF_FAILED_SUBOPERATIONS,
+            dimse.NUMBER_OF_WARNING_SUBOPERATIONS,
+        )
+    )
 
 
 def test_find_stops_at_cancel(serve):
@@ -182,10 +214,16 @@ def test_find_stops_at_cancel(serve):
     rq = associate_rq([(1, STUDY_ROOT_FIND, (ImplicitVRLittleEndian,))])
     with established(server.port, rq) as client:
         # the C-CANCEL-RQ arrives with the request: no match is sent
-        client.send(pdu.p_data(1, dimse.request(dimse.C_FIND_RQ, 7, STUDY_ROOT_FIND.encode(), has_data_set=True),
-                               command=True, max_pdu_length=0)
-                    + pdu.p_data(1, IDENTIFIER, command=False, max_pdu_length=0)
-                    + pdu.p_data(1, _cancel(7), command=True, max_pdu_length=0))
+        client.send(
+            pdu.p_data(
+                1,
+                dimse.request(dimse.C_FIND_RQ, 7, STUDY_ROOT_FIND.encode(), has_data_set=True),
+                command=True,
+                max_pdu_length=0,
+            )
+            + pdu.p_data(1, IDENTIFIER, command=False, max_pdu_length=0)
+            + pdu.p_data(1, _cancel(7), command=True, max_pdu_length=0)
+        )
         statuses = []
         while True:
             response, _ = read_message(client)
@@ -198,19 +236,25 @@ def test_find_stops_at_cancel(serve):
 
 def _cancel(message_id: int) -> bytes:
     """A C-CANCEL-RQ command set (PS3.7 9.3.2.3: Command Field, Message ID Being Responded To)."""
-    body = (struct.pack("<HHIH", 0, dimse.COMMAND_FIELD, 2, dimse.C_CANCEL_RQ)
-            + struct.pack("<HHIH", 0, dimse.MESSAGE_ID_BEING_RESPONDED_TO, 2, message_id)
-            + struct.pack("<HHIH", 0, dimse.COMMAND_DATA_SET_TYPE, 2, dimse.NO_DATA_SET))
+    body = (
+        struct.pack("<HHIH", 0, dimse.COMMAND_FIELD, 2, dimse.C_CANCEL_RQ)
+        + struct.pack("<HHIH", 0, dimse.MESSAGE_ID_BEING_RESPONDED_TO, 2, message_id)
+        + struct.pack("<HHIH", 0, dimse.COMMAND_DATA_SET_TYPE, 2, dimse.NO_DATA_SET)
+    )
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
 def test_get_sends_checked_instances_and_fails_the_rest(serve):
-    core = Core(RetrievePlan(subs(3), {"1.2.9": "not authorised: no grant"}), bad=frozenset({"1.2.1"}))
+    core = Core(
+        RetrievePlan(subs(3), {"1.2.9": "not authorised: no grant"}), bad=frozenset({"1.2.1"})
+    )
     server = serve(core)
     with get_association(server) as client:
         stored, responses = c_get(client)
         assert [uid for uid, _ in stored] == ["1.2.0", "1.2.2"]  # 1.2.1 failed the check
-        assert stored[0][1] == b"\x08\x00\x16\x00" + _ui(CT_IMAGE, True) + b"\x08\x00\x18\x00" + _ui("1.2.0", True)
+        assert stored[0][1] == b"\x08\x00\x16\x00" + _ui(
+            CT_IMAGE, True
+        ) + b"\x08\x00\x18\x00" + _ui("1.2.0", True)
         # a Pending response after each one sent; the refused one is not a sub-operation
         assert [counts(r) for r in responses[:-1]] == [(2, 1, 0, 0), (1, 2, 0, 0)]
         final = responses[-1]
@@ -233,8 +277,18 @@ def test_pending_responses_are_throttled_with_exact_counts(serve, monkeypatch):
     with get_association(server) as client:
         stored, responses = c_get(client)
         assert len(stored) == 10
-        assert [counts(r) for r in responses[:-1]] == [(9, 1, 0, 0), (5, 5, 0, 0), (1, 9, 0, 0), (0, 10, 0, 0)]
-        assert responses[-1].us(dimse.STATUS) == SUCCESS and counts(responses[-1]) == (None, 10, 0, 0)
+        assert [counts(r) for r in responses[:-1]] == [
+            (9, 1, 0, 0),
+            (5, 5, 0, 0),
+            (1, 9, 0, 0),
+            (0, 10, 0, 0),
+        ]
+        assert responses[-1].us(dimse.STATUS) == SUCCESS and counts(responses[-1]) == (
+            None,
+            10,
+            0,
+            0,
+        )
 
 
 def test_failed_sop_instance_uid_list_names_the_unsent_one(serve):
@@ -244,16 +298,23 @@ def test_failed_sop_instance_uid_list_names_the_unsent_one(serve):
 
     from pynetdicom.dsutils import decode
 
-    core = Core(RetrievePlan(subs(3), {"1.2.9": "not authorised: no grant"}), bad=frozenset({"1.2.1"}))
+    core = Core(
+        RetrievePlan(subs(3), {"1.2.9": "not authorised: no grant"}), bad=frozenset({"1.2.1"})
+    )
     server = serve(core)
     with get_association(server) as client:
-        client.send_message(1, dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True),
-                            IDENTIFIER)
+        client.send_message(
+            1,
+            dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True),
+            IDENTIFIER,
+        )
         while True:
             command, data = read_message(client)
             if command.field == dimse.C_STORE_RQ:
                 uid = command.uid(dimse.AFFECTED_SOP_INSTANCE_UID) or b""
-                client.send_message(3, dimse.store_response(command.message_id, CT_IMAGE.encode(), uid, SUCCESS))
+                client.send_message(
+                    3, dimse.store_response(command.message_id, CT_IMAGE.encode(), uid, SUCCESS)
+                )
             elif command.us(dimse.STATUS) != PENDING:
                 break
         assert data is not None
@@ -270,16 +331,23 @@ def test_sub_operations_that_could_not_be_sent_count_as_failed(serve):
     with get_association(server) as client:
         stored, responses = c_get(client)
         assert [uid for uid, _ in stored] == ["1.2.0"]
-        assert responses[-1].us(dimse.STATUS) == SUB_OPERATIONS_FAILED and counts(responses[-1]) == (None, 1, 2, 0)
+        assert responses[-1].us(dimse.STATUS) == SUB_OPERATIONS_FAILED and counts(
+            responses[-1]
+        ) == (None, 1, 2, 0)
     outcome = core.finished[0]
-    assert outcome.completed == ["1.2.0"] and outcome.failed == outcome.no_response == ["1.2.1", "1.2.2"]
+    assert outcome.completed == ["1.2.0"] and outcome.failed == outcome.no_response == [
+        "1.2.1",
+        "1.2.2",
+    ]
     assert outcome.status == SUB_OPERATIONS_FAILED
 
     core = Core(RetrievePlan(subs(1, JPEGLSLossless), {}))
     server = serve(core)
     with get_association(server) as client:
         stored, responses = c_get(client)
-        assert stored == [] and responses[-1].us(dimse.STATUS) == UNABLE_TO_PERFORM  # all failed: 0xA702
+        assert (
+            stored == [] and responses[-1].us(dimse.STATUS) == UNABLE_TO_PERFORM
+        )  # all failed: 0xA702
     assert core.finished[0].status == UNABLE_TO_PERFORM
 
     # an instance in another uncompressed syntax is re-encoded in the requestor's
@@ -287,8 +355,15 @@ def test_sub_operations_that_could_not_be_sent_count_as_failed(serve):
     server = serve(core)
     with get_association(server, ImplicitVRLittleEndian) as client:
         stored, responses = c_get(client)
-        assert stored == [("1.2.0", b"\x08\x00\x16\x00" + _ui(CT_IMAGE, False) + b"\x08\x00\x18\x00"
-                           + _ui("1.2.0", False))]
+        assert stored == [
+            (
+                "1.2.0",
+                b"\x08\x00\x16\x00"
+                + _ui(CT_IMAGE, False)
+                + b"\x08\x00\x18\x00"
+                + _ui("1.2.0", False),
+            )
+        ]
         assert responses[-1].us(dimse.STATUS) == SUCCESS
 
 
@@ -297,7 +372,9 @@ def test_a_failed_c_store_response_is_a_failed_sub_operation(serve):
     server = serve(core)
     with get_association(server) as client:
         _, responses = c_get(client, answer={"1.2.1": 0xA700})
-        assert responses[-1].us(dimse.STATUS) == SUB_OPERATIONS_FAILED and counts(responses[-1]) == (None, 1, 1, 0)
+        assert responses[-1].us(dimse.STATUS) == SUB_OPERATIONS_FAILED and counts(
+            responses[-1]
+        ) == (None, 1, 1, 0)
     assert core.finished[0].failed == ["1.2.1"] and core.finished[0].no_response == []
 
 
@@ -311,8 +388,9 @@ def move(server: NetServer, destination: str, cancel_after: int | None = None) -
     query.StudyInstanceUID = "1.2.3"
     responses = []
     try:
-        for status, _identifier in assoc.send_c_move(query, destination, StudyRootQueryRetrieveInformationModelMove,
-                                                     msg_id=11):
+        for status, _identifier in assoc.send_c_move(
+            query, destination, StudyRootQueryRetrieveInformationModelMove, msg_id=11
+        ):
             responses.append(status)
             if cancel_after is not None and len(responses) == cancel_after:
                 assoc.send_c_cancel(11, assoc.accepted_contexts[0].context_id)
@@ -357,8 +435,11 @@ def test_a_c_get_requestor_that_does_not_answer_its_c_store_is_aborted(serve):
     core = Core(RetrievePlan(subs(2), {}))
     server = serve(core, network_timeout=1.0)
     with get_association(server) as client:
-        client.send_message(1, dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True),
-                            IDENTIFIER)
+        client.send_message(
+            1,
+            dimse.request(dimse.C_GET_RQ, 5, STUDY_ROOT_GET.encode(), has_data_set=True),
+            IDENTIFIER,
+        )
         command, _ = read_message(client)
         assert command.field == dimse.C_STORE_RQ  # never answered
         started = time.monotonic()

@@ -44,7 +44,9 @@ async def test_replicates_in_chunks_and_verifies(tmp_path):
     a_store, a_writer = await origin_log(tmp_path)
     b_store, rep = await replica(tmp_path, keys_of=lambda e: [f"sha256:{e.payload['sha256']}"])
     for start, end in ((0, 1), (1, 20), (20, 50)):
-        size = await rep.append_verified(A, await a_store.entries(A, start, end), await checkpoint_at(a_store, end))
+        size = await rep.append_verified(
+            A, await a_store.entries(A, start, end), await checkpoint_at(a_store, end)
+        )
         assert size == end
     assert await b_store.root(A, 50) == await a_store.root(A, 50)
     assert await b_store.find(f"sha256:{7:064x}") == [(A, 7)]
@@ -60,7 +62,7 @@ async def test_replicates_in_chunks_and_verifies(tmp_path):
 
 
 def flip(data: bytes, at: int) -> bytes:
-    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
 
 
 @pytest.mark.parametrize(
@@ -145,7 +147,9 @@ async def test_stores_a_prefix_shown_consistent_with_a_larger_checkpoint(tmp_pat
     note = await checkpoint_at(a_store, 50)
     for start, end in ((0, 16), (16, 35)):  # a power of two, and not
         proof = await a_store.consistency_proof(A, end, 50)
-        assert await rep.append_verified(A, await a_store.entries(A, start, end), note, proof) == end
+        assert (
+            await rep.append_verified(A, await a_store.entries(A, start, end), note, proof) == end
+        )
         assert await b_store.latest_checkpoint(A) is None
         assert await b_store.root(A, end) == await a_store.root(A, end)
     assert await rep.append_verified(A, await a_store.entries(A, 35, 50), note) == 50

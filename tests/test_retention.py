@@ -30,29 +30,50 @@ def dated(files: list[Path], study_date: str) -> list[Path]:
     return files
 
 
-RULES = '\n[retention]\ncheck_interval_hours = {hours}\n\n[[retention.rules]]\nmodality = "MR"\nkeep_years = 5\n' \
-        '\n[[retention.rules]]\nmodality = ["CT", "PT"]\nkeep_years = 30\n'
+RULES = (
+    '\n[retention]\ncheck_interval_hours = {hours}\n\n[[retention.rules]]\nmodality = "MR"\nkeep_years = 5\n'
+    '\n[[retention.rules]]\nmodality = ["CT", "PT"]\nkeep_years = 30\n'
+)
 
 
 def test_retention_dry_run_lists_what_goes_then_erases_only_that(tmp_path):
     gw = GatewayProcess(tmp_path / "gw")
     with open(gw.config, "a") as f:
         f.write(RULES.format(hours=0))
-    old_mr, old_ct, new_mr, undated, mixed = (dicomdata.fake_patient(f"ret-{t}") for t in
-                                              ("old-mr", "old-ct", "new-mr", "undated", "mixed"))
+    old_mr, old_ct, new_mr, undated, mixed = (
+        dicomdata.fake_patient(f"ret-{t}")
+        for t in ("old-mr", "old-ct", "new-mr", "undated", "mixed")
+    )
     today = datetime.now(UTC).strftime("%Y%m%d")
     old_mr_study = dicomdata.fake_uid("study", "ret-old-mr")
     mixed_study = dicomdata.fake_uid("study", "ret-mixed")
     files = {
-        "old-mr": dated(dicomdata.make_mr_series(tmp_path / "a", 3, patient=old_mr, study_uid=old_mr_study,
-                                                 seed="ret-a"), "20100104"),
-        "old-ct": dated(dicomdata.make_ct_series(tmp_path / "b", 2, 64, 64, patient=old_ct, seed="ret-b"), "20100104"),
-        "new-mr": dated(dicomdata.make_mr_series(tmp_path / "c", 2, patient=new_mr, seed="ret-c"), today),
-        "undated": dated(dicomdata.make_mr_series(tmp_path / "d", 1, patient=undated, seed="ret-d"), ""),
+        "old-mr": dated(
+            dicomdata.make_mr_series(
+                tmp_path / "a", 3, patient=old_mr, study_uid=old_mr_study, seed="ret-a"
+            ),
+            "20100104",
+        ),
+        "old-ct": dated(
+            dicomdata.make_ct_series(tmp_path / "b", 2, 64, 64, patient=old_ct, seed="ret-b"),
+            "20100104",
+        ),
+        "new-mr": dated(
+            dicomdata.make_mr_series(tmp_path / "c", 2, patient=new_mr, seed="ret-c"), today
+        ),
+        "undated": dated(
+            dicomdata.make_mr_series(tmp_path / "d", 1, patient=undated, seed="ret-d"), ""
+        ),
         # an old study with an MR and a CT series keeps the CT's 30 years
-        "mixed": dated(dicomdata.make_mr_series(tmp_path / "e", 1, patient=mixed, study_uid=mixed_study, seed="ret-e")
-                       + dicomdata.make_ct_series(tmp_path / "e", 1, 64, 64, patient=mixed, study_uid=mixed_study,
-                                                  seed="ret-e"), "20100104"),
+        "mixed": dated(
+            dicomdata.make_mr_series(
+                tmp_path / "e", 1, patient=mixed, study_uid=mixed_study, seed="ret-e"
+            )
+            + dicomdata.make_ct_series(
+                tmp_path / "e", 1, 64, 64, patient=mixed, study_uid=mixed_study, seed="ret-e"
+            ),
+            "20100104",
+        ),
     }
     gw.start()
     try:
@@ -67,7 +88,11 @@ def test_retention_dry_run_lists_what_goes_then_erases_only_that(tmp_path):
         applied = gw.cli("retention")
         assert applied.returncode == 0 and "erased 1 studies" in applied.stdout, applied.stdout
         [entry] = entries_of_kind(gw, "erased")
-        assert entry["reason"] == "retention" and entry["study"] is not None and entry["instances"] == 3
+        assert (
+            entry["reason"] == "retention"
+            and entry["study"] is not None
+            and entry["instances"] == 3
+        )
         assert index_count(gw, old_mr.patient_id) == 0 and index_count(gw) == 7
         assert gw.cli("verify-file", str(files["old-mr"][0])).returncode == 5
         assert gw.cli("verify-file", str(files["mixed"][0])).returncode == 0
@@ -86,7 +111,9 @@ def test_retention_runs_by_itself(tmp_path):
     gw.start()
     try:
         assert gw.storescu(*files).returncode == 0
-        wait_until(lambda: '"retention applied"' in gw.log(), what="the policy to erase the old study")
+        wait_until(
+            lambda: '"retention applied"' in gw.log(), what="the policy to erase the old study"
+        )
         assert len(entries_of_kind(gw, "erased")) == 1 and index_count(gw) == 0
     finally:
         gw.stop()
@@ -97,7 +124,9 @@ def test_keep_periods():
     today = datetime(2026, 3, 1, tzinfo=UTC).date()
 
     def study(modalities: tuple[str, ...], date: str) -> StudySummary:
-        return StudySummary(f"1.2.{date}.{'.'.join(str(len(m)) for m in modalities)}", "P", date, modalities, 1, "")
+        return StudySummary(
+            f"1.2.{date}.{'.'.join(str(len(m)) for m in modalities)}", "P", date, modalities, 1, ""
+        )
 
     studies = [
         study(("MR",), "20160302"),  # 10 years (the rule without modality applies too): kept

@@ -27,14 +27,23 @@ pytestmark = pytest.mark.e2e  # starts gateways or DCMTK tools
 
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 # (file in the wheel, storescu option proposing its transfer syntax)
-COMPRESSED = (("MR_small_RLE.dcm", "-xr"), ("MR_small_jpeg_ls_lossless.dcm", "-xt"),
-              ("SC_rgb_jpeg_gdcm.dcm", "-xs"))
+COMPRESSED = (
+    ("MR_small_RLE.dcm", "-xr"),
+    ("MR_small_jpeg_ls_lossless.dcm", "-xt"),
+    ("SC_rgb_jpeg_gdcm.dcm", "-xs"),
+)
 
 
-def as_patient(source: Path, out: Path, patient: dicomdata.FakePatient, study_uid: str, seed: str) -> Path:
+def as_patient(
+    source: Path, out: Path, patient: dicomdata.FakePatient, study_uid: str, seed: str
+) -> Path:
     """The wheel file as this patient's, in this study, with its own UIDs; pixels untouched."""
     ds = pydicom.dcmread(source)
-    ds.PatientID, ds.PatientName, ds.PatientBirthDate = patient.patient_id, patient.name, patient.birth_date
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate = (
+        patient.patient_id,
+        patient.name,
+        patient.birth_date,
+    )
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = dicomdata.fake_uid("series", seed)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = dicomdata.fake_uid("sop", seed)
@@ -61,15 +70,21 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         f.write(f'\n[[destinations]]\nae_title = "WS1"\naddress = "127.0.0.1:{ws1_port}"\n')
     patient = dicomdata.fake_patient("truthful")
     study = dicomdata.fake_uid("study", "truthful")
-    native = dicomdata.make_mr_series(tmp / "mr", 3, patient=patient, study_uid=study, seed="truthful")
-    compressed = [as_patient(WHEEL / name, tmp / "c" / name, patient, study, f"truthful-{name}")
-                  for name, _ in COMPRESSED]
+    native = dicomdata.make_mr_series(
+        tmp / "mr", 3, patient=patient, study_uid=study, seed="truthful"
+    )
+    compressed = [
+        as_patient(WHEEL / name, tmp / "c" / name, patient, study, f"truthful-{name}")
+        for name, _ in COMPRESSED
+    ]
     gw.start()
     try:
         assert gw.storescu(*native).returncode == 0
         for path, (_, option) in zip(compressed, COMPRESSED, strict=True):
             result = gw.storescu(path, options=(option,))
-            assert "Received Store Response (Success)" in result.stdout + result.stderr, result.stderr
+            assert "Received Store Response (Success)" in result.stdout + result.stderr, (
+                result.stderr
+            )
         assert gw.cli("grant", "--patient-id", patient.patient_id, "--to", "WS1").returncode == 0
         yield Site(gw, ws1_port, patient, native, compressed)
     finally:
@@ -78,12 +93,29 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 def pynetdicom_getscu(site: Site, out: Path, *keys: str, model: str = "-P") -> str:
     out.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, "-m", "pynetdicom", "getscu", "-d", "-aet", "WS1", "-aec", site.gw.ae_title,
-            model, "-od", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "pynetdicom",
+        "getscu",
+        "-d",
+        "-aet",
+        "WS1",
+        "-aec",
+        site.gw.ae_title,
+        model,
+        "-od",
+        str(out),
+    ]
     for key in keys:
         args += ["-k", key]
-    result = subprocess.run([*args, "127.0.0.1", str(site.gw.port)], capture_output=True, text=True,
-                            timeout=120, env=DCMTK_ENV)
+    result = subprocess.run(
+        [*args, "127.0.0.1", str(site.gw.port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=DCMTK_ENV,
+    )
     return result.stdout + result.stderr
 
 
@@ -113,13 +145,19 @@ def test_get_sends_what_the_requestor_cannot_take_compressed_decompressed(site, 
     instances arrive decompressed, with the same decoded pixels; all six complete."""
     before = len(entries_of_kind(site.gw, "retrieved"))
     got = tmp_path / "got"
-    output = pynetdicom_getscu(site, got, "QueryRetrieveLevel=PATIENT", f"PatientID={site.patient.patient_id}")
+    output = pynetdicom_getscu(
+        site, got, "QueryRetrieveLevel=PATIENT", f"PatientID={site.patient.patient_id}"
+    )
     assert decoded_by_uid(received(got)) == decoded_by_uid(site.native + site.compressed), output
     assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in received(got)} <= {
-        "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1",
+    }
     assert told(output) == ("0x0000", 6, 0, 0), output
     (entry,) = retrieved_by(site.gw, "C-GET", before)
-    assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(output), entry
+    assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(
+        output
+    ), entry
 
 
 def test_move_sends_what_the_destination_cannot_take_compressed_decompressed(site, tmp_path):
@@ -127,13 +165,22 @@ def test_move_sends_what_the_destination_cannot_take_compressed_decompressed(sit
     compressed instances arrive decompressed (before the fallback they failed)."""
     before = len(entries_of_kind(site.gw, "retrieved"))
     moved = tmp_path / "moved"
-    output = movescu(gw_site(site.gw, site.ws1_port), "WS1", "WS1", site.ws1_port, moved,
-                     "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={pydicom.dcmread(site.native[0]).StudyInstanceUID}",
-                     extra=("-d",))
+    output = movescu(
+        gw_site(site.gw, site.ws1_port),
+        "WS1",
+        "WS1",
+        site.ws1_port,
+        moved,
+        "QueryRetrieveLevel=STUDY",
+        f"StudyInstanceUID={pydicom.dcmread(site.native[0]).StudyInstanceUID}",
+        extra=("-d",),
+    )
     assert decoded_by_uid(received(moved)) == decoded_by_uid(site.native + site.compressed), output
     assert told(output) == ("0x0000", 6, 0, 0), output
     (entry,) = retrieved_by(site.gw, "C-MOVE", before)
-    assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(output), entry
+    assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(
+        output
+    ), entry
 
 
 CT_ONLY = """\
@@ -161,20 +208,56 @@ def test_move_to_a_destination_that_accepts_no_context_fails_its_sub_operations(
     out = tmp_path / "ct-only"
     out.mkdir()
     log = open(tmp_path / "storescp.log", "w")
-    storescp = subprocess.Popen(["storescp", "-v", "-aet", "WS1", "-xf", str(profile), "CTOnly", "-od", str(out),
-                                 str(site.ws1_port)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+    storescp = subprocess.Popen(
+        [
+            "storescp",
+            "-v",
+            "-aet",
+            "WS1",
+            "-xf",
+            str(profile),
+            "CTOnly",
+            "-od",
+            str(out),
+            str(site.ws1_port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=DCMTK_ENV,
+    )
     try:
         time.sleep(0.5)
         before = len(entries_of_kind(site.gw, "retrieved"))
         study = pydicom.dcmread(site.native[0]).StudyInstanceUID
         result = subprocess.run(
-            ["movescu", "-d", "-aet", "WS1", "-aec", site.gw.ae_title, "-aem", "WS1", "-S",
-             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1", str(site.gw.port)],
-            capture_output=True, text=True, timeout=60, env=DCMTK_ENV)
+            [
+                "movescu",
+                "-d",
+                "-aet",
+                "WS1",
+                "-aec",
+                site.gw.ae_title,
+                "-aem",
+                "WS1",
+                "-S",
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                f"StudyInstanceUID={study}",
+                "127.0.0.1",
+                str(site.gw.port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=DCMTK_ENV,
+        )
         output = result.stdout + result.stderr
         assert told(output) == ("0xA702", 0, 6, 0), output
         (entry,) = retrieved_by(site.gw, "C-MOVE", before)
-        assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(output), entry
+        assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(
+            output
+        ), entry
         assert list(out.iterdir()) == []
     finally:
         storescp.terminate()
@@ -205,20 +288,36 @@ def test_instance_that_cannot_be_encoded_counts_as_failed(site, tmp_path):
     original = path.read_bytes()
     at = original.rindex(b"\xe0\x7f\x10\x00OW")  # Pixel Data: the sequence goes just before it
     path.write_bytes(original[:at] + deep_sequence(5000) + original[at:])
-    keys = ("QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={ds.StudyInstanceUID}",
-            f"SeriesInstanceUID={ds.SeriesInstanceUID}", f"SOPInstanceUID={uid}")
+    keys = (
+        "QueryRetrieveLevel=IMAGE",
+        f"StudyInstanceUID={ds.StudyInstanceUID}",
+        f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+        f"SOPInstanceUID={uid}",
+    )
     try:
         before = len(entries_of_kind(site.gw, "retrieved"))
         got = tmp_path / "got"
         output = pynetdicom_getscu(site, got, *keys, model="-S")
         assert received(got) == [] and told(output) == ("0xA702", 0, 1, 0), output
         (entry,) = retrieved_by(site.gw, "C-GET", before)
-        assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(output), entry
+        assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(
+            output
+        ), entry
 
         moved = tmp_path / "moved"
-        output = movescu(gw_site(site.gw, site.ws1_port), "WS1", "WS1", site.ws1_port, moved, *keys, extra=("-d",))
+        output = movescu(
+            gw_site(site.gw, site.ws1_port),
+            "WS1",
+            "WS1",
+            site.ws1_port,
+            moved,
+            *keys,
+            extra=("-d",),
+        )
         (entry,) = retrieved_by(site.gw, "C-MOVE", before)
-        assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(output), entry
+        assert (entry["status"], entry["completed"], entry["failed"], entry["not_sent"]) == told(
+            output
+        ), entry
         assert len(received(moved)) == entry["completed"], output
     finally:
         path.write_bytes(original)

@@ -96,14 +96,29 @@ class Storescp:
         self.out.mkdir(exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            ["storescp", "-v", "-aet", self.ae_title, "-od", str(self.out), "+xa", "+uf", *extra, str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV,
+            [
+                "storescp",
+                "-v",
+                "-aet",
+                self.ae_title,
+                "-od",
+                str(self.out),
+                "+xa",
+                "+uf",
+                *extra,
+                str(self.port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=DCMTK_ENV,
         )
         log.close()
         deadline = time.monotonic() + 10
         while not listening(self.port):
             assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, f"storescp did not listen on {self.port}:\n{self.log()}"
+            assert time.monotonic() < deadline, (
+                f"storescp did not listen on {self.port}:\n{self.log()}"
+            )
             time.sleep(0.02)
         return self
 
@@ -149,7 +164,9 @@ def scus() -> Iterator[Callable[..., StoreSCU]]:
     thread.start()
 
     def make(port: int, ae_title: str = "PACS", **kwargs: float) -> StoreSCU:
-        scu = BlockingRequestor(Requestor("GATEWAY", Destination(ae_title, "127.0.0.1", port), **kwargs), loop)
+        scu = BlockingRequestor(
+            Requestor("GATEWAY", Destination(ae_title, "127.0.0.1", port), **kwargs), loop
+        )
         made.append(scu)
         return scu
 
@@ -165,7 +182,11 @@ class PynetdicomSCP:
     """A pynetdicom Storage SCP in this process: only `sop_classes`, answering `statuses` in turn."""
 
     def __init__(
-        self, sop_classes: list[str], *, require_calling: list[str] | None = None, statuses: list[int] | None = None
+        self,
+        sop_classes: list[str],
+        *,
+        require_calling: list[str] | None = None,
+        statuses: list[int] | None = None,
     ) -> None:
         self.associations = 0
         self.received: list[str] = []
@@ -297,7 +318,9 @@ def test_unsupported_sop_class_is_a_permanent_failure(tmp_path, pynetdicom_scp, 
     # MR first, alone: the destination accepts the association but none of its contexts
     alone = send(scus(scp.port), mr[0])
     assert not alone.ok and not alone.retryable and alone.status is None
-    assert "does not accept MR Image Storage in Explicit VR Little Endian" in alone.error, alone.error
+    assert "does not accept MR Image Storage in Explicit VR Little Endian" in alone.error, (
+        alone.error
+    )
 
     scp.associations = 0
     scu = scus(scp.port)

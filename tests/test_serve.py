@@ -23,7 +23,10 @@ def serve_once(gw: GatewayProcess, timeout: float = 30) -> subprocess.CompletedP
     """`dicomledger serve` expected to stop by itself; a hang fails the test (TimeoutExpired)."""
     return subprocess.run(
         [sys.executable, "-m", "dicomledger.cli", "serve", "--config", str(gw.config)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
 
 
@@ -69,19 +72,29 @@ def test_serve_exits_with_one_line_when_the_ledger_database_is_not_a_database(tm
     assert_one_line_failure(serve_once(gw), "ledger.db")
 
 
-def test_a_second_serve_on_the_same_data_refuses_and_touches_nothing(gateway: GatewayProcess, tmp_path):
+def test_a_second_serve_on_the_same_data_refuses_and_touches_nothing(
+    gateway: GatewayProcess, tmp_path
+):
     data = gateway.dir / "data"
     upload = data / "images" / "tmp" / "upload-in-progress"  # a running store's temp file
     upload.write_bytes(b"partial dataset")
     socket_inode = (data / "admin.sock").stat().st_ino
-    before = {p: p.stat().st_mtime_ns for p in data.rglob("*") if "wal" not in p.name and "shm" not in p.name}
+    before = {
+        p: p.stat().st_mtime_ns
+        for p in data.rglob("*")
+        if "wal" not in p.name and "shm" not in p.name
+    }
 
     reason = assert_one_line_failure(serve_once(gateway), str(data), f"process {gateway.proc.pid}")
     assert "in use by another gateway" in reason
 
     assert upload.read_bytes() == b"partial dataset"
     assert (data / "admin.sock").stat().st_ino == socket_inode
-    after = {p: p.stat().st_mtime_ns for p in data.rglob("*") if "wal" not in p.name and "shm" not in p.name}
+    after = {
+        p: p.stat().st_mtime_ns
+        for p in data.rglob("*")
+        if "wal" not in p.name and "shm" not in p.name
+    }
     assert after == before
     # the running gateway still owns its admin socket and its DICOM port
     assert gateway.cli("permissions", "--patient-id", "P-1").returncode == 0
@@ -100,7 +113,9 @@ def test_a_killed_gateway_leaves_no_lock_behind(tmp_path):
 
 
 def modes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]}
+    return {
+        str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]
+    }
 
 
 # Public data (the verifier key and the peer certificate are handed to auditors and peers): `init`
@@ -119,20 +134,31 @@ def usual_umask():
 def test_init_and_serve_create_everything_private(tmp_path, usual_umask):
     gw = GatewayProcess(tmp_path / "gw")
     with open(gw.config, "a") as f:  # a forward queue too, and a route that refuses (no grant)
-        f.write(f'\n[[destinations]]\nae_title = "PACS"\naddress = "127.0.0.1:{free_port()}"\n'
-                '\n[[routes]]\nto = ["PACS"]\n')
+        f.write(
+            f'\n[[destinations]]\nae_title = "PACS"\naddress = "127.0.0.1:{free_port()}"\n'
+            '\n[[routes]]\nto = ["PACS"]\n'
+        )
     gw.start()
     try:
         assert gw.storescu(*dicomdata.make_mr_series(tmp_path / "mr", 3)).returncode == 0
         seen = modes(gw.dir)
     finally:
         gw.stop()
-    for name in ("data/index.db", "data/ledger.db", "data/forward.db", "data/admin.sock", "config.toml",
-                 "data/images/tmp"):
+    for name in (
+        "data/index.db",
+        "data/ledger.db",
+        "data/forward.db",
+        "data/admin.sock",
+        "config.toml",
+        "data/images/tmp",
+    ):
         assert name in seen, sorted(seen)
     assert sum(1 for name in seen if name.endswith(".dcm")) == 3
-    too_open = {name: oct(mode) for name, mode in seen.items()
-                if name not in PUBLIC and name != "gateway.log" and mode & 0o077}
+    too_open = {
+        name: oct(mode)
+        for name, mode in seen.items()
+        if name not in PUBLIC and name != "gateway.log" and mode & 0o077
+    }
     assert not too_open, too_open
     assert {name: oct(seen[name]) for name in PUBLIC} == {name: "0o600" for name in PUBLIC}
     dirs = [name for name in seen if (gw.dir / name).is_dir() and name != "."]
@@ -155,13 +181,19 @@ def test_serve_makes_an_open_tree_private_and_says_so(tmp_path, usual_umask):
             p.chmod(0o755)
     gw.start()
     gw.stop()
-    fixed = [line for line in map(json.loads, gw.log().splitlines())
-             if line["event"].startswith("took group and other access off")]
+    fixed = [
+        line
+        for line in map(json.loads, gw.log().splitlines())
+        if line["event"].startswith("took group and other access off")
+    ]
     assert len(fixed) == 1 and fixed[0]["level"] == "warning", fixed
     assert fixed[0]["in_image_store"] >= 2 + 3  # two images, their study/series folders, tmp
     assert str(gw.dir / "data" / "index.db") in fixed[0]["paths"]
     seen = modes(gw.dir)
-    too_open = {name: oct(mode) for name, mode in seen.items()
-                if name not in PUBLIC | {".", "gateway.log"} and mode & 0o077}
+    too_open = {
+        name: oct(mode)
+        for name, mode in seen.items()
+        if name not in PUBLIC | {".", "gateway.log"} and mode & 0o077
+    }
     assert not too_open, too_open
     assert seen["."] == 0o755  # the config's own folder is not ours to change

@@ -52,8 +52,12 @@ class Requestor:
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(StorageCommitmentPushModel)
         ae.add_requested_context(CTImageStorage)
-        self.assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title,
-                                  evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
+        self.assoc = ae.associate(
+            "127.0.0.1",
+            gw.port,
+            ae_title=gw.ae_title,
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)],
+        )
         assert self.assoc.is_established
 
     def _on_report(self, event: Any) -> tuple[int, None]:
@@ -62,7 +66,9 @@ class Requestor:
         return 0x0000, None
 
     def request(self, information: Dataset, action_type: int = 1) -> Dataset:
-        status, _reply = self.assoc.send_n_action(information, action_type, StorageCommitmentPushModel, INSTANCE)
+        status, _reply = self.assoc.send_n_action(
+            information, action_type, StorageCommitmentPushModel, INSTANCE
+        )
         return status
 
 
@@ -75,45 +81,76 @@ def test_pynetdicom_gets_its_report_on_the_same_association(tmp_path: Path) -> N
         uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
         requestor = Requestor(gw)
         try:
-            status = requestor.request(action_information("1.2.3.999.1", [
-                (CTImageStorage, uids[0]), (CTImageStorage, uids[1]),
-                (MRImageStorage, uids[2]),  # stored, but as CT
-                (CTImageStorage, "1.2.3.999.404"),  # never stored
-            ]))
+            status = requestor.request(
+                action_information(
+                    "1.2.3.999.1",
+                    [
+                        (CTImageStorage, uids[0]),
+                        (CTImageStorage, uids[1]),
+                        (MRImageStorage, uids[2]),  # stored, but as CT
+                        (CTImageStorage, "1.2.3.999.404"),  # never stored
+                    ],
+                )
+            )
             assert status.Status == 0x0000
             assert requestor.arrived.wait(30), "no N-EVENT-REPORT on the association"
         finally:
             requestor.assoc.release()
-        (event_type, info), = requestor.reports
+        ((event_type, info),) = requestor.reports
         assert event_type == 2  # some failed
         assert info.TransactionUID == "1.2.3.999.1"
         assert info.RetrieveAETitle == gw.ae_title
-        assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == [
-            (CTImageStorage, uids[0]), (CTImageStorage, uids[1])]
+        assert [
+            (i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID)
+            for i in info.ReferencedSOPSequence
+        ] == [(CTImageStorage, uids[0]), (CTImageStorage, uids[1])]
         assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in info.FailedSOPSequence] == [
-            (uids[2], 0x0119), ("1.2.3.999.404", 0x0112)]
+            (uids[2], 0x0119),
+            ("1.2.3.999.404", 0x0112),
+        ]
 
         # all committed: event type 1, no Failed SOP Sequence
         requestor = Requestor(gw)
         try:
-            assert requestor.request(action_information("1.2.3.999.2", [(CTImageStorage, u) for u in uids])
-                                     ).Status == 0x0000
+            assert (
+                requestor.request(
+                    action_information("1.2.3.999.2", [(CTImageStorage, u) for u in uids])
+                ).Status
+                == 0x0000
+            )
             assert requestor.arrived.wait(30)
         finally:
             requestor.assoc.release()
-        (event_type, info), = requestor.reports
-        assert event_type == 1 and "FailedSOPSequence" not in info and len(info.ReferencedSOPSequence) == 3
+        ((event_type, info),) = requestor.reports
+        assert (
+            event_type == 1
+            and "FailedSOPSequence" not in info
+            and len(info.ReferencedSOPSequence) == 3
+        )
     finally:
         gw.stop()
     recorded = entries_of_kind(gw, "storage-committed")
     assert recorded == [
-        {"requestor": "PYSCU", "transaction_uid": "1.2.3.999.1", "committed": 2, "failed": 2,
-         "failure_reasons": {"0x0112": 1, "0x0119": 1}},
-        {"requestor": "PYSCU", "transaction_uid": "1.2.3.999.2", "committed": 3, "failed": 0, "failure_reasons": {}},
+        {
+            "requestor": "PYSCU",
+            "transaction_uid": "1.2.3.999.1",
+            "committed": 2,
+            "failed": 2,
+            "failure_reasons": {"0x0112": 1, "0x0119": 1},
+        },
+        {
+            "requestor": "PYSCU",
+            "transaction_uid": "1.2.3.999.2",
+            "committed": 3,
+            "failed": 0,
+            "failure_reasons": {},
+        },
     ]
     delivered = log_events(gw, "storage commitment report delivered")
     assert [(e["association"], e["transaction_uid"]) for e in delivered] == [
-        ("same", "1.2.3.999.1"), ("same", "1.2.3.999.2")]
+        ("same", "1.2.3.999.1"),
+        ("same", "1.2.3.999.2"),
+    ]
     assert "Traceback" not in gw.log()
 
 
@@ -128,9 +165,18 @@ def test_bad_n_actions_get_their_status_and_one_line(tmp_path: Path) -> None:
             assert requestor.request(no_transaction).Status == 0x0120  # missing attribute
             bad_uid = action_information("1.2.3", [(CTImageStorage, "not-a-uid")])
             assert requestor.request(bad_uid).Status == 0x0115  # invalid argument value
-            assert requestor.request(action_information("1.2.3", []), ).Status == 0x0120
-            assert requestor.request(action_information("1.2.3", [(CTImageStorage, "1.2.3.4")]),
-                                     action_type=2).Status == 0x0123  # no such action type
+            assert (
+                requestor.request(
+                    action_information("1.2.3", []),
+                ).Status
+                == 0x0120
+            )
+            assert (
+                requestor.request(
+                    action_information("1.2.3", [(CTImageStorage, "1.2.3.4")]), action_type=2
+                ).Status
+                == 0x0123
+            )  # no such action type
             assert not requestor.reports
         finally:
             requestor.assoc.release()
@@ -148,7 +194,9 @@ def test_orthanc_takes_the_report_on_a_new_association(tmp_path: Path) -> None:
     gw = GatewayProcess(tmp_path / "gw", allow=("STORESCU", "ORTHANC"))
     orthanc_port = free_port()
     with open(gw.config, "a") as f:
-        f.write(f'\n[[commitment_requestors]]\nae_title = "ORTHANC"\naddress = "127.0.0.1:{orthanc_port}"\n')
+        f.write(
+            f'\n[[commitment_requestors]]\nae_title = "ORTHANC"\naddress = "127.0.0.1:{orthanc_port}"\n'
+        )
     gw.start()
     orthanc = Orthanc(tmp_path / "orthanc", orthanc_port, gw)
     try:
@@ -156,12 +204,16 @@ def test_orthanc_takes_the_report_on_a_new_association(tmp_path: Path) -> None:
         for f in files:
             orthanc.rest("POST", "/instances", raw=f.read_bytes())
         (study,) = orthanc.rest("GET", "/studies")
-        answer = orthanc.rest("POST", "/modalities/gateway/store", {"Resources": [study], "Synchronous": True})
+        answer = orthanc.rest(
+            "POST", "/modalities/gateway/store", {"Resources": [study], "Synchronous": True}
+        )
         assert answer["InstancesCount"] == 2 and answer["FailedInstancesCount"] == 0, answer
         uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
         references = [{"SOPClassUID": CTImageStorage, "SOPInstanceUID": u} for u in uids]
         references.append({"SOPClassUID": CTImageStorage, "SOPInstanceUID": "1.2.3.999.405"})
-        job = orthanc.rest("POST", "/modalities/gateway/storage-commitment", {"DicomInstances": references})
+        job = orthanc.rest(
+            "POST", "/modalities/gateway/storage-commitment", {"DicomInstances": references}
+        )
         result: dict[str, Any] = {}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -171,7 +223,9 @@ def test_orthanc_takes_the_report_on_a_new_association(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert result["Status"] == "Failure", result  # one instance the gateway never received
         assert sorted(s["SOPInstanceUID"] for s in result["Success"]) == sorted(uids)
-        assert [(f["SOPInstanceUID"], f["FailureReason"]) for f in result["Failures"]] == [("1.2.3.999.405", 0x0112)]
+        assert [(f["SOPInstanceUID"], f["FailureReason"]) for f in result["Failures"]] == [
+            ("1.2.3.999.405", 0x0112)
+        ]
     finally:
         orthanc.stop()
         gw.stop()
@@ -190,22 +244,42 @@ def test_a_report_with_nowhere_to_go_is_one_error_line(tmp_path: Path) -> None:
     try:
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(StorageCommitmentPushModel)
-        assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title)  # no N-EVENT-REPORT handler
+        assoc = ae.associate(
+            "127.0.0.1", gw.port, ae_title=gw.ae_title
+        )  # no N-EVENT-REPORT handler
         assert assoc.is_established
-        status, _ = assoc.send_n_action(action_information("1.2.3.999.3", [(CTImageStorage, "1.2.3.999.406")]), 1,
-                                        StorageCommitmentPushModel, INSTANCE)
+        status, _ = assoc.send_n_action(
+            action_information("1.2.3.999.3", [(CTImageStorage, "1.2.3.999.406")]),
+            1,
+            StorageCommitmentPushModel,
+            INSTANCE,
+        )
         assert status.Status == 0x0000
         assoc.release()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not log_events(gw, "storage commitment report not delivered: no "
-                                                             "address for the requestor (add it under "
-                                                             "[[commitment_requestors]])"):
+        while time.monotonic() < deadline and not log_events(
+            gw,
+            "storage commitment report not delivered: no "
+            "address for the requestor (add it under "
+            "[[commitment_requestors]])",
+        ):
             time.sleep(0.1)
     finally:
         gw.stop()
-    (line,) = log_events(gw, "storage commitment report not delivered: no address for the requestor (add it under "
-                             "[[commitment_requestors]])")
-    assert (line["calling_ae"], line["transaction_uid"], line["level"]) == ("PYSCU", "1.2.3.999.3", "error")
+    (line,) = log_events(
+        gw,
+        "storage commitment report not delivered: no address for the requestor (add it under "
+        "[[commitment_requestors]])",
+    )
+    assert (line["calling_ae"], line["transaction_uid"], line["level"]) == (
+        "PYSCU",
+        "1.2.3.999.3",
+        "error",
+    )
     (recorded,) = entries_of_kind(gw, "storage-committed")
-    assert (recorded["committed"], recorded["failed"], recorded["failure_reasons"]) == (0, 1, {"0x0112": 1})
+    assert (recorded["committed"], recorded["failed"], recorded["failure_reasons"]) == (
+        0,
+        1,
+        {"0x0112": 1},
+    )
     assert "Traceback" not in gw.log()

@@ -59,7 +59,9 @@ def wait_for_successes(output: Path, count: int, timeout: float = 60) -> None:
 
 
 def test_echo(gateway):
-    result = dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", gateway.ae_title, "127.0.0.1", str(gateway.port))
+    result = dcmtk(
+        "echoscu", "-aet", "ECHOSCU", "-aec", gateway.ae_title, "127.0.0.1", str(gateway.port)
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -68,12 +70,16 @@ def test_ct_series_is_stored_indexed_anchored_and_verifiable(gateway, tmp_path):
     result = gateway.storescu(*files)
     assert result.returncode == 0, result.stderr
     assert successes(result.stdout + result.stderr) == 12
-    assert index_rows(gateway, "SELECT COUNT(*) FROM instances WHERE ledger_index IS NOT NULL") == [(12,)]
+    assert index_rows(gateway, "SELECT COUNT(*) FROM instances WHERE ledger_index IS NOT NULL") == [
+        (12,)
+    ]
     payloads = ledger_payloads(gateway)
     assert len(payloads) == 12
     for f in files:
         ds = pydicom.dcmread(f)
-        (path,) = index_rows(gateway, f"SELECT path FROM instances WHERE sop_instance_uid = '{ds.SOPInstanceUID}'")[0]
+        (path,) = index_rows(
+            gateway, f"SELECT path FROM instances WHERE sop_instance_uid = '{ds.SOPInstanceUID}'"
+        )[0]
         stored = pydicom.dcmread(gateway.dir / "data" / "images" / path)
         assert stored.PixelData == ds.PixelData
         check = gateway.cli("verify-file", str(f))
@@ -81,7 +87,15 @@ def test_ct_series_is_stored_indexed_anchored_and_verifiable(gateway, tmp_path):
     assert gateway.cli("verify").returncode == 0
     stores = [line for line in log_lines(gateway) if line.get("event") == "c-store"]
     assert len(stores) == 12
-    assert {"calling_ae", "sop_class", "transfer_syntax", "bytes", "hash", "duration_ms", "status"} <= set(stores[0])
+    assert {
+        "calling_ae",
+        "sop_class",
+        "transfer_syntax",
+        "bytes",
+        "hash",
+        "duration_ms",
+        "status",
+    } <= set(stores[0])
 
 
 def test_multiframe_gets_per_frame_hashes_and_a_frame_root(gateway, tmp_path):
@@ -93,11 +107,16 @@ def test_multiframe_gets_per_frame_hashes_and_a_frame_root(gateway, tmp_path):
 
 
 OPTION_FOR_SYNTAX = {
-    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.57": "-xs", "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
-    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw",
-    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.1.99": "-xd",
 }
 
 
@@ -114,8 +133,13 @@ def test_compressed_wheel_files_are_stored_as_received(gateway):
         sent += successes(result.stdout + result.stderr)
     # (several wheel files share a SOP Instance UID: the ledger has every version, the index the newest)
     syntaxes = {p["transfer_syntax"] for p in ledger_payloads(gateway)}
-    for wanted in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
-                   "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"):
+    for wanted in (
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.5",
+    ):
         assert wanted in syntaxes, f"no instance stored in {wanted}"
     assert sent >= 10
     # stored as received (no transcoding), and lossless ones got a decoded-pixel hash
@@ -161,8 +185,14 @@ def test_malformed_dataset_fails_and_next_good_one_succeeds(gateway, tmp_path):
     out = result.stdout + result.stderr
     assert "Received Store Response (Error: CannotUnderstand)" in out, out
     assert successes(out) == 1
-    failed = [line for line in log_lines(gateway) if line.get("event") == "c-store" and line["status"] != "0x0000"]
-    assert failed and failed[0]["status"].startswith("0xC") and "Pixel Data" in failed[0]["outcome"], failed
+    failed = [
+        line
+        for line in log_lines(gateway)
+        if line.get("event") == "c-store" and line["status"] != "0x0000"
+    ]
+    assert (
+        failed and failed[0]["status"].startswith("0xC") and "Pixel Data" in failed[0]["outcome"]
+    ), failed
     assert len(ledger_payloads(gateway)) == 1
 
     # Garbage dataset bytes over pynetdicom (storescu will not send an unparsable file)
@@ -217,8 +247,12 @@ def test_duplicates_header_edits_and_changed_pixels(gateway, tmp_path):
 
 def test_no_phi_on_the_ledger(gateway, tmp_path):
     patients = [
-        dicomdata.FakePatient(name=name, patient_id=f"PID-{i}-77341", birth_date=f"19{50 + i}0412",
-                              accession=f"ACC{i}99812")
+        dicomdata.FakePatient(
+            name=name,
+            patient_id=f"PID-{i}-77341",
+            birth_date=f"19{50 + i}0412",
+            accession=f"ACC{i}99812",
+        )
         for i, name in enumerate(PATIENT_NAMES)
     ]
     files = []
@@ -261,8 +295,12 @@ def test_sigkill_during_500_image_send_loses_nothing_acknowledged(tmp_path):
     try:
         for f in acknowledged:
             uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
-            rows = index_rows(gw, f"SELECT path, ledger_index FROM instances WHERE sop_instance_uid = '{uid}'")
-            assert rows and rows[0][1] is not None, f"{f.name} acknowledged but not indexed+anchored"
+            rows = index_rows(
+                gw, f"SELECT path, ledger_index FROM instances WHERE sop_instance_uid = '{uid}'"
+            )
+            assert rows and rows[0][1] is not None, (
+                f"{f.name} acknowledged but not indexed+anchored"
+            )
             assert (gw.dir / "data" / "images" / rows[0][0]).exists()
         for f in acknowledged[:: max(1, len(acknowledged) // 10)]:
             assert gw.cli("verify-file", str(f)).returncode == 0
@@ -378,7 +416,10 @@ def test_more_concurrent_associations_than_pynetdicoms_default_of_ten(gateway, t
         assoc = ae.associate("127.0.0.1", gateway.port, ae_title=gateway.ae_title)
         assert assoc.is_established
         associations.append(assoc)
-    statuses = [assoc.send_c_store(pydicom.dcmread(f)).Status for assoc, f in zip(associations, files, strict=True)]
+    statuses = [
+        assoc.send_c_store(pydicom.dcmread(f)).Status
+        for assoc, f in zip(associations, files, strict=True)
+    ]
     for assoc in associations:
         assoc.release()
     assert statuses == [0x0000] * 15
@@ -387,7 +428,16 @@ def test_more_concurrent_associations_than_pynetdicoms_default_of_ten(gateway, t
 
 def test_wrong_called_ae_title_is_refused_and_logged(gateway, tmp_path):
     files = dicomdata.make_mr_series(tmp_path / "mr", 1)
-    result = dcmtk("storescu", "-aet", "STORESCU", "-aec", "NOT_THE_GATEWAY", "127.0.0.1", str(gateway.port), str(files[0]))
+    result = dcmtk(
+        "storescu",
+        "-aet",
+        "STORESCU",
+        "-aec",
+        "NOT_THE_GATEWAY",
+        "127.0.0.1",
+        str(gateway.port),
+        str(files[0]),
+    )
     assert result.returncode != 0 and "Association Rejected" in result.stdout + result.stderr
     refused = [line for line in log_lines(gateway) if line.get("event") == "association refused"]
     assert refused and "NOT_THE_GATEWAY" in refused[0]["reason"]
@@ -421,16 +471,43 @@ def test_the_senders_preferred_transfer_syntax_is_accepted(gateway, tmp_path):
     rounds = max(len(versions) for versions in by_uid.values())
     for n in range(rounds):  # several wheel files share a UID: one version of each per round
         batch = {uid: versions[n] for uid, versions in by_uid.items() if n < len(versions)}
-        before = {uid: row for uid, *row in index_rows(gateway, "SELECT sop_instance_uid, path, transfer_syntax_uid FROM instances")}
-        dcmtk("dcmsend", "--no-halt", "-aet", "STORESCU", "-aec", gateway.ae_title,
-              "127.0.0.1", str(gateway.port), *(str(p) for p, _ in batch.values()))
-        after = {uid: row for uid, *row in index_rows(gateway, "SELECT sop_instance_uid, path, transfer_syntax_uid FROM instances")}
+        before = {
+            uid: row
+            for uid, *row in index_rows(
+                gateway, "SELECT sop_instance_uid, path, transfer_syntax_uid FROM instances"
+            )
+        }
+        dcmtk(
+            "dcmsend",
+            "--no-halt",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            gateway.ae_title,
+            "127.0.0.1",
+            str(gateway.port),
+            *(str(p) for p, _ in batch.values()),
+        )
+        after = {
+            uid: row
+            for uid, *row in index_rows(
+                gateway, "SELECT sop_instance_uid, path, transfer_syntax_uid FROM instances"
+            )
+        }
         for uid, (p, syntax) in batch.items():
-            if uid in after and after[uid] != before.get(uid):  # stored now (a few wheel files are refused)
-                assert after[uid][1] == syntax, f"{p.name} sent as {syntax}, stored as {after[uid][1]}"
+            if uid in after and after[uid] != before.get(
+                uid
+            ):  # stored now (a few wheel files are refused)
+                assert after[uid][1] == syntax, (
+                    f"{p.name} sent as {syntax}, stored as {after[uid][1]}"
+                )
                 checked.add(syntax)
-    for wanted in (pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGLSLossless, pydicom.uid.RLELossless,
-                   pydicom.uid.DeflatedExplicitVRLittleEndian):
+    for wanted in (
+        pydicom.uid.JPEGBaseline8Bit,
+        pydicom.uid.JPEGLSLossless,
+        pydicom.uid.RLELossless,
+        pydicom.uid.DeflatedExplicitVRLittleEndian,
+    ):
         assert wanted in checked, f"no file in {wanted.name} was checked"
 
 
@@ -440,15 +517,29 @@ def test_requestor_preference_gives_each_context_its_own_first_choice(tmp_path):
     from dicomledger.dicom.net import DicomServer
     from tests.netharness import associate_rq
 
-    server = DicomServer(ae_title="GATEWAY", host="127.0.0.1", port=0, allowed_calling_aes=None,
-                         on_store=None, temp_dir=tmp_path)  # type: ignore[arg-type]  (never started)
+    server = DicomServer(
+        ae_title="GATEWAY",
+        host="127.0.0.1",
+        port=0,
+        allowed_calling_aes=None,
+        on_store=None,
+        temp_dir=tmp_path,
+    )  # type: ignore[arg-type]  (never started)
 
     def chosen(*proposals: list[str]) -> list[str]:
-        rq = associate_rq([(2 * i + 1, dicomdata.MR_IMAGE, p) for i, p in enumerate(proposals)], called="GATEWAY")
+        rq = associate_rq(
+            [(2 * i + 1, dicomdata.MR_IMAGE, p) for i, p in enumerate(proposals)], called="GATEWAY"
+        )
         answer = server.negotiator.negotiate(rq[6:])
         return [answer.contexts[2 * i + 1].transfer_syntax for i in range(len(proposals))]
 
-    ex, be, im, jls, rle = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5"
+    ex, be, im, jls, rle = (
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.5",
+    )
     assert chosen([ex, be, im]) == [ex]
     # dcmsend: one context per file syntax, each with the uncompressed ones after it
     assert chosen([jls, ex, be, im], [rle, ex, be, im], [ex, be, im]) == [jls, rle, ex]

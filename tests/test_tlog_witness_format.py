@@ -90,7 +90,9 @@ CT_WITNESS_LINES = """— transparency.dev/DEV:witness-little-garden 2AQqhwAAAAB
 — remora.n621.de 2net5wAAAABqEiEgPlfF3V06o0Y+fHM+J5J9s27wgxxcOVSpZ/2g/KSiXCg9DEZI+aVCIobWX9sXTynk5XeU/zZ0WBxtqB0DrAWfBw==
 — witness.stagemole.eu Z/euoAAAAABqEiEgw0i+7g2ENfDAWHmtRzCfKTHSDwYDJA2NmKeGi9Y8FtEyOUvVr+AJmIY/2TUFucgKi7lI7cUiOvKFYe/TmN9DAg==
 """
-CT_LOG_VKEY = "arche2025h1.staging.ct.transparency.dev+ba2f06c0+AU0vHmlGCS/PdN8b2OaGmKprLI8HKM+dJ472xgFYh15f"
+CT_LOG_VKEY = (
+    "arche2025h1.staging.ct.transparency.dev+ba2f06c0+AU0vHmlGCS/PdN8b2OaGmKprLI8HKM+dJ472xgFYh15f"
+)
 WITNESS_VKEYS = [  # as the witnesses publish them: type 0x04, cosignature/v1
     "transparency.dev/DEV:witness-little-garden+d8042a87+BCtusOxINQNUTN5Oj8HObRkh2yHf/MwYaGX4CPdiVEPM",
     "witness1.smartit.nu/witness1+a48c820f+BPSFWg9G6KPiO7QPryYO5Xq4oYJJ+kAvLKLSimDhoxMO",
@@ -98,9 +100,7 @@ WITNESS_VKEYS = [  # as the witnesses publish them: type 0x04, cosignature/v1
     "witness.stagemole.eu+67f7aea0+BEqSG3yu9YrmcM3BHvQYTxwFj3uSWakQepafafpUqklv",
 ]
 # the same little-garden key as a plain note verifier (type 0x01), as Tessera's docs give it
-LITTLE_GARDEN_NOTE_VKEY = (
-    "transparency.dev/DEV:witness-little-garden+4b7fca75+AStusOxINQNUTN5Oj8HObRkh2yHf/MwYaGX4CPdiVEPM"
-)
+LITTLE_GARDEN_NOTE_VKEY = "transparency.dev/DEV:witness-little-garden+4b7fca75+AStusOxINQNUTN5Oj8HObRkh2yHf/MwYaGX4CPdiVEPM"
 
 
 def unb64(s: str) -> bytes:
@@ -129,10 +129,16 @@ def test_spec_example_request_parses_and_formats_back_byte_for_byte() -> None:
 def test_sigsum_go_request_vector() -> None:
     req = parse_add_checkpoint(SIGSUM_REQUEST)
     assert req == AddCheckpointRequest(
-        3, (bytes([0, 0, 0, 28, 14, 71]) + bytes(26),), SIGSUM_REQUEST[SIGSUM_REQUEST.index(b"example.org"):]
+        3,
+        (bytes([0, 0, 0, 28, 14, 71]) + bytes(26),),
+        SIGSUM_REQUEST[SIGSUM_REQUEST.index(b"example.org") :],
     )
     cp = parse_checkpoint(parse_note(req.note).text)
-    assert (cp.origin, cp.size, cp.root_hash) == ("example.org/log", 5, bytes([28, 14, 71]) + bytes(29))
+    assert (cp.origin, cp.size, cp.root_hash) == (
+        "example.org/log",
+        5,
+        bytes([28, 14, 71]) + bytes(29),
+    )
     assert format_add_checkpoint(3, req.consistency_proof, req.note) == SIGSUM_REQUEST
 
 
@@ -214,22 +220,36 @@ def test_size_body() -> None:
 
 def test_spec_example_response_parses_and_formats_back() -> None:
     sigs = parse_signature_lines(SPEC_RESPONSE)
-    assert [s.name for s in sigs] == ["witness.example/w1", "witness.example/w1", "witness.example/w2"]
+    assert [s.name for s in sigs] == [
+        "witness.example/w1",
+        "witness.example/w1",
+        "witness.example/w2",
+    ]
     assert all(len(s.key_id) == 4 and len(s.data) == 72 for s in sigs)  # 8-byte time + 64
     assert format_signature_lines(sigs) == SPEC_RESPONSE
     # "the client MAY concatenate it to the checkpoint and use a note verification function"
     note = parse_note(
-        b"example.com/behind-the-sofa\n20852163\nCsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=\n\n" + SPEC_RESPONSE
+        b"example.com/behind-the-sofa\n20852163\nCsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=\n\n"
+        + SPEC_RESPONSE
     )
     assert note.signatures == sigs
 
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\n", SPEC_RESPONSE[:-1], SPEC_RESPONSE + b"\n", b"- witness.example/w1 AAAAAAE=\n",
-     "\u2014 witness.example/w1\n".encode(), "\u2014 witness.example/w1 !!!!\n".encode(),
-     "\u2014 witness.example/w1 AAAA\n".encode(), "\u2014 w 1 AAAAAAE=\n".encode(),
-     "\u2014 witness.example/w1 AAAAAAE=\r\n".encode(), b"\xff\n"],
+    [
+        b"",
+        b"\n",
+        SPEC_RESPONSE[:-1],
+        SPEC_RESPONSE + b"\n",
+        b"- witness.example/w1 AAAAAAE=\n",
+        "\u2014 witness.example/w1\n".encode(),
+        "\u2014 witness.example/w1 !!!!\n".encode(),
+        "\u2014 witness.example/w1 AAAA\n".encode(),
+        "\u2014 w 1 AAAAAAE=\n".encode(),
+        "\u2014 witness.example/w1 AAAAAAE=\r\n".encode(),
+        b"\xff\n",
+    ],
 )
 def test_malformed_signature_lines_are_refused(data: bytes) -> None:
     with pytest.raises(NoteError):
@@ -249,10 +269,17 @@ def test_real_standard_witnesses_cosignatures_verify() -> None:
         name, key = parse_verifier_key(vkey)
         assert verify_cosignature(CT_CHECKPOINT_TEXT, line, name, key) == 1779573024
         # any change to the checkpoint text breaks it
-        assert verify_cosignature(CT_CHECKPOINT_TEXT.replace("1432088532", "1432088533"), line, name, key) is None
+        assert (
+            verify_cosignature(
+                CT_CHECKPOINT_TEXT.replace("1432088532", "1432088533"), line, name, key
+            )
+            is None
+        )
     # the log's own signature line is not a cosignature
     name, key = parse_verifier_key(CT_LOG_VKEY)
-    assert all(verify_cosignature(CT_CHECKPOINT_TEXT, s, name, key) is None for s in note.signatures)
+    assert all(
+        verify_cosignature(CT_CHECKPOINT_TEXT, s, name, key) is None for s in note.signatures
+    )
 
 
 def test_cosigner_vkey_is_the_note_vkey_with_type_0x04() -> None:
@@ -272,7 +299,11 @@ def independent_cosignature_check(line: bytes, text: str, vkey: str) -> int:
     vname, vid, material = vkey.split("+", 2)
     raw, key = unb64(b64), unb64(material)
     assert name == vname and key[0] == 0x04 and len(raw) == 4 + 8 + 64
-    assert raw[:4].hex() == vid == hashlib.sha256(name.encode() + b"\n\x04" + key[1:]).digest()[:4].hex()
+    assert (
+        raw[:4].hex()
+        == vid
+        == hashlib.sha256(name.encode() + b"\n\x04" + key[1:]).digest()[:4].hex()
+    )
     timestamp = int.from_bytes(raw[4:12], "big")
     Ed25519PublicKey.from_public_bytes(key[1:]).verify(
         raw[12:], f"cosignature/v1\ntime {timestamp}\n{text}".encode()
@@ -288,15 +319,23 @@ def test_our_cosignature_is_what_a_standard_witness_sends() -> None:
     text = format_checkpoint(Checkpoint(origin, 1, hashlib.sha256(b"\x00entry").digest()))
     note = format_note(Note(text, (sign_note_text(text, origin, log_key),)))
     sig, _ = witness_checkpoint(
-        note=note, old_size=0, consistency_proof=[], state=None, logs={origin: log_key.public_key()},
-        witness_name=witness, witness_key=witness_key, now=1779573024,
+        note=note,
+        old_size=0,
+        consistency_proof=[],
+        state=None,
+        logs={origin: log_key.public_key()},
+        witness_name=witness,
+        witness_key=witness_key,
+        now=1779573024,
     )
     line = format_signature_lines([sig])
     assert line.startswith(f"\u2014 {witness} ".encode()) and line.count(b"\n") == 1
     vkey = verifier_key(witness, witness_key.public_key(), SIG_COSIGNATURE_V1)
     assert independent_cosignature_check(line, text, vkey) == 1779573024
     # and the real witnesses' lines pass the same independent check
-    for vkey, real in zip(WITNESS_VKEYS, CT_WITNESS_LINES.encode().splitlines(keepends=True), strict=True):
+    for vkey, real in zip(
+        WITNESS_VKEYS, CT_WITNESS_LINES.encode().splitlines(keepends=True), strict=True
+    ):
         assert independent_cosignature_check(real, CT_CHECKPOINT_TEXT, vkey) == 1779573024
 
 
@@ -307,7 +346,12 @@ def test_log_key_and_cosigner_key_ids_differ() -> None:
     pub = key.public_key()
     raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     name = "hospital-b.example/dicomledger"
-    ids = {t: hashlib.sha256(name.encode() + b"\n" + bytes([t]) + raw).digest()[:4] for t in (SIG_ED25519, SIG_COSIGNATURE_V1)}
+    ids = {
+        t: hashlib.sha256(name.encode() + b"\n" + bytes([t]) + raw).digest()[:4]
+        for t in (SIG_ED25519, SIG_COSIGNATURE_V1)
+    }
     assert verifier_key(name, pub).split("+")[1] == ids[SIG_ED25519].hex()
-    assert verifier_key(name, pub, SIG_COSIGNATURE_V1).split("+")[1] == ids[SIG_COSIGNATURE_V1].hex()
+    assert (
+        verifier_key(name, pub, SIG_COSIGNATURE_V1).split("+")[1] == ids[SIG_COSIGNATURE_V1].hex()
+    )
     assert ids[SIG_ED25519] != ids[SIG_COSIGNATURE_V1]

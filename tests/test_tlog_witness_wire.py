@@ -131,17 +131,23 @@ def add_checkpoint_body(old: int, proof: list[bytes], note: bytes) -> bytes:
 def cosignature_line(name: str, key: Ed25519PrivateKey, text: str, timestamp: int) -> str:
     """c2sp.org/tlog-cosignature/v1, Ed25519."""
     message = f"cosignature/v1\ntime {timestamp}\n{text}".encode()
-    data = key_id(name, 0x04, raw_key(key.public_key())) + timestamp.to_bytes(8, "big") + key.sign(message)
+    data = (
+        key_id(name, 0x04, raw_key(key.public_key()))
+        + timestamp.to_bytes(8, "big")
+        + key.sign(message)
+    )
     return f"{DASH} {name} {b64(data)}\n"
 
 
 def check_cosignature(line: str, text: str, name: str, key: bytes) -> int:
     """A tlog-cosignature/v1 line by (name, key) on ``text``: its timestamp, else AssertionError."""
     assert line.startswith(f"{DASH} {name} ") and line.endswith("\n"), line
-    data = base64.b64decode(line[len(DASH) + len(name) + 2:-1], validate=True)
+    data = base64.b64decode(line[len(DASH) + len(name) + 2 : -1], validate=True)
     assert len(data) == 4 + 8 + 64 and data[:4] == key_id(name, 0x04, key)
     timestamp = int.from_bytes(data[4:12], "big")
-    Ed25519PublicKey.from_public_bytes(key).verify(data[12:], f"cosignature/v1\ntime {timestamp}\n{text}".encode())
+    Ed25519PublicKey.from_public_bytes(key).verify(
+        data[12:], f"cosignature/v1\ntime {timestamp}\n{text}".encode()
+    )
     return timestamp
 
 
@@ -176,7 +182,10 @@ def post(port: int, ctx: ssl.SSLContext, body: bytes, path: str = "/add-checkpoi
         "Connection: close\r\n\r\n"
     ).encode() + body
     data = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw, ctx.wrap_socket(raw) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=20) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
         tls.sendall(request)
         try:
             while chunk := tls.recv(65536):
@@ -207,8 +216,12 @@ def test_a_gateway_answers_add_checkpoint_as_the_spec_says(tmp_path):
     as_c, as_d = tls_client(c.dir, b_cert), tls_client(d.dir, b_cert)
     leaves = [b"c entry %d" % i for i in range(12)]
 
-    def cp(size: int, leaf_list: list[bytes] = leaves, origin: str = c.origin,
-           key: Ed25519PrivateKey = c_key) -> tuple[str, bytes]:
+    def cp(
+        size: int,
+        leaf_list: list[bytes] = leaves,
+        origin: str = c.origin,
+        key: Ed25519PrivateKey = c_key,
+    ) -> tuple[str, bytes]:
         text = checkpoint_text(origin, size, mth(leaf_list[:size]))
         return text, signed_note(text, origin, key)
 
@@ -241,7 +254,11 @@ def test_a_gateway_answers_add_checkpoint_as_the_spec_says(tmp_path):
         # a stale old size: 409, the size B holds, text/x.tlog.size
         text7, note7 = cp(7)
         stale = post(b.peer_port, as_c, add_checkpoint_body(0, [], note7))
-        assert (stale.status, stale.body, stale.headers["content-type"]) == (409, b"5\n", "text/x.tlog.size")
+        assert (stale.status, stale.body, stale.headers["content-type"]) == (
+            409,
+            b"5\n",
+            "text/x.tlog.size",
+        )
         expected[409] += 1
         # ... so the client retries from 5 with the RFC 6962 proof
         ok = post(b.peer_port, as_c, add_checkpoint_body(5, consistency(5, leaves[:7]), note7))
@@ -255,41 +272,95 @@ def test_a_gateway_answers_add_checkpoint_as_the_spec_says(tmp_path):
         good = consistency(7, leaves[:10])
         assert len(good) == 5 and verify_consistency(7, 10, mth(leaves[:7]), mth(leaves[:10]), good)
         flipped = [bytes([good[0][0] ^ 1]) + good[0][1:], *good[1:]]
-        for proof in (flipped, [], good[:-1], [*good, good[0]], good[::-1], consistency(6, leaves[:10]),
-                      consistency(7, leaves[:9])):
+        for proof in (
+            flipped,
+            [],
+            good[:-1],
+            [*good, good[0]],
+            good[::-1],
+            consistency(6, leaves[:10]),
+            consistency(7, leaves[:9]),
+        ):
             assert not verify_consistency(7, 10, mth(leaves[:7]), mth(leaves[:10]), proof)
-            refused(post(b.peer_port, as_c, add_checkpoint_body(7, proof, note10)), 422, "not shown consistent")
+            refused(
+                post(b.peer_port, as_c, add_checkpoint_body(7, proof, note10)),
+                422,
+                "not shown consistent",
+            )
         # a wrong old size is 409 with B's size, an old size above the checkpoint's 400
         for old in (0, 6, 8):
             stale = post(b.peer_port, as_c, add_checkpoint_body(old, good, note10))
-            assert (stale.status, stale.body, stale.headers["content-type"]) == (409, b"7\n", "text/x.tlog.size")
+            assert (stale.status, stale.body, stale.headers["content-type"]) == (
+                409,
+                b"7\n",
+                "text/x.tlog.size",
+            )
             expected[409] += 1
-        refused(post(b.peer_port, as_c, add_checkpoint_body(11, [], note10)), 400, "larger than the checkpoint")
+        refused(
+            post(b.peer_port, as_c, add_checkpoint_body(11, [], note10)),
+            400,
+            "larger than the checkpoint",
+        )
 
         # signatures: by another key under C's name, a corrupt one with C's key ID, none of C's
         text10 = checkpoint_text(c.origin, 10, mth(leaves[:10]))
         stranger = Ed25519PrivateKey.generate()
-        refused(post(b.peer_port, as_c, add_checkpoint_body(7, good, signed_note(text10, c.origin, stranger))),
-                403, "no valid signature")
-        corrupt = note10[:-10] + (b"AAAAAAAA" if note10[-10:-2] != b"AAAAAAAA" else b"BBBBBBBB") + note10[-2:]
-        refused(post(b.peer_port, as_c, add_checkpoint_body(7, good, corrupt)), 403, "no valid signature")
+        refused(
+            post(
+                b.peer_port,
+                as_c,
+                add_checkpoint_body(7, good, signed_note(text10, c.origin, stranger)),
+            ),
+            403,
+            "no valid signature",
+        )
+        corrupt = (
+            note10[:-10]
+            + (b"AAAAAAAA" if note10[-10:-2] != b"AAAAAAAA" else b"BBBBBBBB")
+            + note10[-2:]
+        )
+        refused(
+            post(b.peer_port, as_c, add_checkpoint_body(7, good, corrupt)),
+            403,
+            "no valid signature",
+        )
         someone = signed_note(text10, "someone.example/log", stranger)
-        refused(post(b.peer_port, as_c, add_checkpoint_body(7, good, someone)), 403, "no valid signature")
+        refused(
+            post(b.peer_port, as_c, add_checkpoint_body(7, good, someone)),
+            403,
+            "no valid signature",
+        )
         # origins B does not witness: unknown ones, and its own log
         unknown = cp(3, origin="unknown.example/log", key=stranger)[1]
-        refused(post(b.peer_port, as_c, add_checkpoint_body(0, [], unknown)), 404, "not a log this witness follows")
+        refused(
+            post(b.peer_port, as_c, add_checkpoint_body(0, [], unknown)),
+            404,
+            "not a log this witness follows",
+        )
         own = cp(3, origin=b.origin, key=load_private_key(b.dir / "keys" / "gateway.key"))[1]
-        refused(post(b.peer_port, as_c, add_checkpoint_body(0, [], own)), 404, "not a log this witness follows")
+        refused(
+            post(b.peer_port, as_c, add_checkpoint_body(0, [], own)),
+            404,
+            "not a log this witness follows",
+        )
 
         # malformed bodies: 400
         hash_line = b64(good[0]) + "\n"
         for body in [
-            b"", b"old 8", b"old 8\n", b"old 08\n\n" + note10, b"old -1\n\n" + note10, b"OLD 8\n\n" + note10,
-            b"old 8\r\n\r\n" + note10, ("old 8\n" + hash_line).encode() + note10,
-            ("old 8\n" + hash_line + "\n").encode(), b"old 8\n!!!!\n\n" + note10,
+            b"",
+            b"old 8",
+            b"old 8\n",
+            b"old 08\n\n" + note10,
+            b"old -1\n\n" + note10,
+            b"OLD 8\n\n" + note10,
+            b"old 8\r\n\r\n" + note10,
+            ("old 8\n" + hash_line).encode() + note10,
+            ("old 8\n" + hash_line + "\n").encode(),
+            b"old 8\n!!!!\n\n" + note10,
             ("old 8\n" + b64(bytes(31)) + "\n\n").encode() + note10,
             ("old 8\n" + hash_line * 64 + "\n").encode() + note10,
-            b"old 8\n\nnot a checkpoint\n", b"old 8\n\n" + note10.replace(b"\n\n", b"\n"),
+            b"old 8\n\nnot a checkpoint\n",
+            b"old 8\n\n" + note10.replace(b"\n\n", b"\n"),
             b"old 8\n\n" + note10.replace(b"\n10\n", b"\n010\n"),
             b'{"note": "", "old_size": 8, "proof": []}',
         ]:
@@ -305,8 +376,15 @@ def test_a_gateway_answers_add_checkpoint_as_the_spec_says(tmp_path):
         ok = post(b.peer_port, as_d, add_checkpoint_body(0, [], cp(0, [], d.origin, d_key)[1]))
         assert ok.status == 200
         # from size 0 the proof must be empty: 422
-        refused(post(b.peer_port, as_d, add_checkpoint_body(0, [mth([b"x"])], cp(2, [b"x", b"y"], d.origin, d_key)[1])),
-                422, "must be empty")
+        refused(
+            post(
+                b.peer_port,
+                as_d,
+                add_checkpoint_body(0, [mth([b"x"])], cp(2, [b"x", b"y"], d.origin, d_key)[1]),
+            ),
+            422,
+            "must be empty",
+        )
 
         # B's record of C: size 10, the root of C's first ten leaves (persisted before answering)
         (row,) = query(b, "SELECT size, root FROM witness_state WHERE origin = ?", (c.origin,))
@@ -314,9 +392,17 @@ def test_a_gateway_answers_add_checkpoint_as_the_spec_says(tmp_path):
 
         # C signs another root for size 10: 422, and B now holds that as equivocation evidence
         forked = [*leaves[:9], b"another entry 9"]
-        refused(post(b.peer_port, as_c, add_checkpoint_body(10, [], cp(10, forked)[1])), 422, "two roots")
+        refused(
+            post(b.peer_port, as_c, add_checkpoint_body(10, [], cp(10, forked)[1])),
+            422,
+            "two roots",
+        )
         assert query(b, "SELECT origin FROM evidence") == [(c.origin,)]
-        refused(post(b.peer_port, as_c, add_checkpoint_body(10, consistency(10, leaves), cp(12)[1])), 403, "flagged")
+        refused(
+            post(b.peer_port, as_c, add_checkpoint_body(10, consistency(10, leaves), cp(12)[1])),
+            403,
+            "flagged",
+        )
 
         # one log line per refusal, naming the status and the reason; a stale size is info
         rows = refusals(b, offset)
@@ -364,7 +450,11 @@ class StandardWitness:
         if origin != self.log_origin:
             return 404, b""
         kid = key_id(origin, 0x01, self.log_key)
-        mine = [base64.b64decode(s.split(" ")[2]) for s in sigs.splitlines() if s.split(" ")[1] == origin]
+        mine = [
+            base64.b64decode(s.split(" ")[2])
+            for s in sigs.splitlines()
+            if s.split(" ")[1] == origin
+        ]
         try:
             assert mine and all(s[:4] == kid for s in mine)
             for s in mine:
@@ -392,9 +482,21 @@ class WitnessServer:
     (``<prefix>/add-checkpoint``), or as a gateway from before the text protocol (JSON
     ``/v1/add-checkpoint`` only, and an empty answer to gossip's checkpoint request)."""
 
-    def __init__(self, witness: StandardWitness, port: int, ctx: ssl.SSLContext, legacy: bool = False,
-                 prefix: str = "") -> None:
-        self.witness, self.port, self.ctx, self.legacy, self.prefix = witness, port, ctx, legacy, prefix
+    def __init__(
+        self,
+        witness: StandardWitness,
+        port: int,
+        ctx: ssl.SSLContext,
+        legacy: bool = False,
+        prefix: str = "",
+    ) -> None:
+        self.witness, self.port, self.ctx, self.legacy, self.prefix = (
+            witness,
+            port,
+            ctx,
+            legacy,
+            prefix,
+        )
         self.requests: list[tuple[str, int]] = []  # (path, status) of every POST
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -422,7 +524,9 @@ class WitnessServer:
         """The JSON exchange of the gateways before the text one, as its docs had it."""
         req = await request.json()
         proof = [base64.b64decode(h) for h in req["proof"]]
-        body = f"old {req['old_size']}\n".encode() + b"".join(b64(h).encode() + b"\n" for h in proof)
+        body = f"old {req['old_size']}\n".encode() + b"".join(
+            b64(h).encode() + b"\n" for h in proof
+        )
         status, answer = self.witness.answer(body + b"\n" + base64.b64decode(req["note"]))
         if status == 200:
             name, _, data = answer.decode().removeprefix(f"{DASH} ").strip().partition(" ")
@@ -456,9 +560,14 @@ class WitnessServer:
         self.thread.join(timeout=10)
 
 
-def gateway_with_witness(tmp_path: Path, w_name: str, w_key: Ed25519PrivateKey, w_vkey: str,
-                         legacy: bool = False, interval: float = 0.1
-                         ) -> tuple[GatewayProcess, StandardWitness, WitnessServer]:
+def gateway_with_witness(
+    tmp_path: Path,
+    w_name: str,
+    w_key: Ed25519PrivateKey,
+    w_vkey: str,
+    legacy: bool = False,
+    interval: float = 0.1,
+) -> tuple[GatewayProcess, StandardWitness, WitnessServer]:
     """Gateway A (not started) and a witness, configured as a hospital would: a standard
     witness under [[witnesses]] (its published vkey, its URL, here a pinned certificate; it
     asks no client certificate), a gateway from before under [[peers]] (mutual TLS)."""
@@ -471,13 +580,17 @@ def gateway_with_witness(tmp_path: Path, w_name: str, w_key: Ed25519PrivateKey, 
     ctx.load_cert_chain(w_cert, w_tls_key)
     with open(a.config, "a") as f:
         if legacy:
-            f.write(f'\n[[peers]]\norigin = "{w_name}"\naddress = "127.0.0.1:{w_port}"\n'
-                    f'vkey = "{w_vkey}"\ntls_cert = "{w_cert}"\n')
+            f.write(
+                f'\n[[peers]]\norigin = "{w_name}"\naddress = "127.0.0.1:{w_port}"\n'
+                f'vkey = "{w_vkey}"\ntls_cert = "{w_cert}"\n'
+            )
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(cadata=(a.dir / "keys" / "peer-tls.crt").read_text())
         else:
-            f.write(f'\n[[witnesses]]\nvkey = "{w_vkey}"\nurl = "https://127.0.0.1:{w_port}/w1"\n'
-                    f'tls_cert = "{w_cert}"\ninterval = {interval}\n')
+            f.write(
+                f'\n[[witnesses]]\nvkey = "{w_vkey}"\nurl = "https://127.0.0.1:{w_port}/w1"\n'
+                f'tls_cert = "{w_cert}"\ninterval = {interval}\n'
+            )
     a_name, _, a_key = read_vkey(a.vkey)
     witness = StandardWitness(w_name, w_key, a_name, a_key)
     return a, witness, WitnessServer(witness, w_port, ctx, legacy, prefix="" if legacy else "/w1")
@@ -508,26 +621,38 @@ def test_a_standard_witness_cosigns_a_gateways_log(tmp_path):
         assert all("status 404" in e["reason"] for e in witness_warnings(a)), witness_warnings(a)
         witness.log_origin = a_name
         # 1. first checkpoint: "old 0", no proof, TOFU; the cosignature lands on A's checkpoint
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "one", 2, seed="one")).returncode == 0
+        assert (
+            a.storescu(*dicomdata.make_mr_series(tmp_path / "one", 2, seed="one")).returncode == 0
+        )
         wait_until(lambda: cosigned_by(a, w_name, 2), what="the witness's cosignature on size 2")
         # (A's empty log may have been cosigned at size 0 first: the empty tree proves nothing)
-        assert (b"old 0\n\n" + f"{a_name}\n2\n".encode(), 200) in [(body[:len(a_name) + 10], status)
-                                                                  for body, status in witness.seen]
+        assert (b"old 0\n\n" + f"{a_name}\n2\n".encode(), 200) in [
+            (body[: len(a_name) + 10], status) for body, status in witness.seen
+        ]
         # 2. growth: "old 2", an RFC 6962 proof the witness checked by hand
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "two", 1, seed="two")).returncode == 0
+        assert (
+            a.storescu(*dicomdata.make_mr_series(tmp_path / "two", 1, seed="two")).returncode == 0
+        )
         wait_until(lambda: cosigned_by(a, w_name, 3), what="the witness's cosignature on size 3")
-        assert any(body.startswith(b"old 2\n") and not body.startswith(b"old 2\n\n") and status == 200
-                   for body, status in witness.seen)
+        assert any(
+            body.startswith(b"old 2\n") and not body.startswith(b"old 2\n\n") and status == 200
+            for body, status in witness.seen
+        )
         # 3. after a restart A no longer knows the witness's size: 409 "3\n", then old 3
         assert a.stop() == 0
         a.start()
         seen_before = len(witness.seen)
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "three", 1, seed="three")).returncode == 0
+        assert (
+            a.storescu(*dicomdata.make_mr_series(tmp_path / "three", 1, seed="three")).returncode
+            == 0
+        )
         wait_until(lambda: cosigned_by(a, w_name, 4), what="the witness's cosignature on size 4")
-        after_restart = [(body.split(b"\n", 1)[0], status) for body, status in witness.seen[seen_before:]]
+        after_restart = [
+            (body.split(b"\n", 1)[0], status) for body, status in witness.seen[seen_before:]
+        ]
         assert after_restart[:2] == [(b"old 0", 409), (b"old 3", 200)], after_restart
         statuses = [status for _, status in witness.seen]
-        assert set(statuses[statuses.index(200):]) == {200, 409}, statuses  # once it follows A
+        assert set(statuses[statuses.index(200) :]) == {200, 409}, statuses  # once it follows A
         assert {path for path, _ in server.requests} == {"/w1/add-checkpoint"}
         assert a.stop() == 0
     finally:
@@ -553,15 +678,25 @@ def published_vkey(name: str, key: Ed25519PrivateKey) -> str:
 
 def test_a_standard_witness_is_asked_at_most_once_per_interval(tmp_path):
     w_name, w_key = "witness.example.org/w2", Ed25519PrivateKey.generate()
-    a, witness, server = gateway_with_witness(tmp_path, w_name, w_key, published_vkey(w_name, w_key), interval=4)
+    a, witness, server = gateway_with_witness(
+        tmp_path, w_name, w_key, published_vkey(w_name, w_key), interval=4
+    )
     server.start()
     try:
         a.start()
-        assert a.storescu(*dicomdata.make_mr_series(tmp_path / "first", 1, seed="first")).returncode == 0
+        assert (
+            a.storescu(*dicomdata.make_mr_series(tmp_path / "first", 1, seed="first")).returncode
+            == 0
+        )
         wait_until(lambda: cosigned_by(a, w_name, 1), what="the witness's cosignature on size 1")
         asked, started = len(witness.seen), time.monotonic()
         for i in range(3):  # three more checkpoints (one per 0.3 s checkpoint interval)
-            assert a.storescu(*dicomdata.make_mr_series(tmp_path / f"more{i}", 1, seed=f"more{i}")).returncode == 0
+            assert (
+                a.storescu(
+                    *dicomdata.make_mr_series(tmp_path / f"more{i}", 1, seed=f"more{i}")
+                ).returncode
+                == 0
+            )
             time.sleep(0.4)
         wait_until(lambda: cosigned_by(a, w_name, 4), what="the witness's cosignature on size 4")
         elapsed = time.monotonic() - started
@@ -587,14 +722,22 @@ def test_a_gateway_from_before_the_text_protocol_still_cosigns(tmp_path):
     try:
         a.start()
         for size, seed, images in ((2, "one", 2), (3, "two", 1)):
-            assert a.storescu(*dicomdata.make_mr_series(tmp_path / seed, images, seed=seed)).returncode == 0
-            wait_until(lambda size=size: cosigned_by(a, l_name, size), what=f"L's cosignature on size {size}")
+            assert (
+                a.storescu(*dicomdata.make_mr_series(tmp_path / seed, images, seed=seed)).returncode
+                == 0
+            )
+            wait_until(
+                lambda size=size: cosigned_by(a, l_name, size),
+                what=f"L's cosignature on size {size}",
+            )
         assert a.stop() == 0
     finally:
         if a.proc is not None and a.proc.poll() is None:
             a.stop()
         server.stop()
     assert server.requests[0] == ("/add-checkpoint", 404)
-    assert server.requests[1:] and {path for path, _ in server.requests[1:]} == {"/v1/add-checkpoint"}
+    assert server.requests[1:] and {path for path, _ in server.requests[1:]} == {
+        "/v1/add-checkpoint"
+    }
     assert {status for _, status in server.requests[1:]} == {200}
     assert "Traceback" not in a.log()

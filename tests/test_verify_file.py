@@ -22,7 +22,10 @@ from tests.test_storage_scp import index_rows, ledger_payloads, log_lines, succe
 WHEEL = Path(pydicom.__file__).parent / "data" / "test_files"
 REPORTS = [WHEEL / "waveform_ecg.dcm", WHEEL / "reportsi.dcm"]
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.e2e]  # pydicom on the wheel files
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.e2e,
+]  # pydicom on the wheel files
 
 
 def stored_file(gw: GatewayProcess, path: Path) -> Path:
@@ -44,24 +47,34 @@ def first_text_value(ds: pydicom.Dataset) -> pydicom.Dataset:
 # --- item 4: legal re-encodings by DCMTK are not tampering ---------------------------------
 
 
-@pytest.mark.parametrize("options,syntax", [
-    ((), uid.ExplicitVRLittleEndian),  # storescu's default: sequences get explicit lengths
-    (("-xi",), uid.ImplicitVRLittleEndian),  # and the VRs go too
-    # one context [Big Endian, Little Endian, Implicit]: the gateway accepts the sender's first
-    # choice, so storescu converts to big endian (with -xb alone it also proposes the file's
-    # own Little Endian in a context of its own, and sends that, unconverted)
-    (("-xb", "+C"), uid.ExplicitVRBigEndian),
-], ids=["explicit", "implicit", "big-endian"])
+@pytest.mark.parametrize(
+    "options,syntax",
+    [
+        ((), uid.ExplicitVRLittleEndian),  # storescu's default: sequences get explicit lengths
+        (("-xi",), uid.ImplicitVRLittleEndian),  # and the VRs go too
+        # one context [Big Endian, Little Endian, Implicit]: the gateway accepts the sender's first
+        # choice, so storescu converts to big endian (with -xb alone it also proposes the file's
+        # own Little Endian in a context of its own, and sends that, unconverted)
+        (("-xb", "+C"), uid.ExplicitVRBigEndian),
+    ],
+    ids=["explicit", "implicit", "big-endian"],
+)
 def test_reports_re_encoded_by_storescu_verify_as_anchored(gateway, options, syntax):
     result = gateway.storescu(*REPORTS, options=options)
     assert result.returncode == 0 and successes(result.stdout + result.stderr) == 2, result.stderr
     for original in REPORTS:
         check = gateway.cli("verify-file", str(original))
-        assert check.returncode == 0 and check.stdout.startswith("ANCHORED: content hash"), check.stdout
+        assert check.returncode == 0 and check.stdout.startswith("ANCHORED: content hash"), (
+            check.stdout
+        )
         stored = stored_file(gateway, original)
-        assert pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+        assert (
+            pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+        )
         # DCMTK re-encoded the dataset: other bytes than the sender's file
-        assert hash_instance_file(stored).header_sha256 != hash_instance_file(original).header_sha256
+        assert (
+            hash_instance_file(stored).header_sha256 != hash_instance_file(original).header_sha256
+        )
     assert [p["hash_method"] for p in ledger_payloads(gateway)] == [CONTENT_CANONICAL] * 2
 
 
@@ -79,7 +92,9 @@ def test_a_changed_value_in_the_report_content_tree_is_a_mismatch(gateway, tmp_p
         changed = tmp_path / f"changed-{syntax}.dcm"
         dicomdata._save(ds, changed, syntax)
         check = gateway.cli("verify-file", str(changed))
-        assert check.returncode == 1 and check.stdout.startswith("MISMATCH: this instance was anchored"), check.stdout
+        assert check.returncode == 1 and check.stdout.startswith(
+            "MISMATCH: this instance was anchored"
+        ), check.stdout
 
 
 # --- item 22: the same pixels under another SOP Instance UID ---------------------------------
@@ -98,14 +113,19 @@ def test_pixels_anchored_as_another_instance_have_their_own_verdict(gateway, tmp
     ds.save_as(copy)
     check = gateway.cli("verify-file", str(copy))
     assert check.returncode == 4, check.stdout
-    assert check.stdout.startswith("ANCHORED AS ANOTHER INSTANCE: this file's pixel data hash matches entry 0 ")
+    assert check.stdout.startswith(
+        "ANCHORED AS ANOTHER INSTANCE: this file's pixel data hash matches entry 0 "
+    )
     assert f"which anchored SOP instance {anchored_a};" in check.stdout
     assert f"SOP Instance UID {ds.SOPInstanceUID} was never received" in check.stdout
 
     # the same by the decoded pixel values: a JPEG-LS copy under the new UID
     jls = dicomdata.make_compressed_copies(copy, tmp_path / "jls", ["jpeg-ls"])["jpeg-ls"]
     check = gateway.cli("verify-file", str(jls))
-    assert check.returncode == 4 and "this file's decoded pixel values hash matches entry 0" in check.stdout
+    assert (
+        check.returncode == 4
+        and "this file's decoded pixel values hash matches entry 0" in check.stdout
+    )
 
     # A's pixels under B's UID: B was anchored with other pixels, so that is a MISMATCH,
     # which also says whose pixels these are
@@ -113,7 +133,9 @@ def test_pixels_anchored_as_another_instance_have_their_own_verdict(gateway, tmp
     swapped = tmp_path / "swapped.dcm"
     ds.save_as(swapped)
     check = gateway.cli("verify-file", str(swapped))
-    assert check.returncode == 1 and check.stdout.startswith("MISMATCH: this instance was anchored"), check.stdout
+    assert check.returncode == 1 and check.stdout.startswith(
+        "MISMATCH: this instance was anchored"
+    ), check.stdout
     assert f"which anchored another SOP instance, {anchored_a}" in check.stdout
 
 
@@ -128,9 +150,23 @@ def test_a_file_nothing_is_known_of_is_not_anchored(gateway, tmp_path):
 
 def getscu(gw: GatewayProcess, out: Path, patient_id: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    result = dcmtk("getscu", "-v", "-aet", "WS1", "-aec", gw.ae_title, "-od", str(out), "-P",
-                   "-k", "QueryRetrieveLevel=PATIENT", "-k", f"PatientID={patient_id}",
-                   "127.0.0.1", str(gw.port))
+    result = dcmtk(
+        "getscu",
+        "-v",
+        "-aet",
+        "WS1",
+        "-aec",
+        gw.ae_title,
+        "-od",
+        str(out),
+        "-P",
+        "-k",
+        "QueryRetrieveLevel=PATIENT",
+        "-k",
+        f"PatientID={patient_id}",
+        "127.0.0.1",
+        str(gw.port),
+    )
     return result.stdout + result.stderr
 
 
@@ -157,7 +193,10 @@ def test_anchors_made_with_the_old_content_method_still_verify(tmp_path):
         gw.stop()
     (legacy,) = ledger_payloads(gw)
     stored = stored_file(gw, original)
-    assert legacy["hash_method"] == CONTENT and legacy["sha256"] == hash_instance_file(stored).header_sha256.hex()
+    assert (
+        legacy["hash_method"] == CONTENT
+        and legacy["sha256"] == hash_instance_file(stored).header_sha256.hex()
+    )
 
     gw.serve_module = "dicomledger.cli"  # today's gateway, same data
     gw.start()
@@ -166,7 +205,9 @@ def test_anchors_made_with_the_old_content_method_still_verify(tmp_path):
         # the way) matches through the stored copy
         assert gw.cli("verify-file", str(stored)).returncode == 0
         check = gw.cli("verify-file", str(original))
-        assert check.returncode == 0 and "to the stored copy anchored by" in check.stdout, check.stdout
+        assert check.returncode == 0 and "to the stored copy anchored by" in check.stdout, (
+            check.stdout
+        )
 
         # retrieve-time tamper check by the anchor's method: sent
         assert gw.cli("grant", "--patient-id", patient_id, "--to", "WS1").returncode == 0
@@ -177,9 +218,11 @@ def test_anchors_made_with_the_old_content_method_still_verify(tmp_path):
         # a changed value in the stored copy: no longer the anchored content
         data = stored.read_bytes()
         at = data.index(patient_id.encode())
-        stored.write_bytes(data[:at] + b"9" + data[at + 1:])
+        stored.write_bytes(data[:at] + b"9" + data[at + 1 :])
         check = gw.cli("verify-file", str(original))
-        assert check.returncode == 1 and "content (bytes as received) hash" in check.stdout, check.stdout
+        assert check.returncode == 1 and "content (bytes as received) hash" in check.stdout, (
+            check.stdout
+        )
         out = getscu(gw, tmp_path / "get-tampered", patient_id)
         assert list((tmp_path / "get-tampered").iterdir()) == [], out
         (alarm,) = entries_of(gw, "tamper-alarm")
@@ -189,7 +232,9 @@ def test_anchors_made_with_the_old_content_method_still_verify(tmp_path):
         # "changed pixels"), anchored anew by today's method
         assert gw.storescu(original).returncode == 0
         again = entries_of(gw, "image-anchored")[-1]
-        assert again["hash_method"] == CONTENT_CANONICAL and again["header_changed_from"]["index"] == 0
+        assert (
+            again["hash_method"] == CONTENT_CANONICAL and again["header_changed_from"]["index"] == 0
+        )
         assert "pixels_changed_from" not in again
         assert not any(line.get("event") == "changed pixels" for line in log_lines(gw))
         assert gw.cli("verify-file", str(original)).stdout.startswith("ANCHORED: content hash")

@@ -75,7 +75,7 @@ def test_entry_body_change_names_the_entry(pristine, tmp_path):
 def test_signature_change_names_the_entry(pristine, tmp_path):
     data = entry(pristine, 3)
     at = data.index(b'"sig":"') + 10
-    data = data[:at] + (b"B" if data[at:at + 1] != b"B" else b"C") + data[at + 1:]
+    data = data[:at] + (b"B" if data[at : at + 1] != b"B" else b"C") + data[at + 1 :]
     path = tampered(pristine, tmp_path, "UPDATE entries SET data = ? WHERE idx = 3", data)
     assert verify_database(path).problem.where == "entry 3"
 
@@ -84,7 +84,12 @@ def test_leaf_hash_change_names_the_leaf(pristine, tmp_path):
     con = sqlite3.connect(pristine)
     (h,) = con.execute("SELECT hash FROM nodes WHERE level = 0 AND idx = 22").fetchone()
     con.close()
-    path = tampered(pristine, tmp_path, "UPDATE nodes SET hash = ? WHERE level = 0 AND idx = 22", flip(bytes(h), 5))
+    path = tampered(
+        pristine,
+        tmp_path,
+        "UPDATE nodes SET hash = ? WHERE level = 0 AND idx = 22",
+        flip(bytes(h), 5),
+    )
     problem = verify_database(path).problem
     assert problem.where == "entry 22 leaf hash"
 
@@ -93,7 +98,12 @@ def test_inner_node_change_names_the_node(pristine, tmp_path):
     con = sqlite3.connect(pristine)
     (h,) = con.execute("SELECT hash FROM nodes WHERE level = 3 AND idx = 2").fetchone()
     con.close()
-    path = tampered(pristine, tmp_path, "UPDATE nodes SET hash = ? WHERE level = 3 AND idx = 2", flip(bytes(h), 0))
+    path = tampered(
+        pristine,
+        tmp_path,
+        "UPDATE nodes SET hash = ? WHERE level = 3 AND idx = 2",
+        flip(bytes(h), 0),
+    )
     assert verify_database(path).problem.where == "node (3, 2)"
 
 
@@ -104,12 +114,18 @@ def test_checkpoint_change_names_the_checkpoint(pristine, tmp_path):
     note = bytes(note)
     lines = note.split(b"\n")
     lines[1] = b"31"  # claim a different size under the same signature
-    path = tampered(pristine, tmp_path, "UPDATE checkpoints SET note = ? WHERE size = 30", b"\n".join(lines))
+    path = tampered(
+        pristine, tmp_path, "UPDATE checkpoints SET note = ? WHERE size = 30", b"\n".join(lines)
+    )
     problem = verify_database(path).problem
     assert problem.where == "checkpoint at size 30"
     sig_at = note.rindex(b" ") + 3
     path2 = tampered(
-        pristine, tmp_path, "UPDATE checkpoints SET note = ? WHERE size = 30", flip(note, sig_at), name="t2.db"
+        pristine,
+        tmp_path,
+        "UPDATE checkpoints SET note = ? WHERE size = 30",
+        flip(note, sig_at),
+        name="t2.db",
     )
     assert verify_database(path2).problem.where == "checkpoint at size 30"
 
@@ -144,25 +160,55 @@ def test_checkpoint_whose_root_does_not_match_is_named(pristine, tmp_path):
     note = format_note(Note(text, (sign_note_text(text, ORIGIN, KEY),)))
     path = tampered(pristine, tmp_path, "UPDATE checkpoints SET note = ? WHERE size = 30", note)
     problem = verify_database(path).problem
-    assert (problem.where, problem.what) == ("checkpoint at size 30", "root hash does not match the stored entries")
+    assert (problem.where, problem.what) == (
+        "checkpoint at size 30",
+        "root hash does not match the stored entries",
+    )
 
 
 @pytest.mark.parametrize(
     "sql, where, what",
     [
-        ("UPDATE entries SET data = 'text' WHERE idx = 4", "entry 4", "entry is not stored as bytes"),
-        ("UPDATE nodes SET hash = 'text' WHERE level = 1 AND idx = 3", "node (1, 3)", "stored Merkle node hash is wrong"),
-        ("UPDATE origins SET public_key = 'text'", "origin key", "stored public key is not an Ed25519 key"),
-        ("INSERT INTO entries (origin_id, idx, data) SELECT origin_id, -1, data FROM entries WHERE idx = 0",
-         "entry -1", "unexpected entry (negative index)"),
-        ("INSERT INTO nodes (origin_id, level, idx, hash) SELECT origin_id, 2, -1, hash FROM nodes WHERE level = 2 AND idx = 0",
-         "node (2, -1)", "unexpected stored Merkle node"),
-        ("INSERT INTO nodes (origin_id, level, idx, hash) SELECT origin_id, 70, 0, hash FROM nodes WHERE level = 2 AND idx = 0",
-         "node (70, 0)", "unexpected stored Merkle node"),
-        ("UPDATE checkpoints SET note = 'text' WHERE size = 10", "checkpoint at size 10", "malformed: the note is not stored as bytes"),
+        (
+            "UPDATE entries SET data = 'text' WHERE idx = 4",
+            "entry 4",
+            "entry is not stored as bytes",
+        ),
+        (
+            "UPDATE nodes SET hash = 'text' WHERE level = 1 AND idx = 3",
+            "node (1, 3)",
+            "stored Merkle node hash is wrong",
+        ),
+        (
+            "UPDATE origins SET public_key = 'text'",
+            "origin key",
+            "stored public key is not an Ed25519 key",
+        ),
+        (
+            "INSERT INTO entries (origin_id, idx, data) SELECT origin_id, -1, data FROM entries WHERE idx = 0",
+            "entry -1",
+            "unexpected entry (negative index)",
+        ),
+        (
+            "INSERT INTO nodes (origin_id, level, idx, hash) SELECT origin_id, 2, -1, hash FROM nodes WHERE level = 2 AND idx = 0",
+            "node (2, -1)",
+            "unexpected stored Merkle node",
+        ),
+        (
+            "INSERT INTO nodes (origin_id, level, idx, hash) SELECT origin_id, 70, 0, hash FROM nodes WHERE level = 2 AND idx = 0",
+            "node (70, 0)",
+            "unexpected stored Merkle node",
+        ),
+        (
+            "UPDATE checkpoints SET note = 'text' WHERE size = 10",
+            "checkpoint at size 10",
+            "malformed: the note is not stored as bytes",
+        ),
     ],
 )
-def test_odd_values_in_a_tampered_database_are_named_not_crashed_on(pristine, tmp_path, sql, where, what):
+def test_odd_values_in_a_tampered_database_are_named_not_crashed_on(
+    pristine, tmp_path, sql, where, what
+):
     problem = verify_database(tampered(pristine, tmp_path, sql)).problem
     assert (problem.where, problem.what) == (where, what)
 
@@ -189,14 +235,23 @@ def test_an_entry_the_key_holder_signed_badly_but_checkpointed_needs_every_signa
     asyncio.run(build())
     con = sqlite3.connect(path)
     (data,) = con.execute("SELECT data FROM entries WHERE idx = 9").fetchone()
-    con.execute("UPDATE entries SET data = ? WHERE idx = 9", (bytes(data).replace(b'"sha256":"0', b'"sha256":"1', 1),))
+    con.execute(
+        "UPDATE entries SET data = ? WHERE idx = 9",
+        (bytes(data).replace(b'"sha256":"0', b'"sha256":"1', 1),),
+    )
     tree = merkle.Frontier()
     con.execute("DELETE FROM nodes")
     for (data,) in con.execute("SELECT data FROM entries ORDER BY idx").fetchall():
         for (level, idx), h in tree.append(merkle.leaf_hash(bytes(data))):
-            con.execute("INSERT INTO nodes (origin_id, level, idx, hash) VALUES (1, ?, ?, ?)", (level, idx, h))
+            con.execute(
+                "INSERT INTO nodes (origin_id, level, idx, hash) VALUES (1, ?, ?, ?)",
+                (level, idx, h),
+            )
     text = format_checkpoint(Checkpoint(ORIGIN, 10, tree.root()))
-    con.execute("UPDATE checkpoints SET note = ? WHERE size = 10", (format_note(Note(text, (sign_note_text(text, ORIGIN, KEY),))),))
+    con.execute(
+        "UPDATE checkpoints SET note = ? WHERE size = 10",
+        (format_note(Note(text, (sign_note_text(text, ORIGIN, KEY),))),),
+    )
     con.commit()
     con.close()
     assert verify_database(path, {ORIGIN: KEY.public_key()}).ok

@@ -209,7 +209,9 @@ def test_same_size_different_root_is_equivocation() -> None:
     st_ = state(A, 7)
     with pytest.raises(InconsistentError, match="two roots for size 7") as exc:
         witness(cp(B, 7), 7, [], st_)
-    assert exc.value.status == 422  # tlog-witness since July 2026 (was 409): every 409 means "retry"
+    assert (
+        exc.value.status == 422
+    )  # tlog-witness since July 2026 (was 409): every 409 means "retry"
     ev = exc.value.evidence
     assert ev is not None and ev.consistency_proof == ()
     assert check_equivocation(cp(A, 7), cp(B, 7), None, LOG_KEY.public_key()) == ev

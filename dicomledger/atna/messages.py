@@ -135,7 +135,11 @@ class AuditMessage:
 
 
 def _coded(parent: ET.Element, tag: str, code: Code) -> None:
-    ET.SubElement(parent, tag, {"csd-code": code.value, "codeSystemName": code.scheme, "originalText": code.meaning})
+    ET.SubElement(
+        parent,
+        tag,
+        {"csd-code": code.value, "codeSystemName": code.scheme, "originalText": code.meaning},
+    )
 
 
 def _attrs(**values: str | None) -> dict[str, str]:
@@ -155,45 +159,75 @@ def _token(text: str) -> str:
 def to_xml(message: AuditMessage) -> bytes:
     """The message as UTF-8 XML, one line, without an XML declaration (RFC 5424 MSG after a BOM)."""
     root = ET.Element("AuditMessage")
-    event = ET.SubElement(root, "EventIdentification", _attrs(
-        EventActionCode=message.action, EventDateTime=_xml_time(message.time),
-        EventOutcomeIndicator=str(message.outcome),
-    ))
+    event = ET.SubElement(
+        root,
+        "EventIdentification",
+        _attrs(
+            EventActionCode=message.action,
+            EventDateTime=_xml_time(message.time),
+            EventOutcomeIndicator=str(message.outcome),
+        ),
+    )
     _coded(event, "EventID", message.event_id)
     for code in message.type_codes:
         _coded(event, "EventTypeCode", code)
     if message.outcome_description:
         ET.SubElement(event, "EventOutcomeDescription").text = _token(message.outcome_description)
     for p in message.participants:
-        element = ET.SubElement(root, "ActiveParticipant", _attrs(
-            UserID=p.user_id, AlternativeUserID=p.alternative_user_id, UserName=p.user_name,
-            UserIsRequestor="true" if p.is_requestor else "false",
-            NetworkAccessPointID=p.address, NetworkAccessPointTypeCode=p.address_type if p.address else None,
-        ))
+        element = ET.SubElement(
+            root,
+            "ActiveParticipant",
+            _attrs(
+                UserID=p.user_id,
+                AlternativeUserID=p.alternative_user_id,
+                UserName=p.user_name,
+                UserIsRequestor="true" if p.is_requestor else "false",
+                NetworkAccessPointID=p.address,
+                NetworkAccessPointTypeCode=p.address_type if p.address else None,
+            ),
+        )
         if p.role is not None:
             _coded(element, "RoleIDCode", p.role)
-    source = ET.SubElement(root, "AuditSourceIdentification", _attrs(
-        AuditEnterpriseSiteID=message.source.enterprise_site, AuditSourceID=message.source.source_id,
-    ))
+    source = ET.SubElement(
+        root,
+        "AuditSourceIdentification",
+        _attrs(
+            AuditEnterpriseSiteID=message.source.enterprise_site,
+            AuditSourceID=message.source.source_id,
+        ),
+    )
     _coded(source, "AuditSourceTypeCode", message.source.type_code)
     for o in message.objects:
-        element = ET.SubElement(root, "ParticipantObjectIdentification", _attrs(
-            ParticipantObjectID=_token(o.object_id), ParticipantObjectTypeCode=o.type_code,
-            ParticipantObjectTypeCodeRole=o.role,
-        ))
+        element = ET.SubElement(
+            root,
+            "ParticipantObjectIdentification",
+            _attrs(
+                ParticipantObjectID=_token(o.object_id),
+                ParticipantObjectTypeCode=o.type_code,
+                ParticipantObjectTypeCodeRole=o.role,
+            ),
+        )
         _coded(element, "ParticipantObjectIDTypeCode", o.id_type)
         if o.name is not None:
             ET.SubElement(element, "ParticipantObjectName").text = _token(o.name)
         elif o.query is not None:
-            ET.SubElement(element, "ParticipantObjectQuery").text = base64.b64encode(o.query).decode("ascii")
+            ET.SubElement(element, "ParticipantObjectQuery").text = base64.b64encode(
+                o.query
+            ).decode("ascii")
         for kind, value in o.details:
-            ET.SubElement(element, "ParticipantObjectDetail", {"type": kind, "value": base64.b64encode(value).decode("ascii")})
+            ET.SubElement(
+                element,
+                "ParticipantObjectDetail",
+                {"type": kind, "value": base64.b64encode(value).decode("ascii")},
+            )
         for text in o.descriptions:
             ET.SubElement(element, "ParticipantObjectDescription").text = _token(text)
         for number in o.accessions:
             ET.SubElement(element, "Accession", {"Number": _token(number)})
         for sop in o.sop_classes:
-            sop_element = ET.SubElement(element, "SOPClass", {"UID": sop.uid, "NumberOfInstances": str(sop.count)})
+            sop_element = ET.SubElement(
+                element, "SOPClass", {"UID": sop.uid, "NumberOfInstances": str(sop.count)}
+            )
             for uid in sop.instances:
                 ET.SubElement(sop_element, "Instance", {"UID": uid})
     xml: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
@@ -220,7 +254,10 @@ class Node:
             # as the alternative user ID; a remote AE only by its AE title.
             user_id=str(self.pid) if self.pid is not None else self.ae_title,
             alternative_user_id=f"AETITLES={self.ae_title}",
-            is_requestor=is_requestor, role=role, address=self.address or None, address_type=address_type,
+            is_requestor=is_requestor,
+            role=role,
+            address=self.address or None,
+            address_type=address_type,
         )
 
 
@@ -242,7 +279,10 @@ class Patient:
         return ParticipantObject(
             object_id=self.patient_id or "(no Patient ID)",
             id_type=PATIENT_PSEUDONYM if self.pseudonym_only else PATIENT_NUMBER,
-            type_code=PERSON, role=ROLE_PATIENT, name=self.name or None, descriptions=descriptions,
+            type_code=PERSON,
+            role=ROLE_PATIENT,
+            name=self.name or None,
+            descriptions=descriptions,
         )
 
 
@@ -257,7 +297,8 @@ class Study:
         return ParticipantObject(
             object_id=self.study_uid,
             id_type=STUDY_PSEUDONYM if self.pseudonym_only else STUDY_INSTANCE_UID,
-            type_code=SYSTEM_OBJECT, role=ROLE_REPORT,
+            type_code=SYSTEM_OBJECT,
+            role=ROLE_REPORT,
             descriptions=descriptions,
             accessions=(self.accession,) if self.accession else (),
             sop_classes=self.sop_classes,
@@ -268,15 +309,27 @@ class Study:
 
 
 def application_activity(
-    *, started: bool, application: Node, launcher: str | None, source: AuditSource, time: datetime,
+    *,
+    started: bool,
+    application: Node,
+    launcher: str | None,
+    source: AuditSource,
+    time: datetime,
 ) -> AuditMessage:
     """A.5.3.1 Application Activity: the gateway started or stopped."""
     participants = [application.participant(ROLE_APPLICATION, is_requestor=launcher is None)]
     if launcher is not None:
-        participants.append(Participant(user_id=launcher, is_requestor=True, role=ROLE_APPLICATION_LAUNCHER))
+        participants.append(
+            Participant(user_id=launcher, is_requestor=True, role=ROLE_APPLICATION_LAUNCHER)
+        )
     return AuditMessage(
-        event_id=APPLICATION_ACTIVITY, action="E", time=time, outcome=SUCCESS, source=source,
-        type_codes=(APPLICATION_START if started else APPLICATION_STOP,), participants=tuple(participants),
+        event_id=APPLICATION_ACTIVITY,
+        action="E",
+        time=time,
+        outcome=SUCCESS,
+        source=source,
+        type_codes=(APPLICATION_START if started else APPLICATION_STOP,),
+        participants=tuple(participants),
     )
 
 
@@ -305,8 +358,12 @@ def instances_transferred(
     if isinstance(requestor, Node):
         participants.append(requestor.participant(None, True))
     return AuditMessage(
-        event_id=INSTANCES_TRANSFERRED, action="C" if receiver.pid is not None else "R", time=time,
-        outcome=outcome, outcome_description=outcome_description, source=source,
+        event_id=INSTANCES_TRANSFERRED,
+        action="C" if receiver.pid is not None else "R",
+        time=time,
+        outcome=outcome,
+        outcome_description=outcome_description,
+        source=source,
         participants=tuple(participants),
         objects=tuple(s.participant_object() for s in studies) + (patient.participant_object(),),
         severity=5 if outcome == SUCCESS else 4,
@@ -314,22 +371,47 @@ def instances_transferred(
 
 
 def query(
-    *, requestor: Node, responder: Node, sop_class_uid: str, identifier: bytes, transfer_syntax_uid: str,
-    source: AuditSource, time: datetime,
+    *,
+    requestor: Node,
+    responder: Node,
+    sop_class_uid: str,
+    identifier: bytes,
+    transfer_syntax_uid: str,
+    source: AuditSource,
+    time: datetime,
 ) -> AuditMessage:
     """A.5.3.10 Query: a C-FIND, with its identifier as received (ParticipantObjectQuery)."""
     return AuditMessage(
-        event_id=QUERY, action="E", time=time, outcome=SUCCESS, source=source,
-        participants=(requestor.participant(ROLE_SOURCE, True), responder.participant(ROLE_DESTINATION, False)),
-        objects=(ParticipantObject(
-            object_id=sop_class_uid, id_type=SOP_CLASS_UID, type_code=SYSTEM_OBJECT, role=ROLE_REPORT,
-            query=identifier, details=(("TransferSyntax", transfer_syntax_uid.encode("ascii")),),
-        ),),
+        event_id=QUERY,
+        action="E",
+        time=time,
+        outcome=SUCCESS,
+        source=source,
+        participants=(
+            requestor.participant(ROLE_SOURCE, True),
+            responder.participant(ROLE_DESTINATION, False),
+        ),
+        objects=(
+            ParticipantObject(
+                object_id=sop_class_uid,
+                id_type=SOP_CLASS_UID,
+                type_code=SYSTEM_OBJECT,
+                role=ROLE_REPORT,
+                query=identifier,
+                details=(("TransferSyntax", transfer_syntax_uid.encode("ascii")),),
+            ),
+        ),
     )
 
 
 def patient_record(
-    *, action: str, changed_by: Node, patient: Patient, study: str | None, description: str, source: AuditSource,
+    *,
+    action: str,
+    changed_by: Node,
+    patient: Patient,
+    study: str | None,
+    description: str,
+    source: AuditSource,
     time: datetime,
 ) -> AuditMessage:
     """A.5.3.9 Patient Record: the patient's record here changed (C create, U update, D delete);
@@ -339,8 +421,13 @@ def patient_record(
     if study is not None:
         objects = (Study(study).participant_object((description,)),) + objects
     return AuditMessage(
-        event_id=PATIENT_RECORD, action=action, time=time, outcome=SUCCESS, source=source,
-        participants=(changed_by.participant(ROLE_APPLICATION, True),), objects=objects,
+        event_id=PATIENT_RECORD,
+        action=action,
+        time=time,
+        outcome=SUCCESS,
+        source=source,
+        participants=(changed_by.participant(ROLE_APPLICATION, True),),
+        objects=objects,
     )
 
 
@@ -358,17 +445,26 @@ def security_alert(
     """A.5.3.11 Security Alert. ``outcome``: SUCCESS informs; MINOR/SERIOUS_FAILURE: an attack or
     fault that was stopped; MAJOR_FAILURE: security may be compromised."""
     return AuditMessage(
-        event_id=SECURITY_ALERT, action="E", time=time, outcome=outcome, outcome_description=description,
-        source=source, type_codes=(alert,),
+        event_id=SECURITY_ALERT,
+        action="E",
+        time=time,
+        outcome=outcome,
+        outcome_description=description,
+        source=source,
+        type_codes=(alert,),
         participants=(reporter.participant(None, True), *performers),
-        objects=tuple(subjects), severity=5 if outcome == SUCCESS else 4,
+        objects=tuple(subjects),
+        severity=5 if outcome == SUCCESS else 4,
     )
 
 
 def node_subject(node_id: str, description: str) -> ParticipantObject:
     """An alert's subject that is a network node (an address, a peer gateway's origin)."""
     return ParticipantObject(
-        object_id=node_id, id_type=NODE_ID, type_code=SYSTEM_OBJECT, role=ROLE_SECURITY_RESOURCE,
+        object_id=node_id,
+        id_type=NODE_ID,
+        type_code=SYSTEM_OBJECT,
+        role=ROLE_SECURITY_RESOURCE,
         descriptions=(description,),
     )
 
@@ -376,7 +472,9 @@ def node_subject(node_id: str, description: str) -> ParticipantObject:
 def remote(address: str, user_id: str | None = None) -> Participant:
     """A performing process known by its address (and AE title, if it told us one)."""
     return Participant(
-        user_id=user_id or address, is_requestor=False,
+        user_id=user_id or address,
+        is_requestor=False,
         alternative_user_id=f"AETITLES={user_id}" if user_id else None,
-        address=address, address_type=IP_ADDRESS if _is_ip(address) else MACHINE_NAME,
+        address=address,
+        address_type=IP_ADDRESS if _is_ip(address) else MACHINE_NAME,
     )

@@ -45,10 +45,17 @@ def syslog_message(
     if not 0 <= severity <= 7:
         raise ValueError(f"syslog severity {severity} is not 0..7")
     stamp = time.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    header = " ".join([
-        f"<{facility * 8 + severity}>1", stamp, _header_field(hostname, 255), _header_field(app_name, 48),
-        _header_field(procid, 128), _header_field(msgid, 32), NIL,  # no STRUCTURED-DATA
-    ])
+    header = " ".join(
+        [
+            f"<{facility * 8 + severity}>1",
+            stamp,
+            _header_field(hostname, 255),
+            _header_field(app_name, 48),
+            _header_field(procid, 128),
+            _header_field(msgid, 32),
+            NIL,  # no STRUCTURED-DATA
+        ]
+    )
     return header.encode("ascii") + b" " + BOM + body
 
 
@@ -67,10 +74,14 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def client_context(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
+def client_context(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> ssl.SSLContext:
     """TLS 1.2+ client context that checks the repository's certificate against ``ca_file``
     (the system's CAs if None) and presents ours for mutual node authentication (IHE ATNA)."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None)
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None
+    )
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert_file is not None:
         context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
@@ -80,7 +91,9 @@ def client_context(ca_file: Path | None, cert_file: Path | None, key_file: Path 
 class TlsTransport:
     """RFC 5425: a long-lived TLS connection, octet-counted frames, reconnected when lost."""
 
-    def __init__(self, host: str, port: int, context: ssl.SSLContext, server_name: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, host: str, port: int, context: ssl.SSLContext, server_name: str, timeout: float = 10.0
+    ) -> None:
         self.host, self.port = host, port
         self._context = context
         self._server_name = server_name
@@ -94,12 +107,16 @@ class TlsTransport:
             try:
                 raw = socket.create_connection((self.host, self.port), timeout=self._timeout)
             except OSError as exc:
-                raise TransportError(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+                raise TransportError(
+                    f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
+                ) from None
             try:
                 self._socket = self._context.wrap_socket(raw, server_hostname=self._server_name)
             except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
                 raw.close()
-                raise TransportError(f"TLS handshake with {self.host}:{self.port} failed: {exc}") from None
+                raise TransportError(
+                    f"TLS handshake with {self.host}:{self.port} failed: {exc}"
+                ) from None
         return self._socket
 
     @staticmethod
@@ -127,7 +144,9 @@ class TlsTransport:
             sock.sendall(octet_counted(message))
         except OSError as exc:
             self.close()
-            raise TransportError(f"sending to {self.host}:{self.port} failed: {exc.strerror or exc}") from None
+            raise TransportError(
+                f"sending to {self.host}:{self.port} failed: {exc.strerror or exc}"
+            ) from None
 
     def close(self) -> None:
         sock, self._socket = self._socket, None
@@ -159,7 +178,9 @@ class UdpTransport:
             self._socket.send(message)
         except OSError as exc:
             self.close()
-            raise TransportError(f"sending to {self.host}:{self.port} (UDP) failed: {exc.strerror or exc}") from None
+            raise TransportError(
+                f"sending to {self.host}:{self.port} (UDP) failed: {exc.strerror or exc}"
+            ) from None
 
     def close(self) -> None:
         sock, self._socket = self._socket, None

@@ -117,12 +117,21 @@ class AuditSink:
 
     def application_started(self) -> None: ...
 
-    def instance_received(self, calling_ae: str, peer: str, sop_class_uid: str, header: Any) -> None:
+    def instance_received(
+        self, calling_ae: str, peer: str, sop_class_uid: str, header: Any
+    ) -> None:
         """After a C-STORE's Success. ``header``: the instance's ``InstanceHeader``."""
 
     def instances_sent(
-        self, service: str, *, our_ae: str, destination: str, destination_address: str | None,
-        instances: Iterable[SentInstance], requestor: str | None = None, requestor_address: str | None = None,
+        self,
+        service: str,
+        *,
+        our_ae: str,
+        destination: str,
+        destination_address: str | None,
+        instances: Iterable[SentInstance],
+        requestor: str | None = None,
+        requestor_address: str | None = None,
     ) -> None:
         """Forwarded (``service`` "forward"), or sent for a C-MOVE / C-GET by ``requestor``."""
 
@@ -130,7 +139,14 @@ class AuditSink:
         """A C-FIND answered; ``model`` "patient" or "study" (root)."""
 
     def tamper_alarm(
-        self, service: str, *, calling_ae: str, peer: str, destination: str, instance: SentInstance, problem: str,
+        self,
+        service: str,
+        *,
+        calling_ae: str,
+        peer: str,
+        destination: str,
+        instance: SentInstance,
+        problem: str,
     ) -> None: ...
 
     def association_refused(self, refusal: RefusedAssociation) -> None: ...
@@ -140,7 +156,9 @@ class AuditSink:
 
     def equivocation(self, origin: str, reported_by: str) -> None: ...
 
-    def permissions_changed(self, kind: str, *, patient: str, study: str | None, grantee: str | None, entry: int) -> None:
+    def permissions_changed(
+        self, kind: str, *, patient: str, study: str | None, grantee: str | None, entry: int
+    ) -> None:
         """A grant or revocation signed here (``patient``/``study``: pseudonyms, all the gateway
         is given: the command pseudonymises the Patient ID before it reaches us)."""
 
@@ -198,8 +216,15 @@ class PatientDirectory:
                     continue
                 study_uid = None
                 if study is not None:
-                    uids = [r[0] for r in con.execute("SELECT study_uid FROM studies WHERE patient_id = ?", (patient_id,))]
-                    study_uid = next((u for u in uids if pseudonym(self.secret, "study", u) == study), None)
+                    uids = [
+                        r[0]
+                        for r in con.execute(
+                            "SELECT study_uid FROM studies WHERE patient_id = ?", (patient_id,)
+                        )
+                    ]
+                    study_uid = next(
+                        (u for u in uids if pseudonym(self.secret, "study", u) == study), None
+                    )
                 return m.Patient(patient_id, name or None), study_uid
         except sqlite3.Error:
             return None
@@ -217,13 +242,19 @@ def _never_raises(method: Callable[..., None]) -> Callable[..., None]:
         try:
             method(*args, **kwargs)
         except Exception as exc:
-            log.exception("audit event not recorded", event=method.__name__, error=f"{type(exc).__name__}: {exc}")
+            log.exception(
+                "audit event not recorded",
+                event=method.__name__,
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     return wrapper
 
 
 class AuditTrail(AuditSink):
-    def __init__(self, config: AtnaConfig, ae_title: str, host: str, patients: PatientDirectory | None = None) -> None:
+    def __init__(
+        self, config: AtnaConfig, ae_title: str, host: str, patients: PatientDirectory | None = None
+    ) -> None:
         self.config = config
         self.patients = patients
         self.ae_title = ae_title
@@ -257,83 +288,188 @@ class AuditTrail(AuditSink):
     @_never_raises
     def application_started(self) -> None:
         self._started = True
-        self._message(m.application_activity(
-            started=True, application=self.node, launcher=_user(), source=self.source, time=_now()))
+        self._message(
+            m.application_activity(
+                started=True,
+                application=self.node,
+                launcher=_user(),
+                source=self.source,
+                time=_now(),
+            )
+        )
 
     @_never_raises
-    def instance_received(self, calling_ae: str, peer: str, sop_class_uid: str, header: Any) -> None:
-        group = {"kind": "received", "ae": calling_ae, "address": address_of(peer),
-                 "patient_id": header.patient_id, "patient_name": header.patient_name}
-        self._put(_Pending(group, header.study_uid, header.accession_number or None, sop_class_uid,
-                           header.sop_instance_uid, None, time.time()))
+    def instance_received(
+        self, calling_ae: str, peer: str, sop_class_uid: str, header: Any
+    ) -> None:
+        group = {
+            "kind": "received",
+            "ae": calling_ae,
+            "address": address_of(peer),
+            "patient_id": header.patient_id,
+            "patient_name": header.patient_name,
+        }
+        self._put(
+            _Pending(
+                group,
+                header.study_uid,
+                header.accession_number or None,
+                sop_class_uid,
+                header.sop_instance_uid,
+                None,
+                time.time(),
+            )
+        )
 
     @_never_raises
     def instances_sent(
-        self, service: str, *, our_ae: str, destination: str, destination_address: str | None,
-        instances: Iterable[SentInstance], requestor: str | None = None, requestor_address: str | None = None,
+        self,
+        service: str,
+        *,
+        our_ae: str,
+        destination: str,
+        destination_address: str | None,
+        instances: Iterable[SentInstance],
+        requestor: str | None = None,
+        requestor_address: str | None = None,
     ) -> None:
         now = time.time()
         for i in instances:
-            group = {"kind": "sent", "service": service, "our_ae": our_ae, "ae": destination,
-                     "address": destination_address, "requestor": requestor,
-                     "requestor_address": requestor_address, "patient": i.patient, "delivered": i.delivered}
-            self._put(_Pending(group, i.study, None, i.sop_class_uid, i.sop_instance_uid, str(i.path), now))
+            group = {
+                "kind": "sent",
+                "service": service,
+                "our_ae": our_ae,
+                "ae": destination,
+                "address": destination_address,
+                "requestor": requestor,
+                "requestor_address": requestor_address,
+                "patient": i.patient,
+                "delivered": i.delivered,
+            }
+            self._put(
+                _Pending(
+                    group, i.study, None, i.sop_class_uid, i.sop_instance_uid, str(i.path), now
+                )
+            )
 
     @_never_raises
     def query(self, calling_ae: str, peer: str, model: str, identifier: Dataset) -> None:
         try:
             encoded = _encode(identifier)
-        except Exception as exc:  # an identifier pydicom decoded but cannot re-encode: still audited
+        except (
+            Exception
+        ) as exc:  # an identifier pydicom decoded but cannot re-encode: still audited
             encoded = b""
-            log.warning("C-FIND identifier could not be encoded for the audit message", error=type(exc).__name__)
-        self._message(m.query(
-            requestor=m.Node(calling_ae, address_of(peer)), responder=self.node,
-            sop_class_uid=FIND_MODELS.get(model, model), identifier=encoded,
-            transfer_syntax_uid=IMPLICIT_VR_LITTLE_ENDIAN, source=self.source, time=_now(),
-        ))
+            log.warning(
+                "C-FIND identifier could not be encoded for the audit message",
+                error=type(exc).__name__,
+            )
+        self._message(
+            m.query(
+                requestor=m.Node(calling_ae, address_of(peer)),
+                responder=self.node,
+                sop_class_uid=FIND_MODELS.get(model, model),
+                identifier=encoded,
+                transfer_syntax_uid=IMPLICIT_VR_LITTLE_ENDIAN,
+                source=self.source,
+                time=_now(),
+            )
+        )
 
     @_never_raises
     def tamper_alarm(
-        self, service: str, *, calling_ae: str, peer: str, destination: str, instance: SentInstance, problem: str,
+        self,
+        service: str,
+        *,
+        calling_ae: str,
+        peer: str,
+        destination: str,
+        instance: SentInstance,
+        problem: str,
     ) -> None:
-        group = {"kind": "tamper", "service": service, "ae": calling_ae, "address": address_of(peer),
-                 "destination": destination, "patient": instance.patient, "problem": problem,
-                 "instance": instance.sop_instance_uid}  # one alert per instance
-        self._put(_Pending(group, instance.study, None, instance.sop_class_uid, instance.sop_instance_uid,
-                           str(instance.path), time.time()))
+        group = {
+            "kind": "tamper",
+            "service": service,
+            "ae": calling_ae,
+            "address": address_of(peer),
+            "destination": destination,
+            "patient": instance.patient,
+            "problem": problem,
+            "instance": instance.sop_instance_uid,
+        }  # one alert per instance
+        self._put(
+            _Pending(
+                group,
+                instance.study,
+                None,
+                instance.sop_class_uid,
+                instance.sop_instance_uid,
+                str(instance.path),
+                time.time(),
+            )
+        )
 
     @_never_raises
     def association_refused(self, refusal: RefusedAssociation) -> None:
-        self._message(m.security_alert(
-            alert=m.NODE_AUTHENTICATION if refusal.unauthorised else m.ASSOCIATION_LIMIT,
-            outcome=m.MINOR_FAILURE, reporter=self.node,
-            performers=(m.remote(refusal.address, refusal.calling_ae),),
-            subjects=(m.node_subject(refusal.address, f"association refused: {refusal.reason} "
-                                     f"(calling AE {refusal.calling_ae}, called AE {refusal.called_ae})"),),
-            description=f"association refused: {refusal.reason}", source=self.source, time=_now(),
-        ))
+        self._message(
+            m.security_alert(
+                alert=m.NODE_AUTHENTICATION if refusal.unauthorised else m.ASSOCIATION_LIMIT,
+                outcome=m.MINOR_FAILURE,
+                reporter=self.node,
+                performers=(m.remote(refusal.address, refusal.calling_ae),),
+                subjects=(
+                    m.node_subject(
+                        refusal.address,
+                        f"association refused: {refusal.reason} "
+                        f"(calling AE {refusal.calling_ae}, called AE {refusal.called_ae})",
+                    ),
+                ),
+                description=f"association refused: {refusal.reason}",
+                source=self.source,
+                time=_now(),
+            )
+        )
 
     @_never_raises
     def tls_refused(self, listener: str, address: str, reason: str) -> None:
         host = address_of(address)
-        self._message(m.security_alert(
-            alert=m.NODE_AUTHENTICATION, outcome=m.MINOR_FAILURE, reporter=self.node,
-            performers=(m.remote(host),),
-            subjects=(m.node_subject(host, f"TLS handshake refused on the {listener}: {reason}"),),
-            description=f"TLS handshake refused on the {listener}: {reason}", source=self.source, time=_now(),
-        ))
+        self._message(
+            m.security_alert(
+                alert=m.NODE_AUTHENTICATION,
+                outcome=m.MINOR_FAILURE,
+                reporter=self.node,
+                performers=(m.remote(host),),
+                subjects=(
+                    m.node_subject(host, f"TLS handshake refused on the {listener}: {reason}"),
+                ),
+                description=f"TLS handshake refused on the {listener}: {reason}",
+                source=self.source,
+                time=_now(),
+            )
+        )
 
     @_never_raises
     def equivocation(self, origin: str, reported_by: str) -> None:
-        text = (f"gateway {origin} signed two checkpoints that cannot both be true (evidence held, "
-                f"reported by {reported_by}); it is flagged and its new entries are not replicated")
-        self._message(m.security_alert(
-            alert=m.EQUIVOCATION, outcome=m.SERIOUS_FAILURE, reporter=self.node,
-            subjects=(m.node_subject(origin, text),), description=text, source=self.source, time=_now(),
-        ))
+        text = (
+            f"gateway {origin} signed two checkpoints that cannot both be true (evidence held, "
+            f"reported by {reported_by}); it is flagged and its new entries are not replicated"
+        )
+        self._message(
+            m.security_alert(
+                alert=m.EQUIVOCATION,
+                outcome=m.SERIOUS_FAILURE,
+                reporter=self.node,
+                subjects=(m.node_subject(origin, text),),
+                description=text,
+                source=self.source,
+                time=_now(),
+            )
+        )
 
     @_never_raises
-    def permissions_changed(self, kind: str, *, patient: str, study: str | None, grantee: str | None, entry: int) -> None:
+    def permissions_changed(
+        self, kind: str, *, patient: str, study: str | None, grantee: str | None, entry: int
+    ) -> None:
         self._put(_PermissionChange(kind, patient, study, grantee, entry, _now()))
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -344,8 +480,12 @@ class AuditTrail(AuditSink):
         self._sender = threading.Thread(target=self._send_loop, name="atna-sender", daemon=True)
         self._writer.start()
         self._sender.start()
-        log.info("audit trail started", repository=f"{self.config.host}:{self.config.port}",
-                 transport=self.config.transport, queued=self._queued)
+        log.info(
+            "audit trail started",
+            repository=f"{self.config.host}:{self.config.port}",
+            transport=self.config.transport,
+            queued=self._queued,
+        )
 
     def _open(self) -> None:
         self.config.queue.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +504,9 @@ class AuditTrail(AuditSink):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a committed audit message survives power loss
         db.execute("PRAGMA busy_timeout=10000")
-        db.execute("PRAGMA secure_delete=ON")  # a sent message's PHI is zeroed, not left in free pages
+        db.execute(
+            "PRAGMA secure_delete=ON"
+        )  # a sent message's PHI is zeroed, not left in free pages
         return db
 
     async def stop(self, drain_seconds: float = 5.0) -> None:
@@ -372,9 +514,19 @@ class AuditTrail(AuditSink):
         ``drain_seconds``; the rest stays queued for the next start."""
         if self._writer is None:
             return
-        self._put(_Stop(m.application_activity(
-            started=False, application=self.node, launcher=_user(), source=self.source, time=_now(),
-        ) if self._started else None))
+        self._put(
+            _Stop(
+                m.application_activity(
+                    started=False,
+                    application=self.node,
+                    launcher=_user(),
+                    source=self.source,
+                    time=_now(),
+                )
+                if self._started
+                else None
+            )
+        )
         await asyncio.to_thread(self._writer.join, 30)
         self._drain_until = time.monotonic() + drain_seconds
         self._draining.set()
@@ -411,9 +563,15 @@ class AuditTrail(AuditSink):
                     if self._queued:
                         self._wake.set()
                 except sqlite3.Error as exc:  # a full disk: the events of this batch are lost
-                    log.error("audit queue cannot be written; audit events lost", error=str(exc), events=len(items))
+                    log.error(
+                        "audit queue cannot be written; audit events lost",
+                        error=str(exc),
+                        events=len(items),
+                    )
         except Exception as exc:  # a bug must not take the gateway down with it
-            log.exception("audit writer failed; audit events are no longer recorded", error=str(exc))
+            log.exception(
+                "audit writer failed; audit events are no longer recorded", error=str(exc)
+            )
         finally:
             db.close()
 
@@ -431,8 +589,15 @@ class AuditTrail(AuditSink):
                     db.execute(
                         "INSERT INTO pending (grp, study, accession, sop_class, sop_instance, path, at) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (json.dumps(item.group, sort_keys=True), item.study, item.accession, item.sop_class,
-                         item.sop_instance, item.path, item.at),
+                        (
+                            json.dumps(item.group, sort_keys=True),
+                            item.study,
+                            item.accession,
+                            item.sop_class,
+                            item.sop_instance,
+                            item.path,
+                            item.at,
+                        ),
                     )
 
     def _room(self) -> bool:
@@ -441,8 +606,11 @@ class AuditTrail(AuditSink):
                 return True
             if self._dropped == 0:
                 self._dropped_since = time.time()
-                log.error("audit queue full: new audit messages are dropped until the repository takes "
-                          "queued ones", max_queued=self.config.max_queued)
+                log.error(
+                    "audit queue full: new audit messages are dropped until the repository takes "
+                    "queued ones",
+                    max_queued=self.config.max_queued,
+                )
             self._dropped += 1
             return False
 
@@ -450,11 +618,18 @@ class AuditTrail(AuditSink):
         if not self._room():
             return
         body = syslog_message(
-            m.to_xml(message), time=_now(), hostname=self.hostname, app_name=APP_NAME,
-            procid=str(self.pid), msgid=MSGID, severity=message.severity,
+            m.to_xml(message),
+            time=_now(),
+            hostname=self.hostname,
+            app_name=APP_NAME,
+            procid=str(self.pid),
+            msgid=MSGID,
+            severity=message.severity,
         )
-        db.execute("INSERT INTO messages (created, event, body) VALUES (?, ?, ?)",
-                   (time.time(), message.event_id.meaning, body))
+        db.execute(
+            "INSERT INTO messages (created, event, body) VALUES (?, ?, ?)",
+            (time.time(), message.event_id.meaning, body),
+        )
         with self._lock:
             self._queued += 1
 
@@ -465,27 +640,52 @@ class AuditTrail(AuditSink):
                 return
             self._dropped, self._dropped_since = 0, None
         start = datetime.fromtimestamp(since or time.time(), UTC).isoformat(timespec="seconds")
-        text = (f"{dropped} audit events were dropped since {start}: the audit queue was full "
-                f"(atna.max_queued = {self.config.max_queued}) while the repository did not take messages")
-        log.error("audit events were dropped while the audit queue was full", dropped=dropped, since=start)
+        text = (
+            f"{dropped} audit events were dropped since {start}: the audit queue was full "
+            f"(atna.max_queued = {self.config.max_queued}) while the repository did not take messages"
+        )
+        log.error(
+            "audit events were dropped while the audit queue was full", dropped=dropped, since=start
+        )
         with db:
             db.execute("BEGIN IMMEDIATE")
-            self._insert(db, m.security_alert(
-                alert=m.AUDIT_RECORDING_STOPPED, outcome=m.SERIOUS_FAILURE, reporter=self.node,
-                description=text, source=self.source, time=_now(),
-            ))
+            self._insert(
+                db,
+                m.security_alert(
+                    alert=m.AUDIT_RECORDING_STOPPED,
+                    outcome=m.SERIOUS_FAILURE,
+                    reporter=self.node,
+                    description=text,
+                    source=self.source,
+                    time=_now(),
+                ),
+            )
 
     def _patient_record(self, change: _PermissionChange) -> m.AuditMessage:
         """The Patient Record message of a grant or revocation, naming the patient by Patient ID
         if the index knows the pseudonym (else by the pseudonym, with our private ID type)."""
-        found = self.patients.lookup(change.patient, change.study) if self.patients is not None else None
-        patient, study = found if found is not None else (m.Patient(change.patient, pseudonym_only=True), None)
-        scope = f"the images of study {study or change.study}" if change.study else "all the patient's images"
+        found = (
+            self.patients.lookup(change.patient, change.study)
+            if self.patients is not None
+            else None
+        )
+        patient, study = (
+            found if found is not None else (m.Patient(change.patient, pseudonym_only=True), None)
+        )
+        scope = (
+            f"the images of study {study or change.study}"
+            if change.study
+            else "all the patient's images"
+        )
         whom = f" for {change.grantee}" if change.grantee else ""
         return m.patient_record(
-            action="U", changed_by=self.node, patient=patient, study=study,
+            action="U",
+            changed_by=self.node,
+            patient=patient,
+            study=study,
             description=f"{change.kind} of access to {scope}{whom} (ledger entry {change.entry})",
-            source=self.source, time=change.time,
+            source=self.source,
+            time=change.time,
         )
 
     def _fold(self, db: sqlite3.Connection, everything: bool) -> None:
@@ -502,8 +702,14 @@ class AuditTrail(AuditSink):
             ).fetchall()
             try:
                 message = self._transfer_message(json.loads(grp), rows, last)
-            except (ValueError, KeyError, TypeError) as exc:  # a row from a different version: say so, drop it
-                log.error("pending audit rows cannot be read; dropped", rows=len(rows), error=str(exc))
+            except (
+                ValueError,
+                KeyError,
+                TypeError,
+            ) as exc:  # a row from a different version: say so, drop it
+                log.error(
+                    "pending audit rows cannot be read; dropped", rows=len(rows), error=str(exc)
+                )
                 message = None
             with db:
                 db.execute("BEGIN IMMEDIATE")
@@ -511,7 +717,9 @@ class AuditTrail(AuditSink):
                     self._insert(db, message)
                 db.executemany("DELETE FROM pending WHERE id = ?", [(r[0],) for r in rows])
 
-    def _transfer_message(self, group: dict[str, Any], rows: list[Any], last: float) -> m.AuditMessage:
+    def _transfer_message(
+        self, group: dict[str, Any], rows: list[Any], last: float
+    ) -> m.AuditMessage:
         when = datetime.fromtimestamp(last, UTC)
         by_study: dict[str, list[Any]] = defaultdict(list)
         for row in rows:
@@ -520,19 +728,36 @@ class AuditTrail(AuditSink):
             patient = m.Patient(group["patient_id"], group["patient_name"])
             studies = [_study(uid, None, rs) for uid, rs in by_study.items()]
             return m.instances_transferred(
-                sender=m.Node(group["ae"], group["address"]), receiver=self.node, requestor="sender",
-                patient=patient, studies=studies, outcome=m.SUCCESS, outcome_description=None,
-                source=self.source, time=when,
+                sender=m.Node(group["ae"], group["address"]),
+                receiver=self.node,
+                requestor="sender",
+                patient=patient,
+                studies=studies,
+                outcome=m.SUCCESS,
+                outcome_description=None,
+                source=self.source,
+                time=when,
             )
-        patient, studies = _from_files(group["patient"], by_study, name_instances=group["kind"] == "tamper")
+        patient, studies = _from_files(
+            group["patient"], by_study, name_instances=group["kind"] == "tamper"
+        )
         if group["kind"] == "tamper":
-            text = (f"{group['service']} by {group['ae']} to {group['destination']}: stored instance "
-                    f"{group['instance']} not sent: {group['problem']}")
+            text = (
+                f"{group['service']} by {group['ae']} to {group['destination']}: stored instance "
+                f"{group['instance']} not sent: {group['problem']}"
+            )
             return m.security_alert(
-                alert=m.TAMPER_ALARM, outcome=m.SERIOUS_FAILURE, reporter=self.node,
+                alert=m.TAMPER_ALARM,
+                outcome=m.SERIOUS_FAILURE,
+                reporter=self.node,
                 performers=(m.remote(group["address"], group["ae"]),),
-                subjects=(*(s.participant_object((text,)) for s in studies), patient.participant_object()),
-                description=text, source=self.source, time=when,
+                subjects=(
+                    *(s.participant_object((text,)) for s in studies),
+                    patient.participant_object(),
+                ),
+                description=text,
+                source=self.source,
+                time=when,
             )
         us = m.Node(group["our_ae"], self.node.address, pid=self.pid)
         destination = m.Node(group["ae"], group["address"])
@@ -543,10 +768,17 @@ class AuditTrail(AuditSink):
             requestor = m.Node(group["requestor"], group["requestor_address"])
         delivered = group["delivered"]
         return m.instances_transferred(
-            sender=us, receiver=destination, requestor=requestor, patient=patient, studies=studies,
+            sender=us,
+            receiver=destination,
+            requestor=requestor,
+            patient=patient,
+            studies=studies,
             outcome=m.SUCCESS if delivered else m.MINOR_FAILURE,
-            outcome_description=None if delivered else f"{group['service']}: these instances were not delivered",
-            source=self.source, time=when,
+            outcome_description=None
+            if delivered
+            else f"{group['service']}: these instances were not delivered",
+            source=self.source,
+            time=when,
         )
 
     # -- the sender thread -----------------------------------------------------------------
@@ -555,7 +787,9 @@ class AuditTrail(AuditSink):
         c = self.config
         if c.transport == "udp":
             return UdpTransport(c.host, c.port)
-        return TlsTransport(c.host, c.port, client_context(c.tls_ca, c.tls_cert, c.tls_key), c.tls_server_name)
+        return TlsTransport(
+            c.host, c.port, client_context(c.tls_ca, c.tls_cert, c.tls_key), c.tls_server_name
+        )
 
     def _send_loop(self) -> None:
         db = self._connect()
@@ -566,7 +800,9 @@ class AuditTrail(AuditSink):
             while True:
                 if self._draining.is_set() and time.monotonic() > self._drain_until:
                     return  # stopping: what is left goes at the next start
-                rows = db.execute("SELECT id, event, body FROM messages ORDER BY id LIMIT ?", (SEND_BATCH,)).fetchall()
+                rows = db.execute(
+                    "SELECT id, event, body FROM messages ORDER BY id LIMIT ?", (SEND_BATCH,)
+                ).fetchall()
                 if not rows:
                     if self._draining.is_set() and not (self._writer and self._writer.is_alive()):
                         return
@@ -581,7 +817,11 @@ class AuditTrail(AuditSink):
                     for row_id, _, body in rows:
                         transport.send(body)
                         sent.append(row_id)
-                except (TransportError, OSError, ValueError) as exc:  # ValueError: a bad TLS setting
+                except (
+                    TransportError,
+                    OSError,
+                    ValueError,
+                ) as exc:  # ValueError: a bad TLS setting
                     error = str(exc)
                 if sent:
                     with db:
@@ -591,24 +831,31 @@ class AuditTrail(AuditSink):
                         self._queued -= len(sent)
                 if error is None:
                     if outage_since is not None:
-                        log.info("audit repository reachable again; queued audit messages sent",
-                                 repository=f"{self.config.host}:{self.config.port}",
-                                 down_seconds=round(time.monotonic() - outage_since, 1))
+                        log.info(
+                            "audit repository reachable again; queued audit messages sent",
+                            repository=f"{self.config.host}:{self.config.port}",
+                            down_seconds=round(time.monotonic() - outage_since, 1),
+                        )
                         outage_since = None
                     failures = 0
                     continue
                 failures += 1
                 if outage_since is None:
                     outage_since = time.monotonic()
-                    log.warning("audit repository unreachable; audit messages stay queued and are retried",
-                                repository=f"{self.config.host}:{self.config.port}", reason=error,
-                                queued=self._queued)
+                    log.warning(
+                        "audit repository unreachable; audit messages stay queued and are retried",
+                        repository=f"{self.config.host}:{self.config.port}",
+                        reason=error,
+                        queued=self._queued,
+                    )
                 if self._draining.is_set():
                     return  # stopping: what is left goes at the next start
                 pause = min(self.config.retry_max, self.config.retry_initial * 2 ** (failures - 1))
                 self._draining.wait(pause)
         except Exception as exc:
-            log.exception("audit sender failed; audit messages stay queued until a restart", error=str(exc))
+            log.exception(
+                "audit sender failed; audit messages stay queued until a restart", error=str(exc)
+            )
         finally:
             if transport is not None:
                 transport.close()
@@ -635,7 +882,11 @@ def _encode(identifier: Dataset) -> bytes:
 
 
 def _study(
-    uid: str, accession: str | None, rows: list[Any], pseudonym_only: bool = False, name_instances: bool = False,
+    uid: str,
+    accession: str | None,
+    rows: list[Any],
+    pseudonym_only: bool = False,
+    name_instances: bool = False,
 ) -> m.Study:
     """A study's SOP classes with their numbers of instances (and their UIDs if ``name_instances``)."""
     counts: dict[str, set[str]] = defaultdict(set)
@@ -643,14 +894,20 @@ def _study(
         counts[row[3]].add(row[4])
         accession = accession or row[2]
     return m.Study(
-        uid, tuple(m.SopClassCount(sop, len(uids), tuple(sorted(uids)) if name_instances else ())
-                   for sop, uids in sorted(counts.items())),
-        accession=accession, pseudonym_only=pseudonym_only,
+        uid,
+        tuple(
+            m.SopClassCount(sop, len(uids), tuple(sorted(uids)) if name_instances else ())
+            for sop, uids in sorted(counts.items())
+        ),
+        accession=accession,
+        pseudonym_only=pseudonym_only,
     )
 
 
 def _from_files(
-    patient_pseudonym: str, by_study: dict[str, list[Any]], name_instances: bool = False,
+    patient_pseudonym: str,
+    by_study: dict[str, list[Any]],
+    name_instances: bool = False,
 ) -> tuple[m.Patient, list[m.Study]]:
     """The patient and studies of sent instances, from their stored files' headers (the queue
     holds pseudonyms only until then); a study none of whose files can be read keeps its
@@ -661,16 +918,36 @@ def _from_files(
         header = None
         for row in rows:
             try:
-                header = dcmread(row[5], stop_before_pixels=True, specific_tags=[
-                    "PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber"])
+                header = dcmread(
+                    row[5],
+                    stop_before_pixels=True,
+                    specific_tags=[
+                        "PatientID",
+                        "PatientName",
+                        "StudyInstanceUID",
+                        "AccessionNumber",
+                    ],
+                )
                 break
             except Exception:  # missing, erased or damaged: try the next file of the study
                 continue
         if header is None or not header.get("StudyInstanceUID"):
-            studies.append(_study(study_pseudonym, None, rows, pseudonym_only=True, name_instances=name_instances))
+            studies.append(
+                _study(
+                    study_pseudonym, None, rows, pseudonym_only=True, name_instances=name_instances
+                )
+            )
             continue
-        studies.append(_study(str(header.StudyInstanceUID), str(header.get("AccessionNumber") or "") or None, rows,
-                              name_instances=name_instances))
+        studies.append(
+            _study(
+                str(header.StudyInstanceUID),
+                str(header.get("AccessionNumber") or "") or None,
+                rows,
+                name_instances=name_instances,
+            )
+        )
         if patient is None:
-            patient = m.Patient(str(header.get("PatientID") or ""), str(header.get("PatientName") or "") or None)
+            patient = m.Patient(
+                str(header.get("PatientID") or ""), str(header.get("PatientName") or "") or None
+            )
     return patient or m.Patient(patient_pseudonym, pseudonym_only=True), studies

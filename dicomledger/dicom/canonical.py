@@ -34,14 +34,46 @@ _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
 _SHORT_VRS = frozenset(
-    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
-     b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+    {
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FL",
+        b"FD",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SS",
+        b"ST",
+        b"TM",
+        b"UI",
+        b"UL",
+        b"US",
+    }
 )
 # Big Endian values are swapped to little endian in units of this many bytes
 _SWAP_WIDTH = {
-    b"AT": 2, b"OW": 2, b"SS": 2, b"US": 2,
-    b"FL": 4, b"OF": 4, b"OL": 4, b"SL": 4, b"UL": 4,
-    b"FD": 8, b"OD": 8, b"OV": 8, b"SV": 8, b"UV": 8,
+    b"AT": 2,
+    b"OW": 2,
+    b"SS": 2,
+    b"US": 2,
+    b"FL": 4,
+    b"OF": 4,
+    b"OL": 4,
+    b"SL": 4,
+    b"UL": 4,
+    b"FD": 8,
+    b"OD": 8,
+    b"OV": 8,
+    b"SV": 8,
+    b"UV": 8,
 }
 
 
@@ -68,7 +100,11 @@ class _Reader:
         self.endian = "<" if little else ">"
 
     def nested(self, implicit: bool, little: bool) -> _Reader:
-        return self if (implicit, little) == (self.implicit, self.little) else _Reader(self.buf, implicit, little)
+        return (
+            self
+            if (implicit, little) == (self.implicit, self.little)
+            else _Reader(self.buf, implicit, little)
+        )
 
     def tag_length(self, pos: int, end: int) -> tuple[int, int]:
         if pos + 8 > end:
@@ -177,7 +213,9 @@ def _items(r: _Reader, pos: int, end: int, depth: int, delimited: bool) -> tuple
     while True:
         if pos == end:
             if delimited:
-                raise NotCanonical("sequence of undefined length without Sequence Delimitation Item")
+                raise NotCanonical(
+                    "sequence of undefined length without Sequence Delimitation Item"
+                )
             break
         tag, length = r.tag_length(pos, end)
         pos += 8
@@ -213,7 +251,9 @@ def _encapsulated(r: _Reader, pos: int, end: int) -> tuple[bytes, int]:
 
 def _to_little_endian(raw: memoryview, width: int) -> bytes:
     if len(raw) % width:
-        raise NotCanonical(f"a value of {len(raw)} bytes is not a whole number of {width}-byte values")
+        raise NotCanonical(
+            f"a value of {len(raw)} bytes is not a whole number of {width}-byte values"
+        )
     data = bytes(raw)
     swapped = bytearray(len(data))
     for k in range(width):

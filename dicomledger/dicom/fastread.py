@@ -69,7 +69,11 @@ MAX_HEADER = 64 << 20
 _ITEM, _SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
 _ITEM_DELIM_GROUP_ELEMENT = (0xFFFE, 0xE00D)
 _UNDEFINED = 0xFFFFFFFF
-_PIXEL_TAGS = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData", 0x7FE00010: "PixelData"}
+_PIXEL_TAGS = {
+    0x7FE00008: "FloatPixelData",
+    0x7FE00009: "DoubleFloatPixelData",
+    0x7FE00010: "PixelData",
+}
 _PIXEL_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"UN"})  # as pixelhash accepts them
 _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)  # pydicom's, exactly
 _SHORT_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_16)
@@ -81,7 +85,12 @@ _SYNTAXES: dict[str, bool] = {  # the dataset encodings the fast path reads: UID
 }
 # Specific Character Set -> the codec pydicom decodes SH, LO and PN with (charset.py); the
 # other VRs we read (UI, DA, TM, CS, IS) are decoded as Latin-1 whatever it says.
-_TEXT_CODECS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1", "ISO_IR 192": "utf_8"}
+_TEXT_CODECS = {
+    "": "latin_1",
+    "ISO_IR 6": "latin_1",
+    "ISO_IR 100": "latin_1",
+    "ISO_IR 192": "utf_8",
+}
 
 # The attributes we read: tag -> (keyword, VR); for the header fields, the layout of the
 # pixel data and the checks of an object without pixel data.
@@ -121,7 +130,9 @@ _HEADER_TAGS = {
 _WANTED = {
     tag: (keyword, vr.encode())
     for tag, (keyword, vr) in {
-        _SPECIFIC_CHARACTER_SET: ("SpecificCharacterSet", "CS"), **_HEADER_TAGS, **_IMAGE_PIXEL
+        _SPECIFIC_CHARACTER_SET: ("SpecificCharacterSet", "CS"),
+        **_HEADER_TAGS,
+        **_IMAGE_PIXEL,
     }.items()
 }
 # An integer string that pydicom's IS keeps as an int and prints as written (longer ones
@@ -155,7 +166,10 @@ def read_instance(
     OSError): the fast path never refuses anything itself."""
     try:
         return read_instance_fast(
-            path, transfer_syntax_uid, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid
+            path,
+            transfer_syntax_uid,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
         )
     except Exception:  # Deferred, or anything unforeseen: the pydicom path decides
         pass
@@ -166,7 +180,11 @@ def read_instance(
 
 
 def read_instance_fast(
-    path: str | os.PathLike[str], transfer_syntax_uid: str | None, *, sop_class_uid: str, sop_instance_uid: str
+    path: str | os.PathLike[str],
+    transfer_syntax_uid: str | None,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
 ) -> ReadInstance:
     """read_instance's fast path alone: its answer, or Deferred."""
     settings = pydicom_config.settings
@@ -180,13 +198,22 @@ def read_instance_fast(
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             try:
-                return _read(f, f.read(min(size, FIRST_READ)), size, transfer_syntax_uid, sop_class_uid, sop_instance_uid)
+                return _read(
+                    f,
+                    f.read(min(size, FIRST_READ)),
+                    size,
+                    transfer_syntax_uid,
+                    sop_class_uid,
+                    sop_instance_uid,
+                )
             except _NeedMore:
                 pass
             if size > MAX_HEADER:
                 raise Deferred(f"header beyond the first {MAX_HEADER} bytes")
             f.seek(0)
-            return _read(f, f.read(size), size, transfer_syntax_uid, sop_class_uid, sop_instance_uid)
+            return _read(
+                f, f.read(size), size, transfer_syntax_uid, sop_class_uid, sop_instance_uid
+            )
     except Deferred:
         raise
     except (PixelHashError, InstanceError, NeedsDecoder) as exc:
@@ -206,7 +233,12 @@ _U16 = struct.Struct("<H").unpack
 
 
 def _read(
-    f: IO[bytes], data: bytes, size: int, ts_given: str | None, sop_class_uid: str, sop_instance_uid: str
+    f: IO[bytes],
+    data: bytes,
+    size: int,
+    ts_given: str | None,
+    sop_class_uid: str,
+    sop_instance_uid: str,
 ) -> ReadInstance:
     implicit, dataset_start = _file_meta(data, ts_given)
     walk = _Walk(data, implicit, complete=len(data) == size)
@@ -218,7 +250,9 @@ def _read(
         hashes = _pixel_hashes(f, size, implicit, walk, values, data[dataset_start : walk.pixel_at])
     header_values = {kw: values.get(kw, "") for kw in HEADER_KEYWORDS}
     # (nesting deeper than MAX_SEQUENCE_DEPTH: the walk deferred it, pydicom's path refuses it)
-    header = checked_header(header_values, hashes.header_sha256, sop_class_uid, sop_instance_uid, lambda: False)
+    header = checked_header(
+        header_values, hashes.header_sha256, sop_class_uid, sop_instance_uid, lambda: False
+    )
     return ReadInstance(header, hashes, FAST)
 
 
@@ -267,7 +301,9 @@ class _Walk:
 
     def __init__(self, buf: bytes, implicit: bool, complete: bool) -> None:
         self.buf, self.implicit, self.complete = buf, implicit, complete
-        self.found: dict[int, tuple[bytes | None, int, int]] = {}  # tag -> (VR, value offset, length)
+        self.found: dict[
+            int, tuple[bytes | None, int, int]
+        ] = {}  # tag -> (VR, value offset, length)
         self.pixel_at: int | None = None  # offset of the pixel data element
         self.pixel: tuple[int, bytes | None, int, int] = (0, None, 0, 0)  # its _element()
 
@@ -276,7 +312,12 @@ class _Walk:
         end = len(buf)
         if pos == end and self.complete:
             raise Deferred("the dataset has no data elements")
-        if implicit and pos + 6 <= end and 0x40 < buf[pos + 4] < 0x5B and 0x40 < buf[pos + 5] < 0x5B:
+        if (
+            implicit
+            and pos + 6 <= end
+            and 0x40 < buf[pos + 4] < 0x5B
+            and 0x40 < buf[pos + 5] < 0x5B
+        ):
             raise Deferred("implicit VR dataset that pydicom would read as explicit VR")
         last_tag = -1
         while pos < end:
@@ -362,7 +403,11 @@ class _Walk:
         buf = self.buf
         last_tag = -1
         while pos != end:
-            if end is None and pos + 8 <= limit and _IMPLICIT(buf, pos)[:2] == _ITEM_DELIM_GROUP_ELEMENT:
+            if (
+                end is None
+                and pos + 8 <= limit
+                and _IMPLICIT(buf, pos)[:2] == _ITEM_DELIM_GROUP_ELEMENT
+            ):
                 if _U32(buf, pos + 4)[0]:
                     raise Deferred("Item Delimitation Item with a length")
                 return pos + 8
@@ -423,7 +468,9 @@ def _values(buf: bytes, found: dict[int, tuple[bytes | None, int, int]]) -> dict
             continue
         if b"\\" in raw or b"\x1b" in raw:
             raise Deferred(f"{keyword} is multi-valued or escaped")
-        if wanted_vr == b"PN":  # convert_PN: bytes stripped, decoded; PersonName drops empty trailing groups
+        if (
+            wanted_vr == b"PN"
+        ):  # convert_PN: bytes stripped, decoded; PersonName drops empty trailing groups
             text = _decode(raw.rstrip(b"\x00 "), codec, keyword).rstrip("=")
         elif wanted_vr in (b"SH", b"LO"):  # convert_text: decoded, then stripped
             text = _decode(raw, codec, keyword).rstrip("\x00 ")
@@ -459,7 +506,10 @@ def _int(values: dict[str, str], keyword: str) -> int | None:
 
 
 def _content_hashes(
-    buf: bytes, dataset_start: int, implicit: bool, found: dict[int, tuple[bytes | None, int, int]],
+    buf: bytes,
+    dataset_start: int,
+    implicit: bool,
+    found: dict[int, tuple[bytes | None, int, int]],
     values: dict[str, str],
 ) -> InstanceHashes:
     """An object without pixel data (pixelhash: the content hashes), unless it is evidently
@@ -490,11 +540,21 @@ def _pixel_hashes(
     keyword = _PIXEL_TAGS[tag]
     layout = _layout(values, keyword, _number_of_frames(values))
     tsyntax = uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian
-    h = _hash_native(f, value_at, length, layout, tsyntax, None if vr is None else vr.decode(), None)
+    h = _hash_native(
+        f, value_at, length, layout, tsyntax, None if vr is None else vr.decode(), None
+    )
     _check_single_pixel_element(f, value_at + length, True)
     header_sha256 = hashlib.sha256(header).digest()  # the dataset before the pixel data element
-    return InstanceHashes(h.method, h.sha256, h.frame_hashes, h.decoded_sha256, h.decode_note, h.number_of_frames,
-                          None, header_sha256)
+    return InstanceHashes(
+        h.method,
+        h.sha256,
+        h.frame_hashes,
+        h.decoded_sha256,
+        h.decode_note,
+        h.number_of_frames,
+        None,
+        header_sha256,
+    )
 
 
 def _number_of_frames(values: dict[str, str]) -> int:
@@ -508,7 +568,11 @@ def _number_of_frames(values: dict[str, str]) -> int:
 
 def _layout(values: dict[str, str], keyword: str, frames: int) -> _Layout:
     """pixelhash._layout(required=True) from the values read; its refusals are deferred."""
-    rows, columns, bits_allocated = _int(values, "Rows"), _int(values, "Columns"), _int(values, "BitsAllocated")
+    rows, columns, bits_allocated = (
+        _int(values, "Rows"),
+        _int(values, "Columns"),
+        _int(values, "BitsAllocated"),
+    )
     samples = _int(values, "SamplesPerPixel")
     samples = 1 if samples is None else samples
     if rows is None or columns is None or rows < 1 or columns < 1 or samples < 1:

@@ -90,7 +90,8 @@ CREATE TABLE IF NOT EXISTS maintenance (key TEXT PRIMARY KEY, value TEXT NOT NUL
 # Schema version 1 kept one patient per study (studies keyed by study_uid alone, instances
 # without their own study and patient). Its studies and series move to the new keys; its
 # instances get NULL study/patient until the gateway reads them from the stored files.
-_MIGRATE_FROM_V1 = """
+_MIGRATE_FROM_V1 = (
+    """
 DROP INDEX IF EXISTS studies_patient;
 DROP INDEX IF EXISTS series_study;
 DROP INDEX IF EXISTS instances_series;
@@ -98,7 +99,9 @@ ALTER TABLE studies RENAME TO studies_v1;
 ALTER TABLE series RENAME TO series_v1;
 ALTER TABLE instances ADD COLUMN study_uid TEXT;
 ALTER TABLE instances ADD COLUMN patient_id TEXT;
-""" + SCHEMA + """
+"""
+    + SCHEMA
+    + """
 INSERT INTO studies SELECT * FROM studies_v1;
 INSERT INTO series
     SELECT se.series_uid, se.study_uid, s.patient_id, se.modality, se.series_number, se.series_description
@@ -106,6 +109,7 @@ INSERT INTO series
 DROP TABLE studies_v1;
 DROP TABLE series_v1;
 """
+)
 
 
 class IndexStoreError(StorageError, RuntimeError):
@@ -250,8 +254,12 @@ class Index(ThreadedSqlite):
                 self._script(_MIGRATE_FROM_V1 + stamp)
             else:
                 self._script(SCHEMA + stamp)
-            if has_instances and not had_erasing:  # written before secure_delete: stale bytes may remain
-                db.execute("INSERT OR IGNORE INTO maintenance VALUES ('vacuum-before-erasure', '1')")
+            if (
+                has_instances and not had_erasing
+            ):  # written before secure_delete: stale bytes may remain
+                db.execute(
+                    "INSERT OR IGNORE INTO maintenance VALUES ('vacuum-before-erasure', '1')"
+                )
         except sqlite3.Error as exc:
             raise IndexStoreError(f"cannot open index database {self.path}: {exc}") from None
 
@@ -304,14 +312,16 @@ class Index(ThreadedSqlite):
         )
         return {int(r[0]) for r in rows}
 
-    async def anchored_by(self, origin: str, indexes: Sequence[int]) -> list[tuple[InstanceRow, str | None]]:
+    async def anchored_by(
+        self, origin: str, indexes: Sequence[int]
+    ) -> list[tuple[InstanceRow, str | None]]:
         """The current rows whose anchors are these entries of ``origin``'s log, each with its
         series' Modality (what routes match on)."""
         columns = ", ".join(f"i.{c}" for c in InstanceRow.__dataclass_fields__)
         wanted = sorted(set(indexes))
         found: list[tuple[InstanceRow, str | None]] = []
         for start in range(0, len(wanted), 500):
-            chunk = wanted[start:start + 500]
+            chunk = wanted[start : start + 500]
             rows = await self._on_thread(
                 self._query,
                 f"SELECT {columns}, se.modality FROM instances i LEFT JOIN series se ON se.series_uid = i.series_uid "
@@ -372,20 +382,33 @@ class Index(ThreadedSqlite):
         for params in _chunks(patient_ids):
             where = "" if params is None else f" AND i.patient_id IN ({_marks(params)})"
             rows = await self._on_thread(
-                self._query, sql + where + " GROUP BY i.study_uid, i.patient_id ORDER BY MIN(i.rowid)", params or ()
+                self._query,
+                sql + where + " GROUP BY i.study_uid, i.patient_id ORDER BY MIN(i.rowid)",
+                params or (),
             )
             found += [
-                StudySummary(r[0], r[1], r[2] or "", tuple(sorted(m for m in (r[3] or "").split(",") if m)), r[4], r[5] or "")
+                StudySummary(
+                    r[0],
+                    r[1],
+                    r[2] or "",
+                    tuple(sorted(m for m in (r[3] or "").split(",") if m)),
+                    r[4],
+                    r[5] or "",
+                )
                 for r in rows
             ]
         return found
 
-    async def rows_of(self, patient_ids: Sequence[str], study_uid: str | None = None) -> list[InstanceRow]:
+    async def rows_of(
+        self, patient_ids: Sequence[str], study_uid: str | None = None
+    ) -> list[InstanceRow]:
         """The instance rows of these patients (of one study of theirs, if given)."""
         found = []
         for params in _chunks(patient_ids):
             assert params is not None
-            sql = f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE patient_id IN ({_marks(params)})"
+            sql = (
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE patient_id IN ({_marks(params)})"
+            )
             args: list[Any] = list(params)
             if study_uid is not None:
                 sql += " AND study_uid = ?"
@@ -406,7 +429,9 @@ class Index(ThreadedSqlite):
             found += [r[0] for r in rows]
         return found
 
-    async def erase(self, sop_instance_uids: Sequence[str], origin: str, before_index: int) -> tuple[list[str], bool]:
+    async def erase(
+        self, sop_instance_uids: Sequence[str], origin: str, before_index: int
+    ) -> tuple[list[str], bool]:
         """Delete the rows of these instances anchored by ``origin`` before ``before_index``
         (a row received since is another, later instance and stays), with their earlier
         versions and the patient, study and series rows no instance needs any more, in one
@@ -423,11 +448,15 @@ class Index(ThreadedSqlite):
             db.execute("BEGIN IMMEDIATE")
             try:
                 for start in range(0, len(uids), _CHUNK):
-                    self._erase_chunk(db, uids[start:start + _CHUNK], origin, before_index)
+                    self._erase_chunk(db, uids[start : start + _CHUNK], origin, before_index)
                 # a file another row still names (a re-send in between) is not removed
-                db.execute("DELETE FROM erasing WHERE path IN (SELECT path FROM instances"
-                           " UNION SELECT path FROM superseded_instances)")
-                vacuum = db.execute("DELETE FROM maintenance WHERE key = 'vacuum-before-erasure'").rowcount
+                db.execute(
+                    "DELETE FROM erasing WHERE path IN (SELECT path FROM instances"
+                    " UNION SELECT path FROM superseded_instances)"
+                )
+                vacuum = db.execute(
+                    "DELETE FROM maintenance WHERE key = 'vacuum-before-erasure'"
+                ).rowcount
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -441,7 +470,9 @@ class Index(ThreadedSqlite):
             raise IndexStoreError(f"index erasure failed ({exc}); check {self.path}") from None
 
     @staticmethod
-    def _erase_chunk(db: sqlite3.Connection, uids: list[str], origin: str, before_index: int) -> None:
+    def _erase_chunk(
+        db: sqlite3.Connection, uids: list[str], origin: str, before_index: int
+    ) -> None:
         rows = db.execute(
             f"SELECT sop_instance_uid, path, series_uid, study_uid, patient_id FROM instances"
             f" WHERE sop_instance_uid IN ({_marks(uids)}) AND ledger_origin = ? AND ledger_index < ?",
@@ -491,7 +522,9 @@ class Index(ThreadedSqlite):
             try:
                 return self._truncate_wal(self._db)
             except sqlite3.Error as exc:
-                raise IndexStoreError(f"index checkpoint failed ({exc}); check {self.path}") from None
+                raise IndexStoreError(
+                    f"index checkpoint failed ({exc}); check {self.path}"
+                ) from None
 
         return await self._on_thread(truncate)
 
@@ -502,6 +535,7 @@ class Index(ThreadedSqlite):
 
     async def erased_files_removed(self, paths: Sequence[str]) -> bool:
         """Forget these removed files; returns whether the WAL could be truncated after."""
+
         def forget() -> bool:
             db = self._db
             assert db is not None
@@ -527,7 +561,9 @@ class Index(ThreadedSqlite):
 
     async def totals(self) -> tuple[int, int]:
         """(instances, bytes of their stored files)."""
-        rows = await self._on_thread(self._query, "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances")
+        rows = await self._on_thread(
+            self._query, "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances"
+        )
         return int(rows[0][0]), int(rows[0][1])
 
     # Writes: queued, and committed together by whichever caller takes the lock first.
@@ -560,7 +596,9 @@ class Index(ThreadedSqlite):
                 try:
                     results = await self._on_thread(self._commit, [(k, a) for k, a, _ in batch])
                 except (sqlite3.Error, OSError) as exc:
-                    error = IndexStoreError(f"index write failed ({exc}); check disk space and {self.path}")
+                    error = IndexStoreError(
+                        f"index write failed ({exc}); check disk space and {self.path}"
+                    )
                     for *_, f in batch:
                         f.set_exception(error)
                 else:
@@ -599,14 +637,19 @@ class Index(ThreadedSqlite):
         return results
 
     @staticmethod
-    def _received(db: sqlite3.Connection, record: IndexRecord) -> InstanceRow | StudyPatientConflict | None:
+    def _received(
+        db: sqlite3.Connection, record: IndexRecord
+    ) -> InstanceRow | StudyPatientConflict | None:
         new = record.instance
         row = db.execute(
             f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_instance_uid = ?",
             (new.sop_instance_uid,),
         ).fetchone()
         previous = _instance_row(row) if row else None
-        if previous and (previous.sha256, previous.header_sha256) == (new.sha256, new.header_sha256):
+        if previous and (previous.sha256, previous.header_sha256) == (
+            new.sha256,
+            new.header_sha256,
+        ):
             return previous
         if (conflict := _conflict(db, record)) is not None:
             return conflict
@@ -614,8 +657,14 @@ class Index(ThreadedSqlite):
         if previous is not None and previous.path != new.path:
             db.execute(
                 "INSERT INTO superseded_instances VALUES (?, ?, ?, ?, ?, ?)",
-                (previous.sop_instance_uid, previous.path, previous.sha256, previous.ledger_origin,
-                 previous.ledger_index, new.received_at),
+                (
+                    previous.sop_instance_uid,
+                    previous.path,
+                    previous.sha256,
+                    previous.ledger_origin,
+                    previous.ledger_index,
+                    new.received_at,
+                ),
             )
         return previous
 
@@ -638,7 +687,9 @@ class IngestRows:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA busy_timeout=10000")
-                db.execute("PRAGMA secure_delete = ON")  # a replaced row's PHI leaves no bytes behind
+                db.execute(
+                    "PRAGMA secure_delete = ON"
+                )  # a replaced row's PHI leaves no bytes behind
             except sqlite3.Error as exc:
                 raise IndexStoreError(f"cannot open index database {self.path}: {exc}") from None
             self._db = db
@@ -647,9 +698,14 @@ class IngestRows:
     def previous(self, sop_instance_uid: str) -> InstanceRow | None:
         """The current row of this SOP instance, if any."""
         try:
-            row = self._conn().execute(
-                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute(
+                    f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_instance_uid = ?",
+                    (sop_instance_uid,),
+                )
+                .fetchone()
+            )
         except sqlite3.Error as exc:
             raise IndexStoreError(f"index read failed ({exc}); check {self.path}") from None
         return _instance_row(row) if row else None
@@ -674,8 +730,14 @@ class IngestRows:
                     if previous is not None and previous.path != new.path:
                         db.execute(
                             "INSERT INTO superseded_instances VALUES (?, ?, ?, ?, ?, ?)",
-                            (previous.sop_instance_uid, previous.path, previous.sha256,
-                             previous.ledger_origin, previous.ledger_index, new.received_at),
+                            (
+                                previous.sop_instance_uid,
+                                previous.path,
+                                previous.sha256,
+                                previous.ledger_origin,
+                                previous.ledger_index,
+                                new.received_at,
+                            ),
                         )
                 db.execute("COMMIT")
             except BaseException:
@@ -683,7 +745,9 @@ class IngestRows:
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise IndexStoreError(f"index write failed ({exc}); check disk space and {self.path}") from None
+            raise IndexStoreError(
+                f"index write failed ({exc}); check disk space and {self.path}"
+            ) from None
 
     def close(self) -> None:
         if self._db is not None:
@@ -699,7 +763,7 @@ def _chunks(values: Sequence[str] | None) -> list[list[str] | None]:
     if values is None:
         return [None]
     items = list(values)
-    return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
 def _marks(values: Sequence[Any]) -> str:
@@ -714,7 +778,8 @@ def _conflict(db: sqlite3.Connection, record: IndexRecord) -> StudyPatientConfli
     most two rows, one of which may be the instance itself: cheap however large the study."""
     patient, uid = record.patient.patient_id, record.instance.sop_instance_uid
     for level, column, value in (
-        ("study", "study_uid", record.study.study_uid), ("series", "series_uid", record.series.series_uid)
+        ("study", "study_uid", record.study.study_uid),
+        ("series", "series_uid", record.series.series_uid),
     ):
         for other in ("<", ">"):
             rows = db.execute(
@@ -740,8 +805,14 @@ def _write_record(db: sqlite3.Connection, record: IndexRecord) -> None:
     db.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?)", _values(study))
     db.execute(
         "INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?, ?)",
-        (series.series_uid, series.study_uid, patient.patient_id, series.modality,
-         series.series_number, series.series_description),
+        (
+            series.series_uid,
+            series.study_uid,
+            patient.patient_id,
+            series.modality,
+            series.series_number,
+            series.series_description,
+        ),
     )
     db.execute(
         f"INSERT OR REPLACE INTO instances ({_INSTANCE_COLUMNS}) VALUES ({_INSTANCE_MARKS})",
@@ -756,15 +827,23 @@ _EXACT_COLUMNS = {
     "SOPInstanceUID": "i.sop_instance_uid",
 }
 _UPPER = (
-    ("PatientID", "p.patient_id"), ("PatientName", "p.patient_name"),
-    ("PatientBirthDate", "p.birth_date"), ("PatientSex", "p.sex"),
-    ("StudyInstanceUID", "s.study_uid"), ("StudyDate", "s.study_date"), ("StudyTime", "s.study_time"),
-    ("AccessionNumber", "s.accession_number"), ("StudyID", "s.study_id"),
-    ("StudyDescription", "s.study_description"), ("ReferringPhysicianName", "s.referring_physician"),
+    ("PatientID", "p.patient_id"),
+    ("PatientName", "p.patient_name"),
+    ("PatientBirthDate", "p.birth_date"),
+    ("PatientSex", "p.sex"),
+    ("StudyInstanceUID", "s.study_uid"),
+    ("StudyDate", "s.study_date"),
+    ("StudyTime", "s.study_time"),
+    ("AccessionNumber", "s.accession_number"),
+    ("StudyID", "s.study_id"),
+    ("StudyDescription", "s.study_description"),
+    ("ReferringPhysicianName", "s.referring_physician"),
 )
 _SERIES = (
-    ("SeriesInstanceUID", "se.series_uid"), ("Modality", "se.modality"),
-    ("SeriesNumber", "se.series_number"), ("SeriesDescription", "se.series_description"),
+    ("SeriesInstanceUID", "se.series_uid"),
+    ("Modality", "se.modality"),
+    ("SeriesNumber", "se.series_number"),
+    ("SeriesDescription", "se.series_description"),
 )
 # Every level is joined on the instance's own study and patient, never through another
 # instance's: one patient's instances are never shown under another's Patient ID.
@@ -776,8 +855,10 @@ _JOINS = (
 )
 _GRAIN_SQL = {
     "STUDY": (
-        "SELECT " + ", ".join(c for _, c in _UPPER)
-        + ", COUNT(DISTINCT se.series_uid), COUNT(*), GROUP_CONCAT(DISTINCT se.modality)" + _JOINS,
+        "SELECT "
+        + ", ".join(c for _, c in _UPPER)
+        + ", COUNT(DISTINCT se.series_uid), COUNT(*), GROUP_CONCAT(DISTINCT se.modality)"
+        + _JOINS,
         " GROUP BY i.study_uid, i.patient_id ORDER BY MIN(i.rowid)",
     ),
     "SERIES": (
@@ -785,8 +866,11 @@ _GRAIN_SQL = {
         " GROUP BY i.series_uid, i.study_uid, i.patient_id ORDER BY MIN(i.rowid)",
     ),
     "IMAGE": (
-        "SELECT " + ", ".join(c for _, c in _UPPER + _SERIES)
-        + ", " + ", ".join(f"i.{c}" for c in InstanceRow.__dataclass_fields__) + _JOINS,
+        "SELECT "
+        + ", ".join(c for _, c in _UPPER + _SERIES)
+        + ", "
+        + ", ".join(f"i.{c}" for c in InstanceRow.__dataclass_fields__)
+        + _JOINS,
         " ORDER BY s.study_uid, se.series_uid, CAST(i.instance_number AS INTEGER), i.sop_instance_uid",
     ),
 }
@@ -795,17 +879,22 @@ _GRAIN_SQL = {
 def _record(grain: str, row: Sequence[Any]) -> dict[str, Any]:
     names = _UPPER if grain == "STUDY" else _UPPER + _SERIES
     record: dict[str, Any] = {k: v or "" for (k, _), v in zip(names, row, strict=False)}
-    rest = row[len(names):]
+    rest = row[len(names) :]
     if grain == "STUDY":
-        record["NumberOfStudyRelatedSeries"], record["NumberOfStudyRelatedInstances"] = rest[0], rest[1]
+        record["NumberOfStudyRelatedSeries"], record["NumberOfStudyRelatedInstances"] = (
+            rest[0],
+            rest[1],
+        )
         record["ModalitiesInStudy"] = sorted(m for m in (rest[2] or "").split(",") if m)
     elif grain == "SERIES":
         record["NumberOfSeriesRelatedInstances"] = rest[0]
     else:
         instance = _instance_row(rest)
         record.update(
-            SOPInstanceUID=instance.sop_instance_uid, SOPClassUID=instance.sop_class_uid,
-            InstanceNumber=instance.instance_number or "", _row=instance,
+            SOPInstanceUID=instance.sop_instance_uid,
+            SOPClassUID=instance.sop_class_uid,
+            InstanceNumber=instance.instance_number or "",
+            _row=instance,
         )
     return record
 

@@ -23,7 +23,21 @@ MAX_SEQUENCE_DEPTH = 64
 
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
-_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_LONG_LENGTH_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 
 
 class InstanceError(DicomError, ValueError):
@@ -135,10 +149,23 @@ def _raw_depth_exceeds(value: bytes, depth: int, implicit: bool, little: bool, l
 
 # The attributes InstanceHeader is made of, by pydicom keyword
 HEADER_KEYWORDS = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
-    "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-    "ReferringPhysicianName", "Modality", "SeriesNumber", "SeriesDescription",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
     "InstanceNumber",
 )
 
@@ -169,7 +196,9 @@ def instance_header(
     except Exception as exc:  # pydicom converts values lazily, here, and fails any way on bad ones
         # (ValueError, NotImplementedError for an unknown VR, BytesLengthException, OSError, ...)
         raise InstanceError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from None
-    return checked_header(values, header_sha256, sop_class_uid, sop_instance_uid, lambda: sequence_depth_exceeds(ds))
+    return checked_header(
+        values, header_sha256, sop_class_uid, sop_instance_uid, lambda: sequence_depth_exceeds(ds)
+    )
 
 
 def checked_header(

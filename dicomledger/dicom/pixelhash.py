@@ -119,8 +119,10 @@ class InstanceHashes:
 
 
 def hash_instance_file(
-    path: str | os.PathLike[str], transfer_syntax_uid: str | None = None,
-    *, max_inflated_size: int | None = None,
+    path: str | os.PathLike[str],
+    transfer_syntax_uid: str | None = None,
+    *,
+    max_inflated_size: int | None = None,
 ) -> InstanceHashes:
     """Hash the DICOM file at `path` (Part 10, or a bare dataset when `transfer_syntax_uid`
     is given). Raises PixelHashError for malformed or truncated data, and for a deflated
@@ -156,7 +158,9 @@ def native_pixel_sha256(ds: Dataset, transfer_syntax_uid: str) -> bytes | None:
     tsyntax = uid.UID(transfer_syntax_uid)
     if not tsyntax.is_transfer_syntax or tsyntax.is_encapsulated or tsyntax.is_deflated:
         return None
-    if not tsyntax.is_little_endian or any(k in ds for k in _PIXEL_KEYWORDS.values() if k != "PixelData"):
+    if not tsyntax.is_little_endian or any(
+        k in ds for k in _PIXEL_KEYWORDS.values() if k != "PixelData"
+    ):
         return None
     value = ds.get("PixelData")
     if not isinstance(value, bytes):
@@ -185,12 +189,16 @@ def stored_sha256(
 # --- file structure ---------------------------------------------------------------------
 
 
-def _hash_file(f: IO[bytes], ts_given: str | None, max_inflated_size: int | None = None) -> InstanceHashes:
+def _hash_file(
+    f: IO[bytes], ts_given: str | None, max_inflated_size: int | None = None
+) -> InstanceHashes:
     tsyntax, dataset_start = _read_meta(f, ts_given)
     file_end = _size(f)
     src: IO[bytes] = f
     if tsyntax.is_deflated:
-        src = _inflate(f, max_inflated_size)  # parse the inflated copy; the content hash still covers f
+        src = _inflate(
+            f, max_inflated_size
+        )  # parse the inflated copy; the content hash still covers f
     try:
         return _hash_dataset(f, src, tsyntax, dataset_start, file_end)
     finally:
@@ -708,9 +716,7 @@ def _hash_encapsulated(
             f"is {nframes}"
         )
     result = decoded.digest() if note is None else None
-    return value_end, InstanceHashes(
-        PIXEL, value_hash, tuple(frame_hashes), result, note, nframes
-    )
+    return value_end, InstanceHashes(PIXEL, value_hash, tuple(frame_hashes), result, note, nframes)
 
 
 def _scan_items(src: IO[bytes], offset: int, end: int) -> tuple[list[tuple[int, int]], int]:

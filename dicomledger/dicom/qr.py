@@ -72,9 +72,13 @@ class Loaded:
 @dataclass
 class RetrievePlan:
     to_send: list[SubOperation]
-    refused: dict[str, str]  # SOP Instance UID -> why the caller may not have it (not a sub-operation)
+    refused: dict[
+        str, str
+    ]  # SOP Instance UID -> why the caller may not have it (not a sub-operation)
     destination: tuple[str, int] | None = None  # C-MOVE: where the move destination AE listens
-    destination_tls: tuple[ssl.SSLContext, str] | None = None  # C-MOVE: TLS to it (context, its name)
+    destination_tls: tuple[ssl.SSLContext, str] | None = (
+        None  # C-MOVE: TLS to it (context, its name)
+    )
     unknown_destination: bool = False  # C-MOVE: answer 0xA801
     context: Any = None  # the core's own state, handed back to finish()
 
@@ -86,7 +90,9 @@ class RetrieveOutcome:
 
     completed: list[str] = field(default_factory=list)
     warning: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)  # sent, and failed (by its response, or none came)
+    failed: list[str] = field(
+        default_factory=list
+    )  # sent, and failed (by its response, or none came)
     no_response: list[str] = field(default_factory=list)  # of failed: no C-STORE response
     not_sent: dict[str, str] = field(default_factory=dict)  # stopped by the check: uid -> why
     associated: bool = False  # C-MOVE: the association with the destination was made
@@ -100,7 +106,9 @@ class RetrieveCore(Protocol):
     async def find(self, request: QRRequest) -> list[Dataset]: ...
     async def plan(self, request: QRRequest) -> RetrievePlan: ...
     async def load(self, sub: SubOperation) -> Loaded: ...
-    async def finish(self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None: ...
+    async def finish(
+        self, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome
+    ) -> None: ...
 
 
 class Tally:
@@ -136,10 +144,17 @@ class Tally:
         Remaining: what was never sent counts as failed."""
         o = self.outcome
         if final:
-            return {"completed": len(o.completed), "failed": len(o.failed) + len(o.not_sent),
-                    "warning": len(o.warning)}
-        return {"remaining": self.remaining, "completed": len(o.completed), "failed": len(o.failed),
-                "warning": len(o.warning)}
+            return {
+                "completed": len(o.completed),
+                "failed": len(o.failed) + len(o.not_sent),
+                "warning": len(o.warning),
+            }
+        return {
+            "remaining": self.remaining,
+            "completed": len(o.completed),
+            "failed": len(o.failed),
+            "warning": len(o.warning),
+        }
 
     def final_status(self) -> int:
         o = self.outcome
@@ -158,7 +173,21 @@ def failed_uid_list(uids: list[str]) -> Dataset:
     return ds
 
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 
 
 def data_set_start(data: bytes | memoryview) -> int:

@@ -53,14 +53,20 @@ class FileStore:
 
     @staticmethod
     def relative_path(
-        study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes, header_sha256: bytes | None = None
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        sha256: bytes,
+        header_sha256: bytes | None = None,
     ) -> str:
         """``<study>/<series>/<instance>.<pixel hash 16>-<header hash 8>.dcm``: each version of
         an instance that arrives with other pixels or another header gets a file of its own, so
         storing one never overwrites another (an earlier anchor's file, or, for an instance then
         refused, the copy already held). Files stored before the header part existed are named
         ``<instance>.<pixel hash 16>.dcm``."""
-        version = sha256.hex()[:16] + (f"-{header_sha256.hex()[:8]}" if header_sha256 is not None else "")
+        version = sha256.hex()[:16] + (
+            f"-{header_sha256.hex()[:8]}" if header_sha256 is not None else ""
+        )
         name = f"{path_component(sop_instance_uid)}.{version}.dcm"
         return f"{path_component(study_uid)}/{path_component(series_uid)}/{name}"
 
@@ -72,7 +78,9 @@ class FileStore:
             return None
         return parts[0], parts[1].split("-", 1)[0]
 
-    def versions(self, study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes) -> list[Path]:
+    def versions(
+        self, study_uid: str, series_uid: str, sop_instance_uid: str, sha256: bytes
+    ) -> list[Path]:
         """The stored files of this instance with these pixels (one per header version)."""
         folder = self.directory / path_component(study_uid) / path_component(series_uid)
         want = (path_component(sop_instance_uid), sha256.hex()[:16])
@@ -118,7 +126,11 @@ class FileStore:
             while changed:  # deepest folders first: a series, then its study
                 folder = max(changed, key=lambda f: len(f.parts))
                 changed.discard(folder)
-                if folder == self.directory or not folder.is_relative_to(self.directory) or not folder.exists():
+                if (
+                    folder == self.directory
+                    or not folder.is_relative_to(self.directory)
+                    or not folder.exists()
+                ):
                     if folder.exists():
                         _fsync_dir(folder)
                     continue
@@ -128,7 +140,9 @@ class FileStore:
                 except OSError:  # not empty: its entries changed
                     _fsync_dir(folder)
         except OSError as exc:
-            raise StoreError(exc.errno, f"cannot remove folders under {self.directory}: {exc.strerror}") from None
+            raise StoreError(
+                exc.errno, f"cannot remove folders under {self.directory}: {exc.strerror}"
+            ) from None
         return removed
 
     def commit(self, temp_file: Path, relative: str) -> bool:

@@ -22,10 +22,16 @@ from dicomledger.common.errors import DicomError
 # Uncompressed syntaxes a decompressed copy is offered in, in order of preference
 FALLBACK_SYNTAXES = (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian)
 # Compressed syntaxes whose decoding does not give back the original pixels
-LOSSY_SYNTAXES = frozenset({
-    uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLSNearLossless, uid.JPEG2000,
-    uid.JPEG2000MC, uid.HTJ2K,
-})
+LOSSY_SYNTAXES = frozenset(
+    {
+        uid.JPEGBaseline8Bit,
+        uid.JPEGExtended12Bit,
+        uid.JPEGLSNearLossless,
+        uid.JPEG2000,
+        uid.JPEG2000MC,
+        uid.HTJ2K,
+    }
+)
 
 
 class TranscodeError(DicomError, ValueError):
@@ -66,5 +72,7 @@ def decompressed(ds: Dataset, transfer_syntax_uid: str) -> bytes:
     try:
         write_dataset(fp, ds)
     except Exception as exc:
-        raise TranscodeError(f"cannot encode the decompressed copy: {type(exc).__name__}: {exc}") from None
+        raise TranscodeError(
+            f"cannot encode the decompressed copy: {type(exc).__name__}: {exc}"
+        ) from None
     return fp.getvalue()

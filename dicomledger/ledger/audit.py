@@ -105,7 +105,9 @@ def _destination(payload: Mapping[str, Any]) -> str:
 
 
 def _summary_anchored(p: Mapping[str, Any]) -> str:
-    what = "content sha256" if p.get("hash_method") in ("content", "content-canonical") else "sha256"
+    what = (
+        "content sha256" if p.get("hash_method") in ("content", "content-canonical") else "sha256"
+    )
     text = f"received from {_text(p, 'calling_ae')} (instance {_short(p.get('instance'))}, {what} {_short(p.get('sha256'))}"
     frames = p.get("frames")
     if isinstance(frames, int) and not isinstance(frames, bool) and frames > 1:
@@ -215,7 +217,11 @@ def _summary_erased(p: Mapping[str, Any]) -> str:
 def _summary_permission(event: AuditEvent) -> str:
     try:
         record = parse_record(
-            event.kind, event.payload, ref=event.leaf_hash, origin=event.origin, index=event.index,
+            event.kind,
+            event.payload,
+            ref=event.leaf_hash,
+            origin=event.origin,
+            index=event.index,
             time_ms=event.time_ms,
         )
     except PermissionFormatError as exc:
@@ -355,7 +361,11 @@ async def audit_events(
             p = event.payload
             if study is not None and p.get("study") != study and not _erased_from(event, study):
                 continue
-            if patient is not None and p.get("patient") != patient and (study is None or "patient" in p):
+            if (
+                patient is not None
+                and p.get("patient") != patient
+                and (study is None or "patient" in p)
+            ):
                 continue
             events[origin, index] = event
     if study is not None:  # grants and revokes for all of the patient's studies cover this one too
@@ -363,7 +373,10 @@ async def audit_events(
         for who in sorted(p for p in patients if isinstance(p, str)):
             for origin, index in await store.find(f"perm:{who}"):
                 event = await _event(store, origin, index)
-                if event.payload.get("patient") == who and event.payload.get("study") in (None, study):
+                if event.payload.get("patient") == who and event.payload.get("study") in (
+                    None,
+                    study,
+                ):
                     events[origin, index] = event
     return sorted(events.values(), key=lambda e: (-e.time_ms, e.origin, -e.index))
 
@@ -379,14 +392,19 @@ async def _event(store: LedgerStore, origin: str, index: int) -> AuditEvent:
     try:
         entry = decode_entry(data)
     except EntryError as exc:
-        raise AuditError(f"{origin} entry {index} cannot be read ({exc}); run `dicomledger verify`") from None
+        raise AuditError(
+            f"{origin} entry {index} cannot be read ({exc}); run `dicomledger verify`"
+        ) from None
     if (entry.origin, entry.index) != (origin, index):
         raise AuditError(
             f"{origin} entry {index} says it is {entry.origin} entry {entry.index}; run `dicomledger verify`"
         )
     try:
-        verify_entry_signature(entry, (await store.key_chain(origin)).entry_key(index), canonical=data)
+        verify_entry_signature(
+            entry, (await store.key_chain(origin)).entry_key(index), canonical=data
+        )
     except EntryError as exc:
         raise AuditError(f"{exc}; run `dicomledger verify`") from None
-    return AuditEvent(entry.time_ms, origin, index, entry.kind, entry.payload, merkle.leaf_hash(data).hex())
-
+    return AuditEvent(
+        entry.time_ms, origin, index, entry.kind, entry.payload, merkle.leaf_hash(data).hex()
+    )

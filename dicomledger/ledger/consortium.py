@@ -60,12 +60,16 @@ class ConsortiumState:
         self.db = store.db
 
     async def witness_state(self, origin: str) -> tuple[int, bytes, bytes] | None:
-        row = await one_row(self.db, "SELECT size, root, note FROM witness_state WHERE origin = ?", (origin,))
+        row = await one_row(
+            self.db, "SELECT size, root, note FROM witness_state WHERE origin = ?", (origin,)
+        )
         return None if row is None else (row[0], bytes(row[1]), bytes(row[2]))
 
     async def witnessed_notes(self) -> list[tuple[str, bytes]]:
         """(origin, note) of the checkpoint last cosigned, per origin."""
-        rows = await self.db.execute_fetchall("SELECT origin, note FROM witness_state ORDER BY origin")
+        rows = await self.db.execute_fetchall(
+            "SELECT origin, note FROM witness_state ORDER BY origin"
+        )
         return [(row[0], bytes(row[1])) for row in rows]
 
     async def save_witness_state(self, origin: str, size: int, root: bytes, note: bytes) -> None:
@@ -89,29 +93,43 @@ class ConsortiumState:
 
     async def evidence(self) -> list[tuple[str, bytes]]:
         """(origin, evidence) of every flag in force: evidence not cleared, oldest first."""
-        rows = await self.db.execute_fetchall("SELECT origin, data FROM evidence ORDER BY received_at")
+        rows = await self.db.execute_fetchall(
+            "SELECT origin, data FROM evidence ORDER BY received_at"
+        )
         cleared = await self._cleared_digests()
-        return [(row[0], bytes(row[1])) for row in rows if evidence_digest(bytes(row[1])) not in cleared]
+        return [
+            (row[0], bytes(row[1])) for row in rows if evidence_digest(bytes(row[1])) not in cleared
+        ]
 
     async def evidence_held(self, origin: str) -> list[HeldEvidence]:
         """All evidence held against ``origin``, cleared or not, oldest first."""
         rows = await self.db.execute_fetchall(
-            "SELECT data, received_at FROM evidence WHERE origin = ? ORDER BY received_at", (origin,)
+            "SELECT data, received_at FROM evidence WHERE origin = ? ORDER BY received_at",
+            (origin,),
         )
         cleared = await self._cleared_digests()
         return [
-            HeldEvidence(origin, bytes(data), received_at, *cleared.get(evidence_digest(bytes(data)), (None, None)))
+            HeldEvidence(
+                origin,
+                bytes(data),
+                received_at,
+                *cleared.get(evidence_digest(bytes(data)), (None, None)),
+            )
             for data, received_at in rows
         ]
 
     async def _cleared_digests(self) -> dict[bytes, tuple[str, int]]:
-        rows = await self.db.execute_fetchall("SELECT digest, cleared_at, entry FROM evidence_cleared")
+        rows = await self.db.execute_fetchall(
+            "SELECT digest, cleared_at, entry FROM evidence_cleared"
+        )
         return {bytes(row[0]): (row[1], row[2]) for row in rows}
 
     async def flagged(self) -> set[str]:
         return {origin for origin, _ in await self.evidence()}
 
-    async def mark_cleared(self, origin: str, digests: Sequence[bytes], entry: int, now: str) -> None:
+    async def mark_cleared(
+        self, origin: str, digests: Sequence[bytes], entry: int, now: str
+    ) -> None:
         """Clear the flag these pieces of evidence raised against ``origin``: the evidence is
         kept (for export and audit) but no longer flags the origin nor is served to peers;
         ``entry`` is the ``flag-cleared`` entry of this gateway's log that records it."""
@@ -124,7 +142,13 @@ class ConsortiumState:
         await self.db.execute(
             "INSERT OR REPLACE INTO peer_status (origin, reachable, last_contact, their_size, error) "
             "VALUES (?, ?, ?, ?, ?)",
-            (status.origin, int(status.reachable), status.last_contact, status.their_size, status.error),
+            (
+                status.origin,
+                int(status.reachable),
+                status.last_contact,
+                status.their_size,
+                status.error,
+            ),
         )
 
     async def set_consortium_check(self, check: ConsortiumCheck) -> None:
@@ -136,7 +160,9 @@ class ConsortiumState:
 
     async def consortium_check(self, origin: str) -> ConsortiumCheck | None:
         row = await one_row(
-            self.db, "SELECT secret_check, policy, mismatch, checked_at FROM peer_consortium WHERE origin = ?", (origin,)
+            self.db,
+            "SELECT secret_check, policy, mismatch, checked_at FROM peer_consortium WHERE origin = ?",
+            (origin,),
         )
         return None if row is None else ConsortiumCheck(origin, *row)
 

@@ -45,12 +45,16 @@ RETRIEVED = "retrieved"
 RETRIEVE_REFUSED = "retrieve-refused"
 TAMPER_ALARM = "tamper-alarm"
 CONFIG = "config"
-LOCAL_TIP_ACCEPTED = "local-tip-accepted"  # started on an unconfirmed tip (serve --accept-local-tip)
+LOCAL_TIP_ACCEPTED = (
+    "local-tip-accepted"  # started on an unconfirmed tip (serve --accept-local-tip)
+)
 FLAG_CLEARED = "flag-cleared"  # an equivocation flag cleared (peers --clear-flag)
 FORWARDS_QUEUED = "forwards-queued"  # a grant queued a patient's stored instances for a destination
 ERASED = "erased"
 KEY_ROTATION = "key-rotation"  # the log's signing key changes (rotate-key; keychain.py)
-KEY_REPLACEMENT = "key-replacement"  # a lost or stolen key replaced by a consortium quorum (keychain.py)
+KEY_REPLACEMENT = (
+    "key-replacement"  # a lost or stolen key replaced by a consortium quorum (keychain.py)
+)
 # a Storage Commitment report: how many instances were committed to which requestor (no UIDs)
 STORAGE_COMMITTED = "storage-committed"
 KINDS = frozenset(
@@ -116,7 +120,9 @@ def _check_json_value(value: Any, where: str) -> None:
             raise EntryError(f"{where}: integer {value} is outside the exact JSON range (2**53)")
         return
     if isinstance(value, float):
-        raise EntryError(f"{where}: floats are not allowed in ledger entries (use integers or strings)")
+        raise EntryError(
+            f"{where}: floats are not allowed in ledger entries (use integers or strings)"
+        )
     if isinstance(value, list | tuple):
         for i, item in enumerate(value):
             _check_json_value(item, f"{where}[{i}]")
@@ -206,7 +212,9 @@ def decode_entry(data: bytes) -> Entry:
         raise EntryError("entry is not a JSON object")
     if set(obj) != _FIELDS:
         missing, extra = _FIELDS - set(obj), set(obj) - _FIELDS
-        raise EntryError(f"entry fields wrong: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        raise EntryError(
+            f"entry fields wrong: missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
     if obj["v"] != FORMAT_VERSION or obj["v"] is True:
         raise EntryError(f"entry format version {obj['v']!r} is not supported (expected 1)")
     origin, index, time_ms, kind = obj["origin"], obj["index"], obj["time"], obj["kind"]
@@ -231,7 +239,10 @@ def decode_entry(data: bytes) -> Entry:
     if _PARSING.inexact or not data.isascii():
         _check_json_value(obj, "entry")  # floats, inexact integers, non-ASCII keys: named
     # Equal to encode_entry(entry): every field above is as encode_entry writes it.
-    if base64.b64encode(sig).decode("ascii") != obj["sig"] or _CANONICAL.encode(obj).encode() != data:
+    if (
+        base64.b64encode(sig).decode("ascii") != obj["sig"]
+        or _CANONICAL.encode(obj).encode() != data
+    ):
         raise EntryError("entry is not in canonical form (key order, spacing, escaping or numbers)")
     return Entry(origin, index, prev, time_ms, kind, obj["payload"], sig)
 
@@ -252,7 +263,9 @@ def verify_entry_signature(
 ) -> None:
     """EntryError unless the signature verifies; ``canonical`` (the entry's checked
     canonical bytes) saves re-encoding it."""
-    message = signing_bytes(entry) if canonical is None else _signing_bytes_of_canonical(canonical, entry)
+    message = (
+        signing_bytes(entry) if canonical is None else _signing_bytes_of_canonical(canonical, entry)
+    )
     try:
         public_key.verify(entry.sig, message)
     except InvalidSignature:

@@ -43,11 +43,19 @@ LEGAL_OBLIGATION = "legal-obligation"  # a law or a court orders it, Art. 17(1)(
 UNLAWFUL_PROCESSING = "unlawful-processing"  # received by mistake, wrong patient, Art. 17(1)(d)
 RETENTION = "retention"
 CUSTODIAN_ERASURE = "custodian-erasure"
-ADMIN_REASONS = (PATIENT_REQUEST, CONSENT_WITHDRAWN, LEGAL_OBLIGATION, UNLAWFUL_PROCESSING, CUSTODIAN_ERASURE)
+ADMIN_REASONS = (
+    PATIENT_REQUEST,
+    CONSENT_WITHDRAWN,
+    LEGAL_OBLIGATION,
+    UNLAWFUL_PROCESSING,
+    CUSTODIAN_ERASURE,
+)
 REASONS = frozenset({*ADMIN_REASONS, RETENTION})
 
 _PSEUDONYM = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_FIELDS = frozenset({"patient", "study", "studies", "instances", "files", "forward_jobs", "reason", "request"})
+_FIELDS = frozenset(
+    {"patient", "study", "studies", "instances", "files", "forward_jobs", "reason", "request"}
+)
 MAX_STUDIES = 256  # an entry stays far below the 64 KiB entry limit
 
 
@@ -79,13 +87,25 @@ class Erasure:
 
 
 def make_erased_payload(
-    *, patient: str, study: str | None, studies: list[str], instances: int, files: int,
-    forward_jobs: int, reason: str, request: EntryRef | None = None,
+    *,
+    patient: str,
+    study: str | None,
+    studies: list[str],
+    instances: int,
+    files: int,
+    forward_jobs: int,
+    reason: str,
+    request: EntryRef | None = None,
 ) -> dict[str, Any]:
     """The payload of an ``erased`` entry; ErasureFormatError if a value is not allowed."""
     payload = {
-        "patient": patient, "study": study, "studies": sorted(set(studies))[:MAX_STUDIES],
-        "instances": instances, "files": files, "forward_jobs": forward_jobs, "reason": reason,
+        "patient": patient,
+        "study": study,
+        "studies": sorted(set(studies))[:MAX_STUDIES],
+        "instances": instances,
+        "files": files,
+        "forward_jobs": forward_jobs,
+        "reason": reason,
         "request": None if request is None else {"origin": request.origin, "index": request.index},
     }
     _check(payload)
@@ -121,8 +141,12 @@ def _check(payload: Mapping[str, Any]) -> tuple[str, str | None, tuple[str, ...]
     request = payload["request"]
     ref = None
     if request is not None:
-        if (not isinstance(request, Mapping) or set(request) != {"origin", "index"}
-                or not isinstance(request["origin"], str) or not request["origin"]):
+        if (
+            not isinstance(request, Mapping)
+            or set(request) != {"origin", "index"}
+            or not isinstance(request["origin"], str)
+            or not request["origin"]
+        ):
             raise ErasureFormatError("request must be null or {origin, index}")
         ref = EntryRef(request["origin"], _count(request, "index"))
     return patient, study, studies_t, ref
@@ -131,13 +155,23 @@ def _check(payload: Mapping[str, Any]) -> tuple[str, str | None, tuple[str, ...]
 def parse_erasure(entry: Entry) -> Erasure:
     """An ``erased`` entry's content; ErasureFormatError if it is not one or is malformed."""
     if entry.kind != ERASED:
-        raise ErasureFormatError(f"{entry.origin} entry {entry.index} is a {entry.kind} entry, not {ERASED}")
+        raise ErasureFormatError(
+            f"{entry.origin} entry {entry.index} is a {entry.kind} entry, not {ERASED}"
+        )
     p = entry.payload
     patient, study, studies, ref = _check(p)
     return Erasure(
-        origin=entry.origin, index=entry.index, time_ms=entry.time_ms, patient=patient, study=study,
-        studies=studies, instances=p["instances"], files=p["files"], forward_jobs=p["forward_jobs"],
-        reason=p["reason"], request=ref,
+        origin=entry.origin,
+        index=entry.index,
+        time_ms=entry.time_ms,
+        patient=patient,
+        study=study,
+        studies=studies,
+        instances=p["instances"],
+        files=p["files"],
+        forward_jobs=p["forward_jobs"],
+        reason=p["reason"],
+        request=ref,
     )
 
 
@@ -197,7 +231,9 @@ async def requested_instances(store: LedgerStore, request: Erasure) -> frozenset
     inner = None
     if request.request is not None:
         try:
-            inner = await requested_instances(store, await read_erasure(store, request.request.origin, request.request.index))
+            inner = await requested_instances(
+                store, await read_erasure(store, request.request.origin, request.request.index)
+            )
         except ErasureFormatError:
             inner = frozenset()
     found = set()
@@ -225,7 +261,9 @@ class ErasureLookup:
     async def _requested_by(self, ref: EntryRef) -> frozenset[str]:
         if ref not in self._requested:
             try:
-                self._requested[ref] = await requested_instances(self.store, await read_erasure(self.store, ref.origin, ref.index))
+                self._requested[ref] = await requested_instances(
+                    self.store, await read_erasure(self.store, ref.origin, ref.index)
+                )
             except ErasureFormatError:
                 self._requested[ref] = frozenset()
         return self._requested[ref]
@@ -236,11 +274,15 @@ class ErasureLookup:
         if anchor.kind != IMAGE_ANCHORED or not isinstance(patient, str):
             return None
         if patient not in self._of_patient:
-            self._of_patient[patient] = sorted(await erasures_of(self.store, patient), key=lambda e: (e.origin, e.index))
+            self._of_patient[patient] = sorted(
+                await erasures_of(self.store, patient), key=lambda e: (e.origin, e.index)
+            )
         for erasure in self._of_patient[patient]:
             if not in_scope(erasure, anchor):
                 continue
-            requested = None if erasure.request is None else await self._requested_by(erasure.request)
+            requested = (
+                None if erasure.request is None else await self._requested_by(erasure.request)
+            )
             if covers(erasure, anchor, requested):
                 return erasure
         return None

@@ -213,7 +213,9 @@ class _Peer:
     gossip_round: asyncio.Task[None] | None = None  # the round in progress with this peer
     failures: int = 0  # consecutive pulls whose entries did not verify
     backoff_until: float = 0.0  # time.monotonic() before which we do not pull from this peer
-    json_witness: bool = False  # it answered 404 to the text add-checkpoint: a gateway from before it
+    json_witness: bool = (
+        False  # it answered 404 to the text add-checkpoint: a gateway from before it
+    )
     session: None = None  # peers share the service's pinned mutual-TLS session
 
     @property
@@ -267,7 +269,8 @@ class PeerService:
         *,
         on_equivocation: Callable[[str, str], None] | None = None,  # (origin, reported by)
         on_tls_refused: Callable[[str, str], None] | None = None,  # (address, reason)
-        secret_check: str | None = None,  # pseudonym.secret_check of our secret; None: not exchanged
+        secret_check: str
+        | None = None,  # pseudonym.secret_check of our secret; None: not exchanged
     ) -> None:
         self.config = config
         self._on_equivocation = on_equivocation
@@ -285,15 +288,25 @@ class PeerService:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._pull_wanted: dict[str, tuple[_Peer, bytes]] = {}
-        self._statements_seen: list[tuple[bytes, str]] = []  # key replacements recorded in pulled entries
+        self._statements_seen: list[
+            tuple[bytes, str]
+        ] = []  # key replacements recorded in pulled entries
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self.traffic = Traffic()
         self.consortium = ConsortiumSettings(
-            None if secret_check is None else consortium_value(secret_check, config.witness_policy), self.state
+            None if secret_check is None else consortium_value(secret_check, config.witness_policy),
+            self.state,
         )
         self.api = PeerApi(
-            config, store, self.state, self.consortium, self.traffic, lambda: self.own_log.identity,
-            schedule_pull=self._schedule_pull, evidence_found=self._evidence_found, on_tls_refused=on_tls_refused,
+            config,
+            store,
+            self.state,
+            self.consortium,
+            self.traffic,
+            lambda: self.own_log.identity,
+            schedule_pull=self._schedule_pull,
+            evidence_found=self._evidence_found,
+            on_tls_refused=on_tls_refused,
         )
         self.port = config.port
 
@@ -314,7 +327,9 @@ class PeerService:
             timeout=aiohttp.ClientTimeout(total=30, connect=3),
         )
         log.info(
-            "peer API started", address=f"{self.config.host}:{self.config.port}", peers=len(self.peers),
+            "peer API started",
+            address=f"{self.config.host}:{self.config.port}",
+            peers=len(self.peers),
             witnesses=len(self.witnesses),
         )
 
@@ -324,14 +339,18 @@ class PeerService:
         no one (peers refuse it, an auditor would read a restored log's old size as current)."""
         self._task = asyncio.create_task(self._gossip_loop(), name="gossip")
         for peer in self.peers.values():
-            peer.announcer = asyncio.create_task(self._announce_loop(peer), name=f"announce {peer.config.origin}")
+            peer.announcer = asyncio.create_task(
+                self._announce_loop(peer), name=f"announce {peer.config.origin}"
+            )
         for witness in self.witnesses:
             witness.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=_witness_tls(witness.config), limit=4),
                 timeout=aiohttp.ClientTimeout(total=30, connect=3),
             )
             witness.announce.set()  # our newest checkpoint may lack its (fresh) cosignature
-            witness.announcer = asyncio.create_task(self._witness_loop(witness), name=f"witness {witness.name}")
+            witness.announcer = asyncio.create_task(
+                self._witness_loop(witness), name=f"witness {witness.name}"
+            )
 
     async def stop(self) -> None:
         peer_tasks = [t for p in self.peers.values() for t in (p.announcer, p.gossip_round)]
@@ -386,14 +405,19 @@ class PeerService:
                     failures[peer.name] = f"unreachable: {str(exc) or type(exc).__name__}"[:300]
                 except (PeerProtocolError, NoteError, CheckpointError) as exc:
                     failures[peer.name] = str(exc)[:300]
-                    log.warning("peer answer refused while confirming this gateway's log",
-                                source=peer.name, reason=str(exc)[:300])
+                    log.warning(
+                        "peer answer refused while confirming this gateway's log",
+                        source=peer.name,
+                        reason=str(exc)[:300],
+                    )
                 changed.set()
                 await asyncio.sleep(self.config.gossip_interval)
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        tasks = [asyncio.create_task(ask(p), name=f"own tip at {p.name}") for p in self.peers.values()]
+        tasks = [
+            asyncio.create_task(ask(p), name=f"own tip at {p.name}") for p in self.peers.values()
+        ]
         said_waiting = False
         try:
             while True:
@@ -409,7 +433,8 @@ class PeerService:
                     said_waiting = True
                     log.warning(
                         "waiting for a peer to confirm this gateway's log before it appends anything",
-                        wait_seconds=wait, unreachable=dict(failures),
+                        wait_seconds=wait,
+                        unreachable=dict(failures),
                     )
                 changed.clear()
                 await _first_of([changed, *([stop] if stop is not None else [])], remaining)
@@ -420,9 +445,12 @@ class PeerService:
         unreachable = {name: why for name, why in failures.items() if name not in answers}
         if not answers:
             size = await self.store.size(self.identity.origin)
-            return OwnTip(size, unreachable=unreachable,
-                          problem=f"no peer answered within {wait:g} s, so none could confirm that this "
-                                  f"gateway's {size} entries are all it has signed")
+            return OwnTip(
+                size,
+                unreachable=unreachable,
+                problem=f"no peer answered within {wait:g} s, so none could confirm that this "
+                f"gateway's {size} entries are all it has signed",
+            )
         fetched, size, problem = await self._catch_up_own(answers)
         return OwnTip(size, fetched, tuple(sorted(answers)), unreachable, problem)
 
@@ -447,9 +475,12 @@ class PeerService:
             note = parse_note(data)
             cp = parse_checkpoint(note.text)
             signed = chain.signs_checkpoint(note, cp.size) or (
-                cp.size > have and any(verify_note_signature(note, own, key) for key in ours))
+                cp.size > have and any(verify_note_signature(note, own, key) for key in ours)
+            )
             if cp.origin != own or not signed:
-                raise PeerProtocolError("a checkpoint it offers as this gateway's is not signed by this gateway's key")
+                raise PeerProtocolError(
+                    "a checkpoint it offers as this gateway's is not signed by this gateway's key"
+                )
             found.append((cp, data, kind))
         return found
 
@@ -463,7 +494,12 @@ class PeerService:
         start = have = await self.store.size(own)
         failed: list[str] = []
         holders = sorted(
-            ((cp.size, name, note) for name, found in answers.items() for cp, note, kind in found if kind == "holds"),
+            (
+                (cp.size, name, note)
+                for name, found in answers.items()
+                for cp, note, kind in found
+                if kind == "holds"
+            ),
             reverse=True,
         )
         for target, name, note in holders:
@@ -471,26 +507,50 @@ class PeerService:
                 break
             try:
                 have = await self._pull_own(self.peers[name], note, target, have)
-            except (TimeoutError, aiohttp.ClientError, OSError, PeerProtocolError, ReplicaError) as exc:
+            except (
+                TimeoutError,
+                aiohttp.ClientError,
+                OSError,
+                PeerProtocolError,
+                ReplicaError,
+            ) as exc:
                 failed.append(f"{name}: {exc!s}"[:300])
-                log.warning("could not fetch this gateway's own entries back from a peer", source=name,
-                            error=str(exc)[:300])
+                log.warning(
+                    "could not fetch this gateway's own entries back from a peer",
+                    source=name,
+                    error=str(exc)[:300],
+                )
                 have = await self.store.size(own)  # chunks verified before the failure stay
         if have > start:
-            log.warning("fetched this gateway's own entries back from its peers", local_size=start, size=have,
-                        fetched=have - start, why="its local log was behind what it had signed (restored from a backup?)")
+            log.warning(
+                "fetched this gateway's own entries back from its peers",
+                local_size=start,
+                size=have,
+                fetched=have - start,
+                why="its local log was behind what it had signed (restored from a backup?)",
+            )
         for name, found in sorted(answers.items()):
             for cp, _, kind in found:
                 if cp.size > have:
                     why = f" ({'; '.join(failed)})" if failed else ""
-                    return have - start, have, (
-                        f"{name} {kind} a checkpoint of this gateway's log at size {cp.size}, signed by "
-                        f"this gateway, but only {have} of its entries could be had{why}")
+                    return (
+                        have - start,
+                        have,
+                        (
+                            f"{name} {kind} a checkpoint of this gateway's log at size {cp.size}, signed by "
+                            f"this gateway, but only {have} of its entries could be had{why}"
+                        ),
+                    )
                 if await self.store.root(own, cp.size) != cp.root_hash:
-                    return have - start, have, (
-                        f"{name} {kind} a checkpoint of this gateway's log at size {cp.size}, signed by "
-                        "this gateway, of another history than the local log's: this gateway has "
-                        "already signed two histories")
+                    return (
+                        have - start,
+                        have,
+                        (
+                            f"{name} {kind} a checkpoint of this gateway's log at size {cp.size}, signed by "
+                            "this gateway, of another history than the local log's: this gateway has "
+                            "already signed two histories"
+                        ),
+                    )
         return have - start, have, None
 
     async def _pull_own(self, source: _Peer, note: bytes, target: int, have: int) -> int:
@@ -500,7 +560,9 @@ class PeerService:
         while have < target:
             chunk = await self._fetch_entries(source, own, have, target)
             end = have + len(chunk)
-            proof = await self._fetch_prefix_proof(source, own, end, target) if end < target else None
+            proof = (
+                await self._fetch_prefix_proof(source, own, end, target) if end < target else None
+            )
             have = await self.replicas.append_verified(own, chunk, note, proof)
         return have
 
@@ -515,17 +577,31 @@ class PeerService:
         held = [e for e in await self.state.evidence_held(origin) if e.cleared_at is None]
         digests = [evidence_digest(e.data) for e in held]
         if not digests:
-            raise ValueError(f"{origin} is not flagged here: no equivocation evidence against it is in force")
-        appended = await self.own_log.append(FLAG_CLEARED, flag_cleared_payload(origin, digests, by, reason))
+            raise ValueError(
+                f"{origin} is not flagged here: no equivocation evidence against it is in force"
+            )
+        appended = await self.own_log.append(
+            FLAG_CLEARED, flag_cleared_payload(origin, digests, by, reason)
+        )
         await self.state.mark_cleared(origin, digests, appended.index, now_iso())
-        log.warning("equivocation flag cleared", flagged_origin=origin, by=by, reason=reason,
-                    evidence=len(digests), entry=appended.index)
+        log.warning(
+            "equivocation flag cleared",
+            flagged_origin=origin,
+            by=by,
+            reason=reason,
+            evidence=len(digests),
+            entry=appended.index,
+        )
         return {"origin": origin, "evidence": len(digests), "index": appended.index}
 
     # -- client side -------------------------------------------------------------------
 
     async def _request(
-        self, peer: _Peer | _Witness, path: str, data: bytes | None = None, content_type: str | None = None,
+        self,
+        peer: _Peer | _Witness,
+        path: str,
+        data: bytes | None = None,
+        content_type: str | None = None,
         timeout: float | None = None,
     ) -> tuple[int, str, bytes]:
         """GET ``path`` (or POST ``data``) on ``peer``: (status, Content-Type, body), the body
@@ -540,7 +616,9 @@ class PeerService:
             headers[CONSORTIUM_HEADER] = ours
         method = session.get if data is None else session.post
         options: dict[str, Any] = (
-            {} if timeout is None else {"timeout": aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))}
+            {}
+            if timeout is None
+            else {"timeout": aiohttp.ClientTimeout(total=timeout, connect=min(3.0, timeout))}
         )
         async with method(peer.url + path, data=data, headers=headers or None, **options) as resp:
             theirs = resp.headers.get(CONSORTIUM_HEADER)
@@ -560,7 +638,9 @@ class PeerService:
         self, peer: _Peer, path: str, *, post: Any = None, timeout: float | None = None
     ) -> tuple[int, Any]:
         data = None if post is None else json.dumps(post).encode()
-        status, _, raw = await self._request(peer, path, data, None if data is None else "application/json", timeout)
+        status, _, raw = await self._request(
+            peer, path, data, None if data is None else "application/json", timeout
+        )
         try:
             return status, json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -571,12 +651,14 @@ class PeerService:
         peer still in its previous round, or backed off, is left out of this one."""
         while True:
             idle = [
-                p for p in self.peers.values()
+                p
+                for p in self.peers.values()
                 if (p.gossip_round is None or p.gossip_round.done()) and not self._backing_off(p)
             ]
             for peer in random.sample(idle, min(self.config.fanout, len(idle))):
                 peer.gossip_round = asyncio.create_task(
-                    self._guarded(peer, self._gossip_round(peer)), name=f"gossip {peer.config.origin}"
+                    self._guarded(peer, self._gossip_round(peer)),
+                    name=f"gossip {peer.config.origin}",
                 )
             await asyncio.sleep(self.config.gossip_interval)
 
@@ -595,25 +677,41 @@ class PeerService:
         consecutive failure up to backoff_max."""
         while True:
             try:
-                await asyncio.wait_for(witness.announce.wait(), timeout=self.config.heartbeat_interval)
+                await asyncio.wait_for(
+                    witness.announce.wait(), timeout=self.config.heartbeat_interval
+                )
             except TimeoutError:
                 pass
             witness.announce.clear()
             try:
                 await self._ask_cosignature(witness)
                 witness.failures = 0
-                await asyncio.sleep(witness.config.interval)  # its budget; newer checkpoints coalesce
+                await asyncio.sleep(
+                    witness.config.interval
+                )  # its budget; newer checkpoints coalesce
                 continue
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 problem = f"unreachable: {exc!s}"
             except (PeerProtocolError, NoteError, LedgerStoreError) as exc:
                 problem = str(exc)
             except Exception as exc:  # a bug must not end witnessing: log it loudly and go on
-                log.exception("witness request failed", witness=witness.name, error=f"{type(exc).__name__}: {exc}")
+                log.exception(
+                    "witness request failed",
+                    witness=witness.name,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
                 problem = "internal error"
-            delay = min(self.config.backoff_max, self.config.gossip_interval * 2.0 ** min(witness.failures, 40))
+            delay = min(
+                self.config.backoff_max,
+                self.config.gossip_interval * 2.0 ** min(witness.failures, 40),
+            )
             witness.failures += 1
-            log.warning("witness did not cosign", witness=witness.name, reason=problem[:300], retry_seconds=round(delay, 3))
+            log.warning(
+                "witness did not cosign",
+                witness=witness.name,
+                reason=problem[:300],
+                retry_seconds=round(delay, 3),
+            )
             await asyncio.sleep(delay)
             witness.announce.set()  # try again, whether or not we signed another checkpoint
 
@@ -623,7 +721,9 @@ class PeerService:
     def _back_off(self, peer: _Peer) -> float:
         """Start the next back-off for ``peer``: gossip_interval seconds, doubled for each
         consecutive failure, at most backoff_max. Returns its length."""
-        delay = min(self.config.backoff_max, self.config.gossip_interval * 2.0 ** min(peer.failures, 40))
+        delay = min(
+            self.config.backoff_max, self.config.gossip_interval * 2.0 ** min(peer.failures, 40)
+        )
         peer.failures += 1
         peer.backoff_until = time.monotonic() + delay
         return delay
@@ -637,7 +737,9 @@ class PeerService:
         self._pull_wanted[origin] = (self.peers[origin], note)
         task = self._pulls.get(origin)
         if task is None or task.done():
-            self._pulls[origin] = asyncio.create_task(self._pull_loop(origin), name=f"pull {origin}")
+            self._pulls[origin] = asyncio.create_task(
+                self._pull_loop(origin), name=f"pull {origin}"
+            )
 
     async def _pull_loop(self, origin: str) -> None:
         while (wanted := self._pull_wanted.pop(origin, None)) is not None:
@@ -657,13 +759,24 @@ class PeerService:
             )
             log.info("peer unreachable", peer=origin, error=str(exc)[:200])
         except ConsortiumMismatch as exc:  # logged once when found
-            await self.state.set_peer_status(PeerStatus(origin, True, now_iso(), None, str(exc)[:300]))
+            await self.state.set_peer_status(
+                PeerStatus(origin, True, now_iso(), None, str(exc)[:300])
+            )
         except EntriesRefused as exc:
             delay = self._back_off(peer)
-            await self.state.set_peer_status(PeerStatus(origin, True, now_iso(), None, str(exc)[:300]))
-            log.warning("peer message rejected", peer=origin, reason=str(exc), backoff_seconds=round(delay, 3))
+            await self.state.set_peer_status(
+                PeerStatus(origin, True, now_iso(), None, str(exc)[:300])
+            )
+            log.warning(
+                "peer message rejected",
+                peer=origin,
+                reason=str(exc),
+                backoff_seconds=round(delay, 3),
+            )
         except (PeerProtocolError, NoteError, CheckpointError, LedgerStoreError) as exc:
-            await self.state.set_peer_status(PeerStatus(origin, True, now_iso(), None, str(exc)[:300]))
+            await self.state.set_peer_status(
+                PeerStatus(origin, True, now_iso(), None, str(exc)[:300])
+            )
             log.warning("peer message rejected", peer=origin, reason=str(exc))
         except Exception as exc:  # a bug must not end gossip: log it loudly and go on
             log.exception("gossip round failed", peer=origin, error=f"{type(exc).__name__}: {exc}")
@@ -705,7 +818,13 @@ class PeerService:
                 await self.accept_statement(*self._statements_seen.pop(0))
 
     async def _consider_locked(
-        self, origin: str, note_bytes: bytes, note: Note, cp: Checkpoint, source: _Peer, later: tuple[KeyChange, ...]
+        self,
+        origin: str,
+        note_bytes: bytes,
+        note: Note,
+        cp: Checkpoint,
+        source: _Peer,
+        later: tuple[KeyChange, ...],
     ) -> None:
         async with self._lock(origin):
             held = await self.store.latest_checkpoint(origin)
@@ -729,7 +848,9 @@ class PeerService:
                 return  # a pull that waited for the lock while another backed this peer off
             await self._pull(origin, note_bytes, cp.size, have, held, source, later)
 
-    async def _changes_ahead(self, origin: str, note: Note, size: int, source: _Peer) -> tuple[KeyChange, ...]:
+    async def _changes_ahead(
+        self, origin: str, note: Note, size: int, source: _Peer
+    ) -> tuple[KeyChange, ...]:
         """A checkpoint of ``origin`` that the key chain we hold does not sign: the origin may
         have changed its key in entries we have not pulled yet. ``source`` serves the
         key-change entries it holds beyond ours (``/v1/key-changes``); each is checked in
@@ -742,7 +863,9 @@ class PeerService:
         ahead = chain
         signer_keys = await self.signer_keys()
         if size > have:
-            status, body = await self._fetch(source, f"/v1/key-changes?origin={origin}&start={have}")
+            status, body = await self._fetch(
+                source, f"/v1/key-changes?origin={origin}&start={have}"
+            )
             items = body.get("entries") if status == 200 and isinstance(body, dict) else None
             for item in items if isinstance(items, list) else []:
                 try:
@@ -752,7 +875,9 @@ class PeerService:
                     if entry.kind == KEY_ROTATION:
                         change = check_rotation(entry, ahead.key_for_size(entry.index))
                     else:  # its pinned root is checked when the pull reaches it
-                        statement = check_statement(statement_of(entry), self.config.witness_policy, signer_keys)
+                        statement = check_statement(
+                            statement_of(entry), self.config.witness_policy, signer_keys
+                        )
                         if (statement.origin, statement.size) != (origin, entry.index):
                             continue
                         verify_entry_signature(entry, statement.new_key)
@@ -760,17 +885,23 @@ class PeerService:
                     if ahead.change_at(change.index) is None:
                         ahead = ahead.with_change(change)
                 except (EntryError, KeyChangeError, PeerProtocolError) as exc:
-                    raise PeerProtocolError(f"key change of {origin} from {source.name} refused: {exc}") from None
+                    raise PeerProtocolError(
+                        f"key change of {origin} from {source.name} refused: {exc}"
+                    ) from None
         if not ahead.signs_checkpoint(note, size):
             raise PeerProtocolError(
-                f"checkpoint offered as {origin}'s is not signed by its key (in force at size {size})")
+                f"checkpoint offered as {origin}'s is not signed by its key (in force at size {size})"
+            )
         return tuple(c for c in ahead.changes if c.index >= have)
 
     async def signer_keys(self) -> Callable[[str], Sequence[Ed25519PublicKey]]:
         """The keys each consortium gateway may sign a replacement statement with (its key
         chain's trusted keys), for ``keychain.check_statement``."""
-        keys = {name: (await self.store.key_chain(name)).trusted_keys()
-                for name in self._origins if await self.store.origin(name) is not None}
+        keys = {
+            name: (await self.store.key_chain(name)).trusted_keys()
+            for name in self._origins
+            if await self.store.origin(name) is not None
+        }
         return lambda name: keys.get(name, [])
 
     async def accept_statement(self, data: bytes, source: str) -> Statement | None:
@@ -794,31 +925,56 @@ class PeerService:
         statement = check_statement(data, self.config.witness_policy, await self.signer_keys())
         origin = statement.origin
         if origin == self.identity.origin:
-            raise KeyChangeError("a statement replacing this gateway's own key is installed with `replace-key install`")
+            raise KeyChangeError(
+                "a statement replacing this gateway's own key is installed with `replace-key install`"
+            )
         if origin not in self.peers:
             raise KeyChangeError(f"{origin} is not one of this gateway's [[peers]]")
         async with self._lock(origin):
             chain = await self.store.key_chain(origin)
             known = chain.change_at(statement.size)
-            if known is not None and known.replaced and known.key.public_bytes_raw() == statement.new_key.public_bytes_raw():
+            if (
+                known is not None
+                and known.replaced
+                and known.key.public_bytes_raw() == statement.new_key.public_bytes_raw()
+            ):
                 return statement  # already in force
             held = await self.store.size(origin)
             if known is not None or statement.size <= chain.last_index:
-                raise KeyChangeError(f"{origin}'s log already changed its key at or after entry {statement.size}")
-            if held >= statement.size and await self.store.root(origin, statement.size) != statement.root:
-                raise KeyChangeError(f"it pins another history of {origin} than the first {statement.size} entries held here")
+                raise KeyChangeError(
+                    f"{origin}'s log already changed its key at or after entry {statement.size}"
+                )
+            if (
+                held >= statement.size
+                and await self.store.root(origin, statement.size) != statement.root
+            ):
+                raise KeyChangeError(
+                    f"it pins another history of {origin} than the first {statement.size} entries held here"
+                )
             if held >= statement.size and (
-                    chain.key_for_size(statement.size).public_bytes_raw() != statement.old_key.public_bytes_raw()):
-                raise KeyChangeError(f"its old key is not the key {origin}'s log has in force at size {statement.size}")
+                chain.key_for_size(statement.size).public_bytes_raw()
+                != statement.old_key.public_bytes_raw()
+            ):
+                raise KeyChangeError(
+                    f"its old key is not the key {origin}'s log has in force at size {statement.size}"
+                )
             await self.store.accept_replacement(statement)
-            dropped = await self.replicas.drop_from(origin, statement.size) if held > statement.size else 0
+            dropped = (
+                await self.replicas.drop_from(origin, statement.size)
+                if held > statement.size
+                else 0
+            )
             witnessed = await self.state.witness_state(origin)
             if witnessed is not None and witnessed[0] > statement.size:
                 await self.state.forget_witness_state(origin)
         log.warning(
             "key replacement accepted: entries and checkpoints of this origin signed by its replaced key are "
-            "refused from here on", origin=origin, size=statement.size,
-            new_key=verifier_key(origin, statement.new_key), signers=statement.signers, source=source,
+            "refused from here on",
+            origin=origin,
+            size=statement.size,
+            new_key=verifier_key(origin, statement.new_key),
+            signers=statement.signers,
+            source=source,
             dropped_entries=dropped,
         )
         return statement
@@ -844,7 +1000,13 @@ class PeerService:
         return [w.public_key for w in self.witnesses if w.name == name]
 
     async def _checkpoint_within(
-        self, origin: str, size: int, root: bytes, note_bytes: bytes, held: tuple[int, bytes] | None, have: int
+        self,
+        origin: str,
+        size: int,
+        root: bytes,
+        note_bytes: bytes,
+        held: tuple[int, bytes] | None,
+        have: int,
     ) -> None:
         """A signed checkpoint of a size we hold entries for but no checkpoint: store it if it
         is the root of those entries (they were stored as a prefix of a larger checkpoint)."""
@@ -858,7 +1020,13 @@ class PeerService:
         await self.store.store_checkpoint(origin, size, note_bytes)
 
     async def _pull(
-        self, origin: str, note_bytes: bytes, target: int, have: int, held: tuple[int, bytes] | None, source: _Peer,
+        self,
+        origin: str,
+        note_bytes: bytes,
+        target: int,
+        have: int,
+        held: tuple[int, bytes] | None,
+        source: _Peer,
         later: Sequence[KeyChange] = (),
     ) -> None:
         """Replicate ``origin``'s entries ``have``..``target`` from ``source`` in chunks: each
@@ -867,7 +1035,11 @@ class PeerService:
         while have < target:
             chunk = await self._fetch_entries(source, origin, have, target)
             end = have + len(chunk)
-            proof = await self._fetch_prefix_proof(source, origin, end, target) if end < target else None
+            proof = (
+                await self._fetch_prefix_proof(source, origin, end, target)
+                if end < target
+                else None
+            )
             try:
                 have = await self.replicas.append_verified(origin, chunk, note_bytes, proof, later)
             except ReplicaError as exc:
@@ -880,35 +1052,51 @@ class PeerService:
                 raise EntriesRefused(reason) from None
             source.failures = 0
             log.info(
-                "replicated", origin=origin, size=have, source=source.config.origin,
-                new=len(chunk), held_bytes=sum(map(len, chunk)),
+                "replicated",
+                origin=origin,
+                size=have,
+                source=source.config.origin,
+                new=len(chunk),
+                held_bytes=sum(map(len, chunk)),
             )
             for data in chunk:  # another gateway's record of a replacement: follow it now
                 if b'"kind":"key-replacement"' in data:
                     entry = decode_entry(data)
                     if not changes_key_of(entry.origin, entry.kind, entry.payload):
-                        self._statements_seen.append((statement_of(entry), f"{origin} entry {entry.index}"))
+                        self._statements_seen.append(
+                            (statement_of(entry), f"{origin} entry {entry.index}")
+                        )
 
-    async def _fetch_entries(self, source: _Peer, origin: str, start: int, target: int) -> list[bytes]:
+    async def _fetch_entries(
+        self, source: _Peer, origin: str, start: int, target: int
+    ) -> list[bytes]:
         """The next chunk of ``origin``'s entries from ``start``: responses are added until
         the checkpoint's size or about ``max_message_bytes`` of entries is reached."""
         entries: list[bytes] = []
         held_bytes = 0
         while start + len(entries) < target and held_bytes < self.config.max_message_bytes:
             at = start + len(entries)
-            status, body = await self._fetch(source, f"/v1/entries?origin={origin}&start={at}&end={target}")
+            status, body = await self._fetch(
+                source, f"/v1/entries?origin={origin}&start={at}&end={target}"
+            )
             chunk = body.get("entries") if status == 200 and isinstance(body, dict) else None
             if not isinstance(chunk, list) or not chunk:
-                raise PeerProtocolError(f"{source.config.origin} did not serve {origin} entries from {at}")
+                raise PeerProtocolError(
+                    f"{source.config.origin} did not serve {origin} entries from {at}"
+                )
             for item in chunk:
                 entries.append(unb64(item, "entry"))
                 held_bytes += len(entries[-1])
         return entries[: target - start]
 
-    async def _fetch_prefix_proof(self, source: _Peer, origin: str, old: int, new: int) -> list[bytes]:
+    async def _fetch_prefix_proof(
+        self, source: _Peer, origin: str, old: int, new: int
+    ) -> list[bytes]:
         """The consistency proof that a chunk ending at ``old`` is a prefix of the size-``new``
         checkpoint; without one the chunk cannot be verified (EntriesRefused)."""
-        status, body = await self._fetch(source, f"/v1/consistency?origin={origin}&old={old}&new={new}")
+        status, body = await self._fetch(
+            source, f"/v1/consistency?origin={origin}&old={old}&new={new}"
+        )
         proof = body.get("proof") if status == 200 and isinstance(body, dict) else None
         if not isinstance(proof, list):
             raise EntriesRefused(
@@ -918,20 +1106,29 @@ class PeerService:
         try:
             return [unb64(h, "proof hash") for h in proof]
         except PeerProtocolError as exc:
-            raise EntriesRefused(f"consistency proof of {origin} from {source.config.origin}: {exc}") from None
+            raise EntriesRefused(
+                f"consistency proof of {origin} from {source.config.origin}: {exc}"
+            ) from None
 
     async def _check_fork(
         self, origin: str, held: tuple[int, bytes], note_bytes: bytes, target: int, source: _Peer
     ) -> None:
         """Entries toward ``note_bytes`` did not verify from our checkpoint ``held``: a fork
         proof between the two checkpoints, if ``source`` serves one, is evidence."""
-        status, body = await self._fetch(source, f"/v1/consistency?origin={origin}&old={held[0]}&new={target}")
+        status, body = await self._fetch(
+            source, f"/v1/consistency?origin={origin}&old={held[0]}&new={target}"
+        )
         if status == 200 and isinstance(body, dict) and isinstance(body.get("proof"), list):
             proof = [unb64(h, "proof hash") for h in body["proof"]]
             await self._check_pair(origin, held[1], note_bytes, proof, source)
 
     async def _check_pair(
-        self, origin: str, note_a: bytes, note_b: bytes, proof: Sequence[bytes] | None, source: _Peer
+        self,
+        origin: str,
+        note_a: bytes,
+        note_b: bytes,
+        proof: Sequence[bytes] | None,
+        source: _Peer,
     ) -> None:
         try:
             found = check_equivocation(note_a, note_b, proof, await self.store.key_chain(origin))
@@ -946,7 +1143,9 @@ class PeerService:
             if claimed.origin not in self._origins:
                 return
             real = check_equivocation(
-                claimed.note_a, claimed.note_b, claimed.consistency_proof or None,
+                claimed.note_a,
+                claimed.note_b,
+                claimed.consistency_proof or None,
                 await self.store.key_chain(claimed.origin),
             )
         except WitnessError as exc:
@@ -997,8 +1196,13 @@ class PeerService:
                 )
             keys = await self._witness_keys(peer.name)
             sig = next(
-                (c for c in answer.cosignatures
-                 if any(verify_cosignature(note.text, c, peer.name, key) is not None for key in keys)),
+                (
+                    c
+                    for c in answer.cosignatures
+                    if any(
+                        verify_cosignature(note.text, c, peer.name, key) is not None for key in keys
+                    )
+                ),
                 None,
             )
             if sig is None:
@@ -1007,13 +1211,19 @@ class PeerService:
             peer.cosigned_size = size
             return
 
-    async def _add_checkpoint(self, peer: _Peer | _Witness, note: bytes, old: int, proof: Sequence[bytes]) -> Witnessed:
+    async def _add_checkpoint(
+        self, peer: _Peer | _Witness, note: bytes, old: int, proof: Sequence[bytes]
+    ) -> Witnessed:
         """One tlog-witness add-checkpoint request to ``peer``, in the standard text encoding;
         a gateway from before it (404 for the path) is asked in JSON from then on."""
         if not peer.json_witness:
             body = format_add_checkpoint(old, proof, note)
-            status, content_type, raw = await self._request(peer, ADD_CHECKPOINT_PATH, body, "text/plain; charset=utf-8")
-            if status != 404 or isinstance(peer, _Witness):  # a standard witness: 404 is "unknown log"
+            status, content_type, raw = await self._request(
+                peer, ADD_CHECKPOINT_PATH, body, "text/plain; charset=utf-8"
+            )
+            if status != 404 or isinstance(
+                peer, _Witness
+            ):  # a standard witness: 404 is "unknown log"
                 return _read_text_answer(status, content_type, raw)
         assert isinstance(peer, _Peer)  # a standard witness answered above
         json_body = {"note": b64(note), "old_size": old, "proof": [b64(h) for h in proof]}

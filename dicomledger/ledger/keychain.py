@@ -141,7 +141,9 @@ class KeyChain:
         """Keys whose signatures still count wherever they are not tied to a log position
         (cosignatures, statements): every key but those a replacement took over from."""
         keys = self.keys()
-        return [k for i, k in enumerate(keys) if not (i + 1 < len(keys) and self.changes[i].replaced)]
+        return [
+            k for i, k in enumerate(keys) if not (i + 1 < len(keys) and self.changes[i].replaced)
+        ]
 
     def with_change(self, change: KeyChange) -> KeyChain:
         """The chain with one more change, after every change it holds; KeyChangeError if
@@ -151,7 +153,9 @@ class KeyChain:
                 f"a key change at entry {change.index} of {self.origin} comes after the one at entry {self.last_index}"
             )
         if any(_raw(k) == _raw(change.key) for k in self.keys()):
-            raise KeyChangeError(f"the new key of {self.origin} at entry {change.index} was used by this log before")
+            raise KeyChangeError(
+                f"the new key of {self.origin} at entry {change.index} was used by this log before"
+            )
         return replace(self, changes=(*self.changes, change))
 
     def signs_checkpoint(self, note: Note, size: int) -> bool:
@@ -169,8 +173,13 @@ def single_key(origin: str, key: Ed25519PublicKey | KeyChain) -> KeyChain:
 
 def _rotation_message(entry: Entry, new_key_vkey: str) -> bytes:
     unsigned = {
-        "v": FORMAT_VERSION, "origin": entry.origin, "index": entry.index, "prev": entry.prev.hex(),
-        "time": entry.time_ms, "kind": KEY_ROTATION, "payload": {"new_key": new_key_vkey},
+        "v": FORMAT_VERSION,
+        "origin": entry.origin,
+        "index": entry.index,
+        "prev": entry.prev.hex(),
+        "time": entry.time_ms,
+        "kind": KEY_ROTATION,
+        "payload": {"new_key": new_key_vkey},
     }
     return ROTATION_PREFIX + canonical_json(unsigned)
 
@@ -207,8 +216,12 @@ def check_rotation(entry: Entry, old_key: Ed25519PublicKey) -> KeyChange:
         raise KeyChangeError(f"entry {entry.index} is a {entry.kind}, not a {KEY_ROTATION}")
     payload = entry.payload
     if set(payload) != {"new_key", "new_key_sig"}:
-        raise KeyChangeError(f"key-rotation entry {entry.index}: payload fields must be new_key and new_key_sig")
-    new_key = _payload_key(payload["new_key"], entry.origin, f"key-rotation entry {entry.index}: new_key")
+        raise KeyChangeError(
+            f"key-rotation entry {entry.index}: payload fields must be new_key and new_key_sig"
+        )
+    new_key = _payload_key(
+        payload["new_key"], entry.origin, f"key-rotation entry {entry.index}: new_key"
+    )
     if _raw(new_key) == _raw(old_key):
         raise KeyChangeError(f"key-rotation entry {entry.index}: the new key is the old key")
     try:
@@ -256,17 +269,34 @@ def check_reason(reason: Any) -> str:
     return reason
 
 
-def statement_text(origin: str, size: int, root: bytes, old_key: Ed25519PublicKey,
-                   new_key: Ed25519PublicKey, reason: str) -> str:
+def statement_text(
+    origin: str,
+    size: int,
+    root: bytes,
+    old_key: Ed25519PublicKey,
+    new_key: Ed25519PublicKey,
+    reason: str,
+) -> str:
     lines = [
-        STATEMENT_MAGIC, f"origin {origin}", f"size {size}", f"root {base64.b64encode(root).decode('ascii')}",
-        f"old {verifier_key(origin, old_key)}", f"new {verifier_key(origin, new_key)}", f"reason {check_reason(reason)}",
+        STATEMENT_MAGIC,
+        f"origin {origin}",
+        f"size {size}",
+        f"root {base64.b64encode(root).decode('ascii')}",
+        f"old {verifier_key(origin, old_key)}",
+        f"new {verifier_key(origin, new_key)}",
+        f"reason {check_reason(reason)}",
     ]
     return "".join(line + "\n" for line in lines)
 
 
-def make_statement(origin: str, size: int, root: bytes, old_key: Ed25519PublicKey,
-                   new_key: Ed25519PrivateKey, reason: str) -> bytes:
+def make_statement(
+    origin: str,
+    size: int,
+    root: bytes,
+    old_key: Ed25519PublicKey,
+    new_key: Ed25519PrivateKey,
+    reason: str,
+) -> bytes:
     """A new replacement statement, signed by the new key only (the consortium signs next)."""
     text = statement_text(origin, size, root, old_key, new_key.public_key(), reason)
     return format_note(Note(text, (sign_note_text(text, origin, new_key),)))
@@ -277,7 +307,9 @@ def add_statement_signature(note_bytes: bytes, name: str, key: Ed25519PrivateKey
     line by that name and key)."""
     statement = parse_statement(note_bytes)
     sig = sign_note_text(statement.note.text, name, key)
-    kept = tuple(s for s in statement.note.signatures if (s.name, s.key_id) != (sig.name, sig.key_id))
+    kept = tuple(
+        s for s in statement.note.signatures if (s.name, s.key_id) != (sig.name, sig.key_id)
+    )
     return format_note(Note(statement.note.text, (*kept, sig)))
 
 
@@ -291,15 +323,25 @@ def parse_statement(note_bytes: bytes) -> Statement:
     lines = note.text[:-1].split("\n")
     labels = ("origin", "size", "root", "old", "new", "reason")
     if len(lines) != 1 + len(labels) or lines[0] != STATEMENT_MAGIC:
-        raise KeyChangeError(f"replacement statement must be the line {STATEMENT_MAGIC!r} and the lines {', '.join(labels)}")
+        raise KeyChangeError(
+            f"replacement statement must be the line {STATEMENT_MAGIC!r} and the lines {', '.join(labels)}"
+        )
     values = {}
     for label, line in zip(labels, lines[1:], strict=True):
         if not line.startswith(label + " "):
-            raise KeyChangeError(f"replacement statement: expected a {label!r} line, found {line[:40]!r}")
-        values[label] = line[len(label) + 1:]
+            raise KeyChangeError(
+                f"replacement statement: expected a {label!r} line, found {line[:40]!r}"
+            )
+        values[label] = line[len(label) + 1 :]
     origin = values["origin"]
-    if not values["size"].isdigit() or values["size"] != str(int(values["size"])) or int(values["size"]) >= 2**63:
-        raise KeyChangeError(f"replacement statement: size {values['size'][:24]!r} is not a decimal")
+    if (
+        not values["size"].isdigit()
+        or values["size"] != str(int(values["size"]))
+        or int(values["size"]) >= 2**63
+    ):
+        raise KeyChangeError(
+            f"replacement statement: size {values['size'][:24]!r} is not a decimal"
+        )
     root = canonical_b64decode(values["root"], "replacement statement root", KeyChangeError)
     if len(root) != 32:
         raise KeyChangeError("replacement statement: root is not 32 bytes")
@@ -307,7 +349,9 @@ def parse_statement(note_bytes: bytes) -> Statement:
     new_key = _payload_key(values["new"], origin, "replacement statement: new")
     if _raw(old_key) == _raw(new_key):
         raise KeyChangeError("replacement statement: the new key is the old key")
-    return Statement(origin, int(values["size"]), root, old_key, new_key, check_reason(values["reason"]), note)
+    return Statement(
+        origin, int(values["size"]), root, old_key, new_key, check_reason(values["reason"]), note
+    )
 
 
 def check_statement(
@@ -340,13 +384,17 @@ def check_statement(
     shortfall = policy.shortfall(signed)
     if shortfall is not None:
         shortfall = shortfall.replace("missing cosignatures from", "missing signatures from")
-        raise KeyChangeError(f"replacement statement for {statement.origin} lacks a quorum: {shortfall}")
+        raise KeyChangeError(
+            f"replacement statement for {statement.origin} lacks a quorum: {shortfall}"
+        )
     return statement
 
 
 def _signs(note: Note, name: str, key: Ed25519PublicKey) -> bool:
     kid = key_id(name, key, SIG_ED25519)
-    return any(s.name == name and s.key_id == kid for s in note.signatures) and verify_note_signature(note, name, key)
+    return any(
+        s.name == name and s.key_id == kid for s in note.signatures
+    ) and verify_note_signature(note, name, key)
 
 
 def changes_key_of(origin: str, kind: str, payload: Mapping[str, Any]) -> bool:
@@ -358,7 +406,10 @@ def changes_key_of(origin: str, kind: str, payload: Mapping[str, Any]) -> bool:
     if kind != KEY_REPLACEMENT:
         return False
     try:
-        return parse_statement(statement_of(Entry(origin, 0, b"", 0, kind, payload, b""))).origin == origin
+        return (
+            parse_statement(statement_of(Entry(origin, 0, b"", 0, kind, payload, b""))).origin
+            == origin
+        )
     except KeyChangeError:
         return True
 
@@ -372,7 +423,9 @@ def statement_of(entry: Entry) -> bytes:
     if entry.kind != KEY_REPLACEMENT:
         raise KeyChangeError(f"entry {entry.index} is a {entry.kind}, not a {KEY_REPLACEMENT}")
     if set(entry.payload) != {"statement"} or not isinstance(entry.payload["statement"], str):
-        raise KeyChangeError(f"key-replacement entry {entry.index}: the payload must be one field, statement")
+        raise KeyChangeError(
+            f"key-replacement entry {entry.index}: the payload must be one field, statement"
+        )
     return canonical_b64decode(entry.payload["statement"], "statement", KeyChangeError)
 
 
@@ -393,9 +446,13 @@ def check_replacement(
             f"{where}: its statement is for {statement.origin} at size {statement.size}, not this place"
         )
     if statement.root != root:
-        raise KeyChangeError(f"{where}: its statement pins another history (root) than the log's first {entry.index} entries")
+        raise KeyChangeError(
+            f"{where}: its statement pins another history (root) than the log's first {entry.index} entries"
+        )
     if _raw(statement.old_key) != _raw(chain.key_for_size(entry.index)):
-        raise KeyChangeError(f"{where}: its statement replaces a key that is not the one in force there")
+        raise KeyChangeError(
+            f"{where}: its statement replaces a key that is not the one in force there"
+        )
     try:
         verify_entry_signature(entry, statement.new_key)
     except EntryError:
@@ -454,10 +511,16 @@ def chain_from_entries(
     for entry in sorted(entries, key=lambda e: e.index):
         if entry.kind == KEY_REPLACEMENT and roots is None:
             pinned = parse_statement(statement_of(entry)).root
-            chain = check_change(entry, chain, root=given(pinned), policy=policy, signer_keys=signer_keys)
+            chain = check_change(
+                entry, chain, root=given(pinned), policy=policy, signer_keys=signer_keys
+            )
         else:
             chain = check_change(
-                entry, chain, root=partial(known_roots.__getitem__, entry.index), policy=policy, signer_keys=signer_keys,
+                entry,
+                chain,
+                root=partial(known_roots.__getitem__, entry.index),
+                policy=policy,
+                signer_keys=signer_keys,
             )
     return chain
 
@@ -483,7 +546,11 @@ class Request:
 def format_request(request: Request) -> bytes:
     """``REQUEST_MAGIC``, ``tail <start>``, one base64 entry per line, an empty line, then
     the statement note verbatim."""
-    lines = [REQUEST_MAGIC, f"tail {request.tail_start}", *(base64.b64encode(e).decode("ascii") for e in request.tail)]
+    lines = [
+        REQUEST_MAGIC,
+        f"tail {request.tail_start}",
+        *(base64.b64encode(e).decode("ascii") for e in request.tail),
+    ]
     return "".join(line + "\n" for line in lines).encode("ascii") + b"\n" + request.statement
 
 
@@ -497,13 +564,19 @@ def parse_request(data: bytes) -> Request:
     except UnicodeDecodeError:
         raise KeyChangeError("request file: the lines before the statement are not ASCII") from None
     if not sep or lines[0] != REQUEST_MAGIC or len(lines) < 2 or not lines[1].startswith("tail "):
-        raise KeyChangeError(f"not a key replacement request: it must start with {REQUEST_MAGIC!r} and a 'tail' line")
-    start = lines[1][len("tail "):]
+        raise KeyChangeError(
+            f"not a key replacement request: it must start with {REQUEST_MAGIC!r} and a 'tail' line"
+        )
+    start = lines[1][len("tail ") :]
     if not start.isdigit() or start != str(int(start)):
         raise KeyChangeError(f"request file: tail start {start[:24]!r} is not a decimal")
-    tail = tuple(canonical_b64decode(line, f"request file: tail entry {n}", KeyChangeError)
-                 for n, line in enumerate(lines[2:]))
+    tail = tuple(
+        canonical_b64decode(line, f"request file: tail entry {n}", KeyChangeError)
+        for n, line in enumerate(lines[2:])
+    )
     parsed = parse_statement(statement)
     if int(start) + len(tail) != parsed.size:
-        raise KeyChangeError(f"request file: its tail ends at {int(start) + len(tail)}, not at the statement's size {parsed.size}")
+        raise KeyChangeError(
+            f"request file: its tail ends at {int(start) + len(tail)}, not at the statement's size {parsed.size}"
+        )
     return Request(int(start), tail, statement)

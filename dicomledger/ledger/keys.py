@@ -50,9 +50,15 @@ def lookup_keys(kind: str, payload: Mapping[str, Any]) -> list[str]:
     keys: list[str] = []
     patient = payload.get("patient")
     if kind == IMAGE_ANCHORED:
-        keys += [f"{name}:{payload[field]}" for name, field in
-                 (("sha256", "sha256"), ("instance", "instance"), ("decoded", "decoded_sha256"))
-                 if isinstance(payload.get(field), str)]
+        keys += [
+            f"{name}:{payload[field]}"
+            for name, field in (
+                ("sha256", "sha256"),
+                ("instance", "instance"),
+                ("decoded", "decoded_sha256"),
+            )
+            if isinstance(payload.get(field), str)
+        ]
         if isinstance(patient, str):
             keys.append(f"patient:{patient}")
     if kind in (GRANT, REVOKE) and isinstance(patient, str):

@@ -180,13 +180,16 @@ def public_key_bytes(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-KEY_CHANGES_SQL = "SELECT idx, public_key, replaced FROM key_changes WHERE origin_id = ? ORDER BY idx"
+KEY_CHANGES_SQL = (
+    "SELECT idx, public_key, replaced FROM key_changes WHERE origin_id = ? ORDER BY idx"
+)
 
 
 def chain_of(origin: str, first: Ed25519PublicKey, rows: Iterable[Sequence[Any]]) -> KeyChain:
     """A KeyChain from the first key and ``key_changes`` rows (idx, public_key, replaced)."""
     changes = tuple(
-        KeyChange(idx, Ed25519PublicKey.from_public_bytes(bytes(key)), bool(replaced)) for idx, key, replaced in rows
+        KeyChange(idx, Ed25519PublicKey.from_public_bytes(bytes(key)), bool(replaced))
+        for idx, key, replaced in rows
     )
     return KeyChain(origin, first, changes)
 
@@ -234,7 +237,9 @@ class LedgerStore:
             await db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             await db.close()
-            raise LedgerStoreError(f"cannot create tables in ledger database {path}: {exc}") from None
+            raise LedgerStoreError(
+                f"cannot create tables in ledger database {path}: {exc}"
+            ) from None
         return cls(db, path)
 
     async def close(self) -> None:
@@ -299,14 +304,21 @@ class LedgerStore:
             raise LedgerStoreError(f"no log for origin {statement.origin!r} in {self.path}")
         cur = await self.db.execute(
             "INSERT OR IGNORE INTO key_changes (origin_id, idx, public_key, replaced, statement) VALUES (?, ?, ?, 1, ?)",
-            (info.id, statement.size, statement.new_key.public_bytes_raw(), format_note(statement.note)),
+            (
+                info.id,
+                statement.size,
+                statement.new_key.public_bytes_raw(),
+                format_note(statement.note),
+            ),
         )
         added = cur.rowcount == 1
         await cur.close()
         return added
 
     async def origins(self) -> list[OriginInfo]:
-        names = [row[0] for row in await self.db.execute_fetchall("SELECT name FROM origins ORDER BY id")]
+        names = [
+            row[0] for row in await self.db.execute_fetchall("SELECT name FROM origins ORDER BY id")
+        ]
         return [info for name in names if (info := await self.origin(name)) is not None]
 
     async def _origin_id(self, name: str) -> int:
@@ -322,7 +334,9 @@ class LedgerStore:
 
     async def entry(self, origin: str, index: int) -> bytes:
         oid = await self._origin_id(origin)
-        row = await one_row(self.db, "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (oid, index))
+        row = await one_row(
+            self.db, "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (oid, index)
+        )
         if row is None:
             raise LedgerStoreError(f"{origin} has no entry {index}")
         return bytes(row[0])
@@ -352,7 +366,12 @@ class LedgerStore:
                     try:
                         entry = decode_entry(data)
                     except EntryError as exc:  # `dicomledger verify` names it; keep going
-                        log.error("%s entry %d cannot be read for its lookup keys: %s", info.name, idx, exc)
+                        log.error(
+                            "%s entry %d cannot be read for its lookup keys: %s",
+                            info.name,
+                            idx,
+                            exc,
+                        )
                         continue
                     found += [(key, info.id, idx) for key in lookup_keys(entry.kind, entry.payload)]
                 await self.db.executemany(
@@ -451,23 +470,30 @@ class LedgerStore:
         """Put a witness's cosignature line on the stored checkpoint note, replacing that
         witness's older one (a fresher timestamp is a heartbeat); True if stored."""
         oid = await self._origin_id(origin)
-        row = await one_row(self.db, "SELECT note FROM checkpoints WHERE origin_id = ? AND size = ?", (oid, size))
+        row = await one_row(
+            self.db, "SELECT note FROM checkpoints WHERE origin_id = ? AND size = ?", (oid, size)
+        )
         if row is None:
             return False
         note = parse_note(bytes(row[0]))
         if cosignature in note.signatures:
             return False
-        same = [s for s in note.signatures if (s.name, s.key_id) == (cosignature.name, cosignature.key_id)]
-        if any((cosignature_timestamp(s) or 0) >= (cosignature_timestamp(cosignature) or 0) for s in same):
+        same = [
+            s
+            for s in note.signatures
+            if (s.name, s.key_id) == (cosignature.name, cosignature.key_id)
+        ]
+        if any(
+            (cosignature_timestamp(s) or 0) >= (cosignature_timestamp(cosignature) or 0)
+            for s in same
+        ):
             return False  # we hold a fresher line by this witness
         kept = [s for s in note.signatures if s not in same]
         updated = format_note(Note(note.text, (*kept, cosignature)))
         await self.store_checkpoint(origin, size, updated)
         return True
 
-    async def latest_checkpoint(
-        self, origin: str, at_least: int = 0
-    ) -> tuple[int, bytes] | None:
+    async def latest_checkpoint(self, origin: str, at_least: int = 0) -> tuple[int, bytes] | None:
         """The newest stored checkpoint note of ``origin`` with size >= at_least."""
         oid = await self._origin_id(origin)
         row = await one_row(
@@ -518,7 +544,9 @@ class Companion(Protocol):
     (ticket, Appended) for those appended, once the batch is durable in the ledger; an
     exception from it goes to each of their appenders (the entries stay appended)."""
 
-    def before(self, tickets: Sequence[Any]) -> Sequence[Mapping[str, Any] | Declined | BaseException]: ...
+    def before(
+        self, tickets: Sequence[Any]
+    ) -> Sequence[Mapping[str, Any] | Declined | BaseException]: ...
 
     def after(self, appended: Sequence[tuple[Any, Appended]]) -> None: ...
 
@@ -539,12 +567,16 @@ class _ThreadWriter(ThreadedSqlite):
         try:  # synchronous=FULL: COMMIT returns only once the WAL is on disk; the store made the schema
             self._connect("FULL", "")
         except sqlite3.Error as exc:
-            raise LedgerStoreError(f"cannot open ledger database {self.store.path}: {exc}") from None
+            raise LedgerStoreError(
+                f"cannot open ledger database {self.store.path}: {exc}"
+            ) from None
 
     def _frontier(self, origin_id: int, origin: str) -> tuple[Frontier, bytes | None]:
         """Writer thread: the stored tree's frontier and the last entry's bytes."""
         assert self._db is not None
-        row = self._db.execute("SELECT MAX(idx) FROM entries WHERE origin_id = ?", (origin_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT MAX(idx) FROM entries WHERE origin_id = ?", (origin_id,)
+        ).fetchone()
         size = 0 if row[0] is None else row[0] + 1
         nodes: dict[NodeID, bytes] = {}
         for level, idx in Frontier.needed_nodes(size):
@@ -574,10 +606,14 @@ class _ThreadWriter(ThreadedSqlite):
         """Writer thread: the trusted keys of gateway ``name``'s chain (a replacement
         statement's signers may have rotated their keys), none if its log is unknown."""
         assert self._db is not None
-        row = self._db.execute("SELECT id, public_key FROM origins WHERE name = ?", (name,)).fetchone()
+        row = self._db.execute(
+            "SELECT id, public_key FROM origins WHERE name = ?", (name,)
+        ).fetchone()
         if row is None:
             return []
-        return self._chain(row[0], name, Ed25519PublicKey.from_public_bytes(bytes(row[1]))).trusted_keys()
+        return self._chain(
+            row[0], name, Ed25519PublicKey.from_public_bytes(bytes(row[1]))
+        ).trusted_keys()
 
     def _write(
         self,
@@ -592,11 +628,16 @@ class _ThreadWriter(ThreadedSqlite):
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO entries (origin_id, idx, data) VALUES (?, ?, ?)", entries_rows)
-            db.executemany("INSERT INTO nodes (origin_id, level, idx, hash) VALUES (?, ?, ?, ?)", node_rows)
+            db.executemany(
+                "INSERT INTO entries (origin_id, idx, data) VALUES (?, ?, ?)", entries_rows
+            )
+            db.executemany(
+                "INSERT INTO nodes (origin_id, level, idx, hash) VALUES (?, ?, ?, ?)", node_rows
+            )
             if key_rows:
                 db.executemany(
-                    "INSERT OR IGNORE INTO entry_keys (key, origin_id, idx) VALUES (?, ?, ?)", key_rows
+                    "INSERT OR IGNORE INTO entry_keys (key, origin_id, idx) VALUES (?, ?, ?)",
+                    key_rows,
                 )
             if change_rows:  # a replacement accepted ahead keeps its statement row
                 db.executemany(
@@ -629,7 +670,11 @@ class LogWriter(_ThreadWriter):
     batch; ``tip`` gives the size and the key that signs its checkpoint, read together."""
 
     def __init__(
-        self, store: LedgerStore, identity: Identity, max_batch: int = 2000, policy: WitnessPolicy | None = None,
+        self,
+        store: LedgerStore,
+        identity: Identity,
+        max_batch: int = 2000,
+        policy: WitnessPolicy | None = None,
         companion: Companion | None = None,
     ) -> None:
         super().__init__(store, "ledger-writer")
@@ -714,15 +759,21 @@ class LogWriter(_ThreadWriter):
         result: Appended = await self._enqueue(pending)
         return result
 
-    async def append_guarded(self, kind: str, payload: Mapping[str, Any], ticket: Any) -> Appended | Declined:
+    async def append_guarded(
+        self, kind: str, payload: Mapping[str, Any], ticket: Any
+    ) -> Appended | Declined:
         """Append one entry as the companion decides for ``ticket`` (see ``Companion``), in
         the same writer-thread hop as the batch's commit and the companion's own work."""
         if self.companion is None:
             raise LedgerStoreError("ledger writer has no companion for a guarded append")
-        result: Appended | Declined = await self._enqueue(_Pending(kind, payload, None, self._new_future(), ticket))
+        result: Appended | Declined = await self._enqueue(
+            _Pending(kind, payload, None, self._new_future(), ticket)
+        )
         return result
 
-    def append_guarded_blocking(self, kind: str, payload: Mapping[str, Any], ticket: Any) -> Appended | Declined:
+    def append_guarded_blocking(
+        self, kind: str, payload: Mapping[str, Any], ticket: Any
+    ) -> Appended | Declined:
         """``append_guarded`` for a worker thread (never the event loop's): returns once the
         entry is durable, committing it, with the other threads' appends queued meanwhile,
         on this thread when no batch is being committed."""
@@ -735,7 +786,10 @@ class LogWriter(_ThreadWriter):
         while pending.result is _UNSET:
             with self._commit_lock:
                 if pending.result is _UNSET:  # nobody committed it while we waited
-                    batch = [self._from_threads.popleft() for _ in range(min(self.max_batch, len(self._from_threads)))]
+                    batch = [
+                        self._from_threads.popleft()
+                        for _ in range(min(self.max_batch, len(self._from_threads)))
+                    ]
                     for item, outcome in zip(batch, self._commit_or_fail(batch), strict=True):
                         item.result = outcome
         if isinstance(pending.result, BaseException):
@@ -746,7 +800,9 @@ class LogWriter(_ThreadWriter):
         """Append a key-rotation entry signed by the current key and ``new_key``; every
         entry after it, and every checkpoint of a size above it, is signed by ``new_key``.
         Returns once the entry is durable (and the writer signs with the new key)."""
-        result: Appended = await self._enqueue(_Pending(KEY_ROTATION, NewKey(new_key), (), self._new_future()))
+        result: Appended = await self._enqueue(
+            _Pending(KEY_ROTATION, NewKey(new_key), (), self._new_future())
+        )
         return result
 
     def _new_future(self) -> asyncio.Future[Any]:
@@ -794,10 +850,14 @@ class LogWriter(_ThreadWriter):
         except Exception as exc:
             return [exc] * len(batch)
 
-    def _admit(self, batch: list[_Pending]) -> list[Mapping[str, Any] | NewKey | Declined | BaseException]:
+    def _admit(
+        self, batch: list[_Pending]
+    ) -> list[Mapping[str, Any] | NewKey | Declined | BaseException]:
         """Writer thread: each item's payload to append, or what answers it instead (the
         companion's verdict on a guarded append)."""
-        payloads: list[Mapping[str, Any] | NewKey | Declined | BaseException] = [p.payload for p in batch]
+        payloads: list[Mapping[str, Any] | NewKey | Declined | BaseException] = [
+            p.payload for p in batch
+        ]
         guarded = [i for i, p in enumerate(batch) if p.ticket is not None]
         if not guarded:
             return payloads
@@ -807,7 +867,11 @@ class LogWriter(_ThreadWriter):
         except Exception as exc:  # the companion's store failed: its appends fail, the others go on
             verdicts = [exc] * len(guarded)
         for i, verdict in zip(guarded, verdicts, strict=True):
-            payloads[i] = verdict if isinstance(verdict, Declined | BaseException) else {**cast(Mapping[str, Any], batch[i].payload), **verdict}
+            payloads[i] = (
+                verdict
+                if isinstance(verdict, Declined | BaseException)
+                else {**cast(Mapping[str, Any], batch[i].payload), **verdict}
+            )
         return payloads
 
     def _commit(self, batch: list[_Pending]) -> list[Any]:
@@ -831,14 +895,22 @@ class LogWriter(_ThreadWriter):
             index = tree.size
             new_key: Ed25519PrivateKey | None = None
             is_change = isinstance(payload, NewKey) or changes_key_of(origin, pending.kind, payload)
-            if not is_change and identity.public_key.public_bytes_raw() != chain.current.public_bytes_raw():
-                results.append(LedgerStoreError(
-                    "this gateway's key is not the key its log has in force (replaced?); nothing is signed with it"))
+            if (
+                not is_change
+                and identity.public_key.public_bytes_raw() != chain.current.public_bytes_raw()
+            ):
+                results.append(
+                    LedgerStoreError(
+                        "this gateway's key is not the key its log has in force (replaced?); nothing is signed with it"
+                    )
+                )
                 continue
             try:
                 if isinstance(payload, NewKey):
                     new_key = payload.private_key
-                    payload = rotation_payload(origin=origin, index=index, prev=last_leaf, time_ms=now, new_key=new_key)
+                    payload = rotation_payload(
+                        origin=origin, index=index, prev=last_leaf, time_ms=now, new_key=new_key
+                    )
                 entry, data = sign_entry(
                     origin=origin,
                     index=index,
@@ -850,7 +922,11 @@ class LogWriter(_ThreadWriter):
                 )
                 if is_change:  # checked as every verifier will check it
                     chain = check_change(
-                        entry, chain, root=tree.root, policy=self.policy, signer_keys=self._signer_keys
+                        entry,
+                        chain,
+                        root=tree.root,
+                        policy=self.policy,
+                        signer_keys=self._signer_keys,
                     )
                     change = chain.change_at(index)
                     assert change is not None
@@ -874,7 +950,9 @@ class LogWriter(_ThreadWriter):
         except (sqlite3.Error, OSError) as exc:
             log.error("ledger commit failed: %s", exc)
             self._load_state()
-            error = LedgerStoreError(f"ledger write failed ({exc}); check disk space and {self.store.path}")
+            error = LedgerStoreError(
+                f"ledger write failed ({exc}); check disk space and {self.store.path}"
+            )
             return [r if isinstance(r, Declined | BaseException) else error for r in results]
         self._tree, self._last_leaf, self._last_time = tree, last_leaf, last_time
         self.identity, self.chain = identity, chain
@@ -887,8 +965,11 @@ class LogWriter(_ThreadWriter):
 
     def _after(self, batch: list[_Pending], results: list[Any]) -> None:
         """Writer thread, after the commit: the companion's work on the guarded appends made."""
-        done = [(i, batch[i].ticket, r) for i, r in enumerate(results)
-                if batch[i].ticket is not None and isinstance(r, Appended)]
+        done = [
+            (i, batch[i].ticket, r)
+            for i, r in enumerate(results)
+            if batch[i].ticket is not None and isinstance(r, Appended)
+        ]
         if not done:
             return
         assert self.companion is not None
@@ -955,12 +1036,20 @@ class ReplicaWriter(_ThreadWriter):
         served). ReplicaError says why it refused; then nothing was stored."""
         info = await self.store.origin(origin)
         if info is None:
-            raise ReplicaError(f"origin {origin!r} is not a known log; add its key before replicating it")
+            raise ReplicaError(
+                f"origin {origin!r} is not a known log; add its key before replicating it"
+            )
         proof = None if consistency_proof is None else list(consistency_proof)
-        return await self._on_thread(self._append, info, list(entries), checkpoint_note, proof, list(later_changes))
+        return await self._on_thread(
+            self._append, info, list(entries), checkpoint_note, proof, list(later_changes)
+        )
 
     def _append(
-        self, info: OriginInfo, entries: list[bytes], checkpoint_note: bytes, proof: list[bytes] | None,
+        self,
+        info: OriginInfo,
+        entries: list[bytes],
+        checkpoint_note: bytes,
+        proof: list[bytes] | None,
         later_changes: list[KeyChange],
     ) -> int:
         try:
@@ -987,7 +1076,11 @@ class ReplicaWriter(_ThreadWriter):
                 if changes_key_of(info.name, entry.kind, entry.payload):
                     check_entry(data, origin=info.name, index=index, prev=prev, public_key=None)
                     chain = check_change(
-                        entry, chain, root=tree.root, policy=self.policy, signer_keys=self._signer_keys
+                        entry,
+                        chain,
+                        root=tree.root,
+                        policy=self.policy,
+                        signer_keys=self._signer_keys,
                     )
                     change = chain.change_at(index)
                     assert change is not None
@@ -1015,7 +1108,9 @@ class ReplicaWriter(_ThreadWriter):
                 except KeyChangeError as exc:
                     raise ReplicaError(f"key changes of {info.name} offered ahead: {exc}") from None
         if not ahead.signs_checkpoint(note, cp.size):
-            raise ReplicaError(f"checkpoint of {info.name} is not signed by its key (in force at size {cp.size})")
+            raise ReplicaError(
+                f"checkpoint of {info.name} is not signed by its key (in force at size {cp.size})"
+            )
         checkpoint_row: tuple[int, int, bytes] | None = None
         if end == cp.size:
             if tree.root() != cp.root_hash:
@@ -1035,9 +1130,13 @@ class ReplicaWriter(_ThreadWriter):
         try:
             self._write(entries_rows, node_rows, key_rows, checkpoint_row, change_rows)
         except sqlite3.IntegrityError:
-            raise ReplicaError(f"entries of {info.name} were stored meanwhile; retry from the new size") from None
+            raise ReplicaError(
+                f"entries of {info.name} were stored meanwhile; retry from the new size"
+            ) from None
         except (sqlite3.Error, OSError) as exc:
-            raise LedgerStoreError(f"ledger write failed ({exc}); check disk space and {self.store.path}") from None
+            raise LedgerStoreError(
+                f"ledger write failed ({exc}); check disk space and {self.store.path}"
+            ) from None
         return end
 
     async def drop_from(self, origin: str, size: int) -> int:
@@ -1054,10 +1153,17 @@ class ReplicaWriter(_ThreadWriter):
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
         try:
-            dropped = db.execute("DELETE FROM entries WHERE origin_id = ? AND idx >= ?", (origin_id, size)).rowcount
-            db.execute("DELETE FROM nodes WHERE origin_id = ? AND ((idx + 1) << level) > ?", (origin_id, size))
+            dropped = db.execute(
+                "DELETE FROM entries WHERE origin_id = ? AND idx >= ?", (origin_id, size)
+            ).rowcount
+            db.execute(
+                "DELETE FROM nodes WHERE origin_id = ? AND ((idx + 1) << level) > ?",
+                (origin_id, size),
+            )
             db.execute("DELETE FROM entry_keys WHERE origin_id = ? AND idx >= ?", (origin_id, size))
-            db.execute("DELETE FROM checkpoints WHERE origin_id = ? AND size > ?", (origin_id, size))
+            db.execute(
+                "DELETE FROM checkpoints WHERE origin_id = ? AND size > ?", (origin_id, size)
+            )
             db.execute(  # but the replacement accepted for index ``size`` itself
                 "DELETE FROM key_changes WHERE origin_id = ? AND idx >= ? AND NOT (idx = ? AND statement IS NOT NULL)",
                 (origin_id, size, size),

@@ -254,7 +254,9 @@ class Frontier:
 
     @classmethod
     def from_nodes(cls, size: int, nodes: Mapping[NodeID, bytes]) -> Frontier:
-        return cls(size, {level: (idx, nodes[(level, idx)]) for level, idx in cls.needed_nodes(size)})
+        return cls(
+            size, {level: (idx, nodes[(level, idx)]) for level, idx in cls.needed_nodes(size)}
+        )
 
 
 def _check_hash(what: str, h: bytes) -> None:

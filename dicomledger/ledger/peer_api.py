@@ -70,7 +70,9 @@ CONSORTIUM_HEADER = "Dicomledger-Consortium"
 
 
 def consortium_value(secret_check: str, policy: WitnessPolicy | None) -> str:
-    digest = "none" if policy is None else hashlib.sha256(canonical_text(policy).encode()).hexdigest()
+    digest = (
+        "none" if policy is None else hashlib.sha256(canonical_text(policy).encode()).hexdigest()
+    )
     return f"secret-check={secret_check}; policy={digest}"
 
 
@@ -90,13 +92,17 @@ def consortium_mismatch(ours: str, theirs: str) -> str | None:
     if mine.get("secret-check") != other.get("secret-check"):
         problems.append(
             f"its pseudonym secret differs from ours (check value {str(other.get('secret-check'))[:16]}…, ours "
-            f"{str(mine.get('secret-check'))[:16]}…): one patient would have two pseudonyms")
+            f"{str(mine.get('secret-check'))[:16]}…): one patient would have two pseudonyms"
+        )
     if mine.get("policy") != other.get("policy"):
+
         def what(d: str | None) -> str:
             return "none" if d in (None, "none") else f"{d[:16]}…"
 
-        problems.append(f"its witness policy differs from ours (digest {what(other.get('policy'))}, ours "
-                        f"{what(mine.get('policy'))})")
+        problems.append(
+            f"its witness policy differs from ours (digest {what(other.get('policy'))}, ours "
+            f"{what(mine.get('policy'))})"
+        )
     return "; ".join(problems) or None
 
 
@@ -161,10 +167,16 @@ class ConsortiumSettings:
             before = None if held is None else ("", held.mismatch)
         fields = parse_consortium_value(theirs)
         await self.state.set_consortium_check(
-            ConsortiumCheck(peer, fields.get("secret-check"), fields.get("policy"), problem, now_iso()))
+            ConsortiumCheck(
+                peer, fields.get("secret-check"), fields.get("policy"), problem, now_iso()
+            )
+        )
         if problem is not None:
-            log.error("peer refused: consortium settings differ; nothing is exchanged with it until they match",
-                      peer=peer, mismatch=problem)
+            log.error(
+                "peer refused: consortium settings differ; nothing is exchanged with it until they match",
+                peer=peer,
+                mismatch=problem,
+            )
         elif before is not None and before[1] is not None:
             log.info("consortium settings of a peer match ours again", peer=peer)
         return problem
@@ -204,7 +216,8 @@ class PeerApi:
 
     async def start(self) -> None:
         app = web.Application(
-            client_max_size=self.config.max_message_bytes, middlewares=[self._count_traffic, self._consortium_guard]
+            client_max_size=self.config.max_message_bytes,
+            middlewares=[self._count_traffic, self._consortium_guard],
         )
         app.router.add_get("/v1/checkpoints", self._get_checkpoints)
         app.router.add_get("/v1/entries", self._get_entries)
@@ -218,7 +231,9 @@ class PeerApi:
             self._runner,
             self.config.host,
             self.config.port,
-            tls=server_context(self.config.tls_cert, self.config.tls_key, [p.tls_cert for p in self.config.peers]),
+            tls=server_context(
+                self.config.tls_cert, self.config.tls_key, [p.tls_cert for p in self.config.peers]
+            ),
             on_refused=self._handshake_refused,
         )
         await site.start()
@@ -229,7 +244,9 @@ class PeerApi:
             self._runner = None
 
     @web.middleware
-    async def _count_traffic(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    async def _count_traffic(
+        self, request: web.Request, handler: Callable[..., Any]
+    ) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
         self.traffic.requests_served += 1
         self.traffic.bytes_received += request.content_length or 0
@@ -239,7 +256,9 @@ class PeerApi:
         return response
 
     @web.middleware
-    async def _consortium_guard(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    async def _consortium_guard(
+        self, request: web.Request, handler: Callable[..., Any]
+    ) -> web.StreamResponse:
         """A peer whose request says it holds another pseudonym secret or witness policy is
         refused (403, nothing served or stored); every answer says what we hold. A request
         without the header (a standard witness client, a gateway from before the check) is
@@ -285,7 +304,9 @@ class PeerApi:
         # the checkpoint we last cosigned per origin: a restarted origin learns from it its
         # true size even when we had not pulled its entries yet
         witnessed = {origin: b64(note) for origin, note in await self.state.witnessed_notes()}
-        return web.json_response({"checkpoints": checkpoints, "evidence": evidence, "witnessed": witnessed})
+        return web.json_response(
+            {"checkpoints": checkpoints, "evidence": evidence, "witnessed": witnessed}
+        )
 
     def _query_ints(self, request: web.Request, *names: str) -> list[int]:
         try:
@@ -314,7 +335,9 @@ class PeerApi:
         try:
             origin = request.query.get("origin", "")
             old, new = self._query_ints(request, "old", "new")
-            if await self.store.origin(origin) is None or not 0 < old <= new <= await self.store.size(origin):
+            if await self.store.origin(
+                origin
+            ) is None or not 0 < old <= new <= await self.store.size(origin):
                 return self._refuse(caller, 404, "no such sizes held")
             proof = await self.store.consistency_proof(origin, old, new)
         except PeerProtocolError as exc:
@@ -342,7 +365,9 @@ class PeerApi:
             try:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                return self._refuse(caller, 413, f"body above {self.config.max_message_bytes} bytes")
+                return self._refuse(
+                    caller, 413, f"body above {self.config.max_message_bytes} bytes"
+                )
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise PeerProtocolError("body must be a JSON object")
@@ -354,17 +379,32 @@ class PeerApi:
             if not isinstance(proof_raw, list) or len(proof_raw) > 63:
                 raise PeerProtocolError("proof must be a list of at most 63 hashes")
             proof = [unb64(h, "proof hash") for h in proof_raw]
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
+        except (
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+            RecursionError,
+        ):  # deep nesting: RecursionError
             return self._refuse(caller, 400, "body is not JSON")
         except PeerProtocolError as exc:
             return self._refuse(caller, 400, str(exc))
         if caller in await self.state.flagged():
-            return self._refuse(caller, 403, "you are flagged for equivocation: this gateway no longer cosigns your checkpoints")
-        outcome = await self._witness(caller, note, old_size, proof, frozenset({caller}))  # its own checkpoints
+            return self._refuse(
+                caller,
+                403,
+                "you are flagged for equivocation: this gateway no longer cosigns your checkpoints",
+            )
+        outcome = await self._witness(
+            caller, note, old_size, proof, frozenset({caller})
+        )  # its own checkpoints
         self._log_refusal(caller, outcome)
         if outcome.status == 200:
             (cosignature,) = outcome.cosignatures
-            return web.json_response({"name": cosignature.name, "cosignature": b64(cosignature.key_id + cosignature.data)})
+            return web.json_response(
+                {
+                    "name": cosignature.name,
+                    "cosignature": b64(cosignature.key_id + cosignature.data),
+                }
+            )
         answer: dict[str, Any] = {"error": outcome.reason}
         if outcome.size is not None:
             answer["size"] = outcome.size  # a stale old size: here is the size we hold, retry
@@ -385,12 +425,22 @@ class PeerApi:
             except WitnessError as exc:
                 outcome = Witnessed(400, str(exc))
             else:
-                outcome = await self._witness(caller, req.note, req.old_size, req.consistency_proof, self._witnessed)
+                outcome = await self._witness(
+                    caller, req.note, req.old_size, req.consistency_proof, self._witnessed
+                )
         self._log_refusal(caller, outcome)
         if outcome.status == 200:
-            return web.Response(body=format_signature_lines(outcome.cosignatures), content_type="text/plain", charset="utf-8")
+            return web.Response(
+                body=format_signature_lines(outcome.cosignatures),
+                content_type="text/plain",
+                charset="utf-8",
+            )
         if outcome.size is not None:
-            return web.Response(status=409, body=format_size(outcome.size), headers={"Content-Type": SIZE_CONTENT_TYPE})
+            return web.Response(
+                status=409,
+                body=format_size(outcome.size),
+                headers={"Content-Type": SIZE_CONTENT_TYPE},
+            )
         return web.Response(status=outcome.status, text=outcome.reason + "\n")
 
     async def _witness(
@@ -406,7 +456,10 @@ class PeerApi:
             return Witnessed(exc.status, str(exc))
         if origin in logs and origin in await self.state.flagged():
             who = "you are" if origin == caller else f"{origin} is"
-            return Witnessed(403, f"{who} flagged for equivocation: this gateway no longer cosigns its checkpoints")
+            return Witnessed(
+                403,
+                f"{who} flagged for equivocation: this gateway no longer cosigns its checkpoints",
+            )
         async with self._witness_lock:  # read, check and update the state atomically
             stored = await self.state.witness_state(origin) if origin in logs else None
             state = WitnessState(origin, *stored) if stored else None
@@ -425,17 +478,23 @@ class PeerApi:
                 )
             except InconsistentError as exc:
                 if exc.evidence is not None:
-                    await self._evidence_found(format_evidence(exc.evidence), exc.evidence.origin, caller)
+                    await self._evidence_found(
+                        format_evidence(exc.evidence), exc.evidence.origin, caller
+                    )
                 return Witnessed(exc.status, str(exc))
             except StaleError as exc:
                 return Witnessed(exc.status, str(exc), size=exc.size)
             except BadSignatureError as exc:
                 if origin in logs:  # a peer's log
-                    self._schedule_pull(origin, note)  # it may have changed its key: learn it from its log
+                    self._schedule_pull(
+                        origin, note
+                    )  # it may have changed its key: learn it from its log
                 return Witnessed(exc.status, str(exc))
             except WitnessError as exc:
                 return Witnessed(exc.status, str(exc))
-            await self.state.save_witness_state(origin, new_state.size, new_state.root_hash, new_state.note)
+            await self.state.save_witness_state(
+                origin, new_state.size, new_state.root_hash, new_state.note
+            )
         if new_state.size > await self.store.size(origin):
             self._schedule_pull(origin, note)  # an announcement: fetch the new entries now
         return Witnessed(200, cosignatures=(cosignature,))

@@ -40,7 +40,9 @@ def create_tls_identity(cert_path: Path, key_path: Path, name: str) -> None:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("dicomledger-peer")]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("dicomledger-peer")]), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     key_path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,8 +67,12 @@ def pem_fingerprint(pem: bytes) -> str:
     return fingerprint(x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER))
 
 
-def _context(purpose: ssl.Purpose, cert: Path, key: Path, peer_certs: list[bytes]) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
+def _context(
+    purpose: ssl.Purpose, cert: Path, key: Path, peer_certs: list[bytes]
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(
+        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
+    )
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(cert, key)
     ctx.check_hostname = False  # identity is the pinned certificate, not a host name
@@ -101,7 +107,11 @@ def handshake_failure(exc: BaseException) -> str:
         return f"client certificate not accepted: {exc.verify_message} ({exc.reason})"
     if isinstance(exc, ssl.SSLError):
         words = _OPENSSL_REASONS.get(exc.reason or "")
-        return f"TLS handshake failed: {words} ({exc.reason})" if words else f"TLS handshake failed: {exc.reason or exc}"
+        return (
+            f"TLS handshake failed: {words} ({exc.reason})"
+            if words
+            else f"TLS handshake failed: {exc.reason or exc}"
+        )
     if isinstance(exc, ConnectionAbortedError):
         return f"no TLS handshake within {HANDSHAKE_TIMEOUT:g} s"
     if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
@@ -167,7 +177,11 @@ class _HandshakeFirst(asyncio.Protocol):
         handoff = _Handoff()
         try:
             tls = await asyncio.get_running_loop().start_tls(
-                transport, handoff, self._context, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+                transport,
+                handoff,
+                self._context,
+                server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
             )
         except asyncio.CancelledError:
             transport.abort()

@@ -121,10 +121,17 @@ class PermissionBook:
         for ref, reason in state.ignored.items():
             if ref not in self._reported:  # once per record, not on every decision
                 self._reported.add(ref)
-                log.warning("permission record ignored", patient=patient[:12], record=ref[:16], reason=reason)
+                log.warning(
+                    "permission record ignored",
+                    patient=patient[:12],
+                    record=ref[:16],
+                    reason=reason,
+                )
         return History(order_history(records), state, malformed)
 
-    async def decide(self, patient: str, *, study: str | None, ae: str, site: str | None, today: str) -> Decision:
+    async def decide(
+        self, patient: str, *, study: str | None, ae: str, site: str | None, today: str
+    ) -> Decision:
         return decide((await self.history(patient, today)).state, ae=ae, site=site, study=study)
 
     async def decide_all(
@@ -147,7 +154,9 @@ class PermissionBook:
         key = self.issuer_keys.get(name)
         if key is None:
             known = ", ".join(sorted(self.issuer_keys))
-            raise PermissionFormatError(f"this gateway holds no key for issuer {name!r}; it can sign as: {known}")
+            raise PermissionFormatError(
+                f"this gateway holds no key for issuer {name!r}; it can sign as: {known}"
+            )
         return name, key
 
     async def anchored_images(self, patient: str, study: str | None = None) -> int:
@@ -174,8 +183,14 @@ class PermissionBook:
         name, key = self._issuer(issuer)
         records, _ = await self._records(patient)
         unsigned = unsigned_grant_payload(
-            patient=patient, grantee=grantee, study=study, until=until, purpose=purpose,
-            consent=consent, heads=heads_of(records), issuer_name=name,
+            patient=patient,
+            grantee=grantee,
+            study=study,
+            until=until,
+            purpose=purpose,
+            consent=consent,
+            heads=heads_of(records),
+            issuer_name=name,
         )
         now = today()
         if until is not None and until < now:  # both YYYY-MM-DD, checked above
@@ -204,8 +219,12 @@ class PermissionBook:
         records, _ = await self._records(patient)
         refs = [self._resolve(r, records) for r in grants]
         unsigned = unsigned_revoke_payload(
-            patient=patient, grants=sorted(set(refs)), grantee=grantee, reason=reason,
-            heads=heads_of(records), issuer_name=name,
+            patient=patient,
+            grants=sorted(set(refs)),
+            grantee=grantee,
+            reason=reason,
+            heads=heads_of(records),
+            issuer_name=name,
         )
         if dry_run:
             return self._dry_run(REVOKE, unsigned)
@@ -228,8 +247,12 @@ class PermissionBook:
             )
         return found[0]
 
-    async def _append(self, writer: LogWriter, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _append(
+        self, writer: LogWriter, kind: str, payload: dict[str, Any]
+    ) -> dict[str, Any]:
         appended = await writer.append(kind, payload)
         ref = appended.leaf_hash.hex()
-        log.info(f"{kind} issued", patient=payload["patient"][:12], ref=ref[:16], entry=appended.index)
+        log.info(
+            f"{kind} issued", patient=payload["patient"][:12], ref=ref[:16], entry=appended.index
+        )
         return {"ref": ref, "origin": appended.origin, "index": appended.index}

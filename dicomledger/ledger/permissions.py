@@ -348,7 +348,9 @@ def _message(unsigned: Mapping[str, Any]) -> bytes:
     return PERMISSION_PREFIX + canonical_json(unsigned)
 
 
-def sign_payload(kind: str, unsigned: dict[str, Any], issuer_key: Ed25519PrivateKey) -> dict[str, Any]:
+def sign_payload(
+    kind: str, unsigned: dict[str, Any], issuer_key: Ed25519PrivateKey
+) -> dict[str, Any]:
     """``unsigned`` (checked by ``unsigned_*_payload``) with the issuer's signature added."""
     if not isinstance(issuer_key, Ed25519PrivateKey):
         raise PermissionFormatError(f"{kind} issuer key: must be an Ed25519 private key")
@@ -405,8 +407,14 @@ def make_grant_payload(
 ) -> dict[str, Any]:
     """A checked grant payload signed by the issuer. ``heads`` is sorted and deduplicated."""
     unsigned = unsigned_grant_payload(
-        patient=patient, grantee=grantee, study=study, until=until, purpose=purpose,
-        consent=consent, heads=heads, issuer_name=issuer_name,
+        patient=patient,
+        grantee=grantee,
+        study=study,
+        until=until,
+        purpose=purpose,
+        consent=consent,
+        heads=heads,
+        issuer_name=issuer_name,
     )
     return sign_payload(GRANT, unsigned, issuer_key)
 
@@ -449,7 +457,11 @@ def make_revoke_payload(
     """A checked revoke payload signed by the issuer. ``grants`` and ``heads`` are sorted and
     deduplicated."""
     unsigned = unsigned_revoke_payload(
-        patient=patient, grants=grants, grantee=grantee, reason=reason, heads=heads,
+        patient=patient,
+        grants=grants,
+        grantee=grantee,
+        reason=reason,
+        heads=heads,
         issuer_name=issuer_name,
     )
     return sign_payload(REVOKE, unsigned, issuer_key)
@@ -470,24 +482,50 @@ def parse_permission(entry: Entry, entry_bytes: bytes) -> Record:
     if not same:
         raise PermissionFormatError("entry bytes are not the encoding of this entry")
     return parse_record(
-        entry.kind, entry.payload, ref=leaf_hash(bytes(entry_bytes)).hex(), origin=entry.origin,
-        index=entry.index, time_ms=entry.time_ms,
+        entry.kind,
+        entry.payload,
+        ref=leaf_hash(bytes(entry_bytes)).hex(),
+        origin=entry.origin,
+        index=entry.index,
+        time_ms=entry.time_ms,
     )
 
 
-def parse_record(kind: str, payload: Mapping[str, Any], *, ref: str, origin: str, index: int, time_ms: int) -> Record:
+def parse_record(
+    kind: str, payload: Mapping[str, Any], *, ref: str, origin: str, index: int, time_ms: int
+) -> Record:
     """parse_permission for a payload whose entry is known by its ``ref`` (leaf hash) already."""
     if kind not in (GRANT, REVOKE):
         raise PermissionFormatError(f"entry kind {kind!r} is not a permission record")
     f = _parse_fields(kind, payload, signed=True)
     if kind == GRANT:
         return Grant(
-            ref, origin, index, time_ms, f["patient"], f["grantee"], f["study"],
-            f["until"], f["purpose"], f["consent"], f["heads"], f["issuer"], f["issuer_sig"],
+            ref,
+            origin,
+            index,
+            time_ms,
+            f["patient"],
+            f["grantee"],
+            f["study"],
+            f["until"],
+            f["purpose"],
+            f["consent"],
+            f["heads"],
+            f["issuer"],
+            f["issuer_sig"],
         )
     return Revoke(
-        ref, origin, index, time_ms, f["patient"], f["grants"], f["grantee"],
-        f["reason"], f["heads"], f["issuer"], f["issuer_sig"],
+        ref,
+        origin,
+        index,
+        time_ms,
+        f["patient"],
+        f["grants"],
+        f["grantee"],
+        f["reason"],
+        f["heads"],
+        f["issuer"],
+        f["issuer_sig"],
     )
 
 
@@ -501,8 +539,11 @@ def record_payload(record: Record, *, with_sig: bool = True) -> dict[str, Any]:
     }
     if isinstance(record, Grant):
         out.update(
-            grantee=record.grantee.to_json(), study=record.study, until=record.until,
-            purpose=record.purpose, consent=record.consent,
+            grantee=record.grantee.to_json(),
+            study=record.study,
+            until=record.until,
+            purpose=record.purpose,
+            consent=record.consent,
         )
     else:
         out.update(
@@ -652,9 +693,7 @@ def evaluate(
         if ref in ignored:
             continue
         if record.patient != patient:
-            ignored[ref] = (
-                f"record is for patient {record.patient[:12]}…, not {str(patient)[:12]}…"
-            )
+            ignored[ref] = f"record is for patient {record.patient[:12]}…, not {str(patient)[:12]}…"
             continue
         mine[ref] = record
         why = is_authorised(record)
@@ -667,9 +706,7 @@ def evaluate(
     # not make a concurrent grant look as if its issuer had seen that revoke.
     content = {ref: signed_message(r) for ref, r in mine.items() if isinstance(r, Grant)}
     revokes = [r for r in authorised.values() if isinstance(r, Revoke)]
-    revoked_content = {
-        r.ref: {content[g] for g in r.grants if g in content} for r in revokes
-    }
+    revoked_content = {r.ref: {content[g] for g in r.grants if g in content} for r in revokes}
     ended: dict[str, str] = {}
     revoked_by: dict[str, str] = {}
     effective: list[Grant] = []

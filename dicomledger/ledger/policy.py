@@ -141,7 +141,10 @@ def canonical_text(policy: WitnessPolicy) -> str:
     its logs, witnesses (cosigner vkeys), groups (thresholds as numbers) and quorum, in the
     order defined. Two files with the same canonical text require the same cosignatures."""
     lines = [f"log {verifier_key(log.key_name, log.key)}" for log in policy.logs]
-    lines += [f"witness {w.name} {verifier_key(w.key_name, w.key, SIG_COSIGNATURE_V1)}" for w in policy.witnesses]
+    lines += [
+        f"witness {w.name} {verifier_key(w.key_name, w.key, SIG_COSIGNATURE_V1)}"
+        for w in policy.witnesses
+    ]
     lines += [f"group {g.name} {g.threshold} {' '.join(g.members)}" for g in policy.groups]
     lines.append(f"quorum {policy.quorum}")
     return "".join(line + "\n" for line in lines)
@@ -171,12 +174,18 @@ def _vkey(vkey: str, want: int, role: str) -> tuple[str, Ed25519PublicKey]:
         raise PolicyError(f"invalid {role} vkey: {exc}") from None
     kind = canonical_b64decode(vkey.split("+", 2)[2], "key material")[0]
     if kind != want:
-        needed = "a cosignature key (type 0x04)" if want == SIG_COSIGNATURE_V1 else "an Ed25519 note key (type 0x01)"
+        needed = (
+            "a cosignature key (type 0x04)"
+            if want == SIG_COSIGNATURE_V1
+            else "an Ed25519 note key (type 0x01)"
+        )
         raise PolicyError(f"{role} vkey {name} has key type 0x{kind:02x}; a {role} needs {needed}")
     return name, key
 
 
-def parse_policy_lines(lines: Iterable[tuple[int, str]], what: str = "policy line") -> WitnessPolicy:
+def parse_policy_lines(
+    lines: Iterable[tuple[int, str]], what: str = "policy line"
+) -> WitnessPolicy:
     """Parse numbered tlog-policy lines (comments and blank lines may be included);
     PolicyError ``"<what> N: <reason>"`` on the first bad line."""
     logs: list[PolicyLog] = []
@@ -213,7 +222,9 @@ def parse_policy_lines(lines: Iterable[tuple[int, str]], what: str = "policy lin
                 if key.public_bytes_raw() in witness_keys:
                     raise PolicyError(f"duplicate witness public key ({key_name})")
                 witness_keys.add(key.public_bytes_raw())
-                witnesses.append(PolicyWitness(name, key_name, key, args[2] if len(args) == 3 else None))
+                witnesses.append(
+                    PolicyWitness(name, key_name, key, args[2] if len(args) == 3 else None)
+                )
                 defined.add(name)
             elif keyword == "group":
                 if len(args) < 3:
@@ -227,12 +238,16 @@ def parse_policy_lines(lines: Iterable[tuple[int, str]], what: str = "policy lin
                 elif _DECIMAL.fullmatch(threshold):
                     k = int(threshold)
                 else:
-                    raise PolicyError(f"threshold {threshold!r} of group {name} is not all, any or a decimal >= 1")
+                    raise PolicyError(
+                        f"threshold {threshold!r} of group {name} is not all, any or a decimal >= 1"
+                    )
                 if not 1 <= k <= len(members):
                     raise PolicyError(f"threshold {k} of group {name} is outside 1..{len(members)}")
                 for m in members:
                     if m not in defined:
-                        raise PolicyError(f"group {name}: member {m!r} is not defined on an earlier line")
+                        raise PolicyError(
+                            f"group {name}: member {m!r} is not defined on an earlier line"
+                        )
                     if m in members_used:
                         raise PolicyError(f"group {name}: {m!r} is already a member of a group")
                     members_used.add(m)
@@ -253,7 +268,9 @@ def parse_policy_lines(lines: Iterable[tuple[int, str]], what: str = "policy lin
         except PolicyError as exc:
             raise PolicyError(f"{what} {n}: {exc}") from None
     if quorum is None:
-        raise PolicyError(f"{what} {last}: the policy has no quorum line (use 'quorum none' to require no cosignature)")
+        raise PolicyError(
+            f"{what} {last}: the policy has no quorum line (use 'quorum none' to require no cosignature)"
+        )
     return WitnessPolicy(tuple(logs), tuple(witnesses), tuple(groups), quorum)
 
 

@@ -210,7 +210,9 @@ def check_proof_file(
     if trust.policy is not None:
         shortfall = trust.policy.shortfall(witnesses)
         if shortfall is not None:
-            raise ProofFileError(f"checkpoint of size {cp.size} is below the witness quorum: {shortfall}")
+            raise ProofFileError(
+                f"checkpoint of size {cp.size} is below the witness quorum: {shortfall}"
+            )
     return ProofCheck(
         origin=cp.origin,
         size=cp.size,

@@ -79,7 +79,9 @@ async def rotate_key(writer: LogWriter, key_file: Path) -> Appended:
     return appended
 
 
-async def resume_rotation(store: LedgerStore, identity: Identity, key_file: Path) -> tuple[Identity, str | None]:
+async def resume_rotation(
+    store: LedgerStore, identity: Identity, key_file: Path
+) -> tuple[Identity, str | None]:
     """At start, before anything is appended: a ``gateway.key.new`` left by a rotation that
     was interrupted after its entry became durable is put in place; one the log never used
     (the rotation failed, or a replacement not yet installed) is left alone. Returns the
@@ -95,7 +97,9 @@ async def resume_rotation(store: LedgerStore, identity: Identity, key_file: Path
     if _same(chain.current, new_key.public_key()) and not _same(chain.current, identity.public_key):
         os.replace(pending, key_file)
         _fsync_dir(key_file.parent)
-        return Identity(identity.origin, new_key), "finished a key rotation interrupted after its entry was written"
+        return Identity(
+            identity.origin, new_key
+        ), "finished a key rotation interrupted after its entry was written"
     return identity, None
 
 
@@ -108,7 +112,10 @@ class OwnKey:
 
 
 async def own_key_check(
-    store: LedgerStore, identity: Identity, key_file: Path, policy: WitnessPolicy | None,
+    store: LedgerStore,
+    identity: Identity,
+    key_file: Path,
+    policy: WitnessPolicy | None,
     signer_keys: Callable[[str], Sequence[Ed25519PublicKey]] = lambda name: (),
 ) -> OwnKey:
     """Once the own log's tip is confirmed: the key file's key must be the one in force at
@@ -133,20 +140,28 @@ async def own_key_check(
 
 def _wrong_key(chain: KeyChain, identity: Identity, size: int) -> str:
     changed = f" (after the key change at entry {chain.last_index})" if chain.changes else ""
-    return (f"the key file holds {identity.vkey}, but this log's entries are signed by "
-            f"{verifier_key(chain.origin, chain.current)} now{changed}: restore the key file, or, if the "
-            "key is lost or stolen, replace it with a consortium quorum (`dicomledger replace-key`)")
+    return (
+        f"the key file holds {identity.vkey}, but this log's entries are signed by "
+        f"{verifier_key(chain.origin, chain.current)} now{changed}: restore the key file, or, if the "
+        "key is lost or stolen, replace it with a consortium quorum (`dicomledger replace-key`)"
+    )
 
 
-def _check_fits(statement: Statement, chain: KeyChain, size: int, root: bytes, identity: Identity) -> None:
+def _check_fits(
+    statement: Statement, chain: KeyChain, size: int, root: bytes, identity: Identity
+) -> None:
     """A statement fits this log: its origin, its size is the log's size, its root the log's
     root there, its old key the one in force, its new key the key file's."""
     if statement.origin != chain.origin:
         raise KeyChangeError(f"the statement is for {statement.origin}, not {chain.origin}")
     if statement.size != size:
-        raise KeyChangeError(f"the statement replaces the key at size {statement.size}, but this log holds {size} entries")
+        raise KeyChangeError(
+            f"the statement replaces the key at size {statement.size}, but this log holds {size} entries"
+        )
     if statement.root != root:
-        raise KeyChangeError(f"the statement pins another history than this log's first {size} entries (root)")
+        raise KeyChangeError(
+            f"the statement pins another history than this log's first {size} entries (root)"
+        )
     if not _same(statement.old_key, chain.key_for_size(size)):
         raise KeyChangeError("the statement's old key is not the one this log has in force")
     if not _same(statement.new_key, identity.public_key):
@@ -179,7 +194,9 @@ async def make_request(store: LedgerStore, origin: str, key_file: Path, reason: 
     return Request(start, tuple(await store.entries(origin, start, size)), statement)
 
 
-async def check_for_signing(store: LedgerStore, request: Request, peers: Sequence[str]) -> Statement:
+async def check_for_signing(
+    store: LedgerStore, request: Request, peers: Sequence[str]
+) -> Statement:
     """What a consortium gateway checks before it signs a replacement statement for a peer:
     the new key's own signature; that the statement keeps exactly the history this gateway
     holds of that peer (its entries, and the request's tail where it holds fewer, each
@@ -196,11 +213,13 @@ async def check_for_signing(store: LedgerStore, request: Request, peers: Sequenc
     held = await store.size(origin)
     if held > statement.size:
         raise KeyChangeError(
-            f"this gateway holds {held} entries of {origin}, more than the {statement.size} the statement keeps")
+            f"this gateway holds {held} entries of {origin}, more than the {statement.size} the statement keeps"
+        )
     if held < request.tail_start:
         raise KeyChangeError(
             f"this gateway holds {held} entries of {origin} and the request carries them from entry "
-            f"{request.tail_start} only: let it replicate first, or have the request made again")
+            f"{request.tail_start} only: let it replicate first, or have the request made again"
+        )
     tree = Frontier.from_nodes(held, await store.nodes(origin, Frontier.needed_nodes(held)))
     prev = merkle.leaf_hash(await store.entry(origin, held - 1)) if held else ZERO_HASH
     for index in range(held, statement.size):
@@ -211,24 +230,35 @@ async def check_for_signing(store: LedgerStore, request: Request, peers: Sequenc
                 check_entry(data, origin=origin, index=index, prev=prev, public_key=None)
                 chain = check_change(entry, chain, root=tree.root, policy=None)
             else:
-                check_entry(data, origin=origin, index=index, prev=prev, public_key=chain.entry_key(index))
+                check_entry(
+                    data, origin=origin, index=index, prev=prev, public_key=chain.entry_key(index)
+                )
         except EntryError as exc:
             raise KeyChangeError(f"the request's entry {index} of {origin}: {exc}") from None
         prev = merkle.leaf_hash(data)
         tree.append(prev)
     if tree.root() != statement.root:
-        raise KeyChangeError(f"the statement pins another history of {origin} than the entries held here")
+        raise KeyChangeError(
+            f"the statement pins another history of {origin} than the entries held here"
+        )
     if not _same(statement.old_key, chain.key_for_size(statement.size)):
-        raise KeyChangeError(f"the statement's old key is not the key {origin}'s log has in force at its size")
+        raise KeyChangeError(
+            f"the statement's old key is not the key {origin}'s log has in force at its size"
+        )
     witnessed = await ConsortiumState(store).witness_state(origin)
     if witnessed is not None and witnessed[0] > statement.size:
         raise KeyChangeError(
-            f"this gateway cosigned a checkpoint of {origin} of size {witnessed[0]}, larger than the statement keeps")
+            f"this gateway cosigned a checkpoint of {origin} of size {witnessed[0]}, larger than the statement keeps"
+        )
     return statement
 
 
 async def install_replacement(
-    store: LedgerStore, origin: str, key_file: Path, request: Request, policy: WitnessPolicy | None,
+    store: LedgerStore,
+    origin: str,
+    key_file: Path,
+    request: Request,
+    policy: WitnessPolicy | None,
     signer_keys: Callable[[str], Sequence[Ed25519PublicKey]],
 ) -> Statement:
     """At the gateway whose key is replaced, stopped: the statement must meet the quorum and

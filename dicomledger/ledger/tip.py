@@ -81,7 +81,9 @@ def local_tip_accepted_payload(by: str, problem: str, unconfirmed: Iterable[str]
     }
 
 
-def flag_cleared_payload(origin: str, evidence_digests: Iterable[bytes], by: str, reason: str) -> dict[str, Any]:
+def flag_cleared_payload(
+    origin: str, evidence_digests: Iterable[bytes], by: str, reason: str
+) -> dict[str, Any]:
     """The payload of the ``flag-cleared`` entry (module docstring)."""
     digests = sorted({d.hex() for d in evidence_digests})
     if not digests:

@@ -77,15 +77,31 @@ class Trust:
             except EntryError as exc:
                 raise NoteError(f"trust line {n}: {exc}") from None
             if entry.origin not in self.logs:
-                raise NoteError(f"trust line {n}: a key change of {entry.origin}, whose first key the trust file lacks")
+                raise NoteError(
+                    f"trust line {n}: a key change of {entry.origin}, whose first key the trust file lacks"
+                )
             entries.setdefault(entry.origin, []).append((n, entry))
-        rotated = {o: self._chain(o, found, None, lambda name: (), rotations_only=True) for o, found in entries.items()}
-        return {o: self._chain(o, found, self.policy, lambda name: rotated[name].trusted_keys() if name in rotated else [])
-                for o, found in entries.items()}
+        rotated = {
+            o: self._chain(o, found, None, lambda name: (), rotations_only=True)
+            for o, found in entries.items()
+        }
+        return {
+            o: self._chain(
+                o,
+                found,
+                self.policy,
+                lambda name: rotated[name].trusted_keys() if name in rotated else [],
+            )
+            for o, found in entries.items()
+        }
 
     def _chain(
-        self, origin: str, found: list[tuple[int, Entry]], policy: WitnessPolicy | None,
-        signer_keys: Callable[[str], Sequence[Ed25519PublicKey]], rotations_only: bool = False,
+        self,
+        origin: str,
+        found: list[tuple[int, Entry]],
+        policy: WitnessPolicy | None,
+        signer_keys: Callable[[str], Sequence[Ed25519PublicKey]],
+        rotations_only: bool = False,
     ) -> KeyChain:
         """The chain through ``found``; with ``rotations_only``, up to its first replacement
         (the signers' own chains, for counting a replacement's signers)."""
@@ -94,8 +110,12 @@ class Trust:
             if rotations_only and entry.kind != KEY_ROTATION:
                 break
             try:
-                pinned = parse_statement(statement_of(entry)).root if entry.kind != KEY_ROTATION else b""
-                chain = check_change(entry, chain, root=given(pinned), policy=policy, signer_keys=signer_keys)
+                pinned = (
+                    parse_statement(statement_of(entry)).root if entry.kind != KEY_ROTATION else b""
+                )
+                chain = check_change(
+                    entry, chain, root=given(pinned), policy=policy, signer_keys=signer_keys
+                )
             except KeyChangeError as exc:
                 raise NoteError(f"trust line {n}: {exc}") from None
         return chain
@@ -114,9 +134,15 @@ class Trust:
             keys = [key]
             chain = self.chains.get(name)
             if chain is not None:
-                replaced = {k.public_bytes_raw() for k in chain.keys()} - {k.public_bytes_raw() for k in chain.trusted_keys()}
+                replaced = {k.public_bytes_raw() for k in chain.keys()} - {
+                    k.public_bytes_raw() for k in chain.trusted_keys()
+                }
                 keys = [k for k in keys if k.public_bytes_raw() not in replaced]
-                keys += [k for k in chain.trusted_keys() if all(k.public_bytes_raw() != m.public_bytes_raw() for m in keys)]
+                keys += [
+                    k
+                    for k in chain.trusted_keys()
+                    if all(k.public_bytes_raw() != m.public_bytes_raw() for m in keys)
+                ]
             found[name] = keys
         return found
 
@@ -133,7 +159,9 @@ class Trust:
             if name in mine and mine[name].public_bytes_raw() != key.public_bytes_raw():
                 raise NoteError(f"{what}: key name {name!r} stands for two different keys")
         return Trust(
-            {**self.logs, **other.logs}, {**self.witnesses, **other.witnesses}, self.policy or other.policy,
+            {**self.logs, **other.logs},
+            {**self.witnesses, **other.witnesses},
+            self.policy or other.policy,
             self.key_changes + other.key_changes,
         )
 
@@ -150,7 +178,14 @@ def load_trust(text: str) -> Trust:
         if not line or line.startswith("#"):
             continue
         if line.startswith(KEY_CHANGE + " "):
-            changes.append((n, canonical_b64decode(line[len(KEY_CHANGE) + 1:].strip(), f"trust line {n}: {KEY_CHANGE}")))
+            changes.append(
+                (
+                    n,
+                    canonical_b64decode(
+                        line[len(KEY_CHANGE) + 1 :].strip(), f"trust line {n}: {KEY_CHANGE}"
+                    ),
+                )
+            )
             continue
         if is_policy_line(raw):
             policy_lines.append((n, raw))
@@ -243,7 +278,9 @@ def read_trust(trust_file: Path, policy_file: Path | None = None) -> Trust:
 def _read(path: Path) -> Trust:
     try:
         trust = load_trust(path.read_text(encoding="utf-8", errors="surrogateescape"))
-        if trust.policy is not None or not any(b'"kind":"key-replacement"' in d for _, d in trust.key_changes):
+        if trust.policy is not None or not any(
+            b'"kind":"key-replacement"' in d for _, d in trust.key_changes
+        ):
             _ = trust.chains  # checked now, unless a separate policy must count a replacement
         return trust
     except NoteError as exc:

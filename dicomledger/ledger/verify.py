@@ -152,16 +152,30 @@ class _ChunkResult:
     checked: int
 
 
-ChangeData = tuple[tuple[int, bytes, bool], ...]  # key changes as plain data: (index, key, replaced)
+ChangeData = tuple[
+    tuple[int, bytes, bool], ...
+]  # key changes as plain data: (index, key, replaced)
 
 
 def _chain(origin: str, first: bytes, changes: ChangeData) -> KeyChain:
-    return KeyChain(origin, Ed25519PublicKey.from_public_bytes(first), tuple(
-        KeyChange(idx, Ed25519PublicKey.from_public_bytes(key), replaced) for idx, key, replaced in changes))
+    return KeyChain(
+        origin,
+        Ed25519PublicKey.from_public_bytes(first),
+        tuple(
+            KeyChange(idx, Ed25519PublicKey.from_public_bytes(key), replaced)
+            for idx, key, replaced in changes
+        ),
+    )
 
 
 def _check_chunk(
-    path: str, origin_id: int, origin: str, key: bytes, start: int, end: int, sign_from: int,
+    path: str,
+    origin_id: int,
+    origin: str,
+    key: bytes,
+    start: int,
+    end: int,
+    sign_from: int,
     changes: ChangeData = (),
 ) -> _ChunkResult:
     """Entries [start, end) of one origin (start a multiple of CHUNK) and every Merkle node
@@ -196,8 +210,11 @@ def _check_chunk(
             try:
                 entry = check_entry(data, origin=origin, index=idx, prev=prev, public_key=None)
                 if changes_key_of(origin, entry.kind, entry.payload) != (idx in hinted):
-                    what = ("is a key change that the database's key_changes table does not list" if idx not in hinted
-                            else "is listed in the database's key_changes table but is no key change")
+                    what = (
+                        "is a key change that the database's key_changes table does not list"
+                        if idx not in hinted
+                        else "is listed in the database's key_changes table but is no key change"
+                    )
                     raise EntryError(f"entry {what}")
                 if idx >= sign_from and idx not in hinted:
                     verify_entry_signature(entry, chain.entry_key(idx), canonical=data)
@@ -268,13 +285,19 @@ class _CheckedCheckpoint:
 
 
 def _check_checkpoints(
-    origin: str, key: bytes, witness_keys: dict[str, list[bytes]], batch: list[tuple[int, bytes | None]],
+    origin: str,
+    key: bytes,
+    witness_keys: dict[str, list[bytes]],
+    batch: list[tuple[int, bytes | None]],
     changes: ChangeData = (),
 ) -> tuple[list[_CheckedCheckpoint], tuple[int, str] | None]:
     """Signatures of a batch of one origin's checkpoints (ascending size), each by the key
     in force at its size: the checked ones and the first problem, as (size, what)."""
     chain = _chain(origin, key, changes)
-    witnesses = {name: [Ed25519PublicKey.from_public_bytes(k) for k in keys] for name, keys in witness_keys.items()}
+    witnesses = {
+        name: [Ed25519PublicKey.from_public_bytes(k) for k in keys]
+        for name, keys in witness_keys.items()
+    }
     checked: list[_CheckedCheckpoint] = []
     for size, note_bytes in batch:
         if note_bytes is None:
@@ -288,7 +311,10 @@ def _check_checkpoints(
         if not verify_note_signature(note, origin, public_key):
             return checked, (size, "signature by the origin's key does not verify")
         if cp.origin != origin or cp.size != size:
-            return checked, (size, f"names {cp.origin!r} size {cp.size}, stored as {origin!r} size {size}")
+            return checked, (
+                size,
+                f"names {cp.origin!r} size {cp.size}, stored as {origin!r} size {size}",
+            )
         try:
             cosigned, _ = verified_cosigners(note, (origin, key_id(origin, public_key)), witnesses)
         except CosignatureError as exc:
@@ -337,7 +363,9 @@ class _Run:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
-    def origin(self, o: _Origin, every_signature: bool) -> tuple[Problem | None, OriginReport | None]:
+    def origin(
+        self, o: _Origin, every_signature: bool
+    ) -> tuple[Problem | None, OriginReport | None]:
         covered = 0 if every_signature else _newest_signed_checkpoint(o)
         problem, report = self._check(o, sign_from=covered)
         if problem is not None and report is None and covered > 0:
@@ -351,12 +379,22 @@ class _Run:
         """The first problem, with no report if the stored data is wrong, or with the
         origin's report if only the witness policy is not met."""
         # 1. entries and the nodes inside each chunk, in parallel
-        stray = self.db.execute("SELECT idx FROM entries WHERE origin_id = ? AND idx < 0 LIMIT 1", (o.id,)).fetchone()
+        stray = self.db.execute(
+            "SELECT idx FROM entries WHERE origin_id = ? AND idx < 0 LIMIT 1", (o.id,)
+        ).fetchone()
         if stray is not None:
             return Problem(o.name, f"entry {stray[0]}", "unexpected entry (negative index)"), None
         futures: dict[Future[_ChunkResult], int] = {
             self.pool.submit(
-                _check_chunk, str(self.path), o.id, o.name, o.key, s, min(s + CHUNK, o.size), sign_from, o.changes
+                _check_chunk,
+                str(self.path),
+                o.id,
+                o.name,
+                o.key,
+                s,
+                min(s + CHUNK, o.size),
+                sign_from,
+                o.changes,
             ): s
             for s in range(0, o.size, CHUNK)
         }
@@ -377,7 +415,11 @@ class _Run:
         node_problems += self._stray_nodes(o)
         if node_problems:
             level, idx, what = min(node_problems)
-            where = f"entry {idx} leaf hash" if what.startswith("stored leaf hash") else f"node ({level}, {idx})"
+            where = (
+                f"entry {idx} leaf hash"
+                if what.startswith("stored leaf hash")
+                else f"node ({level}, {idx})"
+            )
             return Problem(o.name, where, what), None
 
         # 2b. the key changes the workers followed: each one checked from the first key
@@ -386,9 +428,13 @@ class _Run:
             return problem, None
 
         # 3. checkpoints: signatures and cosignatures in parallel, roots here
-        batches = [o.checkpoints[i : i + CHECKPOINT_BATCH] for i in range(0, len(o.checkpoints), CHECKPOINT_BATCH)]
+        batches = [
+            o.checkpoints[i : i + CHECKPOINT_BATCH]
+            for i in range(0, len(o.checkpoints), CHECKPOINT_BATCH)
+        ]
         cp_futures = [
-            self.pool.submit(_check_checkpoints, o.name, o.key, self.witness_keys, b, o.changes) for b in batches
+            self.pool.submit(_check_checkpoints, o.name, o.key, self.witness_keys, b, o.changes)
+            for b in batches
         ]
         newest: _CheckedCheckpoint | None = None
         for cp_future in cp_futures:
@@ -396,15 +442,21 @@ class _Run:
             for cp in checked:
                 where = f"checkpoint at size {cp.size}"
                 if cp.size > o.size:
-                    return Problem(o.name, where, f"covers {cp.size} entries but the log holds {o.size}"), None
+                    return Problem(
+                        o.name, where, f"covers {cp.size} entries but the log holds {o.size}"
+                    ), None
                 if self._root(o, cp.size, upper) != cp.root:
-                    return Problem(o.name, where, "root hash does not match the stored entries"), None
+                    return Problem(
+                        o.name, where, "root hash does not match the stored entries"
+                    ), None
                 newest = cp
             if failure is not None:
                 return Problem(o.name, f"checkpoint at size {failure[0]}", failure[1]), None
 
         report = OriginReport(
-            o.name, o.size, len(o.checkpoints),
+            o.name,
+            o.size,
+            len(o.checkpoints),
             newest_checkpoint=0 if newest is None else newest.size,
             witnesses=() if newest is None else tuple(sorted(newest.cosigned)),
         )
@@ -418,7 +470,9 @@ class _Run:
                 shortfall = self.policy.shortfall(newest.cosigned)
                 if shortfall is not None:
                     where = f"checkpoint at size {newest.size}"
-                    return Problem(o.name, where, f"newest checkpoint is below the witness quorum: {shortfall}"), report
+                    return Problem(
+                        o.name, where, f"newest checkpoint is below the witness quorum: {shortfall}"
+                    ), report
             report = replace(report, quorum=self.policy.describe())
         return None, report
 
@@ -431,25 +485,41 @@ class _Run:
         chain = _chain(o.name, o.key, ())
         for idx, key, replaced in o.changes:
             (data,) = self.db.execute(
-                "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (o.id, idx)).fetchone()
+                "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (o.id, idx)
+            ).fetchone()
             try:
                 entry = decode_entry(bytes(data))
                 chain = check_change(
-                    entry, chain, root=partial(self._root, o, idx, upper), policy=self.key_policy,
+                    entry,
+                    chain,
+                    root=partial(self._root, o, idx, upper),
+                    policy=self.key_policy,
                     signer_keys=lambda name: self.signer_keys.get(name, []),
                 )
             except (EntryError, KeyChangeError) as exc:
                 return Problem(o.name, f"entry {idx}", str(exc))
             change = chain.change_at(idx)
-            if change is None or change.key.public_bytes_raw() != key or change.replaced != replaced:
-                return Problem(o.name, f"entry {idx}", "the database's key_changes row does not match the key change")
+            if (
+                change is None
+                or change.key.public_bytes_raw() != key
+                or change.replaced != replaced
+            ):
+                return Problem(
+                    o.name,
+                    f"entry {idx}",
+                    "the database's key_changes row does not match the key change",
+                )
         trusted = self.trusted_chains.get(o.name)
         for change in trusted.changes if trusted is not None else ():
             if change.index >= o.size:
                 continue
             held = chain.change_at(change.index)
             if held is None or held.key.public_bytes_raw() != change.key.public_bytes_raw():
-                return Problem(o.name, f"entry {change.index}", "the trust file's key-change line is not this log's entry")
+                return Problem(
+                    o.name,
+                    f"entry {change.index}",
+                    "the trust file's key-change line is not this log's entry",
+                )
         return None
 
     def _upper_levels(
@@ -460,7 +530,9 @@ class _Run:
         levels = {CHUNK_LEVEL: chunk_roots}
         level, hashes = CHUNK_LEVEL, chunk_roots
         while len(hashes) > 1:
-            hashes = [merkle.node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes) - 1, 2)]
+            hashes = [
+                merkle.node_hash(hashes[i], hashes[i + 1]) for i in range(0, len(hashes) - 1, 2)
+            ]
             level += 1
             levels[level] = hashes
             stored = self.db.execute(
@@ -500,7 +572,8 @@ class _Run:
                 hashes.append(upper[level][idx])
             else:  # a stored node inside a chunk, which its worker found equal to the recomputed one
                 (h,) = self.db.execute(
-                    "SELECT hash FROM nodes WHERE origin_id = ? AND level = ? AND idx = ?", (o.id, level, idx)
+                    "SELECT hash FROM nodes WHERE origin_id = ? AND level = ? AND idx = ?",
+                    (o.id, level, idx),
                 ).fetchone()
                 hashes.append(h)
         return merkle.fold_range(hashes)
@@ -509,7 +582,9 @@ class _Run:
 def _newest_signed_checkpoint(o: _Origin) -> int:
     """Size of the newest checkpoint that is well-formed and signed by the origin's key: the
     entries below it need no signature check of their own if its root matches them."""
-    chain = _chain(o.name, o.key, o.changes)  # as the rows say: checked later, and if wrong all is re-checked
+    chain = _chain(
+        o.name, o.key, o.changes
+    )  # as the rows say: checked later, and if wrong all is re-checked
     for size, note_bytes in reversed(o.checkpoints):
         if size > o.size or note_bytes is None:
             continue
@@ -553,9 +628,14 @@ def verify_database(
         every = db.execute("SELECT id, name, public_key FROM origins ORDER BY id").fetchall()
         rows = [r for r in every if origin is None or r[1] == origin]
         if origin is not None and not rows:
-            return VerifyReport((), Problem(origin, "origin", "the ledger holds no log for this origin"))
+            return VerifyReport(
+                (), Problem(origin, "origin", "the ledger holds no log for this origin")
+            )
         stored = {name: _blob(key) for _, name, key in every}
-        pinned = {n: k.public_bytes_raw() for n, k in (trust.logs if trust else expected_keys or {}).items()}
+        pinned = {
+            n: k.public_bytes_raw()
+            for n, k in (trust.logs if trust else expected_keys or {}).items()
+        }
         try:
             trusted_chains = trust.chains if trust is not None else {}
         except NoteError as exc:
@@ -566,15 +646,22 @@ def verify_database(
             # a witness's keys: those the trust file gives, and the later keys its own log (in
             # this database, from the first key the trust file pins) changed to, but not those
             # a replacement took over from
-            witness_keys = {n: [k.public_bytes_raw() for k in keys] for n, keys in trust.witness_keys().items()}
+            witness_keys = {
+                n: [k.public_bytes_raw() for k in keys] for n, keys in trust.witness_keys().items()
+            }
             for name, keys in witness_keys.items():
                 if name in chains and pinned.get(name) == stored.get(name):
                     keys[:] = [k for k in keys if k not in replaced[name]]
                     keys += [k for k in chains[name] if k not in keys]
         else:
             witness_keys = {
-                name: [k for k in dict.fromkeys([stored_key, *chains.get(name, [])]) if k not in replaced.get(name, [])]
-                for name, stored_key in stored.items() if stored_key is not None and len(stored_key) == 32
+                name: [
+                    k
+                    for k in dict.fromkeys([stored_key, *chains.get(name, [])])
+                    if k not in replaced.get(name, [])
+                ]
+                for name, stored_key in stored.items()
+                if stored_key is not None and len(stored_key) == 32
             }
         origins = []
         for origin_id, name, _ in rows:
@@ -584,25 +671,44 @@ def verify_database(
                 return VerifyReport((), Problem(name, "origin key", what))
             key = stored[name]
             if key is None or len(key) != 32:
-                return VerifyReport((), Problem(name, "origin key", "stored public key is not an Ed25519 key"))
+                return VerifyReport(
+                    (), Problem(name, "origin key", "stored public key is not an Ed25519 key")
+                )
             if want is not None and want != key:
                 what = "trusted" if trust is not None else "configured"
-                return VerifyReport((), Problem(name, "origin key", f"stored public key differs from the {what} key"))
-            size_row = db.execute("SELECT MAX(idx) FROM entries WHERE origin_id = ?", (origin_id,)).fetchone()
+                return VerifyReport(
+                    (),
+                    Problem(name, "origin key", f"stored public key differs from the {what} key"),
+                )
+            size_row = db.execute(
+                "SELECT MAX(idx) FROM entries WHERE origin_id = ?", (origin_id,)
+            ).fetchone()
             checkpoints = [
                 (size, _blob(note))
                 for size, note in db.execute(
-                    "SELECT size, note FROM checkpoints WHERE origin_id = ? ORDER BY size", (origin_id,)
+                    "SELECT size, note FROM checkpoints WHERE origin_id = ? ORDER BY size",
+                    (origin_id,),
                 )
             ]
             size = 0 if size_row[0] is None else size_row[0] + 1
-            held = tuple(c for c in changes[name] if c[0] < size)  # rows at or above: accepted ahead
+            held = tuple(
+                c for c in changes[name] if c[0] < size
+            )  # rows at or above: accepted ahead
             origins.append(_Origin(origin_id, name, key, size, checkpoints, held))
         with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
             run = _Run(
-                db, path, pool, witness_keys, trust.policy if trust else None, progress,
-                sum(o.size for o in origins), key_policy=key_policy,
-                signer_keys={n: [Ed25519PublicKey.from_public_bytes(k) for k in keys] for n, keys in chains.items()},
+                db,
+                path,
+                pool,
+                witness_keys,
+                trust.policy if trust else None,
+                progress,
+                sum(o.size for o in origins),
+                key_policy=key_policy,
+                signer_keys={
+                    n: [Ed25519PublicKey.from_public_bytes(k) for k in keys]
+                    for n, keys in chains.items()
+                },
                 trusted_chains=trusted_chains,
             )
             for o in origins:
@@ -622,17 +728,24 @@ def _change_rows(db: sqlite3.Connection, origin_id: int) -> ChangeData:
     """An origin's key_changes rows as plain data; none in a database from before them."""
     try:
         rows = db.execute(
-            "SELECT idx, public_key, replaced FROM key_changes WHERE origin_id = ? ORDER BY idx", (origin_id,)
+            "SELECT idx, public_key, replaced FROM key_changes WHERE origin_id = ? ORDER BY idx",
+            (origin_id,),
         ).fetchall()
     except sqlite3.OperationalError:  # no such table
         return ()
-    return tuple((idx, bytes(key), bool(replaced)) for idx, key, replaced in rows
-                 if isinstance(key, bytes) and len(key) == 32)
+    return tuple(
+        (idx, bytes(key), bool(replaced))
+        for idx, key, replaced in rows
+        if isinstance(key, bytes) and len(key) == 32
+    )
 
 
 def _later_keys(
-    db: sqlite3.Connection, origins: list[tuple[int, str, object]], stored: Mapping[str, bytes | None],
-    changes: Mapping[str, ChangeData], policy: WitnessPolicy | None,
+    db: sqlite3.Connection,
+    origins: list[tuple[int, str, object]],
+    stored: Mapping[str, bytes | None],
+    changes: Mapping[str, ChangeData],
+    policy: WitnessPolicy | None,
 ) -> tuple[dict[str, list[bytes]], dict[str, list[bytes]]]:
     """The keys each origin's log changed to that still count as a witness's or a statement
     signer's (replaced ones left out): its key-change entries checked from its first key, the
@@ -647,7 +760,9 @@ def _later_keys(
             continue
         entries = []
         for idx, _, _ in changes[name]:
-            row = db.execute("SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (origin_id, idx)).fetchone()
+            row = db.execute(
+                "SELECT data FROM entries WHERE origin_id = ? AND idx = ?", (origin_id, idx)
+            ).fetchone()
             if row is not None and (data := _blob(row[0])) is not None:
                 try:
                     entries.append(decode_entry(data))
@@ -655,12 +770,18 @@ def _later_keys(
                     break
         rotations = [e for e in entries if e.kind == KEY_ROTATION]
         try:
-            chain = chain_from_entries(name, Ed25519PublicKey.from_public_bytes(first), entries if policy else rotations,
-                                       policy=policy)
+            chain = chain_from_entries(
+                name,
+                Ed25519PublicKey.from_public_bytes(first),
+                entries if policy else rotations,
+                policy=policy,
+            )
         except KeyChangeError:
             continue
         found[name] = [k.public_bytes_raw() for k in chain.trusted_keys()]
-        replaced[name] = [k.public_bytes_raw() for k in chain.keys() if k.public_bytes_raw() not in found[name]]
+        replaced[name] = [
+            k.public_bytes_raw() for k in chain.keys() if k.public_bytes_raw() not in found[name]
+        ]
     return found, replaced
 
 
@@ -668,8 +789,12 @@ def _current_key_problem(o: _Origin, want: Ed25519PublicKey) -> Problem | None:
     current = _chain(o.name, o.key, o.changes).current
     if current.public_bytes_raw() == want.public_bytes_raw():
         return None
-    return Problem(o.name, "origin key", "the configured key file's key is not the key this log has in force "
-                   f"(at its {o.size} entries, after {len(o.changes)} key change(s))")
+    return Problem(
+        o.name,
+        "origin key",
+        "the configured key file's key is not the key this log has in force "
+        f"(at its {o.size} entries, after {len(o.changes)} key change(s))",
+    )
 
 
 # -- presentation -----------------------------------------------------------------------
@@ -694,7 +819,9 @@ class ProgressLine:
         self._drawn = now
         rate = done / max(now - self.start, 1e-9)
         left = (total - done) / rate if rate > 0 else 0.0
-        self.stream.write(f"\rverifying: {done:,} of {total:,} entries, {rate:,.0f} entries/s, {left:.0f} s left  ")
+        self.stream.write(
+            f"\rverifying: {done:,} of {total:,} entries, {rate:,.0f} entries/s, {left:.0f} s left  "
+        )
         self.stream.flush()
 
     def finish(self, report: VerifyReport) -> None:
@@ -724,7 +851,9 @@ def report_lines(report: VerifyReport) -> list[str]:
     if report.problem is not None:
         lines.append(f"FAILED: {report.problem}")
     else:
-        lines.append("OK: every entry, chain link, Merkle node, checkpoint and known cosignature verifies")
+        lines.append(
+            "OK: every entry, chain link, Merkle node, checkpoint and known cosignature verifies"
+        )
     return lines
 
 
@@ -745,8 +874,14 @@ def verify_and_report(
     out, err = out or sys.stdout, err or sys.stderr
     progress = ProgressLine(err)
     report = verify_database(
-        path, expected_keys, trust=trust, origin=origin, progress=progress, every_signature=every_signature,
-        current_keys=current_keys, key_policy=key_policy,
+        path,
+        expected_keys,
+        trust=trust,
+        origin=origin,
+        progress=progress,
+        every_signature=every_signature,
+        current_keys=current_keys,
+        key_policy=key_policy,
     )
     progress.finish(report)
     for line in report_lines(report):

@@ -308,7 +308,10 @@ def check_equivocation(
 
 
 def _evidence_or_none(
-    state: WitnessState, note: bytes, proof: Sequence[bytes] | None, key: Ed25519PublicKey | KeyChain
+    state: WitnessState,
+    note: bytes,
+    proof: Sequence[bytes] | None,
+    key: Ed25519PublicKey | KeyChain,
 ) -> Equivocation | None:
     try:
         return check_equivocation(state.note, note, proof, key)
@@ -405,14 +408,20 @@ class AddCheckpointRequest:
 def _decimal(text: bytes, what: str) -> int:
     """ASCII decimal without leading zeroes, at most 2**63-1 (tlog-witness "old size line")."""
     if not _DECIMAL.fullmatch(text) or int(text) > MAX_TREE_SIZE:
-        raise WitnessError(f"{what} {text[:24]!r} is not a decimal in 0..2**63-1 without leading zeroes")
+        raise WitnessError(
+            f"{what} {text[:24]!r} is not a decimal in 0..2**63-1 without leading zeroes"
+        )
     return int(text)
 
 
 def format_add_checkpoint(old_size: int, consistency_proof: Sequence[bytes], note: bytes) -> bytes:
     """tlog-witness add-checkpoint request body: the old size line, one base64 line per proof
     hash, an empty line, the signed checkpoint note. WitnessError on what would not parse."""
-    if isinstance(old_size, bool) or not isinstance(old_size, int) or not 0 <= old_size <= MAX_TREE_SIZE:
+    if (
+        isinstance(old_size, bool)
+        or not isinstance(old_size, int)
+        or not 0 <= old_size <= MAX_TREE_SIZE
+    ):
         raise WitnessError(f"old size {old_size!r} is not an integer in 0..2**63-1")
     if len(consistency_proof) > MAX_PROOF_HASHES:
         raise WitnessError(f"more than {MAX_PROOF_HASHES} consistency proof hashes")
@@ -455,7 +464,9 @@ def parse_add_checkpoint(body: bytes) -> AddCheckpointRequest:
             raise WitnessError(f"consistency proof line {len(proof) + 1} is not base64") from None
         h = _unb64(text, f"consistency proof line {len(proof) + 1}")
         if len(h) != HASH_SIZE:
-            raise WitnessError(f"consistency proof line {len(proof) + 1} is {len(h)} bytes, not {HASH_SIZE}")
+            raise WitnessError(
+                f"consistency proof line {len(proof) + 1} is {len(h)} bytes, not {HASH_SIZE}"
+            )
         proof.append(h)
     if at == len(data):
         raise WitnessError("request body has no checkpoint after the empty line")

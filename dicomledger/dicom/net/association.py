@@ -39,14 +39,26 @@ log = structlog.get_logger("dicomledger.net")
 COMMAND_SET_LIMIT = 64 * 1024  # a command set is a few hundred bytes
 STASH_LIMIT = 1024 * 1024  # bytes held while an operation runs before we stop reading
 SERVICE_NAMES = {
-    dimse.C_STORE_RQ: "C-STORE", dimse.C_GET_RQ: "C-GET", dimse.C_FIND_RQ: "C-FIND", dimse.C_MOVE_RQ: "C-MOVE",
-    dimse.C_ECHO_RQ: "C-ECHO", 0x0100: "N-EVENT-REPORT", 0x0110: "N-GET", 0x0120: "N-SET", 0x0130: "N-ACTION",
-    0x0140: "N-CREATE", 0x0150: "N-DELETE",
+    dimse.C_STORE_RQ: "C-STORE",
+    dimse.C_GET_RQ: "C-GET",
+    dimse.C_FIND_RQ: "C-FIND",
+    dimse.C_MOVE_RQ: "C-MOVE",
+    dimse.C_ECHO_RQ: "C-ECHO",
+    0x0100: "N-EVENT-REPORT",
+    0x0110: "N-GET",
+    0x0120: "N-SET",
+    0x0130: "N-ACTION",
+    0x0140: "N-CREATE",
+    0x0150: "N-DELETE",
 }
 
 
 # How an association ended, for DicomServer.outcomes ("ended" of its log line; none: we aborted it)
-OUTCOMES = {"released": "released", "aborted by the peer": "aborted_by_peer", "connection closed": "connection_lost"}
+OUTCOMES = {
+    "released": "released",
+    "aborted by the peer": "aborted_by_peer",
+    "connection closed": "connection_lost",
+}
 
 
 class State(enum.Enum):
@@ -121,8 +133,12 @@ class Association(asyncio.Protocol):
             why = f"{type(exc).__name__}: {exc}" if exc else "closed by the peer without A-RELEASE"
             self._end("association", ended="connection closed", reason=why + note)
         elif was is State.AWAITING_RQ:
-            log.info("connection closed", peer=self.address, reason="closed before an A-ASSOCIATE-RQ"
-                     + (f" ({type(exc).__name__})" if exc else ""))
+            log.info(
+                "connection closed",
+                peer=self.address,
+                reason="closed before an A-ASSOCIATE-RQ"
+                + (f" ({type(exc).__name__})" if exc else ""),
+            )
         self._server.connection_closed(self)
 
     def pause_writing(self) -> None:
@@ -138,9 +154,14 @@ class Association(asyncio.Protocol):
     def pdu_started(self, pdu_type: int, length: int) -> None:
         if self.state is State.AWAITING_RQ:
             if pdu_type not in (pdu.A_ASSOCIATE_RQ, pdu.A_ABORT):
-                raise FramingError(f"{pdu.PDU_NAMES[pdu_type]} before an A-ASSOCIATE-RQ", pdu.REASON_UNEXPECTED_PDU)
+                raise FramingError(
+                    f"{pdu.PDU_NAMES[pdu_type]} before an A-ASSOCIATE-RQ", pdu.REASON_UNEXPECTED_PDU
+                )
         elif pdu_type not in (pdu.P_DATA_TF, pdu.A_RELEASE_RQ, pdu.A_ABORT):
-            raise FramingError(f"{pdu.PDU_NAMES[pdu_type]} on an established association", pdu.REASON_UNEXPECTED_PDU)
+            raise FramingError(
+                f"{pdu.PDU_NAMES[pdu_type]} on an established association",
+                pdu.REASON_UNEXPECTED_PDU,
+            )
 
     def control_pdu(self, pdu_type: int, body: bytes) -> None:
         if pdu_type == pdu.A_ASSOCIATE_RQ:
@@ -154,16 +175,22 @@ class Association(asyncio.Protocol):
         context = self._message_context
         if context is None or context.context_id != context_id:
             if context is not None:
-                raise FramingError(f"PDV on presentation context {context_id} inside a message on "
-                                   f"context {context.context_id}")
+                raise FramingError(
+                    f"PDV on presentation context {context_id} inside a message on "
+                    f"context {context.context_id}"
+                )
             context = self._contexts.get(context_id)
             if context is None:
-                raise FramingError(f"PDV on presentation context {context_id}, which was not accepted")
+                raise FramingError(
+                    f"PDV on presentation context {context_id}, which was not accepted"
+                )
             self._message_context = context
         if control & pdu.MESSAGE_COMMAND:
             if self._receiving is not None:
-                raise FramingError("command fragment where the data set was expected",
-                                   pdu.REASON_UNEXPECTED_PARAMETER)
+                raise FramingError(
+                    "command fragment where the data set was expected",
+                    pdu.REASON_UNEXPECTED_PARAMETER,
+                )
             self._command += data
             if len(self._command) > COMMAND_SET_LIMIT:
                 raise FramingError(f"command set longer than {COMMAND_SET_LIMIT} bytes")
@@ -172,7 +199,9 @@ class Association(asyncio.Protocol):
         else:
             op = self._receiving
             if op is None:
-                raise FramingError("data set fragment without a command", pdu.REASON_UNEXPECTED_PARAMETER)
+                raise FramingError(
+                    "data set fragment without a command", pdu.REASON_UNEXPECTED_PARAMETER
+                )
             op.sink.write(data)
             if done and control & pdu.MESSAGE_LAST:
                 self._data_set_received(op)
@@ -196,7 +225,9 @@ class Association(asyncio.Protocol):
     async def _negotiate_elsewhere(self, body: bytes) -> None:
         negotiator = self._server.negotiator
         try:
-            answer = await self._loop.run_in_executor(self._server.negotiation_pool, negotiator.decide, body)
+            answer = await self._loop.run_in_executor(
+                self._server.negotiation_pool, negotiator.decide, body
+            )
         except AssociateRqError as exc:
             if self.state is State.AWAITING_RQ:
                 self._abort(str(exc), pdu.REASON_INVALID_PARAMETER)
@@ -211,22 +242,48 @@ class Association(asyncio.Protocol):
     def _answer(self, answer: Accepted | Rejected) -> None:
         server = self._server
         if not isinstance(answer, Rejected) and server.stopping:
-            answer = reject(pdu.REJECTED_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, 1, "the server is stopping",
-                            answer.calling_ae, answer.called_ae)
-        if not isinstance(answer, Rejected) and (unbound := server.binding_refusal(answer.calling_ae, self)):
+            answer = reject(
+                pdu.REJECTED_TRANSIENT,
+                pdu.RJ_SOURCE_PRESENTATION,
+                1,
+                "the server is stopping",
+                answer.calling_ae,
+                answer.called_ae,
+            )
+        if not isinstance(answer, Rejected) and (
+            unbound := server.binding_refusal(answer.calling_ae, self)
+        ):
             # checked per connection, after the (cached) negotiation: an AE title alone is no identity
-            answer = reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 3, unbound,
-                            answer.calling_ae, answer.called_ae)
+            answer = reject(
+                pdu.REJECTED_PERMANENT,
+                pdu.RJ_SOURCE_USER,
+                3,
+                unbound,
+                answer.calling_ae,
+                answer.called_ae,
+            )
         if not isinstance(answer, Rejected) and server.associations >= server.max_associations:
-            answer = server.negotiator.local_limit_exceeded(answer.calling_ae, answer.called_ae,
-                                                            server.max_associations)
+            answer = server.negotiator.local_limit_exceeded(
+                answer.calling_ae, answer.called_ae, server.max_associations
+            )
         if isinstance(answer, Rejected):  # (logged first: the line is there when the peer reads)
-            log.warning("association refused", reason=answer.reason, calling_ae=answer.calling_ae,
-                        called_ae=answer.called_ae, peer=self.address)
+            log.warning(
+                "association refused",
+                reason=answer.reason,
+                calling_ae=answer.calling_ae,
+                called_ae=answer.called_ae,
+                peer=self.address,
+            )
             server.outcomes["refused"] += 1
-            server.association_refused(RefusedAssociation(
-                answer.calling_ae, answer.called_ae, self.address.rsplit(":", 1)[0], answer.reason,
-                unauthorised=not answer.transient))
+            server.association_refused(
+                RefusedAssociation(
+                    answer.calling_ae,
+                    answer.called_ae,
+                    self.address.rsplit(":", 1)[0],
+                    answer.reason,
+                    unauthorised=not answer.transient,
+                )
+            )
             self._write(answer.pdu)
             self._closing()
             return
@@ -255,24 +312,40 @@ class Association(asyncio.Protocol):
         source, reason = (body[2], body[3]) if len(body) == 4 else (None, None)
         note = self._drop_partial_data_set()
         if self.state is State.ESTABLISHED:
-            self._end("association", ended="aborted by the peer", abort_source=source,
-                      abort_reason=reason, reason=note.strip(" ;") or None)
+            self._end(
+                "association",
+                ended="aborted by the peer",
+                abort_source=source,
+                abort_reason=reason,
+                reason=note.strip(" ;") or None,
+            )
         else:
             log.info("connection closed", peer=self.address, reason="A-ABORT before association")
         self.state = State.CLOSED
         assert self._transport is not None
         self._transport.close()
 
-    def _abort(self, reason: str, provider_reason: int = pdu.REASON_NOT_SPECIFIED,
-               source: int = pdu.ABORT_SOURCE_PROVIDER) -> None:
+    def _abort(
+        self,
+        reason: str,
+        provider_reason: int = pdu.REASON_NOT_SPECIFIED,
+        source: int = pdu.ABORT_SOURCE_PROVIDER,
+    ) -> None:
         """We abort: bad input (PS3.8 AA-1 before association, AA-8 after) or a timeout."""
         if self.state is State.AWAITING_RQ:
-            log.warning("association aborted", reason=reason, peer=self.address, state="awaiting A-ASSOCIATE-RQ")
+            log.warning(
+                "association aborted",
+                reason=reason,
+                peer=self.address,
+                state="awaiting A-ASSOCIATE-RQ",
+            )
             self._write(pdu.a_abort(pdu.ABORT_SOURCE_USER, pdu.REASON_NOT_SPECIFIED))  # AA-1
         elif self.state is State.ESTABLISHED:
             note = self._drop_partial_data_set()
             self._end("association aborted", reason=reason + note)
-            self._write(pdu.a_abort(source, provider_reason if source == pdu.ABORT_SOURCE_PROVIDER else 0))  # AA-8
+            self._write(
+                pdu.a_abort(source, provider_reason if source == pdu.ABORT_SOURCE_PROVIDER else 0)
+            )  # AA-8
         else:
             return
         self._closing()
@@ -291,9 +364,15 @@ class Association(asyncio.Protocol):
             self._server.association_ended(self)
             self._server.outcomes[OUTCOMES.get(str(fields.get("ended")), "aborted")] += 1
         level = log.warning if "aborted" in event else log.info
-        level(event, calling_ae=self.peer.calling_ae, peer=self.address, stores=self.stores,
-              failures=self.failures, duration_ms=round((self._loop.time() - self.opened) * 1000, 1),
-              **{k: v for k, v in fields.items() if v is not None})
+        level(
+            event,
+            calling_ae=self.peer.calling_ae,
+            peer=self.address,
+            stores=self.stores,
+            failures=self.failures,
+            duration_ms=round((self._loop.time() - self.opened) * 1000, 1),
+            **{k: v for k, v in fields.items() if v is not None},
+        )
 
     def _abort_for_service(self, reason: str) -> None:
         if self.state is State.ESTABLISHED:
@@ -337,8 +416,16 @@ class Association(asyncio.Protocol):
 
     def _request(self, command: Command, context: AcceptedContext) -> None:
         service = self._server.services.get(command.field)
-        op = Operation(self.peer, context, self._contexts, command, service, self._send, self._drain,
-                       self._abort_for_service)
+        op = Operation(
+            self.peer,
+            context,
+            self._contexts,
+            command,
+            service,
+            self._send,
+            self._drain,
+            self._abort_for_service,
+        )
         try:
             name = SERVICE_NAMES.get(command.field, "operation")
             if service is None:
@@ -346,9 +433,11 @@ class Association(asyncio.Protocol):
             owners = self._server.owners.get(context.abstract_syntax)
             # a context nobody declared was accepted as an unknown storage SOP class
             if command.field not in (owners or (dimse.C_STORE_RQ,)):
-                raise Refusal(dimse.SOP_CLASS_NOT_SUPPORTED,
-                              f"{name} on presentation context {context.context_id}, accepted for "
-                              f"{context.abstract_syntax}")
+                raise Refusal(
+                    dimse.SOP_CLASS_NOT_SUPPORTED,
+                    f"{name} on presentation context {context.context_id}, accepted for "
+                    f"{context.abstract_syntax}",
+                )
             service.check(op)
             if command.has_data_set:
                 op.sink = service.open_sink(op, self._server.temp_name())
@@ -379,9 +468,17 @@ class Association(asyncio.Protocol):
         if refusal is not None or op.service is None:
             assert refusal is not None
             name = SERVICE_NAMES.get(op.command.field, f"0x{op.command.field:04X}")
-            log.warning("request refused", service=name, status=f"0x{refusal.status:04X}", reason=refusal.reason,
-                        calling_ae=self.peer.calling_ae, peer=self.address)
-            op.respond(dimse.failure_response(op.command, refusal.status, refusal.reason), refusal.status)
+            log.warning(
+                "request refused",
+                service=name,
+                status=f"0x{refusal.status:04X}",
+                reason=refusal.reason,
+                calling_ae=self.peer.calling_ae,
+                peer=self.address,
+            )
+            op.respond(
+                dimse.failure_response(op.command, refusal.status, refusal.reason), refusal.status
+            )
             self._count(op)
             return
         self.busy = op
@@ -395,11 +492,17 @@ class Association(asyncio.Protocol):
         try:
             await op.service.serve(op)
         except Exception:
-            log.exception("dimse service failed", service=op.service.name, calling_ae=self.peer.calling_ae,
-                          peer=self.address)
+            log.exception(
+                "dimse service failed",
+                service=op.service.name,
+                calling_ae=self.peer.calling_ae,
+                peer=self.address,
+            )
             if op.status is None or op.status in (dimse.PENDING, 0xFF01):
-                op.respond(dimse.failure_response(op.command, dimse.PROCESSING_FAILURE, "internal error"),
-                           dimse.PROCESSING_FAILURE)
+                op.respond(
+                    dimse.failure_response(op.command, dimse.PROCESSING_FAILURE, "internal error"),
+                    dimse.PROCESSING_FAILURE,
+                )
         finally:
             op.cleanup()
             self._count(op)
@@ -452,7 +555,9 @@ class Association(asyncio.Protocol):
             return  # the peer is gone or aborted: nothing to answer
         data = pdu.p_data(context_id, command, command=True, max_pdu_length=self._peer_max_pdu)
         if data_set is not None:
-            data += pdu.p_data(context_id, data_set, command=False, max_pdu_length=self._peer_max_pdu)
+            data += pdu.p_data(
+                context_id, data_set, command=False, max_pdu_length=self._peer_max_pdu
+            )
         self._write(data)
 
     async def _drain(self) -> None:
@@ -493,8 +598,11 @@ class Association(asyncio.Protocol):
         self._timer = None
         server, now = self._server, self._loop.time()
         if self.state is State.AWAITING_RQ:  # ARTIM: from the connection's first moment
-            log.warning("connection closed", peer=self.address,
-                        reason=f"no A-ASSOCIATE-RQ within {server.artim_timeout:g} s (ARTIM)")
+            log.warning(
+                "connection closed",
+                peer=self.address,
+                reason=f"no A-ASSOCIATE-RQ within {server.artim_timeout:g} s (ARTIM)",
+            )
             self._close_now()
         elif self.state is State.ESTABLISHED:
             due = self._last_read + server.network_timeout
@@ -503,7 +611,9 @@ class Association(asyncio.Protocol):
             elif now < due:
                 self._arm(due)
             else:
-                self._abort(f"no data from the peer for {server.network_timeout:g} s (network_timeout)")
+                self._abort(
+                    f"no data from the peer for {server.network_timeout:g} s (network_timeout)"
+                )
         elif self.state is State.CLOSING:  # the peer did not close after our last PDU
             self._close_now()
 
@@ -514,11 +624,13 @@ class Association(asyncio.Protocol):
 
     def evict(self) -> None:
         """Closed to make room for new connections (never-associated, oldest first)."""
-        log.warning("connection closed", peer=self.address,
-                    reason="too many connections waiting for an A-ASSOCIATE-RQ; the oldest is closed")
+        log.warning(
+            "connection closed",
+            peer=self.address,
+            reason="too many connections waiting for an A-ASSOCIATE-RQ; the oldest is closed",
+        )
         self._close_now()
 
 
 class _DimseError(DicomError, ValueError):
     """A command set we cannot answer (no usable Message ID or Command Field): A-ABORT."""
-

@@ -107,22 +107,36 @@ def parse_action_information(data: bytes, syntax: UID) -> tuple[str, tuple[tuple
     """Transaction UID and references of an N-ACTION's Action Information; Refusal (with the
     N-ACTION status) naming the first problem. Messages never quote values."""
     try:
-        ds = decode(io.BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        ds = decode(
+            io.BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
+        )
         transaction = ds.get("TransactionUID")
         items = ds.get("ReferencedSOPSequence")
         references = []
         for n, item in enumerate(items or []):
-            sop_class, sop_instance = item.get("ReferencedSOPClassUID"), item.get("ReferencedSOPInstanceUID")
-            for value, name in ((sop_class, "Referenced SOP Class UID"), (sop_instance, "Referenced SOP Instance UID")):
-                problem = uid_problem(str(value).encode("ascii", "replace") if value else None, name)
+            sop_class, sop_instance = (
+                item.get("ReferencedSOPClassUID"),
+                item.get("ReferencedSOPInstanceUID"),
+            )
+            for value, name in (
+                (sop_class, "Referenced SOP Class UID"),
+                (sop_instance, "Referenced SOP Instance UID"),
+            ):
+                problem = uid_problem(
+                    str(value).encode("ascii", "replace") if value else None, name
+                )
                 if problem:
-                    raise Refusal(INVALID_ARGUMENT_VALUE if value else MISSING_ATTRIBUTE,
-                                  f"Referenced SOP Sequence item {n + 1}: {problem}")
+                    raise Refusal(
+                        INVALID_ARGUMENT_VALUE if value else MISSING_ATTRIBUTE,
+                        f"Referenced SOP Sequence item {n + 1}: {problem}",
+                    )
             references.append((str(sop_class), str(sop_instance)))
     except Refusal:
         raise
     except Exception as exc:  # pydicom's decoders raise many kinds: all mean a malformed data set
-        raise Refusal(INVALID_ARGUMENT_VALUE, f"Action Information cannot be decoded: {type(exc).__name__}") from None
+        raise Refusal(
+            INVALID_ARGUMENT_VALUE, f"Action Information cannot be decoded: {type(exc).__name__}"
+        ) from None
     if not transaction:
         raise Refusal(MISSING_ATTRIBUTE, "no Transaction UID (0008,1195)")
     problem = uid_problem(str(transaction).encode("ascii", "replace"), "Transaction UID")
@@ -140,7 +154,9 @@ class CommitmentService:
     cancellable = True  # reads go on while it waits for the N-EVENT-REPORT-RSP
     abstract_syntaxes = {STORAGE_COMMITMENT_PUSH: DEFAULT_SYNTAXES}
 
-    def __init__(self, decide: Decide, deliver_elsewhere: DeliverElsewhere, report_timeout: float) -> None:
+    def __init__(
+        self, decide: Decide, deliver_elsewhere: DeliverElsewhere, report_timeout: float
+    ) -> None:
         self._decide = decide
         self._deliver_elsewhere = deliver_elsewhere
         self._timeout = report_timeout
@@ -150,15 +166,27 @@ class CommitmentService:
         problem = uid_problem(sop_class, "Requested SOP Class UID")
         if problem:
             raise Refusal(MISSING_ATTRIBUTE, problem)
-        if sop_class != op.context.abstract_syntax_bytes or op.context.abstract_syntax != STORAGE_COMMITMENT_PUSH:
-            raise Refusal(SOP_CLASS_NOT_SUPPORTED, f"N-ACTION of SOP class {sop_class!r:.70} on presentation context "
-                          f"{op.context.context_id}, accepted for {op.context.abstract_syntax}")
+        if (
+            sop_class != op.context.abstract_syntax_bytes
+            or op.context.abstract_syntax != STORAGE_COMMITMENT_PUSH
+        ):
+            raise Refusal(
+                SOP_CLASS_NOT_SUPPORTED,
+                f"N-ACTION of SOP class {sop_class!r:.70} on presentation context "
+                f"{op.context.context_id}, accepted for {op.context.abstract_syntax}",
+            )
         if op.command.uid(REQUESTED_SOP_INSTANCE_UID) != STORAGE_COMMITMENT_INSTANCE.encode():
-            raise Refusal(INVALID_OBJECT_INSTANCE, "Requested SOP Instance UID is not the Storage Commitment "
-                          f"well-known instance {STORAGE_COMMITMENT_INSTANCE}")
+            raise Refusal(
+                INVALID_OBJECT_INSTANCE,
+                "Requested SOP Instance UID is not the Storage Commitment "
+                f"well-known instance {STORAGE_COMMITMENT_INSTANCE}",
+            )
         if op.command.us(ACTION_TYPE_ID) != REQUEST_STORAGE_COMMITMENT:
-            raise Refusal(NO_SUCH_ACTION_TYPE, f"Action Type ID {op.command.us(ACTION_TYPE_ID)} (only 1, "
-                          "Request Storage Commitment)")
+            raise Refusal(
+                NO_SUCH_ACTION_TYPE,
+                f"Action Type ID {op.command.us(ACTION_TYPE_ID)} (only 1, "
+                "Request Storage Commitment)",
+            )
         if not op.command.has_data_set:
             raise Refusal(MISSING_ATTRIBUTE, "N-ACTION-RQ without Action Information")
 
@@ -173,32 +201,61 @@ class CommitmentService:
         loop = asyncio.get_running_loop()
         try:
             transaction, references = await loop.run_in_executor(
-                None, parse_action_information, op.data_set or b"", syntax)
+                None, parse_action_information, op.data_set or b"", syntax
+            )
         except Refusal as refusal:
-            log.warning("request refused", service=self.name, status=f"0x{refusal.status:04X}",
-                        reason=refusal.reason, calling_ae=op.peer.calling_ae, peer=op.peer.address)
-            op.respond(dimse.n_action_response(message_id, sop_class, instance, refusal.status,
-                                               comment=refusal.reason), refusal.status)
+            log.warning(
+                "request refused",
+                service=self.name,
+                status=f"0x{refusal.status:04X}",
+                reason=refusal.reason,
+                calling_ae=op.peer.calling_ae,
+                peer=op.peer.address,
+            )
+            op.respond(
+                dimse.n_action_response(
+                    message_id, sop_class, instance, refusal.status, comment=refusal.reason
+                ),
+                refusal.status,
+            )
             return
         request = CommitmentRequest(transaction, references, op.peer.calling_ae, op.peer.address)
         report = await self._decide(request)
-        op.respond(dimse.n_action_response(message_id, sop_class, instance, SUCCESS, REQUEST_STORAGE_COMMITMENT),
-                   SUCCESS)
+        op.respond(
+            dimse.n_action_response(
+                message_id, sop_class, instance, SUCCESS, REQUEST_STORAGE_COMMITMENT
+            ),
+            SUCCESS,
+        )
         why_not_here = await self._report_here(op, report, syntax)
         if why_not_here is not None:
             self._deliver_elsewhere(request, report, why_not_here)
 
-    async def _report_here(self, op: Operation, report: CommitmentReport, syntax: UID) -> str | None:
+    async def _report_here(
+        self, op: Operation, report: CommitmentReport, syntax: UID
+    ) -> str | None:
         """Send the report on this association; None once the requestor took it, else why not."""
         if op.ended:
             return "the requesting association had ended"
-        data = encode(report.event_information(), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        data = encode(
+            report.event_information(),
+            syntax.is_implicit_VR,
+            syntax.is_little_endian,
+            syntax.is_deflated,
+        )
         if data is None:
             return "the report does not encode in the association's transfer syntax"
         op.expect_responses()
-        op.send_request(op.context.context_id, dimse.n_event_report_request(
-            REPORT_MESSAGE_ID, STORAGE_COMMITMENT_PUSH.encode(), STORAGE_COMMITMENT_INSTANCE.encode(),
-            report.event_type), data)
+        op.send_request(
+            op.context.context_id,
+            dimse.n_event_report_request(
+                REPORT_MESSAGE_ID,
+                STORAGE_COMMITMENT_PUSH.encode(),
+                STORAGE_COMMITMENT_INSTANCE.encode(),
+                report.event_type,
+            ),
+            data,
+        )
         try:
             response = await asyncio.wait_for(op.response(), self._timeout)
         except TimeoutError:
@@ -210,7 +267,14 @@ class CommitmentService:
             return f"the requestor answered the report with command 0x{response.field:04X}"
         if status != SUCCESS:
             return f"the requestor answered the report with status 0x{status or 0:04X}"
-        log.info("storage commitment report delivered", calling_ae=op.peer.calling_ae, peer=op.peer.address,
-                 transaction_uid=report.transaction_uid, committed=len(report.committed), failed=len(report.failed),
-                 event_type=report.event_type, association="same")
+        log.info(
+            "storage commitment report delivered",
+            calling_ae=op.peer.calling_ae,
+            peer=op.peer.address,
+            transaction_uid=report.transaction_uid,
+            committed=len(report.committed),
+            failed=len(report.failed),
+            event_type=report.event_type,
+            association="same",
+        )
         return None

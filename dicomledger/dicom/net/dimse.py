@@ -107,10 +107,14 @@ def parse_command(data: bytes | bytearray) -> Command:
             raise CommandError(f"command set ends inside an element header at byte {pos}")
         group, element, length = _ELEMENT.unpack_from(data, pos)
         if group != 0:
-            raise CommandError(f"element ({group:04X},{element:04X}) in a command set (group 0000 only)")
+            raise CommandError(
+                f"element ({group:04X},{element:04X}) in a command set (group 0000 only)"
+            )
         pos += 8
         if length > end - pos:
-            raise CommandError(f"element (0000,{element:04X}) declares {length} bytes, {end - pos} remain")
+            raise CommandError(
+                f"element (0000,{element:04X}) declares {length} bytes, {end - pos} remain"
+            )
         if element in values:
             raise CommandError(f"element (0000,{element:04X}) appears twice")
         values[element] = bytes(data[pos : pos + length])
@@ -174,11 +178,19 @@ def _group(body: bytes) -> bytes:
 
 _NO_DATA_SET = _US.pack(0, COMMAND_DATA_SET_TYPE, 2, NO_DATA_SET)
 _WITH_DATA_SET = _US.pack(0, COMMAND_DATA_SET_TYPE, 2, DATA_SET_PRESENT)
-_FIELD = {f: _US.pack(0, COMMAND_FIELD, 2, f) for f in (C_STORE_RSP, C_FIND_RSP, C_ECHO_RSP, C_GET_RSP, C_MOVE_RSP)}
+_FIELD = {
+    f: _US.pack(0, COMMAND_FIELD, 2, f)
+    for f in (C_STORE_RSP, C_FIND_RSP, C_ECHO_RSP, C_GET_RSP, C_MOVE_RSP)
+}
 
 
-def store_response(message_id: int, sop_class_uid: bytes, sop_instance_uid: bytes, status: int,
-                   comment: str | None = None) -> bytes:
+def store_response(
+    message_id: int,
+    sop_class_uid: bytes,
+    sop_instance_uid: bytes,
+    status: int,
+    comment: str | None = None,
+) -> bytes:
     """C-STORE-RSP (PS3.7 9.3.1.2). UIDs as received (unpadded)."""
     return _group(
         _ui(AFFECTED_SOP_CLASS_UID, sop_class_uid)
@@ -202,8 +214,14 @@ def echo_response(message_id: int, sop_class_uid: bytes, status: int = SUCCESS) 
     )
 
 
-def find_response(message_id: int, sop_class_uid: bytes, status: int, *, with_identifier: bool,
-                  comment: str | None = None) -> bytes:
+def find_response(
+    message_id: int,
+    sop_class_uid: bytes,
+    status: int,
+    *,
+    with_identifier: bool,
+    comment: str | None = None,
+) -> bytes:
     """C-FIND-RSP (PS3.7 9.3.2.2); a Pending one carries an identifier."""
     return _group(
         _ui(AFFECTED_SOP_CLASS_UID, sop_class_uid)
@@ -215,14 +233,27 @@ def find_response(message_id: int, sop_class_uid: bytes, status: int, *, with_id
     )
 
 
-def retrieve_response(field: int, message_id: int, sop_class_uid: bytes, status: int, *,
-                      remaining: int | None = None, completed: int | None = None, failed: int | None = None,
-                      warning: int | None = None, with_identifier: bool = False) -> bytes:
+def retrieve_response(
+    field: int,
+    message_id: int,
+    sop_class_uid: bytes,
+    status: int,
+    *,
+    remaining: int | None = None,
+    completed: int | None = None,
+    failed: int | None = None,
+    warning: int | None = None,
+    with_identifier: bool = False,
+) -> bytes:
     """C-MOVE-RSP or C-GET-RSP (PS3.7 9.3.4.2, 9.3.3.2): the sub-operation counts given (a
     final response has no Remaining); a Failed SOP Instance UID List follows if
     ``with_identifier``."""
-    counts = ((NUMBER_OF_REMAINING_SUBOPERATIONS, remaining), (NUMBER_OF_COMPLETED_SUBOPERATIONS, completed),
-              (NUMBER_OF_FAILED_SUBOPERATIONS, failed), (NUMBER_OF_WARNING_SUBOPERATIONS, warning))
+    counts = (
+        (NUMBER_OF_REMAINING_SUBOPERATIONS, remaining),
+        (NUMBER_OF_COMPLETED_SUBOPERATIONS, completed),
+        (NUMBER_OF_FAILED_SUBOPERATIONS, failed),
+        (NUMBER_OF_WARNING_SUBOPERATIONS, warning),
+    )
     return _group(
         _ui(AFFECTED_SOP_CLASS_UID, sop_class_uid)
         + _FIELD[field]
@@ -241,19 +272,32 @@ def failure_response(request: Command, status: int, comment: str | None = None) 
     sop_instance = request.uid(AFFECTED_SOP_INSTANCE_UID)
     field = request.field | RESPONSE_BIT
     return _group(
-        (_ui(AFFECTED_SOP_CLASS_UID, sop_class) if sop_class and len(sop_class) <= MAX_UID_LENGTH else b"")
+        (
+            _ui(AFFECTED_SOP_CLASS_UID, sop_class)
+            if sop_class and len(sop_class) <= MAX_UID_LENGTH
+            else b""
+        )
         + _US.pack(0, COMMAND_FIELD, 2, field)
         + _US.pack(0, MESSAGE_ID_BEING_RESPONDED_TO, 2, request.message_id)
         + _NO_DATA_SET
         + _US.pack(0, STATUS, 2, status)
         + (_lo(ERROR_COMMENT, comment) if comment else b"")
-        + (_ui(AFFECTED_SOP_INSTANCE_UID, sop_instance)
-           if sop_instance and len(sop_instance) <= MAX_UID_LENGTH else b"")
+        + (
+            _ui(AFFECTED_SOP_INSTANCE_UID, sop_instance)
+            if sop_instance and len(sop_instance) <= MAX_UID_LENGTH
+            else b""
+        )
     )
 
 
-def n_action_response(message_id: int, sop_class_uid: bytes, sop_instance_uid: bytes, status: int,
-                      action_type_id: int | None = None, comment: str | None = None) -> bytes:
+def n_action_response(
+    message_id: int,
+    sop_class_uid: bytes,
+    sop_instance_uid: bytes,
+    status: int,
+    action_type_id: int | None = None,
+    comment: str | None = None,
+) -> bytes:
     """N-ACTION-RSP (PS3.7 10.3.4.2) without an Action Reply. UIDs as received (unpadded);
     the Action Type ID is echoed on success, as pynetdicom does."""
     return _group(
@@ -268,8 +312,14 @@ def n_action_response(message_id: int, sop_class_uid: bytes, sop_instance_uid: b
     )
 
 
-def n_event_report_request(message_id: int, sop_class_uid: bytes, sop_instance_uid: bytes, event_type_id: int,
-                           *, has_data_set: bool = True) -> bytes:
+def n_event_report_request(
+    message_id: int,
+    sop_class_uid: bytes,
+    sop_instance_uid: bytes,
+    event_type_id: int,
+    *,
+    has_data_set: bool = True,
+) -> bytes:
     """N-EVENT-REPORT-RQ (PS3.7 10.3.1.1); the Event Information follows as the data set."""
     return _group(
         _ui(AFFECTED_SOP_CLASS_UID, sop_class_uid)
@@ -281,9 +331,16 @@ def n_event_report_request(message_id: int, sop_class_uid: bytes, sop_instance_u
     )
 
 
-def request(field: int, message_id: int, sop_class_uid: bytes, *, has_data_set: bool,
-            sop_instance_uid: bytes | None = None, priority: int = 0,
-            move_originator: tuple[str, int] | None = None) -> bytes:
+def request(
+    field: int,
+    message_id: int,
+    sop_class_uid: bytes,
+    *,
+    has_data_set: bool,
+    sop_instance_uid: bytes | None = None,
+    priority: int = 0,
+    move_originator: tuple[str, int] | None = None,
+) -> bytes:
     """A C-xxx-RQ command set (C-ECHO, C-STORE with, for a C-MOVE's sub-operations, the Move
     Originator AE Title and Message ID)."""
     return _group(
@@ -292,7 +349,15 @@ def request(field: int, message_id: int, sop_class_uid: bytes, *, has_data_set: 
         + _US.pack(0, MESSAGE_ID, 2, message_id)
         + (_US.pack(0, PRIORITY, 2, priority) if field != C_ECHO_RQ else b"")
         + (_WITH_DATA_SET if has_data_set else _NO_DATA_SET)
-        + (_ui(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid) if sop_instance_uid is not None else b"")
-        + (_element(MOVE_ORIGINATOR_AE_TITLE, _padded(move_originator[0].encode("ascii"), b" "))
-           + _US.pack(0, MOVE_ORIGINATOR_MESSAGE_ID, 2, move_originator[1]) if move_originator else b"")
+        + (
+            _ui(AFFECTED_SOP_INSTANCE_UID, sop_instance_uid)
+            if sop_instance_uid is not None
+            else b""
+        )
+        + (
+            _element(MOVE_ORIGINATOR_AE_TITLE, _padded(move_originator[0].encode("ascii"), b" "))
+            + _US.pack(0, MOVE_ORIGINATOR_MESSAGE_ID, 2, move_originator[1])
+            if move_originator
+            else b""
+        )
     )

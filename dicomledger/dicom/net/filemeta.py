@@ -10,7 +10,9 @@ from importlib import metadata
 
 # Our own implementation identity (A-ASSOCIATE-AC and File Meta): a UUID-derived UID
 # (PS3.5 B.2), fixed for the product; the version name follows the package version.
-IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'https://dicomledger/implementation').int}"
+IMPLEMENTATION_CLASS_UID = (
+    f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'https://dicomledger/implementation').int}"
+)
 try:
     _VERSION_DIGITS = metadata.version("dicomledger").replace(".", "")
 except metadata.PackageNotFoundError:  # running from a checkout that is not installed
@@ -29,12 +31,17 @@ def _short(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
 
 _PREAMBLE = bytes(128) + b"DICM"
 _VERSION = _LONG.pack(0x0002, 0x0001, b"OB", 2) + b"\x00\x01"
-_IMPLEMENTATION = (_short(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00")
-                   + _short(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" "))
+_IMPLEMENTATION = _short(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00") + _short(
+    0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" "
+)
 
 
-def part10_header(sop_class_uid: bytes, sop_instance_uid: bytes, transfer_syntax_uid: bytes,
-                  source_ae_title: bytes = b"") -> bytes:
+def part10_header(
+    sop_class_uid: bytes,
+    sop_instance_uid: bytes,
+    transfer_syntax_uid: bytes,
+    source_ae_title: bytes = b"",
+) -> bytes:
     """Preamble + 'DICM' + group 0002; the received data set follows it unchanged.
     UIDs as received (without padding); an empty AE title leaves out (0002,0016)."""
     elements = (
@@ -48,7 +55,21 @@ def part10_header(sop_class_uid: bytes, sop_instance_uid: bytes, transfer_syntax
     return _PREAMBLE + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(elements)) + elements
 
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 
 
 def file_meta(data: bytes | memoryview) -> tuple[int, dict[int, bytes]]:
@@ -71,7 +92,9 @@ def file_meta(data: bytes | memoryview) -> tuple[int, dict[int, bytes]]:
             (length,) = struct.unpack_from("<H", data, pos + 6)
             pos += 8
         if pos + length > end:
-            raise ValueError(f"File Meta element (0002,{element:04X}) runs past the end of the file")
+            raise ValueError(
+                f"File Meta element (0002,{element:04X}) runs past the end of the file"
+            )
         values[element] = bytes(data[pos : pos + length])
         pos += length
     return pos, values

@@ -84,13 +84,26 @@ class RefusedAssociation:
     called_ae: str
     address: str  # the peer's host
     reason: str
-    unauthorised: bool  # refused for the AE titles it claimed (or what it proposed); False: at capacity
+    unauthorised: (
+        bool  # refused for the AE titles it claimed (or what it proposed); False: at capacity
+    )
 
 
-def reject(result: int, source: int, reason_code: int, reason: str, calling_ae: str = "",
-           called_ae: str = "") -> Rejected:
-    return Rejected(pdu.a_associate_rj(result, source, reason_code), reason, calling_ae, called_ae,
-                    transient=result == pdu.REJECTED_TRANSIENT)
+def reject(
+    result: int,
+    source: int,
+    reason_code: int,
+    reason: str,
+    calling_ae: str = "",
+    called_ae: str = "",
+) -> Rejected:
+    return Rejected(
+        pdu.a_associate_rj(result, source, reason_code),
+        reason,
+        calling_ae,
+        called_ae,
+        transient=result == pdu.REJECTED_TRANSIENT,
+    )
 
 
 class Negotiator:
@@ -102,15 +115,23 @@ class Negotiator:
         ae_title: str,
         allowed_calling_aes: Iterable[str] | None,  # None: any calling AE
         supported: Mapping[str, tuple[str, ...]],  # abstract syntax -> transfer syntaxes
-        both_roles: frozenset[str] = frozenset(),  # abstract syntaxes we also act as SCU for (C-GET)
+        both_roles: frozenset[
+            str
+        ] = frozenset(),  # abstract syntaxes we also act as SCU for (C-GET)
         unknown_abstract_syntaxes: tuple[str, ...] | None = None,  # accept any other, with these
         max_pdu_length: int = 0,
     ) -> None:
         self.ae_title = ae_title.strip()
-        self._allowed = None if allowed_calling_aes is None else frozenset(a.strip() for a in allowed_calling_aes)
+        self._allowed = (
+            None
+            if allowed_calling_aes is None
+            else frozenset(a.strip() for a in allowed_calling_aes)
+        )
         self._supported = {a: frozenset(ts) for a, ts in supported.items()}
         self._both_roles = both_roles
-        self._unknown = frozenset(unknown_abstract_syntaxes) if unknown_abstract_syntaxes is not None else None
+        self._unknown = (
+            frozenset(unknown_abstract_syntaxes) if unknown_abstract_syntaxes is not None else None
+        )
         self.max_pdu_length = max_pdu_length
         self._cache: OrderedDict[bytes, Accepted | Rejected] = OrderedDict()
 
@@ -142,19 +163,39 @@ class Negotiator:
         """The checks that need only the RQ's fixed fields (PS3.8 Table 9-11), so a sender
         we refuse costs no decoding: protocol version, called and calling AE title."""
         if len(body) < 68:  # protocol version, reserved, called and calling AE, reserved
-            raise AssociateRqError(f"A-ASSOCIATE-RQ of {len(body)} bytes, shorter than its fixed fields")
+            raise AssociateRqError(
+                f"A-ASSOCIATE-RQ of {len(body)} bytes, shorter than its fixed fields"
+            )
         version = int.from_bytes(body[0:2], "big")
         called = body[4:20].decode("ascii", "replace").strip(" \x00")
         calling = body[20:36].decode("ascii", "replace").strip(" \x00")
         if not version & 0x0001:
-            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_ACSE, 2,
-                          f"protocol version 0x{version:04X} not supported (bit 0 unset)", calling, called)
+            return reject(
+                pdu.REJECTED_PERMANENT,
+                pdu.RJ_SOURCE_ACSE,
+                2,
+                f"protocol version 0x{version:04X} not supported (bit 0 unset)",
+                calling,
+                called,
+            )
         if self._allowed is not None and calling not in self._allowed:
-            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 3,
-                          "calling AE title not in gateway.allowed_calling_aes", calling, called)
+            return reject(
+                pdu.REJECTED_PERMANENT,
+                pdu.RJ_SOURCE_USER,
+                3,
+                "calling AE title not in gateway.allowed_calling_aes",
+                calling,
+                called,
+            )
         if called != self.ae_title:
-            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 7,
-                          f"called AE title {called!r} is not this gateway's ({self.ae_title})", calling, called)
+            return reject(
+                pdu.REJECTED_PERMANENT,
+                pdu.RJ_SOURCE_USER,
+                7,
+                f"called AE title {called!r} is not this gateway's ({self.ae_title})",
+                calling,
+                called,
+            )
         return None
 
     def decide(self, body: bytes) -> Accepted | Rejected:
@@ -162,8 +203,14 @@ class Negotiator:
         return self.precheck(body) or self._negotiate(body)
 
     def local_limit_exceeded(self, calling_ae: str, called_ae: str, limit: int) -> Rejected:
-        return reject(pdu.REJECTED_TRANSIENT, pdu.RJ_SOURCE_PRESENTATION, 2,
-                      f"too many associations (max_associations = {limit})", calling_ae, called_ae)
+        return reject(
+            pdu.REJECTED_TRANSIENT,
+            pdu.RJ_SOURCE_PRESENTATION,
+            2,
+            f"too many associations (max_associations = {limit})",
+            calling_ae,
+            called_ae,
+        )
 
     def _negotiate(self, body: bytes) -> Accepted | Rejected:
         rq = AssociateRqPdu()
@@ -172,25 +219,40 @@ class Negotiator:
             calling, called = rq.calling_ae_title.strip(), rq.called_ae_title.strip()
             application_context = rq.application_context_name
         except Exception as exc:  # pynetdicom's decoders raise many kinds; any of them: invalid PDU
-            raise AssociateRqError(f"A-ASSOCIATE-RQ cannot be decoded ({type(exc).__name__}: {exc})") from None
+            raise AssociateRqError(
+                f"A-ASSOCIATE-RQ cannot be decoded ({type(exc).__name__}: {exc})"
+            ) from None
         if application_context != APPLICATION_CONTEXT_NAME:
-            return reject(pdu.REJECTED_PERMANENT, pdu.RJ_SOURCE_USER, 2,
-                          f"application context name {str(application_context)[:64]!r} not supported",
-                          calling, called)
+            return reject(
+                pdu.REJECTED_PERMANENT,
+                pdu.RJ_SOURCE_USER,
+                2,
+                f"application context name {str(application_context)[:64]!r} not supported",
+                calling,
+                called,
+            )
         _check_context_ids([item.context_id for item in rq.presentation_context])
         try:
             primitive = rq.to_primitive()
             proposed = primitive.presentation_context_definition_list
         except Exception as exc:  # as above: a context pynetdicom cannot represent
-            raise AssociateRqError(f"A-ASSOCIATE-RQ cannot be decoded ({type(exc).__name__}: {exc})") from None
+            raise AssociateRqError(
+                f"A-ASSOCIATE-RQ cannot be decoded ({type(exc).__name__}: {exc})"
+            ) from None
         try:
             return self._accept(primitive, proposed, calling, called)
         except AssociateRqError:
             raise
-        except Exception as exc:  # values pynetdicom decoded but will not encode back: an invalid RQ too
-            raise AssociateRqError(f"A-ASSOCIATE-RQ cannot be negotiated ({type(exc).__name__}: {exc})") from None
+        except (
+            Exception
+        ) as exc:  # values pynetdicom decoded but will not encode back: an invalid RQ too
+            raise AssociateRqError(
+                f"A-ASSOCIATE-RQ cannot be negotiated ({type(exc).__name__}: {exc})"
+            ) from None
 
-    def _accept(self, rq: A_ASSOCIATE, proposed: list[PresentationContext], calling: str, called: str) -> Accepted:
+    def _accept(
+        self, rq: A_ASSOCIATE, proposed: list[PresentationContext], calling: str, called: str
+    ) -> Accepted:
         peer_max, implementation, version, async_ops = 0, "", "", False
         rq_roles: dict[UID, tuple[bool | None, bool | None]] = {}
         for item in rq.user_information:
@@ -209,9 +271,13 @@ class Negotiator:
         roles: dict[str, SCP_SCU_RoleSelectionNegotiation] = {}
         for rq_cx in proposed:
             if rq_cx.abstract_syntax is None or not rq_cx.transfer_syntax:
-                raise AssociateRqError(f"presentation context {rq_cx.context_id} has no abstract or transfer syntax")
+                raise AssociateRqError(
+                    f"presentation context {rq_cx.context_id} has no abstract or transfer syntax"
+                )
             ours = self._acceptor_context(rq_cx)
-            result, role_items = negotiate_as_acceptor([rq_cx], [ours] if ours else [], rq_roles or None)
+            result, role_items = negotiate_as_acceptor(
+                [rq_cx], [ours] if ours else [], rq_roles or None
+            )
             results += result
             roles.update((str(r.sop_class_uid), r) for r in role_items)
 
@@ -234,7 +300,11 @@ class Negotiator:
         ac.result = 0x00
         for cx in results:
             ac.presentation_context_definition_results_list.append(cx)
-        info: list = [_max_length(self.max_pdu_length), _implementation_uid(), _implementation_version()]
+        info: list = [
+            _max_length(self.max_pdu_length),
+            _implementation_uid(),
+            _implementation_version(),
+        ]
         if async_ops:  # we perform one operation at a time (PS3.7 D.3.3.3)
             window = AsynchronousOperationsWindowNegotiation()
             window.maximum_number_operations_invoked = 1
@@ -273,7 +343,9 @@ def _check_context_ids(ids: list[int | None]) -> None:
     if not ids:
         raise AssociateRqError("A-ASSOCIATE-RQ proposes no presentation context")
     if len(ids) > MAX_CONTEXTS:
-        raise AssociateRqError(f"A-ASSOCIATE-RQ proposes {len(ids)} presentation contexts (at most {MAX_CONTEXTS})")
+        raise AssociateRqError(
+            f"A-ASSOCIATE-RQ proposes {len(ids)} presentation contexts (at most {MAX_CONTEXTS})"
+        )
     seen: set[int] = set()
     for cid in ids:
         if cid is None or not 1 <= cid <= 255 or cid % 2 == 0:

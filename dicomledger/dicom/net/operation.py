@@ -37,6 +37,7 @@ class Sink(Protocol):
     def write(self, piece: memoryview) -> None: ...
     def finish(self, op: Operation) -> None:
         """The last piece arrived: hand the data set to ``op`` (Refusal if it is unusable)."""
+
     def discard(self) -> None: ...
 
 
@@ -163,13 +164,37 @@ class Peer:
 class Operation:
     """A request as the service sees it, and its way to answer."""
 
-    __slots__ = ("peer", "context", "contexts", "command", "service", "sink", "data_set", "data_set_path",
-                 "data_set_error", "refusal", "cancelled", "ended", "status", "responses", "_send", "_drain",
-                 "_abort")
+    __slots__ = (
+        "peer",
+        "context",
+        "contexts",
+        "command",
+        "service",
+        "sink",
+        "data_set",
+        "data_set_path",
+        "data_set_error",
+        "refusal",
+        "cancelled",
+        "ended",
+        "status",
+        "responses",
+        "_send",
+        "_drain",
+        "_abort",
+    )
 
-    def __init__(self, peer: Peer, context: AcceptedContext, contexts: Mapping[int, AcceptedContext],
-                 command: Command, service: Service | None, send: Callable[[int, bytes, bytes | memoryview | None], None],
-                 drain: Callable[[], Awaitable[None]], abort: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        context: AcceptedContext,
+        contexts: Mapping[int, AcceptedContext],
+        command: Command,
+        service: Service | None,
+        send: Callable[[int, bytes, bytes | memoryview | None], None],
+        drain: Callable[[], Awaitable[None]],
+        abort: Callable[[str], None],
+    ) -> None:
         self.peer = peer
         self.context = context  # the request's
         self.contexts = contexts  # all the association's (C-GET sends on its storage contexts)
@@ -178,7 +203,9 @@ class Operation:
         self.sink: Sink = DiscardSink()
         self.data_set: bytes | None = None  # data set held in memory (non-streaming services)
         self.data_set_path: Path | None = None  # temp Part 10 file (streaming services)
-        self.data_set_error: OSError | None = None  # the temp file could not be written: nothing usable at the path
+        self.data_set_error: OSError | None = (
+            None  # the temp file could not be written: nothing usable at the path
+        )
         self.refusal: Refusal | None = None
         self.cancelled = False  # a C-CANCEL-RQ for it arrived, or the association ended
         self.ended = False  # the association ended (released, aborted, reset) while it ran
@@ -203,7 +230,9 @@ class Operation:
         """Before sending requests of our own (a service with ``cancellable``, so reads go on)."""
         self.responses = asyncio.Queue()
 
-    def send_request(self, context_id: int, command: bytes, data_set: bytes | memoryview | None = None) -> None:
+    def send_request(
+        self, context_id: int, command: bytes, data_set: bytes | memoryview | None = None
+    ) -> None:
         """A request to the peer on one of the association's contexts (C-GET: a C-STORE-RQ)."""
         self._send(context_id, command, data_set)
 

@@ -23,8 +23,13 @@ A_RELEASE_RQ = 0x05
 A_RELEASE_RP = 0x06
 A_ABORT = 0x07
 PDU_NAMES = {
-    A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ", A_ASSOCIATE_AC: "A-ASSOCIATE-AC", A_ASSOCIATE_RJ: "A-ASSOCIATE-RJ",
-    P_DATA_TF: "P-DATA-TF", A_RELEASE_RQ: "A-RELEASE-RQ", A_RELEASE_RP: "A-RELEASE-RP", A_ABORT: "A-ABORT",
+    A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
+    A_ASSOCIATE_AC: "A-ASSOCIATE-AC",
+    A_ASSOCIATE_RJ: "A-ASSOCIATE-RJ",
+    P_DATA_TF: "P-DATA-TF",
+    A_RELEASE_RQ: "A-RELEASE-RQ",
+    A_RELEASE_RP: "A-RELEASE-RP",
+    A_ABORT: "A-ABORT",
 }
 
 # Largest body we buffer for each non-P-DATA PDU. An A-ASSOCIATE-RQ of 128 contexts with
@@ -122,7 +127,9 @@ class PduReader:
 
     def feed(self, data: bytes) -> None:
         if self._stash:
-            data = self._stash + data  # a partial header (6 bytes at most) or bytes held while halted
+            data = (
+                self._stash + data
+            )  # a partial header (6 bytes at most) or bytes held while halted
             self._stash = b""
         if self.halted:
             self._stash = data
@@ -157,7 +164,8 @@ class PduReader:
                 pos += PDV_HEADER_SIZE
                 if item_length < 2 or item_length + 4 > self._pdu_left:
                     raise FramingError(
-                        f"PDV item of length {item_length} in a P-DATA-TF PDU with {self._pdu_left} bytes left")
+                        f"PDV item of length {item_length} in a P-DATA-TF PDU with {self._pdu_left} bytes left"
+                    )
                 self._pdu_left -= PDV_HEADER_SIZE
                 self._pdv_left = item_length - 2
                 self._context_id, self._control = context_id, control
@@ -185,11 +193,14 @@ class PduReader:
                 raise FramingError(f"P-DATA-TF PDU of length {length} cannot hold a PDV")
             if self._max_pdu and length > self._max_pdu:
                 raise FramingError(
-                    f"P-DATA-TF PDU of {length} bytes, above the maximum of {self._max_pdu} we advertised")
+                    f"P-DATA-TF PDU of {length} bytes, above the maximum of {self._max_pdu} we advertised"
+                )
         elif pdu_type in CONTROL_PDU_LIMITS:
             if length > CONTROL_PDU_LIMITS[pdu_type]:
                 limit = CONTROL_PDU_LIMITS[pdu_type]
-                raise FramingError(f"{PDU_NAMES[pdu_type]} PDU declares {length} bytes (at most {limit})")
+                raise FramingError(
+                    f"{PDU_NAMES[pdu_type]} PDU declares {length} bytes (at most {limit})"
+                )
         else:
             raise FramingError(f"unknown PDU type 0x{pdu_type:02X}", REASON_UNRECOGNIZED_PDU)
         self._sink.pdu_started(pdu_type, length)
@@ -201,29 +212,40 @@ class PduReader:
 # --- encoders ------------------------------------------------------------------------------
 
 
-def p_data(context_id: int, payload: bytes | memoryview, *, command: bool, max_pdu_length: int) -> bytes:
+def p_data(
+    context_id: int, payload: bytes | memoryview, *, command: bool, max_pdu_length: int
+) -> bytes:
     """A command set or data set as P-DATA-TF PDUs of one PDV each, fragmented to the peer's
     maximum PDU length (0: no limit), as pynetdicom and DCMTK send them."""
-    return b"".join(p_data_parts(context_id, payload, command=command, max_pdu_length=max_pdu_length))
+    return b"".join(
+        p_data_parts(context_id, payload, command=command, max_pdu_length=max_pdu_length)
+    )
 
 
-def p_data_parts(context_id: int, payload: bytes | memoryview, *, command: bool,
-                 max_pdu_length: int) -> list[bytes | memoryview]:
+def p_data_parts(
+    context_id: int, payload: bytes | memoryview, *, command: bool, max_pdu_length: int
+) -> list[bytes | memoryview]:
     """``p_data`` as pieces for ``transport.writelines``: headers and views of ``payload``,
     so a large data set is never copied to be framed."""
     kind = MESSAGE_COMMAND if command else 0
     size = len(payload)
     room = max_pdu_length - PDV_HEADER_SIZE if max_pdu_length else size
     if size <= room:
-        return [PDU_HEADER.pack(P_DATA_TF, size + PDV_HEADER_SIZE)
-                + PDV_HEADER.pack(size + 2, context_id, kind | MESSAGE_LAST), payload]
+        return [
+            PDU_HEADER.pack(P_DATA_TF, size + PDV_HEADER_SIZE)
+            + PDV_HEADER.pack(size + 2, context_id, kind | MESSAGE_LAST),
+            payload,
+        ]
     parts: list[bytes | memoryview] = []
     view = memoryview(payload)
     for start in range(0, size, room):
         piece = view[start : start + room]
         last = MESSAGE_LAST if start + room >= size else 0
-        parts += (PDU_HEADER.pack(P_DATA_TF, len(piece) + PDV_HEADER_SIZE)
-                  + PDV_HEADER.pack(len(piece) + 2, context_id, kind | last), piece)
+        parts += (
+            PDU_HEADER.pack(P_DATA_TF, len(piece) + PDV_HEADER_SIZE)
+            + PDV_HEADER.pack(len(piece) + 2, context_id, kind | last),
+            piece,
+        )
     return parts
 
 

@@ -73,8 +73,12 @@ _STATUS_TEXT = {**GENERAL_STATUS, **STORAGE_SERVICE_CLASS_STATUS}
 # Failures that will fail again for this file whatever we wait (PS3.4 B.2.3, PS3.7 C.4.2);
 # every other failure (0xA7xx out of resources, 0x0110 processing failure, ...) is retried.
 PERMANENT_STATUSES = frozenset({0x0105, 0x0106, 0x0117, 0x0122, 0x0124, 0x0211, 0x0212})
-_CONTEXT_RESULTS = {1: "user rejected", 2: "provider rejected", 3: "abstract syntax not supported",
-                    4: "transfer syntax(es) not supported"}
+_CONTEXT_RESULTS = {
+    1: "user rejected",
+    2: "provider rejected",
+    3: "abstract syntax not supported",
+    4: "transfer syntax(es) not supported",
+}
 
 Pair = tuple[str, str]  # (SOP class UID, transfer syntax UID)
 
@@ -161,7 +165,9 @@ class _Link(asyncio.Protocol):
             self.peer_aborted = True
             self._lose("aborted by the peer")
             self.close()
-        elif pdu_type == pdu.A_RELEASE_RQ:  # the peer releases (we never have a request in flight then)
+        elif (
+            pdu_type == pdu.A_RELEASE_RQ
+        ):  # the peer releases (we never have a request in flight then)
             self.write(pdu.A_RELEASE_RP_PDU)
             self._lose("released by the peer")
         elif self._control is not None and not self._control.done():
@@ -310,16 +316,31 @@ class Requestor:
                 return failure
             context_id = self._accepted.get((VERIFICATION, "1.2.840.10008.1.2"))
             if context_id is None:
-                return SendResult(False, None, False, f"destination {self.destination.ae_title} does not accept "
-                                  "Verification")
+                return SendResult(
+                    False,
+                    None,
+                    False,
+                    f"destination {self.destination.ae_title} does not accept Verification",
+                )
             result, _lost = await self._exchange(
-                context_id, dimse.request(dimse.C_ECHO_RQ, self._next_id(), VERIFICATION.encode(),
-                                          has_data_set=False), None, "C-ECHO")
+                context_id,
+                dimse.request(
+                    dimse.C_ECHO_RQ, self._next_id(), VERIFICATION.encode(), has_data_set=False
+                ),
+                None,
+                "C-ECHO",
+            )
             return result
 
     async def store(
-        self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, data: bytes | memoryview,
-        *, move_originator: tuple[str, int] | None = None, priority: int = 0,
+        self,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        data: bytes | memoryview,
+        *,
+        move_originator: tuple[str, int] | None = None,
+        priority: int = 0,
     ) -> SendResult:
         """One C-STORE of ``data`` (a data set, exactly the bytes to send) in its transfer
         syntax. Never raises for network or destination problems."""
@@ -332,21 +353,39 @@ class Requestor:
             result = await self._ensure([pair], current=pair)
             if result is None:
                 reused = self._sends + self._failures > 0
-                result, lost = await self._store(pair, sop_instance_uid, data, move_originator, priority)
+                result, lost = await self._store(
+                    pair, sop_instance_uid, data, move_originator, priority
+                )
                 if lost and reused:
                     # The destination may have dropped the association while it sat idle,
                     # just as we used it: try once on a fresh one (a duplicate is harmless).
-                    log.info("association lost; sending again", destination=self.destination.ae_title)
-                    result = await self._ensure([pair], current=pair) or (
-                        await self._store(pair, sop_instance_uid, data, move_originator, priority))[0]
+                    log.info(
+                        "association lost; sending again", destination=self.destination.ae_title
+                    )
+                    result = (
+                        await self._ensure([pair], current=pair)
+                        or (
+                            await self._store(
+                                pair, sop_instance_uid, data, move_originator, priority
+                            )
+                        )[0]
+                    )
             self._last_used = asyncio.get_running_loop().time()
             if not result.ok:
-                log.warning("c-store failed", destination=self.destination.ae_title, address=self.where,
-                            sop_instance=sop_instance_uid, status=result.status, retryable=result.retryable,
-                            error=result.error)
+                log.warning(
+                    "c-store failed",
+                    destination=self.destination.ae_title,
+                    address=self.where,
+                    sop_instance=sop_instance_uid,
+                    status=result.status,
+                    retryable=result.retryable,
+                    error=result.error,
+                )
             return result
 
-    async def send_file(self, path: Path, sop_class_uid: str, transfer_syntax_uid: str) -> SendResult:
+    async def send_file(
+        self, path: Path, sop_class_uid: str, transfer_syntax_uid: str
+    ) -> SendResult:
         """The data set of a Part 10 file, as stored (read in a thread)."""
         try:
             data, sop_instance_uid = await asyncio.to_thread(read_data_set, path)
@@ -378,7 +417,9 @@ class Requestor:
 
     async def _ensure(self, pairs: list[Pair], current: Pair | None = None) -> SendResult | None:
         if self.transcode:
-            pairs = pairs + [(p[0], str(ts)) for p in pairs if needs_fallback(p[1]) for ts in FALLBACK_SYNTAXES]
+            pairs = pairs + [
+                (p[0], str(ts)) for p in pairs if needs_fallback(p[1]) for ts in FALLBACK_SYNTAXES
+            ]
         for pair in pairs:
             self._pairs[pair] = None
             self._pairs.move_to_end(pair)
@@ -388,7 +429,9 @@ class Requestor:
             await self._end("lost")  # aborted by the peer, the network or a timeout
         if self._link is not None:
             if all(p in self._proposed for p in pairs):
-                return None if current is None or current in self._accepted else self._refusal(current)
+                return (
+                    None if current is None or current in self._accepted else self._refusal(current)
+                )
             await self._end("released")  # a new pair: negotiate again with it added
         failure = await self._associate()
         if failure is not None:
@@ -402,12 +445,23 @@ class Requestor:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _transport, link = await loop.create_connection(
-                    lambda: _Link(loop), d.host, d.port, ssl=self._ssl,
-                    server_hostname=self._server_hostname if self._ssl is not None else None)
+                    lambda: _Link(loop),
+                    d.host,
+                    d.port,
+                    ssl=self._ssl,
+                    server_hostname=self._server_hostname if self._ssl is not None else None,
+                )
         except TimeoutError:
-            return SendResult(False, None, True, f"no TCP connection to {self.where} within {self.connect_timeout:g} s")
+            return SendResult(
+                False,
+                None,
+                True,
+                f"no TCP connection to {self.where} within {self.connect_timeout:g} s",
+            )
         except ssl.SSLError as exc:
-            return SendResult(False, None, True, f"TLS handshake with {self.where} failed: {exc.reason or exc}")
+            return SendResult(
+                False, None, True, f"TLS handshake with {self.where} failed: {exc.reason or exc}"
+            )
         except OSError as exc:
             # asyncio's message names the address; the errno's own text says what happened
             why = (os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__).lower()
@@ -421,12 +475,22 @@ class Requestor:
                 pdu_type, body = await answer
         except TimeoutError:
             link.abort()
-            return SendResult(False, None, True, f"no association response from {d.ae_title} at {self.where}"
-                              f" within {self.acse_timeout:g} s")
+            return SendResult(
+                False,
+                None,
+                True,
+                f"no association response from {d.ae_title} at {self.where}"
+                f" within {self.acse_timeout:g} s",
+            )
         except AssociationLost as exc:
             link.close()
-            return SendResult(False, None, True, f"{d.ae_title} at {self.where} closed the connection during "
-                              f"association negotiation ({exc})")
+            return SendResult(
+                False,
+                None,
+                True,
+                f"{d.ae_title} at {self.where} closed the connection during "
+                f"association negotiation ({exc})",
+            )
         header = pdu.PDU_HEADER.pack(pdu_type, len(body))
         if pdu_type == pdu.A_ASSOCIATE_RJ:
             link.close()
@@ -435,23 +499,45 @@ class Requestor:
             primitive = rj.to_primitive()
             reason = primitive.reason_str
             kind = "permanent" if primitive.result == 1 else "transient"
-            return SendResult(False, None, True, f"association rejected by {d.ae_title} at {self.where}: "
-                              f"{reason[:1].lower()}{reason[1:]} ({kind}, source: {primitive.source_str})")
+            return SendResult(
+                False,
+                None,
+                True,
+                f"association rejected by {d.ae_title} at {self.where}: "
+                f"{reason[:1].lower()}{reason[1:]} ({kind}, source: {primitive.source_str})",
+            )
         if pdu_type != pdu.A_ASSOCIATE_AC:
             link.abort()
-            return SendResult(False, None, True, f"{d.ae_title} at {self.where} answered the A-ASSOCIATE-RQ "
-                              f"with {pdu.PDU_NAMES.get(pdu_type, hex(pdu_type))}")
+            return SendResult(
+                False,
+                None,
+                True,
+                f"{d.ae_title} at {self.where} answered the A-ASSOCIATE-RQ "
+                f"with {pdu.PDU_NAMES.get(pdu_type, hex(pdu_type))}",
+            )
         try:
             ac = AssociateAcPdu()
             ac.decode(header + body)
-            results = {int(item.context_id or 0): (int(item.result or 0), str(item.transfer_syntax or ""))
-                       for item in ac.presentation_context}
-            peer_max = next((int(i.maximum_length_received or 0) for i in ac.to_primitive().user_information
-                             if isinstance(i, MaximumLengthNotification)), 0)
+            results = {
+                int(item.context_id or 0): (int(item.result or 0), str(item.transfer_syntax or ""))
+                for item in ac.presentation_context
+            }
+            peer_max = next(
+                (
+                    int(i.maximum_length_received or 0)
+                    for i in ac.to_primitive().user_information
+                    if isinstance(i, MaximumLengthNotification)
+                ),
+                0,
+            )
         except Exception as exc:  # pynetdicom's decoders raise many kinds
             link.abort()
-            return SendResult(False, None, True, f"A-ASSOCIATE-AC from {d.ae_title} cannot be decoded "
-                              f"({type(exc).__name__}: {exc})")
+            return SendResult(
+                False,
+                None,
+                True,
+                f"A-ASSOCIATE-AC from {d.ae_title} cannot be decoded ({type(exc).__name__}: {exc})",
+            )
         self._link, self._opened, self._sends, self._failures = link, started, 0, 0
         self._peer_max_pdu = peer_max
         self._proposed = set(pairs)
@@ -461,9 +547,17 @@ class Requestor:
             if result == 0 and syntax == pair[1]:
                 self._accepted[pair] = cid
             else:
-                self._refused[pair] = _CONTEXT_RESULTS.get(result, "rejected") if result else "rejected"
-        log.info("association opened", destination=d.ae_title, address=self.where, proposed=len(pairs),
-                 accepted=len(self._accepted), ms=round((loop.time() - started) * 1000, 1))
+                self._refused[pair] = (
+                    _CONTEXT_RESULTS.get(result, "rejected") if result else "rejected"
+                )
+        log.info(
+            "association opened",
+            destination=d.ae_title,
+            address=self.where,
+            proposed=len(pairs),
+            accepted=len(self._accepted),
+            ms=round((loop.time() - started) * 1000, 1),
+        )
         # accepted with no context: kept (and released when done) so that its refusals are
         # answered without asking again
         return None
@@ -499,16 +593,32 @@ class Requestor:
         self._msg_id = self._msg_id % 0xFFFF + 1
         return self._msg_id
 
-    async def _store(self, pair: Pair, sop_instance_uid: str, data: bytes | memoryview,
-                     move_originator: tuple[str, int] | None, priority: int) -> tuple[SendResult, bool]:
+    async def _store(
+        self,
+        pair: Pair,
+        sop_instance_uid: str,
+        data: bytes | memoryview,
+        move_originator: tuple[str, int] | None,
+        priority: int,
+    ) -> tuple[SendResult, bool]:
         """One C-STORE on the current association; also says whether the association was lost."""
         link = self._link
         if link is None or link.closed:  # the accepted-with-nothing case, or lost since _ensure
-            return SendResult(False, None, True, f"association with {self.destination.ae_title} lost before "
-                              "the C-STORE"), True
-        command = dimse.request(dimse.C_STORE_RQ, self._next_id(), pair[0].encode(), has_data_set=True,
-                                sop_instance_uid=sop_instance_uid.encode(), priority=priority,
-                                move_originator=move_originator)
+            return SendResult(
+                False,
+                None,
+                True,
+                f"association with {self.destination.ae_title} lost before the C-STORE",
+            ), True
+        command = dimse.request(
+            dimse.C_STORE_RQ,
+            self._next_id(),
+            pair[0].encode(),
+            has_data_set=True,
+            sop_instance_uid=sop_instance_uid.encode(),
+            priority=priority,
+            move_originator=move_originator,
+        )
         result, lost = await self._exchange(self._accepted[pair], command, data, "C-STORE")
         if result.ok:
             self._sends += 1
@@ -516,16 +626,21 @@ class Requestor:
             self._failures += 1
         return result, lost
 
-    async def _exchange(self, context_id: int, command: bytes, data: bytes | memoryview | None,
-                        what: str) -> tuple[SendResult, bool]:
+    async def _exchange(
+        self, context_id: int, command: bytes, data: bytes | memoryview | None, what: str
+    ) -> tuple[SendResult, bool]:
         link = self._link
         assert link is not None
         d = self.destination
         message_id = self._msg_id  # the request's (just taken by _next_id)
         response = link.expect_response()
-        parts = pdu.p_data_parts(context_id, command, command=True, max_pdu_length=self._peer_max_pdu)
+        parts = pdu.p_data_parts(
+            context_id, command, command=True, max_pdu_length=self._peer_max_pdu
+        )
         if data is not None:
-            parts += pdu.p_data_parts(context_id, data, command=False, max_pdu_length=self._peer_max_pdu)
+            parts += pdu.p_data_parts(
+                context_id, data, command=False, max_pdu_length=self._peer_max_pdu
+            )
         link.writelines(parts)
         try:
             async with asyncio.timeout(self.dimse_timeout):
@@ -536,19 +651,33 @@ class Requestor:
                     rsp = await response
         except TimeoutError:
             await self._end("aborted")
-            return SendResult(False, None, True, f"no {what} response from {d.ae_title} within "
-                              f"{self.dimse_timeout:g} s"), False
+            return SendResult(
+                False,
+                None,
+                True,
+                f"no {what} response from {d.ae_title} within {self.dimse_timeout:g} s",
+            ), False
         except AssociationLost:
             await self._end("lost")
-            return SendResult(False, None, True, f"association with {d.ae_title} at {self.where} aborted "
-                              f"during the {what}"), True
+            return SendResult(
+                False,
+                None,
+                True,
+                f"association with {d.ae_title} at {self.where} aborted during the {what}",
+            ), True
         status = rsp.us(dimse.STATUS)
         if status is None:
             await self._end("aborted")
-            return SendResult(False, None, True, f"{what} response from {d.ae_title} without a status"), False
+            return SendResult(
+                False, None, True, f"{what} response from {d.ae_title} without a status"
+            ), False
         category = code_to_category(status)
         if category in (STATUS_SUCCESS, STATUS_WARNING):
-            warning = "" if category == STATUS_SUCCESS else f"warning 0x{status:04X}: {status_text(status)}"
+            warning = (
+                ""
+                if category == STATUS_SUCCESS
+                else f"warning 0x{status:04X}: {status_text(status)}"
+            )
             return SendResult(True, status, False, warning), False
         error = f"{d.ae_title} answered 0x{status:04X} ({status_text(status)})"
         return SendResult(False, status, not permanent(status), error), False
@@ -572,9 +701,15 @@ class Requestor:
             else:
                 link.abort()
         self._proposed, self._accepted, self._refused = set(), {}, {}
-        log.info("association closed", destination=self.destination.ae_title, address=self.where, ended=how,
-                 sends=self._sends, failures=self._failures,
-                 seconds=round(asyncio.get_running_loop().time() - self._opened, 2))
+        log.info(
+            "association closed",
+            destination=self.destination.ae_title,
+            address=self.where,
+            ended=how,
+            sends=self._sends,
+            failures=self._failures,
+            seconds=round(asyncio.get_running_loop().time() - self._opened, 2),
+        )
 
 
 def read_data_set(path: Path) -> tuple[memoryview, str]:

@@ -110,7 +110,10 @@ class RetrieveService:
     def check(self, op: Operation) -> None:
         check_sop_class(op, self.name)
         if op.context.abstract_syntax not in self.models:
-            raise Refusal(SOP_CLASS_NOT_SUPPORTED, f"{self.name} for {op.context.abstract_syntax} is not served")
+            raise Refusal(
+                SOP_CLASS_NOT_SUPPORTED,
+                f"{self.name} for {op.context.abstract_syntax} is not served",
+            )
         if not op.command.has_data_set:
             raise Refusal(CANNOT_UNDERSTAND, f"{self.name}-RQ without an identifier")
 
@@ -119,8 +122,9 @@ class RetrieveService:
 
     async def serve(self, op: Operation) -> None:
         try:
-            request = await qr_request(op, self.name, self.models[op.context.abstract_syntax],
-                                        self.move_destination(op))
+            request = await qr_request(
+                op, self.name, self.models[op.context.abstract_syntax], self.move_destination(op)
+            )
             plan = await self._core.plan(request)
         except (Refusal, QueryError):  # why is logged already
             self._respond(op, RETRIEVE_UNABLE_TO_PROCESS[self.name])
@@ -140,7 +144,9 @@ class RetrieveService:
     async def retrieve(self, run: _Run) -> None:
         raise NotImplementedError
 
-    async def send(self, run: _Run, sub: SubOperation, loaded: Loaded, message_id: int) -> int | None:
+    async def send(
+        self, run: _Run, sub: SubOperation, loaded: Loaded, message_id: int
+    ) -> int | None:
         """Send one sub-operation; its C-STORE response's status, None without one."""
         raise NotImplementedError
 
@@ -153,7 +159,10 @@ class RetrieveService:
         sent = 0
         loads = run.start_loads(self._core)
         loop = asyncio.get_running_loop()
-        unreported, last_pending = 0, None  # sub-operations since the last Pending response, and when
+        unreported, last_pending = (
+            0,
+            None,
+        )  # sub-operations since the last Pending response, and when
         for sub in plan.to_send:
             loaded = await loads.next()
             if op.cancelled:
@@ -166,20 +175,31 @@ class RetrieveService:
                 tally.stopped(sub.sop_instance_uid, loaded.problem)
                 continue
             sent += 1
-            status = await self.send(run, sub, loaded, (op.command.message_id + sent - 1) % 0xFFFF + 1)
+            status = await self.send(
+                run, sub, loaded, (op.command.message_id + sent - 1) % 0xFFFF + 1
+            )
             if op.ended:
                 return  # the requestor is gone: this one was never reported
             tally.sent(sub.sop_instance_uid, status)
             unreported += 1
             now = loop.time()
-            if last_pending is None or unreported >= PENDING_EVERY or now - last_pending >= PENDING_SECONDS:
+            if (
+                last_pending is None
+                or unreported >= PENDING_EVERY
+                or now - last_pending >= PENDING_SECONDS
+            ):
                 self._respond(op, PENDING, tally.counts(final=False))
                 unreported, last_pending = 0, now
                 await op.drain()
         if unreported:  # the requestor's last Pending shows every sub-operation done
             self._respond(op, PENDING, tally.counts(final=False))
         status = tally.final_status()
-        await self._final(run, status, tally.counts(final=True), tally.failed_uids() if status != SUCCESS else None)
+        await self._final(
+            run,
+            status,
+            tally.counts(final=True),
+            tally.failed_uids() if status != SUCCESS else None,
+        )
 
     async def _nothing_to_send(self, run: _Run) -> bool:
         """Answer a plan with no sub-operation (Success, as for an unknown study) or too many
@@ -189,13 +209,19 @@ class RetrieveService:
             await self._final(run, SUCCESS, {"completed": 0, "failed": 0, "warning": 0})
             return True
         if total > MAX_SUB_OPERATIONS:
-            log.error("retrieve refused", service=self.name, calling_ae=run.op.peer.calling_ae,
-                      reason=f"{total} sub-operations, more than the counts can hold ({MAX_SUB_OPERATIONS})")
+            log.error(
+                "retrieve refused",
+                service=self.name,
+                calling_ae=run.op.peer.calling_ae,
+                reason=f"{total} sub-operations, more than the counts can hold ({MAX_SUB_OPERATIONS})",
+            )
             await self._final(run, RETRIEVE_UNABLE_TO_PROCESS[self.name], {})
             return True
         return False
 
-    async def _final(self, run: _Run, status: int, counts: dict[str, int], failed: list[str] | None = None) -> None:
+    async def _final(
+        self, run: _Run, status: int, counts: dict[str, int], failed: list[str] | None = None
+    ) -> None:
         """The core records what the requestor is told before it is told (so a requestor that
         reads the ledger after the final response finds it there), then the final response."""
         run.outcome.status = status
@@ -205,16 +231,30 @@ class RetrieveService:
         await run.before_final()
         self._respond(run.op, status, counts, failed)
 
-    def _respond(self, op: Operation, status: int, counts: Mapping[str, int] | None = None,
-                 failed: list[str] | None = None) -> None:
+    def _respond(
+        self,
+        op: Operation,
+        status: int,
+        counts: Mapping[str, int] | None = None,
+        failed: list[str] | None = None,
+    ) -> None:
         data = None
         if failed is not None:
             syntax = UID(op.context.transfer_syntax)
-            data = encode(failed_uid_list(failed), syntax.is_implicit_VR, syntax.is_little_endian,
-                          syntax.is_deflated)
-        command = dimse.retrieve_response(self.response_field, op.command.message_id,
-                                          op.command.uid(AFFECTED_SOP_CLASS_UID) or b"", status,
-                                          with_identifier=data is not None, **(counts or {}))
+            data = encode(
+                failed_uid_list(failed),
+                syntax.is_implicit_VR,
+                syntax.is_little_endian,
+                syntax.is_deflated,
+            )
+        command = dimse.retrieve_response(
+            self.response_field,
+            op.command.message_id,
+            op.command.uid(AFFECTED_SOP_CLASS_UID) or b"",
+            status,
+            with_identifier=data is not None,
+            **(counts or {}),
+        )
         op.respond(command, status, data)
 
 
@@ -247,7 +287,9 @@ class _Loads:
 class _Run:
     """One retrieval being served."""
 
-    def __init__(self, op: Operation, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome) -> None:
+    def __init__(
+        self, op: Operation, request: QRRequest, plan: RetrievePlan, outcome: RetrieveOutcome
+    ) -> None:
         self.op = op
         self.request = request
         self.plan = plan
@@ -288,35 +330,56 @@ class GetService(RetrieveService):
         if not await self._nothing_to_send(run):
             await self._sub_operations(run)
 
-    async def send(self, run: _Run, sub: SubOperation, loaded: Loaded, message_id: int) -> int | None:
+    async def send(
+        self, run: _Run, sub: SubOperation, loaded: Loaded, message_id: int
+    ) -> int | None:
         op = run.op
         context = storage_context(op.contexts, sub.sop_class_uid, sub.transfer_syntax_uid)
         if context is None:  # the requestor took no syntax we can send it in
             return None
         data: bytes | memoryview | None = loaded.data_set
-        if context.transfer_syntax != sub.transfer_syntax_uid and UID(sub.transfer_syntax_uid).is_compressed:
+        if (
+            context.transfer_syntax != sub.transfer_syntax_uid
+            and UID(sub.transfer_syntax_uid).is_compressed
+        ):
             # the requestor takes none of the stored syntax: a decompressed copy
             data = await asyncio.get_running_loop().run_in_executor(
-                None, _decompressed, loaded.dataset, context.transfer_syntax)
+                None, _decompressed, loaded.dataset, context.transfer_syntax
+            )
             if data is None:
                 return None
         elif context.transfer_syntax != sub.transfer_syntax_uid or not data or len(data) % 2:
             # another (uncompressed) syntax, or an odd stored length: pydicom re-encodes it
             data = await asyncio.get_running_loop().run_in_executor(
-                None, _encode_for, loaded.dataset, context.transfer_syntax)
+                None, _encode_for, loaded.dataset, context.transfer_syntax
+            )
             if data is None:
                 return None
-        op.send_request(context.context_id, dimse.request(
-            dimse.C_STORE_RQ, message_id, sub.sop_class_uid.encode(), has_data_set=True,
-            sop_instance_uid=sub.sop_instance_uid.encode(), priority=SUB_OPERATION_PRIORITY), data)
+        op.send_request(
+            context.context_id,
+            dimse.request(
+                dimse.C_STORE_RQ,
+                message_id,
+                sub.sop_class_uid.encode(),
+                has_data_set=True,
+                sop_instance_uid=sub.sop_instance_uid.encode(),
+                priority=SUB_OPERATION_PRIORITY,
+            ),
+            data,
+        )
         await op.drain()
         try:
             async with asyncio.timeout(self._timeout):
                 while (response := await op.response()) is not None:
                     if response.field == dimse.C_STORE_RSP and response.message_id == message_id:
                         return response.us(dimse.STATUS)
-                    log.warning("unexpected response during a C-GET ignored", field=f"0x{response.field:04X}",
-                                message_id=response.message_id, calling_ae=op.peer.calling_ae, peer=op.peer.address)
+                    log.warning(
+                        "unexpected response during a C-GET ignored",
+                        field=f"0x{response.field:04X}",
+                        message_id=response.message_id,
+                        calling_ae=op.peer.calling_ae,
+                        peer=op.peer.address,
+                    )
         except TimeoutError:
             op.abort(f"no C-STORE response to a C-GET sub-operation within {self._timeout:g} s")
         return None
@@ -339,20 +402,32 @@ class MoveService(RetrieveService):
             return
         host, port = plan.destination
         destination = run.request.move_destination or ""
-        requestor = Requestor(self._ae_title, Destination(
-            destination, host, port, *(plan.destination_tls or (None, ""))), acse_timeout=self._timeout,
-                              dimse_timeout=self._timeout, connect_timeout=min(self._timeout, 30), transcode=True)
+        requestor = Requestor(
+            self._ae_title,
+            Destination(destination, host, port, *(plan.destination_tls or (None, ""))),
+            acse_timeout=self._timeout,
+            dimse_timeout=self._timeout,
+            connect_timeout=min(self._timeout, 30),
+            transcode=True,
+        )
         run.requestor = requestor
         failure = await requestor.prepare(_pairs_for(plan.to_send))
         if failure is not None:
-            log.warning("move destination did not accept the association", destination=destination,
-                        address=f"{host}:{port}", calling_ae=run.op.peer.calling_ae, error=failure.error)
+            log.warning(
+                "move destination did not accept the association",
+                destination=destination,
+                address=f"{host}:{port}",
+                calling_ae=run.op.peer.calling_ae,
+                error=failure.error,
+            )
             await self._final(run, MOVE_DESTINATION_UNKNOWN, {})
             return
         run.outcome.associated = True
         await self._sub_operations(run)
 
-    async def send(self, run: _Run, sub: SubOperation, loaded: Loaded, message_id: int) -> int | None:
+    async def send(
+        self, run: _Run, sub: SubOperation, loaded: Loaded, message_id: int
+    ) -> int | None:
         requestor = run.requestor
         assert requestor is not None
         target = requestor.choose((sub.sop_class_uid, sub.transfer_syntax_uid))
@@ -360,30 +435,41 @@ class MoveService(RetrieveService):
             return None  # the destination took no context for it: failed without a C-STORE
         data: bytes | memoryview = loaded.data_set
         if target[1] != sub.transfer_syntax_uid:  # a decompressed copy (transcoding fallback)
-            copy = await asyncio.get_running_loop().run_in_executor(None, _decompressed, loaded.dataset, target[1])
+            copy = await asyncio.get_running_loop().run_in_executor(
+                None, _decompressed, loaded.dataset, target[1]
+            )
             if copy is None:
                 return None
             data = copy
         elif (not data or len(data) % 2) and not UID(sub.transfer_syntax_uid).is_deflated:
             # an odd stored length: pydicom re-encodes it in its own syntax (as pynetdicom did)
             encoded = await asyncio.get_running_loop().run_in_executor(
-                None, _encode_for, loaded.dataset, sub.transfer_syntax_uid)
+                None, _encode_for, loaded.dataset, sub.transfer_syntax_uid
+            )
             if encoded is None:
                 return None
             data = encoded
         result = await requestor.store(
-            sub.sop_class_uid, sub.sop_instance_uid, target[1], data,
-            move_originator=(run.op.peer.calling_ae, run.op.command.message_id), priority=SUB_OPERATION_PRIORITY)
+            sub.sop_class_uid,
+            sub.sop_instance_uid,
+            target[1],
+            data,
+            move_originator=(run.op.peer.calling_ae, run.op.command.message_id),
+            priority=SUB_OPERATION_PRIORITY,
+        )
         return result.status
 
 
 def _pairs_for(subs: list[SubOperation]) -> list[tuple[str, str]]:
     """One context per (SOP class, stored transfer syntax), each with that one syntax."""
-    return list(dict.fromkeys((s.sop_class_uid, s.transfer_syntax_uid) for s in subs))[:MAX_CONTEXTS]
+    return list(dict.fromkeys((s.sop_class_uid, s.transfer_syntax_uid) for s in subs))[
+        :MAX_CONTEXTS
+    ]
 
 
-def storage_context(contexts: Mapping[int, AcceptedContext], sop_class: str,
-                    transfer_syntax: str) -> AcceptedContext | None:
+def storage_context(
+    contexts: Mapping[int, AcceptedContext], sop_class: str, transfer_syntax: str
+) -> AcceptedContext | None:
     """The requestor's context to send a stored instance on: one we may act as SCU on (role
     selection) for its SOP class, in its stored transfer syntax, else in one it converts to
     (neither compressed, same byte order: pynetdicom's rule), else, for a compressed stored
@@ -396,9 +482,16 @@ def storage_context(contexts: Mapping[int, AcceptedContext], sop_class: str,
         if cx.transfer_syntax == stored:
             return cx
         theirs = UID(cx.transfer_syntax)
-        if convertible is None and not theirs.is_compressed and (
-                stored.is_compressed and theirs in FALLBACK_SYNTAXES  # decompressed (transcoding fallback)
-                or not stored.is_compressed and stored.is_little_endian == theirs.is_little_endian):
+        if (
+            convertible is None
+            and not theirs.is_compressed
+            and (
+                stored.is_compressed
+                and theirs in FALLBACK_SYNTAXES  # decompressed (transcoding fallback)
+                or not stored.is_compressed
+                and stored.is_little_endian == theirs.is_little_endian
+            )
+        ):
             convertible = cx
     return convertible
 
@@ -425,7 +518,9 @@ def _encode_for(dataset: Dataset | None, transfer_syntax: str) -> bytes | None:
     fp.is_implicit_VR, fp.is_little_endian = syntax.is_implicit_VR, syntax.is_little_endian
     try:
         write_dataset(fp, dataset)
-    except Exception:  # pydicom's writer raises many kinds (sequences nested too deep: RecursionError)
+    except (
+        Exception
+    ):  # pydicom's writer raises many kinds (sequences nested too deep: RecursionError)
         return None
     data = fp.getvalue()
     if syntax.is_deflated:

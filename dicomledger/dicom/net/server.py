@@ -77,7 +77,9 @@ class DicomServer:
         self.temp_dir = temp_dir
         self.max_associations = max_associations
         self.network_timeout = network_timeout
-        self.artim_timeout = min(ARTIM_DEFAULT, network_timeout) if artim_timeout is None else artim_timeout
+        self.artim_timeout = (
+            min(ARTIM_DEFAULT, network_timeout) if artim_timeout is None else artim_timeout
+        )
         # Connections that never send an A-ASSOCIATE-RQ hold no association place; beyond
         # this many at once the oldest is closed, so they cannot exhaust descriptors either.
         self.max_waiting = max(256, 4 * max_associations)
@@ -104,7 +106,9 @@ class DicomServer:
             supported=supported,
             # A C-GET requestor takes the Storage SCP role on its storage contexts
             both_roles=storage if query_retrieve is not None else frozenset(),
-            unknown_abstract_syntaxes=STORAGE_TRANSFER_SYNTAXES if accept_unknown_sop_classes else None,
+            unknown_abstract_syntaxes=STORAGE_TRANSFER_SYNTAXES
+            if accept_unknown_sop_classes
+            else None,
             max_pdu_length=max_pdu_size,
         )
 
@@ -132,13 +136,22 @@ class DicomServer:
         try:
             main = await self.loop.create_server(
                 (lambda: Association(self)) if plain else (lambda: _TlsHandshake(self)),
-                self.host, self.port, reuse_address=True, backlog=1024)
+                self.host,
+                self.port,
+                reuse_address=True,
+                backlog=1024,
+            )
             self._servers.append(main)
             self.port = main.sockets[0].getsockname()[1]
             if self.tls is not None and self.tls_port is not None:
                 self.failed_port = self.tls_port
                 extra = await self.loop.create_server(
-                    lambda: _TlsHandshake(self), self.host, self.tls_port, reuse_address=True, backlog=1024)
+                    lambda: _TlsHandshake(self),
+                    self.host,
+                    self.tls_port,
+                    reuse_address=True,
+                    backlog=1024,
+                )
                 self._servers.append(extra)
                 self.tls_port = extra.sockets[0].getsockname()[1]
         except OSError:
@@ -148,9 +161,15 @@ class DicomServer:
             raise
         if self.tls is not None and self.tls_port is None:
             self.tls_port = self.port
-        log.info("dicom server listening", ae_title=self.ae_title, host=self.host,
-                 port=self.port if plain else None, tls_port=self.tls_port,
-                 max_associations=self.max_associations, descriptor_limit=limit)
+        log.info(
+            "dicom server listening",
+            ae_title=self.ae_title,
+            host=self.host,
+            port=self.port if plain else None,
+            tls_port=self.tls_port,
+            max_associations=self.max_associations,
+            descriptor_limit=limit,
+        )
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let in-flight operations finish and be answered, give peers a
@@ -202,7 +221,9 @@ class DicomServer:
             try:
                 self._on_refused(refusal)
             except Exception:  # the listener's bug must not reach the association
-                log.exception("on_refused failed", calling_ae=refusal.calling_ae, peer=refusal.address)
+                log.exception(
+                    "on_refused failed", calling_ae=refusal.calling_ae, peer=refusal.address
+                )
 
     def association_started(self, assoc: Association) -> None:
         self._waiting.pop(assoc, None)
@@ -232,8 +253,11 @@ class DicomServer:
     def handshake_started(self, transport: asyncio.Transport) -> None:
         if len(self._handshakes) >= self.max_waiting:  # as connections that send no A-ASSOCIATE-RQ
             peername = transport.get_extra_info("peername")
-            log.warning("connection closed", peer=f"{peername[0]}:{peername[1]}" if peername else "?",
-                        reason=f"{self.max_waiting} TLS handshakes already in progress")
+            log.warning(
+                "connection closed",
+                peer=f"{peername[0]}:{peername[1]}" if peername else "?",
+                reason=f"{self.max_waiting} TLS handshakes already in progress",
+            )
             transport.abort()
             return
         task = self.loop.create_task(self._handshake(transport))
@@ -249,16 +273,27 @@ class DicomServer:
         early = _Handover()
         try:
             tls_transport = await self.loop.start_tls(
-                transport, early, self.tls, server_side=True, ssl_handshake_timeout=self.artim_timeout)
+                transport,
+                early,
+                self.tls,
+                server_side=True,
+                ssl_handshake_timeout=self.artim_timeout,
+            )
         except asyncio.CancelledError:
             transport.abort()
             raise
         except Exception as exc:  # SSLError, a reset, the handshake timeout
             reason = handshake_failure(exc)
             transport.abort()
-            if isinstance(exc, ConnectionError) and not isinstance(exc, ssl.SSLError) and not early.received:
+            if (
+                isinstance(exc, ConnectionError)
+                and not isinstance(exc, ssl.SSLError)
+                and not early.received
+            ):
                 # closed (or silent until the ARTIM time) without a TLS error: a port probe, not a refusal
-                log.info("connection closed", peer=address, reason=f"during the TLS handshake ({reason})")
+                log.info(
+                    "connection closed", peer=address, reason=f"during the TLS handshake ({reason})"
+                )
                 return
             log.warning("tls handshake refused", peer=address, reason=reason)
             if self._on_tls_refused is not None:
@@ -268,7 +303,9 @@ class DicomServer:
                     log.exception("on_tls_refused failed", peer=address)
             return
         if tls_transport is None or early.closed:
-            log.info("connection closed", peer=address, reason="closed right after the TLS handshake")
+            log.info(
+                "connection closed", peer=address, reason="closed right after the TLS handshake"
+            )
             return
         assoc = Association(self)
         tls_transport.set_protocol(assoc)

@@ -74,8 +74,11 @@ def check_sop_class(op: Operation, service: str) -> bytes:
         raise Refusal(CANNOT_UNDERSTAND, problem)
     assert sop_class is not None
     if sop_class != op.context.abstract_syntax_bytes:
-        raise Refusal(SOP_CLASS_NOT_SUPPORTED, f"{service} of SOP class {sop_class.decode()} on presentation "
-                      f"context {op.context.context_id}, accepted for {op.context.abstract_syntax}")
+        raise Refusal(
+            SOP_CLASS_NOT_SUPPORTED,
+            f"{service} of SOP class {sop_class.decode()} on presentation "
+            f"context {op.context.context_id}, accepted for {op.context.abstract_syntax}",
+        )
     return sop_class
 
 
@@ -110,7 +113,9 @@ class StoreService:
 
     def check(self, op: Operation) -> None:
         check_sop_class(op, self.name)
-        problem = uid_problem(op.command.uid(AFFECTED_SOP_INSTANCE_UID), "Affected SOP Instance UID")
+        problem = uid_problem(
+            op.command.uid(AFFECTED_SOP_INSTANCE_UID), "Affected SOP Instance UID"
+        )
         if problem:
             raise Refusal(CANNOT_UNDERSTAND, problem)
         if not op.command.has_data_set:
@@ -139,7 +144,9 @@ class StoreService:
             receive_error=op.data_set_error,
         )
         status = await self._on_store(request)
-        op.respond(dimse.store_response(op.command.message_id, sop_class, sop_instance, status), status)
+        op.respond(
+            dimse.store_response(op.command.message_id, sop_class, sop_instance, status), status
+        )
 
 
 FIND_MODELS = {
@@ -162,7 +169,9 @@ class FindService:
     def check(self, op: Operation) -> None:
         check_sop_class(op, self.name)
         if op.context.abstract_syntax not in FIND_MODELS:  # e.g. C-FIND on a storage context
-            raise Refusal(SOP_CLASS_NOT_SUPPORTED, f"C-FIND for {op.context.abstract_syntax} is not served")
+            raise Refusal(
+                SOP_CLASS_NOT_SUPPORTED, f"C-FIND for {op.context.abstract_syntax} is not served"
+            )
         if not op.command.has_data_set:
             raise Refusal(CANNOT_UNDERSTAND, "C-FIND-RQ without an identifier")
 
@@ -175,8 +184,12 @@ class FindService:
         syntax = UID(op.context.transfer_syntax)
 
         def final(status: int, comment: str | None = None) -> None:
-            op.respond(dimse.find_response(message_id, sop_class, status, with_identifier=False,
-                                           comment=comment), status)
+            op.respond(
+                dimse.find_response(
+                    message_id, sop_class, status, with_identifier=False, comment=comment
+                ),
+                status,
+            )
 
         try:
             request = await qr_request(op, "C-FIND", FIND_MODELS[op.context.abstract_syntax])
@@ -194,31 +207,56 @@ class FindService:
                 return
             data = encode(match, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
             if data is None:  # an identifier the core built that pydicom cannot encode: a bug there
-                log.error("c-find response not encodable", calling_ae=op.peer.calling_ae, peer=op.peer.address)
+                log.error(
+                    "c-find response not encodable",
+                    calling_ae=op.peer.calling_ae,
+                    peer=op.peer.address,
+                )
                 continue
-            op.respond(dimse.find_response(message_id, sop_class, PENDING, with_identifier=True), PENDING, data)
+            op.respond(
+                dimse.find_response(message_id, sop_class, PENDING, with_identifier=True),
+                PENDING,
+                data,
+            )
         await op.drain()
         final(CANCEL if op.cancelled else SUCCESS)
 
 
-async def qr_request(op: Operation, service: str, model: str, move_destination: str | None = None) -> QRRequest:
+async def qr_request(
+    op: Operation, service: str, model: str, move_destination: str | None = None
+) -> QRRequest:
     """The request's identifier decoded (up to 1 MiB: in a thread, off the event loop) into a
     QRRequest; Refusal 0xC000 with one 'query refused' line if it does not decode."""
     syntax = UID(op.context.transfer_syntax)
-    identifier = await asyncio.get_running_loop().run_in_executor(None, _decode_identifier, op.data_set or b"", syntax)
+    identifier = await asyncio.get_running_loop().run_in_executor(
+        None, _decode_identifier, op.data_set or b"", syntax
+    )
     if isinstance(identifier, str):
         reason = f"identifier cannot be decoded: {identifier}"
-        log.warning("query refused", service=service, calling_ae=op.peer.calling_ae, peer=op.peer.address,
-                    reason=reason)
+        log.warning(
+            "query refused",
+            service=service,
+            calling_ae=op.peer.calling_ae,
+            peer=op.peer.address,
+            reason=reason,
+        )
         raise Refusal(UNABLE_TO_PROCESS, reason)
-    return QRRequest(service=service, model=model, identifier=identifier, calling_ae=op.peer.calling_ae,
-                     peer=op.peer.address, move_destination=move_destination)
+    return QRRequest(
+        service=service,
+        model=model,
+        identifier=identifier,
+        calling_ae=op.peer.calling_ae,
+        peer=op.peer.address,
+        move_destination=move_destination,
+    )
 
 
 def _decode_identifier(data: bytes, syntax: UID) -> Dataset | str:
     """The identifier, or why it does not decode (the exception's type: its text may quote values)."""
     try:
-        identifier = decode(io.BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        identifier = decode(
+            io.BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
+        )
         list(identifier)  # pydicom converts values lazily: make any of them fail here
         return identifier
     except Exception as exc:  # pydicom's decoders raise many kinds: all mean a malformed identifier

@@ -16,21 +16,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BCP195_CIPHERS = ":".join((
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
-    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384",
-))
+BCP195_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+    )
+)
 
 
 def _bcp195(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(BCP195_CIPHERS)
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= (
+        ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    )
     return context
 
 
-def server_context(certificate: Path, key: Path, ca_file: Path | None, require_client_certificate: bool) -> ssl.SSLContext:
+def server_context(
+    certificate: Path, key: Path, ca_file: Path | None, require_client_certificate: bool
+) -> ssl.SSLContext:
     """The listener's context: presents ``certificate``; client certificates are checked against
     ``ca_file`` (required, or only checked when one is sent). Raises OSError/ssl.SSLError on
     unreadable or mismatched files."""
@@ -42,8 +51,12 @@ def server_context(certificate: Path, key: Path, ca_file: Path | None, require_c
     return context
 
 
-def client_context(ca_file: Path | None, certificate: Path | None = None, key: Path | None = None,
-                   check_hostname: bool = True) -> ssl.SSLContext:
+def client_context(
+    ca_file: Path | None,
+    certificate: Path | None = None,
+    key: Path | None = None,
+    check_hostname: bool = True,
+) -> ssl.SSLContext:
     """Our context towards a destination: its certificate must chain to ``ca_file`` (None: the
     system's CAs); ``certificate``/``key``: ours, for destinations that require one."""
     context = _bcp195(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
@@ -62,7 +75,11 @@ def handshake_failure(exc: BaseException) -> str:
     unable to get local issuer certificate' or 'peer did not return a certificate'."""
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError) and exc.reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
+    if isinstance(exc, ssl.SSLError) and exc.reason in (
+        "WRONG_VERSION_NUMBER",
+        "HTTP_REQUEST",
+        "UNKNOWN_PROTOCOL",
+    ):
         return f"not a TLS handshake: plain TCP on the TLS port? ({exc.reason.replace('_', ' ').lower()})"
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return exc.reason.replace("_", " ").lower()
@@ -90,8 +107,12 @@ def tls_peer(ssl_object: Any) -> TlsPeer | None:
     if not der:
         return None
     parsed = ssl_object.getpeercert() or {}  # filled only for a certificate that was verified
-    names = {value for rdn in parsed.get("subject", ()) for key, value in rdn if key == "commonName"}
-    names |= {value for kind, value in parsed.get("subjectAltName", ()) if kind in ("DNS", "IP Address")}
+    names = {
+        value for rdn in parsed.get("subject", ()) for key, value in rdn if key == "commonName"
+    }
+    names |= {
+        value for kind, value in parsed.get("subjectAltName", ()) if kind in ("DNS", "IP Address")
+    }
     return TlsPeer(hashlib.sha256(der).hexdigest(), frozenset(names))
 
 
@@ -116,22 +137,32 @@ class AeBinding:
             if not tls:
                 return f"calling AE {self.calling_ae} is bound to a certificate and came over plain TCP"
             if peer is None:
-                return f"calling AE {self.calling_ae} is bound to a certificate and none was presented"
+                return (
+                    f"calling AE {self.calling_ae} is bound to a certificate and none was presented"
+                )
             if self.certificate_sha256 and peer.sha256 not in self.certificate_sha256:
-                return (f"calling AE {self.calling_ae} came with another certificate "
-                        f"(sha256 {peer.sha256[:16]}..., not the one pinned)")
+                return (
+                    f"calling AE {self.calling_ae} came with another certificate "
+                    f"(sha256 {peer.sha256[:16]}..., not the one pinned)"
+                )
             if self.certificate_names and not self.certificate_names & peer.names:
-                return (f"calling AE {self.calling_ae} came with a certificate for "
-                        f"{', '.join(sorted(peer.names)) or 'no name'}, not for {', '.join(sorted(self.certificate_names))}")
+                return (
+                    f"calling AE {self.calling_ae} came with a certificate for "
+                    f"{', '.join(sorted(peer.names)) or 'no name'}, not for {', '.join(sorted(self.certificate_names))}"
+                )
         if self.addresses:
             try:
                 source = ipaddress.ip_address(host)
             except ValueError:
                 return f"calling AE {self.calling_ae} is bound to source addresses; {host} is not an IP address"
             if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
-                source = source.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
+                source = (
+                    source.ipv4_mapped
+                )  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
             if not any(source in network for network in self.addresses):
-                return f"calling AE {self.calling_ae} is bound to other source addresses than {host}"
+                return (
+                    f"calling AE {self.calling_ae} is bound to other source addresses than {host}"
+                )
         return None
 
 
