@@ -46,9 +46,9 @@ from dicomledger.atna import AuditSink, SentInstance
 from dicomledger.common.errors import StorageError
 from dicomledger.common.sqlite_thread import ThreadedSqlite
 from dicomledger.config import DestinationConfig, ForwardingConfig
+from dicomledger.dicom.net.filemeta import data_set_start
 from dicomledger.dicom.net.requestor import Destination, Requestor, SendResult
 from dicomledger.dicom.pixelhash import PixelHashError, stored_sha256
-from dicomledger.dicom.qr import data_set_start
 from dicomledger.dicom.transcode import TranscodeError, decompressed_data_set
 from dicomledger.ledger.entries import (
     FORWARD_REFUSED,
@@ -198,6 +198,31 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def _insert_job(
+    db: sqlite3.Connection, destination: str, item: ForwardItem, *, or_ignore: bool
+) -> bool:
+    """Queue ``item`` for ``destination``, due now; whether a row was added (``or_ignore``: not
+    if that exact instance already has a job there)."""
+    cur = db.execute(
+        f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO jobs (destination, sop_instance_uid, sop_class_uid, "
+        "transfer_syntax_uid, path, patient, study, instance, sha256, state, next_attempt, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?)",
+        (
+            destination,
+            item.sop_instance_uid,
+            item.sop_class_uid,
+            item.transfer_syntax_uid,
+            item.path,
+            item.patient,
+            item.study,
+            item.instance,
+            item.sha256,
+            _now_iso(),
+        ),
+    )
+    return cur.rowcount == 1
+
+
 class ForwardQueue(ThreadedSqlite):
     """The durable job queue: one SQLite file, used on its own thread."""
 
@@ -239,25 +264,7 @@ class ForwardQueue(ThreadedSqlite):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for destination in destinations:
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO jobs (destination, sop_instance_uid, sop_class_uid, "
-                        "transfer_syntax_uid, path, patient, study, instance, sha256, state, "
-                        "next_attempt, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)",
-                        (
-                            destination,
-                            item.sop_instance_uid,
-                            item.sop_class_uid,
-                            item.transfer_syntax_uid,
-                            item.path,
-                            item.patient,
-                            item.study,
-                            item.instance,
-                            item.sha256,
-                            0.0,
-                            _now_iso(),
-                        ),
-                    )
-                    if cur.rowcount == 1:
+                    if _insert_job(self._db, destination, item, or_ignore=True):
                         queued.append(destination)
                 self._db.execute(
                     "INSERT OR IGNORE INTO routed (anchor_origin, anchor_index) VALUES (?, ?)",
@@ -532,23 +539,7 @@ class ForwardQueue(ThreadedSqlite):
                         )
                         queued += 1
                     else:
-                        self._db.execute(
-                            "INSERT INTO jobs (destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
-                            "path, patient, study, instance, sha256, state, next_attempt, created_at) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 0, ?)",
-                            (
-                                destination,
-                                item.sop_instance_uid,
-                                item.sop_class_uid,
-                                item.transfer_syntax_uid,
-                                item.path,
-                                item.patient,
-                                item.study,
-                                item.instance,
-                                item.sha256,
-                                _now_iso(),
-                            ),
-                        )
+                        _insert_job(self._db, destination, item, or_ignore=False)
                         queued += 1
                 result = None
                 if queued:
