@@ -44,6 +44,7 @@ from dicomledger.atna import AuditSink, SentInstance
 from dicomledger.atna.trail import address_of
 from dicomledger.config import DestinationConfig, ForwardingConfig
 from dicomledger.dicom.index import Index, InstanceRow
+from dicomledger.dicom.net.filemeta import data_set_start
 from dicomledger.dicom.pixelhash import PixelHashError, stored_sha256
 from dicomledger.dicom.qr import (
     SUB_OPERATIONS_FAILED,
@@ -53,7 +54,6 @@ from dicomledger.dicom.qr import (
     RetrieveOutcome,
     RetrievePlan,
     SubOperation,
-    data_set_start,
 )
 from dicomledger.dicom.query import UNIQUE_KEY, Query, QueryError, parse_query, response_identifier
 from dicomledger.ledger.entries import (

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pydicom.datadict import dictionary_VR
 
 from dicomledger.common.errors import DicomError
+from dicomledger.dicom.instance import LONG_LENGTH_VRS
 
 __all__ = ["MAX_DEPTH", "NotCanonical", "canonical_dataset"]
 
@@ -30,9 +31,6 @@ _TRAILING_PADDING = 0xFFFCFFFC
 _ITEM_TAG_LE = b"\xfe\xff\x00\xe0"
 
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 Table 7.1-1)
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
 _SHORT_VRS = frozenset(
     {
         b"AE",
@@ -137,7 +135,7 @@ def _dataset(r: _Reader, pos: int, end: int, depth: int, delimited: bool) -> tup
             pos += 8
         else:
             vr = bytes(buf[pos + 4 : pos + 6])
-            if vr in _LONG_VRS:
+            if vr in LONG_LENGTH_VRS:
                 if pos + 12 > end:
                     raise NotCanonical(f"header cut at offset {pos}")
                 (length,) = struct.unpack_from(endian + "L", buf, pos + 8)

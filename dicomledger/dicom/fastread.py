@@ -34,11 +34,12 @@ from typing import IO, NoReturn
 from pydicom import config as pydicom_config
 from pydicom import uid
 from pydicom.datadict import dictionary_VR
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_16, EXPLICIT_VR_LENGTH_32
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_16
 
 from dicomledger.dicom.canonical import NotCanonical, canonical_dataset
 from dicomledger.dicom.instance import (
     HEADER_KEYWORDS,
+    LONG_LENGTH_VRS,
     MAX_SEQUENCE_DEPTH,
     InstanceError,
     InstanceHeader,
@@ -75,7 +76,6 @@ _PIXEL_TAGS = {
     0x7FE00010: "PixelData",
 }
 _PIXEL_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"UN"})  # as pixelhash accepts them
-_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)  # pydicom's, exactly
 _SHORT_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_16)
 _SPECIFIC_CHARACTER_SET = 0x00080005
 _TRANSFER_SYNTAX_UID = 0x00020010
@@ -274,7 +274,7 @@ def _file_meta(buf: bytes, ts_given: str | None) -> tuple[bool, int]:
         last_tag = tag
         if vr in _SHORT_VRS:
             pos += 8
-        elif vr in _LONG_VRS and pos + 12 <= end:
+        elif vr in LONG_LENGTH_VRS and pos + 12 <= end:
             (length,) = _U32(buf, pos + 8)
             pos += 12
         else:
@@ -355,7 +355,7 @@ class _Walk:
             group, element, vr, length = _EXPLICIT(buf, pos)
             if vr in _SHORT_VRS:
                 value_at = pos + 8
-            elif vr in _LONG_VRS:
+            elif vr in LONG_LENGTH_VRS:
                 if pos + 12 > limit:
                     self._cut(pos)
                 (length,) = _U32(buf, pos + 8)

@@ -12,6 +12,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
 from dicomledger.common.errors import DicomError
 
@@ -23,21 +24,8 @@ MAX_SEQUENCE_DEPTH = 64
 
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
-_LONG_LENGTH_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
+# Explicit VRs with a 4-byte length (pydicom's list): every walk over raw elements uses this one
+LONG_LENGTH_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
 
 
 class InstanceError(DicomError, ValueError):
@@ -129,7 +117,7 @@ def _raw_depth_exceeds(value: bytes, depth: int, implicit: bool, little: bool, l
             pos += 8
         else:
             vr = value[pos + 4 : pos + 6]
-            if vr in _LONG_LENGTH_VRS:
+            if vr in LONG_LENGTH_VRS:
                 if pos + 12 > len(value):
                     return False
                 length = struct.unpack_from(endian + "L", value, pos + 8)[0]

@@ -20,7 +20,6 @@ status is Success without failures or warnings, else 0xA702 if nothing was sent,
 from __future__ import annotations
 
 import ssl
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -171,40 +170,3 @@ def failed_uid_list(uids: list[str]) -> Dataset:
     ds = Dataset()
     ds.FailedSOPInstanceUIDList = uids
     return ds
-
-
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
-
-
-def data_set_start(data: bytes | memoryview) -> int:
-    """Where the data set starts in a Part 10 file's bytes: after the preamble, 'DICM' and the
-    File Meta elements (group 0002, always Explicit VR Little Endian)."""
-    if bytes(data[128:132]) != b"DICM":
-        return 0
-    pos = 132
-    while pos + 8 <= len(data):
-        group, _element = struct.unpack_from("<HH", data, pos)
-        if group != 2:
-            break
-        vr = bytes(data[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", data, pos + 8)
-            pos += 12 + length
-        else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
-            pos += 8 + length
-    return min(pos, len(data))

@@ -8,6 +8,8 @@ import struct
 import uuid
 from importlib import metadata
 
+from dicomledger.dicom.instance import LONG_LENGTH_VRS
+
 # Our own implementation identity (A-ASSOCIATE-AC and File Meta): a UUID-derived UID
 # (PS3.5 B.2), fixed for the product; the version name follows the package version.
 IMPLEMENTATION_CLASS_UID = (
@@ -55,23 +57,6 @@ def part10_header(
     return _PREAMBLE + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(elements)) + elements
 
 
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
-
-
 def file_meta(data: bytes | memoryview) -> tuple[int, dict[int, bytes]]:
     """Where the data set starts in a Part 10 file's bytes (after the preamble, 'DICM' and the
     File Meta elements, always Explicit VR Little Endian), and the File Meta values by element
@@ -85,7 +70,7 @@ def file_meta(data: bytes | memoryview) -> tuple[int, dict[int, bytes]]:
         if group != 2:
             break
         vr = bytes(data[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
+        if vr in LONG_LENGTH_VRS:
             (length,) = struct.unpack_from("<I", data, pos + 8)
             pos += 12
         else:
@@ -98,3 +83,12 @@ def file_meta(data: bytes | memoryview) -> tuple[int, dict[int, bytes]]:
         values[element] = bytes(data[pos : pos + length])
         pos += length
     return pos, values
+
+
+def data_set_start(data: bytes | memoryview) -> int:
+    """Where the data set starts in a Part 10 file's bytes (``file_meta``'s first value); the
+    end of the bytes if the File Meta is cut short."""
+    try:
+        return file_meta(data)[0]
+    except ValueError:
+        return len(data)
