@@ -587,8 +587,9 @@ def test_forward_move_get_tamper_alarm_and_grants_are_audited(tmp_path, syslog):
     received = tmp_path / "pacs"
     received.mkdir()
     pacs_port, ws1_port = free_port(), free_port()
-    # a window the three images surely arrive within, even on a starved machine
-    gw = audited_gateway(tmp_path, syslog, transfer_window=1.0)
+    # a window the three images surely arrive within, even on a starved machine, and that
+    # the two C-MOVEs fall within too: each must still be a message of its own
+    gw = audited_gateway(tmp_path, syslog, transfer_window=3.0)
     with open(gw.config, "a") as f:
         f.write(
             "\n[forwarding]\nretry_initial = 0.2\nretry_max = 1.0\n"

@@ -7,8 +7,8 @@ do the rest:
 * the **writer** turns events into RFC 5424 messages and commits them to the queue (SQLite,
   ``synchronous=FULL``, a private file: the messages name patients). Received, forwarded and
   retrieved instances are first kept as ``pending`` rows and folded into one "DICOM Instances
-  Transferred" message per association peer, patient and outcome once no instance of that
-  group arrived for ``transfer_window`` seconds (PS3.15 A.5.3.7: one patient per message);
+  Transferred" message per association peer, patient and outcome (and, for a C-MOVE or C-GET,
+  per operation) once no instance of that group arrived for ``transfer_window`` seconds (PS3.15 A.5.3.7: one patient per message);
   the folding is a transaction too, so a crash loses nothing committed, and a restart folds
   what an earlier run left.
 * the **sender** sends queued messages in order and deletes each once the transport took it;
@@ -35,6 +35,7 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -334,9 +335,13 @@ class AuditTrail(AuditSink):
         requestor_address: str | None = None,
     ) -> None:
         now = time.time()
+        # A C-MOVE or C-GET is one operation: its message must not merge with the next one's
+        # (forwards of a study, sent in batches, do gather over the window).
+        operation = None if service == "forward" else uuid.uuid4().hex
         for i in instances:
             group = {
                 "kind": "sent",
+                "operation": operation,
                 "service": service,
                 "our_ae": our_ae,
                 "ae": destination,
